@@ -1,0 +1,54 @@
+"""batchfit: which batch size, and which learning rate with it, for *your* model on *your* hardware.
+
+The public API is re-exported here and loaded lazily, so ``import batchfit`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Workload": "batchfit.workload",
+    "load_workload": "batchfit.workload",
+    "train": "batchfit.engine",
+    "TrainResult": "batchfit.engine",
+    "scale_lr": "batchfit.scaling",
+    "ScaledHyperparameters": "batchfit.scaling",
+    "find_batch_size": "batchfit.finder",
+    "noise_scale": "batchfit.noise",
+    "sweep": "batchfit.sweep",
+    "tune": "batchfit.tune",
+    "BatchfitError": "batchfit.errors",
+    "ConfigError": "batchfit.errors",
+    "WorkloadError": "batchfit.errors",
+    "DataError": "batchfit.errors",
+    "NoisyEstimateWarning": "batchfit.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from batchfit.engine import TrainResult, train
+    from batchfit.errors import BatchfitError, ConfigError, DataError, NoisyEstimateWarning, WorkloadError
+    from batchfit.finder import find_batch_size
+    from batchfit.noise import noise_scale
+    from batchfit.scaling import ScaledHyperparameters, scale_lr
+    from batchfit.sweep import sweep
+    from batchfit.tune import tune
+    from batchfit.workload import Workload, load_workload
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'batchfit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,141 @@
+"""``batchfit train``: one training run at one batch size, measured (the guides' "train with 64, then 32")."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from batchfit.cli import _common as c
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("train", help="train once at a batch size and measure it",
+                       description="Train the workload at one effective batch size and measure loss, validation "
+                                   "metrics, throughput and peak memory.")
+    c.add_workload_options(p)
+    p.add_argument("--batch-size", "-b", type=c.positive_int, help="effective batch size (default: the workload's)")
+    p.add_argument("--micro-batch-size", "-m", type=c.positive_int,
+                   help="samples per forward/backward; gradient accumulation makes up the rest")
+    lr = p.add_mutually_exclusive_group()
+    lr.add_argument("--lr", type=c.positive_float, help="a fixed learning rate (no scaling rule)")
+    lr.add_argument("--lr-rule", default="auto", choices=("auto", "none", "linear", "sqrt", "adam-sqrt"),
+                    help="scale the workload's base LR to the batch size (default: auto by optimizer family)")
+    p.add_argument("--warmup", type=c.warmup_value, default=0, help="linear warm-up: steps (100) or fraction (0.1)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=c.positive_int, help="epochs to train (default 1)")
+    budget.add_argument("--steps", type=c.positive_int, help="optimizer steps to train")
+    p.add_argument("--eval-every", type=c.positive_int, help="also evaluate every N optimizer steps")
+    p.add_argument("--eval-batch-size", type=c.positive_int, help="evaluation batch size (default max(micro, 256))")
+    p.add_argument("--grad-clip", type=c.positive_float, help="clip the gradient norm to this value")
+    p.add_argument("--no-drop-last", action="store_true", help="keep the last, smaller batch of each epoch")
+    c.add_runtime_options(p)
+    c.add_output_options(p)
+    p.set_defaults(handler=run)
+
+
+class _Progress:
+    """A rich progress bar over optimizer steps, and the JSON rewritten after every evaluation."""
+
+    def __init__(self, args: argparse.Namespace, partial: dict[str, Any]) -> None:
+        self.args = args
+        self.partial = partial
+        self.progress = None
+        self.task = None
+
+    def on_train_start(self, state: Any) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        con = c.console(self.args)
+        con.print(
+            f"[bold]{state.workload.name}[/]: effective batch {state.batch_size} = micro-batch "
+            f"{state.micro_batch_size} x accumulation {state.accumulation_steps} x world {state.world_size}; "
+            f"lr {state.optimizer.param_groups[0]['lr']:.4g}; {state.total_steps} steps on {state.device}"
+        )
+        self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                                 console=con, transient=False, disable=self.args.quiet)
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.total_steps, info="")
+
+    def on_step_end(self, state: Any) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.step)
+
+    def on_evaluate(self, state: Any, record: dict[str, Any]) -> None:
+        self.partial["history"].append(record)
+        c.emit(self.args, "train", self.partial)
+        if self.progress is not None:
+            metrics = " ".join(f"{k} {v:.4f}" for k, v in (record.get("val_metrics") or {}).items())
+            val = record.get("val_loss")
+            info = f"loss {record['train_loss']:.4f}" + (f" val {val:.4f} {metrics}" if val is not None else "")
+            self.progress.update(self.task, info=info)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    from batchfit.engine import train
+
+    c.check_writable(c.output_paths(args, "train"))
+    workload = c.load_workload_from_args(args)
+    partial: dict[str, Any] = {"workload": workload.name, "status": "running", "history": []}
+    progress = _Progress(args, partial)
+    callbacks: list[Any] = [progress]
+    kwargs: dict[str, Any] = {}
+    try:
+        result = train(
+            workload,
+            batch_size=args.batch_size,
+            micro_batch_size=args.micro_batch_size,
+            lr=args.lr,
+            lr_rule=args.lr_rule,
+            warmup=args.warmup,
+            epochs=args.epochs,
+            steps=args.steps,
+            precision=args.precision,
+            device=args.device,
+            seed=args.seed,
+            drop_last=not args.no_drop_last,
+            eval_batch_size=args.eval_batch_size,
+            eval_every=args.eval_every,
+            grad_clip=args.grad_clip,
+            callbacks=callbacks,
+            **kwargs,
+        )
+    finally:
+        progress.close()
+    data = result.to_dict()
+    data["status"] = "diverged" if result.diverged else "ok"
+    c.emit(args, "train", data)
+    _print_summary(args, result)
+    return c.EXIT_OK
+
+
+def _print_summary(args: argparse.Namespace, result: Any) -> None:
+    from rich.table import Table
+
+    from batchfit.memory import format_bytes
+
+    con = c.console(args)
+    table = Table(title=f"batchfit train: {result.workload}", title_justify="left")
+    for col in ("epoch", "step", "train loss", "val loss", "val metrics", "gap", "samples/s"):
+        table.add_column(col, justify="right")
+    for r in result.history:
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in (r.get("val_metrics") or {}).items())
+        table.add_row(
+            f"{r['epoch']:g}", str(r["step"]), f"{r['train_loss']:.4f}",
+            "-" if r.get("val_loss") is None else f"{r['val_loss']:.4f}", metrics or "-",
+            "-" if r.get("generalization_gap") is None else f"{r['generalization_gap']:+.4f}",
+            "-" if r.get("samples_per_s") is None else f"{r['samples_per_s']:.0f}",
+        )
+    con.print(table)
+    status = (f"[red]diverged at step {result.diverged_at_step}[/] (non-finite loss): lower the LR or add warm-up"
+              if result.diverged else "[green]ok[/]")
+    con.print(
+        f"{status}; batch {result.batch_size} (micro {result.micro_batch_size} x {result.accumulation_steps}), "
+        f"lr {result.lr:.4g} ({result.lr_rule}), {result.precision}; peak memory "
+        f"{format_bytes(result.peak_memory_bytes)}; {result.samples_per_s or 0:.0f} samples/s; "
+        f"{result.seconds:.1f} s"
+    )

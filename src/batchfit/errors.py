@@ -1,0 +1,27 @@
+"""One base error, a few specific ones, and the warning categories.
+
+Every error batchfit raises for bad input is a :class:`BatchfitError`; its message is one line that says what was
+wrong and what to do. The CLI prints it and exits with code 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+
+class BatchfitError(Exception):
+    """Base class of every error batchfit raises on purpose."""
+
+
+class ConfigError(BatchfitError, ValueError):
+    """An argument or option has a value batchfit cannot use."""
+
+
+class WorkloadError(BatchfitError):
+    """The workload could not be loaded or does not behave as a workload must."""
+
+
+class DataError(WorkloadError):
+    """The workload's data is unusable (empty, non-finite, wrong shape)."""
+
+
+class NoisyEstimateWarning(UserWarning):
+    """A measured quantity's confidence interval is too wide to trust."""
