@@ -202,7 +202,9 @@ def load_workload(spec: str | Workload, **options: Any) -> Workload:
                 f"workload module {target!r} was not found ({exc}); check the spelling or your PYTHONPATH"
             ) from exc
         except Exception as exc:
-            raise WorkloadError(f"importing workload module {target!r} failed with {type(exc).__name__}: {exc}") from exc
+            raise WorkloadError(
+                f"importing workload module {target!r} failed with {type(exc).__name__}: {exc}"
+            ) from exc
     factory = getattr(module, attr, None)
     if factory is None:
         raise ConfigError(f"workload {target!r} has no attribute {attr!r}; name a function that returns a Workload")

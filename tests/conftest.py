@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny workloads that train in milliseconds on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from batchfit.demos import ArrayDataset
+from batchfit.workload import Workload, accuracy
+
+
+def make_tiny_workload(n: int = 96, n_val: int = 32, features: int = 8, classes: int = 3, optimizer: str = "sgd",
+                       lr: float = 0.1, base_batch_size: int = 16, dtype: torch.dtype = torch.float32,
+                       seed: int = 0) -> Workload:
+    """A linear-ish classifier on a fixed random dataset (deterministic for a given seed)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(features, classes, generator=g)
+    x = torch.randn(n + n_val, features, generator=g, dtype=torch.float64).to(dtype)
+    y = (x.double() @ w.double()).argmax(dim=1)
+
+    def model_fn() -> nn.Module:
+        return nn.Sequential(nn.Linear(features, 16), nn.Tanh(), nn.Linear(16, classes)).to(dtype)
+
+    def optimizer_fn(params, lr):  # noqa: ANN001, ANN202
+        if optimizer == "adam":
+            return torch.optim.Adam(params, lr=lr)
+        return torch.optim.SGD(params, lr=lr)
+
+    return Workload(
+        name="tiny",
+        model_fn=model_fn,
+        optimizer_fn=optimizer_fn,
+        loss_fn=F.cross_entropy,
+        train_data=ArrayDataset(x[:n], y[:n]),
+        val_data=ArrayDataset(x[n:], y[n:]),
+        metrics={"accuracy": accuracy},
+        base_batch_size=base_batch_size,
+        base_lr=lr,
+    )
+
+
+@pytest.fixture
+def tiny_workload() -> Workload:
+    return make_tiny_workload()
