@@ -458,15 +458,17 @@ def train(
     _call(callbacks, "on_train_start", state)
 
     train_time = 0.0
+    timed_samples = 0
     seg_samples, seg_time = 0, 0.0
     loss_acc = torch.zeros((), dtype=torch.float64, device=dev)  # sample-weighted sum since last evaluation
     loss_count = 0
     nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
+    cpu_nonfinite, cpu_loss_sum = False, 0.0
     stop = False
 
     def do_eval(epoch_float: float) -> None:
-        nonlocal loss_acc, loss_count, seg_samples, seg_time
-        train_loss = float(loss_acc) / max(1, loss_count)
+        nonlocal loss_acc, loss_count, seg_samples, seg_time, cpu_loss_sum
+        train_loss = (float(loss_acc) + cpu_loss_sum) / max(1, loss_count)
         record: dict[str, Any] = {
             "epoch": round(epoch_float, 4),
             "step": state.step,
@@ -491,7 +493,7 @@ def train(
         result.history.append(record)
         _call(callbacks, "on_evaluate", state, record)
         loss_acc = torch.zeros((), dtype=torch.float64, device=dev)
-        loss_count = 0
+        loss_count, cpu_loss_sum = 0, 0.0
         seg_samples, seg_time = 0, 0.0
 
     last_eval_step = -1
@@ -516,16 +518,21 @@ def train(
                     with autocast(precision, dev):
                         loss, _, _ = compute_loss(workload, model, batch)
                     weight = len(micro_idx) / len(batch_idx)
-                    if not is_cuda and not bool(torch.isfinite(loss)):
-                        if batch_has_nonfinite(batch):
-                            raise DataError(
-                                f"a training batch contains NaN or Inf inputs (sample indices "
-                                f"{micro_idx[:5].tolist()}...); clean the data first"
-                            )
-                    scaled = loss * weight
+                    scaled = loss * weight if weight != 1.0 else loss
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                    loss_acc += loss.detach().double() * len(micro_idx)
-                    nonfinite |= ~torch.isfinite(loss.detach())
+                    if is_cuda:  # no sync here: accumulate on the device, check every `check_every` steps
+                        loss_acc += loss.detach().double() * len(micro_idx)
+                        nonfinite |= ~torch.isfinite(loss.detach())
+                    else:  # on the CPU reading the value costs nothing extra
+                        value = loss.item()
+                        if not math.isfinite(value):
+                            if batch_has_nonfinite(batch):
+                                raise DataError(
+                                    f"a training batch contains NaN or Inf inputs (sample indices "
+                                    f"{micro_idx[:5].tolist()}...); clean the data first"
+                                )
+                            cpu_nonfinite = True
+                        cpu_loss_sum += value * len(micro_idx)
                     state.micro_index, state.micro_samples, state.micro_loss = mi, len(micro_idx), loss.detach()
                     _call(callbacks, "on_micro_batch_end", state)
                 # -- unscale, measure, clip, step, zero ---------------------------------------------------------
@@ -551,13 +558,15 @@ def train(
             if is_cuda and check_now:
                 torch.cuda.synchronize(dev)
             dt = time.perf_counter() - t0
-            train_time += dt
-            seg_time += dt
-            seg_samples += len(batch_idx) * world_size
-            if tracking and cpu_tracker is not None:
+            if tracking and cpu_tracker is not None:  # the measured step runs under the tracker: keep it out of timing
                 result.peak_memory_bytes = cpu_tracker.peak
                 cpu_tracker = None
-            if check_now and bool(nonfinite):
+            else:
+                train_time += dt
+                seg_time += dt
+                seg_samples += len(batch_idx) * world_size
+                timed_samples += len(batch_idx) * world_size
+            if check_now and (cpu_nonfinite or (is_cuda and bool(nonfinite))):
                 result.diverged = True
                 result.diverged_at_step = state.step
                 stop = True
@@ -585,7 +594,7 @@ def train(
     result.samples = state.samples_seen
     result.epochs = round(state.samples_seen / (n * world_size), 4)
     result.train_seconds = train_time
-    result.samples_per_s = state.samples_seen / train_time if train_time > 0 else None
+    result.samples_per_s = timed_samples / train_time if train_time > 0 else None
     result.seconds = time.perf_counter() - t_start
     result.extras.update(state.extras)
     _call(callbacks, "on_train_end", state, result)
