@@ -44,3 +44,22 @@ def make_tiny_workload(n: int = 96, n_val: int = 32, features: int = 8, classes:
 @pytest.fixture
 def tiny_workload() -> Workload:
     return make_tiny_workload()
+
+
+# -- a real PostgreSQL server (tests/pg.py): started once per session, a fresh database per test -----------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server():  # noqa: ANN201
+    pytest.importorskip("psycopg2", reason="psycopg2-binary is not installed (pip install -e '.[test]')")
+    from pg import find_bindir, postgres_server
+
+    if find_bindir() is None:
+        pytest.skip("no PostgreSQL server binaries (initdb) found; set BATCHFIT_PG_BIN or install postgresql")
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:  # noqa: ANN001
+    return postgres_server.create_database()

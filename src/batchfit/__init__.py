@@ -19,8 +19,8 @@ _EXPORTS = {
     "ScaledHyperparameters": "batchfit.scaling",
     "find_batch_size": "batchfit.finder",
     "noise_scale": "batchfit.noise",
-    "sweep": "batchfit.sweep",
-    "tune": "batchfit.tune",
+    "sweep": "batchfit.study",
+    "tune": "batchfit.tuning",
     "BatchfitError": "batchfit.errors",
     "ConfigError": "batchfit.errors",
     "WorkloadError": "batchfit.errors",
@@ -36,8 +36,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from batchfit.finder import find_batch_size
     from batchfit.noise import noise_scale
     from batchfit.scaling import ScaledHyperparameters, scale_lr
-    from batchfit.sweep import sweep
-    from batchfit.tune import tune
+    from batchfit.study import sweep
+    from batchfit.tuning import tune
     from batchfit.workload import Workload, load_workload
 
 

@@ -355,6 +355,7 @@ def train(
     callbacks: Sequence[Any] = (),
     world_size: int = 1,
     max_seconds: float | None = None,
+    memory_budget: int | str | None = None,
 ) -> TrainResult:
     """Train the workload once at one effective batch size and measure it.
 
@@ -368,6 +369,13 @@ def train(
         epochs / steps: the budget (default 1 epoch); evaluation runs after each epoch and at the end.
         eval_every: also evaluate every this many optimizer steps (finer steps-to-target).
         max_seconds: stop (not diverged) after this much training time; the last evaluation is still made.
+        world_size: data-parallel ranks (under ``torchrun``, see :mod:`batchfit.distributed`). ``batch_size`` and
+            ``micro_batch_size`` are then *per rank*: the effective batch is batch x world size (the LR rule
+            sees it); each rank reads its shard of every global batch; DDP all-reduces once per optimizer step.
+        memory_budget: bytes or e.g. ``"512MiB"``: run the whole call inside this budget, as ``find_batch_size``
+            does (CPU: live tensor bytes counted, an allocation beyond the budget raises an OOM; CUDA: the
+            allocator is capped with ``set_per_process_memory_fraction``). An evaluation OOM only halves the
+            evaluation batch.
 
     Returns a :class:`TrainResult`; a non-finite loss stops the run and sets ``diverged``.
 
@@ -375,6 +383,12 @@ def train(
     >>> r.accumulation_steps, r.diverged
     (1, False)
     """
+    if memory_budget is not None:  # the same call again, inside the budget (model, optimizer, batches all counted)
+        call = dict(locals())
+        del call["memory_budget"]
+        call["workload"] = load_workload(call["workload"])  # the dataset itself is not charged to the budget
+        with memory.enforce_budget(memory_budget, resolve_device(device)):
+            return train(**call)
     t_start = time.perf_counter()
     workload = load_workload(workload)
     dev = resolve_device(device)
@@ -402,7 +416,11 @@ def train(
     check_positive_int("eval_every", eval_every, allow_none=True)
     if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip > 0):
         raise ConfigError(f"grad_clip must be a positive number, got {grad_clip!r}")
-    steps_per_epoch = plan_batches(n, local_batch, drop_last)
+    if world_size > 1:  # data parallel: this process is one of world_size ranks (torchrun)
+        from batchfit import distributed
+
+        distributed.check_world(world_size)
+    steps_per_epoch = plan_batches(n, local_batch * world_size, drop_last)
     total_steps = steps if steps is not None else (epochs or 1) * steps_per_epoch
     warmup_steps = resolve_warmup(warmup, total_steps)
     accumulation = math.ceil(local_batch / micro_batch_size)
@@ -422,6 +440,8 @@ def train(
     if not isinstance(model, nn.Module):
         raise WorkloadError(f"model_fn must return a torch.nn.Module, got {type(model).__name__}")
     model.to(dev).train()
+    if world_size > 1:
+        model = distributed.wrap_ddp(model, dev)
     try:
         optimizer = workload.optimizer_fn(model.parameters(), workload.base_lr)
     except Exception as exc:
@@ -468,7 +488,10 @@ def train(
 
     def do_eval(epoch_float: float) -> None:
         nonlocal loss_acc, loss_count, seg_samples, seg_time, cpu_loss_sum
-        train_loss = (float(loss_acc) + cpu_loss_sum) / max(1, loss_count)
+        loss_sum, count = float(loss_acc) + cpu_loss_sum, loss_count
+        if world_size > 1:  # the mean over every rank's samples
+            loss_sum, count = distributed.all_sum(loss_sum, count)
+        train_loss = loss_sum / max(1, count)
         record: dict[str, Any] = {
             "epoch": round(epoch_float, 4),
             "step": state.step,
@@ -479,15 +502,24 @@ def train(
             "train_seconds": round(train_time, 4),
         }
         if workload.val_data is not None:
+            eval_model = distributed.unwrap(model) if world_size > 1 else model  # DDP: no collectives in eval
             val_loss, val_metrics, _ = evaluate(
-                workload, model, workload.val_data, batch_size=eval_batch_size, device=dev, precision=precision
+                workload, eval_model, workload.val_data, batch_size=eval_batch_size, device=dev, precision=precision
             )
+            if precision == "fp16" and not math.isfinite(val_loss):
+                # fp16 activations can overflow in eval mode (e.g. BatchNorm running statistics early in training)
+                # while training is fine: judge the model in fp32 before calling the run diverged.
+                val_loss, val_metrics, _ = evaluate(
+                    workload, eval_model, workload.val_data, batch_size=eval_batch_size, device=dev, precision="fp32"
+                )
+                record["eval_precision"] = "fp32"
             record["val_loss"] = val_loss
             record["val_metrics"] = val_metrics
             record["generalization_gap"] = val_loss - train_loss
             if not math.isfinite(val_loss):
                 result.diverged = True
                 result.diverged_at_step = result.diverged_at_step or state.step
+                result.extras.setdefault("diverged_reason", "non-finite validation loss")
         else:
             record["val_loss"], record["val_metrics"], record["generalization_gap"] = None, {}, None
         result.history.append(record)
@@ -498,9 +530,14 @@ def train(
 
     last_eval_step = -1
     while not stop and state.step < total_steps:
-        for batch_idx in _epoch_batches(n, local_batch, drop_last, gen):
+        for batch_idx in _epoch_batches(n, local_batch * world_size, drop_last, gen):
             if state.step >= total_steps:
                 break
+            global_count = len(batch_idx)
+            if world_size > 1:  # same permutation on every rank; each reads its shard of the global batch
+                if global_count < world_size:  # a last, tiny batch (no drop_last) would leave a rank nothing
+                    continue
+                batch_idx = distributed.shard(batch_idx)
             tracking = not is_cuda and state.step == measure_step
             if tracking:
                 cpu_tracker = memory.LiveBytesTracker(device_type="cpu")
@@ -512,14 +549,19 @@ def train(
             with ctx:
                 # -- micro-batches: each loss weighted by its share of the batch's samples --------------------
                 state.batch_samples = len(batch_idx)
+                n_micro = math.ceil(len(batch_idx) / micro_batch_size)
                 for mi, start in enumerate(range(0, len(batch_idx), micro_batch_size)):
                     micro_idx = batch_idx[start : start + micro_batch_size]
                     batch = to_device(batcher(micro_idx), dev)
-                    with autocast(precision, dev):
-                        loss, _, _ = compute_loss(workload, model, batch)
-                    weight = len(micro_idx) / len(batch_idx)
-                    scaled = loss * weight if weight != 1.0 else loss
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                    # DDP: gradients are all-reduced once per step, in the last micro-batch's backward
+                    no_sync = world_size > 1 and mi < n_micro - 1
+                    with model.no_sync() if no_sync else contextlib.nullcontext():
+                        with autocast(precision, dev):
+                            loss, _, _ = compute_loss(workload, model, batch)
+                        # the share of the *global* batch (DDP then averages over ranks, hence x world_size)
+                        weight = len(micro_idx) * world_size / global_count
+                        scaled = loss * weight if weight != 1.0 else loss
+                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
                     if is_cuda:  # no sync here: accumulate on the device, check every `check_every` steps
                         loss_acc += loss.detach().double() * len(micro_idx)
                         nonfinite |= ~torch.isfinite(loss.detach())
@@ -553,7 +595,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
             loss_count += len(batch_idx)
             state.step += 1
-            state.samples_seen += len(batch_idx) * world_size
+            state.samples_seen += global_count
             check_now = state.step % check_every == 0 or state.step == total_steps
             if is_cuda and check_now:
                 torch.cuda.synchronize(dev)
@@ -564,18 +606,23 @@ def train(
             else:
                 train_time += dt
                 seg_time += dt
-                seg_samples += len(batch_idx) * world_size
-                timed_samples += len(batch_idx) * world_size
-            if check_now and (cpu_nonfinite or (is_cuda and bool(nonfinite))):
+                seg_samples += global_count
+                timed_samples += global_count
+            diverged_now = check_now and (cpu_nonfinite or (is_cuda and bool(nonfinite)))
+            time_up = max_seconds is not None and train_time >= max_seconds
+            if world_size > 1 and (check_now or max_seconds is not None):  # all ranks stop at the same step
+                diverged_now, time_up = distributed.any_flag(diverged_now, time_up)
+            if diverged_now:
                 result.diverged = True
                 result.diverged_at_step = state.step
+                result.extras["diverged_reason"] = "non-finite training loss"
                 stop = True
                 break
             _call(callbacks, "on_step_end", state)
             if eval_every and state.step % eval_every == 0 and state.step % steps_per_epoch != 0:
                 do_eval(state.epoch + (state.step - state.epoch * steps_per_epoch) / steps_per_epoch)
                 last_eval_step = state.step
-            if max_seconds is not None and train_time >= max_seconds:
+            if time_up:
                 stop = True
                 break
         else:
@@ -592,7 +639,9 @@ def train(
         result.peak_memory_bytes = memory.cuda_peak(dev)
     result.steps = state.step
     result.samples = state.samples_seen
-    result.epochs = round(state.samples_seen / (n * world_size), 4)
+    if world_size > 1 and result.peak_memory_bytes is not None:  # the largest rank's peak
+        result.peak_memory_bytes = int(distributed.all_max(result.peak_memory_bytes)[0])
+    result.epochs = round(state.samples_seen / n, 4)
     result.train_seconds = train_time
     result.samples_per_s = timed_samples / train_time if train_time > 0 else None
     result.seconds = time.perf_counter() - t_start

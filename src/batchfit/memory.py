@@ -4,13 +4,17 @@
   references take a storage's bytes off the count when it dies) and can enforce a memory *budget* by raising
   :class:`torch.OutOfMemoryError`, which makes every out-of-memory path deterministic on a CPU machine.
 - :func:`cuda_peak` reads the CUDA caching allocator's peak statistics.
+- :class:`PeakMeter` is the one interface both devices share (peak of a region, optional budget);
+  :func:`enforce_budget` runs any code inside a budget.
 - :func:`is_oom` decides whether an exception is an out-of-memory error; :func:`release_memory` frees what a failed
   step left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import re
 import weakref
 from collections.abc import Iterable
@@ -21,6 +25,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from batchfit.errors import ConfigError
+
+# torch.OutOfMemoryError is new in torch 2.5; before that the CUDA one is the only class.
+OutOfMemoryError: type[RuntimeError] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1024**3, "gb": 1000**3, "gib": 1024**3, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
@@ -116,7 +123,7 @@ class LiveBytesTracker(TorchDispatchMode):
         if self.budget_bytes is not None and self.live > self.budget_bytes:
             live = self.live
             del out
-            raise torch.OutOfMemoryError(
+            raise OutOfMemoryError(
                 f"batchfit memory budget exceeded: {format_bytes(live)} live > budget "
                 f"{format_bytes(self.budget_bytes)} (in {func})"
             )
@@ -139,12 +146,14 @@ _OOM_PATTERNS = (
     "cuda error: out of memory",
     "can't allocate memory",
     "memory budget exceeded",
+    "cudnn_status_not_supported",  # cuDNN reports some allocation failures this way (Accelerate treats it so too)
+    "defaultcpuallocator",
 )
 
 
 def is_oom(exc: BaseException) -> bool:
     """True for :class:`torch.OutOfMemoryError` and the CUDA/cuDNN/cuBLAS/CPU allocation-failure messages."""
-    if isinstance(exc, torch.OutOfMemoryError):
+    if isinstance(exc, OutOfMemoryError):
         return True
     if isinstance(exc, (RuntimeError, MemoryError)):
         msg = str(exc).lower()
@@ -153,7 +162,7 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def release_memory(*objects: Any) -> None:
-    """Drop gradients of given modules/optimizers, collect garbage and empty the CUDA cache.
+    """Drop gradients of given modules/optimizers, collect garbage, drain autograd, empty the CUDA cache.
 
     Call this *outside* the ``except`` block that caught an OOM: while the traceback is alive, its frames keep
     the failed step's tensors alive.
@@ -164,5 +173,110 @@ def release_memory(*objects: Any) -> None:
         elif isinstance(obj, torch.nn.Module):
             obj.zero_grad(set_to_none=True)
     gc.collect()
+    # An OOM inside backward() leaves the failed graph's pending tasks (and with them its saved activations) in
+    # the autograd engine until the next backward runs; a one-element backward drains them now.
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and torch.cuda.is_initialized() else [])
+    with torch.enable_grad():  # callers may be inside no_grad (evaluation)
+        for dev in devices:
+            torch.ones(1, device=dev, requires_grad=True).sum().backward()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def cuda_budget_fraction(budget_bytes: int, device: torch.device) -> float:
+    """The share of the GPU's memory that ``budget_bytes`` is (what ``set_per_process_memory_fraction`` takes)."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    if budget_bytes > total:
+        raise ConfigError(
+            f"memory budget {format_bytes(budget_bytes)} is larger than the GPU's {format_bytes(total)}; "
+            "give a smaller --memory-budget or none"
+        )
+    return budget_bytes / total
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory this process could still use: CUDA free + what our allocator already holds; CPU ``MemAvailable``."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - exotic platforms
+        return None
+
+
+class PeakMeter:
+    """Peak memory of a region, one interface for both devices; optionally enforcing a budget.
+
+    - CPU: a :class:`LiveBytesTracker` over the region (parameters, buffers etc. registered with ``track``); with a
+      budget, crossing it raises :data:`OutOfMemoryError` deterministically.
+    - CUDA: the caching allocator's ``max_memory_allocated``; a budget caps the process with
+      ``torch.cuda.set_per_process_memory_fraction`` (reset to 1.0 on exit), so the allocator raises a real OOM.
+
+    >>> with PeakMeter(torch.device("cpu")) as meter:
+    ...     x = torch.zeros(1024)
+    >>> meter.peak()
+    4096
+    """
+
+    def __init__(self, device: torch.device, budget_bytes: int | None = None, track: Any = ()) -> None:
+        self.device = device
+        self.budget_bytes = budget_bytes
+        self._track = track
+        self.tracker: LiveBytesTracker | None = None
+
+    def __enter__(self) -> PeakMeter:
+        if self.device.type == "cuda":
+            if self.budget_bytes is not None:
+                torch.cuda.set_per_process_memory_fraction(cuda_budget_fraction(self.budget_bytes, self.device),
+                                                           self.device)
+            reset_cuda_peak(self.device)
+        else:
+            self.tracker = LiveBytesTracker(self.budget_bytes, device_type="cpu")
+            self.tracker.track(self._track)
+            self.tracker.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.tracker is not None:
+            self.tracker.__exit__(*exc)
+        elif self.budget_bytes is not None:
+            torch.cuda.set_per_process_memory_fraction(1.0, self.device)
+
+    def track(self, obj: Any) -> None:
+        """Count storages that already exist (CPU; CUDA sees every allocation anyway)."""
+        if self.tracker is not None:
+            self.tracker.track(obj)
+
+    def reset(self) -> None:
+        """Start a new peak from the memory live now."""
+        if self.tracker is not None:
+            self.tracker.reset_peak()
+        else:
+            reset_cuda_peak(self.device)
+
+    def peak(self) -> int:
+        if self.tracker is not None:
+            return self.tracker.peak
+        torch.cuda.synchronize(self.device)
+        return cuda_peak(self.device)
+
+    def live(self) -> int:
+        if self.tracker is not None:
+            return self.tracker.live
+        return int(torch.cuda.memory_allocated(self.device))
+
+
+def enforce_budget(budget: int | str | None, device: torch.device) -> contextlib.AbstractContextManager:
+    """A context in which allocations beyond ``budget`` raise an OOM (see :class:`PeakMeter`); no budget: no-op."""
+    budget_bytes = parse_bytes(budget)
+    if budget_bytes is None:
+        return contextlib.nullcontext()
+    return PeakMeter(device, budget_bytes)

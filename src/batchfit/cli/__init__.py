@@ -7,6 +7,7 @@ Bad input of any kind ends in one line on stderr and exit code 2; ``--debug`` sh
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -14,6 +15,8 @@ from batchfit.cli._common import EXIT_INPUT, ArgumentParser, fail
 
 # name -> module under batchfit.cli; a module that is not there yet is skipped (commands land one by one).
 COMMANDS = ("train", "find", "noise", "sweep", "tune", "report")
+# Under torchrun these run data-parallel (one process per device); the others refuse to start N copies of themselves.
+DISTRIBUTED_COMMANDS = ("train", "find", "noise")
 
 
 def build_parser() -> ArgumentParser:
@@ -44,7 +47,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "command", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_INPUT
-    return fail.guard(args.handler, args, debug=debug)
+    handler = args.handler
+    if all(v in os.environ for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) and os.environ["WORLD_SIZE"] != "1":
+        handler = _under_torchrun(handler)
+    return fail.guard(handler, args, debug=debug)
+
+
+def _under_torchrun(handler):  # noqa: ANN001, ANN202
+    """Join the process group first (this rank's device replaces --device), leave it after."""
+
+    def run(args):  # noqa: ANN001, ANN202
+        from batchfit import distributed
+        from batchfit.errors import ConfigError
+
+        if args.command not in DISTRIBUTED_COMMANDS:
+            raise ConfigError(
+                f"'batchfit {args.command}' does not run under torchrun; start several 'batchfit sweep' workers "
+                "with the same --store URL instead (each trial runs once, results merge)"
+            )
+        args.device = distributed.init_from_env(getattr(args, "device", "cpu"))
+        try:
+            return handler(args)
+        finally:
+            distributed.shutdown()
+
+    return run
 
 
 if __name__ == "__main__":  # pragma: no cover

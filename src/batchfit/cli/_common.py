@@ -189,6 +189,13 @@ def check_writable(paths: list[Path]) -> None:
 
 
 def emit(args: argparse.Namespace, command: str, data: Any) -> None:
+    """Write the JSON outputs; under torchrun only rank 0 writes, and every result says its ``world_size``."""
+    from batchfit import distributed
+
+    if not distributed.is_main():
+        return
+    if isinstance(data, dict) and "world_size" not in data:
+        data = {**data, "world_size": distributed.world_size()}
     for path in output_paths(args, command):
         write_json(path, data)
 
@@ -196,7 +203,10 @@ def emit(args: argparse.Namespace, command: str, data: Any) -> None:
 def console(args: argparse.Namespace | None = None) -> Any:
     from rich.console import Console
 
-    return Console(stderr=True, quiet=bool(getattr(args, "quiet", False)))
+    from batchfit import distributed
+
+    # under torchrun only rank 0 prints progress and tables
+    return Console(stderr=True, quiet=bool(getattr(args, "quiet", False)) or not distributed.is_main())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -28,6 +28,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--eval-batch-size", type=c.positive_int, help="evaluation batch size (default max(micro, 256))")
     p.add_argument("--grad-clip", type=c.positive_float, help="clip the gradient norm to this value")
     p.add_argument("--no-drop-last", action="store_true", help="keep the last, smaller batch of each epoch")
+    p.add_argument("--measure-noise", action="store_true",
+                   help="record the gradient noise scale B_simple at each evaluation (needs >= 2 micro-batches; "
+                        "without --micro-batch-size each batch is split in 2)")
+    p.add_argument("--memory-budget", type=c.memory_size, metavar="SIZE",
+                   help="train inside this memory budget, e.g. 512MiB (the one `batchfit find` used)")
     c.add_runtime_options(p)
     c.add_output_options(p)
     p.set_defaults(handler=run)
@@ -84,11 +89,33 @@ def run(args: argparse.Namespace) -> int:
     progress = _Progress(args, partial)
     callbacks: list[Any] = [progress]
     kwargs: dict[str, Any] = {}
+    if getattr(args, "memory_budget", None) is not None:
+        kwargs["memory_budget"] = args.memory_budget
+    batch_size = args.batch_size
+    from batchfit import distributed
+
+    world = distributed.world_size()
+    if world > 1:  # torchrun: --batch-size is the effective (global) batch; the engine takes the per-rank share
+        from batchfit.errors import ConfigError
+
+        global_batch = batch_size or workload.base_batch_size
+        if global_batch % world:
+            raise ConfigError(
+                f"batch size {global_batch} does not split evenly over {world} ranks; give a multiple of {world}"
+            )
+        batch_size = global_batch // world
+        kwargs["world_size"] = world
+    micro_batch_size = args.micro_batch_size
+    if getattr(args, "measure_noise", False):  # B_simple per evaluation (batchfit.noise); before _Progress writes
+        from batchfit.noise import NoiseCallback, training_micro_batch_size
+
+        micro_batch_size = training_micro_batch_size(batch_size or workload.base_batch_size, micro_batch_size, world)
+        callbacks.insert(0, NoiseCallback())
     try:
         result = train(
             workload,
-            batch_size=args.batch_size,
-            micro_batch_size=args.micro_batch_size,
+            batch_size=batch_size,
+            micro_batch_size=micro_batch_size,
             lr=args.lr,
             lr_rule=args.lr_rule,
             warmup=args.warmup,
@@ -110,6 +137,10 @@ def run(args: argparse.Namespace) -> int:
     data["status"] = "diverged" if result.diverged else "ok"
     c.emit(args, "train", data)
     _print_summary(args, result)
+    if getattr(args, "measure_noise", False):
+        from batchfit.cli.noise import print_training_noise
+
+        print_training_noise(args, result)
     return c.EXIT_OK
 
 
@@ -131,7 +162,8 @@ def _print_summary(args: argparse.Namespace, result: Any) -> None:
             "-" if r.get("samples_per_s") is None else f"{r['samples_per_s']:.0f}",
         )
     con.print(table)
-    status = (f"[red]diverged at step {result.diverged_at_step}[/] (non-finite loss): lower the LR or add warm-up"
+    reason = result.extras.get("diverged_reason", "non-finite loss")
+    status = (f"[red]diverged at step {result.diverged_at_step}[/] ({reason}): lower the LR or add warm-up"
               if result.diverged else "[green]ok[/]")
     con.print(
         f"{status}; batch {result.batch_size} (micro {result.micro_batch_size} x {result.accumulation_steps}), "

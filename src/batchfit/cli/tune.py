@@ -1,0 +1,176 @@
+"""``batchfit tune``: the main job — find -> noise -> sweep -> report -> recommendation, with a live display.
+
+With no arguments it tunes ``demo:digits-mlp`` on the CPU and writes everything to ``./batchfit-out``.
+Re-running the same command resumes from what is already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from batchfit.cli import _common as c
+
+
+def _from_config_error(parse: Any) -> Any:
+    """Wrap a sweep parser so a bad value is an argparse error (one line, exit 2) before any work starts."""
+
+    def convert(text: str) -> Any:
+        from batchfit.errors import ConfigError
+
+        try:
+            return parse(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def batch_list(text: str) -> list[int]:
+    """``16,32,64`` -> [16, 32, 64]."""
+    from batchfit.study import parse_batch_sizes
+
+    return _from_config_error(parse_batch_sizes)(text)
+
+
+def budget_value(text: str) -> str:
+    from batchfit.study import parse_budget
+
+    return str(_from_config_error(parse_budget)(text))
+
+
+def target_value(text: str) -> str | float:
+    from batchfit.study import parse_target
+
+    spec = _from_config_error(parse_target)(text)
+    return spec["value"] if spec["kind"] == "fraction" else f"abs:{spec['value']}"
+
+
+def eval_every_value(text: str) -> int | str:
+    return "auto" if text == "auto" else c.positive_int(text)
+
+
+def add_parser(sub: Any) -> None:
+    from batchfit.tuning import DEFAULT_BUDGET, DEFAULT_NOISE_STEPS
+
+    p = sub.add_parser(
+        "tune", help="the main job: measure and recommend the batch size (find, noise, sweep, report)",
+        description="Find the largest batch that fits and the throughput knee, measure the gradient noise scale, "
+                    "train every candidate batch size at its scaled LR, and write a report with the measured "
+                    "trade-off table and a recommendation. Re-running the same command resumes.")
+    c.add_workload_options(p)
+    p.add_argument("--batch-sizes", "-b", type=batch_list, metavar="B1,B2,...",
+                   help="effective batch sizes to compare (default: powers of two from 16 to the training set, "
+                        "plus full batch for small sets; at most 8)")
+    p.add_argument("--budget", type=budget_value, default=DEFAULT_BUDGET,
+                   help=f"per-trial budget: epochs:E, steps:S or samples:N (default {DEFAULT_BUDGET})")
+    p.add_argument("--lr-rule", default="auto", choices=("auto", "none", "linear", "sqrt", "adam-sqrt"),
+                   help="LR scaling rule (default: auto by optimizer family)")
+    p.add_argument("--lr-search", type=c.positive_int, default=1, metavar="N",
+                   help="learning rates tried per batch size around the rule's (default 1)")
+    p.add_argument("--warmup", type=c.warmup_value, default=0, help="linear warm-up: steps (100) or fraction (0.1)")
+    p.add_argument("--target", type=target_value, default=0.97,
+                   help="fraction of the best validation metric that counts as reaching the target (default 0.97), "
+                        "or an absolute value abs:0.9")
+    p.add_argument("--tolerance", type=c.fraction, default=0.01,
+                   help="recommend among batch sizes within this fraction of the best metric (default 0.01)")
+    p.add_argument("--eval-every", type=eval_every_value, default="auto",
+                   help="evaluate every N optimizer steps (default auto: 4 per epoch at the smallest batch)")
+    p.add_argument("--store", help="Optuna storage URL (default sqlite:///OUT/batchfit.db)")
+    p.add_argument("--study", "--study-name", dest="study_name", metavar="NAME",
+                   help="Optuna study name (default: derived from the sweep settings, so re-running resumes)")
+    p.add_argument("--memory-budget", type=c.memory_size, help="memory budget for the finder, e.g. 512MiB")
+    p.add_argument("--max-batch-size", type=c.positive_int, help="largest batch size to consider")
+    p.add_argument("--margin", type=c.fraction, default=0.05, help="finder headroom margin (default 0.05)")
+    p.add_argument("--noise-steps", type=c.positive_int, default=DEFAULT_NOISE_STEPS,
+                   help=f"most batches for the B_simple probe (default {DEFAULT_NOISE_STEPS})")
+    p.add_argument("--no-find", action="store_true", help="skip the finder (micro-batch = the effective batch)")
+    p.add_argument("--no-noise", action="store_true", help="skip the B_simple probe")
+    p.add_argument("--no-precision-check", action="store_true", help="skip the short fp32 vs bf16 measurement")
+    p.add_argument("--no-lr-calibration", action="store_true",
+                   help="trust the workload's base LR (skip the short check of x1/4 ... x8 at the base batch)")
+    p.add_argument("--sharpness", action="store_true", help="measure the top Hessian eigenvalue of each final model")
+    c.add_runtime_options(p)
+    p.add_argument("--out", type=Path, default=Path("batchfit-out"), metavar="DIR",
+                   help="write find.json, noise.json, the store, results.json and the report here "
+                        "(default ./batchfit-out)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write results + recommendation as JSON to PATH")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p.set_defaults(handler=run)
+
+
+class _Live:
+    """A rich progress display: one line per stage, with the sweep's trials counted from its store."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = c.console(args)
+        self.progress = Progress(
+            TextColumn("[bold]{task.fields[stage]:<9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"), console=self.console, disable=args.quiet,
+        )
+        self.tasks: dict[str, Any] = {}
+        self.started = False
+
+    def __enter__(self) -> _Live:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.started:
+            self.progress.stop()
+
+    def _task(self, stage: str, total: int | None = None) -> Any:
+        if not self.started:  # start at the first stage, so input errors print as one clean line
+            self.progress.start()
+            self.started = True
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total or 1, stage=stage, info="")
+        elif total:
+            self.progress.update(self.tasks[stage], total=total)
+        return self.tasks[stage]
+
+    def stage_start(self, stage: str, message: str, total: int | None = None) -> None:
+        self.progress.update(self._task(stage, total), info=message)
+
+    def stage_update(self, stage: str, completed: int, message: str) -> None:
+        task = self._task(stage)
+        self.progress.update(task, completed=completed, **({"info": message} if message else {}))
+
+    def stage_end(self, stage: str, message: str) -> None:
+        task = self._task(stage)
+        total = self.progress.tasks[task].total or 1
+        self.progress.update(task, completed=total, info=f"[green]done[/]: {message}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from batchfit.tuning import tune
+    from batchfit.workload import parse_options
+
+    if args.json:
+        c.check_writable([args.json])
+    if args.out.exists() and not args.out.is_dir():
+        from batchfit.errors import ConfigError
+
+        raise ConfigError(f"--out {str(args.out)!r} is a file; give a directory")
+    c.check_writable([args.out / "results.json"])
+    with _Live(args) as live:
+        results = tune(
+            args.workload, workload_options=parse_options(args.workload_option), out_dir=args.out,
+            batch_sizes=args.batch_sizes, budget=args.budget, lr_rule=args.lr_rule, lr_search=args.lr_search,
+            warmup=args.warmup, target=args.target, storage=args.store, study_name=args.study_name,
+            device=args.device, precision=args.precision, seed=args.seed, memory_budget=args.memory_budget,
+            max_batch_size=args.max_batch_size, margin=args.margin, noise_steps=args.noise_steps,
+            eval_every=args.eval_every, tolerance=args.tolerance, find=not args.no_find, noise=not args.no_noise,
+            precision_check=not args.no_precision_check, lr_calibration=not args.no_lr_calibration,
+            sharpness=args.sharpness, reporter=live,
+        )
+    if args.json:
+        c.write_json(args.json, results)
+    from batchfit.cli.report import print_summary
+
+    print_summary(c.console(args), results)
+    return c.EXIT_OK if results.get("recommendation") else c.EXIT_ERROR

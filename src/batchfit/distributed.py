@@ -1,0 +1,258 @@
+"""Data parallelism under ``torchrun``: one process per device, DDP, and ranks that always agree.
+
+``torchrun --nproc-per-node N -m batchfit train|find|noise ...`` starts N processes with ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK`` and a rendezvous address in the environment. The CLI calls :func:`init_from_env`, which joins the
+process group (NCCL on CUDA, each rank on ``cuda:LOCAL_RANK``; gloo on the CPU). Then:
+
+- **Training** (``engine.train(..., world_size=N)``): every rank draws the same seeded permutation, cuts it into
+  *global* batches and reads its own shard of each (:func:`shard`); the model is wrapped in
+  ``DistributedDataParallel`` (:func:`wrap_ddp`); accumulation micro-steps run under ``no_sync()`` so gradients are
+  all-reduced once per optimizer step; effective batch = micro-batch x accumulation x world size, and the LR rule
+  sees that global batch.
+- **Decisions are collective.** Anything that changes control flow (a non-finite loss, a time limit, the finder's
+  "did this batch fit?") is reduced across ranks before it is acted on (:func:`any_flag`, :func:`agree_record`),
+  so one rank's out-of-memory makes every rank back off and no rank waits forever in a collective the others
+  skipped. The finder's probes themselves run without gradient communication: an OOM half-way through a step can
+  then never leave another rank stuck inside DDP's all-reduce.
+- **Output**: only rank 0 writes files and progress (:func:`is_main`).
+
+An unexpected exception on one rank ends that process; torchrun's agent then stops the others.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from batchfit.errors import ConfigError
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+DEFAULT_TIMEOUT_S = 600.0  # a collective that waits longer than this fails instead of hanging
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist
+
+
+def launched_by_torchrun() -> bool:
+    """True when this process was started by ``torchrun`` (its rank variables are set)."""
+    return all(v in os.environ for v in _TORCHRUN_VARS)
+
+
+def is_initialized() -> bool:
+    dist = _dist()
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return _dist().get_world_size() if is_initialized() else 1
+
+
+def rank() -> int:
+    return _dist().get_rank() if is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Rank 0 (or no process group): the process that prints and writes output."""
+    return rank() == 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def rank_device(device: str | None) -> str:
+    """The device this rank trains on: ``cuda``/``auto`` (with CUDA) -> ``cuda:LOCAL_RANK``; ``cpu`` stays."""
+    wanted = "auto" if device is None else str(device)
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("device cuda was asked for but CUDA is not available here; use --device cpu")
+        lr = local_rank()
+        if lr >= torch.cuda.device_count():
+            raise ConfigError(
+                f"local rank {lr} has no GPU ({torch.cuda.device_count()} visible); start at most "
+                f"{torch.cuda.device_count()} processes per node (torchrun --nproc-per-node)"
+            )
+        return f"cuda:{lr}"
+    return wanted
+
+
+def init_from_env(device: str | None = "cpu") -> str:
+    """Join the process group torchrun describes; return this rank's device (see :func:`rank_device`).
+
+    NCCL on CUDA, gloo on the CPU. ``BATCHFIT_DIST_TIMEOUT`` (seconds, default 600) bounds every collective.
+    Calling it again once initialized is a no-op.
+    """
+    if not launched_by_torchrun():
+        raise ConfigError("not started by torchrun (RANK, WORLD_SIZE and LOCAL_RANK are not all set)")
+    dev = rank_device(device)
+    if is_initialized():
+        return dev
+    dist = _dist()
+    if not dist.is_available():
+        raise ConfigError("this PyTorch build has no torch.distributed; run without torchrun")
+    try:
+        timeout_s = float(os.environ.get("BATCHFIT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    except ValueError:
+        raise ConfigError("BATCHFIT_DIST_TIMEOUT must be a number of seconds") from None
+    backend = "nccl" if dev.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(torch.device(dev))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return dev
+
+
+def shutdown() -> None:
+    if is_initialized():
+        _dist().destroy_process_group()
+
+
+def check_world(expected: int) -> None:
+    """``engine.train(world_size=N)`` with N > 1 needs a process group of exactly N ranks."""
+    if expected > 1 and world_size() != expected:
+        raise ConfigError(
+            f"world_size={expected} needs an initialized process group of {expected} ranks (found "
+            f"{world_size()}); launch with torchrun --nproc-per-node {expected}, or pass world_size=1"
+        )
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP with gradients as views into the communication buckets (no second copy of the gradients)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        gradient_as_bucket_view=True,
+    )
+
+
+def shard(global_indices: torch.Tensor, rank_: int | None = None, world: int | None = None) -> torch.Tensor:
+    """This rank's share of a global batch: contiguous, sizes differing by at most one."""
+    world = world_size() if world is None else world
+    rank_ = rank() if rank_ is None else rank_
+    return torch.tensor_split(global_indices, world)[rank_]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Collective decisions
+
+
+def _reduce(values: list[float], op: str, device: torch.device | None = None) -> list[float]:
+    if not is_initialized() or world_size() == 1:
+        return list(values)
+    dist = _dist()
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else \
+            torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return t.cpu().tolist()
+
+
+def all_sum(*values: float) -> list[float]:
+    return _reduce(list(values), "sum")
+
+
+def all_max(*values: float) -> list[float]:
+    return _reduce(list(values), "max")
+
+
+def all_min(*values: float) -> list[float]:
+    return _reduce(list(values), "min")
+
+
+def any_flag(*flags: torch.Tensor | bool) -> list[bool]:
+    """Element-wise "does any rank say yes?" for a few flags, in one all-reduce."""
+    local = [float(bool(f)) for f in flags]
+    return [v > 0 for v in _reduce(local, "max")]
+
+
+def agree_record(rec: dict[str, Any]) -> dict[str, Any]:
+    """Merge one finder trial record across ranks so every rank takes the same next decision.
+
+    ``ok`` only if it was ok on every rank (one rank's OOM fails the size for all); peaks (``peak_bytes``,
+    ``static_bytes`` and each ``parts`` entry) are the maximum over ranks; ``samples_per_s`` the minimum (the
+    slowest rank sets the pace of synchronous data parallelism); a failure's ``error`` names the rank.
+    Without a process group the record is returned unchanged.
+    """
+    if not is_initialized() or world_size() == 1:
+        return rec
+    dist = _dist()
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, rec)
+    merged = dict(rec)
+    oks = [bool(r.get("ok")) for r in gathered]
+    merged["ok"] = all(oks)
+    merged["world_size"] = len(gathered)
+    if merged["ok"]:
+        for key in ("peak_bytes", "static_bytes"):
+            vals = [r.get(key) for r in gathered if r.get(key) is not None]
+            if vals:
+                merged[key] = max(vals)
+        if any(r.get("parts") for r in gathered):
+            keys = sorted({k for r in gathered for k in (r.get("parts") or {})})
+            merged["parts"] = {k: max((r.get("parts") or {}).get(k, 0) for r in gathered) for k in keys}
+        rates = [r.get("samples_per_s") for r in gathered if r.get("samples_per_s") is not None]
+        if rates:
+            merged["samples_per_s"] = min(rates)
+    else:
+        failed = [(i, r) for i, r in enumerate(gathered) if not r.get("ok")]
+        i, r = failed[0]
+        merged["error"] = f"rank {i}: {r.get('error') or 'failed'}"
+        merged["failed_ranks"] = [j for j, _ in failed]
+        # a size that failed anywhere has no peak to report (the ranks that ran it measured only part of it)
+        merged.update(peak_bytes=None, static_bytes=None, parts={}, samples_per_s=None)
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The noise scale under DDP: per-rank gradients before the all-reduce are the small batches
+
+
+class LocalGradNorm:
+    """A DDP communication hook that records |this rank's accumulated gradient|² before averaging it.
+
+    ``register(ddp_model)`` must run before the first backward. Each bucket's buffer holds this rank's gradient
+    (with ``gradient_as_bucket_view`` it *is* the gradient); its squared norm is added to :attr:`sq` (a device
+    tensor: no host sync), then the standard all-reduce-and-average runs unchanged. Read and clear it with
+    :meth:`take` once per optimizer step.
+    """
+
+    def __init__(self) -> None:
+        self.sq: torch.Tensor | None = None
+
+    def register(self, ddp_model: nn.Module) -> None:
+        ddp_model.register_comm_hook(None, self._hook)
+
+    # DDP inspects a hook's signature: the argument must be called ``bucket`` and carry no string annotation
+    def _hook(self, state, bucket):  # noqa: ANN001, ANN202
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        buf = bucket.buffer()
+        low = buf.dtype in (torch.float16, torch.bfloat16)
+        part = torch.linalg.vector_norm(buf, dtype=torch.float32 if low else None).double().square()
+        self.sq = part if self.sq is None else self.sq + part
+        return default_hooks.allreduce_hook(None, bucket)
+
+    def take(self) -> torch.Tensor | None:
+        sq, self.sq = self.sq, None
+        return sq
+
+
+def is_ddp(model: nn.Module) -> bool:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, DistributedDataParallel)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if is_ddp(model) else model

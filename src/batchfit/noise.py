@@ -1,0 +1,783 @@
+"""The gradient noise scale B_simple = tr(Σ) / |G|² (McCandlish et al. 2018, "An Empirical Model of Large-Batch
+Training"): where "small batch" ends and "large batch" begins.
+
+G is the true (full-data) gradient and Σ the per-example gradient covariance. A mini-batch gradient of size B has
+E|G_B|² = |G|² + tr(Σ)/B, so two batch sizes give two equations for the two unknowns (the paper's Appendix A).
+Within one optimizer step the k micro-batches (sizes b_i, B = Σ b_i) are the small batches and their
+sample-weighted sum, the accumulated gradient, is the big one:
+
+    small = Σ_i (b_i/B) |g_i|²       E[small] = |G|² + k tr(Σ)/B
+    big   = |Σ_i (b_i/B) g_i|²       E[big]   = |G|² + tr(Σ)/B
+
+so ``tr(Σ) ≈ B (small - big)/(k - 1)`` and ``|G|² ≈ (k big - small)/(k - 1)``, both unbiased for any split,
+uneven ones included. Their ratio is not: the numerator and denominator are averaged separately (a plain mean at
+fixed parameters, bias-corrected EMAs while training) and divided last.
+
+Per-micro-batch norms |b_i g_i / B| come either from tensor hooks on the parameters (a leaf's hook sees the
+gradient of *this* micro-batch before it is added to ``.grad``: no copy, one read) or from differencing ``.grad``
+against one running copy with fused ``torch._foreach`` ops (fewer Python calls); see :func:`_make_meter`.
+
+Two modes:
+
+- :func:`noise_scale` (probe): fixed parameters, many batches, a bootstrap confidence interval, stop when it is
+  within ±``rel_ci``.
+- :class:`NoiseCallback` (training): ``engine.train(..., callbacks=[NoiseCallback()])`` puts ``b_simple`` in each
+  evaluation record.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from batchfit.engine import (
+    Batcher,
+    autocast,
+    check_positive_int,
+    check_precision,
+    compute_loss,
+    resolve_device,
+    seed_everything,
+    to_device,
+)
+from batchfit.errors import ConfigError, NoisyEstimateWarning, WorkloadError
+from batchfit.workload import Workload, load_workload
+
+__all__ = [
+    "NoiseCallback",
+    "NoiseResult",
+    "default_micro_batch_size",
+    "noise_scale",
+    "training_micro_batch_size",
+    "unbiased_estimates",
+]
+
+_FP16_INIT_SCALE = 2.0**16
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The estimator
+
+
+def unbiased_estimates(small_sq: Any, big_sq: Any, k: int, batch_size: int,
+                       population: int | None = None) -> tuple[Any, Any]:
+    """One step's unbiased ``(|G|², tr(Σ))`` estimates from k micro-batch gradients (floats or tensors).
+
+    ``small_sq = Σ_i (b_i/B)|g_i|²`` (g_i: the mean gradient of micro-batch i), ``big_sq = |Σ_i (b_i/B) g_i|²``.
+    ``population``: the dataset size N when batches are drawn without replacement from it (as in an epoch). Then
+    Var(mean of b) = c (1/b - 1/N) with c = tr(Σ) N/(N-1) (Σ: the population covariance), which shifts the
+    estimates by O(tr(Σ)/N): ``|G|² += c/N``, ``tr(Σ) = c (N-1)/N``. None: an infinite population.
+
+    >>> unbiased_estimates(3.0, 1.5, k=2, batch_size=8)
+    (0.0, 12.0)
+    """
+    if k < 2:
+        raise ConfigError(f"the noise scale needs at least 2 micro-batches per step, got {k}")
+    c = batch_size * (small_sq - big_sq) / (k - 1)
+    grad_norm_sq = (k * big_sq - small_sq) / (k - 1)
+    if population is None:
+        return grad_norm_sq, c
+    return grad_norm_sq + c / population, c * (population - 1) / population
+
+
+def default_micro_batch_size(batch_size: int, parts: int = 2) -> int:
+    """The micro-batch that splits ``batch_size`` into ``parts`` (at least 2) micro-batches: ``ceil(B / parts)``."""
+    if batch_size < 2:
+        raise ConfigError(
+            f"the noise scale needs a batch of at least 2 samples (split into micro-batches), got {batch_size}"
+        )
+    return math.ceil(batch_size / max(2, min(parts, batch_size)))
+
+
+def training_micro_batch_size(batch_size: int, micro_batch_size: int | None, world_size: int = 1) -> int | None:
+    """The micro-batch ``train --measure-noise`` uses: the given one if it makes >= 2 micro-batches per step
+    (counting data-parallel ranks), else a clear error; none given: 2 micro-batches (``ceil(B / 2)``) on one
+    device, the per-rank batch (the ranks' gradients serve as the micro-batches) under data parallelism."""
+    if micro_batch_size is None:
+        return None if world_size >= 2 else default_micro_batch_size(batch_size)
+    if micro_batch_size >= batch_size and world_size < 2:
+        raise ConfigError(
+            f"--measure-noise needs >= 2 micro-batches per step, but micro-batch {micro_batch_size} covers batch "
+            f"{batch_size}; give --micro-batch-size <= {max(1, batch_size // 2)} or leave it out"
+        )
+    return micro_batch_size
+
+
+def _norms_of(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-tensor norms (0-d tensors on the device): one fused call for dense tensors."""
+    dense = [t for t in tensors if not t.is_sparse]
+    norms = _foreach_norm(dense) if dense else []
+    if len(dense) < len(tensors):
+        norms += [torch.linalg.vector_norm(t.coalesce().values()) for t in tensors if t.is_sparse]
+    return norms
+
+
+@dataclass
+class _StepNorms:
+    """One step's raw measurements, still on the device: ``vector`` stacks the per-parameter norms of each
+    micro-batch's contribution (``micro``: (end index, samples) per micro-batch), then the per-parameter norms of
+    the accumulated gradient (from ``n_small`` on), then, for fp16, the loss scale. All arithmetic waits until
+    many steps are read at once (:func:`_decode`), so a step costs one stack beyond the norms themselves."""
+
+    vector: torch.Tensor
+    micro: list[tuple[int, int]]
+    n_small: int
+    k: int
+    batch_size: int
+    scale: float | None  # a loss scale known on the host; None: in the vector (fp16) or no scaling
+
+
+def _step_norms(small_norms: list[torch.Tensor], micro: list[tuple[int, int]], grads: list[torch.Tensor], *,
+                k: int, batch_size: int, scale: torch.Tensor | float | None = None) -> _StepNorms | None:
+    if not small_norms or not grads:
+        return None
+    parts = small_norms + _norms_of(grads)
+    host_scale: float | None = None
+    if isinstance(scale, torch.Tensor):
+        parts.append(scale.reshape(()))
+    elif scale is not None:
+        host_scale = float(scale)
+    return _StepNorms(torch.stack(parts), micro, len(small_norms), k, batch_size, host_scale)
+
+
+def _decode(steps: list[_StepNorms], scaled: bool) -> list[tuple[float, float, int, int]]:
+    """Read many steps with one transfer; return ``(small, big, k, B)`` per step, where
+    ``small = Σ_i (b_i/B)|g_i|² = B Σ_i n_i / b_i`` (n_i = |b_i g_i / B|², what the meter measured) and ``big`` the
+    squared norm of the accumulated gradient. ``scaled``: the micro-batch norms carry an fp16 loss scale."""
+    if not steps:
+        return []
+    flat = torch.cat([st.vector.to(steps[0].vector.device) for st in steps]).double().cpu().numpy()  # one sync
+    out, offset = [], 0
+    for st in steps:
+        v = flat[offset : offset + len(st.vector)]
+        offset += len(st.vector)
+        sq = v * v
+        small, start = 0.0, 0
+        for end, b in st.micro:
+            small += float(sq[start:end].sum()) * st.batch_size / b
+            start = end
+        end_big = len(v) - 1 if scaled and st.scale is None else len(v)
+        big = float(sq[st.n_small : end_big].sum())
+        if scaled:
+            scale = st.scale if st.scale is not None else float(v[-1])
+            small /= scale * scale
+        out.append((small, big, st.k, st.batch_size))
+    return out
+
+
+class _HookMeter:
+    """Micro-batch gradient norms from tensor hooks: a leaf's hook sees this backward's gradient before it is added
+    to ``.grad``. No extra memory, one read of each gradient; a Python call per parameter tensor per micro-batch.
+    Under data parallelism the hooks see this rank's local gradients, as the estimator needs."""
+
+    def __init__(self) -> None:
+        self.params: list[nn.Parameter] = []
+        self._handles: list[Any] = []
+        self._norms: list[torch.Tensor] = []
+        self._micro: list[tuple[int, int]] = []  # (end index into _norms, samples) per micro-batch
+
+    def attach(self, model: nn.Module) -> None:
+        self.detach()
+        self.params = _trainable(model)
+        self._handles = [p.register_hook(self._hook) for p in self.params]
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._norms, self._micro = [], []
+
+    def new_step(self) -> None:
+        """Forget earlier micro-batches, keeping the norms the current backward has just collected."""
+        if self._micro:
+            self._norms = self._norms[self._micro[-1][0] :]
+            self._micro = []
+
+    def _hook(self, grad: torch.Tensor) -> None:
+        # Runs once per parameter per micro-batch, so the common case is a single call.
+        if grad.is_sparse or grad.dtype in _LOW_PRECISION:
+            g = grad.coalesce().values() if grad.is_sparse else grad
+            self._norms.append(torch.linalg.vector_norm(g, dtype=torch.float32))
+        else:
+            self._norms.append(torch.linalg.vector_norm(grad))
+
+    def end_micro(self, samples: int, last: bool) -> None:
+        self._micro.append((len(self._norms), samples))
+
+    @property
+    def micro_batches(self) -> int:
+        return len(self._micro)
+
+    def take(self) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+        """This step's per-parameter norms and micro-batch boundaries; the meter starts afresh."""
+        micro, norms = self._micro, self._norms
+        self._norms, self._micro = [], []
+        return norms, micro
+
+
+class _CopyMeter:
+    """Micro-batch gradient norms by differencing the accumulated ``.grad`` against one running copy, with
+    ``torch._foreach`` ops: |Δ_i| = |acc_i − acc_{i−1}|. A few fused calls per micro-batch whatever the number of
+    parameter tensors (the cheapest on small models), at the price of one extra copy of the gradients and a few
+    passes over them. Not for data parallelism (the last micro-batch's ``.grad`` is already all-reduced)."""
+
+    def __init__(self) -> None:
+        self.params: list[nn.Parameter] = []
+        self._prev: list[torch.Tensor] = []
+        self._norms: list[torch.Tensor] = []
+        self._micro: list[tuple[int, int]] = []
+        self._present: tuple[int, ...] | None = None  # parameters with a gradient in the running copy
+
+    def attach(self, model: nn.Module) -> None:
+        self.detach()
+        self.params = _trainable(model)
+        self._prev = [torch.empty_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self._all = tuple(range(len(self.params)))
+
+    def detach(self) -> None:
+        self._prev, self._norms, self._micro, self._present = [], [], [], None
+
+    def new_step(self) -> None:
+        self._norms, self._micro, self._present = [], [], None
+
+    def end_micro(self, samples: int, last: bool) -> None:
+        params = self.params
+        idx = tuple(i for i, p in enumerate(params) if p.grad is not None)
+        if idx:
+            if any(params[i].grad.is_sparse for i in idx):
+                raise ConfigError("sparse gradients cannot be differenced; use NoiseCallback(method='hooks')")
+            grads = [params[i].grad for i in idx]
+            prev = self._prev if idx == self._all else [self._prev[i] for i in idx]
+            if self._present is None:  # the first micro-batch: its contribution is the gradient itself
+                norms = _foreach_norm(grads)
+            else:
+                for j, i in enumerate(idx):
+                    if i not in self._present:  # a parameter first reached in this micro-batch
+                        prev[j].zero_()
+                _foreach_sub_(prev, grads)  # prev = acc_{i-1} - acc_i = -Δ_i
+                norms = _foreach_norm(prev)
+            self._norms.extend(norms)
+            if not last:
+                _foreach_copy_(prev, grads)
+            self._present = idx if self._present is None else tuple(sorted(set(idx) | set(self._present)))
+        self._micro.append((len(self._norms), samples))
+
+    @property
+    def micro_batches(self) -> int:
+        return len(self._micro)
+
+    def take(self) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+        micro, norms = self._micro, self._norms
+        self.new_step()
+        return norms, micro
+
+
+def _foreach_norm(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    fn = getattr(torch, "_foreach_norm", None)
+    return list(fn(tensors)) if fn is not None else [torch.linalg.vector_norm(t) for t in tensors]
+
+
+def _foreach_sub_(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    fn = getattr(torch, "_foreach_sub_", None)
+    if fn is not None:
+        fn(a, b)
+    else:
+        for x, y in zip(a, b):
+            x.sub_(y)
+
+
+def _foreach_copy_(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    fn = getattr(torch, "_foreach_copy_", None)  # torch >= 2.1
+    if fn is not None:
+        fn(a, b)
+    else:
+        for x, y in zip(a, b):
+            x.copy_(y)
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise WorkloadError("the model has no trainable parameters; there is no gradient to measure")
+    return params
+
+
+METHODS = ("auto", "hooks", "copy")
+COPY_MAX_BYTES = 64 * 2**20
+COPY_MAX_ELEMENTS_PER_TENSOR = 5_000
+
+
+def _make_meter(method: str, model: nn.Module, world_size: int = 1) -> _HookMeter | _CopyMeter:
+    """Pick and attach a meter. ``auto`` weighs the two costs: hooks make a Python call per parameter tensor per
+    micro-batch (~5-10 µs each), the copy method makes ~5 extra passes over the gradients (and holds one copy).
+    Copy wins when the tensors are small, i.e. at most ``COPY_MAX_ELEMENTS_PER_TENSOR`` elements per parameter
+    tensor on average (about where the two costs meet on a CPU) and at most ``COPY_MAX_BYTES`` in all; hooks
+    otherwise, and always for sparse gradients and under data parallelism."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown noise measurement method {method!r}; choose one of: {', '.join(METHODS)}")
+    if method == "auto":
+        params = [p for p in model.parameters() if p.requires_grad]
+        numel = sum(p.numel() for p in params)
+        grad_bytes = sum(p.numel() * p.element_size() for p in params)
+        sparse = any(getattr(m, "sparse", False) is True for m in model.modules())
+        small = grad_bytes <= COPY_MAX_BYTES and numel <= COPY_MAX_ELEMENTS_PER_TENSOR * max(1, len(params))
+        method = "copy" if small and not sparse and world_size == 1 else "hooks"
+    if method == "copy" and world_size > 1:
+        raise ConfigError("the copy method does not work under data parallelism; use method='hooks' or 'auto'")
+    meter: _HookMeter | _CopyMeter = _CopyMeter() if method == "copy" else _HookMeter()
+    meter.attach(model)
+    return meter
+
+
+def _gradients(params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
+    return [p.grad for p in params if p.grad is not None]
+
+
+class _Ema:
+    """Exponential moving average with the bias correction of Adam (divide by 1 - beta^t)."""
+
+    def __init__(self, beta: float) -> None:
+        self.beta, self.value, self.weight = beta, 0.0, 0.0
+
+    def update(self, x: float) -> None:
+        self.value = self.beta * self.value + (1 - self.beta) * x
+        self.weight = self.beta * self.weight + (1 - self.beta)
+
+    def get(self) -> float | None:
+        return self.value / self.weight if self.weight > 0 else None
+
+
+def _ratio(trace_cov: float | None, grad_norm_sq: float | None) -> float | None:
+    """B_simple, or None while undefined (no data, or no signal above the noise yet: |G|² estimate <= 0)."""
+    if trace_cov is None or grad_norm_sq is None or not grad_norm_sq > 0:
+        return None
+    return trace_cov / grad_norm_sq
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training mode
+
+
+class NoiseCallback:
+    """Measure B_simple while training (``engine.train(..., callbacks=[NoiseCallback()])``).
+
+    Needs at least 2 micro-batches per step (``micro_batch_size < batch_size``). Each step's |G|² and tr(Σ)
+    estimates feed two bias-corrected EMAs (``beta``); each evaluation record gets ``record["b_simple"]`` and
+    ``state.extras["b_simple_history"]`` one entry ``{step, epoch, b_simple, grad_norm_sq, trace_cov}``;
+    ``state.extras["b_simple"]`` is the last value. Steps with a non-finite gradient are skipped (counted in
+    ``state.extras["b_simple_skipped_steps"]``). Values stay on the device and are read every ``flush_every`` steps
+    (one sync) and at each evaluation.
+
+    ``method``: how micro-batch gradient norms are taken: ``hooks`` (tensor hooks, no extra memory, one read of
+    each gradient), ``copy`` (a running copy of the gradients and fused ``torch._foreach`` ops: few Python calls,
+    more memory traffic) or ``auto`` (copy for models of many small tensors on one device, hooks otherwise).
+    """
+
+    def __init__(self, beta: float = 0.95, flush_every: int = 64, method: str = "auto") -> None:
+        if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
+            raise ConfigError(f"the noise EMA beta must be in [0, 1), got {beta!r}")
+        check_positive_int("flush_every", flush_every)
+        if method not in METHODS:
+            raise ConfigError(f"unknown noise measurement method {method!r}; choose one of: {', '.join(METHODS)}")
+        self.beta = float(beta)
+        self.flush_every = flush_every
+        self.method = method
+        self._meter: _HookMeter | _CopyMeter = _HookMeter()
+        self._pending: list[_StepNorms] = []
+        self._scaled = False
+        self._g2 = _Ema(self.beta)
+        self._tr = _Ema(self.beta)
+        self.valid_steps = 0
+        self.skipped_steps = 0
+        self._population: int | None = None
+        self._world = 1
+
+    # -- engine hooks -------------------------------------------------------------------------------------------
+    def on_train_start(self, state: Any) -> None:
+        if state.accumulation_steps * state.world_size < 2:
+            raise ConfigError(
+                f"measuring the noise scale needs >= 2 micro-batches per step, but batch {state.batch_size} runs "
+                f"as one micro-batch of {state.micro_batch_size}; give a micro-batch size <= "
+                f"{default_micro_batch_size(state.batch_size)}"
+            )
+        self._world = state.world_size
+        self._scaled = state.scaler is not None
+        self._meter = _make_meter(self.method, state.model, state.world_size)
+        # each batch is drawn without replacement from the N training samples (engine: one permutation per epoch)
+        self._population = state.workload.num_train
+        self._pending = []
+        self._g2, self._tr = _Ema(self.beta), _Ema(self.beta)
+        self.valid_steps = self.skipped_steps = 0
+        state.extras["b_simple_history"] = []
+        state.extras["b_simple"] = None
+
+    def on_micro_batch_end(self, state: Any) -> None:
+        if state.micro_index == 0:
+            self._meter.new_step()  # a fresh step: never mix micro-batches of different steps
+        last = (state.micro_index + 1) * state.micro_batch_size >= state.batch_samples
+        self._meter.end_micro(state.micro_samples, last)
+
+    def on_before_optimizer_step(self, state: Any) -> None:
+        # Gradients here are unscaled and not yet clipped; the micro-batch norms still carry the fp16 loss scale.
+        norms, micro = self._meter.take()
+        # Data parallel: the meter saw this rank's micro-batches, the gradient here is the all-reduced global one,
+        # so every rank's micro-batches count (k x world of them, assuming even shards) against the global batch.
+        k, batch = len(micro) * self._world, state.batch_samples * self._world
+        if k < 2:
+            return  # e.g. a last, short batch that fits one micro-batch: nothing to compare
+        scale = None
+        if state.scaler is not None:
+            scale = getattr(state.scaler, "_scale", None)  # a device tensor: no host sync
+            if not isinstance(scale, torch.Tensor):
+                scale = state.scaler.get_scale()
+        step = _step_norms(norms, micro, _gradients(self._meter.params), k=k, batch_size=batch, scale=scale)
+        if step is not None:
+            self._pending.append(step)
+
+    def on_step_end(self, state: Any) -> None:
+        if len(self._pending) >= self.flush_every:
+            self._flush()
+
+    def on_evaluate(self, state: Any, record: dict[str, Any]) -> None:
+        self._flush()
+        record["b_simple"] = self._log(state)
+
+    def on_train_end(self, state: Any, result: Any) -> None:
+        self._flush()
+        history = state.extras.setdefault("b_simple_history", [])
+        if self.valid_steps and (not history or history[-1]["step"] != state.step):
+            self._log(state)
+        state.extras["b_simple_skipped_steps"] = self.skipped_steps
+        self._meter.detach()
+
+    # -- internals ----------------------------------------------------------------------------------------------
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        decoded = _decode(self._pending, scaled=self._scaled)
+        if self._world > 1:  # data parallel: each rank measured only its own micro-batches; sum them over ranks
+            from batchfit import distributed
+
+            # the engine weights rank r's micro-batch i by b_i x world / B, so each rank's "small" is world^2 x its
+            # share of sum_i (b_i/B)|g_i|^2 over all ranks' micro-batches (every rank flushes at the same steps)
+            smalls = distributed.all_sum(*(small for small, _, _, _ in decoded))
+            decoded = [(s / self._world**2, big, k, b) for s, (_, big, k, b) in zip(smalls, decoded)]
+        for small, big, k, batch in decoded:
+            if not (math.isfinite(small) and math.isfinite(big)):
+                self.skipped_steps += 1
+                continue
+            g2, tr = unbiased_estimates(small, big, k, batch, self._population)
+            self._g2.update(g2)
+            self._tr.update(tr)
+            self.valid_steps += 1
+        self._pending = []
+
+    def _log(self, state: Any) -> float | None:
+        g2, tr = self._g2.get(), self._tr.get()
+        b_simple = _ratio(tr, g2)
+        state.extras["b_simple_history"].append({
+            "step": state.step,
+            "epoch": round(state.step / max(1, state.steps_per_epoch), 4),
+            "b_simple": b_simple,
+            "grad_norm_sq": g2,
+            "trace_cov": tr,
+        })
+        state.extras["b_simple"] = b_simple
+        return b_simple
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Probe mode
+
+
+@dataclass
+class NoiseResult:
+    """What :func:`noise_scale` measured; ``to_dict()`` is the JSON ``batchfit noise`` writes.
+
+    ``b_simple`` is ``inf`` when the |G|² estimate is not positive (no signal above the noise); the interval is
+    a 95 % bootstrap percentile interval over steps; ``converged`` says whether it lies within ±``rel_ci``.
+    """
+
+    workload: str
+    b_simple: float
+    b_simple_ci: tuple[float, float]
+    grad_norm_sq: float
+    trace_cov: float
+    batch_size: int
+    micro_batch_size: int
+    steps: int
+    converged: bool
+    rel_ci: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    skipped_steps: int = 0
+    train_steps: int = 0
+    device: str = "cpu"
+    precision: str = "fp32"
+    seed: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["b_simple_ci"] = list(self.b_simple_ci)
+        d["mode"] = "probe"
+        d["reading"] = self.reading()
+        return d
+
+    def reading(self) -> str:
+        """One line: the number and what it says about the batch size."""
+        b, (low, high) = self.b_simple, self.b_simple_ci
+        where = "at initialisation" if not self.train_steps else f"after {self.train_steps} training steps"
+        if not math.isfinite(b):
+            return (
+                f"B_simple is unbounded {where}: the gradient signal is below the noise (|G|^2 estimate <= 0), "
+                "as near a minimum; every batch counts as small here. Probe earlier in training or with more steps."
+            )
+        ci = f"95% CI {_fmt(low)}-{_fmt(high)}"
+        bs = self.batch_size
+        if bs < b / 3:
+            verdict = f"batch {bs} is well below it: larger batches should cut the steps needed almost in proportion"
+        elif bs > 3 * b:
+            verdict = f"batch {bs} is well above it: extra samples per step buy little, so smaller batches save compute"
+        else:
+            verdict = f"batch {bs} is near it: a balance of steps and compute"
+        return (
+            f"B_simple ~ {_fmt(b)} ({ci}) {where}: critical batch of order {_fmt(b)}; {verdict}. "
+            "An order-of-magnitude guide that grows as training goes on."
+        )
+
+
+def _fmt(x: float) -> str:
+    if not math.isfinite(x):
+        return "inf"
+    return f"{x:.3g}" if abs(x) < 1e4 else f"{x:.2e}"
+
+
+def _delta_ci_ok(g2: np.ndarray, tr: np.ndarray, rel_ci: float) -> bool:
+    """Cheap first check: the normal-approximation (delta-method) 95 % interval of mean(tr)/mean(g2)."""
+    n = len(g2)
+    mg, mt = g2.mean(), tr.mean()
+    if not mg > 0 or not mt > 0:
+        return False
+    r = mt / mg
+    cov = np.cov(np.stack([tr, g2]))
+    var_r = (cov[0, 0] - 2 * r * cov[0, 1] + r * r * cov[1, 1]) / (n * mg * mg)
+    return 1.96 * math.sqrt(max(var_r, 0.0)) <= rel_ci * r
+
+
+def _bootstrap_ci(g2: np.ndarray, tr: np.ndarray, rng: np.random.Generator, n_boot: int = 1000,
+                  level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of mean(tr)/mean(g2), resampling steps (a non-positive |G|² mean -> inf)."""
+    n = len(g2)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    mg, mt = g2[idx].mean(axis=1), tr[idx].mean(axis=1)
+    ratios = np.sort(np.where(mg > 0, mt / np.where(mg > 0, mg, 1.0), np.inf))
+    alpha = (1 - level) / 2
+    low = ratios[int(math.floor(alpha * n_boot))]
+    high = ratios[min(n_boot - 1, int(math.ceil((1 - alpha) * n_boot)) - 1)]
+    return float(low), float(high)
+
+
+def _within(b: float, ci: tuple[float, float], rel_ci: float) -> bool:
+    return math.isfinite(b) and b > 0 and ci[0] >= b * (1 - rel_ci) and ci[1] <= b * (1 + rel_ci)
+
+
+def _trained_model(workload: Workload, *, train_steps: int, batch_size: int, micro_batch_size: int,
+                   lr: float | None, device: Any, precision: str, seed: int) -> nn.Module:
+    from batchfit.engine import train
+
+    grabbed: dict[str, nn.Module] = {}
+
+    class _Grab:
+        def on_train_end(self, state: Any, result: Any) -> None:
+            grabbed["model"] = state.model
+
+    result = train(workload, batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, steps=train_steps,
+                   device=device, precision=precision, seed=seed, callbacks=[_Grab()])
+    if result.diverged:
+        raise ConfigError(
+            f"training for {train_steps} steps before the probe diverged at step {result.diverged_at_step}; "
+            "give a smaller lr or fewer train steps"
+        )
+    return grabbed["model"]
+
+
+def noise_scale(
+    workload: Workload | str,
+    *,
+    batch_size: int | None = None,
+    micro_batch_size: int | None = None,
+    steps: int = 200,
+    min_steps: int = 10,
+    device: str | torch.device | None = "cpu",
+    precision: str = "fp32",
+    seed: int = 0,
+    rel_ci: float = 0.10,
+    train_steps: int = 0,
+    lr: float | None = None,
+    callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
+    method: str = "auto",
+) -> NoiseResult:
+    """Probe B_simple at fixed parameters: sample batches, split each into micro-batches, estimate.
+
+    Args:
+        batch_size: the big batch B (default: the workload's ``base_batch_size``; at least 2).
+        micro_batch_size: the small batch b < B (default ``ceil(B / 4)``: 4 micro-batches).
+        steps: the most batches to sample; it stops earlier once the 95 % interval is within ±``rel_ci``
+            (after ``min_steps``), otherwise warns with :class:`NoisyEstimateWarning`.
+        train_steps: train this many optimizer steps first (``engine.train`` at ``batch_size`` and ``lr`` or the
+            scaled base LR) and probe the trained parameters; 0 probes the seeded initialisation.
+        lr: the learning rate of those training steps (only with ``train_steps``).
+        callbacks: called after every step with ``{step, b_simple, b_simple_ci, grad_norm_sq, trace_cov}``
+            (``b_simple_ci`` is None until an interval is computed).
+        method: how micro-batch gradient norms are taken (see :class:`NoiseCallback`); the result is the same.
+
+    >>> r = noise_scale("demo:digits-mlp", batch_size=64, steps=20)  # doctest: +SKIP
+    >>> r.b_simple > 0  # doctest: +SKIP
+    True
+    """
+    t_start = time.perf_counter()
+    workload = load_workload(workload)
+    dev = resolve_device(device)
+    check_precision(precision, dev)
+    batch_size = check_positive_int("batch size", workload.base_batch_size if batch_size is None else batch_size)
+    if micro_batch_size is None:
+        micro_batch_size = default_micro_batch_size(batch_size, parts=4)
+    check_positive_int("micro-batch size", micro_batch_size)
+    if micro_batch_size >= batch_size:
+        raise ConfigError(
+            f"the noise scale needs >= 2 micro-batches per batch, but micro-batch {micro_batch_size} >= batch "
+            f"{batch_size}; give a micro-batch size <= {max(1, batch_size // 2)}"
+        )
+    n = workload.num_train
+    if batch_size > n:
+        raise ConfigError(
+            f"batch size {batch_size} is larger than the training set ({n} samples); use a batch size <= {n}"
+        )
+    check_positive_int("steps", steps)
+    check_positive_int("min_steps", min_steps)
+    if isinstance(train_steps, bool) or not isinstance(train_steps, int) or train_steps < 0:
+        raise ConfigError(f"train_steps must be an integer >= 0, got {train_steps!r}")
+    if not (isinstance(rel_ci, (int, float)) and 0.0 < rel_ci < 1.0):
+        raise ConfigError(f"rel_ci must be a fraction in (0, 1) such as 0.1 (±10 %), got {rel_ci!r}")
+    if method not in METHODS:
+        raise ConfigError(f"unknown noise measurement method {method!r}; choose one of: {', '.join(METHODS)}")
+    if lr is not None and not train_steps:
+        raise ConfigError("lr only sets the training steps before the probe; give train_steps > 0 as well")
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"learning rate must be a positive number, got {lr!r}")
+    min_steps = min(min_steps, steps)
+
+    if train_steps:
+        model = _trained_model(workload, train_steps=train_steps, batch_size=batch_size,
+                               micro_batch_size=micro_batch_size, lr=lr, device=dev, precision=precision, seed=seed)
+    else:
+        seed_everything(seed)
+        try:
+            model = workload.model_fn()
+        except Exception as exc:
+            raise WorkloadError(f"model_fn raised {type(exc).__name__}: {exc}") from exc
+        if not isinstance(model, nn.Module):
+            raise WorkloadError(f"model_fn must return a torch.nn.Module, got {type(model).__name__}")
+    model.to(dev).train()  # train mode: the gradient training would see (dropout on, batch-norm batch statistics)
+
+    meter = _make_meter(method, model)
+    batcher = Batcher(workload.train_data, workload.collate_fn)
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    scale = _FP16_INIT_SCALE if precision == "fp16" else 1.0
+    g2s: list[float] = []
+    trs: list[float] = []
+    history: list[dict[str, Any]] = []
+    skipped = 0
+    ci: tuple[float, float] | None = None
+    done = False
+    sum_g2 = sum_tr = 0.0
+    next_bootstrap = 0
+    perm, pos, step = torch.empty(0, dtype=torch.long), n, 0
+    try:
+        while step < steps:
+            step += 1
+            # -- one batch of B distinct samples (consecutive slices of a seeded permutation) ---------------------
+            if pos + batch_size > n:
+                perm, pos = torch.randperm(n, generator=gen), 0
+            idx = perm[pos : pos + batch_size]
+            pos += batch_size
+            for p in meter.params:
+                p.grad = None
+            # -- micro-batches, each loss weighted by its share of the samples (as the engine does) -------------
+            for start in range(0, batch_size, micro_batch_size):
+                micro_idx = idx[start : start + micro_batch_size]
+                batch = to_device(batcher(micro_idx), dev)
+                with autocast(precision, dev):
+                    loss, _, _ = compute_loss(workload, model, batch)
+                (loss * (len(micro_idx) / batch_size * scale)).backward()
+                meter.end_micro(len(micro_idx), last=start + micro_batch_size >= batch_size)
+            norms, micro = meter.take()
+            measured = _step_norms(norms, micro, _gradients(meter.params), k=len(micro), batch_size=batch_size)
+            if measured is None:
+                raise WorkloadError("the loss does not depend on any trainable parameter; there is no gradient")
+            small_f, big_f, k, _ = _decode([measured], scaled=False)[0]
+            small_f, big_f = small_f / scale**2, big_f / scale**2  # fp16: both carry the fixed loss scale
+            if not (math.isfinite(small_f) and math.isfinite(big_f)):
+                skipped += 1
+                if precision == "fp16":
+                    scale /= 2  # an fp16 overflow: retry the next batch at half the loss scale
+                continue
+            g2, tr = unbiased_estimates(small_f, big_f, k, batch_size, population=n)
+            g2s.append(g2)
+            trs.append(tr)
+            sum_g2, sum_tr = sum_g2 + g2, sum_tr + tr
+            mg, mt = sum_g2 / len(g2s), sum_tr / len(g2s)
+            b_now = _ratio(mt, mg)
+            history.append({"step": step, "b_simple": b_now})
+            # -- stop once the interval is tight: a cheap delta-method check first, then the bootstrap (at most
+            #    once per 5 % more steps, so a long probe stays linear in its length) -----------------------------
+            if len(g2s) >= max(2, min_steps, next_bootstrap) and b_now is not None:
+                g2_arr, tr_arr = np.asarray(g2s), np.asarray(trs)
+                if _delta_ci_ok(g2_arr, tr_arr, rel_ci):
+                    ci = _bootstrap_ci(g2_arr, tr_arr, rng)
+                    done = _within(b_now, ci, rel_ci)
+                    next_bootstrap = math.ceil(len(g2s) * 1.05)
+            for cb in callbacks:
+                cb({"step": step, "b_simple": b_now, "b_simple_ci": ci, "grad_norm_sq": mg, "trace_cov": mt})
+            if done:
+                break
+    finally:
+        meter.detach()
+        for p in meter.params:
+            p.grad = None
+
+    if not g2s:
+        raise WorkloadError(
+            f"every one of the {step} probe steps had a non-finite gradient; check the data and the loss "
+            "(or use --precision fp32)"
+        )
+    g2_arr, tr_arr = np.asarray(g2s), np.asarray(trs)
+    mg, mt = float(g2_arr.mean()), float(tr_arr.mean())
+    b_simple = mt / mg if mg > 0 else math.inf
+    if not (done and ci is not None):  # when it stopped on convergence, keep the interval that stopped it
+        ci = _bootstrap_ci(g2_arr, tr_arr, rng) if len(g2s) >= 2 else (-math.inf, math.inf)
+    converged = _within(b_simple, ci, rel_ci)
+    result = NoiseResult(
+        workload=workload.name, b_simple=b_simple, b_simple_ci=ci, grad_norm_sq=mg, trace_cov=mt,
+        batch_size=batch_size, micro_batch_size=micro_batch_size, steps=step, converged=converged, rel_ci=rel_ci,
+        history=history, skipped_steps=skipped, train_steps=train_steps, device=str(dev), precision=precision,
+        seed=seed, seconds=time.perf_counter() - t_start,
+    )
+    if not converged:
+        warnings.warn(
+            f"B_simple = {_fmt(b_simple)} has a 95% interval of {_fmt(ci[0])}-{_fmt(ci[1])}, wider than "
+            f"±{rel_ci:.0%} after {step} steps; raise --steps or the batch size for a firmer estimate",
+            NoisyEstimateWarning,
+            stacklevel=2,
+        )
+    return result

@@ -1,0 +1,484 @@
+"""The report of a batch-size study: the guides' summary table, measured, then the recommendation and the plots.
+
+:func:`write_report` writes, each as soon as it is ready (atomically: a temp file, then a rename):
+
+- ``results.json``: the sweep's results dict plus ``"recommendation"``;
+- PNG plots (matplotlib, Agg canvas; loaded lazily): validation curves per batch size, final validation metric vs
+  batch size, throughput and peak memory vs batch size, steps-to-target vs batch size with the fitted
+  ``S(B) = S_min (1 + B_crit / B)`` curve (McCandlish et al. 2018), and B_simple over training;
+- ``report.md`` (plots linked as files) and ``report.html`` (self-contained: plots embedded as base64 PNG, no
+  server and no network needed).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from batchfit.errors import BatchfitError
+from batchfit.recommend import quality, recommend
+
+PLOTS = ("val_curves", "metric_vs_batch", "throughput_memory", "steps_to_target", "b_simple")
+_TITLES = {
+    "val_curves": "Validation curves per batch size",
+    "metric_vs_batch": "Final validation metric vs batch size",
+    "throughput_memory": "Throughput and peak memory vs batch size",
+    "steps_to_target": "Steps to target vs batch size, with the fitted S(B)",
+    "b_simple": "Gradient noise scale B_simple over training",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON: NaN/Inf become null, tuples lists, paths strings, numpy/torch scalars numbers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):
+        return _jsonable(obj.item())
+    return obj
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> Path:
+    """Write through ``write(tmp_path)`` then rename, so a reader or a crash never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    def dump(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(_jsonable(data), f, indent=2)
+            f.write("\n")
+
+    return _atomic_write(Path(path), dump)
+
+
+def _write_text(path: Path, text: str) -> Path:
+    def dump(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    return _atomic_write(path, dump)
+
+
+def _bytes(n: Any) -> str:
+    from batchfit.memory import format_bytes
+
+    return format_bytes(n) if isinstance(n, (int, float)) else "-"
+
+
+def _num(x: Any, fmt: str = ".4g") -> str:
+    return format(x, fmt) if isinstance(x, (int, float)) and math.isfinite(x) else "-"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The summary table
+
+
+def _rows_source(results: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """One trial per batch size: the best-LR trial, or, for batch sizes with none finished, the latest trial."""
+    best = {t["batch_size"]: t for t in results.get("best_per_batch") or []}
+    for t in results.get("trials") or []:
+        best.setdefault(t["batch_size"], t)
+    return [best[b] for b in sorted(best)]
+
+
+def summary_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The guides' trade-off table, measured: one row per batch size (memory, speed, gradient noise,
+    generalization gap, epochs to converge), with the raw values."""
+    primary = results.get("primary_metric", "val_loss")
+    global_bs = results.get("b_simple")
+    rows = []
+    for t in _rows_source(results):
+        b_simple = t.get("b_simple")
+        if not isinstance(b_simple, (int, float)):
+            b_simple = global_bs if isinstance(global_bs, (int, float)) else None
+        batch = t["batch_size"]
+        rows.append({
+            "batch_size": batch,
+            "micro_batch_size": t.get("micro_batch_size"),
+            "accumulation_steps": t.get("accumulation_steps"),
+            "lr": t.get("lr"),
+            "status": t.get("status"),
+            "best_metric": quality(t, primary),
+            "peak_memory_bytes": t.get("peak_memory_bytes"),
+            "samples_per_s": t.get("samples_per_s"),
+            "b_simple": b_simple,
+            "noise_ratio": batch / b_simple if b_simple and b_simple > 0 else None,
+            "generalization_gap": t.get("generalization_gap"),
+            "epochs_to_target": t.get("epochs_to_target"),
+            "steps_to_target": t.get("steps_to_target"),
+            "seconds_to_target": t.get("seconds_to_target"),
+        })
+    return rows
+
+
+def summary_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    primary = results.get("primary_metric", "val_loss")
+    header = ["batch", "micro x accum", "LR", "status", f"best val {primary}", "peak memory", "samples/s",
+              "B_simple", "B / B_simple", "gen. gap", "epochs to target", "steps to target", "s to target"]
+    body = []
+    for r in summary_rows(results):
+        micro = r["micro_batch_size"]
+        body.append([
+            str(r["batch_size"]),
+            f"{micro} x {r['accumulation_steps']}" if micro else "-",
+            _num(r["lr"], ".3g"),
+            str(r["status"] or "-"),
+            _num(r["best_metric"]),
+            _bytes(r["peak_memory_bytes"]),
+            _num(r["samples_per_s"], ".0f"),
+            _num(r["b_simple"], ".3g"),
+            _num(r["noise_ratio"], ".2f"),
+            _num(r["generalization_gap"], "+.3f"),
+            _num(r["epochs_to_target"], ".3g"),
+            _num(r["steps_to_target"], ".0f"),
+            _num(r["seconds_to_target"], ".3g"),
+        ])
+    return header, body
+
+
+def _trials_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    primary = results.get("primary_metric", "val_loss")
+    header = ["batch", "LR", "LR x", "status", f"best val {primary}", "final val loss", "steps", "seconds", "error"]
+    body = []
+    for t in sorted(results.get("trials") or [], key=lambda t: (t["batch_size"], t.get("lr") or 0)):
+        body.append([
+            str(t["batch_size"]), _num(t.get("lr"), ".3g"), _num(t.get("lr_multiplier"), "g"),
+            str(t.get("status") or "-"), _num(quality(t, primary)), _num(t.get("final_val_loss")),
+            _num(t.get("steps"), ".0f"), _num(t.get("seconds"), ".3g"), str(t.get("error") or ""),
+        ])
+    return header, body
+
+
+def _study_lines(results: Mapping[str, Any]) -> list[str]:
+    budget = results.get("budget") or {}
+    target = results.get("target") or {}
+    lines = [
+        f"workload {results.get('workload')}, device {results.get('device')}, precision {results.get('precision')}",
+        f"budget {budget.get('kind')}:{budget.get('value')}, LR rule {results.get('lr_rule')}, primary metric "
+        f"{results.get('primary_metric')} ({'higher' if results.get('higher_is_better') else 'lower'} is better)",
+    ]
+    if target.get("definition"):
+        lines.append(f"target: {target['definition']}")
+    elif target:
+        lines.append("target: " + ", ".join(f"{k} {v}" for k, v in target.items()))
+    crit = results.get("critical_batch_size")
+    if crit and crit.get("b_crit") is not None:
+        lines.append(f"critical batch B_crit {_num(crit.get('b_crit'), '.4g')}, S_min {_num(crit.get('s_min'), '.4g')}"
+                     f" steps, fit R^2 {_num(crit.get('r2'), '.3f')} over {len(crit.get('points') or [])} batch sizes")
+    else:
+        why = results.get("critical_batch_size_reason") or "too few batch sizes reached the target"
+        lines.append(f"critical batch: not fitted ({why})")
+    noise = results.get("noise") or {}
+    if isinstance(noise.get("b_simple"), (int, float)):
+        ci = noise.get("b_simple_ci")
+        has_ci = isinstance(ci, (list, tuple)) and len(ci) == 2
+        ci_txt = f" (95% CI {_num(ci[0], '.3g')} - {_num(ci[1], '.3g')})" if has_ci else ""
+        lines.append(f"gradient noise scale B_simple probed at initialisation: {_num(noise['b_simple'], '.4g')}"
+                     f"{ci_txt}" + (f"; {noise['reading']}" if noise.get("reading") else ""))
+    if isinstance(results.get("b_simple"), (int, float)):
+        lines.append(f"B_simple during training (median over the batch sizes): {_num(results['b_simple'], '.4g')}")
+    cal = results.get("lr_calibration") or {}
+    if cal.get("runs"):
+        scores = ", ".join(f"x{r['multiplier']:g} {_num(r['score'])}" for r in cal["runs"])
+        verdict = ("kept" if cal.get("kept_base") else f"moved to {_num(cal.get('lr'), '.3g')}")
+        lines.append(f"base LR {_num(cal.get('base_lr'), '.3g')} checked at batch {cal.get('batch_size')} for "
+                     f"{cal.get('steps')} steps ({cal.get('metric')}: {scores}): {verdict}")
+    find = results.get("find") or {}
+    if find:
+        lines.append(f"finder: largest batch that fits with margin {find.get('recommended_batch_size')}, throughput "
+                     f"knee {find.get('throughput_knee_batch_size')}, {find.get('real_trials')} real trials")
+    lines.append(f"store {results.get('storage')}, study {results.get('study_name')}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _figure(ncols: int = 1) -> tuple[Any, Any]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4 * ncols, 4.2), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols)
+    return fig, axes
+
+
+def _save(fig: Any, path: Path) -> Path:
+    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def _plot_val_curves(results: Mapping[str, Any], path: Path) -> Path | None:
+    primary = results.get("primary_metric", "val_loss")
+    trials = [t for t in _rows_source(results) if t.get("history")]
+    if not trials:
+        return None
+    fig, (ax_m, ax_l) = _figure(2)
+    for t in trials:
+        hist = t["history"]
+        ep = [h.get("epoch") for h in hist]
+        label = f"B={t['batch_size']}"
+        metric = [(h.get("val_metrics") or {}).get(primary, h.get("val_loss") if primary == "val_loss" else None)
+                  for h in hist]
+        if any(m is not None for m in metric):
+            ax_m.plot(ep, [math.nan if m is None else m for m in metric], marker=".", label=label)
+        ax_l.plot(ep, [math.nan if h.get("val_loss") is None else h["val_loss"] for h in hist], marker=".",
+                  label=label)
+    ax_m.set(xlabel="epoch", ylabel=f"val {primary}", title=f"validation {primary}")
+    ax_l.set(xlabel="epoch", ylabel="val loss", title="validation loss")
+    ax_l.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def _plot_metric_vs_batch(results: Mapping[str, Any], path: Path) -> Path | None:
+    primary = results.get("primary_metric", "val_loss")
+    rows = [t for t in _rows_source(results) if quality(t, primary) is not None]
+    if not rows:
+        return None
+    fig, ax = _figure()
+    bs = [t["batch_size"] for t in rows]
+    ax.plot(bs, [quality(t, primary) for t in rows], marker="o", label=f"best val {primary}")
+    final = [(t.get("final_val_metrics") or {}).get(primary,
+             t.get("final_val_loss") if primary == "val_loss" else None) for t in rows]
+    if any(f is not None for f in final):
+        ax.plot(bs, [math.nan if f is None else f for f in final], marker="s", linestyle="--",
+                label=f"final val {primary}")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="effective batch size", ylabel=primary, title=f"validation {primary} vs batch size")
+    ax.legend()
+    return _save(fig, path)
+
+
+def _plot_throughput_memory(results: Mapping[str, Any], path: Path) -> Path | None:
+    rows = [t for t in _rows_source(results) if t.get("samples_per_s") or t.get("peak_memory_bytes")]
+    if not rows:
+        return None
+    fig, (ax_t, ax_m) = _figure(2)
+    bs = [t["batch_size"] for t in rows]
+    ax_t.plot(bs, [t.get("samples_per_s") or math.nan for t in rows], marker="o")
+    ax_t.set(xlabel="effective batch size", ylabel="samples/s", title="throughput")
+    mem = [(t.get("peak_memory_bytes") or math.nan) / 2**20 for t in rows]
+    ax_m.plot(bs, mem, marker="o", color="tab:red")
+    ax_m.set(xlabel="effective batch size", ylabel="peak memory (MiB)", title="peak memory")
+    for ax in (ax_t, ax_m):
+        ax.set_xscale("log", base=2)
+    return _save(fig, path)
+
+
+def _plot_steps_to_target(results: Mapping[str, Any], path: Path) -> Path | None:
+    crit = results.get("critical_batch_size") or {}
+    points = crit.get("points") or [
+        [t["batch_size"], t["steps_to_target"]] for t in _rows_source(results)
+        if isinstance(t.get("steps_to_target"), (int, float))
+    ]
+    if not points:
+        return None
+    fig, ax = _figure()
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o", label="measured")
+    b_crit, s_min = crit.get("b_crit"), crit.get("s_min")
+    if isinstance(b_crit, (int, float)) and isinstance(s_min, (int, float)):
+        lo, hi = min(p[0] for p in points), max(p[0] for p in points)
+        grid = [lo * (hi / lo) ** (i / 99) for i in range(100)] if hi > lo else [lo]
+        ax.plot(grid, [s_min * (1 + b_crit / b) for b in grid], "-",
+                label=f"S(B) = {s_min:.3g} (1 + {b_crit:.3g}/B), R^2 {_num(crit.get('r2'), '.2f')}")
+        ax.axvline(b_crit, color="gray", linestyle=":", label=f"B_crit = {b_crit:.3g}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set(xlabel="effective batch size", ylabel="optimizer steps to target", title="steps to target")
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def _plot_b_simple(results: Mapping[str, Any], path: Path) -> Path | None:
+    trials = [t for t in _rows_source(results) if t.get("b_simple_history")]
+    global_bs = (results.get("noise") or {}).get("b_simple")
+    if not trials and not isinstance(global_bs, (int, float)):
+        return None
+    fig, ax = _figure()
+    for t in trials:
+        hist = [h for h in t["b_simple_history"] if isinstance(h.get("b_simple"), (int, float))]
+        xs = [h["epoch"] if h.get("epoch") is not None else h.get("step") for h in hist]
+        ax.plot(xs, [h["b_simple"] for h in hist], marker=".", label=f"B={t['batch_size']}")
+    if isinstance(global_bs, (int, float)):
+        ax.axhline(global_bs, color="gray", linestyle="--", label=f"probe at init: {global_bs:.3g}")
+    ax.set_yscale("log")
+    ax.set(xlabel="epoch", ylabel="B_simple", title="gradient noise scale over training")
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+_PLOTTERS: dict[str, Callable[[Mapping[str, Any], Path], Path | None]] = {
+    "val_curves": _plot_val_curves,
+    "metric_vs_batch": _plot_metric_vs_batch,
+    "throughput_memory": _plot_throughput_memory,
+    "steps_to_target": _plot_steps_to_target,
+    "b_simple": _plot_b_simple,
+}
+
+
+def make_plots(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write each plot that has data as ``out_dir/<name>.png``; return name -> path."""
+    out = Path(out_dir)
+    written = {}
+    for name in PLOTS:
+        path = _PLOTTERS[name](results, out / f"{name}.png")
+        if path is not None:
+            written[name] = path
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Markdown and HTML
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> str:
+    def cell(s: str) -> str:
+        return s.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _rec_lines(rec: Mapping[str, Any] | None) -> tuple[str | None, list[str]]:
+    if not rec:
+        return None, []
+    head = (f"batch {rec['batch_size']} = micro-batch {rec['micro_batch_size']} x {rec['accumulation_steps']} "
+            f"accumulation step(s), LR {rec['lr']:.4g}, warm-up {rec['warmup_steps']} step(s), {rec['precision']}")
+    return head, list(rec.get("reasons") or [])
+
+
+def render_markdown(results: Mapping[str, Any], recommendation: Mapping[str, Any] | None,
+                    plots: Mapping[str, Path], note: str | None = None) -> str:
+    header, body = summary_table(results)
+    parts = [f"# batchfit report: {results.get('workload')}", "",
+             "## Summary: the batch-size trade-off, measured", "", _md_table(header, body), ""]
+    head, reasons = _rec_lines(recommendation)
+    parts += ["## Recommendation", ""]
+    if head:
+        parts += [f"**{head}**", ""] + [f"- {r}" for r in reasons] + [""]
+    else:
+        parts += [f"No recommendation yet: {note or 'no finished trial'}.", ""]
+    parts += ["## Study", ""] + [f"- {line}" for line in _study_lines(results)] + [""]
+    parts += ["## Plots", ""]
+    for name, path in plots.items():
+        parts += [f"### {_TITLES[name]}", "", f"![{_TITLES[name]}]({Path(path).name})", ""]
+    t_header, t_body = _trials_table(results)
+    parts += ["## All trials", "", _md_table(t_header, t_body), ""]
+    return "\n".join(parts)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
+color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:.9em}
+th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
+th{background:#f3f3f3}
+tr.pick td{background:#eaf6ea;font-weight:600}
+.rec{background:#f6f9ff;border-left:4px solid #3b6fd8;padding:.6em 1em}
+img{max-width:100%;border:1px solid #eee}
+"""
+
+
+def _html_table(header: list[str], body: list[list[str]], pick: int | None = None) -> str:
+    e = html.escape
+    out = ["<table>", "<tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
+    for row in body:
+        cls = ' class="pick"' if pick is not None and row[0] == str(pick) else ""
+        out.append(f"<tr{cls}>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def render_html(results: Mapping[str, Any], recommendation: Mapping[str, Any] | None,
+                plots: Mapping[str, Path], note: str | None = None) -> str:
+    """A self-contained page: the plots are embedded as base64 PNG data URIs."""
+    e = html.escape
+    header, body = summary_table(results)
+    pick = recommendation.get("batch_size") if recommendation else None
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>batchfit report: {e(str(results.get('workload')))}</title>", f"<style>{_CSS}</style>",
+             "</head><body>", f"<h1>batchfit report: {e(str(results.get('workload')))}</h1>",
+             "<h2>Summary: the batch-size trade-off, measured</h2>", _html_table(header, body, pick)]
+    head, reasons = _rec_lines(recommendation)
+    parts.append("<h2>Recommendation</h2>")
+    if head:
+        parts += ['<div class="rec">', f"<p><strong>{e(head)}</strong></p>", "<ul>"]
+        parts += [f"<li>{e(r)}</li>" for r in reasons] + ["</ul>", "</div>"]
+    else:
+        parts.append(f"<p>No recommendation yet: {e(note or 'no finished trial')}.</p>")
+    parts += ["<h2>Study</h2>", "<ul>"] + [f"<li>{e(line)}</li>" for line in _study_lines(results)] + ["</ul>"]
+    parts.append("<h2>Plots</h2>")
+    for name, path in plots.items():
+        data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+        parts += [f"<h3>{e(_TITLES[name])}</h3>",
+                  f'<img alt="{e(_TITLES[name])}" src="data:image/png;base64,{data}">']
+    t_header, t_body = _trials_table(results)
+    parts += ["<h2>All trials</h2>", _html_table(t_header, t_body), "</body></html>", ""]
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole report
+
+
+def write_report(
+    results: Mapping[str, Any],
+    out_dir: str | Path,
+    *,
+    recommendation: Mapping[str, Any] | None = None,
+    tolerance: float = 0.01,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Write results.json, the plots, report.md and report.html into ``out_dir``, each as soon as it is ready.
+
+    ``recommendation`` defaults to :func:`batchfit.recommend.recommend` of ``results`` (``None`` with a note when
+    no trial has finished yet). Returns ``{"results": path, "markdown": path, "html": path, "plots": {...},
+    "recommendation": dict | None}``.
+    """
+    out = Path(out_dir)
+    note = None
+    if recommendation is None:
+        try:
+            recommendation = recommend(results, tolerance=tolerance)
+        except BatchfitError as exc:
+            note = str(exc)
+    data = dict(results)
+    data["recommendation"] = recommendation
+    paths: dict[str, Any] = {"results": write_json(out / "results.json", data)}
+    written = make_plots(results, out) if plots else {}
+    paths["plots"] = written
+    paths["markdown"] = _write_text(out / "report.md", render_markdown(results, recommendation, written, note))
+    paths["html"] = _write_text(out / "report.html", render_html(results, recommendation, written, note))
+    paths["recommendation"] = recommendation
+    return paths

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from _study_fixture import make_results
+from batchfit.cli import main
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("batchfit report: error:"), err
+    return lines[0]
+
+
+def test_report_from_results_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps(dict(make_results(), recommendation={"stale": True})))
+    out = tmp_path / "rep"
+    assert main(["report", str(src), "--out", str(out), "--json", str(tmp_path / "r.json")]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["recommendation"]["batch_size"] == 64  # recomputed, not the stale one
+    assert json.loads((tmp_path / "r.json").read_text())["recommendation"]["batch_size"] == 64
+    assert (out / "report.html").exists() and (out / "report.md").exists()
+    err = capsys.readouterr().err
+    assert "Recommendation:" in err and "batch 64" in err
+
+
+def test_report_tolerance_option(tmp_path: Path) -> None:
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps(make_results()))
+    assert main(["report", str(src), "--out", str(tmp_path / "rep"), "--tolerance", "0", "--quiet"]) == 0
+    assert json.loads((tmp_path / "rep" / "results.json").read_text())["recommendation"]["batch_size"] == 16
+
+
+def test_report_from_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "results.json").write_text(json.dumps(make_results()))
+    assert main(["report", str(tmp_path / "study"), "--out", str(tmp_path / "rep"), "--quiet"]) == 0
+    assert (tmp_path / "rep" / "report.html").exists()
+
+
+def _bad_json(tmp_path: Path) -> str:
+    p = tmp_path / "bad.json"
+    p.write_text("{not json")
+    return str(p)
+
+
+def _no_trials(tmp_path: Path) -> str:
+    p = tmp_path / "other.json"
+    p.write_text(json.dumps({"hello": 1}))
+    return str(p)
+
+
+def _not_sqlite(tmp_path: Path) -> str:
+    p = tmp_path / "x.db"
+    p.write_text("plain text")
+    return str(p)
+
+
+def _empty_store(tmp_path: Path) -> str:
+    p = tmp_path / "empty.db"
+    sqlite3.connect(p).close()  # a valid, empty SQLite file: no study in it
+    p.write_bytes(p.read_bytes() or b"")
+    con = sqlite3.connect(p)
+    con.execute("create table t (x)")
+    con.commit()
+    con.close()
+    return str(p)
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (lambda tmp: str(tmp / "missing.db"), "does not exist"),
+        (_bad_json, "not valid JSON"),
+        (_no_trials, "no 'trials' list"),
+        (_not_sqlite, "not a SQLite database"),
+        (lambda tmp: str(tmp), "without results.json or batchfit.db"),
+        (_empty_store, "no study"),
+    ],
+)
+def test_bad_store_is_one_line_and_exit_2(make: object, fragment: str, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    store = make(tmp_path)  # type: ignore[operator]
+    assert main(["report", store, "--out", str(tmp_path / "rep")]) == 2
+    assert fragment in _one_line_error(capsys)
+
+
+def test_out_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps(make_results()))
+    f = tmp_path / "file"
+    f.write_text("")
+    assert main(["report", str(src), "--out", str(f)]) == 2
+    assert "is a file" in _one_line_error(capsys)

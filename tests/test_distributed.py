@@ -1,0 +1,226 @@
+"""Data parallelism on the CPU: 2 processes, the gloo backend, every wait bounded by a timeout (a hang fails)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from batchfit import distributed
+from batchfit.cli import main
+from batchfit.demos import ArrayDataset
+from batchfit.engine import train
+from batchfit.errors import ConfigError
+from batchfit.finder import _Trials, find_batch_size
+from batchfit.workload import Workload
+from conftest import make_tiny_workload
+
+WORLD = 2
+JOIN_TIMEOUT_S = 120  # a rank stuck in a collective shows up as a timeout here, not as a hung test suite
+
+
+def _entry(rank: int, fn_name: str, store: str, out_dir: str, args: tuple) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        result = globals()[fn_name](rank, *args)
+        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+            pickle.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn_name: str, tmp_path: Path, *args: Any) -> list[Any]:
+    """Run ``fn_name(rank, *args)`` on 2 gloo ranks; return each rank's result. Fails (never hangs) on a hang."""
+    ctx = mp.start_processes(_entry, args=(fn_name, str(tmp_path / "store"), str(tmp_path), args), nprocs=WORLD,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the ranks did not finish within {JOIN_TIMEOUT_S} s (a hang)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    return [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(WORLD)]
+
+
+class _Grads:
+    """Capture the gradients the optimizer will use (after DDP's all-reduce), and count DDP's all-reduces."""
+
+    def __init__(self) -> None:
+        self.grads: list[list[torch.Tensor]] = []
+        self.allreduces = 0
+
+    def on_train_start(self, state: Any) -> None:
+        if distributed.is_ddp(state.model):
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            def count(state, bucket):  # noqa: ANN001, ANN202 (DDP rejects string annotations here)
+                self.allreduces += 1
+                return default_hooks.allreduce_hook(None, bucket)
+
+            state.model.register_comm_hook(None, count)
+
+    def on_before_optimizer_step(self, state: Any) -> None:
+        self.grads.append([p.grad.detach().clone() for p in state.model.parameters()])
+
+    def on_train_end(self, state: Any, result: Any) -> None:
+        self.params = [p.detach().clone() for p in state.model.parameters()]
+
+
+def _ddp_train(rank: int) -> dict[str, Any]:
+    wl = make_tiny_workload(n=96, optimizer="sgd")
+    cap = _Grads()
+    # per rank: batch 12 in micro-batches 5 + 5 + 2 (uneven); global batch 24; 3 optimizer steps
+    r = train(wl, batch_size=12, micro_batch_size=5, world_size=WORLD, steps=3, lr=0.1, callbacks=[cap])
+    return {"grads": cap.grads, "params": cap.params, "allreduces": cap.allreduces, "result": r.to_dict()}
+
+
+def test_ddp_gradients_equal_single_process_big_batch(tmp_path: Path) -> None:
+    ranks = _spawn("_ddp_train", tmp_path)
+    cap = _Grads()
+    single = train(make_tiny_workload(n=96, optimizer="sgd"), batch_size=24, steps=3, lr=0.1, callbacks=[cap])
+    for rank in ranks:
+        # the accumulated, all-reduced gradient of each step is the big-batch gradient; so are the weights after
+        for step_ddp, step_single in zip(rank["grads"], cap.grads, strict=True):
+            for g_ddp, g_single in zip(step_ddp, step_single, strict=True):
+                torch.testing.assert_close(g_ddp, g_single, atol=1e-6, rtol=1e-5)
+        for p_ddp, p_single in zip(rank["params"], cap.params, strict=True):
+            torch.testing.assert_close(p_ddp, p_single, atol=1e-6, rtol=1e-5)
+        # one all-reduce per optimizer step (one bucket for this small model): none on the micro-steps before
+        assert rank["allreduces"] == 3
+        res = rank["result"]
+        assert (res["batch_size"], res["micro_batch_size"], res["accumulation_steps"], res["world_size"]) == \
+            (24, 5, 3, 2)
+        assert res["samples"] == single.samples == 72
+        # the LR rule saw the global batch; the losses are the mean over both ranks' samples
+        assert res["history"][-1]["train_loss"] == pytest.approx(single.history[-1]["train_loss"], rel=1e-5)
+        assert res["history"][-1]["val_loss"] == pytest.approx(single.history[-1]["val_loss"], rel=1e-5)
+
+
+def _noise_history(world: int) -> list[float | None]:
+    from batchfit.noise import NoiseCallback
+
+    cb = NoiseCallback(beta=0.0, flush_every=1)  # beta 0: each record is its step's own estimate
+    r = train(make_tiny_workload(n=480, optimizer="sgd"), batch_size=64 // world, micro_batch_size=8,
+              world_size=world, steps=30, lr=0.01, eval_every=10, callbacks=[cb])
+    return [h["b_simple"] for h in r.extras["b_simple_history"]]
+
+
+def _ddp_noise(rank: int) -> list[float | None]:
+    return _noise_history(WORLD)
+
+
+def test_noise_scale_under_ddp_equals_single_process(tmp_path: Path) -> None:
+    # The same 8 micro-batches of 8 per step: 4 on each rank (their local gradients, before the all-reduce) or
+    # all 8 in one process. Every rank must report exactly the single-process B_simple.
+    single = _noise_history(1)
+    assert len(single) >= 3 and all(v is not None and v > 0 for v in single)
+    for ranked in _spawn("_ddp_noise", tmp_path):
+        assert ranked == pytest.approx(single, rel=1e-6)
+
+
+def _seq_workload(long: bool | None = None) -> Workload:
+    """Bag-of-embeddings classifier whose worst-case batch (``sample_batch``) is 32x longer on rank 1: the ranks'
+    data differ, so only rank 1 runs out of memory at a size rank 0 handles."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 50, (64, 16), generator=g), torch.randint(0, 3, (64,), generator=g)
+
+    def model_fn() -> nn.Module:
+        return nn.Sequential(nn.Embedding(50, 32), _Mean(), nn.Linear(32, 3))
+
+    def sample_batch(b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        length = 512 if (distributed.rank() == 1 if long is None else long) else 16
+        return torch.randint(0, 50, (b, length), generator=torch.Generator().manual_seed(b)), y[:b]
+
+    return Workload(name="seq", model_fn=model_fn, optimizer_fn=lambda p, lr: torch.optim.SGD(p, lr=lr),
+                    loss_fn=F.cross_entropy, train_data=ArrayDataset(x, y), val_data=ArrayDataset(x[:16], y[:16]),
+                    sample_batch=sample_batch, base_batch_size=8, base_lr=0.1)
+
+
+class _Mean(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1)
+
+
+def _peak(b: int, long: bool) -> int:
+    trials = _Trials(_seq_workload(long), torch.device("cpu"), "fp32", 0, limit=1 << 40, enforce_bytes=1 << 40)
+    rec = trials.memory_trial(b, "probe")
+    assert rec["ok"]
+    return rec["peak_bytes"]
+
+
+def _ddp_find(rank: int, budget: int) -> dict[str, Any]:
+    return find_batch_size(_seq_workload(), memory_budget=budget, throughput=True, max_batch_size=8).to_dict()
+
+
+def test_finder_one_rank_out_of_memory_makes_every_rank_back_off(tmp_path: Path) -> None:
+    long1, long2, short2 = _peak(1, True), _peak(2, True), _peak(2, False)
+    budget = (long1 + long2) // 2
+    assert short2 < budget  # rank 0 alone would take batch 2 (and more); rank 1 fits batch 1 but not batch 2
+    r0, r1 = _spawn("_ddp_find", tmp_path, budget)
+    first = r0["probes"][0]
+    assert first["batch_size"] == 2 and not first["ok"]
+    assert first["error"].startswith("rank 1:") and "memory budget exceeded" in first["error"]
+    assert r0["max_batch_size"] == r1["max_batch_size"] == 1
+    assert r0["recommended_batch_size"] == r1["recommended_batch_size"] == 1
+    assert [{k: v for k, v in p.items() if k != "seconds"} for p in r0["probes"]] == \
+        [{k: v for k, v in p.items() if k != "seconds"} for p in r1["probes"]]
+    # rank 0 on its own goes further in the same budget: the back-off came from rank 1
+    alone = find_batch_size(_seq_workload(long=False), memory_budget=budget, throughput=False, max_batch_size=8)
+    assert alone.max_batch_size > 1
+
+
+def test_world_size_without_process_group_is_an_error(tiny_workload: Any) -> None:
+    with pytest.raises(ConfigError, match="torchrun --nproc-per-node 2"):
+        train(tiny_workload, batch_size=8, world_size=2, steps=1)
+
+
+def test_sweep_refuses_torchrun(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    rc = main(["sweep", "--workload", "demo:digits-mlp"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "does not run under torchrun" in err[0]
+
+
+def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BATCHFIT_DIST_TIMEOUT": "60"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
+           "-m", "batchfit", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=JOIN_TIMEOUT_S)
+
+
+@pytest.mark.slow
+def test_torchrun_cli_train_matches_single_process(tmp_path: Path) -> None:
+    common = ["train", "-w", "demo:digits-mlp", "-b", "64", "-m", "16", "--epochs", "1"]
+    proc = _torchrun([*common, "--json", "ddp.json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("batchfit train: digits-mlp") == 1  # only rank 0 prints
+    ddp = json.loads((tmp_path / "ddp.json").read_text())
+    assert (ddp["world_size"], ddp["batch_size"], ddp["micro_batch_size"], ddp["accumulation_steps"]) == \
+        (2, 64, 16, 2)
+    assert main([*common, "-q", "--json", str(tmp_path / "one.json")]) == 0
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert one["world_size"] == 1 and one["accumulation_steps"] == 4 and ddp["lr"] == one["lr"]
+    assert ddp["steps"] == one["steps"] and ddp["samples"] == one["samples"]
+    assert ddp["history"][-1]["val_loss"] == pytest.approx(one["history"][-1]["val_loss"], rel=1e-5)
+    bad = _torchrun(["train", "-w", "demo:digits-mlp", "-b", "33", "--steps", "1", "-q"], tmp_path)
+    assert bad.returncode != 0 and "does not split evenly over 2 ranks" in bad.stderr

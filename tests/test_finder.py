@@ -1,0 +1,284 @@
+"""The finder on the CPU with a deterministic memory budget: exact probes, verified sizes, caps, margin, state."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from batchfit import memory
+from batchfit.demos import ArrayDataset
+from batchfit.engine import resolve_device, train
+from batchfit.errors import ConfigError
+from batchfit.finder import FindResult, MemoryModel, _knee, _Trials, find_batch_size, search_max
+from batchfit.workload import Workload, accuracy
+
+BUDGET = 400 * 1024  # bytes; the tiny MLP's largest batch under it is a few hundred
+
+
+class SquareNet(nn.Module):
+    """Memory grows like B**2 (a B x B similarity matrix, as in attention): the linear model must fail here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 16)
+        sim = torch.softmax(x @ x.T, dim=1)  # (B, B)
+        return self.lin(sim @ x)
+
+
+class HeavyEval(nn.Module):
+    """Cheap to train, but evaluation allocates a large per-sample buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            x = x + x.repeat(1, 200)[:, :16] * 0 + torch.zeros(x.shape[0], 4000).sum(dim=1, keepdim=True) * 0
+        return self.lin(x)
+
+
+class TwoBranch(nn.Module):
+    """Two branches meet again (like a residual block): a failed backward leaves the other branch pending."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.a, self.b = nn.Linear(16, 64), nn.Linear(64, 4), nn.Sequential(nn.Tanh(), nn.Linear(64, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        return self.a(h) + self.b(h)
+
+
+def make_workload(n: int = 2000, n_val: int = 200, model: str = "mlp", shared: nn.Module | None = None) -> Workload:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n + n_val, 16, generator=g)
+    y = torch.randint(0, 4, (n + n_val,), generator=g)
+
+    def model_fn() -> nn.Module:
+        if shared is not None:
+            return shared
+        if model == "square":
+            return SquareNet()
+        if model == "heavy-eval":
+            return HeavyEval()
+        if model == "two-branch":
+            return TwoBranch()
+        return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+
+    return Workload(
+        name=f"test-{model}",
+        model_fn=model_fn,
+        optimizer_fn=lambda params, lr: torch.optim.Adam(params, lr=lr),
+        loss_fn=F.cross_entropy,
+        train_data=ArrayDataset(x[:n], y[:n]),
+        val_data=ArrayDataset(x[n:], y[n:]) if n_val else None,
+        metrics={"accuracy": accuracy},
+        base_batch_size=32,
+        base_lr=1e-3,
+    )
+
+
+def fits(workload: Workload, b: int, budget: int = BUDGET) -> bool:
+    trials = _Trials(workload, resolve_device("cpu"), "fp32", 0, budget, budget)
+    return trials.memory_trial(b, "check")["ok"]
+
+
+def phases(result: FindResult) -> list[tuple[str, int, bool]]:
+    return [(p["phase"], p["batch_size"], p["ok"]) for p in result.probes]
+
+
+def test_exact_probe_sequence_and_exact_max() -> None:
+    wl = make_workload()
+    r = find_batch_size(wl, memory_budget=BUDGET, throughput=False)
+    seq = phases(r)
+    memory_trials = [s for s in seq if s[0] != "eval"]
+    # two fixed probes (2, then 16x), a third at half the budget, the size for the margin, one verification
+    assert [s[0] for s in memory_trials] == ["probe", "probe", "probe", "recommend", "verify"]
+    assert [s[1] for s in memory_trials[:2]] == [2, 32]
+    assert all(ok for _, _, ok in memory_trials)
+    assert memory_trials[3][1] == r.recommended_batch_size
+    assert memory_trials[4][1] == r.max_batch_size
+    assert r.real_trials == 5 <= 5
+    # the prediction is exact for a linear memory profile: the next size up does not fit
+    assert fits(wl, r.max_batch_size) and not fits(wl, r.max_batch_size + 1)
+    assert r.limited_by == "memory"
+    assert r.memory_model["per_sample_bytes"] > 0 and r.memory_model["fixed_bytes"] > 0
+    # the third probe landed between half the budget and the budget
+    third = r.probes[2]
+    assert 0.5 * BUDGET <= third["peak_bytes"] <= BUDGET
+    # same inputs, same probes (deterministic budget)
+    assert phases(find_batch_size(wl, memory_budget=BUDGET, throughput=False)) == seq
+
+
+def test_every_reported_size_was_run_and_bisection_only_after_a_failed_prediction() -> None:
+    wl = make_workload(model="square")
+    r = find_batch_size(wl, memory_budget=BUDGET, throughput=False)
+    ran_ok = {(p["phase"] == "eval", p["batch_size"]) for p in r.probes if p["ok"]}
+    assert (False, r.max_batch_size) in ran_ok
+    assert (False, r.recommended_batch_size) in ran_ok
+    assert (True, r.eval_batch_size) in ran_ok
+    seq = phases(r)
+    first_failure = next(i for i, s in enumerate(seq) if not s[2])
+    # the convex B**2 profile makes the line from the small probes overshoot; bisection only after that
+    assert first_failure >= 2 and seq[first_failure][0] in ("probe", "verify")
+    assert all(s[0] != "bisect" for s in seq[:first_failure])
+    assert any(s[0] == "bisect" for s in seq)
+    failed = min(b for phase, b, ok in seq if not ok and phase != "eval")
+    assert r.max_batch_size >= int(0.98 * failed)  # within the search tolerance of the smallest failure
+    assert fits(wl, r.max_batch_size)
+
+
+def test_caps_dataset_and_max_batch_size() -> None:
+    wl = make_workload(n=300)
+    r = find_batch_size(wl, memory_budget="64MiB", throughput=False)
+    assert r.max_batch_size == 300 and r.limited_by == "dataset"
+    assert max(p["batch_size"] for p in r.probes if p["phase"] != "eval") == 300
+    r = find_batch_size(wl, memory_budget="64MiB", max_batch_size=100, throughput=False)
+    assert r.max_batch_size == 100 and r.limited_by == "max_batch_size"
+    assert max(p["batch_size"] for p in r.probes if p["phase"] != "eval") <= 100
+
+
+def test_margin_keeps_headroom_and_zero_margin_gives_the_max() -> None:
+    wl = make_workload()
+    r = find_batch_size(wl, memory_budget=BUDGET, margin=0.2, throughput=False)
+    rec = next(p for p in r.probes if p["batch_size"] == r.recommended_batch_size and p["phase"] != "eval")
+    assert rec["peak_bytes"] <= 0.8 * BUDGET
+    assert r.recommended_batch_size < r.max_batch_size
+    # within the 2 % search tolerance of the largest size that keeps the margin
+    assert not fits(wl, math.floor(r.recommended_batch_size / 0.98) + 1, budget=int(0.8 * BUDGET))
+    r0 = find_batch_size(wl, memory_budget=BUDGET, margin=0.0, throughput=False)
+    assert r0.recommended_batch_size == r0.max_batch_size == r.max_batch_size
+
+
+def test_state_and_rng_are_left_exactly_as_they_were() -> None:
+    shared = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))  # model_fn hands back this object
+    shared.eval()
+    wl = make_workload(shared=shared)
+    before = {k: v.clone() for k, v in shared.state_dict().items()}
+    random.seed(123)
+    np.random.seed(7)
+    torch.manual_seed(99)
+    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    find_batch_size(wl, memory_budget=BUDGET, throughput=True, max_batch_size=64)
+    after = shared.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in shared.parameters())
+    assert not shared.training
+    assert random.getstate() == rng[0]
+    np_after = np.random.get_state()
+    assert np_after[0] == rng[1][0] and np.array_equal(np_after[1], rng[1][1]) and np_after[2:] == rng[1][2:]
+    assert torch.equal(torch.get_rng_state(), rng[2])
+
+
+def test_evaluation_is_sized_separately() -> None:
+    heavy = make_workload(model="heavy-eval")
+    r = find_batch_size(heavy, memory_budget=BUDGET, throughput=False)
+    no_val = find_batch_size(make_workload(model="heavy-eval", n_val=0), memory_budget=BUDGET, throughput=False)
+    assert no_val.eval_batch_size is None
+    assert r.max_batch_size == no_val.max_batch_size  # evaluation OOMs never shrink the training batch
+    assert r.eval_batch_size is not None and r.eval_batch_size < r.max_batch_size
+    assert any(p["phase"] == "eval" and not p["ok"] for p in r.probes)
+    # training at the recommendation inside the same budget, evaluating at the size found, works
+    out = train(heavy, batch_size=r.recommended_batch_size, steps=5, eval_batch_size=r.eval_batch_size,
+                memory_budget=BUDGET)
+    assert out.steps == 5 and not out.diverged
+
+
+def test_fifty_ooms_in_trials_leave_live_memory_at_baseline() -> None:
+    wl = make_workload(model="two-branch")
+    trials = _Trials(wl, resolve_device("cpu"), "fp32", 0, BUDGET, BUDGET)
+    observer = memory.LiveBytesTracker(device_type="cpu")
+    with observer:
+        baseline = observer.live
+        for i in range(50):  # alternately out of memory in backward (the autograd engine holds on) and forward
+            rec = trials.memory_trial(420 if i % 2 == 0 else 1500, "bisect")
+            assert not rec["ok"] and ("backward" in rec["error"]) == (i % 2 == 0)
+            assert observer.live == baseline
+        assert trials.memory_trial(8, "probe")["ok"]
+        assert observer.live == baseline
+
+
+def test_throughput_and_knee() -> None:
+    wl = make_workload(n=300)
+    r = find_batch_size(wl, memory_budget=BUDGET, throughput=True, max_batch_size=48)
+    timed = [p for p in r.probes if p["phase"] == "throughput"]
+    assert [p["batch_size"] for p in timed] == [1, 2, 4, 8, 16, 32, 48]
+    assert all(p["ok"] and p["samples_per_s"] > 0 for p in timed)
+    assert r.throughput_knee_batch_size in {p["batch_size"] for p in timed}
+    assert r.throughput_trials == len(timed)
+    recs = [{"phase": "throughput", "ok": True, "batch_size": b, "samples_per_s": s}
+            for b, s in ((8, 100.0), (16, 190.0), (32, 200.0), (64, 196.0))]
+    assert _knee(recs) == 16  # smallest with >= 95 % of the best (200)
+    assert _knee([]) is None
+
+
+def test_to_dict_fields_and_accumulation() -> None:
+    r = find_batch_size(make_workload(n=300), memory_budget=BUDGET, throughput=False, max_batch_size=16,
+                        micro_batch_size_only=False)
+    d = r.to_dict()
+    for key in ("device", "precision", "memory_budget_bytes", "max_batch_size", "recommended_batch_size",
+                "throughput_knee_batch_size", "memory_model", "probes", "real_trials", "seconds"):
+        assert key in d
+    assert set(d["memory_model"]) >= {"fixed_bytes", "per_sample_bytes"}
+    assert set(d["probes"][0]) >= {"batch_size", "ok", "peak_bytes", "samples_per_s", "phase"}
+    assert d["accumulation_steps"] == 2 and d["effective_batch_size"] == 32  # base batch 32 from micro 16
+
+
+def test_search_max_on_a_synthetic_device() -> None:
+    calls = []
+
+    def run(b: int, phase: str) -> dict:
+        calls.append((phase, b))
+        peak = 1000 + 10 * b
+        return {"ok": peak <= 5000, "parts": {"all": peak}, "static_bytes": 1000}
+
+    best, _ = search_max(run, cap=10_000, limit=5000)
+    assert best == 400
+    assert calls == [("probe", 2), ("probe", 32), ("probe", 150), ("verify", 400)]
+    model = MemoryModel.fit({2: {"a": 1020, "b": 3000}, 32: {"a": 1320, "b": 3000}})
+    assert model is not None and model.peak(100) == 3000 and model.max_under(5000) == 400
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"margin": 1.0}, "margin"),
+        ({"margin": -0.1}, "margin"),
+        ({"max_batch_size": 0}, "max batch size"),
+        ({"memory_budget": "plenty"}, "not understood"),
+        ({"seed": -1}, "seed"),
+        ({"precision": "fp8"}, "precision"),
+        ({"memory_budget": "1KiB"}, "even batch size 1"),
+    ],
+)
+def test_bad_input(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        find_batch_size(make_workload(n=64), throughput=False, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_with_a_budget_and_with_real_memory() -> None:
+    wl = make_workload(n=20_000, n_val=500)
+    before = torch.cuda.memory_allocated()
+    r = find_batch_size(wl, device="cuda", memory_budget="512MiB", throughput=True)
+    assert r.device.startswith("cuda") and r.memory_limit_bytes == 512 * 1024**2
+    ran_ok = {p["batch_size"] for p in r.probes if p["ok"] and p["phase"] in ("probe", "verify", "bisect",
+                                                                                 "recommend")}
+    assert r.max_batch_size in ran_ok and r.recommended_batch_size in ran_ok
+    assert all(p["peak_bytes"] <= 512 * 1024**2 for p in r.probes if p["ok"] and p["peak_bytes"] is not None)
+    assert torch.cuda.memory_allocated() == before  # every trial's tensors are gone
+    x = torch.empty(int(0.6 * torch.cuda.get_device_properties(0).total_memory) // 4, device="cuda")
+    del x  # the budget's memory fraction was reset: more than 512 MiB can be allocated again
+    r2 = find_batch_size(wl, device="cuda", throughput=False, max_batch_size=4096)
+    assert r2.memory_budget_bytes is None and r2.max_batch_size == 4096 and r2.limited_by == "max_batch_size"

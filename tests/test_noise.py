@@ -1,0 +1,306 @@
+"""The noise-scale estimator against closed-form per-example gradients (linear and logistic regression)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from batchfit.demos import ArrayDataset
+from batchfit.engine import train
+from batchfit.errors import ConfigError, NoisyEstimateWarning
+from batchfit.noise import (
+    NoiseCallback,
+    _decode,
+    _make_meter,
+    _step_norms,
+    default_micro_batch_size,
+    noise_scale,
+    unbiased_estimates,
+)
+from batchfit.workload import Workload
+
+N, D = 600, 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids thread contention on a busy 2-core machine (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _data(kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """A fixed dataset and fixed parameters (w, b) a fair way from the optimum, so B_simple is moderate."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    w_true = torch.randn(D, generator=g, dtype=torch.float64)
+    if kind == "linear":
+        y = x @ w_true + 0.5 * torch.randn(N, generator=g, dtype=torch.float64)
+    else:
+        y = (torch.rand(N, generator=g, dtype=torch.float64) < torch.sigmoid(2 * (x @ w_true))).double()
+    return x, y, w_true + 0.3 * torch.randn(D, generator=g, dtype=torch.float64), 0.2
+
+
+def _exact(kind: str) -> tuple[float, float]:
+    """|G|² and tr(Σ) (population covariance) from all N per-example gradients, in closed form."""
+    x, y, w, b = _data(kind)
+    z = x @ w + b
+    r = 2 * (z - y) if kind == "linear" else torch.sigmoid(z) - y  # d loss_i / d z_i
+    per_example = torch.cat([r[:, None] * x, r[:, None]], dim=1)  # (N, D + 1): gradient w.r.t. (w, b)
+    mean = per_example.mean(dim=0)
+    trace = float(((per_example - mean) ** 2).sum(dim=1).mean())
+    return float(mean @ mean), trace
+
+
+def _workload(kind: str, dtype: torch.dtype = torch.float64) -> Workload:
+    x, y, w, b = (t.to(dtype) if isinstance(t, torch.Tensor) else t for t in _data(kind))
+
+    def model_fn() -> nn.Module:
+        m = nn.Linear(D, 1).to(dtype)
+        with torch.no_grad():
+            m.weight.copy_(w[None])
+            m.bias.fill_(b)
+        return m
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        out = out.squeeze(-1)
+        if kind == "linear":
+            return F.mse_loss(out, target)
+        return (F.softplus(out) - target * out).mean()  # binary cross-entropy with logits, written out
+
+    return Workload(name=kind, model_fn=model_fn, optimizer_fn=lambda p, lr: torch.optim.SGD(p, lr=lr),
+                    loss_fn=loss_fn, train_data=ArrayDataset(x, y), base_batch_size=32, base_lr=0.01)
+
+
+@pytest.mark.parametrize(("kind", "method"), [("linear", "hooks"), ("linear", "copy"), ("logistic", "auto")])
+def test_estimate_within_10_percent_of_exact(kind: str, method: str) -> None:
+    g2, trace = _exact(kind)
+    exact = trace / g2
+    assert 2 < exact < 500  # the fixture is in the regime where the test says something
+    r = noise_scale(_workload(kind), batch_size=128, micro_batch_size=16, steps=1500, rel_ci=0.05, method=method)
+    assert r.converged
+    assert r.b_simple == pytest.approx(exact, rel=0.10)
+    assert r.b_simple_ci[0] <= exact * 1.02 and r.b_simple_ci[1] >= exact * 0.98  # the interval covers it
+    assert r.grad_norm_sq == pytest.approx(g2, rel=0.10) and r.trace_cov == pytest.approx(trace, rel=0.10)
+
+
+def _mean_and_se(values: list[float]) -> tuple[float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std() / math.sqrt(len(t)))
+
+
+@pytest.mark.parametrize(("kind", "batch", "micro", "method"),
+                         [("linear", 24, 8, "hooks"), ("logistic", 50, 16, "hooks"), ("logistic", 50, 16, "copy")])
+def test_grad_norm_and_trace_estimates_are_unbiased(kind: str, batch: int, micro: int, method: str) -> None:
+    """Mean over many seeds vs the exact values. Batches are drawn without replacement from the N samples and the
+    estimator corrects for that (without the correction |G|² would be low by tr(Σ)/(N-1), ~9 % for the logistic
+    fixture). The 50/16 split is uneven (16, 16, 16, 2): treating every micro-batch as size 16 would be far off."""
+    want_g2, want_trace = _exact(kind)
+    g2_runs, trace_runs = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoisyEstimateWarning)
+        for seed in range(40):
+            r = noise_scale(_workload(kind), batch_size=batch, micro_batch_size=micro, steps=25, min_steps=25,
+                            seed=seed, method=method)
+            assert r.steps == 25
+            g2_runs.append(r.grad_norm_sq)
+            trace_runs.append(r.trace_cov)
+    for got, want in ((_mean_and_se(g2_runs), want_g2), (_mean_and_se(trace_runs), want_trace)):
+        mean, se = got
+        assert abs(mean - want) < 4 * se, (mean, want, se)
+        assert abs(mean - want) < 0.05 * abs(want)
+
+
+def test_unbiased_estimates_formula() -> None:
+    # k = 2 equal halves, B = 8: |g1|² = 4, |g2|² = 0 with g1 = (2, 0), g2 = (0, 0) -> big = |(1, 0)|² = 1
+    g2, trace = unbiased_estimates(2.0, 1.0, k=2, batch_size=8)
+    assert (g2, trace) == (0.0, 8.0)
+    with pytest.raises(ConfigError, match="at least 2 micro-batches"):
+        unbiased_estimates(1.0, 1.0, k=1, batch_size=8)
+
+
+def test_default_micro_batch_size() -> None:
+    assert default_micro_batch_size(64) == 32
+    assert default_micro_batch_size(65) == 33
+    assert default_micro_batch_size(64, parts=4) == 16
+    assert default_micro_batch_size(3, parts=4) == 1
+    with pytest.raises(ConfigError, match="at least 2 samples"):
+        default_micro_batch_size(1)
+
+
+def test_result_dict_and_reading(tiny_workload: Workload) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoisyEstimateWarning)
+        r = noise_scale(tiny_workload, batch_size=16, micro_batch_size=4, steps=12)
+    d = r.to_dict()
+    for key in ("b_simple", "b_simple_ci", "grad_norm_sq", "trace_cov", "batch_size", "micro_batch_size", "steps",
+                "history", "converged"):
+        assert key in d
+    assert d["batch_size"] == 16 and d["micro_batch_size"] == 4 and len(d["b_simple_ci"]) == 2
+    assert [h["step"] for h in d["history"]] == list(range(1, r.steps + 1))
+    assert "B_simple" in r.reading() and "\n" not in r.reading()
+
+
+def test_noisy_estimate_warns(tiny_workload: Workload) -> None:
+    with pytest.warns(NoisyEstimateWarning, match="wider than"):
+        r = noise_scale(tiny_workload, batch_size=16, micro_batch_size=8, steps=3, rel_ci=0.01)
+    assert not r.converged and r.steps == 3
+
+
+def test_progress_callback_and_train_steps(tiny_workload: Workload) -> None:
+    seen: list[dict] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoisyEstimateWarning)
+        r = noise_scale(tiny_workload, batch_size=16, steps=5, min_steps=5, train_steps=6, lr=0.05,
+                        callbacks=[seen.append])
+    assert [s["step"] for s in seen] == [1, 2, 3, 4, 5] and r.train_steps == 6
+    assert r.micro_batch_size == 4  # default: 4 micro-batches
+
+
+@pytest.mark.parametrize(("kwargs", "msg"), [
+    ({"batch_size": 16, "micro_batch_size": 16}, ">= 2 micro-batches"),
+    ({"batch_size": 1}, "at least 2 samples"),
+    ({"batch_size": 500}, "larger than the training set"),
+    ({"rel_ci": 0.0}, "rel_ci must be"),
+    ({"lr": 0.1}, "give train_steps > 0"),
+    ({"steps": 0}, "steps must be a positive integer"),
+    ({"precision": "fp16"}, "fp16 training needs CUDA"),
+    ({"train_steps": -1}, "train_steps must be"),
+    ({"method": "magic"}, "unknown noise measurement method"),
+])
+def test_bad_arguments(tiny_workload: Workload, kwargs: dict, msg: str) -> None:
+    with pytest.raises(ConfigError, match=msg):
+        noise_scale(tiny_workload, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training mode
+
+
+@pytest.mark.parametrize("method", ["hooks", "copy"])
+def test_callback_agrees_with_exact_at_fixed_parameters(method: str) -> None:
+    """With lr ~ 0 the parameters stay put, so the training-mode estimate must land near the exact value too.
+    Batch 48 = micro-batches 20 + 20 + 8 (uneven), and without drop_last each epoch ends with 24 = 20 + 4."""
+    kind = "linear"
+    g2, trace = _exact(kind)
+    cb = NoiseCallback(beta=0.999, method=method)
+    res = train(_workload(kind), batch_size=48, micro_batch_size=20, lr=1e-12, epochs=25, drop_last=False,
+                callbacks=[cb])
+    assert len(res.history) == 25 and all("b_simple" in rec for rec in res.history)
+    hist = res.extras["b_simple_history"]
+    assert [h["step"] for h in hist] == [rec["step"] for rec in res.history]
+    assert set(hist[0]) == {"step", "epoch", "b_simple", "grad_norm_sq", "trace_cov"}
+    assert res.extras["b_simple"] == hist[-1]["b_simple"] == res.history[-1]["b_simple"]
+    assert cb.valid_steps == res.steps == 25 * 13 and res.extras["b_simple_skipped_steps"] == 0
+    assert res.extras["b_simple"] == pytest.approx(trace / g2, rel=0.10)
+    assert hist[-1]["grad_norm_sq"] == pytest.approx(g2, rel=0.10)
+    assert hist[-1]["trace_cov"] == pytest.approx(trace, rel=0.10)
+
+
+@pytest.mark.parametrize("method", ["hooks", "copy", "auto"])
+def test_callback_short_last_batch_and_cleanup(tiny_workload: Workload, method: str) -> None:
+    cb = NoiseCallback(flush_every=2, method=method)
+    # 96 samples, batch 20, no drop_last: 4 full steps + one of 16 = micro 10 + 6 (uneven)
+    res = train(tiny_workload, batch_size=20, micro_batch_size=10, epochs=1, drop_last=False, callbacks=[cb])
+    assert res.steps == 5 and cb.valid_steps == 5
+    assert res.history[-1]["b_simple"] is not None
+    assert cb._meter.params and all(not p._backward_hooks for p in cb._meter.params)  # no hook left behind
+
+
+@pytest.mark.parametrize("method", ["hooks", "copy"])
+def test_meters_measure_each_micro_batch_contribution(method: str) -> None:
+    """Uneven micro-batches (3, 1) and a parameter that first gets a gradient in the second micro-batch."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 1), nn.Linear(4, 1)
+    model = nn.ModuleDict({"a": a, "b": b})
+    meter = _make_meter(method, model)
+    x = torch.randn(4, 4)
+    micro = [(x[:3], False), (x[3:], True)]
+    contributions = []
+    for xs, use_b in micro:
+        loss = a(xs).pow(2).mean() + (b(xs).pow(2).mean() if use_b else 0.0)
+        before = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+        (loss * (len(xs) / 4)).backward()
+        after = [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
+        contributions.append(sum(float((y - z).pow(2).sum()) for y, z in zip(after, before)))
+        meter.end_micro(len(xs), last=use_b)
+    assert meter.micro_batches == 2
+    norms, boundaries = meter.take()
+    measured = _step_norms(norms, boundaries, [p.grad for p in model.parameters()], k=2, batch_size=4)
+    small, big, k, batch = _decode([measured], scaled=False)[0]
+    assert small == pytest.approx(4 * (contributions[0] / 3 + contributions[1] / 1), rel=1e-6)  # B sum_i n_i/b_i
+    assert big == pytest.approx(sum(float(p.grad.pow(2).sum()) for p in model.parameters()), rel=1e-6)
+    assert (k, batch) == (2, 4)
+    meter.detach()
+
+
+def test_callback_needs_two_micro_batches(tiny_workload: Workload) -> None:
+    with pytest.raises(ConfigError, match=">= 2 micro-batches per step"):
+        train(tiny_workload, batch_size=16, steps=2, callbacks=[NoiseCallback()])
+    with pytest.raises(ConfigError, match="beta"):
+        NoiseCallback(beta=1.0)
+    with pytest.raises(ConfigError, match="unknown noise measurement method"):
+        NoiseCallback(method="magic")
+
+
+def test_callback_skips_non_finite_steps(tiny_workload: Workload) -> None:
+    class Poison:
+        """Step 2's gradient turns infinite (as an fp16 overflow would); Heal zeroes it after the noise callback
+        has looked, so the optimizer step stays harmless and training goes on."""
+
+        def __init__(self, value: float) -> None:
+            self.value = value
+
+        def on_before_optimizer_step(self, state) -> None:  # noqa: ANN001
+            if state.step == 1:
+                for p in state.model.parameters():
+                    p.grad.fill_(self.value)
+
+    cb = NoiseCallback()
+    res = train(tiny_workload, batch_size=16, micro_batch_size=8, steps=5, lr=1e-3,
+                callbacks=[Poison(math.inf), cb, Poison(0.0)])
+    assert not res.diverged and res.steps == 5
+    assert cb.skipped_steps == 1 and cb.valid_steps == 4
+    assert res.extras["b_simple_skipped_steps"] == 1
+    assert res.extras["b_simple"] is not None and math.isfinite(res.extras["b_simple"])
+
+
+def test_decode_divides_micro_norms_by_the_loss_scale() -> None:
+    """fp16: the micro-batch norms carry the loss scale s (a device tensor, or a float from get_scale()); the
+    accumulated gradient is read after unscale_."""
+    norms = [torch.tensor(3.0) * 8, torch.tensor(4.0) * 8]  # one micro-batch of each half, scaled by s = 8
+    grads = [torch.tensor([1.0, 2.0])]
+    for scale in (torch.tensor(8.0), 8.0):
+        st = _step_norms(norms, [(1, 2), (2, 2)], grads, k=2, batch_size=4, scale=scale)
+        small, big, _, _ = _decode([st], scaled=True)[0]
+        assert small == pytest.approx(4 * (9 / 2 + 16 / 2)) and big == pytest.approx(5.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_callback_mixed_precision_on_cuda(precision: str) -> None:
+    kind = "linear"
+    g2, trace = _exact(kind)
+    cb = NoiseCallback(beta=0.999)
+    res = train(_workload(kind, torch.float32), batch_size=48, micro_batch_size=16, lr=1e-12, epochs=25,
+                device="cuda", precision=precision, callbacks=[cb])
+    assert cb.valid_steps >= res.steps - 3  # at most a few fp16 overflow steps skipped
+    assert res.extras["b_simple"] == pytest.approx(trace / g2, rel=0.15)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_probe_on_cuda(precision: str) -> None:
+    g2, trace = _exact("logistic")
+    r = noise_scale(_workload("logistic", torch.float32), batch_size=128, micro_batch_size=16, steps=1500,
+                    rel_ci=0.05, device="cuda", precision=precision)
+    assert r.converged and r.b_simple == pytest.approx(trace / g2, rel=0.10)

@@ -1,0 +1,392 @@
+"""The sweep on tiny workloads: candidates, budgets, persistence on Optuna, resume, kill -9, divergence, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from batchfit.demos import ArrayDataset
+from batchfit.errors import ConfigError
+from batchfit.study import (
+    Budget,
+    _config_key,
+    default_batch_sizes,
+    load_results,
+    lr_multipliers,
+    parse_batch_sizes,
+    parse_budget,
+    parse_target,
+    sweep,
+)
+from batchfit.workload import Workload, accuracy
+
+HERE = Path(__file__).resolve()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids thread contention on a busy 2-core machine (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Workloads (module-level factories, so a subprocess can load them as tests/test_sweep.py:NAME)
+
+
+def classify(n: int = 192, n_val: int = 64, lr: float = 0.2, fail_at_batch: int = 0) -> Workload:
+    """A small MLP classifier on a fixed random, learnable dataset; ``fail_at_batch`` makes that batch's loss raise."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 3, generator=g)
+    x = torch.randn(n + n_val, 8, generator=g)
+    y = (x @ w).argmax(dim=1)
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if fail_at_batch and out.shape[0] == fail_at_batch:
+            raise RuntimeError("synthetic failure for this batch size")
+        return F.cross_entropy(out, target)
+
+    return Workload(
+        name="tiny-classify",
+        model_fn=lambda: nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)),
+        optimizer_fn=lambda params, lr: torch.optim.SGD(params, lr=lr),
+        loss_fn=loss_fn,
+        train_data=ArrayDataset(x[:n], y[:n]),
+        val_data=ArrayDataset(x[n:], y[n:]),
+        metrics={"accuracy": accuracy},
+        base_batch_size=8,
+        base_lr=lr,
+    )
+
+
+def regress(n: int = 512, lr: float = 0.2) -> Workload:
+    """Linear regression (MSE, SGD, no metrics: val_loss ranks); the linear LR rule makes B=256 diverge."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n + 128, 16, generator=g)
+    y = (x @ torch.randn(16, 1, generator=g)) + 0.1 * torch.randn(n + 128, 1, generator=g)
+    return Workload(
+        name="tiny-regress",
+        model_fn=lambda: nn.Linear(16, 1),
+        optimizer_fn=lambda params, lr: torch.optim.SGD(params, lr=lr),
+        loss_fn=F.mse_loss,
+        train_data=ArrayDataset(x[:n], y[:n]),
+        val_data=ArrayDataset(x[n:], y[n:]),
+        base_batch_size=8,
+        base_lr=lr,
+    )
+
+
+def _bs(trial: optuna.trial.FrozenTrial) -> int | None:
+    """A stored trial's batch size (queued trials have no params yet: read the batchfit config)."""
+    cfg = trial.user_attrs.get("batchfit_config")
+    return cfg["batch_size"] if cfg else None
+
+
+def _url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'sweep.db'}"
+
+
+class Events:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict]] = []
+
+    def __call__(self, event: str, info: dict) -> None:
+        self.events.append((event, info))
+
+    def started(self) -> list[int]:
+        return [info["batch_size"] for event, info in self.events if event == "trial_start"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def test_parse_budget_and_steps() -> None:
+    assert parse_budget("epochs:2") == Budget("epochs", 2.0)
+    assert parse_budget("epochs:2").steps_for(16, 100) == 12  # 6 steps per epoch (drop_last)
+    assert parse_budget("epochs:0.5").steps_for(16, 160) == 5
+    assert parse_budget("steps:30").steps_for(1000, 5000) == 30
+    assert parse_budget("samples:1000").steps_for(64, 5000) == 16  # ceil(1000 / 64)
+    assert parse_budget("samples:10").steps_for(64, 5000) == 1
+    for bad in ("weeks:3", "epochs", "epochs:x", "epochs:0", "steps:-5", "steps:1.5", "epochs:inf", ""):
+        with pytest.raises(ConfigError):
+            parse_budget(bad)
+
+
+def test_parse_target_and_batch_sizes() -> None:
+    assert parse_target(0.97) == {"kind": "fraction", "value": 0.97}
+    assert parse_target("abs:0.9") == {"kind": "absolute", "value": 0.9}
+    assert parse_target("=1.5") == {"kind": "absolute", "value": 1.5}
+    for bad in (1.5, 0, -0.1, "high", float("nan"), True):
+        with pytest.raises(ConfigError):
+            parse_target(bad)
+    assert parse_batch_sizes("64,16, 32,16") == [16, 32, 64]
+    assert parse_batch_sizes([8, 4]) == [4, 8]
+    for bad in ("", "16,,32", "16,x", "0,16", "-4", [], [0], [1.5], [True]):
+        with pytest.raises(ConfigError):
+            parse_batch_sizes(bad)
+
+
+def test_default_candidates_and_lr_multipliers() -> None:
+    assert default_batch_sizes(1437, None, 32) == [1, 16, 32, 64, 128, 256, 512, 1024, 1437]
+    assert default_batch_sizes(1437, None, 32, extremes=False) == [16, 32, 64, 128, 256, 512, 1024]
+    # beyond the memory limit by accumulation, up to 64 x the micro-batch; no extremes on big data
+    assert default_batch_sizes(100_000, 64, 32) == [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+    assert default_batch_sizes(5000, 16, 24) == [16, 24, 32, 64, 128, 256, 512, 1024]  # full batch past the limit
+    assert default_batch_sizes(10) == [1, 2, 4, 8, 10]
+    assert lr_multipliers(1) == [1.0]
+    assert lr_multipliers(2) == [0.5, 1.0]
+    assert lr_multipliers(5) == [0.25, 0.5, 1.0, 2.0, 4.0]
+    with pytest.raises(ConfigError):
+        lr_multipliers(0)
+
+
+def test_bad_inputs_raise_before_training(tmp_path: Path) -> None:
+    wl = classify()
+    url = _url(tmp_path)
+    with pytest.raises(ConfigError, match="exceed the training set"):
+        sweep(wl, batch_sizes=[8, 500], storage=url)
+    with pytest.raises(ConfigError, match="not a database URL"):
+        sweep(wl, batch_sizes=[8], storage="not-a-url")
+    with pytest.raises(ConfigError, match="cannot open the store"):
+        sweep(wl, batch_sizes=[8], storage="nosuchdriver://host/db")
+    with pytest.raises(ConfigError, match="adam-sqrt"):
+        sweep(wl, batch_sizes=[8], storage=url, lr_rule="adam-sqrt")
+    with pytest.raises(ConfigError, match="LR rule"):
+        sweep(wl, batch_sizes=[8], storage=url, lr_rule="cubic")
+    with pytest.raises(ConfigError):
+        sweep(wl, batch_sizes=[8], storage=url, lr_search=0)
+    with pytest.raises(ConfigError, match="no batchfit store"):
+        load_results(f"sqlite:///{tmp_path / 'missing.db'}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running, persisting, resuming
+
+
+def test_sweep_results_resume_and_store_roundtrip(tmp_path: Path) -> None:
+    url = _url(tmp_path)
+    wl = classify()
+    ev = Events()
+    kw = dict(budget="epochs:3", storage=url, micro_batch_size=16, seed=0)
+    res = sweep(wl, batch_sizes=[4, 8, 32], progress=ev, **kw)
+    assert ev.started() == [4, 8, 32]
+    assert [t["batch_size"] for t in res["trials"]] == [4, 8, 32]
+    t32 = res["trials"][2]
+    # the memory limit (16) is exceeded by 32: it accumulates 2 micro-batches of 16
+    assert (t32["micro_batch_size"], t32["accumulation_steps"]) == (16, 2)
+    for t in res["trials"]:
+        assert t["status"] == "ok" and t["error"] is None
+        assert t["steps"] == 3 * (192 // t["batch_size"])  # equal-epoch budget, drop_last
+        assert t["epochs"] == pytest.approx(3.0, abs=0.2)
+        assert len(t["history"]) >= 10  # ~16 evaluations per trial: steps-to-target has resolution
+        assert t["best_val_metrics"]["accuracy"] >= t["final_val_metrics"]["accuracy"] - 1e-9
+        assert t["samples_per_s"] > 0 and t["peak_memory_bytes"] > 0
+        assert t["b_simple_history"] and t["b_simple"] is not None  # B_simple over training
+    assert res["primary_metric"] == "accuracy" and res["higher_is_better"] is True
+    best = max(t["best_metric"] for t in res["trials"])
+    assert res["target"]["best"] == pytest.approx(best)
+    assert res["target"]["value"] == pytest.approx(0.97 * best)
+    reached = [t for t in res["trials"] if t["steps_to_target"] is not None]
+    assert reached, "the best trial reaches 97 % of its own best by definition"
+    for t in reached:
+        rec = next(r for r in t["history"] if r["step"] == t["steps_to_target"])
+        assert rec["val_metrics"]["accuracy"] >= res["target"]["value"] - 1e-9
+        assert t["epochs_to_target"] == rec["epoch"] and t["samples_to_target"] == rec["samples"]
+    assert [t["batch_size"] for t in res["best_per_batch"]] == [4, 8, 32]
+    json.dumps(res, allow_nan=False)  # plain JSON
+
+    # every evaluation is in the store: intermediate values and user attributes, one per record
+    study = optuna.load_study(study_name=res["study_name"], storage=url)
+    done = {t.number: t.datetime_complete for t in study.trials}
+    for ft in study.trials:
+        assert len(ft.intermediate_values) == len([k for k in ft.user_attrs if k.startswith("eval_")])
+
+    # the same call again: nothing re-runs, the same results come back
+    ev2 = Events()
+    res2 = sweep(wl, batch_sizes=[4, 8, 32], progress=ev2, **kw)
+    assert ev2.started() == []
+    assert res2["trials"] == res["trials"]
+    # a wider grid in the same study: only the new configuration runs
+    ev3 = Events()
+    res3 = sweep(wl, batch_sizes=[4, 8, 16, 32], progress=ev3, **kw)
+    assert ev3.started() == [16]
+    assert [t["batch_size"] for t in res3["trials"]] == [4, 8, 16, 32]
+    study = optuna.load_study(study_name=res["study_name"], storage=url)
+    assert {t.number: t.datetime_complete for t in study.trials if t.number in done} == done
+
+    # the store alone rebuilds the results (what `batchfit report STORE` uses)
+    loaded = load_results(url)
+    assert loaded["trials"] == res3["trials"] and loaded["target"] == res3["target"]
+    assert loaded["critical_batch_size"] == res3["critical_batch_size"]
+    other = load_results(url, res["study_name"], target="abs:0.5")
+    assert other["target"]["kind"] == "absolute" and other["target"]["value"] == 0.5
+
+    # a different budget under the same explicit study name is refused, not mixed in
+    with pytest.raises(ConfigError, match="different settings"):
+        sweep(wl, batch_sizes=[4], budget="epochs:1", storage=url, study_name=res["study_name"])
+
+
+def test_diverged_trial_recorded_and_sweep_goes_on(tmp_path: Path) -> None:
+    # linear rule: lr 0.2 at B=8 -> 6.4 at B=256 diverges; lr_search 2 runs x1 then x1/2 for every batch
+    res = sweep(regress(), batch_sizes=[8, 256], budget="steps:40", lr_search=2, lr_rule="linear",
+                storage=_url(tmp_path), micro_batch_size=256, measure_noise=False)
+    by = {(t["batch_size"], t["lr_multiplier"]): t for t in res["trials"]}
+    assert len(by) == 4
+    assert by[(256, 1.0)]["status"] == "diverged" and "diverged" in by[(256, 1.0)]["error"]
+    assert by[(256, 1.0)]["diverged_at_step"] is not None
+    assert by[(8, 0.5)]["status"] == "ok" and by[(8, 1.0)]["status"] == "ok"  # ran after the divergence
+    assert res["primary_metric"] == "val_loss" and res["higher_is_better"] is False
+    best = min(t["best_metric"] for t in res["trials"] if t["best_metric"] is not None)
+    assert res["target"]["value"] == pytest.approx(best / 0.97)
+    # the best LR per batch size prefers a finished, non-diverged trial
+    bpb = {t["batch_size"]: t for t in res["best_per_batch"]}
+    assert bpb[8]["status"] == "ok"
+    # a diverged trial is a result: a re-run does not retry it
+    ev = Events()
+    sweep(regress(), batch_sizes=[8, 256], budget="steps:40", lr_search=2, lr_rule="linear",
+          storage=_url(tmp_path), micro_batch_size=256, measure_noise=False, progress=ev)
+    assert ev.started() == []
+
+
+def test_failing_trial_recorded_and_retried_on_request(tmp_path: Path) -> None:
+    url = _url(tmp_path)
+    kw = dict(batch_sizes=[8, 16, 32], budget="epochs:1", storage=url, micro_batch_size=32, measure_noise=False)
+    res = sweep(classify(fail_at_batch=16), **kw)
+    status = {t["batch_size"]: t["status"] for t in res["trials"]}
+    assert status == {8: "ok", 16: "failed", 32: "ok"}
+    err = next(t["error"] for t in res["trials"] if t["batch_size"] == 16)
+    assert "synthetic failure" in err
+    ev = Events()
+    sweep(classify(), progress=ev, **kw)  # a recorded failure is not re-run by default ...
+    assert ev.started() == []
+    ev = Events()
+    res = sweep(classify(), progress=ev, retry_failed=True, **kw)  # ... unless asked
+    assert ev.started() == [16]
+    assert {t["batch_size"]: t["status"] for t in res["trials"]} == {8: "ok", 16: "ok", 32: "ok"}
+
+
+def test_sharpness_in_trials(tmp_path: Path) -> None:
+    res = sweep(classify(), batch_sizes=[8, 64], budget="epochs:1", storage=_url(tmp_path), micro_batch_size=64,
+                measure_noise=False, sharpness=True)
+    for t in res["trials"]:
+        assert isinstance(t["sharpness"], float) and t["sharpness"] > 0
+
+
+def test_extra_attrs_stored_and_returned(tmp_path: Path) -> None:
+    url = _url(tmp_path)
+    res = sweep(classify(), batch_sizes=[8], budget="steps:5", storage=url, micro_batch_size=8,
+                extra_attrs={"find": {"max_batch_size": 123}, "noise": {"b_simple": 4.5}})
+    assert res["find"] == {"max_batch_size": 123} and res["noise"] == {"b_simple": 4.5}
+    assert load_results(url)["find"] == {"max_batch_size": 123}
+    assert res["trials"][0]["b_simple"] is not None  # B=8 split into 2 x 4 for the noise scale
+    assert res["trials"][0]["noise_split"] is True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kill -9 mid-trial, and two workers sharing one study (subprocesses)
+
+_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    torch.set_num_threads(1)
+    from batchfit.study import sweep
+
+    spec, url, kill_batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+    class Killer:
+        def __init__(self):
+            self.batch, self.evals = None, 0
+        def on_train_start(self, state):
+            self.batch, self.evals = state.batch_size, 0
+        def on_evaluate(self, state, record):
+            self.evals += 1
+            if self.batch == kill_batch and self.evals == 3:
+                os.kill(os.getpid(), signal.SIGKILL)  # kill -9, mid-trial
+
+    sweep(spec, batch_sizes=[4, 8, 16], budget="epochs:2", storage=url, micro_batch_size=16,
+          measure_noise=False, callbacks=[Killer()])
+""")
+
+
+def _run_script(tmp_path: Path, url: str, kill_batch: int) -> subprocess.Popen:
+    script = tmp_path / "run_sweep.py"
+    script.write_text(_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(script), f"{HERE}:classify", url, str(kill_batch)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_9_mid_trial_then_rerun(tmp_path: Path) -> None:
+    url = _url(tmp_path)
+    proc = _run_script(tmp_path, url, kill_batch=8)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -9, err
+    study = optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url)
+    states = {_bs(t): t for t in study.trials}
+    assert states[4].state.name == "COMPLETE"
+    assert states[8].state.name == "RUNNING"  # left behind by the dead process
+    partial = [k for k in states[8].user_attrs if k.startswith("eval_")]
+    assert len(partial) == 3  # the evaluations before the kill were stored as they happened
+    done_4 = (states[4].number, states[4].datetime_complete)
+
+    ev = Events()
+    res = sweep(f"{HERE}:classify", batch_sizes=[4, 8, 16], budget="epochs:2", storage=url, micro_batch_size=16,
+                measure_noise=False, progress=ev)
+    assert sorted(ev.started()) == [8, 16]  # B=4 finished: not re-run; B=8 re-run from the start
+    study = optuna.load_study(study_name=res["study_name"], storage=url)
+    trials_8 = [t for t in study.trials if _bs(t) == 8]
+    assert sorted(t.state.name for t in trials_8) == ["COMPLETE", "FAIL"]
+    killed = next(t for t in trials_8 if t.state.name == "FAIL")
+    assert killed.user_attrs["status"] == "interrupted"
+    t4 = [t for t in study.trials if _bs(t) == 4]
+    assert [(t.number, t.datetime_complete) for t in t4] == [done_4]  # nothing finished was lost or redone
+    assert [t["status"] for t in res["trials"]] == ["ok", "ok", "ok"]
+    t8 = next(t for t in res["trials"] if t["batch_size"] == 8)
+    assert t8["history"][0]["step"] <= t8["history"][1]["step"] and t8["history"][0]["epoch"] < 1  # from step 0
+    assert t8["steps"] == 2 * (192 // 8) and len(t8["history"]) > 3
+
+
+def test_two_workers_share_one_study(tmp_path: Path) -> None:
+    url = _url(tmp_path)
+    procs = [_run_script(tmp_path, url, kill_batch=0) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    res = load_results(url)
+    assert [t["status"] for t in res["trials"]] == ["ok", "ok", "ok"]
+    study = optuna.load_study(study_name=res["study_name"], storage=url)
+    complete = [_bs(t) for t in study.trials if t.state.name == "COMPLETE"]
+    assert sorted(complete) == [4, 8, 16]  # each configuration trained exactly once
+
+
+def test_duplicate_queue_entries_step_aside(tmp_path: Path) -> None:
+    """Workers racing to enqueue (PostgreSQL, no file lock) may queue a configuration twice: it still runs once."""
+    url = _url(tmp_path)
+    kw = dict(budget="steps:3", storage=url, micro_batch_size=16, measure_noise=False)
+    res = sweep(classify(), batch_sizes=[8], **kw)
+    study = optuna.load_study(study_name=res["study_name"], storage=url)
+    cfg8 = study.trials[0].user_attrs["batchfit_config"]
+    cfg16 = {"key": _config_key(16, 1.0), "batch_size": 16, "lr_multiplier": 1.0}
+    for cfg in (cfg8, cfg16, cfg16):
+        study.enqueue_trial({"batch_size": cfg["batch_size"], "lr_multiplier": 1.0},
+                            user_attrs={"batchfit_config": cfg})
+    ev = Events()
+    res = sweep(classify(), batch_sizes=[8, 16], progress=ev, **kw)
+    assert ev.started() == [16]
+    study = optuna.load_study(study_name=res["study_name"], storage=url)
+    pruned = [(_bs(t), t.user_attrs["duplicate_of"]) for t in study.trials if t.state.name == "PRUNED"]
+    assert pruned == [(8, 0), (16, 2)]
+    assert [(t["batch_size"], t["status"]) for t in res["trials"]] == [(8, "ok"), (16, "ok")]

@@ -1,0 +1,101 @@
+"""Many ``batchfit sweep`` workers sharing one study on a real PostgreSQL server (started by the test itself)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+optuna = pytest.importorskip("optuna")
+
+# the module that implements batchfit.sweep()
+sweep_mod = importlib.import_module("batchfit.study")
+
+TrialState = optuna.trial.TrialState
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _worker(url: str, study: str, out: Path, *args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "batchfit", "sweep", "-w", "demo:digits-mlp", "--store", url, "--study", study,
+           "--no-noise", "--no-extremes", "-q", "--out", str(out), *args]
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _configs(trials: list) -> Counter:
+    return Counter(t.params["batch_size"] for t in trials if t.state == TrialState.COMPLETE)
+
+
+@pytest.mark.slow
+def test_two_concurrent_workers_share_one_study(postgres_url: str, tmp_path: Path) -> None:
+    sizes = [16, 32, 64, 128, 256]
+    args = ("-b", ",".join(map(str, sizes)), "--budget", "epochs:2", "-m", "256")
+    workers = [_worker(postgres_url, "shared", tmp_path / f"w{i}", *args) for i in range(2)]
+    for w in workers:
+        _, err = w.communicate(timeout=300)
+        assert w.returncode == 0, err[-2000:]
+    trials = optuna.load_study(study_name="shared", storage=postgres_url).get_trials()
+    assert _configs(trials) == Counter(sizes)  # every configuration ran to completion exactly once
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    pids = {t.user_attrs["worker"]["pid"] for t in done}
+    assert pids == {w.pid for w in workers}  # both workers did part of the work ...
+    merged = sweep_mod.load_results(postgres_url, "shared")  # ... and the results merge into one study
+    assert sorted(t["batch_size"] for t in merged["trials"] if t["status"] == "ok") == sizes
+
+
+@pytest.mark.slow
+def test_dead_workers_trial_is_retried_after_its_heartbeat_goes_stale(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ("-b", "8", "--budget", "steps:600", "-m", "8", "--eval-every", "50")
+    victim = _worker(postgres_url, "kill", tmp_path / "victim", *args)
+    storage = sweep_mod.open_storage(postgres_url, heartbeat=False)
+    deadline = time.monotonic() + 120
+    running = None
+    while running is None:  # wait until the victim is mid-trial (claimed, some evaluations stored)
+        assert victim.poll() is None, "the worker finished before it could be killed; lengthen its budget"
+        assert time.monotonic() < deadline, "the worker never started a trial"
+        time.sleep(0.2)
+        with _quiet():
+            names = optuna.get_all_study_names(storage)
+        if "kill" not in names:
+            continue
+        study = optuna.load_study(study_name="kill", storage=storage)
+        for t in study.get_trials(states=(TrialState.RUNNING,)):
+            if t.intermediate_values:
+                running = t
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=30)
+    # pretend the dead worker ran on another machine: only its heartbeat can tell that it is gone
+    storage.set_trial_user_attr(running._trial_id, "worker", {**running.user_attrs["worker"], "host": "elsewhere"})
+    monkeypatch.setattr(sweep_mod, "HEARTBEAT_INTERVAL_S", 1)
+    monkeypatch.setattr(sweep_mod, "HEARTBEAT_GRACE_S", 2)
+    time.sleep(3)  # longer than the grace period since the victim's last beat
+    result = sweep_mod.sweep("demo:digits-mlp", batch_sizes=[8], budget="steps:600", storage=postgres_url,
+                             study_name="kill", micro_batch_size=8, measure_noise=False, extremes=False,
+                             eval_every=50, out_dir=tmp_path / "rescuer")
+    trials = optuna.load_study(study_name="kill", storage=postgres_url).get_trials()
+    killed = next(t for t in trials if t.number == running.number)
+    assert killed.state == TrialState.FAIL  # the stale trial was failed ...
+    assert _configs(trials) == Counter({8: 1})  # ... and its configuration re-run from the start, once
+    (ok,) = [t for t in result["trials"] if t["status"] == "ok"]
+    assert ok["batch_size"] == 8 and ok["steps"] == 600
+
+
+class _quiet:
+    def __enter__(self) -> None:
+        import warnings
+
+        self._cm = warnings.catch_warnings()
+        self._cm.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *exc: object) -> None:
+        self._cm.__exit__(*exc)
