@@ -270,6 +270,10 @@ def test_bad_input(kwargs: dict, match: str) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_with_a_budget_and_with_real_memory() -> None:
     wl = make_workload(n=20_000, n_val=500)
+    a = torch.randn(64, 64, device="cuda", requires_grad=True)
+    (a @ a).sum().backward()  # cuBLAS allocates its workspace (kept for the process) on the first matmul
+    del a
+    torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     r = find_batch_size(wl, device="cuda", memory_budget="512MiB", throughput=True)
     assert r.device.startswith("cuda") and r.memory_limit_bytes == 512 * 1024**2

@@ -33,7 +33,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None``/"auto" -> CUDA when available, else CPU; a CUDA request without CUDA is a clear error."""
     if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -42,6 +42,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise ConfigError("device cuda was asked for but CUDA is not available here; use --device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {device!r} is not supported; use cpu or cuda")
+    if dev.type == "cuda":
+        if dev.index is None:  # some CUDA APIs (memory fraction) need the index spelled out
+            dev = torch.device("cuda", torch.cuda.current_device())
+        elif dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     return dev
 
 
