@@ -133,7 +133,7 @@ def compute_loss(workload: Workload, model: nn.Module, batch: Any) -> tuple[torc
             f"the loss must be a scalar mean over the batch; loss_fn returned {shape}. "
             "Use reduction='mean' (or call .mean())"
         )
-    return loss.reshape(()), outputs, targets
+    return (loss if loss.dim() == 0 else loss.reshape(())), outputs, targets
 
 
 def check_finite_data(dataset: Any, name: str) -> None:
@@ -481,6 +481,10 @@ def train(
     cpu_tracker: memory.LiveBytesTracker | None = None
     measure_step = 1 if total_steps > 1 else 0  # optimizer state exists only after the first step
     _call(callbacks, "on_train_start", state)
+    on_micro, on_before_step, on_step_end = (
+        [getattr(cb, hook) for cb in callbacks if getattr(cb, hook, None) is not None]
+        for hook in ("on_micro_batch_end", "on_before_optimizer_step", "on_step_end")
+    )
 
     train_time = 0.0
     timed_samples = 0
@@ -553,10 +557,12 @@ def train(
             t0 = time.perf_counter()
             with ctx:
                 # -- micro-batches: each loss weighted by its share of the batch's samples --------------------
-                state.batch_samples = len(batch_idx)
-                n_micro = math.ceil(len(batch_idx) / micro_batch_size)
-                for mi, start in enumerate(range(0, len(batch_idx), micro_batch_size)):
-                    micro_idx = batch_idx[start : start + micro_batch_size]
+                nb = len(batch_idx)  # this rank's samples in this step (len() of a tensor is not free)
+                state.batch_samples = nb
+                n_micro = math.ceil(nb / micro_batch_size)
+                for mi, start in enumerate(range(0, nb, micro_batch_size)):
+                    micro_idx = batch_idx if n_micro == 1 else batch_idx[start : start + micro_batch_size]
+                    m = min(micro_batch_size, nb - start)
                     batch = to_device(batcher(micro_idx), dev)
                     # DDP: gradients are all-reduced once per step, in the last micro-batch's backward
                     no_sync = world_size > 1 and mi < n_micro - 1
@@ -564,11 +570,11 @@ def train(
                         with autocast(precision, dev):
                             loss, _, _ = compute_loss(workload, model, batch)
                         # the share of the *global* batch (DDP then averages over ranks, hence x world_size)
-                        weight = len(micro_idx) * world_size / global_count
+                        weight = m * world_size / global_count
                         scaled = loss * weight if weight != 1.0 else loss
                         (scaler.scale(scaled) if scaler is not None else scaled).backward()
                     if is_cuda:  # no sync here: accumulate on the device, check every `check_every` steps
-                        loss_acc += loss.detach().double() * len(micro_idx)
+                        loss_acc += loss.detach().double() * m
                         nonfinite |= ~torch.isfinite(loss.detach())
                     else:  # on the CPU reading the value costs nothing extra
                         value = loss.item()
@@ -579,13 +585,16 @@ def train(
                                     f"{micro_idx[:5].tolist()}...); clean the data first"
                                 )
                             cpu_nonfinite = True
-                        cpu_loss_sum += value * len(micro_idx)
-                    state.micro_index, state.micro_samples, state.micro_loss = mi, len(micro_idx), loss.detach()
-                    _call(callbacks, "on_micro_batch_end", state)
+                        cpu_loss_sum += value * m
+                    if on_micro:
+                        state.micro_index, state.micro_samples, state.micro_loss = mi, m, loss.detach()
+                        for fn in on_micro:
+                            fn(state)
                 # -- unscale, measure, clip, step, zero ---------------------------------------------------------
                 if scaler is not None:
                     scaler.unscale_(optimizer)
-                _call(callbacks, "on_before_optimizer_step", state)
+                for fn in on_before_step:
+                    fn(state)
                 if grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
                 if warmup_steps:
@@ -598,7 +607,7 @@ def train(
                 else:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_count += len(batch_idx)
+            loss_count += nb
             state.step += 1
             state.samples_seen += global_count
             check_now = state.step % check_every == 0 or state.step == total_steps
@@ -623,7 +632,8 @@ def train(
                 result.extras["diverged_reason"] = "non-finite training loss"
                 stop = True
                 break
-            _call(callbacks, "on_step_end", state)
+            for fn in on_step_end:
+                fn(state)
             if eval_every and state.step % eval_every == 0 and state.step % steps_per_epoch != 0:
                 do_eval(state.epoch + (state.step - state.epoch * steps_per_epoch) / steps_per_epoch)
                 last_eval_step = state.step
