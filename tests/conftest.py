@@ -41,6 +41,16 @@ def make_tiny_workload(n: int = 96, n_val: int = 32, features: int = 8, classes:
     )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The test models are tiny: one intra-op thread is faster for them and avoids thread contention on a
+    busy 2-core machine (restored after the session)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_workload() -> Workload:
     return make_tiny_workload()

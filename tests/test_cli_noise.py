@@ -6,17 +6,8 @@ import json
 import math
 
 import pytest
-import torch
 
 from batchfit.cli import main
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_noise_writes_json_and_prints_reading(tmp_path, capsys) -> None:

@@ -6,19 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from batchfit.cli import main
 
 WORKLOAD = f"{Path(__file__).resolve().parent / 'test_sweep.py'}:classify"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_sweep_cli_writes_results_report_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

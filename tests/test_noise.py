@@ -27,14 +27,6 @@ from batchfit.workload import Workload
 N, D = 600, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread contention on a busy 2-core machine (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _data(kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """A fixed dataset and fixed parameters (w, b) a fair way from the optimum, so B_simple is moderate."""

@@ -33,14 +33,6 @@ from batchfit.workload import Workload, accuracy
 HERE = Path(__file__).resolve()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread contention on a busy 2-core machine (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Workloads (module-level factories, so a subprocess can load them as tests/test_sweep.py:NAME)

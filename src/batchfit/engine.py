@@ -136,6 +136,17 @@ def compute_loss(workload: Workload, model: nn.Module, batch: Any) -> tuple[torc
     return (loss if loss.dim() == 0 else loss.reshape(())), outputs, targets
 
 
+def build_model(workload: Workload) -> nn.Module:
+    """A fresh model from the workload's factory; a failing or wrong factory is a one-line workload error."""
+    try:
+        model = workload.model_fn()
+    except Exception as exc:
+        raise WorkloadError(f"model_fn raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise WorkloadError(f"model_fn must return a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
 def check_finite_data(dataset: Any, name: str) -> None:
     """Scan tensor-backed datasets for NaN/Inf up front (cheap for in-memory tensors)."""
     tensors = getattr(dataset, "tensors", None)
@@ -438,12 +449,7 @@ def train(
 
     # -- setup: same seed -> same initialisation, same data order -----------------------------------------------
     seed_everything(seed)
-    try:
-        model = workload.model_fn()
-    except Exception as exc:
-        raise WorkloadError(f"model_fn raised {type(exc).__name__}: {exc}") from exc
-    if not isinstance(model, nn.Module):
-        raise WorkloadError(f"model_fn must return a torch.nn.Module, got {type(model).__name__}")
+    model = build_model(workload)
     model.to(dev).train()
     if world_size > 1:
         model = distributed.wrap_ddp(model, dev)

@@ -38,6 +38,7 @@ from batchfit import distributed, memory
 from batchfit.engine import (
     Batcher,
     autocast,
+    build_model,
     check_positive_int,
     check_precision,
     compute_loss,
@@ -261,12 +262,7 @@ class _Trials:
 
     def build(self) -> tuple[nn.Module, torch.optim.Optimizer, Any, dict[str, Any]]:
         self._seed()
-        try:
-            model = self.workload.model_fn()
-        except Exception as exc:
-            raise WorkloadError(f"model_fn raised {type(exc).__name__}: {exc}") from exc
-        if not isinstance(model, nn.Module):
-            raise WorkloadError(f"model_fn must return a torch.nn.Module, got {type(model).__name__}")
+        model = build_model(self.workload)
         # a model_fn may hand back the same object every time: keep a CPU copy and put it back afterwards
         tensors = list(model.parameters()) + list(model.buffers())
         snap = {

@@ -41,6 +41,7 @@ from torch import nn
 from batchfit.engine import (
     Batcher,
     autocast,
+    build_model,
     check_positive_int,
     check_precision,
     compute_loss,
@@ -689,12 +690,7 @@ def noise_scale(
                                micro_batch_size=micro_batch_size, lr=lr, device=dev, precision=precision, seed=seed)
     else:
         seed_everything(seed)
-        try:
-            model = workload.model_fn()
-        except Exception as exc:
-            raise WorkloadError(f"model_fn raised {type(exc).__name__}: {exc}") from exc
-        if not isinstance(model, nn.Module):
-            raise WorkloadError(f"model_fn must return a torch.nn.Module, got {type(model).__name__}")
+        model = build_model(workload)
     model.to(dev).train()  # train mode: the gradient training would see (dropout on, batch-norm batch statistics)
 
     meter = _make_meter(method, model)

@@ -13,16 +13,15 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
-import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from batchfit._io import atomic_write as _atomic_write
+from batchfit._io import write_json
+from batchfit._io import write_text as _write_text
 from batchfit.errors import BatchfitError
 from batchfit.recommend import quality, recommend
 
@@ -38,54 +37,6 @@ _TITLES = {
 
 # ---------------------------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON: NaN/Inf become null, tuples lists, paths strings, numpy/torch scalars numbers."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item") and callable(obj.item):
-        return _jsonable(obj.item())
-    return obj
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> Path:
-    """Write through ``write(tmp_path)`` then rename, so a reader or a crash never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def write_json(path: str | Path, data: Any) -> Path:
-    def dump(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(_jsonable(data), f, indent=2)
-            f.write("\n")
-
-    return _atomic_write(Path(path), dump)
-
-
-def _write_text(path: Path, text: str) -> Path:
-    def dump(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    return _atomic_write(path, dump)
 
 
 def _bytes(n: Any) -> str:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from batchfit import __version__
+from batchfit._io import to_jsonable as _jsonable
 from batchfit.critical import fit_critical_batch
 from batchfit.engine import check_positive_int, check_precision, resolve_device, resolve_warmup
 from batchfit.errors import BatchfitError, ConfigError
@@ -318,18 +319,6 @@ def open_storage(storage: str | Any, *, heartbeat: bool = True, must_exist: bool
         ) from exc
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item") and callable(obj.item):
-        return _jsonable(obj.item())
-    return obj
 
 
 def _config_key(batch_size: int, lr_multiplier: float) -> str:

@@ -212,7 +212,7 @@ def _save_study_attr(storage: str, study_name: str | None, key: str, value: Any)
         return
     import optuna
 
-    from batchfit.report import _jsonable
+    from batchfit._io import to_jsonable as _jsonable
     from batchfit.study import open_storage
 
     study = optuna.load_study(study_name=study_name, storage=open_storage(storage, heartbeat=False))
