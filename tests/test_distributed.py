@@ -137,6 +137,29 @@ def test_noise_scale_under_ddp_equals_single_process(tmp_path: Path) -> None:
         assert ranked == pytest.approx(single, rel=1e-6)
 
 
+def _probe_history(world: int) -> list[float | None]:
+    from batchfit.noise import noise_scale
+
+    # micro-batch 16 of a batch of 32: in one process two micro-batches; on 2 ranks each rank's shard is one
+    r = noise_scale(make_tiny_workload(n=480), batch_size=32, micro_batch_size=16 if world == 1 else None,
+                    steps=12, min_steps=12, seed=3)
+    assert r.batch_size == 32 and r.micro_batch_size == 16
+    return [h["b_simple"] for h in r.history]
+
+
+def _ddp_probe(rank: int) -> list[float | None]:
+    return _probe_history(WORLD)
+
+
+def test_noise_probe_under_torchrun_uses_the_ranks_as_micro_batches(tmp_path: Path) -> None:
+    # The same batches, split into the same two halves: one process with 2 micro-batches, or 2 ranks each
+    # holding one half (its local gradient before the sum over ranks). Every rank must read the same B_simple.
+    single = _probe_history(1)
+    assert len(single) >= 3 and all(v is not None for v in single)
+    for ranked in _spawn("_ddp_probe", tmp_path):
+        assert ranked == pytest.approx(single, rel=1e-6)
+
+
 def _seq_workload(long: bool | None = None) -> Workload:
     """Bag-of-embeddings classifier whose worst-case batch (``sample_batch``) is 32x longer on rank 1: the ranks'
     data differ, so only rank 1 runs out of memory at a size rank 0 handles."""

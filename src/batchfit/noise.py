@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from batchfit import distributed
 from batchfit.engine import (
     Batcher,
     autocast,
@@ -345,6 +346,18 @@ def _make_meter(method: str, model: nn.Module, world_size: int = 1) -> _HookMete
     meter: _HookMeter | _CopyMeter = _CopyMeter() if method == "copy" else _HookMeter()
     meter.attach(model)
     return meter
+
+
+def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
+    """Sum tensors over the ranks in place, in one collective (flattened)."""
+    import torch.distributed as dist
+
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 def _gradients(params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
@@ -658,10 +671,21 @@ def noise_scale(
     dev = resolve_device(device)
     check_precision(precision, dev)
     batch_size = check_positive_int("batch size", workload.base_batch_size if batch_size is None else batch_size)
+    # torchrun: each rank takes its contiguous shard of every batch; its local gradients, before they are summed
+    # over ranks, are the small batches (together with any micro-batch split inside a rank)
+    world = distributed.world_size() if distributed.is_initialized() else 1
+    if world > 1 and batch_size % world:
+        raise ConfigError(f"batch size {batch_size} does not divide over {world} processes; use a multiple of {world}")
+    local_batch = batch_size // world
     if micro_batch_size is None:
-        micro_batch_size = default_micro_batch_size(batch_size, parts=4)
+        micro_batch_size = local_batch if world > 1 else default_micro_batch_size(batch_size, parts=4)
     check_positive_int("micro-batch size", micro_batch_size)
-    if micro_batch_size >= batch_size:
+    if world > 1 and micro_batch_size > local_batch:
+        raise ConfigError(
+            f"micro-batch {micro_batch_size} is larger than each process's share of the batch ({local_batch}); "
+            f"give a micro-batch size <= {local_batch}"
+        )
+    if world == 1 and micro_batch_size >= batch_size:
         raise ConfigError(
             f"the noise scale needs >= 2 micro-batches per batch, but micro-batch {micro_batch_size} >= batch "
             f"{batch_size}; give a micro-batch size <= {max(1, batch_size // 2)}"
@@ -693,7 +717,7 @@ def noise_scale(
         model = build_model(workload)
     model.to(dev).train()  # train mode: the gradient training would see (dropout on, batch-norm batch statistics)
 
-    meter = _make_meter(method, model)
+    meter = _make_meter(method, model, world)
     batcher = Batcher(workload.train_data, workload.collate_fn)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -715,21 +739,28 @@ def noise_scale(
                 perm, pos = torch.randperm(n, generator=gen), 0
             idx = perm[pos : pos + batch_size]
             pos += batch_size
+            if world > 1:
+                idx = distributed.shard(idx)
             for p in meter.params:
                 p.grad = None
             # -- micro-batches, each loss weighted by its share of the samples (as the engine does) -------------
-            for start in range(0, batch_size, micro_batch_size):
+            for start in range(0, local_batch, micro_batch_size):
                 micro_idx = idx[start : start + micro_batch_size]
                 batch = to_device(batcher(micro_idx), dev)
                 with autocast(precision, dev):
                     loss, _, _ = compute_loss(workload, model, batch)
-                (loss * (len(micro_idx) / batch_size * scale)).backward()
-                meter.end_micro(len(micro_idx), last=start + micro_batch_size >= batch_size)
+                (loss * (len(micro_idx) / batch_size * scale)).backward()  # the share of the *global* batch
+                meter.end_micro(len(micro_idx), last=start + micro_batch_size >= local_batch)
             norms, micro = meter.take()
-            measured = _step_norms(norms, micro, _gradients(meter.params), k=len(micro), batch_size=batch_size)
+            grads = _gradients(meter.params)
+            if world > 1:  # the batch gradient is the sum of the ranks' shares
+                _all_reduce_sum(grads)
+            measured = _step_norms(norms, micro, grads, k=len(micro) * world, batch_size=batch_size)
             if measured is None:
                 raise WorkloadError("the loss does not depend on any trainable parameter; there is no gradient")
             small_f, big_f, k, _ = _decode([measured], scaled=False)[0]
+            if world > 1:  # each rank measured only its own micro-batches
+                small_f = distributed.all_sum(small_f)[0]
             small_f, big_f = small_f / scale**2, big_f / scale**2  # fp16: both carry the fixed loss scale
             if not (math.isfinite(small_f) and math.isfinite(big_f)):
                 skipped += 1
