@@ -15,7 +15,7 @@ from batchfit import memory
 from batchfit.demos import ArrayDataset
 from batchfit.engine import resolve_device, train
 from batchfit.errors import ConfigError
-from batchfit.finder import FindResult, MemoryModel, _knee, _Trials, find_batch_size, search_max
+from batchfit.finder import CUDA_AIM, FindResult, MemoryModel, _knee, _Trials, find_batch_size, search_max
 from batchfit.workload import Workload, accuracy
 
 BUDGET = 400 * 1024  # bytes; the tiny MLP's largest batch under it is a few hundred
@@ -199,13 +199,17 @@ def test_fifty_ooms_in_trials_leave_live_memory_at_baseline() -> None:
     trials = _Trials(wl, resolve_device("cpu"), "fp32", 0, BUDGET, BUDGET)
     observer = memory.LiveBytesTracker(device_type="cpu")
     with observer:
-        baseline = observer.live
+        assert trials.memory_trial(8, "probe")["ok"]
+        baseline = observer.live  # the model, built once and kept for every trial, and its initial weights
+        assert baseline == 2 * sum(p.numel() * 4 for p in trials._model.parameters())
         for i in range(50):  # alternately out of memory in backward (the autograd engine holds on) and forward
             rec = trials.memory_trial(420 if i % 2 == 0 else 1500, "bisect")
             assert not rec["ok"] and ("backward" in rec["error"]) == (i % 2 == 0)
             assert observer.live == baseline
         assert trials.memory_trial(8, "probe")["ok"]
         assert observer.live == baseline
+        trials.close()
+        assert observer.live == 0
 
 
 def test_throughput_and_knee() -> None:
@@ -247,6 +251,62 @@ def test_search_max_on_a_synthetic_device() -> None:
     assert calls == [("probe", 2), ("probe", 32), ("probe", 150), ("verify", 400)]
     model = MemoryModel.fit({2: {"a": 1020, "b": 3000}, 32: {"a": 1320, "b": 3000}})
     assert model is not None and model.peak(100) == 3000 and model.max_under(5000) == 400
+
+
+# Allocated-bytes peaks an H100 measured for ResNet-50 (fp32, SGD, 224x224) in the finder's trials; the true
+# largest batch there was 960 (bisection), and the line through 492 and 912 predicted 970 against the free memory.
+H100_PEAKS = {2: 526_374_912, 32: 3_078_945_280, 492: 42_955_220_480, 912: 79_369_409_536, 950: 82_673_865_728}
+H100_LIMIT = 84_440_000_000
+H100_MAX = 960
+
+
+def h100_run(calls: list) -> object:
+    sizes = sorted(H100_PEAKS)
+
+    def peak(b: int) -> float:  # piecewise linear through the measurements, extrapolated by the last segment
+        i = max(1, min(len(sizes) - 1, next((k for k, s in enumerate(sizes) if s >= b), len(sizes) - 1)))
+        (b0, b1) = sizes[i - 1], sizes[i]
+        return H100_PEAKS[b0] + (H100_PEAKS[b1] - H100_PEAKS[b0]) * (b - b0) / (b1 - b0)
+
+    def run(b: int, phase: str) -> dict:
+        calls.append((phase, b))
+        return {"ok": b <= H100_MAX, "parts": {"all": int(peak(b))}, "static_bytes": 0}
+
+    return run
+
+
+def test_cuda_aim_finds_the_h100_max_in_five_trials_where_the_exact_aim_needs_six() -> None:
+    calls: list = []
+    best, _ = search_max(h100_run(calls), cap=50_000, limit=H100_LIMIT, stepping_stone=0.95 * H100_LIMIT,
+                         aim=CUDA_AIM)
+    assert [c[0] for c in calls] == ["probe", "probe", "probe", "recommend", "verify"]
+    assert calls[2][1] == 492  # the real run's third probe
+    assert 0.97 * H100_MAX <= best <= H100_MAX and best == calls[-1][1]
+    calls_exact: list = []
+    best_exact, _ = search_max(h100_run(calls_exact), cap=50_000, limit=H100_LIMIT,
+                               stepping_stone=0.95 * H100_LIMIT)
+    assert len(calls_exact) == 6 and ("verify", 970) in calls_exact  # what the H100 run did: OOM, then back off
+    assert 0.97 * H100_MAX <= best_exact <= H100_MAX
+
+
+def test_model_is_built_once_and_reported_sizes_ran_three_steps() -> None:
+    wl = make_workload()
+    built = []
+    factory = wl.model_fn
+    wl.model_fn = lambda: built.append(1) or factory()
+    r = find_batch_size(wl, memory_budget=BUDGET, throughput=True, max_batch_size=300)
+    assert len(built) == 1
+    steps = {}
+    for p in r.probes:
+        if p["phase"] in ("probe", "verify", "bisect", "recommend") and p["ok"]:
+            steps[p["batch_size"]] = max(steps.get(p["batch_size"], 0), p["steps"])
+    assert steps[r.max_batch_size] >= 3 and steps[r.recommended_batch_size] >= 3
+    assert all(p["steps"] == 2 for p in r.probes if p["phase"] == "probe" and p["batch_size"] < 300)
+    # capped at a probe: that probe runs a verification's 3 steps and is the answer, no extra trial
+    capped = find_batch_size(wl, memory_budget=BUDGET, throughput=False, max_batch_size=16, margin=0.0)
+    train_trials = [p for p in capped.probes if p["phase"] != "eval"]
+    assert [(p["batch_size"], p["steps"]) for p in train_trials] == [(2, 2), (16, 3)]
+    assert capped.max_batch_size == capped.recommended_batch_size == 16
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 Method (see docs/finder.md):
 
-1. Probe: run real optimizer steps (3 each; peaks measured from the 2nd step, when the optimizer state exists) at a
+1. Probe: run real optimizer steps (2 each; the peak is measured in the 2nd step, when the optimizer state exists) at a
    tiny batch, at 16 times that, and at the size the line through those two puts at half the memory limit (the
    peak is convex in B, so that line errs low and the probe lands below the limit). Peaks are measured separately
    for the forward/backward part and the optimizer part of a step, because at small batches the optimizer's
@@ -16,8 +16,10 @@ Method (see docs/finder.md):
    own search, at the recommended training batch); throughput is timed at powers of two up to the max, and the
    knee is the smallest batch within 5 % of the best samples/s.
 
-Nothing the caller can see changes: each trial builds its model from ``model_fn`` (a model object it hands back
-twice is restored bit for bit), and the Python, NumPy and torch (CPU and CUDA) random states are restored.
+Every size that is reported ran at least 3 optimizer steps. The model is built from ``model_fn`` once and every
+trial starts from its initial weights with a fresh optimizer. Nothing the caller can see changes: a model object
+``model_fn`` hands back is returned to its device with its weights bit for bit, and the Python, NumPy and torch
+(CPU and CUDA) random states are restored.
 """
 
 from __future__ import annotations
@@ -50,13 +52,18 @@ from batchfit.workload import Workload, load_workload
 
 PHASES = ("probe", "verify", "bisect", "recommend", "throughput", "eval")
 MEMORY_PHASES = ("probe", "verify", "bisect", "recommend")
-STEPS_PER_TRIAL = 3  # peaks are read from steps 2 and 3: the optimizer state exists only after the first step
+STEPS_PER_TRIAL = 3  # optimizer steps per verifying trial; peaks are read from step 2 on (optimizer state exists)
+PROBE_STEPS = 2  # a probe only measures: its peak is read from its second step
 GROWTH = 16  # the second probe is this many times the first
 THIRD_PROBE_SHARE = 0.5  # the third probe aims at this share of the limit (close enough to extrapolate well)
 TOLERANCE = 0.02  # after a failed prediction, back off to 98 % of the failing size before bisecting
 KNEE_SHARE = 0.95  # the knee: the smallest batch with >= 95 % of the best measured samples/s
 MIN_TIMED_SECONDS = 0.3  # throughput: time at least this long (and at least 3 steps) per batch size
 MAX_SEARCH_TRIALS = 40
+# CUDA: the caching allocator cannot hand out the last bytes of the device (2 MiB segment rounding, fragmentation,
+# cuDNN workspaces), so a prediction from allocated-bytes peaks is verified this much lower. On an H100 (ResNet-50,
+# fp32) the line through two fitting sizes predicted 967-970 where 960 was the true largest batch: 0.8 % high.
+CUDA_AIM = 0.99
 
 
 @dataclass
@@ -142,13 +149,15 @@ def search_max(
     limit: float,
     first: int = 2,
     stepping_stone: float | None = None,
+    aim: float = 1.0,
 ) -> tuple[int, dict[int, dict[str, int]]]:
     """Largest batch in ``[1, cap]`` for which ``run(b, phase)`` reports ``ok``: probe, predict, verify, bisect.
 
     ``run`` returns a record with ``ok``, ``parts`` ({part: peak bytes}) and ``static_bytes`` (what is live before
     the batch: parameters, gradients, optimizer state). With ``stepping_stone`` (the margin's peak), the size
     predicted for it runs first (phase ``recommend``): it is the recommendation, and the line through it predicts
-    the maximum from close by. Returns the largest size that ran and the fitted points.
+    the maximum from close by. With ``aim`` < 1 an unbracketed prediction is verified that much lower (CUDA: the
+    allocator cannot hand out the last ~1 % of the device). Returns the largest size that ran and the fitted points.
     Raises :class:`ConfigError` when even batch 1 does not fit.
     """
     points: dict[int, dict[str, int]] = {}
@@ -221,7 +230,9 @@ def search_max(
             # stop when the model says nothing larger fits, or when a verified prediction's refit agrees
             if pred <= lo or (verified_from_fit and pred <= math.floor(lo * (1 + TOLERANCE))):
                 break
-            cand, phase = pred, "verify"
+            cand, phase = math.floor(pred * aim), "verify"
+            if cand <= lo:
+                cand = pred
         rec = attempt(cand, phase)
         verified_from_fit = phase == "verify" and rec["ok"]  # lo is now a verified prediction
     return lo, points
@@ -243,8 +254,9 @@ class _Trials:
     """Runs real training steps at a batch size, each trial on a freshly built model, and restores what it touched."""
 
     def __init__(self, workload: Workload, device: torch.device, precision: str, seed: int,
-                 limit: int, enforce_bytes: int | None) -> None:
+                 limit: int, enforce_bytes: int | None, cap: int | None = None) -> None:
         self.workload = workload
+        self.cap = cap if cap is not None else workload.num_train
         self.device = device
         self.precision = precision
         self.seed = seed
@@ -253,6 +265,8 @@ class _Trials:
         self.train_batcher = Batcher(workload.train_data, workload.collate_fn)
         self.val_batcher = (Batcher(workload.val_data, workload.collate_fn)
                             if workload.val_data is not None else None)
+        self._model: nn.Module | None = None
+        self._snap: dict[str, Any] = {}
 
     # -- building and restoring --------------------------------------------------------------------------------
     def _seed(self) -> None:
@@ -261,32 +275,55 @@ class _Trials:
             torch.cuda.manual_seed(self.seed)
 
     def build(self) -> tuple[nn.Module, torch.optim.Optimizer, Any, dict[str, Any]]:
+        """The model in its initial state, a fresh optimizer (and fp16 scaler) for one trial.
+
+        The model is built once per finder and reused: a trial starts from the initial weights (copied back in
+        place), which costs a host-to-device copy instead of a model construction per trial.
+        """
+        if self._model is None:
+            self._seed()
+            model = build_model(self.workload)
+            # a model_fn may hand back the same object every time: keep a CPU copy and put it back at close()
+            tensors = list(model.parameters()) + list(model.buffers())
+            self._snap = {
+                "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict(keep_vars=True).items()},
+                "device": tensors[0].device if tensors else torch.device("cpu"),
+                "training": model.training,
+            }
+            model.to(self.device)
+            self._model = model
+        model = self._model
+        model.train()
         self._seed()
-        model = build_model(self.workload)
-        # a model_fn may hand back the same object every time: keep a CPU copy and put it back afterwards
-        tensors = list(model.parameters()) + list(model.buffers())
-        snap = {
-            "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict(keep_vars=True).items()},
-            "device": tensors[0].device if tensors else torch.device("cpu"),
-            "training": model.training,
-        }
-        model.to(self.device).train()
         try:
             optimizer = self.workload.optimizer_fn(model.parameters(), self.workload.base_lr)
         except Exception as exc:
             raise WorkloadError(f"optimizer_fn raised {type(exc).__name__}: {exc}") from exc
-        snap["optimizer"] = copy.deepcopy(optimizer.state_dict())
+        opt_snap = copy.deepcopy(optimizer.state_dict())  # an optimizer_fn may hand back one object too
         scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        return model, optimizer, scaler, snap
+        return model, optimizer, scaler, opt_snap
 
-    @staticmethod
-    def restore(model: nn.Module, optimizer: torch.optim.Optimizer, snap: dict[str, Any]) -> None:
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, opt_snap: dict[str, Any]) -> None:
+        """Back to the initial weights (in place, on the device) and the optimizer's initial state."""
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            model.load_state_dict(self._snap["state"])
+        optimizer.load_state_dict(opt_snap)
+
+    def close(self) -> None:
+        """Hand the model back as it came: its device, weights and training flag."""
+        if self._model is None:
+            return
+        model, snap = self._model, self._snap
+        self._model, self._snap = None, {}
         model.zero_grad(set_to_none=True)
         with torch.no_grad():
             model.to(snap["device"])
             model.load_state_dict(snap["state"])
         model.train(snap["training"])
-        optimizer.load_state_dict(snap["optimizer"])
+        del model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # -- steps -------------------------------------------------------------------------------------------------
     def make_batch(self, b: int) -> Any:
@@ -328,13 +365,16 @@ class _Trials:
         rec: dict[str, Any] = {"batch_size": b, "phase": phase, "ok": False, "peak_bytes": None,
                                "samples_per_s": None, "parts": {}, "static_bytes": None}
         t0 = time.perf_counter()
+        # a probe at the cap may be the answer: it runs as many steps as a verification
+        steps = PROBE_STEPS if phase == "probe" and b < self.cap else STEPS_PER_TRIAL
+        rec["steps"] = steps
         model, optimizer, scaler, snap = self.build()
         error: str | None = None
         try:
             try:
                 track = [list(model.parameters()), list(model.buffers()), optimizer.state]
                 with memory.PeakMeter(self.device, self.enforce_bytes, track=track) as meter:
-                    out = self.train_steps(model, optimizer, scaler, b, STEPS_PER_TRIAL, meter)
+                    out = self.train_steps(model, optimizer, scaler, b, steps, meter)
                     del out["last_batch"]
                 rec.update(ok=True, parts=out["parts"], static_bytes=out["static_bytes"],
                            peak_bytes=max(out["parts"].values()))
@@ -349,7 +389,7 @@ class _Trials:
                 memory.release_memory(model, optimizer)
         finally:
             self.restore(model, optimizer, snap)
-            del model, optimizer, snap  # reference counting frees the trial; an OOM also ran release_memory
+            del model, optimizer, snap  # reference counting frees the trial's optimizer state and activations
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         rec["seconds"] = round(time.perf_counter() - t0, 4)
@@ -401,8 +441,11 @@ class _Trials:
         finally:
             self.restore(model, optimizer, snap)
             del model, optimizer, snap
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
 
-    def eval_search(self, b_train: int, limit: float, on_record: Callable[[dict[str, Any]], None]) -> int | None:
+    def eval_search(self, b_train: int, limit: float, on_record: Callable[[dict[str, Any]], None],
+                    aim: float = 1.0) -> int | None:
         """Size evaluation on its own: the training state of batch ``b_train`` stays live, as in training."""
         if self.val_batcher is None:
             return None
@@ -437,7 +480,7 @@ class _Trials:
                     on_record(rec)
                     return rec
 
-                best, _ = search_max(run, cap=cap, limit=limit)
+                best, _ = search_max(run, cap=cap, limit=limit, aim=aim)
                 del state
         finally:
             self.restore(model, optimizer, snap)
@@ -489,7 +532,7 @@ def _check_margin(margin: Any) -> float:
 
 def _public(rec: dict[str, Any]) -> dict[str, Any]:
     out = {k: rec.get(k) for k in ("batch_size", "ok", "peak_bytes", "samples_per_s", "phase")}
-    for k in ("parts", "error", "seconds", "timed_steps", "train_batch_size"):
+    for k in ("parts", "error", "seconds", "steps", "timed_steps", "train_batch_size"):
         if rec.get(k) not in (None, {}):
             out[k] = rec[k]
     if "parts" in out:
@@ -567,8 +610,8 @@ def find_batch_size(
             progress(_public(rec))
 
     rng = _rng_states(dev)
+    trials = _Trials(wl, dev, precision, seed, limit, enforce, cap)
     try:
-        trials = _Trials(wl, dev, precision, seed, limit, enforce)
 
         def run(b: int, phase: str) -> dict[str, Any]:
             rec = distributed.agree_record(trials.memory_trial(b, phase))  # torchrun: one OOM -> all back off
@@ -576,11 +619,28 @@ def find_batch_size(
             return rec
 
         target = (1.0 - margin) * limit
-        max_bs, points = search_max(run, cap=cap, limit=limit, stepping_stone=target if margin > 0 else None)
+        aim = CUDA_AIM if dev.type == "cuda" else 1.0
+        max_bs, points = search_max(run, cap=cap, limit=limit, stepping_stone=target if margin > 0 else None,
+                                    aim=aim)
         model = MemoryModel.fit(points)
 
+        def verified() -> dict[int, dict[str, Any]]:  # sizes that ran a verification's steps and fit
+            return {r["batch_size"]: r for r in records
+                    if r["phase"] in MEMORY_PHASES and r["ok"] and r.get("steps", 0) >= STEPS_PER_TRIAL}
+
+        # -- the maximum must have run a verification's steps (it can be a probe, rarely: run it again) -----------
+        while max_bs not in verified():
+            if run(max_bs, "verify")["ok"]:
+                break
+            ok_below = [r["batch_size"] for r in records if r["phase"] in MEMORY_PHASES and r["ok"]
+                        and r["batch_size"] < max_bs]
+            if not ok_below:
+                raise ConfigError(f"batch size {max_bs} fit in a probe but not in {STEPS_PER_TRIAL} steps; "
+                                  "memory grows from step to step: check the workload for a leak")
+            max_bs = max(ok_below)
+
         # -- the recommendation: the margin under the limit, itself run (usually already, as the stepping stone) --
-        ok_sizes = {r["batch_size"]: r for r in records if r["phase"] in MEMORY_PHASES and r["ok"]}
+        ok_sizes = {b: r for b, r in verified().items() if b <= max_bs}
         recommended = None
         want = max_bs if model is None else min(max_bs, model.max_under(target))
         for _ in range(4):
@@ -608,7 +668,7 @@ def find_batch_size(
 
         # -- evaluation, sized on its own at the recommended training batch ----------------------------------------
         try:
-            eval_bs = trials.eval_search(recommended, target, note)
+            eval_bs = trials.eval_search(recommended, target, note, aim=aim)
         except ConfigError:  # not even one evaluation sample fits beside the training state
             eval_bs = None
 
@@ -617,6 +677,7 @@ def find_batch_size(
             sizes = sorted({2**k for k in range(max_bs.bit_length()) if 2**k <= max_bs} | {max_bs, recommended})
             trials.throughput(sizes, note)
     finally:
+        trials.close()
         _restore_rng(rng)
 
     memory_model: dict[str, Any] = {"fixed_bytes": None, "per_sample_bytes": None, "parts": {}}
