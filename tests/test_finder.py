@@ -112,9 +112,9 @@ def test_exact_probe_sequence_and_exact_max() -> None:
     assert fits(wl, r.max_batch_size) and not fits(wl, r.max_batch_size + 1)
     assert r.limited_by == "memory"
     assert r.memory_model["per_sample_bytes"] > 0 and r.memory_model["fixed_bytes"] > 0
-    # the third probe landed between half the budget and the budget
+    # the third probe landed between 70 % of the budget (the line from the first two errs low) and the budget
     third = r.probes[2]
-    assert 0.5 * BUDGET <= third["peak_bytes"] <= BUDGET
+    assert 0.7 * BUDGET <= third["peak_bytes"] <= BUDGET
     # same inputs, same probes (deterministic budget)
     assert phases(find_batch_size(wl, memory_budget=BUDGET, throughput=False)) == seq
 
@@ -132,9 +132,8 @@ def test_every_reported_size_was_run_and_bisection_only_after_a_failed_predictio
     assert first_failure >= 2 and seq[first_failure][0] in ("probe", "verify")
     assert all(s[0] != "bisect" for s in seq[:first_failure])
     assert any(s[0] == "bisect" for s in seq)
-    failed = min(b for phase, b, ok in seq if not ok and phase != "eval")
-    assert r.max_batch_size >= int(0.98 * failed)  # within the search tolerance of the smallest failure
-    assert fits(wl, r.max_batch_size)
+    # within the 2 % search tolerance of the true max (here it is exact: the budget is deterministic)
+    assert fits(wl, r.max_batch_size) and not fits(wl, math.floor(r.max_batch_size / 0.98) + 1)
 
 
 def test_caps_dataset_and_max_batch_size() -> None:
@@ -248,7 +247,7 @@ def test_search_max_on_a_synthetic_device() -> None:
 
     best, _ = search_max(run, cap=10_000, limit=5000)
     assert best == 400
-    assert calls == [("probe", 2), ("probe", 32), ("probe", 150), ("verify", 400)]
+    assert calls == [("probe", 2), ("probe", 32), ("probe", 250), ("verify", 400)]
     model = MemoryModel.fit({2: {"a": 1020, "b": 3000}, 32: {"a": 1320, "b": 3000}})
     assert model is not None and model.peak(100) == 3000 and model.max_under(5000) == 400
 
@@ -280,7 +279,6 @@ def test_cuda_aim_finds_the_h100_max_in_five_trials_where_the_exact_aim_needs_si
     best, _ = search_max(h100_run(calls), cap=50_000, limit=H100_LIMIT, stepping_stone=0.95 * H100_LIMIT,
                          aim=CUDA_AIM)
     assert [c[0] for c in calls] == ["probe", "probe", "probe", "recommend", "verify"]
-    assert calls[2][1] == 492  # the real run's third probe
     assert 0.97 * H100_MAX <= best <= H100_MAX and best == calls[-1][1]
     calls_exact: list = []
     best_exact, _ = search_max(h100_run(calls_exact), cap=50_000, limit=H100_LIMIT,
@@ -289,19 +287,21 @@ def test_cuda_aim_finds_the_h100_max_in_five_trials_where_the_exact_aim_needs_si
     assert 0.97 * H100_MAX <= best_exact <= H100_MAX
 
 
-def test_model_is_built_once_and_reported_sizes_ran_three_steps() -> None:
+def test_model_is_built_once_and_the_max_ran_three_steps() -> None:
     wl = make_workload()
     built = []
     factory = wl.model_fn
     wl.model_fn = lambda: built.append(1) or factory()
-    r = find_batch_size(wl, memory_budget=BUDGET, throughput=True, max_batch_size=300)
-    assert len(built) == 1
+    r = find_batch_size(wl, memory_budget=BUDGET, throughput=True)
+    assert len(built) == 1 and r.limited_by == "memory"
     steps = {}
     for p in r.probes:
         if p["phase"] in ("probe", "verify", "bisect", "recommend") and p["ok"]:
             steps[p["batch_size"]] = max(steps.get(p["batch_size"], 0), p["steps"])
-    assert steps[r.max_batch_size] >= 3 and steps[r.recommended_batch_size] >= 3
-    assert all(p["steps"] == 2 for p in r.probes if p["phase"] == "probe" and p["batch_size"] < 300)
+    assert steps[r.max_batch_size] >= 3 and steps[r.recommended_batch_size] >= 2
+    assert r.recommended_batch_size < r.max_batch_size
+    assert all(p["steps"] == 2 for p in r.probes if p["phase"] in ("probe", "recommend"))
+    assert all(p["steps"] == 3 for p in r.probes if p["phase"] in ("verify", "bisect"))
     # capped at a probe: that probe runs a verification's 3 steps and is the answer, no extra trial
     capped = find_batch_size(wl, memory_budget=BUDGET, throughput=False, max_batch_size=16, margin=0.0)
     train_trials = [p for p in capped.probes if p["phase"] != "eval"]

@@ -3,7 +3,7 @@
 Method (see docs/finder.md):
 
 1. Probe: run real optimizer steps (2 each; the peak is measured in the 2nd step, when the optimizer state exists) at a
-   tiny batch, at 16 times that, and at the size the line through those two puts at half the memory limit (the
+   tiny batch, at 16 times that, and at the size the line through those two puts at 70 % of the memory limit (the
    peak is convex in B, so that line errs low and the probe lands below the limit). Peaks are measured separately
    for the forward/backward part and the optimizer part of a step, because at small batches the optimizer's
    temporaries, not the activations, can set the peak.
@@ -16,10 +16,10 @@ Method (see docs/finder.md):
    own search, at the recommended training batch); throughput is timed at powers of two up to the max, and the
    knee is the smallest batch within 5 % of the best samples/s.
 
-Every size that is reported ran at least 3 optimizer steps. The model is built from ``model_fn`` once and every
-trial starts from its initial weights with a fresh optimizer. Nothing the caller can see changes: a model object
-``model_fn`` hands back is returned to its device with its weights bit for bit, and the Python, NumPy and torch
-(CPU and CUDA) random states are restored.
+The maximum reported ran at least 3 optimizer steps; the recommendation, under it, at least 2. The model is
+built from ``model_fn`` once and every trial starts from its initial weights with a fresh optimizer. Nothing the
+caller can see changes: a model object ``model_fn`` hands back is returned to its device with its weights bit for
+bit, and the Python, NumPy and torch (CPU and CUDA) random states are restored.
 """
 
 from __future__ import annotations
@@ -53,9 +53,9 @@ from batchfit.workload import Workload, load_workload
 PHASES = ("probe", "verify", "bisect", "recommend", "throughput", "eval")
 MEMORY_PHASES = ("probe", "verify", "bisect", "recommend")
 STEPS_PER_TRIAL = 3  # optimizer steps per verifying trial; peaks are read from step 2 on (optimizer state exists)
-PROBE_STEPS = 2  # a probe only measures: its peak is read from its second step
+PROBE_STEPS = 2  # a probe (and the recommendation, under a verified maximum) measures: its peak is read in step 2
 GROWTH = 16  # the second probe is this many times the first
-THIRD_PROBE_SHARE = 0.5  # the third probe aims at this share of the limit (close enough to extrapolate well)
+THIRD_PROBE_SHARE = 0.7  # the third probe aims at this share of the limit (close enough to extrapolate well)
 TOLERANCE = 0.02  # after a failed prediction, back off to 98 % of the failing size before bisecting
 KNEE_SHARE = 0.95  # the knee: the smallest batch with >= 95 % of the best measured samples/s
 MIN_TIMED_SECONDS = 0.3  # throughput: time at least this long (and at least 3 steps) per batch size
@@ -184,9 +184,9 @@ def search_max(
             f"even batch size 1 does not fit in {memory.format_bytes(limit)} ({rec.get('error', 'out of memory')}); "
             "raise --memory-budget, use --precision bf16 or a smaller model"
         )
-    # 2. a second probe GROWTH times larger (geometric bisection if it fails), then a third aimed at half the limit
+    # 2. a second probe GROWTH times larger (geometric bisection if it fails), then a third aimed at 70 % of the limit
     #    from the line through the first two: the peak is convex in B, so that line errs towards smaller peaks and
-    #    the third probe lands between half the limit and the limit, close enough to extrapolate from.
+    #    the third probe lands between 70 % of the limit and the limit, close enough to extrapolate from.
     b = min(cap, GROWTH * lo)
     while lo < b < hi:
         if attempt(b, "probe")["ok"]:
@@ -365,8 +365,9 @@ class _Trials:
         rec: dict[str, Any] = {"batch_size": b, "phase": phase, "ok": False, "peak_bytes": None,
                                "samples_per_s": None, "parts": {}, "static_bytes": None}
         t0 = time.perf_counter()
-        # a probe at the cap may be the answer: it runs as many steps as a verification
-        steps = PROBE_STEPS if phase == "probe" and b < self.cap else STEPS_PER_TRIAL
+        # probes and the recommendation (it lies under a maximum that is verified) measure; a size that may be the
+        # maximum (a verification, a bisection step, anything at the cap) runs a verification's steps
+        steps = PROBE_STEPS if phase in ("probe", "recommend") and b < self.cap else STEPS_PER_TRIAL
         rec["steps"] = steps
         model, optimizer, scaler, snap = self.build()
         error: str | None = None
@@ -455,7 +456,10 @@ class _Trials:
         try:
             track = [list(model.parameters()), list(model.buffers()), optimizer.state]
             with memory.PeakMeter(dev, self.enforce_bytes, track=track) as meter:
-                state = self.train_steps(model, optimizer, scaler, b_train, 2, None)
+                # the training state evaluation runs beside: the optimizer state (one step at a small batch makes
+                # it: its size does not depend on the batch) and the last training batch, still referenced
+                self.train_steps(model, optimizer, scaler, min(b_train, 2), 1, None)
+                last_batch = to_device(self.make_batch(b_train), dev)
 
                 def run(b: int, phase: str) -> dict[str, Any]:
                     rec: dict[str, Any] = {"batch_size": b, "phase": "eval", "ok": False, "peak_bytes": None,
@@ -481,7 +485,7 @@ class _Trials:
                     return rec
 
                 best, _ = search_max(run, cap=cap, limit=limit, aim=aim)
-                del state
+                del last_batch
         finally:
             self.restore(model, optimizer, snap)
         return best
@@ -640,7 +644,8 @@ def find_batch_size(
             max_bs = max(ok_below)
 
         # -- the recommendation: the margin under the limit, itself run (usually already, as the stepping stone) --
-        ok_sizes = {b: r for b, r in verified().items() if b <= max_bs}
+        ok_sizes = {r["batch_size"]: r for r in records
+                    if r["phase"] in MEMORY_PHASES and r["ok"] and r["batch_size"] <= max_bs}
         recommended = None
         want = max_bs if model is None else min(max_bs, model.max_under(target))
         for _ in range(4):
