@@ -170,6 +170,18 @@ def all_min(*values: float) -> list[float]:
     return _reduce(list(values), "min")
 
 
+def all_sum_tensors(tensors: list[torch.Tensor]) -> None:
+    """Sum tensors over the ranks in place, in one collective (flattened); a no-op in a single process."""
+    if not tensors or not is_initialized() or world_size() == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    _dist().all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def any_flag(*flags: torch.Tensor | bool) -> list[bool]:
     """Element-wise "does any rank say yes?" for a few flags, in one all-reduce."""
     local = [float(bool(f)) for f in flags]

@@ -251,7 +251,10 @@ def _param_bytes(model: nn.Module) -> int:
 
 
 class _Trials:
-    """Runs real training steps at a batch size, each trial on a freshly built model, and restores what it touched."""
+    """Runs real training steps at a batch size, every trial on one model reset to its initial weights.
+
+    ``close()`` hands the model back (device, weights, training flag); ``find_batch_size`` calls it at the end.
+    """
 
     def __init__(self, workload: Workload, device: torch.device, precision: str, seed: int,
                  limit: int, enforce_bytes: int | None, cap: int | None = None) -> None:

@@ -348,18 +348,6 @@ def _make_meter(method: str, model: nn.Module, world_size: int = 1) -> _HookMete
     return meter
 
 
-def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
-    """Sum tensors over the ranks in place, in one collective (flattened)."""
-    import torch.distributed as dist
-
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
 def _gradients(params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
     return [p.grad for p in params if p.grad is not None]
 
@@ -754,7 +742,7 @@ def noise_scale(
             norms, micro = meter.take()
             grads = _gradients(meter.params)
             if world > 1:  # the batch gradient is the sum of the ranks' shares
-                _all_reduce_sum(grads)
+                distributed.all_sum_tensors(grads)
             measured = _step_norms(norms, micro, grads, k=len(micro) * world, batch_size=batch_size)
             if measured is None:
                 raise WorkloadError("the loss does not depend on any trainable parameter; there is no gradient")
