@@ -17,8 +17,9 @@ import gc
 import os
 import re
 import weakref
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -28,6 +29,8 @@ from batchfit.errors import ConfigError
 
 # torch.OutOfMemoryError is new in torch 2.5; before that the CUDA one is the only class.
 OutOfMemoryError: type[RuntimeError] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+T = TypeVar("T")
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1024**3, "gb": 1000**3, "gib": 1024**3, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
@@ -181,6 +184,50 @@ def release_memory(*objects: Any) -> None:
             torch.ones(1, device=dev, requires_grad=True).sum().backward()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+@dataclass
+class Attempt(Generic[T]):
+    """What :func:`try_oom` returns: the callable's ``value``, or the OOM it raised (``oom``) — never both."""
+
+    value: T | None = None
+    oom: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.oom is None
+
+
+def _detached_copy(exc: BaseException) -> BaseException:
+    line = (str(exc).splitlines() or ["out of memory"])[0]
+    try:
+        return type(exc)(line)
+    except Exception:  # noqa: BLE001 - an exception class with an unusual constructor
+        return OutOfMemoryError(line)
+
+
+def try_oom(fn: Callable[[], T], *release: Any) -> Attempt[T]:
+    """Run ``fn()``; an out-of-memory error is caught, memory freed *outside* the ``except`` block, and returned.
+
+    The one OOM guard: every place that retries after an OOM (evaluation, the finder's trials, the noise probe,
+    the sweep's micro-batch fallback) calls this and decides what to do next from the :class:`Attempt`. Any other
+    exception propagates unchanged. ``release`` lists modules/optimizers whose gradients are dropped on OOM.
+
+    >>> a = try_oom(lambda: 1 + 1)
+    >>> a.ok, a.value
+    (True, 2)
+    """
+    error: BaseException | None = None
+    try:
+        return Attempt(value=fn())
+    except Exception as exc:  # noqa: BLE001 - re-raised below unless it is an OOM
+        if not is_oom(exc):
+            raise
+        # keep only a one-line copy: the original's traceback frames hold the failed step's tensors
+        error = _detached_copy(exc)
+        del exc
+    release_memory(*release)  # outside the except block: the traceback is gone now
+    return Attempt(oom=error)
 
 
 def cuda_budget_fraction(budget_bytes: int, device: torch.device) -> float:
