@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,30 @@ def test_parse_bytes_units_and_errors() -> None:
     for bad in ("lots", "12 parsecs", "-5MiB", 0, True):
         with pytest.raises(ConfigError):
             memory.parse_bytes(bad)
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ("1e400", "finite"),  # float("1e400") is inf: int() of it raised a raw OverflowError (issue 13.12)
+        (float("nan"), "finite"),  # int(nan) raised a raw ValueError
+        (float("inf"), "finite"),
+        (10**400, "finite"),  # beyond float's range
+        (-1, "positive"),
+        (-2.5, "positive"),
+        ("0.4", "positive"),  # rounds to 0 bytes
+        ("1e30", "larger than any machine"),
+        ("nan", "not understood"),
+        ([512], "number of bytes"),
+    ],
+)
+def test_parse_bytes_rejects_non_finite_and_absurd_sizes_in_one_line(bad: object, match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as info:
+        memory.parse_bytes(bad)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("memory_budget") and len(message) < 200
+    with pytest.raises(ConfigError, match="^budget "):
+        memory.parse_bytes(bad, name="budget")  # type: ignore[arg-type]
 
 
 def test_format_bytes() -> None:
@@ -67,7 +93,9 @@ def test_peak_meter_cpu_and_enforce_budget() -> None:
         del x
     with pytest.raises(memory.OutOfMemoryError), memory.enforce_budget("16KiB", dev):
         torch.zeros(8192)
-    assert isinstance(memory.enforce_budget(None, dev), type(memory.enforce_budget(None, dev)))
+    assert isinstance(memory.enforce_budget(None, dev), contextlib.nullcontext)  # no budget: nothing enforced
+    meter = memory.enforce_budget("16KiB", dev)
+    assert isinstance(meter, memory.PeakMeter) and meter.budget_bytes == 16 * 1024
     with memory.enforce_budget(None, dev):
         torch.zeros(8192)  # no budget: no limit
     assert memory.available_bytes(dev) is None or memory.available_bytes(dev) > 0
@@ -136,3 +164,28 @@ def test_train_inside_a_budget_raises_oom_and_leaves_no_budget_behind() -> None:
     with pytest.raises(memory.OutOfMemoryError):
         train(wl, batch_size=512, steps=2, memory_budget="200KiB")
     torch.zeros(1_000_000)  # no budget is left active after the failure
+
+
+def test_try_oom_returns_the_value_or_the_oom_and_frees_the_failed_step() -> None:
+    model = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 4))
+    opt = torch.optim.Adam(model.parameters())
+    observer = memory.LiveBytesTracker(device_type="cpu")
+    observer.track([list(model.parameters())])
+    with observer:
+        _step(model, opt, 4)
+        baseline = observer.live
+        ok = memory.try_oom(lambda: 41 + 1)
+        assert ok.ok and ok.value == 42 and ok.oom is None
+
+        def too_big() -> None:
+            with memory.LiveBytesTracker(budget_bytes=baseline + 50_000, device_type="cpu"):
+                _step(model, opt, 512)
+
+        failed = memory.try_oom(too_big, model, opt)
+        assert not failed.ok and failed.value is None
+        assert memory.is_oom(failed.oom) and "budget exceeded" in str(failed.oom)
+        assert failed.oom.__traceback__ is None  # a detached copy: no frames keep the step's tensors alive
+        assert observer.live == baseline
+        assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="not an OOM"):  # any other error propagates unchanged
+        memory.try_oom(lambda: (_ for _ in ()).throw(ValueError("not an OOM")))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import os
 import re
 import weakref
@@ -27,6 +28,24 @@ from torch.utils._pytree import tree_flatten
 
 from batchfit.errors import ConfigError
 
+__all__ = [
+    "MAX_BYTES",
+    "Attempt",
+    "LiveBytesTracker",
+    "OutOfMemoryError",
+    "PeakMeter",
+    "available_bytes",
+    "cuda_budget_fraction",
+    "cuda_peak",
+    "enforce_budget",
+    "format_bytes",
+    "is_oom",
+    "parse_bytes",
+    "release_memory",
+    "reset_cuda_peak",
+    "try_oom",
+]
+
 # torch.OutOfMemoryError is new in torch 2.5; before that the CUDA one is the only class.
 OutOfMemoryError: type[RuntimeError] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
@@ -36,26 +55,52 @@ _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb":
           "g": 1024**3, "gb": 1000**3, "gib": 1024**3, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
 
 
-def parse_bytes(text: str | int | float | None) -> int | None:
+# Larger than any machine's memory (8 EiB): a budget beyond it is a typo, not a limit.
+MAX_BYTES = 2**63 - 1
+
+
+def _short_repr(value: Any) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print (Python's digit limit)
+        return "a number too large to print"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def parse_bytes(text: str | int | float | None, name: str = "memory_budget") -> int | None:
     """Parse ``512MiB``, ``2GB``, ``1.5g`` or a plain byte count; ``None`` stays ``None``.
+
+    Anything else — words, NaN, infinities, ``1e400``, zero or negative sizes, sizes beyond 8 EiB — raises
+    :class:`ConfigError` with one line naming ``name`` (the keyword argument).
 
     >>> parse_bytes("512MiB")
     536870912
     """
     if text is None:
         return None
-    if isinstance(text, bool):
-        raise ConfigError(f"memory size must be a number of bytes or e.g. 512MiB, got {text!r}")
-    if isinstance(text, (int, float)):
-        value, unit = float(text), ""
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    hint = "write e.g. 512MiB, 2GiB or 1000000"
+    shown = _short_repr(text)
+    if isinstance(text, bool) or not isinstance(text, (int, float, str)):
+        raise ConfigError(f"{name} must be a number of bytes or a size such as 512MiB, got {shown}")
+    if isinstance(text, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
         if not m or m.group(2).lower() not in _UNITS:
-            raise ConfigError(f"memory size {text!r} is not understood; write e.g. 512MiB, 2GiB or 1000000")
-        value, unit = float(m.group(1)), m.group(2).lower()
-    result = int(value * _UNITS[unit])
+            raise ConfigError(f"{name} {shown} is not understood; {hint}")
+        number: int | float | str = m.group(1)
+        unit = m.group(2).lower()
+    else:
+        number, unit = text, ""
+    try:
+        value = float(number) * _UNITS[unit]
+    except OverflowError:  # an int beyond float's range
+        value = math.inf
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite size, got {shown}; {hint}")
+    if value > MAX_BYTES:
+        raise ConfigError(f"{name} {shown} is larger than any machine's memory (8 EiB); {hint}")
+    result = int(value)
     if result <= 0:
-        raise ConfigError(f"memory size must be positive, got {text!r}")
+        raise ConfigError(f"{name} must be a positive size of at least 1 byte, got {shown}")
     return result
 
 
