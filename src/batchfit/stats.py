@@ -1,0 +1,373 @@
+"""Uncertainty for every number batchfit reports, and decisions that say when the data cannot tell candidates apart.
+
+batchfit is a measuring instrument, so each measured number is an :class:`Interval` (estimate, low, high, level,
+method, n) rather than a bare float, and each comparison is a decision that may be a tie:
+
+- :func:`mean_interval`: Student-t interval for the mean of a few replicates (seeds); with one replicate the
+  interval is unknown (``low``/``high`` are ``None``), never a fake zero width.
+- :func:`bootstrap_interval`: percentile bootstrap (Efron & Tibshirani 1993, ch. 13) of any statistic over samples;
+  :func:`cluster_bootstrap_mean` resamples whole clusters (e.g. validation chunks whose metric is a chunk mean), the
+  standard way to keep within-cluster correlation (Davison & Hinkley 1997, sec. 3.8).
+- :func:`median_interval`: distribution-free order-statistic interval for a median (the binomial argument, see
+  Conover 1999, sec. 3.2), with a scaled MAD as the spread: timings on a busy machine have heavy right tails, so
+  the median moves little while the interval widens — a busy machine widens the interval instead of moving the
+  answer.
+- :func:`ratio_interval`: bootstrap interval of a ratio of medians of two timing samples (a speed-up), the way
+  hyperfine and Criterion.rs report a comparison with its own uncertainty.
+- :func:`choose`: the decision rule. Candidates whose quality interval overlaps the best candidate's are *tied* on
+  quality; among the tied, the one with the least cost (e.g. time to target) is chosen, and whether that cost
+  difference is itself beyond the noise is reported. The same data always give the same choice.
+- :func:`undecided`: racing (Maron & Moore 1997, "The racing algorithm"; Birattari et al. 2002, F-Race): the
+  candidates whose interval still overlaps the decision boundary are the only ones worth another replicate.
+
+Every random resampling takes a seed, so a report rebuilt from the same data prints the same intervals.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_LEVEL",
+    "Choice",
+    "Interval",
+    "bootstrap_interval",
+    "CriticalBatchInterval",
+    "choose",
+    "critical_batch_interval",
+    "cluster_bootstrap_mean",
+    "mean_interval",
+    "median_interval",
+    "ratio_interval",
+    "undecided",
+]
+
+DEFAULT_LEVEL = 0.95
+DEFAULT_BOOT = 2000
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A measured number with its uncertainty. ``low``/``high`` are ``None`` when the data cannot give an interval."""
+
+    estimate: float
+    low: float | None
+    high: float | None
+    level: float = DEFAULT_LEVEL
+    method: str = ""
+    n: int = 1
+    spread: float | None = None  # a scale of the raw data (std or scaled MAD), when meaningful
+
+    @property
+    def known(self) -> bool:
+        return self.low is not None and self.high is not None
+
+    @property
+    def width(self) -> float:
+        return (self.high - self.low) if self.known else math.inf  # type: ignore[operator]
+
+    def overlaps(self, other: Interval) -> bool:
+        """True unless both intervals are known and disjoint (an unknown interval overlaps everything)."""
+        if not (self.known and other.known):
+            return True
+        return not (self.high < other.low or other.high < self.low)  # type: ignore[operator]
+
+    def contains(self, value: float) -> bool:
+        return self.known and self.low <= value <= self.high  # type: ignore[operator]
+
+    def scaled(self, factor: float) -> Interval:
+        """The interval of ``factor * x`` (a positive factor)."""
+        lo, hi = (None, None) if not self.known else (self.low * factor, self.high * factor)  # type: ignore[operator]
+        spread = None if self.spread is None else self.spread * abs(factor)
+        return Interval(self.estimate * factor, lo, hi, self.level, self.method, self.n, spread)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"estimate": self.estimate, "low": self.low, "high": self.high, "level": self.level,
+                "method": self.method, "n": self.n, "spread": self.spread}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Interval:
+        return cls(float(d["estimate"]), _opt(d.get("low")), _opt(d.get("high")), float(d.get("level", DEFAULT_LEVEL)),
+                   str(d.get("method", "")), int(d.get("n", 1)), _opt(d.get("spread")))
+
+    def __str__(self) -> str:
+        if not self.known:
+            return f"{self.estimate:.4g} (interval unknown, n={self.n})"
+        return f"{self.estimate:.4g} [{self.low:.4g}, {self.high:.4g}]"
+
+
+def _opt(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+def _clean(values: Sequence[float]) -> np.ndarray:
+    a = np.asarray([float(v) for v in values], dtype=float)
+    return a[np.isfinite(a)]
+
+
+def _t_quantile(level: float, dof: int) -> float:
+    try:
+        from scipy import stats as sstats
+
+        return float(sstats.t.ppf(0.5 + level / 2, dof))
+    except ImportError:  # pragma: no cover - scipy is optional; a normal quantile with a small-sample correction
+        z = float(np.sqrt(2) * _erfinv(level))
+        return z * (1 + (z * z + 1) / (4 * dof))
+
+
+def _erfinv(y: float) -> float:  # pragma: no cover - only without scipy
+    a = 0.147
+    ln = math.log(1 - y * y)
+    first = 2 / (math.pi * a) + ln / 2
+    return math.copysign(math.sqrt(math.sqrt(first * first - ln / a) - first), y)
+
+
+def mean_interval(values: Sequence[float], level: float = DEFAULT_LEVEL) -> Interval:
+    """Student-t interval for the mean of replicates; one replicate gives an unknown interval."""
+    a = _clean(values)
+    if len(a) == 0:
+        raise ValueError("mean_interval needs at least one finite value")
+    mean = float(a.mean())
+    if len(a) == 1:
+        return Interval(mean, None, None, level, "t", 1)
+    sd = float(a.std(ddof=1))
+    half = _t_quantile(level, len(a) - 1) * sd / math.sqrt(len(a))
+    return Interval(mean, mean - half, mean + half, level, "t", len(a), sd)
+
+
+def bootstrap_interval(values: Sequence[float], statistic: Callable[[np.ndarray], float] = np.mean, *,
+                       level: float = DEFAULT_LEVEL, n_boot: int = DEFAULT_BOOT, seed: int = 0) -> Interval:
+    """Percentile bootstrap interval of ``statistic`` over ``values`` (reproducible for a given ``seed``)."""
+    a = _clean(values)
+    if len(a) == 0:
+        raise ValueError("bootstrap_interval needs at least one finite value")
+    est = float(statistic(a))
+    if len(a) == 1:
+        return Interval(est, None, None, level, "bootstrap", 1)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(n_boot, len(a)))
+    boots = np.array([statistic(a[i]) for i in idx]) if statistic is not np.mean else a[idx].mean(axis=1)
+    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    return Interval(est, float(lo), float(hi), level, "bootstrap", len(a), float(a.std(ddof=1)))
+
+
+def cluster_bootstrap_mean(means: Sequence[float], sizes: Sequence[int], *, level: float = DEFAULT_LEVEL,
+                           n_boot: int = DEFAULT_BOOT, seed: int = 0) -> Interval:
+    """Interval of a sample-weighted mean from cluster means (e.g. a metric evaluated on validation chunks).
+
+    Resamples whole clusters with replacement and recomputes the size-weighted mean: valid for any metric that is a
+    mean over samples, without needing per-sample values.
+    """
+    m = np.asarray(means, dtype=float)
+    w = np.asarray(sizes, dtype=float)
+    ok = np.isfinite(m) & (w > 0)
+    m, w = m[ok], w[ok]
+    if len(m) == 0:
+        raise ValueError("cluster_bootstrap_mean needs at least one finite cluster")
+    est = float(np.sum(m * w) / np.sum(w))
+    if len(m) == 1:
+        return Interval(est, None, None, level, "cluster-bootstrap", int(w.sum()))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(m), size=(n_boot, len(m)))
+    boots = np.sum(m[idx] * w[idx], axis=1) / np.sum(w[idx], axis=1)
+    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    return Interval(est, float(lo), float(hi), level, "cluster-bootstrap", int(w.sum()))
+
+
+def _binom_cdf(k: int, n: int) -> float:
+    return sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+
+
+def median_interval(values: Sequence[float], level: float = DEFAULT_LEVEL) -> Interval:
+    """Median with a distribution-free order-statistic interval and a scaled MAD as the spread.
+
+    The interval ``[x_(k), x_(n-k+1)]`` has coverage >= ``level`` for any continuous distribution; with too few
+    values for that coverage (n < 6 at 95 %) it is unknown. Robust to a few slow outliers.
+    """
+    a = np.sort(_clean(values))
+    n = len(a)
+    if n == 0:
+        raise ValueError("median_interval needs at least one finite value")
+    med = float(np.median(a))
+    mad = float(np.median(np.abs(a - med))) * 1.4826  # consistent with the std for normal data
+    k = 0
+    while k + 1 <= n // 2 and 1 - 2 * _binom_cdf(k, n) >= level:  # the largest k whose interval still covers
+        k += 1
+    if k == 0:
+        return Interval(med, None, None, level, "order-statistic", n, mad)
+    return Interval(med, float(a[k - 1]), float(a[n - k]), level, "order-statistic", n, mad)
+
+
+def ratio_interval(numerator: Sequence[float], denominator: Sequence[float], *, level: float = DEFAULT_LEVEL,
+                   n_boot: int = DEFAULT_BOOT, seed: int = 0) -> Interval:
+    """Interval of ``median(numerator) / median(denominator)`` by an independent bootstrap of both samples.
+
+    For a speed-up pass times per sample (or per step): ``ratio_interval(t_slow, t_fast)`` > 1 means faster.
+    """
+    a, b = _clean(numerator), _clean(denominator)
+    if len(a) == 0 or len(b) == 0:
+        raise ValueError("ratio_interval needs values on both sides")
+    est = float(np.median(a) / np.median(b))
+    if len(a) < 2 or len(b) < 2:
+        return Interval(est, None, None, level, "bootstrap-ratio", min(len(a), len(b)))
+    rng = np.random.default_rng(seed)
+    ma = np.median(a[rng.integers(0, len(a), size=(n_boot, len(a)))], axis=1)
+    mb = np.median(b[rng.integers(0, len(b), size=(n_boot, len(b)))], axis=1)
+    lo, hi = np.quantile(ma / mb, [(1 - level) / 2, (1 + level) / 2])
+    return Interval(est, float(lo), float(hi), level, "bootstrap-ratio", min(len(a), len(b)))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The outcome of :func:`choose`: the chosen key, the keys tied with the best on quality, and why."""
+
+    chosen: Any
+    best_quality: Any
+    tied: tuple[Any, ...]
+    cost_separated: bool  # True when the chosen one's cost is below every other tied candidate's beyond the noise
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"chosen": self.chosen, "best_quality": self.best_quality, "tied": list(self.tied),
+                "cost_separated": self.cost_separated, "reason": self.reason}
+
+
+def choose(quality: Mapping[Any, Interval], cost: Mapping[Any, Interval] | None = None, *,
+           higher_is_better: bool = True, describe: Callable[[Any], str] = str) -> Choice:
+    """Pick among candidates whose quality the data may not tell apart.
+
+    1. The best candidate is the one with the best quality *estimate*.
+    2. Every candidate whose quality interval overlaps the best's is tied with it (an unknown interval is always
+       tied: without replicates nothing can be told apart).
+    3. Among the tied, the least cost estimate wins (ties in cost: the first key in ``quality``'s order, so the
+       caller states the final tie-break by ordering, e.g. smaller batch first). Without costs, the best quality wins.
+    """
+    if not quality:
+        raise ValueError("choose needs at least one candidate")
+    keys = list(quality)
+    sign = 1.0 if higher_is_better else -1.0
+    best = max(keys, key=lambda k: (sign * quality[k].estimate, -keys.index(k)))
+    tied = tuple(k for k in keys if quality[k].overlaps(quality[best]))
+    if cost is None or not all(k in cost for k in tied):
+        reason = (f"{describe(best)} has the best quality; "
+                  + (f"{len(tied) - 1} other candidate(s) are within its interval" if len(tied) > 1 else
+                     "no other candidate is within its interval"))
+        return Choice(best, best, tied, False, reason)
+    chosen = min(tied, key=lambda k: (cost[k].estimate, keys.index(k)))
+    others = [k for k in tied if k != chosen]
+    separated = bool(others) and all(cost[chosen].known and cost[k].known and cost[chosen].high < cost[k].low
+                                     for k in others)  # type: ignore[operator]
+    if len(tied) == 1:
+        reason = f"{describe(best)} is better than every other candidate beyond the noise"
+    else:
+        names = ", ".join(describe(k) for k in tied)
+        reason = (f"{names} are tied on quality; chosen on cost: {describe(chosen)}"
+                  + (" (its cost is lower beyond the noise)" if separated else
+                     " (its cost advantage is inside the noise: the tie-break is the stated rule, not a measured win)"))
+    return Choice(chosen, best, tied, separated, reason)
+
+
+def undecided(quality: Mapping[Any, Interval], *, higher_is_better: bool = True) -> list[Any]:
+    """Racing: the candidates worth another replicate — those whose interval overlaps the current best's.
+
+    When only the best remains, the decision is stable. Candidates with unknown intervals are undecided.
+    """
+    if not quality:
+        return []
+    keys = list(quality)
+    sign = 1.0 if higher_is_better else -1.0
+    best = max(keys, key=lambda k: sign * quality[k].estimate)
+    contenders = [k for k in keys if quality[k].overlaps(quality[best])]
+    return contenders if len(contenders) > 1 else []
+
+
+def _erfinv_exact(y: float) -> float:
+    try:
+        from scipy.special import erfinv
+
+        return float(erfinv(y))
+    except ImportError:  # pragma: no cover
+        return _erfinv(y)
+
+
+def _widened(estimate: float, bounds: np.ndarray, factor: float) -> tuple[float, float]:
+    lo, hi = float(bounds[0]), float(bounds[1])
+    return estimate - (estimate - lo) * factor, estimate + (hi - estimate) * factor
+
+
+@dataclass(frozen=True)
+class CriticalBatchInterval:
+    """B_crit and S_min of ``S(B) = S_min (1 + B_crit / B)`` with bootstrap intervals and the batches behind them."""
+
+    b_crit: Interval
+    s_min: Interval
+    support: tuple[int, int]  # the smallest and largest batch size that reached the target
+    extrapolated: bool  # B_crit (its estimate) lies beyond the largest batch size tried
+    failed_resamples: int  # bootstrap resamples where no fit exists (a large share means a fragile fit)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"b_crit": self.b_crit.to_dict(), "s_min": self.s_min.to_dict(), "support": list(self.support),
+                "extrapolated": self.extrapolated, "failed_resamples": self.failed_resamples}
+
+
+def critical_batch_interval(points: Sequence[Sequence[float]], *, level: float = DEFAULT_LEVEL,
+                            n_boot: int = 500, seed: int = 0) -> CriticalBatchInterval | None:
+    """Bootstrap the S(B) fit over trials and seeds, stratified by batch size (every resample keeps every batch).
+
+    ``points`` are ``(B, steps_to_target)`` pairs, one per replicate (seed) of a batch size, each already the best
+    over that batch size's learning rates (Shallue et al. 2019 retune the LR per batch size). Replicates of a batch
+    size are pooled by their geometric mean (steps are positive and their noise is multiplicative), not by the
+    minimum, which would be biased low and shrink the interval. Returns ``None`` when the pooled data have no fit
+    (see :func:`batchfit.critical.fit_critical_batch`).
+    """
+    from batchfit.critical import fit_critical_batch
+
+    by_b: dict[int, list[float]] = {}
+    for b, s in points:
+        if math.isfinite(float(s)) and float(s) > 0:
+            by_b.setdefault(int(b), []).append(float(s))
+
+    def pooled(groups: Mapping[int, Sequence[float]]) -> list[tuple[int, float]]:
+        return [(b, float(np.exp(np.mean(np.log(v))))) for b, v in groups.items()]
+
+    full, _ = fit_critical_batch(pooled(by_b))
+    if full is None:
+        return None
+    rng = np.random.default_rng(seed)
+    b_crits, s_mins, failed = [], [], 0
+    for _ in range(n_boot):
+        sample = {b: [ss[i] for i in rng.integers(0, len(ss), size=len(ss))] for b, ss in by_b.items()}
+        fit, _ = fit_critical_batch(pooled(sample))
+        if fit is None:
+            failed += 1
+            continue
+        b_crits.append(fit["b_crit"])
+        s_mins.append(fit["s_min"])
+    q = [(1 - level) / 2, (1 + level) / 2]
+    n_trials = sum(len(v) for v in by_b.values())
+    if len(b_crits) >= 20 and any(len(v) > 1 for v in by_b.values()):
+        # A percentile bootstrap with a few replicates per stratum undercovers (its variance is short by a factor
+        # (m - 1) / m and it uses normal tails); widen around the estimate by sqrt(m / (m - 1)) and the ratio of the
+        # t to the normal quantile on the pooled within-batch degrees of freedom (Davison & Hinkley 1997, sec. 3.2).
+        m = float(np.median([len(v) for v in by_b.values() if len(v) > 1]))
+        dof = sum(len(v) - 1 for v in by_b.values())
+        z = float(np.sqrt(2) * _erfinv_exact((1 + level) / 2 * 2 - 1))
+        widen = math.sqrt(m / (m - 1)) * _t_quantile(level, dof) / z
+        blo, bhi = _widened(full["b_crit"], np.quantile(b_crits, q), widen)
+        slo, shi = _widened(full["s_min"], np.quantile(s_mins, q), widen)
+    else:  # one trial per batch size: resampling cannot show the noise
+        blo = bhi = slo = shi = None
+    bs = sorted(by_b)
+    return CriticalBatchInterval(
+        b_crit=Interval(full["b_crit"], blo, bhi, level, "stratified-bootstrap", n_trials),
+        s_min=Interval(full["s_min"], slo, shi, level, "stratified-bootstrap", n_trials),
+        support=(bs[0], bs[-1]),
+        extrapolated=full["b_crit"] > bs[-1],
+        failed_resamples=failed,
+    )
