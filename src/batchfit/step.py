@@ -1,0 +1,475 @@
+"""The one training step: what ``train``, the finder's memory trials and the noise probe all run.
+
+One optimizer step reads, in order::
+
+    LR for this step (warm-up x the user's schedule)            LRSchedule.begin_step
+    for each micro-batch of this rank's batch:                  TrainStep.forward_backward
+        forward under autocast, loss x (share of the global batch's samples), (fp16: scaled) backward,
+        DDP all-reduce only in the last micro-batch's backward (no_sync before), per-micro-batch hooks
+    unscale (fp16) -> before-step hooks (gradients unscaled, not clipped: the noise meter reads them here)
+    -> clip (grad_clip) -> optimizer step -> the user's scheduler step -> zero grads    TrainStep.optimizer_step
+
+Weighting each micro-batch loss by ``samples / global batch samples`` (x world size, because DDP then averages over
+ranks) makes the accumulated gradient equal the big-batch gradient even when the last micro-batch is smaller.
+
+:func:`run_batch` is the one way a batch is fed to the user's model (the workload contract: ``forward``,
+``targets``, ``loss_fn`` or ``"output"``); errors raised by the user's code there become one-line
+:class:`~batchfit.errors.WorkloadError` naming the part of the workload, while out-of-memory errors pass through
+untouched so every OOM guard (:func:`batchfit.memory.try_oom`) still sees them. :class:`LossMeter` is the one place
+the training loss is read (CPU: ``.item()`` per micro-batch; CUDA: accumulated on the device, synchronized every
+few steps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from batchfit import memory
+from batchfit.data import batch_size_of, slice_batch, to_device
+from batchfit.errors import BatchfitError, ConfigError, DataError, WorkloadError
+
+__all__ = [
+    "PRECISIONS",
+    "LRSchedule",
+    "LossMeter",
+    "MicroBatch",
+    "TrainStep",
+    "autocast",
+    "batch_has_nonfinite",
+    "build_model",
+    "build_optimizer",
+    "check_precision",
+    "make_scaler",
+    "metric_value",
+    "run_batch",
+    "user_call",
+]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+CUDA_SYNC_EVERY = 16  # steps between reads of the CUDA loss accumulator (each read is a CPU-GPU sync point)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Precision
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """fp32 anywhere; bf16 on the CPU or a GPU that supports it; fp16 only on CUDA (it needs a gradient scaler)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("fp16 training needs CUDA (it uses a gradient scaler); on the CPU use precision bf16")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU does not support bf16; use precision fp16 or fp32")
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast region of a forward pass (none for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_scaler(precision: str) -> Any:
+    """fp16 needs a dynamic loss scale (Micikevicius et al. 2018, "Mixed Precision Training"); others none."""
+    return torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Calling the user's code
+
+
+def user_call(part: str, fix: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call user code; any error but an OOM (or a batchfit error) becomes one line naming ``part`` and ``fix``."""
+    try:
+        return fn(*args, **kwargs)
+    except BatchfitError:
+        raise
+    except Exception as exc:
+        if memory.is_oom(exc):
+            raise
+        msg = " ".join(str(exc).split())[:300]
+        raise WorkloadError(f"{part} raised {type(exc).__name__}: {msg}; {fix} (--debug shows the traceback)") \
+            from exc
+
+
+_FORWARD_FIX = "fix the model, or set Workload.forward to say how the model is called on a batch"
+_LOSS_FIX = ("check that the targets fit the model's outputs (shapes; class labels in [0, number of classes)) "
+             "or set Workload.targets")
+
+
+def _parts(batch: Any) -> str:
+    if isinstance(batch, (list, tuple)):
+        return f"a {type(batch).__name__} of {len(batch)} parts"
+    return f"a {type(batch).__name__}"
+
+
+def _forward(workload: Any, model: nn.Module, batch: Any) -> Any:
+    spec = getattr(workload, "forward", None)
+    if callable(spec):
+        return user_call("the workload's forward", _FORWARD_FIX, spec, model, batch)
+    if spec is not None:  # a sequence of keys: keyword arguments from a mapping batch
+        if not isinstance(batch, Mapping):
+            raise DataError(f"Workload.forward names keys {list(spec)} but the batch is {_parts(batch)}, not a "
+                            "mapping; make the dataset/collate return dicts or give forward as a function")
+        missing = [k for k in spec if k not in batch]
+        if missing:
+            raise DataError(f"the batch has no key(s) {missing} named in Workload.forward; it has {list(batch)}")
+        return user_call("model forward", _FORWARD_FIX, model, **{k: batch[k] for k in spec})
+    if isinstance(batch, Mapping):
+        return user_call("model forward", _FORWARD_FIX, model, **batch)
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        return user_call("model forward", _FORWARD_FIX, model, batch[0])
+    raise WorkloadError(
+        f"batches are {_parts(batch)}; without Workload.forward they must be (input, target) pairs or mappings "
+        "of keyword arguments. Set Workload.forward (keys or a function of (model, batch)) and Workload.targets"
+    )
+
+
+def _targets(workload: Any, batch: Any) -> Any:
+    spec = getattr(workload, "targets", None)
+    if callable(spec):
+        return user_call("the workload's targets", "fix Workload.targets", spec, batch)
+    if isinstance(spec, str):
+        if not isinstance(batch, Mapping) or spec not in batch:
+            raise DataError(f"Workload.targets is {spec!r} but the batch ({_parts(batch)}) has no such key")
+        return batch[spec]
+    if isinstance(batch, Mapping):
+        return batch.get("labels")
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        return batch[1]
+    return None
+
+
+def _output_loss(outputs: Any) -> Any:
+    loss = getattr(outputs, "loss", None)
+    if loss is None and isinstance(outputs, Mapping):
+        loss = outputs.get("loss")
+    if loss is None:
+        raise WorkloadError(
+            f"loss_fn is 'output' but the model's output ({type(outputs).__name__}) has no .loss or ['loss']; "
+            "pass labels to the model (Hugging Face: a 'labels' key in the batch) or give a loss_fn"
+        )
+    return loss
+
+
+def run_batch(workload: Any, model: nn.Module, batch: Any) -> tuple[torch.Tensor, Any, Any]:
+    """Forward one (device-resident) batch the workload's way; return ``(scalar loss, outputs, targets)``.
+
+    - the model is called with ``Workload.forward`` (default: ``model(batch[0])`` for ``(input, target)`` pairs,
+      ``model(**batch)`` for mappings);
+    - targets come from ``Workload.targets`` (default: ``batch[1]`` / ``batch.get("labels")``);
+    - the loss is ``loss_fn(outputs, targets)``, or ``outputs.loss`` when ``loss_fn == "output"``.
+
+    Errors in the user's model, loss or targets are one-line :class:`WorkloadError` s naming the part; an OOM passes
+    through unchanged; a loss that is not a scalar is a :class:`WorkloadError`.
+    """
+    outputs = _forward(workload, model, batch)
+    targets = _targets(workload, batch)
+    if workload.loss_fn == "output":
+        loss = _output_loss(outputs)
+    else:
+        loss = user_call("loss_fn", _LOSS_FIX, workload.loss_fn, outputs, targets)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise WorkloadError(
+            f"the loss must be a scalar mean over the batch; loss_fn returned {shape}. "
+            "Use reduction='mean' (or call .mean())"
+        )
+    return (loss if loss.dim() == 0 else loss.reshape(())), outputs, targets
+
+
+def metric_value(name: str, fn: Callable[[Any, Any], Any], outputs: Any, targets: Any) -> torch.Tensor | float:
+    """A metric's batch mean as a float64 tensor or a float; a raising or non-numeric metric is a WorkloadError."""
+    value = user_call(f"metric {name!r}", f"fix metric {name!r} (it takes (outputs, targets), returns a number)",
+                      fn, outputs, targets)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.detach().double().reshape(())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    kind = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+    raise WorkloadError(f"metric {name!r} returned {kind}; a metric must return the batch mean as a number "
+                        "or a one-element tensor")
+
+
+def build_model(workload: Any) -> nn.Module:
+    """A fresh model from the workload's factory; a failing or wrong factory is a one-line workload error."""
+    try:
+        model = workload.model_fn()
+    except BatchfitError:
+        raise
+    except Exception as exc:
+        raise WorkloadError(f"model_fn raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise WorkloadError(f"model_fn must return a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def build_optimizer(workload: Any, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
+    """The workload's optimizer over ``model``'s parameters at ``lr`` (default ``base_lr``), checked."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise WorkloadError("the model has no trainable parameters (every parameter has requires_grad=False); "
+                            "unfreeze at least one layer")
+    optimizer = user_call("optimizer_fn", "fix Workload.optimizer_fn (it takes (params, lr))", workload.optimizer_fn,
+                          model.parameters(), workload.base_lr if lr is None else lr)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise WorkloadError(f"optimizer_fn must return a torch.optim.Optimizer, got {type(optimizer).__name__}; "
+                            "return e.g. torch.optim.SGD(params, lr=lr)")
+    return optimizer
+
+
+def batch_has_nonfinite(batch: Any) -> bool:
+    """True when a floating-point tensor in the batch holds NaN or Inf."""
+    leaves = torch.utils._pytree.tree_flatten(batch)[0]
+    return any(
+        isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in leaves
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Learning rate: warm-up x the user's schedule
+
+
+class LRSchedule:
+    """The LR of every step: the user's schedule (``Workload.lr_schedule``) times a linear warm-up.
+
+    :meth:`begin_step` sets each group's LR at the *top* of a step (so every hook of that step sees the LR the step
+    uses); :meth:`end_step` runs after the optimizer step: the user's scheduler is stepped on its own LR values (the
+    warm-up factor is taken out first, so a chainable scheduler never compounds it), then the groups show the LR the
+    step used until the next :meth:`begin_step`. Warm-up: step ``i`` (from 0) uses ``min(1, (i + 1) / warmup)`` of
+    the scheduled LR (Goyal et al. 2017, gradual warm-up).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, warmup_steps: int = 0, scheduler: Any = None) -> None:
+        self.optimizer = optimizer
+        self.warmup_steps = warmup_steps
+        self.scheduler = scheduler
+        self._scheduled = [g["lr"] for g in optimizer.param_groups]
+        self._used = list(self._scheduled)
+
+    @classmethod
+    def for_workload(cls, workload: Any, optimizer: torch.optim.Optimizer, *, total_steps: int,
+                     warmup_steps: int = 0) -> LRSchedule:
+        """Build the workload's ``lr_schedule(optimizer, total_steps)`` (if any) on the already scaled optimizer."""
+        factory = getattr(workload, "lr_schedule", None)
+        scheduler = None
+        if factory is not None:
+            scheduler = user_call("lr_schedule", "fix Workload.lr_schedule (it takes (optimizer, total_steps))",
+                                  factory, optimizer, total_steps)
+            if not callable(getattr(scheduler, "step", None)):
+                raise WorkloadError(f"lr_schedule must return a scheduler with .step(), got "
+                                    f"{type(scheduler).__name__}")
+        return cls(optimizer, warmup_steps=warmup_steps, scheduler=scheduler)
+
+    def factor(self, step: int) -> float:
+        return min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+
+    def begin_step(self, step: int) -> float:
+        """Set the LR of step ``step`` (0-based); returns the first group's."""
+        f = self.factor(step)
+        self._used = [lr * f for lr in self._scheduled]
+        for g, lr in zip(self.optimizer.param_groups, self._used):
+            g["lr"] = lr
+        return self._used[0]
+
+    def end_step(self) -> None:
+        if self.scheduler is None:
+            return
+        for g, lr in zip(self.optimizer.param_groups, self._scheduled):
+            g["lr"] = lr
+        user_call("the lr_schedule's scheduler.step()", "fix Workload.lr_schedule", self.scheduler.step)
+        self._scheduled = [g["lr"] for g in self.optimizer.param_groups]
+        for g, lr in zip(self.optimizer.param_groups, self._used):
+            g["lr"] = lr
+
+    @property
+    def name(self) -> str | None:
+        return None if self.scheduler is None else type(self.scheduler).__name__
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the training loss
+
+
+class LossMeter:
+    """The training loss, sample-weighted, read the cheap way for the device.
+
+    CPU: ``.item()`` per micro-batch costs nothing extra, and a non-finite loss is caught at once (a batch with NaN
+    inputs is a :class:`DataError`). CUDA: the loss is summed on the device and read only every ``sync_every``
+    steps (and at the end), because every read is a CPU-GPU synchronization.
+    """
+
+    def __init__(self, device: torch.device, sync_every: int = CUDA_SYNC_EVERY) -> None:
+        self.device = device
+        self.on_cuda = device.type == "cuda"
+        self.sync_every = sync_every if self.on_cuda else 1
+        self._sum = torch.zeros((), dtype=torch.float64, device=device)
+        self._bad = torch.zeros((), dtype=torch.bool, device=device)
+        self._cpu_sum = 0.0
+        self._cpu_bad = False
+        self.count = 0
+
+    def add(self, loss: torch.Tensor, samples: int, batch: Any = None) -> None:
+        """One micro-batch's mean loss over ``samples`` samples."""
+        if self.on_cuda:
+            self._sum += loss.detach().double() * samples
+            self._bad |= ~torch.isfinite(loss.detach())
+        else:
+            value = loss.item()
+            if not math.isfinite(value):
+                if batch is not None and batch_has_nonfinite(batch):
+                    raise DataError("a training batch contains NaN or Inf inputs; clean the data first")
+                self._cpu_bad = True
+            self._cpu_sum += value * samples
+        self.count += samples
+
+    def check_due(self, step: int, last: bool = False) -> bool:
+        """Whether step ``step`` (1-based, just finished) reads the device (CUDA: synchronizes it)."""
+        due = last or step % self.sync_every == 0
+        if due and self.on_cuda:
+            torch.cuda.synchronize(self.device)
+        return due
+
+    def nonfinite(self) -> bool:
+        """A non-finite loss since the last :meth:`take` (a sync point on CUDA: call it when a check is due)."""
+        return self._cpu_bad or (self.on_cuda and bool(self._bad))
+
+    def take(self) -> tuple[float, int]:
+        """(sum of loss x samples, samples) since the last call, then reset."""
+        total = self._cpu_sum + (float(self._sum) if self.on_cuda else 0.0)
+        count = self.count
+        self._sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._cpu_sum, self.count = 0.0, 0
+        return total, count
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The step
+
+
+@dataclass
+class MicroBatch:
+    """What a per-micro-batch hook sees, right after that micro-batch's backward."""
+
+    index: int  # 0-based within the step
+    count: int  # micro-batches in this step
+    samples: int  # samples in this micro-batch
+    batch_samples: int  # samples in this rank's batch
+    loss: torch.Tensor  # its (detached, unweighted) mean loss
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.count - 1
+
+
+MicroHook = Callable[[MicroBatch], None]
+StepHook = Callable[["TrainStep"], None]
+
+
+class TrainStep:
+    """One optimizer step over one rank-local batch, split into micro-batches.
+
+    Args:
+        workload: supplies ``forward`` / ``targets`` / ``loss_fn`` (see :func:`run_batch`).
+        model, optimizer: what is trained (a DDP-wrapped model when ``world_size > 1``).
+        device, precision: where and how the forward runs; fp16 uses ``scaler`` (default: a fresh GradScaler).
+        micro_batch_size: samples per forward/backward (``None``: the whole batch at once).
+        grad_clip: clip the global gradient norm to this (after the before-step hooks, before the step).
+        schedule: an :class:`LRSchedule` whose :meth:`LRSchedule.end_step` runs after each optimizer step.
+        world_size: data-parallel ranks; the loss weight is this rank's share of the *global* batch x world size.
+        on_micro / before_step: hooks (gradients after each micro-batch; unscaled, unclipped before the step).
+        losses: a :class:`LossMeter` fed every micro-batch's loss (``None``: the loss is not read at all).
+
+    The finder wraps calls in its memory meter; the noise probe calls :meth:`forward_backward` with its meter in
+    ``on_micro``; ``train`` calls the whole step (``step(batch, global_count)``).
+    """
+
+    def __init__(self, workload: Any, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
+                 device: torch.device, precision: str = "fp32", micro_batch_size: int | None = None,
+                 grad_clip: float | None = None, scaler: Any = "auto", schedule: LRSchedule | None = None,
+                 world_size: int = 1, on_micro: Sequence[MicroHook] = (), before_step: Sequence[StepHook] = (),
+                 losses: LossMeter | None = None) -> None:
+        self.workload = workload
+        self.model = model
+        self.optimizer = optimizer
+        self.device = device
+        self.precision = precision
+        self.micro_batch_size = micro_batch_size
+        self.grad_clip = grad_clip
+        self.scaler = make_scaler(precision) if scaler == "auto" else scaler
+        self.schedule = schedule
+        self.world_size = world_size
+        self.on_micro = list(on_micro)
+        self.before_step = list(before_step)
+        self.losses = losses
+        self._ddp = world_size > 1 and callable(getattr(model, "no_sync", None))
+
+    def forward_backward(self, batch: Any, global_count: int | None = None) -> int:
+        """Forward and weighted backward over the micro-batches of ``batch`` (a host or device batch).
+
+        ``global_count`` is the number of samples in the global batch (all ranks); default: this batch x world.
+        Returns this rank's samples.
+        """
+        n = batch_size_of(batch)
+        total = global_count if global_count is not None else n * self.world_size
+        micro = min(self.micro_batch_size or n, n)
+        count = math.ceil(n / micro)
+        for i in range(count):
+            start = i * micro
+            m = min(micro, n - start)
+            part = batch if count == 1 else slice_batch(batch, start, start + m, n)
+            part = to_device(part, self.device)
+            # DDP: gradients are all-reduced once per step, in the last micro-batch's backward
+            sync = contextlib.nullcontext() if not self._ddp or i == count - 1 else self.model.no_sync()
+            with sync:
+                with autocast(self.precision, self.device):
+                    loss, _, _ = run_batch(self.workload, self.model, part)
+                if not loss.requires_grad:
+                    raise WorkloadError("the loss does not depend on any trainable parameter (it has no gradient); "
+                                        "check the model's forward and loss_fn")
+                weight = m * self.world_size / total  # the share of the *global* batch (DDP averages over ranks)
+                scaled = loss * weight if weight != 1.0 else loss
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss = loss.detach()
+            if self.losses is not None:
+                self.losses.add(loss, m, part)
+            if self.on_micro:
+                info = MicroBatch(index=i, count=count, samples=m, batch_samples=n, loss=loss)
+                for hook in self.on_micro:
+                    hook(info)
+            del part, scaled
+        return n
+
+    def optimizer_step(self) -> None:
+        """Unscale -> before-step hooks -> clip -> step -> the user's scheduler -> zero grads."""
+        optimizer = self.optimizer
+        if optimizer is None:
+            raise ConfigError("this TrainStep has no optimizer; it can only run forward_backward")
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        for hook in self.before_step:
+            hook(self)
+        if self.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        if self.schedule is not None:
+            self.schedule.end_step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def __call__(self, batch: Any, global_count: int | None = None) -> int:
+        """The whole step: :meth:`forward_backward` then :meth:`optimizer_step`; returns this rank's samples."""
+        n = self.forward_backward(batch, global_count)
+        self.optimizer_step()
+        return n
