@@ -1,0 +1,146 @@
+"""Decisions from pooled fits: ties detected, clear winners found, flags raised, re-runs agree."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from batchfit import decide
+from batchfit.metric import Metric
+from batchfit.stats import CriticalBatchInterval, Interval
+
+ACC = Metric("accuracy", True)
+
+
+def _trial(batch: int, acc: float | list[float], *, seed: int = 0, mult: float = 1.0, sps: float | None = None,
+           steps_to_target: float | None = 100.0, status: str = "ok", val_samples: int | None = None) -> dict[str, Any]:
+    accs = acc if isinstance(acc, list) else [acc * f for f in (0.8, 0.9, 0.97, 1.0, 1.0)]
+    hist = [{"step": i, "val_metrics": {"accuracy": a}, "val_loss": 1 - a, "train_loss": 1 - a} for i, a in
+            enumerate(accs)]
+    return {"batch_size": batch, "lr_multiplier": mult, "lr": 0.01 * mult, "status": status, "seed": seed,
+            "history": hist, "best_val_metrics": {"accuracy": max(accs)},
+            "samples_per_s": sps if sps is not None else batch / (0.001 + 0.0001 * batch),
+            "steps_to_target": steps_to_target, "val_samples": val_samples}
+
+
+def test_a_single_lucky_evaluation_does_not_make_the_quality() -> None:
+    spiky = _trial(16, [0.5, 0.6, 0.99, 0.6, 0.62])
+    steady = _trial(32, [0.5, 0.7, 0.80, 0.81, 0.80])
+    assert decide.quality_of_trial(spiky, ACC) < decide.quality_of_trial(steady, ACC)
+    assert spiky["best_val_metrics"]["accuracy"] > steady["best_val_metrics"]["accuracy"]  # argmax would pick 16
+
+
+def test_clear_winner_on_quality_with_seed_replicates() -> None:
+    trials = [_trial(b, a + 0.002 * s, seed=s) for b, a in ((16, 0.95), (64, 0.90), (256, 0.85)) for s in range(3)]
+    d = decide.decide(trials, ACC)
+    assert d is not None and d.batch_size == 16 and d.choice.tied == (16,)
+    assert any("edge of range" in f for f in d.flags)  # 16 is the smallest batch tried
+
+
+def test_ties_are_detected_and_broken_on_time_to_target() -> None:
+    rng = np.random.default_rng(0)
+    trials = []
+    for b, steps in ((16, 400), (64, 110), (256, 60)):
+        for s in range(3):
+            trials.append(_trial(b, 0.95 + 0.004 * rng.standard_normal(), seed=s,
+                                 steps_to_target=steps * (1 + 0.05 * rng.standard_normal())))
+    d = decide.decide(trials, ACC)
+    assert d is not None and set(d.choice.tied) == {16, 64, 256}
+    assert any("quality tie" in f for f in d.flags)
+    tt = {b: d.evidence[b].time_to_target.estimate for b in d.evidence}
+    assert d.batch_size == min(tt, key=tt.get)
+
+
+def test_single_seed_accuracy_uses_the_validation_sampling_interval() -> None:
+    trials = [_trial(16, 0.955, val_samples=360), _trial(64, 0.947, val_samples=360), _trial(256, 0.80,
+                                                                                              val_samples=360)]
+    d = decide.decide(trials, ACC)
+    assert d is not None
+    assert d.evidence[16].quality.method == "binomial"
+    assert set(d.choice.tied) == {16, 64}  # 0.8 % apart on 360 samples (1 SE ~ 1.1 %): a tie; 0.80 is not
+
+
+def test_single_seed_without_any_interval_ties_everything() -> None:
+    d = decide.decide([_trial(16, 0.95), _trial(64, 0.5)], ACC)
+    assert d is not None and set(d.choice.tied) == {16, 64}
+
+
+def test_pooled_step_time_survives_one_slow_trial() -> None:
+    def sweep(slow: bool) -> int:
+        trials = []
+        for b, steps in ((16, 400), (32, 210), (64, 120), (128, 80), (256, 70)):
+            for s in range(3):
+                sps = b / (0.001 + 0.0001 * b)
+                if slow and b == 64 and s == 0:
+                    sps /= 3  # the machine was busy during this one trial
+                trials.append(_trial(b, 0.95 + 0.001 * s, seed=s, sps=sps, steps_to_target=steps))
+        d = decide.decide(trials, ACC)
+        assert d is not None
+        return d.batch_size
+
+    assert sweep(False) == sweep(True)
+
+
+def test_fit_step_time_recovers_a_linear_cost_with_an_interval() -> None:
+    rng = np.random.default_rng(2)
+    pts = [(b, (0.002 + 1e-4 * b) * rng.lognormal(0, 0.05)) for b in (8, 32, 128, 512) for _ in range(4)]
+    fit = decide.fit_step_time(pts)
+    assert fit is not None
+    p = fit.predict(256)
+    assert p.contains(0.002 + 1e-4 * 256) and p.width < 0.3 * p.estimate
+    assert decide.fit_step_time([(8, 0.1), (8, 0.2)]) is None  # one batch size: no slope
+
+
+def test_flags_for_extrapolated_critical_batch_and_few_step_lr_move() -> None:
+    trials = [_trial(b, 0.95, seed=s) for b in (16, 64) for s in range(2)]
+    crit = CriticalBatchInterval(Interval(2500.0, 900.0, 9000.0), Interval(10.0, 5.0, 20.0), (16, 64), True, 3)
+    d = decide.decide(trials, ACC, b_crit=crit, lr_calibration={"best_multiplier": 4.0, "steps": 9})
+    assert d is not None
+    assert any("extrapolated" in f for f in d.flags)
+    assert any("only 9 steps" in f for f in d.flags)
+
+
+def test_reruns_agree_where_the_argmax_of_noisy_points_does_not() -> None:
+    """Ground truth: accuracy flat (0.95) from 16 to 256, lower at 1024; step time 1 ms + 0.1 ms x B, so the true
+    time to target S(B) t(B) is flat around its minimum near B = 40 (1.7 s at 32 and 64, 2.1 s at 16 and 128)."""
+    truth_steps = {16: 800, 32: 420, 64: 230, 128: 140, 256: 100, 1024: 90}
+    truth_acc = {16: 0.95, 32: 0.95, 64: 0.95, 128: 0.95, 256: 0.948, 1024: 0.90}
+    picks, argmax_picks = [], []
+    for rerun in range(8):
+        rng = np.random.default_rng(100 + rerun)
+        trials = [_trial(b, truth_acc[b] + 0.008 * rng.standard_normal(), seed=s,
+                         steps_to_target=truth_steps[b] * rng.lognormal(0, 0.1))
+                  for b in truth_steps for s in range(3)]
+        d = decide.decide(trials, ACC)
+        assert d is not None
+        picks.append(d.batch_size)
+        argmax_picks.append(max(trials, key=lambda t: t["best_val_metrics"]["accuracy"])["batch_size"])
+    assert max(picks) / min(picks) <= 2, picks
+    assert set(picks) <= {32, 64}, picks
+    assert max(argmax_picks) / min(argmax_picks) > 2, argmax_picks  # what the old rule would have done
+
+
+def test_precision_advice_needs_a_speedup_beyond_noise_or_binding_memory() -> None:
+    rng = np.random.default_rng(0)
+    fp32 = list(1.0 * rng.lognormal(0, 0.05, 12))
+    slower = list(1.3 * rng.lognormal(0, 0.05, 12))
+    faster = list(0.6 * rng.lognormal(0, 0.05, 12))
+    same = list(1.0 * rng.lognormal(0, 0.05, 12))
+    a = decide.advise_precision(fp32, slower, fp32_max_micro_batch=4096, effective_batch=256, memory_ratio=0.6)
+    assert a.precision == "fp32" and "memory does not bind" in a.reason  # the old rule recommended bf16 here
+    b = decide.advise_precision(fp32, faster, fp32_max_micro_batch=4096, effective_batch=256)
+    assert b.precision == "bf16" and b.speedup is not None and b.speedup.low > 1
+    c = decide.advise_precision(fp32, same, fp32_max_micro_batch=64, effective_batch=256, memory_ratio=0.6)
+    assert c.precision == "bf16" and c.memory_binds and "memory binds" in c.reason
+    d = decide.advise_precision(fp32, faster, fp32_max_micro_batch=4096, effective_batch=256, loss_ok=False)
+    assert d.precision == "fp32"
+
+
+def test_decision_serialises() -> None:
+    d = decide.decide([_trial(b, 0.9, seed=s) for b in (8, 16) for s in range(2)], ACC)
+    assert d is not None
+    out = d.to_dict()
+    assert out["batch_size"] == d.batch_size and len(out["evidence"]) == 2
+    assert all(math.isfinite(e["quality"]["estimate"]) for e in out["evidence"])
