@@ -1,4 +1,14 @@
-"""Plain-JSON conversion and atomic file writes, shared by the library and the CLI."""
+"""Plain-JSON conversion and safe file writes, shared by the library and the CLI.
+
+Where an output goes decides how it is written:
+
+- a regular file (or a name that does not exist yet): written to a temporary file beside it, then renamed over it,
+  so a reader or a crash never sees half a file (``os.replace`` is atomic on POSIX);
+- a symbolic link: the link is followed and its *target* is written as above (the link stays a link);
+- anything else that exists — a FIFO, ``/dev/stdout``, a character device such as ``/dev/null``, a socket — is
+  opened and written in place, once the content is complete; it is never replaced by a regular file;
+- ``-`` is standard output.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +16,20 @@ import contextlib
 import json
 import math
 import os
+import shutil
+import stat
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+__all__ = ["STDOUT", "atomic_write", "is_stream", "resolve_output", "to_jsonable", "write_json", "write_text"]
+
+STDOUT = "-"
+# names that mean one of this process's own open descriptors: write to the descriptor, never reopen the file
+_FD_PATHS = {"/dev/stdout": 1, "/dev/stderr": 2, "/proc/self/fd/1": 1, "/proc/self/fd/2": 2,
+             "/dev/fd/1": 1, "/dev/fd/2": 2}
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -27,24 +47,88 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Write through ``write(tmp_path)`` then rename, so a reader or a crash never sees half a file."""
+def _fd_of(path: str | Path) -> int | None:
+    text = str(path)
+    if text == STDOUT:
+        return 1
+    return _FD_PATHS.get(text)
+
+
+def is_stream(path: str | Path) -> bool:
+    """True for ``-``, this process's stdout/stderr, and existing outputs that are not regular files (FIFOs,
+    character devices, sockets): they are written once, in place, and never replaced."""
+    if _fd_of(path) is not None:
+        return True
+    try:
+        mode = os.stat(path).st_mode  # follows symbolic links
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
+def resolve_output(path: str | Path) -> Path:
+    """Where a write to ``path`` lands: a symbolic link's final target (also when that target does not exist yet),
+    otherwise ``path`` itself."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    if path.is_symlink():
+        return Path(os.path.realpath(path))
+    return path
+
+
+def _write_stream(path: str | Path, write: Callable[[str], None]) -> None:
+    """Render into a private temporary file, then copy the complete bytes into the stream in one pass."""
+    with tempfile.TemporaryDirectory(prefix="batchfit-") as tmpdir:
+        tmp = os.path.join(tmpdir, "out" + Path(str(path)).suffix)
+        write(tmp)
+        fd = _fd_of(path)
+        if fd is not None:
+            stream = sys.stdout if fd == 1 else sys.stderr
+            with contextlib.suppress(AttributeError, ValueError):
+                stream.flush()
+            with open(tmp, "rb") as src:
+                data = src.read()
+            buffer = getattr(stream, "buffer", None)
+            if buffer is not None:  # a real text stream: write its bytes
+                buffer.write(data)
+                buffer.flush()
+            else:  # a replaced stream (a test's capture): text
+                stream.write(data.decode("utf-8", errors="replace"))
+                stream.flush()
+            return
+        with open(tmp, "rb") as src, open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Write through ``write(tmp_path)``: atomically (temp file + rename) for regular files, through symbolic links
+    to their target, and in place for streams and devices (see the module docstring). Returns the path written."""
+    if is_stream(path):
+        _write_stream(path, write)
+        return Path(path)
+    target = resolve_output(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"output path {str(path)!r} is a directory; give a file name")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)  # keep the permissions of the file we replace
+    except OSError:
+        mode = 0o644  # mkstemp makes 0600; results are meant to be shared
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:200]}.", suffix=target.suffix, dir=target.parent)
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return path
+    return Path(path)
 
 
 def write_json(path: str | Path, data: Any) -> Path:
+    """``data`` as indented plain JSON (see :func:`to_jsonable`), written by :func:`atomic_write`."""
+
     def dump(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump(to_jsonable(data), f, indent=2)
@@ -54,6 +138,8 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 def write_text(path: str | Path, text: str) -> Path:
+    """UTF-8 text, written by :func:`atomic_write`."""
+
     def dump(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)

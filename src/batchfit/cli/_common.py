@@ -1,17 +1,65 @@
-"""What every subcommand shares: one-line errors, argument types, common options, JSON output."""
+"""What every subcommand shares: one-line errors, argument types, common options, output paths and JSON output.
+
+The error guard (:data:`fail`) is the one place where anything that escapes a subcommand becomes one line on stderr
+and an exit code: 2 for bad input, errors in the user's workload and unusable stores, 130 for a real Ctrl-C, 1 only
+for batchfit's own bugs. Library messages name keyword arguments (``batch_size``); the guard rewrites them to the
+subcommand's flags (``--batch-size``) through :data:`KEYWORD_FLAGS` and the subcommand's own options.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import math
 import os
+import re
+import signal
 import sys
+import tempfile
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_INPUT",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "KEYWORD_FLAGS",
+    "MAX_MEMORY_BYTES",
+    "NAME_MAX",
+    "ArgumentParser",
+    "add_output_options",
+    "add_runtime_options",
+    "add_workload_options",
+    "check_outputs",
+    "check_writable",
+    "console",
+    "emit",
+    "fail",
+    "flush_streams",
+    "fraction",
+    "load_workload_from_args",
+    "memory_size",
+    "nonneg_int",
+    "output_paths",
+    "positive_float",
+    "positive_int",
+    "seed_value",
+    "to_flags",
+    "warmup_value",
+    "workload_import_path",
+    "write_json",
+]
+
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+NAME_MAX = 255  # bytes in one path component on every common Linux/macOS file system
+PATH_MAX = 4096
+MAX_MEMORY_BYTES = 2**60  # 1 EiB: more than any machine; larger budgets are typos (1e400, 10**30)
+WIDE = 400  # console width when stderr is not a terminal (a log file, CI): tables print in full, never cut
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -43,6 +91,20 @@ def nonneg_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give an integer >= 0") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative; give an integer >= 0")
+    return value
+
+
+def seed_value(text: str) -> int:
+    """The seed, checked as the library checks it (:func:`batchfit.checks.seed`): an integer in [0, 2**32 - 1]."""
+    from batchfit.checks import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give a seed in [0, {MAX_SEED}]") from None
+    if not 0 <= value <= MAX_SEED:
+        shown = text if len(text) <= 24 else f"{text[:20]}... ({len(text)} digits)"
+        raise argparse.ArgumentTypeError(f"{shown} is outside [0, {MAX_SEED}]; give a seed in that range")
     return value
 
 
@@ -83,14 +145,22 @@ def warmup_value(text: str) -> int | float:
 
 
 def memory_size(text: str) -> int:
+    """``512MiB``, ``2GB``, ``1000000``: a positive, finite size below :data:`MAX_MEMORY_BYTES`."""
     from batchfit.errors import ConfigError
-    from batchfit.memory import parse_bytes
+    from batchfit.memory import format_bytes, parse_bytes
 
     try:
         value = parse_bytes(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    assert value is not None
+    except ConfigError as exc:  # the library names its keyword; here the flag is already named by argparse
+        raise argparse.ArgumentTypeError(str(exc).replace("memory_budget", "memory size")) from None
+    except (OverflowError, ValueError):  # 1e400 -> inf; nan
+        raise argparse.ArgumentTypeError(f"memory size {text!r} is not a finite size; write e.g. 512MiB") from None
+    if value is None or value <= 0:
+        raise argparse.ArgumentTypeError(f"memory size {text!r} is not positive; write e.g. 512MiB")
+    if value > MAX_MEMORY_BYTES:
+        raise argparse.ArgumentTypeError(
+            f"memory size {text!r} is larger than any machine ({format_bytes(MAX_MEMORY_BYTES)}); write e.g. 512MiB"
+        )
     return value
 
 
@@ -110,11 +180,13 @@ def add_runtime_options(p: argparse.ArgumentParser, precision: bool = True) -> N
     if precision:
         p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                        help="fp32, bf16 autocast (CPU and CUDA) or fp16 with a gradient scaler (CUDA)")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (same seed -> same result)")
+    p.add_argument("--seed", type=seed_value, default=0,
+                   help="random seed in [0, 2**32 - 1] (same seed -> same result)")
 
 
 def add_output_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", type=Path, metavar="PATH", help="write the result as JSON to PATH")
+    p.add_argument("--json", type=Path, metavar="PATH",
+                   help="write the result as JSON to PATH ('-' for stdout; FIFOs and devices are written in place)")
     p.add_argument("--out", type=Path, metavar="DIR", help="write the result as DIR/<command>.json")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -126,15 +198,20 @@ def load_workload_from_args(args: argparse.Namespace) -> Any:
     return load_workload(args.workload, **parse_options(args.workload_option))
 
 
+def workload_import_path(spec: Any) -> list[str]:
+    """The folders a workload spec's imports should see, as ``python -m batchfit`` sees them: the current
+    directory, and for ``path/to/file.py:factory`` the file's own folder (so it can import its sibling modules)."""
+    folders = [os.getcwd()]
+    if isinstance(spec, str) and ":" in spec and not spec.startswith("demo:"):
+        target = spec.strip().rpartition(":")[0]
+        if target.endswith(".py") or "/" in target or "\\" in target:
+            with contextlib.suppress(OSError, ValueError):
+                folders.insert(0, str(Path(target).resolve().parent))
+    return folders
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Output
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write atomically (temp file + rename), so a reader or a crash never sees half a file."""
-    from batchfit._io import write_json as _write
-
-    _write(path, data)
+# Output paths: checked up front, the same way in every command
 
 
 def output_paths(args: argparse.Namespace, command: str) -> list[Path]:
@@ -146,68 +223,335 @@ def output_paths(args: argparse.Namespace, command: str) -> list[Path]:
     return paths
 
 
-def check_writable(paths: list[Path]) -> None:
-    """Fail before any work if an output location cannot be written."""
+def _store_file(store: Any) -> Path | None:
+    """The file of a SQLite store given as a path or a ``sqlite:///`` URL; None for other URLs and memory."""
+    if not isinstance(store, str) or not store:
+        return None
+    if "://" not in store:
+        return Path(store)
+    if store.startswith("sqlite:///"):
+        path = store[len("sqlite:///"):].split("?")[0]
+        if path and not path.startswith(":memory:") and "mode=memory" not in store:
+            return Path(path)
+    return None
+
+
+def _check_path(flag: str, path: Any, *, directory: bool = False, store: bool = False) -> None:
+    """One output location: every rule that would otherwise fail after the work (see :func:`check_outputs`)."""
+    from batchfit._io import STDOUT, is_stream, resolve_output
     from batchfit.errors import ConfigError
 
+    text = str(path)
+    if text == STDOUT and not directory and not store:
+        return
+    if not text or "\x00" in text:
+        raise ConfigError(f"{flag} {text!r} is not a usable path; give a file name")
+    for part in Path(text).parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise ConfigError(f"{flag}: the path component {part[:24]!r}... is {len(os.fsencode(part))} bytes long; "
+                              f"file systems allow at most {NAME_MAX}; choose a shorter name")
+    if len(os.fsencode(os.path.abspath(text))) >= PATH_MAX:
+        raise ConfigError(f"{flag}: the path is longer than {PATH_MAX} bytes; choose a shorter one")
+    p = Path(text)
+    if not directory and is_stream(p):
+        if store:
+            raise ConfigError(f"{flag} {text!r} is not a regular file; give a path for the SQLite store")
+        return  # a FIFO, a device, /dev/stdout: written in place at the end
+    target = p if directory else resolve_output(p)
+    if target.exists():
+        if directory and not target.is_dir():
+            raise ConfigError(f"{flag} {text!r} is a file, not a directory; give a directory")
+        if not directory and target.is_dir():
+            raise ConfigError(f"{flag} {text!r} is a directory; give a file name")
+        if store and not os.access(target, os.W_OK):
+            raise ConfigError(f"the store {text!r} is read-only; make it writable or give another --store")
+    folder = Path(os.path.abspath(target if directory else target.parent))
+    while not folder.exists():  # the nearest existing folder must be a folder we can create files in
+        if folder.is_symlink():
+            raise ConfigError(f"{flag} {text!r}: {str(folder)!r} is a broken symbolic link; fix it or choose "
+                              "another path")
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{flag} {text!r}: {str(folder)!r} is a file, not a directory; choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".batchfit-probe-", dir=folder)
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{flag} {text!r}: cannot write in {str(folder)!r} ({why}); choose another path") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+
+
+def check_writable(paths: list[Path], flag: str = "output") -> None:
+    """Fail before any work if an output file cannot be written (see :func:`check_outputs`)."""
     for path in paths:
-        parent = Path(path).parent
-        if Path(path).is_dir():
-            raise ConfigError(f"output path {str(path)!r} is a directory; give a file name")
-        probe = parent
-        while not probe.exists():
-            probe = probe.parent
-        if not os.access(probe, os.W_OK):
-            raise ConfigError(f"cannot write to {str(parent)!r}; choose another output path")
+        _check_path(flag, path)
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Check every output location a command was given, before it loads the workload or does any work:
+    ``--json`` (a file, ``-``, a FIFO or a device), ``--out`` (a directory), ``--plot`` and the ``--store`` of
+    sweep and tune (a SQLite file). A parent that is a file, a name over 255 bytes, a folder that cannot be
+    written or a read-only store ends in one line and exit 2 here, not after the work."""
+    if getattr(args, "json", None) is not None:
+        _check_path("--json", args.json)
+    if getattr(args, "plot", None) is not None:
+        _check_path("--plot", args.plot)
+    if getattr(args, "out", None) is not None:
+        _check_path("--out", args.out, directory=True)
+    if getattr(args, "command", None) in ("sweep", "tune"):
+        store = _store_file(getattr(args, "store", None))
+        if store is not None:
+            _check_path("--store", store, store=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output
+
+
+_pending_streams: dict[str, Any] = {}  # a FIFO or stdout gets one JSON document: the last one, written at the end
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write atomically (temp file + rename) to regular files; through symlinks; in place to FIFOs and devices."""
+    from batchfit._io import write_json as _write
+
+    _write(path, data)
+
+
+def flush_streams() -> None:
+    """Write the last result held for each stream output (``-``, a FIFO, a device) once; called by the guard."""
+    from batchfit._io import write_json as _write
+
+    while _pending_streams:
+        path, data = _pending_streams.popitem()
+        with contextlib.suppress(BrokenPipeError):
+            _write(path, data)
 
 
 def emit(args: argparse.Namespace, command: str, data: Any) -> None:
-    """Write the JSON outputs; under torchrun only rank 0 writes, and every result says its ``world_size``."""
+    """Write the JSON outputs; under torchrun only rank 0 writes, and every result says its ``world_size``.
+
+    Regular files are rewritten at every call (results are kept as they complete); a stream (``--json -``, a FIFO,
+    a device) is written once, with the last result, when the command ends — a reader gets one JSON document."""
     from batchfit import distributed
+    from batchfit._io import is_stream
 
     if not distributed.is_main():
         return
     if isinstance(data, dict) and "world_size" not in data:
         data = {**data, "world_size": distributed.world_size()}
     for path in output_paths(args, command):
-        write_json(path, data)
+        if is_stream(path):
+            _pending_streams[str(path)] = data
+        else:
+            write_json(path, data)
 
 
 def console(args: argparse.Namespace | None = None) -> Any:
+    """The rich console on stderr (stdout stays free for ``--json -``); wide when stderr is not a terminal, so
+    tables in a log file or CI are printed in full, never cut to 80 columns."""
     from rich.console import Console
 
     from batchfit import distributed
 
     # under torchrun only rank 0 prints progress and tables
-    return Console(stderr=True, quiet=bool(getattr(args, "quiet", False)) or not distributed.is_main())
+    quiet = bool(getattr(args, "quiet", False)) or not distributed.is_main()
+    con = Console(stderr=True, quiet=quiet)
+    if not con.is_terminal:
+        con = Console(stderr=True, quiet=quiet, width=max(con.width, WIDE))
+    return con
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Keyword arguments -> flags
+
+# Library keyword names whose CLI flag is not "--" + the name with dashes. Everything else maps to
+# "--name-with-dashes" when the subcommand has that flag.
+KEYWORD_FLAGS = {
+    "storage": "--store",
+    "study_name": "--study",
+    "spec": "--workload",
+    "workload_options": "--workload-option",
+    "rel_ci": "--rel-ci",
+    "drop_last": "--no-drop-last",
+}
+# a one-word name is a keyword only as the subject of a check: "seed must be ...", "unknown precision 'x'"
+_PLAIN_WORD = (r"(?:^|(?<=; )){name}(?=\s+(?:must|should|cannot|is not|has to)\b|=)", r"(?<=unknown ){name}(?=\s)")
+
+
+def to_flags(message: str, parser: argparse.ArgumentParser | None) -> str:
+    """Rewrite the keyword names in a library message (``batch_size must be ...``) to this subcommand's flags
+    (``--batch-size must be ...``). Names with an underscore are rewritten wherever they stand as a word; one-word
+    names (``seed``, ``lr``) only where they are the subject of a check ("seed must ...", "unknown lr_rule ...")."""
+    if parser is None:
+        return message
+    flags: set[str] = set()
+    for action in parser._actions:  # the subcommand's own options
+        flags.update(o for o in action.option_strings if o.startswith("--"))
+    names: dict[str, str] = {}
+    for action in parser._actions:
+        for option in action.option_strings:
+            if option.startswith("--"):
+                names.setdefault(option[2:].replace("-", "_"), option)
+    for name, flag in KEYWORD_FLAGS.items():
+        if flag in flags:
+            names[name] = flag
+    for name in sorted(names, key=len, reverse=True):
+        flag = names[name]
+        if "_" in name:
+            patterns: tuple[str, ...] = (rf"(?<![\w'\"./-]){re.escape(name)}(?![\w'\"])",)
+        else:
+            patterns = tuple(p.format(name=re.escape(name)) for p in _PLAIN_WORD)
+        for pattern in patterns:
+            message = re.sub(pattern, flag, message)
+    return message
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Error guard
 
 
+class _Sigint:
+    """Knows whether a real SIGINT (Ctrl-C, ``kill -INT``) arrived, to tell it from a KeyboardInterrupt that code
+    raised by itself (a workload module doing ``raise KeyboardInterrupt`` at import)."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self.installed = False
+        self.previous: Any = None
+
+    def __enter__(self) -> _Sigint:
+        self.received = False
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.installed = True
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.installed:
+            signal.signal(signal.SIGINT, self.previous)
+            self.installed = False
+
+
+def _origin(exc: BaseException) -> str:
+    """``file:line`` of the innermost frame that raised ``exc``."""
+    tb = exc.__traceback__
+    if tb is None:
+        return "an unknown place"
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in seen:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return seen
+
+
+def _store_name(args: argparse.Namespace) -> str:
+    store = getattr(args, "store", None)
+    if store:
+        return str(store)
+    out = getattr(args, "out", None)
+    return str(Path(out or ".") / "batchfit.db")
+
+
+_MALFORMED = ("file is not a database", "database disk image is malformed", "malformed database schema")
+_READ_ONLY = ("attempt to write a readonly database", "readonly database", "read-only file system",
+              "unable to open database file")
+
+
+def _storage_error(exc: BaseException, args: argparse.Namespace) -> str | None:
+    """A one-line message naming the real cause when a store failure is somewhere in ``exc``'s chain."""
+    if getattr(args, "command", None) not in ("sweep", "tune", "report"):
+        return None
+    store = _store_name(args)
+    for e in _chain(exc):
+        module = type(e).__module__ or ""
+        text = " ".join(str(e).split())
+        low = text.lower()
+        from_db = module.startswith(("sqlite3", "sqlalchemy", "optuna")) or "sqlite3." in low
+        if from_db and any(m in low for m in _MALFORMED):
+            return (f"the store {store!r} is not a valid SQLite database ({_sqlite_reason(low, _MALFORMED)}); "
+                    "restore it from a copy, or give another --store / --out")
+        if from_db and any(m in low for m in _READ_ONLY):
+            return (f"the store {store!r} is read-only or cannot be opened for writing "
+                    f"({_sqlite_reason(low, _READ_ONLY)}); make the file and its folder writable, or give another "
+                    "--store / --out")
+        if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and e.filename and \
+                os.path.basename(str(e.filename)).startswith(os.path.basename(store) or "batchfit.db"):
+            return (f"the store {store!r} is read-only ({e.strerror}: {e.filename}); make the file and its folder "
+                    "writable, or give another --store / --out")
+    return None
+
+
+def _sqlite_reason(low: str, markers: tuple[str, ...]) -> str:
+    return next(m for m in markers if m in low)
+
+
 class _Fail:
-    def guard(self, handler: Callable[[argparse.Namespace], int], args: argparse.Namespace, *, debug: bool) -> int:
+    def guard(self, handler: Callable[[argparse.Namespace], int], args: argparse.Namespace, *, debug: bool,
+              parser: argparse.ArgumentParser | None = None) -> int:
+        """Run ``handler(args)``; whatever escapes becomes one line on stderr and an exit code."""
+        name = f"batchfit {getattr(args, 'command', '')}".strip()
+        with _Sigint() as sigint:
+            try:
+                check_outputs(args)
+                return int(handler(args) or 0)
+            except KeyboardInterrupt as exc:
+                if sigint.received or not sigint.installed:  # a real Ctrl-C (or one we cannot tell apart)
+                    sys.stderr.write(f"{name}: interrupted; results written so far are kept\n")
+                    return EXIT_INTERRUPTED
+                if debug:
+                    traceback.print_exc()
+                sys.stderr.write(
+                    f"{name}: error: KeyboardInterrupt raised by code at {_origin(exc)} (no Ctrl-C was pressed); "
+                    "nothing was finished - remove that raise from the workload\n"
+                )
+                return EXIT_INPUT
+            except SystemExit as exc:  # a workload module or factory calling sys.exit() must not end batchfit quietly
+                if debug:
+                    traceback.print_exc()
+                sys.stderr.write(
+                    f"{name}: error: the workload called sys.exit({exc.code!r}) at {_origin(exc)}; batchfit stopped "
+                    "without a result - raise an exception in the workload instead of exiting\n"
+                )
+                return EXIT_INPUT
+            except Exception as exc:
+                return self._report(exc, args, name, debug=debug, parser=parser)
+            finally:
+                flush_streams()
+
+    def _report(self, exc: Exception, args: argparse.Namespace, name: str, *, debug: bool,
+                parser: argparse.ArgumentParser | None) -> int:
         from batchfit.errors import BatchfitError
 
-        try:
-            return int(handler(args) or 0)
-        except BatchfitError as exc:
-            if debug:
-                traceback.print_exc()
-            sys.stderr.write(f"batchfit {args.command}: error: {_one_line(exc)}\n")
+        if debug:
+            traceback.print_exc()
+        storage = _storage_error(exc, args)
+        if storage is not None:
+            sys.stderr.write(f"{name}: error: {storage}\n")
             return EXIT_INPUT
-        except KeyboardInterrupt:
-            sys.stderr.write(f"batchfit {args.command}: interrupted; results written so far are kept\n")
-            return EXIT_INTERRUPTED
-        except Exception as exc:  # an unexpected failure: still one line unless --debug
-            if debug:
-                traceback.print_exc()
-            sys.stderr.write(
-                f"batchfit {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
-                "(run again with --debug for the traceback)\n"
-            )
-            return EXIT_ERROR
+        if isinstance(exc, BatchfitError):
+            sys.stderr.write(f"{name}: error: {to_flags(_one_line(exc), parser)}\n")
+            return EXIT_INPUT
+        # an unexpected failure: still one line unless --debug
+        sys.stderr.write(
+            f"{name}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+            "(run again with --debug for the traceback)\n"
+        )
+        return EXIT_ERROR
 
 
 def _one_line(exc: BaseException) -> str:

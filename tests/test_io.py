@@ -1,0 +1,124 @@
+"""batchfit._io: where an output goes decides how it is written (issue 13, item 1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from batchfit._io import atomic_write, is_stream, write_json, write_text
+from batchfit.cli import main
+
+
+def _read_fifo(path, box: dict) -> threading.Thread:  # noqa: ANN001
+    def read() -> None:
+        with open(path) as f:
+            box["text"] = f.read()
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    return t
+
+
+def test_regular_file_is_replaced_atomically_and_keeps_its_mode(tmp_path) -> None:
+    out = tmp_path / "r.json"
+    out.write_text("old")
+    os.chmod(out, 0o640)
+    inode = out.stat().st_ino
+    write_json(out, {"a": float("nan"), "b": (1, 2)})
+    assert json.loads(out.read_text()) == {"a": None, "b": [1, 2]}
+    assert out.stat().st_ino != inode  # a new file renamed over the old one
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left
+
+
+def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path) -> None:
+    out = tmp_path / "r.json"
+    out.write_text("old")
+
+    def boom(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(out, boom)
+    assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_symlink_target_is_updated_and_link_kept(tmp_path) -> None:
+    target = tmp_path / "real" / "r.json"
+    target.parent.mkdir()
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    write_text(link, "new")
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_text() == "new"
+
+
+def test_dangling_symlink_creates_its_target(tmp_path) -> None:
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "made.json")
+    write_json(link, {"x": 1})
+    assert link.is_symlink() and json.loads((tmp_path / "made.json").read_text()) == {"x": 1}
+
+
+def test_fifo_is_written_in_place_not_replaced(tmp_path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    box: dict = {}
+    t = _read_fifo(fifo, box)
+    write_json(fifo, {"ok": True})
+    t.join(10)
+    assert json.loads(box["text"]) == {"ok": True}
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_dev_null_stays_a_character_device() -> None:
+    before = os.stat("/dev/null")
+    assert is_stream("/dev/null")
+    write_json("/dev/null", {"x": 1})
+    after = os.stat("/dev/null")
+    assert stat.S_ISCHR(after.st_mode) and after.st_rdev == before.st_rdev and after.st_ino == before.st_ino
+
+
+def test_dash_is_stdout(capsys) -> None:
+    write_json("-", {"x": [1, 2]})
+    assert json.loads(capsys.readouterr().out) == {"x": [1, 2]}
+
+
+def test_cli_json_to_fifo_read_by_a_thread(tmp_path, capsys) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    box: dict = {}
+    t = _read_fifo(fifo, box)
+    rc = main(["train", "--steps", "2", "--eval-every", "1", "-q", "--json", str(fifo)])
+    t.join(10)
+    assert rc == 0
+    data = json.loads(box["text"])  # one document: the final result, not every partial one
+    assert data["status"] == "ok" and data["steps"] == 2
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_cli_json_symlink_updates_target(tmp_path) -> None:
+    target = tmp_path / "t.json"
+    target.write_text("{}")
+    link = tmp_path / "l.json"
+    link.symlink_to(target)
+    assert main(["train", "--steps", "1", "-q", "--json", str(link)]) == 0
+    assert link.is_symlink() and json.loads(target.read_text())["status"] == "ok"
+
+
+def test_cli_json_dash_gives_parseable_stdout_progress_on_stderr() -> None:
+    p = subprocess.run([sys.executable, "-m", "batchfit", "train", "--steps", "2", "--eval-every", "1",
+                        "--json", "-"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    data = json.loads(p.stdout)  # stdout is exactly one JSON document
+    assert data["status"] == "ok" and len(data["history"]) >= 2
+    assert "batch" in p.stderr  # the progress and summary went to stderr
