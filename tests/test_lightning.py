@@ -124,3 +124,105 @@ def test_bad_inputs() -> None:
         _trainer(BatchfitBatchSize()).fit(Net(), datamodule=NoBatchAttr())
     with pytest.raises(ConfigError, match="manually"):
         lightning_workload(Net(manual=True), Data().train_dataloader())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The workload from a LightningModule factory and a DataModule (issue 12.4)
+
+
+class Classifier(L.LightningModule):
+    """A module as users write it: a scheduler in configure_optimizers, metrics logged in validation_step."""
+
+    built = 0
+
+    def __init__(self, lr: float = 0.1) -> None:
+        super().__init__()
+        Classifier.built += 1
+        self.lr = lr
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 3))
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return {"loss": loss}
+
+    def validation_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        x, y = batch
+        logits = self.net(x)
+        self.log("val_loss", F.cross_entropy(logits, y))
+        self.log("val_acc", (logits.argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):  # noqa: ANN201
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class SplitData(Data):
+    def __init__(self, batch_size: int = 16, n: int = 256) -> None:
+        super().__init__(batch_size, n)
+        self.setups = 0
+
+    def setup(self, stage: str) -> None:
+        self.setups += 1
+        self.train_ds, self.val_ds = torch.utils.data.random_split(self.ds, [192, 64],
+                                                                   torch.Generator().manual_seed(0))
+
+    def train_dataloader(self):  # noqa: ANN201
+        return torch.utils.data.DataLoader(self.train_ds, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):  # noqa: ANN201
+        return torch.utils.data.DataLoader(self.val_ds, batch_size=32)
+
+
+def _train(wl, **kw):  # noqa: ANN001, ANN202
+    from batchfit.engine import train
+
+    return train(wl, steps=kw.pop("steps", 6), eval_every=kw.pop("eval_every", 3), **kw)
+
+
+def test_workload_from_factory_and_datamodule() -> None:
+    data = SplitData(batch_size=16)
+    trainer = L.Trainer(gradient_clip_val=0.5, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    wl = lightning_workload(Classifier, datamodule=data, trainer=trainer)
+    assert data.setups == 1 and wl.num_train == 192 and wl.num_val == 64
+    assert list(wl.metrics) == ["val_acc"] and wl.higher_is_better  # what validation_step logs; val_loss is the loss
+    assert wl.grad_clip == 0.5 and wl.base_batch_size == 32 and wl.micro_batch_size == 16 and wl.base_lr == 0.1
+    before = Classifier.built
+    a, b = wl.model_fn(), wl.model_fn()
+    assert a is not b and Classifier.built == before + 2  # a fresh module per trial
+    opt = wl.optimizer_fn(a.parameters(), 0.4)  # batchfit's rule asks for 4x the module's LR
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.4)
+    sched = wl.lr_schedule(opt, 100)
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2)  # StepLR(step_size=2, gamma=0.5) on the rescaled LR
+
+    res = _train(wl, batch_size=32)
+    final = res.final
+    assert final["val_metrics"]["val_acc"] >= 0.0 and math.isfinite(final["val_loss"])
+
+
+def test_three_identical_trains_of_an_instance_give_identical_losses() -> None:
+    """The bug of issue 12.4: every trial continued from the previous trial's weights (2.18 -> 1.26 -> 0.60)."""
+    torch.manual_seed(0)
+    module = Net()
+    initial = [p.detach().clone() for p in module.parameters()]
+    wl = lightning_workload(module, Data(batch_size=32).train_dataloader())
+    losses = [[h["train_loss"] for h in _train(wl, batch_size=32, steps=8, eval_every=4).history] for _ in range(3)]
+    assert losses[0] == losses[1] == losses[2] and losses[0][-1] < losses[0][0]
+    for a, b in zip(initial, module.parameters(), strict=True):  # the user's instance is never trained
+        assert torch.equal(a, b)
+
+
+def test_validation_data_makes_tune_recommend(tmp_path) -> None:  # noqa: ANN001
+    from batchfit.tuning import tune
+
+    wl = lightning_workload(Classifier, datamodule=SplitData(batch_size=16))
+    result = tune(wl, out_dir=tmp_path, batch_sizes=[16, 64], budget="steps:12", lr_search=1, noise=False,
+                  find=False, precision_check=False, lr_calibration=False, seed=0)
+    rec = result["recommendation"] if isinstance(result, dict) else result.recommendation
+    assert rec is not None

@@ -30,13 +30,18 @@ The result is in :attr:`BatchfitBatchSize.result` (the finder's full result) and
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import warnings
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from batchfit.data import batch_size_of, declared_samples
 from batchfit.errors import ConfigError, WorkloadError
 from batchfit.workload import Workload
 
@@ -56,90 +61,360 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     except ImportError as exc:
         raise ImportError("Lightning is not installed; run: pip install 'batchfit[lightning]'") from exc
 
+__all__ = ["BatchfitBatchSize", "lightning_workload", "plan_accumulation"]
+
 _PRECISIONS = {"bf16-mixed": "bf16", "bf16": "bf16", "bf16-true": "bf16", "16-mixed": "fp16", "16": "fp16"}
+_LOWER_IS_BETTER = ("loss", "err", "perplexity", "ppl", "mae", "mse", "rmse", "nll", "cer", "wer")
 
 
-class _TrainingStep(nn.Module):
-    """Calls the LightningModule's ``training_step`` on a whole batch; its output *is* the loss."""
+# ---------------------------------------------------------------------------------------------------------------
+# Running the module's own steps outside Lightning's loop
 
-    def __init__(self, module: Any) -> None:
-        super().__init__()
-        self.module = module
 
-    def forward(self, batch: Any) -> torch.Tensor:
-        trainer = self.module._trainer
-        self.module._trainer = None  # self.log() inside training_step becomes a no-op outside Lightning's loop
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*self.log.*")
-                out = self.module.training_step(batch, 0)
-        finally:
-            self.module._trainer = trainer
-        if isinstance(out, dict):
-            out = out.get("loss")
-        if not isinstance(out, torch.Tensor):
-            raise WorkloadError(
-                "training_step must return the loss (a tensor, or a dict with 'loss') for batchfit to size the batch"
-            )
+class _Outputs:
+    """What one Lightning step gives batchfit: the loss and the values the step logged with ``self.log``."""
+
+    def __init__(self, loss: torch.Tensor, logged: dict[str, Any]) -> None:
+        self.loss = loss
+        self.logged = logged
+
+
+def _value(v: Any) -> Any:
+    if hasattr(v, "compute") and hasattr(v, "reset"):  # a torchmetrics Metric: this batch's value
+        out = v.compute()
+        v.reset()
         return out
+    return v.detach() if isinstance(v, torch.Tensor) else v
 
 
-class _Pairs(torch.utils.data.Dataset):
-    """Items as ``(whole item, 0)``: the engine's (input, target) split hands the whole batch to training_step."""
+@contextlib.contextmanager
+def _detached(module: Any) -> Iterator[dict[str, Any]]:
+    """Run a hook of ``module`` outside a Trainer: no trainer reference, ``self.log`` / ``log_dict`` captured."""
+    logged: dict[str, Any] = {}
 
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
+    def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        logged[name] = _value(value)
 
-    def __len__(self) -> int:
-        return len(self.dataset)
+    def log_dict(values: Any, *args: Any, **kwargs: Any) -> None:
+        for k, v in dict(values).items():
+            logged[k] = _value(v)
 
-    def __getitem__(self, i: int) -> tuple[Any, int]:
-        return self.dataset[i], 0
+    trainer = module.__dict__.get("_trainer")
+    module._trainer = None
+    module.__dict__["log"], module.__dict__["log_dict"] = log, log_dict
+    try:
+        yield logged
+    finally:
+        del module.__dict__["log"], module.__dict__["log_dict"]
+        module._trainer = trainer
 
 
-def lightning_workload(module: Any, dataloader: Any, *, name: str | None = None) -> Workload:
-    """A batchfit :class:`Workload` that trains ``module`` (a LightningModule) on ``dataloader``'s dataset.
+def _loss_of(out: Any, hook: str) -> torch.Tensor | None:
+    if isinstance(out, Mapping):
+        out = out.get("loss")
+    if out is None:
+        return None
+    if not isinstance(out, torch.Tensor):
+        raise WorkloadError(f"{hook} must return the loss (a tensor, or a dict with 'loss'), got {type(out).__name__}")
+    return out
 
-    ``model_fn`` hands back the *same* module (the finder restores its weights after every trial).
+
+def _loss_key(logged: Mapping[str, Any]) -> str | None:
+    return next((k for k in logged if "loss" in k.lower()), None)
+
+
+def _run_step(module: Any, batch: Any) -> _Outputs:
+    """The workload's ``forward``: ``training_step`` in training, ``validation_step`` in evaluation.
+
+    In evaluation the loss is the first value the validation step logs with "loss" in its name, else what it
+    returns, else the training step's loss on the batch (no gradient is taken in evaluation)."""
+    if module.training:
+        module.__dict__["_batchfit_samples"] = module.__dict__.get("_batchfit_samples", 0) + batch_size_of(batch)
+        with _detached(module) as logged:
+            loss = _loss_of(module.training_step(batch, 0), "training_step")
+        if loss is None:
+            raise WorkloadError("training_step returned None (a skipped batch); batchfit needs the loss of every "
+                                "batch to measure it")
+        return _Outputs(loss, logged)
+    with _detached(module) as logged:
+        returned = _loss_of(module.validation_step(batch, 0), "validation_step")
+    key = _loss_key(logged)
+    loss = logged[key] if key is not None else returned
+    if loss is None:
+        with _detached(module):
+            loss = _loss_of(module.training_step(batch, 0), "training_step")
+    return _Outputs(torch.as_tensor(loss, dtype=torch.float32), logged)
+
+
+def _logged_metric(key: str) -> Callable[[Any, Any], Any]:
+    def metric(outputs: _Outputs, _targets: Any) -> Any:
+        if key not in outputs.logged:
+            raise WorkloadError(f"validation_step did not log {key!r} for this batch; log it for every batch")
+        return outputs.logged[key]
+
+    metric.__name__ = key
+    return metric
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configure_optimizers: the optimizer (LR rescaled) and its scheduler
+
+
+def _split_optimizers(cfg: Any) -> tuple[torch.optim.Optimizer, dict[str, Any] | None]:
+    """``(optimizer, scheduler config)`` from any form ``configure_optimizers`` may return."""
+    scheduler: Any = None
+    if isinstance(cfg, (list, tuple)) and len(cfg) == 2 and all(isinstance(c, (list, tuple)) for c in cfg):
+        cfg, schedulers = cfg  # ([optimizers], [schedulers])
+        scheduler = schedulers[0] if schedulers else None
+    if isinstance(cfg, (list, tuple)):
+        if len(cfg) != 1:
+            raise ConfigError(f"configure_optimizers returned {len(cfg)} optimizers; batchfit measures modules with "
+                              "one optimizer (automatic optimization)")
+        cfg = cfg[0]
+    if isinstance(cfg, Mapping):
+        scheduler = cfg.get("lr_scheduler", scheduler)
+        cfg = cfg.get("optimizer")
+    if not isinstance(cfg, torch.optim.Optimizer):
+        raise WorkloadError("configure_optimizers must return an optimizer (alone, in a list, or in a dict with "
+                            f"'optimizer'); got {type(cfg).__name__}")
+    if scheduler is None:
+        return cfg, None
+    sched = dict(scheduler) if isinstance(scheduler, Mapping) else {"scheduler": scheduler}
+    sched.setdefault("interval", "epoch")
+    sched.setdefault("frequency", 1)
+    return cfg, sched
+
+
+def _rescale(optimizer: torch.optim.Optimizer, scheduler: Any, factor: float) -> None:
+    """Multiply every LR the optimizer and a torch scheduler hold by ``factor`` (batchfit's LR rule)."""
+    for g in optimizer.param_groups:
+        for key in ("lr", "initial_lr", "max_lr", "min_lr"):  # max/min: OneCycleLR keeps them in the groups
+            if isinstance(g.get(key), (int, float)):
+                g[key] *= factor
+    for attr in ("base_lrs", "max_lrs", "_last_lr"):  # LRScheduler, CyclicLR
+        values = getattr(scheduler, attr, None)
+        if isinstance(values, list):
+            setattr(scheduler, attr, [v * factor for v in values])
+
+
+class _SchedulerStep:
+    """Steps the module's scheduler as Lightning would: every ``frequency`` optimizer steps (interval "step") or
+    epochs (interval "epoch": one epoch = the training samples of one pass, counted through ``training_step``)."""
+
+    def __init__(self, config: Mapping[str, Any], module: Any, epoch_samples: int) -> None:
+        self.scheduler = config["scheduler"]
+        self.interval = config["interval"]
+        self.frequency = max(1, int(config["frequency"]))
+        self.module = module
+        self.epoch_samples = epoch_samples
+        self.count = 0
+
+    def step(self) -> None:
+        if self.interval == "step":
+            self.count += 1
+            if self.count % self.frequency == 0:
+                self.scheduler.step()
+            return
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        epochs = self.module.__dict__.get("_batchfit_samples", 0) * world // self.epoch_samples
+        while self.count < epochs:
+            self.count += 1
+            if self.count % self.frequency == 0:
+                self.scheduler.step()
+
+
+class _Modules:
+    """The modules built for trials, so the optimizer factory (given only parameters) finds their module."""
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self.factory = factory
+        self.live: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.schedulers: weakref.WeakKeyDictionary[Any, tuple[dict[str, Any], Any]] = weakref.WeakKeyDictionary()
+
+    def new(self) -> Any:
+        module = self.factory()
+        if not isinstance(module, nn.Module) or not hasattr(module, "training_step"):
+            raise WorkloadError(f"the module factory must return a LightningModule, got {type(module).__name__}")
+        if not getattr(module, "automatic_optimization", True):
+            raise ConfigError("batchfit measures automatic optimization only; this module optimizes manually")
+        self.live.add(module)
+        return module
+
+    def owner(self, params: list[Any]) -> Any:
+        first = id(params[0]) if params else None
+        for module in list(self.live):
+            if any(id(p) == first for p in module.parameters()):
+                return module
+        raise WorkloadError("optimizer_fn got parameters of a model batchfit did not build from the module factory")
+
+    def configure(self, module: Any) -> tuple[torch.optim.Optimizer, dict[str, Any] | None]:
+        with _detached(module):
+            return _split_optimizers(module.configure_optimizers())
+
+
+def _base_lr(optimizer: torch.optim.Optimizer) -> float:
+    g = optimizer.param_groups[0]
+    return float(g.get("initial_lr", g["lr"]))  # a scheduler may already have changed "lr" (e.g. warm-up at 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The workload
+
+
+def _detached_copy(module: Any) -> Any:
+    trainer = module.__dict__.get("_trainer")
+    module._trainer = None
+    try:
+        return copy.deepcopy(module)
+    finally:
+        module._trainer = trainer
+
+
+def _first_loader(loaders: Any, what: str) -> Any:
+    if isinstance(loaders, (list, tuple)):
+        if len(loaders) > 1:
+            warnings.warn(f"batchfit: {what} returned {len(loaders)} loaders; only the first is used", stacklevel=3)
+        return loaders[0] if loaders else None
+    if isinstance(loaders, Mapping):
+        return next(iter(loaders.values()), None)
+    return loaders
+
+
+def _loaders(module: Any, train_dataloader: Any, val_dataloader: Any, datamodule: Any) -> tuple[Any, Any]:
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    if datamodule is not None:
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        holder = datamodule
+    else:
+        holder = module
+    if train_dataloader is None:
+        if not is_overridden("train_dataloader", holder):
+            raise ConfigError("no training data: pass a DataModule (datamodule=) or a train dataloader")
+        with _detached(holder) if isinstance(holder, nn.Module) else contextlib.nullcontext():
+            train_dataloader = _first_loader(holder.train_dataloader(), "train_dataloader")
+    if val_dataloader is None and is_overridden("val_dataloader", holder):
+        with _detached(holder) if isinstance(holder, nn.Module) else contextlib.nullcontext():
+            val_dataloader = _first_loader(holder.val_dataloader(), "val_dataloader")
+    return train_dataloader, val_dataloader
+
+
+def _clip(trainer: Any, gradient_clip_val: float | None) -> float | None:
+    if gradient_clip_val is None and trainer is not None:
+        gradient_clip_val = getattr(trainer, "gradient_clip_val", None)
+        algorithm = getattr(trainer, "gradient_clip_algorithm", None)
+        if gradient_clip_val and str(algorithm or "norm").lower().endswith("value"):
+            raise ConfigError("the Trainer clips gradients by value; batchfit clips the global norm "
+                              "(gradient_clip_algorithm='norm')")
+    return float(gradient_clip_val) if gradient_clip_val else None
+
+
+def _metrics(modules: _Modules, val_loader: Any, monitor: str | None) -> tuple[dict[str, Any], str | None]:
+    """The values ``validation_step`` logs (one call on a fresh module), the monitored one first."""
+    if val_loader is None:
+        return {}, None
+    module = modules.new()
+    module.eval()
+    with torch.no_grad():
+        logged = _run_step(module, next(iter(val_loader))).logged
+    loss_key = _loss_key(logged)
+    names = [k for k in logged if k != loss_key]
+    if monitor is not None:
+        if monitor not in logged:
+            raise ConfigError(f"monitor {monitor!r} is not logged by validation_step; it logs: {sorted(logged)}")
+        names = [monitor] + [k for k in names if k != monitor]
+    return {k: _logged_metric(k) for k in names}, (names[0] if names else None)
+
+
+def lightning_workload(module: Any, train_dataloader: Any = None, *, datamodule: Any = None,
+                       val_dataloader: Any = None, trainer: Any = None, gradient_clip_val: float | None = None,
+                       accumulate_grad_batches: int | None = None, monitor: str | None = None,
+                       higher_is_better: bool | None = None, name: str | None = None) -> Workload:
+    """A batchfit :class:`Workload` running a LightningModule's own steps on its data.
+
+    Args:
+        module: a zero-argument factory returning a *fresh* LightningModule (called once per trial), or a module
+            instance (each trial then trains a copy of it as it is now; the instance itself is never changed).
+        train_dataloader, val_dataloader: the data as DataLoaders (re-created by batchfit at each batch size,
+            keeping workers, collate function and sampler kind); or give ``datamodule`` (its ``prepare_data`` and
+            ``setup("fit")`` are called once; ``val_dataloader`` is used when it defines one), or neither and the
+            module's own ``train_dataloader`` / ``val_dataloader`` are used.
+        trainer: a ``Trainer`` whose ``gradient_clip_val`` (norm clipping) and ``accumulate_grad_batches`` the
+            workload takes on (or pass those two directly).
+        monitor: the logged validation value trials are ranked on (default: the first one validation_step logs
+            without "loss" in its name; ``val_loss`` when it logs only a loss).
+        higher_is_better: the monitored value's direction (default: lower for names like loss, err, mse, ppl).
+
+    What runs: ``training_step`` gives the loss (``forward`` is a function running it; ``self.log`` there is
+    ignored); in evaluation ``validation_step`` runs and what it logs become the metrics (the logged loss is the
+    validation loss). ``configure_optimizers`` gives the optimizer and scheduler of each trial; every LR they hold
+    is rescaled by batchfit's rule (factor = scaled LR / the module's LR), and the scheduler is stepped per its
+    ``interval`` and ``frequency``. The base batch is the train loader's ``batch_size`` x accumulation.
     """
-    if not getattr(module, "automatic_optimization", True):
-        raise ConfigError("batchfit sizes the batch for automatic optimization only; this module optimizes manually")
-    dataset = getattr(dataloader, "dataset", None)
-    if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
-        raise ConfigError("the training dataloader must wrap a map-style dataset (with __len__) for batchfit")
-    collate = getattr(dataloader, "collate_fn", None) or torch.utils.data.default_collate
-
-    def collate_pairs(items: list[tuple[Any, int]]) -> tuple[Any, torch.Tensor]:
-        return collate([item for item, _ in items]), torch.zeros(len(items))
+    factory: Callable[[], Any]
+    if isinstance(module, nn.Module):
+        template = _detached_copy(module)
+        factory = lambda: copy.deepcopy(template)  # noqa: E731 - each trial starts from the instance's weights
+        label = type(module).__name__
+    elif callable(module):
+        factory, label = module, getattr(module, "__name__", type(module).__name__)
+    else:
+        raise ConfigError(f"module must be a LightningModule or a factory returning one, got {type(module).__name__}")
+    modules = _Modules(factory)
+    probe = modules.new()
+    train_loader, val_loader = _loaders(probe, train_dataloader, val_dataloader, datamodule)
+    if train_loader is None:
+        raise ConfigError("the training dataloader is None; give batchfit training data")
+    base_opt, base_sched = modules.configure(probe)
+    base_lr = _base_lr(base_opt)
+    del base_opt, probe
+    epoch_samples = declared_samples(train_loader) or 1
 
     def optimizer_fn(params: Any, lr: float) -> torch.optim.Optimizer:
-        opt = module.configure_optimizers()
-        if isinstance(opt, dict):
-            opt = opt["optimizer"]
-        if isinstance(opt, (list, tuple)):
-            opt = opt[0]
-            if isinstance(opt, (list, tuple)):
-                opt = opt[0]
-            if isinstance(opt, dict):
-                opt = opt["optimizer"]
-        if not isinstance(opt, torch.optim.Optimizer):
-            raise WorkloadError("configure_optimizers must return an optimizer (alone, first in a list, or in a dict)")
-        return opt
+        owner = modules.owner(list(params))
+        optimizer, sched = modules.configure(owner)
+        _rescale(optimizer, None if sched is None else sched["scheduler"], lr / base_lr)
+        owner.__dict__["_batchfit_samples"] = 0
+        if sched is not None:
+            modules.schedulers[optimizer] = (sched, owner)
+        return optimizer
 
-    base_opt = optimizer_fn(module.parameters(), 0.0)
-    base_lr = float(base_opt.param_groups[0]["lr"])
-    del base_opt
-    base_batch = int(getattr(dataloader, "batch_size", None) or 1)
+    def lr_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+        sched, owner = modules.schedulers[optimizer]
+        if isinstance(sched["scheduler"], torch.optim.lr_scheduler.ReduceLROnPlateau):
+            warnings.warn("batchfit: ReduceLROnPlateau needs the monitored value at each step; trials run "
+                          "without it (constant LR)", stacklevel=2)
+            return _NoSchedule()
+        return _SchedulerStep(sched, owner, epoch_samples)
+
+    metrics, primary = _metrics(modules, val_loader, monitor)
+    accumulation = accumulate_grad_batches or int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+    micro = int(getattr(train_loader, "batch_size", None) or 1)
+    if higher_is_better is None:
+        higher_is_better = not any(w in (primary or "loss").lower() for w in _LOWER_IS_BETTER)
     return Workload(
-        name=name or type(module).__name__,
-        model_fn=lambda: _TrainingStep(module),
+        name=name or label,
+        model_fn=modules.new,
         optimizer_fn=optimizer_fn,
-        loss_fn=lambda loss, _targets: loss,
-        train_data=_Pairs(dataset),
-        collate_fn=collate_pairs,
-        base_batch_size=base_batch,
+        loss_fn="output",
+        forward=_run_step,
+        targets=lambda batch: None,
+        train_data=train_loader,
+        val_data=val_loader,
+        metrics=metrics,
+        higher_is_better=higher_is_better,
+        base_batch_size=micro * accumulation,
         base_lr=base_lr,
+        micro_batch_size=micro if accumulation > 1 else None,
+        grad_clip=_clip(trainer, gradient_clip_val),
+        lr_schedule=lr_schedule if base_sched is not None else None,
     )
+
+
+class _NoSchedule:
+    def step(self) -> None:
+        return None
 
 
 def plan_accumulation(effective: int, recommended: int) -> tuple[int, int]:
@@ -208,7 +483,7 @@ class BatchfitBatchSize(Callback):
         batch = int(lightning_getattr(pl_module, self.batch_arg_name))
         effective = batch * int(trainer.accumulate_grad_batches)
         dataloader = self._train_dataloader(trainer, pl_module)
-        workload = lightning_workload(pl_module, dataloader)
+        workload = lightning_workload(pl_module, dataloader, gradient_clip_val=_clip(trainer, None))
         device = pl_module.device
         precision = _PRECISIONS.get(str(trainer.precision), "fp32")
         self.result = find_batch_size(
