@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +82,11 @@ def test_find_no_throughput(workload_spec: str, tmp_path: Path) -> None:
         (["--precision", "fp8"], "precision"),
         (["--device", "cuda:0"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"], "device"),
         (["--memory-budget", "1KiB"], "even batch size 1"),
+        (["--memory-budget", "1e400"], "memory-budget"),  # issue 13.12: was a 47-line OverflowError traceback
+        (["--memory-budget", "nan"], "memory-budget"),
+        (["--memory-budget", "inf"], "memory-budget"),
+        (["--memory-budget", "-1"], "memory-budget"),
+        (["--seed", str(10**30)], "seed"),  # issue 13.17: was an internal error
         (["-w", "demo:nope"], "unknown demo"),
     ],
 )
@@ -101,3 +109,24 @@ def test_train_memory_budget_bad_input(capsys: pytest.CaptureFixture[str]) -> No
     assert _run(["train", "--memory-budget", "many", "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "memory-budget" in err[0]
+
+
+def test_interrupted_find_keeps_the_finished_trials_and_says_so(workload_spec: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchfit import finder
+
+    real_run = finder.MemoryTrials.run
+    calls = []
+
+    def run_then_interrupt(self, b: int, phase: str) -> dict:  # noqa: ANN001
+        calls.append(b)
+        if len(calls) == 3:  # a real Ctrl-C: SIGINT to this process (the CLI tells it from a raised one)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises KeyboardInterrupt before this ends
+        return real_run(self, b, phase)
+
+    monkeypatch.setattr(finder.MemoryTrials, "run", run_then_interrupt)
+    out = tmp_path / "find.json"
+    assert _run(["find", "-w", workload_spec, "--memory-budget", "200KiB", "-q", "--json", str(out)]) == 130
+    data = json.loads(out.read_text())
+    assert data["status"] == "interrupted" and [p["batch_size"] for p in data["probes"]] == calls[:2]

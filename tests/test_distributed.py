@@ -23,7 +23,7 @@ from batchfit.cli import main
 from batchfit.demos import ArrayDataset
 from batchfit.engine import train
 from batchfit.errors import ConfigError
-from batchfit.finder import _Trials, find_batch_size
+from batchfit.finder import MemoryTrials, find_batch_size
 from batchfit.workload import Workload
 from conftest import make_tiny_workload
 
@@ -184,14 +184,14 @@ class _Mean(nn.Module):
 
 
 def _peak(b: int, long: bool) -> int:
-    trials = _Trials(_seq_workload(long), torch.device("cpu"), "fp32", 0, limit=1 << 40, enforce_bytes=1 << 40)
+    trials = MemoryTrials(_seq_workload(long), torch.device("cpu"), "fp32", 0, limit=1 << 40, enforce_bytes=1 << 40)
     rec = trials.memory_trial(b, "probe")
     assert rec["ok"]
     return rec["peak_bytes"]
 
 
 def _ddp_find(rank: int, budget: int) -> dict[str, Any]:
-    return find_batch_size(_seq_workload(), memory_budget=budget, throughput=True, max_batch_size=8).to_dict()
+    return find_batch_size(_seq_workload(), memory_budget=budget, throughput=True, batch_size_cap=8).to_dict()
 
 
 def test_finder_one_rank_out_of_memory_makes_every_rank_back_off(tmp_path: Path) -> None:
@@ -207,7 +207,7 @@ def test_finder_one_rank_out_of_memory_makes_every_rank_back_off(tmp_path: Path)
     assert [{k: v for k, v in p.items() if k != "seconds"} for p in r0["probes"]] == \
         [{k: v for k, v in p.items() if k != "seconds"} for p in r1["probes"]]
     # rank 0 on its own goes further in the same budget: the back-off came from rank 1
-    alone = find_batch_size(_seq_workload(long=False), memory_budget=budget, throughput=False, max_batch_size=8)
+    alone = find_batch_size(_seq_workload(long=False), memory_budget=budget, throughput=False, batch_size_cap=8)
     assert alone.max_batch_size > 1
 
 

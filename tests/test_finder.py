@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -15,7 +16,7 @@ from batchfit import memory
 from batchfit.demos import ArrayDataset
 from batchfit.engine import resolve_device, train
 from batchfit.errors import ConfigError
-from batchfit.finder import CUDA_AIM, FindResult, MemoryModel, _knee, _Trials, find_batch_size, search_max
+from batchfit.finder import CUDA_AIM, FindResult, MemoryModel, MemoryTrials, _knee, find_batch_size, search_max
 from batchfit.workload import Workload, accuracy
 
 BUDGET = 400 * 1024  # bytes; the tiny MLP's largest batch under it is a few hundred
@@ -88,7 +89,7 @@ def make_workload(n: int = 2000, n_val: int = 200, model: str = "mlp", shared: n
 
 
 def fits(workload: Workload, b: int, budget: int = BUDGET) -> bool:
-    trials = _Trials(workload, resolve_device("cpu"), "fp32", 0, budget, budget)
+    trials = MemoryTrials(workload, resolve_device("cpu"), "fp32", 0, budget, budget)
     return trials.memory_trial(b, "check")["ok"]
 
 
@@ -107,7 +108,7 @@ def test_exact_probe_sequence_and_exact_max() -> None:
     assert all(ok for _, _, ok in memory_trials)
     assert memory_trials[3][1] == r.recommended_batch_size
     assert memory_trials[4][1] == r.max_batch_size
-    assert r.real_trials == 5 <= 5
+    assert r.real_trials == len(memory_trials) == 5
     # the prediction is exact for a linear memory profile: the next size up does not fit
     assert fits(wl, r.max_batch_size) and not fits(wl, r.max_batch_size + 1)
     assert r.limited_by == "memory"
@@ -141,7 +142,7 @@ def test_caps_dataset_and_max_batch_size() -> None:
     r = find_batch_size(wl, memory_budget="64MiB", throughput=False)
     assert r.max_batch_size == 300 and r.limited_by == "dataset"
     assert max(p["batch_size"] for p in r.probes if p["phase"] != "eval") == 300
-    r = find_batch_size(wl, memory_budget="64MiB", max_batch_size=100, throughput=False)
+    r = find_batch_size(wl, memory_budget="64MiB", batch_size_cap=100, throughput=False)
     assert r.max_batch_size == 100 and r.limited_by == "max_batch_size"
     assert max(p["batch_size"] for p in r.probes if p["phase"] != "eval") <= 100
 
@@ -167,7 +168,7 @@ def test_state_and_rng_are_left_exactly_as_they_were() -> None:
     np.random.seed(7)
     torch.manual_seed(99)
     rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-    find_batch_size(wl, memory_budget=BUDGET, throughput=True, max_batch_size=64)
+    find_batch_size(wl, memory_budget=BUDGET, throughput=True, batch_size_cap=64)
     after = shared.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -177,6 +178,50 @@ def test_state_and_rng_are_left_exactly_as_they_were() -> None:
     np_after = np.random.get_state()
     assert np_after[0] == rng[1][0] and np.array_equal(np_after[1], rng[1][1]) and np_after[2:] == rng[1][2:]
     assert torch.equal(torch.get_rng_state(), rng[2])
+
+
+def test_the_callers_gradients_come_back_exactly() -> None:
+    """Issue 13.14: find_batch_size set every parameter's .grad to None on the caller's model."""
+    shared = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    x = torch.randn(8, 16)
+    F.cross_entropy(shared(x), torch.zeros(8, dtype=torch.long)).backward()  # the caller's gradients
+    shared[2].bias.grad = None  # one parameter without a gradient stays without
+    before = {name: (p.grad, None if p.grad is None else p.grad.clone()) for name, p in shared.named_parameters()}
+    find_batch_size(make_workload(shared=shared), memory_budget=BUDGET, throughput=True, batch_size_cap=64)
+    for name, p in shared.named_parameters():
+        obj, value = before[name]
+        if value is None:
+            assert p.grad is None, name
+        else:
+            assert p.grad is obj and torch.equal(p.grad, value), name  # the same tensor, bit for bit
+
+
+def test_deprecated_max_batch_size_keyword_still_caps_with_a_warning() -> None:
+    wl = make_workload(n=300)
+    with pytest.warns(DeprecationWarning, match="batch_size_cap"):
+        r = find_batch_size(wl, memory_budget="64MiB", max_batch_size=100, throughput=False)
+    assert r.max_batch_size == 100 and r.batch_size_cap == 100 and r.limited_by == "max_batch_size"
+    with pytest.raises(ConfigError, match="batch_size_cap only"):  # both names: which one is meant?
+        find_batch_size(wl, memory_budget="64MiB", max_batch_size=100, batch_size_cap=50, throughput=False)
+
+
+def test_result_round_trips_through_its_json() -> None:
+    events: list = []
+    r = find_batch_size(make_workload(n=300), memory_budget=BUDGET, batch_size_cap=64, throughput=True,
+                        micro_batch_size_only=False, progress=events.append)
+    d = r.to_dict()
+    again = FindResult.from_dict(json.loads(json.dumps(d)))
+    assert again == r and again.to_dict() == d
+    assert d["accumulation_steps"] == again.extras["accumulation_steps"]  # extra keys come back as extras
+    with_status = FindResult.from_dict({**d, "status": "ok", "world_size": 1})
+    assert with_status.extras["status"] == "ok" and with_status.to_dict() == {**d, "status": "ok", "world_size": 1}
+    # progress: one convention (batchfit.progress), stage "find": start, a record per trial, end
+    assert {e.stage for e in events} == {"find"}
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "end" and set(kinds[1:-1]) == {"record"}
+    recs = [e.data for e in events if e.kind == "record"]
+    assert recs == r.probes and [e.completed for e in events if e.kind == "record"] == list(range(1, len(recs) + 1))
+    assert d["regime"] == {"micro_batches_per_step": 1, "grad_clip": None, "lr_schedule": False}
 
 
 def test_evaluation_is_sized_separately() -> None:
@@ -195,12 +240,12 @@ def test_evaluation_is_sized_separately() -> None:
 
 def test_fifty_ooms_in_trials_leave_live_memory_at_baseline() -> None:
     wl = make_workload(model="two-branch")
-    trials = _Trials(wl, resolve_device("cpu"), "fp32", 0, BUDGET, BUDGET)
+    trials = MemoryTrials(wl, resolve_device("cpu"), "fp32", 0, BUDGET, BUDGET)
     observer = memory.LiveBytesTracker(device_type="cpu")
     with observer:
         assert trials.memory_trial(8, "probe")["ok"]
         baseline = observer.live  # the model, built once and kept for every trial, and its initial weights
-        assert baseline == 2 * sum(p.numel() * 4 for p in trials._model.parameters())
+        assert baseline == 2 * sum(p.numel() * 4 for p in trials.keeper.model.parameters())
         for i in range(50):  # alternately out of memory in backward (the autograd engine holds on) and forward
             rec = trials.memory_trial(420 if i % 2 == 0 else 1500, "bisect")
             assert not rec["ok"] and ("backward" in rec["error"]) == (i % 2 == 0)
@@ -213,7 +258,7 @@ def test_fifty_ooms_in_trials_leave_live_memory_at_baseline() -> None:
 
 def test_throughput_and_knee() -> None:
     wl = make_workload(n=300)
-    r = find_batch_size(wl, memory_budget=BUDGET, throughput=True, max_batch_size=48)
+    r = find_batch_size(wl, memory_budget=BUDGET, throughput=True, batch_size_cap=48)
     timed = [p for p in r.probes if p["phase"] == "throughput"]
     assert [p["batch_size"] for p in timed] == [1, 2, 4, 8, 16, 32, 48]
     assert all(p["ok"] and p["samples_per_s"] > 0 for p in timed)
@@ -226,7 +271,7 @@ def test_throughput_and_knee() -> None:
 
 
 def test_to_dict_fields_and_accumulation() -> None:
-    r = find_batch_size(make_workload(n=300), memory_budget=BUDGET, throughput=False, max_batch_size=16,
+    r = find_batch_size(make_workload(n=300), memory_budget=BUDGET, throughput=False, batch_size_cap=16,
                         micro_batch_size_only=False)
     d = r.to_dict()
     for key in ("device", "precision", "memory_budget_bytes", "max_batch_size", "recommended_batch_size",
@@ -303,7 +348,7 @@ def test_model_is_built_once_and_the_max_ran_three_steps() -> None:
     assert all(p["steps"] == 2 for p in r.probes if p["phase"] in ("probe", "recommend"))
     assert all(p["steps"] == 3 for p in r.probes if p["phase"] in ("verify", "bisect"))
     # capped at a probe: that probe runs a verification's 3 steps and is the answer, no extra trial
-    capped = find_batch_size(wl, memory_budget=BUDGET, throughput=False, max_batch_size=16, margin=0.0)
+    capped = find_batch_size(wl, memory_budget=BUDGET, throughput=False, batch_size_cap=16, margin=0.0)
     train_trials = [p for p in capped.probes if p["phase"] != "eval"]
     assert [(p["batch_size"], p["steps"]) for p in train_trials] == [(2, 2), (16, 3)]
     assert capped.max_batch_size == capped.recommended_batch_size == 16
@@ -314,7 +359,14 @@ def test_model_is_built_once_and_the_max_ran_three_steps() -> None:
     [
         ({"margin": 1.0}, "margin"),
         ({"margin": -0.1}, "margin"),
-        ({"max_batch_size": 0}, "max batch size"),
+        ({"batch_size_cap": 0}, "batch_size_cap"),
+        ({"batch_size_cap": 2.5}, "batch_size_cap"),
+        ({"memory_budget": "1e400"}, "memory_budget must be a finite size"),
+        ({"memory_budget": float("nan")}, "memory_budget must be a finite size"),
+        ({"memory_budget": -1}, "memory_budget must be a positive size"),
+        ({"seed": 10**30}, "seed must be an integer in"),
+        ({"seed": 2**32}, "seed must be an integer in"),
+        ({"seed": 1.5}, "seed"),
         ({"memory_budget": "plenty"}, "not understood"),
         ({"seed": -1}, "seed"),
         ({"precision": "fp8"}, "precision"),
@@ -345,5 +397,5 @@ def test_cuda_with_a_budget_and_with_real_memory() -> None:
     assert leftover == 0, f"{leftover} bytes still allocated after find_batch_size"  # every trial's tensors are gone
     x = torch.empty(int(0.6 * torch.cuda.get_device_properties(0).total_memory) // 4, device="cuda")
     del x  # the budget's memory fraction was reset: more than 512 MiB can be allocated again
-    r2 = find_batch_size(wl, device="cuda", throughput=False, max_batch_size=4096)
+    r2 = find_batch_size(wl, device="cuda", throughput=False, batch_size_cap=4096)
     assert r2.memory_budget_bytes is None and r2.max_batch_size == 4096 and r2.limited_by == "max_batch_size"

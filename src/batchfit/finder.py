@@ -16,41 +16,62 @@ Method (see docs/finder.md):
    own search, at the recommended training batch); throughput is timed at powers of two up to the max, and the
    knee is the smallest batch within 5 % of the best samples/s.
 
+Every trial runs the step ``train`` runs (:mod:`batchfit.step`): the workload's micro-batch loss weighting when it
+accumulates, its gradient clipping and its LR schedule, inside a :class:`batchfit.memory.PeakMeter`. The sizes found
+are micro-batches (one forward/backward each).
+
 The maximum reported ran at least 3 optimizer steps; the recommendation, under it, at least 2. The model is
 built from ``model_fn`` once and every trial starts from its initial weights with a fresh optimizer. Nothing the
-caller can see changes: a model object ``model_fn`` hands back is returned to its device with its weights bit for
-bit, and the Python, NumPy and torch (CPU and CUDA) random states are restored.
+caller can see changes: a model object ``model_fn`` hands back is returned to its device with its weights and
+gradients bit for bit, and the Python, NumPy and torch (CPU and CUDA) random states are restored.
+
+The parts, one job each: :class:`MemoryModel` and :func:`search_max` (the search, pure arithmetic on trial
+records); :class:`_ModelKeeper` (the model built once, reset between trials, handed back as it came);
+:class:`_StepRunner` (real training steps at a size); :class:`MemoryTrials` (one step sequence inside a peak
+meter); :func:`_time_throughput` and :func:`_size_evaluation`; :func:`find_batch_size` composes them.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from batchfit import distributed, memory
-from batchfit.engine import (
-    Batcher,
-    autocast,
-    build_model,
-    check_positive_int,
-    check_precision,
-    compute_loss,
-    resolve_device,
-    to_device,
-)
+from batchfit import checks, distributed, memory
+from batchfit.data import source_for, to_device
+from batchfit.engine import autocast, build_model, check_precision, compute_loss, resolve_device
 from batchfit.errors import ConfigError, WorkloadError
+from batchfit.progress import ProgressFn, emit
 from batchfit.workload import Workload, load_workload
 
-PHASES = ("probe", "verify", "bisect", "recommend", "throughput", "eval")
+__all__ = [
+    "CUDA_AIM",
+    "GROWTH",
+    "KNEE_SHARE",
+    "MAX_TIMED_STEPS",
+    "MEMORY_PHASES",
+    "MIN_TIMED_SECONDS",
+    "PROBE_STEPS",
+    "STEPS_PER_TRIAL",
+    "THIRD_PROBE_SHARE",
+    "TOLERANCE",
+    "FindResult",
+    "MemoryModel",
+    "MemoryTrials",
+    "find_batch_size",
+    "search_max",
+]
+
 MEMORY_PHASES = ("probe", "verify", "bisect", "recommend")
 STEPS_PER_TRIAL = 3  # optimizer steps per verifying trial; peaks are read from step 2 on (optimizer state exists)
 PROBE_STEPS = 2  # a probe (and the recommendation, under a verified maximum) measures: its peak is read in step 2
@@ -58,7 +79,8 @@ GROWTH = 16  # the second probe is this many times the first
 THIRD_PROBE_SHARE = 0.7  # the third probe aims at this share of the limit (close enough to extrapolate well)
 TOLERANCE = 0.02  # after a failed prediction, back off to 98 % of the failing size before bisecting
 KNEE_SHARE = 0.95  # the knee: the smallest batch with >= 95 % of the best measured samples/s
-MIN_TIMED_SECONDS = 0.3  # throughput: time at least this long (and at least 3 steps) per batch size
+MIN_TIMED_SECONDS = 0.3  # throughput: time at least this long (and at least 3 steps) per batch size ...
+MAX_TIMED_STEPS = 48  # ... but at most this many steps (tiny batches on a fast device finish 48 steps in < 0.3 s)
 MAX_SEARCH_TRIALS = 40
 # CUDA: the caching allocator cannot hand out the last bytes of the device (2 MiB segment rounding, fragmentation,
 # cuDNN workspaces), so a prediction from allocated-bytes peaks is verified this much lower. On an H100 (ResNet-50,
@@ -68,11 +90,14 @@ CUDA_AIM = 0.99
 
 @dataclass
 class FindResult:
-    """What ``find_batch_size`` measured; ``to_dict()`` is the JSON ``batchfit find`` writes.
+    """What ``find_batch_size`` measured; ``to_dict()`` is the JSON ``batchfit find`` writes, ``from_dict()`` reads
+    it back.
 
-    ``max_batch_size`` is the largest size verified to fit; ``recommended_batch_size`` keeps the margin and was run
-    too. ``memory_budget_bytes`` is the user's budget (``None``: the device's available memory was the limit,
-    given as ``memory_limit_bytes``).
+    ``max_batch_size`` is the largest size verified to fit (the maximum *found*; the input cap is
+    ``batch_size_cap``); ``recommended_batch_size`` keeps the margin and was run too. ``memory_budget_bytes`` is the
+    user's budget (``None``: the device's available memory was the limit, given as ``memory_limit_bytes``).
+    ``limited_by`` is ``memory``, ``dataset`` or ``max_batch_size`` (the cap). ``regime`` says what each trial's step
+    ran: micro-batches per step, gradient clipping, LR schedule.
     """
 
     device: str
@@ -92,12 +117,23 @@ class FindResult:
     limited_by: str = "memory"
     throughput_trials: int = 0
     eval_trials: int = 0
+    batch_size_cap: int | None = None
+    regime: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(d.pop("extras"))
         return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FindResult:
+        """The inverse of :meth:`to_dict`: known keys become fields, any other key (``status``, ``world_size``,
+        ``accumulation_steps`` ...) goes back into ``extras``."""
+        names = {f.name for f in fields(cls)} - {"extras"}
+        known = {k: copy.deepcopy(v) for k, v in data.items() if k in names}
+        extras = {k: copy.deepcopy(v) for k, v in data.items() if k not in names}
+        return cls(**known, extras=extras)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,7 +275,7 @@ def search_max(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Trials
+# The model: built once per search, reset between trials, handed back as it came
 
 
 def _one_line(exc: BaseException) -> str:
@@ -250,272 +286,365 @@ def _param_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
-class _Trials:
-    """Runs real training steps at a batch size, every trial on one model reset to its initial weights.
+class _ModelKeeper:
+    """The model built once: every trial starts from its initial weights with a fresh optimizer, and :meth:`close`
+    hands the object back as ``model_fn`` gave it (device, weights, buffers, each parameter's ``.grad``, training
+    flag) — a ``model_fn`` may return the caller's own model object."""
 
-    ``close()`` hands the model back (device, weights, training flag); ``find_batch_size`` calls it at the end.
-    """
+    def __init__(self, workload: Workload, device: torch.device, seed: int) -> None:
+        self.workload, self.device, self.seed = workload, device, seed
+        self.model: nn.Module | None = None
+        self._state: dict[str, torch.Tensor] = {}
+        self._grads: list[torch.Tensor | None] = []
+        self._origin = torch.device("cpu")
+        self._training = True
 
-    def __init__(self, workload: Workload, device: torch.device, precision: str, seed: int,
-                 limit: int, enforce_bytes: int | None, cap: int | None = None) -> None:
-        self.workload = workload
-        self.cap = cap if cap is not None else workload.num_train
-        self.device = device
-        self.precision = precision
-        self.seed = seed
-        self.limit = limit
-        self.enforce_bytes = enforce_bytes  # CPU: always the limit; CUDA: only a user budget (else real memory)
-        self.train_batcher = Batcher(workload.train_data, workload.collate_fn)
-        self.val_batcher = (Batcher(workload.val_data, workload.collate_fn)
-                            if workload.val_data is not None else None)
-        self._model: nn.Module | None = None
-        self._snap: dict[str, Any] = {}
-
-    # -- building and restoring --------------------------------------------------------------------------------
     def _seed(self) -> None:
         torch.random.default_generator.manual_seed(self.seed)  # CPU generator only: CUDA seeds stay untouched
         if self.device.type == "cuda":
             torch.cuda.manual_seed(self.seed)
 
-    def build(self) -> tuple[nn.Module, torch.optim.Optimizer, Any, dict[str, Any]]:
-        """The model in its initial state, a fresh optimizer (and fp16 scaler) for one trial.
-
-        The model is built once per finder and reused: a trial starts from the initial weights (copied back in
-        place), which costs a host-to-device copy instead of a model construction per trial.
-        """
-        if self._model is None:
+    def get(self) -> nn.Module:
+        """The model on the device, in train mode, at its initial weights (built on the first call)."""
+        if self.model is None:
             self._seed()
             model = build_model(self.workload)
-            # a model_fn may hand back the same object every time: keep a CPU copy and put it back at close()
             tensors = list(model.parameters()) + list(model.buffers())
-            self._snap = {
-                "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict(keep_vars=True).items()},
-                "device": tensors[0].device if tensors else torch.device("cpu"),
-                "training": model.training,
-            }
+            self._origin = tensors[0].device if tensors else torch.device("cpu")
+            self._training = model.training
+            self._state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict(keep_vars=True).items()}
+            # the caller's gradients: kept as they are on the CPU (same objects), copied to the CPU from a GPU so
+            # that they do not take device memory from the trials
+            self._grads = [None if p.grad is None else p.grad if p.grad.device.type == "cpu"
+                           else p.grad.detach().to("cpu", copy=True) for p in model.parameters()]
+            model.zero_grad(set_to_none=True)
             model.to(self.device)
-            self._model = model
-        model = self._model
-        model.train()
+            self.model = model
+        self.model.train()
+        return self.model
+
+    def optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, dict[str, Any]]:
+        """A fresh optimizer for one trial and a copy of its initial state (an ``optimizer_fn`` may hand back one
+        object every time)."""
         self._seed()
         try:
             optimizer = self.workload.optimizer_fn(model.parameters(), self.workload.base_lr)
         except Exception as exc:
             raise WorkloadError(f"optimizer_fn raised {type(exc).__name__}: {exc}") from exc
-        opt_snap = copy.deepcopy(optimizer.state_dict())  # an optimizer_fn may hand back one object too
-        scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        return model, optimizer, scaler, opt_snap
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise WorkloadError(f"optimizer_fn must return a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        return optimizer, copy.deepcopy(optimizer.state_dict())
 
-    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, opt_snap: dict[str, Any]) -> None:
+    def reset(self, model: nn.Module, optimizer: torch.optim.Optimizer, opt_state: dict[str, Any]) -> None:
         """Back to the initial weights (in place, on the device) and the optimizer's initial state."""
         model.zero_grad(set_to_none=True)
         with torch.no_grad():
-            model.load_state_dict(self._snap["state"])
-        optimizer.load_state_dict(opt_snap)
+            model.load_state_dict(self._state)
+        optimizer.load_state_dict(opt_state)
 
     def close(self) -> None:
-        """Hand the model back as it came: its device, weights and training flag."""
-        if self._model is None:
+        """Hand the model back as it came: its device, weights, gradients and training flag."""
+        if self.model is None:
             return
-        model, snap = self._model, self._snap
-        self._model, self._snap = None, {}
+        model, self.model = self.model, None
         model.zero_grad(set_to_none=True)
         with torch.no_grad():
-            model.to(snap["device"])
-            model.load_state_dict(snap["state"])
-        model.train(snap["training"])
+            model.to(self._origin)
+            model.load_state_dict(self._state)
+            for p, g in zip(model.parameters(), self._grads):
+                p.grad = None if g is None else g if g.device == p.device else g.to(p.device)
+        model.train(self._training)
+        self._state, self._grads = {}, []
         del model
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    # -- steps -------------------------------------------------------------------------------------------------
-    def make_batch(self, b: int) -> Any:
-        if self.workload.sample_batch is not None:  # the workload's worst case (largest / longest) batch
-            return self.workload.sample_batch(b)
-        return self.train_batcher(torch.arange(b))
 
-    def train_steps(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, b: int, steps: int,
-                    meter: memory.PeakMeter | None) -> dict[str, Any]:
-        """``steps`` optimizer steps, written like the engine's loop (the same references stay alive)."""
-        dev = self.device
+# ---------------------------------------------------------------------------------------------------------------
+# Real training steps at a size: the step train runs
+
+
+class _StepRunner:
+    """Runs ``train``'s step (:mod:`batchfit.step`) on worst-case batches of a given micro-batch size.
+
+    A workload that accumulates (its ``micro_batch_size`` below its ``base_batch_size``) runs 2 micro-batches per
+    step: from the second one on the gradient buffers exist and every further micro-batch repeats the same
+    allocations, so a step of k >= 2 micro-batches peaks where a step of 2 does (the test compares with ``train``
+    at k = 4). The workload's gradient clipping and LR schedule run as in training.
+    """
+
+    def __init__(self, workload: Workload, device: torch.device, precision: str) -> None:
+        self.workload, self.device, self.precision = workload, device, precision
+        self.source = source_for(workload.train_data, collate_fn=workload.collate_fn,
+                                 sample_batch=workload.sample_batch)
+        user_micro = getattr(workload, "micro_batch_size", None)
+        self.micro_batches = 2 if user_micro is not None and user_micro < workload.base_batch_size else 1
+        self.grad_clip: float | None = getattr(workload, "grad_clip", None)
+        self.lr_schedule = getattr(workload, "lr_schedule", None)
+
+    def regime(self) -> dict[str, Any]:
+        return {"micro_batches_per_step": self.micro_batches, "grad_clip": self.grad_clip,
+                "lr_schedule": self.lr_schedule is not None}
+
+    def batch(self, b: int) -> Any:
+        """The worst-case batch of ``b`` samples for one step (all its micro-batches), not yet on the device."""
+        return self.source.sample(b * self.micro_batches)
+
+    def run(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, b: int, steps: int,
+            meter: memory.PeakMeter | None = None) -> dict[str, Any]:
+        """``steps`` optimizer steps at micro-batch ``b``; with a ``meter``, the peaks of each part of every step
+        after the first (when the optimizer state exists), split at the step's before-optimizer hook."""
         parts = {"forward_backward": 0, "optimizer": 0}
         static = 0
-        batch = None
+        scheduler = self.lr_schedule(optimizer, steps) if self.lr_schedule is not None else None
         for s in range(steps):
             measuring = meter is not None and s >= 1
+
+            def before_step(measuring: bool = measuring) -> None:
+                if measuring and meter is not None:
+                    parts["forward_backward"] = max(parts["forward_backward"], meter.peak())
+                    meter.reset()
+
             if measuring:
                 static = max(static, meter.live() + _param_bytes(model))  # + the gradients to come
                 meter.reset()
-            batch = to_device(self.make_batch(b), dev)
-            with autocast(self.precision, dev):
-                loss, _, _ = compute_loss(self.workload, model, batch)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            if measuring:
-                parts["forward_backward"] = max(parts["forward_backward"], meter.peak())
-                meter.reset()
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            batch = to_device(self.batch(b), self.device)
+            _train_step(self.workload, model, optimizer, batch, micro_batch_size=b, precision=self.precision,
+                        device=self.device, scaler=scaler, grad_clip=self.grad_clip, scheduler=scheduler,
+                        before_step=before_step)
+            del batch
             if measuring:
                 parts["optimizer"] = max(parts["optimizer"], meter.peak())
-        return {"parts": parts, "static_bytes": static, "last_batch": batch}
+        return {"parts": parts, "static_bytes": static}
 
-    def memory_trial(self, b: int, phase: str) -> dict[str, Any]:
+
+def _train_step(workload: Workload, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any, *,
+                micro_batch_size: int, precision: str, device: torch.device, scaler: Any, grad_clip: float | None,
+                scheduler: Any, before_step: Callable[[], None]) -> None:
+    """Placeholder for batchfit.step until it lands: weighted micro-batches, unscale, hook, clip, step, schedule."""
+    from batchfit.data import batch_size_of, slice_batch
+
+    n = batch_size_of(batch)
+    for start in range(0, n, micro_batch_size):
+        micro = slice_batch(batch, start, start + micro_batch_size, n) if micro_batch_size < n else batch
+        m = min(micro_batch_size, n - start)
+        with autocast(precision, device):
+            loss, _, _ = compute_loss(workload, model, micro)
+        scaled = loss * (m / n) if m != n else loss
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        del micro, loss, scaled
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    before_step()
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _scaler(precision: str) -> Any:
+    return torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory trials: the step inside a peak meter
+
+
+class MemoryTrials:
+    """One memory trial = a few real optimizer steps at a micro-batch size inside a :class:`memory.PeakMeter`
+    (CPU: counted live bytes, the budget enforced deterministically; CUDA: the allocator's peak, a user budget
+    enforced with the process memory fraction). Out-of-memory is caught by :func:`memory.try_oom`; the trial
+    returns a record either way and the model goes back to its initial weights."""
+
+    def __init__(self, workload: Workload, device: torch.device, precision: str, seed: int, limit: int,
+                 enforce_bytes: int | None, cap: int | None = None) -> None:
+        self.keeper = _ModelKeeper(workload, device, seed)
+        self.runner = _StepRunner(workload, device, precision)
+        self.device, self.precision = device, precision
+        self.cap = cap if cap is not None else workload.num_train
+        self.limit = limit
+        self.enforce_bytes = enforce_bytes  # CPU: always the limit; CUDA: only a user budget (else real memory)
+
+    def run(self, b: int, phase: str) -> dict[str, Any]:
         """A real trial at batch ``b`` inside the limit: ok, peak per part, or the OOM message."""
-        rec: dict[str, Any] = {"batch_size": b, "phase": phase, "ok": False, "peak_bytes": None,
-                               "samples_per_s": None, "parts": {}, "static_bytes": None}
-        t0 = time.perf_counter()
-        # probes and the recommendation (it lies under a maximum that is verified) measure; a size that may be the
-        # maximum (a verification, a bisection step, anything at the cap) runs a verification's steps
+        # probes and the recommendation (under a verified maximum) measure; a size that may be the maximum (a
+        # verification, a bisection step, anything at the cap) runs a verification's steps
         steps = PROBE_STEPS if phase in ("probe", "recommend") and b < self.cap else STEPS_PER_TRIAL
-        rec["steps"] = steps
-        model, optimizer, scaler, snap = self.build()
-        error: str | None = None
+        rec: dict[str, Any] = {"batch_size": b, "phase": phase, "ok": False, "peak_bytes": None,
+                               "samples_per_s": None, "parts": {}, "static_bytes": None, "steps": steps}
+        t0 = time.perf_counter()
+        model = self.keeper.get()
+        optimizer, opt_state = self.keeper.optimizer(model)
         try:
-            try:
-                track = [list(model.parameters()), list(model.buffers()), optimizer.state]
-                with memory.PeakMeter(self.device, self.enforce_bytes, track=track) as meter:
-                    out = self.train_steps(model, optimizer, scaler, b, steps, meter)
-                    del out["last_batch"]
+            attempt = memory.try_oom(functools.partial(self._measure, model, optimizer, b, steps), model, optimizer)
+            if attempt.ok:
+                out = attempt.value
+                assert out is not None
                 rec.update(ok=True, parts=out["parts"], static_bytes=out["static_bytes"],
                            peak_bytes=max(out["parts"].values()))
                 if rec["peak_bytes"] > self.limit:  # CUDA without a budget: fits the device, not the limit
                     rec.update(ok=False, error=f"peak {memory.format_bytes(rec['peak_bytes'])} > limit")
-            except Exception as exc:
-                if not memory.is_oom(exc):
-                    raise
-                error = _one_line(exc)
-            if error is not None:  # free outside the except block: its traceback keeps the step's tensors alive
-                rec["error"] = error
-                memory.release_memory(model, optimizer)
+            else:
+                rec["error"] = _one_line(attempt.oom)  # type: ignore[arg-type]
         finally:
-            self.restore(model, optimizer, snap)
-            del model, optimizer, snap  # reference counting frees the trial's optimizer state and activations
+            self.keeper.reset(model, optimizer, opt_state)
+            del model, optimizer, opt_state  # reference counting frees the trial's optimizer state and activations
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         rec["seconds"] = round(time.perf_counter() - t0, 4)
         return rec
 
-    def throughput(self, sizes: list[int], on_record: Callable[[dict[str, Any]], None]) -> None:
-        """Time untracked steps (a CPU tracker's Python overhead would distort small batches) at each size."""
-        dev = self.device
-        model, optimizer, scaler, snap = self.build()
-        try:
-            for b in sizes:
-                rec: dict[str, Any] = {"batch_size": b, "phase": "throughput", "ok": False, "peak_bytes": None,
-                                       "samples_per_s": None}
-                t_start = time.perf_counter()
-                error: str | None = None
-                ctx = memory.PeakMeter(dev, self.enforce_bytes) if dev.type == "cuda" else None
-                try:
-                    if ctx is not None:
-                        ctx.__enter__()
-                    try:
-                        self.train_steps(model, optimizer, scaler, b, 2, None)  # warm-up (and optimizer state)
-                        if dev.type == "cuda":
-                            torch.cuda.synchronize(dev)
-                        steps, t0 = 0, time.perf_counter()
-                        while True:  # chunks of 3 steps, one CUDA sync per chunk
-                            self.train_steps(model, optimizer, scaler, b, 3, None)
-                            steps += 3
-                            if dev.type == "cuda":
-                                torch.cuda.synchronize(dev)
-                            elapsed = time.perf_counter() - t0
-                            if elapsed >= MIN_TIMED_SECONDS or steps >= 48:
-                                break
-                        rec.update(ok=True, samples_per_s=b * steps / elapsed, timed_steps=steps)
-                        if ctx is not None:
-                            rec["peak_bytes"] = ctx.peak()
-                    finally:
-                        if ctx is not None:
-                            ctx.__exit__(None, None, None)
-                except Exception as exc:
-                    if not memory.is_oom(exc) and b != 1:  # batch 1 may be invalid for a model (BatchNorm)
-                        raise
-                    error = _one_line(exc)
-                if error is not None:
-                    rec["error"] = error
-                    memory.release_memory(model, optimizer)
-                rec["seconds"] = round(time.perf_counter() - t_start, 4)
-                rec = distributed.agree_record(rec)  # torchrun: the same record on every rank
+    def _measure(self, model: nn.Module, optimizer: torch.optim.Optimizer, b: int, steps: int) -> dict[str, Any]:
+        track = [list(model.parameters()), list(model.buffers()), optimizer.state]
+        with memory.PeakMeter(self.device, self.enforce_bytes, track=track) as meter:
+            return self.runner.run(model, optimizer, _scaler(self.precision), b, steps, meter)
+
+    memory_trial = run  # the name the distributed test and the benchmarks use
+
+    def close(self) -> None:
+        self.keeper.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Throughput and evaluation sizing
+
+
+def _time_throughput(trials: MemoryTrials, sizes: list[int], on_record: Callable[[dict[str, Any]], None]) -> None:
+    """Time untracked steps at each size (a CPU tracker's Python overhead would distort small batches): 2 warm-up
+    steps, then chunks of 3 until ``MIN_TIMED_SECONDS`` have passed or ``MAX_TIMED_STEPS`` steps ran."""
+    dev, runner = trials.device, trials.runner
+    model = trials.keeper.get()
+    optimizer, opt_state = trials.keeper.optimizer(model)
+    scaler = _scaler(trials.precision)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def timed(model: nn.Module, optimizer: torch.optim.Optimizer, b: int) -> dict[str, Any]:
+        with (memory.PeakMeter(dev, trials.enforce_bytes) if dev.type == "cuda" else _NoMeter()) as meter:
+            runner.run(model, optimizer, scaler, b, 2)  # warm-up (and the optimizer state)
+            sync()
+            steps, t0 = 0, time.perf_counter()
+            while True:  # chunks of 3 steps, one CUDA sync per chunk
+                runner.run(model, optimizer, scaler, b, 3)
+                steps += 3
+                sync()
+                elapsed = time.perf_counter() - t0
+                if elapsed >= MIN_TIMED_SECONDS or steps >= MAX_TIMED_STEPS:
+                    break
+            samples = b * runner.micro_batches * steps
+            return {"samples_per_s": samples / elapsed, "timed_steps": steps, "peak_bytes": meter.peak()}
+
+    try:
+        for b in sizes:
+            rec: dict[str, Any] = {"batch_size": b, "phase": "throughput", "ok": False, "peak_bytes": None,
+                                   "samples_per_s": None}
+            t_start = time.perf_counter()
+            error: str | None = None
+            attempt: memory.Attempt[dict[str, Any]] = memory.Attempt()
+            try:
+                attempt = memory.try_oom(functools.partial(timed, model, optimizer, b), model, optimizer)
+            except Exception as exc:
+                if b != 1:  # batch 1 may be invalid for a model (BatchNorm in train mode): recorded, not raised
+                    raise
+                error = _one_line(exc)
+            if error is not None:  # outside the except block: its traceback holds the failed step's tensors
+                memory.release_memory(model, optimizer)
+                rec["error"] = error
+            elif attempt.ok:
+                rec.update(ok=True, **attempt.value)  # type: ignore[arg-type]
+            else:
+                rec["error"] = _one_line(attempt.oom)  # type: ignore[arg-type]
+            rec["seconds"] = round(time.perf_counter() - t_start, 4)
+            on_record(distributed.agree_record(rec))  # torchrun: the same record on every rank
+    finally:
+        trials.keeper.reset(model, optimizer, opt_state)
+        del model, optimizer, opt_state
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class _NoMeter:
+    """A stand-in for :class:`memory.PeakMeter` where timing must not be metered (the CPU tracker is slow)."""
+
+    def __enter__(self) -> _NoMeter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def peak(self) -> None:
+        return None
+
+
+def _size_evaluation(trials: MemoryTrials, b_train: int, limit: float, on_record: Callable[[dict[str, Any]], None],
+                     aim: float = 1.0) -> int | None:
+    """Size evaluation on its own: the training state of batch ``b_train`` stays live beside it, as in training
+    (the optimizer state, made by one small step, and the last training batch, still referenced)."""
+    wl, dev = trials.keeper.workload, trials.device
+    if wl.val_data is None:
+        return None
+    val = source_for(wl.val_data, collate_fn=wl.collate_fn)
+    model = trials.keeper.get()
+    optimizer, opt_state = trials.keeper.optimizer(model)
+    try:
+        track = [list(model.parameters()), list(model.buffers()), optimizer.state]
+        with memory.PeakMeter(dev, trials.enforce_bytes, track=track) as meter:
+            trials.runner.run(model, optimizer, _scaler(trials.precision), min(b_train, 2), 1)
+            last_batch = to_device(trials.runner.batch(b_train), dev)
+
+            def run(b: int, phase: str) -> dict[str, Any]:
+                rec: dict[str, Any] = {"batch_size": b, "phase": "eval", "ok": False, "peak_bytes": None,
+                                       "samples_per_s": None, "parts": {}, "train_batch_size": b_train}
+                t0 = time.perf_counter()
+                static = meter.live()
+                meter.reset()
+                attempt = memory.try_oom(lambda: _eval_batches(wl, model, val, b, dev, trials.precision))
+                if attempt.ok:
+                    peak = meter.peak()
+                    rec.update(ok=peak <= limit, peak_bytes=peak, parts={"eval": peak}, static_bytes=static)
+                else:
+                    rec["error"] = _one_line(attempt.oom)  # type: ignore[arg-type]
+                rec["seconds"] = round(time.perf_counter() - t0, 4)
+                rec = distributed.agree_record(rec)  # torchrun: one rank's OOM fails the size on all ranks
                 on_record(rec)
-        finally:
-            self.restore(model, optimizer, snap)
-            del model, optimizer, snap
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+                return rec
 
-    def eval_search(self, b_train: int, limit: float, on_record: Callable[[dict[str, Any]], None],
-                    aim: float = 1.0) -> int | None:
-        """Size evaluation on its own: the training state of batch ``b_train`` stays live, as in training."""
-        if self.val_batcher is None:
-            return None
-        dev = self.device
-        cap = len(self.workload.val_data)  # type: ignore[arg-type]
-        model, optimizer, scaler, snap = self.build()
-        try:
-            track = [list(model.parameters()), list(model.buffers()), optimizer.state]
-            with memory.PeakMeter(dev, self.enforce_bytes, track=track) as meter:
-                # the training state evaluation runs beside: the optimizer state (one step at a small batch makes
-                # it: its size does not depend on the batch) and the last training batch, still referenced
-                self.train_steps(model, optimizer, scaler, min(b_train, 2), 1, None)
-                last_batch = to_device(self.make_batch(b_train), dev)
+            best, _ = search_max(run, cap=val.num_samples, limit=limit, aim=aim)
+            del last_batch
+    finally:
+        trials.keeper.reset(model, optimizer, opt_state)
+    return best
 
-                def run(b: int, phase: str) -> dict[str, Any]:
-                    rec: dict[str, Any] = {"batch_size": b, "phase": "eval", "ok": False, "peak_bytes": None,
-                                           "samples_per_s": None, "parts": {}, "train_batch_size": b_train}
-                    t0 = time.perf_counter()
-                    error: str | None = None
-                    try:
-                        static = meter.live()
-                        meter.reset()
-                        self._eval_batches(model, b)
-                        peak = meter.peak()
-                        rec.update(ok=peak <= limit, peak_bytes=peak, parts={"eval": peak}, static_bytes=static)
-                    except Exception as exc:
-                        if not memory.is_oom(exc):
-                            raise
-                        error = _one_line(exc)
-                    if error is not None:  # outside the except block
-                        rec["error"] = error
-                        memory.release_memory()
-                    rec["seconds"] = round(time.perf_counter() - t0, 4)
-                    rec = distributed.agree_record(rec)  # torchrun: one rank's OOM fails the size on all ranks
-                    on_record(rec)
-                    return rec
 
-                best, _ = search_max(run, cap=cap, limit=limit, aim=aim)
-                del last_batch
-        finally:
-            self.restore(model, optimizer, snap)
-        return best
-
-    @torch.no_grad()
-    def _eval_batches(self, model: nn.Module, b: int) -> None:
-        """Two evaluation batches the way ``engine.evaluate`` runs them (outputs of one live during the next)."""
-        assert self.val_batcher is not None
-        model.eval()
-        try:
-            n = len(self.workload.val_data)  # type: ignore[arg-type]
-            for start in (0, b):
-                idx = torch.arange(start, start + b) % n
-                batch = to_device(self.val_batcher(idx), self.device)
-                with autocast(self.precision, self.device):
-                    loss, outputs, targets = compute_loss(self.workload, model, batch)
-                for fn in self.workload.metrics.values():
-                    fn(outputs, targets)
-        finally:
-            model.train()
+@torch.no_grad()
+def _eval_batches(workload: Workload, model: nn.Module, source: Any, b: int, device: torch.device,
+                  precision: str) -> None:
+    """Two evaluation batches the way evaluation runs them (the outputs of one live during the next)."""
+    model.eval()
+    try:
+        for _ in range(2):
+            batch = to_device(source.sample(b), device)
+            with autocast(precision, device):
+                _, outputs, targets = compute_loss(workload, model, batch)
+            for fn in workload.metrics.values():
+                fn(outputs, targets)
+    finally:
+        model.train()
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The public function
 
 
-def _rng_states(device: torch.device) -> dict[str, Any]:
+def _rng_states() -> dict[str, Any]:
     states: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
                               "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -529,12 +658,6 @@ def _restore_rng(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states:
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def _check_margin(margin: Any) -> float:
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not (0.0 <= margin < 1.0):
-        raise ConfigError(f"margin must be a fraction in [0, 1) such as 0.05, got {margin!r}")
-    return float(margin)
 
 
 def _public(rec: dict[str, Any]) -> dict[str, Any]:
@@ -555,46 +678,27 @@ def _knee(records: list[dict[str, Any]]) -> int | None:
     return min(r["batch_size"] for r in timed if r["samples_per_s"] >= KNEE_SHARE * best)
 
 
-def find_batch_size(
-    workload: Workload | str,
-    *,
-    device: str | torch.device | None = "cpu",
-    precision: str = "fp32",
-    memory_budget: int | str | None = None,
-    max_batch_size: int | None = None,
-    margin: float = 0.05,
-    throughput: bool = True,
-    micro_batch_size_only: bool = True,
-    seed: int = 0,
-    progress: Callable[[dict[str, Any]], None] | None = None,
-) -> FindResult:
-    """Find the largest training batch that fits (verified), a recommended one with headroom, and the knee.
+@dataclass(frozen=True)
+class _Plan:
+    """The validated inputs of one search."""
 
-    Args:
-        memory_budget: bytes or e.g. ``"512MiB"``. On the CPU it is enforced by counting live tensor bytes (an
-            allocation beyond it raises an OOM, deterministically); on CUDA with
-            ``torch.cuda.set_per_process_memory_fraction``. ``None``: the memory available now is the limit.
-        max_batch_size: never try larger (the training-set size caps too).
-        margin: headroom for ``recommended_batch_size``: its predicted and measured peak stays under
-            ``(1 - margin) x limit``.
-        throughput: time samples/s at powers of two up to the max and report the knee.
-        micro_batch_size_only: the sizes found are micro-batches (one forward/backward). With ``False`` the result
-            also says how many accumulation steps reach the workload's ``base_batch_size`` at the recommended size.
-        progress: called with each trial's record as it completes.
+    device: torch.device
+    budget: int | None  # the user's budget (bytes), if any
+    limit: int  # what the search must stay under: the budget or the memory available (the tightest rank's)
+    enforce: int | None  # CPU: always the limit; CUDA: only a user budget (else the allocator's real limit)
+    cap: int  # the largest size tried: the cap, the training set, the rank's share of it under torchrun
+    margin: float
+    seed: int
 
-    >>> r = find_batch_size("demo:digits-mlp", memory_budget="1MiB", throughput=False)
-    >>> r.max_batch_size >= r.recommended_batch_size
-    True
-    """
-    t_start = time.perf_counter()
-    wl = load_workload(workload)
+
+def _plan(wl: Workload, device: Any, precision: str, memory_budget: Any, cap: int | None, margin: Any,
+          seed: Any) -> _Plan:
     dev = resolve_device(device)
     check_precision(precision, dev)
-    margin = _check_margin(margin)
-    check_positive_int("max batch size", max_batch_size, allow_none=True)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
-    budget = memory.parse_bytes(memory_budget)
+    margin = checks.fraction("margin", margin, low_open=False)
+    checks.positive_int("batch_size_cap", cap, allow_none=True)
+    seed = checks.seed(seed)
+    budget = memory.parse_bytes(memory_budget, "memory_budget")
     if budget is not None and dev.type == "cuda":
         memory.cuda_budget_fraction(budget, dev)  # a budget larger than the GPU is an error up front
     if dev.type == "cuda":
@@ -602,123 +706,168 @@ def find_batch_size(
         torch.cuda.empty_cache()
     limit = budget if budget is not None else memory.available_bytes(dev)
     if limit is None:
-        raise ConfigError("cannot tell how much memory is available here; give --memory-budget")
-    cap = wl.num_train if max_batch_size is None else min(wl.num_train, max_batch_size)
+        raise ConfigError("cannot tell how much memory is available here; give memory_budget")
+    size = wl.num_train if cap is None else min(wl.num_train, cap)
     enforce = limit if dev.type == "cpu" else budget  # each rank enforces its own budget
     if distributed.world_size() > 1:  # torchrun: sizes are per device; predictions use the tightest rank's limit
-        cap = min(cap, max(1, wl.num_train // distributed.world_size()))
+        size = min(size, max(1, wl.num_train // distributed.world_size()))
         limit = int(distributed.all_min(limit)[0])
+    return _Plan(dev, budget, limit, enforce, size, margin, seed)
 
+
+def _verified_max(max_bs: int, records: list[dict[str, Any]], run: Callable[[int, str], dict[str, Any]]) -> int:
+    """The maximum must have run a verification's steps (it can be a probe, rarely: run it again)."""
+    def verified() -> set[int]:
+        return {r["batch_size"] for r in records
+                if r["phase"] in MEMORY_PHASES and r["ok"] and r.get("steps", 0) >= STEPS_PER_TRIAL}
+
+    while max_bs not in verified():
+        if run(max_bs, "verify")["ok"]:
+            break
+        ok_below = [r["batch_size"] for r in records if r["phase"] in MEMORY_PHASES and r["ok"]
+                    and r["batch_size"] < max_bs]
+        if not ok_below:
+            raise ConfigError(f"batch size {max_bs} fit in a probe but not in {STEPS_PER_TRIAL} steps; "
+                              "memory grows from step to step: check the workload for a leak")
+        max_bs = max(ok_below)
+    return max_bs
+
+
+def _recommend(max_bs: int, target: float, records: list[dict[str, Any]], points: dict[int, dict[str, int]],
+               run: Callable[[int, str], dict[str, Any]]) -> int:
+    """The recommendation: the largest size whose peak keeps the margin under the limit, itself run (usually
+    already, as the stepping stone); ``points`` gains what it runs."""
+    ok_sizes = {r["batch_size"]: r for r in records
+                if r["phase"] in MEMORY_PHASES and r["ok"] and r["batch_size"] <= max_bs}
+    model = MemoryModel.fit(points)
+    want = max_bs if model is None else min(max_bs, model.max_under(target))
+    for _ in range(4):
+        under = [b for b, r in ok_sizes.items() if r["peak_bytes"] <= target]
+        if under and max(under) >= want * (1 - TOLERANCE):
+            return max(under)  # a size already run is close enough
+        if want < 1:
+            break
+        if want in ok_sizes:  # ran, but above the margin: the line was optimistic here
+            want = math.floor(want * (1 - TOLERANCE))
+            continue
+        rec = run(want, "recommend")
+        if not rec["ok"]:
+            want = math.floor(want * (1 - TOLERANCE))
+            continue
+        ok_sizes[want] = rec
+        points[want] = rec["parts"]
+        model = MemoryModel.fit(points)
+        if model is not None:
+            want = min(max_bs, model.max_under(target))
+    under = [b for b, r in ok_sizes.items() if r["peak_bytes"] <= target]
+    return max(under) if under else min(ok_sizes)
+
+
+def _memory_model_dict(model: MemoryModel | None, max_bs: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"fixed_bytes": None, "per_sample_bytes": None, "parts": {}}
+    if model is not None:
+        part, fixed, slope = model.binding(max_bs)
+        out.update(fixed_bytes=int(round(fixed)), per_sample_bytes=int(round(slope)), binding_part=part,
+                   parts={k: {"fixed_bytes": int(round(f)), "per_sample_bytes": int(round(s))}
+                          for k, (f, s) in model.parts.items()})
+    return out
+
+
+def find_batch_size(
+    workload: Workload | str,
+    *,
+    device: str | torch.device | None = "cpu",
+    precision: str = "fp32",
+    memory_budget: int | str | None = None,
+    batch_size_cap: int | None = None,
+    margin: float = 0.05,
+    throughput: bool = True,
+    micro_batch_size_only: bool = True,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+    max_batch_size: int | None = None,
+) -> FindResult:
+    """Find the largest training (micro-)batch that fits (verified), a recommended one with headroom, and the knee.
+
+    Args:
+        memory_budget: bytes or e.g. ``"512MiB"``. On the CPU it is enforced by counting live tensor bytes (an
+            allocation beyond it raises an OOM, deterministically); on CUDA with
+            ``torch.cuda.set_per_process_memory_fraction``. ``None``: the memory available now is the limit.
+        batch_size_cap: never try larger (the training-set size caps too). ``max_batch_size`` is its old name
+            (deprecated: in the result ``max_batch_size`` is the largest batch *found*).
+        margin: headroom for ``recommended_batch_size``: its predicted and measured peak stays under
+            ``(1 - margin) x limit``.
+        throughput: time samples/s at powers of two up to the max and report the knee.
+        micro_batch_size_only: the sizes found are micro-batches (one forward/backward). With ``False`` the result
+            also says how many accumulation steps reach the workload's ``base_batch_size`` at the recommended size.
+        progress: receives :class:`batchfit.progress.ProgressEvent` s of stage ``find``: ``start``, a ``record``
+            per trial as it completes (``data``: the trial's public record), ``end`` with the one-line result.
+
+    >>> r = find_batch_size("demo:digits-mlp", memory_budget="1MiB", throughput=False)
+    >>> r.max_batch_size >= r.recommended_batch_size
+    True
+    """
+    t_start = time.perf_counter()
+    if max_batch_size is not None:
+        if batch_size_cap is not None:
+            raise ConfigError("give batch_size_cap only (max_batch_size is its deprecated name)")
+        warnings.warn("find_batch_size(max_batch_size=) is deprecated: the input cap is batch_size_cap "
+                      "(max_batch_size is the largest batch found, in the result)", DeprecationWarning, stacklevel=2)
+        batch_size_cap = max_batch_size
+    wl = load_workload(workload)
+    plan = _plan(wl, device, precision, memory_budget, batch_size_cap, margin, seed)
     records: list[dict[str, Any]] = []
 
     def note(rec: dict[str, Any]) -> None:
         records.append(rec)
-        if progress is not None:
-            progress(_public(rec))
+        emit(progress, "find", "record", f"{rec['phase']} {rec['batch_size']}", completed=len(records),
+             **_public(rec))
 
-    rng = _rng_states(dev)
-    trials = _Trials(wl, dev, precision, seed, limit, enforce, cap)
+    emit(progress, "find", "start", f"largest batch that fits {memory.format_bytes(plan.limit)}")
+    rng = _rng_states()
+    trials = MemoryTrials(wl, plan.device, precision, plan.seed, plan.limit, plan.enforce, plan.cap)
     try:
 
         def run(b: int, phase: str) -> dict[str, Any]:
-            rec = distributed.agree_record(trials.memory_trial(b, phase))  # torchrun: one OOM -> all back off
+            rec = distributed.agree_record(trials.run(b, phase))  # torchrun: one OOM -> all back off
             note(rec)
             return rec
 
-        target = (1.0 - margin) * limit
-        aim = CUDA_AIM if dev.type == "cuda" else 1.0
-        max_bs, points = search_max(run, cap=cap, limit=limit, stepping_stone=target if margin > 0 else None,
-                                    aim=aim)
+        target = (1.0 - plan.margin) * plan.limit
+        aim = CUDA_AIM if plan.device.type == "cuda" else 1.0
+        max_bs, points = search_max(run, cap=plan.cap, limit=plan.limit,
+                                    stepping_stone=target if plan.margin > 0 else None, aim=aim)
+        max_bs = _verified_max(max_bs, records, run)
+        recommended = _recommend(max_bs, target, records, points, run)
         model = MemoryModel.fit(points)
-
-        def verified() -> dict[int, dict[str, Any]]:  # sizes that ran a verification's steps and fit
-            return {r["batch_size"]: r for r in records
-                    if r["phase"] in MEMORY_PHASES and r["ok"] and r.get("steps", 0) >= STEPS_PER_TRIAL}
-
-        # -- the maximum must have run a verification's steps (it can be a probe, rarely: run it again) -----------
-        while max_bs not in verified():
-            if run(max_bs, "verify")["ok"]:
-                break
-            ok_below = [r["batch_size"] for r in records if r["phase"] in MEMORY_PHASES and r["ok"]
-                        and r["batch_size"] < max_bs]
-            if not ok_below:
-                raise ConfigError(f"batch size {max_bs} fit in a probe but not in {STEPS_PER_TRIAL} steps; "
-                                  "memory grows from step to step: check the workload for a leak")
-            max_bs = max(ok_below)
-
-        # -- the recommendation: the margin under the limit, itself run (usually already, as the stepping stone) --
-        ok_sizes = {r["batch_size"]: r for r in records
-                    if r["phase"] in MEMORY_PHASES and r["ok"] and r["batch_size"] <= max_bs}
-        recommended = None
-        want = max_bs if model is None else min(max_bs, model.max_under(target))
-        for _ in range(4):
-            under = [b for b, r in ok_sizes.items() if r["peak_bytes"] <= target]
-            if under and max(under) >= want * (1 - TOLERANCE):
-                recommended = max(under)  # a size already run is close enough
-                break
-            if want < 1:
-                break
-            if want in ok_sizes:  # ran, but above the margin: the line was optimistic here
-                want = math.floor(want * (1 - TOLERANCE))
-                continue
-            rec = run(want, "recommend")
-            if not rec["ok"]:
-                want = math.floor(want * (1 - TOLERANCE))
-                continue
-            ok_sizes[want] = rec
-            points[want] = rec["parts"]
-            model = MemoryModel.fit(points)
-            if model is not None:
-                want = min(max_bs, model.max_under(target))
-        if recommended is None:
-            under = [b for b, r in ok_sizes.items() if r["peak_bytes"] <= target]
-            recommended = max(under) if under else min(ok_sizes)
-
-        # -- evaluation, sized on its own at the recommended training batch ----------------------------------------
-        try:
-            eval_bs = trials.eval_search(recommended, target, note, aim=aim)
+        try:  # evaluation, sized on its own at the recommended training batch
+            eval_bs = _size_evaluation(trials, recommended, target, note, aim=aim)
         except ConfigError:  # not even one evaluation sample fits beside the training state
             eval_bs = None
-
-        # -- throughput at powers of two up to the max, and the knee ----------------------------------------------
-        if throughput:
+        if throughput:  # powers of two up to the max, and the knee
             sizes = sorted({2**k for k in range(max_bs.bit_length()) if 2**k <= max_bs} | {max_bs, recommended})
-            trials.throughput(sizes, note)
+            _time_throughput(trials, sizes, note)
     finally:
         trials.close()
         _restore_rng(rng)
 
-    memory_model: dict[str, Any] = {"fixed_bytes": None, "per_sample_bytes": None, "parts": {}}
-    if model is not None:
-        part, fixed, slope = model.binding(max_bs)
-        memory_model.update(fixed_bytes=int(round(fixed)), per_sample_bytes=int(round(slope)), binding_part=part,
-                            parts={k: {"fixed_bytes": int(round(f)), "per_sample_bytes": int(round(s))}
-                                   for k, (f, s) in model.parts.items()})
-    if max_bs < cap:
+    if max_bs < plan.cap:
         limited_by = "memory"
     else:
-        limited_by = "max_batch_size" if max_batch_size is not None and max_batch_size < wl.num_train else "dataset"
+        limited_by = "max_batch_size" if batch_size_cap is not None and batch_size_cap < wl.num_train else "dataset"
     extras: dict[str, Any] = {}
     if not micro_batch_size_only:
         accumulation = max(1, math.ceil(wl.base_batch_size / recommended))
         extras.update(accumulation_steps=accumulation, effective_batch_size=recommended * accumulation)
-    return FindResult(
-        device=str(dev),
-        precision=precision,
-        memory_budget_bytes=budget,
-        max_batch_size=max_bs,
-        recommended_batch_size=recommended,
-        throughput_knee_batch_size=_knee(records),
-        memory_model=memory_model,
-        probes=[_public(r) for r in records],
-        real_trials=sum(r["phase"] in MEMORY_PHASES for r in records),
-        seconds=time.perf_counter() - t_start,
-        eval_batch_size=eval_bs,
-        workload=wl.name,
-        memory_limit_bytes=limit,
-        margin=margin,
-        limited_by=limited_by,
-        throughput_trials=sum(r["phase"] == "throughput" for r in records),
-        eval_trials=sum(r["phase"] == "eval" for r in records),
-        extras=extras,
+    result = FindResult(
+        device=str(plan.device), precision=precision, memory_budget_bytes=plan.budget, max_batch_size=max_bs,
+        recommended_batch_size=recommended, throughput_knee_batch_size=_knee(records),
+        memory_model=_memory_model_dict(model, max_bs), probes=[_public(r) for r in records],
+        real_trials=sum(r["phase"] in MEMORY_PHASES for r in records), seconds=time.perf_counter() - t_start,
+        eval_batch_size=eval_bs, workload=wl.name, memory_limit_bytes=plan.limit, margin=plan.margin,
+        limited_by=limited_by, throughput_trials=sum(r["phase"] == "throughput" for r in records),
+        eval_trials=sum(r["phase"] == "eval" for r in records), batch_size_cap=batch_size_cap,
+        regime=trials.runner.regime(), extras=extras,
     )
+    emit(progress, "find", "end", f"fits {max_bs}, recommended {recommended}", completed=len(records))
+    return result

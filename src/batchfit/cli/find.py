@@ -7,6 +7,8 @@ from typing import Any
 
 from batchfit.cli import _common as c
 
+__all__ = ["add_parser", "run"]
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("find", help="find the largest batch that fits, the recommended one and the throughput knee",
@@ -18,7 +20,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--memory-budget", type=c.memory_size, metavar="SIZE",
                    help="stay within this much memory, e.g. 512MiB (CPU: counted live tensor bytes; default: the "
                         "memory available now)")
-    p.add_argument("--max-batch-size", type=c.positive_int, help="never try a batch larger than this")
+    p.add_argument("--max-batch-size", type=c.positive_int, metavar="N",
+                   help="never try a batch larger than this (the cap; the result's max_batch_size is the largest "
+                        "batch found)")
     p.add_argument("--margin", type=c.fraction, default=0.05,
                    help="headroom kept by the recommended batch, as a fraction of the limit (default 0.05)")
     p.add_argument("--no-throughput", action="store_true", help="skip timing samples/s (no knee)")
@@ -43,24 +47,31 @@ def run(args: argparse.Namespace) -> int:
     con = c.console(args)
     partial: dict[str, Any] = {"workload": workload.name, "status": "running", "probes": []}
 
-    def progress(rec: dict[str, Any]) -> None:  # each trial shown and saved as it completes
-        partial["probes"].append(rec)
+    def progress(event: Any) -> None:  # each trial shown and saved as it completes
+        if event.kind != "record":
+            return
+        partial["probes"].append(event.data)
         c.emit(args, "find", partial)
-        batch, phase, peak, sps, ok = _fmt_row(rec)
+        batch, phase, peak, sps, ok = _fmt_row(event.data)
         con.print(f"  {phase:<10} batch {batch:>7}  peak {peak:>10}  samples/s {sps:>8}  ok {ok}")
 
     con.print(f"[bold]batchfit find[/]: {workload.name} on {args.device} ({args.precision})")
-    result = find_batch_size(
-        workload,
-        device=args.device,
-        precision=args.precision,
-        memory_budget=args.memory_budget,
-        max_batch_size=args.max_batch_size,
-        margin=args.margin,
-        throughput=not args.no_throughput,
-        seed=args.seed,
-        progress=progress,
-    )
+    try:
+        result = find_batch_size(
+            workload,
+            device=args.device,
+            precision=args.precision,
+            memory_budget=args.memory_budget,
+            batch_size_cap=args.max_batch_size,
+            margin=args.margin,
+            throughput=not args.no_throughput,
+            seed=args.seed,
+            progress=progress,
+        )
+    except KeyboardInterrupt:  # the trials that finished stay in the file, which says it was interrupted
+        partial["status"] = "interrupted"
+        c.emit(args, "find", partial)
+        raise
     data = result.to_dict()
     data["status"] = "ok"
     c.emit(args, "find", data)

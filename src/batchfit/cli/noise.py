@@ -9,6 +9,8 @@ from typing import Any
 
 from batchfit.cli import _common as c
 
+__all__ = ["add_parser", "print_training_noise", "run"]
+
 
 def _rel_ci(text: str) -> float:
     value = c.positive_float(text)
