@@ -35,7 +35,7 @@ BAD = [
     (["--batch-size", "-4"], "not positive"),
     (["--batch-size", "3.5"], "not a whole number"),
     (["--batch-size", "5000"], "larger than the training set"),
-    (["--batch-size", "8", "--micro-batch-size", "16"], "micro-batch size 16 is larger"),
+    (["--batch-size", "8", "--micro-batch-size", "16"], "--micro-batch-size 16 is larger than --batch-size 8"),
     (["--workload", "demo:nope"], "unknown demo"),
     (["--workload", "missing_file.py:make"], "does not exist"),
     (["--workload", "json:nothing"], "has no attribute"),

@@ -1,29 +1,80 @@
 """The training engine: one loop for every regime (B = 1, mini-batch, full batch).
 
-One optimizer step reads as: scale LR -> micro-batches (forward, weighted backward) -> unscale / measure ->
-clip -> step -> zero grads -> log. The effective batch is micro-batch x accumulation steps (x world size), and
-each micro-batch loss is weighted by its share of the batch's samples, so accumulated gradients equal the
-big-batch gradient even when the last micro-batch is smaller.
+``train`` = a frozen :class:`TrainPlan` (every argument checked up front) -> setup (model, optimizer, LR rule,
+schedule, the one step) -> the loop, which reads top to bottom::
+
+    for each batch of the stream (epochs; under torchrun this rank's shard of each global batch):
+        set the LR of this step        warm-up x the user's schedule (batchfit.step.LRSchedule)
+        the step                       batchfit.step.TrainStep: weighted micro-batches -> unscale -> hooks -> clip
+                                       -> optimizer step -> the user's scheduler -> zero grads
+        read the loss                  batchfit.step.LossMeter (CPU every step, CUDA every 16 steps)
+        stop on a non-finite loss; evaluate every ``eval_every`` steps and at each epoch's end
+
+The effective batch is micro-batch x accumulation steps x world size; each micro-batch loss is weighted by its
+share of the global batch's samples, so accumulated gradients equal the big-batch gradient even when the last
+micro-batch is smaller.
 """
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from batchfit import memory
-from batchfit.errors import ConfigError, DataError, WorkloadError
+from batchfit import checks, data, distributed, memory
+from batchfit.data import to_device
+from batchfit.errors import ConfigError, DataError
+from batchfit.progress import ProgressFn, emit
 from batchfit.scaling import RULE_CHOICES, apply_scaling, default_rule
+from batchfit.step import (
+    PRECISIONS,
+    LossMeter,
+    LRSchedule,
+    MicroBatch,
+    TrainStep,
+    autocast,
+    batch_has_nonfinite,
+    build_model,
+    build_optimizer,
+    check_precision,
+    fetching,
+    metric_value,
+    run_batch,
+)
 from batchfit.workload import Workload, load_workload
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+__all__ = [
+    "PRECISIONS",
+    "Batcher",
+    "Callback",
+    "TrainPlan",
+    "TrainResult",
+    "TrainState",
+    "autocast",
+    "batch_has_nonfinite",
+    "build_model",
+    "check_finite_data",
+    "check_positive_int",
+    "check_precision",
+    "compute_loss",
+    "evaluate",
+    "plan_batches",
+    "plan_train",
+    "resolve_device",
+    "resolve_warmup",
+    "seed_everything",
+    "to_device",
+    "train",
+]
+
+compute_loss = run_batch  # the name the finder, the noise probe and the benchmarks knew; one implementation
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -39,7 +90,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(f"device {device!r} is not understood; use cpu, cuda or cuda:N") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda was asked for but CUDA is not available here; use --device cpu")
+        raise ConfigError("device cuda was asked for but CUDA is not available here; use device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {device!r} is not supported; use cpu or cuda")
     if dev.type == "cuda":
@@ -50,22 +101,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def check_precision(precision: str, device: torch.device) -> None:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("fp16 training needs CUDA (it uses a gradient scaler); on the CPU use --precision bf16")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("this GPU does not support bf16; use --precision fp16 or fp32")
-
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
@@ -73,82 +108,19 @@ def seed_everything(seed: int) -> None:
 
 
 def check_positive_int(name: str, value: Any, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value}")
-    return value
+    """:func:`batchfit.checks.positive_int` under its older name."""
+    return checks.positive_int(name, value, allow_none=allow_none)
 
 
-class Batcher:
-    """Fetch a batch of dataset items by index: vectorised ``get_batch`` when the dataset has one, else collate."""
-
-    def __init__(self, dataset: Any, collate_fn: Callable[[list[Any]], Any] | None = None) -> None:
-        self.dataset = dataset
-        self.fast = callable(getattr(dataset, "get_batch", None))
-        if not self.fast and isinstance(dataset, torch.utils.data.TensorDataset):
-            self.tensors = dataset.tensors
-        else:
-            self.tensors = None
-        self.collate = collate_fn or torch.utils.data.default_collate
+class Batcher(data.IndexSource):
+    """A map-style dataset's batch by index (``batcher(indices)``); :class:`batchfit.data.IndexSource` underneath."""
 
     def __call__(self, indices: torch.Tensor) -> Any:
-        if self.fast:
-            return self.dataset.get_batch(indices)
-        if self.tensors is not None:
-            return tuple(t[indices] for t in self.tensors)
-        return self.collate([self.dataset[int(i)] for i in indices])
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(b, device) for b in batch) if not hasattr(batch, "_fields") else \
-            type(batch)(*(to_device(b, device) for b in batch))
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch
-
-
-def split_batch(batch: Any) -> tuple[Any, Any]:
-    if isinstance(batch, (list, tuple)) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise WorkloadError(
-        f"dataset items must be (input, target) pairs; got a batch of type {type(batch).__name__}"
-        + (f" with {len(batch)} parts" if isinstance(batch, (list, tuple)) else "")
-    )
-
-
-def compute_loss(workload: Workload, model: nn.Module, batch: Any) -> tuple[torch.Tensor, Any, Any]:
-    """Forward one batch; return (scalar loss, outputs, targets). A non-scalar loss is a workload error."""
-    inputs, targets = split_batch(batch)
-    outputs = model(inputs)
-    loss = workload.loss_fn(outputs, targets)
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise WorkloadError(
-            f"the loss must be a scalar mean over the batch; loss_fn returned {shape}. "
-            "Use reduction='mean' (or call .mean())"
-        )
-    return (loss if loss.dim() == 0 else loss.reshape(())), outputs, targets
-
-
-def build_model(workload: Workload) -> nn.Module:
-    """A fresh model from the workload's factory; a failing or wrong factory is a one-line workload error."""
-    try:
-        model = workload.model_fn()
-    except Exception as exc:
-        raise WorkloadError(f"model_fn raised {type(exc).__name__}: {exc}") from exc
-    if not isinstance(model, nn.Module):
-        raise WorkloadError(f"model_fn must return a torch.nn.Module, got {type(model).__name__}")
-    return model
+        return self.fetch(indices)
 
 
 def check_finite_data(dataset: Any, name: str) -> None:
-    """Scan tensor-backed datasets for NaN/Inf up front (cheap for in-memory tensors)."""
+    """Scan tensor-backed datasets for NaN/Inf up front (cheap for in-memory tensors; outside any memory budget)."""
     tensors = getattr(dataset, "tensors", None)
     if tensors is None and hasattr(dataset, "inputs"):
         tensors = (dataset.inputs,)
@@ -160,65 +132,63 @@ def check_finite_data(dataset: Any, name: str) -> None:
             )
 
 
-def batch_has_nonfinite(batch: Any) -> bool:
-    leaves = torch.utils._pytree.tree_flatten(batch)[0]
-    return any(
-        isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in leaves
-    )
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation
+
+
+def _eval_pass(workload: Workload, model: nn.Module, source: Any, bs: int, device: torch.device,
+               precision: str) -> tuple[float, dict[str, float]]:
+    loss_sum: Any = torch.zeros((), dtype=torch.float64, device=device)
+    metric_sums: dict[str, Any] = {k: 0.0 for k in workload.metrics}
+    total = 0
+    batches = source.epoch(bs, generator=torch.Generator().manual_seed(0), drop_last=False, shuffle=False)
+    for batch, _ in fetching(batches, "val_data"):
+        batch = to_device(batch, device)
+        m = data.batch_size_of(batch)
+        with autocast(precision, device):
+            loss, outputs, targets = run_batch(workload, model, batch)
+        loss_sum += loss.double() * m
+        for k, fn in workload.metrics.items():
+            metric_sums[k] = metric_sums[k] + metric_value(k, fn, outputs, targets) * m
+        total += m
+        del batch, loss, outputs, targets
+    total = max(1, total)
+    return float(loss_sum) / total, {k: float(v) / total for k, v in metric_sums.items()}
 
 
 @torch.no_grad()
 def evaluate(
     workload: Workload,
     model: nn.Module,
-    dataset: Any,
+    dataset: Any = None,
     *,
     batch_size: int,
     device: torch.device,
     precision: str = "fp32",
 ) -> tuple[float, dict[str, float], int]:
-    """Mean loss and metrics over ``dataset``, sample-weighted. Returns (loss, metrics, eval batch size used).
+    """Mean loss and metrics over ``dataset`` (default: the validation data), sample-weighted.
 
-    An out-of-memory error halves the *evaluation* batch and retries; it never touches the training batch.
+    Returns ``(loss, metrics, evaluation batch size used)``. An out-of-memory error halves the *evaluation* batch
+    and retries (:func:`batchfit.memory.try_oom`); it never touches the training batch.
     """
+    if dataset is None or dataset is workload.val_data:
+        source = data.val_source(workload)
+        if source is None:
+            raise ConfigError("evaluate needs a dataset: the workload has no val_data")
+    else:
+        source = data.source_for(dataset, collate_fn=workload.collate_fn)
     was_training = model.training
     model.eval()
-    batcher = Batcher(dataset, workload.collate_fn)
-    n = len(dataset)
-    bs = max(1, min(batch_size, n))
+    bs = max(1, min(batch_size, source.num_samples))
     try:
         while True:
-            failed = False
-            try:
-                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-                metric_sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in workload.metrics}
-                for start in range(0, n, bs):
-                    idx = torch.arange(start, min(n, start + bs))
-                    batch = to_device(batcher(idx), device)
-                    with autocast(precision, device):
-                        loss, outputs, targets = compute_loss(workload, model, batch)
-                    loss_sum += loss.double() * len(idx)
-                    for k, fn in workload.metrics.items():
-                        value = fn(outputs, targets)
-                        value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
-                        metric_sums[k] += value * len(idx)
-                break
-            except Exception as exc:
-                if not memory.is_oom(exc) or bs == 1:
-                    raise
-                failed = True
-            if failed:  # free outside the except block, then retry smaller
-                memory.release_memory()
-                bs = max(1, bs // 2)
-        return (
-            float(loss_sum) / n,
-            {k: float(v) / n for k, v in metric_sums.items()},
-            bs,
-        )
+            attempt = memory.try_oom(lambda b=bs: _eval_pass(workload, model, source, b, device, precision))
+            if attempt.ok:
+                loss, metrics = attempt.value  # type: ignore[misc]
+                return loss, metrics, bs
+            if bs == 1:
+                raise attempt.oom  # type: ignore[misc]
+            bs = max(1, bs // 2)
     finally:
         model.train(was_training)
 
@@ -240,7 +210,9 @@ class Callback(Protocol):
 
 @dataclass
 class TrainState:
-    """What callbacks see. Gradients in ``on_before_optimizer_step`` are unscaled and not yet clipped."""
+    """What callbacks see. ``lr`` is the LR of the step being taken (set at its top, warm-up included); gradients
+    in ``on_before_optimizer_step`` are unscaled and not yet clipped. ``batch_size`` is the *effective* batch (all
+    ranks); ``batch_size_per_rank`` and ``micro_batch_size`` are this rank's."""
 
     workload: Workload
     model: nn.Module
@@ -262,14 +234,18 @@ class TrainState:
     batch_samples: int = 0
     micro_loss: torch.Tensor | None = None
     last_loss: float | None = None
+    lr: float = 0.0
+    batch_size_per_rank: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+def _hooks(callbacks: Sequence[Any], name: str) -> list[Any]:
+    return [getattr(cb, name) for cb in callbacks if getattr(cb, name, None) is not None]
+
+
 def _call(callbacks: Sequence[Any], hook: str, *args: Any) -> None:
-    for cb in callbacks:
-        fn = getattr(cb, hook, None)
-        if fn is not None:
-            fn(*args)
+    for fn in _hooks(callbacks, hook):
+        fn(*args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,7 +254,12 @@ def _call(callbacks: Sequence[Any], hook: str, *args: Any) -> None:
 
 @dataclass
 class TrainResult:
-    """Everything one training run measured; ``to_dict()`` is the JSON the CLI writes."""
+    """Everything one training run measured; ``to_dict()`` is the JSON the CLI writes.
+
+    ``batch_size`` (= ``effective_batch_size``) is the samples per optimizer step over all ranks;
+    ``batch_size_per_rank`` and ``micro_batch_size`` are per rank. ``lr`` is the peak LR (after the scaling rule,
+    before warm-up and the user's schedule).
+    """
 
     workload: str
     batch_size: int
@@ -302,6 +283,11 @@ class TrainResult:
     diverged_at_step: int | None = None
     seconds: float = 0.0
     train_seconds: float = 0.0
+    effective_batch_size: int = 0
+    batch_size_per_rank: int = 0
+    requested_batch_size: int = 0
+    grad_clip: float | None = None
+    lr_schedule: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -316,7 +302,7 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The loop
+# The plan: every argument checked before any work
 
 
 def plan_batches(n: int, batch_size: int, drop_last: bool) -> int:
@@ -324,8 +310,8 @@ def plan_batches(n: int, batch_size: int, drop_last: bool) -> int:
     if drop_last:
         if batch_size > n:
             raise ConfigError(
-                f"batch size {batch_size} is larger than the training set ({n} samples) with drop_last; "
-                f"use a batch size <= {n} or --no-drop-last"
+                f"batch_size {batch_size} is larger than the training set ({n} samples) with drop_last; "
+                f"use a batch size <= {n} or drop_last=False"
             )
         return n // batch_size
     return math.ceil(n / batch_size)
@@ -344,11 +330,302 @@ def resolve_warmup(warmup: int | float | None, total_steps: int) -> int:
     return int(warmup)
 
 
-def _epoch_batches(n: int, batch_size: int, drop_last: bool, gen: torch.Generator) -> Iterator[torch.Tensor]:
-    perm = torch.randperm(n, generator=gen)
-    end = (n // batch_size) * batch_size if drop_last else n
-    for start in range(0, end, batch_size):
-        yield perm[start : start + batch_size]
+@dataclass(frozen=True)
+class TrainPlan:
+    """One training run, decided and validated before anything is built."""
+
+    workload: Workload
+    device: torch.device
+    precision: str
+    batch_size_per_rank: int
+    micro_batch_size: int
+    world_size: int
+    lr: float | None
+    lr_rule: str
+    warmup_steps: int
+    total_steps: int
+    steps_per_epoch: int
+    num_samples: int
+    seed: int
+    drop_last: bool
+    eval_batch_size: int
+    eval_every: int | None
+    grad_clip: float | None
+    memory_budget: int | None
+    requested_batch_size: int
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size_per_rank * self.world_size
+
+    @property
+    def accumulation_steps(self) -> int:
+        return math.ceil(self.batch_size_per_rank / self.micro_batch_size)
+
+
+def _fit_batch(n: int, per_rank: int, world_size: int, drop_last: bool) -> int:
+    """The per-rank batch that runs: a global batch larger than the data set is an error with ``drop_last``, else
+    the full batch (with a warning), reported as what ran (never the impossible size that was asked for)."""
+    if per_rank * world_size <= n or drop_last:
+        return per_rank
+    fitted = max(1, n // world_size)
+    warnings.warn(
+        f"batch_size {per_rank * world_size} is larger than the training set ({n} samples); training with the "
+        f"full batch of {fitted * world_size} instead",
+        UserWarning,
+        stacklevel=3,
+    )
+    return fitted
+
+
+def plan_train(workload: Workload | str, *, batch_size: int | None = None, micro_batch_size: int | None = None,
+               lr: float | None = None, lr_rule: str = "auto", warmup: int | float = 0, epochs: int | None = None,
+               steps: int | None = None, precision: str = "fp32", device: str | torch.device | None = "cpu",
+               seed: int = 0, drop_last: bool = True, eval_batch_size: int | None = None,
+               eval_every: int | None = None, grad_clip: float | None = None, world_size: int = 1,
+               memory_budget: int | str | None = None) -> TrainPlan:
+    """Check every argument of :func:`train` and decide the run (arguments as :func:`train`'s)."""
+    workload = load_workload(workload)
+    dev = resolve_device(device)
+    check_precision(precision, dev)
+    requested = checks.positive_int("batch_size", workload.base_batch_size if batch_size is None else batch_size)
+    world_size = checks.positive_int("world_size", world_size)
+    checks.positive_int("micro_batch_size", micro_batch_size, allow_none=True)
+    if micro_batch_size is not None and micro_batch_size > requested:
+        raise ConfigError(f"micro_batch_size {micro_batch_size} is larger than batch_size {requested}; the "
+                          "micro-batch must be <= the batch")
+    checks.one_of("lr_rule", lr_rule, RULE_CHOICES)
+    checks.positive_number("lr", lr, allow_none=True)
+    if epochs is not None and steps is not None:
+        raise ConfigError("give either epochs or steps as the budget, not both")
+    checks.positive_int("epochs", epochs, allow_none=True)
+    checks.positive_int("steps", steps, allow_none=True)
+    checks.positive_int("eval_every", eval_every, allow_none=True)
+    checks.positive_int("eval_batch_size", eval_batch_size, allow_none=True)
+    grad_clip = checks.positive_number("grad_clip", workload.grad_clip if grad_clip is None else grad_clip,
+                                       allow_none=True)
+    seed = checks.seed(seed)
+    if not isinstance(drop_last, bool):
+        raise ConfigError(f"drop_last must be True or False, got {drop_last!r}")
+    budget = memory.parse_bytes(memory_budget)
+    if world_size > 1:  # data parallel: this process is one of world_size ranks (torchrun)
+        distributed.check_world(world_size)
+    n = data.train_source(workload).num_samples
+    per_rank = _fit_batch(n, requested, world_size, drop_last)
+    micro = micro_batch_size if micro_batch_size is not None else (workload.micro_batch_size or per_rank)
+    micro = min(micro, per_rank)
+    steps_per_epoch = plan_batches(n, per_rank * world_size, drop_last)
+    total_steps = steps if steps is not None else (epochs or 1) * steps_per_epoch
+    return TrainPlan(
+        workload=workload, device=dev, precision=precision, batch_size_per_rank=per_rank, micro_batch_size=micro,
+        world_size=world_size, lr=lr, lr_rule=lr_rule, warmup_steps=resolve_warmup(warmup, total_steps),
+        total_steps=total_steps, steps_per_epoch=steps_per_epoch, num_samples=n, seed=seed, drop_last=drop_last,
+        eval_batch_size=eval_batch_size if eval_batch_size is not None else max(micro, 256),
+        eval_every=eval_every, grad_clip=grad_clip, memory_budget=budget, requested_batch_size=requested * world_size,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Setup
+
+
+@dataclass
+class _Run:
+    """What the loop works with (built by :func:`_setup`)."""
+
+    plan: TrainPlan
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    step: TrainStep
+    losses: LossMeter
+    state: TrainState
+    result: TrainResult
+    callbacks: Sequence[Any]
+    progress: ProgressFn | None
+    t_start: float
+    seg_samples: int = 0
+    seg_time: float = 0.0
+    train_time: float = 0.0
+    timed_samples: int = 0
+
+
+def _scale_lr(plan: TrainPlan, optimizer: torch.optim.Optimizer) -> str:
+    """Put the optimizer at the run's peak LR: a fixed ``lr``, or the rule applied to the effective batch."""
+    if plan.lr is not None:
+        factor = plan.lr / optimizer.param_groups[0]["lr"]
+        for g in optimizer.param_groups:
+            g["lr"] *= factor
+        return "fixed"
+    wl = plan.workload
+    rule = default_rule(optimizer) if plan.lr_rule == "auto" else plan.lr_rule
+    apply_scaling(optimizer, wl.base_lr, wl.base_batch_size, plan.effective_batch_size, rule)
+    return rule
+
+
+def _setup(plan: TrainPlan, callbacks: Sequence[Any], progress: ProgressFn | None, t_start: float) -> _Run:
+    """Same seed -> same initialisation and data order; the model, optimizer, LR schedule and the one step."""
+    seed_everything(plan.seed)
+    model = build_model(plan.workload)
+    model.to(plan.device).train()
+    if plan.world_size > 1:
+        model = distributed.wrap_ddp(model, plan.device)
+    optimizer = build_optimizer(plan.workload, model)
+    rule = _scale_lr(plan, optimizer)
+    peak_lr = optimizer.param_groups[0]["lr"]
+    schedule = LRSchedule.for_workload(plan.workload, optimizer, total_steps=plan.total_steps,
+                                       warmup_steps=plan.warmup_steps)
+    losses = LossMeter(plan.device)
+    step = TrainStep(plan.workload, model, optimizer, device=plan.device, precision=plan.precision,
+                     micro_batch_size=plan.micro_batch_size, grad_clip=plan.grad_clip, schedule=schedule,
+                     world_size=plan.world_size, losses=losses)
+    state = TrainState(
+        workload=plan.workload, model=model, optimizer=optimizer, device=plan.device, precision=plan.precision,
+        batch_size=plan.effective_batch_size, micro_batch_size=plan.micro_batch_size,
+        accumulation_steps=plan.accumulation_steps, world_size=plan.world_size, total_steps=plan.total_steps,
+        steps_per_epoch=plan.steps_per_epoch, scaler=step.scaler, lr=peak_lr,
+        batch_size_per_rank=plan.batch_size_per_rank,
+    )
+    result = TrainResult(
+        workload=plan.workload.name, batch_size=plan.effective_batch_size, micro_batch_size=plan.micro_batch_size,
+        accumulation_steps=plan.accumulation_steps, world_size=plan.world_size, lr=peak_lr, lr_rule=rule,
+        warmup_steps=plan.warmup_steps, precision=plan.precision, device=str(plan.device), seed=plan.seed,
+        drop_last=plan.drop_last, effective_batch_size=plan.effective_batch_size,
+        batch_size_per_rank=plan.batch_size_per_rank, requested_batch_size=plan.requested_batch_size,
+        grad_clip=plan.grad_clip, lr_schedule=schedule.name,
+    )
+    run = _Run(plan, model, optimizer, schedule, step, losses, state, result, callbacks, progress, t_start)
+    on_micro, before = _hooks(callbacks, "on_micro_batch_end"), _hooks(callbacks, "on_before_optimizer_step")
+    if on_micro:
+        def micro_hook(mb: MicroBatch) -> None:
+            state.micro_index, state.micro_samples, state.micro_loss = mb.index, mb.samples, mb.loss
+            for fn in on_micro:
+                fn(state)
+
+        step.on_micro.append(micro_hook)
+    if before:
+        step.before_step.append(lambda _step: [fn(state) for fn in before])
+    return run
+
+
+def _stream(source: Any, plan: TrainPlan, generator: torch.Generator) -> Iterator[tuple[int, Any, int]]:
+    """``(epoch, this rank's batch, samples in the global batch)`` for ever; a ``None`` batch ends each epoch.
+
+    Every rank draws the same seeded order and reads its shard of each global batch (``batchfit.data``).
+    """
+    rank = distributed.rank() if plan.world_size > 1 else 0
+    for epoch in itertools.count():
+        batches = source.epoch(plan.effective_batch_size, generator=generator, drop_last=plan.drop_last,
+                               rank=rank, world_size=plan.world_size)
+        empty = True
+        for batch, count in fetching(batches, "train_data"):
+            empty = False
+            yield epoch, batch, count
+        if empty:
+            raise DataError(f"train_data yielded no batch of {plan.effective_batch_size} in an epoch; check its "
+                            "length against the samples it yields")
+        yield epoch, None, 0
+
+
+def _timed_step(run: _Run, batch: Any, count: int, measure: bool) -> bool:
+    """Run the step and count it; returns whether the loss is read now (CUDA: synchronized, inside the timing).
+
+    On the CPU the measured step runs under a byte counter and stays out of the timing.
+    """
+    plan, state = run.plan, run.state
+    state.batch_samples = data.batch_size_of(batch)
+    t0 = time.perf_counter()
+    if measure:  # params, buffers, optimizer state and this step's batch are what training holds
+        track = [list(run.model.parameters()), list(run.model.buffers()), run.optimizer.state, batch]
+        with memory.PeakMeter(plan.device, track=track) as meter:
+            run.step(batch, count)
+        run.result.peak_memory_bytes = meter.peak()
+    else:
+        run.step(batch, count)
+    state.step += 1
+    state.samples_seen += count
+    due = run.losses.check_due(state.step, last=state.step == plan.total_steps)
+    if not measure:
+        dt = time.perf_counter() - t0
+        run.train_time += dt
+        run.seg_time += dt
+        run.seg_samples += count
+        run.timed_samples += count
+    return due
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation records
+
+
+def _record(run: _Run) -> dict[str, Any]:
+    """One evaluation: the training loss since the last one, validation loss and metrics, throughput."""
+    plan, state, result = run.plan, run.state, run.result
+    loss_sum, count = run.losses.take()
+    if plan.world_size > 1:  # the mean over every rank's samples
+        loss_sum, count = distributed.all_sum(loss_sum, count)
+    train_loss = loss_sum / max(1, count)
+    epoch = state.epoch + (state.step - state.epoch * plan.steps_per_epoch) / plan.steps_per_epoch
+    record: dict[str, Any] = {
+        "epoch": round(epoch, 4),
+        "step": state.step,
+        "samples": state.samples_seen,
+        "train_loss": train_loss,
+        "samples_per_s": run.seg_samples / run.seg_time if run.seg_time > 0 else None,
+        "seconds": round(time.perf_counter() - run.t_start, 4),
+        "train_seconds": round(run.train_time, 4),
+        "val_loss": None, "val_metrics": {}, "generalization_gap": None,
+    }
+    run.seg_samples, run.seg_time = 0, 0.0
+    if plan.workload.val_data is None:
+        return record
+    model = distributed.unwrap(run.model) if plan.world_size > 1 else run.model  # DDP: no collectives in eval
+    kw = {"batch_size": plan.eval_batch_size, "device": plan.device}
+    val_loss, val_metrics, _ = evaluate(plan.workload, model, precision=plan.precision, **kw)
+    if plan.precision == "fp16" and not math.isfinite(val_loss):
+        # fp16 activations can overflow in eval mode (e.g. BatchNorm running statistics early in training) while
+        # training is fine: judge the model in fp32 before calling the run diverged.
+        val_loss, val_metrics, _ = evaluate(plan.workload, model, precision="fp32", **kw)
+        record["eval_precision"] = "fp32"
+    record.update(val_loss=val_loss, val_metrics=val_metrics, generalization_gap=val_loss - train_loss)
+    if not math.isfinite(val_loss):
+        result.diverged = True
+        result.diverged_at_step = result.diverged_at_step or state.step
+        result.extras.setdefault("diverged_reason", "non-finite validation loss")
+    return record
+
+
+def _evaluate(run: _Run) -> None:
+    record = _record(run)
+    run.result.history.append(record)
+    _call(run.callbacks, "on_evaluate", run.state, record)
+    emit(run.progress, "train", "record", f"step {record['step']}: train loss {record['train_loss']:.4g}",
+         completed=run.state.step, total=run.plan.total_steps, record=record)
+
+
+def _finish(run: _Run) -> TrainResult:
+    plan, state, result = run.plan, run.state, run.result
+    if plan.device.type == "cuda":
+        torch.cuda.synchronize(plan.device)
+        result.peak_memory_bytes = memory.cuda_peak(plan.device)
+    if plan.world_size > 1 and result.peak_memory_bytes is not None:  # the largest rank's peak
+        result.peak_memory_bytes = int(distributed.all_max(result.peak_memory_bytes)[0])
+    result.steps, result.samples = state.step, state.samples_seen
+    result.epochs = round(state.samples_seen / plan.num_samples, 4)
+    result.train_seconds = run.train_time
+    result.samples_per_s = run.timed_samples / run.train_time if run.train_time > 0 else None
+    result.seconds = time.perf_counter() - run.t_start
+    result.extras.update(state.extras)
+    _call(run.callbacks, "on_train_end", state, result)
+    result.extras.update(state.extras)
+    status = f"diverged at step {result.diverged_at_step}" if result.diverged else "ok"
+    emit(run.progress, "train", "end", f"{status}: {result.steps} steps at batch {result.batch_size}",
+         completed=result.steps, total=plan.total_steps, result=result.to_dict())
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
 
 
 def train(
@@ -370,28 +647,34 @@ def train(
     grad_clip: float | None = None,
     callbacks: Sequence[Any] = (),
     world_size: int = 1,
-    max_seconds: float | None = None,
     memory_budget: int | str | None = None,
+    progress: ProgressFn | None = None,
 ) -> TrainResult:
     """Train the workload once at one effective batch size and measure it.
 
     Args:
-        batch_size: effective batch per optimizer step (default: the workload's ``base_batch_size``).
-        micro_batch_size: samples per forward/backward; accumulation steps = ceil(batch / micro).
-        lr: a fixed learning rate (skips the rule); otherwise ``lr_rule`` scales the workload's ``base_lr``.
+        batch_size: batch per optimizer step (default: the workload's ``base_batch_size``); per rank when
+            ``world_size > 1``. Larger than the training set: an error with ``drop_last``, else the full batch
+            with a warning (the result reports the batch that ran and ``requested_batch_size``).
+        micro_batch_size: samples per forward/backward (default: the workload's ``micro_batch_size``, else the
+            batch); accumulation steps = ceil(batch / micro).
+        lr: a fixed peak learning rate (skips the rule); otherwise ``lr_rule`` scales the workload's ``base_lr``.
         lr_rule: ``auto`` (linear for SGD-family, adam-sqrt for Adam-family), ``none``, ``linear``, ``sqrt``,
             ``adam-sqrt``.
-        warmup: linear warm-up, in steps (>= 1) or as a fraction of all steps (< 1).
+        warmup: linear warm-up, in steps (>= 1) or as a fraction of all steps (< 1); it multiplies the workload's
+            ``lr_schedule`` (stepped after every optimizer step).
         epochs / steps: the budget (default 1 epoch); evaluation runs after each epoch and at the end.
         eval_every: also evaluate every this many optimizer steps (finer steps-to-target).
-        max_seconds: stop (not diverged) after this much training time; the last evaluation is still made.
+        grad_clip: clip the global gradient norm (default: the workload's ``grad_clip``).
         world_size: data-parallel ranks (under ``torchrun``, see :mod:`batchfit.distributed`). ``batch_size`` and
             ``micro_batch_size`` are then *per rank*: the effective batch is batch x world size (the LR rule
             sees it); each rank reads its shard of every global batch; DDP all-reduces once per optimizer step.
-        memory_budget: bytes or e.g. ``"512MiB"``: run the whole call inside this budget, as ``find_batch_size``
-            does (CPU: live tensor bytes counted, an allocation beyond the budget raises an OOM; CUDA: the
-            allocator is capped with ``set_per_process_memory_fraction``). An evaluation OOM only halves the
-            evaluation batch.
+        memory_budget: bytes or e.g. ``"512MiB"``: train inside this budget, as ``find_batch_size`` measures it
+            (CPU: live tensor bytes created by training counted, an allocation beyond the budget raises an OOM;
+            CUDA: the allocator is capped). The data set itself and the up-front NaN scan are not charged. An
+            evaluation OOM only halves the evaluation batch.
+        progress: called with :class:`batchfit.progress.ProgressEvent` s (stage ``train``: start, one update
+            per step, a record per evaluation, end).
 
     Returns a :class:`TrainResult`; a non-finite loss stops the run and sets ``diverged``.
 
@@ -399,274 +682,62 @@ def train(
     >>> r.accumulation_steps, r.diverged
     (1, False)
     """
-    if memory_budget is not None:  # the same call again, inside the budget (model, optimizer, batches all counted)
-        call = dict(locals())
-        del call["memory_budget"]
-        call["workload"] = load_workload(call["workload"])  # the dataset itself is not charged to the budget
-        with memory.enforce_budget(memory_budget, resolve_device(device)):
-            return train(**call)
     t_start = time.perf_counter()
-    workload = load_workload(workload)
-    dev = resolve_device(device)
-    check_precision(precision, dev)
-    n = workload.num_train
-    batch_size = check_positive_int("batch size", workload.base_batch_size if batch_size is None else batch_size)
-    world_size = check_positive_int("world size", world_size)
-    local_batch = batch_size
-    if micro_batch_size is None:
-        micro_batch_size = local_batch
-    check_positive_int("micro-batch size", micro_batch_size)
-    if micro_batch_size > local_batch:
-        raise ConfigError(
-            f"micro-batch size {micro_batch_size} is larger than the batch size {local_batch}; "
-            "the micro-batch must be <= the batch"
-        )
-    if lr_rule not in RULE_CHOICES:
-        raise ConfigError(f"unknown LR rule {lr_rule!r}; choose one of: {', '.join(RULE_CHOICES)}")
-    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"learning rate must be a positive number, got {lr!r}")
-    if epochs is not None and steps is not None:
-        raise ConfigError("give either epochs or steps as the budget, not both")
-    check_positive_int("epochs", epochs, allow_none=True)
-    check_positive_int("steps", steps, allow_none=True)
-    check_positive_int("eval_every", eval_every, allow_none=True)
-    if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip > 0):
-        raise ConfigError(f"grad_clip must be a positive number, got {grad_clip!r}")
-    if world_size > 1:  # data parallel: this process is one of world_size ranks (torchrun)
-        from batchfit import distributed
+    plan = plan_train(workload, batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, lr_rule=lr_rule,
+                      warmup=warmup, epochs=epochs, steps=steps, precision=precision, device=device, seed=seed,
+                      drop_last=drop_last, eval_batch_size=eval_batch_size, eval_every=eval_every,
+                      grad_clip=grad_clip, world_size=world_size, memory_budget=memory_budget)
+    check_finite_data(plan.workload.train_data, "the training data")  # outside the budget: not what training holds
+    if plan.workload.val_data is not None:
+        check_finite_data(plan.workload.val_data, "the validation data")
+    with memory.enforce_budget(plan.memory_budget, plan.device):
+        return _train(plan, callbacks, progress, t_start)
 
-        distributed.check_world(world_size)
-    steps_per_epoch = plan_batches(n, local_batch * world_size, drop_last)
-    total_steps = steps if steps is not None else (epochs or 1) * steps_per_epoch
-    warmup_steps = resolve_warmup(warmup, total_steps)
-    accumulation = math.ceil(local_batch / micro_batch_size)
-    if eval_batch_size is None:
-        eval_batch_size = max(micro_batch_size, 256)
-    check_positive_int("eval batch size", eval_batch_size)
-    check_finite_data(workload.train_data, "the training data")
-    if workload.val_data is not None:
-        check_finite_data(workload.val_data, "the validation data")
 
-    # -- setup: same seed -> same initialisation, same data order -----------------------------------------------
-    seed_everything(seed)
-    model = build_model(workload)
-    model.to(dev).train()
-    if world_size > 1:
-        model = distributed.wrap_ddp(model, dev)
-    try:
-        optimizer = workload.optimizer_fn(model.parameters(), workload.base_lr)
-    except Exception as exc:
-        raise WorkloadError(f"optimizer_fn raised {type(exc).__name__}: {exc}") from exc
-    if lr is not None:
-        factor = lr / optimizer.param_groups[0]["lr"]
-        for g in optimizer.param_groups:
-            g["lr"] *= factor
-        rule_used = "fixed"
-    else:
-        rule_used = default_rule(optimizer) if lr_rule == "auto" else lr_rule
-        apply_scaling(optimizer, workload.base_lr, workload.base_batch_size, batch_size * world_size, rule_used)
-    peak_lrs = [g["lr"] for g in optimizer.param_groups]
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    gen = torch.Generator().manual_seed(seed)
-    batcher = Batcher(workload.train_data, workload.collate_fn)
-    is_cuda = dev.type == "cuda"
-    check_every = 1 if not is_cuda else 16  # a finiteness check is a CPU-GPU sync point; batch them on CUDA
-
-    state = TrainState(
-        workload=workload, model=model, optimizer=optimizer, device=dev, precision=precision,
-        batch_size=batch_size * world_size, micro_batch_size=micro_batch_size, accumulation_steps=accumulation,
-        world_size=world_size, total_steps=total_steps, steps_per_epoch=steps_per_epoch, scaler=scaler,
-    )
-    result = TrainResult(
-        workload=workload.name, batch_size=batch_size * world_size, micro_batch_size=micro_batch_size,
-        accumulation_steps=accumulation, world_size=world_size, lr=peak_lrs[0], lr_rule=rule_used,
-        warmup_steps=warmup_steps, precision=precision, device=str(dev), seed=seed, drop_last=drop_last,
-    )
-    if is_cuda:
-        memory.reset_cuda_peak(dev)
-    cpu_tracker: memory.LiveBytesTracker | None = None
-    measure_step = 1 if total_steps > 1 else 0  # optimizer state exists only after the first step
+def _train(plan: TrainPlan, callbacks: Sequence[Any], progress: ProgressFn | None, t_start: float) -> TrainResult:
+    run = _setup(plan, callbacks, progress, t_start)
+    state, result, losses = run.state, run.result, run.losses
+    if plan.device.type == "cuda":
+        memory.reset_cuda_peak(plan.device)
+    measure_step = 1 if plan.total_steps > 1 else 0  # optimizer state exists only after the first step
     _call(callbacks, "on_train_start", state)
-    on_micro, on_before_step, on_step_end = (
-        [getattr(cb, hook) for cb in callbacks if getattr(cb, hook, None) is not None]
-        for hook in ("on_micro_batch_end", "on_before_optimizer_step", "on_step_end")
-    )
-
-    train_time = 0.0
-    timed_samples = 0
-    seg_samples, seg_time = 0, 0.0
-    loss_acc = torch.zeros((), dtype=torch.float64, device=dev)  # sample-weighted sum since last evaluation
-    loss_count = 0
-    nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
-    cpu_nonfinite, cpu_loss_sum = False, 0.0
-    stop = False
-
-    def do_eval(epoch_float: float) -> None:
-        nonlocal loss_acc, loss_count, seg_samples, seg_time, cpu_loss_sum
-        loss_sum, count = float(loss_acc) + cpu_loss_sum, loss_count
-        if world_size > 1:  # the mean over every rank's samples
-            loss_sum, count = distributed.all_sum(loss_sum, count)
-        train_loss = loss_sum / max(1, count)
-        record: dict[str, Any] = {
-            "epoch": round(epoch_float, 4),
-            "step": state.step,
-            "samples": state.samples_seen,
-            "train_loss": train_loss,
-            "samples_per_s": seg_samples / seg_time if seg_time > 0 else None,
-            "seconds": round(time.perf_counter() - t_start, 4),
-            "train_seconds": round(train_time, 4),
-        }
-        if workload.val_data is not None:
-            eval_model = distributed.unwrap(model) if world_size > 1 else model  # DDP: no collectives in eval
-            val_loss, val_metrics, _ = evaluate(
-                workload, eval_model, workload.val_data, batch_size=eval_batch_size, device=dev, precision=precision
-            )
-            if precision == "fp16" and not math.isfinite(val_loss):
-                # fp16 activations can overflow in eval mode (e.g. BatchNorm running statistics early in training)
-                # while training is fine: judge the model in fp32 before calling the run diverged.
-                val_loss, val_metrics, _ = evaluate(
-                    workload, eval_model, workload.val_data, batch_size=eval_batch_size, device=dev, precision="fp32"
-                )
-                record["eval_precision"] = "fp32"
-            record["val_loss"] = val_loss
-            record["val_metrics"] = val_metrics
-            record["generalization_gap"] = val_loss - train_loss
-            if not math.isfinite(val_loss):
-                result.diverged = True
-                result.diverged_at_step = result.diverged_at_step or state.step
-                result.extras.setdefault("diverged_reason", "non-finite validation loss")
-        else:
-            record["val_loss"], record["val_metrics"], record["generalization_gap"] = None, {}, None
-        result.history.append(record)
-        _call(callbacks, "on_evaluate", state, record)
-        loss_acc = torch.zeros((), dtype=torch.float64, device=dev)
-        loss_count, cpu_loss_sum = 0, 0.0
-        seg_samples, seg_time = 0, 0.0
-
-    last_eval_step = -1
-    while not stop and state.step < total_steps:
-        for batch_idx in _epoch_batches(n, local_batch * world_size, drop_last, gen):
-            if state.step >= total_steps:
+    on_step_end = _hooks(callbacks, "on_step_end")
+    emit(progress, "train", "start",
+         f"effective batch {plan.effective_batch_size} = micro-batch {plan.micro_batch_size} x accumulation "
+         f"{plan.accumulation_steps} x world {plan.world_size}", completed=0, total=plan.total_steps)
+    last_eval = -1
+    source = data.train_source(plan.workload)
+    for epoch, batch, count in _stream(source, plan, torch.Generator().manual_seed(plan.seed)):
+        if batch is None:  # -- an epoch ended: evaluate (unless this step already was) ---------------------------
+            state.epoch = epoch + 1
+            if last_eval != state.step:
+                _evaluate(run)
+                last_eval = state.step
+            if state.step >= plan.total_steps:
                 break
-            global_count = len(batch_idx)
-            if world_size > 1:  # same permutation on every rank; each reads its shard of the global batch
-                if global_count < world_size:  # a last, tiny batch (no drop_last) would leave a rank nothing
-                    continue
-                batch_idx = distributed.shard(batch_idx)
-            tracking = not is_cuda and state.step == measure_step
-            if tracking:
-                cpu_tracker = memory.LiveBytesTracker(device_type="cpu")
-                cpu_tracker.track([list(model.parameters()), list(model.buffers()), optimizer.state])
-                ctx: contextlib.AbstractContextManager = cpu_tracker
-            else:
-                ctx = contextlib.nullcontext()
-            t0 = time.perf_counter()
-            with ctx:
-                # -- micro-batches: each loss weighted by its share of the batch's samples --------------------
-                nb = len(batch_idx)  # this rank's samples in this step (len() of a tensor is not free)
-                state.batch_samples = nb
-                n_micro = math.ceil(nb / micro_batch_size)
-                for mi, start in enumerate(range(0, nb, micro_batch_size)):
-                    micro_idx = batch_idx if n_micro == 1 else batch_idx[start : start + micro_batch_size]
-                    m = min(micro_batch_size, nb - start)
-                    batch = to_device(batcher(micro_idx), dev)
-                    # DDP: gradients are all-reduced once per step, in the last micro-batch's backward
-                    no_sync = world_size > 1 and mi < n_micro - 1
-                    with model.no_sync() if no_sync else contextlib.nullcontext():
-                        with autocast(precision, dev):
-                            loss, _, _ = compute_loss(workload, model, batch)
-                        # the share of the *global* batch (DDP then averages over ranks, hence x world_size)
-                        weight = m * world_size / global_count
-                        scaled = loss * weight if weight != 1.0 else loss
-                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                    if is_cuda:  # no sync here: accumulate on the device, check every `check_every` steps
-                        loss_acc += loss.detach().double() * m
-                        nonfinite |= ~torch.isfinite(loss.detach())
-                    else:  # on the CPU reading the value costs nothing extra
-                        value = loss.item()
-                        if not math.isfinite(value):
-                            if batch_has_nonfinite(batch):
-                                raise DataError(
-                                    f"a training batch contains NaN or Inf inputs (sample indices "
-                                    f"{micro_idx[:5].tolist()}...); clean the data first"
-                                )
-                            cpu_nonfinite = True
-                        cpu_loss_sum += value * m
-                    if on_micro:
-                        state.micro_index, state.micro_samples, state.micro_loss = mi, m, loss.detach()
-                        for fn in on_micro:
-                            fn(state)
-                # -- unscale, measure, clip, step, zero ---------------------------------------------------------
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                for fn in on_before_step:
-                    fn(state)
-                if grad_clip is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                if warmup_steps:
-                    frac = min(1.0, (state.step + 1) / warmup_steps)
-                    for g, peak in zip(optimizer.param_groups, peak_lrs):
-                        g["lr"] = peak * frac
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_count += nb
-            state.step += 1
-            state.samples_seen += global_count
-            check_now = state.step % check_every == 0 or state.step == total_steps
-            if is_cuda and check_now:
-                torch.cuda.synchronize(dev)
-            dt = time.perf_counter() - t0
-            if tracking and cpu_tracker is not None:  # the measured step runs under the tracker: keep it out of timing
-                result.peak_memory_bytes = cpu_tracker.peak
-                cpu_tracker = None
-            else:
-                train_time += dt
-                seg_time += dt
-                seg_samples += global_count
-                timed_samples += global_count
-            diverged_now = check_now and (cpu_nonfinite or (is_cuda and bool(nonfinite)))
-            time_up = max_seconds is not None and train_time >= max_seconds
-            if world_size > 1 and (check_now or max_seconds is not None):  # all ranks stop at the same step
-                diverged_now, time_up = distributed.any_flag(diverged_now, time_up)
-            if diverged_now:
-                result.diverged = True
-                result.diverged_at_step = state.step
-                result.extras["diverged_reason"] = "non-finite training loss"
-                stop = True
-                break
-            for fn in on_step_end:
-                fn(state)
-            if eval_every and state.step % eval_every == 0 and state.step % steps_per_epoch != 0:
-                do_eval(state.epoch + (state.step - state.epoch * steps_per_epoch) / steps_per_epoch)
-                last_eval_step = state.step
-            if time_up:
-                stop = True
-                break
-        else:
-            state.epoch += 1
-            if not stop and last_eval_step != state.step:
-                do_eval(float(state.epoch))
-                last_eval_step = state.step
             continue
-        break
-    if last_eval_step != state.step and not result.diverged:
-        do_eval(state.step / steps_per_epoch)
-    if is_cuda:
-        torch.cuda.synchronize(dev)
-        result.peak_memory_bytes = memory.cuda_peak(dev)
-    result.steps = state.step
-    result.samples = state.samples_seen
-    if world_size > 1 and result.peak_memory_bytes is not None:  # the largest rank's peak
-        result.peak_memory_bytes = int(distributed.all_max(result.peak_memory_bytes)[0])
-    result.epochs = round(state.samples_seen / n, 4)
-    result.train_seconds = train_time
-    result.samples_per_s = timed_samples / train_time if train_time > 0 else None
-    result.seconds = time.perf_counter() - t_start
-    result.extras.update(state.extras)
-    _call(callbacks, "on_train_end", state, result)
-    result.extras.update(state.extras)
-    return result
+        # -- the step, at the LR set at its top -------------------------------------------------------------------
+        state.lr = run.schedule.begin_step(state.step)
+        due = _timed_step(run, batch, count, measure=plan.device.type == "cpu" and state.step == measure_step)
+        del batch
+        # -- the loss: read per step on the CPU, every few steps on CUDA (a sync point) ------------------------
+        diverged = due and losses.nonfinite()
+        if plan.world_size > 1 and due:
+            diverged = distributed.any_flag(diverged)[0]  # all ranks stop at the same step
+        if diverged:
+            result.diverged, result.diverged_at_step = True, state.step
+            result.extras["diverged_reason"] = "non-finite training loss"
+            break
+        for fn in on_step_end:
+            fn(state)
+        emit(progress, "train", "update", completed=state.step, total=plan.total_steps)
+        # -- evaluation (an epoch's end evaluates when the epoch closes) ------------------------------------------
+        epoch_end = state.step % plan.steps_per_epoch == 0
+        if plan.eval_every and state.step % plan.eval_every == 0 and not epoch_end:
+            _evaluate(run)
+            last_eval = state.step
+        if state.step >= plan.total_steps and not epoch_end:
+            break
+    if last_eval != state.step and not result.diverged:
+        _evaluate(run)
+    return _finish(run)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,7 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "check_precision",
+    "fetching",
     "make_scaler",
     "metric_value",
     "run_batch",
@@ -224,6 +225,26 @@ def build_optimizer(workload: Any, model: nn.Module, lr: float | None = None) ->
         raise WorkloadError(f"optimizer_fn must return a torch.optim.Optimizer, got {type(optimizer).__name__}; "
                             "return e.g. torch.optim.SGD(params, lr=lr)")
     return optimizer
+
+
+def fetching(batches: Iterable[Any], part: str) -> Iterator[Any]:
+    """Iterate a data source; an error raised while reading the user's data is a one-line DataError naming ``part``
+    (e.g. a dataset whose ``__len__`` is larger than the items it holds), an OOM passes through."""
+    it = iter(batches)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except BatchfitError:
+            raise
+        except Exception as exc:
+            if memory.is_oom(exc):
+                raise
+            msg = " ".join(str(exc).split())[:300]
+            raise DataError(f"reading a batch of {part} raised {type(exc).__name__}: {msg}; check the dataset "
+                            "(does len() match the items it holds?) and its collate_fn") from exc
+        yield item
 
 
 def batch_has_nonfinite(batch: Any) -> bool:
