@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -222,6 +223,36 @@ def test_result_round_trips_through_its_json() -> None:
     recs = [e.data for e in events if e.kind == "record"]
     assert recs == r.probes and [e.completed for e in events if e.kind == "record"] == list(range(1, len(recs) + 1))
     assert d["regime"] == {"micro_batches_per_step": 1, "grad_clip": None, "lr_schedule": False}
+
+
+def test_the_finders_peak_is_the_peak_train_reports_with_clipping_and_accumulation() -> None:
+    """Issue 10.2: the finder measures the step train runs. The workload clips gradients, has a cosine schedule and
+    accumulates 4 micro-batches of 16 (its micro_batch_size 16 under base_batch_size 64); a finder trial at
+    micro-batch b must peak exactly where ``train(batch_size=4*b, micro_batch_size=b)`` peaks (CPU: counted bytes,
+    so exact). The finder's old private step (one micro-batch, no clipping) peaked lower."""
+    wl = dataclasses.replace(
+        make_workload(), micro_batch_size=16, base_batch_size=64, grad_clip=0.5,
+        lr_schedule=lambda opt, total: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total),
+    )
+    trials = MemoryTrials(wl, resolve_device("cpu"), "fp32", 0, limit=1 << 40, enforce_bytes=1 << 40)
+    peaks = {}
+    for b in (16, 24):
+        rec = trials.run(b, "verify")
+        assert rec["ok"] and rec["steps"] == 3
+        peaks[b] = rec["peak_bytes"]
+    trials.close()
+    for b, peak in peaks.items():
+        trained = train(wl, batch_size=4 * b, micro_batch_size=b, steps=3)
+        assert trained.accumulation_steps == 4
+        assert peak == trained.peak_memory_bytes, (b, peak, trained.peak_memory_bytes)
+    # the comparison discriminates: a single micro-batch of 16 without clipping (the old trial) peaks elsewhere
+    plain = dataclasses.replace(wl, micro_batch_size=None, base_batch_size=16, grad_clip=None)
+    single = MemoryTrials(plain, resolve_device("cpu"), "fp32", 0, limit=1 << 40, enforce_bytes=1 << 40)
+    assert single.run(16, "verify")["peak_bytes"] < peaks[16]
+    single.close()
+    r = find_batch_size(wl, memory_budget=BUDGET, throughput=False)
+    assert r.regime == {"micro_batches_per_step": 4, "grad_clip": 0.5, "lr_schedule": True}
+    assert r.max_batch_size < find_batch_size(plain, memory_budget=BUDGET, throughput=False).max_batch_size
 
 
 def test_evaluation_is_sized_separately() -> None:

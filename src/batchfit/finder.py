@@ -47,11 +47,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from batchfit import checks, distributed, memory
-from batchfit.data import source_for, to_device
-from batchfit.engine import autocast, build_model, check_precision, compute_loss, resolve_device
-from batchfit.errors import ConfigError, WorkloadError
+from batchfit import checks, data, distributed, memory
+from batchfit.engine import resolve_device
+from batchfit.errors import ConfigError
 from batchfit.progress import ProgressFn, emit
+from batchfit.step import (
+    LRSchedule,
+    TrainStep,
+    autocast,
+    build_model,
+    build_optimizer,
+    check_precision,
+    make_scaler,
+    metric_value,
+    run_batch,
+)
 from batchfit.workload import Workload, load_workload
 
 __all__ = [
@@ -327,12 +337,7 @@ class _ModelKeeper:
         """A fresh optimizer for one trial and a copy of its initial state (an ``optimizer_fn`` may hand back one
         object every time)."""
         self._seed()
-        try:
-            optimizer = self.workload.optimizer_fn(model.parameters(), self.workload.base_lr)
-        except Exception as exc:
-            raise WorkloadError(f"optimizer_fn raised {type(exc).__name__}: {exc}") from exc
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise WorkloadError(f"optimizer_fn must return a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        optimizer = build_optimizer(self.workload, model)
         return optimizer, copy.deepcopy(optimizer.state_dict())
 
     def reset(self, model: nn.Module, optimizer: torch.optim.Optimizer, opt_state: dict[str, Any]) -> None:
@@ -365,91 +370,76 @@ class _ModelKeeper:
 
 
 class _StepRunner:
-    """Runs ``train``'s step (:mod:`batchfit.step`) on worst-case batches of a given micro-batch size.
+    """Runs ``train``'s step (:class:`batchfit.step.TrainStep`) on worst-case batches of a micro-batch size.
 
-    A workload that accumulates (its ``micro_batch_size`` below its ``base_batch_size``) runs 2 micro-batches per
-    step: from the second one on the gradient buffers exist and every further micro-batch repeats the same
-    allocations, so a step of k >= 2 micro-batches peaks where a step of 2 does (the test compares with ``train``
-    at k = 4). The workload's gradient clipping and LR schedule run as in training.
+    A workload that accumulates (its ``micro_batch_size`` m below its ``base_batch_size`` B) keeps its accumulation
+    count k = ceil(B / m): a trial at micro-batch b runs steps of k micro-batches of b, on a batch of k x b samples,
+    exactly as ``train(batch_size=k*b, micro_batch_size=b)`` runs them (the whole batch is held during the step,
+    so even the peak's input bytes match; tests/test_finder.py checks the peaks are equal). The workload's gradient
+    clipping and LR schedule run as in training; the batch is handed to the step as training hands it (on the
+    host: the step moves each micro-batch to the device).
     """
 
     def __init__(self, workload: Workload, device: torch.device, precision: str) -> None:
         self.workload, self.device, self.precision = workload, device, precision
-        self.source = source_for(workload.train_data, collate_fn=workload.collate_fn,
-                                 sample_batch=workload.sample_batch)
-        user_micro = getattr(workload, "micro_batch_size", None)
-        self.micro_batches = 2 if user_micro is not None and user_micro < workload.base_batch_size else 1
+        self.source = data.train_source(workload)
+        self.micro_batches = _accumulation(workload)
         self.grad_clip: float | None = getattr(workload, "grad_clip", None)
         self.lr_schedule = getattr(workload, "lr_schedule", None)
 
     def regime(self) -> dict[str, Any]:
+        """What every trial's step ran (the report states the regime that was measured)."""
         return {"micro_batches_per_step": self.micro_batches, "grad_clip": self.grad_clip,
                 "lr_schedule": self.lr_schedule is not None}
 
     def batch(self, b: int) -> Any:
-        """The worst-case batch of ``b`` samples for one step (all its micro-batches), not yet on the device."""
+        """The worst-case batch for one step at micro-batch ``b`` (all its micro-batches), on the host."""
         return self.source.sample(b * self.micro_batches)
+
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, b: int, total_steps: int,
+             before_step: Any = ()) -> TrainStep:
+        schedule = LRSchedule.for_workload(self.workload, optimizer, total_steps=total_steps)
+        return TrainStep(self.workload, model, optimizer, device=self.device, precision=self.precision,
+                         micro_batch_size=b, grad_clip=self.grad_clip, scaler=scaler, schedule=schedule,
+                         before_step=before_step)
 
     def run(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, b: int, steps: int,
             meter: memory.PeakMeter | None = None) -> dict[str, Any]:
         """``steps`` optimizer steps at micro-batch ``b``; with a ``meter``, the peaks of each part of every step
-        after the first (when the optimizer state exists), split at the step's before-optimizer hook."""
+        after the first (when the optimizer state exists): forward/backward, then (from the step's before-step
+        hook on) clipping, the optimizer step and zeroing."""
         parts = {"forward_backward": 0, "optimizer": 0}
         static = 0
-        scheduler = self.lr_schedule(optimizer, steps) if self.lr_schedule is not None else None
+        measuring = False
+
+        def split(_step: TrainStep) -> None:
+            if measuring and meter is not None:
+                parts["forward_backward"] = max(parts["forward_backward"], meter.peak())
+                meter.reset()
+
+        step = self.step(model, optimizer, scaler, b, steps, before_step=[split])
         for s in range(steps):
             measuring = meter is not None and s >= 1
-
-            def before_step(measuring: bool = measuring) -> None:
-                if measuring and meter is not None:
-                    parts["forward_backward"] = max(parts["forward_backward"], meter.peak())
-                    meter.reset()
-
+            step.schedule.begin_step(s)  # type: ignore[union-attr]
+            batch = self.batch(b)
             if measuring:
-                static = max(static, meter.live() + _param_bytes(model))  # + the gradients to come
-                meter.reset()
-            batch = to_device(self.batch(b), self.device)
-            _train_step(self.workload, model, optimizer, batch, micro_batch_size=b, precision=self.precision,
-                        device=self.device, scaler=scaler, grad_clip=self.grad_clip, scheduler=scheduler,
-                        before_step=before_step)
+                static = max(static, meter.live() + _param_bytes(model))  # type: ignore[union-attr]
+                meter.reset()  # type: ignore[union-attr]
+            step(batch)
             del batch
             if measuring:
-                parts["optimizer"] = max(parts["optimizer"], meter.peak())
+                parts["optimizer"] = max(parts["optimizer"], meter.peak())  # type: ignore[union-attr]
         return {"parts": parts, "static_bytes": static}
 
 
-def _train_step(workload: Workload, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any, *,
-                micro_batch_size: int, precision: str, device: torch.device, scaler: Any, grad_clip: float | None,
-                scheduler: Any, before_step: Callable[[], None]) -> None:
-    """Placeholder for batchfit.step until it lands: weighted micro-batches, unscale, hook, clip, step, schedule."""
-    from batchfit.data import batch_size_of, slice_batch
-
-    n = batch_size_of(batch)
-    for start in range(0, n, micro_batch_size):
-        micro = slice_batch(batch, start, start + micro_batch_size, n) if micro_batch_size < n else batch
-        m = min(micro_batch_size, n - start)
-        with autocast(precision, device):
-            loss, _, _ = compute_loss(workload, model, micro)
-        scaled = loss * (m / n) if m != n else loss
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        del micro, loss, scaled
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    before_step()
-    if grad_clip is not None:
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+def _accumulation(workload: Workload) -> int:
+    """The workload's accumulation count: ``ceil(base_batch_size / micro_batch_size)`` (1 without one)."""
+    micro = getattr(workload, "micro_batch_size", None)
+    return 1 if micro is None else max(1, math.ceil(workload.base_batch_size / micro))
 
 
 def _scaler(precision: str) -> Any:
-    return torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    return make_scaler(precision)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -591,14 +581,15 @@ def _size_evaluation(trials: MemoryTrials, b_train: int, limit: float, on_record
     wl, dev = trials.keeper.workload, trials.device
     if wl.val_data is None:
         return None
-    val = source_for(wl.val_data, collate_fn=wl.collate_fn)
+    val = data.val_source(wl)
+    assert val is not None
     model = trials.keeper.get()
     optimizer, opt_state = trials.keeper.optimizer(model)
     try:
         track = [list(model.parameters()), list(model.buffers()), optimizer.state]
         with memory.PeakMeter(dev, trials.enforce_bytes, track=track) as meter:
             trials.runner.run(model, optimizer, _scaler(trials.precision), min(b_train, 2), 1)
-            last_batch = to_device(trials.runner.batch(b_train), dev)
+            last_batch = data.to_device(trials.runner.batch(b_train), dev)
 
             def run(b: int, phase: str) -> dict[str, Any]:
                 rec: dict[str, Any] = {"batch_size": b, "phase": "eval", "ok": False, "peak_bytes": None,
@@ -627,15 +618,16 @@ def _size_evaluation(trials: MemoryTrials, b_train: int, limit: float, on_record
 @torch.no_grad()
 def _eval_batches(workload: Workload, model: nn.Module, source: Any, b: int, device: torch.device,
                   precision: str) -> None:
-    """Two evaluation batches the way evaluation runs them (the outputs of one live during the next)."""
+    """Evaluation batches the way ``engine.evaluate`` runs them (loss, then every metric, then freed)."""
     model.eval()
     try:
         for _ in range(2):
-            batch = to_device(source.sample(b), device)
+            batch = data.to_device(source.sample(b), device)
             with autocast(precision, device):
-                _, outputs, targets = compute_loss(workload, model, batch)
-            for fn in workload.metrics.values():
-                fn(outputs, targets)
+                loss, outputs, targets = run_batch(workload, model, batch)
+            for name, fn in workload.metrics.items():
+                metric_value(name, fn, outputs, targets)
+            del batch, loss, outputs, targets
     finally:
         model.train()
 
@@ -707,7 +699,9 @@ def _plan(wl: Workload, device: Any, precision: str, memory_budget: Any, cap: in
     limit = budget if budget is not None else memory.available_bytes(dev)
     if limit is None:
         raise ConfigError("cannot tell how much memory is available here; give memory_budget")
-    size = wl.num_train if cap is None else min(wl.num_train, cap)
+    # with accumulation a trial's batch holds k micro-batches: the micro-batch can be at most the data set / k
+    size = max(1, wl.num_train // _accumulation(wl))
+    size = size if cap is None else min(size, cap)
     enforce = limit if dev.type == "cpu" else budget  # each rank enforces its own budget
     if distributed.world_size() > 1:  # torchrun: sizes are per device; predictions use the tightest rank's limit
         size = min(size, max(1, wl.num_train // distributed.world_size()))
@@ -854,7 +848,7 @@ def find_batch_size(
     if max_bs < plan.cap:
         limited_by = "memory"
     else:
-        limited_by = "max_batch_size" if batch_size_cap is not None and batch_size_cap < wl.num_train else "dataset"
+        limited_by = "max_batch_size" if batch_size_cap is not None and batch_size_cap == plan.cap else "dataset"
     extras: dict[str, Any] = {}
     if not micro_batch_size_only:
         accumulation = max(1, math.ceil(wl.base_batch_size / recommended))
