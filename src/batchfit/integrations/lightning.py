@@ -43,6 +43,7 @@ from torch import nn
 
 from batchfit.data import batch_size_of, declared_samples
 from batchfit.errors import ConfigError, WorkloadError
+from batchfit.integrations.common import plan_accumulation
 from batchfit.workload import Workload
 
 try:
@@ -355,6 +356,7 @@ def lightning_workload(module: Any, train_dataloader: Any = None, *, datamodule:
     factory: Callable[[], Any]
     if isinstance(module, nn.Module):
         template = _detached_copy(module)
+        template = template.cpu()  # the trials' copies go to batchfit's device; the instance stays where it is
         factory = lambda: copy.deepcopy(template)  # noqa: E731 - each trial starts from the instance's weights
         label = type(module).__name__
     elif callable(module):
@@ -415,25 +417,6 @@ def lightning_workload(module: Any, train_dataloader: Any = None, *, datamodule:
 class _NoSchedule:
     def step(self) -> None:
         return None
-
-
-def plan_accumulation(effective: int, recommended: int) -> tuple[int, int]:
-    """``(micro, accumulation)`` with micro <= recommended and micro x accumulation == effective when a divisor of
-    the effective batch is near; otherwise the fewest accumulation steps (micro x accumulation then exceeds the
-    effective batch by less than ``accumulation``).
-
-    >>> plan_accumulation(256, 100)
-    (64, 4)
-    >>> plan_accumulation(32, 100)
-    (32, 1)
-    >>> plan_accumulation(97, 50)
-    (49, 2)
-    """
-    fewest = max(1, math.ceil(effective / max(1, recommended)))
-    for accumulation in range(fewest, 2 * fewest + 1):  # an exact split keeps the batch exactly
-        if effective % accumulation == 0:
-            return effective // accumulation, accumulation
-    return math.ceil(effective / fewest), fewest
 
 
 class BatchfitBatchSize(Callback):
