@@ -17,9 +17,10 @@ from torch import nn
 
 from batchfit.demos import ArrayDataset
 from batchfit.errors import ConfigError
+from batchfit.progress import ProgressEvent
 from batchfit.study import (
     Budget,
-    _config_key,
+    config_key,
     default_batch_sizes,
     load_results,
     lr_multipliers,
@@ -91,11 +92,18 @@ def _url(tmp_path: Path) -> str:
 
 
 class Events:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict]] = []
+    """A progress consumer: every sweep event, as (name, data), and the ProgressEvents themselves."""
 
-    def __call__(self, event: str, info: dict) -> None:
-        self.events.append((event, info))
+    def __init__(self) -> None:
+        self.raw: list[ProgressEvent] = []
+
+    def __call__(self, event: ProgressEvent) -> None:
+        assert isinstance(event, ProgressEvent) and event.stage == "sweep"
+        self.raw.append(event)
+
+    @property
+    def events(self) -> list[tuple[str, dict]]:
+        return [(e.data["event"], e.data) for e in self.raw]
 
     def started(self) -> list[int]:
         return [info["batch_size"] for event, info in self.events if event == "trial_start"]
@@ -156,7 +164,7 @@ def test_bad_inputs_raise_before_training(tmp_path: Path) -> None:
         sweep(wl, batch_sizes=[8], storage="nosuchdriver://host/db")
     with pytest.raises(ConfigError, match="adam-sqrt"):
         sweep(wl, batch_sizes=[8], storage=url, lr_rule="adam-sqrt")
-    with pytest.raises(ConfigError, match="LR rule"):
+    with pytest.raises(ConfigError, match="lr_rule"):
         sweep(wl, batch_sizes=[8], storage=url, lr_rule="cubic")
     with pytest.raises(ConfigError):
         sweep(wl, batch_sizes=[8], storage=url, lr_search=0)
@@ -198,7 +206,7 @@ def test_sweep_results_resume_and_store_roundtrip(tmp_path: Path) -> None:
         assert rec["val_metrics"]["accuracy"] >= res["target"]["value"] - 1e-9
         assert t["epochs_to_target"] == rec["epoch"] and t["samples_to_target"] == rec["samples"]
     assert [t["batch_size"] for t in res["best_per_batch"]] == [4, 8, 32]
-    json.dumps(res, allow_nan=False)  # plain JSON
+    json.dumps(res.to_dict(), allow_nan=False)  # plain JSON
 
     # every evaluation is in the store: intermediate values and user attributes, one per record
     study = optuna.load_study(study_name=res["study_name"], storage=url)
@@ -371,7 +379,7 @@ def test_duplicate_queue_entries_step_aside(tmp_path: Path) -> None:
     res = sweep(classify(), batch_sizes=[8], **kw)
     study = optuna.load_study(study_name=res["study_name"], storage=url)
     cfg8 = study.trials[0].user_attrs["batchfit_config"]
-    cfg16 = {"key": _config_key(16, 1.0), "batch_size": 16, "lr_multiplier": 1.0}
+    cfg16 = {"key": config_key(16, 1.0), "batch_size": 16, "lr_multiplier": 1.0}
     for cfg in (cfg8, cfg16, cfg16):
         study.enqueue_trial({"batch_size": cfg["batch_size"], "lr_multiplier": 1.0},
                             user_attrs={"batchfit_config": cfg})

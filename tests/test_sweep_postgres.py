@@ -15,8 +15,9 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-# the module that implements batchfit.sweep()
+# the package that implements batchfit.sweep(), and its store module (heartbeat settings)
 sweep_mod = importlib.import_module("batchfit.study")
+store_mod = importlib.import_module("batchfit.study.store")
 
 TrialState = optuna.trial.TrialState
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -75,11 +76,11 @@ def test_dead_workers_trial_is_retried_after_its_heartbeat_goes_stale(
     victim.wait(timeout=30)
     # pretend the dead worker ran on another machine: only its heartbeat can tell that it is gone
     storage.set_trial_user_attr(running._trial_id, "worker", {**running.user_attrs["worker"], "host": "elsewhere"})
-    monkeypatch.setattr(sweep_mod, "HEARTBEAT_INTERVAL_S", 1)
-    monkeypatch.setattr(sweep_mod, "HEARTBEAT_GRACE_S", 2)
+    monkeypatch.setattr(store_mod, "HEARTBEAT_INTERVAL_S", 1)
+    monkeypatch.setattr(store_mod, "HEARTBEAT_GRACE_S", 2)
     time.sleep(3)  # longer than the grace period since the victim's last beat
     result = sweep_mod.sweep("demo:digits-mlp", batch_sizes=[8], budget="steps:600", storage=postgres_url,
-                             study_name="kill", micro_batch_size=8, measure_noise=False, extremes=False,
+                             study_name="kill", micro_batch_limit=8, measure_noise=False, extremes=False,
                              eval_every=50, out_dir=tmp_path / "rescuer")
     trials = optuna.load_study(study_name="kill", storage=postgres_url).get_trials()
     killed = next(t for t in trials if t.number == running.number)

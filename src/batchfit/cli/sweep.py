@@ -85,61 +85,63 @@ def add_parser(sub: Any) -> None:
 
 
 class _Display:
-    """A rich live display: one bar over trials, one over the current trial's steps; JSON rewritten per trial."""
+    """A rich live display of the sweep's progress events: one bar over trials, one over the current trial's
+    steps; the JSON and the report are rewritten after every trial."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.progress: Any = None
         self.sweep_task: Any = None
         self.trial_task: Any = None
-        self.done = 0
 
-    def __call__(self, event: str, info: dict[str, Any]) -> None:
-        getattr(self, f"_on_{event}", lambda info: None)(info)
+    def __call__(self, event: Any) -> None:
+        handler = getattr(self, f"_on_{event.data.get('event')}", None)
+        if handler is not None:
+            handler(event)
 
-    def _on_start(self, info: dict[str, Any]) -> None:
+    def _on_start(self, ev: Any) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         con = c.console(self.args)
-        self.done = int(info["total"]) - int(info["pending"])
+        info = ev.data
         sizes = ", ".join(map(str, info["batch_sizes"]))
         mults = ", ".join(f"x{m:g}" for m in info["lr_multipliers"])
-        limit = info.get("micro_batch_size")
         con.print(f"[bold]sweep[/] {info['study_name']} in {info['storage']}")
         con.print(f"batch sizes {sizes}; LR {mults}; budget {info['budget']['kind']}:{info['budget']['value']}; "
-                  f"micro-batch limit {limit or 'none'}; {self.done} of {info['total']} trial(s) already done")
+                  f"micro-batch limit {info.get('micro_batch_limit') or 'none'}; {ev.message}")
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                                  console=con, disable=bool(self.args.quiet))
         self.progress.start()
-        self.sweep_task = self.progress.add_task("trials", total=int(info["total"]), completed=self.done, info="")
+        self.sweep_task = self.progress.add_task("trials", total=ev.total, completed=ev.completed, info="")
 
-    def _on_trial_start(self, info: dict[str, Any]) -> None:
+    def _on_trial_start(self, ev: Any) -> None:
         if self.progress is None:
             return
+        info = ev.data
         desc = (f"B={info['batch_size']} ({info['micro_batch_size']}x{info['accumulation_steps']}) "
                 f"lr {info.get('lr', 0):.3g}")
         if self.trial_task is not None:
             self.progress.remove_task(self.trial_task)
         self.trial_task = self.progress.add_task(desc, total=int(info.get("total_steps") or info["steps"]), info="")
 
-    def _on_step(self, info: dict[str, Any]) -> None:
+    def _on_step(self, ev: Any) -> None:
         if self.progress is not None and self.trial_task is not None:
-            self.progress.update(self.trial_task, completed=info["step"])
+            self.progress.update(self.trial_task, completed=ev.data["step"])
 
-    def _on_eval(self, info: dict[str, Any]) -> None:
-        if self.progress is not None and self.trial_task is not None and info.get("metric") is not None:
-            self.progress.update(self.trial_task, info=f"val {info['metric']:.4f}")
+    def _on_eval(self, ev: Any) -> None:
+        if self.progress is not None and self.trial_task is not None and ev.data.get("metric") is not None:
+            self.progress.update(self.trial_task, info=f"val {ev.data['metric']:.4f}")
 
-    def _on_trial_end(self, info: dict[str, Any]) -> None:
-        self.done += 1
+    def _on_trial_end(self, ev: Any) -> None:
         if self.progress is not None:
-            self.progress.update(self.sweep_task, completed=self.done,
-                                 info=f"last: B={info['batch_size']} {info.get('status')}")
-        results = info.get("results")
+            self.progress.update(self.sweep_task, completed=ev.completed,
+                                 info=f"last: B={ev.data['batch_size']} {ev.data.get('status')}")
+        results = ev.data.get("results")
         if results is not None:  # nothing computed is lost: the JSON and the report follow every trial
-            c.emit(self.args, "sweep", results)
-            _write_report(self.args, results, plots=False)
+            data = results.to_dict()
+            c.emit(self.args, "sweep", data)
+            _write_report(self.args, data, plots=False)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -174,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
         )
     finally:
         display.close()
+    results = results.to_dict()
     c.emit(args, "sweep", results)
     paths = _write_report(args, results)
     _print_summary(args, results, paths)

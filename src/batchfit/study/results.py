@@ -1,0 +1,431 @@
+"""The sweep's results, typed: one :class:`TrialSummary` per grid point and the :class:`SweepResult`.
+
+Both are rebuilt from the store alone (:func:`load_results`, what ``batchfit report STORE`` uses), so a resumed
+or merged sweep gives the same numbers as an uninterrupted one. ``to_dict()`` gives the results.json structure
+(keys are added over versions, never renamed); ``from_dict()`` reads it back, keeping keys it does not know.
+
+Steps-to-target is computed here, after the sweep, because the target depends on the best trial: the first
+evaluation whose metric reaches it (Shallue et al. 2019, steps to a validation goal with the LR retuned per batch
+size). The critical batch is the fit ``S(B) = S_min (1 + B_crit / B)`` of :mod:`batchfit.critical`
+(McCandlish et al. 2018) over each batch size's best-LR steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import statistics
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from batchfit.critical import fit_critical_batch
+from batchfit.errors import ConfigError, WorkloadError
+from batchfit.metric import Metric
+from batchfit.study import keys as K
+from batchfit.study.inputs import parse_target
+from batchfit.study.store import mask_url, open_study, optuna_module, read_namespace
+
+__all__ = [
+    "SweepFailedError",
+    "SweepResult",
+    "TrialSummary",
+    "build_results",
+    "load_results",
+]
+
+USER_ERROR_KINDS = ("workload", "memory", "config")
+_STATUS_ORDER = {K.STATUS_OK: 0, K.STATUS_DIVERGED: 1, K.STATUS_RUNNING: 2, K.STATUS_FAILED: 3}
+_TOP_TUNE_KEYS = ("find", "noise")  # always present in results.json (None when not measured)
+
+
+class SweepFailedError(RuntimeError):
+    """Every trial of a sweep failed on something that is not the user's workload (a batchfit bug)."""
+
+
+def _nonempty_str(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrialSummary:
+    """One grid point's outcome: its configuration, status, quality, speed, memory, steps to the target, B_simple.
+
+    The ``best_*`` values are over the trial's evaluations; ``best_metric`` is the ranking metric's best
+    (:class:`batchfit.metric.Metric`; ``train_loss`` for a workload without validation data).
+    """
+
+    trial_number: int | None = None
+    batch_size: int
+    micro_batch_size: int | None = None
+    accumulation_steps: int | None = None
+    lr: float | None = None
+    lr_multiplier: float = 1.0
+    lr_rule: str | None = None
+    warmup_steps: int | None = None
+    status: str
+    error: str | None = None
+    best_val_metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    final_val_metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    best_val_loss: float | None = None
+    final_val_loss: float | None = None
+    best_metric: float | None = None
+    generalization_gap: float | None = None
+    samples_per_s: float | None = None
+    peak_memory_bytes: int | None = None
+    steps_to_target: int | None = None
+    epochs_to_target: float | None = None
+    seconds_to_target: float | None = None
+    samples_to_target: int | None = None
+    b_simple: float | None = None
+    b_simple_history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    noise_split: bool | None = None
+    sharpness: float | None = None
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    steps: int | None = None
+    planned_steps: int | None = None
+    epochs: float | None = None
+    samples: int | None = None
+    seconds: float | None = None
+    diverged_at_step: int | None = None
+    # added in the typed results (new keys; the ones above are the original results.json)
+    best_train_loss: float | None = None
+    final_train_loss: float | None = None
+    error_kind: str | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # keys this version does not know
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (K.STATUS_OK, K.STATUS_DIVERGED)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "trial") -> TrialSummary:
+        """Read a trial of results.json; a malformed one is a one-line :class:`ConfigError` naming it and the key."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{where} is not an object (got {type(d).__name__})")
+        b = d.get("batch_size")
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ConfigError(f"{where}: 'batch_size' must be a positive integer, got {b!r}")
+        if not _nonempty_str(d.get("status")):
+            raise ConfigError(f"{where} (batch {b}): 'status' must be a string, got {d.get('status')!r}")
+        for key in ("history", "b_simple_history"):
+            if d.get(key) is not None and not isinstance(d.get(key), list):
+                raise ConfigError(f"{where} (batch {b}): {key!r} must be a list, got {type(d.get(key)).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in d.items() if k in known}, extra={k: v for k, v in d.items() if k not in known})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SweepResult(Mapping[str, Any]):
+    """A sweep's results: the settings, every trial, the best LR per batch size, the target, B_crit, B_simple,
+    and the tune-level results stored in the study's namespace (``tune``: find, noise, LR check, precision).
+
+    Transitional: a ``SweepResult`` is also a read-only mapping over :meth:`to_dict` (``result["trials"]``,
+    ``result.get("find")``, ``dict(result)``), so code written for the results dict keeps working while it moves
+    to the attributes.
+    """
+
+    workload: str
+    device: str | None = None
+    precision: str | None = None
+    budget: dict[str, Any] = dataclasses.field(default_factory=dict)
+    lr_rule: str | None = None
+    warmup: Any = None
+    seed: int | None = None
+    target: dict[str, Any] = dataclasses.field(default_factory=dict)
+    primary_metric: str = "val_loss"
+    higher_is_better: bool = False
+    study_name: str | None = None
+    storage: str | None = None
+    batch_sizes: list[int] | None = None
+    lr_multipliers: list[float] | None = None
+    micro_batch_limit: int | None = None  # the largest micro-batch that fits (results.json: micro_batch_size)
+    micro_batch_source: str | None = None
+    num_train: int | None = None
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    trials: tuple[TrialSummary, ...] = ()
+    best_per_batch: tuple[TrialSummary, ...] = ()
+    critical_batch_size: dict[str, Any] | None = None
+    critical_batch_size_reason: str | None = None
+    b_simple: float | None = None
+    tune: dict[str, Any] = dataclasses.field(default_factory=dict)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    # -- derived ---------------------------------------------------------------------------------------------
+    @property
+    def metric(self) -> Metric:
+        return Metric(self.primary_metric, bool(self.higher_is_better))
+
+    @property
+    def find(self) -> Any:
+        return self.tune.get("find")
+
+    @property
+    def noise(self) -> Any:
+        return self.tune.get("noise")
+
+    @property
+    def status(self) -> str:
+        """``complete`` (every grid point settled, at least one trained to the end), ``running`` (some queued or
+        running), ``failed`` (every trial failed: nothing to rank) or ``empty`` (no trial)."""
+        if not self.trials:
+            return "empty"
+        if self.counts.get("waiting") or any(t.status == K.STATUS_RUNNING for t in self.trials):
+            return "running"
+        if not any(t.finished for t in self.trials):
+            return "failed"
+        return "complete"
+
+    def failures(self) -> list[TrialSummary]:
+        return [t for t in self.trials if t.status == K.STATUS_FAILED]
+
+    def raise_for_status(self) -> None:
+        """Raise when every trial failed: :class:`WorkloadError` naming the first error when the failures were the
+        user's (workload code or data, memory, a setting), :class:`SweepFailedError` otherwise."""
+        if self.status != "failed":
+            return
+        failed = self.failures()
+        first = min(failed, key=lambda t: (t.trial_number is None, t.trial_number or 0)) if failed else None
+        what = (f"batch {first.batch_size}, LR x{first.lr_multiplier:g}: {first.error}" if first else "no error")
+        message = (f"every trial of the sweep failed ({len(failed)} of {len(self.trials)}); the first: {what}. Fix "
+                   "the workload and rerun with --retry-failed (retry_failed=True)")
+        if all((t.error_kind or "workload") in USER_ERROR_KINDS for t in failed):
+            raise WorkloadError(message)
+        raise SweepFailedError(message)
+
+    # -- the results.json form ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self._dict
+
+    @functools.cached_property
+    def _dict(self) -> dict[str, Any]:
+        trials = [t.to_dict() for t in self.trials]
+        by_id = {id(t): d for t, d in zip(self.trials, trials)}  # best_per_batch shares the trials' dicts
+        out: dict[str, Any] = {
+            "workload": self.workload, "device": self.device, "precision": self.precision, "budget": self.budget,
+            "lr_rule": self.lr_rule, "warmup": self.warmup, "seed": self.seed, "target": self.target,
+            "primary_metric": self.primary_metric, "higher_is_better": self.higher_is_better,
+            "study_name": self.study_name, "storage": self.storage, "batch_sizes": self.batch_sizes,
+            "lr_multipliers": self.lr_multipliers, "micro_batch_size": self.micro_batch_limit,
+            "micro_batch_source": self.micro_batch_source, "num_train": self.num_train, "counts": self.counts,
+            "trials": trials,
+            "best_per_batch": [by_id.get(id(t)) or t.to_dict() for t in self.best_per_batch],
+            "critical_batch_size": self.critical_batch_size,
+            "critical_batch_size_reason": self.critical_batch_size_reason, "b_simple": self.b_simple,
+        }
+        for key in _TOP_TUNE_KEYS:
+            out[key] = self.tune.get(key)
+        for key, value in self.tune.items():
+            out.setdefault(key, value)
+        out["micro_batch_limit"] = self.micro_batch_limit
+        out["status"] = self.status
+        for key, value in self.extra.items():
+            out.setdefault(key, value)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SweepResult:
+        """Read a results.json (a sweep's, or tune's with its extra keys, which are kept in ``extra``)."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"sweep results must be an object, got {type(d).__name__}")
+        raw = d.get("trials")
+        if not isinstance(raw, list):
+            raise ConfigError("sweep results have no 'trials' list; give a results.json written by batchfit")
+        trials = tuple(TrialSummary.from_dict(t, f"trial {i}") for i, t in enumerate(raw))
+        best = []
+        for i, t in enumerate(d.get("best_per_batch") or []):
+            same = next((s for s, r in zip(trials, raw) if r == t), None)
+            best.append(same or TrialSummary.from_dict(t, f"best_per_batch {i}"))
+        fields = {f.name for f in dataclasses.fields(cls)} - {"trials", "best_per_batch", "tune", "extra",
+                                                             "micro_batch_limit"}
+        tune_keys = set(_TOP_TUNE_KEYS) | set(K.LEGACY_TUNE_ATTRS)
+        derived = {"trials", "best_per_batch", "micro_batch_size", "micro_batch_limit", "status"}
+        return cls(
+            **{k: v for k, v in d.items() if k in fields},
+            micro_batch_limit=d.get("micro_batch_size", d.get("micro_batch_limit")),
+            trials=trials, best_per_batch=tuple(best),
+            tune={k: d[k] for k in tune_keys if k in d},
+            extra={k: v for k, v in d.items() if k not in fields and k not in tune_keys and k not in derived},
+        )
+
+    # -- transitional read-only mapping over to_dict() ---------------------------------------------------------
+    def __getitem__(self, key: str) -> Any:
+        return self._dict[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._dict)
+
+    def __len__(self) -> int:
+        return len(self._dict)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rebuilding the results from the store
+
+
+def _status_of(t: Any) -> str:
+    TrialState = optuna_module().trial.TrialState
+    stored = t.user_attrs.get(K.TRIAL_STATUS)
+    if t.state == TrialState.COMPLETE:
+        return stored if stored in (K.STATUS_OK, K.STATUS_DIVERGED) else K.STATUS_OK
+    if t.state == TrialState.RUNNING:
+        return K.STATUS_RUNNING
+    return K.STATUS_FAILED
+
+
+def _finite(values: Sequence[Any]) -> list[float]:
+    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+
+
+def summarize_trial(t: Any, metric: Metric) -> TrialSummary:
+    """One stored trial -> its summary (without the target-dependent fields)."""
+    attrs = t.user_attrs
+    cfg, plan, res = attrs[K.TRIAL_CONFIG], attrs.get(K.TRIAL_PLAN) or {}, attrs.get(K.TRIAL_RESULT) or {}
+    history = [attrs[k] for k in sorted(k for k in attrs if k.startswith(K.EVAL_PREFIX))]
+    status = _status_of(t)
+    error = attrs.get(K.TRIAL_ERROR)
+    if status == K.STATUS_FAILED and not error:
+        error = "interrupted: the worker stopped before the trial finished; re-run to retry"
+    scored = [(v, r) for r in history if (v := metric.of_record(r)) is not None]
+    best_rec = (max if metric.higher_is_better else min)(scored, key=lambda p: p[0])[1] if scored else None
+    final = history[-1] if history else {}
+    bs_hist = res.get("b_simple_history") or [r for r in history if "b_simple" in r]
+    bs_hist = [{"step": h.get("step"), "epoch": h.get("epoch"), "b_simple": h.get("b_simple")} for h in bs_hist]
+    bs_vals = _finite([h["b_simple"] for h in bs_hist])
+    train_losses = _finite([r.get("train_loss") for r in history])
+    val_losses = _finite([r.get("val_loss") for r in history])
+    sharp = res.get("sharpness")
+    return TrialSummary(
+        trial_number=t.number, batch_size=int(cfg["batch_size"]),
+        micro_batch_size=res.get("micro_batch_size") or plan.get("micro_batch_size"),
+        accumulation_steps=res.get("accumulation_steps") or plan.get("accumulation_steps"),
+        lr=res.get("lr") if res.get("lr") is not None else plan.get("lr"),
+        lr_multiplier=float(cfg["lr_multiplier"]), lr_rule=res.get("lr_rule"),
+        warmup_steps=res.get("warmup_steps", plan.get("warmup_steps")), status=status, error=error,
+        best_val_metrics=dict(best_rec.get("val_metrics") or {}) if best_rec else {},
+        final_val_metrics=dict(final.get("val_metrics") or {}),
+        best_val_loss=min(val_losses) if val_losses else None, final_val_loss=final.get("val_loss"),
+        best_metric=metric.of_record(best_rec) if best_rec else None,
+        generalization_gap=final.get("generalization_gap"), samples_per_s=res.get("samples_per_s"),
+        peak_memory_bytes=res.get("peak_memory_bytes"),
+        b_simple=statistics.median(bs_vals) if bs_vals else None, b_simple_history=bs_hist,
+        noise_split=plan.get("noise_split"),
+        sharpness=sharp.get("top_eigenvalue") if isinstance(sharp, Mapping) else sharp, history=history,
+        steps=res.get("steps", final.get("step")), planned_steps=plan.get("steps"),
+        epochs=res.get("epochs", final.get("epoch")), samples=res.get("samples", final.get("samples")),
+        seconds=res.get("seconds", final.get("seconds")), diverged_at_step=res.get("diverged_at_step"),
+        best_train_loss=min(train_losses) if train_losses else None, final_train_loss=final.get("train_loss"),
+        error_kind=attrs.get(K.TRIAL_ERROR_KIND) if status == K.STATUS_FAILED else None,
+    )
+
+
+def _to_target(t: TrialSummary, metric: Metric, value: float | None) -> TrialSummary:
+    """The summary with the first evaluation that reaches ``value`` (steps, epochs, seconds, samples)."""
+    if value is None:
+        return t
+    slack = -1e-12 if metric.higher_is_better else 1e-12
+    for rec in t.history:
+        if metric.reaches(metric.of_record(rec), value + slack):
+            return dataclasses.replace(t, steps_to_target=rec.get("step"), epochs_to_target=rec.get("epoch"),
+                                       seconds_to_target=rec.get("train_seconds"),
+                                       samples_to_target=rec.get("samples"))
+    return t
+
+
+def _rank(t: TrialSummary, metric: Metric) -> tuple[int, float]:
+    q = t.best_metric
+    score = -math.inf if q is None else (q if metric.higher_is_better else -q)
+    return (-_STATUS_ORDER.get(t.status, 4), score)
+
+
+def _target(spec: Mapping[str, Any], trials: Sequence[TrialSummary], metric: Metric) -> dict[str, Any]:
+    finished = [t.best_metric for t in trials if t.finished and t.best_metric is not None]
+    best = metric.best(finished) if finished else None
+    label = metric.name if metric.is_loss else f"validation {metric.name}"
+    higher = metric.higher_is_better
+    if spec["kind"] == "absolute":
+        value: float | None = spec["value"]
+        definition = f"{label} {'>=' if higher else '<='} {spec['value']:g} (absolute)"
+    elif best is None:
+        value, definition = None, f"{spec['value']:.0%} of the best {label}: no finished trial yet"
+    else:
+        value = best * spec["value"] if higher else best / spec["value"]
+        definition = (f"{label} >= {value:.4g} = {spec['value']:.0%} of the best ({best:.4g})" if higher else
+                      f"{label} <= {value:.4g} = the best ({best:.4g}) / {spec['value']:g}")
+    return {"kind": spec["kind"], "fraction": spec["value"] if spec["kind"] == "fraction" else None,
+            "value": value, "best": best, "metric": metric.name, "higher_is_better": higher,
+            "definition": definition}
+
+
+def _chosen_trials(study: Any) -> list[Any]:
+    """Per grid point, the trial that speaks for it: complete over running over failed, then the latest."""
+    TrialState = optuna_module().trial.TrialState
+    rank = {TrialState.COMPLETE: 3, TrialState.RUNNING: 2, TrialState.FAIL: 1}
+    chosen: dict[str, Any] = {}
+    for t in study.get_trials(deepcopy=False):
+        cfg = t.user_attrs.get(K.TRIAL_CONFIG)
+        if not cfg or t.state not in rank or t.user_attrs.get(K.TRIAL_DUPLICATE_OF) is not None:
+            continue
+        cur = chosen.get(cfg["key"])
+        if cur is None or (rank[t.state], t.number) > (rank[cur.state], cur.number):
+            chosen[cfg["key"]] = t
+    return list(chosen.values())
+
+
+def build_results(study: Any, storage_url: str, target: Any = None) -> SweepResult:
+    """The :class:`SweepResult` of a study, from the store alone."""
+    TrialState = optuna_module().trial.TrialState
+    attrs = study.user_attrs
+    cfg = attrs.get(K.STUDY_CONFIG)
+    if not cfg:
+        raise ConfigError(f"study {study.study_name!r} is not a batchfit sweep (it has no batchfit config)")
+    metric = Metric(cfg["primary_metric"], bool(cfg["higher_is_better"]))
+    trials = sorted((summarize_trial(t, metric) for t in _chosen_trials(study)),
+                    key=lambda s: (s.batch_size, s.lr_multiplier))
+    tgt = _target(parse_target(target if target is not None else (attrs.get(K.STUDY_TARGET) or 0.97)), trials,
+                  metric)
+    trials = [_to_target(t, metric, tgt["value"]) for t in trials]
+    sizes = sorted({t.batch_size for t in trials})
+    best_per_batch = [max((t for t in trials if t.batch_size == b), key=lambda t: _rank(t, metric)) for b in sizes]
+    points = []
+    for b in sizes:  # the best LR's steps (Shallue et al. 2019)
+        steps = [t.steps_to_target for t in trials if t.batch_size == b and t.finished
+                 and t.steps_to_target is not None]
+        if steps:
+            points.append([b, min(steps)])
+    crit, reason = (None, "no target yet: no trial has finished") if tgt["value"] is None else \
+        fit_critical_batch(points)
+    bs_values = [t.b_simple for t in best_per_batch if t.status == K.STATUS_OK and t.b_simple is not None]
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t.status] = counts.get(t.status, 0) + 1
+    counts["waiting"] = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                            if t.user_attrs.get(K.TRIAL_CONFIG))
+    return SweepResult(
+        workload=cfg["workload"], device=cfg["device"], precision=cfg["precision"], budget=cfg["budget"],
+        lr_rule=cfg["lr_rule"], warmup=cfg.get("warmup"), seed=cfg.get("seed"), target=tgt,
+        primary_metric=metric.name, higher_is_better=metric.higher_is_better, study_name=study.study_name,
+        storage=storage_url, batch_sizes=cfg.get("batch_sizes"), lr_multipliers=cfg.get("lr_multipliers"),
+        micro_batch_limit=cfg.get("micro_batch_size"), micro_batch_source=cfg.get("micro_batch_source"),
+        num_train=cfg.get("num_train"), counts=counts, trials=tuple(trials), best_per_batch=tuple(best_per_batch),
+        critical_batch_size=crit, critical_batch_size_reason=reason,
+        b_simple=statistics.median(bs_values) if bs_values else None, tune=read_namespace(study),
+    )
+
+
+def load_results(storage: str | Any, study_name: str | None = None, *, target: float | str | None = None
+                 ) -> SweepResult:
+    """Rebuild a sweep's :class:`SweepResult` from its store alone (``batchfit report STORE``), with every
+    tune-level result stored in the study's namespace (``result.tune``: find, noise, LR check, precision).
+
+    ``study_name`` may be left out when the store holds one study. ``target`` recomputes steps-to-target for
+    another target than the one stored.
+    """
+    study = open_study(storage, study_name)
+    url = mask_url(storage if isinstance(storage, str) else type(storage).__name__)
+    return build_results(study, url, target)

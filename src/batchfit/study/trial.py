@@ -1,0 +1,291 @@
+"""One trial: train one grid point with :func:`batchfit.engine.train` and record it into the store as it runs.
+
+Every evaluation record is written to the trial (user attribute + Optuna intermediate value) the moment the
+engine produces it, so an interrupted sweep keeps everything it measured. The outcome is told to the study:
+complete (status ``ok`` or ``diverged``), or failed with a one-line error and its kind (the user's workload, memory,
+a bad setting, or batchfit's own bug).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+import sysconfig
+import traceback
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from batchfit._io import to_jsonable
+from batchfit.errors import BatchfitError, ConfigError, WorkloadError
+from batchfit.metric import Metric
+from batchfit.progress import ProgressEvent, ProgressFn
+from batchfit.study import keys as K
+from batchfit.study.inputs import EVALS_PER_TRIAL, Budget, GridPoint
+from batchfit.study.store import Heartbeat, optuna_module, worker_identity
+from batchfit.workload import Workload
+
+__all__ = [
+    "STAGE",
+    "SweepPlan",
+    "classify_failure",
+    "legacy_progress",
+    "run_trial",
+    "sweep_event",
+]
+
+STAGE = "sweep"  # the progress stage of every sweep event
+ERROR_KINDS = ("workload", "memory", "config", "internal")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPlan:
+    """Everything a trial needs, fixed before the first trial runs (validated by :func:`batchfit.study.sweep`)."""
+
+    workload: Workload
+    metric: Metric
+    budget: Budget
+    micro_batch_limit: int | None  # the largest micro-batch that fits; bigger batches accumulate
+    measure_noise: bool
+    sharpness: bool
+    eval_every: int | None
+    seed: int
+    lr_rule: str
+    warmup: int | float
+    precision: str
+    device: str
+    total: int  # grid points in this sweep
+    callbacks: tuple[Any, ...] = ()
+    progress: ProgressFn | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress: one ProgressEvent per thing that happened; data["event"] names it (start, trial_start, step, eval,
+# trial_end, done)
+
+
+def sweep_event(progress: ProgressFn | None, kind: str, event: str, message: str = "", *,
+                completed: int | None = None, total: int | None = None, data: Mapping[str, Any] | None = None,
+                **more: Any) -> None:
+    """Send one sweep :class:`ProgressEvent`; ``data`` and ``more`` become its data, with ``event`` naming it."""
+    if progress is not None:
+        progress(ProgressEvent(stage=STAGE, kind=kind, message=message, completed=completed, total=total,
+                               data={"event": event, **(data or {}), **more}))
+
+
+def legacy_progress(fn: Callable[[str, dict[str, Any]], None]) -> ProgressFn:
+    """Adapt a pre-ProgressEvent ``fn(event, info)`` consumer to the sweep's events (transitional)."""
+
+    def progress(ev: ProgressEvent) -> None:
+        if ev.stage == STAGE and "event" in ev.data:
+            info = {k: v for k, v in ev.data.items() if k != "event"}
+            if ev.kind == "start" and ev.total is not None:
+                info.setdefault("total", ev.total)
+            fn(ev.data["event"], info)
+
+    return progress
+
+
+class _Recorder:
+    """Engine callback: every evaluation record goes into the store (user attr + intermediate value) at once."""
+
+    def __init__(self, trial: Any, plan: SweepPlan, info: dict[str, Any]) -> None:
+        self.trial, self.plan, self.info = trial, plan, info
+        self.count = 0
+
+    def on_train_start(self, state: Any) -> None:
+        self.info.update(lr=state.optimizer.param_groups[0]["lr"], micro_batch_size=state.micro_batch_size,
+                         accumulation_steps=state.accumulation_steps, total_steps=state.total_steps)
+        self.trial.set_user_attr(K.TRIAL_PLAN, to_jsonable(dict(self.info)))
+        sweep_event(self.plan.progress, "update", "trial_start",
+                    f"batch {self.info['batch_size']} ({state.micro_batch_size} x {state.accumulation_steps}), "
+                    f"lr {self.info['lr']:.3g}", completed=self.info["index"] - 1, total=self.plan.total,
+                    data=self.info)
+
+    def on_step_end(self, state: Any) -> None:
+        sweep_event(self.plan.progress, "update", "step", completed=state.step, total=state.total_steps,
+                    index=self.info["index"], step=state.step, total_steps=state.total_steps)
+
+    def on_evaluate(self, state: Any, record: dict[str, Any]) -> None:
+        rec = to_jsonable(record)
+        self.trial.set_user_attr(f"{K.EVAL_PREFIX}{self.count:05d}", rec)
+        value = self.plan.metric.of_record(rec)
+        if value is not None:
+            with contextlib.suppress(Exception):
+                self.trial.report(value, int(record.get("step", self.count)))
+        self.count += 1
+        sweep_event(self.plan.progress, "record", "eval", index=self.info["index"], record=rec, metric=value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Failures: whose fault, in one line
+
+
+def _library_dirs() -> tuple[str, ...]:
+    import torch
+
+    import batchfit
+
+    stdlib = sysconfig.get_paths().get("stdlib") or str(Path(sys.executable).parent)
+    return (str(Path(batchfit.__file__).resolve().parent), str(Path(torch.__file__).resolve().parent),
+            str(Path(stdlib).resolve()))
+
+
+def _raised_in_user_code(exc: BaseException) -> bool:
+    """True when a frame of the traceback lies outside batchfit, torch and the standard library: the failure
+    passed through the user's model, loss, metric or data (a Hugging Face model in site-packages counts too)."""
+    batchfit_dir, torch_dir, stdlib_dir = _library_dirs()
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if not frame.filename or frame.filename.startswith("<"):
+            continue
+        path = str(Path(frame.filename).resolve())
+        if path.startswith((batchfit_dir, torch_dir)):
+            continue
+        if path.startswith(stdlib_dir) and "site-packages" not in path and "dist-packages" not in path:
+            continue
+        return True
+    return False
+
+
+def classify_failure(exc: BaseException, micro_batch_size: int) -> tuple[str, str]:
+    """``(kind, one-line message)`` of a trial that raised; kind is one of :data:`ERROR_KINDS`."""
+    from batchfit import memory
+
+    message = " ".join(str(exc).split())[:500] or type(exc).__name__
+    if memory.is_oom(exc):
+        return "memory", (f"out of memory at micro-batch {micro_batch_size}: {message}; give a smaller "
+                          "micro_batch_limit (--micro-batch-size)")
+    if isinstance(exc, ConfigError):
+        return "config", message
+    if isinstance(exc, (WorkloadError, BatchfitError)):
+        return "workload", message
+    kind = "workload" if _raised_in_user_code(exc) else "internal"
+    return kind, f"{type(exc).__name__}: {message}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running one trial
+
+
+def _with_lr_multiplier(workload: Workload, multiplier: float) -> Workload:
+    """The same workload whose optimizer starts at ``base_lr x multiplier``; the rule then scales both alike."""
+    if multiplier == 1.0:
+        return workload
+    make = workload.optimizer_fn
+
+    def optimizer_fn(params: Any, lr: float) -> Any:
+        return make(params, lr * multiplier)
+
+    return dataclasses.replace(workload, optimizer_fn=optimizer_fn)
+
+
+def _noise_callback() -> Any | None:
+    try:
+        from batchfit.noise import NoiseCallback
+    except ImportError:  # the noise module is optional for the sweep
+        return None
+    return NoiseCallback()
+
+
+def _callbacks(plan: SweepPlan, batch: int, micro: int) -> tuple[list[Any], int, bool]:
+    """The engine callbacks of one trial, and its micro-batch (split in two when B_simple needs 2 of them)."""
+    callbacks: list[Any] = []
+    noise_split = False
+    if plan.measure_noise and batch >= 2:
+        noise_cb = _noise_callback()
+        if noise_cb is not None:
+            if micro == batch:  # B_simple needs >= 2 micro-batches per step
+                micro, noise_split = math.ceil(batch / 2), True
+            callbacks.append(noise_cb)
+    if plan.sharpness:
+        from batchfit.sharpness import SharpnessCallback
+
+        callbacks.append(SharpnessCallback(chunk_size=min(plan.micro_batch_limit or 256, 256), seed=plan.seed))
+    return callbacks, micro, noise_split
+
+
+def run_trial(study: Any, trial: Any, plan: SweepPlan, index: int) -> dict[str, Any]:
+    """Train one claimed trial; its outcome (ok / diverged / failed) is told to the study. Returns the outcome.
+
+    If the store says the trial was finished meanwhile (a heartbeat check on another machine failed it while
+    this worker was slow, or SQLite let two workers pop it), this worker abandons it and goes on.
+    """
+    point = GridPoint.from_attr(trial.user_attrs[K.TRIAL_CONFIG])
+    try:
+        return _train_trial(study, trial, plan, point, index)
+    except optuna_module().exceptions.UpdateFinishedTrialError as exc:
+        return {"index": index, "total": plan.total, "trial_number": trial.number, "batch_size": point.batch_size,
+                "lr_multiplier": point.lr_multiplier, "status": "abandoned",
+                "error": f"the store finished this trial meanwhile ({exc}); its result there stands"}
+
+
+_RESULT_KEYS = (
+    "lr", "lr_rule", "warmup_steps", "micro_batch_size", "accumulation_steps", "steps", "epochs", "samples",
+    "seconds", "train_seconds", "samples_per_s", "peak_memory_bytes", "diverged", "diverged_at_step", "device",
+    "precision", "b_simple_history", "b_simple_skipped_steps", "sharpness",
+)
+
+
+def _train_trial(study: Any, trial: Any, plan: SweepPlan, point: GridPoint, index: int) -> dict[str, Any]:
+    from batchfit.engine import resolve_warmup, train
+
+    TrialState = optuna_module().trial.TrialState
+    batch, mult = point.batch_size, point.lr_multiplier
+    limit = plan.micro_batch_limit
+    callbacks, micro, noise_split = _callbacks(plan, batch, batch if limit is None else min(batch, limit))
+    steps = plan.budget.steps_for(batch, plan.workload.num_train)
+    eval_every = plan.eval_every or max(1, steps // EVALS_PER_TRIAL)
+    info = {"index": index, "total": plan.total, "trial_number": trial.number, "batch_size": batch,
+            "lr_multiplier": mult, "micro_batch_size": micro, "accumulation_steps": math.ceil(batch / micro),
+            "steps": steps, "eval_every": eval_every, "noise_split": noise_split,
+            "warmup_steps": resolve_warmup(plan.warmup, steps)}
+    callbacks = [*callbacks, _Recorder(trial, plan, info), *plan.callbacks]
+    trial.set_user_attr(K.TRIAL_WORKER, worker_identity())
+    trial.set_user_attr(K.TRIAL_STATUS, K.STATUS_RUNNING)
+    outcome: dict[str, Any] = dict(info)
+    failure: BaseException | None = None
+    with Heartbeat(study._storage, trial._trial_id):
+        try:
+            result = train(
+                _with_lr_multiplier(plan.workload, mult), batch_size=batch, micro_batch_size=micro,
+                lr_rule=plan.lr_rule, warmup=plan.warmup, steps=steps, precision=plan.precision,
+                device=plan.device, seed=plan.seed, eval_every=eval_every, callbacks=callbacks,
+            )
+        except KeyboardInterrupt:
+            trial.set_user_attr(K.TRIAL_STATUS, K.STATUS_INTERRUPTED)
+            trial.set_user_attr(K.TRIAL_ERROR, "interrupted by the user (Ctrl-C); re-run the same command to retry")
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        except Exception as exc:  # recorded; the sweep goes on
+            failure = exc
+    if failure is not None:
+        from batchfit import memory
+
+        if memory.is_oom(failure):
+            memory.release_memory()
+        kind, error = classify_failure(failure, micro)
+        trial.set_user_attr(K.TRIAL_STATUS, K.STATUS_FAILED)
+        trial.set_user_attr(K.TRIAL_ERROR, error)
+        trial.set_user_attr(K.TRIAL_ERROR_KIND, kind)
+        study.tell(trial, state=TrialState.FAIL)
+        outcome.update(status=K.STATUS_FAILED, error=error, error_kind=kind)
+        return outcome
+    return _record_result(study, trial, plan, result, outcome)
+
+
+def _record_result(study: Any, trial: Any, plan: SweepPlan, result: Any, outcome: dict[str, Any]) -> dict[str, Any]:
+    data = result.to_dict()
+    summary = {k: data.get(k) for k in _RESULT_KEYS}
+    trial.set_user_attr(K.TRIAL_RESULT, to_jsonable(summary))
+    status = K.STATUS_DIVERGED if result.diverged else K.STATUS_OK
+    trial.set_user_attr(K.TRIAL_STATUS, status)
+    if result.diverged:
+        trial.set_user_attr(K.TRIAL_ERROR, f"diverged (non-finite loss) at step {result.diverged_at_step}")
+    values = [v for v in (plan.metric.of_record(r) for r in data["history"]) if v is not None]
+    worst = -math.inf if plan.metric.higher_is_better else math.inf
+    value = plan.metric.best(values) if values else worst
+    study.tell(trial, value)
+    outcome.update(status=status, best=value if values else None, lr=summary["lr"])
+    return outcome
