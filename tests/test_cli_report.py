@@ -99,3 +99,32 @@ def test_out_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     f.write_text("")
     assert main(["report", str(src), "--out", str(f)]) == 2
     assert "is a file" in _one_line_error(capsys)
+
+
+def test_malformed_trial_in_a_hand_edited_results_json(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """13.19: one line naming the bad trial and key, exit 2, instead of an internal KeyError."""
+    res = make_results()
+    del res["trials"][2]["batch_size"]
+    src = tmp_path / "edited.json"
+    src.write_text(json.dumps(res))
+    assert main(["report", str(src), "--out", str(tmp_path / "rep")]) == 2
+    line = _one_line_error(capsys)
+    assert "trial 2" in line and "batch_size" in line and "Traceback" not in line
+    res = make_results()
+    res["trials"][1]["samples_per_s"] = "fast"
+    src.write_text(json.dumps(res))
+    assert main(["report", str(src), "--out", str(tmp_path / "rep")]) == 2
+    line = _one_line_error(capsys)
+    assert "trial 1 (batch 32) has samples_per_s 'fast'" in line
+    assert not (tmp_path / "rep" / "report.html").exists()
+
+
+def test_quiet_prints_the_one_line_result(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """12.6: `report -q` prints the one-line recommendation and nothing else."""
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps(make_results()))
+    assert main(["report", str(src), "--out", str(tmp_path / "rep"), "-q"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        "Recommendation: batch 64 = micro-batch 64 x 1 accumulation step(s), LR 0.0014, warm-up 0 step(s), fp32"]

@@ -43,6 +43,7 @@ def _one_line_error(capsys: pytest.CaptureFixture[str], command: str) -> str:
         (["--device", "tpu"], "device"),
         (["--precision", "fp16"], "fp16"),
         (["--memory-budget", "lots"], "memory"),
+        (["--no-find", "--memory-budget", "1MiB"], "--no-find skips it"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv: list[str], fragment: str, tmp_path: Path,
@@ -74,12 +75,56 @@ def test_tune_then_report_from_the_store(tmp_path: Path, capsys: pytest.CaptureF
         assert (out / name).exists(), name
     assert not (out / "find.json").exists() and not (out / "lr.json").exists()
     assert data["lr_calibration"] is None
-    capsys.readouterr()
+    # -q: no display and no table, but the one-line recommendation (12.6)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [f"Recommendation: batch {rec['batch_size']} = micro-batch {rec['micro_batch_size']} x "
+                   f"{rec['accumulation_steps']} accumulation step(s), LR {rec['lr']:.4g}, warm-up "
+                   f"{rec['warmup_steps']} step(s), {rec['precision']}"]
 
-    # the report rebuilt from the store alone gives the same recommendation
+    # the report rebuilt from the store alone gives the same recommendation, and -q prints it in one line too
     rep = tmp_path / "rep"
     assert main(["report", str(out / "batchfit.db"), "--out", str(rep), "--quiet"]) == 0
+    assert capsys.readouterr().err.strip() == err[0]
     again = json.loads((rep / "results.json").read_text())
-    assert again["recommendation"]["batch_size"] == rec["batch_size"]
+    assert again["recommendation"] == rec
     assert again["noise"]["b_simple"] == data["noise"]["b_simple"]
-    assert "<img" in (rep / "report.html").read_text()
+    assert (rep / "report.html").read_text().count("<img") >= 3
+
+
+def test_retry_failed_runs_failed_trials_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """13.6: `tune --retry-failed` re-runs the trials that failed; without it they are kept as failed."""
+    wl = tmp_path / "flaky.py"
+    wl.write_text(
+        "import os\n"
+        "from torch import nn\n"
+        "from batchfit.demos import digits_mlp\n"
+        "class Flaky(nn.Module):\n"
+        "    def __init__(self, inner):\n"
+        "        super().__init__()\n"
+        "        self.inner = inner\n"
+        "    def forward(self, x):\n"
+        "        # batch 64 trains as 2 micro-batches of 32 (batch 32 as 2 x 16): only batch 64's trial fails\n"
+        "        if os.environ.get('FLAKY') and self.training and x.shape[0] == 32:\n"
+        "            raise RuntimeError('flaky forward')\n"
+        "        return self.inner(x)\n"
+        "def make():\n"
+        "    base = digits_mlp()\n"
+        "    make_model = base.model_fn\n"
+        "    base.model_fn = lambda: Flaky(make_model())\n"
+        "    return base\n"
+    )
+    argv = ["tune", "-w", f"{wl}:make", "--batch-sizes", "32,64", "--budget", "steps:2", "--no-find", "--no-noise",
+            "--no-precision-check", "--no-lr-calibration", "--out", str(tmp_path / "out"), "-q"]
+    monkeypatch.setenv("FLAKY", "1")
+    main(argv)
+    first = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {t["batch_size"]: t["status"] for t in first["trials"]} == {32: "ok", 64: "failed"}
+    monkeypatch.delenv("FLAKY")
+    assert main(argv) == 0  # without --retry-failed the failure is kept
+    kept = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {t["batch_size"]: t["status"] for t in kept["trials"]} == {32: "ok", 64: "failed"}
+    assert main([*argv, "--retry-failed"]) == 0
+    retried = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {t["batch_size"]: t["status"] for t in retried["trials"]} == {32: "ok", 64: "ok"}
+    capsys.readouterr()

@@ -21,6 +21,12 @@ _EXPORTS = {
     "noise_scale": "batchfit.noise",
     "sweep": "batchfit.study",
     "tune": "batchfit.tuning",
+    "TuneResult": "batchfit.tuning",
+    "recommend": "batchfit.recommend",
+    "Recommendation": "batchfit.recommend",
+    "load_results": "batchfit.study",
+    "SweepResult": "batchfit.study",
+    "write_report": "batchfit.report",
     "BatchfitError": "batchfit.errors",
     "ConfigError": "batchfit.errors",
     "WorkloadError": "batchfit.errors",
@@ -35,9 +41,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from batchfit.errors import BatchfitError, ConfigError, DataError, NoisyEstimateWarning, WorkloadError
     from batchfit.finder import find_batch_size
     from batchfit.noise import noise_scale
+    from batchfit.recommend import Recommendation, recommend
+    from batchfit.report import write_report
     from batchfit.scaling import ScaledHyperparameters, scale_lr
-    from batchfit.study import sweep
-    from batchfit.tuning import tune
+    from batchfit.study import SweepResult, load_results, sweep
+    from batchfit.tuning import TuneResult, tune
     from batchfit.workload import Workload, load_workload
 
 

@@ -22,8 +22,12 @@ from typing import Any
 from batchfit._io import atomic_write as _atomic_write
 from batchfit._io import write_json
 from batchfit._io import write_text as _write_text
-from batchfit.errors import BatchfitError
-from batchfit.recommend import quality, recommend
+from batchfit.errors import BatchfitError, ConfigError
+from batchfit.metric import Metric
+from batchfit.recommend import Recommendation, as_results, metric_of, recommend
+
+__all__ = ["PLOTS", "check_results", "make_plots", "render_html", "render_markdown", "summary_rows", "summary_table",
+           "write_report"]
 
 PLOTS = ("val_curves", "metric_vs_batch", "throughput_memory", "steps_to_target", "b_simple")
 _TITLES = {
@@ -61,10 +65,17 @@ def _rows_source(results: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [best[b] for b in sorted(best)]
 
 
+def metric_label(metric: Metric) -> str:
+    """``val accuracy``, ``val loss`` or ``train loss`` (a workload without validation data ranks on it)."""
+    if metric.name == "train_loss":
+        return "train loss"
+    return "val loss" if metric.name == "val_loss" else f"val {metric.name}"
+
+
 def summary_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The guides' trade-off table, measured: one row per batch size (memory, speed, gradient noise,
     generalization gap, epochs to converge), with the raw values."""
-    primary = results.get("primary_metric", "val_loss")
+    metric = metric_of(results)
     global_bs = results.get("b_simple")
     rows = []
     for t in _rows_source(results):
@@ -78,7 +89,7 @@ def summary_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
             "accumulation_steps": t.get("accumulation_steps"),
             "lr": t.get("lr"),
             "status": t.get("status"),
-            "best_metric": quality(t, primary),
+            "best_metric": metric.of_trial(t),
             "peak_memory_bytes": t.get("peak_memory_bytes"),
             "samples_per_s": t.get("samples_per_s"),
             "b_simple": b_simple,
@@ -92,8 +103,8 @@ def summary_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def summary_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    primary = results.get("primary_metric", "val_loss")
-    header = ["batch", "micro x accum", "LR", "status", f"best val {primary}", "peak memory", "samples/s",
+    header = ["batch", "micro x accum", "LR", "status", f"best {metric_label(metric_of(results))}", "peak memory",
+              "samples/s",
               "B_simple", "B / B_simple", "gen. gap", "epochs to target", "steps to target", "s to target"]
     body = []
     for r in summary_rows(results):
@@ -117,13 +128,14 @@ def summary_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]
 
 
 def _trials_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    primary = results.get("primary_metric", "val_loss")
-    header = ["batch", "LR", "LR x", "status", f"best val {primary}", "final val loss", "steps", "seconds", "error"]
+    metric = metric_of(results)
+    header = ["batch", "LR", "LR x", "status", f"best {metric_label(metric)}", "final val loss", "steps", "seconds",
+              "error"]
     body = []
     for t in sorted(results.get("trials") or [], key=lambda t: (t["batch_size"], t.get("lr") or 0)):
         body.append([
             str(t["batch_size"]), _num(t.get("lr"), ".3g"), _num(t.get("lr_multiplier"), "g"),
-            str(t.get("status") or "-"), _num(quality(t, primary)), _num(t.get("final_val_loss")),
+            str(t.get("status") or "-"), _num(metric.of_trial(t)), _num(t.get("final_val_loss")),
             _num(t.get("steps"), ".0f"), _num(t.get("seconds"), ".3g"), str(t.get("error") or ""),
         ])
     return header, body
@@ -137,6 +149,9 @@ def _study_lines(results: Mapping[str, Any]) -> list[str]:
         f"budget {budget.get('kind')}:{budget.get('value')}, LR rule {results.get('lr_rule')}, primary metric "
         f"{results.get('primary_metric')} ({'higher' if results.get('higher_is_better') else 'lower'} is better)",
     ]
+    if results.get("primary_metric") == "train_loss":
+        lines.append("ranked on the training loss: the workload has no validation data, so the table and the "
+                     "recommendation say how fast each batch size trains, not how well it generalizes")
     if target.get("definition"):
         lines.append(f"target: {target['definition']}")
     elif target:
@@ -190,7 +205,7 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _plot_val_curves(results: Mapping[str, Any], path: Path) -> Path | None:
-    primary = results.get("primary_metric", "val_loss")
+    metric = metric_of(results)
     trials = [t for t in _rows_source(results) if t.get("history")]
     if not trials:
         return None
@@ -199,33 +214,32 @@ def _plot_val_curves(results: Mapping[str, Any], path: Path) -> Path | None:
         hist = t["history"]
         ep = [h.get("epoch") for h in hist]
         label = f"B={t['batch_size']}"
-        metric = [(h.get("val_metrics") or {}).get(primary, h.get("val_loss") if primary == "val_loss" else None)
-                  for h in hist]
-        if any(m is not None for m in metric):
-            ax_m.plot(ep, [math.nan if m is None else m for m in metric], marker=".", label=label)
+        values = [metric.of_record(h) for h in hist]
+        if any(m is not None for m in values):
+            ax_m.plot(ep, [math.nan if m is None else m for m in values], marker=".", label=label)
         ax_l.plot(ep, [math.nan if h.get("val_loss") is None else h["val_loss"] for h in hist], marker=".",
                   label=label)
-    ax_m.set(xlabel="epoch", ylabel=f"val {primary}", title=f"validation {primary}")
+    ax_m.set(xlabel="epoch", ylabel=metric_label(metric), title=metric_label(metric))
     ax_l.set(xlabel="epoch", ylabel="val loss", title="validation loss")
     ax_l.legend(fontsize="small")
     return _save(fig, path)
 
 
 def _plot_metric_vs_batch(results: Mapping[str, Any], path: Path) -> Path | None:
-    primary = results.get("primary_metric", "val_loss")
-    rows = [t for t in _rows_source(results) if quality(t, primary) is not None]
+    metric = metric_of(results)
+    label = metric_label(metric)
+    rows = [t for t in _rows_source(results) if metric.of_trial(t) is not None]
     if not rows:
         return None
     fig, ax = _figure()
     bs = [t["batch_size"] for t in rows]
-    ax.plot(bs, [quality(t, primary) for t in rows], marker="o", label=f"best val {primary}")
-    final = [(t.get("final_val_metrics") or {}).get(primary,
-             t.get("final_val_loss") if primary == "val_loss" else None) for t in rows]
+    ax.plot(bs, [metric.of_trial(t) for t in rows], marker="o", label=f"best {label}")
+    final = [metric.of_record(t["history"][-1]) if t.get("history") else None for t in rows]
     if any(f is not None for f in final):
         ax.plot(bs, [math.nan if f is None else f for f in final], marker="s", linestyle="--",
-                label=f"final val {primary}")
+                label=f"final {label}")
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="effective batch size", ylabel=primary, title=f"validation {primary} vs batch size")
+    ax.set(xlabel="effective batch size", ylabel=label, title=f"{label} vs batch size")
     ax.legend()
     return _save(fig, path)
 
@@ -321,15 +335,13 @@ def _md_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _rec_lines(rec: Mapping[str, Any] | None) -> tuple[str | None, list[str]]:
-    if not rec:
+def _rec_lines(rec: Recommendation | None) -> tuple[str | None, list[str]]:
+    if rec is None:
         return None, []
-    head = (f"batch {rec['batch_size']} = micro-batch {rec['micro_batch_size']} x {rec['accumulation_steps']} "
-            f"accumulation step(s), LR {rec['lr']:.4g}, warm-up {rec['warmup_steps']} step(s), {rec['precision']}")
-    return head, list(rec.get("reasons") or [])
+    return rec.headline(), list(rec.reasons)
 
 
-def render_markdown(results: Mapping[str, Any], recommendation: Mapping[str, Any] | None,
+def render_markdown(results: Mapping[str, Any], recommendation: Recommendation | None,
                     plots: Mapping[str, Path], note: str | None = None) -> str:
     header, body = summary_table(results)
     parts = [f"# batchfit report: {results.get('workload')}", "",
@@ -371,12 +383,12 @@ def _html_table(header: list[str], body: list[list[str]], pick: int | None = Non
     return "\n".join(out)
 
 
-def render_html(results: Mapping[str, Any], recommendation: Mapping[str, Any] | None,
+def render_html(results: Mapping[str, Any], recommendation: Recommendation | None,
                 plots: Mapping[str, Path], note: str | None = None) -> str:
     """A self-contained page: the plots are embedded as base64 PNG data URIs."""
     e = html.escape
     header, body = summary_table(results)
-    pick = recommendation.get("batch_size") if recommendation else None
+    pick = recommendation.batch_size if recommendation else None
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f"<title>batchfit report: {e(str(results.get('workload')))}</title>", f"<style>{_CSS}</style>",
              "</head><body>", f"<h1>batchfit report: {e(str(results.get('workload')))}</h1>",
@@ -403,20 +415,78 @@ def render_html(results: Mapping[str, Any], recommendation: Mapping[str, Any] | 
 # The whole report
 
 
+_NUMBER_KEYS = ("lr", "lr_multiplier", "samples_per_s", "peak_memory_bytes", "steps_to_target", "epochs_to_target",
+                "seconds_to_target", "samples_to_target", "best_val_loss", "final_val_loss", "best_train_loss",
+                "generalization_gap", "b_simple", "steps", "seconds")
+_MAPPING_KEYS = ("best_val_metrics", "final_val_metrics")
+_LIST_KEYS = ("history", "b_simple_history")
+
+
+def _check_trial(t: Any, where: str) -> None:
+    if not isinstance(t, Mapping):
+        raise ConfigError(f"{where} is {type(t).__name__}, not an object; fix or remove it")
+    batch = t.get("batch_size")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"{where} has batch_size {batch!r}; it must be a positive integer (fix or remove the trial)")
+    where = f"{where} (batch {batch})"
+    if t.get("status") is not None and not isinstance(t["status"], str):
+        raise ConfigError(f"{where} has status {t['status']!r}; it must be a string such as \"ok\"")
+    for key in _NUMBER_KEYS:
+        v = t.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ConfigError(f"{where} has {key} {v!r}; it must be a number or null")
+    for key in _MAPPING_KEYS:
+        v = t.get(key)
+        if v is not None and not (isinstance(v, Mapping) and all(
+                x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in v.values())):
+            raise ConfigError(f"{where} has {key} {v!r}; it must map metric names to numbers")
+    for key in _LIST_KEYS:
+        v = t.get(key)
+        if v is not None and not (isinstance(v, list) and all(isinstance(h, Mapping) for h in v)):
+            raise ConfigError(f"{where} has {key} of type {type(v).__name__}; it must be a list of records")
+    if t.get("status") == "ok" and t.get("lr") is None:
+        raise ConfigError(f"{where} finished (status ok) without an lr; fix or remove the trial")
+
+
+def check_results(results: Mapping[str, Any], source: str = "the results") -> None:
+    """Raise :class:`ConfigError` naming the first malformed trial and key, instead of failing inside the report
+    (a hand-edited results.json is the usual cause)."""
+    if not isinstance(results.get("trials"), list):
+        raise ConfigError(f"{source} has no 'trials' list; give a results.json written by batchfit")
+    for name in ("primary_metric", "workload"):
+        v = results.get(name)
+        if v is not None and not isinstance(v, str):
+            raise ConfigError(f"{source}: {name} is {v!r}; it must be a string")
+    for i, t in enumerate(results["trials"]):
+        _check_trial(t, f"{source}: trial {i}")
+    rows = results.get("best_per_batch")
+    if rows is not None and not isinstance(rows, list):
+        raise ConfigError(f"{source}: best_per_batch must be a list of trials, got {type(rows).__name__}")
+    for i, t in enumerate(rows or []):
+        _check_trial(t, f"{source}: best_per_batch[{i}]")
+    for name in ("find", "noise", "lr_calibration", "precision_check", "critical_batch_size", "budget", "target"):
+        v = results.get(name)
+        if v is not None and not isinstance(v, Mapping):
+            raise ConfigError(f"{source}: {name} must be an object or null, got {type(v).__name__}")
+
+
 def write_report(
-    results: Mapping[str, Any],
+    results: Any,
     out_dir: str | Path,
     *,
-    recommendation: Mapping[str, Any] | None = None,
+    recommendation: Recommendation | None = None,
     tolerance: float = 0.01,
     plots: bool = True,
 ) -> dict[str, Any]:
     """Write results.json, the plots, report.md and report.html into ``out_dir``, each as soon as it is ready.
 
-    ``recommendation`` defaults to :func:`batchfit.recommend.recommend` of ``results`` (``None`` with a note when
-    no trial has finished yet). Returns ``{"results": path, "markdown": path, "html": path, "plots": {...},
-    "recommendation": dict | None}``.
+    ``results``: ``load_results(store)``, ``tune``'s result or their dict form. ``recommendation`` defaults to
+    :func:`batchfit.recommend.recommend` of ``results`` (``None`` with a note when no trial has finished yet).
+    Returns ``{"results": path, "markdown": path, "html": path, "plots": {...},
+    "recommendation": Recommendation | None}``.
     """
+    results = as_results(results)
+    check_results(results)
     out = Path(out_dir)
     note = None
     if recommendation is None:
@@ -425,7 +495,7 @@ def write_report(
         except BatchfitError as exc:
             note = str(exc)
     data = dict(results)
-    data["recommendation"] = recommendation
+    data["recommendation"] = recommendation.to_dict() if recommendation is not None else None
     paths: dict[str, Any] = {"results": write_json(out / "results.json", data)}
     written = make_plots(results, out) if plots else {}
     paths["plots"] = written

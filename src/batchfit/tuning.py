@@ -1,9 +1,28 @@
 """``tune``: the main job, as one recipe — find -> noise -> LR check -> sweep -> precision check -> report.
 
-Every stage writes its result into ``out_dir`` as soon as it finishes (``find.json``, ``noise.json``, ``lr.json``,
-the sweep's Optuna store ``batchfit.db``, ``precision.json``, then ``results.json``, the plots, ``report.md`` and
-``report.html``), so nothing computed is lost; re-running the same call resumes: finished stages whose settings
-did not change are read back, and the sweep resumes from its store (finished trials are not re-run).
+The stages, in order (the names of their progress events, :data:`STAGES`):
+
+======== ======================================================================== =====================
+stage    what it measures                                                         written to
+======== ======================================================================== =====================
+find     the largest micro-batch that fits and the throughput knee                ``find.json``
+noise    the gradient noise scale B_simple at initialisation                      ``noise.json``
+lr_check the base LR at the base batch, x1/4 ... x8 (short runs)                  ``lr.json``
+sweep    every candidate batch at its rule-scaled LR, persisted in Optuna         ``batchfit.db``
+precision the recommended configuration in fp32 and bf16                          ``precision.json``
+report   the table, the recommendation, the plots                                 ``results.json``, ...
+======== ======================================================================== =====================
+
+Every stage writes its result into ``out_dir`` as soon as it finishes (the LR check after each of its runs), so
+nothing computed is lost; re-running the same call resumes: a stage whose inputs did not change is read back, and
+the sweep resumes from its store. A stage's inputs (its cache key) include a fingerprint of the model (parameter
+names, shapes and dtypes) and of the optimizer (class and defaults), the workload's options and base point, the
+device, precision and seed (:func:`batchfit.study.identity.workload_fingerprint`, the one the sweep's study
+name is made from), so a changed model never resumes another model's numbers.
+
+What ``tune`` measures beside the sweep is stored in the sweep's study under one namespace
+(``batchfit.tune.<stage>``, :func:`batchfit.study.store.write_namespace`), so ``load_results(store)`` returns
+everything the report needs and ``recommend(load_results(store))`` is what ``batchfit report STORE`` prints.
 
 The capabilities underneath (finder, noise, sweep, recommend, report) do not know about this module.
 """
@@ -16,44 +35,135 @@ import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from batchfit.errors import BatchfitError, ConfigError, NoisyEstimateWarning
+from batchfit.progress import ProgressEvent, ProgressFn, emit
 
 if TYPE_CHECKING:  # the CLI imports this module to build its parser: keep torch out of that path
+    from batchfit.recommend import Recommendation
     from batchfit.workload import Workload
 
-# Defaults sized so that `batchfit tune` on demo:digits-mlp (1,437 training samples) finishes in about 3 minutes
-# on 2 CPU cores: 8 batch sizes from 16 to full batch, 20 epochs each at the rule's LR, a <= 100-step noise probe,
-# and 4 evaluations per epoch at the smallest batch (at least one per epoch at every batch).
+__all__ = [
+    "DEFAULT_BUDGET",
+    "DEFAULT_NOISE_STEPS",
+    "LRCheck",
+    "STAGES",
+    "TuneResult",
+    "default_batch_sizes",
+    "noise_probe_batch",
+    "tune",
+]
+
+# Defaults sized so that `batchfit tune` on demo:digits-mlp (1,437 training samples) finishes in well under
+# 3 minutes on 2 CPU cores: 8 batch sizes from 16 to full batch, 20 epochs each at the rule's LR, a <= 100-step
+# noise probe, and 4 evaluations per epoch at the smallest batch (at least one per epoch at every batch).
 DEFAULT_BUDGET = "epochs:20"
 DEFAULT_NOISE_STEPS = 100
+STAGES = ("find", "noise", "lr_check", "sweep", "precision", "report")
 EVALS_PER_EPOCH = 4  # at the smallest batch size: finer steps-to-target at little cost
 PRECISION_CHECK_STEPS = 50
 LR_CALIBRATION_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 LR_CALIBRATION_EXTEND = 3  # extra x2 steps when the best LR is at an edge of the range
 LR_CALIBRATION_BUDGET_DIVISOR = 4  # each check run gets 1/4 of a sweep trial's steps at the base batch
+NOISE_PROBE_BATCH = 16  # the probe's batch when the workload's base batch is too small to split (B = 1)
 STATE_FILE = "tune_state.json"
 
 
-class Reporter(Protocol):
-    """What ``tune`` tells a progress display; the CLI's rich display implements it (all methods optional)."""
-
-    def stage_start(self, stage: str, message: str, total: int | None = None) -> None: ...
-    def stage_update(self, stage: str, completed: int, message: str) -> None: ...
-    def stage_end(self, stage: str, message: str) -> None: ...
+# ---------------------------------------------------------------------------------------------------------------
+# Typed results
 
 
-class _Quiet:
-    def stage_start(self, stage: str, message: str, total: int | None = None) -> None:
-        pass
+@dataclass
+class LRCheck:
+    """The LR check: short runs at ``base_lr x multiplier`` at the base batch (``lr.json``, ``"lr_calibration"``)."""
 
-    def stage_update(self, stage: str, completed: int, message: str) -> None:
-        pass
+    batch_size: int
+    steps: int
+    metric: str
+    base_lr: float
+    runs: list[dict[str, Any]]
+    best_multiplier: float = 1.0
+    lr: float = 0.0
+    kept_base: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
 
-    def stage_end(self, stage: str, message: str) -> None:
-        pass
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out["runs"] = [dict(r) for r in self.runs]
+        return {**self.extra, **out}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LRCheck:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in data.items() if k in names},
+                   extra={k: v for k, v in data.items() if k not in names})
+
+
+@dataclass
+class TuneResult:
+    """Everything ``tune`` measured, composed: the sweep's result and, beside it, the finder's, the noise probe's,
+    the LR check's and the precision check's, then the recommendation and the report's paths.
+
+    ``to_dict()`` is results.json: the sweep's results with ``"find"``, ``"noise"``, ``"lr_calibration"``,
+    ``"precision_check"`` (only when it ran), ``"recommendation"``, ``"tune_seconds"`` and ``"report"``.
+    """
+
+    sweep: Any  # batchfit.study's SweepResult (or its dict form)
+    find: dict[str, Any] | None = None
+    noise: dict[str, Any] | None = None
+    lr_check: LRCheck | None = None
+    precision_check: dict[str, Any] | None = None
+    recommendation: Recommendation | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+    seconds: float | None = None
+
+    def results(self) -> dict[str, Any]:
+        """The measurements (the sweep's results and tune's stages) without the recommendation and report."""
+        from batchfit.recommend import as_results
+
+        data = as_results(self.sweep)
+        data.update(find=self.find, noise=self.noise,
+                    lr_calibration=self.lr_check.to_dict() if self.lr_check is not None else None)
+        if self.precision_check is not None:
+            data["precision_check"] = self.precision_check
+        else:
+            data.pop("precision_check", None)
+        if self.seconds is not None:
+            data["tune_seconds"] = self.seconds
+        return data
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.results()
+        data["recommendation"] = self.recommendation.to_dict() if self.recommendation is not None else None
+        data["report"] = dict(self.report)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TuneResult:
+        from batchfit.recommend import Recommendation
+
+        own = ("find", "noise", "lr_calibration", "precision_check", "recommendation", "report", "tune_seconds")
+        cal, rec = data.get("lr_calibration"), data.get("recommendation")
+        return cls(
+            sweep={k: v for k, v in data.items() if k not in own}, find=data.get("find"), noise=data.get("noise"),
+            lr_check=LRCheck.from_dict(cal) if isinstance(cal, Mapping) else None,
+            precision_check=data.get("precision_check"),
+            recommendation=Recommendation.from_dict(rec) if isinstance(rec, Mapping) else None,
+            report=dict(data.get("report") or {}), seconds=data.get("tune_seconds"),
+        )
+
+    # Read-only dict-style access (``res["trials"]``) for code written when tune returned a dict.
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_dict().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.to_dict()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -62,9 +172,10 @@ class _Quiet:
 
 def default_batch_sizes(num_train: int, max_micro_batch: int | None = None,
                         base_batch_size: int | None = None) -> list[int]:
-    """tune's candidates: the sweep's powers of two from 16 (extended past the memory limit by accumulation) and
-    the base batch, plus the full batch on small training sets, but not B = 1 (N steps per epoch is too slow for
-    a default run). On demo:digits-mlp: 16, 32, ..., 1024 and 1437."""
+    """tune's candidates: the sweep's powers of two from 16 (extended past the memory limit by accumulation, up to
+    64 x the largest micro-batch that fits) and the base batch, plus the full batch on small training sets, but not
+    B = 1 (N steps per epoch is too slow for a default run). On demo:digits-mlp: 16, 32, ..., 1024 and 1437; on
+    100,000 samples with no memory limit: 16 ... 65536 and the base batch."""
     from batchfit.study import FULL_BATCH_MAX_N, MAX_ACCUMULATION
     from batchfit.study import default_batch_sizes as sweep_defaults
 
@@ -73,6 +184,20 @@ def default_batch_sizes(num_train: int, max_micro_batch: int | None = None,
     if num_train <= FULL_BATCH_MAX_N and num_train <= upper and num_train not in sizes:
         sizes.append(num_train)
     return sorted(sizes)
+
+
+def noise_probe_batch(base_batch_size: int, num_train: int, fits: int | None) -> int:
+    """The noise probe's batch: the base batch, or :data:`NOISE_PROBE_BATCH` when the base batch is 1 (the probe
+    splits its batch into micro-batches), never more than the training set or the largest batch that fits."""
+    batch = base_batch_size if base_batch_size >= 2 else NOISE_PROBE_BATCH
+    limit = min(num_train, fits) if fits else num_train
+    batch = min(batch, limit)
+    if batch < 2:
+        raise ConfigError(
+            f"the noise probe needs a batch of at least 2 samples (it compares micro-batch gradients), but only "
+            f"{limit} fit(s) here; skip it with noise=False"
+        )
+    return batch
 
 
 def _auto_eval_every(num_train: int, smallest_batch: int, budget_kind: str) -> int | None:
@@ -85,8 +210,57 @@ def _auto_eval_every(num_train: int, smallest_batch: int, budget_kind: str) -> i
     return every if 1 <= every < per_epoch else None
 
 
+def _jsonable(value: Any) -> Any:
+    from batchfit._io import to_jsonable
+
+    return json.loads(json.dumps(to_jsonable(value), sort_keys=True, default=repr))
+
+
+def _identity(workload: Workload, options: Mapping[str, Any], *, device: str, precision: str,
+              seed: int) -> dict[str, Any]:
+    """What every stage's result depends on (each stage adds its own settings to it)."""
+    from batchfit.study.identity import workload_fingerprint
+
+    regime = {name: getattr(workload, name, None) for name in ("grad_clip", "micro_batch_size")}
+    return {"workload": workload.name, "num_train": workload.num_train, "options": _jsonable(dict(options)),
+            "fingerprint": workload_fingerprint(workload).to_dict(), "base_batch_size": workload.base_batch_size,
+            "base_lr": workload.base_lr, "regime": _jsonable(regime), "device": device, "precision": precision,
+            "seed": seed}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Resume: a stage's result is reused when the settings it was computed with are unchanged
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One call of ``tune``: where results go, who hears about progress, and what every stage depends on."""
+
+    out: Path
+    progress: ProgressFn | None
+    identity: dict[str, Any]
+    device: str
+    precision: str
+    seed: int
+
+    def emit(self, stage: str, kind: str, message: str = "", **kw: Any) -> None:
+        emit(self.progress, stage, kind, message, **kw)
+
+    def key(self, **settings: Any) -> dict[str, Any]:
+        return _jsonable({**self.identity, **settings})
+
+    def nested(self) -> ProgressFn | None:
+        """For a capability that reports its own progress (the finder): its updates and records pass through,
+        its start and end are tune's to announce (with the stage's one-line result)."""
+        if self.progress is None:
+            return None
+        progress = self.progress
+
+        def forward(event: ProgressEvent) -> None:
+            if event.kind in ("update", "record"):
+                progress(event)
+
+        return forward
 
 
 def _read_json(path: Path) -> Any:
@@ -96,244 +270,281 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _cached(out: Path, stage: str, key: Mapping[str, Any]) -> dict[str, Any] | None:
+def _cached(out: Path, stage: str, key: Mapping[str, Any], *, partial: bool = False) -> dict[str, Any] | None:
+    """The stored result of ``stage`` when it was computed with ``key`` (``partial``: an unfinished one)."""
     state = _read_json(out / STATE_FILE) or {}
-    if state.get(stage) != json.loads(json.dumps(key)):
+    if state.get(f"{stage}:partial" if partial else stage) != _jsonable(key):
         return None
     data = _read_json(out / f"{stage}.json")
     return data if isinstance(data, dict) else None
 
 
-def _store(out: Path, stage: str, key: Mapping[str, Any], data: Mapping[str, Any]) -> None:
-    from batchfit.report import write_json
+def _store(out: Path, stage: str, key: Mapping[str, Any], data: Mapping[str, Any], *, partial: bool = False) -> None:
+    """Write a stage's result, then the note of the settings it was computed with (complete or ``partial``)."""
+    from batchfit._io import write_json
 
-    write_json(out / f"{stage}.json", data)  # the result first, then the note that it is complete
+    write_json(out / f"{stage}.json", data)  # the result first, then the note that it is there
     state = _read_json(out / STATE_FILE) or {}
-    state[stage] = dict(key)
+    state.pop(f"{stage}:partial", None)
+    state.pop(stage, None)
+    state[f"{stage}:partial" if partial else stage] = _jsonable(key)
     write_json(out / STATE_FILE, state)
+
+
+def _save_in_study(storage: str, study_name: str | None, values: Mapping[str, Any]) -> None:
+    """Keep tune's own results in the sweep's study (its tune namespace), so the store alone has everything."""
+    if not study_name:
+        return
+    from batchfit.study.store import open_study, write_namespace
+
+    study = open_study(storage, study_name)
+    for key, value in values.items():
+        if value is not None:
+            write_namespace(study, key, value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Stages
 
 
-def _find(workload: Workload, out: Path, rep: Any, *, device: str, precision: str, seed: int,
-          memory_budget: Any, max_batch_size: int | None, margin: float) -> dict[str, Any]:
-    key = {"workload": workload.name, "n": workload.num_train, "device": device, "precision": precision,
-           "seed": seed, "memory_budget": memory_budget, "max_batch_size": max_batch_size, "margin": margin}
-    cached = _cached(out, "find", key)
+def _find(workload: Workload, run: _Run, *, memory_budget: int | None, batch_size_cap: int | None,
+          margin: float) -> dict[str, Any]:
+    key = run.key(memory_budget=memory_budget, batch_size_cap=batch_size_cap, margin=margin)
+    cached = _cached(run.out, "find", key)
     if cached is not None:
-        rep.stage_end("find", f"resumed: fits {cached.get('recommended_batch_size')}, knee "
-                              f"{cached.get('throughput_knee_batch_size')}")
+        run.emit("find", "end", f"resumed: fits {cached.get('recommended_batch_size')}, knee "
+                                f"{cached.get('throughput_knee_batch_size')}", resumed=True)
         return cached
     from batchfit.finder import find_batch_size
 
-    rep.stage_start("find", "largest batch that fits, and the throughput knee")
-    result = find_batch_size(workload, device=device, precision=precision, memory_budget=memory_budget,
-                             max_batch_size=max_batch_size, margin=margin, throughput=True, seed=seed).to_dict()
+    run.emit("find", "start", "largest batch that fits, and the throughput knee")
+    result = find_batch_size(workload, device=run.device, precision=run.precision, memory_budget=memory_budget,
+                             batch_size_cap=batch_size_cap, margin=margin, throughput=True, seed=run.seed,
+                             progress=run.nested()).to_dict()
     result.setdefault("margin", margin)
-    _store(out, "find", key, result)
-    rep.stage_end("find", f"fits {result.get('recommended_batch_size')} (with {margin:.0%} margin), throughput "
-                          f"knee {result.get('throughput_knee_batch_size')}, {result.get('real_trials')} real trials")
+    _store(run.out, "find", key, result)
+    run.emit("find", "end", f"fits {result.get('recommended_batch_size')} (with {margin:.0%} margin), throughput "
+                            f"knee {result.get('throughput_knee_batch_size')}, {result.get('real_trials')} real trials")
     return result
 
 
-def _noise(workload: Workload, out: Path, rep: Any, *, device: str, precision: str, seed: int,
-           steps: int) -> dict[str, Any]:
-    key = {"workload": workload.name, "n": workload.num_train, "device": device, "precision": precision,
-           "seed": seed, "steps": steps}
-    cached = _cached(out, "noise", key)
+def _noise(workload: Workload, run: _Run, *, steps: int, batch_size: int) -> dict[str, Any]:
+    key = run.key(steps=steps, batch_size=batch_size)
+    cached = _cached(run.out, "noise", key)
     if cached is not None:
-        rep.stage_end("noise", f"resumed: B_simple {cached.get('b_simple'):.3g}")
+        run.emit("noise", "end", f"resumed: B_simple {cached.get('b_simple'):.3g}", resumed=True)
         return cached
     from batchfit.noise import noise_scale
 
-    rep.stage_start("noise", "gradient noise scale B_simple at initialisation", total=steps)
+    run.emit("noise", "start", f"gradient noise scale B_simple at initialisation (batch {batch_size})", total=steps)
 
     def on_step(info: dict[str, Any]) -> None:
         b = info.get("b_simple")
-        rep.stage_update("noise", int(info.get("step", 0)),
-                         f"B_simple {b:.3g}" if isinstance(b, (int, float)) and math.isfinite(b) else "")
+        run.emit("noise", "update", f"B_simple {b:.3g}" if isinstance(b, (int, float)) and math.isfinite(b) else "",
+                 completed=int(info.get("step", 0)), total=steps)
 
     with warnings.catch_warnings(record=True) as caught:  # a wide interval is shown in the display, not as a
         warnings.simplefilter("always", NoisyEstimateWarning)  # Python warning in the middle of the live view
-        result = noise_scale(workload, steps=steps, device=device, precision=precision, seed=seed,
-                             callbacks=[on_step])
+        try:
+            result = noise_scale(workload, batch_size=batch_size, steps=steps, device=run.device,
+                                 precision=run.precision, seed=run.seed, callbacks=[on_step])
+        except ConfigError as exc:
+            raise ConfigError(f"the noise probe at batch {batch_size} cannot run: {exc}; skip it with noise=False")\
+                from exc
     data = result.to_dict()
     noisy = [str(w.message) for w in caught if issubclass(w.category, NoisyEstimateWarning)]
     if noisy:
         data["warning"] = noisy[-1]
-    _store(out, "noise", key, data)
-    rep.stage_end("noise", result.reading() + (" (wide interval: an order-of-magnitude guide)" if noisy else ""))
+    _store(run.out, "noise", key, data)
+    run.emit("noise", "end", result.reading() + (" (wide interval: an order-of-magnitude guide)" if noisy else ""))
     return data
 
 
-class _SweepProgress:
-    """Turns the sweep's ``progress(event, info)`` calls into display updates, and rewrites results.json and the
-    report (without plots, which are slow) after every finished trial, so a partial study is always readable."""
+def _lr_run(workload: Workload, run: _Run, metric: Any, batch: int, steps: int, m: float) -> dict[str, Any]:
+    from batchfit.engine import train
 
-    def __init__(self, rep: Any, out: Path, tolerance: float) -> None:
-        self.rep, self.out, self.tolerance = rep, out, tolerance
-        self.done = 0
-
-    def __call__(self, event: str, info: dict[str, Any]) -> None:
-        if event == "start":
-            self.done = int(info["total"]) - int(info.get("pending", info["total"]))
-            self.rep.stage_start("sweep", f"{len(info.get('batch_sizes') or [])} batch sizes x "
-                                          f"{len(info.get('lr_multipliers') or [1])} LR(s), budget "
-                                          f"{info['budget']['kind']}:{info['budget']['value']}",
-                                 total=int(info["total"]))
-            self.rep.stage_update("sweep", self.done, "resumed" if self.done else "")
-        elif event == "trial_start":
-            self.rep.stage_start("trial", f"batch {info['batch_size']} (micro {info['micro_batch_size']} x "
-                                          f"{info['accumulation_steps']}), lr {info.get('lr', 0):.3g}",
-                                 total=int(info.get("total_steps") or info.get("steps") or 1))
-            self.rep.stage_update("trial", 0, "")
-        elif event == "step":
-            self.rep.stage_update("trial", int(info["step"]), "")
-        elif event == "eval":
-            metric = info.get("metric")
-            if isinstance(metric, (int, float)):
-                self.rep.stage_update("trial", int(info["record"].get("step", 0)), f"val {metric:.4g}")
-        elif event == "trial_end":
-            self.done += 1
-            if info.get("results"):
-                from batchfit.report import write_report
-
-                write_report(info["results"], self.out, tolerance=self.tolerance, plots=False)
-            best = info.get("best")
-            self.rep.stage_update("sweep", self.done, f"batch {info['batch_size']}: {info.get('status')}"
-                                  + (f", best {best:.4g}" if isinstance(best, (int, float)) else ""))
+    lr = workload.base_lr * m
+    r = train(workload, batch_size=batch, lr=lr, steps=steps, device=run.device, precision=run.precision,
+              seed=run.seed)
+    values = [v for h in r.history if (v := metric.of_record(h)) is not None]
+    score = None if r.diverged or not values else metric.best(values)
+    return {"multiplier": m, "lr": lr, "score": score, "diverged": r.diverged, "seconds": r.seconds,
+            "samples": r.samples}
 
 
-def _save_study_attr(storage: str, study_name: str | None, key: str, value: Any) -> None:
-    """Keep a tune-only result in the sweep's study too, so ``batchfit report STORE`` has it."""
-    if not study_name:
-        return
-    import optuna
+def _next_multiplier(runs: Sequence[Mapping[str, Any]], metric: Any) -> float | None:
+    """Past an edge that is the best so far: one more x2 (or x1/2) step that way; else ``None``."""
+    scored = [x for x in runs if x["score"] is not None]
+    tried = sorted(x["multiplier"] for x in runs)
+    if not scored or len(tried) < 2:
+        return None
+    best = min(scored, key=lambda x: metric.sort_key(x["score"]))
+    if best["multiplier"] not in (tried[0], tried[-1]):
+        return None
+    return best["multiplier"] * (2.0 if best["multiplier"] == tried[-1] else 0.5)
 
-    from batchfit._io import to_jsonable as _jsonable
-    from batchfit.study import open_storage
 
-    study = optuna.load_study(study_name=study_name, storage=open_storage(storage, heartbeat=False))
-    study.set_user_attr(key, _jsonable(value))
-
-
-def _calibrate_lr(workload: Workload, out: Path, rep: Any, *, budget: Any, multipliers: Sequence[float],
-                  tolerance: float, device: str, precision: str, seed: int) -> dict[str, Any]:
+def _calibrate_lr(workload: Workload, run: _Run, *, budget: Any, multipliers: Sequence[float],
+                  tolerance: float) -> LRCheck:
     """Check the workload's base LR at its own base batch: short runs (a quarter of the sweep's budget) at
     ``base_lr x m`` for each multiplier; keep the base LR unless another is better by more than ``tolerance``.
 
     Every rule scales the LR *from* the base point, so an untuned base LR skews every batch size's result alike;
     Shallue et al. (2019) show that comparisons between batch sizes are only fair with the LR tuned. A quarter of the
     budget keeps this cheap; short runs favour larger LRs (Wu et al. 2018, short-horizon bias), which is why the base LR
-    is kept unless clearly beaten.
+    is kept unless clearly beaten. Each finished run is saved at once (``lr.json``, marked partial), so a rerun after
+    an interruption does not redo it.
     """
-    from batchfit.engine import train
+    from batchfit.metric import Metric
+    from batchfit.recommend import within_tolerance
 
     batch = min(workload.base_batch_size, workload.num_train)
     steps = max(1, budget.steps_for(batch, workload.num_train) // LR_CALIBRATION_BUDGET_DIVISOR)
-    key = {"workload": workload.name, "n": workload.num_train, "base_lr": workload.base_lr, "batch": batch,
-           "steps": steps, "multipliers": list(multipliers), "tolerance": tolerance, "device": device,
-           "precision": precision, "seed": seed}
-    cached = _cached(out, "lr", key)
+    key = run.key(batch=batch, steps=steps, multipliers=list(multipliers), tolerance=tolerance)
+    cached = _cached(run.out, "lr", key)
     if cached is not None:
-        rep.stage_end("lr", f"resumed: base LR x{cached['best_multiplier']:g} = {cached['lr']:.3g}")
-        return cached
-    primary = workload.primary_metric if workload.val_data is not None else "train_loss"
-    higher = workload.metric_higher_is_better if workload.val_data is not None else False
-    rep.stage_start("lr", f"base LR {workload.base_lr:.3g} at batch {batch}: {len(multipliers)} LRs x {steps} "
-                          "steps", total=len(multipliers))
-    runs: list[dict[str, Any]] = []
-
-    def run(m: float) -> None:
-        lr = workload.base_lr * m
-        r = train(workload, batch_size=batch, lr=lr, steps=steps, device=device, precision=precision, seed=seed)
-        values = [
-            (h.get("val_metrics") or {}).get(primary) if primary not in ("val_loss", "train_loss") else h.get(primary)
-            for h in r.history
-        ]
-        values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-        score = None if r.diverged or not values else (max(values) if higher else min(values))
-        runs.append({"multiplier": m, "lr": lr, "score": score, "diverged": r.diverged, "seconds": r.seconds,
-                     "samples": r.samples})
-        rep.stage_update("lr", len(runs), f"x{m:g}: {primary} {score:.4g}" if score is not None
-                         else f"x{m:g}: diverged")
-
-    def best_run() -> dict[str, Any] | None:
-        scored = [x for x in runs if x["score"] is not None]
-        return (max if higher else min)(scored, key=lambda x: x["score"]) if scored else None
-
-    for m in multipliers:
-        run(m)
-    # the best at an edge of the range: keep going that way (x2 per run, at most LR_CALIBRATION_EXTEND runs)
-    for _ in range(LR_CALIBRATION_EXTEND):
-        best, tried = best_run(), sorted(x["multiplier"] for x in runs)
-        if best is None or best["multiplier"] not in (tried[0], tried[-1]) or len(tried) < 2:
-            break
-        nxt = best["multiplier"] * (2.0 if best["multiplier"] == tried[-1] else 0.5)
-        rep.stage_start("lr", f"best at the edge (x{best['multiplier']:g}): trying x{nxt:g}", total=len(runs) + 1)
-        run(nxt)
-    scored = [x for x in runs if x["score"] is not None]
-    best = best_run()
+        check = LRCheck.from_dict(cached)
+        run.emit("lr_check", "end", f"resumed: base LR x{check.best_multiplier:g} = {check.lr:.3g}", resumed=True)
+        return check
+    metric = Metric.for_workload(workload)
+    partial = _cached(run.out, "lr", key, partial=True) or {}
+    done = {r["multiplier"]: r for r in partial.get("runs") or []}
+    check = LRCheck(batch_size=batch, steps=steps, metric=metric.name, base_lr=workload.base_lr, runs=[])
+    run.emit("lr_check", "start", f"base LR {workload.base_lr:.3g} at batch {batch}: {len(multipliers)} LRs x "
+                                  f"{steps} steps", total=len(multipliers))
+    todo: list[float] = list(multipliers)
+    extended = 0
+    while todo:
+        m = todo.pop(0)
+        if m in done:
+            check.runs.append(done[m])
+        else:
+            check.runs.append(_lr_run(workload, run, metric, batch, steps, m))
+            _store(run.out, "lr", key, check.to_dict(), partial=True)
+        score = check.runs[-1]["score"]
+        run.emit("lr_check", "update", f"x{m:g}: {metric.name} {score:.4g}" if score is not None
+                 else f"x{m:g}: diverged", completed=len(check.runs), total=len(check.runs) + len(todo))
+        nxt = _next_multiplier(check.runs, metric) if not todo and extended < LR_CALIBRATION_EXTEND else None
+        if nxt is not None:
+            extended += 1
+            todo.append(nxt)
+            run.emit("lr_check", "update", f"best at the edge: trying x{nxt:g}", completed=len(check.runs),
+                     total=len(check.runs) + 1)
+    scored = [x for x in check.runs if x["score"] is not None]
+    best = min(scored, key=lambda x: metric.sort_key(x["score"])) if scored else None
     base = next((x for x in scored if x["multiplier"] == 1.0), None)
-    from batchfit.recommend import within_tolerance
-
     keep_base = best is None or (base is not None and within_tolerance(base["score"], best["score"], tolerance,
-                                                                       higher))
+                                                                       metric.higher_is_better))
     chosen = base if keep_base and base is not None else best
-    mult = chosen["multiplier"] if chosen else 1.0
-    data = {"batch_size": batch, "steps": steps, "metric": primary, "base_lr": workload.base_lr, "runs": runs,
-            "best_multiplier": mult, "lr": workload.base_lr * mult, "kept_base": mult == 1.0}
-    _store(out, "lr", key, data)
-    msg = (f"kept the base LR {workload.base_lr:.3g}" if mult == 1.0 else
-           f"base LR {workload.base_lr:.3g} -> {workload.base_lr * mult:.3g} (x{mult:g}: {primary} "
-           f"{chosen['score']:.4g} vs {base['score'] if base and base['score'] is not None else float('nan'):.4g})")
-    rep.stage_end("lr", msg)
-    return data
+    check.best_multiplier = chosen["multiplier"] if chosen else 1.0
+    check.lr, check.kept_base = workload.base_lr * check.best_multiplier, check.best_multiplier == 1.0
+    _store(run.out, "lr", key, check.to_dict())
+    msg = (f"kept the base LR {workload.base_lr:.3g}" if check.kept_base else
+           f"base LR {workload.base_lr:.3g} -> {check.lr:.3g} (x{check.best_multiplier:g}: {metric.name} "
+           f"{chosen['score']:.4g} vs {base['score'] if base else float('nan'):.4g})")  # type: ignore[index]
+    run.emit("lr_check", "end", msg)
+    return check
 
 
-def _precision_check(workload: Workload, out: Path, rep: Any, rec: Mapping[str, Any], *, device: str,
-                     precision: str, seed: int, steps: int) -> dict[str, Any]:
+def _precision_check(workload: Workload, run: _Run, rec: Recommendation, *, steps: int) -> dict[str, Any]:
     """A short measured run of the recommended configuration in fp32 and in bf16 (same steps, same seed)."""
     from batchfit.engine import check_precision, resolve_device, train
 
-    dev = resolve_device(device)
-    if precision == "fp16":
+    dev = resolve_device(run.device)
+    if run.precision == "fp16":
         return {"note": "the sweep ran in fp16; bf16 vs fp32 was not compared"}
     try:
         check_precision("bf16", dev)
     except ConfigError as exc:
         return {"note": f"bf16 is not available here ({exc})"}
-    key = {"workload": workload.name, "device": device, "seed": seed, "steps": steps,
-           "batch_size": rec["batch_size"], "micro_batch_size": rec["micro_batch_size"], "lr": rec["lr"]}
-    cached = _cached(out, "precision", key)
+    key = run.key(steps=steps, batch_size=rec.batch_size, micro_batch_size=rec.micro_batch_size, lr=rec.lr,
+                  warmup_steps=rec.warmup_steps)
+    cached = _cached(run.out, "precision", key)
     if cached is not None:
-        rep.stage_end("precision", "resumed")
+        run.emit("precision", "end", "resumed", resumed=True)
         return cached
-    rep.stage_start("precision", f"fp32 vs bf16 at batch {rec['batch_size']} for {steps} steps", total=2)
-    check: dict[str, Any] = {"steps": steps, "batch_size": rec["batch_size"],
-                             "micro_batch_size": rec["micro_batch_size"]}
+    run.emit("precision", "start", f"fp32 vs bf16 at batch {rec.batch_size} for {steps} steps", total=2)
+    check: dict[str, Any] = {"steps": steps, "batch_size": rec.batch_size, "micro_batch_size": rec.micro_batch_size}
     for i, p in enumerate(("fp32", "bf16")):
         try:
-            r = train(workload, batch_size=rec["batch_size"], micro_batch_size=rec["micro_batch_size"], lr=rec["lr"],
-                      warmup=rec.get("warmup_steps") or 0, steps=steps, precision=p, device=dev, seed=seed,
-                      drop_last=True)
+            r = train(workload, batch_size=rec.batch_size, micro_batch_size=rec.micro_batch_size, lr=rec.lr,
+                      warmup=rec.warmup_steps, steps=steps, precision=p, device=dev, seed=run.seed, drop_last=True)
             last = r.history[-1] if r.history else {}
             check[p] = {"status": "diverged" if r.diverged else "ok", "samples_per_s": r.samples_per_s,
                         "peak_memory_bytes": r.peak_memory_bytes, "train_loss": last.get("train_loss"),
                         "val_loss": last.get("val_loss"), "seconds": r.seconds}
         except BatchfitError as exc:
             check[p] = {"status": "failed", "error": str(exc)}
-        rep.stage_update("precision", i + 1, f"{p} done")
-    _store(out, "precision", key, check)
+        run.emit("precision", "update", f"{p} done", completed=i + 1, total=2)
+    _store(run.out, "precision", key, check)
     sp = [(check[p] or {}).get("samples_per_s") for p in ("fp32", "bf16")]
-    rep.stage_end("precision", "samples/s fp32 {} vs bf16 {}".format(*(f"{s:.0f}" if s else "-" for s in sp)))
+    run.emit("precision", "end", "samples/s fp32 {} vs bf16 {}".format(*(f"{s:.0f}" if s else "-" for s in sp)))
     return check
+
+
+class _SweepProgress:
+    """Forwards the sweep's events as tune's ``sweep`` stage (``update`` counts finished trials; a running trial's
+    start and steps become ``record`` events), and rewrites results.json and the report (without plots, which are
+    slow) after every finished trial, so a partial study is always readable."""
+
+    def __init__(self, run: _Run, tolerance: float, stages: Mapping[str, Any]) -> None:
+        self.run, self.tolerance, self.stages = run, tolerance, stages
+
+    def __call__(self, event: ProgressEvent) -> None:
+        name = event.data.get("event")
+        results = event.data.get("results")
+        if name == "trial_end" and results is not None:
+            from batchfit.report import write_report
+
+            write_report(_with_stages(results, self.stages), self.run.out, tolerance=self.tolerance, plots=False)
+        kind = "record" if name in ("trial_start", "step") else event.kind
+        if self.run.progress is not None:
+            data = {k: v for k, v in event.data.items() if k != "results"}
+            self.run.progress(dataclasses.replace(event, stage="sweep", kind=kind, data=data))
+
+
+def _with_stages(results: Any, stages: Mapping[str, Any]) -> dict[str, Any]:
+    from batchfit.recommend import as_results
+
+    data = as_results(results)
+    data.update({k: v for k, v in stages.items() if v is not None})
+    return data
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The recipe
+
+
+def _check_inputs(wl: Workload, *, batch_sizes: Any, budget: str, target: Any, tolerance: float, lr_search: int,
+                  noise_steps: int, eval_every: Any, device: str, precision: str, seed: int, find: bool,
+                  memory_budget: Any, batch_size_cap: int | None) -> tuple[Any, list[int] | None, int | None]:
+    """Every argument checked before any work: ``(budget, batch sizes or None, memory budget in bytes)``."""
+    from batchfit import checks
+    from batchfit.engine import check_precision, resolve_device
+    from batchfit.memory import parse_bytes
+    from batchfit.study import parse_batch_sizes, parse_budget, parse_target
+
+    bud = parse_budget(budget)
+    parse_target(target)
+    sizes = None if batch_sizes is None else parse_batch_sizes(batch_sizes)
+    if sizes is not None and max(sizes) > wl.num_train:
+        raise ConfigError(f"batch size {max(sizes)} exceeds the training set ({wl.num_train} samples); use batch "
+                          f"sizes <= {wl.num_train}")
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and 0 <= tolerance < 1):
+        raise ConfigError(f"tolerance must be a fraction in [0, 1), e.g. 0.01 for 1 %, got {tolerance!r}")
+    checks.positive_int("lr_search", lr_search)
+    checks.positive_int("noise_steps", noise_steps)
+    checks.positive_int("batch_size_cap", batch_size_cap, allow_none=True)
+    checks.seed(seed)
+    if eval_every not in (None, "auto") and (isinstance(eval_every, bool) or not isinstance(eval_every, int)
+                                             or eval_every < 1):
+        raise ConfigError(f"eval_every must be a positive integer, 'auto' or None, got {eval_every!r}")
+    check_precision(precision, resolve_device(device))
+    budget_bytes = parse_bytes(memory_budget) if memory_budget is not None else None
+    if budget_bytes is not None and not find:
+        raise ConfigError("memory_budget is only applied by the finder, and find=False skips it; drop memory_budget "
+                          "or let the finder run")
+    return bud, sizes, budget_bytes
 
 
 def tune(
@@ -352,7 +563,7 @@ def tune(
     precision: str = "fp32",
     seed: int = 0,
     memory_budget: int | str | None = None,
-    max_batch_size: int | None = None,
+    batch_size_cap: int | None = None,
     margin: float = 0.05,
     noise_steps: int = DEFAULT_NOISE_STEPS,
     eval_every: int | str | None = "auto",
@@ -362,10 +573,13 @@ def tune(
     precision_check: bool = True,
     lr_calibration: bool = True,
     sharpness: bool = False,
+    retry_failed: bool = False,
     workload_options: Mapping[str, Any] | None = None,
-    reporter: Reporter | None = None,
-) -> dict[str, Any]:
-    """Measure and recommend the batch size for a workload: find -> noise -> sweep -> report -> recommendation.
+    progress: ProgressFn | None = None,
+    max_batch_size: int | None = None,
+) -> TuneResult:
+    """Measure and recommend the batch size for a workload: find -> noise -> LR check -> sweep -> precision ->
+    report (:data:`STAGES`).
 
     Args:
         out_dir: where every result is written as it completes (also the default Optuna store,
@@ -375,116 +589,95 @@ def tune(
         budget: ``epochs:E`` (equal-epoch comparison), ``steps:S`` or ``samples:N`` per trial.
         lr_search: learning rates tried per batch size around the rule's (1 = the rule's only).
         target: the fraction of the best validation metric that counts as "converged" (time-to-target).
+        memory_budget: the finder's memory budget (bytes or ``"512MiB"``); it needs the finder (``find=True``).
+        batch_size_cap: the largest batch size to consider (``max_batch_size`` is its old name).
         eval_every: evaluate every N optimizer steps; ``"auto"`` = 4 evaluations per epoch at the smallest batch
             with an epoch budget (every batch also evaluates at each epoch end), the sweep's default otherwise.
         tolerance: recommend among batch sizes within this relative tolerance of the best validation metric.
         find / noise / precision_check: run those stages (the sweep and report always run).
-        lr_calibration: first check the workload's base LR at its base batch (x1/4 ... x8, a quarter of the budget each,
-            extended by up to 3 x2 steps while the best is at an edge) and move it when another is better by more
-            than ``tolerance``; every batch's LR is scaled from it.
-        reporter: progress callbacks (see :class:`Reporter`); the CLI passes a rich live display.
+        lr_calibration: first check the workload's base LR at its base batch (x1/4 ... x8, a quarter of the budget
+            each, extended by up to 3 x2 steps while the best is at an edge) and move it when another is better by
+            more than ``tolerance``; every batch's LR is scaled from it.
+        retry_failed: run the sweep's failed trials again (interrupted ones always are).
+        progress: called with a :class:`~batchfit.progress.ProgressEvent` per stage start / update / record / end
+            (stages :data:`STAGES`); a consumer may handle only the kinds it wants. The CLI's live display is one.
 
-    Returns the sweep's results dict with ``"recommendation"``, ``"precision_check"`` and ``"report"`` (paths).
+    Returns a :class:`TuneResult` (``to_dict()`` is results.json). A workload without validation data is ranked on
+    its training loss, and the recommendation says so.
 
-    >>> out = tune("demo:digits-mlp", out_dir="/tmp/bf")  # doctest: +SKIP
-    >>> out["recommendation"]["batch_size"]  # doctest: +SKIP
+    >>> res = tune("demo:digits-mlp", out_dir="/tmp/bf")  # doctest: +SKIP
+    >>> res.recommendation.batch_size  # doctest: +SKIP
     """
-    rep: Any = reporter or _Quiet()
     t_start = time.perf_counter()
-    from batchfit.engine import check_precision, resolve_device
-    from batchfit.memory import parse_bytes
-    from batchfit.study import parse_batch_sizes, parse_budget, parse_target, sweep
+    from batchfit.recommend import recommend
+    from batchfit.report import write_report
+    from batchfit.study import sweep
     from batchfit.workload import load_workload
 
     # -- validate everything before any work ------------------------------------------------------------------
-    wl = load_workload(workload, **dict(workload_options or {}))
-    bud = parse_budget(budget)
-    parse_target(target)
-    sizes = None if batch_sizes is None else parse_batch_sizes(batch_sizes)
-    if sizes is not None and max(sizes) > wl.num_train:
-        raise ConfigError(f"batch size {max(sizes)} exceeds the training set ({wl.num_train} samples); use batch "
-                          f"sizes <= {wl.num_train}")
-    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and 0 <= tolerance < 1):
-        raise ConfigError(f"tolerance must be a fraction in [0, 1), e.g. 0.01 for 1 %, got {tolerance!r}")
-    for name, value in (("lr_search", lr_search), ("noise_steps", noise_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if eval_every not in (None, "auto") and (isinstance(eval_every, bool) or not isinstance(eval_every, int)
-                                             or eval_every < 1):
-        raise ConfigError(f"eval_every must be a positive integer, 'auto' or None, got {eval_every!r}")
-    check_precision(precision, resolve_device(device))
-    memory_budget = parse_bytes(memory_budget) if memory_budget is not None else None
+    options = dict(workload_options or {})
+    wl = load_workload(workload, **options)
+    cap = batch_size_cap if batch_size_cap is not None else max_batch_size
+    bud, sizes, budget_bytes = _check_inputs(
+        wl, batch_sizes=batch_sizes, budget=budget, target=target, tolerance=tolerance, lr_search=lr_search,
+        noise_steps=noise_steps, eval_every=eval_every, device=device, precision=precision, seed=seed, find=find,
+        memory_budget=memory_budget, batch_size_cap=cap)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"output path {str(out)!r} is a file; give a directory for --out")
+        raise ConfigError(f"out_dir {str(out)!r} is a file; give a directory")
+    run = _Run(out, progress, _identity(wl, options, device=device, precision=precision, seed=seed), device,
+               precision, seed)
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(out / 'batchfit.db').resolve()}"
 
-    # -- 1. find: the largest micro-batch that fits, and the throughput knee ----------------------------------
-    find_result = _find(wl, out, rep, device=device, precision=precision, seed=seed, memory_budget=memory_budget,
-                        max_batch_size=max_batch_size, margin=margin) if find else None
-    fits = None
-    if find_result and find_result.get("recommended_batch_size"):
-        fits = int(find_result["recommended_batch_size"])
+    # -- 1. find: the largest micro-batch that fits, and the throughput knee; 2. noise: B_simple at init ------------
+    find_result = _find(wl, run, memory_budget=budget_bytes, batch_size_cap=cap, margin=margin) if find else None
+    fits = int(find_result["recommended_batch_size"]) if find_result and find_result.get(
+        "recommended_batch_size") else None
+    noise_result = _noise(wl, run, steps=noise_steps, batch_size=noise_probe_batch(
+        wl.base_batch_size, wl.num_train, fits)) if noise else None
 
-    # -- 2. noise: B_simple at initialisation ------------------------------------------------------------------
-    noise_result = _noise(wl, out, rep, device=device, precision=precision, seed=seed,
-                          steps=noise_steps) if noise else None
-
-    # -- 3. sweep: every candidate batch at its rule-scaled LR, persisted in the Optuna store --------------------
+    # -- 3. LR check at the base batch; 4. sweep: every candidate batch at its rule-scaled LR, in the Optuna store --
     if sizes is None:
         sizes = default_batch_sizes(wl.num_train, fits, wl.base_batch_size)
-        if max_batch_size is not None:
-            sizes = [b for b in sizes if b <= max_batch_size] or [min(max_batch_size, wl.num_train)]
+        if cap is not None:
+            sizes = [b for b in sizes if b <= cap] or [min(cap, wl.num_train)]
     if eval_every == "auto":
         eval_every = _auto_eval_every(wl.num_train, min(sizes), bud.kind)
     if fits is None and not find:
         fits = max(sizes)  # no finder: no memory limit (the sweep would otherwise run its own finder)
-    lr_result = None
+    lr_check = None
     if lr_calibration:
-        lr_result = _calibrate_lr(wl, out, rep, budget=bud, multipliers=LR_CALIBRATION_MULTIPLIERS,
-                                  tolerance=tolerance, device=device, precision=precision, seed=seed)
-        if lr_result["best_multiplier"] != 1.0:
-            wl = dataclasses.replace(wl, base_lr=lr_result["lr"])
-    results = sweep(
-        wl, batch_sizes=sizes, budget=bud, lr_rule=lr_rule, lr_search=lr_search, warmup=warmup,
-        target=target, storage=storage, study_name=study_name, micro_batch_size=fits, device=device,
-        precision=precision, seed=seed, measure_noise=True, sharpness=sharpness, eval_every=eval_every,
-        extra_attrs={"find": find_result, "noise": noise_result, "lr_calibration": lr_result},
-        progress=_SweepProgress(rep, out, tolerance),
+        lr_check = _calibrate_lr(wl, run, budget=bud, multipliers=LR_CALIBRATION_MULTIPLIERS, tolerance=tolerance)
+        if lr_check.best_multiplier != 1.0:
+            wl = dataclasses.replace(wl, base_lr=lr_check.lr)
+    stages = {"find": find_result, "noise": noise_result,
+              "lr_calibration": lr_check.to_dict() if lr_check is not None else None}
+    swept = sweep(  # tune's stage results go into the study's tune namespace, so the store alone has them
+        wl, batch_sizes=sizes, budget=bud, lr_rule=lr_rule, lr_search=lr_search, warmup=warmup, target=target,
+        storage=storage, study_name=study_name, micro_batch_limit=fits, device=device, precision=precision,
+        seed=seed, measure_noise=True, sharpness=sharpness, eval_every=eval_every, retry_failed=retry_failed,
+        extra_attrs={k: v for k, v in stages.items() if v is not None},
+        progress=_SweepProgress(run, tolerance, stages),
     )
-    results = dict(results)
-    results["lr_calibration"] = lr_result
-    if results.get("find") is None:
-        results["find"] = find_result
-    if results.get("noise") is None:
-        results["noise"] = noise_result
-    counts = results.get("counts") or {}
-    rep.stage_end("sweep", ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "no trials")
+    result = TuneResult(sweep=swept, find=find_result, noise=noise_result, lr_check=lr_check)
 
-    # -- 4. recommendation, with a measured precision check of the recommended configuration -------------------
-    from batchfit.recommend import recommend
-    from batchfit.report import write_report
-
-    rec: dict[str, Any] | None
+    # -- 5. recommendation, with a measured precision check of the recommended configuration -------------------
     try:
-        rec = recommend(results, find_result, tolerance=tolerance)
+        result.recommendation = recommend(result.results(), tolerance=tolerance)
     except ConfigError:  # no trial finished: the report still shows what happened, without a recommendation
-        rec = None
-    if precision_check and rec is not None:
-        results["precision_check"] = _precision_check(
-            wl, out, rep, rec, device=device, precision=precision, seed=seed,
-            steps=PRECISION_CHECK_STEPS,
-        )
-        rec = recommend(results, find_result, tolerance=tolerance)
-        _save_study_attr(storage, results.get("study_name"), "precision_check", results["precision_check"])
+        result.recommendation = None
+    if precision_check and result.recommendation is not None:
+        result.precision_check = _precision_check(wl, run, result.recommendation, steps=PRECISION_CHECK_STEPS)
+        result.recommendation = recommend(result.results(), tolerance=tolerance)
+        _save_in_study(storage, result.results().get("study_name"), {"precision_check": result.precision_check})
 
-    # -- 5. report ---------------------------------------------------------------------------------------------
-    rep.stage_start("report", f"writing {out}/report.html")
-    results["tune_seconds"] = time.perf_counter() - t_start
-    paths = write_report(results, out, recommendation=rec, tolerance=tolerance)
-    rep.stage_end("report", f"{out}/report.html, report.md, results.json, {len(paths['plots'])} plots")
-    results["recommendation"] = rec
-    results["report"] = {k: (str(v) if isinstance(v, Path) else {n: str(p) for n, p in v.items()})
-                         for k, v in paths.items() if k in ("results", "markdown", "html", "plots")}
-    return results
+    # -- 6. report ---------------------------------------------------------------------------------------------
+    run.emit("report", "start", f"writing {out}/report.html")
+    result.seconds = time.perf_counter() - t_start
+    paths = write_report(result.results(), out, recommendation=result.recommendation, tolerance=tolerance)
+    run.emit("report", "end", f"{out}/report.html, report.md, results.json, {len(paths['plots'])} plots",
+             recommendation=result.recommendation.to_dict() if result.recommendation else None)
+    result.report = {k: (str(v) if isinstance(v, Path) else {n: str(p) for n, p in v.items()})
+                     for k, v in paths.items() if k in ("results", "markdown", "html", "plots")}
+    return result

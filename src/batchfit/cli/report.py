@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from batchfit.cli import _common as c
 
-EXTRA_ATTRS = ("lr_calibration", "precision_check")  # stored in the study by `tune`
+__all__ = ["add_parser", "load_any", "print_summary", "run"]
 
 
 def add_parser(sub: Any) -> None:
@@ -27,14 +28,17 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--tolerance", type=c.fraction, default=0.01,
                    help="recommend among batch sizes within this fraction of the best metric (default 0.01)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write results + recommendation as JSON to PATH")
-    p.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+    p.add_argument("--quiet", "-q", action="store_true", help="no table: only the one-line recommendation")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     p.set_defaults(handler=run)
 
 
 def load_any(store: str, study_name: str | None = None) -> dict[str, Any]:
-    """A results dict from a results.json, a SQLite file path or an Optuna storage URL."""
+    """A results dict from a results.json, a SQLite file path or an Optuna storage URL (with what ``tune`` stored
+    in the study's namespace: the finder's, noise, LR-check and precision results)."""
     from batchfit.errors import ConfigError
+    from batchfit.recommend import as_results
+    from batchfit.report import check_results
 
     if "://" not in store:
         path = Path(store)
@@ -55,74 +59,68 @@ def load_any(store: str, study_name: str | None = None) -> dict[str, Any]:
             if not isinstance(data, dict) or not isinstance(data.get("trials"), list):
                 raise ConfigError(f"{store!r} has no 'trials' list; give a results.json written by batchfit")
             data.pop("recommendation", None)
+            check_results(data, source=str(path))
             return data
         with path.open("rb") as f:
             if f.read(16) != b"SQLite format 3\x00":
                 raise ConfigError(f"{store!r} is not a SQLite database; give the sweep's .db file or a storage URL")
         store = f"sqlite:///{path.resolve()}"
-    from batchfit.study import load_results, open_storage
+    from batchfit.study import load_results
 
-    results = load_results(store, study_name=study_name)
-    # what tune stored beside the sweep's own attributes
-    import optuna
-
-    study = optuna.load_study(study_name=results["study_name"],
-                              storage=open_storage(store, heartbeat=False, must_exist=True))
-    for key in EXTRA_ATTRS:
-        if results.get(key) is None and study.user_attrs.get(key) is not None:
-            results[key] = study.user_attrs[key]
-    return results
+    return as_results(load_results(store, study_name=study_name))
 
 
-def print_summary(con: Any, results: dict[str, Any]) -> None:
+def print_summary(args: argparse.Namespace, results: dict[str, Any], rec: Any) -> None:
+    """The trade-off table and the recommendation with its reasons; with ``-q`` only the one-line recommendation."""
     from rich import box
     from rich.table import Table
 
     from batchfit.report import summary_table
 
+    if getattr(args, "quiet", False):
+        line = f"Recommendation: {rec.headline()}" if rec is not None else "No recommendation: no trial finished."
+        sys.stderr.write(line + "\n")
+        return
+    con = c.console(args)
     _, full = summary_table(results)
     # the report's main columns, with short headers so the table fits a terminal (report.md has them all)
     keep = (0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 3)
-    header = ["batch", "micro×acc", "LR", "best val", "memory", "samples/s", "B/B_simple", "gap", "epochs→tgt",
-              "s→tgt", "status"]
+    header = ["batch", "micro×acc", "LR", "best " + ("train loss" if results.get("primary_metric") == "train_loss"
+                                                     else "val"),
+              "memory", "samples/s", "B/B_simple", "gap", "epochs→tgt", "s→tgt", "status"]
     body = [[row[i] for i in keep] for row in full]
-    rec = results.get("recommendation")
     table = Table(title=f"batchfit: {results.get('workload')} — the batch-size trade-off, measured "
-                        f"(best val = {results.get('primary_metric')})",
+                        f"(ranked on {results.get('primary_metric')})",
                   title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     for h in header:
         table.add_column(h, justify="right", no_wrap=True)
     for row in body:
-        style = "bold green" if rec and row[0] == str(rec["batch_size"]) else None
+        style = "bold green" if rec is not None and row[0] == str(rec.batch_size) else None
         table.add_row(*row, style=style)
     con.print(table)
-    if rec:
-        con.print(
-            f"[bold]Recommendation:[/] batch {rec['batch_size']} = micro-batch {rec['micro_batch_size']} x "
-            f"{rec['accumulation_steps']}, LR {rec['lr']:.4g}, warm-up {rec['warmup_steps']}, {rec['precision']}"
-        )
-        for r in rec.get("reasons") or []:
+    if rec is not None:
+        con.print(f"[bold]Recommendation:[/] {rec.headline()}", highlight=False)
+        for r in rec.reasons:
             con.print(f"  - {r}", highlight=False)
     else:
-        con.print("[yellow]No recommendation: no trial has finished with a validation result yet.[/]")
+        what = "training-loss" if results.get("primary_metric") == "train_loss" else "validation"
+        con.print(f"[yellow]No recommendation: no trial has finished with a {what} result yet.[/]")
     report = results.get("report") or {}
     if report.get("html"):
         con.print(f"Report: {report['html']} (also {report.get('markdown')}, {report.get('results')})")
 
 
 def run(args: argparse.Namespace) -> int:
-    from batchfit.errors import ConfigError
     from batchfit.report import write_report
 
-    if args.out.exists() and not args.out.is_dir():
-        raise ConfigError(f"--out {str(args.out)!r} is a file; give a directory")
-    c.check_writable([args.out / "results.json"] + ([args.json] if args.json else []))
+    c.check_outputs(args)
     results = load_any(args.store, args.study_name)
     paths = write_report(results, args.out, tolerance=args.tolerance)
-    results = dict(results, recommendation=paths["recommendation"])
+    rec = paths["recommendation"]
+    results = dict(results, recommendation=rec.to_dict() if rec is not None else None)
     results["report"] = {"html": str(paths["html"]), "markdown": str(paths["markdown"]),
                          "results": str(paths["results"])}
     if args.json:
         c.write_json(args.json, results)
-    print_summary(c.console(args), results)
+    print_summary(args, results, rec)
     return c.EXIT_OK
