@@ -58,7 +58,7 @@ def test_apply_scaling_keeps_group_ratios() -> None:
 
 
 def test_bad_inputs() -> None:
-    with pytest.raises(ConfigError, match="unknown LR rule"):
+    with pytest.raises(ConfigError, match="unknown rule 'cube'"):
         scale_lr(0.1, 32, 64, "cube")
     with pytest.raises(ConfigError, match="batch_size"):
         scale_lr(0.1, 32, 0, "linear")
@@ -67,3 +67,27 @@ def test_bad_inputs() -> None:
     sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ConfigError, match="Adam-family"):
         apply_scaling(sgd, 0.1, 32, 64, "adam-sqrt")
+
+
+@pytest.mark.parametrize(("kwargs", "msg"), [
+    ({"betas": (0.9,)}, "betas must be a pair"),
+    ({"betas": (0.9, 0.999, 0.5)}, "betas must be a pair"),
+    ({"betas": (0.9, 1.0)}, r"betas must each be in \[0, 1\)"),
+    ({"betas": (1.5, 0.999)}, r"betas must each be in \[0, 1\)"),
+    ({"betas": (-0.1, 0.999)}, r"betas must each be in \[0, 1\)"),
+    ({"betas": ("0.9", 0.999)}, "betas must be a number"),
+    ({"eps": -1e-8}, "eps must be >= 0"),
+    ({"eps": float("inf")}, "eps must be a finite number"),
+])
+def test_adam_hyperparameters_are_checked(kwargs: dict, msg: str) -> None:
+    """Issue 13.20: a one-element betas, betas >= 1 and a negative eps used to be accepted silently."""
+    for rule in ("adam-sqrt", "linear"):
+        with pytest.raises(ConfigError, match=msg):
+            scale_lr(1e-3, 32, 128, rule, **kwargs)
+
+
+def test_adam_sqrt_accepts_tensor_betas_of_an_optimizer() -> None:
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([p], lr=1e-3, betas=(torch.tensor(0.9), torch.tensor(0.999)))
+    apply_scaling(opt, 1e-3, 32, 128, "adam-sqrt")
+    assert opt.param_groups[0]["betas"] == pytest.approx((0.6, 0.996))

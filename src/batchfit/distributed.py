@@ -4,12 +4,12 @@
 ``LOCAL_RANK`` and a rendezvous address in the environment. The CLI calls :func:`init_from_env`, which joins the
 process group (NCCL on CUDA, each rank on ``cuda:LOCAL_RANK``; gloo on the CPU). Then:
 
-- **Training** (``engine.train(..., world_size=N)``): every rank draws the same seeded permutation, cuts it into
-  *global* batches and reads its own shard of each (:func:`shard`); the model is wrapped in
+- **Training** (``engine.train(..., world_size=N)``): every rank draws the same seeded order, cuts it into
+  *global* batches and reads its own shard of each (:mod:`batchfit.data` sources); the model is wrapped in
   ``DistributedDataParallel`` (:func:`wrap_ddp`); accumulation micro-steps run under ``no_sync()`` so gradients are
   all-reduced once per optimizer step; effective batch = micro-batch x accumulation x world size, and the LR rule
   sees that global batch.
-- **Decisions are collective.** Anything that changes control flow (a non-finite loss, a time limit, the finder's
+- **Decisions are collective.** Anything that changes control flow (a non-finite loss, the finder's
   "did this batch fit?") is reduced across ranks before it is acted on (:func:`any_flag`, :func:`agree_record`),
   so one rank's out-of-memory makes every rank back off and no rank waits forever in a collective the others
   skipped. The finder's probes themselves run without gradient communication: an OOM half-way through a step can
@@ -29,6 +29,30 @@ import torch
 from torch import nn
 
 from batchfit.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "agree_record",
+    "all_max",
+    "all_min",
+    "all_sum",
+    "all_sum_tensors",
+    "any_flag",
+    "check_world",
+    "init_from_env",
+    "is_ddp",
+    "is_initialized",
+    "is_main",
+    "launched_by_torchrun",
+    "local_rank",
+    "rank",
+    "rank_device",
+    "shard",
+    "shutdown",
+    "unwrap",
+    "world_size",
+    "wrap_ddp",
+]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 DEFAULT_TIMEOUT_S = 600.0  # a collective that waits longer than this fails instead of hanging
@@ -227,37 +251,7 @@ def agree_record(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The noise scale under DDP: per-rank gradients before the all-reduce are the small batches
-
-
-class LocalGradNorm:
-    """A DDP communication hook that records |this rank's accumulated gradient|² before averaging it.
-
-    ``register(ddp_model)`` must run before the first backward. Each bucket's buffer holds this rank's gradient
-    (with ``gradient_as_bucket_view`` it *is* the gradient); its squared norm is added to :attr:`sq` (a device
-    tensor: no host sync), then the standard all-reduce-and-average runs unchanged. Read and clear it with
-    :meth:`take` once per optimizer step.
-    """
-
-    def __init__(self) -> None:
-        self.sq: torch.Tensor | None = None
-
-    def register(self, ddp_model: nn.Module) -> None:
-        ddp_model.register_comm_hook(None, self._hook)
-
-    # DDP inspects a hook's signature: the argument must be called ``bucket`` and carry no string annotation
-    def _hook(self, state, bucket):  # noqa: ANN001, ANN202
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-        buf = bucket.buffer()
-        low = buf.dtype in (torch.float16, torch.bfloat16)
-        part = torch.linalg.vector_norm(buf, dtype=torch.float32 if low else None).double().square()
-        self.sq = part if self.sq is None else self.sq + part
-        return default_hooks.allreduce_hook(None, bucket)
-
-    def take(self) -> torch.Tensor | None:
-        sq, self.sq = self.sq, None
-        return sq
+# Models
 
 
 def is_ddp(model: nn.Module) -> bool:

@@ -156,6 +156,14 @@ def _eval_pass(workload: Workload, model: nn.Module, source: Any, bs: int, devic
     return float(loss_sum) / total, {k: float(v) / total for k, v in metric_sums.items()}
 
 
+def _budgeted_eval(workload: Workload, model: nn.Module, source: Any, bs: int, device: torch.device, precision: str,
+                   budget: int | None, hold: Any) -> tuple[float, dict[str, float]]:
+    if budget is None or device.type != "cpu":
+        return _eval_pass(workload, model, source, bs, device, precision)
+    with memory.PeakMeter(device, budget, track=[list(model.parameters()), list(model.buffers()), hold]):
+        return _eval_pass(workload, model, source, bs, device, precision)
+
+
 @torch.no_grad()
 def evaluate(
     workload: Workload,
@@ -165,11 +173,14 @@ def evaluate(
     batch_size: int,
     device: torch.device,
     precision: str = "fp32",
+    memory_budget: int | None = None,
+    hold: Any = (),
 ) -> tuple[float, dict[str, float], int]:
     """Mean loss and metrics over ``dataset`` (default: the validation data), sample-weighted.
 
     Returns ``(loss, metrics, evaluation batch size used)``. An out-of-memory error halves the *evaluation* batch
-    and retries (:func:`batchfit.memory.try_oom`); it never touches the training batch.
+    and retries (:func:`batchfit.memory.try_oom`); it never touches the training batch. On the CPU,
+    ``memory_budget`` (bytes) meters each attempt over the model's tensors and ``hold`` (e.g. optimizer state).
     """
     if dataset is None or dataset is workload.val_data:
         source = data.val_source(workload)
@@ -182,7 +193,8 @@ def evaluate(
     bs = max(1, min(batch_size, source.num_samples))
     try:
         while True:
-            attempt = memory.try_oom(lambda b=bs: _eval_pass(workload, model, source, b, device, precision))
+            attempt = memory.try_oom(lambda b=bs: _budgeted_eval(workload, model, source, b, device, precision,
+                                                                 memory_budget, hold))
             if attempt.ok:
                 loss, metrics = attempt.value  # type: ignore[misc]
                 return loss, metrics, bs
@@ -521,10 +533,16 @@ def _stream(source: Any, plan: TrainPlan, generator: torch.Generator) -> Iterato
         for batch, count in fetching(batches, "train_data"):
             empty = False
             yield epoch, batch, count
+            del batch  # not alive while the next one is read
         if empty:
             raise DataError(f"train_data yielded no batch of {plan.effective_batch_size} in an epoch; check its "
                             "length against the samples it yields")
         yield epoch, None, 0
+
+
+def _held(run: _Run) -> list[Any]:
+    """What training holds between steps (counted by the CPU memory meter and budget)."""
+    return [list(run.model.parameters()), list(run.model.buffers()), run.optimizer.state]
 
 
 def _timed_step(run: _Run, batch: Any, count: int, measure: bool) -> bool:
@@ -535,11 +553,13 @@ def _timed_step(run: _Run, batch: Any, count: int, measure: bool) -> bool:
     plan, state = run.plan, run.state
     state.batch_samples = data.batch_size_of(batch)
     t0 = time.perf_counter()
-    if measure:  # params, buffers, optimizer state and this step's batch are what training holds
-        track = [list(run.model.parameters()), list(run.model.buffers()), run.optimizer.state, batch]
-        with memory.PeakMeter(plan.device, track=track) as meter:
+    budget = plan.memory_budget if plan.device.type == "cpu" else None  # CUDA: the allocator is capped instead
+    if measure or budget is not None:  # what training holds: params, buffers, optimizer state, this step's batch
+        with memory.PeakMeter(plan.device, budget, track=[*_held(run), batch]) as meter:
             run.step(batch, count)
-        run.result.peak_memory_bytes = meter.peak()
+        if measure:
+            run.result.peak_memory_bytes = meter.peak()
+        del meter
     else:
         run.step(batch, count)
     state.step += 1
@@ -580,7 +600,8 @@ def _record(run: _Run) -> dict[str, Any]:
     if plan.workload.val_data is None:
         return record
     model = distributed.unwrap(run.model) if plan.world_size > 1 else run.model  # DDP: no collectives in eval
-    kw = {"batch_size": plan.eval_batch_size, "device": plan.device}
+    kw = {"batch_size": plan.eval_batch_size, "device": plan.device, "memory_budget": plan.memory_budget,
+          "hold": run.optimizer.state}
     val_loss, val_metrics, _ = evaluate(plan.workload, model, precision=plan.precision, **kw)
     if plan.precision == "fp16" and not math.isfinite(val_loss):
         # fp16 activations can overflow in eval mode (e.g. BatchNorm running statistics early in training) while
@@ -690,7 +711,11 @@ def train(
     check_finite_data(plan.workload.train_data, "the training data")  # outside the budget: not what training holds
     if plan.workload.val_data is not None:
         check_finite_data(plan.workload.val_data, "the validation data")
-    with memory.enforce_budget(plan.memory_budget, plan.device):
+    # The budget meters what training holds, as the finder measures it. CPU: each step (and each evaluation) runs
+    # under a byte counter over the parameters, buffers, optimizer state and its batch; CUDA: the allocator is capped
+    # for the run. Neither charges the data set or the NaN scan above.
+    cuda_budget = plan.memory_budget if plan.device.type == "cuda" else None
+    with memory.enforce_budget(cuda_budget, plan.device):
         return _train(plan, callbacks, progress, t_start)
 
 

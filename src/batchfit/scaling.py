@@ -19,7 +19,18 @@ from dataclasses import dataclass
 
 import torch
 
+from batchfit import checks
 from batchfit.errors import ConfigError
+
+__all__ = [
+    "RULES",
+    "RULE_CHOICES",
+    "ScaledHyperparameters",
+    "apply_scaling",
+    "default_rule",
+    "is_adam_family",
+    "scale_lr",
+]
 
 RULES = ("none", "linear", "sqrt", "adam-sqrt")
 RULE_CHOICES = ("auto", *RULES)
@@ -66,13 +77,15 @@ def scale_lr(
     >>> round(h.lr, 6), tuple(round(b, 6) for b in h.betas), h.eps
     (0.002, (0.6, 0.996), 5e-09)
     """
-    if rule not in RULES:
-        raise ConfigError(f"unknown LR rule {rule!r}; choose one of: {', '.join(RULE_CHOICES)}")
-    for name, value in (("base_batch_size", base_batch_size), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if not (isinstance(base_lr, (int, float)) and math.isfinite(base_lr) and base_lr > 0):
-        raise ConfigError(f"base_lr must be a positive number, got {base_lr!r}")
+    checks.one_of("rule", rule, RULES)
+    checks.positive_int("base_batch_size", base_batch_size)
+    checks.positive_int("batch_size", batch_size)
+    checks.positive_number("base_lr", base_lr)
+    betas = _check_betas(betas)
+    if eps is not None:
+        eps = checks.finite_number("eps", eps)
+        if eps < 0:
+            raise ConfigError(f"eps must be >= 0, got {eps!r}")
     k = batch_size / base_batch_size
     if rule == "none":
         return ScaledHyperparameters(float(base_lr), rule, k, betas, eps)
@@ -85,6 +98,19 @@ def scale_lr(
         new_betas = tuple(min(_BETA_MAX, max(_BETA_MIN, 1.0 - k * (1.0 - b))) for b in betas)  # type: ignore[assignment]
     new_eps = None if eps is None else eps / math.sqrt(k)
     return ScaledHyperparameters(base_lr * math.sqrt(k), rule, k, new_betas, new_eps)  # type: ignore[arg-type]
+
+
+def _check_betas(betas: object) -> tuple[float, float] | None:
+    """Adam's ``(beta1, beta2)``: two finite numbers in [0, 1)."""
+    if betas is None:
+        return None
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ConfigError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    out = tuple(checks.finite_number("betas", float(b) if isinstance(b, torch.Tensor) and b.numel() == 1 else b)
+                for b in betas)
+    if not all(0.0 <= b < 1.0 for b in out):
+        raise ConfigError(f"betas must each be in [0, 1), got {tuple(betas)!r}")
+    return out  # type: ignore[return-value]
 
 
 def apply_scaling(

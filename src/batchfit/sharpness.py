@@ -18,9 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchfit.engine import Batcher, autocast, compute_loss, to_device
+from batchfit import checks, data
 from batchfit.errors import ConfigError
+from batchfit.step import autocast, fetching, run_batch
 from batchfit.workload import Workload
+
+__all__ = ["DEFAULT_ITERS", "DEFAULT_SAMPLES", "DEFAULT_TOL", "SharpnessCallback", "top_hessian_eigenvalue"]
 
 DEFAULT_SAMPLES = 512
 DEFAULT_ITERS = 20
@@ -34,6 +37,24 @@ def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
 def _normalize(v: list[torch.Tensor]) -> list[torch.Tensor]:
     norm = torch.sqrt(_dot(v, v))
     return [x / (norm + 1e-12) for x in v]
+
+
+def _fixed_sample(workload: Workload, num_samples: int, chunk_size: int, seed: int) -> list[tuple[Any, int]]:
+    """The first ``num_samples`` samples of a ``seed``-shuffled epoch, as (host batch, samples) chunks."""
+    source = data.train_source(workload)
+    batches = source.epoch(chunk_size, generator=torch.Generator().manual_seed(seed), drop_last=False)
+    chunks: list[tuple[Any, int]] = []
+    total = 0
+    for batch, _ in fetching(batches, "train_data"):
+        m = data.batch_size_of(batch)
+        if total + m > num_samples:
+            m = num_samples - total
+            batch = data.slice_batch(batch, 0, m)
+        chunks.append((batch, m))
+        total += m
+        if total >= num_samples:
+            break
+    return chunks
 
 
 def top_hessian_eigenvalue(
@@ -64,29 +85,24 @@ def top_hessian_eigenvalue(
     True
     """
     for name, value in (("num_samples", num_samples), ("chunk_size", chunk_size), ("iters", iters)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"sharpness {name} must be a positive integer, got {value!r}")
+        checks.positive_int(name, value)
     dev = torch.device(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters; sharpness is undefined")
-    n = len(workload.train_data)  # type: ignore[arg-type]
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(n, generator=gen)[: min(n, num_samples)]
-    batcher = Batcher(workload.train_data, workload.collate_fn)
-    chunks = [idx[i : i + chunk_size] for i in range(0, len(idx), chunk_size)]
-    total = len(idx)
+    chunks = _fixed_sample(workload, num_samples, chunk_size, seed)
+    total = sum(m for _, m in chunks)
 
     was_training = model.training
     model.eval()
 
     def hvp(v: list[torch.Tensor]) -> list[torch.Tensor]:
         out = [torch.zeros_like(p) for p in params]
-        for chunk in chunks:
-            batch = to_device(batcher(chunk), dev)
+        for chunk, m in chunks:
+            batch = data.to_device(chunk, dev)
             with autocast(precision, dev):
-                loss, _, _ = compute_loss(workload, model, batch)
-            loss = loss.float() * (len(chunk) / total)
+                loss, _, _ = run_batch(workload, model, batch)
+            loss = loss.float() * (m / total)
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
             pairs = [(g, x) for g, x in zip(grads, v) if g is not None]
             if not pairs:

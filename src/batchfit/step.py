@@ -245,6 +245,7 @@ def fetching(batches: Iterable[Any], part: str) -> Iterator[Any]:
             raise DataError(f"reading a batch of {part} raised {type(exc).__name__}: {msg}; check the dataset "
                             "(does len() match the items it holds?) and its collate_fn") from exc
         yield item
+        del item  # not alive while the next one is read
 
 
 def batch_has_nonfinite(batch: Any) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__all__ = ["add_parser", "run"]
+
 import argparse
 from typing import Any
 
@@ -26,7 +28,7 @@ def add_parser(sub: Any) -> None:
     budget.add_argument("--steps", type=c.positive_int, help="optimizer steps to train")
     p.add_argument("--eval-every", type=c.positive_int, help="also evaluate every N optimizer steps")
     p.add_argument("--eval-batch-size", type=c.positive_int, help="evaluation batch size (default max(micro, 256))")
-    p.add_argument("--grad-clip", type=c.positive_float, help="clip the gradient norm to this value")
+    p.add_argument("--grad-clip", type=c.positive_float, help="clip the global gradient norm to this value (default: the workload's grad_clip)")
     p.add_argument("--no-drop-last", action="store_true", help="keep the last, smaller batch of each epoch")
     p.add_argument("--measure-noise", action="store_true",
                    help="record the gradient noise scale B_simple at each evaluation (needs >= 2 micro-batches; "
@@ -112,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         micro_batch_size = training_micro_batch_size(batch_size or workload.base_batch_size, micro_batch_size, world)
         callbacks.insert(0, NoiseCallback())
     try:
-        result = train(
+        result = _train_or_explain(
+            train,
             workload,
             batch_size=batch_size,
             micro_batch_size=micro_batch_size,
@@ -131,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
             callbacks=callbacks,
             **kwargs,
         )
+    except KeyboardInterrupt:  # what was evaluated so far stays in the JSON, marked as such (not "running")
+        partial["status"] = "interrupted"
+        c.emit(args, "train", partial)
+        raise
     finally:
         progress.close()
     data = result.to_dict()
@@ -142,6 +149,24 @@ def run(args: argparse.Namespace) -> int:
 
         print_training_noise(args, result)
     return c.EXIT_OK
+
+
+def _train_or_explain(train: Any, workload: Any, **kwargs: Any) -> Any:
+    """Run ``train``; an out-of-memory error in training is the user's batch choice: one line, exit 2."""
+    from batchfit import memory
+    from batchfit.errors import ConfigError
+
+    try:
+        return train(workload, **kwargs)
+    except Exception as exc:
+        if not memory.is_oom(exc):
+            raise
+        line = (str(exc).splitlines() or ["out of memory"])[0][:200]
+        batch = kwargs.get("batch_size") or workload.base_batch_size
+        raise ConfigError(
+            f"out of memory training at --batch-size {batch} ({line}); lower --batch-size, add --micro-batch-size "
+            "or raise --memory-budget (batchfit find measures what fits)"
+        ) from None
 
 
 def _print_summary(args: argparse.Namespace, result: Any) -> None:
