@@ -505,7 +505,7 @@ class _Fail:
               parser: argparse.ArgumentParser | None = None) -> int:
         """Run ``handler(args)``; whatever escapes becomes one line on stderr and an exit code."""
         name = f"batchfit {getattr(args, 'command', '')}".strip()
-        with _Sigint() as sigint:
+        with _Sigint() as sigint, _one_line_warnings(name, parser):
             try:
                 check_outputs(args)
                 return int(handler(args) or 0)
@@ -552,6 +552,26 @@ class _Fail:
             "(run again with --debug for the traceback)\n"
         )
         return EXIT_ERROR
+
+
+@contextlib.contextmanager
+def _one_line_warnings(name: str, parser: argparse.ArgumentParser | None) -> Any:
+    """Warnings print as one line each ("batchfit train: warning: ..."), in the flags' words, not as
+    ``file:line: UserWarning`` plus the source line."""
+    import warnings
+
+    previous = warnings.showwarning
+
+    def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: Any = None) -> None:
+        text = " ".join(str(message).split())
+        (file or sys.stderr).write(f"{name}: warning: {to_flags(text, parser)}\n")
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 def _one_line(exc: BaseException) -> str:

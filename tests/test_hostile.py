@@ -1,0 +1,733 @@
+"""Hostile inputs (issue 13): one table of cases across train / find / noise / sweep / tune / report and the API.
+
+Each case names the issue-13 item it fences. A CLI case runs ``batchfit.cli.main`` in-process and checks the exit code
+and stderr: a refused input is exactly one line with exit code 2, never a traceback or an "internal error". A few cases
+need a real process (``sys.exit`` at import, Ctrl-C) and run ``python -m batchfit``. Workloads are tiny (192 samples,
+8 features) so that the whole table runs in about a minute on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import batchfit
+from batchfit.cli import main
+from batchfit.errors import BatchfitError, ConfigError
+
+WORKLOADS = '''
+import os
+import sys
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Dataset, TensorDataset
+from batchfit import Workload
+from batchfit.workload import accuracy
+
+def _data(n=256, d=8, k=3):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, d, generator=g), torch.randint(0, k, (n,), generator=g)
+
+def _small(model_fn=None, **kw):
+    x, y = _data()
+    width = int(os.environ.get("HOSTILE_WIDTH", "16"))
+    base = dict(
+        name="hostile",
+        model_fn=model_fn or (lambda: nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 3))),
+        optimizer_fn=lambda p, lr: torch.optim.SGD(p, lr=lr),
+        loss_fn=F.cross_entropy,
+        train_data=TensorDataset(x[:192], y[:192]), val_data=TensorDataset(x[192:], y[192:]),
+        metrics={"accuracy": accuracy}, base_batch_size=16, base_lr=0.05,
+    )
+    base.update(kw)
+    return Workload(**base)
+
+def ok():
+    return _small()
+
+def marker():
+    open(os.environ["HOSTILE_MARKER"], "w").close()
+    return _small()
+
+def labels_out_of_range():
+    x, y = _data()
+    return _small(train_data=TensorDataset(x[:192], y[:192] + 10), val_data=TensorDataset(x[192:], y[192:] + 10))
+
+def shape_mismatch():
+    return _small(model_fn=lambda: nn.Sequential(nn.Linear(9, 16), nn.ReLU(), nn.Linear(16, 3)))
+
+class _RaisesLater(nn.Module):
+    def __init__(self, after):
+        super().__init__()
+        self.lin, self.calls, self.after = nn.Linear(8, 3), 0, after
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > self.after:
+            raise RuntimeError("forward broke on call %d" % self.calls)
+        return self.lin(x)
+
+def forward_raises_midway():
+    return _small(model_fn=lambda: _RaisesLater(3))
+
+def forward_always_raises():
+    return _small(model_fn=lambda: _RaisesLater(0))
+
+def frozen():
+    def model():
+        m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        for p in m.parameters():
+            p.requires_grad_(False)
+        return m
+    return _small(model_fn=model)
+
+def not_an_optimizer():
+    return _small(optimizer_fn=lambda p, lr: "sgd")
+
+class _Short(Dataset):
+    def __init__(self):
+        self.x, self.y = _data()
+    def __len__(self):
+        return 1000
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+def len_too_large():
+    return _small(train_data=_Short())
+
+def metric_raises():
+    return _small(metrics={"accuracy": lambda out, y: 1 / 0})
+
+def metric_string():
+    return _small(metrics={"accuracy": lambda out, y: "high"})
+
+def no_val():
+    return _small(val_data=None, metrics={})
+
+def base_batch_1():
+    return _small(base_batch_size=1, base_lr=0.01)
+
+def exit0():
+    sys.exit(0)
+
+def exit3():
+    sys.exit(3)
+'''
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fixtures: the workload files and stores every case may name
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("hostile")
+    (root / "wl.py").write_text(WORKLOADS)
+    (root / "exit_at_import.py").write_text("import sys\nsys.exit(3)\n")
+    (root / "kbi_at_import.py").write_text("raise KeyboardInterrupt\n")
+    proj = root / "proj"
+    proj.mkdir()
+    (proj / "helper.py").write_text(WORKLOADS)  # a sibling module; the workload file imports it by name
+    (proj / "wl.py").write_text("from helper import ok\n\ndef make():\n    return ok()\n")
+    (root / "afile").write_text("a regular file\n")
+    (root / "random.db").write_bytes(os.urandom(8192))
+    # a real Optuna store (made by Optuna itself, so these cases do not depend on the sweep), then a copy whose
+    # pages after the SQLite header are overwritten
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    (root / "good").mkdir()
+    good = root / "good" / "batchfit.db"
+    study = optuna.create_study(study_name="hostile", storage=f"sqlite:///{good}")
+    study.set_user_attr("batchfit", 1)
+    del study
+    data = bytearray(good.read_bytes())
+    data[100:] = b"\xa5" * (len(data) - 100)
+    (root / "corrupt.db").write_bytes(bytes(data))
+    fixture = Path(__file__).with_name("_study_fixture.py")
+    sys.path.insert(0, str(fixture.parent))
+    from _study_fixture import make_results
+
+    (root / "results.json").write_text(json.dumps(make_results()))
+    return {"root": root, "wl": root / "wl.py", "good": good, "long": "x" * 300}
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    item: str  # the issue-13 item (or 12.6 / 10.6) the case fences
+    argv: tuple[str, ...] = ()  # a CLI case: formatted with the files and {tmp}
+    api: Callable[[dict[str, Any]], None] | None = None  # an API case: asserts by itself
+    rc: tuple[int, ...] = (2,)
+    err: str | None = None  # regex that stderr must match
+    no_err: str | None = None  # regex stderr must not match
+    check: Callable[[dict[str, Any], str, str], None] | None = None  # (ctx, stdout, stderr) after the run
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _fmt(argv: tuple[str, ...], ctx: dict[str, Any]) -> list[str]:
+    return [a.format(**ctx) for a in argv]
+
+
+def _run_cli(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's usage errors
+        return int(exc.code or 0)
+
+
+def _proc(argv: list[str], cwd: Path | None = None, timeout: float = 120, script: bool = False) -> Any:
+    cmd = ([str(Path(sys.executable).with_name("batchfit"))] if script else [sys.executable, "-m", "batchfit"])
+    return subprocess.run(cmd + argv, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks used by several cases
+
+
+def _json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def _nothing_written(name: str) -> Callable[[dict[str, Any], str, str], None]:
+    def check(ctx: dict[str, Any], out: str, err: str) -> None:
+        assert not Path(ctx["tmp"], name).exists(), f"{name} was written although the command was refused"
+
+    return check
+
+
+def _no_work(ctx: dict[str, Any], out: str, err: str) -> None:
+    assert not Path(ctx["tmp"], "marker").exists(), "the workload was loaded before the output path was checked"
+
+
+def _fifo_result(ctx: dict[str, Any], out: str, err: str) -> None:
+    ctx["reader"].join(20)
+    assert json.loads(ctx["box"]["text"])["status"] in ("ok", "diverged")
+    assert stat.S_ISFIFO(os.stat(ctx["fifo"]).st_mode)
+
+
+def _setup_fifo(ctx: dict[str, Any]) -> None:
+    fifo = Path(ctx["tmp"], "pipe")
+    os.mkfifo(fifo)
+    box: dict[str, str] = {}
+
+    def read() -> None:
+        with open(fifo) as f:
+            box["text"] = f.read()
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    ctx.update(fifo=fifo, box=box, reader=t)
+
+
+def _stdout_json(ctx: dict[str, Any], out: str, err: str) -> None:
+    data = json.loads(out)
+    assert isinstance(data, dict) and data
+
+
+def _dev_null_kept(ctx: dict[str, Any], out: str, err: str) -> None:
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def _symlink_target(ctx: dict[str, Any], out: str, err: str) -> None:
+    link, target = Path(ctx["tmp"], "link.json"), Path(ctx["tmp"], "target.json")
+    assert link.is_symlink() and _json(target)["status"] == "ok"
+
+
+def _setup_symlink(ctx: dict[str, Any]) -> None:
+    Path(ctx["tmp"], "target.json").write_text('{"old": true}')
+    Path(ctx["tmp"], "link.json").symlink_to(Path(ctx["tmp"], "target.json"))
+
+
+def _batch_within_data(ctx: dict[str, Any], out: str, err: str) -> None:
+    path = Path(ctx["tmp"], "r.json")
+    if path.exists():
+        d = _json(path)
+        assert d["batch_size"] <= 1437 and "larger" in err  # clamped, said, and reported as what ran
+
+
+def _recommendation_on_train_loss(ctx: dict[str, Any], out: str, err: str) -> None:
+    res = _json(Path(ctx["tmp"], "t", "results.json"))
+    rec = res.get("recommendation")
+    assert rec and rec.get("batch_size"), "no recommendation for a workload without validation data"
+    assert "training loss" in json.dumps(rec).lower()
+
+
+def _names_no_noise_if_refused(ctx: dict[str, Any], out: str, err: str) -> None:
+    assert "error" not in err or "--no-noise" in err, err
+
+
+def _table_not_cut(ctx: dict[str, Any], out: str, err: str) -> None:
+    assert re.search(r"^\s*128\s", err, re.M), err[-2000:]
+    assert "1…" not in err and "…" not in err.split("Recommendation")[0]
+
+
+def _sweep_failed_recorded(ctx: dict[str, Any], out: str, err: str) -> None:
+    trials = _json(Path(ctx["tmp"], "s", "sweep.json"))["trials"]
+    assert trials and all(t["status"] == "failed" for t in trials)
+    assert all("forward" in (t.get("error") or "") or "model" in (t.get("error") or "") for t in trials)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# API cases (each asserts by itself)
+
+
+def _raises(exc: type[BaseException], pattern: str, fn: Callable[[], Any]) -> None:
+    with pytest.raises(exc, match=pattern):
+        fn()
+
+
+WL = "demo:digits-mlp"
+
+
+def api_train_seed_negative(ctx: dict[str, Any]) -> None:
+    _raises(ConfigError, "seed", lambda: batchfit.train(WL, seed=-1, steps=1))
+
+
+def api_find_seed_huge(ctx: dict[str, Any]) -> None:
+    _raises(ConfigError, "seed", lambda: batchfit.find_batch_size(WL, seed=10**30, memory_budget="1MiB"))
+
+
+def api_sweep_seed_negative(ctx: dict[str, Any]) -> None:
+    _raises(ConfigError, "seed", lambda: batchfit.sweep(WL, seed=-1, batch_sizes=[16], budget="steps:1",
+                                                        storage=f"sqlite:///{ctx['tmp']}/s.db"))
+
+
+def api_find_nan_budget(ctx: dict[str, Any]) -> None:
+    _raises(ConfigError, "memory_budget", lambda: batchfit.find_batch_size(WL, memory_budget=float("nan")))
+
+
+def api_find_inf_budget(ctx: dict[str, Any]) -> None:
+    _raises(ConfigError, "memory_budget", lambda: batchfit.find_batch_size(WL, memory_budget=float("inf")))
+
+
+def api_train_overflow_budget(ctx: dict[str, Any]) -> None:
+    _raises(ConfigError, "memory_budget", lambda: batchfit.train(WL, memory_budget="1e400", steps=1))
+
+
+def api_train_grad_clip_string(ctx: dict[str, Any]) -> None:
+    _raises(ConfigError, "grad_clip", lambda: batchfit.train(WL, grad_clip="1.0", steps=1))
+
+
+def api_scale_lr_one_beta(ctx: dict[str, Any]) -> None:
+    _raises(ConfigError, "betas", lambda: batchfit.scale_lr(1e-3, 32, 256, "adam-sqrt", betas=(0.9,), eps=1e-8))
+
+
+def api_scale_lr_negative_eps(ctx: dict[str, Any]) -> None:
+    _raises(ConfigError, "eps", lambda: batchfit.scale_lr(1e-3, 32, 256, "adam-sqrt", betas=(0.9, 0.999), eps=-1))
+
+
+def api_scale_lr_beta_ge_1(ctx: dict[str, Any]) -> None:
+    _raises(ConfigError, "betas", lambda: batchfit.scale_lr(1e-3, 32, 256, "adam-sqrt", betas=(1.0, 0.999),
+                                                           eps=1e-8))
+
+
+def api_load_workload_int(ctx: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError) as info:
+        batchfit.load_workload(123)
+    assert "empty" not in str(info.value) and "123" in str(info.value)
+
+
+def api_mysql_store(ctx: dict[str, Any]) -> None:
+    with pytest.raises(BatchfitError) as info:
+        batchfit.sweep(f"{ctx['wl']}:ok", batch_sizes=[16], budget="steps:1", storage="mysql://u:p@localhost/db")
+    assert "postgres" not in str(info.value).lower() and "mysql" in str(info.value).lower()
+
+
+def api_sweep_lr_search_huge(ctx: dict[str, Any]) -> None:
+    _raises(ConfigError, "lr_search", lambda: batchfit.sweep(WL, lr_search=3000, batch_sizes=[16],
+                                                             budget="steps:1", storage=f"sqlite:///{ctx['tmp']}/x.db"))
+
+
+def api_train_impossible_batch(ctx: dict[str, Any]) -> None:
+    try:
+        res = batchfit.train(WL, batch_size=10**12, drop_last=False, steps=1)
+    except ConfigError as exc:
+        assert "batch_size" in str(exc)
+        return
+    assert res.batch_size <= 1437  # clamped to the full batch and reported as what ran
+
+
+def api_find_restores_grads(ctx: dict[str, Any]) -> None:
+    import torch
+
+    wl = batchfit.load_workload(f"{ctx['wl']}:ok")
+    model = wl.model_fn()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    wl.model_fn = lambda: model  # the user's own model object
+    batchfit.find_batch_size(wl, memory_budget="2MiB", throughput=False)
+    assert all(p.grad is not None and torch.all(p.grad == 0.5) for p in model.parameters())
+
+
+def api_train_forward_error_is_workload_error(ctx: dict[str, Any]) -> None:
+    wl = batchfit.load_workload(f"{ctx['wl']}:shape_mismatch")
+    with pytest.raises(BatchfitError, match="model|forward"):
+        batchfit.train(wl, steps=1)
+
+
+def api_noise_labels_out_of_range(ctx: dict[str, Any]) -> None:
+    wl = batchfit.load_workload(f"{ctx['wl']}:labels_out_of_range")
+    with pytest.raises(BatchfitError, match="loss|target|label"):
+        batchfit.noise_scale(wl, steps=2, batch_size=16)
+
+
+def api_tune_stale_after_model_change(ctx: dict[str, Any]) -> None:
+    """Item 3: same spec, options and data; a wider model must not be served the narrow model's results."""
+    out = Path(ctx["tmp"], "t")
+    argv = ["tune", "-w", f"{ctx['wl']}:ok", "-b", "16", "--budget", "steps:2", "--memory-budget", "4MiB",
+            "--no-noise", "--no-precision-check", "--no-lr-calibration", "--out", str(out), "-q"]
+    old = os.environ.get("HOSTILE_WIDTH")
+    try:
+        os.environ["HOSTILE_WIDTH"] = "4"
+        assert _run_cli(argv) == 0
+        narrow_find = _json(out / "find.json")
+        narrow = _json(out / "results.json")
+        os.environ["HOSTILE_WIDTH"] = "512"
+        assert _run_cli(argv) == 0
+        wide_find = _json(out / "find.json")
+        wide = _json(out / "results.json")
+    finally:
+        if old is None:
+            os.environ.pop("HOSTILE_WIDTH", None)
+        else:
+            os.environ["HOSTILE_WIDTH"] = old
+    fixed = (narrow_find["memory_model"]["fixed_bytes"], wide_find["memory_model"]["fixed_bytes"])
+    assert fixed[1] > fixed[0], f"find resumed the narrow model's memory model: {fixed}"
+    peaks = [max(t["peak_memory_bytes"] for t in r["trials"]) for r in (narrow, wide)]
+    assert peaks[1] > peaks[0], f"the sweep resumed the narrow model's trials: {peaks}"
+
+
+def api_sweep_rerun_names_retry_failed(ctx: dict[str, Any]) -> None:
+    """Item 6: a rerun of a sweep with failed trials names --retry-failed; tune offers it too."""
+    argv = ["sweep", "-w", f"{ctx['wl']}:forward_raises_midway", "-b", "16", "--budget", "steps:6", "--no-noise",
+            "--no-extremes", "--out", str(Path(ctx["tmp"], "s"))]
+    _run_cli(argv)
+    capsys = ctx["capsys"]
+    capsys.readouterr()
+    _run_cli(argv)
+    err = capsys.readouterr().err
+    assert "--retry-failed" in err, err
+    from batchfit.cli import build_parser
+
+    assert "--retry-failed" in build_parser().format_help() or _run_cli(["tune", "--retry-failed", "--help"]) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Subprocess cases: exits and Ctrl-C
+
+
+def _interrupt(argv: list[str], json_path: Path, ready: Callable[[Any], bool], timeout: float = 90) -> Any:
+    p = subprocess.Popen([sys.executable, "-m", "batchfit", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if json_path.exists():
+                try:
+                    if ready(_json(json_path)):
+                        break
+                except ValueError:
+                    pass
+            if p.poll() is not None:
+                break
+            time.sleep(0.1)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    return p.returncode, out, err
+
+
+def proc_train_ctrl_c(ctx: dict[str, Any]) -> None:
+    """Item 8: a train --json interrupted says "interrupted" (not "running"), exit 130."""
+    out = Path(ctx["tmp"], "r.json")
+    rc, _, err = _interrupt(["train", "-w", f"{ctx['wl']}:ok", "--steps", "1000000", "--eval-every", "2",
+                             "--json", str(out), "-q"], out, lambda d: len(d.get("history", [])) >= 2)
+    assert rc == 130 and "interrupted" in err
+    assert _json(out)["status"] == "interrupted"
+
+
+def proc_noise_ctrl_c(ctx: dict[str, Any]) -> None:
+    """Item 8: noise --json keeps every finished step on Ctrl-C and says so."""
+    out = Path(ctx["tmp"], "n.json")
+    rc, _, err = _interrupt(["noise", "-w", f"{ctx['wl']}:ok", "--steps", "1000000", "--rel-ci", "0.0001",
+                             "--json", str(out), "-q"], out, lambda d: len(d.get("history", [])) >= 3)
+    d = _json(out)
+    assert rc == 130 and d["status"] == "interrupted"
+    assert d["steps"] == len(d["history"]) and d["steps"] >= 3
+
+
+def proc_exit_at_import(ctx: dict[str, Any]) -> None:
+    p = _proc(["train", "-w", f"{ctx['root']}/exit_at_import.py:make", "--steps", "1", "-q"])
+    assert p.returncode == 2 and re.search(r"the workload .*called sys\.exit\(3\)", p.stderr), p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def proc_keyboard_interrupt_at_import(ctx: dict[str, Any]) -> None:
+    p = _proc(["train", "-w", f"{ctx['root']}/kbi_at_import.py:make", "--steps", "1", "-q"])
+    assert "results written so far are kept" not in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert p.returncode in (2, 130) and len(p.stderr.strip().splitlines()) == 1
+
+
+def proc_script_imports_sibling(ctx: dict[str, Any]) -> None:
+    """12.6: the `batchfit` script imports the workload file's sibling modules, from any working directory."""
+    elsewhere = Path(ctx["tmp"], "elsewhere")
+    elsewhere.mkdir()
+    p = _proc(["train", "-w", f"{ctx['root']}/proj/wl.py:make", "--steps", "1", "-q"], cwd=elsewhere, script=True)
+    assert p.returncode == 0, p.stderr
+
+
+def cli_find_train_same_budget(ctx: dict[str, Any]) -> None:
+    """Item 2: train at the finder's recommended batch inside the finder's budget must fit."""
+    f = Path(ctx["tmp"], "f.json")
+    assert _run_cli(["find", "--memory-budget", "300KiB", "--no-throughput", "-q", "--json", str(f)]) == 0
+    b = _json(f)["recommended_batch_size"]
+    assert _run_cli(["train", "-b", str(b), "--memory-budget", "300KiB", "--steps", "5", "-q"]) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The table
+
+T = "{tmp}"
+SMALL_TUNE = ("-b", "16", "--budget", "steps:2", "--no-noise", "--no-precision-check", "--no-lr-calibration")
+SMALL_SWEEP = ("-b", "16", "--budget", "steps:2", "--no-noise", "--no-extremes")
+BIG_SEED = "1000000000000000000000000000000"
+
+CASES: list[Case] = [
+    # 1. output writes: FIFOs, devices, symlinks and stdout
+    Case("train-json-fifo", "1", ("train", "-w", "{wl}:ok", "--steps", "2", "--eval-every", "1", "-q", "--json",
+                                  T + "/pipe"), rc=(0,), check=_fifo_result),
+    Case("find-json-dev-null", "1", ("find", "-w", "{wl}:ok", "--memory-budget", "2MiB", "--no-throughput", "-q",
+                                     "--json", "/dev/null"), rc=(0,), check=_dev_null_kept),
+    Case("train-json-symlink", "1", ("train", "-w", "{wl}:ok", "--steps", "1", "-q", "--json", T + "/link.json"),
+         rc=(0,), check=_symlink_target),
+    Case("noise-json-stdout", "1", ("noise", "-w", "{wl}:ok", "--steps", "3", "--json", "-"), rc=(0,),
+         check=_stdout_json),
+    Case("report-json-stdout", "1", ("report", "{root}/results.json", "--out", T + "/rep", "--json", "-"), rc=(0,),
+         check=_stdout_json),
+    # 2. the finder's budget is the one training holds
+    Case("find-then-train-same-budget", "2", api=cli_find_train_same_budget),
+    # 3. stale results after the model changes
+    Case("tune-model-changed", "3", api=api_tune_stale_after_model_change),
+    # 4. errors in the user's model, loss, metric or data: one line naming the part, exit 2
+    Case("train-labels-out-of-range", "4", ("train", "-w", "{wl}:labels_out_of_range", "--steps", "2", "-q"),
+         err=r"loss|target|label"),
+    Case("train-shape-mismatch", "4", ("train", "-w", "{wl}:shape_mismatch", "--steps", "2", "-q"),
+         err=r"model|forward"),
+    Case("train-forward-raises-midway", "4", ("train", "-w", "{wl}:forward_raises_midway", "--steps", "6", "-q"),
+         err=r"forward broke"),
+    Case("train-all-frozen", "4", ("train", "-w", "{wl}:frozen", "--steps", "2", "-q"),
+         err=r"(?i)param|requires_grad|frozen|train"),
+    Case("train-not-an-optimizer", "4", ("train", "-w", "{wl}:not_an_optimizer", "--steps", "2", "-q"),
+         err=r"optimizer"),
+    Case("train-len-too-large", "4", ("train", "-w", "{wl}:len_too_large", "--epochs", "1", "-q"),
+         err=r"(?i)data|len|index"),
+    Case("train-metric-raises", "4", ("train", "-w", "{wl}:metric_raises", "--steps", "2", "-q"), err=r"metric"),
+    Case("train-metric-string", "4", ("train", "-w", "{wl}:metric_string", "--steps", "2", "-q"), err=r"metric"),
+    Case("find-forward-raises", "4", ("find", "-w", "{wl}:forward_always_raises", "--memory-budget", "2MiB", "-q"),
+         err=r"forward broke"),
+    Case("noise-shape-mismatch", "4", ("noise", "-w", "{wl}:shape_mismatch", "--steps", "2", "-q"),
+         err=r"model|forward"),
+    Case("api-train-shape-mismatch", "4", api=api_train_forward_error_is_workload_error),
+    Case("api-noise-labels-out-of-range", "4", api=api_noise_labels_out_of_range),
+    Case("sweep-trial-error-recorded", "4,15", ("sweep", "-w", "{wl}:forward_always_raises", *SMALL_SWEEP, "--out",
+                                               T + "/s", "-q"), rc=(1, 2), err=r"fail",
+         check=_sweep_failed_recorded),
+    # 5. no validation data
+    Case("tune-without-val-data", "5", ("tune", "-w", "{wl}:no_val", *SMALL_TUNE, "--no-find", "--out", T + "/t",
+                                        "-q"), rc=(0,), check=_recommendation_on_train_loss),
+    # 6. failed trials can be retried
+    Case("sweep-rerun-names-retry-failed", "6", api=api_sweep_rerun_names_retry_failed),
+    Case("tune-accepts-retry-failed", "6", ("tune", "-w", "{wl}:ok", *SMALL_TUNE, "--no-find", "--retry-failed",
+                                            "--out", T + "/t", "-q"), rc=(0,)),
+    # 7. bad output paths, refused before any work, the same way in every command
+    Case("train-json-under-file", "7", ("train", "-w", "{wl}:marker", "--json", "{root}/afile/sub/r.json"),
+         err=r"afile.* is a file", check=_no_work),
+    Case("find-json-under-file", "7", ("find", "-w", "{wl}:marker", "--json", "{root}/afile/r.json"),
+         err=r"is a file", check=_no_work),
+    Case("noise-out-under-file", "7", ("noise", "-w", "{wl}:marker", "--out", "{root}/afile/o"),
+         err=r"is a file", check=_no_work),
+    Case("sweep-json-under-file", "7", ("sweep", "-w", "{wl}:marker", *SMALL_SWEEP, "--json",
+                                        "{root}/afile/r.json"), err=r"is a file", check=_no_work),
+    Case("tune-out-is-file", "7", ("tune", "-w", "{wl}:marker", *SMALL_TUNE, "--out", "{root}/afile"),
+         err=r"is a file", check=_no_work),
+    Case("report-json-under-file", "7", ("report", "{root}/results.json", "--out", T + "/rep", "--json",
+                                         "{root}/afile/r.json"), err=r"is a file", check=_nothing_written("rep")),
+    Case("train-json-long-component", "7", ("train", "-w", "{wl}:marker", "--json", T + "/{long}/r.json"),
+         err=r"255", check=_no_work),
+    Case("find-out-long-component", "7", ("find", "-w", "{wl}:marker", "--out", T + "/{long}"), err=r"255",
+         check=_no_work),
+    Case("sweep-store-under-file", "7", ("sweep", "-w", "{wl}:marker", *SMALL_SWEEP, "--store",
+                                         "sqlite:///{root}/afile/x.db"), err=r"is a file", check=_no_work),
+    Case("noise-json-unwritable-dir", "7", ("noise", "-w", "{wl}:marker", "--json", "{unwritable}/r.json"),
+         err=r"cannot write", check=_no_work),
+    Case("train-json-is-directory", "7", ("train", "-w", "{wl}:marker", "--json", T), err=r"is a directory",
+         check=_no_work),
+    # 8. Ctrl-C keeps what it promises
+    Case("train-ctrl-c-interrupted", "8", api=proc_train_ctrl_c),
+    Case("noise-ctrl-c-keeps-steps", "8", api=proc_noise_ctrl_c),
+    # 9. exits that bypass the guard
+    Case("train-factory-exit-0", "9", ("train", "-w", "{wl}:exit0", "--steps", "1", "-q"),
+         err=r"the workload .*called sys\.exit\(0\)"),
+    Case("find-factory-exit-3", "9", ("find", "-w", "{wl}:exit3", "-q"), err=r"called sys\.exit\(3\)"),
+    Case("tune-factory-exit-3", "9", ("tune", "-w", "{wl}:exit3", *SMALL_TUNE, "--out", T + "/t", "-q"),
+         err=r"called sys\.exit\(3\)"),
+    Case("train-exit-at-import", "9", api=proc_exit_at_import),
+    Case("train-keyboard-interrupt-at-import", "9", api=proc_keyboard_interrupt_at_import),
+    # 10. corrupted and read-only stores
+    Case("report-random-bytes-db", "10", ("report", "{root}/random.db", "--out", T + "/rep", "-q"),
+         err=r"not a (valid )?SQLite database"),
+    Case("report-corrupt-db", "10", ("report", "{root}/corrupt.db", "--out", T + "/rep", "-q"),
+         err=r"not a valid SQLite database"),
+    Case("sweep-random-bytes-store", "10", ("sweep", "-w", "{wl}:ok", *SMALL_SWEEP, "--store",
+                                            "sqlite:///{root}/random.db", "-q"), err=r"not a valid SQLite database"),
+    Case("tune-corrupt-store", "10", ("tune", "-w", "{wl}:ok", *SMALL_TUNE, "--no-find", "--store",
+                                      "sqlite:///{root}/corrupt.db", "--out", T + "/t", "-q"),
+         err=r"not a valid SQLite database"),
+    Case("sweep-read-only-store", "10", ("sweep", "-w", "{wl}:ok", *SMALL_SWEEP, "--store",
+                                         "sqlite:///file:{good}?mode=ro&uri=true", "-q"), err=r"read-only"),
+    # 11. base batch size 1
+    Case("tune-base-batch-1", "11", ("tune", "-w", "{wl}:base_batch_1", "-b", "16", "--budget", "steps:2",
+                                     "--noise-steps", "3", "--no-precision-check", "--no-lr-calibration",
+                                     "--no-find", "--out", T + "/t", "-q"), rc=(0, 2),
+         check=_names_no_noise_if_refused),
+    # 12. memory budgets that are not sizes
+    Case("find-budget-1e400", "12", ("find", "--memory-budget", "1e400", "-q"), err=r"--memory-budget"),
+    Case("train-budget-nan", "12", ("train", "--memory-budget", "nan", "--steps", "1", "-q"), err=r"--memory-budget"),
+    Case("tune-budget-inf", "12", ("tune", "--memory-budget", "inf", "--out", T + "/t", "-q"),
+         err=r"--memory-budget"),
+    Case("find-budget-negative", "12", ("find", "--memory-budget", "-1", "-q"), err=r"--memory-budget"),
+    Case("train-budget-1e400", "12", ("train", "--memory-budget", "1e400", "--steps", "1", "-q"),
+         err=r"--memory-budget"),
+    Case("api-find-nan-budget", "12", api=api_find_nan_budget),
+    Case("api-find-inf-budget", "12", api=api_find_inf_budget),
+    Case("api-train-1e400-budget", "12", api=api_train_overflow_budget),
+    # 13. an impossible batch
+    Case("train-batch-1e12", "13", ("train", "-b", "1000000000000", "--no-drop-last", "--steps", "1", "-q",
+                                    "--json", T + "/r.json"), rc=(0, 2), err=r"larger",
+         check=_batch_within_data),
+    Case("api-train-batch-1e12", "13", api=api_train_impossible_batch),
+    # 14. the finder restores gradients
+    Case("api-find-restores-grads", "14", api=api_find_restores_grads),
+    # 15. a sweep whose every trial failed: see sweep-trial-error-recorded above
+    # 16. tune --no-find with a memory budget says what happens to it
+    Case("tune-no-find-memory-budget", "16", ("tune", "-w", "{wl}:ok", *SMALL_TUNE, "--no-find", "--memory-budget",
+                                              "1MiB", "--out", T + "/t", "-q"), rc=(0, 2), err=r"--memory-budget"),
+    # 17. one seed check everywhere
+    Case("train-seed-huge", "17", ("train", "--seed", BIG_SEED, "--steps", "1", "-q"), err=r"--seed"),
+    Case("find-seed-huge", "17", ("find", "--seed", BIG_SEED, "-q"), err=r"--seed"),
+    Case("noise-seed-huge", "17", ("noise", "--seed", BIG_SEED, "-q"), err=r"--seed"),
+    Case("sweep-seed-huge", "17", ("sweep", "--seed", BIG_SEED, "-q"), err=r"--seed"),
+    Case("tune-seed-huge", "17", ("tune", "--seed", BIG_SEED, "-q"), err=r"--seed"),
+    Case("train-seed-negative", "17", ("train", "--seed", "-1", "--steps", "1", "-q"), err=r"--seed"),
+    Case("api-train-seed-negative", "17", api=api_train_seed_negative),
+    Case("api-find-seed-huge", "17", api=api_find_seed_huge),
+    Case("api-sweep-seed-negative", "17", api=api_sweep_seed_negative),
+    # 18. --lr-search bounded
+    Case("sweep-lr-search-3000", "18", ("sweep", "--lr-search", "3000", "-q"), err=r"--lr-search"),
+    Case("tune-lr-search-3000", "18", ("tune", "--lr-search", "3000", "--out", T + "/t", "-q"), err=r"--lr-search"),
+    Case("api-sweep-lr-search-3000", "18", api=api_sweep_lr_search_huge),
+    # 19. report on a hand-edited results.json
+    Case("report-trial-missing-keys", "19", ("report", "{edited_missing}", "--out", T + "/rep", "-q"),
+         err=r"(?i)trial"),
+    Case("report-trial-not-a-dict", "19", ("report", "{edited_string}", "--out", T + "/rep", "-q"),
+         err=r"(?i)trial"),
+    Case("report-trial-bad-types", "19", ("report", "{edited_types}", "--out", T + "/rep", "-q"),
+         err=r"(?i)trial|batch_size"),
+    # 20. the Python API
+    Case("api-train-grad-clip-string", "20", api=api_train_grad_clip_string),
+    Case("api-scale-lr-one-beta", "20", api=api_scale_lr_one_beta),
+    Case("api-scale-lr-negative-eps", "20", api=api_scale_lr_negative_eps),
+    Case("api-scale-lr-beta-ge-1", "20", api=api_scale_lr_beta_ge_1),
+    Case("api-load-workload-int", "20", api=api_load_workload_int),
+    Case("api-mysql-store", "20", api=api_mysql_store),
+    # 12.6 / 10.6: the CLI as users expect
+    Case("script-imports-sibling-module", "12.6", api=proc_script_imports_sibling),
+    Case("find-bogus-flag-subcommand-help", "12.6", ("find", "--bogus"), err=r"see 'batchfit find --help'"),
+    Case("report-table-not-cut-off-terminal", "12.6", ("report", "{root}/results.json", "--out", T + "/rep"),
+         rc=(0,), check=_table_not_cut),
+    Case("train-warning-names-flag", "10.6", ("train", "-b", "1000000000000", "--no-drop-last", "--steps", "1",
+                                              "-q"), rc=(0, 2), err=r"--batch-size", no_err=r"\bbatch_size\b"),
+]
+
+
+def _edited_results(root: Path) -> dict[str, Path]:
+    base = _json(root / "results.json")
+    out = {}
+    for name, mutate in (
+        ("edited_missing", lambda t: [{k: v for k, v in t[0].items() if k not in ("batch_size", "status")}] + t[1:]),
+        ("edited_string", lambda t: ["not a trial", *t[1:]]),
+        ("edited_types", lambda t: [{**t[0], "batch_size": "sixteen", "history": 5}, *t[1:]]),
+    ):
+        data = dict(base, trials=mutate(list(base["trials"])))
+        path = root / f"{name}.json"
+        path.write_text(json.dumps(data))
+        out[name] = path
+    return out
+
+
+def _unwritable(root: Path) -> str:
+    if os.geteuid() == 0:
+        return "/sys/batchfit-hostile"  # root may write anywhere but sysfs
+    d = root / "locked"
+    d.mkdir(exist_ok=True)
+    d.chmod(0o555)
+    return str(d / "sub")
+
+
+def test_issue_13_items_are_all_covered() -> None:
+    covered = {i for c in CASES for i in c.item.split(",")}
+    assert {str(i) for i in range(1, 21)} <= covered, sorted(covered)
+    assert len(CASES) >= 60
+    assert {"train", "find", "noise", "sweep", "tune", "report"} <= {c.argv[0] for c in CASES if c.argv}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_hostile(case: Case, files: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ctx: dict[str, Any] = {**files, "tmp": tmp_path, "capsys": capsys, **_edited_results(files["root"]),
+                           "unwritable": _unwritable(files["root"])}
+    os.environ["HOSTILE_MARKER"] = str(tmp_path / "marker")
+    if case.api is not None:
+        case.api(ctx)
+        return
+    if "pipe" in " ".join(case.argv):
+        _setup_fifo(ctx)
+    if "link.json" in " ".join(case.argv):
+        _setup_symlink(ctx)
+    capsys.readouterr()
+    rc = _run_cli(_fmt(case.argv, ctx))
+    out, err = capsys.readouterr()
+    assert rc in case.rc, f"exit {rc}, expected {case.rc}; stderr: {err[-1500:]}"
+    assert "Traceback" not in err and "internal error" not in err, err[-1500:]
+    if rc == 2:
+        assert len(err.strip().splitlines()) == 1, f"not one line: {err!r}"
+    if case.err is not None:
+        assert re.search(case.err, err), f"stderr does not match {case.err!r}: {err[-1500:]}"
+    if case.no_err is not None:
+        assert not re.search(case.no_err, err), f"stderr matches {case.no_err!r}: {err[-1500:]}"
+    if case.check is not None:
+        case.check(ctx, out, err)
+
+
+def test_corrupt_fixture_is_really_corrupt(files: dict[str, Any]) -> None:
+    """The corrupted store must fail in SQLite itself, so the report cases test the mapping, not the fixture."""
+    con = sqlite3.connect(files["root"] / "corrupt.db")
+    with pytest.raises(sqlite3.DatabaseError):
+        con.execute("SELECT * FROM studies").fetchall()
+    con.close()
