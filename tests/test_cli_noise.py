@@ -75,7 +75,7 @@ BAD = [
     (["noise", "--rel-ci", "1.5"], "not a fraction below 1"),
     (["noise", "--steps", "0"], "not positive"),
     (["noise", "--train-steps", "-1"], "negative"),
-    (["noise", "--lr", "0.1"], "give train_steps > 0"),
+    (["noise", "--lr", "0.1"], "give --train-steps > 0"),  # the CLI names its flags
     (["noise", "--workload", "demo:nope"], "unknown demo"),
     (["noise", "--precision", "fp16"], "fp16 training needs CUDA"),
     (["noise", "--device", "tpu"], "is not understood"),
@@ -99,3 +99,31 @@ def test_json_path_is_a_directory(tmp_path, capsys) -> None:
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert "is a directory" in err and len(err.splitlines()) == 1
+
+
+def test_interrupted_noise_keeps_every_measured_step_and_says_interrupted(tmp_path, monkeypatch) -> None:
+    """Issue 13.8: 306 steps done must mean 306 in the file (it was written at most every 2 s: 82 of 306), with
+    status "interrupted", not "running"."""
+    import os
+    import signal
+    import time
+
+    from batchfit import noise
+
+    real_measure = noise._measure
+    calls = []
+
+    def measure_then_ctrl_c(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == 8:  # a real Ctrl-C during the 8th step: 7 steps were measured
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises KeyboardInterrupt before this ends
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(noise, "_measure", measure_then_ctrl_c)
+    out = tmp_path / "noise.json"
+    rc = main(["noise", "-b", "32", "--steps", "50", "--rel-ci", "0.001", "--json", str(out), "-q"])
+    assert rc == 130
+    d = json.loads(out.read_text())
+    assert d["status"] == "interrupted"
+    assert d["steps"] == 7 and [h["step"] for h in d["history"]] == list(range(1, 8))

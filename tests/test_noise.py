@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import warnings
 
@@ -15,6 +17,7 @@ from batchfit.engine import train
 from batchfit.errors import ConfigError, NoisyEstimateWarning
 from batchfit.noise import (
     NoiseCallback,
+    NoiseResult,
     _decode,
     _make_meter,
     _step_norms,
@@ -296,3 +299,71 @@ def test_probe_on_cuda(precision: str) -> None:
     r = noise_scale(_workload("logistic", torch.float32), batch_size=128, micro_batch_size=16, steps=1500,
                     rel_ci=0.05, device="cuda", precision=precision)
     assert r.converged and r.b_simple == pytest.approx(trace / g2, rel=0.10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The probe runs the training step's forward/backward (the workload contract) and reports one way
+
+
+class _DictData(torch.utils.data.Dataset):
+    """The linear fixture's samples as dict items ``{"features", "labels"}`` (collated into dict batches)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"features": self.x[i], "labels": self.y[i]}
+
+
+class _KeywordLinear(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *, features: torch.Tensor) -> torch.Tensor:
+        return self.inner(features)
+
+
+def test_probe_honours_the_workload_contract_dict_batches_and_keyword_forward() -> None:
+    """The same data as (input, target) pairs and as dict batches with a keyword forward: the probe goes through
+    the step's run_batch, so both give the same estimate, bit for bit."""
+    pairs = _workload("linear")
+    x, y = pairs.train_data.tensors
+    as_dicts = dataclasses.replace(pairs, train_data=_DictData(x, y), forward=("features",),
+                                   model_fn=lambda: _KeywordLinear(pairs.model_fn()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoisyEstimateWarning)
+        a = noise_scale(pairs, batch_size=32, micro_batch_size=8, steps=6, min_steps=6)
+        b = noise_scale(as_dicts, batch_size=32, micro_batch_size=8, steps=6, min_steps=6)
+    assert a.steps == b.steps == 6
+    assert (a.grad_norm_sq, a.trace_cov) == pytest.approx((b.grad_norm_sq, b.trace_cov), rel=1e-12)
+
+
+def test_result_round_trips_and_progress_events(tiny_workload: Workload) -> None:
+    events: list = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoisyEstimateWarning)
+        r = noise_scale(tiny_workload, batch_size=16, micro_batch_size=4, steps=5, min_steps=5,
+                        progress=events.append)
+    d = json.loads(json.dumps(r.to_dict()))
+    again = NoiseResult.from_dict(d)
+    assert again.to_dict() == d and again.b_simple == r.b_simple and again.b_simple_ci == r.b_simple_ci
+    with_status = NoiseResult.from_dict({**d, "status": "ok"})
+    assert with_status.extras == {"status": "ok"} and with_status.to_dict()["status"] == "ok"
+    unbounded = NoiseResult.from_dict({**d, "b_simple": None, "b_simple_ci": [None, None]})  # JSON of inf
+    assert unbounded.b_simple == math.inf and unbounded.b_simple_ci == (-math.inf, math.inf)
+    assert {e.stage for e in events} == {"noise"}
+    assert [e.kind for e in events] == ["start"] + ["update"] * 5 + ["end"]
+    updates = [e for e in events if e.kind == "update"]
+    assert [e.completed for e in updates] == [1, 2, 3, 4, 5] and all(e.total == 5 for e in updates)
+    assert updates[-1].data["b_simple"] == pytest.approx(r.history[-1]["b_simple"])
+    assert events[-1].message == r.reading()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 10**30, 1.5])
+def test_one_seed_check(tiny_workload: Workload, seed: object) -> None:
+    with pytest.raises(ConfigError, match="seed must be an integer in"):
+        noise_scale(tiny_workload, batch_size=16, steps=2, seed=seed)  # type: ignore[arg-type]

@@ -27,30 +27,23 @@ Two modes:
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from batchfit import distributed
-from batchfit.engine import (
-    Batcher,
-    autocast,
-    build_model,
-    check_positive_int,
-    check_precision,
-    compute_loss,
-    resolve_device,
-    seed_everything,
-    to_device,
-)
-from batchfit.errors import ConfigError, NoisyEstimateWarning, WorkloadError
+from batchfit import checks, data, distributed
+from batchfit.engine import resolve_device, seed_everything
+from batchfit.errors import ConfigError, DataError, NoisyEstimateWarning, WorkloadError
+from batchfit.progress import ProgressFn, emit
+from batchfit.step import TrainStep, build_model, check_precision, fetching
 from batchfit.workload import Workload, load_workload
 
 __all__ = [
@@ -395,7 +388,7 @@ class NoiseCallback:
     def __init__(self, beta: float = 0.95, flush_every: int = 64, method: str = "auto") -> None:
         if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
             raise ConfigError(f"the noise EMA beta must be in [0, 1), got {beta!r}")
-        check_positive_int("flush_every", flush_every)
+        checks.positive_int("flush_every", flush_every)
         if method not in METHODS:
             raise ConfigError(f"unknown noise measurement method {method!r}; choose one of: {', '.join(METHODS)}")
         self.beta = float(beta)
@@ -534,13 +527,32 @@ class NoiseResult:
     precision: str = "fp32"
     seed: int = 0
     seconds: float = 0.0
+    extras: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.update(d.pop("extras"))
         d["b_simple_ci"] = list(self.b_simple_ci)
         d["mode"] = "probe"
         d["reading"] = self.reading()
         return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NoiseResult:
+        """The inverse of :meth:`to_dict` (``mode`` and ``reading`` are derived; other unknown keys such as
+        ``status`` or ``warning`` go to ``extras``). Written JSON has no infinities (they become ``null``): a null
+        ``b_simple`` or upper bound reads back as ``inf``, a null lower bound as ``-inf``."""
+        names = {f.name for f in fields(cls)} - {"extras"}
+        known = {k: copy.deepcopy(v) for k, v in data.items() if k in names}
+        extras = {k: copy.deepcopy(v) for k, v in data.items() if k not in names | {"mode", "reading"}}
+        b = known.get("b_simple")
+        known["b_simple"] = math.inf if b is None else float(b)
+        low, high = known.get("b_simple_ci") or (None, None)
+        known["b_simple_ci"] = (-math.inf if low is None else float(low), math.inf if high is None else float(high))
+        for key in ("grad_norm_sq", "trace_cov"):
+            if known.get(key) is None:
+                known[key] = math.nan
+        return cls(**known, extras=extras)
 
     def reading(self) -> str:
         """One line: the number and what it says about the batch size."""
@@ -620,6 +632,163 @@ def _trained_model(workload: Workload, *, train_steps: int, batch_size: int, mic
     return grabbed["model"]
 
 
+@dataclass(frozen=True)
+class _ProbePlan:
+    """The validated inputs of one probe."""
+
+    batch_size: int  # the global batch B
+    micro_batch_size: int
+    local_batch: int  # this rank's share of B
+    world: int
+    steps: int
+    min_steps: int
+    rel_ci: float
+    train_steps: int
+    lr: float | None
+    device: torch.device
+    precision: str
+    seed: int
+    method: str
+
+
+def _probe_plan(workload: Workload, *, batch_size: Any, micro_batch_size: Any, steps: Any, min_steps: Any,
+                device: Any, precision: str, seed: Any, rel_ci: Any, train_steps: Any, lr: Any,
+                method: str) -> _ProbePlan:
+    dev = resolve_device(device)
+    check_precision(precision, dev)
+    batch_size = checks.positive_int("batch_size", workload.base_batch_size if batch_size is None else batch_size)
+    # torchrun: each rank takes its contiguous shard of every batch; its local gradients, before they are summed
+    # over ranks, are the small batches (together with any micro-batch split inside a rank)
+    world = distributed.world_size() if distributed.is_initialized() else 1
+    if world > 1 and batch_size % world:
+        raise ConfigError(f"batch_size {batch_size} does not divide over {world} processes; use a multiple of "
+                          f"{world}")
+    local_batch = batch_size // world
+    if micro_batch_size is None:
+        micro_batch_size = local_batch if world > 1 else default_micro_batch_size(batch_size, parts=4)
+    checks.positive_int("micro_batch_size", micro_batch_size)
+    if world > 1 and micro_batch_size > local_batch:
+        raise ConfigError(
+            f"micro_batch_size {micro_batch_size} is larger than each process's share of the batch ({local_batch}); "
+            f"give a micro_batch_size <= {local_batch}"
+        )
+    if world == 1 and micro_batch_size >= batch_size:
+        raise ConfigError(
+            f"the noise scale needs >= 2 micro-batches per batch, but micro-batch {micro_batch_size} >= batch "
+            f"{batch_size}; give a micro_batch_size <= {max(1, batch_size // 2)}"
+        )
+    n = workload.num_train
+    if batch_size > n:
+        raise ConfigError(
+            f"batch size {batch_size} is larger than the training set ({n} samples); use a batch_size <= {n}"
+        )
+    checks.positive_int("steps", steps)
+    checks.positive_int("min_steps", min_steps)
+    checks.non_negative_int("train_steps", train_steps)
+    rel_ci = checks.fraction("rel_ci", rel_ci)
+    checks.one_of("noise measurement method", method, METHODS)
+    if lr is not None and not train_steps:
+        raise ConfigError("lr only sets the training steps before the probe; give train_steps > 0 as well")
+    lr = checks.positive_number("lr", lr, allow_none=True)
+    return _ProbePlan(batch_size, micro_batch_size, local_batch, world, steps, min(min_steps, steps), rel_ci,
+                      train_steps, lr, dev, precision, checks.seed(seed), method)
+
+
+class _FixedLossScale:
+    """fp16 without optimizer steps: the loss times a fixed scale (halved after an overflow), read back exactly."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.value
+
+
+class _Estimates:
+    """Per-step |G|² and tr(Σ) estimates; B_simple is the ratio of their means, with a bootstrap interval over steps.
+
+    Stopping: a cheap delta-method check first, then the bootstrap, at most once per 5 % more steps (so a long
+    probe stays linear in its length)."""
+
+    def __init__(self, plan: _ProbePlan) -> None:
+        self.plan = plan
+        self.g2s: list[float] = []
+        self.trs: list[float] = []
+        self.history: list[dict[str, Any]] = []
+        self.rng = np.random.default_rng(plan.seed)
+        self.ci: tuple[float, float] | None = None
+        self.done = False
+        self._sum_g2 = self._sum_tr = 0.0
+        self._next_bootstrap = 0
+
+    def add(self, step: int, g2: float, tr: float) -> dict[str, Any]:
+        """Add one step's estimates; return its report ``{step, b_simple, b_simple_ci, grad_norm_sq, trace_cov}``."""
+        self.g2s.append(g2)
+        self.trs.append(tr)
+        self._sum_g2, self._sum_tr = self._sum_g2 + g2, self._sum_tr + tr
+        mg, mt = self._sum_g2 / len(self.g2s), self._sum_tr / len(self.g2s)
+        b_now = _ratio(mt, mg)
+        self.history.append({"step": step, "b_simple": b_now})
+        if len(self.g2s) >= max(2, self.plan.min_steps, self._next_bootstrap) and b_now is not None:
+            g2_arr, tr_arr = np.asarray(self.g2s), np.asarray(self.trs)
+            if _delta_ci_ok(g2_arr, tr_arr, self.plan.rel_ci):
+                self.ci = _bootstrap_ci(g2_arr, tr_arr, self.rng)
+                self.done = _within(b_now, self.ci, self.plan.rel_ci)
+                self._next_bootstrap = math.ceil(len(self.g2s) * 1.05)
+        return {"step": step, "b_simple": b_now, "b_simple_ci": self.ci, "grad_norm_sq": mg, "trace_cov": mt}
+
+    def final(self) -> tuple[float, tuple[float, float], float, float, bool]:
+        """``(B_simple, interval, mean |G|², mean tr(Σ), converged)``; when it stopped on convergence, the interval
+        that stopped it."""
+        g2_arr, tr_arr = np.asarray(self.g2s), np.asarray(self.trs)
+        mg, mt = float(g2_arr.mean()), float(tr_arr.mean())
+        b_simple = mt / mg if mg > 0 else math.inf
+        ci = self.ci
+        if not (self.done and ci is not None):
+            ci = _bootstrap_ci(g2_arr, tr_arr, self.rng) if len(self.g2s) >= 2 else (-math.inf, math.inf)
+        return b_simple, ci, mg, mt, _within(b_simple, ci, self.plan.rel_ci)
+
+
+def _probe_batches(workload: Workload, plan: _ProbePlan) -> Iterator[tuple[Any, int]]:
+    """Batches of B distinct samples, consecutive slices of one seeded permutation per pass over the data (this
+    rank's shard under torchrun), for as many passes as the probe needs."""
+    source = data.train_source(workload)
+    gen = torch.Generator().manual_seed(plan.seed)
+    rank = distributed.rank() if plan.world > 1 else 0
+    while True:
+        empty = True
+        batches = source.epoch(plan.batch_size, generator=gen, drop_last=True, rank=rank, world_size=plan.world)
+        for item in fetching(batches, "train_data"):
+            empty = False
+            yield item
+        if empty:
+            raise DataError(f"train_data yielded no batch of {plan.batch_size}; check its length against the "
+                            "samples it yields")
+
+
+def _measure(step: TrainStep, meter: Any, batch: Any, count: int, plan: _ProbePlan,
+             scale: float) -> tuple[float, float, int]:
+    """One probe step through the training step's forward/backward (the meter hooked into its micro-batches);
+    returns ``(small, big, k)`` with the loss scale taken out. No optimizer step: the parameters stay put."""
+    for p in meter.params:
+        p.grad = None
+    step.forward_backward(batch, count)
+    norms, micro = meter.take()
+    grads = _gradients(meter.params)
+    if plan.world > 1:  # the batch gradient is the sum of the ranks' shares
+        distributed.all_sum_tensors(grads)
+    measured = _step_norms(norms, micro, grads, k=len(micro) * plan.world, batch_size=plan.batch_size)
+    if measured is None:
+        raise WorkloadError("the loss does not depend on any trainable parameter; there is no gradient")
+    small, big, k, _ = _decode([measured], scaled=False)[0]
+    if plan.world > 1:  # each rank measured only its own micro-batches ...
+        small = distributed.all_sum(small)[0]
+        # ... and the step weights each micro-batch loss by its share x world (DDP's averaging convention), so
+        # every norm carries a factor world: take it out of both
+        small, big = small / plan.world**2, big / plan.world**2
+    return small / scale**2, big / scale**2, k  # fp16: both carry the fixed loss scale
+
+
 def noise_scale(
     workload: Workload | str,
     *,
@@ -635,8 +804,13 @@ def noise_scale(
     lr: float | None = None,
     callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
     method: str = "auto",
+    progress: ProgressFn | None = None,
 ) -> NoiseResult:
     """Probe B_simple at fixed parameters: sample batches, split each into micro-batches, estimate.
+
+    Each probe step is the forward/backward of the training step (:class:`batchfit.step.TrainStep`: the workload's
+    forward, targets and loss, micro-batch losses weighted by their share of the batch), with the meter in its
+    per-micro-batch hook; no optimizer step is taken.
 
     Args:
         batch_size: the big batch B (default: the workload's ``base_batch_size``; at least 2).
@@ -644,11 +818,14 @@ def noise_scale(
         steps: the most batches to sample; it stops earlier once the 95 % interval is within ±``rel_ci``
             (after ``min_steps``), otherwise warns with :class:`NoisyEstimateWarning`.
         train_steps: train this many optimizer steps first (``engine.train`` at ``batch_size`` and ``lr`` or the
-            scaled base LR) and probe the trained parameters; 0 probes the seeded initialisation.
+            scaled base LR, with the workload's clipping and schedule) and probe the trained parameters; 0 probes
+            the seeded initialisation.
         lr: the learning rate of those training steps (only with ``train_steps``).
         callbacks: called after every step with ``{step, b_simple, b_simple_ci, grad_norm_sq, trace_cov}``
             (``b_simple_ci`` is None until an interval is computed).
         method: how micro-batch gradient norms are taken (see :class:`NoiseCallback`); the result is the same.
+        progress: receives :class:`batchfit.progress.ProgressEvent` s of stage ``noise``: ``start``, an ``update``
+            per step (``completed`` = steps done, ``data`` = the callbacks' dict), ``end`` with the reading.
 
     >>> r = noise_scale("demo:digits-mlp", batch_size=64, steps=20)  # doctest: +SKIP
     >>> r.b_simple > 0  # doctest: +SKIP
@@ -656,151 +833,64 @@ def noise_scale(
     """
     t_start = time.perf_counter()
     workload = load_workload(workload)
-    dev = resolve_device(device)
-    check_precision(precision, dev)
-    batch_size = check_positive_int("batch size", workload.base_batch_size if batch_size is None else batch_size)
-    # torchrun: each rank takes its contiguous shard of every batch; its local gradients, before they are summed
-    # over ranks, are the small batches (together with any micro-batch split inside a rank)
-    world = distributed.world_size() if distributed.is_initialized() else 1
-    if world > 1 and batch_size % world:
-        raise ConfigError(f"batch size {batch_size} does not divide over {world} processes; use a multiple of {world}")
-    local_batch = batch_size // world
-    if micro_batch_size is None:
-        micro_batch_size = local_batch if world > 1 else default_micro_batch_size(batch_size, parts=4)
-    check_positive_int("micro-batch size", micro_batch_size)
-    if world > 1 and micro_batch_size > local_batch:
-        raise ConfigError(
-            f"micro-batch {micro_batch_size} is larger than each process's share of the batch ({local_batch}); "
-            f"give a micro-batch size <= {local_batch}"
-        )
-    if world == 1 and micro_batch_size >= batch_size:
-        raise ConfigError(
-            f"the noise scale needs >= 2 micro-batches per batch, but micro-batch {micro_batch_size} >= batch "
-            f"{batch_size}; give a micro-batch size <= {max(1, batch_size // 2)}"
-        )
-    n = workload.num_train
-    if batch_size > n:
-        raise ConfigError(
-            f"batch size {batch_size} is larger than the training set ({n} samples); use a batch size <= {n}"
-        )
-    check_positive_int("steps", steps)
-    check_positive_int("min_steps", min_steps)
-    if isinstance(train_steps, bool) or not isinstance(train_steps, int) or train_steps < 0:
-        raise ConfigError(f"train_steps must be an integer >= 0, got {train_steps!r}")
-    if not (isinstance(rel_ci, (int, float)) and 0.0 < rel_ci < 1.0):
-        raise ConfigError(f"rel_ci must be a fraction in (0, 1) such as 0.1 (±10 %), got {rel_ci!r}")
-    if method not in METHODS:
-        raise ConfigError(f"unknown noise measurement method {method!r}; choose one of: {', '.join(METHODS)}")
-    if lr is not None and not train_steps:
-        raise ConfigError("lr only sets the training steps before the probe; give train_steps > 0 as well")
-    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"learning rate must be a positive number, got {lr!r}")
-    min_steps = min(min_steps, steps)
-
-    if train_steps:
-        model = _trained_model(workload, train_steps=train_steps, batch_size=batch_size,
-                               micro_batch_size=micro_batch_size, lr=lr, device=dev, precision=precision, seed=seed)
+    plan = _probe_plan(workload, batch_size=batch_size, micro_batch_size=micro_batch_size, steps=steps,
+                       min_steps=min_steps, device=device, precision=precision, seed=seed, rel_ci=rel_ci,
+                       train_steps=train_steps, lr=lr, method=method)
+    emit(progress, "noise", "start", f"B_simple at batch {plan.batch_size}", completed=0, total=plan.steps)
+    if plan.train_steps:
+        model = _trained_model(workload, train_steps=plan.train_steps, batch_size=plan.batch_size,
+                               micro_batch_size=plan.micro_batch_size, lr=plan.lr, device=plan.device,
+                               precision=plan.precision, seed=plan.seed)
     else:
-        seed_everything(seed)
+        seed_everything(plan.seed)
         model = build_model(workload)
-    model.to(dev).train()  # train mode: the gradient training would see (dropout on, batch-norm batch statistics)
-
-    meter = _make_meter(method, model, world)
-    batcher = Batcher(workload.train_data, workload.collate_fn)
-    gen = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    scale = _FP16_INIT_SCALE if precision == "fp16" else 1.0
-    g2s: list[float] = []
-    trs: list[float] = []
-    history: list[dict[str, Any]] = []
-    skipped = 0
-    ci: tuple[float, float] | None = None
-    done = False
-    sum_g2 = sum_tr = 0.0
-    next_bootstrap = 0
-    perm, pos, step = torch.empty(0, dtype=torch.long), n, 0
+    model.to(plan.device).train()  # train mode: the gradient training would see (dropout, batch-norm statistics)
+    meter = _make_meter(plan.method, model, plan.world)
+    scaler = _FixedLossScale(_FP16_INIT_SCALE) if plan.precision == "fp16" else None
+    step = TrainStep(workload, model, None, device=plan.device, precision=plan.precision,
+                     micro_batch_size=plan.micro_batch_size, scaler=scaler, world_size=plan.world,
+                     on_micro=[lambda mb: meter.end_micro(mb.samples, mb.last)])
+    est = _Estimates(plan)
+    skipped = step_no = 0
     try:
-        while step < steps:
-            step += 1
-            # -- one batch of B distinct samples (consecutive slices of a seeded permutation) ---------------------
-            if pos + batch_size > n:
-                perm, pos = torch.randperm(n, generator=gen), 0
-            idx = perm[pos : pos + batch_size]
-            pos += batch_size
-            if world > 1:
-                idx = distributed.shard(idx)
-            for p in meter.params:
-                p.grad = None
-            # -- micro-batches, each loss weighted by its share of the samples (as the engine does) -------------
-            for start in range(0, local_batch, micro_batch_size):
-                micro_idx = idx[start : start + micro_batch_size]
-                batch = to_device(batcher(micro_idx), dev)
-                with autocast(precision, dev):
-                    loss, _, _ = compute_loss(workload, model, batch)
-                (loss * (len(micro_idx) / batch_size * scale)).backward()  # the share of the *global* batch
-                meter.end_micro(len(micro_idx), last=start + micro_batch_size >= local_batch)
-            norms, micro = meter.take()
-            grads = _gradients(meter.params)
-            if world > 1:  # the batch gradient is the sum of the ranks' shares
-                distributed.all_sum_tensors(grads)
-            measured = _step_norms(norms, micro, grads, k=len(micro) * world, batch_size=batch_size)
-            if measured is None:
-                raise WorkloadError("the loss does not depend on any trainable parameter; there is no gradient")
-            small_f, big_f, k, _ = _decode([measured], scaled=False)[0]
-            if world > 1:  # each rank measured only its own micro-batches
-                small_f = distributed.all_sum(small_f)[0]
-            small_f, big_f = small_f / scale**2, big_f / scale**2  # fp16: both carry the fixed loss scale
-            if not (math.isfinite(small_f) and math.isfinite(big_f)):
+        for step_no, (batch, count) in zip(range(1, plan.steps + 1), _probe_batches(workload, plan)):
+            small, big, k = _measure(step, meter, batch, count, plan, scaler.value if scaler else 1.0)
+            del batch
+            if not (math.isfinite(small) and math.isfinite(big)):
                 skipped += 1
-                if precision == "fp16":
-                    scale /= 2  # an fp16 overflow: retry the next batch at half the loss scale
+                if scaler is not None:
+                    scaler.value /= 2  # an fp16 overflow: retry the next batch at half the loss scale
                 continue
-            g2, tr = unbiased_estimates(small_f, big_f, k, batch_size, population=n)
-            g2s.append(g2)
-            trs.append(tr)
-            sum_g2, sum_tr = sum_g2 + g2, sum_tr + tr
-            mg, mt = sum_g2 / len(g2s), sum_tr / len(g2s)
-            b_now = _ratio(mt, mg)
-            history.append({"step": step, "b_simple": b_now})
-            # -- stop once the interval is tight: a cheap delta-method check first, then the bootstrap (at most
-            #    once per 5 % more steps, so a long probe stays linear in its length) -----------------------------
-            if len(g2s) >= max(2, min_steps, next_bootstrap) and b_now is not None:
-                g2_arr, tr_arr = np.asarray(g2s), np.asarray(trs)
-                if _delta_ci_ok(g2_arr, tr_arr, rel_ci):
-                    ci = _bootstrap_ci(g2_arr, tr_arr, rng)
-                    done = _within(b_now, ci, rel_ci)
-                    next_bootstrap = math.ceil(len(g2s) * 1.05)
+            report = est.add(step_no, *unbiased_estimates(small, big, k, plan.batch_size,
+                                                          population=workload.num_train))
             for cb in callbacks:
-                cb({"step": step, "b_simple": b_now, "b_simple_ci": ci, "grad_norm_sq": mg, "trace_cov": mt})
-            if done:
+                cb(report)
+            emit(progress, "noise", "update", completed=step_no, total=plan.steps, **report)
+            if est.done:
                 break
     finally:
         meter.detach()
         for p in meter.params:
             p.grad = None
 
-    if not g2s:
+    if not est.g2s:
         raise WorkloadError(
-            f"every one of the {step} probe steps had a non-finite gradient; check the data and the loss "
-            "(or use --precision fp32)"
+            f"every one of the {step_no} probe steps had a non-finite gradient; check the data and the loss "
+            "(or use precision fp32)"
         )
-    g2_arr, tr_arr = np.asarray(g2s), np.asarray(trs)
-    mg, mt = float(g2_arr.mean()), float(tr_arr.mean())
-    b_simple = mt / mg if mg > 0 else math.inf
-    if not (done and ci is not None):  # when it stopped on convergence, keep the interval that stopped it
-        ci = _bootstrap_ci(g2_arr, tr_arr, rng) if len(g2s) >= 2 else (-math.inf, math.inf)
-    converged = _within(b_simple, ci, rel_ci)
+    b_simple, ci, mg, mt, converged = est.final()
     result = NoiseResult(
         workload=workload.name, b_simple=b_simple, b_simple_ci=ci, grad_norm_sq=mg, trace_cov=mt,
-        batch_size=batch_size, micro_batch_size=micro_batch_size, steps=step, converged=converged, rel_ci=rel_ci,
-        history=history, skipped_steps=skipped, train_steps=train_steps, device=str(dev), precision=precision,
-        seed=seed, seconds=time.perf_counter() - t_start,
+        batch_size=plan.batch_size, micro_batch_size=plan.micro_batch_size, steps=step_no, converged=converged,
+        rel_ci=plan.rel_ci, history=est.history, skipped_steps=skipped, train_steps=plan.train_steps,
+        device=str(plan.device), precision=plan.precision, seed=plan.seed, seconds=time.perf_counter() - t_start,
     )
     if not converged:
         warnings.warn(
             f"B_simple = {_fmt(b_simple)} has a 95% interval of {_fmt(ci[0])}-{_fmt(ci[1])}, wider than "
-            f"±{rel_ci:.0%} after {step} steps; raise --steps or the batch size for a firmer estimate",
+            f"±{plan.rel_ci:.0%} after {step_no} steps; raise steps or the batch size for a firmer estimate",
             NoisyEstimateWarning,
             stacklevel=2,
         )
+    emit(progress, "noise", "end", result.reading(), completed=step_no, total=plan.steps)
     return result

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import time
 import warnings
 from typing import Any
 
@@ -41,19 +40,23 @@ def add_parser(sub: Any) -> None:
 
 
 class _Live:
-    """A progress bar over probe steps; the JSON is rewritten every few seconds while it runs."""
+    """A progress bar over probe steps; the JSON is rewritten after every measured step, so an interrupted probe
+    leaves every step it measured in the file (a write costs far less than a probe step)."""
 
     def __init__(self, args: argparse.Namespace, partial: dict[str, Any]) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.args, self.partial, self.last_write = args, partial, 0.0
+        self.args, self.partial = args, partial
         self.progress = Progress(TextColumn("noise"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                                  console=c.console(args), transient=False, disable=args.quiet)
         self.task = self.progress.add_task("noise", total=args.steps, info="")
         self.progress.start()
 
-    def __call__(self, info: dict[str, Any]) -> None:
+    def __call__(self, event: Any) -> None:
+        if event.kind != "update":
+            return
+        info = event.data
         b, ci = info["b_simple"], info["b_simple_ci"]
         text = "B_simple -" if b is None else f"B_simple {b:.4g}"
         if ci is not None:
@@ -62,10 +65,7 @@ class _Live:
         self.partial["history"].append({"step": info["step"], "b_simple": b})
         self.partial.update(steps=info["step"], b_simple=b, grad_norm_sq=info["grad_norm_sq"],
                             trace_cov=info["trace_cov"])
-        now = time.perf_counter()
-        if now - self.last_write > 2.0:
-            c.emit(self.args, "noise", self.partial)
-            self.last_write = now
+        c.emit(self.args, "noise", self.partial)
 
     def close(self) -> None:
         self.progress.stop()
@@ -85,8 +85,12 @@ def run(args: argparse.Namespace) -> int:
             result = noise_scale(
                 workload, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, steps=args.steps,
                 device=args.device, precision=args.precision, seed=args.seed, rel_ci=args.rel_ci,
-                train_steps=args.train_steps, lr=args.lr, callbacks=[live],
+                train_steps=args.train_steps, lr=args.lr, progress=live,
             )
+    except KeyboardInterrupt:  # every measured step is in the file already; it now says it was interrupted
+        partial["status"] = "interrupted"
+        c.emit(args, "noise", partial)
+        raise
     finally:
         live.close()
     data = result.to_dict()
