@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from batchfit.engine import Batcher, resolve_device, seed_everything, to_device, train
+from batchfit.data import IndexSource, to_device
+from batchfit.engine import resolve_device, seed_everything, train
 from batchfit.workload import load_workload, parse_options
 
 
@@ -26,7 +27,7 @@ def plain_loop(workload, batch_size: int, epochs: int, device: torch.device, see
     model = workload.model_fn().to(device).train()
     opt = workload.optimizer_fn(model.parameters(), workload.base_lr)
     gen = torch.Generator().manual_seed(seed)
-    fetch = Batcher(workload.train_data, workload.collate_fn)
+    fetch = IndexSource(workload.train_data, workload.collate_fn).fetch
     n = len(workload.train_data)
     samples, seconds = 0, 0.0
     for _ in range(epochs):

@@ -40,7 +40,7 @@ def main() -> None:
     records = []
     t0 = time.perf_counter()
     r = find_batch_size(wl, device=args.device, memory_budget=args.memory_budget, throughput=False,
-                        progress=records.append)
+                        progress=lambda event: records.append(event.data) if event.kind == "record" else None)
     total = time.perf_counter() - t0
     rows = [{k: rec.get(k) for k in ("phase", "batch_size", "ok", "seconds", "peak_bytes")} for rec in records]
     for row in rows:

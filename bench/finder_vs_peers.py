@@ -33,9 +33,10 @@ from typing import Any
 
 import torch
 
-from batchfit import memory
-from batchfit.engine import autocast, compute_loss, resolve_device, to_device, train
-from batchfit.finder import STEPS_PER_TRIAL, _Trials, find_batch_size
+from batchfit import data, memory
+from batchfit.engine import resolve_device, train
+from batchfit.finder import STEPS_PER_TRIAL, MemoryTrials, find_batch_size
+from batchfit.step import autocast, run_batch
 from batchfit.workload import Workload, load_workload, parse_options
 
 DEFAULT_OPTIONS = ["size=tiny", "image_size=32", "width=8", "num_classes=10", "num_samples=16384"]
@@ -78,11 +79,11 @@ def run_batchfit(wl: Workload, dev: torch.device, precision: str, budget: int | 
 
 def run_exact(wl: Workload, dev: torch.device, precision: str, limit: int, enforce: int | None) -> dict[str, Any]:
     """Plain doubling from 2, then bisection to the exact largest size (same trial as batchfit's)."""
-    trials = _Trials(wl, dev, precision, 0, limit, enforce)
+    trials = MemoryTrials(wl, dev, precision, 0, limit, enforce)
     sizes: list[tuple[int, bool]] = []
 
     def ok(b: int) -> bool:
-        res = trials.memory_trial(b, "exact")["ok"]
+        res = trials.run(b, "exact")["ok"]
         sizes.append((b, res))
         return res
 
@@ -101,15 +102,17 @@ def run_exact(wl: Workload, dev: torch.device, precision: str, limit: int, enfor
             lo = mid
         else:
             hi = mid
-    return {"found": lo, "trials": len(sizes), "sizes": sizes, "seconds": time.perf_counter() - t0}
+    seconds = time.perf_counter() - t0
+    trials.close()
+    return {"found": lo, "trials": len(sizes), "sizes": sizes, "seconds": seconds}
 
 
 def _steps(wl: Workload, model: torch.nn.Module, opt: torch.optim.Optimizer, b: int, dev: torch.device,
            precision: str, make_batch: Callable[[int], Any]) -> None:
     for _ in range(STEPS_PER_TRIAL):
-        batch = to_device(make_batch(b), dev)
+        batch = data.to_device(make_batch(b), dev)
         with autocast(precision, dev):
-            loss, _, _ = compute_loss(wl, model, batch)
+            loss, _, _ = run_batch(wl, model, batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -119,7 +122,7 @@ def run_accelerate(wl: Workload, dev: torch.device, precision: str, budget: int 
     from accelerate.utils import find_executable_batch_size
 
     sizes: list[tuple[int, bool]] = []
-    make_batch = _Trials(wl, dev, precision, 0, 0, None).make_batch
+    make_batch = data.train_source(wl).sample  # the same worst-case batches the finder's trials use
 
     @find_executable_batch_size(starting_batch_size=start)
     def inner(batch_size: int) -> int:  # Accelerate's documented pattern: build everything inside
@@ -171,7 +174,7 @@ def run_lightning(wl: Workload, dev: torch.device, precision: str, budget: int |
             b = len(batch[0])
             if batch_idx == 0:
                 sizes.append((b, False))
-            loss, _, _ = compute_loss(wl, self.model, batch)
+            loss, _, _ = run_batch(wl, self.model, batch)
             return loss
 
         def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -247,7 +250,9 @@ def main() -> None:
     workdir = Path(args.json.parent if args.json else ".") / ".finder_bench_tmp"
     # one untimed trial first: the process's one-time start-up (kernel libraries, dispatch caches, cuDNN) would
     # otherwise be charged to whichever method runs first
-    _Trials(wl, dev, args.precision, 0, limit, None).memory_trial(2, "warm-up")
+    warm = MemoryTrials(wl, dev, args.precision, 0, limit, None)
+    warm.run(2, "warm-up")
+    warm.close()
     with quiet():
         for rep in range(args.repeats):  # methods interleaved per repeat: load changes hit every method alike
             for method in methods:
