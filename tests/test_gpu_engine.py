@@ -50,3 +50,45 @@ def test_cuda_divergence_flagged() -> None:
     wl.metrics = {}
     r = train(wl, batch_size=8, epochs=5, device="cuda")
     assert r.diverged
+
+
+def test_cuda_fp16_step_with_clip_schedule_warmup_and_accumulation() -> None:
+    wl = load_workload("demo:gpt-synthetic", size="tiny", seq_len=64, vocab=512, num_samples=256)
+    wl.grad_clip = 1.0
+    wl.lr_schedule = lambda opt, total: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    lrs: list[float] = []
+
+    class Log:
+        def on_before_optimizer_step(self, state) -> None:  # noqa: ANN001
+            lrs.append(state.optimizer.param_groups[0]["lr"])
+
+    r = train(wl, batch_size=32, micro_batch_size=8, steps=20, warmup=4, device="cuda", precision="fp16",
+              callbacks=[Log()])
+    assert not r.diverged and r.accumulation_steps == 4 and r.grad_clip == 1.0
+    assert r.lr_schedule == "CosineAnnealingLR"
+    want = [r.lr * 0.5 * (1 + math.cos(math.pi * i / 20)) * min(1.0, (i + 1) / 4) for i in range(20)]
+    assert lrs == pytest.approx(want, rel=1e-9)
+
+
+def test_cuda_accumulation_with_clipping_matches_big_batch_float64() -> None:
+    wl = make_tiny_workload(dtype=torch.float64)
+    a = train(wl, batch_size=22, steps=5, grad_clip=0.05, device="cuda")
+    b = train(wl, batch_size=22, micro_batch_size=4, steps=5, grad_clip=0.05, device="cuda")
+    assert a.history[-1]["val_loss"] == pytest.approx(b.history[-1]["val_loss"], rel=1e-9)
+
+
+def test_cuda_memory_budget_caps_training_and_user_errors_are_one_line() -> None:
+    from batchfit import memory
+    from batchfit.errors import WorkloadError
+
+    wl = load_workload("demo:resnet-synthetic", size="tiny", image_size=64, width=16, num_classes=10,
+                       num_samples=256)
+    r = train(wl, batch_size=32, steps=3, device="cuda", memory_budget="4GiB")
+    assert r.peak_memory_bytes < 4 * 1024**3
+    with pytest.raises(Exception) as info:  # noqa: PT011 - the class depends on the torch version
+        train(wl, batch_size=256, steps=2, device="cuda", memory_budget="8MiB")
+    assert memory.is_oom(info.value)
+    bad = make_tiny_workload()
+    bad.model_fn = lambda: torch.nn.Linear(7, 3)
+    with pytest.raises(WorkloadError, match="^model forward raised RuntimeError"):
+        train(bad, steps=1, device="cuda")

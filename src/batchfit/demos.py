@@ -23,6 +23,8 @@ from torch.utils.data import Dataset, TensorDataset
 from batchfit.errors import ConfigError
 from batchfit.workload import Workload, accuracy
 
+__all__ = ["DEMOS", "ArrayDataset", "SyntheticDataset", "digits_mlp", "gpt_synthetic", "mnist1d", "resnet_synthetic"]
+
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
