@@ -40,7 +40,6 @@ from batchfit.step import (
     MicroBatch,
     TrainStep,
     autocast,
-    batch_has_nonfinite,
     build_model,
     build_optimizer,
     check_precision,
@@ -52,29 +51,20 @@ from batchfit.workload import Workload, load_workload
 
 __all__ = [
     "PRECISIONS",
-    "Batcher",
     "Callback",
     "TrainPlan",
     "TrainResult",
     "TrainState",
-    "autocast",
-    "batch_has_nonfinite",
-    "build_model",
     "check_finite_data",
-    "check_positive_int",
     "check_precision",
-    "compute_loss",
     "evaluate",
     "plan_batches",
     "plan_train",
     "resolve_device",
     "resolve_warmup",
     "seed_everything",
-    "to_device",
     "train",
 ]
-
-compute_loss = run_batch  # the name the finder, the noise probe and the benchmarks knew; one implementation
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -105,18 +95,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
-
-
-def check_positive_int(name: str, value: Any, allow_none: bool = False) -> int | None:
-    """:func:`batchfit.checks.positive_int` under its older name."""
-    return checks.positive_int(name, value, allow_none=allow_none)
-
-
-class Batcher(data.IndexSource):
-    """A map-style dataset's batch by index (``batcher(indices)``); :class:`batchfit.data.IndexSource` underneath."""
-
-    def __call__(self, indices: torch.Tensor) -> Any:
-        return self.fetch(indices)
 
 
 def check_finite_data(dataset: Any, name: str) -> None:
@@ -423,10 +401,14 @@ def plan_train(workload: Workload | str, *, batch_size: int | None = None, micro
     if world_size > 1:  # data parallel: this process is one of world_size ranks (torchrun)
         distributed.check_world(world_size)
     n = data.train_source(workload).num_samples
+    if n < world_size:
+        raise ConfigError(f"the training set has {n} samples, fewer than the {world_size} ranks; every rank needs one")
     per_rank = _fit_batch(n, requested, world_size, drop_last)
     micro = micro_batch_size if micro_batch_size is not None else (workload.micro_batch_size or per_rank)
     micro = min(micro, per_rank)
     steps_per_epoch = plan_batches(n, per_rank * world_size, drop_last)
+    if world_size > 1 and not drop_last and 0 < n % (per_rank * world_size) < world_size:
+        steps_per_epoch -= 1  # a last global batch smaller than the world is skipped (it would leave a rank empty)
     total_steps = steps if steps is not None else (epochs or 1) * steps_per_epoch
     return TrainPlan(
         workload=workload, device=dev, precision=precision, batch_size_per_rank=per_rank, micro_batch_size=micro,
@@ -741,6 +723,8 @@ def _train(plan: TrainPlan, callbacks: Sequence[Any], progress: ProgressFn | Non
             if state.step >= plan.total_steps:
                 break
             continue
+        if state.step >= plan.total_steps:  # a source that yields more batches than its epoch should have
+            break
         # -- the step, at the LR set at its top -------------------------------------------------------------------
         state.lr = run.schedule.begin_step(state.step)
         due = _timed_step(run, batch, count, measure=plan.device.type == "cpu" and state.step == measure_step)
