@@ -128,3 +128,23 @@ def test_retry_failed_runs_failed_trials_again(tmp_path: Path, monkeypatch: pyte
     retried = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {t["batch_size"]: t["status"] for t in retried["trials"]} == {32: "ok", 64: "ok"}
     capsys.readouterr()
+
+
+def test_a_workload_without_validation_data_gets_a_recommendation(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """13.5 through the CLI: ranked on the training loss, said so, printed with -q, exit 0."""
+    wl = tmp_path / "noval.py"
+    wl.write_text("from batchfit.demos import digits_mlp\n"
+                  "def make():\n"
+                  "    base = digits_mlp()\n"
+                  "    base.val_data = None\n"
+                  "    return base\n")
+    rc = main(["tune", "-w", f"{wl}:make", "--batch-sizes", "32,64", "--budget", "steps:4", "--no-find",
+               "--no-noise", "--no-precision-check", "--no-lr-calibration", "--out", str(tmp_path / "out"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 0, err
+    assert len(err) == 1 and err[0].startswith("Recommendation: batch ")
+    assert err[0].endswith("(ranked on training loss: no validation data)")
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["primary_metric"] == "train_loss" and data["recommendation"]["metric"] == "train_loss"
+    assert "ranked on the training loss" in (tmp_path / "out" / "report.md").read_text()

@@ -1,17 +1,17 @@
-"""``tune``: the main job, as one recipe — find -> noise -> LR check -> sweep -> precision check -> report.
+"""``tune``: the main job, as one recipe — find, noise, lr_check, sweep, precision, report.
 
 The stages, in order (the names of their progress events, :data:`STAGES`):
 
-======== ======================================================================== =====================
-stage    what it measures                                                         written to
-======== ======================================================================== =====================
-find     the largest micro-batch that fits and the throughput knee                ``find.json``
-noise    the gradient noise scale B_simple at initialisation                      ``noise.json``
-lr_check the base LR at the base batch, x1/4 ... x8 (short runs)                  ``lr.json``
-sweep    every candidate batch at its rule-scaled LR, persisted in Optuna         ``batchfit.db``
-precision the recommended configuration in fp32 and bf16                          ``precision.json``
-report   the table, the recommendation, the plots                                 ``results.json``, ...
-======== ======================================================================== =====================
+========= ================================================================= ====================
+stage     what it measures                                                  written to
+========= ================================================================= ====================
+find      the largest micro-batch that fits and the throughput knee         ``find.json``
+noise     the gradient noise scale B_simple at initialisation               ``noise.json``
+lr_check  the base LR at the base batch, x1/4 ... x8 (short runs)           ``lr.json``
+sweep     every candidate batch at its rule-scaled LR, persisted in Optuna  ``batchfit.db``
+precision the recommended configuration in fp32 and bf16                    ``precision.json``
+report    the table, the recommendation, the plots                          ``results.json``, ...
+========= ================================================================= ====================
 
 Every stage writes its result into ``out_dir`` as soon as it finishes (the LR check after each of its runs), so
 nothing computed is lost; re-running the same call resumes: a stage whose inputs did not change is read back, and
@@ -57,9 +57,10 @@ __all__ = [
     "tune",
 ]
 
-# Defaults sized so that `batchfit tune` on demo:digits-mlp (1,437 training samples) finishes in well under
-# 3 minutes on 2 CPU cores: 8 batch sizes from 16 to full batch, 20 epochs each at the rule's LR, a <= 100-step
-# noise probe, and 4 evaluations per epoch at the smallest batch (at least one per epoch at every batch).
+# Defaults sized so that `batchfit tune` on demo:digits-mlp (1,437 training samples) finishes in under 3 minutes
+# on 2 CPU cores (docs/report.md has the measurement): 8 batch sizes from 16 to full batch, 20 epochs each at the
+# rule's LR, a <= 100-step noise probe, and 4 evaluations per epoch at the smallest batch (at least one per epoch
+# at every batch).
 DEFAULT_BUDGET = "epochs:20"
 DEFAULT_NOISE_STEPS = 100
 STAGES = ("find", "noise", "lr_check", "sweep", "precision", "report")
@@ -515,6 +516,14 @@ def _with_stages(results: Any, stages: Mapping[str, Any]) -> dict[str, Any]:
 # The recipe
 
 
+def _candidates(wl: Workload, fits: int | None, cap: int | None) -> list[int]:
+    """The default candidates (:func:`default_batch_sizes`) up to ``cap``."""
+    sizes = default_batch_sizes(wl.num_train, fits, wl.base_batch_size)
+    if cap is not None:
+        sizes = [b for b in sizes if b <= cap] or [min(cap, wl.num_train)]
+    return sizes
+
+
 def _check_inputs(wl: Workload, *, batch_sizes: Any, budget: str, target: Any, tolerance: float, lr_search: int,
                   noise_steps: int, eval_every: Any, device: str, precision: str, seed: int, find: bool,
                   memory_budget: Any, batch_size_cap: int | None) -> tuple[Any, list[int] | None, int | None]:
@@ -578,8 +587,8 @@ def tune(
     progress: ProgressFn | None = None,
     max_batch_size: int | None = None,
 ) -> TuneResult:
-    """Measure and recommend the batch size for a workload: find -> noise -> LR check -> sweep -> precision ->
-    report (:data:`STAGES`).
+    """Measure and recommend the batch size for a workload: find, noise, lr_check, sweep, precision, report
+    (:data:`STAGES`).
 
     Args:
         out_dir: where every result is written as it completes (also the default Optuna store,
@@ -638,10 +647,7 @@ def tune(
         wl.base_batch_size, wl.num_train, fits)) if noise else None
 
     # -- 3. LR check at the base batch; 4. sweep: every candidate batch at its rule-scaled LR, in the Optuna store --
-    if sizes is None:
-        sizes = default_batch_sizes(wl.num_train, fits, wl.base_batch_size)
-        if cap is not None:
-            sizes = [b for b in sizes if b <= cap] or [min(cap, wl.num_train)]
+    sizes = sizes or _candidates(wl, fits, cap)
     if eval_every == "auto":
         eval_every = _auto_eval_every(wl.num_train, min(sizes), bud.kind)
     if fits is None and not find:

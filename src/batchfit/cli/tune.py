@@ -1,4 +1,4 @@
-"""``batchfit tune``: the main job — find -> noise -> LR check -> sweep -> precision -> report, with a live display.
+"""``batchfit tune``: the main job — find, noise, lr_check, sweep, precision, report — with a live display.
 
 With no arguments it tunes ``demo:digits-mlp`` on the CPU and writes everything to ``./batchfit-out``.
 Re-running the same command resumes from what is already there.
@@ -60,7 +60,7 @@ def add_parser(sub: Any) -> None:
     from batchfit.tuning import DEFAULT_BUDGET, DEFAULT_NOISE_STEPS
 
     p = sub.add_parser(
-        "tune", help="the main job: measure and recommend the batch size (find, noise, LR check, sweep, precision, "
+        "tune", help="the main job: measure and recommend the batch size (find, noise, lr_check, sweep, precision, "
                      "report)",
         description="Find the largest batch that fits and the throughput knee, measure the gradient noise scale, "
                     "check the base LR, train every candidate batch size at its scaled LR, compare bf16 with fp32 on "
