@@ -17,6 +17,7 @@ micro-batch is smaller.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -713,40 +714,41 @@ def _train(plan: TrainPlan, callbacks: Sequence[Any], progress: ProgressFn | Non
          f"effective batch {plan.effective_batch_size} = micro-batch {plan.micro_batch_size} x accumulation "
          f"{plan.accumulation_steps} x world {plan.world_size}", completed=0, total=plan.total_steps)
     last_eval = -1
-    source = data.train_source(plan.workload)
-    for epoch, batch, count in _stream(source, plan, torch.Generator().manual_seed(plan.seed)):
-        if batch is None:  # -- an epoch ended: evaluate (unless this step already was) ---------------------------
-            state.epoch = epoch + 1
-            if last_eval != state.step:
+    stream = _stream(data.train_source(plan.workload), plan, torch.Generator().manual_seed(plan.seed))
+    with contextlib.closing(stream):  # a data loader's workers end with the loop
+        for epoch, batch, count in stream:
+            if batch is None:  # -- an epoch ended: evaluate (unless this step already was) ---------------------------
+                state.epoch = epoch + 1
+                if last_eval != state.step:
+                    _evaluate(run)
+                    last_eval = state.step
+                if state.step >= plan.total_steps:
+                    break
+                continue
+            if state.step >= plan.total_steps:  # a source that yields more batches than its epoch should have
+                break
+            # -- the step, at the LR set at its top -------------------------------------------------------------------
+            state.lr = run.schedule.begin_step(state.step)
+            due = _timed_step(run, batch, count, measure=plan.device.type == "cpu" and state.step == measure_step)
+            del batch
+            # -- the loss: read per step on the CPU, every few steps on CUDA (a sync point) ------------------------
+            diverged = due and losses.nonfinite()
+            if plan.world_size > 1 and due:
+                diverged = distributed.any_flag(diverged)[0]  # all ranks stop at the same step
+            if diverged:
+                result.diverged, result.diverged_at_step = True, state.step
+                result.extras["diverged_reason"] = "non-finite training loss"
+                break
+            for fn in on_step_end:
+                fn(state)
+            emit(progress, "train", "update", completed=state.step, total=plan.total_steps)
+            # -- evaluation (an epoch's end evaluates when the epoch closes) ------------------------------------------
+            epoch_end = state.step % plan.steps_per_epoch == 0
+            if plan.eval_every and state.step % plan.eval_every == 0 and not epoch_end:
                 _evaluate(run)
                 last_eval = state.step
-            if state.step >= plan.total_steps:
+            if state.step >= plan.total_steps and not epoch_end:
                 break
-            continue
-        if state.step >= plan.total_steps:  # a source that yields more batches than its epoch should have
-            break
-        # -- the step, at the LR set at its top -------------------------------------------------------------------
-        state.lr = run.schedule.begin_step(state.step)
-        due = _timed_step(run, batch, count, measure=plan.device.type == "cpu" and state.step == measure_step)
-        del batch
-        # -- the loss: read per step on the CPU, every few steps on CUDA (a sync point) ------------------------
-        diverged = due and losses.nonfinite()
-        if plan.world_size > 1 and due:
-            diverged = distributed.any_flag(diverged)[0]  # all ranks stop at the same step
-        if diverged:
-            result.diverged, result.diverged_at_step = True, state.step
-            result.extras["diverged_reason"] = "non-finite training loss"
-            break
-        for fn in on_step_end:
-            fn(state)
-        emit(progress, "train", "update", completed=state.step, total=plan.total_steps)
-        # -- evaluation (an epoch's end evaluates when the epoch closes) ------------------------------------------
-        epoch_end = state.step % plan.steps_per_epoch == 0
-        if plan.eval_every and state.step % plan.eval_every == 0 and not epoch_end:
-            _evaluate(run)
-            last_eval = state.step
-        if state.step >= plan.total_steps and not epoch_end:
-            break
     if last_eval != state.step and not result.diverged:
         _evaluate(run)
     return _finish(run)
