@@ -28,7 +28,8 @@ def add_parser(sub: Any) -> None:
     budget.add_argument("--steps", type=c.positive_int, help="optimizer steps to train")
     p.add_argument("--eval-every", type=c.positive_int, help="also evaluate every N optimizer steps")
     p.add_argument("--eval-batch-size", type=c.positive_int, help="evaluation batch size (default max(micro, 256))")
-    p.add_argument("--grad-clip", type=c.positive_float, help="clip the global gradient norm to this value (default: the workload's grad_clip)")
+    p.add_argument("--grad-clip", type=c.positive_float,
+                   help="clip the global gradient norm to this value (default: the workload's grad_clip)")
     p.add_argument("--no-drop-last", action="store_true", help="keep the last, smaller batch of each epoch")
     p.add_argument("--measure-noise", action="store_true",
                    help="record the gradient noise scale B_simple at each evaluation (needs >= 2 micro-batches; "
