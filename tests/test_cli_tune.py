@@ -148,3 +148,21 @@ def test_a_workload_without_validation_data_gets_a_recommendation(tmp_path: Path
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert data["primary_metric"] == "train_loss" and data["recommendation"]["metric"] == "train_loss"
     assert "ranked on the training loss" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_no_usable_trial_is_one_error_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every trial diverged: the report is written, then one error line (not a silent exit 0)."""
+    wl = tmp_path / "nan.py"
+    wl.write_text("import math\n"
+                  "import torch.nn.functional as F\n"
+                  "from batchfit.demos import digits_mlp\n"
+                  "def make():\n"
+                  "    base = digits_mlp()\n"
+                  "    base.loss_fn = lambda out, y: F.cross_entropy(out, y) * math.nan\n"
+                  "    return base\n")
+    rc = main(["tune", "-w", f"{wl}:make", "--batch-sizes", "32,64", "--budget", "steps:2", "--no-find",
+               "--no-noise", "--no-precision-check", "--no-lr-calibration", "--out", str(tmp_path / "out"), "-q"])
+    assert rc == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err[-1].startswith("batchfit tune: error: no recommendation") and "diverged" in err[-1]
+    assert "No recommendation yet" in (tmp_path / "out" / "report.md").read_text()

@@ -202,6 +202,10 @@ def run(args: argparse.Namespace) -> int:
 
     print_summary(args, data, result.recommendation)
     if result.recommendation is None:
-        raise ConfigError("no recommendation: no trial finished (see the report's table of trials for why); fix the "
-                          "cause and rerun, adding --retry-failed to run the failed trials again")
+        check = getattr(result.sweep, "raise_for_status", None)
+        if check is not None:
+            check()  # every trial failed: one line naming the first error
+        raise ConfigError("no recommendation: no trial reached a usable result (every trial failed or diverged; the "
+                          "report's table of trials says why); fix the cause and rerun, with --retry-failed for the "
+                          "failed trials")
     return c.EXIT_OK
