@@ -4,6 +4,7 @@ import textwrap
 from collections import Counter
 
 import pytest
+import torch
 
 from batchfit.errors import ConfigError, WorkloadError
 from batchfit.workload import Workload, load_workload, parse_options
@@ -100,3 +101,29 @@ def test_validate_catches_bad_fields(tiny_workload) -> None:
     tiny_workload.base_batch_size = 0
     with pytest.raises(WorkloadError, match="base_batch_size"):
         tiny_workload.validate()
+
+
+def test_data_as_users_hold_it_validates() -> None:
+    from batchfit.errors import DataError
+    from conftest import make_tiny_workload
+
+    wl = make_tiny_workload()
+    wl.train_data = torch.utils.data.DataLoader(wl.train_data, batch_size=7, shuffle=True)
+    assert load_workload(wl).num_train == 96  # samples, not the loader's number of batches
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):  # noqa: ANN204
+            for i in range(10):
+                yield torch.randn(8), i % 3
+
+    wl.train_data = Stream()
+    with pytest.raises(DataError, match="train_data: an IterableDataset .* needs a declared number of samples"):
+        load_workload(wl)
+    wl.train_samples = 10
+    assert load_workload(wl).num_train == 10
+
+
+def test_spec_must_be_a_string() -> None:
+    for spec in (123, None, ["demo:digits-mlp"]):
+        with pytest.raises(ConfigError, match="must be a string"):
+            load_workload(spec)  # type: ignore[arg-type]

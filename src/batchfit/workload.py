@@ -165,8 +165,8 @@ class Workload:
         try:
             source = data.train_source(self) if attr == "train_data" else data.val_source(self)
             return 0 if source is None else source.num_samples
-        except WorkloadError as exc:
-            raise WorkloadError(f"workload {self.name!r}: {attr}: {exc}") from exc
+        except WorkloadError as exc:  # DataError stays a DataError
+            raise type(exc)(f"workload {self.name!r}: {attr}: {exc}") from exc
         except TypeError as exc:
             raise WorkloadError(
                 f"workload {self.name!r}: {attr} must be a dataset with len(), a DataLoader or an IterableDataset "
