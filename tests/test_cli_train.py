@@ -44,6 +44,13 @@ BAD = [
     (["--warmup", "2.5"], "whole number of steps"),
     (["-O", "hidden"], "key=value"),
     (["-O", "hidden=0"], "hidden must be"),
+    (["--seed", "1000000000000000000000000000000"], "outside [0, 4294967295]"),
+    (["--seed", "-1"], "outside [0, 4294967295]"),
+    (["--memory-budget", "1e400"], "--memory-budget"),
+    (["--memory-budget", "nan"], "--memory-budget"),
+    (["--memory-budget", "inf"], "--memory-budget"),
+    (["--memory-budget", "-1"], "--memory-budget"),
+    (["--bogus"], "see 'batchfit train --help'"),
 ]
 
 
@@ -98,3 +105,36 @@ def test_debug_shows_traceback_subprocess() -> None:
 
 def test_no_command_is_usage_error(capsys) -> None:
     assert main([]) == 2
+
+
+def test_library_keywords_become_this_subcommands_flags() -> None:
+    from batchfit.cli import _subparser, build_parser
+    from batchfit.cli._common import to_flags
+
+    train = _subparser(build_parser(), "train")
+    sweep = _subparser(build_parser(), "sweep")
+    assert to_flags("micro_batch_size 16 is larger than batch_size 8", train) == \
+        "--micro-batch-size 16 is larger than --batch-size 8"
+    assert to_flags("seed must be an integer in [0, 9], got -1", train) == "--seed must be an integer in [0, 9], got -1"
+    assert to_flags("unknown precision 'x'; choose one of: fp32", train) == \
+        "unknown --precision 'x'; choose one of: fp32"
+    # prose is left alone; keywords the subcommand has no flag for stay keywords
+    assert to_flags("lower the lr or add warm-up; the seed is fixed", train) == \
+        "lower the lr or add warm-up; the seed is fixed"
+    assert to_flags("storage must be a URL", train) == "storage must be a URL"
+    assert to_flags("storage must be a URL; study_name x", sweep) == "--store must be a URL; --study x"
+
+
+def test_library_error_reaches_the_user_in_flag_words(capsys) -> None:
+    # the engine clamps an impossible batch with a warning naming batch_size; the CLI prints it as one line in flags
+    rc = main(["train", "-b", "1000000000000", "--no-drop-last", "--steps", "1", "-q"])
+    err = capsys.readouterr().err.strip()
+    assert rc in (0, 2) and "--batch-size" in err and "batch_size" not in err
+    assert len(err.splitlines()) == 1 and "UserWarning" not in err
+
+
+def test_wide_tables_when_not_a_terminal(capsys) -> None:
+    from batchfit.cli._common import WIDE, console
+
+    con = console()
+    assert not con.is_terminal and con.width >= WIDE  # stderr is captured here, as in a log file or CI

@@ -6,6 +6,8 @@ wrong and what to do. The CLI prints it and exits with code 2 (``--debug`` shows
 
 from __future__ import annotations
 
+__all__ = ["BatchfitError", "ConfigError", "DataError", "NoisyEstimateWarning", "WorkloadError"]
+
 
 class BatchfitError(Exception):
     """Base class of every error batchfit raises on purpose."""
