@@ -471,7 +471,7 @@ class BatchfitBatchSize(Callback):
         precision = _PRECISIONS.get(str(trainer.precision), "fp32")
         self.result = find_batch_size(
             workload, device=device, precision=precision, memory_budget=self.memory_budget,
-            max_batch_size=self.max_batch_size, margin=self.margin, throughput=self.use == "knee", seed=self.seed,
+            batch_size_cap=self.max_batch_size, margin=self.margin, throughput=self.use == "knee", seed=self.seed,
         )
         found = self.result.recommended_batch_size
         if self.use == "knee" and self.result.throughput_knee_batch_size:
