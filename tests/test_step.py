@@ -333,6 +333,17 @@ class _TooLong(torch.utils.data.Dataset):
         return self.x[i], self.y[i]
 
 
+class _InPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.sigmoid(self.lin(x))
+        out += 1  # sigmoid's backward needs its output: autograd refuses this in-place change
+        return out
+
+
 def _frozen() -> nn.Module:
     m = nn.Linear(8, 3)
     m.requires_grad_(False)
@@ -360,6 +371,8 @@ def _bad(kind: str) -> Workload:
         wl.metrics = {"f1": lambda out, y: 1 / 0}
     elif kind == "metric_string":
         wl.metrics = {"f1": lambda out, y: "0.9"}
+    elif kind == "inplace":
+        wl.model_fn = _InPlace
     elif kind == "no_grad_loss":
         wl.loss_fn = lambda out, y: F.cross_entropy(out.detach(), y)
     return wl
@@ -377,6 +390,7 @@ USER_ERRORS = [
     ("metric_raises", WorkloadError, r"^metric 'f1' raised ZeroDivisionError"),
     ("metric_string", WorkloadError, r"^metric 'f1' returned str"),
     ("no_grad_loss", WorkloadError, r"loss does not depend on any trainable parameter"),
+    ("inplace", WorkloadError, r"^backward through the model raised RuntimeError: one of the variables needed"),
 ]
 
 

@@ -103,6 +103,7 @@ def user_call(part: str, fix: str, fn: Callable[..., Any], *args: Any, **kwargs:
 
 
 _FORWARD_FIX = "fix the model, or set Workload.forward to say how the model is called on a batch"
+_BACKWARD_FIX = "check the model for in-place changes of tensors autograd needs and for custom autograd functions"
 _LOSS_FIX = ("check that the targets fit the model's outputs (shapes; class labels in [0, number of classes)) "
              "or set Workload.targets")
 
@@ -459,7 +460,8 @@ class TrainStep:
                                         "check the model's forward and loss_fn")
                 weight = m * self.world_size / total  # the share of the *global* batch (DDP averages over ranks)
                 scaled = loss * weight if weight != 1.0 else loss
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                user_call("backward through the model", _BACKWARD_FIX,
+                          (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward)
             loss = loss.detach()
             if self.losses is not None:
                 self.losses.add(loss, m, part)
