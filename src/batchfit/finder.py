@@ -577,7 +577,7 @@ class _NoMeter:
 def _size_evaluation(trials: MemoryTrials, b_train: int, limit: float, on_record: Callable[[dict[str, Any]], None],
                      aim: float = 1.0) -> int | None:
     """Size evaluation on its own: the training state of batch ``b_train`` stays live beside it, as in training
-    (the optimizer state, made by one small step, and the last training batch, still referenced)."""
+    (the optimizer state, made by one small step, and the last training batch, still referenced by the loop)."""
     wl, dev = trials.keeper.workload, trials.device
     if wl.val_data is None:
         return None
@@ -589,7 +589,8 @@ def _size_evaluation(trials: MemoryTrials, b_train: int, limit: float, on_record
         track = [list(model.parameters()), list(model.buffers()), optimizer.state]
         with memory.PeakMeter(dev, trials.enforce_bytes, track=track) as meter:
             trials.runner.run(model, optimizer, _scaler(trials.precision), min(b_train, 2), 1)
-            last_batch = data.to_device(trials.runner.batch(b_train), dev)
+            last_batch = trials.runner.batch(b_train)  # held on the host, as training holds it (the step moves
+            # each micro-batch to the device and frees it; on the CPU host memory is the device's)
 
             def run(b: int, phase: str) -> dict[str, Any]:
                 rec: dict[str, Any] = {"batch_size": b, "phase": "eval", "ok": False, "peak_bytes": None,
