@@ -427,6 +427,24 @@ def api_sweep_rerun_names_retry_failed(ctx: dict[str, Any]) -> None:
     assert "--retry-failed" in build_parser().format_help() or _run_cli(["tune", "--retry-failed", "--help"]) == 0
 
 
+def api_sweep_chmod_read_only_store(ctx: dict[str, Any]) -> None:
+    """Item 10: a store file without write permission is named as read-only, exit 2 (root ignores file modes:
+    there the run must simply succeed)."""
+    import shutil
+
+    store = Path(ctx["tmp"], "ro.db")
+    shutil.copy(ctx["good"], store)
+    store.chmod(0o444)
+    capsys = ctx["capsys"]
+    capsys.readouterr()
+    rc = _run_cli(["sweep", "-w", f"{ctx['wl']}:ok", *SMALL_SWEEP, "--store", f"sqlite:///{store}", "-q"])
+    err = capsys.readouterr().err
+    if os.geteuid() == 0:
+        assert rc == 0, err
+    else:
+        assert rc == 2 and "read-only" in err and len(err.strip().splitlines()) == 1, err
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Subprocess cases: exits and Ctrl-C
 
@@ -602,6 +620,10 @@ CASES: list[Case] = [
          err=r"not a valid SQLite database"),
     Case("sweep-read-only-store", "10", ("sweep", "-w", "{wl}:ok", *SMALL_SWEEP, "--store",
                                          "sqlite:///file:{good}?mode=ro&uri=true", "-q"), err=r"read-only"),
+    Case("tune-read-only-store", "10", ("tune", "-w", "{wl}:ok", *SMALL_TUNE, "--no-find", "--store",
+                                        "sqlite:///file:{good}?mode=ro&uri=true", "--out", T + "/t", "-q"),
+         err=r"read-only"),
+    Case("sweep-chmod-444-store", "10", api=api_sweep_chmod_read_only_store),
     # 11. base batch size 1
     Case("tune-base-batch-1", "11", ("tune", "-w", "{wl}:base_batch_1", "-b", "16", "--budget", "steps:2",
                                      "--noise-steps", "3", "--no-precision-check", "--no-lr-calibration",
