@@ -361,6 +361,8 @@ def test_result_round_trips_and_progress_events(tiny_workload: Workload) -> None
     assert [e.completed for e in updates] == [1, 2, 3, 4, 5] and all(e.total == 5 for e in updates)
     assert updates[-1].data["b_simple"] == pytest.approx(r.history[-1]["b_simple"])
     assert events[-1].message == r.reading()
+    assert d["regime"]["micro_batches_per_step"] == 4 and d["regime"]["training_before"] is None
+    assert "unclipped" in d["regime"]["gradients"]
 
 
 @pytest.mark.parametrize("seed", [-1, 2**32, 10**30, 1.5])

@@ -527,6 +527,7 @@ class NoiseResult:
     precision: str = "fp32"
     seed: int = 0
     seconds: float = 0.0
+    regime: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -884,6 +885,11 @@ def noise_scale(
         batch_size=plan.batch_size, micro_batch_size=plan.micro_batch_size, steps=step_no, converged=converged,
         rel_ci=plan.rel_ci, history=est.history, skipped_steps=skipped, train_steps=plan.train_steps,
         device=str(plan.device), precision=plan.precision, seed=plan.seed, seconds=time.perf_counter() - t_start,
+        regime={"micro_batches_per_step": math.ceil(plan.local_batch / plan.micro_batch_size) * plan.world,
+                "gradients": "at fixed parameters, unclipped (no optimizer step)",
+                "training_before": None if not plan.train_steps else {
+                    "steps": plan.train_steps, "grad_clip": getattr(workload, "grad_clip", None),
+                    "lr_schedule": getattr(workload, "lr_schedule", None) is not None}},
     )
     if not converged:
         warnings.warn(
