@@ -404,10 +404,11 @@ class _StepRunner:
                          before_step=before_step)
 
     def run(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, b: int, steps: int,
-            meter: memory.PeakMeter | None = None) -> dict[str, Any]:
+            meter: memory.PeakMeter | None = None, step: TrainStep | None = None, first: int = 0) -> dict[str, Any]:
         """``steps`` optimizer steps at micro-batch ``b``; with a ``meter``, the peaks of each part of every step
         after the first (when the optimizer state exists): forward/backward, then (from the step's before-step
-        hook on) clipping, the optimizer step and zeroing."""
+        hook on) clipping, the optimizer step and zeroing. ``step`` continues a step object already built (its
+        schedule at step ``first``) instead of building one for these steps."""
         parts = {"forward_backward": 0, "optimizer": 0}
         static = 0
         measuring = False
@@ -417,10 +418,11 @@ class _StepRunner:
                 parts["forward_backward"] = max(parts["forward_backward"], meter.peak())
                 meter.reset()
 
-        step = self.step(model, optimizer, scaler, b, steps, before_step=[split])
+        if step is None:
+            step = self.step(model, optimizer, scaler, b, steps, before_step=[split])
         for s in range(steps):
             measuring = meter is not None and s >= 1
-            step.schedule.begin_step(s)  # type: ignore[union-attr]
+            step.schedule.begin_step(first + s)  # type: ignore[union-attr]
             batch = self.batch(b)
             if measuring:
                 static = max(static, meter.live() + _param_bytes(model))  # type: ignore[union-attr]
@@ -519,11 +521,12 @@ def _time_throughput(trials: MemoryTrials, sizes: list[int], on_record: Callable
 
     def timed(model: nn.Module, optimizer: torch.optim.Optimizer, b: int) -> dict[str, Any]:
         with (memory.PeakMeter(dev, trials.enforce_bytes) if dev.type == "cuda" else _NoMeter()) as meter:
-            runner.run(model, optimizer, scaler, b, 2)  # warm-up (and the optimizer state)
+            step = runner.step(model, optimizer, scaler, b, 2 + MAX_TIMED_STEPS)  # one schedule for the size
+            runner.run(model, optimizer, scaler, b, 2, step=step)  # warm-up (and the optimizer state)
             sync()
             steps, t0 = 0, time.perf_counter()
             while True:  # chunks of 3 steps, one CUDA sync per chunk
-                runner.run(model, optimizer, scaler, b, 3)
+                runner.run(model, optimizer, scaler, b, 3, step=step, first=2 + steps)
                 steps += 3
                 sync()
                 elapsed = time.perf_counter() - t0
