@@ -894,7 +894,7 @@ def noise_scale(
     if not converged:
         warnings.warn(
             f"B_simple = {_fmt(b_simple)} has a 95% interval of {_fmt(ci[0])}-{_fmt(ci[1])}, wider than "
-            f"±{plan.rel_ci:.0%} after {step_no} steps; give more steps or a larger batch_size for a firmer estimate",
+            f"±{plan.rel_ci:.0%} after {step_no} steps; give more steps or a larger batch size for a firmer estimate",
             NoisyEstimateWarning,
             stacklevel=2,
         )
