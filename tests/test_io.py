@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -122,3 +123,14 @@ def test_cli_json_dash_gives_parseable_stdout_progress_on_stderr() -> None:
     data = json.loads(p.stdout)  # stdout is exactly one JSON document
     assert data["status"] == "ok" and len(data["history"]) >= 2
     assert "batch" in p.stderr  # the progress and summary went to stderr
+
+
+def test_cli_failure_releases_a_fifo_reader(tmp_path, capsys) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    box: dict = {}
+    t = _read_fifo(fifo, box)
+    time.sleep(0.2)  # the reader is waiting in open()
+    rc = main(["train", "-w", "demo:nope", "--steps", "1", "-q", "--json", str(fifo)])
+    t.join(10)
+    assert rc == 2 and not t.is_alive() and box["text"] == ""  # the reader saw the end, not a hang

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -311,23 +312,36 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 
 _pending_streams: dict[str, Any] = {}  # a FIFO or stdout gets one JSON document: the last one, written at the end
+_written_streams: set[str] = set()
 
 
 def write_json(path: Path, data: Any) -> None:
     """Write atomically (temp file + rename) to regular files; through symlinks; in place to FIFOs and devices."""
+    from batchfit._io import is_stream
     from batchfit._io import write_json as _write
 
+    if is_stream(path):
+        _written_streams.add(str(path))
     _write(path, data)
 
 
 def flush_streams() -> None:
     """Write the last result held for each stream output (``-``, a FIFO, a device) once; called by the guard."""
-    from batchfit._io import write_json as _write
-
     while _pending_streams:
         path, data = _pending_streams.popitem()
         with contextlib.suppress(BrokenPipeError):
-            _write(path, data)
+            write_json(Path(path), data)
+
+
+def _release_fifos(args: argparse.Namespace) -> None:
+    """A FIFO named as an output that got no result (the command failed first) is opened and closed, so that its
+    reader sees the end of the stream instead of waiting forever."""
+    for path in output_paths(args, str(getattr(args, "command", ""))):
+        if str(path) in _written_streams:
+            continue
+        with contextlib.suppress(OSError):
+            if stat.S_ISFIFO(os.stat(path).st_mode):
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # ENXIO when no reader: nothing to release
 
 
 def emit(args: argparse.Namespace, command: str, data: Any) -> None:
@@ -532,6 +546,8 @@ class _Fail:
                 return self._report(exc, args, name, debug=debug, parser=parser)
             finally:
                 flush_streams()
+                _release_fifos(args)
+                _written_streams.clear()
 
     def _report(self, exc: Exception, args: argparse.Namespace, name: str, *, debug: bool,
                 parser: argparse.ArgumentParser | None) -> int:
