@@ -123,6 +123,8 @@ def test_library_keywords_become_this_subcommands_flags() -> None:
         "lower the lr or add warm-up; the seed is fixed"
     assert to_flags("storage must be a URL", train) == "storage must be a URL"
     assert to_flags("storage must be a URL; study_name x", sweep) == "--store must be a URL; --study x"
+    # a message that already shows both spellings says the flag once
+    assert to_flags("rerun with --retry-failed (retry_failed=True)", sweep) == "rerun with --retry-failed"
 
 
 def test_library_error_reaches_the_user_in_flag_words(capsys) -> None:

@@ -390,6 +390,9 @@ KEYWORD_FLAGS = {
     "workload_options": "--workload-option",
     "rel_ci": "--rel-ci",
     "drop_last": "--no-drop-last",
+    "batch_size_cap": "--max-batch-size",
+    "micro_batch_limit": "--micro-batch-size",
+    "out_dir": "--out",
 }
 # a one-word name is a keyword only as the subject of a check: "seed must be ...", "unknown precision 'x'"
 _PLAIN_WORD = (r"(?:^|(?<=; )){name}(?=\s+(?:must|should|cannot|is not|has to)\b|=)", r"(?<=unknown ){name}(?=\s)")
@@ -420,7 +423,8 @@ def to_flags(message: str, parser: argparse.ArgumentParser | None) -> str:
             patterns = tuple(p.format(name=re.escape(name)) for p in _PLAIN_WORD)
         for pattern in patterns:
             message = re.sub(pattern, flag, message)
-    return message
+    # "rerun with --retry-failed (retry_failed=True)" has just become "... (--retry-failed=True)": say it once
+    return re.sub(r"(--[\w-]+) \(\1(?:=[^)]*)?\)", r"\1", message)
 
 
 # ---------------------------------------------------------------------------------------------------------------
