@@ -87,3 +87,35 @@ def test_conflicting_study_settings_are_refused(tmp_path: Path, capsys: pytest.C
     assert main([*base, "--budget", "steps:3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "different settings" in err[0]
+
+
+def test_every_trial_failed_exits_2_naming_the_first_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["sweep", "-w", WORKLOAD, "-O", "fail_always=true", "-b", "8,16", "--budget", "steps:2", "-m", "16",
+            "--no-noise", "--store", f"sqlite:///{tmp_path / 's.db'}", "--json", str(tmp_path / "r.json")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "every trial of the sweep failed (2 of 2)" in err[-1] and "synthetic failure" in err[-1]
+    data = json.loads((tmp_path / "r.json").read_text())  # the failed trials are written before the exit
+    assert data["status"] == "failed" and [t["status"] for t in data["trials"]] == ["failed", "failed"]
+
+
+def test_rerun_names_kept_failures_and_retry_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = ["sweep", "-w", WORKLOAD, "-b", "8,16", "--budget", "steps:2", "-m", "16", "--no-noise", "--store",
+            f"sqlite:///{tmp_path / 's.db'}", "--study", "mine"]
+    assert main([*base, "-O", "fail_at_batch=16"]) == 0  # one of two failed: a result, exit 0
+    capsys.readouterr()
+    assert main(base) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "1 failed trial(s) kept; rerun with --retry-failed" in err
+    assert main([*base, "--retry-failed"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "failed trial(s) kept" not in err and "failed:" not in err
+
+
+@pytest.mark.parametrize("value", ["17", "3000"])
+def test_lr_search_beyond_16_is_one_line(value: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["sweep", "-w", WORKLOAD, "-b", "8", "--budget", "steps:2", "--lr-search", value, "--store",
+            f"sqlite:///{tmp_path / 's.db'}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "at most 16" in err[0], err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,10 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchfit.demos import ArrayDataset
-from batchfit.errors import ConfigError
-from batchfit.progress import ProgressEvent
+from batchfit.errors import ConfigError, WorkloadError
+from batchfit.metric import Metric
+from batchfit.progress import KINDS, ProgressEvent
 from batchfit.study import (
+    MAX_LR_SEARCH,
+    TUNE_NAMESPACE,
     Budget,
+    SweepFailedError,
+    SweepResult,
+    TrialSummary,
     config_key,
     default_batch_sizes,
     load_results,
@@ -27,8 +34,12 @@ from batchfit.study import (
     parse_batch_sizes,
     parse_budget,
     parse_target,
+    read_namespace,
     sweep,
+    write_namespace,
 )
+from batchfit.study.store import is_schema_race, open_study
+from batchfit.study.trial import classify_failure
 from batchfit.workload import Workload, accuracy
 
 HERE = Path(__file__).resolve()
@@ -39,25 +50,27 @@ HERE = Path(__file__).resolve()
 # Workloads (module-level factories, so a subprocess can load them as tests/test_sweep.py:NAME)
 
 
-def classify(n: int = 192, n_val: int = 64, lr: float = 0.2, fail_at_batch: int = 0) -> Workload:
-    """A small MLP classifier on a fixed random, learnable dataset; ``fail_at_batch`` makes that batch's loss raise."""
+def classify(n: int = 192, n_val: int = 64, lr: float = 0.2, fail_at_batch: int = 0, hidden: int = 16,
+             fail_always: bool = False, no_val: bool = False) -> Workload:
+    """A small MLP classifier on a fixed random, learnable dataset; ``fail_at_batch`` makes that batch's loss raise
+    (``fail_always``: every batch's); ``hidden`` is the model's width; ``no_val``: no validation data."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(8, 3, generator=g)
     x = torch.randn(n + n_val, 8, generator=g)
     y = (x @ w).argmax(dim=1)
 
     def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if fail_at_batch and out.shape[0] == fail_at_batch:
+        if fail_always or (fail_at_batch and out.shape[0] == fail_at_batch):
             raise RuntimeError("synthetic failure for this batch size")
         return F.cross_entropy(out, target)
 
     return Workload(
         name="tiny-classify",
-        model_fn=lambda: nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)),
+        model_fn=lambda: nn.Sequential(nn.Linear(8, hidden), nn.Tanh(), nn.Linear(hidden, 3)),
         optimizer_fn=lambda params, lr: torch.optim.SGD(params, lr=lr),
         loss_fn=loss_fn,
         train_data=ArrayDataset(x[:n], y[:n]),
-        val_data=ArrayDataset(x[n:], y[n:]),
+        val_data=None if no_val else ArrayDataset(x[n:], y[n:]),
         metrics={"accuracy": accuracy},
         base_batch_size=8,
         base_lr=lr,
@@ -390,3 +403,181 @@ def test_duplicate_queue_entries_step_aside(tmp_path: Path) -> None:
     pruned = [(_bs(t), t.user_attrs["duplicate_of"]) for t in study.trials if t.state.name == "PRUNED"]
     assert pruned == [(8, 0), (16, 2)]
     assert [(t["batch_size"], t["status"]) for t in res["trials"]] == [(8, "ok"), (16, "ok")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Typed results, the tune namespace, progress events
+
+
+def test_typed_results_round_trip_and_mapping_view(tmp_path: Path) -> None:
+    from _study_fixture import make_results
+
+    url = _url(tmp_path)
+    res = sweep(classify(), batch_sizes=[8, 32], budget="epochs:1", storage=url, micro_batch_limit=16, lr_search=2,
+                measure_noise=False)
+    assert isinstance(res, SweepResult) and all(isinstance(t, TrialSummary) for t in res.trials)
+    d = res.to_dict()
+    assert SweepResult.from_dict(d).to_dict() == d  # results.json -> typed -> results.json, exactly
+    assert json.loads(json.dumps(d)) == d
+    # the transitional mapping view is the dict form, key for key
+    assert dict(res) == d and res["trials"] == d["trials"] and res.get("nope") is None and "trials" in res
+    # best_per_batch entries are the same dicts as in trials (displays mark them by identity)
+    assert all(any(b is t for t in d["trials"]) for b in d["best_per_batch"])
+    assert res.status == d["status"] == "complete" and d["micro_batch_limit"] == d["micro_batch_size"] == 16
+    for t in res.trials:
+        assert TrialSummary.from_dict(t.to_dict()) == t
+        assert t.best_metric == Metric("accuracy", True).of_trial(t.to_dict())  # one way to read the metric
+    loaded = load_results(url)
+    assert isinstance(loaded, SweepResult) and loaded.to_dict() == d
+    # today's results.json structure (the report / recommend fixture): every key and value kept, keys only added
+    fixture = make_results()
+    again = SweepResult.from_dict(fixture).to_dict()
+    for key, value in fixture.items():
+        assert again[key] == value or key in ("trials", "best_per_batch"), key
+    for old, new in zip(fixture["trials"], again["trials"]):
+        assert {k: new[k] for k in old} == old
+    assert set(again) - set(fixture) <= set(d)  # only keys a real sweep's results have
+    with pytest.raises(ConfigError, match="trial 1.*batch_size"):
+        SweepResult.from_dict({**fixture, "trials": [fixture["trials"][0], {"status": "ok"}]})
+
+
+def test_tune_namespace_is_returned_by_load_results(tmp_path: Path) -> None:
+    url = _url(tmp_path)
+    res = sweep(classify(), batch_sizes=[8], budget="steps:3", storage=url, micro_batch_limit=8, measure_noise=False,
+                extra_attrs={"find": {"max_batch_size": 99}})
+    study = open_study(url)
+    write_namespace(study, "lr_calibration", {"best_multiplier": 2.0, "lr": 0.4})
+    study.set_user_attr("precision_check", {"legacy": True})  # a store written before the namespace existed
+    assert study.user_attrs[f"{TUNE_NAMESPACE}lr_calibration"] == {"best_multiplier": 2.0, "lr": 0.4}
+    assert read_namespace(study) == {"find": {"max_batch_size": 99}, "lr_calibration": {"best_multiplier": 2.0,
+                                     "lr": 0.4}, "precision_check": {"legacy": True}}
+    loaded = load_results(url)
+    assert loaded.tune["lr_calibration"]["lr"] == 0.4 and loaded.find == {"max_batch_size": 99}
+    d = loaded.to_dict()  # what the report reads: top-level keys, as tune's results.json has them
+    assert d["find"] == {"max_batch_size": 99} and d["noise"] is None
+    assert d["lr_calibration"] == {"best_multiplier": 2.0, "lr": 0.4} and d["precision_check"] == {"legacy": True}
+    assert SweepResult.from_dict(d).tune == loaded.tune
+    assert res.to_dict()["find"] == {"max_batch_size": 99}
+
+
+def test_without_validation_data_sweeps_and_ranks_on_train_loss(tmp_path: Path) -> None:
+    url = _url(tmp_path)
+    res = sweep(classify(no_val=True), batch_sizes=[8, 16, 32], budget="epochs:2", storage=url,
+                micro_batch_limit=32, measure_noise=False)
+    assert (res.primary_metric, res.higher_is_better) == ("train_loss", False)
+    assert [t.status for t in res.trials] == ["ok"] * 3
+    for t in res.trials:
+        assert t.best_train_loss is not None and t.best_metric == pytest.approx(t.best_train_loss)
+        assert t.best_val_loss is None and t.final_train_loss is not None
+        assert Metric("train_loss", False).of_trial(t.to_dict()) == pytest.approx(t.best_train_loss)
+    best = min(t.best_train_loss for t in res.trials)
+    assert res.target["best"] == pytest.approx(best) and res.target["value"] == pytest.approx(best / 0.97)
+    assert "train_loss" in res.target["definition"]
+    assert any(t.steps_to_target is not None for t in res.trials)
+    assert load_results(url).to_dict() == res.to_dict()
+
+
+def test_progress_events_follow_the_one_convention(tmp_path: Path) -> None:
+    ev = Events()
+    sweep(classify(), batch_sizes=[8, 16], budget="steps:4", storage=_url(tmp_path), micro_batch_limit=16,
+          measure_noise=False, eval_every=2, progress=ev)
+    assert {e.kind for e in ev.raw} <= set(KINDS)
+    names = [name for name, _ in ev.events]
+    assert names[0] == "start" and names[-1] == "done" and names.count("trial_end") == 2
+    start, end = ev.raw[0], ev.raw[-1]
+    assert (start.kind, start.total, start.completed) == ("start", 2, 0)
+    assert end.kind == "end" and isinstance(end.data["results"], SweepResult) and end.completed == 2
+    assert {e.kind for e in ev.raw if e.data["event"] == "eval"} == {"record"}
+    assert [e.completed for e in ev.raw if e.data["event"] == "trial_end"] == [1, 2]
+    # a legacy (event, info) consumer still works during the transition
+    seen: list[str] = []
+    sweep(classify(), batch_sizes=[8, 16], budget="steps:4", storage=_url(tmp_path), micro_batch_limit=16,
+          measure_noise=False, eval_every=2, progress=lambda event, info: seen.append(event))
+    assert seen[0] == "start" and seen[-1] == "done"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hostile inputs (issue 13): all trials failing, failures kept, --lr-search bound, the study key
+
+
+def test_every_trial_failed_has_a_status_and_raises_on_request(tmp_path: Path) -> None:
+    res = sweep(classify(fail_always=True), batch_sizes=[8, 16], budget="steps:3", storage=_url(tmp_path),
+                micro_batch_limit=16, measure_noise=False)
+    assert res.status == "failed" and res.to_dict()["status"] == "failed"
+    assert {t.error_kind for t in res.trials} == {"workload"}  # raised in this file: the user's loss
+    with pytest.raises(WorkloadError, match="every trial of the sweep failed.*synthetic failure"):
+        res.raise_for_status()
+    ok = sweep(classify(), batch_sizes=[8], budget="steps:3", storage=_url(tmp_path / "b"), micro_batch_limit=8,
+               measure_noise=False)
+    ok.raise_for_status()  # nothing to raise
+    # a failure inside batchfit itself is not the user's: it is raised as a batchfit bug
+    internal = dataclasses.replace(res, trials=tuple(dataclasses.replace(t, error_kind="internal")
+                                                    for t in res.trials))
+    with pytest.raises(SweepFailedError):
+        internal.raise_for_status()
+
+
+def test_failures_are_classified_by_where_they_were_raised() -> None:
+    from batchfit.study.inputs import GridPoint
+
+    # the trial catches in batchfit's own frame: drop this test's frame from the traceback to look the same
+    try:
+        GridPoint.from_attr({})  # a KeyError raised inside batchfit
+    except KeyError as exc:
+        assert classify_failure(exc.with_traceback(exc.__traceback__.tb_next), 8)[0] == "internal"
+    try:
+        classify(fail_always=True).loss_fn(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+    except RuntimeError as exc:
+        kind, message = classify_failure(exc.with_traceback(exc.__traceback__.tb_next), 8)
+        assert kind == "workload" and message.startswith("RuntimeError: synthetic failure")
+    assert classify_failure(WorkloadError("bad labels"), 8) == ("workload", "bad labels")
+    assert classify_failure(torch.cuda.OutOfMemoryError("CUDA out of memory"), 8)[0] == "memory"
+
+
+def test_rerun_with_failed_trials_says_they_are_kept(tmp_path: Path) -> None:
+    kw = dict(batch_sizes=[8, 16], budget="steps:3", storage=_url(tmp_path), micro_batch_limit=16,
+              measure_noise=False)
+    sweep(classify(fail_at_batch=16), **kw)
+    ev = Events()
+    sweep(classify(), progress=ev, **kw)
+    start = ev.raw[0]
+    assert start.data["failed_kept"] == 1 and ev.started() == []
+    assert "1 failed trial(s) kept; rerun with --retry-failed" in start.message
+    ev = Events()
+    sweep(classify(), progress=ev, retry_failed=True, **kw)
+    assert ev.raw[0].data["failed_kept"] == 0 and "kept" not in ev.raw[0].message and ev.started() == [16]
+
+
+def test_lr_search_is_bounded(tmp_path: Path) -> None:
+    assert len(lr_multipliers(MAX_LR_SEARCH)) == MAX_LR_SEARCH == 16
+    for bad in (MAX_LR_SEARCH + 1, 3000):
+        with pytest.raises(ConfigError, match="lr_search must be at most 16"):
+            lr_multipliers(bad)
+        with pytest.raises(ConfigError, match="lr_search must be at most 16"):
+            sweep(classify(), batch_sizes=[8], storage=_url(tmp_path), lr_search=bad)
+
+
+def test_study_key_covers_the_model_and_optimizer(tmp_path: Path) -> None:
+    url = _url(tmp_path)
+    kw = dict(batch_sizes=[8], budget="steps:3", storage=url, micro_batch_limit=8, measure_noise=False)
+    first = sweep(classify(), **kw)
+    wider = sweep(classify(hidden=64), **kw)  # same workload name and data, a wider model: a new study
+    assert wider.study_name != first.study_name and wider.study_name.startswith("sweep-tiny-classify-")
+    assert sweep(classify(), **kw).study_name == first.study_name  # the same settings resume the same study
+    adam = dataclasses.replace(classify(), optimizer_fn=lambda p, lr: torch.optim.Adam(p, lr=lr))
+    assert sweep(adam, **kw).study_name not in (first.study_name, wider.study_name)
+    momentum = dataclasses.replace(classify(), optimizer_fn=lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9))
+    assert sweep(momentum, **kw).study_name != first.study_name
+    with pytest.raises(ConfigError, match="different settings.*model"):
+        sweep(classify(hidden=64), study_name=first.study_name, **kw)
+
+
+def test_schema_creation_races_are_recognised_by_type() -> None:
+    import sqlalchemy.exc as sa_exc
+
+    psycopg = pytest.importorskip("psycopg")
+    dup = sa_exc.ProgrammingError("CREATE TYPE", {}, psycopg.errors.DuplicateObject("type exists"))
+    assert is_schema_race(dup)
+    assert is_schema_race(sa_exc.IntegrityError("CREATE TYPE", {}, psycopg.errors.UniqueViolation("pg_type")))
+    assert not is_schema_race(sa_exc.ProgrammingError("SELECT", {}, psycopg.errors.SyntaxError("bad sql")))
+    assert not is_schema_race(RuntimeError("DuplicateObject"))  # a name in a message is not a type

@@ -33,6 +33,42 @@ def _configs(trials: list) -> Counter:
     return Counter(t.params["batch_size"] for t in trials if t.state == TrialState.COMPLETE)
 
 
+_OPEN_TOGETHER = """
+import sys, time
+from batchfit.study import open_storage
+start, urls = float(sys.argv[1]), sys.argv[2:]
+failed = []
+for i, url in enumerate(urls):  # one fresh database per round; every worker opens it at the same instant
+    while time.time() < start + 1.0 * i:
+        pass
+    try:
+        storage = open_storage(url)
+        storage.get_all_studies()
+        storage.engine.dispose()  # close this round's connections (the server allows 50 clients)
+    except Exception as exc:
+        failed.append(f"round {i}: {type(exc).__name__}: {exc}"[:300])
+print("\\n".join(failed))
+sys.exit(1 if failed else 0)
+"""
+
+
+@pytest.mark.slow
+def test_workers_starting_together_create_the_schema_once(postgres_server) -> None:  # noqa: ANN001
+    """Six worker processes open a fresh database at the same instant, ten times: each gets a usable store.
+
+    Optuna's schema creation is not atomic across connections: the losers of the race get ``UniqueViolation``
+    (wrapped in ``IntegrityError``) or ``DuplicateObject`` (wrapped in ``ProgrammingError``) and must retry. Before
+    the retry went by exception type, ``DuplicateObject`` was not retried (the two-worker test failed ~1 run in 4).
+    """
+    urls = [postgres_server.create_database() for _ in range(10)]
+    start = time.time() + 12.0  # every worker imported and waiting before the first round
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_TOGETHER, str(start), *urls], env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, (out + err)[-2000:]
+
+
 @pytest.mark.slow
 def test_two_concurrent_workers_share_one_study(postgres_url: str, tmp_path: Path) -> None:
     sizes = [16, 32, 64, 128, 256]

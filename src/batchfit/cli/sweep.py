@@ -60,7 +60,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--lr-rule", default="auto", choices=("auto", "none", "linear", "sqrt", "adam-sqrt"),
                    help="scale the workload's base LR to each batch size (default: auto by optimizer family)")
     p.add_argument("--lr-search", type=c.positive_int, default=1, metavar="N",
-                   help="N learning rates per batch size around the scaled one (x1/2, x1, x2, ...); the best is kept")
+                   help="N learning rates per batch size around the scaled one (x1/2, x1, x2, ...; at most 16); "
+                        "the best is kept")
     p.add_argument("--warmup", type=c.warmup_value, default=0, help="linear warm-up: steps (100) or fraction (0.1)")
     p.add_argument("--target", type=_wrap(_target), default="0.97",
                    help="steps-to-target goal: a fraction of the best validation metric any trial reached (0.97, "
@@ -69,9 +70,9 @@ def add_parser(sub: Any) -> None:
                    help="Optuna storage URL (default sqlite:///<out or .>/batchfit.db); postgresql://... works too")
     p.add_argument("--study", metavar="NAME", help="study name (default: derived from the settings, so the same "
                                                    "command resumes the same study)")
-    p.add_argument("--micro-batch-size", "-m", type=c.positive_int,
-                   help="the largest micro-batch that fits; larger batches use gradient accumulation "
-                        "(default: from the finder)")
+    p.add_argument("--micro-batch-size", "--micro-batch-limit", "-m", dest="micro_batch_size", type=c.positive_int,
+                   help="the sweep's micro-batch memory limit: the largest micro-batch that fits; larger batches "
+                        "use gradient accumulation (default: from the finder)")
     p.add_argument("--eval-every", type=c.positive_int, help="evaluate every N steps (default ~16 per trial)")
     p.add_argument("--sharpness", action="store_true",
                    help="measure the top Hessian eigenvalue of each final model (power iteration)")
@@ -166,20 +167,21 @@ def run(args: argparse.Namespace) -> int:
     workload = c.load_workload_from_args(args)
     display = _Display(args)
     try:
-        results = sweep(
+        result = sweep(
             workload, batch_sizes=args.batch_sizes, budget=args.budget, lr_rule=args.lr_rule,
             lr_search=args.lr_search, warmup=args.warmup, target=args.target, storage=args.store,
-            study_name=args.study, micro_batch_size=args.micro_batch_size, device=args.device,
+            study_name=args.study, micro_batch_limit=args.micro_batch_size, device=args.device,
             precision=args.precision, seed=args.seed, measure_noise=not args.no_noise, sharpness=args.sharpness,
             eval_every=args.eval_every, progress=display, out_dir=args.out, retry_failed=args.retry_failed,
             extremes=not args.no_extremes,
         )
     finally:
         display.close()
-    results = results.to_dict()
+    results = result.to_dict()
     c.emit(args, "sweep", results)
     paths = _write_report(args, results)
     _print_summary(args, results, paths)
+    result.raise_for_status()  # every trial failed: exit 2 naming the first error (the results are written)
     return c.EXIT_OK
 
 
@@ -226,6 +228,9 @@ def _print_summary(args: argparse.Namespace, results: dict[str, Any], paths: Any
     failed = [t for t in results["trials"] if t["status"] in ("failed", "diverged")]
     for t in failed:
         con.print(f"[yellow]B={t['batch_size']} lr {num(t['lr'], '.3g')}: {t['status']}: {t['error']}[/]")
+    n_failed = sum(1 for t in failed if t["status"] == "failed")
+    if n_failed and not args.retry_failed:
+        con.print(f"{n_failed} failed trial(s) kept; rerun with --retry-failed to run them again")
     con.print(f"store {results['storage']}, study {results['study_name']} (run the same command to resume)")
     if paths:
         con.print(f"report: {paths.get('html')}")

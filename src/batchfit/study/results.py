@@ -249,7 +249,7 @@ class SweepResult(Mapping[str, Any]):
             **{k: v for k, v in d.items() if k in fields},
             micro_batch_limit=d.get("micro_batch_size", d.get("micro_batch_limit")),
             trials=trials, best_per_batch=tuple(best),
-            tune={k: d[k] for k in tune_keys if k in d},
+            tune={k: d[k] for k in tune_keys if d.get(k) is not None},
             extra={k: v for k, v in d.items() if k not in fields and k not in tune_keys and k not in derived},
         )
 
