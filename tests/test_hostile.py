@@ -721,10 +721,12 @@ def test_issue_13_items_are_all_covered() -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_hostile(case: Case, files: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_hostile(case: Case, files: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a command that writes a default output (./batchfit.db) writes it here
     ctx: dict[str, Any] = {**files, "tmp": tmp_path, "capsys": capsys, **_edited_results(files["root"]),
                            "unwritable": _unwritable(files["root"])}
-    os.environ["HOSTILE_MARKER"] = str(tmp_path / "marker")
+    monkeypatch.setenv("HOSTILE_MARKER", str(tmp_path / "marker"))
     if case.api is not None:
         case.api(ctx)
         return
