@@ -64,3 +64,10 @@ def make_results() -> dict[str, Any]:
                  "probes": [], "real_trials": 3, "seconds": 1.0},
         "noise": {"b_simple": 55.0, "b_simple_ci": [45.0, 65.0]},
     }
+
+
+def make_sweep_result() -> Any:
+    """:func:`make_results` as the typed :class:`batchfit.study.SweepResult` (what ``load_results`` returns)."""
+    from batchfit.study import SweepResult
+
+    return SweepResult.from_dict(make_results())

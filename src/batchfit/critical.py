@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+__all__ = ["MIN_POINTS", "fit_critical_batch", "predict_steps"]
+
 MIN_POINTS = 3
 
 

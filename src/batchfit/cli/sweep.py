@@ -10,6 +10,8 @@ from typing import Any
 
 from batchfit.cli import _common as c
 
+__all__ = ["add_parser", "run"]
+
 
 def _wrap(parse: Any) -> Any:
     """An argparse type from a batchfit parser: its ConfigError becomes argparse's one-line usage error."""
