@@ -110,8 +110,11 @@ class _Display:
         sizes = ", ".join(map(str, info["batch_sizes"]))
         mults = ", ".join(f"x{m:g}" for m in info["lr_multipliers"])
         con.print(f"[bold]sweep[/] {info['study_name']} in {info['storage']}")
+        kept = int(info.get("failed_kept") or 0)
+        note = f"; {kept} failed trial(s) kept; rerun with --retry-failed to run them again" if kept else ""
         con.print(f"batch sizes {sizes}; LR {mults}; budget {info['budget']['kind']}:{info['budget']['value']}; "
-                  f"micro-batch limit {info.get('micro_batch_limit') or 'none'}; {ev.message}")
+                  f"micro-batch limit {info.get('micro_batch_limit') or 'none'}; {ev.completed} of {ev.total} "
+                  f"trial(s) already done{note}")
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                                  console=con, disable=bool(self.args.quiet))
