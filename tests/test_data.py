@@ -52,8 +52,7 @@ def _labels(src, batch_size, seed=0, **kw) -> list[list[int]]:
 
 
 def test_loader_with_two_workers_round_trip_keeps_collate_workers_and_order_is_seeded() -> None:
-    loader = DataLoader(Tokens(), batch_size=4, shuffle=True, collate_fn=pad, num_workers=2,
-                        persistent_workers=True)
+    loader = DataLoader(Tokens(), batch_size=4, shuffle=True, collate_fn=pad, num_workers=2)
     src = source_for(loader)
     assert isinstance(src, LoaderSource) and src.num_samples == 40 and src.kind == "random"
     batches = list(src.epoch(6, generator=_gen(1), drop_last=False))
@@ -63,11 +62,17 @@ def test_loader_with_two_workers_round_trip_keeps_collate_workers_and_order_is_s
     assert sorted(seen) == list(range(40)) and seen != list(range(40))  # every sample once, shuffled
     assert set(torch.cat([b["pid"] for b, _ in batches]).tolist()).isdisjoint({os.getpid()})  # loaded in workers
     assert "attention_mask" in batches[0][0]  # the user's collate_fn
-    # the same seed gives the same order (through persistent workers: the cached loader is reused), another does not
-    first_loader = next(iter(src._loaders.values()))[0]
+    # the same seed gives the same order, another does not; the workers are kept across epochs and batch sizes
+    workers = src._shared[0]._iterator._workers
     assert _labels(src, 6, seed=1) == [b["labels"].tolist() for b, _ in batches]
-    assert next(iter(src._loaders.values()))[0] is first_loader
+    assert [len(x) for x in _labels(src, 16, seed=1)] == [16, 16, 8]
+    assert src._shared[0]._iterator._workers is workers and all(w.is_alive() for w in workers)
     assert _labels(src, 6, seed=2) != _labels(src, 6, seed=1)
+    # two epochs read at once (e.g. a probe inside a training epoch) do not disturb each other
+    outer = src.epoch(10, generator=_gen(4), drop_last=False)
+    first = next(outer)[0]["labels"].tolist()
+    inner = _labels(src, 10, seed=4)
+    assert [first] + [b["labels"].tolist() for b, _ in outer] == inner
     src.close()
 
 

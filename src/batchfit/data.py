@@ -356,13 +356,14 @@ class _Batches(torch.utils.data.Sampler):
 
 
 class LoaderSource:
-    """A user's DataLoader over a map-style dataset, re-created at each batch size (see the module docstring).
+    """A user's DataLoader over a map-style dataset, re-created with the user's settings (see the module docstring).
 
-    Loaders are cached per (batch size, rank, world size) for the two most recent uses, so persistent workers
-    persist across the epochs of one configuration; older ones are shut down.
+    batchfit plans every batch itself (order, size, rank shard) and hands the index lists to the re-created
+    loader as its batch sampler, so one loader serves every batch size. With workers it is kept alive across
+    batch sizes and epochs (``persistent_workers``) so batchfit's many short runs do not each pay the workers'
+    start-up, which the user's training pays once per epoch at most; worker seeds follow batchfit's seed. An epoch
+    started while another is still being read gets a loader of its own.
     """
-
-    _CACHE = 2
 
     def __init__(self, loader: torch.utils.data.DataLoader, *,
                  sample_batch: Callable[[int], Any] | None = None) -> None:
@@ -379,13 +380,16 @@ class LoaderSource:
         self.loader = loader
         self.dataset = dataset
         self.settings = _loader_settings(loader)
+        if self.settings["num_workers"] > 0:
+            self.settings["persistent_workers"] = True
         self.collate = loader.collate_fn or torch.utils.data.default_collate
         self.drop_last = bool(getattr(batch_sampler, "drop_last", loader.drop_last))
         self.sampler = sampler
         self.kind = self._kind(sampler, dataset)
         self.sample_batch = sample_batch
         self.longest = _Longest(dataset)
-        self._loaders: dict[tuple[int, int, int], tuple[torch.utils.data.DataLoader, _Batches, torch.Generator]] = {}
+        self._shared: tuple[torch.utils.data.DataLoader, _Batches, torch.Generator] | None = None
+        self._busy = False
 
     @staticmethod
     def _kind(sampler: Any, dataset: Any) -> str:
@@ -427,19 +431,11 @@ class LoaderSource:
             if seeded:
                 self.sampler.generator = own
 
-    def _loader(self, batch_size: int, rank: int, world_size: int) -> tuple[torch.utils.data.DataLoader, _Batches,
-                                                                             torch.Generator]:
-        key = (batch_size, rank, world_size)
-        entry = self._loaders.pop(key, None)
-        if entry is None:
-            batches, gen = _Batches(), torch.Generator()
-            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, generator=gen, **self.settings)
-            entry = (loader, batches, gen)
-        self._loaders[key] = entry  # most recent last
-        while len(self._loaders) > self._CACHE:
-            old = self._loaders.pop(next(iter(self._loaders)))
-            _shutdown(old[0])
-        return entry
+    def _new_loader(self, persistent: bool) -> tuple[torch.utils.data.DataLoader, _Batches, torch.Generator]:
+        batches, gen = _Batches(), torch.Generator()
+        settings = dict(self.settings, persistent_workers=persistent and self.settings["persistent_workers"])
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, generator=gen, **settings), \
+            batches, gen
 
     def epoch(self, batch_size: int, *, generator: torch.Generator, drop_last: bool, rank: int = 0,
               world_size: int = 1, shuffle: bool = True) -> Iterator[tuple[Any, int]]:
@@ -447,11 +443,22 @@ class LoaderSource:
         planned = _global_batches(order, batch_size, drop_last or self.drop_last, rank, world_size)
         if not planned:
             return
-        loader, batches, gen = self._loader(batch_size, rank, world_size)
-        batches.batches = [idx.tolist() for idx, _ in planned]
-        gen.manual_seed(_draw_seed(generator))  # worker seeds (augmentation in workers) follow batchfit's seed
-        for batch, (_, count) in zip(loader, planned, strict=True):
-            yield batch, count
+        shared = not self._busy
+        if shared:
+            if self._shared is None:
+                self._shared = self._new_loader(persistent=True)
+            loader, batches, gen = self._shared
+            self._busy = True
+        else:  # another epoch of this source is being read: its own loader
+            loader, batches, gen = self._new_loader(persistent=False)
+        try:
+            batches.batches = [idx.tolist() for idx, _ in planned]
+            gen.manual_seed(_draw_seed(generator))  # seeds the workers when they start
+            for batch, (_, count) in zip(loader, planned, strict=True):
+                yield batch, count
+        finally:
+            if shared:
+                self._busy = False
 
     def sample(self, batch_size: int) -> Any:
         if self.sample_batch is not None:
@@ -459,10 +466,10 @@ class LoaderSource:
         return self.collate([self.dataset[i] for i in self.longest.indices(batch_size)])
 
     def close(self) -> None:
-        """Shut down the worker processes of the cached loaders."""
-        for loader, _, _ in self._loaders.values():
-            _shutdown(loader)
-        self._loaders.clear()
+        """Shut down the kept worker processes."""
+        if self._shared is not None:
+            _shutdown(self._shared[0])
+            self._shared = None
 
     def __del__(self) -> None:  # pragma: no cover - garbage collection timing
         try:

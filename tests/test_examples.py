@@ -1,0 +1,56 @@
+"""The four reference projects in examples/: each runs `batchfit find` and a small-budget `batchfit tune` through the
+CLI, from a working directory that is not the example's folder (the workload file's folder must be importable)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+# (example, workload options keeping it small, tune batch sizes, importable module it needs)
+CASES = [
+    ("text_dict", ["num_samples=256"], "8,32", None),
+    ("image_folder", ["num_images=128", "workers=2"], "8,32", None),
+    ("lightning_module", ["hidden=32"], "16,64", "lightning"),
+    ("hf_transformers", ["num_samples=256"], "8,32", "transformers"),
+]
+
+
+def _batchfit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("batchfit")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "batchfit"]
+    env = dict(os.environ, BATCHFIT_EXAMPLE_DATA=str(cwd / "data"), PYTHONPATH="")
+    return subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(("name", "options", "sizes", "needs"), CASES, ids=[c[0] for c in CASES])
+def test_example_find_and_tune(name: str, options: list[str], sizes: str, needs: str | None,
+                               tmp_path: Path) -> None:
+    if needs is not None:
+        pytest.importorskip(needs, reason=f"examples/{name} needs {needs} (pip install 'batchfit[test]')")
+    glue = EXAMPLES / name / "workload.py"
+    body = glue.read_text().split("\ndef make(", 1)[1].splitlines()
+    assert len(body) <= 8, f"{name}: the glue must stay within 8 lines"
+    spec = f"{glue}:make"
+    opts = [x for o in options for x in ("-O", o)]
+
+    found = _batchfit("find", "-w", spec, *opts, "--max-batch-size", "64", "--no-throughput", "--json", "find.json",
+                      "-q", cwd=tmp_path)
+    assert found.returncode == 0, found.stderr[-2000:]
+    fit = json.loads((tmp_path / "find.json").read_text())
+    assert 1 <= fit["recommended_batch_size"] <= fit["max_batch_size"] <= 64
+
+    # the finder ran just above: tune runs noise -> sweep -> report -> recommendation on a small budget
+    tuned = _batchfit("tune", "-w", spec, *opts, "-b", sizes, "--budget", "steps:4", "--no-find", "--noise-steps",
+                      "4", "--no-precision-check", "--no-lr-calibration", "--eval-every", "2", "--out", "out",
+                      "--json", "tune.json", "-q", cwd=tmp_path)
+    assert tuned.returncode == 0, tuned.stderr[-2000:]
+    result = json.loads((tmp_path / "tune.json").read_text())
+    assert result["recommendation"], "tune ended without a recommendation"
+    assert (tmp_path / "out" / "report.html").is_file()
