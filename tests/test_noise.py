@@ -369,3 +369,16 @@ def test_result_round_trips_and_progress_events(tiny_workload: Workload) -> None
 def test_one_seed_check(tiny_workload: Workload, seed: object) -> None:
     with pytest.raises(ConfigError, match="seed must be an integer in"):
         noise_scale(tiny_workload, batch_size=16, steps=2, seed=seed)  # type: ignore[arg-type]
+
+
+def test_training_meter_reads_gradients_before_clipping(tiny_workload: Workload) -> None:
+    """The noise meter hooks into the one step before clipping: clipping every step to a norm of 1e-9 leaves the
+    estimate as it is (a meter after the clip would see |G|² ~ 1e-18)."""
+    runs = {}
+    for clip in (None, 1e-9):
+        cb = NoiseCallback(beta=0.5)
+        res = train(tiny_workload, batch_size=16, micro_batch_size=8, steps=6, lr=1e-12, grad_clip=clip,
+                    callbacks=[cb])
+        runs[clip] = (res.extras["b_simple_history"][-1]["grad_norm_sq"], res.extras["b_simple"])
+    assert runs[None][0] > 1e-6
+    assert runs[1e-9] == pytest.approx(runs[None], rel=1e-6)
