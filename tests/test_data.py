@@ -197,3 +197,53 @@ def test_item_size() -> None:
     assert item_size(torch.zeros(3, 4)) == 12
     assert item_size((torch.zeros(5), 1)) == 6
     assert item_size({"a": [1, 2, 3], "b": "xy"}) == 5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Through the workload and the engine
+
+
+def _workload(train_data, val_data=None, **kw):  # noqa: ANN001, ANN202
+    from batchfit.workload import Workload, accuracy
+
+    torch.manual_seed(0)
+    return Workload(name="loader", model_fn=lambda: torch.nn.Linear(4, 3),
+                    optimizer_fn=lambda p, lr: torch.optim.SGD(p, lr=lr), loss_fn=torch.nn.functional.cross_entropy,
+                    train_data=train_data, val_data=val_data, metrics={"accuracy": accuracy}, base_batch_size=8,
+                    base_lr=0.1, **kw)
+
+
+def _pairs(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    return TensorDataset(x, x[:, :3].argmax(1))
+
+
+def test_a_workload_of_dataloaders_trains_like_its_dataset() -> None:
+    from batchfit.engine import train
+
+    loaders = _workload(DataLoader(_pairs(96, 0), batch_size=8, shuffle=True, num_workers=2),
+                        DataLoader(_pairs(40, 1), batch_size=8, num_workers=2))
+    plain = _workload(_pairs(96, 0), _pairs(40, 1))
+    assert loaders.num_train == 96 and loaders.num_val == 40  # samples, not the loaders' 12 and 5 batches
+    a = train(loaders, batch_size=16, steps=12, eval_every=6, seed=3)
+    b = train(plain, batch_size=16, steps=12, eval_every=6, seed=3)
+    # the same seeded order and the same batches: the same losses (the loader only moves the reading to workers)
+    assert [h["train_loss"] for h in a.history] == pytest.approx([h["train_loss"] for h in b.history], rel=1e-6)
+    assert a.history[-1]["val_metrics"]["accuracy"] == pytest.approx(b.history[-1]["val_metrics"]["accuracy"])
+
+
+def test_a_workload_of_an_iterable_dataset_with_declared_size() -> None:
+    from batchfit.engine import train
+
+    class Pairs(IterableDataset):
+        def __iter__(self):  # noqa: ANN204
+            ds = _pairs(64, 0)
+            return (ds[i] for i in range(len(ds)))
+
+    wl = _workload(Pairs(), train_samples=64)
+    assert wl.num_train == 64
+    res = train(wl, batch_size=16, steps=8, eval_every=4)
+    assert res.steps == 8 and res.history[-1]["train_loss"] < res.history[0]["train_loss"] + 1.0
+    with pytest.raises(DataError, match="declared number of samples"):
+        _workload(Pairs()).validate()

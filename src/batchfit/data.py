@@ -30,6 +30,7 @@ the sizes are cached, so later probes only collate. Fixed-size data (``TensorDat
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
@@ -453,7 +454,7 @@ class LoaderSource:
             loader, batches, gen = self._new_loader(persistent=False)
         try:
             batches.batches = [idx.tolist() for idx, _ in planned]
-            gen.manual_seed(_draw_seed(generator))  # seeds the workers when they start
+            gen.manual_seed(_peek_seed(generator))  # seeds the workers when they start
             for batch, (_, count) in zip(loader, planned, strict=True):
                 yield batch, count
         finally:
@@ -479,7 +480,15 @@ class LoaderSource:
 
 
 def _draw_seed(generator: torch.Generator) -> int:
+    """A new seed drawn from batchfit's generator (it advances the generator)."""
     return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+def _peek_seed(generator: torch.Generator) -> int:
+    """A seed derived from the generator's state *without drawing from it*, so a loader's epochs keep the order of
+    the dataset's (:class:`IndexSource` draws only the permutation) while worker seeds still follow batchfit's."""
+    digest = hashlib.blake2b(generator.get_state().numpy().tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 2**62
 
 
 def _shutdown(loader: torch.utils.data.DataLoader) -> None:
@@ -546,7 +555,7 @@ class IterableSource:
 
     def epoch(self, batch_size: int, *, generator: torch.Generator, drop_last: bool, rank: int = 0,
               world_size: int = 1, shuffle: bool = True) -> Iterator[tuple[Any, int]]:
-        gen = torch.Generator().manual_seed(_draw_seed(generator))
+        gen = torch.Generator().manual_seed(_peek_seed(generator))
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, generator=gen, **self.settings)
         drop = drop_last or self.drop_last
         seen = 0
