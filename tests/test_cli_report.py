@@ -34,8 +34,10 @@ def test_report_from_results_json(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_report_tolerance_option(tmp_path: Path) -> None:
     src = tmp_path / "in.json"
     src.write_text(json.dumps(make_results()))
-    assert main(["report", str(src), "--out", str(tmp_path / "rep"), "--tolerance", "0", "--quiet"]) == 0
-    assert json.loads((tmp_path / "rep" / "results.json").read_text())["recommendation"]["batch_size"] == 16
+    # one seed and no validation size: no measured noise, so the tolerance is the tie width; a wider one ties 128
+    assert main(["report", str(src), "--out", str(tmp_path / "rep"), "--tolerance", "0.06", "--quiet"]) == 0
+    rec = json.loads((tmp_path / "rep" / "results.json").read_text())["recommendation"]
+    assert rec["batch_size"] == 128 and rec["tied"] == [16, 32, 64, 128] and rec["tolerance"] == 0.06
 
 
 def test_report_from_a_directory(tmp_path: Path) -> None:

@@ -106,7 +106,7 @@ def test_report_renders_everything(tmp_path: Path) -> None:
     assert summary[0][:2] == ["batch", "micro x accum"] and "best val accuracy" in summary[0]
     assert [row[0] for row in summary[1:]] == ["16", "32", "64", "128"]
     assert len(trials) == 1 + len(make_results()["trials"])
-    assert parser.rec_text[0].startswith("batch 64 = micro-batch 64 x 1") and len(parser.rec_text) == 7
+    assert parser.rec_text[0].startswith("batch 64 = micro-batch 64 x 1") and len(parser.rec_text) == 8
     assert page.index("<table>") < page.index("Recommendation")
     assert page.count('class="pick"') == 1 and '<tr class="pick"><td>64</td>' in page
     # markdown: the summary table with one row per batch size, then the recommendation with its reasons
@@ -174,6 +174,7 @@ def test_report_without_validation_data_says_it_ranked_on_training_loss(tmp_path
         t["best_train_loss"] = {16: 0.2, 32: 0.201, 64: 0.202, 128: 0.4}[t["batch_size"]]
         for h in t["history"]:
             h.pop("val_metrics"), h.pop("val_loss")
+            h["train_loss"] = t["best_train_loss"]
     paths = write_report(res, tmp_path, plots=True)
     assert paths["recommendation"].batch_size == 64
     md = (tmp_path / "report.md").read_text()
@@ -203,3 +204,94 @@ def test_malformed_results_are_one_clear_error(edit: object, fragment: str, tmp_
         write_report(res, tmp_path)
     assert fragment in str(info.value)
     assert not (tmp_path / "report.html").exists()
+
+
+def _seeded_results() -> dict:
+    """Three seeds per batch size, accuracy flat from 16 to 64 (a tie), 128 clearly worse."""
+    import copy
+
+    import numpy as np
+
+    res = make_results()
+    rng = np.random.default_rng(0)
+    trials = []
+    for t in res["trials"]:
+        if t["status"] != "ok":
+            continue
+        for seed in range(3):
+            r = copy.deepcopy(t)
+            r["seed"] = seed
+            acc = {16: 0.95, 32: 0.95, 64: 0.95, 128: 0.85}[t["batch_size"]] + 0.003 * rng.standard_normal()
+            for i, h in enumerate(r["history"]):
+                h["val_metrics"] = {"accuracy": acc * (0.8, 0.9, 1.0, 1.0)[i]}
+            r["steps_to_target"] = {16: 420, 32: 230, 64: 140, 128: 100}[t["batch_size"]] * rng.lognormal(0, 0.05)
+            trials.append(r)
+    res["trials"], res["best_per_batch"] = trials, []
+    return res
+
+
+def test_the_report_says_what_the_data_can_and_cannot_tell_apart(tmp_path: Path) -> None:
+    paths = write_report(_seeded_results(), tmp_path, plots=False)
+    rec = paths["recommendation"]
+    assert rec.get("tied") == [16, 32, 64] and rec.batch_size in (32, 64)
+    md = (tmp_path / "report.md").read_text()
+    assert "### What the data can and cannot tell apart" in md
+    assert "batch sizes 16\u201364 are tied on accuracy" in md and "chosen on time to target" in md
+    assert "Cannot be told apart on accuracy: batch sizes 16, 32, 64" in md and "Decision rule:" in md
+    assert "```python\nimport torch\noptimizer = " in md  # the recipe snippet
+    page = parse_page((tmp_path / "report.html").read_text())
+    summary = page.tables[0]
+    col = summary[0].index("decision")
+    assert {row[0]: row[col] for row in summary[1:]} == {"16": "tied", "32": "tied", "64": "tied", "128": "apart"} | {
+        str(rec.batch_size): "chosen"}
+    q = summary[0].index("val accuracy (95 % interval)")
+    assert all(re.fullmatch(r"0\.\d+ \[0\.\d+, 0\.\d+\]", row[q]) for row in summary[1:])
+
+
+def test_every_measured_plot_has_error_bars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Quality, throughput and steps / time to target are drawn with 95 % error bars (matplotlib errorbar
+    containers on the axes), and every plot is still a PNG embedded in the page."""
+    from matplotlib.container import ErrorbarContainer
+
+    import batchfit.report as report
+
+    figures: dict[str, list] = {}
+    made = report._figure
+
+    def spy(ncols: int = 1):  # type: ignore[no-untyped-def]
+        fig, axes = made(ncols)
+        figures.setdefault("all", []).append(axes if ncols > 1 else [axes])
+        return fig, axes
+
+    monkeypatch.setattr(report, "_figure", spy)
+    paths = write_report(_seeded_results(), tmp_path, plots=True)
+    assert set(paths["plots"]) == set(PLOTS)
+    bars = {}
+    for name, axes in zip(PLOTS, figures["all"]):
+        bars[name] = [sum(isinstance(c, ErrorbarContainer) for c in ax.containers) for ax in axes]
+    assert bars["metric_vs_batch"] == [1]
+    assert bars["throughput_memory"][0] == 1  # throughput; memory is a single measurement per batch size
+    assert bars["steps_to_target"] == [1, 1]  # steps and time to target
+    page = parse_page((tmp_path / "report.html").read_text())
+    assert len(page.imgs) == len(PLOTS)
+
+
+def test_results_json_intervals_round_trip(tmp_path: Path) -> None:
+    from batchfit.recommend import Recommendation
+    from batchfit.stats import Interval
+
+    res = _seeded_results()
+    res["critical_batch_size"] = {"b_crit": 60.0, "s_min": 70.0, "r2": 0.98, "points": []}
+    write_report(res, tmp_path, plots=False)
+    data = json.loads((tmp_path / "results.json").read_text())
+    crit = data["critical_batch_size"]
+    assert crit["b_crit"] == 60.0 and crit["support"] == [16, 128]  # the old keys kept, new ones added
+    assert Interval.from_dict(crit["interval"]).known and isinstance(crit["extrapolated"], bool)
+    rec = Recommendation.from_dict(data["recommendation"])
+    assert rec.to_dict() == data["recommendation"]
+    ivs = {e["batch_size"]: Interval.from_dict(e["quality"]) for e in rec.get("intervals")}
+    assert all(iv.known and iv.n == 3 for iv in ivs.values())
+    assert ivs[128].high < ivs[16].low  # 128 is apart
+    # the report rebuilt from its own results.json gives the same recommendation
+    again = write_report(data, tmp_path / "again", plots=False)["recommendation"]
+    assert again.to_dict() == rec.to_dict()

@@ -200,6 +200,9 @@ def _evidence(trials: Sequence[Mapping[str, Any]], metric: Metric, step_fit: Ste
             own = [s for t in ts if (s := _seconds_per_step(t)) is not None]
             sec = mean_interval(own, level) if own else None
         ttt = _product(steps_iv, sec) if steps_iv is not None and sec is not None else None
+        if ttt is None:  # no throughput recorded: the measured wall-clock seconds to the target, over seeds
+            walls = [float(w) for t in ts if (w := finite_or_none(t.get("seconds_to_target"))) is not None]
+            ttt = mean_interval(walls, level) if walls else None
         out[batch] = BatchEvidence(batch, mult, finite_or_none(ts[0].get("lr")), q, steps_iv, sec, ttt, len(ts),
                                    list(ts))
     return out
@@ -239,17 +242,35 @@ def _smooth_costs(ev: dict[int, BatchEvidence], level: float) -> None:
                                     level, "pooled-fit", e.time_to_target.n)
 
 
+def _with_margin(iv: Interval, margin: float) -> Interval:
+    """``iv`` widened to a half-width of at least ``margin x |estimate|`` (a practical-equivalence margin)."""
+    half = margin * abs(iv.estimate)
+    if half <= 0 or (iv.known and min(iv.estimate - iv.low, iv.high - iv.estimate) >= half):  # type: ignore[operator]
+        return iv
+    lo = iv.estimate - half if not iv.known else min(iv.low, iv.estimate - half)  # type: ignore[type-var]
+    hi = iv.estimate + half if not iv.known else max(iv.high, iv.estimate + half)  # type: ignore[type-var]
+    method = iv.method + ("+margin" if iv.known else "margin")
+    return Interval(iv.estimate, lo, hi, iv.level, method, iv.n, iv.spread)
+
+
 def decide(trials: Sequence[Mapping[str, Any]], metric: Metric, *, b_crit: Any = None,
-           lr_calibration: Mapping[str, Any] | None = None, level: float = DEFAULT_LEVEL) -> Decision | None:
+           lr_calibration: Mapping[str, Any] | None = None, level: float = DEFAULT_LEVEL,
+           margin: float = 0.0) -> Decision | None:
     """Choose the effective batch from every trial (all LRs and seeds); ``None`` when no trial finished.
 
     ``b_crit`` is a :class:`batchfit.stats.CriticalBatchInterval` (or ``None``); ``lr_calibration`` the tune LR
-    check's dict (``best_multiplier``, ``steps``) for the few-steps flag.
+    check's dict (``best_multiplier``, ``steps``) for the few-steps flag. ``margin`` (relative, e.g. 0.005) only
+    widens ties: every quality interval gets a half-width of at least ``margin x |estimate|``, so differences
+    smaller than that are ties even when measured precisely, and a quality with no measured noise (one seed, no
+    validation size) is compared within that margin instead of tying with everything.
     """
     step_fit = fit_step_time((t["batch_size"], _seconds_per_step(t)) for t in trials if t.get("status") == "ok")
     ev = _evidence(trials, metric, step_fit, level)
     if not ev:
         return None
+    if margin > 0:
+        for e in ev.values():
+            e.quality = _with_margin(e.quality, margin)
     _smooth_costs(ev, level)
     sizes = sorted(ev)
     quality = {b: ev[b].quality for b in sizes}  # smaller batch first: the final tie-break

@@ -5,34 +5,52 @@ precision check) — returning a :class:`Recommendation`, so the same numbers al
 choice carries a one-sentence reason that quotes what was measured. Every metric value is read through
 :class:`batchfit.metric.Metric` (a workload without validation data is ranked on its training loss).
 
-1. **Effective batch.** Among the batch sizes whose best value of the ranked metric is within ``tolerance``
-   (relative) of the best any batch size reached, the one that reached the target in the least training time
-   (samples to the target / the trial's measured samples per second). Equal-epoch
-   comparisons favour small batches on quality while large batches win on throughput; time-to-target at a fixed
-   quality is the comparison Shallue et al. (2019) and McCandlish et al. (2018) use.
+1. **Effective batch** (:func:`batchfit.decide.decide`, docs/decisions.md): every trial of every LR and seed is
+   pooled; a batch size's quality is its best LR's seed mean with a 95 % interval (one seed: the validation set's
+   sampling interval). Batch sizes whose interval overlaps the best one's are *tied* (the data cannot tell them
+   apart); among the tied, the least time to target wins — steps to target (smoothed through the critical-batch
+   fit ``S(B) = S_min (1 + B_crit / B)``) x seconds per step (fitted over every trial, so one slow reading on a busy
+   machine moves it little) — then the smaller batch (:data:`DECISION_RULE`). Time to target at a fixed quality is
+   the comparison of Shallue et al. (2019) and McCandlish et al. (2018). Flags: a choice at the edge of the tried
+   range, B_crit extrapolated, a quality tie, a base-LR move decided on few steps.
 2. **Micro-batch and accumulation.** From the finder: its throughput knee when that fits in memory (memory is
    plentiful), else the largest batch that fits with the safety margin; accumulation makes up the effective batch.
 3. **LR.** The LR the winning trial trained with (the rule-scaled LR times the best multiplier of the LR search).
 4. **Warm-up.** The warm-up the winning trial used (measured stable), and a note when larger LRs diverged.
-5. **Precision.** bf16 only when a measurement (``results["precision_check"]``) showed it saved time or memory
-   without hurting the loss; otherwise the precision the sweep measured, saying that nothing else was measured.
+5. **Precision** (:func:`batchfit.decide.advise_precision`): a lower precision for speed only when the interval of
+   its speed-up, from repeated interleaved step timings, excludes 1; for memory only when memory binds.
+6. **Recipe.** Every optimizer setting the winning trial used (read from its optimizer's param group), with
+   paste-ready PyTorch (and Lightning or Keras) snippets.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from batchfit.decide import Decision, advise_precision, decide, quality_of_trial
 from batchfit.errors import ConfigError
 from batchfit.metric import Metric, finite_or_none
+from batchfit.stats import CriticalBatchInterval, Interval, critical_batch_interval
 
-__all__ = ["TUNE_KEYS", "Recommendation", "as_results", "metric_of", "recommend", "time_to_target", "within_tolerance"]
+__all__ = [
+    "DECISION_RULE",
+    "TUNE_KEYS",
+    "Recommendation",
+    "as_results",
+    "critical_interval",
+    "decision_trials",
+    "metric_of",
+    "optimizer_settings",
+    "recipe",
+    "recommend",
+    "time_to_target",
+    "within_tolerance",
+]
 
-# bf16 must beat fp32 by this much to be worth its reduced mantissa.
-_PRECISION_SPEEDUP = 1.05
-_PRECISION_MEMORY_SAVING = 0.9
+# a lower precision's training loss may be this much (relative) above fp32's
 _PRECISION_LOSS_TOLERANCE = 0.05
 # what ``tune`` adds beside the sweep's own results (stored in the study under its namespace)
 TUNE_KEYS = ("find", "noise", "lr_calibration", "precision_check")
@@ -121,22 +139,6 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
-def _best_per_batch(results: Mapping[str, Any], metric: Metric) -> list[dict[str, Any]]:
-    """The best-LR finished trial per batch size: the sweep's ``best_per_batch``, or derived from ``trials``."""
-    rows = [t for t in results.get("best_per_batch") or [] if t.get("status") == "ok"]
-    if rows:
-        return sorted(rows, key=lambda t: t["batch_size"])
-    best: dict[int, dict[str, Any]] = {}
-    for t in results.get("trials") or []:
-        q = metric.of_trial(t)
-        if t.get("status") != "ok" or q is None:
-            continue
-        cur = best.get(t["batch_size"])
-        if cur is None or metric.better(q, metric.of_trial(cur)):  # type: ignore[arg-type]
-            best[t["batch_size"]] = t
-    return [best[b] for b in sorted(best)]
-
-
 def _has_rate(trial: Mapping[str, Any]) -> bool:
     samples, sps = finite_or_none(trial.get("samples_to_target")), finite_or_none(trial.get("samples_per_s"))
     return samples is not None and sps is not None and sps > 0
@@ -190,75 +192,160 @@ def _micro_batch(batch: int, trial: Mapping[str, Any], find: Mapping[str, Any] |
     )
 
 
-def _precision(results: Mapping[str, Any]) -> tuple[str, str]:
+def _loss_ok(base: Mapping[str, Any], low: Mapping[str, Any]) -> bool:
+    loss_base, loss_low = finite_or_none(base.get("train_loss")), finite_or_none(low.get("train_loss"))
+    return (loss_base is not None and loss_low is not None
+            and loss_low <= loss_base * (1 + _PRECISION_LOSS_TOLERANCE) + 1e-12)
+
+
+def _precision(results: Mapping[str, Any], batch: int, find: Mapping[str, Any] | None
+               ) -> tuple[str, str, dict[str, Any] | None]:
+    """The precision and its reason: :func:`batchfit.decide.advise_precision` on the check's repeated, interleaved
+    step timings (a speed-up must exclude 1) and on memory only where it binds."""
     measured = results.get("precision", "fp32")
     check = results.get("precision_check") or {}
-    base, bf16 = check.get("fp32"), check.get("bf16")
-    if not base or not bf16:
+    low_name = "bf16"
+    base, low = check.get("fp32"), check.get(low_name)
+    if not base or not low:
         note = check.get("note")
         return measured, (
             f"Precision {measured}: only {measured} was measured"
             + (f" ({note})" if note else "")
             + "; bf16 is not recommended without a measurement showing it saves time or memory here."
-        )
-    if bf16.get("status") != "ok" or base.get("status") != "ok":
+        ), None
+    if low.get("status") != "ok" or base.get("status") != "ok":
         return measured, (
-            f"Precision {measured}: the bf16 check run did not finish cleanly ({bf16.get('status')}), so keep "
+            f"Precision {measured}: the bf16 check run did not finish cleanly ({low.get('status')}), so keep "
             f"{measured}."
-        )
-    sp_base, sp_bf16 = base.get("samples_per_s") or 0.0, bf16.get("samples_per_s") or 0.0
-    mem_base, mem_bf16 = base.get("peak_memory_bytes"), bf16.get("peak_memory_bytes")
-    speedup = sp_bf16 / sp_base if sp_base > 0 else 0.0
-    mem_ratio = mem_bf16 / mem_base if mem_base and mem_bf16 else None
-    loss_base, loss_bf16 = base.get("train_loss"), bf16.get("train_loss")
-    loss_ok = (
-        loss_base is not None and loss_bf16 is not None and math.isfinite(loss_bf16)
-        and loss_bf16 <= loss_base * (1 + _PRECISION_LOSS_TOLERANCE) + 1e-12
-    )
-    faster = speedup >= _PRECISION_SPEEDUP
-    smaller = mem_ratio is not None and mem_ratio <= _PRECISION_MEMORY_SAVING
-    mem_txt = "" if mem_ratio is None else f", peak memory x{mem_ratio:.2f}"
-    measured_txt = (
-        f"bf16 ran at {sp_bf16:.0f} samples/s vs {sp_base:.0f} for fp32 (x{speedup:.2f}{mem_txt}), train loss "
-        f"{_fmt(loss_bf16)} vs {_fmt(loss_base)}"
-    )
-    if (faster or smaller) and loss_ok:
-        return "bf16", f"Precision bf16: {measured_txt} in the same number of steps."
-    reason = "it did not save time or memory" if not (faster or smaller) else "its loss was worse"
-    return "fp32", f"Precision fp32: {measured_txt}; {reason}, so keep fp32."
+        ), None
+    times_base = [float(x) for x in base.get("step_seconds") or [] if finite_or_none(x)]
+    times_low = [float(x) for x in low.get("step_seconds") or [] if finite_or_none(x)]
+    if not (times_base and times_low):  # an older check: one throughput reading per precision
+        sp_base, sp_low = finite_or_none(base.get("samples_per_s")), finite_or_none(low.get("samples_per_s"))
+        if sp_base and sp_low:
+            times_base, times_low = [1.0 / sp_base], [1.0 / sp_low]
+    mem_base, mem_low = finite_or_none(base.get("peak_memory_bytes")), finite_or_none(low.get("peak_memory_bytes"))
+    fits = (find or {}).get("recommended_batch_size") or (find or {}).get("max_batch_size")
+    advice = advise_precision(
+        times_base, times_low, low=low_name, fp32_max_micro_batch=int(fits) if fits else None, effective_batch=batch,
+        knee=(find or {}).get("throughput_knee_batch_size"),
+        memory_ratio=mem_low / mem_base if mem_base and mem_low else None, loss_ok=_loss_ok(base, low))
+    n = min(len(times_base), len(times_low))
+    timing = (f"{n} interleaved timing(s) per precision" if n > 1 else
+              "one timing per precision, so no speed-up can be shown beyond the noise")
+    loss = f"train loss {_fmt(finite_or_none(low.get('train_loss')))} vs {_fmt(finite_or_none(base.get('train_loss')))}"
+    return advice.precision, f"Precision {advice.precision}: {advice.reason} ({timing}; {loss}).", advice.to_dict()
 
 
 def _metric_label(metric: Metric) -> str:
     return "training loss" if metric.name == "train_loss" else metric.name
 
 
-def _pick_batch(rows: list[dict[str, Any]], metric: Metric, tolerance: float
-                ) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
-    """The batch: the fastest to the target among those within ``tolerance`` of the best quality."""
-    best_row = min(rows, key=lambda t: metric.sort_key(metric.of_trial(t)))
-    best_q = metric.of_trial(best_row)
-    assert best_q is not None  # rows are filtered to trials with a value
-    close = [t for t in rows if within_tolerance(metric.of_trial(t), best_q, tolerance,  # type: ignore[arg-type]
-                                                 metric.higher_is_better)]
-    timed = [t for t in close if time_to_target(t) is not None]
-    label = _metric_label(metric)
-    if not timed:
-        return best_row, close, (
-            f"Effective batch {best_row['batch_size']}: it had the best {label} ({_fmt(best_q)}); no batch size "
-            "within tolerance recorded a time to the target, so time-to-target could not rank them."
+DECISION_RULE = (
+    "Batch sizes whose {metric} interval (95 %: over seeds, or with one seed the validation set's sampling "
+    "interval) overlaps the best one's are tied; among the tied, the least fitted time to target wins (steps to "
+    "target x pooled seconds per step), then the smaller batch."
+)
+
+
+def decision_trials(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every finished trial (all LRs and seeds) the decision pools, each knowing the validation-set size."""
+    rows = [t for t in results.get("trials") or [] if isinstance(t, Mapping)]
+    if not any(t.get("status") == "ok" for t in rows):
+        rows = [t for t in results.get("best_per_batch") or [] if isinstance(t, Mapping)]
+    num_val = results.get("num_val")
+    out = []
+    for t in rows:
+        t = dict(t)
+        if t.get("val_samples") is None and isinstance(num_val, int) and num_val > 0:
+            t["val_samples"] = num_val
+        out.append(t)
+    return out
+
+
+def critical_interval(results: Mapping[str, Any], *, seed: int = 0) -> CriticalBatchInterval | None:
+    """B_crit with a stratified bootstrap interval over seeds (:func:`batchfit.stats.critical_batch_interval`).
+
+    One point per (batch size, seed): the fewest steps to the target over that batch size's learning rates
+    (Shallue et al. 2019 retune the LR per batch size).
+    """
+    best: dict[tuple[int, Any], float] = {}
+    for t in results.get("trials") or []:
+        steps = finite_or_none(t.get("steps_to_target")) if isinstance(t, Mapping) else None
+        if steps is None or t.get("status") not in ("ok", "diverged"):
+            continue
+        key = (int(t["batch_size"]), t.get("seed"))
+        best[key] = min(best.get(key, math.inf), steps)
+    if not best:
+        return None
+    return critical_batch_interval([(b, s) for (b, _), s in best.items()], seed=seed)
+
+
+def _span(sizes: Sequence[int], tried: Sequence[int]) -> str:
+    """``16-512`` when the sizes are every tried size in that range, else ``16, 64, 512``."""
+    sizes = sorted(sizes)
+    inside = [b for b in tried if sizes[0] <= b <= sizes[-1]]
+    if len(sizes) > 2 and list(inside) == sizes:
+        return f"{sizes[0]}\u2013{sizes[-1]}"
+    return ", ".join(map(str, sizes))
+
+
+def _ratio(slow: Interval, fast: Interval) -> Interval:
+    """``slow / fast`` for positive quantities; relative half-widths add in quadrature (log-scale delta method)."""
+    est = slow.estimate / fast.estimate
+    if not (slow.known and fast.known) or slow.estimate <= 0 or fast.estimate <= 0:
+        return Interval(est, None, None, slow.level, "ratio", min(slow.n, fast.n))
+    r = math.hypot((slow.high - slow.low) / (2 * slow.estimate),  # type: ignore[operator]
+                   (fast.high - fast.low) / (2 * fast.estimate))  # type: ignore[operator]
+    return Interval(est, est * math.exp(-r), est * math.exp(r), slow.level, "ratio", min(slow.n, fast.n))
+
+
+def _pick_batch(results: Mapping[str, Any], metric: Metric, tolerance: float
+                ) -> tuple[Decision, dict[str, Any], str]:
+    """The batch, by :func:`batchfit.decide.decide`: ties on quality broken on fitted time to target."""
+    crit = critical_interval(results)
+    trials = decision_trials(results)
+    decision = decide(trials, metric, b_crit=crit, lr_calibration=results.get("lr_calibration"),
+                      margin=tolerance / 2)
+    if decision is None:
+        what = "training-loss" if metric.name == "train_loss" else "validation"
+        raise ConfigError(
+            f"no finished trial with a {what} result to recommend from; run or resume the sweep "
+            "(batchfit sweep / batchfit tune) until at least one trial finishes"
         )
-    pick = min(timed, key=lambda t: (time_to_target(t), metric.sort_key(metric.of_trial(t))))
-    others = [f"{t['batch_size']}: {time_to_target(t):.3g} s" for t in timed if t is not pick]
-    how = (f"{pick.get('samples_to_target')} samples at its measured {float(pick['samples_per_s']):.0f} samples/s"
-           if _has_rate(pick) else "measured wall-clock training time")
-    reason = (
-        f"Effective batch {pick['batch_size']}: it reached the target {label} in {time_to_target(pick):.3g} s of "
-        f"training ({pick.get('steps_to_target')} steps; {how}), the fastest of the {len(close)} batch size(s) "
-        f"whose best {label} is within {tolerance:.0%} of the best measured ({_fmt(best_q)} at batch "
-        f"{best_row['batch_size']}); this one reached {_fmt(metric.of_trial(pick))}"
-        + (f" (others: {', '.join(others)})." if others else ".")
-    )
-    return pick, close, reason
+    label = _metric_label(metric)
+    batch, ev = decision.batch_size, decision.evidence
+    chosen = ev[batch]
+    pick = max(chosen.trials, key=lambda t: metric.sort_key(quality_of_trial(t, metric)))
+    tried = sorted(ev)
+    tied = sorted(decision.choice.tied)
+    seeds = chosen.seeds
+    seeds_txt = f"{seeds} seeds" if seeds > 1 else "one seed"
+    q = chosen.quality
+    if len(tied) == 1:
+        why = (f"Effective batch {batch}: its {label} {q} ({seeds_txt}) is better than every other batch size "
+               f"beyond the noise")
+        if len(tried) > 1:
+            runner = max((b for b in tried if b != batch), key=lambda b: metric.sort_key(ev[b].quality.estimate))
+            why += f" (next best: batch {runner}, {ev[runner].quality})"
+        return decision, pick, why + "."
+    best = decision.choice.best_quality
+    head = (f"Effective batch {batch}: batch sizes {_span(tied, tried)} are tied on {label} (their intervals overlap "
+            f"the best, {ev[best].quality} at batch {best}; the data cannot tell them apart)")
+    ttt = {b: ev[b].time_to_target for b in tied}
+    if any(v is None for v in ttt.values()):
+        return decision, pick, head + (f"; not every one recorded a time to the target, so the best {label} "
+                                       f"estimate decides: {batch}.")
+    slowest = max(tied, key=lambda b: ttt[b].estimate)  # type: ignore[union-attr]
+    ratio = _ratio(ttt[slowest], ttt[batch])  # type: ignore[arg-type]
+    ratio_txt = f"{ratio.estimate:.2g}x faster than {slowest}" + (
+        f" (interval {ratio.low:.2g}-{ratio.high:.2g})" if ratio.known else " (interval unknown: one seed)")
+    t = ttt[batch]
+    how = f"{t.estimate:.3g} s to the target" + (f" [{t.low:.3g}, {t.high:.3g}]" if t.known else "")  # type: ignore
+    verdict = ("its time advantage is beyond the noise" if decision.choice.cost_separated else
+               "its time advantage over some tied sizes is inside the noise: the stated tie-break decides, "
+               "not a measured win")
+    return decision, pick, (f"{head}; chosen on time to target: {batch}, {ratio_txt}; {how}, {verdict}.")
 
 
 def _lr_reason(results: Mapping[str, Any], pick: Mapping[str, Any], metric: Metric) -> tuple[float, str]:
@@ -296,11 +383,19 @@ def _warmup_reason(results: Mapping[str, Any], pick: Mapping[str, Any], lr: floa
 def _context_reason(results: Mapping[str, Any], batch: int) -> str | None:
     crit = results.get("critical_batch_size") or {}
     b_crit, b_simple = finite_or_none(crit.get("b_crit")), finite_or_none(results.get("b_simple"))
+    boot = critical_interval(results)
     context = []
     if b_crit is not None:
         r2 = finite_or_none(crit.get("r2"))
-        context.append(f"the fitted critical batch B_crit is {b_crit:.3g}" + (f" (fit R^2 {r2:.2f})" if r2 is not None
-                                                                              else ""))
+        iv = ""
+        if boot is not None and boot.b_crit.known:
+            iv = f", 95 % interval {boot.b_crit.low:.3g}-{boot.b_crit.high:.3g}"
+        if boot is not None:
+            iv += f", supported by batch sizes {boot.support[0]}-{boot.support[1]}" + (
+                "; extrapolated beyond them" if boot.extrapolated else "")
+        context.append(f"the fitted critical batch B_crit is {b_crit:.3g}" + (f" (fit R^2 {r2:.2f}{iv})"
+                                                                              if r2 is not None else
+                                                                              (f" ({iv[2:]})" if iv else "")))
     if b_simple is not None:
         context.append(f"the measured gradient noise scale B_simple is {b_simple:.3g}")
     if not context:
@@ -310,6 +405,152 @@ def _context_reason(results: Mapping[str, Any], batch: int) -> str | None:
     return ("Context: " + " and ".join(context) + f"; batch {batch} is {side} "
             + ("B_crit" if b_crit is not None else "B_simple")
             + " (above it, doubling the batch saves few steps; well below it, steps are noisy and cheap).")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe: every optimizer setting the winning trial used, and snippets to paste
+
+
+_OPTIMIZER_KEYS = ("betas", "eps", "weight_decay", "momentum", "dampening", "nesterov", "amsgrad", "alpha",
+                   "centered", "maximize", "lr_decay", "initial_accumulator_value", "rho", "decoupled_weight_decay")
+
+
+def optimizer_settings(optimizer: Any) -> dict[str, Any]:
+    """The class and the hyperparameters of ``optimizer``'s first param group (what a trial records as ``optimizer``;
+    the LR there is the step-0 LR, after warm-up, so the recipe quotes the trial's peak ``lr`` instead)."""
+    group = optimizer.param_groups[0]
+    out: dict[str, Any] = {"class": type(optimizer).__name__, "module": type(optimizer).__module__}
+    for key, value in group.items():
+        if key == "params" or callable(value):
+            continue
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            out[key] = value
+        elif isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) for v in value):
+            out[key] = [float(v) for v in value]
+    if len(optimizer.param_groups) > 1:
+        out["param_groups"] = len(optimizer.param_groups)
+    return out
+
+
+def _py(value: Any) -> str:
+    if isinstance(value, list):
+        return "(" + ", ".join(_py(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return repr(value)
+
+
+def _pytorch_snippet(r: Mapping[str, Any]) -> str:
+    opt = r.get("optimizer") or {}
+    cls = opt.get("class") or "SGD"
+    module = str(opt.get("module") or "torch.optim")
+    qual = f"torch.optim.{cls}" if module.startswith("torch.optim") else f"{module}.{cls}"
+    args = "".join(f", {k}={_py(opt[k])}" for k in _OPTIMIZER_KEYS if k in opt)
+    make = (f"{qual}(model.parameters(), lr={r['lr']:.6g}{args})" if opt else
+            f"make_optimizer(model.parameters(), lr={r['lr']:.6g})  # the workload's optimizer (not recorded)")
+    lines = [
+        "import torch",
+        f"optimizer = {make}",
+        f"loader = torch.utils.data.DataLoader(train_set, batch_size={r['micro_batch_size']}, shuffle=True, "
+        "drop_last=True)",
+        f"accumulation = {r['accumulation_steps']}  # effective batch {r['batch_size']} = "
+        f"{r['micro_batch_size']} x {r['accumulation_steps']}",
+    ]
+    if r.get("warmup_steps"):
+        lines.append(f"scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / "
+                     f"{r['warmup_steps']}))  # linear warm-up; multiply your own schedule on top")
+    if r.get("lr_schedule"):
+        lines.append(f"# the winning trial also stepped the workload's schedule ({r['lr_schedule']}) after every "
+                     "optimizer step")
+    lines += ["for i, (x, y) in enumerate(loader):"]
+    body = "loss = loss_fn(model(x), y) / accumulation"
+    if r.get("precision") == "bf16":
+        lines += ["    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):", f"        {body}"]
+    else:
+        lines.append(f"    {body}")
+    lines += ["    loss.backward()", "    if (i + 1) % accumulation == 0:"]
+    if r.get("grad_clip"):
+        lines.append(f"        torch.nn.utils.clip_grad_norm_(model.parameters(), {r['grad_clip']:g})")
+    lines.append("        optimizer.step()")
+    if r.get("warmup_steps"):
+        lines.append("        scheduler.step()")
+    lines.append("        optimizer.zero_grad()")
+    return "\n".join(lines)
+
+
+def _lightning_snippet(r: Mapping[str, Any]) -> str:
+    opt = r.get("optimizer") or {}
+    cls = opt.get("class") or "SGD"
+    args = "".join(f", {k}={_py(opt[k])}" for k in _OPTIMIZER_KEYS if k in opt)
+    clip = f", gradient_clip_val={r['grad_clip']:g}" if r.get("grad_clip") else ""
+    prec = ', precision="bf16-mixed"' if r.get("precision") == "bf16" else ""
+    return "\n".join([
+        "def configure_optimizers(self):  # in your LightningModule",
+        f"    return torch.optim.{cls}(self.parameters(), lr={r['lr']:.6g}{args})",
+        f"train_loader = DataLoader(train_set, batch_size={r['micro_batch_size']}, shuffle=True, drop_last=True)",
+        f"trainer = L.Trainer(accumulate_grad_batches={r['accumulation_steps']}{clip}{prec})",
+        *([f"# warm-up: scale the LR by min(1, (step + 1) / {r['warmup_steps']}) over the first steps"]
+          if r.get("warmup_steps") else []),
+    ])
+
+
+def _keras_snippet(r: Mapping[str, Any]) -> str:
+    opt = r.get("optimizer") or {}
+    cls = opt.get("class") or "SGD"
+    names = {"eps": "epsilon", "weight_decay": "weight_decay", "momentum": "momentum", "nesterov": "nesterov",
+             "amsgrad": "amsgrad"}
+    args = [f"learning_rate={r['lr']:.6g}"]
+    betas = opt.get("betas")
+    if isinstance(betas, list) and len(betas) == 2:
+        args += [f"beta_1={betas[0]:.6g}", f"beta_2={betas[1]:.6g}"]
+    args += [f"{names[k]}={_py(opt[k])}" for k in names if opt.get(k) not in (None, 0, 0.0, False)]
+    if r.get("grad_clip"):
+        args.append(f"global_clipnorm={r['grad_clip']:g}")
+    keras_cls = {"AdamW": "AdamW", "Adam": "Adam", "SGD": "SGD", "RMSprop": "RMSprop"}.get(cls, cls)
+    return "\n".join([
+        *(['keras.mixed_precision.set_global_policy("mixed_bfloat16")'] if r.get("precision") == "bf16" else []),
+        f"model.compile(optimizer=keras.optimizers.{keras_cls}({', '.join(args)}), loss=loss, metrics=metrics)",
+        f"model.fit(x, y, batch_size={r['batch_size']}, ...)  # effective batch {r['batch_size']}",
+        *([f"# warm-up: {r['warmup_steps']} linear warm-up steps (a LearningRateSchedule)"]
+          if r.get("warmup_steps") else []),
+    ])
+
+
+def recipe(pick: Mapping[str, Any], *, batch: int, micro: int, acc: int, lr: float, warmup_steps: int,
+           precision: str, framework: str | None = None) -> dict[str, Any]:
+    """Everything needed to reproduce the winning trial: batch, accumulation, LR, every optimizer setting it used
+    (read from its optimizer's param group), warm-up, schedule, clipping, precision; plus paste-ready snippets
+    (PyTorch always; Lightning or Keras when the workload came from them)."""
+    opt = pick.get("optimizer") if isinstance(pick.get("optimizer"), Mapping) else None
+    out: dict[str, Any] = {
+        "batch_size": batch, "micro_batch_size": micro, "accumulation_steps": acc, "lr": lr,
+        "warmup_steps": warmup_steps, "precision": precision, "lr_rule": pick.get("lr_rule"),
+        "lr_schedule": pick.get("lr_schedule"), "grad_clip": pick.get("grad_clip"),
+        "optimizer": dict(opt) if opt else None, "seed": pick.get("seed"),
+    }
+    if opt is None:
+        out["note"] = ("this study did not record the optimizer's settings (made before batchfit recorded them); "
+                       "the optimizer is the workload's own, with the LR above")
+    snippets = {"pytorch": _pytorch_snippet(out)}
+    if framework == "lightning":
+        snippets["lightning"] = _lightning_snippet(out)
+    elif framework == "keras":
+        snippets["keras"] = _keras_snippet(out)
+    out["snippets"] = snippets
+    return out
+
+
+def _recipe_reason(r: Mapping[str, Any]) -> str:
+    opt = r.get("optimizer")
+    if not opt:
+        return f"Recipe: {r['note']}."
+    settings = ", ".join(f"{k} {_py(opt[k])}" for k in _OPTIMIZER_KEYS if k in opt)
+    extra = [f"grad clip {r['grad_clip']:g}"] if r.get("grad_clip") else []
+    if r.get("lr_schedule"):
+        extra.append(f"schedule {r['lr_schedule']}")
+    return (f"Recipe: {opt.get('class')} at LR {r['lr']:.4g}" + (f" with {settings}" if settings else "")
+            + (", " + ", ".join(extra) if extra else "") + f", warm-up {r['warmup_steps']} step(s), as the winning "
+            "trial ran them (its optimizer's param group); snippets in results.json and the report.")
 
 
 def recommend(
@@ -325,10 +566,13 @@ def recommend(
             (results.json). The finder's result, the LR check and the precision check are read from it when ``tune``
             stored them.
         find: the finder's dict (``FindResult.to_dict()``); default: the one in ``results``.
-        tolerance: relative quality tolerance, e.g. 0.01 = within 1 % of the best.
+        tolerance: only widens ties: quality differences below this relative margin are ties even when measured
+            precisely (each quality interval gets a half-width of at least ``tolerance / 2``), and a quality with
+            no measured noise is compared within it. The decision itself is :data:`DECISION_RULE`.
 
     Ranks on the sweep's primary metric; a workload without validation data is ranked on its training loss, and the
-    first reason says so.
+    first reason says so. New keys (old ones kept): ``intervals`` (per-batch evidence), ``tied``, ``flags``,
+    ``decision_rule``, ``critical_batch``, ``precision_advice`` and ``recipe``.
 
     >>> rec = recommend(load_results("runs/x/batchfit.db"))  # doctest: +SKIP
     >>> rec.batch_size, rec.lr  # doctest: +SKIP
@@ -339,14 +583,7 @@ def recommend(
     if find is None:
         find = data.get("find")
     metric = metric_of(data)
-    rows = [t for t in _best_per_batch(data, metric) if metric.of_trial(t) is not None]
-    if not rows:
-        what = "training-loss" if metric.name == "train_loss" else "validation"
-        raise ConfigError(
-            f"no finished trial with a {what} result to recommend from; run or resume the sweep "
-            "(batchfit sweep / batchfit tune) until at least one trial finishes"
-        )
-    pick, close, why_batch = _pick_batch(rows, metric, tolerance)
+    decision, pick, why_batch = _pick_batch(data, metric, tolerance)
     if metric.name == "train_loss":
         why_batch += (" The workload has no validation data, so the batch sizes were ranked on the training loss: "
                       "it says how fast each one trains, not how well it generalizes.")
@@ -354,15 +591,28 @@ def recommend(
     micro, acc, why_micro = _micro_batch(batch, pick, find)
     lr, why_lr = _lr_reason(data, pick, metric)
     warmup_steps, why_warmup = _warmup_reason(data, pick, lr)
-    precision, why_precision = _precision(data)
+    precision, why_precision, advice = _precision(data, batch, find)
     reasons = [why_batch, why_micro, why_lr, why_warmup, why_precision]
     context = _context_reason(data, batch)
     if context:
         reasons.append(context)
+    rec_recipe = recipe(pick, batch=batch, micro=micro, acc=acc, lr=lr, warmup_steps=warmup_steps,
+                        precision=precision, framework=data.get("framework"))
+    reasons.append(_recipe_reason(rec_recipe))
+    crit = critical_interval(data)
+    extra = {
+        "intervals": [decision.evidence[b].to_dict() for b in sorted(decision.evidence)],
+        "tied": sorted(int(b) for b in decision.choice.tied),
+        "flags": list(decision.flags),
+        "decision_rule": DECISION_RULE.format(metric=_metric_label(metric)),
+        "critical_batch": crit.to_dict() if crit is not None else None,
+        "precision_advice": advice,
+        "recipe": rec_recipe,
+    }
     return Recommendation(
         batch_size=batch, micro_batch_size=micro, accumulation_steps=acc, lr=lr, warmup_steps=warmup_steps,
-        precision=precision, reasons=reasons, candidates=[int(t["batch_size"]) for t in close],
-        tolerance=float(tolerance), metric=metric.name, higher_is_better=metric.higher_is_better,
+        precision=precision, reasons=reasons, candidates=sorted(int(b) for b in decision.choice.tied),
+        tolerance=float(tolerance), metric=metric.name, higher_is_better=metric.higher_is_better, extra=extra,
     )
 
 

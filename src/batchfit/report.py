@@ -2,10 +2,16 @@
 
 :func:`write_report` writes, each as soon as it is ready (atomically: a temp file, then a rename):
 
-- ``results.json``: the sweep's results dict plus ``"recommendation"``;
-- PNG plots (matplotlib, Agg canvas; loaded lazily): validation curves per batch size, final validation metric vs
-  batch size, throughput and peak memory vs batch size, steps-to-target vs batch size with the fitted
-  ``S(B) = S_min (1 + B_crit / B)`` curve (McCandlish et al. 2018), and B_simple over training;
+- ``results.json``: the sweep's results dict plus ``"recommendation"`` (with its per-batch ``intervals``, ``tied``,
+  ``flags``, ``decision_rule`` and ``recipe``) and B_crit's bootstrap ``interval``, ``support`` and
+  ``extrapolated`` inside ``critical_batch_size`` (new keys; the old ones are kept);
+- PNG plots (matplotlib, Agg canvas; loaded lazily): validation curves per batch size, the validation metric vs
+  batch size (seed means with 95 % error bars, the tied range shaded), throughput (pooled fit with error bars, every
+  trial's reading) and peak memory vs batch size, steps and time to target vs batch size with error bars and the
+  fitted ``S(B) = S_min (1 + B_crit / B)`` curve and B_crit's interval (McCandlish et al. 2018), and B_simple over
+  training;
+- the text says what the data can and cannot tell apart: the decision rule, the tied batch sizes, the flags, and
+  the recipe's snippets;
 - ``report.md`` (plots linked as files) and ``report.html`` (self-contained: plots embedded as base64 PNG, no
   server and no network needed).
 """
@@ -27,14 +33,14 @@ from batchfit.metric import Metric
 from batchfit.recommend import Recommendation, as_results, metric_of, recommend
 
 __all__ = ["PLOTS", "check_results", "make_plots", "render_html", "render_markdown", "summary_rows", "summary_table",
-           "write_report"]
+           "tell_apart_lines", "with_intervals", "write_report"]
 
 PLOTS = ("val_curves", "metric_vs_batch", "throughput_memory", "steps_to_target", "b_simple")
 _TITLES = {
     "val_curves": "Validation curves per batch size",
     "metric_vs_batch": "Final validation metric vs batch size",
     "throughput_memory": "Throughput and peak memory vs batch size",
-    "steps_to_target": "Steps to target vs batch size, with the fitted S(B)",
+    "steps_to_target": "Steps and time to target vs batch size, with the fitted S(B)",
     "b_simple": "Gradient noise scale B_simple over training",
 }
 
@@ -72,11 +78,41 @@ def metric_label(metric: Metric) -> str:
     return "val loss" if metric.name == "val_loss" else f"val {metric.name}"
 
 
-def summary_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _evidence_of(results: Mapping[str, Any], recommendation: Any = None) -> dict[int, Mapping[str, Any]]:
+    """The decision's per-batch evidence (quality, steps / time to target, seconds per step, each an interval)."""
+    rec = recommendation if recommendation is not None else results.get("recommendation")
+    if rec is None:
+        return {}
+    data = rec.to_dict() if hasattr(rec, "to_dict") else rec
+    return {int(e["batch_size"]): e for e in (data.get("intervals") or []) if isinstance(e, Mapping)}
+
+
+def _decision_of(results: Mapping[str, Any], recommendation: Any = None) -> tuple[int | None, set[int]]:
+    rec = recommendation if recommendation is not None else results.get("recommendation")
+    if rec is None:
+        return None, set()
+    data = rec.to_dict() if hasattr(rec, "to_dict") else rec
+    return data.get("batch_size"), {int(b) for b in data.get("tied") or []}
+
+
+def _iv_text(iv: Mapping[str, Any] | None, fmt: str = ".4g") -> str:
+    """``0.95 [0.94, 0.96]``, or the estimate alone with ``(n=1)`` when the interval is unknown."""
+    if not iv or iv.get("estimate") is None:
+        return "-"
+    est = _num(iv["estimate"], fmt)
+    if iv.get("low") is None or iv.get("high") is None:
+        return f"{est} (no interval)"
+    return f"{est} [{_num(iv['low'], fmt)}, {_num(iv['high'], fmt)}]"
+
+
+def summary_rows(results: Mapping[str, Any], recommendation: Any = None) -> list[dict[str, Any]]:
     """The guides' trade-off table, measured: one row per batch size (memory, speed, gradient noise,
-    generalization gap, epochs to converge), with the raw values."""
+    generalization gap, epochs to converge), with the raw values, and — from the recommendation's decision — each
+    batch size's quality and time to target with their 95 % intervals, its seeds, and whether it is tied."""
     metric = metric_of(results)
     global_bs = results.get("b_simple")
+    evidence = _evidence_of(results, recommendation)
+    chosen, tied = _decision_of(results, recommendation)
     rows = []
     for t in _rows_source(results):
         b_simple = t.get("b_simple")
@@ -98,16 +134,26 @@ def summary_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
             "epochs_to_target": t.get("epochs_to_target"),
             "steps_to_target": t.get("steps_to_target"),
             "seconds_to_target": t.get("seconds_to_target"),
+            "quality": (evidence.get(batch) or {}).get("quality"),
+            "time_to_target": (evidence.get(batch) or {}).get("time_to_target"),
+            "seeds": (evidence.get(batch) or {}).get("seeds"),
+            "decision": "chosen" if batch == chosen else ("tied" if batch in tied else ("apart" if evidence
+                                                                                        else "")),
         })
     return rows
 
 
-def summary_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["batch", "micro x accum", "LR", "status", f"best {metric_label(metric_of(results))}", "peak memory",
+def summary_table(results: Mapping[str, Any], recommendation: Any = None) -> tuple[list[str], list[list[str]]]:
+    """The table's header and text cells. The last four columns (new; the first thirteen keep their order) are the
+    decision's: quality with its 95 % interval over seeds, seeds, time to target with its interval, and whether the
+    batch size was chosen, tied with it (the data cannot tell them apart) or apart."""
+    label = metric_label(metric_of(results))
+    header = ["batch", "micro x accum", "LR", "status", f"best {label}", "peak memory",
               "samples/s",
-              "B_simple", "B / B_simple", "gen. gap", "epochs to target", "steps to target", "s to target"]
+              "B_simple", "B / B_simple", "gen. gap", "epochs to target", "steps to target", "s to target",
+              f"{label} (95 % interval)", "seeds", "time to target, s (95 % interval)", "decision"]
     body = []
-    for r in summary_rows(results):
+    for r in summary_rows(results, recommendation):
         micro = r["micro_batch_size"]
         body.append([
             str(r["batch_size"]),
@@ -123,6 +169,10 @@ def summary_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]
             _num(r["epochs_to_target"], ".3g"),
             _num(r["steps_to_target"], ".0f"),
             _num(r["seconds_to_target"], ".3g"),
+            _iv_text(r["quality"]),
+            str(r["seeds"] or "-"),
+            _iv_text(r["time_to_target"], ".3g"),
+            r["decision"] or "-",
         ])
     return header, body
 
@@ -158,8 +208,18 @@ def _study_lines(results: Mapping[str, Any]) -> list[str]:
         lines.append("target: " + ", ".join(f"{k} {v}" for k, v in target.items()))
     crit = results.get("critical_batch_size")
     if crit and crit.get("b_crit") is not None:
-        lines.append(f"critical batch B_crit {_num(crit.get('b_crit'), '.4g')}, S_min {_num(crit.get('s_min'), '.4g')}"
-                     f" steps, fit R^2 {_num(crit.get('r2'), '.3f')} over {len(crit.get('points') or [])} batch sizes")
+        iv = crit.get("interval") or {}
+        iv_txt = (f" (95 % interval {_num(iv.get('low'), '.3g')}-{_num(iv.get('high'), '.3g')}, stratified bootstrap "
+                  "over seeds)" if iv.get("low") is not None else
+                  " (no interval: one seed per batch size, resampling cannot show the noise)" if iv else "")
+        support = crit.get("support")
+        sup_txt = (f"; supported by batch sizes {support[0]}-{support[1]}" if isinstance(support, list) and support
+                   else "")
+        extra_txt = (f"; extrapolated beyond the largest batch that reached the target: read it as 'above "
+                     f"{support[1]}'" if crit.get("extrapolated") and sup_txt else "")
+        lines.append(f"critical batch B_crit {_num(crit.get('b_crit'), '.4g')}{iv_txt}, S_min "
+                     f"{_num(crit.get('s_min'), '.4g')} steps, fit R^2 {_num(crit.get('r2'), '.3f')} over "
+                     f"{len(crit.get('points') or [])} batch sizes{sup_txt}{extra_txt}")
     else:
         why = results.get("critical_batch_size_reason") or "too few batch sizes reached the target"
         lines.append(f"critical batch: not fitted ({why})")
@@ -225,35 +285,82 @@ def _plot_val_curves(results: Mapping[str, Any], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _errorbar(ax: Any, xs: list[float], ivs: list[Mapping[str, Any] | None], label: str, **kw: Any) -> bool:
+    """Points with 95 % error bars where the interval is known; hollow markers where it is not (one seed, no
+    measured noise: an unknown interval is never drawn as a zero-width one). True when any bar was drawn."""
+    known = [(x, iv) for x, iv in zip(xs, ivs) if iv and iv.get("low") is not None and iv.get("high") is not None]
+    unknown = [(x, iv) for x, iv in zip(xs, ivs) if iv and iv.get("estimate") is not None
+               and (iv.get("low") is None or iv.get("high") is None)]
+    color = kw.pop("color", None)
+    if known:
+        est = [float(iv["estimate"]) for _, iv in known]
+        lo = [max(0.0, e - float(iv["low"])) for e, (_, iv) in zip(est, known)]
+        hi = [max(0.0, float(iv["high"]) - e) for e, (_, iv) in zip(est, known)]
+        bars = ax.errorbar([x for x, _ in known], est, yerr=[lo, hi], fmt="o", capsize=3, color=color,
+                           label=f"{label} (95 % interval)", **kw)
+        color = bars[0].get_color()
+    if unknown:
+        ax.plot([x for x, _ in unknown], [float(iv["estimate"]) for _, iv in unknown], "o", mfc="none",
+                color=color, label=f"{label} (no interval: one seed)")
+    return bool(known)
+
+
 def _plot_metric_vs_batch(results: Mapping[str, Any], path: Path) -> Path | None:
     metric = metric_of(results)
     label = metric_label(metric)
     rows = [t for t in _rows_source(results) if metric.of_trial(t) is not None]
-    if not rows:
+    evidence = _evidence_of(results)
+    if not rows and not evidence:
         return None
     fig, ax = _figure()
-    bs = [t["batch_size"] for t in rows]
-    ax.plot(bs, [metric.of_trial(t) for t in rows], marker="o", label=f"best {label}")
-    final = [metric.of_record(t["history"][-1]) if t.get("history") else None for t in rows]
-    if any(f is not None for f in final):
-        ax.plot(bs, [math.nan if f is None else f for f in final], marker="s", linestyle="--",
-                label=f"final {label}")
+    if evidence:
+        bs = sorted(evidence)
+        _errorbar(ax, bs, [evidence[b].get("quality") for b in bs], f"{label}: seed mean of the best LR")
+        chosen, tied = _decision_of(results)
+        if tied:
+            lo, hi = min(tied), max(tied)
+            ax.axvspan(lo / 1.15, hi * 1.15, color="tab:green", alpha=0.08, label="tied: cannot be told apart")
+        if chosen in evidence:
+            ax.plot([chosen], [evidence[chosen]["quality"]["estimate"]], "*", ms=14, color="tab:green",
+                    label=f"chosen: {chosen}")
+    if rows:
+        bs_rows = [t["batch_size"] for t in rows]
+        ax.plot(bs_rows, [metric.of_trial(t) for t in rows], marker=".", linestyle=":", alpha=0.6,
+                label=f"best single {label} (max over evaluations)")
     ax.set_xscale("log", base=2)
     ax.set(xlabel="effective batch size", ylabel=label, title=f"{label} vs batch size")
-    ax.legend()
+    ax.legend(fontsize="small")
     return _save(fig, path)
 
 
 def _plot_throughput_memory(results: Mapping[str, Any], path: Path) -> Path | None:
     rows = [t for t in _rows_source(results) if t.get("samples_per_s") or t.get("peak_memory_bytes")]
-    if not rows:
+    evidence = _evidence_of(results)
+    if not rows and not evidence:
         return None
     fig, (ax_t, ax_m) = _figure(2)
-    bs = [t["batch_size"] for t in rows]
-    ax_t.plot(bs, [t.get("samples_per_s") or math.nan for t in rows], marker="o")
+    every = [t for t in results.get("trials") or [] if t.get("status") == "ok" and t.get("samples_per_s")]
+    if every:
+        ax_t.plot([t["batch_size"] for t in every], [t["samples_per_s"] for t in every], ".", color="gray",
+                  alpha=0.5, label="each trial")
+    if evidence:  # samples/s = B / (fitted seconds per step), its interval from the fit's
+        bs, ivs = sorted(evidence), []
+        for b in bs:
+            sec = evidence[b].get("seconds_per_step") or {}
+            est = sec.get("estimate")
+            if not est:
+                ivs.append(None)
+                continue
+            lo, hi = sec.get("low"), sec.get("high")
+            ivs.append({"estimate": b / est, "low": b / hi if hi else None, "high": b / lo if lo else None})
+        _errorbar(ax_t, bs, ivs, "pooled fit")
+    elif rows:
+        ax_t.plot([t["batch_size"] for t in rows], [t.get("samples_per_s") or math.nan for t in rows], marker="o")
     ax_t.set(xlabel="effective batch size", ylabel="samples/s", title="throughput")
+    if every or evidence:
+        ax_t.legend(fontsize="small")
     mem = [(t.get("peak_memory_bytes") or math.nan) / 2**20 for t in rows]
-    ax_m.plot(bs, mem, marker="o", color="tab:red")
+    ax_m.plot([t["batch_size"] for t in rows], mem, marker="o", color="tab:red")
     ax_m.set(xlabel="effective batch size", ylabel="peak memory (MiB)", title="peak memory")
     for ax in (ax_t, ax_m):
         ax.set_xscale("log", base=2)
@@ -266,21 +373,36 @@ def _plot_steps_to_target(results: Mapping[str, Any], path: Path) -> Path | None
         [t["batch_size"], t["steps_to_target"]] for t in _rows_source(results)
         if isinstance(t.get("steps_to_target"), (int, float))
     ]
-    if not points:
+    evidence = {b: e for b, e in _evidence_of(results).items() if e.get("steps_to_target")}
+    if not points and not evidence:
         return None
-    fig, ax = _figure()
-    ax.plot([p[0] for p in points], [p[1] for p in points], "o", label="measured")
+    fig, (ax, ax_t) = _figure(2)
+    if evidence:
+        bs = sorted(evidence)
+        _errorbar(ax, bs, [evidence[b]["steps_to_target"] for b in bs], "seed mean")
+        _errorbar(ax_t, bs, [evidence[b].get("time_to_target") for b in bs], "fitted S(B) x t(B)",
+                  color="tab:purple")
+    else:
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o", label="measured")
     b_crit, s_min = crit.get("b_crit"), crit.get("s_min")
+    xs = sorted(evidence) or [p[0] for p in points]
     if isinstance(b_crit, (int, float)) and isinstance(s_min, (int, float)):
-        lo, hi = min(p[0] for p in points), max(p[0] for p in points)
+        lo, hi = min(xs), max(xs)
         grid = [lo * (hi / lo) ** (i / 99) for i in range(100)] if hi > lo else [lo]
         ax.plot(grid, [s_min * (1 + b_crit / b) for b in grid], "-",
                 label=f"S(B) = {s_min:.3g} (1 + {b_crit:.3g}/B), R^2 {_num(crit.get('r2'), '.2f')}")
         ax.axvline(b_crit, color="gray", linestyle=":", label=f"B_crit = {b_crit:.3g}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+        iv = crit.get("interval") or {}
+        if iv.get("low") is not None and iv.get("high") is not None:
+            ax.axvspan(max(iv["low"], 1e-9), iv["high"], color="gray", alpha=0.12,
+                       label=f"B_crit 95 % interval {iv['low']:.3g}-{iv['high']:.3g}")
+    for a in (ax, ax_t):
+        a.set_xscale("log", base=2)
+        a.set_yscale("log")
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize="small")
     ax.set(xlabel="effective batch size", ylabel="optimizer steps to target", title="steps to target")
-    ax.legend(fontsize="small")
+    ax_t.set(xlabel="effective batch size", ylabel="seconds to target", title="time to target")
     return _save(fig, path)
 
 
@@ -341,15 +463,42 @@ def _rec_lines(rec: Recommendation | None) -> tuple[str | None, list[str]]:
     return rec.headline(), list(rec.reasons)
 
 
+def tell_apart_lines(rec: Recommendation | None) -> list[str]:
+    """What the data can and cannot tell apart: the decision rule, the tie (or the clear winner), the flags."""
+    if rec is None:
+        return []
+    lines = []
+    if rec.get("decision_rule"):
+        lines.append(f"Decision rule: {rec.get('decision_rule')}")
+    tied = rec.get("tied") or []
+    if len(tied) > 1:
+        lines.append(f"Cannot be told apart on {rec.metric}: batch sizes {', '.join(map(str, tied))} (their 95 % "
+                     f"intervals overlap); the choice among them, {rec.batch_size}, is made on time to target.")
+    elif tied:
+        lines.append(f"Told apart: batch {rec.batch_size}'s {rec.metric} is better than every other batch size "
+                     "beyond the noise.")
+    lines += [f"Flag: {f}" for f in rec.get("flags") or []]
+    return lines
+
+
+def _snippets(rec: Recommendation | None) -> dict[str, str]:
+    recipe = (rec.get("recipe") if rec is not None else None) or {}
+    return dict(recipe.get("snippets") or {})
+
+
 def render_markdown(results: Mapping[str, Any], recommendation: Recommendation | None,
                     plots: Mapping[str, Path], note: str | None = None) -> str:
-    header, body = summary_table(results)
+    header, body = summary_table(results, recommendation)
     parts = [f"# batchfit report: {results.get('workload')}", "",
              "## Summary: the batch-size trade-off, measured", "", _md_table(header, body), ""]
     head, reasons = _rec_lines(recommendation)
     parts += ["## Recommendation", ""]
     if head:
         parts += [f"**{head}**", ""] + [f"- {r}" for r in reasons] + [""]
+        parts += ["### What the data can and cannot tell apart", ""]
+        parts += [f"- {line}" for line in tell_apart_lines(recommendation)] + [""]
+        for name, code in _snippets(recommendation).items():
+            parts += [f"### Recipe: {name}", "", "```python", code, "```", ""]
     else:
         parts += [f"No recommendation yet: {note or 'no finished trial'}.", ""]
     parts += ["## Study", ""] + [f"- {line}" for line in _study_lines(results)] + [""]
@@ -370,6 +519,7 @@ th{background:#f3f3f3}
 tr.pick td{background:#eaf6ea;font-weight:600}
 .rec{background:#f6f9ff;border-left:4px solid #3b6fd8;padding:.6em 1em}
 img{max-width:100%;border:1px solid #eee}
+pre.recipe{background:#f7f7f7;padding:.6em 1em;overflow-x:auto}
 """
 
 
@@ -387,7 +537,7 @@ def render_html(results: Mapping[str, Any], recommendation: Recommendation | Non
                 plots: Mapping[str, Path], note: str | None = None) -> str:
     """A self-contained page: the plots are embedded as base64 PNG data URIs."""
     e = html.escape
-    header, body = summary_table(results)
+    header, body = summary_table(results, recommendation)
     pick = recommendation.batch_size if recommendation else None
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f"<title>batchfit report: {e(str(results.get('workload')))}</title>", f"<style>{_CSS}</style>",
@@ -398,6 +548,10 @@ def render_html(results: Mapping[str, Any], recommendation: Recommendation | Non
     if head:
         parts += ['<div class="rec">', f"<p><strong>{e(head)}</strong></p>", "<ul>"]
         parts += [f"<li>{e(r)}</li>" for r in reasons] + ["</ul>", "</div>"]
+        parts += ["<h3>What the data can and cannot tell apart</h3>", '<ul class="apart">']
+        parts += [f"<li>{e(line)}</li>" for line in tell_apart_lines(recommendation)] + ["</ul>"]
+        for name, code in _snippets(recommendation).items():
+            parts += [f"<h3>Recipe: {e(name)}</h3>", f'<pre class="recipe">{e(code)}</pre>']
     else:
         parts.append(f"<p>No recommendation yet: {e(note or 'no finished trial')}.</p>")
     parts += ["<h2>Study</h2>", "<ul>"] + [f"<li>{e(line)}</li>" for line in _study_lines(results)] + ["</ul>"]
@@ -470,6 +624,23 @@ def check_results(results: Mapping[str, Any], source: str = "the results") -> No
             raise ConfigError(f"{source}: {name} must be an object or null, got {type(v).__name__}")
 
 
+def with_intervals(results: Mapping[str, Any]) -> dict[str, Any]:
+    """``results`` with B_crit's bootstrap interval over seeds added to ``critical_batch_size`` (new keys:
+    ``interval``, ``s_min_interval``, ``support``, ``extrapolated``; the fitted values are kept as they are)."""
+    from batchfit.recommend import critical_interval
+
+    data = dict(results)
+    crit = data.get("critical_batch_size")
+    if isinstance(crit, Mapping) and crit.get("b_crit") is not None:
+        boot = critical_interval(data)
+        if boot is not None:
+            data["critical_batch_size"] = {**crit, "interval": boot.b_crit.to_dict(),
+                                           "s_min_interval": boot.s_min.to_dict(), "support": list(boot.support),
+                                           "extrapolated": bool(crit["b_crit"] > boot.support[1]),
+                                           "failed_resamples": boot.failed_resamples}
+    return data
+
+
 def write_report(
     results: Any,
     out_dir: str | Path,
@@ -494,10 +665,11 @@ def write_report(
             recommendation = recommend(results, tolerance=tolerance)
         except BatchfitError as exc:
             note = str(exc)
-    data = dict(results)
+    data = with_intervals(results)
     data["recommendation"] = recommendation.to_dict() if recommendation is not None else None
     paths: dict[str, Any] = {"results": write_json(out / "results.json", data)}
-    written = make_plots(results, out) if plots else {}
+    written = make_plots(data, out) if plots else {}
+    results = data
     paths["plots"] = written
     paths["markdown"] = _write_text(out / "report.md", render_markdown(results, recommendation, written, note))
     paths["html"] = _write_text(out / "report.html", render_html(results, recommendation, written, note))
