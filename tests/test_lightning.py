@@ -72,7 +72,7 @@ def test_callback_sizes_batch_keeps_effective_batch_and_logs_noise_scale() -> No
     initial = [p.detach().clone() for p in model.parameters()]
     # a budget in which about 24 samples fit (from the memory model batchfit fits at a generous budget)
     probe = find_batch_size(lightning_workload(model, data.train_dataloader()), memory_budget="64MiB",
-                            throughput=False, max_batch_size=64)
+                            throughput=False, batch_size_cap=64)
     mm = probe.memory_model
     budget = int(mm["fixed_bytes"] + 24 * mm["per_sample_bytes"])
     cb, weights = BatchfitBatchSize(memory_budget=budget, log_noise_scale=True), _Weights()
@@ -94,7 +94,7 @@ def test_callback_sizes_batch_keeps_effective_batch_and_logs_noise_scale() -> No
 
 def test_plenty_of_memory_and_not_keeping_the_batch() -> None:
     model, data = Net(), Data(batch_size=16)
-    cb = BatchfitBatchSize(memory_budget="64MiB", keep_effective_batch=False, max_batch_size=128)
+    cb = BatchfitBatchSize(memory_budget="64MiB", keep_effective_batch=False, batch_size_cap=128)
     trainer = _trainer(cb, accumulate_grad_batches=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -1,6 +1,13 @@
-"""Lightning -> batchfit: size the batch with batchfit's finder when ``fit`` starts, keep the effective batch.
+"""Lightning -> batchfit: a workload from a LightningModule and its data; a callback sizing the batch at ``fit``.
 
-::
+A workload (``batchfit tune`` / ``find`` / ``sweep`` / ``train`` on it; see :func:`lightning_workload`)::
+
+    from batchfit.integrations.lightning import lightning_workload
+
+    def make():       # batchfit tune -w lit_workload.py:make
+        return lightning_workload(LitClassifier, datamodule=MyData(), trainer=L.Trainer(gradient_clip_val=1.0))
+
+The callback::
 
     from batchfit.integrations.lightning import BatchfitBatchSize
 
@@ -10,10 +17,11 @@
 
 What it does, in ``on_fit_start`` (before the first training batch is loaded):
 
-1. Builds a batchfit :class:`~batchfit.Workload` from the LightningModule and the training data: the model's own
-   ``training_step`` computes the loss (so whatever the module does in it is what gets measured), its
-   ``configure_optimizers()`` gives the optimizer, and the train dataloader's dataset and ``collate_fn`` give the
-   batches. Only automatic optimization is supported.
+1. Builds a batchfit :class:`~batchfit.Workload` from the LightningModule and the training data
+   (:func:`lightning_workload` on a copy of the module): the module's own ``training_step`` computes the loss (so
+   whatever the module does in it is what gets measured), its ``configure_optimizers()`` gives the optimizer, the
+   train dataloader (re-created at each size) the batches, the Trainer's ``gradient_clip_val`` the clipping. Only
+   automatic optimization is supported.
 2. Runs :func:`batchfit.find_batch_size` on the module's device and precision: a few real probes, a fitted memory
    model, a verified largest batch and a recommended one with ``margin`` of headroom (or the throughput knee with
    ``use="knee"``). The module's weights, optimizer and RNG states are left exactly as they were.
@@ -426,7 +434,7 @@ class BatchfitBatchSize(Callback):
         memory_budget: e.g. ``"2GiB"``: size for this budget instead of all free memory (enforced on the CPU by
             counting tensor bytes, on CUDA with ``set_per_process_memory_fraction``).
         margin: headroom for the recommended size (default 5 %).
-        max_batch_size: never try larger.
+        batch_size_cap: never try larger (``max_batch_size`` is its old name).
         use: ``"recommended"`` (largest with margin) or ``"knee"`` (smallest batch within 5 % of the best measured
             throughput; times a few extra sizes).
         keep_effective_batch: keep ``batch_size x accumulate_grad_batches`` (default) or use the found size alone.
@@ -436,14 +444,15 @@ class BatchfitBatchSize(Callback):
     """
 
     def __init__(self, *, memory_budget: int | str | None = None, margin: float = 0.05,
-                 max_batch_size: int | None = None, use: str = "recommended", keep_effective_batch: bool = True,
+                 batch_size_cap: int | None = None, max_batch_size: int | None = None, use: str = "recommended",
+                 keep_effective_batch: bool = True,
                  batch_arg_name: str = "batch_size", log_noise_scale: bool = False, noise_beta: float = 0.95,
                  seed: int = 0) -> None:
         if use not in ("recommended", "knee"):
             raise ConfigError(f"use must be 'recommended' or 'knee', got {use!r}")
         self.memory_budget = memory_budget
         self.margin = margin
-        self.max_batch_size = max_batch_size
+        self.batch_size_cap = batch_size_cap if batch_size_cap is not None else max_batch_size
         self.use = use
         self.keep_effective_batch = keep_effective_batch
         self.batch_arg_name = batch_arg_name
@@ -471,7 +480,7 @@ class BatchfitBatchSize(Callback):
         precision = _PRECISIONS.get(str(trainer.precision), "fp32")
         self.result = find_batch_size(
             workload, device=device, precision=precision, memory_budget=self.memory_budget,
-            batch_size_cap=self.max_batch_size, margin=self.margin, throughput=self.use == "knee", seed=self.seed,
+            batch_size_cap=self.batch_size_cap, margin=self.margin, throughput=self.use == "knee", seed=self.seed,
         )
         found = self.result.recommended_batch_size
         if self.use == "knee" and self.result.throughput_knee_batch_size:
