@@ -581,3 +581,26 @@ def test_schema_creation_races_are_recognised_by_type() -> None:
     assert is_schema_race(sa_exc.IntegrityError("CREATE TYPE", {}, psycopg.errors.UniqueViolation("pg_type")))
     assert not is_schema_race(sa_exc.ProgrammingError("SELECT", {}, psycopg.errors.SyntaxError("bad sql")))
     assert not is_schema_race(RuntimeError("DuplicateObject"))  # a name in a message is not a type
+
+
+def test_seeds_are_a_sweep_dimension_stored_and_resumed(tmp_path: Path) -> None:
+    """11.2: replicate seeds are trials of the same study (keys ``..._s1``), every one kept by load_results, and a
+    rerun with more seeds (everywhere or for some batch sizes only) trains only the missing ones."""
+    url = _url(tmp_path)
+    kw = dict(budget="steps:4", storage=url, micro_batch_limit=16, measure_noise=False, seed=5)
+    res = sweep(classify(), batch_sizes=[8, 16], seeds=2, **kw)
+    trials = res.to_dict()["trials"]
+    assert sorted((t["batch_size"], t["seed"]) for t in trials) == [(8, 5), (8, 6), (16, 5), (16, 6)]
+    assert all(t["status"] == "ok" for t in trials)
+    assert trials[0]["optimizer"]["class"] == "SGD" and "momentum" in trials[0]["optimizer"]  # the recipe's source
+    same = [t for t in trials if t["batch_size"] == 8]
+    assert same[0]["history"] != same[1]["history"]  # another seed, another run
+    assert len(load_results(url).trials) == 4
+    ev = Events()
+    res = sweep(classify(), batch_sizes=[8, 16], seeds=2, replicates={16: 3}, progress=ev, **kw)
+    assert ev.started() == [16]  # only the new replicate trained
+    assert sorted((t.batch_size, t.seed) for t in res.trials) == [(8, 5), (8, 6), (16, 5), (16, 6), (16, 7)]
+    keys = {t.user_attrs["batchfit_config"]["key"] for t in open_study(url).get_trials()}
+    assert {"b8_m1", "b8_m1_s6", "b16_m1_s7"} <= keys  # the base seed keeps the pre-seeds key
+    with pytest.raises(ConfigError, match="seeds"):
+        sweep(classify(), batch_sizes=[8], seeds=0, **kw)

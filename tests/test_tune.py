@@ -57,7 +57,9 @@ def test_tune_runs_every_stage_and_resumes(tmp_path: Path, monkeypatch: pytest.M
     assert [t["batch_size"] for t in data["best_per_batch"]] == [8, 16, 32]
     assert all(t["status"] == "ok" for t in data["trials"])
     # every stage ran and reported, in the recipe's order, in the one progress convention
-    assert finished == [1, 2, 3]
+    # the first seed of each batch, then racing's added seeds (the count goes on; results.json keeps up)
+    assert finished[:3] == [1, 2, 3] and finished == sorted(finished) and finished[-1] == len(data["trials"])
+    assert {t["seed"] for t in data["trials"]} <= {0, 1, 2}
     assert [e.stage for e in events if e.kind == "end"] == list(STAGES)
     assert {e.stage for e in events if e.kind == "start"} >= {"noise", "lr_check", "sweep", "precision", "report"}
     # every result is on disk, and results.json is the TuneResult's dict form
@@ -264,9 +266,10 @@ def test_out_dir_that_is_a_file(tmp_path: Path) -> None:
 def test_lr_calibration_moves_an_untuned_base_lr_and_keeps_a_good_one(tmp_path: Path) -> None:
     from batchfit.study import parse_budget
 
-    wl = make_tiny_workload(lr=1e-3)  # SGD at 1e-3 barely moves in a few epochs: larger LRs score clearly better
+    # SGD at 1e-3 barely moves in 60 steps: larger LRs score better beyond the noise of 400 validation samples
+    wl = make_tiny_workload(lr=1e-3, n_val=400)
     run = _Run(tmp_path, None, {"workload": "tiny"}, "cpu", "fp32", 0)
-    res = _calibrate_lr(wl, run, budget=parse_budget("epochs:4"), multipliers=LR_CALIBRATION_MULTIPLIERS,
+    res = _calibrate_lr(wl, run, budget=parse_budget("epochs:40"), multipliers=LR_CALIBRATION_MULTIPLIERS,
                         tolerance=0.01)
     assert isinstance(res, LRCheck)
     scores = {r["multiplier"]: r["score"] for r in res.runs}
@@ -280,6 +283,141 @@ def test_lr_calibration_moves_an_untuned_base_lr_and_keeps_a_good_one(tmp_path: 
     assert res.best_multiplier == best and res.lr == pytest.approx(1e-3 * best)
     assert json.loads((tmp_path / "lr.json").read_text())["best_multiplier"] == best
     # with a tolerance wide enough to cover the gap, the base LR is kept
-    kept = _calibrate_lr(wl, dataclasses.replace(run, out=tmp_path / "b"), budget=parse_budget("epochs:4"),
+    assert "better beyond the noise" in res.decision
+    kept = _calibrate_lr(wl, dataclasses.replace(run, out=tmp_path / "b"), budget=parse_budget("epochs:40"),
                          multipliers=LR_CALIBRATION_MULTIPLIERS, tolerance=0.9)
     assert kept.best_multiplier == 1.0 and kept.kept_base
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 11: seeds, racing, the interleaved precision check, LR-check replicates
+
+
+def _synthetic_trial(batch: int, seed: int, acc: float, steps: float) -> dict[str, Any]:
+    hist = [{"step": i, "val_metrics": {"accuracy": acc * f}} for i, f in enumerate((0.8, 0.9, 1.0, 1.0))]
+    return {"batch_size": batch, "lr_multiplier": 1.0, "lr": 0.01, "status": "ok", "seed": seed, "history": hist,
+            "samples_per_s": batch / (0.001 + 0.0001 * batch), "steps_to_target": steps}
+
+
+class _FakeSweep:
+    """Stands for the sweep: every call trains (synthetically) the seeds ``replicates`` asks for that are missing;
+    16 and 32 are tied on accuracy, 256 is clearly worse."""
+
+    TRUTH = {16: (0.95, 420.0), 32: (0.95, 230.0), 256: (0.80, 100.0)}
+
+    def __init__(self) -> None:
+        self.trained: list[tuple[int, int]] = []
+        self.calls: list[dict[int, int] | None] = []
+
+    def __call__(self, replicates: dict[int, int] | None) -> dict[str, Any]:
+        self.calls.append(replicates)
+        import numpy as np
+
+        for b in self.TRUTH:
+            for seed in range((replicates or {}).get(b, 1)):
+                if (b, seed) not in self.trained:
+                    self.trained.append((b, seed))
+        trials = []
+        for b, seed in self.trained:
+            rng = np.random.default_rng(1000 * b + seed)
+            acc, steps = self.TRUTH[b]
+            trials.append(_synthetic_trial(b, seed, acc + 0.004 * rng.standard_normal(),
+                                           steps * rng.lognormal(0, 0.05)))
+        return {"primary_metric": "accuracy", "higher_is_better": True, "trials": trials, "num_val": 360}
+
+
+def test_racing_adds_seeds_only_to_undecided_batch_sizes(tmp_path: Path) -> None:
+    import batchfit.tuning as tuning
+
+    fake = _FakeSweep()
+    run = _Run(tmp_path, None, {}, "cpu", "fp32", 0)
+    final = tuning._race(fake(None), fake, {}, run, tolerance=0.01, cap=3)
+    seeds = tuning.seeds_per_batch(final)
+    assert seeds == {16: 3, 32: 3, 256: 1}  # 256 is apart after one seed: never replicated
+    assert fake.calls == [None, {16: 2, 32: 2}, {16: 3, 32: 3}]
+    assert len(final["trials"]) == 7  # 3 + 2 + 2 trials, not 9
+    want, why = tuning.race_round(final, tolerance=0.01, cap=3)
+    assert want == {} and ("cap" in why or "stable" in why)
+
+
+def test_race_round_stops_when_the_decision_is_stable() -> None:
+    from batchfit.tuning import race_round
+
+    clear = {"primary_metric": "accuracy", "higher_is_better": True, "num_val": 100_000,
+             "trials": [_synthetic_trial(16, 0, 0.95, 400), _synthetic_trial(64, 0, 0.80, 100)]}
+    assert race_round(clear, tolerance=0.0, cap=3) == ({}, "stable: batch 16 is better than every other beyond the "
+                                                           "noise")
+    tied = dict(clear, num_val=None)  # one seed, no validation size: nothing can be told apart
+    assert race_round(tied, tolerance=0.0, cap=3)[0] == {16: 2, 64: 2}
+
+
+def test_seeds_forces_n_seeds_everywhere(tmp_path: Path) -> None:
+    res = tune(make_tiny_workload(), out_dir=tmp_path, seeds=2, **TINY)
+    trials = res.to_dict()["trials"]
+    assert sorted((t["batch_size"], t["seed"]) for t in trials) == [(8, 0), (8, 1), (16, 0), (16, 1)]
+    assert {e["batch_size"]: e["seeds"] for e in res.recommendation.get("intervals")} == {8: 2, 16: 2}
+    with pytest.raises(ConfigError, match="seeds"):
+        tune(make_tiny_workload(), out_dir=tmp_path / "x", seeds=0, **TINY)
+
+
+def test_precision_check_interleaves_repeated_timings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """11.4: fp32 and bf16 alternate (a load change hits both), each round gives one step time, and the advice is
+    taken from the two samples: a bf16 'speed-up' inside the noise keeps fp32."""
+    import numpy as np
+
+    import batchfit.tuning as tuning
+
+    order: list[str] = []
+    rng = np.random.default_rng(0)
+
+    def fake_round(workload: Any, run: Any, rec: Any, precision: str, steps: int, dev: Any) -> dict[str, Any]:
+        order.append(precision)
+        t = 0.01 * rng.lognormal(0, 0.3)  # the same speed, a noisy machine
+        return {"status": "ok", "step_seconds": t, "samples_per_s": rec.batch_size / t, "peak_memory_bytes": None,
+                "train_loss": 0.5, "val_loss": 0.6, "seconds": 0.1}
+
+    monkeypatch.setattr(tuning, "_precision_round", fake_round)
+    rec = recommend(__import__("_study_fixture").make_results())
+    run = _Run(tmp_path, None, {}, "cpu", "fp32", 0)
+    check = tuning._precision_check(make_tiny_workload(), run, rec, steps=48)
+    assert order == ["fp32", "bf16"] * tuning.PRECISION_ROUNDS
+    assert len(check["fp32"]["step_seconds"]) == len(check["bf16"]["step_seconds"]) == tuning.PRECISION_ROUNDS
+    res = dict(__import__("_study_fixture").make_results(), precision_check=check)
+    advised = recommend(res)
+    assert advised.precision == "fp32" and "not a speed-up beyond the noise" in advised.reasons[4]
+
+
+def test_lr_check_replicates_a_close_call_and_keeps_the_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """11.2: x2 looks 0.3 % better than x1 on one seed: both get more seeds; still inside the noise -> base kept,
+    and the check says so. A clear win moves the base LR without extra seeds."""
+    import batchfit.tuning as tuning
+    from batchfit.study import parse_budget
+
+    def fake(scores: dict[float, float]) -> Any:
+        calls: list[tuple[float, int]] = []
+
+        def lr_run(workload: Any, run: Any, metric: Any, batch: int, steps: int, m: float,
+                   seed: int | None = None) -> dict[str, Any]:
+            calls.append((m, seed))
+            noise = 0.004 * ((seed or 0) % 3 - 1)
+            return {"multiplier": m, "lr": 0.1 * m, "score": scores.get(m, 0.5) + noise, "diverged": False,
+                    "seconds": 0.0, "samples": 1, "seed": seed}
+
+        return lr_run, calls
+
+    close = {0.25: 0.80, 0.5: 0.90, 1.0: 0.950, 2.0: 0.953, 4.0: 0.90, 8.0: 0.7}
+    lr_run, calls = fake(close)
+    monkeypatch.setattr(tuning, "_lr_run", lr_run)
+    run = _Run(tmp_path, None, {"workload": "tiny"}, "cpu", "fp32", 0)
+    check = _calibrate_lr(make_tiny_workload(n_val=1000), run, budget=parse_budget("epochs:2"),
+                          multipliers=LR_CALIBRATION_MULTIPLIERS, tolerance=0.0)
+    assert check.kept_base and check.best_multiplier == 1.0
+    assert sorted(c for c in calls if c[1] != 0) == [(1.0, 1), (1.0, 2), (2.0, 1), (2.0, 2)]  # only the close two
+    assert "inside the noise" in check.decision and check.intervals["2"]["n"] == 3
+    clear = {0.25: 0.5, 0.5: 0.6, 1.0: 0.70, 2.0: 0.95, 4.0: 0.80, 8.0: 0.6}
+    lr_run, calls = fake(clear)
+    monkeypatch.setattr(tuning, "_lr_run", lr_run)
+    moved = _calibrate_lr(make_tiny_workload(n_val=1000), dataclasses.replace(run, out=tmp_path / "b"),
+                          budget=parse_budget("epochs:2"), multipliers=LR_CALIBRATION_MULTIPLIERS, tolerance=0.0)
+    assert moved.best_multiplier == 2.0 and not moved.kept_base and "beyond the noise" in moved.decision
+    assert all(seed == 0 for _, seed in calls)  # decided on one seed each

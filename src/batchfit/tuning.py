@@ -50,10 +50,14 @@ __all__ = [
     "DEFAULT_BUDGET",
     "DEFAULT_NOISE_STEPS",
     "LRCheck",
+    "RACE_MAX_SEEDS",
     "STAGES",
     "TuneResult",
     "default_batch_sizes",
+    "framework_of",
     "noise_probe_batch",
+    "race_round",
+    "seeds_per_batch",
     "tune",
 ]
 
@@ -65,12 +69,17 @@ DEFAULT_BUDGET = "epochs:20"
 DEFAULT_NOISE_STEPS = 100
 STAGES = ("find", "noise", "lr_check", "sweep", "precision", "report")
 EVALS_PER_EPOCH = 4  # at the smallest batch size: finer steps-to-target at little cost
-PRECISION_CHECK_STEPS = 50
+PRECISION_CHECK_STEPS = 48  # in PRECISION_ROUNDS interleaved rounds per precision
+PRECISION_ROUNDS = 6
+PRECISION_MIN_ROUND_STEPS = 4
 LR_CALIBRATION_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 LR_CALIBRATION_EXTEND = 3  # extra x2 steps when the best LR is at an edge of the range
 LR_CALIBRATION_BUDGET_DIVISOR = 4  # each check run gets 1/4 of a sweep trial's steps at the base batch
+LR_CHECK_SEEDS = 3  # seeds (in all) for the base and the best multiplier when their scores are close
 NOISE_PROBE_BATCH = 16  # the probe's batch when the workload's base batch is too small to split (B = 1)
 STATE_FILE = "tune_state.json"
+RACE_MAX_SEEDS = 3  # racing adds seeds to undecided batch sizes up to this many
+MAX_SEEDS = 64
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -89,6 +98,8 @@ class LRCheck:
     best_multiplier: float = 1.0
     lr: float = 0.0
     kept_base: bool = True
+    intervals: dict[str, Any] = field(default_factory=dict)  # multiplier -> its score's interval (Interval dict)
+    decision: str = ""  # what was decided and whether it was beyond the noise
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -361,16 +372,60 @@ def _noise(workload: Workload, run: _Run, *, steps: int, batch_size: int) -> dic
     return data
 
 
-def _lr_run(workload: Workload, run: _Run, metric: Any, batch: int, steps: int, m: float) -> dict[str, Any]:
+def _lr_run(workload: Workload, run: _Run, metric: Any, batch: int, steps: int, m: float,
+            seed: int | None = None) -> dict[str, Any]:
+    """One LR-check run; its score is the best 3-evaluation moving average (:func:`batchfit.decide.quality_of_trial`),
+    not the maximum over its evaluations, which is biased up by the noise."""
+    from batchfit.decide import quality_of_trial
     from batchfit.engine import train
 
+    seed = run.seed if seed is None else seed
     lr = workload.base_lr * m
     r = train(workload, batch_size=batch, lr=lr, steps=steps, device=run.device, precision=run.precision,
-              seed=run.seed)
+              seed=seed)
     values = [v for h in r.history if (v := metric.of_record(h)) is not None]
-    score = None if r.diverged or not values else metric.best(values)
+    score = None if r.diverged or not values else quality_of_trial({"history": r.history}, metric)
     return {"multiplier": m, "lr": lr, "score": score, "diverged": r.diverged, "seconds": r.seconds,
-            "samples": r.samples}
+            "samples": r.samples, "seed": seed}
+
+
+def _lr_intervals(runs: Sequence[Mapping[str, Any]], metric: Any, num_val: int | None,
+                  tolerance: float) -> dict[float, Any]:
+    """Each multiplier's score as an interval: a t interval over its seeds, with one seed the validation set's
+    sampling interval (binomial for an accuracy on ``num_val`` samples), widened to ``tolerance / 2``."""
+    from batchfit.decide import _sampling_interval, _with_margin
+    from batchfit.stats import mean_interval
+
+    by_m: dict[float, list[float]] = {}
+    for r in runs:
+        if r.get("score") is not None:
+            by_m.setdefault(float(r["multiplier"]), []).append(float(r["score"]))
+    out = {}
+    for m, vals in sorted(by_m.items()):
+        iv = mean_interval(vals) if len(vals) > 1 else _sampling_interval({"val_samples": num_val}, vals[0], metric,
+                                                                           0.95)
+        out[m] = _with_margin(iv, tolerance / 2)
+    return out
+
+
+def _lr_decision(runs: Sequence[Mapping[str, Any]], metric: Any, num_val: int | None,
+                 tolerance: float) -> tuple[float, bool, dict[float, Any]]:
+    """``(chosen multiplier, decided beyond the noise, intervals)``: the base LR (x1) is kept unless another
+    multiplier's interval lies entirely on the better side of the base's."""
+    ivs = _lr_intervals(runs, metric, num_val, tolerance)
+    if not ivs:
+        return 1.0, True, ivs
+    best = min(ivs, key=lambda m: (_order(metric, ivs[m].estimate), abs(math.log2(m))))
+    if 1.0 not in ivs:  # the base LR diverged (or gave nothing): the best that trained
+        return best, True, ivs
+    if best == 1.0:
+        return 1.0, True, ivs
+    return (best, True, ivs) if not ivs[best].overlaps(ivs[1.0]) else (1.0, False, ivs)
+
+
+def _order(metric: Any, value: float) -> float:
+    """Smaller is better."""
+    return -value if metric.higher_is_better else value
 
 
 def _next_multiplier(runs: Sequence[Mapping[str, Any]], metric: Any) -> float | None:
@@ -386,70 +441,117 @@ def _next_multiplier(runs: Sequence[Mapping[str, Any]], metric: Any) -> float | 
 
 
 def _calibrate_lr(workload: Workload, run: _Run, *, budget: Any, multipliers: Sequence[float],
-                  tolerance: float) -> LRCheck:
+                  tolerance: float, replicates: int = LR_CHECK_SEEDS) -> LRCheck:
     """Check the workload's base LR at its own base batch: short runs (a quarter of the sweep's budget) at
-    ``base_lr x m`` for each multiplier; keep the base LR unless another is better by more than ``tolerance``.
+    ``base_lr x m`` for each multiplier; move the base LR only when another multiplier is better beyond the noise.
 
     Every rule scales the LR *from* the base point, so an untuned base LR skews every batch size's result alike;
     Shallue et al. (2019) show that comparisons between batch sizes are only fair with the LR tuned. A quarter of the
     budget keeps this cheap; short runs favour larger LRs (Wu et al. 2018, short-horizon bias), which is why the base LR
-    is kept unless clearly beaten. Each finished run is saved at once (``lr.json``, marked partial), so a rerun after
-    an interruption does not redo it.
+    is kept unless clearly beaten. Each score is an interval (:func:`_lr_intervals`); when the best multiplier's
+    overlaps the base's, both get more seeds (up to ``replicates`` in all; racing, Maron & Moore 1997) and the base
+    LR moves only if the best is then better beyond the noise — else it is kept and the check says so. Each finished
+    run is saved at once (``lr.json``, marked partial), so a rerun after an interruption does not redo it.
     """
     from batchfit.metric import Metric
-    from batchfit.recommend import within_tolerance
 
     batch = min(workload.base_batch_size, workload.num_train)
     steps = max(1, budget.steps_for(batch, workload.num_train) // LR_CALIBRATION_BUDGET_DIVISOR)
-    key = run.key(batch=batch, steps=steps, multipliers=list(multipliers), tolerance=tolerance)
+    key = run.key(batch=batch, steps=steps, multipliers=list(multipliers), tolerance=tolerance,
+                  replicates=replicates, score="smoothed-3")
     cached = _cached(run.out, "lr", key)
     if cached is not None:
         check = LRCheck.from_dict(cached)
         run.emit("lr_check", "end", f"resumed: base LR x{check.best_multiplier:g} = {check.lr:.3g}", resumed=True)
         return check
     metric = Metric.for_workload(workload)
+    num_val = workload.num_val
     partial = _cached(run.out, "lr", key, partial=True) or {}
-    done = {r["multiplier"]: r for r in partial.get("runs") or []}
+    done = {(r["multiplier"], r.get("seed", run.seed)): r for r in partial.get("runs") or []}
     check = LRCheck(batch_size=batch, steps=steps, metric=metric.name, base_lr=workload.base_lr, runs=[])
     run.emit("lr_check", "start", f"base LR {workload.base_lr:.3g} at batch {batch}: {len(multipliers)} LRs x "
                                   f"{steps} steps", total=len(multipliers))
+
+    def one(m: float, seed: int, left: int) -> None:
+        if (m, seed) in done:
+            check.runs.append(done[(m, seed)])
+        else:
+            check.runs.append(_lr_run(workload, run, metric, batch, steps, m, seed=seed))
+            _store(run.out, "lr", key, check.to_dict(), partial=True)
+        score = check.runs[-1]["score"]
+        run.emit("lr_check", "update", (f"x{m:g} seed {seed}: {metric.name} {score:.4g}" if score is not None
+                                        else f"x{m:g} seed {seed}: diverged"),
+                 completed=len(check.runs), total=len(check.runs) + left)
+
     todo: list[float] = list(multipliers)
     extended = 0
     while todo:
-        m = todo.pop(0)
-        if m in done:
-            check.runs.append(done[m])
-        else:
-            check.runs.append(_lr_run(workload, run, metric, batch, steps, m))
-            _store(run.out, "lr", key, check.to_dict(), partial=True)
-        score = check.runs[-1]["score"]
-        run.emit("lr_check", "update", f"x{m:g}: {metric.name} {score:.4g}" if score is not None
-                 else f"x{m:g}: diverged", completed=len(check.runs), total=len(check.runs) + len(todo))
+        one(todo.pop(0), run.seed, len(todo))
         nxt = _next_multiplier(check.runs, metric) if not todo and extended < LR_CALIBRATION_EXTEND else None
         if nxt is not None:
             extended += 1
             todo.append(nxt)
             run.emit("lr_check", "update", f"best at the edge: trying x{nxt:g}", completed=len(check.runs),
                      total=len(check.runs) + 1)
-    scored = [x for x in check.runs if x["score"] is not None]
-    best = min(scored, key=lambda x: metric.sort_key(x["score"])) if scored else None
-    base = next((x for x in scored if x["multiplier"] == 1.0), None)
-    keep_base = best is None or (base is not None and within_tolerance(base["score"], best["score"], tolerance,
-                                                                       metric.higher_is_better))
-    chosen = base if keep_base and base is not None else best
-    check.best_multiplier = chosen["multiplier"] if chosen else 1.0
-    check.lr, check.kept_base = workload.base_lr * check.best_multiplier, check.best_multiplier == 1.0
+    chosen, decided, ivs = _lr_decision(check.runs, metric, num_val, tolerance)
+    best = min(ivs, key=lambda m: (_order(metric, ivs[m].estimate), abs(math.log2(m)))) if ivs else None
+    if not decided and best is not None:  # close: more seeds for the base and the best, then decide again
+        for extra_seed in range(1, replicates):
+            for m in (1.0, best):
+                one(m, run.seed + extra_seed, 0)
+            chosen, decided, ivs = _lr_decision(check.runs, metric, num_val, tolerance)
+            if decided:
+                break
+    check.best_multiplier = chosen
+    check.lr, check.kept_base = workload.base_lr * chosen, chosen == 1.0
+    check.intervals = {f"{m:g}": iv.to_dict() for m, iv in ivs.items()}
+    check.decision = _lr_decision_text(workload.base_lr, chosen, best, decided, ivs, metric.name)
     _store(run.out, "lr", key, check.to_dict())
-    msg = (f"kept the base LR {workload.base_lr:.3g}" if check.kept_base else
-           f"base LR {workload.base_lr:.3g} -> {check.lr:.3g} (x{check.best_multiplier:g}: {metric.name} "
-           f"{chosen['score']:.4g} vs {base['score'] if base else float('nan'):.4g})")  # type: ignore[index]
-    run.emit("lr_check", "end", msg)
+    run.emit("lr_check", "end", check.decision)
     return check
 
 
-def _precision_check(workload: Workload, run: _Run, rec: Recommendation, *, steps: int) -> dict[str, Any]:
-    """A short measured run of the recommended configuration in fp32 and in bf16 (same steps, same seed)."""
-    from batchfit.engine import check_precision, resolve_device, train
+def _lr_decision_text(base_lr: float, chosen: float, best: float | None, decided: bool, ivs: Mapping[float, Any],
+                      name: str) -> str:
+    if best is None:
+        return f"kept the base LR {base_lr:.3g}: no LR-check run gave a score"
+    if chosen != 1.0:
+        base = f" vs x1 {ivs[1.0]}" if 1.0 in ivs else " (x1 gave no score)"
+        return (f"base LR {base_lr:.3g} -> {base_lr * chosen:.3g}: x{chosen:g} scored {name} {ivs[chosen]}{base}, "
+                "better beyond the noise")
+    if best == 1.0:
+        return f"kept the base LR {base_lr:.3g}: x1 scored the best {name} {ivs[1.0]}"
+    seeds = ivs[best].n if ivs[best].known else 1
+    return (f"kept the base LR {base_lr:.3g}: x{best:g} scored {name} {ivs[best]} vs x1 {ivs[1.0]}, inside the "
+            f"noise over {seeds} seed(s), so the base LR stays")
+
+
+def _precision_round(workload: Workload, run: _Run, rec: Recommendation, precision: str, steps: int,
+                     dev: Any) -> dict[str, Any]:
+    from batchfit.engine import train
+
+    try:
+        r = train(workload, batch_size=rec.batch_size, micro_batch_size=rec.micro_batch_size, lr=rec.lr,
+                  warmup=rec.warmup_steps, steps=steps, precision=precision, device=dev, seed=run.seed,
+                  drop_last=True, eval_every=steps)
+    except BatchfitError as exc:
+        return {"status": "failed", "error": str(exc)}
+    last = r.history[-1] if r.history else {}
+    return {"status": "diverged" if r.diverged else "ok", "samples_per_s": r.samples_per_s,
+            "step_seconds": rec.batch_size / r.samples_per_s if r.samples_per_s else None,
+            "peak_memory_bytes": r.peak_memory_bytes, "train_loss": last.get("train_loss"),
+            "val_loss": last.get("val_loss"), "seconds": r.seconds}
+
+
+def _precision_check(workload: Workload, run: _Run, rec: Recommendation, *, steps: int,
+                     rounds: int = PRECISION_ROUNDS) -> dict[str, Any]:
+    """The recommended configuration in fp32 and bf16, timed in ``rounds`` interleaved rounds (fp32, bf16, fp32,
+    bf16, ...) of ``steps // rounds`` steps each, so a load change on the machine hits both alike; each round gives
+    one step time per precision, and :func:`batchfit.decide.advise_precision` decides from the two samples (a
+    speed-up must exceed the measured noise, memory counts only where it binds)."""
+    import statistics
+
+    from batchfit.engine import check_precision, resolve_device
 
     dev = resolve_device(run.device)
     if run.precision == "fp16":
@@ -458,28 +560,42 @@ def _precision_check(workload: Workload, run: _Run, rec: Recommendation, *, step
         check_precision("bf16", dev)
     except ConfigError as exc:
         return {"note": f"bf16 is not available here ({exc})"}
-    key = run.key(steps=steps, batch_size=rec.batch_size, micro_batch_size=rec.micro_batch_size, lr=rec.lr,
-                  warmup_steps=rec.warmup_steps)
+    per_round = max(PRECISION_MIN_ROUND_STEPS, steps // rounds)
+    key = run.key(steps=steps, rounds=rounds, batch_size=rec.batch_size, micro_batch_size=rec.micro_batch_size,
+                  lr=rec.lr, warmup_steps=rec.warmup_steps)
     cached = _cached(run.out, "precision", key)
     if cached is not None:
         run.emit("precision", "end", "resumed", resumed=True)
         return cached
-    run.emit("precision", "start", f"fp32 vs bf16 at batch {rec.batch_size} for {steps} steps", total=2)
-    check: dict[str, Any] = {"steps": steps, "batch_size": rec.batch_size, "micro_batch_size": rec.micro_batch_size}
-    for i, p in enumerate(("fp32", "bf16")):
-        try:
-            r = train(workload, batch_size=rec.batch_size, micro_batch_size=rec.micro_batch_size, lr=rec.lr,
-                      warmup=rec.warmup_steps, steps=steps, precision=p, device=dev, seed=run.seed, drop_last=True)
-            last = r.history[-1] if r.history else {}
-            check[p] = {"status": "diverged" if r.diverged else "ok", "samples_per_s": r.samples_per_s,
-                        "peak_memory_bytes": r.peak_memory_bytes, "train_loss": last.get("train_loss"),
-                        "val_loss": last.get("val_loss"), "seconds": r.seconds}
-        except BatchfitError as exc:
-            check[p] = {"status": "failed", "error": str(exc)}
-        run.emit("precision", "update", f"{p} done", completed=i + 1, total=2)
+    run.emit("precision", "start", f"fp32 vs bf16 at batch {rec.batch_size}: {rounds} interleaved rounds of "
+                                   f"{per_round} steps", total=2 * rounds)
+    check: dict[str, Any] = {"steps": per_round * rounds, "rounds": rounds, "steps_per_round": per_round,
+                             "batch_size": rec.batch_size, "micro_batch_size": rec.micro_batch_size}
+    runs: dict[str, list[dict[str, Any]]] = {"fp32": [], "bf16": []}
+    for i in range(rounds):
+        for p in ("fp32", "bf16"):
+            runs[p].append(_precision_round(workload, run, rec, p, per_round, dev))
+            run.emit("precision", "update", f"round {i + 1}: {p}", completed=2 * i + (p == "bf16") + 1,
+                     total=2 * rounds)
+        if any(r["status"] != "ok" for r in (runs["fp32"][-1], runs["bf16"][-1])):
+            break  # a failed or diverged run: the comparison stops there
+    for p, rs in runs.items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        bad = next((r for r in rs if r["status"] != "ok"), None)
+        if bad is not None or not ok:
+            check[p] = dict(bad or {"status": "failed", "error": "no run finished"})
+            continue
+        times = [r["step_seconds"] for r in ok if r.get("step_seconds")]
+        losses = [r["train_loss"] for r in ok if r.get("train_loss") is not None]
+        check[p] = {"status": "ok", "step_seconds": times,
+                    "samples_per_s": rec.batch_size / statistics.median(times) if times else None,
+                    "peak_memory_bytes": ok[0].get("peak_memory_bytes"),
+                    "train_loss": statistics.median(losses) if losses else None,
+                    "val_loss": ok[-1].get("val_loss"), "seconds": sum(r.get("seconds") or 0.0 for r in ok)}
     _store(run.out, "precision", key, check)
-    sp = [(check[p] or {}).get("samples_per_s") for p in ("fp32", "bf16")]
-    run.emit("precision", "end", "samples/s fp32 {} vs bf16 {}".format(*(f"{s:.0f}" if s else "-" for s in sp)))
+    sp = [(check.get(p) or {}).get("samples_per_s") for p in ("fp32", "bf16")]
+    run.emit("precision", "end", "median samples/s fp32 {} vs bf16 {}".format(
+        *(f"{x:.0f}" if x else "-" for x in sp)))
     return check
 
 
@@ -490,6 +606,7 @@ class _SweepProgress:
 
     def __init__(self, run: _Run, tolerance: float, stages: Mapping[str, Any]) -> None:
         self.run, self.tolerance, self.stages = run, tolerance, stages
+        self.started = False
 
     def __call__(self, event: ProgressEvent) -> None:
         name = event.data.get("event")
@@ -499,6 +616,11 @@ class _SweepProgress:
 
             write_report(_with_stages(results, self.stages), self.run.out, tolerance=self.tolerance, plots=False)
         kind = "record" if name in ("trial_start", "step") else event.kind
+        # racing runs the sweep again for the added seeds: the stage starts once, and tune announces its end
+        if kind == "start":
+            kind, self.started = ("update" if self.started else "start"), True
+        elif kind == "end":
+            kind = "update"
         if self.run.progress is not None:
             data = {k: v for k, v in event.data.items() if k != "results"}
             self.run.progress(dataclasses.replace(event, stage="sweep", kind=kind, data=data))
@@ -516,6 +638,67 @@ def _with_stages(results: Any, stages: Mapping[str, Any]) -> dict[str, Any]:
 # The recipe
 
 
+def framework_of(workload: Workload) -> str:
+    """``keras`` or ``lightning`` when the workload was made by that integration, else ``pytorch``."""
+    module = getattr(workload.optimizer_fn, "__module__", "") or ""
+    for name in ("keras", "lightning"):
+        if module.startswith(f"batchfit.integrations.{name}"):
+            return name
+    return "pytorch"
+
+
+def seeds_per_batch(results: Mapping[str, Any]) -> dict[int, int]:
+    """How many seeds each batch size has finished (its best-covered LR multiplier)."""
+    seen: dict[tuple[int, float], set[Any]] = {}
+    for t in results.get("trials") or []:
+        if t.get("status") in ("ok", "diverged"):
+            seen.setdefault((int(t["batch_size"]), float(t.get("lr_multiplier") or 1.0)), set()).add(t.get("seed"))
+    out: dict[int, int] = {}
+    for (b, _), s in seen.items():
+        out[b] = max(out.get(b, 0), len(s))
+    return out
+
+
+def race_round(results: Mapping[str, Any], *, tolerance: float, cap: int) -> tuple[dict[int, int], str]:
+    """One racing step (Maron & Moore 1997; Birattari et al. 2002): the batch sizes whose quality interval still
+    overlaps the best one's (:func:`batchfit.stats.undecided`) and have fewer than ``cap`` seeds get one more.
+    ``({batch: seeds wanted}, why)``; an empty dict when the decision is stable (nothing undecided, or the chosen
+    batch wins on time to target beyond the noise) or the cap is reached."""
+    from batchfit.decide import decide
+    from batchfit.recommend import critical_interval, decision_trials, metric_of
+    from batchfit.stats import undecided
+
+    metric = metric_of(results)
+    decision = decide(decision_trials(results), metric, b_crit=critical_interval(results), margin=tolerance / 2)
+    if decision is None:
+        return {}, "no finished trial"
+    if decision.choice.cost_separated:
+        return {}, (f"stable: batch {decision.batch_size} reaches the target faster than every tied batch size "
+                    "beyond the noise")
+    quality = {b: e.quality for b, e in sorted(decision.evidence.items())}
+    open_ = undecided(quality, higher_is_better=metric.higher_is_better)
+    if not open_:
+        return {}, f"stable: batch {decision.batch_size} is better than every other beyond the noise"
+    have = seeds_per_batch(results)
+    want = {int(b): have.get(int(b), 1) + 1 for b in open_ if have.get(int(b), 1) < cap}
+    if not want:
+        return {}, f"seed cap {cap} reached for the undecided batch sizes {', '.join(map(str, open_))}"
+    return want, f"undecided: {', '.join(map(str, sorted(want)))} get another seed"
+
+
+def _race(swept: Any, run_sweep: Any, stages: Mapping[str, Any], run: _Run, *, tolerance: float, cap: int) -> Any:
+    """Add seeds to the undecided batch sizes (:func:`race_round`) until the decision is stable or ``cap``."""
+    replicates: dict[int, int] = {}
+    while True:
+        want, why = race_round(_with_stages(swept, stages), tolerance=tolerance, cap=cap)
+        run.emit("sweep", "update", f"racing: {why}", racing=dict(want))
+        if not want:
+            return swept
+        for b, n in want.items():
+            replicates[b] = max(replicates.get(b, 1), n)
+        swept = run_sweep(dict(replicates))
+
+
 def _candidates(wl: Workload, fits: int | None, cap: int | None) -> list[int]:
     """The default candidates (:func:`default_batch_sizes`) up to ``cap``."""
     sizes = default_batch_sizes(wl.num_train, fits, wl.base_batch_size)
@@ -526,7 +709,8 @@ def _candidates(wl: Workload, fits: int | None, cap: int | None) -> list[int]:
 
 def _check_inputs(wl: Workload, *, batch_sizes: Any, budget: str, target: Any, tolerance: float, lr_search: int,
                   noise_steps: int, eval_every: Any, device: str, precision: str, seed: int, find: bool,
-                  memory_budget: Any, batch_size_cap: int | None) -> tuple[Any, list[int] | None, int | None]:
+                  memory_budget: Any, batch_size_cap: int | None, seeds: int | None = None,
+                  max_seeds: int = 3) -> tuple[Any, list[int] | None, int | None]:
     """Every argument checked before any work: ``(budget, batch sizes or None, memory budget in bytes)``."""
     from batchfit import checks
     from batchfit.engine import check_precision, resolve_device
@@ -545,6 +729,8 @@ def _check_inputs(wl: Workload, *, batch_sizes: Any, budget: str, target: Any, t
     checks.positive_int("noise_steps", noise_steps)
     checks.positive_int("batch_size_cap", batch_size_cap, allow_none=True)
     checks.seed(seed)
+    checks.positive_int("seeds", seeds, allow_none=True, maximum=MAX_SEEDS)
+    checks.positive_int("max_seeds", max_seeds, maximum=MAX_SEEDS)
     if eval_every not in (None, "auto") and (isinstance(eval_every, bool) or not isinstance(eval_every, int)
                                              or eval_every < 1):
         raise ConfigError(f"eval_every must be a positive integer, 'auto' or None, got {eval_every!r}")
@@ -586,6 +772,8 @@ def tune(
     workload_options: Mapping[str, Any] | None = None,
     progress: ProgressFn | None = None,
     max_batch_size: int | None = None,
+    seeds: int | None = None,
+    max_seeds: int = RACE_MAX_SEEDS,
 ) -> TuneResult:
     """Measure and recommend the batch size for a workload: find, noise, lr_check, sweep, precision, report
     (:data:`STAGES`).
@@ -608,6 +796,9 @@ def tune(
             each, extended by up to 3 x2 steps while the best is at an edge) and move it when another is better by
             more than ``tolerance``; every batch's LR is scaled from it.
         retry_failed: run the sweep's failed trials again (interrupted ones always are).
+        seeds: train every configuration with this many seeds (``seed``, ``seed + 1``, ...). ``None`` (default):
+            race — one seed per configuration first, then one more seed at a time only for the batch sizes whose
+            quality interval still overlaps the best one's, until the decision is stable or ``max_seeds``.
         progress: called with a :class:`~batchfit.progress.ProgressEvent` per stage start / update / record / end
             (stages :data:`STAGES`); a consumer may handle only the kinds it wants. The CLI's live display is one.
 
@@ -630,7 +821,7 @@ def tune(
     bud, sizes, budget_bytes = _check_inputs(
         wl, batch_sizes=batch_sizes, budget=budget, target=target, tolerance=tolerance, lr_search=lr_search,
         noise_steps=noise_steps, eval_every=eval_every, device=device, precision=precision, seed=seed, find=find,
-        memory_budget=memory_budget, batch_size_cap=cap)
+        memory_budget=memory_budget, batch_size_cap=cap, seeds=seeds, max_seeds=max_seeds)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir {str(out)!r} is a file; give a directory")
@@ -659,13 +850,23 @@ def tune(
             wl = dataclasses.replace(wl, base_lr=lr_check.lr)
     stages = {"find": find_result, "noise": noise_result,
               "lr_calibration": lr_check.to_dict() if lr_check is not None else None}
-    swept = sweep(  # tune's stage results go into the study's tune namespace, so the store alone has them
-        wl, batch_sizes=sizes, budget=bud, lr_rule=lr_rule, lr_search=lr_search, warmup=warmup, target=target,
-        storage=storage, study_name=study_name, micro_batch_limit=fits, device=device, precision=precision,
-        seed=seed, measure_noise=True, sharpness=sharpness, eval_every=eval_every, retry_failed=retry_failed,
-        extra_attrs={k: v for k, v in stages.items() if v is not None},
-        progress=_SweepProgress(run, tolerance, stages),
-    )
+    stages.update(num_val=wl.num_val, framework=framework_of(wl))
+
+    def run_sweep(replicates: Mapping[int, int] | None) -> Any:
+        return sweep(  # tune's stage results go into the study's tune namespace, so the store alone has them
+            wl, batch_sizes=sizes, budget=bud, lr_rule=lr_rule, lr_search=lr_search, warmup=warmup, target=target,
+            storage=storage, study_name=study_name, micro_batch_limit=fits, device=device, precision=precision,
+            seed=seed, measure_noise=True, sharpness=sharpness, eval_every=eval_every, retry_failed=retry_failed,
+            extra_attrs={k: v for k, v in stages.items() if v is not None},
+            progress=_SweepProgress(run, tolerance, stages), seeds=seeds or 1, replicates=replicates,
+        )
+
+    swept = run_sweep(None)
+    if seeds is None:  # racing: more seeds only where they can change the decision
+        swept = _race(swept, run_sweep, stages, run, tolerance=tolerance, cap=max_seeds)
+    counts = ", ".join(f"{v} {k}" for k, v in (swept.get("counts") or {}).items() if v)
+    run.emit("sweep", "end", f"{swept.get('status')}: {counts or 'no trials'}"
+             + f" (up to {max(seeds_per_batch(swept).values(), default=1)} seed(s) per batch size)")
     result = TuneResult(sweep=swept, find=find_result, noise=noise_result, lr_check=lr_check)
 
     # -- 5. recommendation, with a measured precision check of the recommended configuration -------------------

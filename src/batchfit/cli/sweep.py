@@ -61,6 +61,9 @@ def add_parser(sub: Any) -> None:
                    help="the same budget for every trial: epochs:E, steps:S or samples:N (default epochs:5)")
     p.add_argument("--lr-rule", default="auto", choices=("auto", "none", "linear", "sqrt", "adam-sqrt"),
                    help="scale the workload's base LR to each batch size (default: auto by optimizer family)")
+    p.add_argument("--seeds", type=c.positive_int, default=1, metavar="N",
+                   help="train every configuration with N seeds (--seed, --seed + 1, ...), each a trial of the "
+                        "study; rerunning with more seeds adds only the missing ones (default 1)")
     p.add_argument("--lr-search", type=c.positive_int, default=1, metavar="N",
                    help="N learning rates per batch size around the scaled one (x1/2, x1, x2, ...; at most 16); "
                         "the best is kept")
@@ -177,8 +180,8 @@ def run(args: argparse.Namespace) -> int:
             lr_search=args.lr_search, warmup=args.warmup, target=args.target, storage=args.store,
             study_name=args.study, micro_batch_limit=args.micro_batch_size, device=args.device,
             precision=args.precision, seed=args.seed, measure_noise=not args.no_noise, sharpness=args.sharpness,
-            eval_every=args.eval_every, progress=display, out_dir=args.out, retry_failed=args.retry_failed,
-            extremes=not args.no_extremes,
+            seeds=args.seeds, eval_every=args.eval_every, progress=display, out_dir=args.out,
+            retry_failed=args.retry_failed, extremes=not args.no_extremes,
         )
     finally:
         display.close()

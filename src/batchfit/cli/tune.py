@@ -83,7 +83,11 @@ def add_parser(sub: Any) -> None:
                    help="fraction of the best validation metric that counts as reaching the target (default 0.97), "
                         "or an absolute value abs:0.9")
     p.add_argument("--tolerance", type=c.fraction, default=0.01,
-                   help="recommend among batch sizes within this fraction of the best metric (default 0.01)")
+                   help="only widens ties: quality differences below this fraction are ties even when measured "
+                        "precisely (default 0.01); the decision itself compares 95 %% intervals")
+    p.add_argument("--seeds", type=c.positive_int, metavar="N",
+                   help="train every configuration with N seeds (--seed, --seed + 1, ...); default: race, one seed "
+                        "each, then more only for the batch sizes the data cannot yet tell apart (up to 3)")
     p.add_argument("--eval-every", type=eval_every_value, default="auto",
                    help="evaluate every N optimizer steps (default auto: 4 per epoch at the smallest batch)")
     p.add_argument("--store", help="Optuna storage URL (default sqlite:///OUT/batchfit.db)")
@@ -193,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size_cap=args.max_batch_size, margin=args.margin, noise_steps=args.noise_steps,
             eval_every=args.eval_every, tolerance=args.tolerance, find=not args.no_find, noise=not args.no_noise,
             precision_check=not args.no_precision_check, lr_calibration=not args.no_lr_calibration,
-            sharpness=args.sharpness, retry_failed=args.retry_failed, progress=live,
+            sharpness=args.sharpness, retry_failed=args.retry_failed, progress=live, seeds=args.seeds,
         )
     data = result.to_dict()
     if args.json:

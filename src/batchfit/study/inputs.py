@@ -206,33 +206,46 @@ def lr_multipliers(n: int) -> list[float]:
 
 
 def config_key(batch_size: int, lr_multiplier: float, seed: int | None = None) -> str:
-    """The grid point's key in the store: ``b64_m0.5``; a replicate seed (planned: seeds as a sweep dimension)
-    appends ``_s3``, so the keys of today's studies stay valid."""
+    """The grid point's key in the store: ``b64_m0.5``; a replicate seed appends ``_s3``, so the keys of studies
+    made before seeds were a sweep dimension stay valid."""
     key = f"b{int(batch_size)}_m{float(lr_multiplier):.6g}"
     return key if seed is None else f"{key}_s{int(seed)}"
 
 
 @dataclasses.dataclass(frozen=True)
 class GridPoint:
-    """One configuration of the sweep: an effective batch size and an LR multiplier on its rule-scaled LR."""
+    """One configuration of the sweep: an effective batch size and an LR multiplier on its rule-scaled LR, and a
+    replicate ``seed`` (``None``: the sweep's own seed, so the keys of studies made before seeds stay valid)."""
 
     batch_size: int
     lr_multiplier: float
+    seed: int | None = None
 
     @property
     def key(self) -> str:
-        return config_key(self.batch_size, self.lr_multiplier)
+        return config_key(self.batch_size, self.lr_multiplier, self.seed)
 
     def to_attr(self) -> dict[str, Any]:
         """The trial attribute that says which grid point a trial runs (``keys.TRIAL_CONFIG``)."""
-        return {"key": self.key, "batch_size": int(self.batch_size), "lr_multiplier": float(self.lr_multiplier)}
+        attr = {"key": self.key, "batch_size": int(self.batch_size), "lr_multiplier": float(self.lr_multiplier)}
+        if self.seed is not None:
+            attr["seed"] = int(self.seed)
+        return attr
 
     @classmethod
     def from_attr(cls, attr: Mapping[str, Any]) -> GridPoint:
-        return cls(int(attr["batch_size"]), float(attr["lr_multiplier"]))
+        seed = attr.get("seed")
+        return cls(int(attr["batch_size"]), float(attr["lr_multiplier"]), None if seed is None else int(seed))
 
 
-def make_grid(batch_sizes: Sequence[int], multipliers: Sequence[float]) -> list[GridPoint]:
-    """Every batch size at the scaled LR first, then at its neighbours (nearest multiplier first)."""
+def make_grid(batch_sizes: Sequence[int], multipliers: Sequence[float], *, seeds: int = 1, base_seed: int = 0,
+              replicates: Mapping[int, int] | None = None) -> list[GridPoint]:
+    """Every batch size at the scaled LR first, then at its neighbours (nearest multiplier first); then the
+    replicate seeds ``base_seed + 1, ...``: ``seeds`` per configuration everywhere, or more for the batch sizes
+    ``replicates`` names (``{batch: seeds}``, what tune's racing asks for)."""
     order = sorted(multipliers, key=lambda m: (abs(math.log2(m)), m))
-    return [GridPoint(int(b), float(m)) for m in order for b in batch_sizes]
+    grid = [GridPoint(int(b), float(m)) for m in order for b in batch_sizes]
+    wanted = {int(b): max(seeds, int((replicates or {}).get(b, 1))) for b in batch_sizes}
+    for r in range(1, max(wanted.values(), default=1)):
+        grid += [GridPoint(int(b), float(m), base_seed + r) for m in order for b in batch_sizes if wanted[b] > r]
+    return grid

@@ -92,6 +92,10 @@ class TrialSummary:
     best_train_loss: float | None = None
     final_train_loss: float | None = None
     error_kind: str | None = None
+    seed: int | None = None  # the replicate seed this trial trained with
+    optimizer: dict[str, Any] | None = None  # the optimizer's class and param-group settings as it trained
+    grad_clip: float | None = None
+    lr_schedule: str | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # keys this version does not know
 
     @property
@@ -282,8 +286,9 @@ def _finite(values: Sequence[Any]) -> list[float]:
     return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
 
 
-def summarize_trial(t: Any, metric: Metric) -> TrialSummary:
-    """One stored trial -> its summary (without the target-dependent fields)."""
+def summarize_trial(t: Any, metric: Metric, default_seed: int | None = None) -> TrialSummary:
+    """One stored trial -> its summary (without the target-dependent fields). ``default_seed``: the sweep's seed,
+    for trials stored before the seed was recorded per trial."""
     attrs = t.user_attrs
     cfg, plan, res = attrs[K.TRIAL_CONFIG], attrs.get(K.TRIAL_PLAN) or {}, attrs.get(K.TRIAL_RESULT) or {}
     history = [attrs[k] for k in sorted(k for k in attrs if k.startswith(K.EVAL_PREFIX))]
@@ -321,6 +326,8 @@ def summarize_trial(t: Any, metric: Metric) -> TrialSummary:
         seconds=res.get("seconds", final.get("seconds")), diverged_at_step=res.get("diverged_at_step"),
         best_train_loss=min(train_losses) if train_losses else None, final_train_loss=final.get("train_loss"),
         error_kind=attrs.get(K.TRIAL_ERROR_KIND) if status == K.STATUS_FAILED else None,
+        seed=next((v for v in (cfg.get("seed"), plan.get("seed"), res.get("seed")) if v is not None), default_seed),
+        optimizer=plan.get("optimizer"), grad_clip=res.get("grad_clip"), lr_schedule=res.get("lr_schedule"),
     )
 
 
@@ -385,19 +392,23 @@ def build_results(study: Any, storage_url: str, target: Any = None) -> SweepResu
     if not cfg:
         raise ConfigError(f"study {study.study_name!r} is not a batchfit sweep (it has no batchfit config)")
     metric = Metric(cfg["primary_metric"], bool(cfg["higher_is_better"]))
-    trials = sorted((summarize_trial(t, metric) for t in _chosen_trials(study)),
-                    key=lambda s: (s.batch_size, s.lr_multiplier))
+    trials = sorted((summarize_trial(t, metric, cfg.get("seed")) for t in _chosen_trials(study)),
+                    key=lambda s: (s.batch_size, s.lr_multiplier, s.seed or 0))
     tgt = _target(parse_target(target if target is not None else (attrs.get(K.STUDY_TARGET) or 0.97)), trials,
                   metric)
     trials = [_to_target(t, metric, tgt["value"]) for t in trials]
     sizes = sorted({t.batch_size for t in trials})
     best_per_batch = [max((t for t in trials if t.batch_size == b), key=lambda t: _rank(t, metric)) for b in sizes]
     points = []
-    for b in sizes:  # the best LR's steps (Shallue et al. 2019)
-        steps = [t.steps_to_target for t in trials if t.batch_size == b and t.finished
-                 and t.steps_to_target is not None]
-        if steps:
-            points.append([b, min(steps)])
+    for b in sizes:  # the best LR's steps (Shallue et al. 2019); an LR's seeds pooled by their geometric mean
+        by_lr: dict[float, list[float]] = {}
+        for t in trials:
+            if t.batch_size == b and t.finished and t.steps_to_target is not None and t.steps_to_target > 0:
+                by_lr.setdefault(t.lr_multiplier, []).append(float(t.steps_to_target))
+        if by_lr:
+            pooled = [math.exp(sum(math.log(v) for v in vs) / len(vs)) for vs in by_lr.values()]
+            best = min(pooled)
+            points.append([b, int(best) if float(best).is_integer() else best])
     crit, reason = (None, "no target yet: no trial has finished") if tgt["value"] is None else \
         fit_critical_batch(points)
     bs_values = [t.b_simple for t in best_per_batch if t.status == K.STATUS_OK and t.b_simple is not None]
@@ -415,6 +426,7 @@ def build_results(study: Any, storage_url: str, target: Any = None) -> SweepResu
         num_train=cfg.get("num_train"), counts=counts, trials=tuple(trials), best_per_batch=tuple(best_per_batch),
         critical_batch_size=crit, critical_batch_size_reason=reason,
         b_simple=statistics.median(bs_values) if bs_values else None, tune=read_namespace(study),
+        extra={"num_val": cfg["num_val"]} if cfg.get("num_val") is not None else {},
     )
 
 

@@ -40,7 +40,9 @@ from batchfit.study.results import SweepResult, build_results
 from batchfit.study.trial import SweepPlan, legacy_progress, run_trial, sweep_event
 from batchfit.workload import Workload, load_workload
 
-__all__ = ["sweep"]
+__all__ = ["MAX_SEEDS", "sweep"]
+
+MAX_SEEDS = 64  # replicate seeds per configuration
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +212,8 @@ def sweep(
     retry_failed: bool = False,
     extremes: bool = True,
     micro_batch_size: int | None = None,
+    seeds: int = 1,
+    replicates: Mapping[int, int] | None = None,
 ) -> SweepResult:
     """Train each candidate batch size (x ``lr_search`` learning rates) on an equal budget; persist and resume.
 
@@ -237,6 +241,9 @@ def sweep(
         extra_attrs: tune-level results to store in the study's namespace (see :func:`store.write_namespace`).
         retry_failed: also re-run trials that failed with an error (interrupted ones are always re-run).
         extremes: add B = 1 and full batch to the default candidates on small data sets.
+        seeds: replicate seeds per configuration (``seed``, ``seed + 1``, ...), each one trial in the study, so a
+            resumed sweep keeps and re-uses every seed; more seeds later add trials to the same study.
+        replicates: ``{batch size: seeds}`` for some batch sizes only (racing, as ``tune`` does it).
 
     Returns the :class:`SweepResult` (:func:`load_results` rebuilds it from the store alone). Its ``status`` is
     ``failed`` when every trial failed (:meth:`SweepResult.raise_for_status` raises then).
@@ -245,6 +252,9 @@ def sweep(
         if micro_batch_limit is not None and micro_batch_limit != micro_batch_size:
             raise ConfigError("give micro_batch_limit or its former name micro_batch_size, not both")
         micro_batch_limit = micro_batch_size
+    checks.positive_int("seeds", seeds, maximum=MAX_SEEDS)
+    for n in (replicates or {}).values():
+        checks.positive_int("replicates", n, maximum=MAX_SEEDS)
     inputs = _validate(workload, batch_sizes=batch_sizes, budget=budget, lr_rule=lr_rule, lr_search=lr_search,
                        warmup=warmup, target=target, micro_batch_limit=micro_batch_limit, device=device,
                        precision=precision, seed=seed, eval_every=eval_every)
@@ -263,7 +273,7 @@ def sweep(
     else:
         sizes = default_batch_sizes(inputs.workload.num_train, limit, inputs.workload.base_batch_size,
                                     extremes=extremes)
-    grid = make_grid(sizes, inputs.multipliers)
+    grid = make_grid(sizes, inputs.multipliers, seeds=seeds, base_seed=seed, replicates=replicates)
     config = dict(inputs.identity, batch_sizes=sizes, lr_multipliers=inputs.multipliers, micro_batch_size=limit,
                   micro_batch_source=source, measure_noise=bool(measure_noise), sharpness=bool(sharpness),
                   eval_every=eval_every, batchfit_version=__version__)

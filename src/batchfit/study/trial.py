@@ -96,8 +96,11 @@ class _Recorder:
         self.count = 0
 
     def on_train_start(self, state: Any) -> None:
+        from batchfit.recommend import optimizer_settings
+
         self.info.update(lr=state.optimizer.param_groups[0]["lr"], micro_batch_size=state.micro_batch_size,
-                         accumulation_steps=state.accumulation_steps, total_steps=state.total_steps)
+                         accumulation_steps=state.accumulation_steps, total_steps=state.total_steps,
+                         optimizer=optimizer_settings(state.optimizer))
         self.trial.set_user_attr(K.TRIAL_PLAN, to_jsonable(dict(self.info)))
         sweep_event(self.plan.progress, "update", "trial_start",
                     f"batch {self.info['batch_size']} ({state.micro_batch_size} x {state.accumulation_steps}), "
@@ -224,7 +227,7 @@ def run_trial(study: Any, trial: Any, plan: SweepPlan, index: int) -> dict[str, 
 _RESULT_KEYS = (
     "lr", "lr_rule", "warmup_steps", "micro_batch_size", "accumulation_steps", "steps", "epochs", "samples",
     "seconds", "train_seconds", "samples_per_s", "peak_memory_bytes", "diverged", "diverged_at_step", "device",
-    "precision", "b_simple_history", "b_simple_skipped_steps", "sharpness",
+    "precision", "b_simple_history", "b_simple_skipped_steps", "sharpness", "seed", "grad_clip", "lr_schedule",
 )
 
 
@@ -237,7 +240,8 @@ def _train_trial(study: Any, trial: Any, plan: SweepPlan, point: GridPoint, inde
     callbacks, micro, noise_split = _callbacks(plan, batch, batch if limit is None else min(batch, limit))
     steps = plan.budget.steps_for(batch, plan.workload.num_train)
     eval_every = plan.eval_every or max(1, steps // EVALS_PER_TRIAL)
-    info = {"index": index, "total": plan.total, "trial_number": trial.number, "batch_size": batch,
+    seed = plan.seed if point.seed is None else point.seed
+    info = {"index": index, "total": plan.total, "trial_number": trial.number, "batch_size": batch, "seed": seed,
             "lr_multiplier": mult, "micro_batch_size": micro, "accumulation_steps": math.ceil(batch / micro),
             "steps": steps, "eval_every": eval_every, "noise_split": noise_split,
             "warmup_steps": resolve_warmup(plan.warmup, steps)}
@@ -251,7 +255,7 @@ def _train_trial(study: Any, trial: Any, plan: SweepPlan, point: GridPoint, inde
             result = train(
                 _with_lr_multiplier(plan.workload, mult), batch_size=batch, micro_batch_size=micro,
                 lr_rule=plan.lr_rule, warmup=plan.warmup, steps=steps, precision=plan.precision,
-                device=plan.device, seed=plan.seed, eval_every=eval_every, callbacks=callbacks,
+                device=plan.device, seed=seed, eval_every=eval_every, callbacks=callbacks,
             )
         except KeyboardInterrupt:
             trial.set_user_attr(K.TRIAL_STATUS, K.STATUS_INTERRUPTED)
