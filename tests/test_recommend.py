@@ -337,3 +337,11 @@ def test_a_study_without_recorded_optimizer_settings_says_so() -> None:
     rec = recommend(make_results())
     r = rec.get("recipe")
     assert r["optimizer"] is None and "did not record" in r["note"] and set(r["snippets"]) == {"pytorch"}
+
+
+def test_a_tied_batch_that_never_reached_the_target_is_the_slowest_not_a_reason_to_stop_comparing() -> None:
+    trials = [_trial(b, 0.95 + 0.001 * s, seed=s, steps_to_target=None if b == 16 else STEPS[b])
+              for b in (16, 32, 64) for s in range(3)]
+    rec = recommend(_results(trials))
+    assert rec.get("tied") == [16, 32, 64] and rec.batch_size in (32, 64)
+    assert "chosen on time to target" in rec.reasons[0] and "16 did not reach the target" in rec.reasons[0]

@@ -275,7 +275,10 @@ def decide(trials: Sequence[Mapping[str, Any]], metric: Metric, *, b_crit: Any =
     sizes = sorted(ev)
     quality = {b: ev[b].quality for b in sizes}  # smaller batch first: the final tie-break
     cost = {b: ev[b].time_to_target for b in sizes if ev[b].time_to_target is not None}
-    use_cost = cost if len(cost) == len(sizes) else None
+    # a batch size that never reached the target within its budget is the slowest to it (not a reason to stop
+    # comparing times); with no time to target anywhere, quality alone decides
+    use_cost = {b: cost.get(b) or Interval(math.inf, None, None, level, "not reached", 0) for b in sizes} \
+        if cost else None
     choice = choose(quality, use_cost, higher_is_better=metric.higher_is_better, describe=lambda b: f"batch {b}")
     flags: list[str] = []
     tried = sorted({int(t["batch_size"]) for t in trials})

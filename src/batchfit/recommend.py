@@ -332,15 +332,21 @@ def _pick_batch(results: Mapping[str, Any], metric: Metric, tolerance: float
     best = decision.choice.best_quality
     head = (f"Effective batch {batch}: batch sizes {_span(tied, tried)} are tied on {label} (their intervals overlap "
             f"the best, {ev[best].quality} at batch {best}; the data cannot tell them apart)")
-    ttt = {b: ev[b].time_to_target for b in tied}
-    if any(v is None for v in ttt.values()):
-        return decision, pick, head + (f"; not every one recorded a time to the target, so the best {label} "
-                                       f"estimate decides: {batch}.")
-    slowest = max(tied, key=lambda b: ttt[b].estimate)  # type: ignore[union-attr]
-    ratio = _ratio(ttt[slowest], ttt[batch])  # type: ignore[arg-type]
-    ratio_txt = f"{ratio.estimate:.2g}x faster than {slowest}" + (
+    timed = {b: ev[b].time_to_target for b in tied if ev[b].time_to_target is not None}
+    if batch not in timed:
+        return decision, pick, head + (f"; none of them reached the target within its budget, so the best {label} "
+                                       f"estimate decides: {batch}." if not timed else
+                                       f"; none of them reached the target within its budget (only other batch "
+                                       f"sizes did), so the stated tie-break decides: {batch}.")
+    missed = sorted(b for b in tied if b not in timed)
+    slowest = max(timed, key=lambda b: timed[b].estimate)  # type: ignore[union-attr]
+    ratio = _ratio(timed[slowest], timed[batch])  # type: ignore[arg-type]
+    ratio_txt = (f"{ratio.estimate:.2g}x faster than {slowest}" + (
         f" (interval {ratio.low:.2g}-{ratio.high:.2g})" if ratio.known else " (interval unknown: one seed)")
-    t = ttt[batch]
+        if slowest != batch else "the only tied batch size that reached the target")
+    if missed and slowest != batch:
+        ratio_txt += f"; {', '.join(map(str, missed))} did not reach the target within the budget"
+    t = timed[batch]
     how = f"{t.estimate:.3g} s to the target" + (f" [{t.low:.3g}, {t.high:.3g}]" if t.known else "")  # type: ignore
     verdict = ("its time advantage is beyond the noise" if decision.choice.cost_separated else
                "its time advantage over some tied sizes is inside the noise: the stated tie-break decides, "
