@@ -27,11 +27,13 @@ from batchfit.study.inputs import parse_target
 from batchfit.study.store import mask_url, open_study, optuna_module, read_namespace
 
 __all__ = [
+    "USER_ERROR_KINDS",
     "SweepFailedError",
     "SweepResult",
     "TrialSummary",
     "build_results",
     "load_results",
+    "summarize_trial",
 ]
 
 USER_ERROR_KINDS = ("workload", "memory", "config")

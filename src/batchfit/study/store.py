@@ -38,9 +38,11 @@ __all__ = [
     "normalize_url",
     "open_storage",
     "open_study",
+    "optuna_module",
     "read_namespace",
     "recover_stale",
     "store_lock",
+    "trial_done",
     "worker_identity",
     "write_namespace",
 ]

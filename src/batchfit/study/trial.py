@@ -28,6 +28,7 @@ from batchfit.study.store import Heartbeat, optuna_module, worker_identity
 from batchfit.workload import Workload
 
 __all__ = [
+    "ERROR_KINDS",
     "STAGE",
     "SweepPlan",
     "classify_failure",
