@@ -44,6 +44,7 @@ def _one_line_error(capsys: pytest.CaptureFixture[str], command: str) -> str:
         (["--precision", "fp16"], "fp16"),
         (["--memory-budget", "lots"], "memory"),
         (["--no-find", "--memory-budget", "1MiB"], "--no-find skips it"),
+        (["--seeds", "0"], "seeds"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv: list[str], fragment: str, tmp_path: Path,
@@ -88,6 +89,8 @@ def test_tune_then_report_from_the_store(tmp_path: Path, capsys: pytest.CaptureF
     again = json.loads((rep / "results.json").read_text())
     assert again["recommendation"] == rec
     assert again["noise"]["b_simple"] == data["noise"]["b_simple"]
+    # the intervals and the tie rule survive the store: the report from it decides the same way (11)
+    assert again["recommendation"]["intervals"] == rec["intervals"] and rec["decision_rule"]
     assert (rep / "report.html").read_text().count("<img") >= 3
 
 
@@ -166,3 +169,15 @@ def test_no_usable_trial_is_one_error_line_and_exit_2(tmp_path: Path, capsys: py
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert err[-1].startswith("batchfit tune: error: no recommendation") and "diverged" in err[-1]
     assert "No recommendation yet" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_seeds_flag_trains_every_configuration_with_n_seeds(tmp_path: Path) -> None:
+    """--seeds N: N seeds everywhere (no racing); each trial records its seed, the decision pools them."""
+    out = tmp_path / "out"
+    rc = main(["tune", "--batch-sizes", "64,128", "--budget", "steps:3", "--noise-steps", "5", "--no-find",
+               "--no-precision-check", "--no-lr-calibration", "--seeds", "2", "--seed", "4", "--out", str(out),
+               "--json", str(tmp_path / "tune.json"), "--quiet"])
+    assert rc == 0
+    data = json.loads((tmp_path / "tune.json").read_text())
+    assert sorted((t["batch_size"], t["seed"]) for t in data["trials"]) == [(64, 4), (64, 5), (128, 4), (128, 5)]
+    assert {e["seeds"] for e in data["recommendation"]["intervals"]} == {2}
