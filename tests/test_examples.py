@@ -47,9 +47,9 @@ def test_example_find_and_tune(name: str, options: list[str], sizes: str, needs:
     assert 1 <= fit["recommended_batch_size"] <= fit["max_batch_size"] <= 64
 
     # the finder ran just above: tune runs noise -> sweep -> report -> recommendation on a small budget
-    tuned = _batchfit("tune", "-w", spec, *opts, "-b", sizes, "--budget", "steps:4", "--no-find", "--noise-steps",
-                      "4", "--no-precision-check", "--no-lr-calibration", "--eval-every", "2", "--out", "out",
-                      "--json", "tune.json", "-q", cwd=tmp_path)
+    tuned = _batchfit("tune", "-w", spec, *opts, "-b", sizes, "--budget", "steps:4", "--seeds", "1", "--no-find",
+                      "--noise-steps", "4", "--no-precision-check", "--no-lr-calibration", "--eval-every", "2",
+                      "--out", "out", "--json", "tune.json", "-q", cwd=tmp_path)
     assert tuned.returncode == 0, tuned.stderr[-2000:]
     result = json.loads((tmp_path / "tune.json").read_text())
     assert result["recommendation"], "tune ended without a recommendation"

@@ -47,7 +47,7 @@ def pad_collate(items: list[dict]) -> dict[str, torch.Tensor]:
 
 
 class TextClassifier(nn.Module):
-    def __init__(self, dim: int = 64, heads: int = 4, layers: int = 2, max_len: int = 128) -> None:
+    def __init__(self, dim: int = 32, heads: int = 2, layers: int = 2, max_len: int = 128) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, dim, padding_idx=PAD)
         self.pos = nn.Parameter(torch.zeros(max_len, dim))
