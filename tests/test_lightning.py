@@ -226,3 +226,24 @@ def test_validation_data_makes_tune_recommend(tmp_path) -> None:  # noqa: ANN001
                   find=False, precision_check=False, lr_calibration=False, seed=0)
     rec = result["recommendation"] if isinstance(result, dict) else result.recommendation
     assert rec is not None
+
+
+class EpochScheduled(Classifier):
+    def configure_optimizers(self):  # noqa: ANN201
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)]  # interval "epoch" by default
+
+
+def test_an_epoch_interval_scheduler_steps_once_per_pass_over_the_training_samples() -> None:
+    wl = lightning_workload(EpochScheduled, datamodule=SplitData(batch_size=16))  # 192 training samples
+    model = wl.model_fn().train()
+    opt = wl.optimizer_fn(model.parameters(), 0.2)
+    sched = wl.lr_schedule(opt, 100)
+    x, y = SplitData().ds.tensors
+    lrs = []
+    for _ in range(12):  # batches of 32: 6 optimizer steps per epoch
+        wl.forward(model, (x[:32], y[:32]))
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.2] * 5 + [0.1] * 6 + [0.05])
