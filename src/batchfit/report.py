@@ -179,12 +179,14 @@ def summary_table(results: Mapping[str, Any], recommendation: Any = None) -> tup
 
 def _trials_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     metric = metric_of(results)
-    header = ["batch", "LR", "LR x", "status", f"best {metric_label(metric)}", "final val loss", "steps", "seconds",
-              "error"]
+    header = ["batch", "LR", "LR x", "seed", "status", f"best {metric_label(metric)}", "final val loss", "steps",
+              "seconds", "error"]
     body = []
-    for t in sorted(results.get("trials") or [], key=lambda t: (t["batch_size"], t.get("lr") or 0)):
+    for t in sorted(results.get("trials") or [], key=lambda t: (t["batch_size"], t.get("lr") or 0,
+                                                                 t.get("seed") or 0)):
         body.append([
             str(t["batch_size"]), _num(t.get("lr"), ".3g"), _num(t.get("lr_multiplier"), "g"),
+            "-" if t.get("seed") is None else str(t["seed"]),
             str(t.get("status") or "-"), _num(metric.of_trial(t)), _num(t.get("final_val_loss")),
             _num(t.get("steps"), ".0f"), _num(t.get("seconds"), ".3g"), str(t.get("error") or ""),
         ])
