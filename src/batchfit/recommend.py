@@ -429,6 +429,8 @@ def optimizer_settings(optimizer: Any) -> dict[str, Any]:
     for key, value in group.items():
         if key == "params" or callable(value):
             continue
+        if value is False or key in ("foreach", "fused", "capturable", "differentiable", "maximize"):
+            continue  # off flags are every optimizer's defaults, and implementation switches are no recipe
         if isinstance(value, (bool, int, float, str)) or value is None:
             out[key] = value
         elif isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) for v in value):
