@@ -154,9 +154,11 @@ def open_storage(storage: str | Any, *, heartbeat: bool = True, must_exist: bool
                 time.sleep((0.1 + random.random() * 0.2) * (attempt + 1))  # jitter: racers do not retry in step
         raise AssertionError("unreachable")  # pragma: no cover
     except ImportError as exc:
+        scheme = str(url).split(":", 1)[0].split("+", 1)[0].lower()
+        fix = ("install it with pip install 'batchfit[postgres]'" if scheme.startswith("postgres") else
+               f"install the SQLAlchemy driver for {scheme}, or use a sqlite:///path.db store")
         raise ConfigError(
-            f"store {mask_url(url)!r} needs a database driver that is not installed ({exc}); for PostgreSQL "
-            "install it with pip install 'batchfit[postgres]'"
+            f"store {mask_url(url)!r} needs a database driver that is not installed ({exc}); {fix}"
         ) from exc
     except Exception as exc:
         raise ConfigError(
