@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,3 +75,21 @@ def postgres_server():  # noqa: ANN201
 @pytest.fixture
 def postgres_url(postgres_server) -> str:  # noqa: ANN001
     return postgres_server.create_database()
+
+
+def private_null_device(folder: Path) -> str:
+    """A character device equal to /dev/null inside ``folder`` (root: mknod), so a test that checks that batchfit
+    writes devices in place cannot, if batchfit regresses, replace the machine's own /dev/null with a file."""
+    import os
+    import stat
+
+    path = folder / "null"
+    try:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        with open(path, "w") as f:
+            f.write("")
+        return str(path)
+    except OSError:
+        if os.geteuid() != 0:  # without privileges /dev/null cannot be replaced: it is safe to use
+            return "/dev/null"
+        pytest.skip("cannot create a private character device here (root without CAP_MKNOD)")

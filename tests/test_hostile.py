@@ -28,6 +28,7 @@ import pytest
 import batchfit
 from batchfit.cli import main
 from batchfit.errors import BatchfitError, ConfigError
+from conftest import private_null_device
 
 WORKLOADS = '''
 import os
@@ -239,8 +240,12 @@ def _stdout_json(ctx: dict[str, Any], out: str, err: str) -> None:
     assert isinstance(data, dict) and data
 
 
+def _setup_null(ctx: dict[str, Any]) -> None:
+    ctx["null"] = private_null_device(Path(ctx["tmp"]))
+
+
 def _dev_null_kept(ctx: dict[str, Any], out: str, err: str) -> None:
-    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert stat.S_ISCHR(os.stat(ctx["null"]).st_mode)
 
 
 def _symlink_target(ctx: dict[str, Any], out: str, err: str) -> None:
@@ -532,7 +537,7 @@ CASES: list[Case] = [
     Case("train-json-fifo", "1", ("train", "-w", "{wl}:ok", "--steps", "2", "--eval-every", "1", "-q", "--json",
                                   T + "/pipe"), rc=(0,), check=_fifo_result),
     Case("find-json-dev-null", "1", ("find", "-w", "{wl}:ok", "--memory-budget", "2MiB", "--no-throughput", "-q",
-                                     "--json", "/dev/null"), rc=(0,), check=_dev_null_kept),
+                                     "--json", "{tmp}/null"), rc=(0,), check=_dev_null_kept),
     Case("train-json-symlink", "1", ("train", "-w", "{wl}:ok", "--steps", "1", "-q", "--json", T + "/link.json"),
          rc=(0,), check=_symlink_target),
     Case("noise-json-stdout", "1", ("noise", "-w", "{wl}:ok", "--steps", "3", "--json", "-"), rc=(0,),
@@ -734,6 +739,8 @@ def test_hostile(case: Case, files: dict[str, Any], tmp_path: Path, capsys: pyte
         _setup_fifo(ctx)
     if "link.json" in " ".join(case.argv):
         _setup_symlink(ctx)
+    if "{tmp}/null" in case.argv:
+        _setup_null(ctx)
     capsys.readouterr()
     rc = _run_cli(_fmt(case.argv, ctx))
     out, err = capsys.readouterr()

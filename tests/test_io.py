@@ -14,6 +14,7 @@ import pytest
 
 from batchfit._io import atomic_write, is_stream, write_json, write_text
 from batchfit.cli import main
+from conftest import private_null_device
 
 
 def _read_fifo(path, box: dict) -> threading.Thread:  # noqa: ANN001
@@ -81,11 +82,12 @@ def test_fifo_is_written_in_place_not_replaced(tmp_path) -> None:
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
 
 
-def test_dev_null_stays_a_character_device() -> None:
-    before = os.stat("/dev/null")
-    assert is_stream("/dev/null")
-    write_json("/dev/null", {"x": 1})
-    after = os.stat("/dev/null")
+def test_dev_null_stays_a_character_device(tmp_path) -> None:
+    null = private_null_device(tmp_path)  # a private /dev/null: a regression must not break the machine's
+    before = os.stat(null)
+    assert is_stream(null)
+    write_json(null, {"x": 1})
+    after = os.stat(null)
     assert stat.S_ISCHR(after.st_mode) and after.st_rdev == before.st_rdev and after.st_ino == before.st_ino
 
 
