@@ -222,3 +222,17 @@ def test_cli_train_and_sweep_on_keras_workload_file(tmp_path: Path) -> None:
     assert bad.returncode == 2
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and "clipnorm" in lines[0] and "grad-clip" in lines[0]
+
+
+def test_global_clipnorm_and_accumulation_become_the_workloads() -> None:
+    def build():  # noqa: ANN202
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3, activation="softmax")])
+        model.compile(optimizer=keras.optimizers.SGD(0.1, global_clipnorm=0.5, gradient_accumulation_steps=2),
+                      loss="sparse_categorical_crossentropy")
+        return model
+
+    x, y = _data()
+    wl = bk.keras_workload(build, x, y, batch_size=16)
+    assert wl.grad_clip == 0.5 and wl.base_batch_size == 32 and wl.micro_batch_size == 16
+    res = train(wl, steps=2)
+    assert res.batch_size == 32 and res.micro_batch_size == 16 and res.accumulation_steps == 2

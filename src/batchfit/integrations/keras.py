@@ -34,8 +34,10 @@ Design (why it looks like this):
   ``sqrt(v + eps)`` and torch by ``sqrt(v) + eps``, which differ visibly in training. Keras applies
   ``weight_decay`` decoupled (``w -= lr * wd * w``); Adam/AdamW map to ``torch.optim.AdamW`` for that reason.
   Keras and torch place Adam's epsilon slightly differently (inside vs outside the bias correction), which only
-  matters at the scale of epsilon. Settings the engine owns (``clipnorm``, ``clipvalue``, ``global_clipnorm``,
-  ``gradient_accumulation_steps``, EMA, LR schedules) are refused with an error that says what to use instead.
+  matters at the scale of epsilon. ``global_clipnorm`` becomes the workload's ``grad_clip`` (the same global-norm
+  clipping) and ``gradient_accumulation_steps`` its accumulation (base batch = ``batch_size`` x steps, micro-batch =
+  ``batch_size``). Settings with no exact equivalent (per-variable ``clipnorm``, ``clipvalue``, EMA, Keras LR
+  schedules) are refused with an error that says what to use instead.
 - **Loss and metrics** are resolved by Keras itself from the compile arguments (``"accuracy"`` becomes sparse /
   categorical / binary accuracy exactly as in ``fit``); the loss includes the model's regularization losses.
   Metrics are computed per batch and averaged sample-weighted, which equals Keras' value for mean-type metrics
@@ -65,12 +67,13 @@ from batchfit.workload import Workload
 if "keras" not in sys.modules:
     os.environ.setdefault("KERAS_BACKEND", "torch")
 
+__all__ = ["KerasModule", "keras_workload"]
+
 _UNSUPPORTED_OPTIMIZER_KEYS = {
-    "clipnorm": "use batchfit's gradient clipping (train --grad-clip) instead",
-    "global_clipnorm": "use batchfit's gradient clipping (train --grad-clip) instead",
+    "clipnorm": "Keras clips each variable's norm, batchfit the global norm: compile with global_clipnorm (or use "
+                "--grad-clip) instead",
     "clipvalue": "value clipping is not supported; remove it or use --grad-clip (norm clipping)",
     "use_ema": "weight EMA is not supported; remove use_ema",
-    "gradient_accumulation_steps": "batchfit sets gradient accumulation itself (--micro-batch-size)",
     "loss_scale_factor": "batchfit handles mixed precision itself (--precision)",
 }
 
@@ -331,6 +334,9 @@ def keras_workload(
 
     from batchfit.demos import ArrayDataset
 
+    opt_config = prototype.optimizer.get_config()
+    clip = opt_config.get("global_clipnorm")
+    accumulation = int(opt_config.get("gradient_accumulation_steps") or 1)
     return Workload(
         name=name,
         model_fn=model_fn,
@@ -339,8 +345,10 @@ def keras_workload(
         train_data=ArrayDataset(x_tr, y_tr),
         val_data=ArrayDataset(*val) if val is not None else None,
         metrics=metrics,
-        base_batch_size=batch_size,
+        base_batch_size=batch_size * accumulation,
         base_lr=base_lr,
+        micro_batch_size=batch_size if accumulation > 1 else None,
+        grad_clip=float(clip) if clip else None,
         higher_is_better=higher_is_better,
         description=f"Keras model ({type(prototype.optimizer).__name__}, loss {loss_id!r}) via batchfit",
     )
