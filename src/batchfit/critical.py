@@ -44,7 +44,7 @@ def fit_critical_batch(points: Iterable[Sequence[float]]) -> tuple[dict[str, Any
     if len(pts) < MIN_POINTS:
         return None, (
             f"only {len(pts)} batch size(s) reached the target; the S(B) fit needs at least {MIN_POINTS} "
-            "(add batch sizes, a larger budget, or a lower --target)"
+            "(add batch sizes, a larger budget, or a lower target)"
         )
     bs = np.array([p[0] for p in pts], dtype=float)
     ss = np.array([p[1] for p in pts], dtype=float)

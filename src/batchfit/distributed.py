@@ -98,7 +98,7 @@ def rank_device(device: str | None) -> str:
         wanted = "cuda" if torch.cuda.is_available() else "cpu"
     if wanted.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError("device cuda was asked for but CUDA is not available here; use --device cpu")
+            raise ConfigError("device cuda was asked for but CUDA is not available here; use device='cpu'")
         lr = local_rank()
         if lr >= torch.cuda.device_count():
             raise ConfigError(

@@ -228,7 +228,7 @@ def search_max(
     if not rec["ok"]:
         raise ConfigError(
             f"even batch size 1 does not fit in {memory.format_bytes(limit)} ({rec.get('error', 'out of memory')}); "
-            "raise --memory-budget, use --precision bf16 or a smaller model"
+            "raise memory_budget, use precision='bf16' or a smaller model"
         )
     # 2. a second probe GROWTH times larger (geometric bisection if it fails), then a third aimed at 70 % of the limit
     #    from the line through the first two: the peak is convex in B, so that line errs towards smaller peaks and

@@ -281,7 +281,7 @@ def cuda_budget_fraction(budget_bytes: int, device: torch.device) -> float:
     if budget_bytes > total:
         raise ConfigError(
             f"memory budget {format_bytes(budget_bytes)} is larger than the GPU's {format_bytes(total)}; "
-            "give a smaller --memory-budget or none"
+            "give a smaller memory_budget or none"
         )
     return budget_bytes / total
 

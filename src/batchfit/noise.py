@@ -101,8 +101,8 @@ def training_micro_batch_size(batch_size: int, micro_batch_size: int | None, wor
         return None if world_size >= 2 else default_micro_batch_size(batch_size)
     if micro_batch_size >= batch_size and world_size < 2:
         raise ConfigError(
-            f"--measure-noise needs >= 2 micro-batches per step, but micro-batch {micro_batch_size} covers batch "
-            f"{batch_size}; give --micro-batch-size <= {max(1, batch_size // 2)} or leave it out"
+            f"measure_noise needs >= 2 micro-batches per step, but micro-batch {micro_batch_size} covers batch "
+            f"{batch_size}; give micro_batch_size <= {max(1, batch_size // 2)} or leave it out"
         )
     return micro_batch_size
 

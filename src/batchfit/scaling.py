@@ -125,7 +125,7 @@ def apply_scaling(
     if rule == "adam-sqrt" and not is_adam_family(optimizer):
         raise ConfigError(
             f"LR rule 'adam-sqrt' needs an Adam-family optimizer (with betas); {type(optimizer).__name__} has none. "
-            "Use --lr-rule linear or sqrt"
+            "use lr_rule='linear' or 'sqrt'"
         )
     defaults = optimizer.defaults
     scaled = scale_lr(base_lr, base_batch_size, batch_size, rule, betas=defaults.get("betas"), eps=defaults.get("eps"))

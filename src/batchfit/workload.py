@@ -228,8 +228,7 @@ def _call_factory(factory: Callable[..., Any], kwargs: Mapping[str, Any], spec: 
         raise
     except Exception as exc:
         raise WorkloadError(
-            f"workload factory {spec!r} raised {type(exc).__name__}: {exc}; fix the factory (run with --debug "
-            "for the traceback)"
+            f"workload factory {spec!r} raised {type(exc).__name__}: {exc}; fix the factory"
         ) from exc
     if not isinstance(workload, Workload):
         raise WorkloadError(

@@ -175,7 +175,7 @@ def open_study(storage: str | Any, study_name: str | None = None) -> Any:
     if study_name is None:
         if len(names) != 1:
             raise ConfigError(
-                f"the store holds {len(names)} studies ({', '.join(names) or 'none'}); name one with --study"
+                f"the store holds {len(names)} studies ({', '.join(names) or 'none'}); name one with study_name"
                 if names else "the store holds no study yet; run batchfit sweep first"
             )
         study_name = names[0]
