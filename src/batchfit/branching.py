@@ -251,6 +251,7 @@ def local_critical_batch(
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: ProgressFn | None = None,
+    finish_reference: bool = True,
 ) -> BranchingResult:
     """Measure the local critical batch at checkpoints (fractions of ``reference_steps``) of a reference run.
 
@@ -261,6 +262,9 @@ def local_critical_batch(
         tolerance: a batch is efficient while its loss decrease is >= (1 - tolerance) x the smallest batch's.
         replicates: data orders per branch (>= 2 gives intervals).
         noise_batches: gradient pairs for B_simple at each checkpoint (0: skip).
+        finish_reference: train the reference run to ``reference_steps`` after the last checkpoint (the cost share
+            is then against a whole run); ``False`` stops at the last checkpoint (``train(batch_schedule="auto")``,
+            whose own run is the whole run; ``reference_seconds`` then covers only the part trained).
     """
     from batchfit.engine import resolve_device
 
@@ -308,7 +312,7 @@ def local_critical_batch(
         emit(progress, "branching", "update", f"step {done}: local critical batch "
              f"{result.points[-1].local_critical_batch}", completed=len(result.points), total=len(ckpt_steps))
     t0 = time.perf_counter()
-    while done < steps_total:  # the rest of the reference run: the cost share is against a whole run
+    while finish_reference and done < steps_total:  # the rest of the reference run: the cost share is per whole run
         step(next(stream), b0)
         done += 1
     result.reference_seconds += time.perf_counter() - t0

@@ -18,11 +18,11 @@ micro-batch is smaller.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
+import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from batchfit import checks, data, distributed, memory
+from batchfit import schedule as batch_schedules
 from batchfit.data import to_device
 from batchfit.errors import ConfigError, DataError
 from batchfit.progress import ProgressFn, emit
@@ -56,6 +57,7 @@ __all__ = [
     "TrainPlan",
     "TrainResult",
     "TrainState",
+    "auto_schedule",
     "check_finite_data",
     "check_precision",
     "evaluate",
@@ -344,6 +346,13 @@ class TrainPlan:
     grad_clip: float | None
     memory_budget: int | None
     requested_batch_size: int
+    phases: tuple[batch_schedules.Phase, ...] = ()  # a batch-size schedule (per-rank batches); () = fixed batch
+    micro_batch_limit: int | None = None
+    beta2: str | None = None
+    weight_decay_timescale: bool = False
+    checkpoint: str | None = None
+    checkpoint_every: int | None = None
+    resume_from: str | None = None
 
     @property
     def effective_batch_size(self) -> int:
@@ -374,11 +383,29 @@ def plan_train(workload: Workload | str, *, batch_size: int | None = None, micro
                steps: int | None = None, precision: str = "fp32", device: str | torch.device | None = "cpu",
                seed: int = 0, drop_last: bool = True, eval_batch_size: int | None = None,
                eval_every: int | None = None, grad_clip: float | None = None, world_size: int = 1,
-               memory_budget: int | str | None = None) -> TrainPlan:
+               memory_budget: int | str | None = None, batch_schedule: Any = None,
+               micro_batch_limit: int | None = None, beta2: str | None = None, weight_decay_timescale: bool = False,
+               checkpoint: str | os.PathLike | None = None, checkpoint_every: int | None = None,
+               resume_from: str | os.PathLike | None = None) -> TrainPlan:
     """Check every argument of :func:`train` and decide the run (arguments as :func:`train`'s)."""
     workload = load_workload(workload)
     dev = resolve_device(device)
     check_precision(precision, dev)
+    phases = tuple(batch_schedules.parse_schedule(batch_schedule)) if batch_schedule is not None else ()
+    if phases and batch_size is not None and batch_size != phases[0].batch_size:
+        raise ConfigError(f"batch_size {batch_size} differs from the schedule's first batch {phases[0].batch_size}; "
+                          "give one of them")
+    if phases:
+        batch_size = phases[0].batch_size
+    checks.positive_int("micro_batch_limit", micro_batch_limit, allow_none=True)
+    if beta2 is not None:
+        checks.one_of("beta2", beta2, batch_schedules.BETA2_RULES)
+    checks.positive_int("checkpoint_every", checkpoint_every, allow_none=True)
+    if checkpoint_every is not None and checkpoint is None:
+        raise ConfigError("checkpoint_every needs checkpoint= (the file to write)")
+    if resume_from is not None and not os.path.isfile(resume_from):
+        raise ConfigError(f"resume_from {str(resume_from)!r} is not a file; give a checkpoint written by "
+                          "train(checkpoint=...)")
     requested = checks.positive_int("batch_size", workload.base_batch_size if batch_size is None else batch_size)
     world_size = checks.positive_int("world_size", world_size)
     checks.positive_int("micro_batch_size", micro_batch_size, allow_none=True)
@@ -411,12 +438,30 @@ def plan_train(workload: Workload | str, *, batch_size: int | None = None, micro
     if world_size > 1 and not drop_last and 0 < n % (per_rank * world_size) < world_size:
         steps_per_epoch -= 1  # a last global batch smaller than the world is skipped (it would leave a rank empty)
     total_steps = steps if steps is not None else (epochs or 1) * steps_per_epoch
+    if phases:
+        for ph in phases:
+            if ph.batch_size * world_size > n:
+                raise ConfigError(f"batch_schedule: batch {ph.batch_size * world_size} at step {ph.step} is larger "
+                                  f"than the training set ({n} samples); cap the schedule at {n // world_size}")
+        # the micro-batch of each phase: the memory limit (the finder's), else the asked-for micro-batch
+        micro_batch_limit = micro_batch_limit or micro_batch_size or workload.micro_batch_size
+        micro = batch_schedules.plan_micro(per_rank, micro_batch_limit)[0]
+        if steps is None:  # epochs x N samples, rounded down to whole steps of the schedule
+            state = batch_schedules.ScheduleState(phases)
+            sample_budget, total_steps = (epochs or 1) * n, 0
+            while state.samples_through(total_steps + 1) * world_size <= sample_budget:
+                total_steps += 1
+            total_steps = max(1, total_steps)
     return TrainPlan(
         workload=workload, device=dev, precision=precision, batch_size_per_rank=per_rank, micro_batch_size=micro,
         world_size=world_size, lr=lr, lr_rule=lr_rule, warmup_steps=resolve_warmup(warmup, total_steps),
         total_steps=total_steps, steps_per_epoch=steps_per_epoch, num_samples=n, seed=seed, drop_last=drop_last,
         eval_batch_size=eval_batch_size if eval_batch_size is not None else max(micro, 256),
         eval_every=eval_every, grad_clip=grad_clip, memory_budget=budget, requested_batch_size=requested * world_size,
+        phases=phases, micro_batch_limit=micro_batch_limit, beta2=beta2,
+        weight_decay_timescale=bool(weight_decay_timescale),
+        checkpoint=None if checkpoint is None else os.fspath(checkpoint), checkpoint_every=checkpoint_every,
+        resume_from=None if resume_from is None else os.fspath(resume_from),
     )
 
 
@@ -439,10 +484,13 @@ class _Run:
     callbacks: Sequence[Any]
     progress: ProgressFn | None
     t_start: float
+    feed: _Feed | None = None
     seg_samples: int = 0
     seg_time: float = 0.0
     train_time: float = 0.0
     timed_samples: int = 0
+    last_eval: int = -1
+    phase_lr: float = 0.0  # the peak LR of the schedule phase in progress (the rule-transferred base)
 
 
 def _scale_lr(plan: TrainPlan, optimizer: torch.optim.Optimizer) -> str:
@@ -490,6 +538,7 @@ def _setup(plan: TrainPlan, callbacks: Sequence[Any], progress: ProgressFn | Non
         grad_clip=plan.grad_clip, lr_schedule=schedule.name,
     )
     run = _Run(plan, model, optimizer, schedule, step, losses, state, result, callbacks, progress, t_start)
+    run.phase_lr = peak_lr
     on_micro, before = _hooks(callbacks, "on_micro_batch_end"), _hooks(callbacks, "on_before_optimizer_step")
     if on_micro:
         def micro_hook(mb: MicroBatch) -> None:
@@ -503,24 +552,77 @@ def _setup(plan: TrainPlan, callbacks: Sequence[Any], progress: ProgressFn | Non
     return run
 
 
-def _stream(source: Any, plan: TrainPlan, generator: torch.Generator) -> Iterator[tuple[int, Any, int]]:
-    """``(epoch, this rank's batch, samples in the global batch)`` for ever; a ``None`` batch ends each epoch.
+@dataclass
+class _Feed:
+    """Where the data stream stands (a checkpoint saves it): the pass in progress, its batch and generator state.
+
+    A batch-size schedule's change starts a new pass (a fresh shuffle) at the new batch; the samples left in the
+    interrupted pass are not seen in it. Resuming replays the pass in progress from its generator state and skips the
+    batches already trained on, so a resumed run reads exactly the batches the uninterrupted run reads.
+    """
+
+    generator: torch.Generator
+    batch_for: Callable[[int], int]  # the per-rank batch of step i
+    steps: int = 0  # batches handed out (the next step's index)
+    passes: int = 0  # passes started
+    batch: int = 0  # the per-rank batch of the pass in progress
+    start_state: torch.Tensor | None = None  # the generator before the pass in progress drew its order
+    taken: int = 0  # batches of the pass in progress handed out
+    skip: int = 0  # resuming: batches of the pass to skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "start_state": self.start_state, "steps": self.steps,
+                "passes": self.passes, "batch": self.batch, "taken": self.taken}
+
+    def load(self, d: dict[str, Any]) -> None:
+        self.steps, self.passes, self.batch = int(d["steps"]), int(d["passes"]), int(d["batch"])
+        if self.batch_for(self.steps) != self.batch:  # the pass ended at a change: the next pass starts afresh
+            self.generator.set_state(d["generator"])
+            self.passes += 1
+        else:
+            self.start_state, self.taken, self.skip = d["start_state"], int(d["taken"]), int(d["taken"])
+
+
+def _stream(source: Any, plan: TrainPlan, feed: _Feed) -> Iterator[tuple[int, Any, int]]:
+    """``(pass, this rank's batch, samples in the global batch)`` for ever; a ``None`` batch ends each pass.
 
     Every rank draws the same seeded order and reads its shard of each global batch (``batchfit.data``).
     """
     rank = distributed.rank() if plan.world_size > 1 else 0
-    for epoch in itertools.count():
-        batches = source.epoch(plan.effective_batch_size, generator=generator, drop_last=plan.drop_last,
+    while True:
+        epoch = feed.passes
+        if feed.skip:  # resuming inside this pass: the same order again
+            feed.generator.set_state(feed.start_state)  # type: ignore[arg-type]
+        else:
+            feed.start_state, feed.taken, feed.batch = feed.generator.get_state(), 0, feed.batch_for(feed.steps)
+        batches = source.epoch(feed.batch * plan.world_size, generator=feed.generator, drop_last=plan.drop_last,
                                rank=rank, world_size=plan.world_size)
-        empty = True
-        for batch, count in fetching(batches, "train_data"):
-            empty = False
-            yield epoch, batch, count
-            del batch  # not alive while the next one is read
+        fetched = fetching(batches, "train_data")
+        empty, changed = True, False
+        try:
+            for batch, count in fetched:
+                empty = False
+                if feed.skip:
+                    feed.skip -= 1
+                    continue
+                feed.taken += 1
+                feed.steps += 1
+                yield epoch, batch, count
+                del batch  # not alive while the next one is read
+                if feed.batch_for(feed.steps) != feed.batch:  # the schedule changes the batch: a new pass
+                    changed = True
+                    break
+        finally:
+            for it in (fetched, batches):
+                close = getattr(it, "close", None)
+                if callable(close):
+                    close()
         if empty:
-            raise DataError(f"train_data yielded no batch of {plan.effective_batch_size} in an epoch; check its "
+            raise DataError(f"train_data yielded no batch of {feed.batch * plan.world_size} in an epoch; check its "
                             "length against the samples it yields")
-        yield epoch, None, 0
+        feed.passes += 1
+        if not changed:
+            yield epoch, None, 0
 
 
 def _held(run: _Run) -> list[Any]:
@@ -569,6 +671,8 @@ def _record(run: _Run) -> dict[str, Any]:
         loss_sum, count = distributed.all_sum(loss_sum, count)
     train_loss = loss_sum / max(1, count)
     epoch = state.epoch + (state.step - state.epoch * plan.steps_per_epoch) / plan.steps_per_epoch
+    if plan.phases:  # passes restart at each change of the batch: epochs are samples over the training set
+        epoch = state.samples_seen / (plan.num_samples)
     record: dict[str, Any] = {
         "epoch": round(epoch, 4),
         "step": state.step,
@@ -653,8 +757,16 @@ def train(
     world_size: int = 1,
     memory_budget: int | str | None = None,
     progress: ProgressFn | None = None,
+    batch_schedule: Any = None,
+    branching: Any = None,
+    micro_batch_limit: int | None = None,
+    beta2: str | None = None,
+    weight_decay_timescale: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume_from: str | os.PathLike | None = None,
 ) -> TrainResult:
-    """Train the workload once at one effective batch size and measure it.
+    """Train the workload once at one effective batch size (or a batch-size schedule) and measure it.
 
     Args:
         batch_size: batch per optimizer step (default: the workload's ``base_batch_size``); per rank when
@@ -679,6 +791,16 @@ def train(
             evaluation OOM only halves the evaluation batch.
         progress: called with :class:`batchfit.progress.ProgressEvent` s (stage ``train``: start, one update
             per step, a record per evaluation, end).
+        batch_schedule: the batch over training (:mod:`batchfit.schedule`): ``"0:32,500:64"``, phases, or
+            ``"auto"``: derived from ``branching`` (a :class:`batchfit.branching.BranchingResult`), measured first
+            when none is given. Batches are per rank, like ``batch_size``. At each change by ``k`` the optimizer
+            moves by :func:`batchfit.schedule.transfer` (the LR rule, ``beta2``, ``weight_decay_timescale``); the
+            warm-up and the user's schedule multiply on top. With ``epochs`` the budget is epochs x N samples.
+        micro_batch_limit: the largest micro-batch (the finder's memory limit): each phase trains with
+            ``plan_micro(batch, limit)`` micro-batches x accumulation (default: ``micro_batch_size``).
+        checkpoint / checkpoint_every: write a resumable checkpoint (model, optimizer, LR schedule, RNG, data
+            position, schedule position, history) every this many steps and at the end.
+        resume_from: continue a run from its checkpoint (same arguments): the result equals the uninterrupted run.
 
     Returns a :class:`TrainResult`; a non-finite loss stops the run and sets ``diverged``.
 
@@ -687,10 +809,18 @@ def train(
     (1, False)
     """
     t_start = time.perf_counter()
-    plan = plan_train(workload, batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, lr_rule=lr_rule,
-                      warmup=warmup, epochs=epochs, steps=steps, precision=precision, device=device, seed=seed,
-                      drop_last=drop_last, eval_batch_size=eval_batch_size, eval_every=eval_every,
-                      grad_clip=grad_clip, world_size=world_size, memory_budget=memory_budget)
+    kw: dict[str, Any] = dict(micro_batch_size=micro_batch_size, lr=lr, lr_rule=lr_rule, warmup=warmup,
+                              epochs=epochs, steps=steps, precision=precision, device=device, seed=seed,
+                              drop_last=drop_last, eval_batch_size=eval_batch_size, eval_every=eval_every,
+                              grad_clip=grad_clip, world_size=world_size, memory_budget=memory_budget)
+    measured = None
+    if isinstance(batch_schedule, str) and batch_schedule.strip() == "auto":
+        batch_schedule, measured = auto_schedule(workload, batch_size=batch_size, branching=branching, **kw)
+    plan = plan_train(workload, batch_size=batch_size, batch_schedule=batch_schedule,
+                      micro_batch_limit=micro_batch_limit, beta2=beta2, weight_decay_timescale=weight_decay_timescale,
+                      checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume_from=resume_from, **kw)
+    if measured is not None:
+        callbacks = [*callbacks, _Extra("branching", measured.to_dict())]
     check_finite_data(plan.workload.train_data, "the training data")  # outside the budget: not what training holds
     if plan.workload.val_data is not None:
         check_finite_data(plan.workload.val_data, "the validation data")
@@ -708,27 +838,35 @@ def _train(plan: TrainPlan, callbacks: Sequence[Any], progress: ProgressFn | Non
     if plan.device.type == "cuda":
         memory.reset_cuda_peak(plan.device)
     measure_step = 1 if plan.total_steps > 1 else 0  # optimizer state exists only after the first step
+    phases = batch_schedules.ScheduleState(plan.phases) if plan.phases else None
+    run.feed = _Feed(torch.Generator().manual_seed(plan.seed),
+                     (lambda i: phases.phase_at(i).batch_size) if phases else (lambda i: plan.batch_size_per_rank))
+    if plan.resume_from is not None:
+        _resume(run)
     _call(callbacks, "on_train_start", state)
     on_step_end = _hooks(callbacks, "on_step_end")
     emit(progress, "train", "start",
          f"effective batch {plan.effective_batch_size} = micro-batch {plan.micro_batch_size} x accumulation "
-         f"{plan.accumulation_steps} x world {plan.world_size}", completed=0, total=plan.total_steps)
-    last_eval = -1
-    stream = _stream(data.train_source(plan.workload), plan, torch.Generator().manual_seed(plan.seed))
+         f"{plan.accumulation_steps} x world {plan.world_size}", completed=state.step, total=plan.total_steps)
+    stream = _stream(data.train_source(plan.workload), plan, run.feed)
     with contextlib.closing(stream):  # a data loader's workers end with the loop
         for epoch, batch, count in stream:
             if batch is None:  # -- an epoch ended: evaluate (unless this step already was) ---------------------------
                 state.epoch = epoch + 1
-                if last_eval != state.step:
+                if run.last_eval != state.step:
                     _evaluate(run)
-                    last_eval = state.step
+                    run.last_eval = state.step
                 if state.step >= plan.total_steps:
                     break
                 continue
             if state.step >= plan.total_steps:  # a source that yields more batches than its epoch should have
                 break
-            # -- the step, at the LR set at its top -------------------------------------------------------------------
+            # -- the step, at the LR set at its top (a schedule's change point first moves the optimizer) ---------
+            entry = _enter_phase(run, phases) if phases else None
             state.lr = run.schedule.begin_step(state.step)
+            if entry is not None:
+                entry["lr"] = state.lr
+                result.extras.setdefault("batch_schedule", []).append(entry)
             due = _timed_step(run, batch, count, measure=plan.device.type == "cpu" and state.step == measure_step)
             del batch
             # -- the loss: read per step on the CPU, every few steps on CUDA (a sync point) ------------------------
@@ -743,12 +881,161 @@ def _train(plan: TrainPlan, callbacks: Sequence[Any], progress: ProgressFn | Non
                 fn(state)
             emit(progress, "train", "update", completed=state.step, total=plan.total_steps)
             # -- evaluation (an epoch's end evaluates when the epoch closes) ------------------------------------------
-            epoch_end = state.step % plan.steps_per_epoch == 0
+            epoch_end = not phases and state.step % plan.steps_per_epoch == 0
             if plan.eval_every and state.step % plan.eval_every == 0 and not epoch_end:
                 _evaluate(run)
-                last_eval = state.step
+                run.last_eval = state.step
+            if plan.checkpoint_every and state.step % plan.checkpoint_every == 0:
+                _save_checkpoint(run)
             if state.step >= plan.total_steps and not epoch_end:
                 break
-    if last_eval != state.step and not result.diverged:
+    if run.last_eval != state.step and not result.diverged:
         _evaluate(run)
+    if plan.checkpoint is not None:
+        _save_checkpoint(run)
     return _finish(run)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batch-size schedules and checkpoints
+
+
+class _Extra:
+    """A callback that adds one key to the result (e.g. the branching measurement behind an ``auto`` schedule)."""
+
+    def __init__(self, key: str, value: Any) -> None:
+        self.key, self.value = key, value
+
+    def on_train_end(self, state: TrainState, result: TrainResult) -> None:
+        result.extras[self.key] = self.value
+
+
+def auto_schedule(workload: Workload | str, *, batch_size: int | None = None, branching: Any = None,
+                  max_batch_size: int | None = None, **train_kwargs: Any) -> tuple[list[Any], Any]:
+    """The batch-size warm-up derived from the measured local critical batch (:mod:`batchfit.branching`).
+
+    ``branching``: a :class:`~batchfit.branching.BranchingResult` (or its dict); when ``None`` it is measured
+    first, with the run's own budget as the reference run (checkpoints at 0, 10, 25 and 50 % of it; the rest of the
+    reference run is not trained). Returns ``(phases, the branching result)``.
+    """
+    from batchfit.branching import BranchingResult, local_critical_batch
+
+    plan = plan_train(workload, batch_size=batch_size, **train_kwargs)
+    b0 = plan.batch_size_per_rank
+    cap = plan.num_samples // plan.world_size
+    if max_batch_size is not None:
+        cap = min(cap, checks.positive_int("max_batch_size", max_batch_size))
+    if branching is None:
+        factors = [f for f in (1, 2, 4, 8, 16, 32) if b0 * f <= cap]
+        branching = local_critical_batch(plan.workload, batch_size=b0, factors=factors,
+                                         checkpoints=(0.0, 0.1, 0.25, 0.5), reference_steps=plan.total_steps,
+                                         device=plan.device, seed=plan.seed, finish_reference=False)
+    elif isinstance(branching, dict):
+        branching = BranchingResult.from_dict(branching)
+    if branching.base_batch_size != b0:
+        raise ConfigError(f"the branching measurement was made at batch {branching.base_batch_size}, the run starts "
+                          f"at {b0}; measure at the run's batch")
+    phases = batch_schedules.derive_schedule(branching.points, base_batch_size=b0,
+                                             total_samples=plan.total_steps * b0, max_batch_size=cap)
+    return phases, branching
+
+
+def _enter_phase(run: _Run, phases: batch_schedules.ScheduleState) -> dict[str, Any] | None:
+    """At a change point move the optimizer (LR rule, beta2, AdamW timescale) and the micro-batch plan; returns
+    the ``batch_schedule`` entry of a phase entered at this step (``None`` inside a phase)."""
+    plan, state, step = run.plan, run.state, run.step
+    if state.step == 0:
+        return _phase_entry(run, phases.phases[0])
+    change = phases.change_at(state.step)
+    if change is None:
+        return None
+    old, new = change
+    k = new.batch_size / old.batch_size
+    rule = default_rule(run.optimizer) if plan.lr_rule == "auto" else plan.lr_rule
+    moved = batch_schedules.transfer(run.optimizer, k, lr_rule=rule, beta2=plan.beta2,
+                                     weight_decay_timescale=plan.weight_decay_timescale)
+    run.schedule.rescale(moved["lr_factor"])
+    run.phase_lr *= moved["lr_factor"]
+    micro, acc = batch_schedules.plan_micro(new.batch_size, plan.micro_batch_limit)
+    step.micro_batch_size = micro
+    state.batch_size_per_rank, state.batch_size = new.batch_size, new.batch_size * plan.world_size
+    state.micro_batch_size, state.accumulation_steps = micro, acc
+    return _phase_entry(run, new)
+
+
+def _phase_entry(run: _Run, phase: batch_schedules.Phase) -> dict[str, Any]:
+    micro, acc = batch_schedules.plan_micro(phase.batch_size, run.plan.micro_batch_limit)
+    g = run.optimizer.param_groups[0]
+    entry: dict[str, Any] = {"step": run.state.step, "batch_size": phase.batch_size * run.plan.world_size,
+                             "micro_batch_size": micro, "accumulation_steps": acc, "lr": None,
+                             "peak_lr": run.phase_lr}
+    if "betas" in g:
+        entry["beta2"] = float(g["betas"][1])
+    if "weight_decay" in g:
+        entry["weight_decay"] = float(g["weight_decay"])
+    return entry
+
+
+def _save_checkpoint(run: _Run) -> None:
+    """Everything the loop needs to continue exactly, written atomically (rank 0 under DDP)."""
+    plan, state = run.plan, run.state
+    if plan.checkpoint is None or (plan.world_size > 1 and distributed.rank() != 0):
+        return
+    model = distributed.unwrap(run.model) if plan.world_size > 1 else run.model
+    ckpt = {
+        "format": 1, "workload": plan.workload.name, "total_steps": plan.total_steps,
+        "phases": [p.to_dict() for p in plan.phases], "model": model.state_dict(),
+        "optimizer": run.optimizer.state_dict(), "lr_schedule": run.schedule.state_dict(),
+        "scaler": run.step.scaler.state_dict() if run.step.scaler is not None else None,
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if plan.device.type == "cuda" else None,
+        "data": run.feed.to_dict() if run.feed is not None else None,
+        "state": {"step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen,
+                  "micro_batch_size": state.micro_batch_size, "accumulation_steps": state.accumulation_steps,
+                  "batch_size": state.batch_size, "batch_size_per_rank": state.batch_size_per_rank,
+                  "step_micro": run.step.micro_batch_size, "phase_lr": run.phase_lr, "last_eval": run.last_eval},
+        "losses": {"cpu_sum": run.losses._cpu_sum, "count": run.losses.count, "sum": run.losses._sum.cpu()},
+        "history": list(run.result.history), "batch_schedule": list(run.result.extras.get("batch_schedule", [])),
+    }
+    tmp = f"{plan.checkpoint}.tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, plan.checkpoint)
+
+
+def _resume(run: _Run) -> None:
+    """Load :func:`_save_checkpoint`'s file into a freshly set-up run (same arguments)."""
+    plan, state = run.plan, run.state
+    try:
+        ckpt = torch.load(plan.resume_from, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
+        raise ConfigError(f"resume_from {plan.resume_from!r} is not a batchfit checkpoint ({exc}); give a file "
+                          "written by train(checkpoint=...)") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != 1:
+        raise ConfigError(f"resume_from {plan.resume_from!r} is not a batchfit checkpoint")
+    same = (ckpt["workload"] == plan.workload.name and ckpt["total_steps"] == plan.total_steps
+            and ckpt["phases"] == [p.to_dict() for p in plan.phases])
+    if not same:
+        raise ConfigError(f"the checkpoint {plan.resume_from!r} is of another run (workload {ckpt['workload']}, "
+                          f"{ckpt['total_steps']} steps, schedule {ckpt['phases']}); resume with the same arguments")
+    model = distributed.unwrap(run.model) if plan.world_size > 1 else run.model
+    model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.schedule.load_state_dict(ckpt["lr_schedule"])
+    if run.step.scaler is not None and ckpt["scaler"] is not None:
+        run.step.scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"])
+    if ckpt["cuda_rng"] is not None and plan.device.type == "cuda":
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    if run.feed is not None and ckpt["data"] is not None:
+        run.feed.load(ckpt["data"])
+    st = ckpt["state"]
+    state.step, state.epoch, state.samples_seen = st["step"], st["epoch"], st["samples_seen"]
+    state.micro_batch_size, state.accumulation_steps = st["micro_batch_size"], st["accumulation_steps"]
+    state.batch_size, state.batch_size_per_rank = st["batch_size"], st["batch_size_per_rank"]
+    run.step.micro_batch_size, run.phase_lr, run.last_eval = st["step_micro"], st["phase_lr"], st["last_eval"]
+    run.losses._cpu_sum, run.losses.count = ckpt["losses"]["cpu_sum"], ckpt["losses"]["count"]
+    run.losses._sum = ckpt["losses"]["sum"].to(plan.device)
+    run.result.history.extend(ckpt["history"])
+    if ckpt["batch_schedule"]:
+        run.result.extras["batch_schedule"] = list(ckpt["batch_schedule"])
+    run.result.extras["resumed_at_step"] = state.step

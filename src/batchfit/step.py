@@ -313,6 +313,28 @@ class LRSchedule:
         for g, lr in zip(self.optimizer.param_groups, self._used):
             g["lr"] = lr
 
+    def rescale(self, factor: float) -> None:
+        """Multiply the scheduled LR (and the user's scheduler's base LRs) by ``factor``: a batch-size schedule's
+        change point (:func:`batchfit.schedule.transfer`). The next :meth:`begin_step` applies it."""
+        self._scheduled = [lr * factor for lr in self._scheduled]
+        self._used = [lr * factor for lr in self._used]
+        base = getattr(self.scheduler, "base_lrs", None)
+        if isinstance(base, list):  # closed-form schedulers (LambdaLR, ...) compute from base_lrs
+            self.scheduler.base_lrs = [lr * factor for lr in base]
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to continue the LR exactly (the user's scheduler's own state included)."""
+        out: dict[str, Any] = {"scheduled": list(self._scheduled), "used": list(self._used)}
+        if self.scheduler is not None and callable(getattr(self.scheduler, "state_dict", None)):
+            out["scheduler"] = self.scheduler.state_dict()
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._scheduled = list(state["scheduled"])
+        self._used = list(state["used"])
+        if "scheduler" in state and callable(getattr(self.scheduler, "load_state_dict", None)):
+            self.scheduler.load_state_dict(state["scheduler"])
+
     @property
     def name(self) -> str | None:
         return None if self.scheduler is None else type(self.scheduler).__name__

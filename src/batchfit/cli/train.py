@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = ["add_parser", "run"]
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from batchfit.cli import _common as c
@@ -36,6 +37,20 @@ def add_parser(sub: Any) -> None:
                         "without --micro-batch-size each batch is split in 2)")
     p.add_argument("--memory-budget", type=c.memory_size, metavar="SIZE",
                    help="train inside this memory budget, e.g. 512MiB (the one `batchfit find` used)")
+    sched = p.add_argument_group("batch-size schedule (docs/batch-schedule.md)")
+    sched.add_argument("--batch-schedule", metavar="SPEC",
+                       help="the batch over training: STEP:BATCH,... e.g. 0:32,500:64,1500:128 (integer factors), or "
+                            "'auto': measure the local critical batch by branching first, then follow it")
+    sched.add_argument("--micro-batch-limit", type=c.positive_int, metavar="N",
+                       help="the largest micro-batch (the one `batchfit find` found): larger phases accumulate")
+    sched.add_argument("--beta2", choices=("power", "sde", "keep"),
+                       help="Adam's beta2 at a change by k: beta2^k (power, the default), 1 - k(1 - beta2) or keep")
+    sched.add_argument("--weight-decay-timescale", action="store_true",
+                       help="keep the AdamW timescale B / (lr x weight decay x N) constant across changes")
+    sched.add_argument("--checkpoint", type=Path, metavar="PATH",
+                       help="write a resumable checkpoint here (every --checkpoint-every steps and at the end)")
+    sched.add_argument("--checkpoint-every", type=c.positive_int, metavar="N", help="checkpoint every N steps")
+    sched.add_argument("--resume", type=Path, metavar="PATH", help="continue the run saved in this checkpoint")
     c.add_runtime_options(p)
     c.add_output_options(p)
     p.set_defaults(handler=run)
@@ -94,6 +109,13 @@ def run(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {}
     if getattr(args, "memory_budget", None) is not None:
         kwargs["memory_budget"] = args.memory_budget
+    for key in ("batch_schedule", "micro_batch_limit", "beta2", "checkpoint", "checkpoint_every"):
+        if getattr(args, key, None) is not None:
+            kwargs[key] = getattr(args, key)
+    if getattr(args, "weight_decay_timescale", False):
+        kwargs["weight_decay_timescale"] = True
+    if getattr(args, "resume", None) is not None:
+        kwargs["resume_from"] = args.resume
     batch_size = args.batch_size
     from batchfit import distributed
 
@@ -108,6 +130,15 @@ def run(args: argparse.Namespace) -> int:
             )
         batch_size = global_batch // world
         kwargs["world_size"] = world
+        if kwargs.get("batch_schedule") not in (None, "auto"):  # the schedule's batches are global too
+            from batchfit.schedule import Phase, parse_schedule
+
+            phases = parse_schedule(kwargs["batch_schedule"])
+            if any(p.batch_size % world for p in phases):
+                raise ConfigError(f"--batch-schedule batches must split evenly over {world} ranks")
+            kwargs["batch_schedule"] = [Phase(p.step, p.batch_size // world) for p in phases]
+            if args.batch_size is None:
+                batch_size = None
     micro_batch_size = args.micro_batch_size
     if getattr(args, "measure_noise", False):  # B_simple per evaluation (batchfit.noise); before _Progress writes
         from batchfit.noise import NoiseCallback, training_micro_batch_size
