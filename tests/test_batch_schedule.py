@@ -181,3 +181,25 @@ def test_train_json_records_the_schedule_as_it_ran(tmp_path) -> None:
 def test_train_cli_rejects_a_bad_schedule_with_exit_2(capsys) -> None:
     assert main(["train", "--batch-schedule", "0:16,5:24", "--steps", "3", "-q"]) == 2
     assert "integer factor" in capsys.readouterr().err
+
+
+def test_auto_derives_the_schedule_from_a_branching_measurement() -> None:
+    from batchfit.branching import BranchingResult, BranchPoint
+    from batchfit.stats import Interval
+
+    one = {8: Interval(1.0, None, None)}
+    points = [BranchPoint(0, 0, 1.0, one, one, 8, (8, 8), None),
+              BranchPoint(8, 64, 0.9, one, one, 32, (16, 64), None)]
+    measured = BranchingResult("tiny-adamw", 8, "adam-sqrt", 0.2, 64, 2, [8, 16, 32], 64, points)
+    r = train(_workload(), batch_schedule="auto", branching=measured, steps=20)
+    assert [(e["step"], e["batch_size"]) for e in r.extras["batch_schedule"]] == [(0, 8), (8, 32)]
+    assert r.extras["branching"]["points"][1]["local_critical_batch"] == 32
+
+
+def test_auto_measures_by_branching_when_no_measurement_is_given() -> None:
+    r = train(_workload("sgd"), batch_schedule="auto", steps=40)
+    assert r.extras["branching"]["base_batch_size"] == 8
+    assert [p["step"] for p in r.extras["branching"]["points"]] == [0, 4, 10, 20]
+    batches = [e["batch_size"] for e in r.extras["batch_schedule"]]
+    assert r.extras["batch_schedule"][0]["step"] == 0 and r.steps == 40
+    assert all(b % 8 == 0 for b in batches) and batches == sorted(batches)  # B0 x 2^j, never decreasing
