@@ -203,3 +203,58 @@ def test_auto_measures_by_branching_when_no_measurement_is_given() -> None:
     batches = [e["batch_size"] for e in r.extras["batch_schedule"]]
     assert r.extras["batch_schedule"][0]["step"] == 0 and r.steps == 40
     assert all(b % 8 == 0 for b in batches) and batches == sorted(batches)  # B0 x 2^j, never decreasing
+
+
+def _given_branching(b0: int, lcbs: list[tuple[int, int]]):  # noqa: ANN202
+    from batchfit.branching import BranchingResult, BranchPoint
+    from batchfit.stats import Interval
+
+    one = {b0: Interval(1.0, None, None)}
+    pts = [BranchPoint(s // b0, s, 1.0, one, one, c, (b0, c), None) for s, c in lcbs]
+    return BranchingResult("tiny", b0, "linear", 0.2, 4 * b0, 2, [b0, 2 * b0, 4 * b0], 10, pts, 1.0, 0.05, 0.01)
+
+
+def test_compare_trains_every_arm_on_the_same_budget_and_seeds() -> None:
+    from batchfit.schedule_check import ScheduleCheck, compare
+
+    r = compare(_workload("sgd", dtype=torch.float32), batch_size=8, epochs=2, seeds=(0, 1, 2), factors=(1, 4),
+                branching=_given_branching(8, [(0, 8), (256, 32)]), cosine=True, lr_factors=(0.5,),
+                micro_batch_limit=16)
+    assert r.schedule == [{"step": 0, "batch_size": 8}, {"step": 32, "batch_size": 32}]
+    assert [a.name for a in r.arms][:3] == ["schedule", "fixed 8", "fixed 32"]
+    assert {a.kind for a in r.arms} == {"schedule", "fixed", "fixed-lr", "cosine"}
+    for a in r.arms:
+        assert [run["seed"] for run in a.runs] == [0, 1, 2]
+        assert all(1024 - a.batch_size * 4 < run["samples"] <= 1024 for run in a.runs)  # 2 epochs of 512
+    assert r.best_fixed.startswith("fixed") and r.target is not None
+    assert r.branching_cost_share == pytest.approx(0.06 / r.arm("fixed 8").runs[0]["seconds"])
+    assert r.recommended == (r.steps_saved is not None and r.steps_saved.low > 0 and "recommended:" in r.reason)
+    assert ScheduleCheck.from_dict(json.loads(json.dumps(r.to_dict()))).to_dict() == json.loads(
+        json.dumps(r.to_dict()))
+
+
+def _arm(name: str, kind: str, b: int, steps: list[int], finals: list[float]):  # noqa: ANN202
+    from batchfit.schedule_check import Arm
+
+    runs = [{"seed": i, "final": f, "steps": s * 2, "samples": 0, "seconds": 1.0, "diverged": False,
+             "history": [{"step": s, "samples": s * b, "train_seconds": s / 100, "val_loss": f, "val_metrics": {}},
+                         {"step": 2 * s, "samples": 2 * s * b, "train_seconds": s / 50, "val_loss": f,
+                          "val_metrics": {}}], "to_target": None} for i, (s, f) in enumerate(zip(steps, finals))]
+    return Arm(name, kind, b, None, runs)
+
+
+def test_the_schedule_is_recommended_only_beyond_the_noise() -> None:
+    from batchfit.metric import Metric
+    from batchfit.schedule_check import _decide
+
+    metric, br = Metric("val_loss", False), _given_branching(8, [(0, 8)])
+    fixed = _arm("fixed 8", "fixed", 8, [100, 104, 98], [0.50, 0.51, 0.49])
+    clear = _arm("schedule", "schedule", 8, [60, 62, 59], [0.50, 0.505, 0.495])
+    r = _decide("w", metric, 100, [0, 1, 2], br, [], clear, [fixed], fixed, 0.01, fixed)
+    assert r.recommended and r.steps_saved.low > 0.3, r.reason
+    noisy = _arm("schedule", "schedule", 8, [60, 130, 100], [0.50, 0.505, 0.495])
+    r = _decide("w", metric, 100, [0, 1, 2], br, [], noisy, [fixed], fixed, 0.01, fixed)
+    assert not r.recommended and "inside the noise" in r.reason
+    worse = _arm("schedule", "schedule", 8, [60, 62, 59], [0.70, 0.71, 0.69])
+    r = _decide("w", metric, 100, [0, 1, 2], br, [], worse, [fixed], fixed, 0.01, fixed)
+    assert not r.recommended and "worse beyond the noise" in r.reason

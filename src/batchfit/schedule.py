@@ -177,21 +177,24 @@ class ScheduleState:
 
 
 def derive_schedule(points: Sequence[Any], *, base_batch_size: int, total_samples: int,
-                    max_batch_size: int | None = None) -> list[Phase]:
+                    max_batch_size: int | None = None, bound: str = "estimate") -> list[Phase]:
     """A batch-size warm-up following the measured local critical batch.
 
     ``points`` are branching checkpoints with ``samples`` (training samples seen) and ``local_critical_batch``
     (:class:`batchfit.branching.BranchPoint`). From each checkpoint on, the batch is the largest
     ``base_batch_size x 2^j`` not above the critical batch measured there (never decreasing, at most
     ``max_batch_size``); change points are converted from samples to optimizer steps under the schedule itself.
+    ``bound="low"`` follows the lower end of each point's supported range instead (the largest batch efficient
+    beyond the noise): a more cautious warm-up.
     """
     b0 = checks.positive_int("base_batch_size", base_batch_size)
     checks.positive_int("total_samples", total_samples)
     cap = max_batch_size or math.inf
+    checks.one_of("bound", bound, ("estimate", "low"))
     marks: list[tuple[int, int]] = []
     current = b0
     for p in sorted(points, key=lambda q: q.samples):
-        lcb = p.local_critical_batch
+        lcb = p.local_critical_batch if bound == "estimate" else p.supported_range[0]
         if lcb is None:
             continue
         b = b0
