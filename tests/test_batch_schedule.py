@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,3 +259,31 @@ def test_the_schedule_is_recommended_only_beyond_the_noise() -> None:
     worse = _arm("schedule", "schedule", 8, [60, 62, 59], [0.70, 0.71, 0.69])
     r = _decide("w", metric, 100, [0, 1, 2], br, [], worse, [fixed], fixed, 0.01, fixed)
     assert not r.recommended and "worse beyond the noise" in r.reason
+
+
+def test_the_report_shows_the_critical_batch_over_training_the_schedule_and_the_arms(tmp_path) -> None:
+    from _study_fixture import make_results
+    from batchfit.metric import Metric
+    from batchfit.report import write_report
+    from batchfit.schedule import Phase
+    from batchfit.schedule_check import PLOT_NAME, _decide
+    from batchfit.stats import Interval
+
+    br = _given_branching(8, [(0, 8), (400, 32)])
+    br.points[0].b_simple = Interval(12.0, 9.0, 15.0)
+    br.points[1].b_simple = Interval(40.0, 30.0, math.inf)
+    fixed = _arm("fixed 8", "fixed", 8, [100, 104, 98], [0.50, 0.51, 0.49])
+    sched = _arm("schedule", "schedule", 8, [60, 62, 59], [0.50, 0.505, 0.495])
+    check = _decide("w", Metric("val_loss", False), 100, [0, 1, 2], br, [Phase(0, 8), Phase(50, 32)], sched,
+                    [fixed], fixed, 0.01, fixed).to_dict()
+    results = make_results()
+    results["batch_schedule_check"] = check
+    paths = write_report(results, tmp_path)
+    md = Path(paths["markdown"]).read_text()
+    assert "## The batch size over training" in md and "recommended:" in md
+    assert "| 50 | 32 |" in md  # the schedule table
+    assert "12 [9, 15]" in md and "40 [30, inf]" in md  # B_simple with its interval beside the critical batch
+    assert "| schedule | 0.5 [" in md and "fixed 8" in md
+    assert PLOT_NAME in paths["plots"] and Path(paths["plots"][PLOT_NAME]).stat().st_size > 1000
+    assert "The batch size over training" in Path(paths["html"]).read_text()
+    assert json.loads(Path(paths["results"]).read_text())["batch_schedule_check"]["recommended"] is True

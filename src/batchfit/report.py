@@ -42,6 +42,7 @@ _TITLES = {
     "throughput_memory": "Throughput and peak memory vs batch size",
     "steps_to_target": "Steps and time to target vs batch size, with the fitted S(B)",
     "b_simple": "Gradient noise scale B_simple over training",
+    "critical_batch_over_training": "The local critical batch and B_simple over training (batchfit.schedule_check)",
 }
 
 
@@ -503,6 +504,13 @@ def render_markdown(results: Mapping[str, Any], recommendation: Recommendation |
             parts += [f"### Recipe: {name}", "", "```python", code, "```", ""]
     else:
         parts += [f"No recommendation yet: {note or 'no finished trial'}.", ""]
+    if isinstance(results.get("batch_schedule_check"), Mapping):  # issue 14.4 (batchfit.schedule_check)
+        from batchfit.schedule_check import report_lines, report_tables
+
+        parts += ["## The batch size over training", ""] + [f"- {x}" for x in report_lines(
+            results["batch_schedule_check"])] + [""]
+        for title, head, rows in report_tables(results["batch_schedule_check"]):
+            parts += [f"### {title}", "", _md_table(head, rows), ""]
     parts += ["## Study", ""] + [f"- {line}" for line in _study_lines(results)] + [""]
     parts += ["## Plots", ""]
     for name, path in plots.items():
@@ -556,6 +564,13 @@ def render_html(results: Mapping[str, Any], recommendation: Recommendation | Non
             parts += [f"<h3>Recipe: {e(name)}</h3>", f'<pre class="recipe">{e(code)}</pre>']
     else:
         parts.append(f"<p>No recommendation yet: {e(note or 'no finished trial')}.</p>")
+    if isinstance(results.get("batch_schedule_check"), Mapping):  # issue 14.4 (batchfit.schedule_check)
+        from batchfit.schedule_check import report_lines, report_tables
+
+        parts += ["<h2>The batch size over training</h2>", "<ul>"] + [f"<li>{e(x)}</li>" for x in report_lines(
+            results["batch_schedule_check"])] + ["</ul>"]
+        for title, head, rows in report_tables(results["batch_schedule_check"]):
+            parts += [f"<h3>{e(title)}</h3>", _html_table(head, rows)]
     parts += ["<h2>Study</h2>", "<ul>"] + [f"<li>{e(line)}</li>" for line in _study_lines(results)] + ["</ul>"]
     parts.append("<h2>Plots</h2>")
     for name, path in plots.items():
@@ -671,6 +686,10 @@ def write_report(
     data["recommendation"] = recommendation.to_dict() if recommendation is not None else None
     paths: dict[str, Any] = {"results": write_json(out / "results.json", data)}
     written = make_plots(data, out) if plots else {}
+    if plots and isinstance(data.get("batch_schedule_check"), Mapping):  # issue 14.4 (batchfit.schedule_check)
+        from batchfit.schedule_check import plot as schedule_plot
+
+        written.update(schedule_plot(data["batch_schedule_check"], out))
     results = data
     paths["plots"] = written
     paths["markdown"] = _write_text(out / "report.md", render_markdown(results, recommendation, written, note))

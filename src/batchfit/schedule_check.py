@@ -37,7 +37,8 @@ from batchfit.schedule import Phase, ScheduleState, derive_schedule
 from batchfit.stats import Interval, choose, mean_interval
 from batchfit.workload import Workload, load_workload
 
-__all__ = ["Arm", "ScheduleCheck", "compare", "cosine_schedule"]
+__all__ = ["PLOT_NAME", "PLOT_TITLE", "Arm", "ScheduleCheck", "compare", "cosine_schedule", "plot", "report_lines",
+           "report_tables", "tune_stage"]
 
 
 @dataclass
@@ -318,3 +319,125 @@ def _decide(name: str, metric: Metric, budget: int, seeds: list[int], branching:
         cost = (branching.branch_seconds + branching.noise_seconds) / reference.runs[0]["seconds"]
     return ScheduleCheck(name, metric, budget, seeds, target, branching.to_dict(), [p.to_dict() for p in phases],
                          arms, best.name, recommended, reason, saved, seconds, cost)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The report's section (issue 14.4): batchfit.report calls these when results carry "batch_schedule_check"
+
+PLOT_NAME = "critical_batch_over_training"
+PLOT_TITLE = "The local critical batch and B_simple over training"
+
+
+def _iv(d: Any) -> str:
+    if not d:
+        return "-"
+    est, lo, hi = d.get("estimate"), d.get("low"), d.get("high")
+    if est is None or not math.isfinite(est):
+        return "not reached" if est == math.inf else "-"
+    if lo is None or hi is None:
+        return f"{est:.4g}"
+    return f"{est:.4g} [{lo:.4g}, {hi:.4g}]"
+
+
+def report_tables(check: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) of the section: the critical batch over training, the schedule, the arms."""
+    points = (check.get("branching") or {}).get("points") or []
+    crit = [[str(p["step"]), str(p["samples"]), str(p.get("local_critical_batch") or "-"),
+             "{} .. {}".format(*[x if x is not None else "-" for x in (p.get("supported_range") or (None, None))]),
+             _iv(p.get("b_simple"))] for p in points]
+    sched = [[str(p["step"]), str(p["batch_size"])] for p in check.get("schedule") or []]
+    arms = [[a["name"], _iv(a["final"]), _iv(a["steps_to_target"]), _iv(a["samples_to_target"]),
+             _iv(a["seconds_to_target"])] for a in check.get("arms") or []]
+    metric = (check.get("metric") or {}).get("name", "metric")
+    return [("The local critical batch over training (branching) and B_simple beside it",
+             ["step", "samples", "local critical batch", "supported range", "B_simple [95 % interval]"], crit),
+            ("The derived schedule", ["from step", "batch"], sched),
+            (f"Schedule vs fixed batches (same samples, seeds {check.get('seeds')}; target {metric} "
+             f"{check.get('target') if check.get('target') is None else format(check['target'], '.4g')})",
+             ["arm", f"final {metric}", "steps to target", "samples to target", "seconds to target"], arms)]
+
+
+def report_lines(check: dict[str, Any]) -> list[str]:
+    """The decision and its cost, one sentence each."""
+    lines = [check.get("reason", "")]
+    if check.get("branching_cost_share") is not None:
+        lines.append(f"Branching measurement cost: {check['branching_cost_share']:.0%} of the reference run "
+                     f"(batch {(check.get('branching') or {}).get('base_batch_size')}, first seed).")
+    if check.get("seconds_saved"):
+        lines.append(f"Training time saved to the target: {_iv(check['seconds_saved'])} (share, paired by seed).")
+    return lines
+
+
+def plot(check: dict[str, Any], out_dir: Any) -> dict[str, Any]:
+    """The local critical batch (supported range as error bars) and B_simple (95 % interval) against samples."""
+    from pathlib import Path
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    points = (check.get("branching") or {}).get("points") or []
+    if not points:
+        return {}
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    xs = [max(1, p["samples"]) for p in points]
+    lcb = [p.get("local_critical_batch") or math.nan for p in points]
+    lo = [max(0.0, c - (p["supported_range"][0] or c)) for c, p in zip(lcb, points)]
+    hi = [max(0.0, (p["supported_range"][1] or c) - c) for c, p in zip(lcb, points)]
+    ax.errorbar(xs, lcb, yerr=[lo, hi], fmt="o-", capsize=4, label="local critical batch (supported range)")
+    bs = [(p.get("b_simple") or {}) for p in points]
+    est = [b.get("estimate") if b.get("estimate") not in (None, math.inf) else math.nan for b in bs]
+    blo = [max(0.0, e - b["low"]) if b.get("low") is not None and math.isfinite(e) else 0.0 for e, b in zip(est, bs)]
+    bhi = [max(0.0, b["high"] - e) if b.get("high") not in (None, math.inf) and math.isfinite(e) else 0.0
+           for e, b in zip(est, bs)]
+    ax.errorbar(xs, est, yerr=[blo, bhi], fmt="s--", capsize=4, label="B_simple (95 % interval)")
+    steps = check.get("schedule") or []
+    if steps:
+        b0 = (check.get("branching") or {}).get("base_batch_size") or 1
+        sched_x, sched_y, samples, last = [], [], 0, 0
+        for i, p in enumerate(steps):
+            samples += (p["step"] - last) * (steps[i - 1]["batch_size"] if i else b0)
+            last = p["step"]
+            sched_x.append(max(1, samples))
+            sched_y.append(p["batch_size"])
+        sched_x.append(max(sched_x[-1] + 1, check.get("budget_samples") or sched_x[-1] + 1))
+        sched_y.append(sched_y[-1])
+        ax.step(sched_x, sched_y, where="post", color="k", alpha=0.6, label="derived schedule")
+    ax.set_xscale("symlog")
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("training samples seen")
+    ax.set_ylabel("batch size")
+    ax.set_title(PLOT_TITLE)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(out_dir) / f"{PLOT_NAME}.png"
+    fig.savefig(path, format="png")
+    return {PLOT_NAME: path}
+
+
+def tune_stage(workload: Workload, run: Any, *, budget: Any, micro_batch_limit: int | None, seeds: int | None,
+               seed: int = 0, device: Any = "cpu") -> dict[str, Any]:
+    """``tune --batch-schedule-check``: :func:`compare` on tune's budget (whole epochs, at least 1), from the
+    workload's base batch, the finder's micro-batch limit, and ``max(3, seeds)`` seeds; written to
+    ``batch_schedule_check.json`` as soon as it is done."""
+    from batchfit._io import write_json
+
+    n = workload.num_train
+    kind, value = getattr(budget, "kind", "epochs"), float(getattr(budget, "value", 1))
+    samples = value * n if kind == "epochs" else (value if kind == "samples" else value * workload.base_batch_size)
+    epochs = max(1, round(samples / n))
+    seed_list = [seed + i for i in range(max(3, seeds or 0))]
+    run.emit("batch_schedule_check", "start", f"derived batch warm-up vs fixed batches: {epochs} epoch(s), "
+                                              f"{len(seed_list)} seeds")
+
+    def forward(event: Any) -> None:
+        if event.kind == "update":
+            run.emit("batch_schedule_check", "update", event.message, completed=event.completed, total=event.total)
+
+    check = compare(workload, epochs=epochs, seeds=seed_list, micro_batch_limit=micro_batch_limit, device=device,
+                    progress=forward)
+    data = check.to_dict()
+    write_json(run.out / "batch_schedule_check.json", data)
+    run.emit("batch_schedule_check", "end", check.reason, result=data)
+    return data

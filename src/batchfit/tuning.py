@@ -129,6 +129,7 @@ class TuneResult:
     lr_check: LRCheck | None = None
     precision_check: dict[str, Any] | None = None
     recommendation: Recommendation | None = None
+    batch_schedule_check: dict[str, Any] | None = None  # tune(batch_schedule_check=True): batchfit.schedule_check
     report: dict[str, Any] = field(default_factory=dict)
     seconds: float | None = None
 
@@ -145,6 +146,8 @@ class TuneResult:
             data.pop("precision_check", None)
         if self.seconds is not None:
             data["tune_seconds"] = self.seconds
+        if self.batch_schedule_check is not None:
+            data["batch_schedule_check"] = self.batch_schedule_check
         return data
 
     def to_dict(self) -> dict[str, Any]:
@@ -774,6 +777,7 @@ def tune(
     max_batch_size: int | None = None,
     seeds: int | None = None,
     max_seeds: int = RACE_MAX_SEEDS,
+    batch_schedule_check: bool = False,
 ) -> TuneResult:
     """Measure and recommend the batch size for a workload: find, noise, lr_check, sweep, precision, report
     (:data:`STAGES`).
@@ -801,6 +805,9 @@ def tune(
             quality interval still overlaps the best one's, until the decision is stable or ``max_seeds``.
         progress: called with a :class:`~batchfit.progress.ProgressEvent` per stage start / update / record / end
             (stages :data:`STAGES`); a consumer may handle only the kinds it wants. The CLI's live display is one.
+        batch_schedule_check: also compare a batch-size warm-up derived from the measured local critical batch
+            with the best fixed batch (:func:`batchfit.schedule_check.compare`; off by default: it trains every
+            arm with >= 3 seeds), before the report.
 
     Returns a :class:`TuneResult` (``to_dict()`` is results.json). A workload without validation data is ranked on
     its training loss, and the recommendation says so.
@@ -878,6 +885,12 @@ def tune(
         result.precision_check = _precision_check(wl, run, result.recommendation, steps=PRECISION_CHECK_STEPS)
         result.recommendation = recommend(result.results(), tolerance=tolerance)
         _save_in_study(storage, result.results().get("study_name"), {"precision_check": result.precision_check})
+
+    if batch_schedule_check:  # issue 14.3: the derived batch-size schedule vs the best fixed batch
+        from batchfit.schedule_check import tune_stage
+
+        result.batch_schedule_check = tune_stage(wl, run, budget=bud, micro_batch_limit=fits, seeds=seeds, seed=seed,
+                                                 device=device)
 
     # -- 6. report ---------------------------------------------------------------------------------------------
     run.emit("report", "start", f"writing {out}/report.html")

@@ -104,6 +104,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-find", action="store_true", help="skip the finder (micro-batch = the effective batch)")
     p.add_argument("--no-noise", action="store_true", help="skip the B_simple probe")
     p.add_argument("--no-precision-check", action="store_true", help="skip the short fp32 vs bf16 measurement")
+    p.add_argument("--batch-schedule-check", action="store_true",
+                   help="also compare a batch-size warm-up derived from the measured local critical batch with the "
+                        "best fixed batch (>= 3 seeds each; docs/batch-schedule.md)")
     p.add_argument("--no-lr-calibration", action="store_true",
                    help="trust the workload's base LR (skip the short check of x1/4 ... x8 at the base batch)")
     p.add_argument("--sharpness", action="store_true", help="measure the top Hessian eigenvalue of each final model")
@@ -197,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size_cap=args.max_batch_size, margin=args.margin, noise_steps=args.noise_steps,
             eval_every=args.eval_every, tolerance=args.tolerance, find=not args.no_find, noise=not args.no_noise,
             precision_check=not args.no_precision_check, lr_calibration=not args.no_lr_calibration,
+            batch_schedule_check=getattr(args, "batch_schedule_check", False),
             sharpness=args.sharpness, retry_failed=args.retry_failed, progress=live, seeds=args.seeds,
         )
     data = result.to_dict()
