@@ -15,8 +15,10 @@ all trials and seeds where a model exists:
   ``S(B) = S_min (1 + B_crit / B)`` (McCandlish et al. 2018; Shallue et al. 2019) with a stratified bootstrap
   (:func:`batchfit.stats.critical_batch_interval`).
 - **Time to target** = steps to target x fitted time per step.
-- **The decision** (:func:`batchfit.stats.choose`): batch sizes whose quality intervals overlap the best are tied; the
-  tie is broken by the least time to target, then the smaller batch; the output says whether that win is beyond noise.
+- **The decision** (:func:`batchfit.stats.choose`): batch sizes whose quality intervals overlap the best are tied; among
+  them, those whose time-to-target interval overlaps the fastest one's are tied on time too, and the middle one (lower
+  median batch size) is chosen — a busy machine widens timing intervals and reorders estimates inside them, and the
+  middle of a tie moves least; the output says whether the win is beyond noise.
 - **Flags**: a choice at the edge of the tried range, B_crit extrapolated beyond the largest batch tried, a quality
   tie, a base-LR move decided on few steps.
 - **Precision**: a lower precision for speed only when its speed-up interval excludes 1; for memory only when memory
@@ -124,6 +126,12 @@ def fit_step_time(points: Iterable[Sequence[float]], *, level: float = DEFAULT_L
 
 
 def _seconds_per_step(trial: Mapping[str, Any]) -> float | None:
+    """The trial's seconds per step: the median over its evaluation intervals' throughputs when it has at least 3
+    (a burst of load on the machine slows one interval, not the median), else its mean throughput."""
+    segments = [v for r in trial.get("history") or [] if isinstance(r, Mapping)
+                and (v := finite_or_none(r.get("samples_per_s"))) is not None and v > 0]
+    if len(segments) >= 3:
+        return float(trial["batch_size"]) / float(np.median(segments))
     sps = finite_or_none(trial.get("samples_per_s"))
     if sps and sps > 0:
         return float(trial["batch_size"]) / sps
@@ -253,6 +261,31 @@ def _with_margin(iv: Interval, margin: float) -> Interval:
     return Interval(iv.estimate, lo, hi, iv.level, method, iv.n, iv.spread)
 
 
+def _time_tie_break(choice: Choice, cost: Mapping[int, Interval]) -> Choice:
+    """Among the batch sizes tied on quality, those whose time-to-target interval overlaps the fastest one's are tied
+    on time as well; their middle one (the lower median batch size) is chosen.
+
+    Timing is the one measurement a busy machine disturbs: it widens the intervals (pooled, robust fits) but can
+    still reorder the estimates, so the fastest *estimate* inside a time tie moves with the load. The ends of a tie
+    set move too (an extra seed or a busier machine widens or narrows it at either end); its middle moves least. A
+    batch size that is faster beyond the noise is alone in its time tie and still wins.
+    """
+    reached = [b for b in choice.tied if math.isfinite(cost[b].estimate)]
+    if not reached:
+        return choice
+    fastest = min(reached, key=lambda b: (cost[b].estimate, b))
+    time_tied = sorted(b for b in reached if cost[b].overlaps(cost[fastest]))
+    pick = time_tied[(len(time_tied) - 1) // 2]
+    others = [b for b in choice.tied if b != pick]
+    separated = bool(others) and all(cost[pick].known and cost[b].known and cost[pick].high < cost[b].low
+                                     for b in others)  # type: ignore[operator]
+    reason = (f"batch sizes {', '.join(map(str, choice.tied))} are tied on quality; batch {fastest} is the fastest "
+              f"to the target and {', '.join(map(str, time_tied))} cannot be told apart from it on time; the middle "
+              f"of those, {pick}, is chosen") if len(choice.tied) > 1 else choice.reason
+    return Choice(pick, choice.best_quality, choice.tied, separated, reason,
+                  {"fastest": fastest, "time_tied": time_tied})
+
+
 def decide(trials: Sequence[Mapping[str, Any]], metric: Metric, *, b_crit: Any = None,
            lr_calibration: Mapping[str, Any] | None = None, level: float = DEFAULT_LEVEL,
            margin: float = 0.0) -> Decision | None:
@@ -280,6 +313,8 @@ def decide(trials: Sequence[Mapping[str, Any]], metric: Metric, *, b_crit: Any =
     use_cost = {b: cost.get(b) or Interval(math.inf, None, None, level, "not reached", 0) for b in sizes} \
         if cost else None
     choice = choose(quality, use_cost, higher_is_better=metric.higher_is_better, describe=lambda b: f"batch {b}")
+    if use_cost is not None:
+        choice = _time_tie_break(choice, use_cost)
     flags: list[str] = []
     tried = sorted({int(t["batch_size"]) for t in trials})
     if len(tried) > 1 and choice.chosen in (tried[0], tried[-1]):

@@ -243,8 +243,9 @@ def _metric_label(metric: Metric) -> str:
 
 DECISION_RULE = (
     "Batch sizes whose {metric} interval (95 %: over seeds, or with one seed the validation set's sampling "
-    "interval) overlaps the best one's are tied; among the tied, the least fitted time to target wins (steps to "
-    "target x pooled seconds per step), then the smaller batch."
+    "interval) overlaps the best one's are tied; among the tied, those whose time-to-target interval (fitted steps "
+    "to target x pooled seconds per step) overlaps the fastest one's are tied on time too, and the middle of those "
+    "(the lower median batch size) is chosen."
 )
 
 
@@ -344,6 +345,11 @@ def _pick_batch(results: Mapping[str, Any], metric: Metric, tolerance: float
     ratio_txt = (f"{ratio.estimate:.2g}x faster than {slowest}" + (
         f" (interval {ratio.low:.2g}-{ratio.high:.2g})" if ratio.known else " (interval unknown: one seed)")
         if slowest != batch else "the only tied batch size that reached the target")
+    details = decision.choice.details or {}
+    time_tied = details.get("time_tied") or []
+    if len(time_tied) > 1:
+        ratio_txt += (f"; {_span(time_tied, tried)} cannot be told apart on time from the fastest, "
+                      f"{details.get('fastest')}, and {batch} is their middle")
     if missed and slowest != batch:
         ratio_txt += f"; {', '.join(map(str, missed))} did not reach the target within the budget"
     t = timed[batch]
