@@ -256,6 +256,9 @@ def test_the_schedule_is_recommended_only_beyond_the_noise() -> None:
     noisy = _arm("schedule", "schedule", 8, [60, 130, 100], [0.50, 0.505, 0.495])
     r = _decide("w", metric, 100, [0, 1, 2], br, [], noisy, [fixed], fixed, 0.01, fixed)
     assert not r.recommended and "inside the noise" in r.reason
+    slower = _arm("schedule", "schedule", 8, [150, 160, 155], [0.50, 0.505, 0.495])
+    r = _decide("w", metric, 100, [0, 1, 2], br, [], slower, [fixed], fixed, 0.01, fixed)
+    assert not r.recommended and "more optimizer steps" in r.reason and r.steps_saved.high < 0
     worse = _arm("schedule", "schedule", 8, [60, 62, 59], [0.70, 0.71, 0.69])
     r = _decide("w", metric, 100, [0, 1, 2], br, [], worse, [fixed], fixed, 0.01, fixed)
     assert not r.recommended and "worse beyond the noise" in r.reason

@@ -221,7 +221,7 @@ def compare(
             _run(workload, metric, arm, s, budget, eval_points, common)
             done += 1
             emit(progress, "schedule-check", "update", f"{arm.name} seed {s}", completed=done, total=total)
-    best = _best_fixed(fixed, metric, target_tolerance)
+    best, _ = _best_fixed(fixed, metric, target_tolerance)
     extra: list[Arm] = []
     peak = _peak_lr(workload, best.batch_size, device)
     for f in lr_factors:
@@ -233,9 +233,9 @@ def compare(
             _run(workload, metric, arm, s, budget, eval_points, common)
             done += 1
             emit(progress, "schedule-check", "update", f"{arm.name} seed {s}", completed=done, total=total)
-    best = _best_fixed([*fixed, *(a for a in extra if a.kind == "fixed-lr")], metric, target_tolerance)
+    best, target = _best_fixed([*fixed, *(a for a in extra if a.kind == "fixed-lr")], metric, target_tolerance)
     return _decide(workload.name, metric, budget, seeds, branching, phases, sched, [*fixed, *extra], best,
-                   target_tolerance, fixed[0] if fixed else None)
+                   target_tolerance, fixed[0] if fixed else None, target=target)
 
 
 def _peak_lr(workload: Workload, batch: int, device: Any) -> float:
@@ -269,25 +269,28 @@ def _mark_targets(arms: Sequence[Arm], metric: Metric, target: float) -> None:
             r["to_target"] = _to_target(r["history"], metric, target)
 
 
-def _best_fixed(fixed: Sequence[Arm], metric: Metric, tol: float) -> Arm:
-    """Best final quality; among those tied with it, the fewest steps to the target (then the smaller batch)."""
+def _best_fixed(fixed: Sequence[Arm], metric: Metric, tol: float) -> tuple[Arm, float | None]:
+    """Best final quality; among those tied with it, the fewest steps to the target (then the smaller batch).
+
+    Returns the arm and the target: the worst seed's final quality of the best-quality arm, relaxed by ``tol``."""
     quality = {a.name: a.final() for a in fixed if all(r["final"] is not None for r in a.runs)}
     if not quality:
-        return fixed[0]
+        return fixed[0], None
     top = max(quality, key=lambda k: quality[k].estimate if metric.higher_is_better else -quality[k].estimate)
     target = _target_of(next(a for a in fixed if a.name == top), metric, tol)
     if target is not None:
         _mark_targets(fixed, metric, target)
     cost = {a.name: a.to_target("steps") for a in fixed if a.name in quality}
     pick = choose(quality, cost, higher_is_better=metric.higher_is_better)
-    return next(a for a in fixed if a.name == pick.chosen)
+    return next(a for a in fixed if a.name == pick.chosen), target
 
 
 def _decide(name: str, metric: Metric, budget: int, seeds: list[int], branching: Any, phases: list[Phase],
-            sched: Arm, others: list[Arm], best: Arm, tol: float, reference: Arm | None) -> ScheduleCheck:
+            sched: Arm, others: list[Arm], best: Arm, tol: float, reference: Arm | None,
+            target: float | None = None) -> ScheduleCheck:
     arms = [sched, *others]
     best_final = best.final()
-    target = _target_of(best, metric, tol)
+    target = target if target is not None else _target_of(best, metric, tol)
     if target is not None:
         _mark_targets(arms, metric, target)
     sq = sched.final() if all(r["final"] is not None for r in sched.runs) else Interval(math.nan, None, None)
@@ -308,6 +311,9 @@ def _decide(name: str, metric: Metric, budget: int, seeds: list[int], branching:
     elif saved is None:
         reason = (f"not recommended: the schedule did not reach the target {target} in every seed" if target
                   is not None else "not recommended: no target (the fixed batches have no final quality)")
+    elif saved.known and saved.high < 0:  # type: ignore[operator]
+        reason = (f"not recommended: {-saved.estimate:.0%} more optimizer steps to the target than {best.name}, "
+                  f"beyond the noise ({saved}); {q}")
     elif not beyond:
         reason = (f"not recommended: {saved.estimate:.0%} fewer steps to the target, inside the noise "
                   f"({saved}); {q}")
