@@ -333,11 +333,14 @@ def test_racing_adds_seeds_only_to_undecided_batch_sizes(tmp_path: Path) -> None
     run = _Run(tmp_path, None, {}, "cpu", "fp32", 0)
     final = tuning._race(fake(None), fake, {}, run, tolerance=0.01, cap=3)
     seeds = tuning.seeds_per_batch(final)
-    assert seeds == {16: 3, 32: 3, 256: 1}  # 256 is apart after one seed: never replicated
-    assert fake.calls == [None, {16: 2, 32: 2}, {16: 3, 32: 3}]
-    assert len(final["trials"]) == 7  # 3 + 2 + 2 trials, not 9
+    assert seeds == {16: 2, 32: 2, 256: 1}  # 256 is apart after one seed: never replicated
+    assert fake.calls == [None, {16: 2, 32: 2}]  # the second seed left the choice where it was: stable, stop
+    assert len(final["trials"]) == 5  # 3 + 2 trials, not the 9 of three seeds everywhere
+    # without the stability stop, racing goes on to the cap for the undecided only
     want, why = tuning.race_round(final, tolerance=0.01, cap=3)
-    assert want == {} and ("cap" in why or "stable" in why)
+    assert want == {16: 3, 32: 3} and "undecided" in why
+    assert tuning.race_round(final, tolerance=0.01, cap=2) == ({}, "seed cap 2 reached for the undecided batch "
+                                                                    "sizes 16, 32")
 
 
 def test_race_round_stops_when_the_decision_is_stable() -> None:

@@ -689,14 +689,32 @@ def race_round(results: Mapping[str, Any], *, tolerance: float, cap: int) -> tup
     return want, f"undecided: {', '.join(map(str, sorted(want)))} get another seed"
 
 
+def _chosen(results: Mapping[str, Any], tolerance: float) -> int | None:
+    from batchfit.decide import decide
+    from batchfit.recommend import critical_interval, decision_trials, metric_of
+
+    decision = decide(decision_trials(results), metric_of(results), b_crit=critical_interval(results),
+                      margin=tolerance / 2)
+    return None if decision is None else decision.batch_size
+
+
 def _race(swept: Any, run_sweep: Any, stages: Mapping[str, Any], run: _Run, *, tolerance: float, cap: int) -> Any:
-    """Add seeds to the undecided batch sizes (:func:`race_round`) until the decision is stable or ``cap``."""
+    """Add seeds to the undecided batch sizes (:func:`race_round`) until the decision is stable — nothing is
+    undecided, or another seed for the undecided did not change the chosen batch size — or ``cap`` seeds."""
     replicates: dict[int, int] = {}
+    before = None
     while True:
-        want, why = race_round(_with_stages(swept, stages), tolerance=tolerance, cap=cap)
+        data = _with_stages(swept, stages)
+        chosen = _chosen(data, tolerance)
+        if replicates and chosen == before:
+            run.emit("sweep", "update", f"racing: stable: batch {chosen} stays the choice with another seed",
+                     racing={})
+            return swept
+        want, why = race_round(data, tolerance=tolerance, cap=cap)
         run.emit("sweep", "update", f"racing: {why}", racing=dict(want))
         if not want:
             return swept
+        before = chosen
         for b, n in want.items():
             replicates[b] = max(replicates.get(b, 1), n)
         swept = run_sweep(dict(replicates))
@@ -802,7 +820,8 @@ def tune(
         retry_failed: run the sweep's failed trials again (interrupted ones always are).
         seeds: train every configuration with this many seeds (``seed``, ``seed + 1``, ...). ``None`` (default):
             race — one seed per configuration first, then one more seed at a time only for the batch sizes whose
-            quality interval still overlaps the best one's, until the decision is stable or ``max_seeds``.
+            quality interval still overlaps the best one's, until the decision is stable (nothing undecided, or
+            another seed left the chosen batch unchanged) or ``max_seeds``.
         progress: called with a :class:`~batchfit.progress.ProgressEvent` per stage start / update / record / end
             (stages :data:`STAGES`); a consumer may handle only the kinds it wants. The CLI's live display is one.
         batch_schedule_check: also compare a batch-size warm-up derived from the measured local critical batch

@@ -87,7 +87,8 @@ def add_parser(sub: Any) -> None:
                         "precisely (default 0.01); the decision itself compares 95 %% intervals")
     p.add_argument("--seeds", type=c.positive_int, metavar="N",
                    help="train every configuration with N seeds (--seed, --seed + 1, ...); default: race, one seed "
-                        "each, then more only for the batch sizes the data cannot yet tell apart (up to 3)")
+                        "each, then more only for the batch sizes the data cannot yet tell apart, until the choice "
+                        "is stable (at most 3)")
     p.add_argument("--eval-every", type=eval_every_value, default="auto",
                    help="evaluate every N optimizer steps (default auto: 4 per epoch at the smallest batch)")
     p.add_argument("--store", help="Optuna storage URL (default sqlite:///OUT/batchfit.db)")
