@@ -315,8 +315,8 @@ def _decide(name: str, metric: Metric, budget: int, seeds: list[int], branching:
         reason = (f"not recommended: {-saved.estimate:.0%} more optimizer steps to the target than {best.name}, "
                   f"beyond the noise ({saved}); {q}")
     elif not beyond:
-        reason = (f"not recommended: {saved.estimate:.0%} fewer steps to the target, inside the noise "
-                  f"({saved}); {q}")
+        reason = (f"not recommended: the share of steps saved to the target, {saved.estimate:.0%} ({saved}), is "
+                  f"inside the noise; {q}")
     else:
         reason = (f"recommended: {saved.estimate:.0%} fewer optimizer steps to the target ({saved}) at equal "
                   f"quality; {q}")
