@@ -192,6 +192,88 @@ def _torch_optimizer_factory(config: dict[str, Any], class_name: str) -> tuple[C
     )
 
 
+def _split_data(x: Any, y: Any, validation_split: float, validation_data: tuple[Any, Any] | None,
+                floatx: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(x_train, y_train, (x_val, y_val) or None) as ``fit`` would split them."""
+    xt, yt = _as_tensor(x, "x", floatx), _as_tensor(y, "y", floatx)
+    if len(xt) != len(yt):
+        raise DataError(f"x has {len(xt)} samples but y has {len(yt)}; they must match")
+    if validation_data is not None:
+        if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
+            raise ConfigError("validation_data must be a pair (x_val, y_val)")
+        xv, yv = _as_tensor(validation_data[0], "x_val", floatx), _as_tensor(validation_data[1], "y_val", floatx)
+        if len(xv) != len(yv):
+            raise DataError(f"x_val has {len(xv)} samples but y_val has {len(yv)}; they must match")
+        return xt, yt, (xv, yv)
+    if validation_split:
+        split_at = math.ceil(len(xt) * (1.0 - validation_split))  # as Keras does: the last fraction
+        if split_at in (0, len(xt)):
+            raise DataError(
+                f"validation_split={validation_split} of {len(xt)} samples leaves an empty train or validation set"
+            )
+        return xt[:split_at], yt[:split_at], (xt[split_at:], yt[split_at:])
+    return xt, yt, None
+
+
+def _compiled_prototype(keras: Any, prototype: Any, build: Callable[[], Any]) -> Any:
+    """The compiled model the loss, metrics and optimizer are read from (built once when given a function)."""
+    if prototype is None:
+        keras.utils.set_random_seed(0)
+        try:
+            prototype = build()
+        except Exception as exc:
+            raise WorkloadError(f"the Keras model function raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(prototype, keras.Model):
+        raise WorkloadError(f"the model function must return a keras.Model, got {type(prototype).__name__}")
+    if not getattr(prototype, "compiled", False) or prototype.optimizer is None:
+        raise WorkloadError("the Keras model is not compiled; call model.compile(optimizer=..., loss=...) in it")
+    if prototype.loss is None or isinstance(prototype.loss, (dict, list, tuple)):
+        raise WorkloadError(
+            "batchfit supports a single-output Keras model compiled with one loss; got loss="
+            f"{prototype.loss!r}"
+        )
+    return prototype
+
+
+def _loss_and_metrics(keras: Any, prototype: Any, x_tr: torch.Tensor, y_tr: torch.Tensor
+                      ) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], dict[str, Any], list[Any]]:
+    """The compiled loss and metrics as torch callables ``(outputs, targets)``, resolved the way Keras does."""
+    from keras.src.trainers import compile_utils  # Keras' own resolution of "accuracy" / "crossentropy"
+
+    with torch.no_grad(), keras.device("cpu"):
+        probe = KerasModule(prototype)
+        probe.to("cpu")
+        y_pred = probe(x_tr[:2])
+    y_true = y_tr[:2]
+    if not isinstance(y_pred, torch.Tensor):
+        raise WorkloadError("the Keras model must return one tensor (single output) for batchfit")
+    loss_obj = compile_utils.get_loss(prototype.loss, y_true, y_pred)
+    metric_ids = (prototype.get_compile_config() or {}).get("metrics") or []
+    if isinstance(metric_ids, dict):
+        raise WorkloadError("per-output metric dicts are not supported; compile with a list of metrics")
+    if not isinstance(metric_ids, (list, tuple)):
+        metric_ids = [metric_ids]
+    metric_objs = [compile_utils.get_metric(keras.saving.deserialize_keras_object(m)
+                                            if isinstance(m, dict) else m, y_true, y_pred) for m in metric_ids]
+
+    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with keras.device(str(outputs.device)):
+            loss = loss_obj(targets, outputs)
+        reg = getattr(outputs, "batchfit_regularization_loss", None)
+        return loss + reg if reg is not None else loss
+
+    def make_metric(m: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        def metric(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad(), keras.device(str(outputs.device)):
+                m.reset_state()
+                m.update_state(targets, outputs)
+                return torch.as_tensor(m.result()).to(outputs.device)
+
+        return metric
+
+    return loss_fn, {m.name: make_metric(m) for m in metric_objs}, metric_objs
+
+
 def keras_workload(
     model: Callable[[], Any] | Any,
     x: Any,
@@ -227,95 +309,23 @@ def keras_workload(
         raise ConfigError("give either validation_split or validation_data, not both")
 
     if isinstance(model, keras.Model):
-        prototype = model
+        given = model
 
         def build() -> Any:
-            clone = keras.models.clone_model(prototype)
-            return clone
+            return keras.models.clone_model(given)
+        prototype = given
     elif callable(model):
-        build = model
-        prototype = None
+        build, prototype = model, None
     else:
         raise WorkloadError(
             f"model must be a compiled keras.Model or a function returning one, got {type(model).__name__}"
         )
 
-    floatx = getattr(torch, keras.config.floatx())
-    xt, yt = _as_tensor(x, "x", floatx), _as_tensor(y, "y", floatx)
-    if len(xt) != len(yt):
-        raise DataError(f"x has {len(xt)} samples but y has {len(yt)}; they must match")
-    if validation_data is not None:
-        if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
-            raise ConfigError("validation_data must be a pair (x_val, y_val)")
-        xv, yv = _as_tensor(validation_data[0], "x_val", floatx), _as_tensor(validation_data[1], "y_val", floatx)
-        if len(xv) != len(yv):
-            raise DataError(f"x_val has {len(xv)} samples but y_val has {len(yv)}; they must match")
-        x_tr, y_tr, val = xt, yt, (xv, yv)
-    elif validation_split:
-        split_at = math.ceil(len(xt) * (1.0 - validation_split))  # as Keras does: the last fraction
-        if split_at in (0, len(xt)):
-            raise DataError(
-                f"validation_split={validation_split} of {len(xt)} samples leaves an empty train or validation set"
-            )
-        x_tr, y_tr, val = xt[:split_at], yt[:split_at], (xt[split_at:], yt[split_at:])
-    else:
-        x_tr, y_tr, val = xt, yt, None
-
-    # -- read loss, metrics and optimizer from the compiled model -----------------------------------------------
-    if prototype is None:
-        keras.utils.set_random_seed(0)
-        try:
-            prototype = build()
-        except Exception as exc:
-            raise WorkloadError(f"the Keras model function raised {type(exc).__name__}: {exc}") from exc
-    if not isinstance(prototype, keras.Model):
-        raise WorkloadError(f"the model function must return a keras.Model, got {type(prototype).__name__}")
-    if not getattr(prototype, "compiled", False) or prototype.optimizer is None:
-        raise WorkloadError("the Keras model is not compiled; call model.compile(optimizer=..., loss=...) in it")
-    compile_config = prototype.get_compile_config() or {}
-    loss_id = prototype.loss
-    if loss_id is None or isinstance(loss_id, (dict, list, tuple)):
-        raise WorkloadError(
-            "batchfit supports a single-output Keras model compiled with one loss; got loss="
-            f"{loss_id!r}"
-        )
+    x_tr, y_tr, val = _split_data(x, y, validation_split, validation_data, getattr(torch, keras.config.floatx()))
+    prototype = _compiled_prototype(keras, prototype, build)
     opt_factory, base_lr = _torch_optimizer_factory(prototype.optimizer.get_config(),
                                                     type(prototype.optimizer).__name__)
-
-    from keras.src.trainers import compile_utils  # Keras' own resolution of "accuracy" / "crossentropy"
-
-    with torch.no_grad(), keras.device("cpu"):
-        probe = KerasModule(prototype)
-        probe.to("cpu")
-        y_pred = probe(x_tr[:2])
-    y_true = y_tr[:2]
-    if not isinstance(y_pred, torch.Tensor):
-        raise WorkloadError("the Keras model must return one tensor (single output) for batchfit")
-    loss_obj = compile_utils.get_loss(loss_id, y_true, y_pred)
-    metric_ids = compile_config.get("metrics") or []
-    if isinstance(metric_ids, dict):
-        raise WorkloadError("per-output metric dicts are not supported; compile with a list of metrics")
-    if not isinstance(metric_ids, (list, tuple)):
-        metric_ids = [metric_ids]
-    metric_objs = [compile_utils.get_metric(keras.saving.deserialize_keras_object(m)
-                                            if isinstance(m, dict) else m, y_true, y_pred) for m in metric_ids]
-
-    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        with keras.device(str(outputs.device)):
-            loss = loss_obj(targets, outputs)
-        reg = getattr(outputs, "batchfit_regularization_loss", None)
-        return loss + reg if reg is not None else loss
-
-    def make_metric(m: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        def metric(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad(), keras.device(str(outputs.device)):
-                m.reset_state()
-                m.update_state(targets, outputs)
-                return torch.as_tensor(m.result()).to(outputs.device)
-
-        return metric
-
-    metrics = {m.name: make_metric(m) for m in metric_objs}
+    loss_fn, metrics, metric_objs = _loss_and_metrics(keras, prototype, x_tr, y_tr)
     if higher_is_better is None:
         first = metric_objs[0].name.lower() if metric_objs else ""
         higher_is_better = not any(s in first for s in ("error", "mae", "mse", "loss", "hinge", "divergence"))
@@ -350,5 +360,5 @@ def keras_workload(
         micro_batch_size=batch_size if accumulation > 1 else None,
         grad_clip=float(clip) if clip else None,
         higher_is_better=higher_is_better,
-        description=f"Keras model ({type(prototype.optimizer).__name__}, loss {loss_id!r}) via batchfit",
+        description=f"Keras model ({type(prototype.optimizer).__name__}, loss {prototype.loss!r}) via batchfit",
     )
