@@ -360,7 +360,7 @@ def _plot_throughput_memory(results: Mapping[str, Any], path: Path) -> Path | No
     elif rows:
         ax_t.plot([t["batch_size"] for t in rows], [t.get("samples_per_s") or math.nan for t in rows], marker="o")
     ax_t.set(xlabel="effective batch size", ylabel="samples/s", title="throughput")
-    if every or evidence:
+    if ax_t.get_legend_handles_labels()[0]:
         ax_t.legend(fontsize="small")
     mem = [(t.get("peak_memory_bytes") or math.nan) / 2**20 for t in rows]
     ax_m.plot([t["batch_size"] for t in rows], mem, marker="o", color="tab:red")
@@ -382,8 +382,12 @@ def _plot_steps_to_target(results: Mapping[str, Any], path: Path) -> Path | None
     fig, (ax, ax_t) = _figure(2)
     if evidence:
         bs = sorted(evidence)
-        _errorbar(ax, bs, [evidence[b]["steps_to_target"] for b in bs], "seed mean")
-        _errorbar(ax_t, bs, [evidence[b].get("time_to_target") for b in bs], "fitted S(B) x t(B)",
+
+        def positive(iv: Mapping[str, Any] | None) -> Mapping[str, Any] | None:  # log axes: only what they can show
+            return iv if iv and isinstance(iv.get("estimate"), (int, float)) and iv["estimate"] > 0 else None
+
+        _errorbar(ax, bs, [positive(evidence[b]["steps_to_target"]) for b in bs], "seed mean")
+        _errorbar(ax_t, bs, [positive(evidence[b].get("time_to_target")) for b in bs], "fitted S(B) x t(B)",
                   color="tab:purple")
     else:
         ax.plot([p[0] for p in points], [p[1] for p in points], "o", label="measured")
@@ -400,6 +404,8 @@ def _plot_steps_to_target(results: Mapping[str, Any], path: Path) -> Path | None
             ax.axvspan(max(iv["low"], 1e-9), iv["high"], color="gray", alpha=0.12,
                        label=f"B_crit 95 % interval {iv['low']:.3g}-{iv['high']:.3g}")
     for a in (ax, ax_t):
+        if not a.has_data():  # e.g. no batch size reached the target with a time: leave the axes empty
+            continue
         a.set_xscale("log", base=2)
         a.set_yscale("log")
         if a.get_legend_handles_labels()[0]:
