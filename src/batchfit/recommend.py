@@ -8,9 +8,10 @@ choice carries a one-sentence reason that quotes what was measured. Every metric
 1. **Effective batch** (:func:`batchfit.decide.decide`, docs/decisions.md): every trial of every LR and seed is
    pooled; a batch size's quality is its best LR's seed mean with a 95 % interval (one seed: the validation set's
    sampling interval). Batch sizes whose interval overlaps the best one's are *tied* (the data cannot tell them
-   apart); among the tied, the least time to target wins — steps to target (smoothed through the critical-batch
-   fit ``S(B) = S_min (1 + B_crit / B)``) x seconds per step (fitted over every trial, so one slow reading on a busy
-   machine moves it little) — then the smaller batch (:data:`DECISION_RULE`). Time to target at a fixed quality is
+   apart); among the tied, those whose time to target — steps to target (smoothed through the critical-batch fit
+   ``S(B) = S_min (1 + B_crit / B)``) x seconds per step (fitted over every trial, so one slow reading on a busy
+   machine moves it little) — cannot be told from the fastest are tied on time too, and their middle batch size is
+   chosen (:data:`DECISION_RULE`). Time to target at a fixed quality is
    the comparison of Shallue et al. (2019) and McCandlish et al. (2018). Flags: a choice at the edge of the tried
    range, B_crit extrapolated, a quality tie, a base-LR move decided on few steps.
 2. **Micro-batch and accumulation.** From the finder: its throughput knee when that fits in memory (memory is
