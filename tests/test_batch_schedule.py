@@ -290,3 +290,38 @@ def test_the_report_shows_the_critical_batch_over_training_the_schedule_and_the_
     assert PLOT_NAME in paths["plots"] and Path(paths["plots"][PLOT_NAME]).stat().st_size > 1000
     assert "The batch size over training" in Path(paths["html"]).read_text()
     assert json.loads(Path(paths["results"]).read_text())["batch_schedule_check"]["recommended"] is True
+
+
+def test_the_lightning_callback_follows_a_schedule_by_accumulation() -> None:
+    L = pytest.importorskip("lightning.pytorch")
+    from batchfit.integrations.lightning import BatchfitBatchSchedule
+
+    class Net(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.batch_size = 8
+            self.net = torch.nn.Linear(6, 3)
+            self.lrs: list[float] = []
+
+        def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def on_before_optimizer_step(self, optimizer) -> None:  # noqa: ANN001
+            self.lrs.append(optimizer.param_groups[0]["lr"])
+
+        def configure_optimizers(self):  # noqa: ANN201
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        def train_dataloader(self):  # noqa: ANN201
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(64, 6, generator=g)
+            return torch.utils.data.DataLoader(TensorDataset(x, x[:, :3].argmax(1)), batch_size=self.batch_size)
+
+    cb = BatchfitBatchSchedule("0:8,8:32")
+    model = Net()
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    trainer.fit(model)
+    assert [(e["step"], e["batch_size"], e["accumulation_steps"]) for e in cb.applied] == [(0, 8, 1), (8, 32, 4)]
+    assert trainer.global_step == 8 + 2 + 2  # 64 samples: 8 steps of 8, then 2 steps of 32 per epoch
+    assert model.lrs[:8] == pytest.approx([0.01] * 8) and model.lrs[8:] == pytest.approx([0.04] * 4)  # linear

@@ -70,7 +70,7 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     except ImportError as exc:
         raise ImportError("Lightning is not installed; run: pip install 'batchfit[lightning]'") from exc
 
-__all__ = ["BatchfitBatchSize", "lightning_workload", "plan_accumulation"]
+__all__ = ["BatchfitBatchSchedule", "BatchfitBatchSize", "lightning_workload", "plan_accumulation"]
 
 _PRECISIONS = {"bf16-mixed": "bf16", "bf16": "bf16", "bf16-true": "bf16", "16-mixed": "fp16", "16": "fp16"}
 _LOWER_IS_BETTER = ("loss", "err", "perplexity", "ppl", "mae", "mse", "rmse", "nll", "cer", "wer")
@@ -548,6 +548,53 @@ class BatchfitBatchSize(Callback):
         if self._noise is not None:
             self._noise.close()
             self._noise = None
+
+
+class BatchfitBatchSchedule(Callback):
+    """Follow a batch-size schedule (issue 14; ``"0:32,500:64"``, phases, or ``derive_schedule``'s output) in Lightning.
+
+    The loader's batch stays the micro-batch; the effective batch is changed through ``accumulate_grad_batches``
+    (batch / micro-batch, which must divide), and at each change by ``k`` the optimizers move by
+    :func:`batchfit.schedule.transfer` (LR rule, ``beta2``, ``weight_decay_timescale``; the schedulers' base LRs
+    follow). Lightning changes accumulation only between epochs (as its own GradientAccumulationScheduler does), so a
+    change takes effect at the first epoch that starts at or after its step. ``applied`` records the schedule as it
+    ran, as ``train --json``'s ``batch_schedule``.
+    """
+
+    def __init__(self, batch_schedule: Any, *, lr_rule: str = "auto", beta2: str | None = None,
+                 weight_decay_timescale: bool = False, batch_arg_name: str = "batch_size") -> None:
+        from batchfit.schedule import ScheduleState, parse_schedule
+
+        self.state = ScheduleState(parse_schedule(batch_schedule))
+        self.lr_rule, self.beta2, self.weight_decay_timescale = lr_rule, beta2, weight_decay_timescale
+        self.batch_arg_name = batch_arg_name
+        self.current: int | None = None
+        self.applied: list[dict[str, Any]] = []
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        from batchfit.schedule import transfer
+
+        micro = int(lightning_getattr(pl_module, self.batch_arg_name)) if lightning_hasattr(
+            pl_module, self.batch_arg_name) else int(getattr(trainer.train_dataloader, "batch_size", 0) or 0)
+        batch = self.state.phase_at(trainer.global_step).batch_size
+        if micro <= 0 or batch % micro:
+            raise ConfigError(f"batch_schedule batch {batch} is not a multiple of the loader's batch {micro}; give "
+                              "batches that the micro-batch divides")
+        if batch == self.current:
+            return
+        if self.current is not None:
+            for opt in trainer.optimizers:
+                moved = transfer(opt, batch / self.current, lr_rule=self.lr_rule, beta2=self.beta2,
+                                 weight_decay_timescale=self.weight_decay_timescale)
+                for cfg in trainer.lr_scheduler_configs:
+                    base = getattr(cfg.scheduler, "base_lrs", None)
+                    if getattr(cfg.scheduler, "optimizer", None) is opt and isinstance(base, list):
+                        cfg.scheduler.base_lrs = [lr * moved["lr_factor"] for lr in base]
+        trainer.accumulate_grad_batches = batch // micro
+        self.current = batch
+        g = trainer.optimizers[0].param_groups[0] if trainer.optimizers else {}
+        self.applied.append({"step": int(trainer.global_step), "batch_size": batch, "micro_batch_size": micro,
+                             "accumulation_steps": batch // micro, "lr": g.get("lr")})
 
 
 class _NoiseLogger:
