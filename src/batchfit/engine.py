@@ -409,7 +409,7 @@ def plan_train(workload: Workload | str, *, batch_size: int | None = None, micro
     requested = checks.positive_int("batch_size", workload.base_batch_size if batch_size is None else batch_size)
     world_size = checks.positive_int("world_size", world_size)
     checks.positive_int("micro_batch_size", micro_batch_size, allow_none=True)
-    if micro_batch_size is not None and micro_batch_size > requested:
+    if micro_batch_size is not None and micro_batch_size > requested and not phases:  # a schedule: it is a limit
         raise ConfigError(f"micro_batch_size {micro_batch_size} is larger than batch_size {requested}; the "
                           "micro-batch must be <= the batch")
     checks.one_of("lr_rule", lr_rule, RULE_CHOICES)
