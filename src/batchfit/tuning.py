@@ -58,6 +58,7 @@ __all__ = [
     "noise_probe_batch",
     "race_round",
     "seeds_per_batch",
+    "stable_with_last_seed",
     "tune",
 ]
 
@@ -698,23 +699,35 @@ def _chosen(results: Mapping[str, Any], tolerance: float) -> int | None:
     return None if decision is None else decision.batch_size
 
 
+def stable_with_last_seed(results: Mapping[str, Any], tolerance: float) -> int | None:
+    """The chosen batch size when the last racing round (the highest seed present) did not change it, else None.
+
+    Read from the trials alone (the choice with and without the highest seed), so an interrupted or resumed
+    ``tune`` reaches the same verdict without remembering anything."""
+    seeds = sorted({t.get("seed") for t in results.get("trials") or [] if t.get("seed") is not None})
+    if len(seeds) < 2:
+        return None
+    fewer = dict(results, trials=[t for t in results.get("trials") or [] if t.get("seed") != seeds[-1]])
+    now = _chosen(results, tolerance)
+    return now if now is not None and now == _chosen(fewer, tolerance) else None
+
+
 def _race(swept: Any, run_sweep: Any, stages: Mapping[str, Any], run: _Run, *, tolerance: float, cap: int) -> Any:
     """Add seeds to the undecided batch sizes (:func:`race_round`) until the decision is stable — nothing is
-    undecided, or another seed for the undecided did not change the chosen batch size — or ``cap`` seeds."""
-    replicates: dict[int, int] = {}
-    before = None
+    undecided, or another seed for the undecided did not change the chosen batch size
+    (:func:`stable_with_last_seed`) — or ``cap`` seeds."""
+    replicates = {b: n for b, n in seeds_per_batch(_with_stages(swept, stages)).items() if n > 1}
     while True:
         data = _with_stages(swept, stages)
-        chosen = _chosen(data, tolerance)
-        if replicates and chosen == before:
-            run.emit("sweep", "update", f"racing: stable: batch {chosen} stays the choice with another seed",
+        stable = stable_with_last_seed(data, tolerance)
+        if stable is not None:
+            run.emit("sweep", "update", f"racing: stable: batch {stable} stays the choice with another seed",
                      racing={})
             return swept
         want, why = race_round(data, tolerance=tolerance, cap=cap)
         run.emit("sweep", "update", f"racing: {why}", racing=dict(want))
         if not want:
             return swept
-        before = chosen
         for b, n in want.items():
             replicates[b] = max(replicates.get(b, 1), n)
         swept = run_sweep(dict(replicates))
