@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from batchfit import checks
-from batchfit.data import source_for
+from batchfit.data import train_source
 from batchfit.errors import ConfigError
 from batchfit.progress import ProgressFn, emit
 from batchfit.scaling import RULE_CHOICES, apply_scaling, default_rule
@@ -116,7 +116,7 @@ class BranchingResult:
 
 def _fixed_eval_batch(workload: Workload, samples: int) -> Any:
     """A fixed set of training samples on which every branch's loss is read (optimisation progress, not test)."""
-    src = source_for(workload.train_data, collate_fn=workload.collate_fn)
+    src = train_source(workload)
     gen = torch.Generator().manual_seed(12345)
     batch, _ = next(iter(src.epoch(min(samples, src.num_samples), generator=gen, drop_last=False)))
     return batch
@@ -137,7 +137,7 @@ def _loss_on(workload: Workload, model: torch.nn.Module, batch: Any, device: tor
 
 def _batches(workload: Workload, batch_size: int, seed: int) -> Any:
     """An endless stream of training batches (reshuffled each epoch) from a seeded order."""
-    src = source_for(workload.train_data, collate_fn=workload.collate_fn)
+    src = train_source(workload)
     gen = torch.Generator().manual_seed(seed)
     while True:
         yielded = False
@@ -155,27 +155,30 @@ def gradient_noise_scale(workload: Workload, model: torch.nn.Module, *, batch_si
     Each of ``pairs`` batches of ``2 b`` samples gives two half-batch gradients; the unbiased two-batch estimates of
     ``|G|^2`` and ``tr(Sigma)`` are averaged over the pairs and their ratio bootstrapped over the pairs.
     """
-    from batchfit.data import slice_batch, to_device
     from batchfit.noise import unbiased_estimates
 
     params = [p for p in model.parameters() if p.requires_grad]
     half = max(1, batch_size // 2)
+    after: list[torch.Tensor] = []  # the accumulated gradient after each half's backward, through the one step
+
+    def take(_: Any) -> None:
+        after.append(torch.cat([p.grad.detach().reshape(-1).double() for p in params if p.grad is not None]))
+
+    step = TrainStep(workload, model, None, device=device, micro_batch_size=half, on_micro=[take])
     g2s, trs = [], []
     stream = _batches(workload, 2 * half, seed)
     for _ in range(pairs):
-        batch = next(stream)
-        grads = []
-        for part in (slice_batch(batch, 0, half, 2 * half), slice_batch(batch, half, 2 * half, 2 * half)):
-            model.zero_grad(set_to_none=True)
-            loss, _, _ = run_batch(workload, model, to_device(part, device))
-            loss.backward()
-            grads.append(torch.cat([p.grad.detach().reshape(-1).double() for p in params if p.grad is not None]))
         model.zero_grad(set_to_none=True)
-        small = 0.5 * (grads[0].square().sum() + grads[1].square().sum())
-        big = (0.5 * (grads[0] + grads[1])).square().sum()
+        after.clear()
+        step.forward_backward(next(stream))
+        # each half's loss is weighted 1/2: after the first backward the gradient is g0 / 2, after both (g0 + g1) / 2
+        g0, g1 = 2 * after[0], 2 * (after[1] - after[0])
+        small = 0.5 * (g0.square().sum() + g1.square().sum())
+        big = after[1].square().sum()
         g2, tr = unbiased_estimates(float(small), float(big), k=2, batch_size=2 * half)
         g2s.append(g2)
         trs.append(tr)
+    model.zero_grad(set_to_none=True)
     g2a, tra = np.asarray(g2s), np.asarray(trs)
     # |G|^2 near an optimum can be estimated <= 0 (noise dominates the signal): B_simple is then only bounded below
     est = float(tra.mean() / g2a.mean()) if g2a.mean() > 0 else math.inf
