@@ -47,7 +47,6 @@ __all__ = [
     "optimizer_settings",
     "recipe",
     "recommend",
-    "time_to_target",
     "within_tolerance",
 ]
 
@@ -138,23 +137,6 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     if x is None:
         return "-"
     return f"{x:.{digits}g}"
-
-
-def _has_rate(trial: Mapping[str, Any]) -> bool:
-    samples, sps = finite_or_none(trial.get("samples_to_target")), finite_or_none(trial.get("samples_per_s"))
-    return samples is not None and sps is not None and sps > 0
-
-
-def time_to_target(trial: Mapping[str, Any]) -> float | None:
-    """Training seconds to the target: samples to the target / the trial's measured samples/s.
-
-    The trial's average throughput over all of its steps is steadier than the wall clock read at the moment the
-    target was reached (one slow interval on a shared machine would otherwise decide the ranking); without a
-    throughput, the recorded ``seconds_to_target``.
-    """
-    if _has_rate(trial):
-        return float(trial["samples_to_target"]) / float(trial["samples_per_s"])
-    return finite_or_none(trial.get("seconds_to_target"))
 
 
 def within_tolerance(value: float, best: float, tolerance: float, higher_is_better: bool) -> bool:
