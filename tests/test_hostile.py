@@ -549,6 +549,9 @@ CASES: list[Case] = [
     # 3. stale results after the model changes
     Case("tune-model-changed", "3", api=api_tune_stale_after_model_change),
     # 4. errors in the user's model, loss, metric or data: one line naming the part, exit 2
+    Case("train-resume-missing-checkpoint", "10.6", ("train", "-w", "{wl}:ok", "--resume", T + "/none.pt", "--steps",
+                                                     "1", "-q"), err=r"--resume '.*none\.pt' is not a file",
+         no_err="resume_from"),
     Case("train-labels-out-of-range", "4", ("train", "-w", "{wl}:labels_out_of_range", "--steps", "2", "-q"),
          err=r"loss|target|label"),
     Case("train-shape-mismatch", "4", ("train", "-w", "{wl}:shape_mismatch", "--steps", "2", "-q"),

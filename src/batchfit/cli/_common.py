@@ -393,6 +393,7 @@ KEYWORD_FLAGS = {
     "batch_size_cap": "--max-batch-size",
     "micro_batch_limit": "--micro-batch-size",
     "out_dir": "--out",
+    "resume_from": "--resume",
 }
 # a one-word name is a keyword only as the subject of a check: "seed must be ...", "unknown precision 'x'"
 _PLAIN_WORD = (r"(?:^|(?<=; )){name}(?=\s+(?:must|should|cannot|is not|has to)\b|=)", r"(?<=unknown ){name}(?=\s)")
