@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -295,3 +296,137 @@ def test_results_json_intervals_round_trip(tmp_path: Path) -> None:
     # the report rebuilt from its own results.json gives the same recommendation
     again = write_report(data, tmp_path / "again", plots=False)["recommendation"]
     assert again.to_dict() == rec.to_dict()
+
+
+def _two_seed_results() -> dict:
+    """Two seeds per batch size, with every per-seed number (steps to target, generalization gap, B_simple, samples/s)
+    different between the seeds, and epochs per step recorded consistently (epoch e at step e x steps / 4)."""
+    import copy
+
+    res = make_results()
+    trials = []
+    for t in res["trials"]:
+        if t["status"] != "ok":
+            continue
+        for seed in range(2):
+            r = copy.deepcopy(t)
+            r["seed"] = seed
+            r["steps_to_target"] = t["steps_to_target"] + 10 * seed
+            r["epochs_to_target"] = r["steps_to_target"] * 4 / t["steps"]
+            r["generalization_gap"] = t["generalization_gap"] + 0.01 * seed
+            r["b_simple"] = 50.0 + 4.0 * seed
+            r["samples_per_s"] = t["samples_per_s"] * (1 + 0.05 * seed)
+            for h in r["history"]:
+                h["samples_per_s"] *= 1 + 0.05 * seed
+            trials.append(r)
+    res["trials"], res["best_per_batch"] = trials, []
+    return res
+
+
+def _column(header: list[str], name: str) -> int:
+    return next(i for i, h in enumerate(header) if h == name or h.startswith(name + " ("))
+
+
+_INTERVAL_TEXT = r"[+-]?[\d.]+ \[[+-]?[\d.]+, [+-]?[\d.]+\]"
+
+
+def test_summary_table_gives_every_trade_off_number_an_interval_over_two_seeds() -> None:
+    """Issue 11: samples/s, B_simple, B / B_simple, gen. gap, epochs and steps to target carry a 95 % interval."""
+    from batchfit.recommend import recommend
+    from batchfit.report import summary_table
+    from batchfit.stats import mean_interval
+
+    res = _two_seed_results()
+    rec = recommend(res)
+    header, body = summary_table(res, rec)
+    names = ["samples/s", "B_simple", "B / B_simple", "gen. gap", "epochs to target", "steps to target"]
+    for name in names:
+        col = _column(header, name)
+        assert header[col] == f"{name} (95 % interval)"
+        assert all(re.fullmatch(_INTERVAL_TEXT, row[col]) for row in body), (name, [row[col] for row in body])
+    rows = {r["batch_size"]: r for r in summary_rows(res, rec)}
+    evidence = {e["batch_size"]: e for e in rec.get("intervals")}
+    for b, r in rows.items():
+        sec = evidence[b]["seconds_per_step"]  # samples/s = B / seconds per step: the ends swap
+        sps = r["samples_per_s_interval"]
+        assert sps["estimate"] == pytest.approx(b / sec["estimate"])
+        assert sps["low"] == pytest.approx(b / sec["high"]) and sps["high"] == pytest.approx(b / sec["low"])
+        assert r["steps_to_target_interval"] == evidence[b]["steps_to_target"]
+        per_step = 4 / {16: 400, 32: 200, 64: 100, 128: 50}[b]  # epochs = steps / steps per epoch
+        for key in ("estimate", "low", "high"):
+            assert r["epochs_to_target_interval"][key] == pytest.approx(r["steps_to_target_interval"][key] * per_step)
+        gap = mean_interval([t["generalization_gap"] for t in res["trials"] if t["batch_size"] == b])
+        assert (r["generalization_gap_interval"]["low"], r["generalization_gap_interval"]["high"]) == pytest.approx(
+            (gap.low, gap.high))
+        bs = mean_interval([50.0, 54.0])
+        assert r["b_simple_interval"]["estimate"] == pytest.approx(52.0) and r["b_simple_interval"]["n"] == 2
+        assert r["noise_ratio_interval"]["estimate"] == pytest.approx(b / 52.0)
+        assert r["noise_ratio_interval"]["high"] == (math.inf if bs.low <= 0 else pytest.approx(b / bs.low))
+        # the raw keys are kept as they were: the row's one trial (seed 0, the first of its batch size)
+        first = next(t for t in res["trials"] if t["batch_size"] == b)
+        assert (r["steps_to_target"], r["generalization_gap"], r["b_simple"]) == (
+            first["steps_to_target"], first["generalization_gap"], first["b_simple"])
+        assert {"samples_per_s", "b_simple", "noise_ratio", "generalization_gap", "epochs_to_target",
+                "steps_to_target", "seconds_to_target"} <= set(r)
+
+
+def test_summary_table_says_no_interval_with_one_seed() -> None:
+    """One seed per batch size: the numbers the data give no interval for say so instead of looking exact. B_simple,
+    B / B_simple and the gap vary only over seeds; steps / epochs to target and samples/s take the decision's
+    interval where it has one (a pooled fit over the batch sizes can give one with a single seed), and without a
+    decision they are the single trial's, with no interval."""
+    from batchfit.recommend import recommend
+    from batchfit.report import _iv_text, summary_table
+
+    res = make_results()
+    rec = recommend(res)
+    header, body = summary_table(res, rec)
+    for name in ("B_simple", "B / B_simple", "gen. gap"):
+        col = _column(header, name)
+        assert all(row[col].endswith(" (no interval)") for row in body), (name, [row[col] for row in body])
+    assert [row[_column(header, "gen. gap")] for row in body] == [
+        f"{0.02 * b ** 0.25:+.3f} (no interval)" for b in (16, 32, 64, 128)]
+    evidence = {e["batch_size"]: e for e in rec.get("intervals")}
+    steps = _column(header, "steps to target")
+    assert [row[steps] for row in body] == [_iv_text(evidence[b]["steps_to_target"], ".0f") for b in (16, 32, 64, 128)]
+    sps = _column(header, "samples/s")
+    assert all(re.fullmatch(_INTERVAL_TEXT, row[sps]) for row in body)  # the pooled step-time fit's interval
+    _, bare = summary_table(res)  # no decision: one trial per batch size, nothing to take an interval from
+    assert [row[sps] for row in bare] == ["4000 (no interval)", "5657 (no interval)", "8000 (no interval)",
+                                          "11314 (no interval)"]
+    assert [row[steps] for row in bare] == ["200 (no interval)", "100 (no interval)", "50 (no interval)",
+                                            "25 (no interval)"]
+    assert [row[_column(header, "epochs to target")] for row in bare] == ["2 (no interval)"] * 4
+
+
+def test_the_raw_seconds_to_target_is_labelled_the_one_trials_wall_clock(tmp_path: Path) -> None:
+    """The single trial's measured seconds to target keeps its place (the CLI reads columns by position) but is
+    labelled as that, beside the decision's time to target with its interval; the column order is unchanged."""
+    from batchfit.report import summary_table
+
+    res = _two_seed_results()
+    write_report(res, tmp_path, plots=False)
+    header, _ = summary_table(json.loads((tmp_path / "results.json").read_text()))
+    assert header[12] == "s to target (one trial's wall clock)"
+    assert header.index("time to target, s (95 % interval)") == 15
+    assert [h.split(" (")[0] for h in header[:13]] == [
+        "batch", "micro x accum", "LR", "status", "best val accuracy", "peak memory", "samples/s", "B_simple",
+        "B / B_simple", "gen. gap", "epochs to target", "steps to target", "s to target"]
+    md = (tmp_path / "report.md").read_text()
+    assert "| s to target (one trial's wall clock) |" in md and "| samples/s (95 % interval) |" in md
+    page = parse_page((tmp_path / "report.html").read_text())
+    gap = page.tables[0][0].index("gen. gap (95 % interval)")
+    assert all(re.fullmatch(_INTERVAL_TEXT, row[gap]) for row in page.tables[0][1:])
+
+
+def test_a_quotient_of_an_interval_reaching_zero_is_unbounded() -> None:
+    """B / B_simple from two B_simple seeds far apart: the t interval of B_simple reaches below zero, so the ratio's
+    upper end is unbounded (``inf``), not a negative or a missing number."""
+    from batchfit.report import summary_table
+
+    res = _two_seed_results()
+    for t in res["trials"]:
+        t["b_simple"] = 10.0 if t["seed"] == 0 else 200.0
+    header, body = summary_table(res)
+    ratio = _column(header, "B / B_simple")
+    assert all(re.fullmatch(r"[\d.]+ \[[\d.]+, inf\]", row[ratio]) for row in body), [row[ratio] for row in body]

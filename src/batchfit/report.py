@@ -97,29 +97,123 @@ def _decision_of(results: Mapping[str, Any], recommendation: Any = None) -> tupl
 
 
 def _iv_text(iv: Mapping[str, Any] | None, fmt: str = ".4g") -> str:
-    """``0.95 [0.94, 0.96]``, or the estimate alone with ``(n=1)`` when the interval is unknown."""
+    """``0.95 [0.94, 0.96]``, or the estimate alone with ``(no interval)`` when the interval is unknown (one seed, or
+    a number the data give no interval for); an unbounded end reads ``inf``."""
     if not iv or iv.get("estimate") is None:
         return "-"
     est = _num(iv["estimate"], fmt)
     if iv.get("low") is None or iv.get("high") is None:
         return f"{est} (no interval)"
-    return f"{est} [{_num(iv['low'], fmt)}, {_num(iv['high'], fmt)}]"
+
+    def end(x: Any) -> str:
+        return ("inf" if x > 0 else "-inf") if isinstance(x, (int, float)) and math.isinf(x) else _num(x, fmt)
+
+    return f"{est} [{end(iv['low'])}, {end(iv['high'])}]"
+
+
+def _finite(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def _bare(value: Any, method: str = "single trial") -> dict[str, Any] | None:
+    """A number the data give no interval for, in the interval form (``low``/``high`` unknown, never zero-width)."""
+    v = _finite(value)
+    return None if v is None else {"estimate": v, "low": None, "high": None, "method": method, "n": 1}
+
+
+def _over_seeds(values: list[Any]) -> dict[str, Any] | None:
+    """The Student-t interval of the mean over seeds (:func:`batchfit.stats.mean_interval`; one seed: unknown)."""
+    from batchfit.stats import mean_interval
+
+    vals = [v for x in values if (v := _finite(x)) is not None]
+    return mean_interval(vals).to_dict() if vals else None
+
+
+def _per(scale: float, iv: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The interval of ``scale / x`` from x's, for a positive x: the ends swap (samples/s = B / seconds per step,
+    B / B_simple). An end of x at or below zero leaves that end of the quotient unbounded (``inf``)."""
+    est = _finite((iv or {}).get("estimate"))
+    if iv is None or est is None or est <= 0:
+        return None
+    lo, hi = _finite(iv.get("low")), _finite(iv.get("high"))
+    known = lo is not None and hi is not None
+    return {**iv, "estimate": scale / est, "spread": None,
+            "low": (scale / hi if hi > 0 else 0.0) if known else None,  # type: ignore[operator]
+            "high": (scale / lo if lo > 0 else math.inf) if known else None}  # type: ignore[operator]
+
+
+def _scaled(iv: Mapping[str, Any] | None, factor: float | None) -> dict[str, Any] | None:
+    """The interval of ``factor * x`` (a positive factor)."""
+    if iv is None or factor is None or _finite(iv.get("estimate")) is None:
+        return None
+    lo, hi = _finite(iv.get("low")), _finite(iv.get("high"))
+    known = lo is not None and hi is not None
+    return {**iv, "estimate": iv["estimate"] * factor, "low": lo * factor if known else None,  # type: ignore[operator]
+            "high": hi * factor if known else None,  # type: ignore[operator]
+            "spread": None if _finite(iv.get("spread")) is None else iv["spread"] * factor}
+
+
+def _samples_per_s(batch: int, evidence: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """samples/s = B / (the decision's seconds per step), its interval from that one's (the ends swap)."""
+    return _per(batch, (evidence or {}).get("seconds_per_step"))
+
+
+def _config_trials(results: Mapping[str, Any], t: Mapping[str, Any],
+                   evidence: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
+    """The finished trials, one per seed, of the configuration the row's intervals describe: the decision's best LR
+    for this batch size (the evidence's ``lr_multiplier``; grouped as :mod:`batchfit.decide` groups them), else the
+    row's own trial's; the row's trial alone when none finished."""
+    mult = float((evidence or {}).get("lr_multiplier") or t.get("lr_multiplier") or 1.0)
+    same = [x for x in results.get("trials") or [] if isinstance(x, Mapping) and x.get("status") == "ok"
+            and x.get("batch_size") == t["batch_size"] and float(x.get("lr_multiplier") or 1.0) == mult]
+    return same or [t]
+
+
+def _epochs_per_step(results: Mapping[str, Any], trials: list[Mapping[str, Any]], batch: int) -> float | None:
+    """Epochs per optimizer step at this batch size, as the trials recorded them: the engine's evaluation records
+    carry ``epoch`` (steps over steps per epoch, from which ``epochs_to_target`` is read) next to ``step``; the pair
+    with the most steps rounds least. Without records, ``batch / num_train`` (the results' or a trial's)."""
+    pairs = [(s, e) for x in trials for h in (x.get("history") or []) if isinstance(h, Mapping)
+             if (s := _finite(h.get("step"))) and s > 0 and (e := _finite(h.get("epoch"))) and e > 0]
+    pairs = pairs or [(s, e) for x in trials if (s := _finite(x.get("steps_to_target"))) and s > 0
+                      and (e := _finite(x.get("epochs_to_target"))) and e > 0]
+    if pairs:
+        s, e = max(pairs)
+        return e / s
+    n = _finite(results.get("num_train")) or next((n for x in trials if (n := _finite(x.get("num_train")))), None)
+    return batch / n if n and n > 0 else None
 
 
 def summary_rows(results: Mapping[str, Any], recommendation: Any = None) -> list[dict[str, Any]]:
     """The guides' trade-off table, measured: one row per batch size (memory, speed, gradient noise,
     generalization gap, epochs to converge), with the raw values, and — from the recommendation's decision — each
-    batch size's quality and time to target with their 95 % intervals, its seeds, and whether it is tied."""
+    batch size's quality and time to target with their 95 % intervals, its seeds, and whether it is tied.
+
+    The raw keys are the row's single trial (``samples_per_s``, ``b_simple``, ``noise_ratio``,
+    ``generalization_gap``, ``epochs_to_target``, ``steps_to_target``, ``seconds_to_target``: its measured wall
+    clock). Each of the first six also has an interval form (``<key>_interval``: ``estimate``, ``low``, ``high``, ...;
+    ``low``/``high`` ``None`` when the data give none): samples/s from the decision's seconds per step; steps to
+    target the decision's interval, epochs to target that one at the trials' recorded epochs per step; B_simple and the
+    generalization gap a t interval over the seeds of the decision's configuration; B / B_simple from B_simple's.
+    Without a decision, steps and epochs to target are t intervals over the row's configuration's seeds."""
     metric = metric_of(results)
     global_bs = results.get("b_simple")
     evidence = _evidence_of(results, recommendation)
     chosen, tied = _decision_of(results, recommendation)
     rows = []
     for t in _rows_source(results):
-        b_simple = t.get("b_simple")
+        b_simple, bs_source = t.get("b_simple"), "single trial"
         if not isinstance(b_simple, (int, float)):
             b_simple = global_bs if isinstance(global_bs, (int, float)) else None
+            bs_source = "median over the batch sizes"
         batch = t["batch_size"]
+        ev = evidence.get(batch) or {}
+        seeds = _config_trials(results, t, ev)
+        bs_iv = _over_seeds([x.get("b_simple") for x in seeds]) or _bare(b_simple, bs_source)
+        steps_iv = (ev.get("steps_to_target") or _over_seeds([x.get("steps_to_target") for x in seeds])
+                    or _bare(t.get("steps_to_target")))
+        epochs_iv = (_scaled(ev.get("steps_to_target"), _epochs_per_step(results, seeds, batch))
+                     or _over_seeds([x.get("epochs_to_target") for x in seeds]) or _bare(t.get("epochs_to_target")))
         rows.append({
             "batch_size": batch,
             "micro_batch_size": t.get("micro_batch_size"),
@@ -135,11 +229,18 @@ def summary_rows(results: Mapping[str, Any], recommendation: Any = None) -> list
             "epochs_to_target": t.get("epochs_to_target"),
             "steps_to_target": t.get("steps_to_target"),
             "seconds_to_target": t.get("seconds_to_target"),
-            "quality": (evidence.get(batch) or {}).get("quality"),
-            "time_to_target": (evidence.get(batch) or {}).get("time_to_target"),
-            "seeds": (evidence.get(batch) or {}).get("seeds"),
+            "quality": ev.get("quality"),
+            "time_to_target": ev.get("time_to_target"),
+            "seeds": ev.get("seeds"),
             "decision": "chosen" if batch == chosen else ("tied" if batch in tied else ("apart" if evidence
                                                                                         else "")),
+            "samples_per_s_interval": _samples_per_s(batch, ev) or _bare(t.get("samples_per_s")),
+            "b_simple_interval": bs_iv,
+            "noise_ratio_interval": _per(batch, bs_iv),
+            "generalization_gap_interval": (_over_seeds([x.get("generalization_gap") for x in seeds])
+                                            or _bare(t.get("generalization_gap"))),
+            "epochs_to_target_interval": epochs_iv,
+            "steps_to_target_interval": steps_iv,
         })
     return rows
 
@@ -147,12 +248,19 @@ def summary_rows(results: Mapping[str, Any], recommendation: Any = None) -> list
 def summary_table(results: Mapping[str, Any], recommendation: Any = None) -> tuple[list[str], list[list[str]]]:
     """The table's header and text cells. The last four columns (new; the first thirteen keep their order) are the
     decision's: quality with its 95 % interval over seeds, seeds, time to target with its interval, and whether the
-    batch size was chosen, tied with it (the data cannot tell them apart) or apart."""
+    batch size was chosen, tied with it (the data cannot tell them apart) or apart.
+
+    samples/s, B_simple, B / B_simple, the generalization gap and epochs / steps to target show their 95 % interval
+    (see :func:`summary_rows`), or the value with ``(no interval)`` where the data give none (one seed). The
+    thirteenth column is the row's one trial's measured wall clock to the target, not an estimate: the decision's
+    time to target, with its interval, is the sixteenth."""
     label = metric_label(metric_of(results))
+    iv = " (95 % interval)"
     header = ["batch", "micro x accum", "LR", "status", f"best {label}", "peak memory",
-              "samples/s",
-              "B_simple", "B / B_simple", "gen. gap", "epochs to target", "steps to target", "s to target",
-              f"{label} (95 % interval)", "seeds", "time to target, s (95 % interval)", "decision"]
+              f"samples/s{iv}",
+              f"B_simple{iv}", f"B / B_simple{iv}", f"gen. gap{iv}", f"epochs to target{iv}", f"steps to target{iv}",
+              "s to target (one trial's wall clock)",
+              f"{label}{iv}", "seeds", f"time to target, s{iv}", "decision"]
     body = []
     for r in summary_rows(results, recommendation):
         micro = r["micro_batch_size"]
@@ -163,12 +271,12 @@ def summary_table(results: Mapping[str, Any], recommendation: Any = None) -> tup
             str(r["status"] or "-"),
             _num(r["best_metric"]),
             _bytes(r["peak_memory_bytes"]),
-            _num(r["samples_per_s"], ".0f"),
-            _num(r["b_simple"], ".3g"),
-            _num(r["noise_ratio"], ".2f"),
-            _num(r["generalization_gap"], "+.3f"),
-            _num(r["epochs_to_target"], ".3g"),
-            _num(r["steps_to_target"], ".0f"),
+            _iv_text(r["samples_per_s_interval"], ".0f"),
+            _iv_text(r["b_simple_interval"], ".3g"),
+            _iv_text(r["noise_ratio_interval"], ".2f"),
+            _iv_text(r["generalization_gap_interval"], "+.3f"),
+            _iv_text(r["epochs_to_target_interval"], ".3g"),
+            _iv_text(r["steps_to_target_interval"], ".0f"),
             _num(r["seconds_to_target"], ".3g"),
             _iv_text(r["quality"]),
             str(r["seeds"] or "-"),
@@ -346,17 +454,9 @@ def _plot_throughput_memory(results: Mapping[str, Any], path: Path) -> Path | No
     if every:
         ax_t.plot([t["batch_size"] for t in every], [t["samples_per_s"] for t in every], ".", color="gray",
                   alpha=0.5, label="each trial")
-    if evidence:  # samples/s = B / (fitted seconds per step), its interval from the fit's
-        bs, ivs = sorted(evidence), []
-        for b in bs:
-            sec = evidence[b].get("seconds_per_step") or {}
-            est = sec.get("estimate")
-            if not est:
-                ivs.append(None)
-                continue
-            lo, hi = sec.get("low"), sec.get("high")
-            ivs.append({"estimate": b / est, "low": b / hi if hi else None, "high": b / lo if lo else None})
-        _errorbar(ax_t, bs, ivs, "pooled fit")
+    if evidence:  # samples/s = B / (fitted seconds per step), its interval from the fit's (as the table's)
+        bs = sorted(evidence)
+        _errorbar(ax_t, bs, [_samples_per_s(b, evidence[b]) for b in bs], "pooled fit")
     elif rows:
         ax_t.plot([t["batch_size"] for t in rows], [t.get("samples_per_s") or math.nan for t in rows], marker="o")
     ax_t.set(xlabel="effective batch size", ylabel="samples/s", title="throughput")
