@@ -24,11 +24,11 @@ def test_report_from_results_json(tmp_path: Path, capsys: pytest.CaptureFixture[
     out = tmp_path / "rep"
     assert main(["report", str(src), "--out", str(out), "--json", str(tmp_path / "r.json")]) == 0
     data = json.loads((out / "results.json").read_text())
-    assert data["recommendation"]["batch_size"] == 32  # recomputed, not the stale one
-    assert json.loads((tmp_path / "r.json").read_text())["recommendation"]["batch_size"] == 32
+    assert data["recommendation"]["batch_size"] == 64  # recomputed, not the stale one
+    assert json.loads((tmp_path / "r.json").read_text())["recommendation"]["batch_size"] == 64
     assert (out / "report.html").exists() and (out / "report.md").exists()
     err = capsys.readouterr().err
-    assert "Recommendation:" in err and "batch 32" in err
+    assert "Recommendation:" in err and "batch 64" in err
 
 
 def test_report_tolerance_option(tmp_path: Path) -> None:
@@ -37,7 +37,7 @@ def test_report_tolerance_option(tmp_path: Path) -> None:
     # one seed and no validation size: no measured noise, so the tolerance is the tie width; a wider one ties 128
     assert main(["report", str(src), "--out", str(tmp_path / "rep"), "--tolerance", "0.06", "--quiet"]) == 0
     rec = json.loads((tmp_path / "rep" / "results.json").read_text())["recommendation"]
-    assert rec["batch_size"] == 32 and rec["tied"] == [16, 32, 64, 128] and rec["tolerance"] == 0.06
+    assert rec["batch_size"] == 128 and rec["tied"] == [16, 32, 64, 128] and rec["tolerance"] == 0.06
 
 
 def test_report_from_a_directory(tmp_path: Path) -> None:
@@ -129,4 +129,4 @@ def test_quiet_prints_the_one_line_result(tmp_path: Path, capsys: pytest.Capture
     assert main(["report", str(src), "--out", str(tmp_path / "rep"), "-q"]) == 0
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [
-        "Recommendation: batch 32 = micro-batch 32 x 1 accumulation step(s), LR 0.001, warm-up 0 step(s), fp32"]
+        "Recommendation: batch 64 = micro-batch 64 x 1 accumulation step(s), LR 0.0014, warm-up 0 step(s), fp32"]

@@ -81,7 +81,7 @@ def test_report_renders_everything(tmp_path: Path) -> None:
     out = tmp_path / "out"
     # results.json: the results dict plus the recommendation, with the fields the issue names
     data = json.loads((out / "results.json").read_text())
-    assert data["recommendation"]["batch_size"] == 32
+    assert data["recommendation"]["batch_size"] == 64
     assert {"batch_size", "micro_batch_size", "accumulation_steps", "lr", "warmup_steps", "precision",
             "reasons"} <= set(data["recommendation"])
     assert {"trials", "critical_batch_size", "b_simple"} <= set(data)
@@ -107,16 +107,16 @@ def test_report_renders_everything(tmp_path: Path) -> None:
     assert summary[0][:2] == ["batch", "micro x accum"] and "best val accuracy" in summary[0]
     assert [row[0] for row in summary[1:]] == ["16", "32", "64", "128"]
     assert len(trials) == 1 + len(make_results()["trials"])
-    assert parser.rec_text[0].startswith("batch 32 = micro-batch 32 x 1") and len(parser.rec_text) == 8
+    assert parser.rec_text[0].startswith("batch 64 = micro-batch 64 x 1") and len(parser.rec_text) == 8
     assert page.index("<table>") < page.index("Recommendation")
-    assert page.count('class="pick"') == 1 and '<tr class="pick"><td>32</td>' in page
+    assert page.count('class="pick"') == 1 and '<tr class="pick"><td>64</td>' in page
     # markdown: the summary table with one row per batch size, then the recommendation with its reasons
     md = (out / "report.md").read_text()
     assert "| batch | micro x accum |" in md and "B / B_simple" in md and "epochs to target" in md
     for b in (16, 32, 64, 128):
         assert re.search(rf"^\| {b} \| ", md, re.M)
     assert md.index("## Summary") < md.index("## Recommendation") < md.index("## Plots")
-    assert "**batch 32 = micro-batch 32 x 1" in md
+    assert "**batch 64 = micro-batch 64 x 1" in md
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert sorted(linked) == sorted(f"{name}.png" for name in PLOTS)
     assert all((out / name).is_file() for name in linked)
@@ -177,7 +177,7 @@ def test_report_without_validation_data_says_it_ranked_on_training_loss(tmp_path
             h.pop("val_metrics"), h.pop("val_loss")
             h["train_loss"] = t["best_train_loss"]
     paths = write_report(res, tmp_path, plots=True)
-    assert paths["recommendation"].batch_size == 32
+    assert paths["recommendation"].batch_size == 64
     md = (tmp_path / "report.md").read_text()
     assert "| best train loss |" in md and "ranked on the training loss" in md
     assert "(ranked on training loss: no validation data)" in md

@@ -150,6 +150,30 @@ def test_critical_batch_interval_covers_the_true_value_and_flags_extrapolation()
     assert ci2.b_crit.width > ci2.b_crit.estimate  # and its interval says how little the data pin it down
 
 
+def test_fitted_steps_to_target_cover_the_true_curve() -> None:
+    """The decision's steps to target come from the S(B) fit's bootstrap: near-nominal coverage of the true curve
+    at a batch inside the tried range, with 3 seeds per batch (stratified) and with one seed (residual)."""
+    sizes = (16, 32, 64, 128, 256, 512)
+
+    def make(seeds: int):
+        def one(rng: np.random.Generator, r: int) -> Interval:
+            pts = [(b, 100 * (1 + 128 / b) * rng.lognormal(0, 0.08)) for b in sizes for _ in range(seeds)]
+            ci = stats.critical_batch_interval(pts, seed=r, n_boot=200)
+            assert ci is not None
+            return ci.steps(64)
+        return one
+
+    cov3 = _coverage(make(3), 100 * (1 + 128 / 64), reps=120)
+    assert 0.85 <= cov3 <= 1.0, cov3  # measured 0.925 over 200 repetitions
+    cov1 = _coverage(make(1), 100 * (1 + 128 / 64), reps=120)
+    assert 0.85 <= cov1 <= 1.0, cov1  # measured 0.97 over 200 repetitions
+    rng = np.random.default_rng(5)
+    one_seed = stats.critical_batch_interval([(b, 100 * (1 + 128 / b) * rng.lognormal(0, 0.08)) for b in sizes])
+    assert one_seed is not None and one_seed.b_crit.known and one_seed.method == "residual-bootstrap"
+    mid = one_seed.steps(64)
+    assert mid.known and mid.width < 0.5 * mid.estimate  # a pooled fit pins steps down far better than 1 seed's t
+
+
 def test_critical_batch_interval_unknown_without_replicates() -> None:
     pts = [(b, 100 * (1 + 64 / b)) for b in (16, 64, 256)]
     ci = stats.critical_batch_interval(pts)

@@ -63,8 +63,8 @@ def test_tune_runs_every_stage_and_resumes(tmp_path: Path, monkeypatch: pytest.M
     assert [e.stage for e in events if e.kind == "end"] == list(STAGES)
     assert {e.stage for e in events if e.kind == "start"} >= {"noise", "lr_check", "sweep", "precision", "report"}
     # every result is on disk, and results.json is the TuneResult's dict form
-    for name in ("find.json", "noise.json", "lr.json", "precision.json", "results.json", "report.md", "report.html",
-                 "batchfit.db", "tune_state.json"):
+    for name in ("find.json", "noise.json", "lr.json", "step_time.json", "precision.json", "results.json",
+                 "report.md", "report.html", "batchfit.db", "tune_state.json"):
         assert (out / name).exists(), name
     on_disk = json.loads((out / "results.json").read_text())
     assert Recommendation.from_dict(on_disk["recommendation"]) == rec
@@ -72,6 +72,11 @@ def test_tune_runs_every_stage_and_resumes(tmp_path: Path, monkeypatch: pytest.M
     assert on_disk["noise"]["b_simple"] == res.noise["b_simple"]  # type: ignore[index]
     assert on_disk["lr_calibration"] == res.lr_check.to_dict()  # type: ignore[union-attr]
     assert {"fp32", "bf16"} <= set(on_disk["precision_check"])
+    # the decision's seconds per step are the interleaved calibration's, for every swept batch size
+    cal = on_disk["step_time"]
+    assert sorted(map(int, cal["seconds"])) == [8, 16, 32] and cal["rounds"] >= 6
+    ev = {e["batch_size"]: e for e in on_disk["recommendation"]["intervals"]}
+    assert all(ev[b]["seconds_per_step"] == cal["seconds_per_step"][str(b)] for b in ev)
     assert TuneResult.from_dict(on_disk).recommendation == rec
     page = parse_page((out / "report.html").read_text())
     assert [row[0] for row in page.tables[0][1:]] == ["8", "16", "32"]
@@ -83,6 +88,7 @@ def test_tune_runs_every_stage_and_resumes(tmp_path: Path, monkeypatch: pytest.M
 
     loaded = load_results(f"sqlite:///{out / 'batchfit.db'}")
     assert loaded.tune["precision_check"] == on_disk["precision_check"]
+    assert loaded.tune["step_time"] == on_disk["step_time"]
     assert loaded.tune["lr_calibration"] == on_disk["lr_calibration"]
     assert recommend(loaded) == rec
     assert main(["report", str(out / "batchfit.db"), "--out", str(tmp_path / "rep"), "--json",
@@ -96,6 +102,7 @@ def test_tune_runs_every_stage_and_resumes(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr("batchfit.finder.find_batch_size", boom)
     monkeypatch.setattr("batchfit.noise.noise_scale", boom)
     monkeypatch.setattr("batchfit.engine.train", boom)
+    monkeypatch.setattr("batchfit.steptime.calibrate_step_time", boom)
     (out / "report.html").unlink()
     resumed: list[ProgressEvent] = []
     again = tune(wl, out_dir=out, progress=resumed.append, **FAST)
@@ -103,7 +110,7 @@ def test_tune_runs_every_stage_and_resumes(tmp_path: Path, monkeypatch: pytest.M
     assert [t["trial_number"] for t in again["trials"]] == [t["trial_number"] for t in data["trials"]]
     assert (out / "report.html").exists()
     assert [e.stage for e in resumed if e.kind == "end" and e.data.get("resumed")] == ["find", "noise", "lr_check",
-                                                                                       "precision"]
+                                                                                       "step_time", "precision"]
 
 
 def test_stage_cache_is_keyed_by_settings(tmp_path: Path) -> None:
@@ -280,8 +287,9 @@ def test_lr_calibration_moves_an_untuned_base_lr_and_keeps_a_good_one(tmp_path: 
     assert len(extra) <= 3
     best = max(scores, key=lambda m: scores[m])
     assert scores[best] > scores[1.0] * 1.01  # the premise: the base LR is clearly beaten
-    assert res.best_multiplier == best and res.lr == pytest.approx(1e-3 * best)
-    assert json.loads((tmp_path / "lr.json").read_text())["best_multiplier"] == best
+    # the chosen multiplier is the LR-response curve's peak next to the best score, inside the tied multipliers
+    assert best / 2 <= res.best_multiplier <= best * 2 and res.lr == pytest.approx(1e-3 * res.best_multiplier)
+    assert json.loads((tmp_path / "lr.json").read_text())["best_multiplier"] == res.best_multiplier
     # with a tolerance wide enough to cover the gap, the base LR is kept
     assert "better beyond the noise" in res.decision
     kept = _calibrate_lr(wl, dataclasses.replace(run, out=tmp_path / "b"), budget=parse_budget("epochs:40"),
@@ -388,6 +396,32 @@ def test_precision_check_interleaves_repeated_timings(tmp_path: Path, monkeypatc
     res = dict(__import__("_study_fixture").make_results(), precision_check=check)
     advised = recommend(res)
     assert advised.precision == "fp32" and "not a speed-up beyond the noise" in advised.reasons[4]
+
+
+def test_lr_peak_is_the_curves_vertex_not_the_argmax_of_noisy_scores() -> None:
+    """11.3: x16 and x32 score within noise of each other: whichever a seed put first, the chosen multiplier is the
+    same point between them (the parabola's vertex), not a x2 jump."""
+    from batchfit.metric import Metric
+    from batchfit.stats import Interval
+    from batchfit.tuning import _lr_peak
+
+    acc = Metric("accuracy", True)
+
+    def ivs(scores: dict[float, float], half: float = 0.004) -> dict[float, Interval]:
+        return {m: Interval(v, v - half, v + half) for m, v in scores.items()}
+
+    a = ivs({4: 0.93, 8: 0.945, 16: 0.9530, 32: 0.9526, 64: 0.93})
+    b = ivs({4: 0.93, 8: 0.945, 16: 0.9526, 32: 0.9530, 64: 0.93})
+    pa, pb = _lr_peak(a, acc, 16), _lr_peak(b, acc, 32)
+    assert 16 <= pa <= 32 and 16 <= pb <= 32 and max(pa, pb) / min(pa, pb) < 1.25, (pa, pb)
+    # the peak stays inside the multipliers tied with the best (here only x2 is): a clear winner is itself
+    clear = ivs({1: 0.70, 2: 0.95, 4: 0.80}, half=0.01)
+    assert _lr_peak(clear, acc, 2) == 2
+    # at the edge of the tried range, or where the curve is not peaked, the best itself
+    assert _lr_peak(ivs({1: 0.90, 2: 0.93, 4: 0.95}), acc, 4) == 4
+    assert _lr_peak(ivs({1: 0.95, 2: 0.90, 4: 0.95}, half=0.1), acc, 1) == 1
+    loss = Metric("val_loss", False)
+    assert 1 < _lr_peak(ivs({0.5: 0.50, 1: 0.30, 2: 0.31, 4: 0.6}, half=0.05), loss, 1) < 2
 
 
 def test_lr_check_replicates_a_close_call_and_keeps_the_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,19 +6,24 @@ one wall-clock throughput reading. Here every quantity the guides' trade-off is 
 all trials and seeds where a model exists:
 
 - **Quality** of a trial: the best value of its 3-evaluation moving average (a single lucky evaluation does not win);
-  of a configuration (batch, LR): the mean over its seeds with a t interval; with one seed, the sampling interval of
-  the validation set where the record carries one (``val_interval``, or a binomial interval for an accuracy-like
-  metric on ``val_samples`` samples), else unknown — and an unknown interval ties with everything.
-- **Time per step** against batch size: ``t(B) = a + b B`` fitted over every trial's measured step time (a pooled
-  model: one slow trial on a busy machine moves the fit little), with a bootstrap interval.
-- **Steps to target** per batch: the mean over seeds (t interval), and the critical-batch fit
-  ``S(B) = S_min (1 + B_crit / B)`` (McCandlish et al. 2018; Shallue et al. 2019) with a stratified bootstrap
-  (:func:`batchfit.stats.critical_batch_interval`).
+  of a configuration (batch, LR): the mean over its seeds with a t interval whose variance is pooled over every
+  configuration's seeds (:func:`batchfit.stats.pooled_mean_intervals`: two seeds alone give one degree of
+  freedom); with one seed, the wider of that and the sampling interval of the validation set where the record
+  carries one (``val_interval``, or a binomial interval for an accuracy-like metric on ``val_samples`` samples),
+  else unknown — and an unknown interval ties with everything.
+- **Time per step** at each batch size: from the step-time calibration (:mod:`batchfit.steptime`: every candidate
+  timed in the same interleaved rounds, the median over rounds with its order-statistic interval; on the CPU in
+  one-thread process CPU time, which other processes on the machine do not move) when tune ran it; otherwise
+  ``t(B) = a + b B`` fitted over every trial's measured step time (a pooled model: one slow trial on a busy
+  machine moves the fit little), with a bootstrap interval.
+- **Steps to target** per batch: the critical-batch fit ``S(B) = S_min (1 + B_crit / B)`` (McCandlish et al.
+  2018; Shallue et al. 2019) over every batch size and seed, with its bootstrap (stratified by batch size over
+  seeds; a residual bootstrap with one seed; :func:`batchfit.stats.critical_batch_interval`) — the same fit the
+  report's B_crit comes from; the per-batch mean over seeds (t interval) where the fit is poor.
 - **Time to target** = steps to target x fitted time per step.
 - **The decision** (:func:`batchfit.stats.choose`): batch sizes whose quality intervals overlap the best are tied; among
-  them, those whose time-to-target interval overlaps the fastest one's are tied on time too, and the middle one (lower
-  median batch size) is chosen — a busy machine widens timing intervals and reorders estimates inside them, and the
-  middle of a tie moves least; the output says whether the win is beyond noise.
+  them the least time-to-target estimate of the pooled model is chosen, and those whose interval overlaps it are
+  reported as tied with it on time; the output says whether the win is beyond noise.
 - **Flags**: a choice at the edge of the tried range, B_crit extrapolated beyond the largest batch tried, a quality
   tie, a base-LR move decided on few steps.
 - **Precision**: a lower precision for speed only when its speed-up interval excludes 1; for memory only when memory
@@ -35,7 +40,17 @@ from typing import Any
 import numpy as np
 
 from batchfit.metric import Metric, finite_or_none
-from batchfit.stats import DEFAULT_LEVEL, Choice, Interval, choose, mean_interval, ratio_interval
+from batchfit.stats import (
+    DEFAULT_LEVEL,
+    Choice,
+    CriticalBatchInterval,
+    Interval,
+    choose,
+    critical_batch_interval,
+    mean_interval,
+    pooled_mean_intervals,
+    ratio_interval,
+)
 
 __all__ = [
     "BatchEvidence",
@@ -43,6 +58,7 @@ __all__ = [
     "PrecisionAdvice",
     "StepTimeFit",
     "advise_precision",
+    "critical_from_trials",
     "decide",
     "fit_step_time",
     "quality_of_trial",
@@ -66,6 +82,11 @@ def quality_of_trial(trial: Mapping[str, Any], metric: Metric, smooth: int = SMO
     return float(metric.best(list(means)))
 
 
+def _is_proportion(metric: Metric, values: Sequence[float]) -> bool:
+    """An accuracy-like metric: higher is better, not a loss, every value in ``[0, 1]``."""
+    return metric.higher_is_better and not metric.is_loss and all(0.0 <= v <= 1.0 for v in values)
+
+
 def _sampling_interval(trial: Mapping[str, Any], value: float, metric: Metric, level: float) -> Interval:
     """One seed: the validation set's sampling interval, when the record or the metric allows one."""
     last = (trial.get("history") or [{}])[-1]
@@ -74,7 +95,7 @@ def _sampling_interval(trial: Mapping[str, Any], value: float, metric: Metric, l
         half = (float(given["high"]) - float(given["low"])) / 2
         return Interval(value, value - half, value + half, level, "validation-bootstrap", 1)
     n = trial.get("val_samples")
-    if isinstance(n, int) and n > 0 and not metric.is_loss and 0.0 <= value <= 1.0 and metric.higher_is_better:
+    if isinstance(n, int) and n > 0 and _is_proportion(metric, [value]):
         half = _z(level) * math.sqrt(max(value * (1 - value), 1.0 / n) / n)  # a proportion over n samples
         return Interval(value, value - half, value + half, level, "binomial", 1)
     return Interval(value, None, None, level, "single-seed", 1)
@@ -178,24 +199,34 @@ class Decision:
                 "evidence": [self.evidence[b].to_dict() for b in sorted(self.evidence)]}
 
 
-def _config_quality(trials: list[Mapping[str, Any]], metric: Metric, level: float) -> Interval | None:
+def _config_quality(trials: list[Mapping[str, Any]], metric: Metric, level: float,
+                    pooled: Interval | None = None) -> Interval | None:
+    """A configuration's quality: its seed mean with the pooled-variance interval (``pooled``, from
+    :func:`batchfit.stats.pooled_mean_intervals` over every configuration), else its own t interval over >= 2
+    seeds; one seed: the wider of the pooled interval and the validation set's sampling interval."""
     values = [q for t in trials if (q := quality_of_trial(t, metric)) is not None]
     if not values:
         return None
     if len(values) >= 2:
-        return mean_interval(values, level)
-    return _sampling_interval(trials[0], values[0], metric, level)
+        return pooled if pooled is not None else mean_interval(values, level)
+    sampling = _sampling_interval(trials[0], values[0], metric, level)
+    if pooled is None or (sampling.known and sampling.width > pooled.width):
+        return sampling
+    return pooled
 
 
 def _evidence(trials: Sequence[Mapping[str, Any]], metric: Metric, step_fit: StepTimeFit | None,
-              level: float) -> dict[int, BatchEvidence]:
+              level: float, step_time: Mapping[int, Interval] | None = None) -> dict[int, BatchEvidence]:
     by_config: dict[tuple[int, float], list[Mapping[str, Any]]] = {}
     for t in trials:
         if t.get("status") == "ok":
             by_config.setdefault((int(t["batch_size"]), float(t.get("lr_multiplier") or 1.0)), []).append(t)
+    pooled = pooled_mean_intervals(
+        {k: [q for t in ts if (q := quality_of_trial(t, metric)) is not None] for k, ts in by_config.items()},
+        level)
     out: dict[int, BatchEvidence] = {}
     for (batch, mult), ts in sorted(by_config.items()):
-        q = _config_quality(ts, metric, level)
+        q = _config_quality(ts, metric, level, pooled.get((batch, mult)))
         if q is None:
             continue
         cur = out.get(batch)
@@ -203,7 +234,9 @@ def _evidence(trials: Sequence[Mapping[str, Any]], metric: Metric, step_fit: Ste
             continue
         steps = [float(s) for t in ts if (s := finite_or_none(t.get("steps_to_target"))) is not None]
         steps_iv = mean_interval(steps, level) if steps else None
-        sec = step_fit.predict(batch) if step_fit is not None else None
+        sec = (step_time or {}).get(batch)  # the interleaved calibration, where it timed this batch size
+        if sec is None and step_fit is not None:
+            sec = step_fit.predict(batch)
         if sec is None:
             own = [s for t in ts if (s := _seconds_per_step(t)) is not None]
             sec = mean_interval(own, level) if own else None
@@ -227,27 +260,41 @@ def _product(a: Interval, b: Interval) -> Interval:
     return Interval(est, est * max(0.0, 1 - r), est * (1 + r), a.level, "product", min(a.n, b.n))
 
 
-def _smooth_costs(ev: dict[int, BatchEvidence], level: float) -> None:
-    """Replace each batch's time-to-target estimate by the pooled model's ``S(B) t(B)``, keeping its interval width.
+def critical_from_trials(trials: Sequence[Mapping[str, Any]], *, level: float = DEFAULT_LEVEL,
+                         seed: int = 0) -> CriticalBatchInterval | None:
+    """The pooled S(B) fit with its bootstrap (:func:`batchfit.stats.critical_batch_interval`) over every trial.
 
-    Steps to target come from the critical-batch fit over every batch and seed (when one exists), so the ranking of
-    candidates follows two smooth fitted curves instead of per-batch noisy readings; the interval keeps the measured
-    spread so "beyond the noise" still means what was measured.
+    One point per (batch size, seed): the fewest steps to the target over that batch size's learning rates
+    (Shallue et al. 2019 retune the LR per batch size). The report's B_crit and the decision's steps to target
+    both come from this one fit.
     """
-    from batchfit.critical import fit_critical_batch, predict_steps
+    best: dict[tuple[int, Any], float] = {}
+    for t in trials:
+        steps = finite_or_none(t.get("steps_to_target")) if isinstance(t, Mapping) else None
+        if steps is None or t.get("status") not in ("ok", "diverged"):
+            continue
+        key = (int(t["batch_size"]), t.get("seed"))
+        best[key] = min(best.get(key, math.inf), steps)
+    if not best:
+        return None
+    return critical_batch_interval([(b, s) for (b, _), s in best.items()], level=level, seed=seed)
 
-    points = [(b, e.steps_to_target.estimate) for b, e in ev.items() if e.steps_to_target is not None]
-    fit, _ = fit_critical_batch(points)
-    if fit is None or fit.get("r2", 0) < 0.5:
+
+def _pooled_costs(ev: dict[int, BatchEvidence], crit: CriticalBatchInterval | None) -> None:
+    """Each batch's time to target = the pooled S(B) fit's steps (with its bootstrap interval) x seconds per step.
+
+    Steps to target come from the critical-batch fit over every batch size and seed, so candidates are ranked on
+    one smooth fitted curve and its uncertainty instead of per-batch readings with a t interval over two seeds
+    (which spans zero). A batch size that reached the target in none of its runs stays "not reached": the fit is
+    not trusted to say it would have. With a poor fit (r2 < 0.5) the per-batch readings are kept.
+    """
+    if crit is None or (crit.r2 is not None and crit.r2 < 0.5):
         return
     for b, e in ev.items():
-        if e.time_to_target is None or e.seconds_per_step is None:
+        if e.steps_to_target is None or e.seconds_per_step is None:
             continue
-        est = predict_steps(fit, b) * e.seconds_per_step.estimate
-        factor = est / e.time_to_target.estimate if e.time_to_target.estimate > 0 else 1.0
-        e.time_to_target = Interval(est, None if e.time_to_target.low is None else e.time_to_target.low * factor,
-                                    None if e.time_to_target.high is None else e.time_to_target.high * factor,
-                                    level, "pooled-fit", e.time_to_target.n)
+        e.steps_to_target = crit.steps(b)
+        e.time_to_target = _product(e.steps_to_target, e.seconds_per_step)
 
 
 def _with_margin(iv: Interval, margin: float) -> Interval:
@@ -262,49 +309,57 @@ def _with_margin(iv: Interval, margin: float) -> Interval:
 
 
 def _time_tie_break(choice: Choice, cost: Mapping[int, Interval]) -> Choice:
-    """Among the batch sizes tied on quality, those whose time-to-target interval overlaps the fastest one's are tied
-    on time as well; their middle one (the lower median batch size) is chosen.
+    """Among the batch sizes tied on quality, the one with the least time-to-target estimate is chosen; those whose
+    interval overlaps its are reported as tied with it on time (the win over them is not beyond the noise).
 
-    Timing is the one measurement a busy machine disturbs: it widens the intervals (pooled, robust fits) but can
-    still reorder the estimates, so the fastest *estimate* inside a time tie moves with the load. The ends of a tie
-    set move too (an extra seed or a busier machine widens or narrows it at either end); its middle moves least. A
-    batch size that is faster beyond the noise is alone in its time tie and still wins.
+    Both factors of the estimate are pooled, so its ordering is what the whole data say rather than one noisy
+    reading: steps from the S(B) fit over every batch size and seed, seconds per step from interleaved rounds that a
+    busy machine widens but does not shift (:mod:`batchfit.steptime`). (With per-trial wall-clock timings the
+    fastest estimate moved with the load, and the middle of the time tie was chosen instead; measured in
+    docs/benchmarks.md.)
     """
     reached = [b for b in choice.tied if math.isfinite(cost[b].estimate)]
     if not reached:
         return choice
     fastest = min(reached, key=lambda b: (cost[b].estimate, b))
     time_tied = sorted(b for b in reached if cost[b].overlaps(cost[fastest]))
-    pick = time_tied[(len(time_tied) - 1) // 2]
-    others = [b for b in choice.tied if b != pick]
-    separated = bool(others) and all(cost[pick].known and cost[b].known and cost[pick].high < cost[b].low
+    others = [b for b in choice.tied if b != fastest]
+    separated = bool(others) and all(cost[fastest].known and cost[b].known and cost[fastest].high < cost[b].low
                                      for b in others)  # type: ignore[operator]
-    reason = (f"batch sizes {', '.join(map(str, choice.tied))} are tied on quality; batch {fastest} is the fastest "
-              f"to the target and {', '.join(map(str, time_tied))} cannot be told apart from it on time; the middle "
-              f"of those, {pick}, is chosen") if len(choice.tied) > 1 else choice.reason
-    return Choice(pick, choice.best_quality, choice.tied, separated, reason,
+    reason = (f"batch sizes {', '.join(map(str, choice.tied))} are tied on quality; batch {fastest} has the least "
+              f"time to the target" + (f", and {', '.join(str(b) for b in time_tied if b != fastest)} cannot be "
+                                       "told apart from it on time" if len(time_tied) > 1 else "")
+              ) if len(choice.tied) > 1 else choice.reason
+    return Choice(fastest, choice.best_quality, choice.tied, separated, reason,
                   {"fastest": fastest, "time_tied": time_tied})
 
 
-def decide(trials: Sequence[Mapping[str, Any]], metric: Metric, *, b_crit: Any = None,
+def decide(trials: Sequence[Mapping[str, Any]], metric: Metric, *, b_crit: CriticalBatchInterval | None = None,
            lr_calibration: Mapping[str, Any] | None = None, level: float = DEFAULT_LEVEL,
-           margin: float = 0.0) -> Decision | None:
+           margin: float = 0.0, step_time: Mapping[int, Interval] | None = None) -> Decision | None:
     """Choose the effective batch from every trial (all LRs and seeds); ``None`` when no trial finished.
 
     ``b_crit`` is a :class:`batchfit.stats.CriticalBatchInterval` (or ``None``); ``lr_calibration`` the tune LR
     check's dict (``best_multiplier``, ``steps``) for the few-steps flag. ``margin`` (relative, e.g. 0.005) only
     widens ties: every quality interval gets a half-width of at least ``margin x |estimate|``, so differences
     smaller than that are ties even when measured precisely, and a quality with no measured noise (one seed, no
-    validation size) is compared within that margin instead of tying with everything.
+    validation size) is compared within that margin instead of tying with everything. ``step_time`` (batch size ->
+    seconds per step, from :func:`batchfit.steptime.calibrate_step_time`'s interleaved rounds) replaces the
+    pooled fit of the trials' own wall-clock timings for the batch sizes it timed.
     """
     step_fit = fit_step_time((t["batch_size"], _seconds_per_step(t)) for t in trials if t.get("status") == "ok")
-    ev = _evidence(trials, metric, step_fit, level)
+    ev = _evidence(trials, metric, step_fit, level, step_time)
     if not ev:
         return None
     if margin > 0:
         for e in ev.values():
             e.quality = _with_margin(e.quality, margin)
-    _smooth_costs(ev, level)
+    if _is_proportion(metric, [e.quality.estimate for e in ev.values()]):
+        for e in ev.values():  # an accuracy's interval stays inside [0, 1] (clipping never changes an overlap)
+            e.quality = e.quality.clipped(0.0, 1.0)
+    if b_crit is None:
+        b_crit = critical_from_trials(trials, level=level)
+    _pooled_costs(ev, b_crit)
     sizes = sorted(ev)
     quality = {b: ev[b].quality for b in sizes}  # smaller batch first: the final tie-break
     cost = {b: ev[b].time_to_target for b in sizes if ev[b].time_to_target is not None}
@@ -329,7 +384,7 @@ def decide(trials: Sequence[Mapping[str, Any]], metric: Metric, *, b_crit: Any =
     if lr_calibration and lr_calibration.get("best_multiplier") not in (None, 1, 1.0):
         steps = lr_calibration.get("steps")
         if isinstance(steps, int) and steps < FEW_STEPS:
-            flags.append(f"the base LR was moved x{lr_calibration['best_multiplier']:g} on runs of only {steps} "
+            flags.append(f"the base LR was moved x{lr_calibration['best_multiplier']:.3g} on runs of only {steps} "
                          "steps; confirm it on a longer run")
     return Decision(int(choice.chosen), choice, ev, flags, metric)
 

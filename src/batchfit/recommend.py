@@ -8,10 +8,10 @@ choice carries a one-sentence reason that quotes what was measured. Every metric
 1. **Effective batch** (:func:`batchfit.decide.decide`, docs/decisions.md): every trial of every LR and seed is
    pooled; a batch size's quality is its best LR's seed mean with a 95 % interval (one seed: the validation set's
    sampling interval). Batch sizes whose interval overlaps the best one's are *tied* (the data cannot tell them
-   apart); among the tied, those whose time to target — steps to target (smoothed through the critical-batch fit
-   ``S(B) = S_min (1 + B_crit / B)``) x seconds per step (fitted over every trial, so one slow reading on a busy
-   machine moves it little) — cannot be told from the fastest are tied on time too, and their middle batch size is
-   chosen (:data:`DECISION_RULE`). Time to target at a fixed quality is
+   apart); among the tied, the least time to target — steps to target from the critical-batch fit
+   ``S(B) = S_min (1 + B_crit / B)`` over every batch size and seed x seconds per step (tune's interleaved timing
+   rounds, :mod:`batchfit.steptime`; else fitted over every trial) — is chosen, and the batch sizes that cannot be
+   told from it on time are named (:data:`DECISION_RULE`). Time to target at a fixed quality is
    the comparison of Shallue et al. (2019) and McCandlish et al. (2018). Flags: a choice at the edge of the tried
    range, B_crit extrapolated, a quality tie, a base-LR move decided on few steps.
 2. **Micro-batch and accumulation.** From the finder: its throughput knee when that fits in memory (memory is
@@ -31,10 +31,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from batchfit.decide import Decision, advise_precision, decide, quality_of_trial
+from batchfit.decide import Decision, advise_precision, critical_from_trials, decide, quality_of_trial
 from batchfit.errors import ConfigError
 from batchfit.metric import Metric, finite_or_none
-from batchfit.stats import CriticalBatchInterval, Interval, critical_batch_interval
+from batchfit.stats import CriticalBatchInterval, Interval
 
 __all__ = [
     "DECISION_RULE",
@@ -53,7 +53,7 @@ __all__ = [
 # a lower precision's training loss may be this much (relative) above fp32's
 _PRECISION_LOSS_TOLERANCE = 0.05
 # what ``tune`` adds beside the sweep's own results (stored in the study under its namespace)
-TUNE_KEYS = ("find", "noise", "lr_calibration", "precision_check")
+TUNE_KEYS = ("find", "noise", "lr_calibration", "precision_check", "step_time")
 
 
 @dataclass
@@ -225,10 +225,11 @@ def _metric_label(metric: Metric) -> str:
 
 
 DECISION_RULE = (
-    "Batch sizes whose {metric} interval (95 %: over seeds, or with one seed the validation set's sampling "
-    "interval) overlaps the best one's are tied; among the tied, those whose time-to-target interval (fitted steps "
-    "to target x pooled seconds per step) overlaps the fastest one's are tied on time too, and the middle of those "
-    "(the lower median batch size) is chosen."
+    "Batch sizes whose {metric} interval (95 %: over seeds with the variance pooled over every configuration, or "
+    "with one seed the validation set's sampling interval) overlaps the best one's are tied; among the tied, the "
+    "least time-to-target estimate (steps from the S(B) fit over every batch size and seed x seconds per step from "
+    "interleaved timing rounds) is chosen, and the batch sizes whose time interval overlaps it are reported as "
+    "tied with it on time."
 )
 
 
@@ -248,21 +249,9 @@ def decision_trials(results: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def critical_interval(results: Mapping[str, Any], *, seed: int = 0) -> CriticalBatchInterval | None:
-    """B_crit with a stratified bootstrap interval over seeds (:func:`batchfit.stats.critical_batch_interval`).
-
-    One point per (batch size, seed): the fewest steps to the target over that batch size's learning rates
-    (Shallue et al. 2019 retune the LR per batch size).
-    """
-    best: dict[tuple[int, Any], float] = {}
-    for t in results.get("trials") or []:
-        steps = finite_or_none(t.get("steps_to_target")) if isinstance(t, Mapping) else None
-        if steps is None or t.get("status") not in ("ok", "diverged"):
-            continue
-        key = (int(t["batch_size"]), t.get("seed"))
-        best[key] = min(best.get(key, math.inf), steps)
-    if not best:
-        return None
-    return critical_batch_interval([(b, s) for (b, _), s in best.items()], seed=seed)
+    """B_crit with its bootstrap interval (:func:`batchfit.decide.critical_from_trials`, the fit the decision
+    uses)."""
+    return critical_from_trials([t for t in results.get("trials") or [] if isinstance(t, Mapping)], seed=seed)
 
 
 def _span(sizes: Sequence[int], tried: Sequence[int]) -> str:
@@ -284,13 +273,23 @@ def _ratio(slow: Interval, fast: Interval) -> Interval:
     return Interval(est, est * math.exp(-r), est * math.exp(r), slow.level, "ratio", min(slow.n, fast.n))
 
 
+def step_time_intervals(results: Mapping[str, Any]) -> dict[int, Interval] | None:
+    """tune's step-time calibration (:mod:`batchfit.steptime`) as batch size -> seconds per step, if it ran."""
+    data = results.get("step_time")
+    if not isinstance(data, Mapping) or not data.get("seconds"):
+        return None
+    from batchfit.steptime import StepTimeCalibration
+
+    return StepTimeCalibration.from_dict(data).intervals() or None
+
+
 def _pick_batch(results: Mapping[str, Any], metric: Metric, tolerance: float
                 ) -> tuple[Decision, dict[str, Any], str]:
     """The batch, by :func:`batchfit.decide.decide`: ties on quality broken on fitted time to target."""
     crit = critical_interval(results)
     trials = decision_trials(results)
     decision = decide(trials, metric, b_crit=crit, lr_calibration=results.get("lr_calibration"),
-                      margin=tolerance / 2)
+                      margin=tolerance / 2, step_time=step_time_intervals(results))
     if decision is None:
         what = "training-loss" if metric.name == "train_loss" else "validation"
         raise ConfigError(
@@ -331,14 +330,14 @@ def _pick_batch(results: Mapping[str, Any], metric: Metric, tolerance: float
     details = decision.choice.details or {}
     time_tied = details.get("time_tied") or []
     if len(time_tied) > 1:
-        ratio_txt += (f"; {_span(time_tied, tried)} cannot be told apart on time from the fastest, "
-                      f"{details.get('fastest')}, and {batch} is their middle")
+        ratio_txt += (f"; {_span([b for b in time_tied if b != batch], tried)} cannot be told apart from it on time "
+                      "(the least estimate decides among them)")
     if missed and slowest != batch:
         ratio_txt += f"; {', '.join(map(str, missed))} did not reach the target within the budget"
     t = timed[batch]
     how = f"{t.estimate:.3g} s to the target" + (f" [{t.low:.3g}, {t.high:.3g}]" if t.known else "")  # type: ignore
     verdict = ("its time advantage is beyond the noise" if decision.choice.cost_separated else
-               "its time advantage over some tied sizes is inside the noise: the stated tie-break decides, "
+               "its time advantage over some tied sizes is inside the noise: the least estimate decides, "
                "not a measured win")
     return decision, pick, (f"{head}; chosen on time to target: {batch}, {ratio_txt}; {how}, {verdict}.")
 

@@ -4,7 +4,8 @@ batchfit is a measuring instrument, so each measured number is an :class:`Interv
 method, n) rather than a bare float, and each comparison is a decision that may be a tie:
 
 - :func:`mean_interval`: Student-t interval for the mean of a few replicates (seeds); with one replicate the
-  interval is unknown (``low``/``high`` are ``None``), never a fake zero width.
+  interval is unknown (``low``/``high`` are ``None``), never a fake zero width. :func:`pooled_mean_intervals`:
+  the same with the variance pooled over every configuration's seeds (the one-way ANOVA error term).
 - :func:`bootstrap_interval`: percentile bootstrap (Efron & Tibshirani 1993, ch. 13) of any statistic over samples;
   :func:`cluster_bootstrap_mean` resamples whole clusters (e.g. validation chunks whose metric is a chunk mean), the
   standard way to keep within-cluster correlation (Davison & Hinkley 1997, sec. 3.8).
@@ -43,6 +44,7 @@ __all__ = [
     "cluster_bootstrap_mean",
     "mean_interval",
     "median_interval",
+    "pooled_mean_intervals",
     "ratio_interval",
     "undecided",
 ]
@@ -85,6 +87,14 @@ class Interval:
         lo, hi = (None, None) if not self.known else (self.low * factor, self.high * factor)  # type: ignore[operator]
         spread = None if self.spread is None else self.spread * abs(factor)
         return Interval(self.estimate * factor, lo, hi, self.level, self.method, self.n, spread)
+
+    def clipped(self, low: float, high: float) -> Interval:
+        """The interval kept inside a quantity's range (an accuracy's ``[0, 1]``: a t interval over few seeds
+        can pass 1); the estimate and an unknown interval are unchanged."""
+        if not self.known:
+            return self
+        return Interval(self.estimate, min(max(self.low, low), high), max(min(self.high, high), low),  # type: ignore
+                        self.level, self.method, self.n, self.spread)
 
     def to_dict(self) -> dict[str, Any]:
         return {"estimate": self.estimate, "low": self.low, "high": self.high, "level": self.level,
@@ -138,6 +148,40 @@ def mean_interval(values: Sequence[float], level: float = DEFAULT_LEVEL) -> Inte
     sd = float(a.std(ddof=1))
     half = _t_quantile(level, len(a) - 1) * sd / math.sqrt(len(a))
     return Interval(mean, mean - half, mean + half, level, "t", len(a), sd)
+
+
+def pooled_mean_intervals(groups: Mapping[Any, Sequence[float]], level: float = DEFAULT_LEVEL,
+                          min_dof: int = 2) -> dict[Any, Interval | None]:
+    """A t interval for each group's mean from the **pooled** within-group variance (the one-way ANOVA error term).
+
+    Seeds vary a configuration's result about as much at every batch size, so one variance estimated from every
+    group's replicates (degrees of freedom = sum of n_i - 1) is far better determined than each group's own: two
+    seeds alone give a t interval with one degree of freedom (12.7 standard errors wide at 95 %), while eight
+    groups of two give eight. A group with at least three seeds whose own standard deviation is larger keeps its
+    own (the pooled one must not hide a noisier batch size). A single-seed group gets ``t x s_pooled``. ``None``
+    for every group when the pooled degrees of freedom are below ``min_dof`` (then each group's own evidence
+    decides).
+    """
+    clean = {k: _clean(v) for k, v in groups.items()}
+    dof = sum(len(a) - 1 for a in clean.values() if len(a) > 1)
+    if dof < min_dof:
+        return {k: None for k in clean}
+    pooled = math.sqrt(sum(float(((a - a.mean()) ** 2).sum()) for a in clean.values() if len(a) > 1) / dof)
+    t = _t_quantile(level, dof)
+    out: dict[Any, Interval | None] = {}
+    for k, a in clean.items():
+        if len(a) == 0:
+            out[k] = None
+            continue
+        mean = float(a.mean())
+        sd = pooled
+        if len(a) >= 3 and float(a.std(ddof=1)) > pooled:
+            sd, tq = float(a.std(ddof=1)), _t_quantile(level, len(a) - 1)
+        else:
+            tq = t
+        half = tq * sd / math.sqrt(len(a))
+        out[k] = Interval(mean, mean - half, mean + half, level, "pooled-t", len(a), sd)
+    return out
 
 
 def bootstrap_interval(values: Sequence[float], statistic: Callable[[np.ndarray], float] = np.mean, *,
@@ -303,17 +347,36 @@ def _widened(estimate: float, bounds: np.ndarray, factor: float) -> tuple[float,
 
 @dataclass(frozen=True)
 class CriticalBatchInterval:
-    """B_crit and S_min of ``S(B) = S_min (1 + B_crit / B)`` with bootstrap intervals and the batches behind them."""
+    """B_crit and S_min of ``S(B) = S_min (1 + B_crit / B)`` with bootstrap intervals and the batches behind them.
+
+    ``replicates`` are the bootstrap fits ``(b_crit, s_min)`` and ``widen`` the factor their quantiles are widened
+    by; :meth:`steps` predicts the steps to target at any batch size from the same fits, so the B_crit a report
+    prints and the steps the decision compares come from one pooled model.
+    """
 
     b_crit: Interval
     s_min: Interval
     support: tuple[int, int]  # the smallest and largest batch size that reached the target
     extrapolated: bool  # B_crit (its estimate) lies beyond the largest batch size tried
     failed_resamples: int  # bootstrap resamples where no fit exists (a large share means a fragile fit)
+    replicates: tuple[tuple[float, float], ...] = field(default=(), repr=False, compare=False)
+    widen: float = 1.0
+    method: str = "stratified-bootstrap"
+    r2: float | None = None  # the full fit's weighted coefficient of determination
+
+    def steps(self, batch_size: float) -> Interval:
+        """Fitted steps to target at ``batch_size``, with the bootstrap fits' interval (unknown without them)."""
+        est = self.s_min.estimate * (1.0 + self.b_crit.estimate / float(batch_size))
+        if len(self.replicates) < 20:
+            return Interval(est, None, None, self.b_crit.level, "S(B) fit", self.b_crit.n)
+        preds = np.array([s * (1.0 + b / float(batch_size)) for b, s in self.replicates])
+        level = self.b_crit.level
+        lo, hi = _widened(est, np.quantile(preds, [(1 - level) / 2, (1 + level) / 2]), self.widen)
+        return Interval(est, max(lo, 0.0), hi, level, f"S(B) fit, {self.method}", self.b_crit.n)
 
     def to_dict(self) -> dict[str, Any]:
         return {"b_crit": self.b_crit.to_dict(), "s_min": self.s_min.to_dict(), "support": list(self.support),
-                "extrapolated": self.extrapolated, "failed_resamples": self.failed_resamples}
+                "extrapolated": self.extrapolated, "failed_resamples": self.failed_resamples, "r2": self.r2}
 
 
 def critical_batch_interval(points: Sequence[Sequence[float]], *, level: float = DEFAULT_LEVEL,
@@ -323,10 +386,13 @@ def critical_batch_interval(points: Sequence[Sequence[float]], *, level: float =
     ``points`` are ``(B, steps_to_target)`` pairs, one per replicate (seed) of a batch size, each already the best
     over that batch size's learning rates (Shallue et al. 2019 retune the LR per batch size). Replicates of a batch
     size are pooled by their geometric mean (steps are positive and their noise is multiplicative), not by the
-    minimum, which would be biased low and shrink the interval. Returns ``None`` when the pooled data have no fit
-    (see :func:`batchfit.critical.fit_critical_batch`).
+    minimum, which would be biased low and shrink the interval. With one replicate per batch size and at least
+    four batch sizes, the fit's own scatter is resampled instead (a residual bootstrap on the log scale, Davison &
+    Hinkley 1997, sec. 6.2: residuals rescaled by ``sqrt(n / (n - 2))`` for the two fitted parameters); with three,
+    the interval is unknown. Returns ``None`` when the pooled data have no fit (see
+    :func:`batchfit.critical.fit_critical_batch`).
     """
-    from batchfit.critical import fit_critical_batch
+    from batchfit.critical import fit_critical_batch, predict_steps
 
     by_b: dict[int, list[float]] = {}
     for b, s in points:
@@ -340,34 +406,54 @@ def critical_batch_interval(points: Sequence[Sequence[float]], *, level: float =
     if full is None:
         return None
     rng = np.random.default_rng(seed)
-    b_crits, s_mins, failed = [], [], 0
-    for _ in range(n_boot):
-        sample = {b: [ss[i] for i in rng.integers(0, len(ss), size=len(ss))] for b, ss in by_b.items()}
+    replicated = any(len(v) > 1 for v in by_b.values())
+    sizes = sorted(by_b)
+    n = len(sizes)
+    resid = np.array([math.log(by_b[b][0] / predict_steps(full, b)) for b in sizes]) if not replicated else None
+    reps: list[tuple[float, float]] = []
+    failed = 0
+    for _ in range(n_boot if replicated or n >= 4 else 0):
+        if replicated:
+            sample = {b: [ss[i] for i in rng.integers(0, len(ss), size=len(ss))] for b, ss in by_b.items()}
+        else:
+            assert resid is not None
+            draw = resid[rng.integers(0, n, size=n)] * math.sqrt(n / (n - 2))
+            sample = {b: [predict_steps(full, b) * math.exp(float(r))] for b, r in zip(sizes, draw)}
         fit, _ = fit_critical_batch(pooled(sample))
         if fit is None:
             failed += 1
             continue
-        b_crits.append(fit["b_crit"])
-        s_mins.append(fit["s_min"])
+        reps.append((float(fit["b_crit"]), float(fit["s_min"])))
     q = [(1 - level) / 2, (1 + level) / 2]
     n_trials = sum(len(v) for v in by_b.values())
-    if len(b_crits) >= 20 and any(len(v) > 1 for v in by_b.values()):
-        # A percentile bootstrap with a few replicates per stratum undercovers (its variance is short by a factor
-        # (m - 1) / m and it uses normal tails); widen around the estimate by sqrt(m / (m - 1)) and the ratio of the
-        # t to the normal quantile on the pooled within-batch degrees of freedom (Davison & Hinkley 1997, sec. 3.2).
-        m = float(np.median([len(v) for v in by_b.values() if len(v) > 1]))
-        dof = sum(len(v) - 1 for v in by_b.values())
+    widen = 1.0
+    method = "stratified-bootstrap" if replicated else "residual-bootstrap"
+    if len(reps) >= 20:
         z = float(np.sqrt(2) * _erfinv_exact((1 + level) / 2 * 2 - 1))
-        widen = math.sqrt(m / (m - 1)) * _t_quantile(level, dof) / z
-        blo, bhi = _widened(full["b_crit"], np.quantile(b_crits, q), widen)
-        slo, shi = _widened(full["s_min"], np.quantile(s_mins, q), widen)
-    else:  # one trial per batch size: resampling cannot show the noise
+        if replicated:
+            # A percentile bootstrap with a few replicates per stratum undercovers (its variance is short by a factor
+            # (m - 1) / m and it uses normal tails); widen around the estimate by sqrt(m / (m - 1)) and the ratio of
+            # the t to the normal quantile on the pooled within-batch degrees of freedom (Davison & Hinkley 1997,
+            # sec. 3.2).
+            m = float(np.median([len(v) for v in by_b.values() if len(v) > 1]))
+            dof = sum(len(v) - 1 for v in by_b.values())
+            widen = math.sqrt(m / (m - 1)) * _t_quantile(level, dof) / z
+        else:  # the residuals are already rescaled; t tails on the fit's n - 2 degrees of freedom
+            widen = _t_quantile(level, n - 2) / z
+        b_arr, s_arr = np.array([r[0] for r in reps]), np.array([r[1] for r in reps])
+        blo, bhi = _widened(full["b_crit"], np.quantile(b_arr, q), widen)
+        slo, shi = _widened(full["s_min"], np.quantile(s_arr, q), widen)
+    else:  # one trial per batch size at three batch sizes: resampling cannot show the noise
         blo = bhi = slo = shi = None
-    bs = sorted(by_b)
+        reps = []
     return CriticalBatchInterval(
-        b_crit=Interval(full["b_crit"], blo, bhi, level, "stratified-bootstrap", n_trials),
-        s_min=Interval(full["s_min"], slo, shi, level, "stratified-bootstrap", n_trials),
-        support=(bs[0], bs[-1]),
-        extrapolated=full["b_crit"] > bs[-1],
+        b_crit=Interval(full["b_crit"], blo, bhi, level, method, n_trials),
+        s_min=Interval(full["s_min"], slo, shi, level, method, n_trials),
+        support=(sizes[0], sizes[-1]),
+        extrapolated=full["b_crit"] > sizes[-1],
         failed_resamples=failed,
+        replicates=tuple(reps),
+        widen=widen,
+        method=method,
+        r2=float(full.get("r2", 0.0)),
     )

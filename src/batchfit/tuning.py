@@ -1,4 +1,4 @@
-"""``tune``: the main job, as one recipe — find, noise, lr_check, sweep, precision, report.
+"""``tune``: the main job, as one recipe — find, noise, lr_check, sweep, step_time, precision, report.
 
 The stages, in order (the names of their progress events, :data:`STAGES`):
 
@@ -9,6 +9,7 @@ find      the largest micro-batch that fits and the throughput knee         ``fi
 noise     the gradient noise scale B_simple at initialisation               ``noise.json``
 lr_check  the base LR at the base batch, x1/4 ... x8 (short runs)           ``lr.json``
 sweep     every candidate batch at its rule-scaled LR, persisted in Optuna  ``batchfit.db``
+step_time seconds per step at every swept batch, in interleaved rounds       ``step_time.json``
 precision the recommended configuration in fp32 and bf16                    ``precision.json``
 report    the table, the recommendation, the plots                          ``results.json``, ...
 ========= ================================================================= ====================
@@ -68,7 +69,7 @@ __all__ = [
 # at every batch).
 DEFAULT_BUDGET = "epochs:20"
 DEFAULT_NOISE_STEPS = 100
-STAGES = ("find", "noise", "lr_check", "sweep", "precision", "report")
+STAGES = ("find", "noise", "lr_check", "sweep", "step_time", "precision", "report")
 EVALS_PER_EPOCH = 4  # at the smallest batch size: finer steps-to-target at little cost
 PRECISION_CHECK_STEPS = 48  # in PRECISION_ROUNDS interleaved rounds per precision
 PRECISION_ROUNDS = 6
@@ -121,7 +122,8 @@ class TuneResult:
     the LR check's and the precision check's, then the recommendation and the report's paths.
 
     ``to_dict()`` is results.json: the sweep's results with ``"find"``, ``"noise"``, ``"lr_calibration"``,
-    ``"precision_check"`` (only when it ran), ``"recommendation"``, ``"tune_seconds"`` and ``"report"``.
+    ``"precision_check"`` and ``"step_time"`` (only when they ran), ``"recommendation"``, ``"tune_seconds"`` and
+    ``"report"``.
     """
 
     sweep: Any  # batchfit.study's SweepResult (or its dict form)
@@ -129,6 +131,7 @@ class TuneResult:
     noise: dict[str, Any] | None = None
     lr_check: LRCheck | None = None
     precision_check: dict[str, Any] | None = None
+    step_time: dict[str, Any] | None = None  # batchfit.steptime.StepTimeCalibration.to_dict()
     recommendation: Recommendation | None = None
     batch_schedule_check: dict[str, Any] | None = None  # tune(batch_schedule_check=True): batchfit.schedule_check
     report: dict[str, Any] = field(default_factory=dict)
@@ -145,6 +148,8 @@ class TuneResult:
             data["precision_check"] = self.precision_check
         else:
             data.pop("precision_check", None)
+        if self.step_time is not None:
+            data["step_time"] = self.step_time
         if self.seconds is not None:
             data["tune_seconds"] = self.seconds
         if self.batch_schedule_check is not None:
@@ -161,12 +166,13 @@ class TuneResult:
     def from_dict(cls, data: Mapping[str, Any]) -> TuneResult:
         from batchfit.recommend import Recommendation
 
-        own = ("find", "noise", "lr_calibration", "precision_check", "recommendation", "report", "tune_seconds")
+        own = ("find", "noise", "lr_calibration", "precision_check", "step_time", "recommendation", "report",
+               "tune_seconds")
         cal, rec = data.get("lr_calibration"), data.get("recommendation")
         return cls(
             sweep={k: v for k, v in data.items() if k not in own}, find=data.get("find"), noise=data.get("noise"),
             lr_check=LRCheck.from_dict(cal) if isinstance(cal, Mapping) else None,
-            precision_check=data.get("precision_check"),
+            precision_check=data.get("precision_check"), step_time=data.get("step_time"),
             recommendation=Recommendation.from_dict(rec) if isinstance(rec, Mapping) else None,
             report=dict(data.get("report") or {}), seconds=data.get("tune_seconds"),
         )
@@ -415,16 +421,41 @@ def _lr_intervals(runs: Sequence[Mapping[str, Any]], metric: Any, num_val: int |
 def _lr_decision(runs: Sequence[Mapping[str, Any]], metric: Any, num_val: int | None,
                  tolerance: float) -> tuple[float, bool, dict[float, Any]]:
     """``(chosen multiplier, decided beyond the noise, intervals)``: the base LR (x1) is kept unless another
-    multiplier's interval lies entirely on the better side of the base's."""
+    multiplier's interval lies entirely on the better side of the base's; then the chosen multiplier is the peak
+    of the LR-response curve (:func:`_lr_peak`), not the argmax of the noisy scores."""
     ivs = _lr_intervals(runs, metric, num_val, tolerance)
     if not ivs:
         return 1.0, True, ivs
     best = min(ivs, key=lambda m: (_order(metric, ivs[m].estimate), abs(math.log2(m))))
     if 1.0 not in ivs:  # the base LR diverged (or gave nothing): the best that trained
-        return best, True, ivs
+        return _lr_peak(ivs, metric, best), True, ivs
     if best == 1.0:
         return 1.0, True, ivs
-    return (best, True, ivs) if not ivs[best].overlaps(ivs[1.0]) else (1.0, False, ivs)
+    return (_lr_peak(ivs, metric, best), True, ivs) if not ivs[best].overlaps(ivs[1.0]) else (1.0, False, ivs)
+
+
+def _lr_peak(ivs: Mapping[float, Any], metric: Any, best: float) -> float:
+    """The peak of the LR-response curve around the best-scoring multiplier: the vertex of the parabola through
+    the best and its two neighbours in log2(LR) (classic three-point peak interpolation), kept inside the range of
+    multipliers tied with the best (intervals overlapping its). Two LRs that score the same (x16 0.9528, x32
+    0.9528) give the geometric middle instead of whichever a seed's noise put first; at the edge of the tried range,
+    or where the curve is not peaked, the best multiplier itself."""
+    ms = sorted(ivs)
+    i = ms.index(best)
+    tied = [m for m in ms if ivs[m].overlaps(ivs[best])]
+    if i == 0 or i == len(ms) - 1:
+        return best
+    xs = [math.log2(ms[j]) for j in (i - 1, i, i + 1)]
+    ys = [-_order(metric, ivs[ms[j]].estimate) for j in (i - 1, i, i + 1)]  # larger is better
+    (x0, x1, x2), (y0, y1, y2) = xs, ys
+    denom = (x0 - x1) * (x0 - x2) * (x1 - x2)
+    a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / denom
+    b = (x2 * x2 * (y0 - y1) + x1 * x1 * (y2 - y0) + x0 * x0 * (y1 - y2)) / denom
+    if a >= 0:  # not peaked (flat or convex): nothing to interpolate
+        return best
+    vertex = -b / (2 * a)
+    lo, hi = max(x0, math.log2(min(tied))), min(x2, math.log2(max(tied)))
+    return float(2 ** min(max(vertex, lo), hi))
 
 
 def _order(metric: Any, value: float) -> float:
@@ -521,13 +552,46 @@ def _lr_decision_text(base_lr: float, chosen: float, best: float | None, decided
         return f"kept the base LR {base_lr:.3g}: no LR-check run gave a score"
     if chosen != 1.0:
         base = f" vs x1 {ivs[1.0]}" if 1.0 in ivs else " (x1 gave no score)"
-        return (f"base LR {base_lr:.3g} -> {base_lr * chosen:.3g}: x{chosen:g} scored {name} {ivs[chosen]}{base}, "
-                "better beyond the noise")
+        peak = "" if chosen == best else (f"; x{chosen:.3g} is the peak of the LR-response curve through x{best:g} "
+                                          "and its neighbours")
+        return (f"base LR {base_lr:.3g} -> {base_lr * chosen:.3g}: x{best:g} scored {name} {ivs[best]}{base}, "
+                f"better beyond the noise{peak}")
     if best == 1.0:
         return f"kept the base LR {base_lr:.3g}: x1 scored the best {name} {ivs[1.0]}"
     seeds = ivs[best].n if ivs[best].known else 1
     return (f"kept the base LR {base_lr:.3g}: x{best:g} scored {name} {ivs[best]} vs x1 {ivs[1.0]}, inside the "
             f"noise over {seeds} seed(s), so the base LR stays")
+
+
+def _step_time(workload: Workload, run: _Run, swept: Any) -> dict[str, Any] | None:
+    """Every swept batch size's step (at the micro-batch its trials used) timed in interleaved rounds
+    (:func:`batchfit.steptime.calibrate_step_time`); the decision's time per step comes from here."""
+    from batchfit.recommend import as_results
+    from batchfit.steptime import calibrate_step_time
+
+    micro: dict[int, int] = {}
+    for t in as_results(swept).get("trials") or []:
+        if t.get("status") == "ok" and t.get("micro_batch_size"):
+            micro.setdefault(int(t["batch_size"]), int(t["micro_batch_size"]))
+    if len(micro) < 2:
+        return None
+    key = run.key(micro_batches={str(b): m for b, m in sorted(micro.items())})
+    cached = _cached(run.out, "step_time", key)
+    if cached is not None:
+        run.emit("step_time", "end", "resumed", resumed=True)
+        return cached
+    run.emit("step_time", "start", f"seconds per step at {len(micro)} batch sizes, interleaved rounds")
+    from batchfit.engine import resolve_device
+
+    cal = calibrate_step_time(workload, micro, device=resolve_device(run.device), precision=run.precision,
+                              seed=run.seed)
+    data = cal.to_dict()
+    _store(run.out, "step_time", key, data)
+    ivs = cal.intervals()
+    ends = sorted({min(ivs), max(ivs)}) if ivs else []
+    run.emit("step_time", "end", f"{cal.rounds} rounds ({cal.clock})" + "".join(
+        f"; batch {b}: {ivs[b].estimate * 1e3:.3g} ms" for b in ends))
+    return data
 
 
 def _precision_round(workload: Workload, run: _Run, rec: Recommendation, precision: str, steps: int,
@@ -907,6 +971,8 @@ def tune(
     run.emit("sweep", "end", f"{swept.get('status')}: {counts or 'no trials'}"
              + f" (up to {max(seeds_per_batch(swept).values(), default=1)} seed(s) per batch size)")
     result = TuneResult(sweep=swept, find=find_result, noise=noise_result, lr_check=lr_check)
+    result.step_time = _step_time(wl, run, swept)  # the decision's time per step: every batch in the same rounds
+    _save_in_study(storage, result.results().get("study_name"), {"step_time": result.step_time})
 
     # -- 5. recommendation, with a measured precision check of the recommended configuration -------------------
     try:

@@ -1,0 +1,191 @@
+"""Step-time calibration: the time per optimizer step at each candidate batch size, by interleaved rounds.
+
+The sweep's trials each time themselves once, at different moments: on a busy machine one trial runs while another
+process is busy and the next does not, and the comparison of batch sizes moves with the load. Here every candidate
+is timed in the same rounds — round 1 times batch 16, 32, ..., 1437 one after another, round 2 again, ... — so a
+change of load hits every candidate alike, and each candidate's time is the **median over rounds** with a
+distribution-free interval (:func:`batchfit.stats.median_interval`): a burst of load widens the interval instead
+of moving the estimate.
+
+What is timed is the step ``train`` runs (:class:`batchfit.step.TrainStep`: forward/backward over the micro-batches
+the sweep used for that batch size, clipping, the optimizer step, the schedule), on a batch drawn once per size
+(data loading is not part of it; the trials' wall-clock throughput, which includes it, is still reported).
+
+**The clock.** On CUDA: wall-clock time with a device synchronisation around each timed chunk. On the CPU: the
+process's CPU time (``time.process_time``) with PyTorch limited to one intra-op thread while timing. Measured on
+the 2-core CPU machine (docs/benchmarks.md, "Step-time calibration"): with two busy processes beside it, the wall
+clock of the MLP demo's step at PyTorch's default two threads went from 0.37 ms to 24-48 ms (OpenMP threads
+spin-wait for a sibling the scheduler has taken off the core, so the slow-down is quantised by scheduler time
+slices and the per-sample slope is lost), while one-thread CPU time stayed within 3 % of its quiet value at every
+batch size. One-thread CPU time ranks batch sizes by the work per step; on a many-core CPU large batches
+parallelise better than this ranks them, which the report says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from batchfit import memory
+from batchfit.data import train_source
+from batchfit.stats import DEFAULT_LEVEL, Interval, median_interval
+from batchfit.step import LRSchedule, TrainStep, make_scaler
+
+__all__ = ["StepTimeCalibration", "calibrate_step_time", "cpu_clock"]
+
+ROUNDS = 8  # interleaved rounds
+MIN_ROUNDS = 6  # the fewest whose median has a distribution-free 95 % interval (1 - 2 / 2**6 > 0.95)
+CHUNK_SECONDS = 0.02  # each (round, batch size) times whole steps until at least this long ...
+MAX_CHUNK_STEPS = 16  # ... but at most this many steps
+WARMUP_STEPS = 2  # per batch size, untimed (the optimizer state, the allocator, lazy kernels)
+MAX_SECONDS = 30.0  # the rounds after the first are cut to fit this (never below MIN_ROUNDS)
+
+
+@dataclass(frozen=True)
+class StepTimeCalibration:
+    """Seconds per optimizer step at each batch size, one value per interleaved round."""
+
+    clock: str
+    seconds: dict[int, list[float]]  # batch size -> seconds per step, one per round (round order)
+    micro_batch: dict[int, int]
+    rounds: int
+    elapsed: float
+    errors: dict[int, str] = field(default_factory=dict)  # batch sizes that could not be timed, and why
+    level: float = DEFAULT_LEVEL
+
+    def interval(self, batch_size: int) -> Interval | None:
+        """The median seconds per step over the rounds, with its order-statistic interval (``None``: not timed)."""
+        values = self.seconds.get(int(batch_size))
+        if not values:
+            return None
+        iv = median_interval(values, self.level)
+        return Interval(iv.estimate, iv.low, iv.high, iv.level, f"interleaved-median ({self.clock})", len(values),
+                        iv.spread)
+
+    def intervals(self) -> dict[int, Interval]:
+        return {b: iv for b in sorted(self.seconds) if (iv := self.interval(b)) is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"clock": self.clock, "rounds": self.rounds, "elapsed": self.elapsed, "level": self.level,
+                "seconds": {str(b): list(v) for b, v in sorted(self.seconds.items())},
+                "micro_batch": {str(b): m for b, m in sorted(self.micro_batch.items())},
+                "errors": {str(b): e for b, e in sorted(self.errors.items())},
+                "seconds_per_step": {str(b): iv.to_dict() for b, iv in self.intervals().items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StepTimeCalibration:
+        return cls(clock=str(data.get("clock", "")),
+                   seconds={int(b): [float(x) for x in v] for b, v in (data.get("seconds") or {}).items()},
+                   micro_batch={int(b): int(m) for b, m in (data.get("micro_batch") or {}).items()},
+                   rounds=int(data.get("rounds") or 0), elapsed=float(data.get("elapsed") or 0.0),
+                   errors={int(b): str(e) for b, e in (data.get("errors") or {}).items()},
+                   level=float(data.get("level") or DEFAULT_LEVEL))
+
+
+@dataclass
+class _Timed:
+    """One batch size's step, its batch (drawn once), and how many steps it has run (the schedule's counter)."""
+
+    step: TrainStep
+    batch: Any
+    done: int = 0
+    chunk: int = 1
+
+    def run(self, n: int = 1) -> None:
+        assert self.step.schedule is not None
+        for _ in range(n):
+            self.step.schedule.begin_step(self.done)  # the LR is set first, as ``train`` sets it
+            self.step(self.batch)
+            self.done += 1
+
+
+@contextlib.contextmanager
+def cpu_clock() -> Iterator[Callable[[], float]]:
+    """Process CPU time with one intra-op thread (restored after): the CPU clock other processes do not move."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield time.process_time
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _clock(device: torch.device) -> Iterator[tuple[Callable[[], float], str]]:
+    if device.type == "cuda":
+        def wall() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+
+        yield wall, "wall clock, CUDA-synchronised"
+    else:
+        with cpu_clock() as clock:
+            yield clock, "process CPU time, 1 thread"
+
+
+def calibrate_step_time(workload: Any, micro_batches: Mapping[int, int], *, device: str | torch.device = "cpu",
+                        precision: str = "fp32", seed: int = 0, rounds: int = ROUNDS,
+                        max_seconds: float = MAX_SECONDS) -> StepTimeCalibration:
+    """Time ``train``'s step at every batch size in ``micro_batches`` (batch size -> the micro-batch the sweep
+    used for it) in interleaved rounds; see the module docstring for the clock."""
+    from batchfit.finder import _ModelKeeper  # the model built once, handed back as model_fn gave it
+
+    dev = torch.device(device)
+    sizes = sorted(int(b) for b in micro_batches)
+    keeper = _ModelKeeper(workload, dev, seed)
+    source = train_source(workload)
+    grad_clip = getattr(workload, "grad_clip", None)
+    seconds: dict[int, list[float]] = {b: [] for b in sizes}
+    errors: dict[int, str] = {}
+    t_start = time.perf_counter()
+    model = keeper.get()
+    optimizer, _ = keeper.optimizer(model)
+    try:
+        with _clock(dev) as (clock, clock_name):
+            timed: dict[int, _Timed] = {}
+            for b in sizes:  # warm-up, and how many steps make a chunk of CHUNK_SECONDS
+                step = TrainStep(workload, model, optimizer, device=dev, precision=precision,
+                                 micro_batch_size=int(micro_batches[b]), grad_clip=grad_clip,
+                                 scaler=make_scaler(precision),
+                                 schedule=LRSchedule.for_workload(workload, optimizer, total_steps=1_000_000))
+                item = _Timed(step, source.sample(b))
+
+                def warm(item: _Timed = item) -> float:
+                    item.run(WARMUP_STEPS)
+                    t0 = clock()
+                    item.run()
+                    return clock() - t0
+
+                attempt = memory.try_oom(warm, model, optimizer)
+                if not attempt.ok:
+                    errors[b] = f"out of memory: {str(attempt.oom).splitlines()[0][:200]}"
+                    continue
+                one = max(float(attempt.value), 1e-6)  # type: ignore[arg-type]
+                item.chunk = max(1, min(MAX_CHUNK_STEPS, round(CHUNK_SECONDS / one)))
+                timed[b] = item
+            done = 0
+            while done < rounds and timed:
+                round_start = time.perf_counter()
+                for b, item in timed.items():  # batch sizes in ascending order, the same order every round
+                    t0 = clock()
+                    item.run(item.chunk)
+                    seconds[b].append((clock() - t0) / item.chunk)
+                done += 1
+                per_round = time.perf_counter() - round_start
+                left = max_seconds - (time.perf_counter() - t_start)
+                if done >= MIN_ROUNDS and per_round > left:
+                    break
+    finally:
+        timed = {}
+        del optimizer
+        keeper.close()
+        del model
+    return StepTimeCalibration(clock=clock_name, seconds={b: v for b, v in seconds.items() if v},
+                               micro_batch={int(b): int(m) for b, m in micro_batches.items()}, rounds=done,
+                               elapsed=time.perf_counter() - t_start, errors=errors)
+
