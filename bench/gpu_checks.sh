@@ -12,7 +12,7 @@
 #
 # Files written: env.json (machine, versions), gpu_tests.xml + gpu_tests.json (pytest -m gpu), the benchmarks'
 # JSON (finder_vs_peers_cuda_resnet50.json, engine_overhead_cuda_resnet.json, noise_overhead_cuda_resnet.json,
-# noise_overhead_cuda_gpt.json), one log per part (<part>.log) and gpu_checks.json (each part: exit code, seconds,
+# noise_overhead_cuda_gpt.json, step_time_cuda_resnet50.json), one log per part (<part>.log) and gpu_checks.json (each part: exit code, seconds,
 # time box, whether it timed out). The script exits non-zero when any part failed or timed out.
 set -u -o pipefail
 
@@ -91,6 +91,20 @@ run_part noise_overhead_resnet 45 "$PY" bench/noise_overhead.py --device cuda --
 run_part noise_overhead_gpt 35 "$PY" bench/noise_overhead.py --device cuda --workload demo:gpt-synthetic \
     -O num_samples=512 --batch-size 16 --micro-batch-size 8 --steps 20 --repeats 3 \
     --json "$DIR/noise_overhead_cuda_gpt.json"
+
+# 6. Step-time calibration on CUDA (issue 11): ResNet-50 at 4 batch sizes in 6 interleaved rounds, the
+#    synchronised wall clock; the relative width of each median's interval (target: a few per cent).
+run_part step_time 30 "$PY" - "$DIR/step_time_cuda_resnet50.json" <<'EOF'
+import json, sys
+from batchfit.steptime import calibrate_step_time
+from batchfit.workload import load_workload
+wl = load_workload("demo:resnet-synthetic", size="resnet50", image_size=224, num_samples=1024)
+cal = calibrate_step_time(wl, {32: 32, 64: 64, 128: 128, 256: 128}, device="cuda", rounds=6, max_seconds=15)
+ivs = cal.intervals()
+out = {"calibration": cal.to_dict(), "relative_width": {str(b): iv.width / iv.estimate for b, iv in ivs.items()}}
+json.dump(out, open(sys.argv[1], "w"), indent=1)
+print({b: f"{iv.estimate * 1e3:.1f} ms [{iv.low * 1e3:.1f}, {iv.high * 1e3:.1f}]" for b, iv in ivs.items()})
+EOF
 
 # Summary: gpu_checks.json (+ gpu_tests.json from the JUnit XML), and a table on stdout.
 "$PY" - "$DIR" "$BUDGET" "$((SECONDS - START))" <<'EOF'

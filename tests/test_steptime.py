@@ -90,3 +90,23 @@ def test_recommend_reads_the_stored_calibration() -> None:
     ivs = step_time_intervals({"step_time": cal.to_dict()})
     assert ivs is not None and ivs[8].estimate == 0.2
     assert step_time_intervals({}) is None and step_time_intervals({"step_time": {"seconds": {}}}) is None
+
+
+def test_a_size_that_runs_out_of_memory_drops_out_and_the_rest_are_timed(monkeypatch) -> None:  # noqa: ANN001
+    """An OOM at one size (fragmentation after the others, on a GPU) is recorded for it; the others are timed."""
+    from batchfit.step import TrainStep
+
+    real = TrainStep.__call__
+    calls = {"n": 0}
+
+    def flaky(self, batch, global_count=None):  # noqa: ANN001, ANN202
+        if self.micro_batch_size == 16:
+            calls["n"] += 1
+            if calls["n"] > 4:  # the warm-up passes; a later round runs out of memory
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, batch, global_count)
+
+    monkeypatch.setattr(TrainStep, "__call__", flaky)
+    cal = calibrate_step_time(make_tiny_workload(), {8: 8, 16: 16, 32: 32}, rounds=6)
+    assert sorted(cal.seconds) == [8, 32] and "out of memory" in cal.errors[16]
+    assert all(len(cal.seconds[b]) == 6 for b in (8, 32))

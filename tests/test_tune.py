@@ -242,7 +242,7 @@ def test_workload_options_reach_the_workload_through_tune(tmp_path: Path) -> Non
 
     res = tune("demo:digits-mlp", workload_options={"hidden": 4}, out_dir=tmp_path, find=False, noise=False,
                budget="steps:2", batch_sizes=[16, 32], precision_check=False, progress=only_ends)
-    assert ends == ["lr_check", "sweep", "report"]
+    assert ends == ["lr_check", "sweep", "step_time", "report"]
     assert res["num_train"] == 1437 and res.recommendation is not None
     key = json.loads((tmp_path / "tune_state.json").read_text())["lr"]
     assert key["options"] == {"hidden": 4}

@@ -24,6 +24,7 @@ parallelise better than this ranks them, which the report says.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -171,9 +172,14 @@ def calibrate_step_time(workload: Any, micro_batches: Mapping[int, int], *, devi
             done = 0
             while done < rounds and timed:
                 round_start = time.perf_counter()
-                for b, item in timed.items():  # batch sizes in ascending order, the same order every round
+                for b, item in list(timed.items()):  # ascending batch sizes, the same order every round
                     t0 = clock()
-                    item.run(item.chunk)
+                    attempt = memory.try_oom(functools.partial(item.run, item.chunk), model, optimizer)
+                    if not attempt.ok:  # fragmentation after other sizes: this size drops out, the rest go on
+                        errors[b] = f"out of memory: {str(attempt.oom).splitlines()[0][:200]}"
+                        del timed[b]
+                        seconds[b] = []
+                        continue
                     seconds[b].append((clock() - t0) / item.chunk)
                 done += 1
                 per_round = time.perf_counter() - round_start
