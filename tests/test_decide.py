@@ -188,3 +188,20 @@ def test_an_accuracy_interval_stays_inside_zero_and_one() -> None:
     assert q.known and q.high == 1.0 and q.low >= 0.0  # type: ignore[operator]
     assert set(d.choice.tied) == {16, 64}
     assert Interval(0.5, -0.2, 1.3).clipped(0.0, 1.0) == Interval(0.5, 0.0, 1.0)
+
+
+def test_a_batch_size_that_missed_the_target_in_one_seed_does_not_win_on_the_others() -> None:
+    """256 reaches the target fastest in 2 of its 3 seeds and misses it in the third: it has no time to target
+    (a run that misses the goal never reached it), so the fastest batch size that reached it in every seed wins."""
+    trials = []
+    for s in range(3):
+        trials.append(_trial(64, 0.95 + 0.002 * s, seed=s, steps_to_target=200))
+        trials.append(_trial(128, 0.95 - 0.002 * s, seed=s, steps_to_target=80))
+        trials.append(_trial(256, 0.949 + 0.001 * s, seed=s, steps_to_target=None if s == 2 else 30))
+    d = decide.decide(trials, ACC)
+    assert d is not None and 256 in d.choice.tied
+    assert d.evidence[256].time_to_target is None and d.evidence[256].seeds_reached == 2
+    assert d.batch_size == 128
+    reached = [dict(t, steps_to_target=30) if t["batch_size"] == 256 else t for t in trials]
+    d2 = decide.decide(reached, ACC)
+    assert d2 is not None and d2.batch_size == 256  # reaching it in every seed, it is the fastest

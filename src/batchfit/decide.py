@@ -172,6 +172,7 @@ class BatchEvidence:
     time_to_target: Interval | None
     seeds: int
     trials: list[Mapping[str, Any]] = field(default_factory=list, repr=False)
+    seeds_reached: int | None = None  # seeds that reached the target (a time to target needs all of them)
 
     def to_dict(self) -> dict[str, Any]:
         def iv(x: Interval | None) -> dict[str, Any] | None:
@@ -180,7 +181,7 @@ class BatchEvidence:
         return {"batch_size": self.batch_size, "lr_multiplier": self.lr_multiplier, "lr": self.lr,
                 "quality": iv(self.quality), "steps_to_target": iv(self.steps_to_target),
                 "seconds_per_step": iv(self.seconds_per_step), "time_to_target": iv(self.time_to_target),
-                "seeds": self.seeds}
+                "seeds": self.seeds, "seeds_reached": self.seeds_reached}
 
 
 @dataclass
@@ -233,7 +234,10 @@ def _evidence(trials: Sequence[Mapping[str, Any]], metric: Metric, step_fit: Ste
         if cur is not None and not metric.better(q.estimate, cur.quality.estimate):
             continue
         steps = [float(s) for t in ts if (s := finite_or_none(t.get("steps_to_target"))) is not None]
-        steps_iv = mean_interval(steps, level) if steps else None
+        # reaching the target is part of the result: a configuration that missed it in any seed has no time to
+        # it (Shallue et al. 2019 count a run that misses the goal as never reaching it), so a batch size that
+        # reaches it in 2 of 3 seeds does not win on the two lucky ones
+        steps_iv = mean_interval(steps, level) if steps and len(steps) == len(ts) else None
         sec = (step_time or {}).get(batch)  # the interleaved calibration, where it timed this batch size
         if sec is None and step_fit is not None:
             sec = step_fit.predict(batch)
@@ -241,11 +245,11 @@ def _evidence(trials: Sequence[Mapping[str, Any]], metric: Metric, step_fit: Ste
             own = [s for t in ts if (s := _seconds_per_step(t)) is not None]
             sec = mean_interval(own, level) if own else None
         ttt = _product(steps_iv, sec) if steps_iv is not None and sec is not None else None
-        if ttt is None:  # no throughput recorded: the measured wall-clock seconds to the target, over seeds
+        if ttt is None and steps_iv is not None:  # no throughput: the measured wall-clock seconds to the target
             walls = [float(w) for t in ts if (w := finite_or_none(t.get("seconds_to_target"))) is not None]
-            ttt = mean_interval(walls, level) if walls else None
+            ttt = mean_interval(walls, level) if len(walls) == len(ts) else None
         out[batch] = BatchEvidence(batch, mult, finite_or_none(ts[0].get("lr")), q, steps_iv, sec, ttt, len(ts),
-                                   list(ts))
+                                   list(ts), seeds_reached=len(steps))
     return out
 
 

@@ -333,7 +333,9 @@ def _pick_batch(results: Mapping[str, Any], metric: Metric, tolerance: float
         ratio_txt += (f"; {_span([b for b in time_tied if b != batch], tried)} cannot be told apart from it on time "
                       "(the least estimate decides among them)")
     if missed and slowest != batch:
-        ratio_txt += f"; {', '.join(map(str, missed))} did not reach the target within the budget"
+        ratio_txt += "; " + ", ".join(f"{b} ({ev[b].seeds_reached} of {ev[b].seeds} seeds)" if ev[b].seeds_reached
+                                      else str(b) for b in missed) + " did not reach the target in every seed " \
+                                                                     "within the budget"
     t = timed[batch]
     how = f"{t.estimate:.3g} s to the target" + (f" [{t.low:.3g}, {t.high:.3g}]" if t.known else "")  # type: ignore
     verdict = ("its time advantage is beyond the noise" if decision.choice.cost_separated else
