@@ -25,6 +25,7 @@ Writes bench/results/recommendation_stability_cpu[_quick].json after every part 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -35,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 from batchfit.decide import quality_of_trial
-from batchfit.engine import train
 from batchfit.metric import Metric
 from batchfit.report import write_json
 from batchfit.study import sweep
@@ -115,18 +115,32 @@ def _grid(spec: str, options: dict[str, Any], store: Path, budget: str, lrs: int
                         for (b, lr), m in sorted(means.items())]}
 
 
-def _score_config(spec: str, options: dict[str, Any], batch: int, lr: float, budget: str, seeds: int,
-                  eval_every: int | None) -> dict[str, Any]:
-    from batchfit.study import parse_budget
+def _base_lr(run: dict[str, Any]) -> float | None:
+    """The base LR a tune run's sweep scaled from: the LR check's, when it moved it, else the workload's."""
+    try:
+        d = json.loads((Path(run["out"]) / "results.json").read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+    cal = d.get("lr_calibration") or {}
+    return float(cal["lr"]) if cal.get("lr") else None
 
+
+def _score_config(spec: str, options: dict[str, Any], batch: int, lr: float, budget: str, seeds: int,
+                  eval_every: int | None, base_lr: float | None, store: Path) -> dict[str, Any]:
+    """The recommended configuration trained again on the grid's seeds exactly as tune's sweep trained it: a
+    one-batch sweep from the run's (checked) base LR with the workload's LR rule, so the rule's other settings
+    (adam-sqrt also moves betas and eps with the batch) are the recommended recipe's, and scored like the grid."""
     wl = load_workload(spec, **options)
+    if base_lr is not None:
+        wl = dataclasses.replace(wl, base_lr=base_lr)
     metric = Metric.for_workload(wl)
-    steps = parse_budget(budget).steps_for(batch, wl.num_train)
-    qs = []
-    for s in range(seeds):
-        r = train(wl, batch_size=batch, lr=lr, steps=steps, seed=s, eval_every=eval_every)
-        qs.append(quality_of_trial({"history": r.history}, metric))
-    return {"batch_size": batch, "lr": lr, "qualities": qs, "quality_mean": statistics.mean(qs)}
+    res = sweep(wl, batch_sizes=[batch], budget=budget, seeds=seeds, storage=f"sqlite:///{store}",
+                measure_noise=False, eval_every=eval_every, micro_batch_limit=batch, seed=0).to_dict()
+    qs = [quality_of_trial(t, metric) for t in res["trials"] if t["status"] == "ok"]
+    lrs = sorted({float(t["lr"]) for t in res["trials"]})
+    return {"batch_size": batch, "lr": lr, "trained_lr": lrs, "base_lr": base_lr, "qualities": qs,
+            "quality_mean": statistics.mean(qs) if qs else None,
+            "same_lr_as_recommended": all(abs(x - lr) <= 1e-9 * lr for x in lrs)}
 
 
 def run_workload(name: str, args: argparse.Namespace, root: Path, report: dict[str, Any], path: Path) -> None:
@@ -170,9 +184,10 @@ def run_workload(name: str, args: argparse.Namespace, root: Path, report: dict[s
                             eval_every, sizes)
         out["grid"]["wall_seconds"] = round(time.perf_counter() - t0, 1)
         write_json(path, report)
-        recs = sorted({(r["batch_size"], r["lr"]) for r in ok})
-        out["recommended_scores"] = [_score_config(spec, options, b, lr, args.budget, args.grid_seeds, eval_every)
-                                     for b, lr in recs]
+        recs = sorted({(r["batch_size"], r["lr"], _base_lr(r)) for r in ok}, key=str)
+        out["recommended_scores"] = [_score_config(spec, options, b, lr, args.budget, args.grid_seeds, eval_every,
+                                                   base, root / name / f"rescore_b{b}_base{base}.db")
+                                     for b, lr, base in recs]
         _targets(out)
         print(f"[{name}] grid best {out['grid']['best']}; worst recommended gap "
               f"{out['targets']['worst_quality_gap']:.2%}; tune {out['targets']['tune_share_of_grid_samples']:.1%} "
@@ -230,9 +245,10 @@ def reanalyze(old_json: Path, args: argparse.Namespace, path: Path) -> dict[str,
             out["grid"] = _grid(spec, options, root / "grid.db", budget, old["settings"]["grid_lrs"],
                                 old["settings"]["grid_seeds"], eval_every, w["grid"]["batch_sizes"])
             out["grid"]["wall_seconds"] = w["grid"].get("wall_seconds")
-            recs = sorted({(r["batch_size"], r["lr"]) for r in ok})
+            recs = sorted({(r["batch_size"], r["lr"], _base_lr(r)) for r in ok}, key=str)
             out["recommended_scores"] = [_score_config(spec, options, b, lr, budget, old["settings"]["grid_seeds"],
-                                                       eval_every) for b, lr in recs]
+                                                       eval_every, base, root / f"rescore_b{b}_base{base}.db")
+                                         for b, lr, base in recs]
             _targets(out)
         write_json(path, report)
     return report
@@ -241,8 +257,10 @@ def reanalyze(old_json: Path, args: argparse.Namespace, path: Path) -> dict[str,
 def _targets(out: dict[str, Any]) -> None:
     best = out["grid"]["best"]["quality"]
     for s in out["recommended_scores"]:
-        s["relative_gap_to_grid_best"] = (best - s["quality_mean"]) / abs(best)
-    worst = max(s["relative_gap_to_grid_best"] for s in out["recommended_scores"])
+        s["relative_gap_to_grid_best"] = (best - s["quality_mean"]) / abs(best) if s["quality_mean"] is not None \
+            else None
+    worst = max((s["relative_gap_to_grid_best"] for s in out["recommended_scores"]
+                 if s["relative_gap_to_grid_best"] is not None), default=float("nan"))
     med_samples = out["spread"]["samples_median"]
     out["targets"] = {
         "batch_within_x2": out["spread"]["batch_size"]["within_x2_of_median"],

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import numpy as np
+import pytest
 
 from batchfit import decide
 from batchfit.metric import Metric
@@ -205,3 +206,33 @@ def test_a_batch_size_that_missed_the_target_in_one_seed_does_not_win_on_the_oth
     reached = [dict(t, steps_to_target=30) if t["batch_size"] == 256 else t for t in trials]
     d2 = decide.decide(reached, ACC)
     assert d2 is not None and d2.batch_size == 256  # reaching it in every seed, it is the fastest
+
+
+def test_the_decision_times_every_batch_to_a_fraction_of_the_best_tied_configurations_mean() -> None:
+    """The sweep's target is 97 % of the best single evaluation of any trial (here a lucky spike of 0.97), which
+    the tied batch sizes reach or miss by chance; the decision's target is 97 % of the best tied configuration's
+    seed mean, on the smoothed curve the quality is read from, so each tied batch size is timed to it in every
+    seed."""
+    curves = {64: [0.80, 0.90, 0.93, 0.94, 0.94, 0.94], 128: [0.85, 0.92, 0.935, 0.94, 0.94, 0.94],
+              256: [0.90, 0.93, 0.94, 0.94, 0.96, 0.94]}
+    trials = []
+    for b, accs in curves.items():
+        for s in range(3):
+            t = _trial(b, [a + 0.01 * (s - 1) for a in accs], seed=s, steps_to_target=None)
+            for i, h in enumerate(t["history"]):
+                h["step"] = (i + 1) * 1000 // b
+            trials.append(t)
+    sweep_target = {"kind": "fraction", "fraction": 0.97, "value": 0.97 * 0.97}  # from the lucky spike: 0.9409
+    d = decide.decide(trials, ACC, target=sweep_target)
+    assert d is not None and set(d.choice.tied) == {64, 128, 256}
+    best_mean = max(d.evidence[b].quality.estimate for b in curves)
+    assert d.target == pytest.approx(0.97 * best_mean) and d.target < 0.93
+    assert all(d.evidence[b].seeds_reached == 3 and d.evidence[b].time_to_target is not None for b in curves)
+    # the smoothed curve: 3-evaluation moving averages at the step of each window's last evaluation
+    t = _trial(64, [0.80, 0.90, 0.93, 0.94], steps_to_target=None)
+    assert [round(v, 4) for _, v in decide.smoothed_curve(t, ACC)] == [0.8767, 0.9233]
+    assert decide.steps_to(t, ACC, 0.9) == 3 and decide.steps_to(t, ACC, 0.95) is None
+    assert decide.decision_target({"kind": "absolute", "value": 0.9}, 0.95, ACC) == 0.9
+    assert decide.decision_target(None, 0.95, ACC) is None
+    loss = Metric("val_loss", False)
+    assert decide.decision_target({"kind": "fraction", "fraction": 0.97}, 0.3, loss) == pytest.approx(0.3 / 0.97)

@@ -285,7 +285,7 @@ def test_recommendation_round_trips_through_its_json_form() -> None:
     data = rec.to_dict()
     assert {"batch_size", "micro_batch_size", "accumulation_steps", "lr", "warmup_steps", "precision", "reasons",
             "candidates", "tolerance", "metric", "higher_is_better", "intervals", "tied", "flags", "decision_rule",
-            "critical_batch", "precision_advice", "recipe"} == set(data)
+            "decision_target", "critical_batch", "precision_advice", "recipe"} == set(data)
     assert json.loads(json.dumps(data)) == data  # plain JSON
     assert Recommendation.from_dict(data) == rec
     # keys a newer batchfit writes (intervals) survive a round trip; old dict-style reads still work

@@ -193,10 +193,11 @@ class Decision:
     evidence: dict[int, BatchEvidence]
     flags: list[str]
     metric: Metric
+    target: float | None = None  # the quality time to target was measured to (:func:`decision_target`)
 
     def to_dict(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "choice": self.choice.to_dict(), "flags": list(self.flags),
-                "metric": self.metric.to_dict(),
+                "metric": self.metric.to_dict(), "target": self.target,
                 "evidence": [self.evidence[b].to_dict() for b in sorted(self.evidence)]}
 
 
@@ -233,24 +234,68 @@ def _evidence(trials: Sequence[Mapping[str, Any]], metric: Metric, step_fit: Ste
         cur = out.get(batch)
         if cur is not None and not metric.better(q.estimate, cur.quality.estimate):
             continue
-        steps = [float(s) for t in ts if (s := finite_or_none(t.get("steps_to_target"))) is not None]
-        # reaching the target is part of the result: a configuration that missed it in any seed has no time to
-        # it (Shallue et al. 2019 count a run that misses the goal as never reaching it), so a batch size that
-        # reaches it in 2 of 3 seeds does not win on the two lucky ones
-        steps_iv = mean_interval(steps, level) if steps and len(steps) == len(ts) else None
-        sec = (step_time or {}).get(batch)  # the interleaved calibration, where it timed this batch size
-        if sec is None and step_fit is not None:
-            sec = step_fit.predict(batch)
-        if sec is None:
-            own = [s for t in ts if (s := _seconds_per_step(t)) is not None]
-            sec = mean_interval(own, level) if own else None
-        ttt = _product(steps_iv, sec) if steps_iv is not None and sec is not None else None
-        if ttt is None and steps_iv is not None:  # no throughput: the measured wall-clock seconds to the target
-            walls = [float(w) for t in ts if (w := finite_or_none(t.get("seconds_to_target"))) is not None]
-            ttt = mean_interval(walls, level) if len(walls) == len(ts) else None
-        out[batch] = BatchEvidence(batch, mult, finite_or_none(ts[0].get("lr")), q, steps_iv, sec, ttt, len(ts),
-                                   list(ts), seeds_reached=len(steps))
+        out[batch] = BatchEvidence(batch, mult, finite_or_none(ts[0].get("lr")), q, None, None, None, len(ts),
+                                   list(ts))
+        _set_times(out[batch], step_fit, level, step_time)
     return out
+
+
+def _set_times(e: BatchEvidence, step_fit: StepTimeFit | None, level: float,
+               step_time: Mapping[int, Interval] | None = None) -> None:
+    """A batch's steps, seconds per step and time to the target, from its trials' ``steps_to_target``."""
+    ts = e.trials
+    steps = [float(s) for t in ts if (s := finite_or_none(t.get("steps_to_target"))) is not None]
+    # reaching the target is part of the result: a configuration that missed it in any seed has no time to it
+    # (Shallue et al. 2019 count a run that misses the goal as never reaching it), so a batch size that reaches it
+    # in 2 of 3 seeds does not win on the two lucky ones
+    steps_iv = mean_interval(steps, level) if steps and len(steps) == len(ts) else None
+    sec = (step_time or {}).get(e.batch_size)  # the interleaved calibration, where it timed this batch size
+    if sec is None and step_fit is not None:
+        sec = step_fit.predict(e.batch_size)
+    if sec is None:
+        own = [s for t in ts if (s := _seconds_per_step(t)) is not None]
+        sec = mean_interval(own, level) if own else None
+    ttt = _product(steps_iv, sec) if steps_iv is not None and sec is not None else None
+    if ttt is None and steps_iv is not None:  # no throughput: the measured wall-clock seconds to the target
+        walls = [float(w) for t in ts if (w := finite_or_none(t.get("seconds_to_target"))) is not None]
+        ttt = mean_interval(walls, level) if len(walls) == len(ts) else None
+    e.steps_to_target, e.seconds_per_step, e.time_to_target, e.seeds_reached = steps_iv, sec, ttt, len(steps)
+
+
+def smoothed_curve(trial: Mapping[str, Any], metric: Metric, smooth: int = SMOOTH) -> list[tuple[Any, float]]:
+    """``(step, value)`` of the trial's ``smooth``-evaluation moving average of ``metric`` (each window at the step
+    of its last evaluation): the curve :func:`quality_of_trial` takes the best of."""
+    recs = [(r.get("step"), v) for r in trial.get("history") or [] if isinstance(r, Mapping)
+            and (v := metric.of_record(r)) is not None]
+    if not recs:
+        return []
+    k = min(smooth, len(recs))
+    means = np.convolve(np.asarray([v for _, v in recs], float), np.ones(k) / k, mode="valid")
+    return [(recs[i + k - 1][0], float(m)) for i, m in enumerate(means)]
+
+
+def steps_to(trial: Mapping[str, Any], metric: Metric, value: float) -> int | None:
+    """The first step at which the trial's smoothed curve reaches ``value`` (``None``: it never does)."""
+    slack = -1e-12 if metric.higher_is_better else 1e-12
+    for step, v in smoothed_curve(trial, metric):
+        if metric.reaches(v, value + slack) and isinstance(step, (int, float)):
+            return int(step)
+    return None
+
+
+def decision_target(target: Mapping[str, Any] | None, best_quality: float, metric: Metric) -> float | None:
+    """The quality the decision times every batch size to: the target's fraction of the best **tied
+    configuration's seed-mean quality** (a pooled estimate), not of the best single evaluation of any trial (a
+    maximum over many noisy evaluations sits above what the tied sizes reach, so whether they reach it is a coin
+    flip); an absolute target as given. ``None``: no target spec (the trials' recorded steps are used)."""
+    if not isinstance(target, Mapping):
+        return None
+    if target.get("kind") == "absolute" and target.get("value") is not None:
+        return float(target["value"])
+    frac = target.get("fraction")
+    if target.get("kind") != "fraction" or not isinstance(frac, (int, float)) or frac <= 0:
+        return None
+    return best_quality * frac if metric.higher_is_better else best_quality / frac
 
 
 def _product(a: Interval, b: Interval) -> Interval:
@@ -340,7 +385,8 @@ def _time_tie_break(choice: Choice, cost: Mapping[int, Interval]) -> Choice:
 
 def decide(trials: Sequence[Mapping[str, Any]], metric: Metric, *, b_crit: CriticalBatchInterval | None = None,
            lr_calibration: Mapping[str, Any] | None = None, level: float = DEFAULT_LEVEL,
-           margin: float = 0.0, step_time: Mapping[int, Interval] | None = None) -> Decision | None:
+           margin: float = 0.0, step_time: Mapping[int, Interval] | None = None,
+           target: Mapping[str, Any] | None = None) -> Decision | None:
     """Choose the effective batch from every trial (all LRs and seeds); ``None`` when no trial finished.
 
     ``b_crit`` is a :class:`batchfit.stats.CriticalBatchInterval` (or ``None``); ``lr_calibration`` the tune LR
@@ -349,7 +395,9 @@ def decide(trials: Sequence[Mapping[str, Any]], metric: Metric, *, b_crit: Criti
     smaller than that are ties even when measured precisely, and a quality with no measured noise (one seed, no
     validation size) is compared within that margin instead of tying with everything. ``step_time`` (batch size ->
     seconds per step, from :func:`batchfit.steptime.calibrate_step_time`'s interleaved rounds) replaces the
-    pooled fit of the trials' own wall-clock timings for the batch sizes it timed.
+    pooled fit of the trials' own wall-clock timings for the batch sizes it timed. ``target`` (the sweep's
+    ``target`` dict: ``kind``, ``fraction`` / ``value``) makes the decision time every batch size to
+    :func:`decision_target` on each trial's smoothed curve instead of the trials' recorded steps to target.
     """
     step_fit = fit_step_time((t["batch_size"], _seconds_per_step(t)) for t in trials if t.get("status") == "ok")
     ev = _evidence(trials, metric, step_fit, level, step_time)
@@ -361,9 +409,22 @@ def decide(trials: Sequence[Mapping[str, Any]], metric: Metric, *, b_crit: Criti
     if _is_proportion(metric, [e.quality.estimate for e in ev.values()]):
         for e in ev.values():  # an accuracy's interval stays inside [0, 1] (clipping never changes an overlap)
             e.quality = e.quality.clipped(0.0, 1.0)
+    goal = None
+    if target is not None:
+        q_only = choose({b: ev[b].quality for b in sorted(ev)}, None, higher_is_better=metric.higher_is_better)
+        goal = decision_target(target, ev[q_only.best_quality].quality.estimate, metric)
+    if goal is not None:  # every trial timed to the decision's own target, on the curve its quality comes from
+        trials = [dict(t, steps_to_target=steps_to(t, metric, goal)) if t.get("history") else t for t in trials]
+        for e in ev.values():
+            e.trials = [dict(t, steps_to_target=steps_to(t, metric, goal)) if t.get("history") else t
+                        for t in e.trials]
+            _set_times(e, step_fit, level, step_time)
+        crit = critical_from_trials(trials, level=level)
+    else:
+        crit = b_crit if b_crit is not None else critical_from_trials(trials, level=level)
     if b_crit is None:
-        b_crit = critical_from_trials(trials, level=level)
-    _pooled_costs(ev, b_crit)
+        b_crit = crit
+    _pooled_costs(ev, crit)
     sizes = sorted(ev)
     quality = {b: ev[b].quality for b in sizes}  # smaller batch first: the final tie-break
     cost = {b: ev[b].time_to_target for b in sizes if ev[b].time_to_target is not None}
@@ -390,7 +451,7 @@ def decide(trials: Sequence[Mapping[str, Any]], metric: Metric, *, b_crit: Criti
         if isinstance(steps, int) and steps < FEW_STEPS:
             flags.append(f"the base LR was moved x{lr_calibration['best_multiplier']:.3g} on runs of only {steps} "
                          "steps; confirm it on a longer run")
-    return Decision(int(choice.chosen), choice, ev, flags, metric)
+    return Decision(int(choice.chosen), choice, ev, flags, metric, goal)
 
 
 @dataclass(frozen=True)

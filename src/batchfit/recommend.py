@@ -229,7 +229,8 @@ DECISION_RULE = (
     "with one seed the validation set's sampling interval) overlaps the best one's are tied; among the tied, the "
     "least time-to-target estimate (steps from the S(B) fit over every batch size and seed x seconds per step from "
     "interleaved timing rounds) is chosen, and the batch sizes whose time interval overlaps it are reported as "
-    "tied with it on time."
+    "tied with it on time. The target is the sweep's fraction of the best tied configuration's seed-mean {metric} "
+    "(reached on each trial's 3-evaluation moving average), and a batch size must reach it in every seed."
 )
 
 
@@ -289,7 +290,7 @@ def _pick_batch(results: Mapping[str, Any], metric: Metric, tolerance: float
     crit = critical_interval(results)
     trials = decision_trials(results)
     decision = decide(trials, metric, b_crit=crit, lr_calibration=results.get("lr_calibration"),
-                      margin=tolerance / 2, step_time=step_time_intervals(results))
+                      margin=tolerance / 2, step_time=step_time_intervals(results), target=results.get("target"))
     if decision is None:
         what = "training-loss" if metric.name == "train_loss" else "validation"
         raise ConfigError(
@@ -337,7 +338,8 @@ def _pick_batch(results: Mapping[str, Any], metric: Metric, tolerance: float
                                       else str(b) for b in missed) + " did not reach the target in every seed " \
                                                                      "within the budget"
     t = timed[batch]
-    how = f"{t.estimate:.3g} s to the target" + (f" [{t.low:.3g}, {t.high:.3g}]" if t.known else "")  # type: ignore
+    goal = "" if decision.target is None else f" ({label} {_fmt(decision.target)})"
+    how = f"{t.estimate:.3g} s to the target{goal}" + (f" [{t.low:.3g}, {t.high:.3g}]" if t.known else "")  # type: ignore
     verdict = ("its time advantage is beyond the noise" if decision.choice.cost_separated else
                "its time advantage over some tied sizes is inside the noise: the least estimate decides, "
                "not a measured win")
@@ -603,6 +605,7 @@ def recommend(
         "tied": sorted(int(b) for b in decision.choice.tied),
         "flags": list(decision.flags),
         "decision_rule": DECISION_RULE.format(metric=_metric_label(metric)),
+        "decision_target": decision.target,
         "critical_batch": crit.to_dict() if crit is not None else None,
         "precision_advice": advice,
         "recipe": rec_recipe,
