@@ -18,8 +18,10 @@ all trials and seeds where a model exists:
   machine moves the fit little), with a bootstrap interval.
 - **Steps to target** per batch: the critical-batch fit ``S(B) = S_min (1 + B_crit / B)`` (McCandlish et al.
   2018; Shallue et al. 2019) over every batch size and seed, with its bootstrap (stratified by batch size over
-  seeds; a residual bootstrap with one seed; :func:`batchfit.stats.critical_batch_interval`) — the same fit the
-  report's B_crit comes from; the per-batch mean over seeds (t interval) where the fit is poor.
+  seeds; a residual bootstrap with one seed; :func:`batchfit.stats.critical_batch_interval`) — the estimator the
+  report's B_crit comes from, applied at the decision's target (:func:`decision_target`: the target fraction of
+  the best tied configuration's seed mean, reached on each trial's smoothed curve); the per-batch mean over seeds
+  (t interval) where the fit is poor. A configuration that missed the target in any seed has no time to it.
 - **Time to target** = steps to target x fitted time per step.
 - **The decision** (:func:`batchfit.stats.choose`): batch sizes whose quality intervals overlap the best are tied; among
   them the least time-to-target estimate of the pooled model is chosen, and those whose interval overlaps it are
@@ -314,8 +316,8 @@ def critical_from_trials(trials: Sequence[Mapping[str, Any]], *, level: float = 
     """The pooled S(B) fit with its bootstrap (:func:`batchfit.stats.critical_batch_interval`) over every trial.
 
     One point per (batch size, seed): the fewest steps to the target over that batch size's learning rates
-    (Shallue et al. 2019 retune the LR per batch size). The report's B_crit and the decision's steps to target
-    both come from this one fit.
+    (Shallue et al. 2019 retune the LR per batch size). The report's B_crit (at the sweep's target) and the
+    decision's steps (at its own target) come from this one estimator.
     """
     best: dict[tuple[int, Any], float] = {}
     for t in trials:

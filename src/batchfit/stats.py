@@ -350,8 +350,8 @@ class CriticalBatchInterval:
     """B_crit and S_min of ``S(B) = S_min (1 + B_crit / B)`` with bootstrap intervals and the batches behind them.
 
     ``replicates`` are the bootstrap fits ``(b_crit, s_min)`` and ``widen`` the factor their quantiles are widened
-    by; :meth:`steps` predicts the steps to target at any batch size from the same fits, so the B_crit a report
-    prints and the steps the decision compares come from one pooled model.
+    by; :meth:`steps` predicts the steps to target at any batch size from the same fits, so B_crit and the steps
+    the decision compares come from one pooled model.
     """
 
     b_crit: Interval
