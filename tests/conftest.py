@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,12 @@ from torch import nn
 
 from batchfit.demos import ArrayDataset
 from batchfit.workload import Workload, accuracy
+
+# A shell without job control starts background commands with SIGINT ignored, and an ignored signal stays ignored
+# across exec: the Ctrl-C tests' subprocesses would then never see their SIGINT. With a handler here, children
+# start with the default disposition (Python's KeyboardInterrupt), however the suite was launched.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def make_tiny_workload(n: int = 96, n_val: int = 32, features: int = 8, classes: int = 3, optimizer: str = "sgd",
