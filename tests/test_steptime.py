@@ -110,3 +110,23 @@ def test_a_size_that_runs_out_of_memory_drops_out_and_the_rest_are_timed(monkeyp
     cal = calibrate_step_time(make_tiny_workload(), {8: 8, 16: 16, 32: 32}, rounds=6)
     assert sorted(cal.seconds) == [8, 32] and "out of memory" in cal.errors[16]
     assert all(len(cal.seconds[b]) == 6 for b in (8, 32))
+
+
+def test_a_size_where_the_users_code_fails_is_recorded_and_the_rest_are_timed() -> None:
+    """The user's model fails at one micro-batch size (as a sweep trial would, recorded and skipped there): the
+    calibration records that size's one-line error and times the others, instead of stopping tune."""
+    base = make_tiny_workload()
+
+    class Picky(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training and x.shape[0] == 16:
+                raise RuntimeError("picky forward")
+            return self.inner(x)
+
+    wl = dataclasses.replace(base, model_fn=lambda: Picky(base.model_fn()))
+    cal = calibrate_step_time(wl, {8: 8, 16: 16, 32: 32}, rounds=6)
+    assert sorted(cal.seconds) == [8, 32] and "picky forward" in cal.errors[16]

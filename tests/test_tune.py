@@ -72,7 +72,8 @@ def test_tune_runs_every_stage_and_resumes(tmp_path: Path, monkeypatch: pytest.M
     assert on_disk["noise"]["b_simple"] == res.noise["b_simple"]  # type: ignore[index]
     assert on_disk["lr_calibration"] == res.lr_check.to_dict()  # type: ignore[union-attr]
     assert {"fp32", "bf16"} <= set(on_disk["precision_check"])
-    # the decision's seconds per step are the interleaved calibration's, for every swept batch size
+    # the decision's seconds per step are the interleaved calibration's, for every candidate batch size (timed
+    # before the sweep, at the micro-batch the recommendation would give it), and racing decided on them too
     cal = on_disk["step_time"]
     assert sorted(map(int, cal["seconds"])) == [8, 16, 32] and cal["rounds"] >= 6
     ev = {e["batch_size"]: e for e in on_disk["recommendation"]["intervals"]}
@@ -242,7 +243,7 @@ def test_workload_options_reach_the_workload_through_tune(tmp_path: Path) -> Non
 
     res = tune("demo:digits-mlp", workload_options={"hidden": 4}, out_dir=tmp_path, find=False, noise=False,
                budget="steps:2", batch_sizes=[16, 32], precision_check=False, progress=only_ends)
-    assert ends == ["lr_check", "sweep", "step_time", "report"]
+    assert ends == ["lr_check", "step_time", "sweep", "report"]
     assert res["num_train"] == 1437 and res.recommendation is not None
     key = json.loads((tmp_path / "tune_state.json").read_text())["lr"]
     assert key["options"] == {"hidden": 4}

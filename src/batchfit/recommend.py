@@ -42,6 +42,7 @@ __all__ = [
     "Recommendation",
     "as_results",
     "critical_interval",
+    "decide_results",
     "decision_trials",
     "metric_of",
     "optimizer_settings",
@@ -284,13 +285,25 @@ def step_time_intervals(results: Mapping[str, Any]) -> dict[int, Interval] | Non
     return StepTimeCalibration.from_dict(data).intervals() or None
 
 
+def decide_results(results: Mapping[str, Any], tolerance: float, metric: Metric | None = None) -> Decision | None:
+    """:func:`batchfit.decide.decide` on a results dict with everything it takes from it (trials, B_crit, the LR
+    check, tune's step-time calibration, the target): the one call the recommendation and tune's racing share, so
+    racing stops on the decision the recommendation then makes."""
+    return decide(decision_trials(results), metric or metric_of(results), b_crit=critical_interval(results),
+                  lr_calibration=results.get("lr_calibration"), margin=tolerance / 2,
+                  step_time=step_time_intervals(results), target=results.get("target"))
+
+
+def micro_batch_for(batch: int, find: Mapping[str, Any] | None, limit: int | None = None) -> int:
+    """The micro-batch the recommendation would give effective batch ``batch`` (the finder's knee or largest
+    fitting micro-batch; without a finder result, ``min(batch, limit)``)."""
+    return _micro_batch(batch, {"micro_batch_size": min(batch, limit or batch)}, find)[0]
+
+
 def _pick_batch(results: Mapping[str, Any], metric: Metric, tolerance: float
                 ) -> tuple[Decision, dict[str, Any], str]:
     """The batch, by :func:`batchfit.decide.decide`: ties on quality broken on fitted time to target."""
-    crit = critical_interval(results)
-    trials = decision_trials(results)
-    decision = decide(trials, metric, b_crit=crit, lr_calibration=results.get("lr_calibration"),
-                      margin=tolerance / 2, step_time=step_time_intervals(results), target=results.get("target"))
+    decision = decide_results(results, tolerance, metric)
     if decision is None:
         what = "training-loss" if metric.name == "train_loss" else "validation"
         raise ConfigError(

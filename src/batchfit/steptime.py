@@ -34,6 +34,7 @@ import torch
 
 from batchfit import memory
 from batchfit.data import train_source
+from batchfit.errors import WorkloadError
 from batchfit.stats import DEFAULT_LEVEL, Interval, median_interval
 from batchfit.step import LRSchedule, TrainStep, make_scaler
 
@@ -162,7 +163,11 @@ def calibrate_step_time(workload: Any, micro_batches: Mapping[int, int], *, devi
                     item.run()
                     return clock() - t0
 
-                attempt = memory.try_oom(warm, model, optimizer)
+                try:
+                    attempt = memory.try_oom(warm, model, optimizer)
+                except WorkloadError as exc:  # the user's code fails at this size: recorded, like a failed trial
+                    errors[b] = str(exc).splitlines()[0][:300]
+                    continue
                 if not attempt.ok:
                     errors[b] = f"out of memory: {str(attempt.oom).splitlines()[0][:200]}"
                     continue
@@ -174,9 +179,13 @@ def calibrate_step_time(workload: Any, micro_batches: Mapping[int, int], *, devi
                 round_start = time.perf_counter()
                 for b, item in list(timed.items()):  # ascending batch sizes, the same order every round
                     t0 = clock()
-                    attempt = memory.try_oom(functools.partial(item.run, item.chunk), model, optimizer)
-                    if not attempt.ok:  # fragmentation after other sizes: this size drops out, the rest go on
-                        errors[b] = f"out of memory: {str(attempt.oom).splitlines()[0][:200]}"
+                    try:
+                        attempt = memory.try_oom(functools.partial(item.run, item.chunk), model, optimizer)
+                        failed = None if attempt.ok else f"out of memory: {str(attempt.oom).splitlines()[0][:200]}"
+                    except WorkloadError as exc:
+                        failed = str(exc).splitlines()[0][:300]
+                    if failed is not None:  # OOM after other sizes (fragmentation), or the user's code failed
+                        errors[b] = failed  # at this size: it drops out, the rest go on
                         del timed[b]
                         seconds[b] = []
                         continue

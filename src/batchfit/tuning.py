@@ -1,4 +1,4 @@
-"""``tune``: the main job, as one recipe — find, noise, lr_check, sweep, step_time, precision, report.
+"""``tune``: the main job, as one recipe — find, noise, lr_check, step_time, sweep, precision, report.
 
 The stages, in order (the names of their progress events, :data:`STAGES`):
 
@@ -8,8 +8,8 @@ stage     what it measures                                                  writ
 find      the largest micro-batch that fits and the throughput knee         ``find.json``
 noise     the gradient noise scale B_simple at initialisation               ``noise.json``
 lr_check  the base LR at the base batch, x1/4 ... x8 (short runs)           ``lr.json``
+step_time seconds per step at every candidate batch, interleaved rounds     ``step_time.json``
 sweep     every candidate batch at its rule-scaled LR, persisted in Optuna  ``batchfit.db``
-step_time seconds per step at every swept batch, in interleaved rounds       ``step_time.json``
 precision the recommended configuration in fp32 and bf16                    ``precision.json``
 report    the table, the recommendation, the plots                          ``results.json``, ...
 ========= ================================================================= ====================
@@ -69,7 +69,7 @@ __all__ = [
 # at every batch).
 DEFAULT_BUDGET = "epochs:20"
 DEFAULT_NOISE_STEPS = 100
-STAGES = ("find", "noise", "lr_check", "sweep", "step_time", "precision", "report")
+STAGES = ("find", "noise", "lr_check", "step_time", "sweep", "precision", "report")
 EVALS_PER_EPOCH = 4  # at the smallest batch size: finer steps-to-target at little cost
 PRECISION_CHECK_STEPS = 48  # in PRECISION_ROUNDS interleaved rounds per precision
 PRECISION_ROUNDS = 6
@@ -563,16 +563,12 @@ def _lr_decision_text(base_lr: float, chosen: float, best: float | None, decided
             f"noise over {seeds} seed(s), so the base LR stays")
 
 
-def _step_time(workload: Workload, run: _Run, swept: Any) -> dict[str, Any] | None:
-    """Every swept batch size's step (at the micro-batch its trials used) timed in interleaved rounds
-    (:func:`batchfit.steptime.calibrate_step_time`); the decision's time per step comes from here."""
-    from batchfit.recommend import as_results
+def _step_time(workload: Workload, run: _Run, micro: Mapping[int, int]) -> dict[str, Any] | None:
+    """Every candidate batch size's step, at the micro-batch the recommendation would give it, timed in
+    interleaved rounds (:func:`batchfit.steptime.calibrate_step_time`) before the sweep, so that racing and the
+    recommendation decide on the same time per step."""
     from batchfit.steptime import calibrate_step_time
 
-    micro: dict[int, int] = {}
-    for t in as_results(swept).get("trials") or []:
-        if t.get("status") == "ok" and t.get("micro_batch_size"):
-            micro.setdefault(int(t["batch_size"]), int(t["micro_batch_size"]))
     if len(micro) < 2:
         return None
     key = run.key(micro_batches={str(b): m for b, m in sorted(micro.items())})
@@ -732,12 +728,11 @@ def race_round(results: Mapping[str, Any], *, tolerance: float, cap: int) -> tup
     overlaps the best one's (:func:`batchfit.stats.undecided`) and have fewer than ``cap`` seeds get one more.
     ``({batch: seeds wanted}, why)``; an empty dict when the decision is stable (nothing undecided, or the chosen
     batch wins on time to target beyond the noise) or the cap is reached."""
-    from batchfit.decide import decide
-    from batchfit.recommend import critical_interval, decision_trials, metric_of
+    from batchfit.recommend import decide_results, metric_of
     from batchfit.stats import undecided
 
     metric = metric_of(results)
-    decision = decide(decision_trials(results), metric, b_crit=critical_interval(results), margin=tolerance / 2)
+    decision = decide_results(results, tolerance, metric)
     if decision is None:
         return {}, "no finished trial"
     if decision.choice.cost_separated:
@@ -755,11 +750,9 @@ def race_round(results: Mapping[str, Any], *, tolerance: float, cap: int) -> tup
 
 
 def _chosen(results: Mapping[str, Any], tolerance: float) -> int | None:
-    from batchfit.decide import decide
-    from batchfit.recommend import critical_interval, decision_trials, metric_of
+    from batchfit.recommend import decide_results
 
-    decision = decide(decision_trials(results), metric_of(results), b_crit=critical_interval(results),
-                      margin=tolerance / 2)
+    decision = decide_results(results, tolerance)
     return None if decision is None else decision.batch_size
 
 
@@ -951,8 +944,12 @@ def tune(
         lr_check = _calibrate_lr(wl, run, budget=bud, multipliers=LR_CALIBRATION_MULTIPLIERS, tolerance=tolerance)
         if lr_check.best_multiplier != 1.0:
             wl = dataclasses.replace(wl, base_lr=lr_check.lr)
+    # -- the time per step of every candidate, in interleaved rounds: what racing and the recommendation decide on
+    from batchfit.recommend import micro_batch_for
+
+    step_time = _step_time(wl, run, {b: micro_batch_for(b, find_result, fits) for b in sizes})
     stages = {"find": find_result, "noise": noise_result,
-              "lr_calibration": lr_check.to_dict() if lr_check is not None else None}
+              "lr_calibration": lr_check.to_dict() if lr_check is not None else None, "step_time": step_time}
     stages.update(num_val=wl.num_val, framework=framework_of(wl))
 
     def run_sweep(replicates: Mapping[int, int] | None) -> Any:
@@ -970,9 +967,8 @@ def tune(
     counts = ", ".join(f"{v} {k}" for k, v in (swept.get("counts") or {}).items() if v)
     run.emit("sweep", "end", f"{swept.get('status')}: {counts or 'no trials'}"
              + f" (up to {max(seeds_per_batch(swept).values(), default=1)} seed(s) per batch size)")
-    result = TuneResult(sweep=swept, find=find_result, noise=noise_result, lr_check=lr_check)
-    result.step_time = _step_time(wl, run, swept)  # the decision's time per step: every batch in the same rounds
-    _save_in_study(storage, result.results().get("study_name"), {"step_time": result.step_time})
+    result = TuneResult(sweep=swept, find=find_result, noise=noise_result, lr_check=lr_check, step_time=step_time)
+    _save_in_study(storage, result.results().get("study_name"), {"step_time": step_time})
 
     # -- 5. recommendation, with a measured precision check of the recommended configuration -------------------
     try:
