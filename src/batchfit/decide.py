@@ -76,12 +76,10 @@ def _z(level: float) -> float:
 
 def quality_of_trial(trial: Mapping[str, Any], metric: Metric, smooth: int = SMOOTH) -> float | None:
     """The best value of the trial's ``smooth``-evaluation moving average of ``metric`` (fewer evals: their mean)."""
-    values = [v for r in trial.get("history") or [] if (v := metric.of_record(r)) is not None]
-    if not values:
+    curve = smoothed_curve(trial, metric, smooth)
+    if not curve:
         return metric.of_trial(trial)
-    k = min(smooth, len(values))
-    means = np.convolve(np.asarray(values, float), np.ones(k) / k, mode="valid")
-    return float(metric.best(list(means)))
+    return float(metric.best([v for _, v in curve]))
 
 
 def _is_proportion(metric: Metric, values: Sequence[float]) -> bool:
@@ -203,12 +201,12 @@ class Decision:
                 "evidence": [self.evidence[b].to_dict() for b in sorted(self.evidence)]}
 
 
-def _config_quality(trials: list[Mapping[str, Any]], metric: Metric, level: float,
+def _config_quality(trials: list[Mapping[str, Any]], values: list[float], metric: Metric, level: float,
                     pooled: Interval | None = None) -> Interval | None:
-    """A configuration's quality: its seed mean with the pooled-variance interval (``pooled``, from
-    :func:`batchfit.stats.pooled_mean_intervals` over every configuration), else its own t interval over >= 2
-    seeds; one seed: the wider of the pooled interval and the validation set's sampling interval."""
-    values = [q for t in trials if (q := quality_of_trial(t, metric)) is not None]
+    """A configuration's quality from its trials' qualities ``values``: their seed mean with the pooled-variance
+    interval (``pooled``, from :func:`batchfit.stats.pooled_mean_intervals` over every configuration), else its own
+    t interval over >= 2 seeds; one seed: the wider of the pooled interval and the validation set's sampling
+    interval."""
     if not values:
         return None
     if len(values) >= 2:
@@ -225,12 +223,11 @@ def _evidence(trials: Sequence[Mapping[str, Any]], metric: Metric, step_fit: Ste
     for t in trials:
         if t.get("status") == "ok":
             by_config.setdefault((int(t["batch_size"]), float(t.get("lr_multiplier") or 1.0)), []).append(t)
-    pooled = pooled_mean_intervals(
-        {k: [q for t in ts if (q := quality_of_trial(t, metric)) is not None] for k, ts in by_config.items()},
-        level)
+    values = {k: [q for t in ts if (q := quality_of_trial(t, metric)) is not None] for k, ts in by_config.items()}
+    pooled = pooled_mean_intervals(values, level)
     out: dict[int, BatchEvidence] = {}
     for (batch, mult), ts in sorted(by_config.items()):
-        q = _config_quality(ts, metric, level, pooled.get((batch, mult)))
+        q = _config_quality(ts, values[(batch, mult)], metric, level, pooled.get((batch, mult)))
         if q is None:
             continue
         cur = out.get(batch)
@@ -416,10 +413,11 @@ def decide(trials: Sequence[Mapping[str, Any]], metric: Metric, *, b_crit: Criti
         q_only = choose({b: ev[b].quality for b in sorted(ev)}, None, higher_is_better=metric.higher_is_better)
         goal = decision_target(target, ev[q_only.best_quality].quality.estimate, metric)
     if goal is not None:  # every trial timed to the decision's own target, on the curve its quality comes from
-        trials = [dict(t, steps_to_target=steps_to(t, metric, goal)) if t.get("history") else t for t in trials]
-        for e in ev.values():
-            e.trials = [dict(t, steps_to_target=steps_to(t, metric, goal)) if t.get("history") else t
-                        for t in e.trials]
+        retimed = {id(t): dict(t, steps_to_target=steps_to(t, metric, goal)) if t.get("history") else t
+                   for t in trials}
+        trials = [retimed[id(t)] for t in trials]
+        for e in ev.values():  # the evidence holds the same trial objects
+            e.trials = [retimed[id(t)] for t in e.trials]
             _set_times(e, step_fit, level, step_time)
         crit = critical_from_trials(trials, level=level)
     else:
