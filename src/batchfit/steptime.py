@@ -7,18 +7,19 @@ change of load hits every candidate alike, and each candidate's time is the **me
 distribution-free interval (:func:`batchfit.stats.median_interval`): a burst of load widens the interval instead
 of moving the estimate.
 
-What is timed is the step ``train`` runs (:class:`batchfit.step.TrainStep`: forward/backward over the micro-batches
-the sweep used for that batch size, clipping, the optimizer step, the schedule), on a batch drawn once per size
-(data loading is not part of it; the trials' wall-clock throughput, which includes it, is still reported).
+What is timed is the step ``train`` runs (:class:`batchfit.step.TrainStep`: forward/backward over the given
+micro-batches — in ``tune`` the ones the recommendation would give that batch size —, clipping, the optimizer step,
+the schedule), on a batch drawn once per size (data loading is not part of it; the trials' wall-clock throughput,
+which includes it, is still reported).
 
 **The clock.** On CUDA: wall-clock time with a device synchronisation around each timed chunk. On the CPU: the
 process's CPU time (``time.process_time``) with PyTorch limited to one intra-op thread while timing. Measured on
-the 2-core CPU machine (docs/benchmarks.md, "Step-time calibration"): with two busy processes beside it, the wall
-clock of the MLP demo's step at PyTorch's default two threads went from 0.37 ms to 24-48 ms (OpenMP threads
-spin-wait for a sibling the scheduler has taken off the core, so the slow-down is quantised by scheduler time
-slices and the per-sample slope is lost), while one-thread CPU time stayed within 3 % of its quiet value at every
-batch size. One-thread CPU time ranks batch sizes by the work per step; on a many-core CPU large batches
-parallelise better than this ranks them, which the report says.
+the 2-core CPU machine (``bench/step_time_under_load.py``; docs/benchmarks.md, "Step time under load"): with two
+busy processes beside it, the wall clock of the mnist1d step at PyTorch's default two threads became 18-167x
+slower, by a different factor at each batch size (OpenMP threads spin-wait for a sibling the scheduler has taken
+off the core), while one-thread CPU time moved 0-3 % at 13 of 15 batch sizes (13 % and 19 % at two). One-thread
+CPU time ranks batch sizes by the work per step; on a many-core CPU large batches parallelise better than this
+ranks them (docs/decisions.md says so).
 """
 
 from __future__ import annotations
@@ -106,6 +107,18 @@ class _Timed:
             self.done += 1
 
 
+def _attempt(fn: Callable[[], Any], model: Any, optimizer: Any) -> tuple[Any, str | None]:
+    """``(fn(), None)``, or ``(None, why)`` when it ran out of memory (:func:`memory.try_oom`) or the user's code
+    failed at this size: that size is recorded and skipped, as the sweep records a failed trial and goes on."""
+    try:
+        attempt = memory.try_oom(fn, model, optimizer)
+    except WorkloadError as exc:
+        return None, str(exc).splitlines()[0][:300]
+    if not attempt.ok:
+        return None, f"out of memory: {str(attempt.oom).splitlines()[0][:200]}"
+    return attempt.value, None
+
+
 @contextlib.contextmanager
 def cpu_clock() -> Iterator[Callable[[], float]]:
     """Process CPU time with one intra-op thread (restored after): the CPU clock other processes do not move."""
@@ -133,8 +146,8 @@ def _clock(device: torch.device) -> Iterator[tuple[Callable[[], float], str]]:
 def calibrate_step_time(workload: Any, micro_batches: Mapping[int, int], *, device: str | torch.device = "cpu",
                         precision: str = "fp32", seed: int = 0, rounds: int = ROUNDS,
                         max_seconds: float = MAX_SECONDS) -> StepTimeCalibration:
-    """Time ``train``'s step at every batch size in ``micro_batches`` (batch size -> the micro-batch the sweep
-    used for it) in interleaved rounds; see the module docstring for the clock."""
+    """Time ``train``'s step at every batch size in ``micro_batches`` (batch size -> its micro-batch: in ``tune``,
+    the one the recommendation would give it) in interleaved rounds; see the module docstring for the clock."""
     from batchfit.finder import _ModelKeeper  # the model built once, handed back as model_fn gave it
 
     dev = torch.device(device)
@@ -163,15 +176,11 @@ def calibrate_step_time(workload: Any, micro_batches: Mapping[int, int], *, devi
                     item.run()
                     return clock() - t0
 
-                try:
-                    attempt = memory.try_oom(warm, model, optimizer)
-                except WorkloadError as exc:  # the user's code fails at this size: recorded, like a failed trial
-                    errors[b] = str(exc).splitlines()[0][:300]
+                one_step, failed = _attempt(warm, model, optimizer)
+                if failed is not None:
+                    errors[b] = failed
                     continue
-                if not attempt.ok:
-                    errors[b] = f"out of memory: {str(attempt.oom).splitlines()[0][:200]}"
-                    continue
-                one = max(float(attempt.value), 1e-6)  # type: ignore[arg-type]
+                one = max(float(one_step), 1e-6)  # type: ignore[arg-type]
                 item.chunk = max(1, min(MAX_CHUNK_STEPS, round(CHUNK_SECONDS / one)))
                 timed[b] = item
             done = 0
@@ -179,11 +188,7 @@ def calibrate_step_time(workload: Any, micro_batches: Mapping[int, int], *, devi
                 round_start = time.perf_counter()
                 for b, item in list(timed.items()):  # ascending batch sizes, the same order every round
                     t0 = clock()
-                    try:
-                        attempt = memory.try_oom(functools.partial(item.run, item.chunk), model, optimizer)
-                        failed = None if attempt.ok else f"out of memory: {str(attempt.oom).splitlines()[0][:200]}"
-                    except WorkloadError as exc:
-                        failed = str(exc).splitlines()[0][:300]
+                    _, failed = _attempt(functools.partial(item.run, item.chunk), model, optimizer)
                     if failed is not None:  # OOM after other sizes (fragmentation), or the user's code failed
                         errors[b] = failed  # at this size: it drops out, the rest go on
                         del timed[b]
@@ -196,7 +201,7 @@ def calibrate_step_time(workload: Any, micro_batches: Mapping[int, int], *, devi
                 if done >= MIN_ROUNDS and per_round > left:
                     break
     finally:
-        timed = {}
+        timed = {}  # the steps and batches go before the model is handed back (device memory)
         del optimizer
         keeper.close()
         del model
