@@ -567,6 +567,7 @@ def _step_time(workload: Workload, run: _Run, micro: Mapping[int, int]) -> dict[
     """Every candidate batch size's step, at the micro-batch the recommendation would give it, timed in
     interleaved rounds (:func:`batchfit.steptime.calibrate_step_time`) before the sweep, so that racing and the
     recommendation decide on the same time per step."""
+    from batchfit.engine import resolve_device
     from batchfit.steptime import calibrate_step_time
 
     if len(micro) < 2:
@@ -577,8 +578,6 @@ def _step_time(workload: Workload, run: _Run, micro: Mapping[int, int]) -> dict[
         run.emit("step_time", "end", "resumed", resumed=True)
         return cached
     run.emit("step_time", "start", f"seconds per step at {len(micro)} batch sizes, interleaved rounds")
-    from batchfit.engine import resolve_device
-
     cal = calibrate_step_time(workload, micro, device=resolve_device(run.device), precision=run.precision,
                               seed=run.seed)
     data = cal.to_dict()
@@ -867,8 +866,8 @@ def tune(
     max_seeds: int = RACE_MAX_SEEDS,
     batch_schedule_check: bool = False,
 ) -> TuneResult:
-    """Measure and recommend the batch size for a workload: find, noise, lr_check, sweep, precision, report
-    (:data:`STAGES`).
+    """Measure and recommend the batch size for a workload: find, noise, lr_check, step_time, sweep, precision,
+    report (:data:`STAGES`).
 
     Args:
         out_dir: where every result is written as it completes (also the default Optuna store,
@@ -968,7 +967,6 @@ def tune(
     run.emit("sweep", "end", f"{swept.get('status')}: {counts or 'no trials'}"
              + f" (up to {max(seeds_per_batch(swept).values(), default=1)} seed(s) per batch size)")
     result = TuneResult(sweep=swept, find=find_result, noise=noise_result, lr_check=lr_check, step_time=step_time)
-    _save_in_study(storage, result.results().get("study_name"), {"step_time": step_time})
 
     # -- 5. recommendation, with a measured precision check of the recommended configuration -------------------
     try:
