@@ -285,11 +285,14 @@ def step_time_intervals(results: Mapping[str, Any]) -> dict[int, Interval] | Non
     return StepTimeCalibration.from_dict(data).intervals() or None
 
 
-def decide_results(results: Mapping[str, Any], tolerance: float, metric: Metric | None = None) -> Decision | None:
+def decide_results(results: Mapping[str, Any], tolerance: float, metric: Metric | None = None, *,
+                   crit: CriticalBatchInterval | None = None) -> Decision | None:
     """:func:`batchfit.decide.decide` on a results dict with everything it takes from it (trials, B_crit, the LR
     check, tune's step-time calibration, the target): the one call the recommendation and tune's racing share, so
-    racing stops on the decision the recommendation then makes."""
-    return decide(decision_trials(results), metric or metric_of(results), b_crit=critical_interval(results),
+    racing stops on the decision the recommendation then makes. ``crit``: :func:`critical_interval` of
+    ``results`` when the caller already has it (``None``: computed here)."""
+    return decide(decision_trials(results), metric or metric_of(results),
+                  b_crit=crit if crit is not None else critical_interval(results),
                   lr_calibration=results.get("lr_calibration"), margin=tolerance / 2,
                   step_time=step_time_intervals(results), target=results.get("target"))
 
@@ -300,10 +303,10 @@ def micro_batch_for(batch: int, find: Mapping[str, Any] | None, limit: int | Non
     return _micro_batch(batch, {"micro_batch_size": min(batch, limit or batch)}, find)[0]
 
 
-def _pick_batch(results: Mapping[str, Any], metric: Metric, tolerance: float
-                ) -> tuple[Decision, dict[str, Any], str]:
+def _pick_batch(results: Mapping[str, Any], metric: Metric, tolerance: float,
+                crit: CriticalBatchInterval | None) -> tuple[Decision, dict[str, Any], str]:
     """The batch, by :func:`batchfit.decide.decide`: ties on quality broken on fitted time to target."""
-    decision = decide_results(results, tolerance, metric)
+    decision = decide_results(results, tolerance, metric, crit=crit)
     if decision is None:
         what = "training-loss" if metric.name == "train_loss" else "validation"
         raise ConfigError(
@@ -391,10 +394,9 @@ def _warmup_reason(results: Mapping[str, Any], pick: Mapping[str, Any], lr: floa
     return warmup_steps, text + "."
 
 
-def _context_reason(results: Mapping[str, Any], batch: int) -> str | None:
+def _context_reason(results: Mapping[str, Any], batch: int, boot: CriticalBatchInterval | None) -> str | None:
     crit = results.get("critical_batch_size") or {}
     b_crit, b_simple = finite_or_none(crit.get("b_crit")), finite_or_none(results.get("b_simple"))
-    boot = critical_interval(results)
     context = []
     if b_crit is not None:
         r2 = finite_or_none(crit.get("r2"))
@@ -596,7 +598,8 @@ def recommend(
     if find is None:
         find = data.get("find")
     metric = metric_of(data)
-    decision, pick, why_batch = _pick_batch(data, metric, tolerance)
+    crit = critical_interval(data)  # B_crit with its bootstrap: the flags, the context and the JSON read this one
+    decision, pick, why_batch = _pick_batch(data, metric, tolerance, crit)
     if metric.name == "train_loss":
         why_batch += (" The workload has no validation data, so the batch sizes were ranked on the training loss: "
                       "it says how fast each one trains, not how well it generalizes.")
@@ -606,13 +609,12 @@ def recommend(
     warmup_steps, why_warmup = _warmup_reason(data, pick, lr)
     precision, why_precision, advice = _precision(data, batch, find)
     reasons = [why_batch, why_micro, why_lr, why_warmup, why_precision]
-    context = _context_reason(data, batch)
+    context = _context_reason(data, batch, crit)
     if context:
         reasons.append(context)
     rec_recipe = recipe(pick, batch=batch, micro=micro, acc=acc, lr=lr, warmup_steps=warmup_steps,
                         precision=precision, framework=data.get("framework"))
     reasons.append(_recipe_reason(rec_recipe))
-    crit = critical_interval(data)
     extra = {
         "intervals": [decision.evidence[b].to_dict() for b in sorted(decision.evidence)],
         "tied": sorted(int(b) for b in decision.choice.tied),
