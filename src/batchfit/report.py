@@ -29,8 +29,9 @@ from batchfit._io import atomic_write as _atomic_write
 from batchfit._io import write_json
 from batchfit._io import write_text as _write_text
 from batchfit.errors import BatchfitError, ConfigError
-from batchfit.metric import Metric
+from batchfit.metric import Metric, finite_or_none
 from batchfit.recommend import Recommendation, as_results, metric_of, recommend
+from batchfit.stats import Interval, mean_interval
 
 __all__ = ["PLOTS", "check_results", "make_plots", "render_html", "render_markdown", "summary_rows", "summary_table",
            "tell_apart_lines", "with_intervals", "write_report"]
@@ -111,31 +112,25 @@ def _iv_text(iv: Mapping[str, Any] | None, fmt: str = ".4g") -> str:
     return f"{est} [{end(iv['low'])}, {end(iv['high'])}]"
 
 
-def _finite(x: Any) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
-
-
 def _bare(value: Any, method: str = "single trial") -> dict[str, Any] | None:
     """A number the data give no interval for, in the interval form (``low``/``high`` unknown, never zero-width)."""
-    v = _finite(value)
+    v = finite_or_none(value)
     return None if v is None else {"estimate": v, "low": None, "high": None, "method": method, "n": 1}
 
 
 def _over_seeds(values: list[Any]) -> dict[str, Any] | None:
     """The Student-t interval of the mean over seeds (:func:`batchfit.stats.mean_interval`; one seed: unknown)."""
-    from batchfit.stats import mean_interval
-
-    vals = [v for x in values if (v := _finite(x)) is not None]
+    vals = [v for x in values if (v := finite_or_none(x)) is not None]
     return mean_interval(vals).to_dict() if vals else None
 
 
 def _per(scale: float, iv: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The interval of ``scale / x`` from x's, for a positive x: the ends swap (samples/s = B / seconds per step,
     B / B_simple). An end of x at or below zero leaves that end of the quotient unbounded (``inf``)."""
-    est = _finite((iv or {}).get("estimate"))
+    est = finite_or_none((iv or {}).get("estimate"))
     if iv is None or est is None or est <= 0:
         return None
-    lo, hi = _finite(iv.get("low")), _finite(iv.get("high"))
+    lo, hi = finite_or_none(iv.get("low")), finite_or_none(iv.get("high"))
     known = lo is not None and hi is not None
     return {**iv, "estimate": scale / est, "spread": None,
             "low": (scale / hi if hi > 0 else 0.0) if known else None,  # type: ignore[operator]
@@ -143,14 +138,10 @@ def _per(scale: float, iv: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _scaled(iv: Mapping[str, Any] | None, factor: float | None) -> dict[str, Any] | None:
-    """The interval of ``factor * x`` (a positive factor)."""
-    if iv is None or factor is None or _finite(iv.get("estimate")) is None:
+    """The interval of ``factor * x`` (a positive factor): :meth:`batchfit.stats.Interval.scaled` on the dict form."""
+    if iv is None or factor is None or finite_or_none(iv.get("estimate")) is None:
         return None
-    lo, hi = _finite(iv.get("low")), _finite(iv.get("high"))
-    known = lo is not None and hi is not None
-    return {**iv, "estimate": iv["estimate"] * factor, "low": lo * factor if known else None,  # type: ignore[operator]
-            "high": hi * factor if known else None,  # type: ignore[operator]
-            "spread": None if _finite(iv.get("spread")) is None else iv["spread"] * factor}
+    return Interval.from_dict(iv).scaled(factor).to_dict()
 
 
 def _samples_per_s(batch: int, evidence: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -174,13 +165,14 @@ def _epochs_per_step(results: Mapping[str, Any], trials: list[Mapping[str, Any]]
     carry ``epoch`` (steps over steps per epoch, from which ``epochs_to_target`` is read) next to ``step``; the pair
     with the most steps rounds least. Without records, ``batch / num_train`` (the results' or a trial's)."""
     pairs = [(s, e) for x in trials for h in (x.get("history") or []) if isinstance(h, Mapping)
-             if (s := _finite(h.get("step"))) and s > 0 and (e := _finite(h.get("epoch"))) and e > 0]
-    pairs = pairs or [(s, e) for x in trials if (s := _finite(x.get("steps_to_target"))) and s > 0
-                      and (e := _finite(x.get("epochs_to_target"))) and e > 0]
+             if (s := finite_or_none(h.get("step"))) and s > 0 and (e := finite_or_none(h.get("epoch"))) and e > 0]
+    pairs = pairs or [(s, e) for x in trials if (s := finite_or_none(x.get("steps_to_target"))) and s > 0
+                      and (e := finite_or_none(x.get("epochs_to_target"))) and e > 0]
     if pairs:
         s, e = max(pairs)
         return e / s
-    n = _finite(results.get("num_train")) or next((n for x in trials if (n := _finite(x.get("num_train")))), None)
+    n = finite_or_none(results.get("num_train")) or next(
+        (n for x in trials if (n := finite_or_none(x.get("num_train")))), None)
     return batch / n if n and n > 0 else None
 
 
@@ -486,7 +478,7 @@ def _plot_steps_to_target(results: Mapping[str, Any], path: Path) -> Path | None
         def positive(iv: Mapping[str, Any] | None) -> Mapping[str, Any] | None:  # log axes: only what they can show
             return iv if iv and isinstance(iv.get("estimate"), (int, float)) and iv["estimate"] > 0 else None
 
-        _errorbar(ax, bs, [positive(evidence[b]["steps_to_target"]) for b in bs], "seed mean")
+        _errorbar(ax, bs, [positive(evidence[b]["steps_to_target"]) for b in bs], "decision (S(B) fit, or seed mean)")
         _errorbar(ax_t, bs, [positive(evidence[b].get("time_to_target")) for b in bs], "fitted S(B) x t(B)",
                   color="tab:purple")
     else:
