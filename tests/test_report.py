@@ -4,6 +4,7 @@ import base64
 import json
 import math
 import re
+from collections.abc import Callable
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -207,28 +208,38 @@ def test_malformed_results_are_one_clear_error(edit: object, fragment: str, tmp_
     assert not (tmp_path / "report.html").exists()
 
 
-def _seeded_results() -> dict:
-    """Three seeds per batch size, accuracy flat from 16 to 64 (a tie), 128 clearly worse."""
+def _per_seed(seeds: int, edit: Callable[[dict, dict, int], None]) -> dict:
+    """The fixture's finished trials, each repeated for ``seeds`` seeds; ``edit(original, copy, seed)`` makes the
+    copy that seed's result. No best_per_batch: it is derived from the trials."""
     import copy
 
-    import numpy as np
-
     res = make_results()
-    rng = np.random.default_rng(0)
     trials = []
     for t in res["trials"]:
         if t["status"] != "ok":
             continue
-        for seed in range(3):
+        for seed in range(seeds):
             r = copy.deepcopy(t)
             r["seed"] = seed
-            acc = {16: 0.95, 32: 0.95, 64: 0.95, 128: 0.85}[t["batch_size"]] + 0.003 * rng.standard_normal()
-            for i, h in enumerate(r["history"]):
-                h["val_metrics"] = {"accuracy": acc * (0.8, 0.9, 1.0, 1.0)[i]}
-            r["steps_to_target"] = {16: 420, 32: 230, 64: 140, 128: 100}[t["batch_size"]] * rng.lognormal(0, 0.05)
+            edit(t, r, seed)
             trials.append(r)
     res["trials"], res["best_per_batch"] = trials, []
     return res
+
+
+def _seeded_results() -> dict:
+    """Three seeds per batch size, accuracy flat from 16 to 64 (a tie), 128 clearly worse."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def edit(t: dict, r: dict, seed: int) -> None:
+        acc = {16: 0.95, 32: 0.95, 64: 0.95, 128: 0.85}[t["batch_size"]] + 0.003 * rng.standard_normal()
+        for i, h in enumerate(r["history"]):
+            h["val_metrics"] = {"accuracy": acc * (0.8, 0.9, 1.0, 1.0)[i]}
+        r["steps_to_target"] = {16: 420, 32: 230, 64: 140, 128: 100}[t["batch_size"]] * rng.lognormal(0, 0.05)
+
+    return _per_seed(3, edit)
 
 
 def test_the_report_says_what_the_data_can_and_cannot_tell_apart(tmp_path: Path) -> None:
@@ -301,26 +312,17 @@ def test_results_json_intervals_round_trip(tmp_path: Path) -> None:
 def _two_seed_results() -> dict:
     """Two seeds per batch size, with every per-seed number (steps to target, generalization gap, B_simple, samples/s)
     different between the seeds, and epochs per step recorded consistently (epoch e at step e x steps / 4)."""
-    import copy
 
-    res = make_results()
-    trials = []
-    for t in res["trials"]:
-        if t["status"] != "ok":
-            continue
-        for seed in range(2):
-            r = copy.deepcopy(t)
-            r["seed"] = seed
-            r["steps_to_target"] = t["steps_to_target"] + 10 * seed
-            r["epochs_to_target"] = r["steps_to_target"] * 4 / t["steps"]
-            r["generalization_gap"] = t["generalization_gap"] + 0.01 * seed
-            r["b_simple"] = 50.0 + 4.0 * seed
-            r["samples_per_s"] = t["samples_per_s"] * (1 + 0.05 * seed)
-            for h in r["history"]:
-                h["samples_per_s"] *= 1 + 0.05 * seed
-            trials.append(r)
-    res["trials"], res["best_per_batch"] = trials, []
-    return res
+    def edit(t: dict, r: dict, seed: int) -> None:
+        r["steps_to_target"] = t["steps_to_target"] + 10 * seed
+        r["epochs_to_target"] = r["steps_to_target"] * 4 / t["steps"]
+        r["generalization_gap"] = t["generalization_gap"] + 0.01 * seed
+        r["b_simple"] = 50.0 + 4.0 * seed
+        r["samples_per_s"] = t["samples_per_s"] * (1 + 0.05 * seed)
+        for h in r["history"]:
+            h["samples_per_s"] *= 1 + 0.05 * seed
+
+    return _per_seed(2, edit)
 
 
 def _column(header: list[str], name: str) -> int:
