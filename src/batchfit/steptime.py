@@ -34,10 +34,9 @@ from typing import Any
 import torch
 
 from batchfit import memory
-from batchfit.data import train_source
 from batchfit.errors import WorkloadError
 from batchfit.stats import DEFAULT_LEVEL, Interval, median_interval
-from batchfit.step import LRSchedule, TrainStep, make_scaler
+from batchfit.step import TrainStep, make_scaler
 
 __all__ = ["StepTimeCalibration", "calibrate_step_time", "cpu_clock"]
 
@@ -148,13 +147,14 @@ def calibrate_step_time(workload: Any, micro_batches: Mapping[int, int], *, devi
                         max_seconds: float = MAX_SECONDS) -> StepTimeCalibration:
     """Time ``train``'s step at every batch size in ``micro_batches`` (batch size -> its micro-batch: in ``tune``,
     the one the recommendation would give it) in interleaved rounds; see the module docstring for the clock."""
-    from batchfit.finder import _ModelKeeper  # the model built once, handed back as model_fn gave it
+    # the finder's model keeper (the model built once, handed back as model_fn gave it) and step runner (the step
+    # ``train`` builds: the workload's clipping and schedule, on its training source)
+    from batchfit.finder import _ModelKeeper, _StepRunner
 
     dev = torch.device(device)
     sizes = sorted(int(b) for b in micro_batches)
     keeper = _ModelKeeper(workload, dev, seed)
-    source = train_source(workload)
-    grad_clip = getattr(workload, "grad_clip", None)
+    runner = _StepRunner(workload, dev, precision)
     seconds: dict[int, list[float]] = {b: [] for b in sizes}
     errors: dict[int, str] = {}
     t_start = time.perf_counter()
@@ -164,11 +164,8 @@ def calibrate_step_time(workload: Any, micro_batches: Mapping[int, int], *, devi
         with _clock(dev) as (clock, clock_name):
             timed: dict[int, _Timed] = {}
             for b in sizes:  # warm-up, and how many steps make a chunk of CHUNK_SECONDS
-                step = TrainStep(workload, model, optimizer, device=dev, precision=precision,
-                                 micro_batch_size=int(micro_batches[b]), grad_clip=grad_clip,
-                                 scaler=make_scaler(precision),
-                                 schedule=LRSchedule.for_workload(workload, optimizer, total_steps=1_000_000))
-                item = _Timed(step, source.sample(b))
+                step = runner.step(model, optimizer, make_scaler(precision), int(micro_batches[b]), 1_000_000)
+                item = _Timed(step, runner.source.sample(b))
 
                 def warm(item: _Timed = item) -> float:
                     item.run(WARMUP_STEPS)
