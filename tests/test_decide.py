@@ -40,16 +40,16 @@ def test_clear_winner_on_quality_with_seed_replicates() -> None:
     assert any("edge of range" in f for f in d.flags)  # 16 is the smallest batch tried
 
 
-def test_ties_are_detected_and_broken_on_time_to_target() -> None:
+def test_non_inferior_batch_sizes_are_broken_on_time_to_target() -> None:
     rng = np.random.default_rng(0)
     trials = []
     for b, steps in ((16, 400), (64, 110), (256, 60)):
         for s in range(3):
-            trials.append(_trial(b, 0.95 + 0.004 * rng.standard_normal(), seed=s,
+            trials.append(_trial(b, 0.95 + 0.001 * rng.standard_normal(), seed=s,
                                  steps_to_target=steps * (1 + 0.05 * rng.standard_normal())))
-    d = decide.decide(trials, ACC)
+    d = decide.decide(trials, ACC, tolerance=0.01)
     assert d is not None and set(d.choice.tied) == {16, 64, 256}
-    assert any("quality tie" in f for f in d.flags)
+    assert {d.evidence[b].verdict for b in (16, 64, 256)} == {"reference", "non-inferior"}
     tt = {b: d.evidence[b].time_to_target for b in d.evidence}
     fastest = min(tt, key=lambda b: tt[b].estimate)
     time_tied = sorted(b for b in tt if tt[b].overlaps(tt[fastest]))
@@ -58,18 +58,19 @@ def test_ties_are_detected_and_broken_on_time_to_target() -> None:
     assert d.choice.cost_separated == (len(time_tied) == 1)  # beyond the noise only when alone in its time tie
 
 
-def test_single_seed_accuracy_uses_the_validation_sampling_interval() -> None:
-    trials = [_trial(16, 0.955, val_samples=360), _trial(64, 0.947, val_samples=360), _trial(256, 0.80,
-                                                                                              val_samples=360)]
-    d = decide.decide(trials, ACC)
-    assert d is not None
-    assert d.evidence[16].quality.method == "binomial"
-    assert set(d.choice.tied) == {16, 64}  # 0.8 % apart on 360 samples (1 SE ~ 1.1 %): a tie; 0.80 is not
-
-
-def test_single_seed_without_any_interval_ties_everything() -> None:
-    d = decide.decide([_trial(16, 0.95), _trial(64, 0.5)], ACC)
-    assert d is not None and set(d.choice.tied) == {16, 64}
+def test_one_seed_shows_nothing_non_inferior_so_the_best_estimate_is_chosen() -> None:
+    """One seed per batch size gives no seed noise to judge by (the validation set's binomial noise mostly cancels
+    between configurations): no batch size is shown non-inferior, the best estimate is chosen, and the faster
+    undecided ones are flagged for more seeds, never chosen on the time rule."""
+    trials = [_trial(16, 0.955, val_samples=360, steps_to_target=400),
+              _trial(64, 0.953, val_samples=360, steps_to_target=110),
+              _trial(256, 0.80, val_samples=360, steps_to_target=60)]
+    d = decide.decide(trials, ACC, tolerance=0.01)
+    assert d is not None and d.batch_size == 16 and d.choice.tied == (16,)
+    assert d.evidence[64].verdict == "undecided" and d.evidence[16].verdict == "reference"
+    assert not d.evidence[16].quality.known  # no seed noise measured: no interval
+    assert d.faster_undecided() == [64]  # 256 is slower to the target than 16 (60 x 26.6 ms > 400 x 2.6 ms)
+    assert any(f.startswith("undecided: batch size 64 ") for f in d.flags)
 
 
 def test_pooled_step_time_survives_one_slow_trial() -> None:
@@ -108,24 +109,25 @@ def test_flags_for_extrapolated_critical_batch_and_few_step_lr_move() -> None:
 
 
 def test_reruns_agree_where_the_argmax_of_noisy_points_does_not() -> None:
-    """Ground truth: accuracy flat (0.95) from 16 to 256, lower at 1024; steps to target S(B) = 80 (1 + 160 / B)
-    and step time 1 ms + 0.1 ms x B, so the true time to target S(B) t(B) is flat around its minimum at
-    B = sqrt(160 x 10) = 40 (2.02 s at 32, 2.07 s at 64; 2.29 s at 16, 2.48 s at 128)."""
+    """Ground truth: accuracy flat (0.95) from 16 to 128, 0.948 at 256, lower at 1024; steps to target
+    S(B) = 80 (1 + 160 / B) and step time 1 ms + 0.1 ms x B, so the true time to target S(B) t(B) is flat around
+    its minimum at B = sqrt(160 x 10) = 40 (2.02 s at 32, 2.07 s at 64; 2.29 s at 16, 2.48 s at 128). With a seed
+    spread of 0.2 points and 3 seeds, every re-run shows 16-256 non-inferior at 1 % and picks the fastest."""
     truth_steps = {b: 80 * (1 + 160 / b) for b in (16, 32, 64, 128, 256, 1024)}
     truth_acc = {16: 0.95, 32: 0.95, 64: 0.95, 128: 0.95, 256: 0.948, 1024: 0.90}
     picks, argmax_picks = [], []
     for rerun in range(8):
         rng = np.random.default_rng(100 + rerun)
-        trials = [_trial(b, truth_acc[b] + 0.008 * rng.standard_normal(), seed=s,
+        trials = [_trial(b, truth_acc[b] + 0.002 * rng.standard_normal(), seed=s,
                          steps_to_target=truth_steps[b] * rng.lognormal(0, 0.1))
                   for b in truth_steps for s in range(3)]
-        d = decide.decide(trials, ACC)
-        assert d is not None
+        d = decide.decide(trials, ACC, tolerance=0.01)
+        assert d is not None and d.evidence[1024].verdict == "inferior"
         picks.append(d.batch_size)
         argmax_picks.append(max(trials, key=lambda t: t["best_val_metrics"]["accuracy"])["batch_size"])
     assert max(picks) / min(picks) <= 2, picks
     assert set(picks) <= {32, 64}, picks
-    assert max(argmax_picks) / min(argmax_picks) > 2, argmax_picks  # what the old rule would have done
+    assert len(set(argmax_picks)) > 1, argmax_picks  # the argmax of single evaluations moves between re-runs
 
 
 def test_precision_advice_needs_a_speedup_beyond_noise_or_binding_memory() -> None:
@@ -183,7 +185,7 @@ def test_an_accuracy_interval_stays_inside_zero_and_one() -> None:
     unchanged."""
     trials = [_trial(16, [0.9, 0.99, 0.99, 0.99], seed=0), _trial(16, [0.9, 1.0, 1.0, 1.0], seed=1),
               _trial(64, [0.9, 0.98, 0.98, 0.98], seed=0), _trial(64, [0.9, 0.99, 0.99, 0.99], seed=1)]
-    d = decide.decide(trials, ACC)
+    d = decide.decide(trials, ACC, tolerance=0.02)
     assert d is not None
     q = d.evidence[16].quality
     assert q.known and q.high == 1.0 and q.low >= 0.0  # type: ignore[operator]
@@ -199,20 +201,19 @@ def test_a_batch_size_that_missed_the_target_in_one_seed_does_not_win_on_the_oth
         trials.append(_trial(64, 0.95 + 0.002 * s, seed=s, steps_to_target=200))
         trials.append(_trial(128, 0.95 - 0.002 * s, seed=s, steps_to_target=80))
         trials.append(_trial(256, 0.949 + 0.001 * s, seed=s, steps_to_target=None if s == 2 else 30))
-    d = decide.decide(trials, ACC)
+    d = decide.decide(trials, ACC, tolerance=0.02)
     assert d is not None and 256 in d.choice.tied
     assert d.evidence[256].time_to_target is None and d.evidence[256].seeds_reached == 2
     assert d.batch_size == 128
     reached = [dict(t, steps_to_target=30) if t["batch_size"] == 256 else t for t in trials]
-    d2 = decide.decide(reached, ACC)
+    d2 = decide.decide(reached, ACC, tolerance=0.02)
     assert d2 is not None and d2.batch_size == 256  # reaching it in every seed, it is the fastest
 
 
-def test_the_decision_times_every_batch_to_a_fraction_of_the_best_tied_configurations_mean() -> None:
-    """The sweep's target is 97 % of the best single evaluation of any trial (here a lucky spike of 0.97), which
-    the tied batch sizes reach or miss by chance; the decision's target is 97 % of the best tied configuration's
-    seed mean, on the smoothed curve the quality is read from, so each tied batch size is timed to it in every
-    seed."""
+def test_the_decision_times_every_batch_to_a_fraction_of_the_best_configurations_mean() -> None:
+    """The target is 97 % of the best configuration's seed-mean final quality (here 256's 0.9467, not its lucky
+    0.96 evaluation), crossed on each trial's raw curve, interpolated between evaluations; the sweep's B_crit uses
+    the same target and crossing (tests/test_sweep.py), so the printed B_crit is the decision's."""
     curves = {64: [0.80, 0.90, 0.93, 0.94, 0.94, 0.94], 128: [0.85, 0.92, 0.935, 0.94, 0.94, 0.94],
               256: [0.90, 0.93, 0.94, 0.94, 0.96, 0.94]}
     trials = []
@@ -223,15 +224,15 @@ def test_the_decision_times_every_batch_to_a_fraction_of_the_best_tied_configura
                 h["step"] = (i + 1) * 1000 // b
             trials.append(t)
     sweep_target = {"kind": "fraction", "fraction": 0.97, "value": 0.97 * 0.97}  # from the lucky spike: 0.9409
-    d = decide.decide(trials, ACC, target=sweep_target)
+    d = decide.decide(trials, ACC, target=sweep_target, tolerance=0.01)
     assert d is not None and set(d.choice.tied) == {64, 128, 256}
-    best_mean = max(d.evidence[b].quality.estimate for b in curves)
-    assert d.target == pytest.approx(0.97 * best_mean) and d.target < 0.93
+    assert d.target == pytest.approx(0.97 * (0.94 + 0.96 + 0.94) / 3) and d.target < 0.93
     assert all(d.evidence[b].seeds_reached == 3 and d.evidence[b].time_to_target is not None for b in curves)
-    # the smoothed curve: 3-evaluation moving averages at the step of each window's last evaluation
+    assert d.to_dict()["critical_batch"] == (None if d.critical is None else d.critical.to_dict())
+    # the raw curve's crossing, interpolated: 0.85 lies half-way between step 0 (0.80) and step 1 (0.90)
     t = _trial(64, [0.80, 0.90, 0.93, 0.94], steps_to_target=None)
-    assert [round(v, 4) for _, v in decide.smoothed_curve(t, ACC)] == [0.8767, 0.9233]
-    assert decide.steps_to(t, ACC, 0.9) == 3 and decide.steps_to(t, ACC, 0.95) is None
+    assert decide.steps_to(t, ACC, 0.85) == pytest.approx(0.5) and decide.steps_to(t, ACC, 0.9) == 1.0
+    assert decide.steps_to(t, ACC, 0.95) is None and decide.steps_to(t, ACC, 0.5) == 0.0
     assert decide.decision_target({"kind": "absolute", "value": 0.9}, 0.95, ACC) == 0.9
     assert decide.decision_target(None, 0.95, ACC) is None
     loss = Metric("val_loss", False)

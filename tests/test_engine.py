@@ -136,7 +136,7 @@ def test_divergence_is_flagged_not_raised() -> None:
 def test_generalization_gap_and_throughput(tiny_workload) -> None:
     r = train(tiny_workload, batch_size=16, epochs=2)
     for h in r.history:
-        assert h["generalization_gap"] == pytest.approx(h["val_loss"] - h["train_loss"])
+        assert h["generalization_gap"] == pytest.approx(h["val_loss"] - h["train_eval_loss"])
         assert h["samples_per_s"] > 0
     assert r.peak_memory_bytes and r.peak_memory_bytes > 0
     assert r.samples_per_s > 0
@@ -239,3 +239,110 @@ def test_eval_oom_shrinks_only_the_eval_batch(tiny_workload) -> None:
     loss, metrics, used = evaluate(tiny_workload, model, tiny_workload.val_data, batch_size=32,
                                    device=torch.device("cpu"))
     assert used == 8 and math.isfinite(loss)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 19.5: the generalization gap is val loss minus the training loss on a fixed subset, in eval mode
+
+
+class _Snapshots:
+    """Keeps a copy of the model at every evaluation, with the record the engine wrote."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[dict, dict]] = []
+
+    def on_evaluate(self, state, record) -> None:  # noqa: ANN001
+        self.seen.append(({k: v.detach().clone() for k, v in state.model.state_dict().items()}, dict(record)))
+
+
+def _dropout_workload():  # noqa: ANN202
+    wl = make_tiny_workload(n=96, n_val=40)
+    wl.model_fn = lambda: nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.6), nn.Linear(32, 3))
+    return wl
+
+
+def test_the_gap_is_val_loss_minus_the_eval_mode_loss_on_a_fixed_training_subset() -> None:
+    """Each record's train_eval_loss is the model of that evaluation, in eval mode, on the first min(num_val,
+    num_train, 1024) training samples (the same ones every time); the gap is val_loss minus it. With dropout the
+    running (train-mode) loss differs from it, and is kept under train_loss."""
+    wl = _dropout_workload()
+    snaps = _Snapshots()
+    r = train(wl, batch_size=8, epochs=2, eval_every=5, seed=1, callbacks=[snaps])
+    assert r.to_dict()["train_eval_samples"] == 40  # min(40 val, 96 train, 1024)
+    x, y = wl.train_data.tensors
+    xv, yv = wl.val_data.tensors
+    model = wl.model_fn()
+    assert len(snaps.seen) >= 4
+    for weights, rec in snaps.seen:
+        model.load_state_dict(weights)
+        model.eval()
+        with torch.no_grad():
+            fit = float(F.cross_entropy(model(x[:40]), y[:40]))
+            val = float(F.cross_entropy(model(xv), yv))
+            acc = float((model(x[:40]).argmax(1) == y[:40]).float().mean())
+        assert rec["train_eval_loss"] == pytest.approx(fit, rel=1e-5)
+        assert rec["train_eval_metrics"]["accuracy"] == pytest.approx(acc)
+        assert rec["val_loss"] == pytest.approx(val, rel=1e-5)
+        assert rec["generalization_gap"] == pytest.approx(rec["val_loss"] - rec["train_eval_loss"])
+        assert abs(rec["train_loss"] - rec["train_eval_loss"]) > 1e-3  # dropout + a lagging model: not the same
+    assert [h["train_eval_loss"] for h in r.history] == [rec["train_eval_loss"] for _, rec in snaps.seen]
+
+
+def test_the_training_subset_changes_nothing_in_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The subset is read before the run is seeded, and evaluated in eval mode under no_grad: the trained weights
+    equal those of a run that reads nothing for it (even with a sampler that draws from torch's global generator,
+    and dropout drawing from it during training), and do not depend on the evaluations."""
+    from batchfit import engine
+
+    def workload():  # noqa: ANN202
+        wl = _dropout_workload()
+        x, y = wl.train_data.tensors
+        wl.train_data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8,
+                                                    sampler=torch.utils.data.SubsetRandomSampler(range(80)))
+        return wl
+
+    a, b, c = _Snapshots(), _Snapshots(), _Snapshots()
+    train(workload(), batch_size=8, steps=12, eval_every=4, seed=2, callbacks=[a])
+    wl_noval = workload()
+    wl_noval.val_data = None
+    r = train(wl_noval, batch_size=8, steps=12, eval_every=6, seed=2, callbacks=[b])
+    assert r.to_dict()["train_eval_samples"] == 80  # min(512 without validation data, 80 in the split, 1024)
+    assert b.seen[-1][1]["train_eval_loss"] is not None and b.seen[-1][1]["generalization_gap"] is None
+    x, y = workload().train_data.dataset.tensors
+    monkeypatch.setattr(engine, "train_eval_subset", lambda wl, bs=256: engine._HeldBatches([(x[:2], y[:2])]))
+    train(workload(), batch_size=8, steps=12, eval_every=4, seed=2, callbacks=[c])
+    for k, v in a.seen[-1][0].items():
+        assert torch.equal(v, b.seen[-1][0][k]), k
+        assert torch.equal(v, c.seen[-1][0][k]), k
+
+
+def test_the_training_subset_is_the_same_samples_for_a_shuffling_sampler() -> None:
+    """A DataLoader whose sampler draws from torch's global generator (a SubsetRandomSampler defining the training
+    split) gives the same subset every run, inside the split, and leaves the global generator as it was."""
+    from batchfit.engine import train_eval_subset
+
+    wl = make_tiny_workload(n=96, n_val=16)
+    x, y = wl.train_data.tensors
+    ds = torch.utils.data.TensorDataset(x, y)
+    split = list(range(10, 90))
+    wl.train_data = torch.utils.data.DataLoader(ds, batch_size=8,
+                                                sampler=torch.utils.data.SubsetRandomSampler(split))
+    torch.manual_seed(123)
+    first = train_eval_subset(wl, batch_size=6)
+    state = torch.get_rng_state()
+    torch.manual_seed(999)
+    second = train_eval_subset(wl, batch_size=6)
+    torch.manual_seed(999)
+    third = train_eval_subset(wl, batch_size=6)  # the global generator state does not matter
+    torch.manual_seed(123)
+    train_eval_subset(wl, batch_size=6)
+    assert torch.equal(torch.get_rng_state(), state)  # untouched
+    xs = torch.cat([b[0] for b in first.batches])
+    assert first.num_samples == 16 and len(xs) == 16
+    assert torch.equal(xs, torch.cat([b[0] for b in second.batches]))
+    assert torch.equal(xs, torch.cat([b[0] for b in third.batches]))
+    rows = [int((x == row).all(dim=1).nonzero()[0]) for row in xs]
+    assert all(10 <= i < 90 for i in rows) and len(set(rows)) == 16
+    # after an evaluation OOM halves the batch, the same samples in the same order
+    assert torch.equal(torch.cat([b[0] for b, _ in first.epoch(4, generator=torch.Generator(), drop_last=False)]),
+                       xs)

@@ -191,7 +191,8 @@ def test_callback_agrees_with_exact_at_fixed_parameters(method: str) -> None:
     assert len(res.history) == 25 and all("b_simple" in rec for rec in res.history)
     hist = res.extras["b_simple_history"]
     assert [h["step"] for h in hist] == [rec["step"] for rec in res.history]
-    assert set(hist[0]) == {"step", "epoch", "b_simple", "grad_norm_sq", "trace_cov"}
+    assert set(hist[0]) == {"step", "epoch", "b_simple", "grad_norm_sq", "trace_cov", "train_loss"}
+    assert [h["train_loss"] for h in hist] == [rec["train_loss"] for rec in res.history]
     assert res.extras["b_simple"] == hist[-1]["b_simple"] == res.history[-1]["b_simple"]
     assert cb.valid_steps == res.steps == 25 * 13 and res.extras["b_simple_skipped_steps"] == 0
     assert res.extras["b_simple"] == pytest.approx(trace / g2, rel=0.10)
@@ -382,3 +383,134 @@ def test_training_meter_reads_gradients_before_clipping(tiny_workload: Workload)
         runs[clip] = (res.extras["b_simple_history"][-1]["grad_norm_sq"], res.extras["b_simple"])
     assert runs[None][0] > 1e-6
     assert runs[1e-9] == pytest.approx(runs[None], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 19.3: one estimator; B_simple against the training loss; the value at initialisation labelled as such
+
+
+def test_evaluation_records_carry_the_raw_estimates_over_the_steps_their_train_loss_covers() -> None:
+    """Each record's ``noise_window`` is the plain mean of the per-step unbiased |G|^2 and tr(Sigma) estimates over
+    the steps since the previous evaluation (the steps ``train_loss`` averages): every valid step counted once."""
+    from batchfit.noise import noise_records
+
+    kind = "linear"
+    g2, trace = _exact(kind)
+    cb = NoiseCallback()
+    res = train(_workload(kind), batch_size=48, micro_batch_size=24, lr=1e-12, epochs=10, callbacks=[cb])
+    windows = [rec["noise_window"] for rec in res.history]
+    assert sum(w["steps"] for w in windows) == cb.valid_steps == res.steps
+    steps = sum(w["steps"] for w in windows)
+    pooled_g2 = sum(w["steps"] * w["grad_norm_sq"] for w in windows) / steps
+    pooled_tr = sum(w["steps"] * w["trace_cov"] for w in windows) / steps
+    assert pooled_tr / pooled_g2 == pytest.approx(trace / g2, rel=0.15)  # fixed parameters: the exact value
+    records = noise_records([{"history": res.history}])
+    assert [(r.train_loss, r.steps) for r in records] == [(rec["train_loss"], rec["noise_window"]["steps"])
+                                                          for rec in res.history]
+
+
+def _synthetic_records(trials: int, seed: int = 0) -> list:
+    """Trials whose records follow B_simple = 100 / (4 L^2) (tr(Sigma) 100, |G|^2 = 4 L^2, each with 20 % noise)
+    at training losses falling from 2 to a trial-specific end, as batch sizes with different budgets do."""
+    import numpy as np
+
+    from batchfit.noise import NoiseRecord
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in range(trials):
+        for loss in np.geomspace(2.0, 0.1 + 0.05 * t, 12):
+            out.append(NoiseRecord(t, float(loss), float(4 * loss * loss * (1 + 0.2 * rng.standard_normal())),
+                                   float(100 * (1 + 0.2 * rng.standard_normal())), 10))
+    return out
+
+
+def test_b_simple_against_the_training_loss_recovers_a_known_curve_with_a_bootstrap_over_trials() -> None:
+    from batchfit.noise import b_simple_against_loss, b_simple_at_loss
+
+    records = _synthetic_records(6)
+    at = b_simple_at_loss(records, 0.5)
+    assert at is not None and at.trials == 6 and at.band[0] < 0.5 < at.band[1]
+    iv = at.b_simple
+    assert iv.known and iv.method == "bootstrap over trials" and iv.n == 6
+    assert 0 < iv.low < iv.estimate < iv.high < math.inf  # type: ignore[operator]
+    assert iv.estimate == pytest.approx(100.0, rel=0.15)  # 100 / (4 x 0.25)
+    assert b_simple_at_loss(records, 0.5) == at  # reproducible: a seeded bootstrap
+    curve = b_simple_against_loss(records)
+    assert [p.train_loss for p in curve] == sorted((p.train_loss for p in curve), reverse=True)
+    estimates = [p.b_simple.estimate for p in curve]
+    assert estimates == sorted(estimates)  # it grows as the loss falls
+    for p in curve:
+        assert p.b_simple.estimate == pytest.approx(100 / (4 * p.train_loss ** 2), rel=0.3)
+    # two trials in the band: the estimate, but a bootstrap over two trials cannot show their spread
+    two = b_simple_at_loss(_synthetic_records(2), 0.5)
+    assert two is not None and not two.b_simple.known
+    assert b_simple_at_loss(records, 50.0) is None  # far outside the measured losses: no value, no extrapolation
+
+
+def test_branching_measures_b_simple_through_the_noise_estimator(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchfit import branching, noise
+
+    calls = []
+    original = noise.noise_scale_interval
+
+    def spy(*args: object, **kwargs: object) -> object:
+        calls.append((args, kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(noise, "noise_scale_interval", spy)
+    wl = _workload("linear")
+    model = wl.model_fn()
+    iv = branching.gradient_noise_scale(wl, model, batch_size=32, pairs=8, device=torch.device("cpu"))
+    assert len(calls) == 1
+    g2s, trs = calls[0][0]
+    assert len(g2s) == len(trs) == 8 and iv == original(g2s, trs, seed=0, method="bootstrap-pairs")
+    assert iv.estimate == pytest.approx(sum(trs) / sum(g2s))  # the ratio of the means, divided last
+
+
+def test_the_lightning_logger_measures_b_simple_through_the_noise_estimator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning's noise logger feeds each step to :class:`batchfit.noise.RunningNoiseScale` (no EMA of its own):
+    the value it logs is the one the estimator gives for the same micro-batch norms."""
+    pytest.importorskip("lightning.pytorch")
+    from batchfit import noise
+    from batchfit.integrations.lightning import _NoiseLogger
+
+    added = []
+    original = noise.RunningNoiseScale
+
+    class Spy(original):  # type: ignore[misc, valid-type]
+        def add_step(self, *args: object, **kwargs: object) -> tuple[float, float]:
+            added.append(args)
+            return super().add_step(*args, **kwargs)
+
+    monkeypatch.setattr(noise, "RunningNoiseScale", Spy)
+    torch.manual_seed(0)
+    model = nn.Linear(D, 1)
+    x, y = (t.float() for t in _data("linear")[:2])
+    logger = _NoiseLogger(model, population=N, beta=0.9)
+    reference = original(0.9)
+    logged = []
+    for step in range(6):
+        model.zero_grad()
+        for micro in range(2):  # two micro-batches of 16, each loss weighted 1/2 as Lightning normalises it
+            xb, yb = x[32 * step + 16 * micro:][:16], y[32 * step + 16 * micro:][:16]
+            logger.start_micro((xb, yb))
+            (F.mse_loss(model(xb).squeeze(-1), yb) / 2).backward()
+            if micro == 0:
+                logger.end_micro()
+        logged.append(logger.end_step(None))
+        reference.add_step(*added[-1])
+        assert logged[-1] == reference.b_simple
+    logger.close()
+    assert len(added) == 6 and all(a[2] == 2 and a[3] == 32 and a[4] == N for a in added)
+    assert all(v is not None and v > 0 for v in logged)
+
+
+def test_the_reading_at_initialisation_is_labelled_and_never_compared_with_the_batch() -> None:
+    r = NoiseResult(workload="w", b_simple=45.4, b_simple_ci=(41.2, 50.0), grad_norm_sq=1.0, trace_cov=45.4,
+                    batch_size=32, micro_batch_size=8, steps=100, converged=True, rel_ci=0.1)
+    text = r.reading()
+    assert "B_simple at initialisation ~ 45.4" in text and "not a batch size to aim for" in text
+    assert "near it" not in text and "well below" not in text and "critical batch of order" not in text
+    later = dataclasses.replace(r, train_steps=200).reading()
+    assert "after 200 training steps" in later and "batch 32 is near it" in later

@@ -37,27 +37,31 @@ def _results(trials: list[dict], metric: str = "accuracy", **more: object) -> di
 STEPS = {16: 800, 32: 420, 64: 230, 128: 140, 256: 100}  # S(B) = 60 (1 + 200 / B), roughly
 
 
-def test_a_constructed_tie_is_broken_on_time_to_target_and_said_so() -> None:
+def test_non_inferior_batch_sizes_are_broken_on_time_to_target_and_said_so() -> None:
     rng = np.random.default_rng(0)
-    trials = [_trial(b, 0.95 + 0.004 * rng.standard_normal(), seed=s, steps_to_target=STEPS[b] * rng.lognormal(0, .05))
+    trials = [_trial(b, 0.95 + 0.001 * rng.standard_normal(), seed=s, steps_to_target=STEPS[b] * rng.lognormal(0, .05))
               for b in STEPS for s in range(3)]
     rec = recommend(_results(trials))
-    assert rec.get("tied") == [16, 32, 64, 128, 256] == rec.candidates
+    assert rec.get("tied") == [16, 32, 64, 128, 256] == rec.candidates == rec.get("non_inferior")
     # step time 1 ms + 0.1 ms x B: time to target S(B) t(B) is least near B = 32-64
     assert rec.batch_size in (32, 64)
-    assert "batch sizes 16\u2013256 are tied on accuracy" in rec.reasons[0]
+    assert f"are non-inferior to batch {rec.get('reference_batch_size')}" in rec.reasons[0]
+    assert "batch sizes 16\u2013256" in rec.reasons[0]
     assert "chosen on time to target" in rec.reasons[0] and "faster than" in rec.reasons[0]
-    assert any("quality tie" in f for f in rec.get("flags"))
+    assert not any("undecided" in f for f in rec.get("flags"))
     assert "the least time-to-target estimate" in rec.get("decision_rule")
     ev = {e["batch_size"]: e for e in rec.get("intervals")}
     assert set(ev) == set(STEPS) and all(e["seeds"] == 3 and e["quality"]["low"] is not None for e in ev.values())
+    assert {e["verdict"] for e in ev.values()} == {"reference", "non-inferior"}
+    assert rec.get("selection")["critical"] > 2  # max-t over 4 comparisons: above the single t quantile
 
 
 def test_a_clear_winner_is_chosen_on_quality_beyond_the_noise() -> None:
     trials = [_trial(b, q + 0.001 * s, seed=s) for b, q in ((16, 0.80), (64, 0.95), (256, 0.85)) for s in range(3)]
     rec = recommend(_results(trials))
     assert rec.batch_size == 64 and rec.get("tied") == [64]
-    assert "better than every other batch size beyond the noise" in rec.reasons[0]
+    assert "no other batch size was shown non-inferior" in rec.reasons[0]
+    assert "16, 256 worse beyond the tolerance" in rec.reasons[0]
     assert not any("edge of range" in f for f in rec.get("flags"))
 
 
@@ -67,16 +71,20 @@ def test_a_winner_at_the_edge_of_the_tried_range_is_flagged() -> None:
     assert rec.batch_size == 16 and any("edge of range" in f and "smallest" in f for f in rec.get("flags"))
 
 
-def test_one_seed_uses_the_validation_sampling_interval() -> None:
-    trials = [_trial(16, 0.955), _trial(64, 0.947), _trial(256, 0.80)]
+def test_one_seed_chooses_the_best_estimate_and_flags_the_faster_undecided() -> None:
+    """One seed: no seed noise to judge by. The validation set's binomial interval (the old rule's) ties 0.955 with
+    0.947, and the tie went to the faster batch; now 64 is undecided and 16 is chosen."""
+    trials = [_trial(16, 0.955, steps_to_target=800), _trial(64, 0.947, steps_to_target=230),
+              _trial(256, 0.80, steps_to_target=100)]
     rec = recommend(_results(trials, num_val=360))
-    assert rec.get("tied") == [16, 64]  # 0.8 % apart on 360 samples is noise; 0.80 is not
-    assert {e["batch_size"]: e["quality"]["method"] for e in rec.get("intervals")}[16] == "binomial"
+    assert rec.batch_size == 16 and rec.get("tied") == [16]
+    assert any(f.startswith("undecided: batch size 64 ") for f in rec.get("flags")), rec.get("flags")
+    assert "undecided at this number of seeds" in rec.reasons[0]
 
 
-def test_tolerance_only_widens_ties() -> None:
+def test_tolerance_is_the_non_inferiority_margin() -> None:
     trials = [_trial(b, q + 0.0005 * s, seed=s) for b, q in ((16, 0.950), (64, 0.944)) for s in range(3)]
-    assert recommend(_results(trials), tolerance=0.0).get("tied") == [16]  # measured apart
+    assert recommend(_results(trials), tolerance=0.0).get("tied") == [16]  # 64 is worse: not non-inferior at 0
     assert recommend(_results(trials), tolerance=0.02).get("tied") == [16, 64]  # within the practical margin
 
 
@@ -85,7 +93,7 @@ def test_reruns_with_other_seeds_agree() -> None:
     picks = []
     for rerun in range(6):
         rng = np.random.default_rng(10 + rerun)
-        trials = [_trial(b, truth[b] + 0.008 * rng.standard_normal(), seed=s,
+        trials = [_trial(b, truth[b] + 0.002 * rng.standard_normal(), seed=s,
                          steps_to_target=STEPS[b] * rng.lognormal(0, 0.1)) for b in truth for s in range(3)]
         picks.append(recommend(_results(trials)).batch_size)
     assert max(picks) / min(picks) <= 2, picks
@@ -138,7 +146,9 @@ def test_micro_batch_is_the_largest_that_fits_when_the_knee_does_not() -> None:
 def test_without_a_finder_result_uses_the_sweeps_micro_batch() -> None:
     res = _fixture64()
     res["find"] = None
-    res["trials"][0]["micro_batch_size"] = 32  # batch 64's
+    for t in res["trials"]:
+        if t["batch_size"] == 64:
+            t["micro_batch_size"] = 32
     rec = recommend(res)
     assert (rec.micro_batch_size, rec.accumulation_steps) == (32, 2)
     assert "no finder result" in rec.reasons[1]
@@ -215,7 +225,9 @@ def test_time_to_target_without_throughput_uses_the_recorded_seconds() -> None:
         t["samples_per_s"] = None
         for h in t["history"]:
             h.pop("samples_per_s", None)
-    res["trials"][1]["seconds_to_target"] = 0.1  # batch 32 now the fastest
+    for t in res["trials"]:
+        if t["batch_size"] == 32:
+            t["seconds_to_target"] = 0.1  # batch 32 now the fastest
     rec = recommend(res)
     assert rec.batch_size == 32 and "chosen on time to target: 32" in rec.reasons[0]
 
@@ -251,7 +263,7 @@ def test_within_tolerance() -> None:
 def _without_validation(res: dict) -> dict:
     """The fixture as a workload without validation data sweeps it: ranked on the training loss (lower is better)."""
     res["primary_metric"], res["higher_is_better"] = "train_loss", False
-    losses = {16: 0.200, 32: 0.201, 64: 0.202, 128: 0.40}
+    losses = {16: 0.200, 32: 0.201, 64: 0.2015, 128: 0.40}
     for t in res["trials"] + res["best_per_batch"]:
         t["best_val_metrics"], t["final_val_metrics"], t["best_val_loss"], t["final_val_loss"] = {}, {}, None, None
         t["best_train_loss"] = losses[t["batch_size"]] if t["status"] == "ok" else None
@@ -266,7 +278,7 @@ def test_a_workload_without_validation_data_is_ranked_on_training_loss() -> None
     """13.5: every trial finished without validation data -> a recommendation on the training loss, said so."""
     rec = recommend(_without_validation(make_results()))
     assert rec.metric == "train_loss" and rec.ranked_on_training_loss
-    assert rec.candidates == [16, 32, 64]  # one seed, no measured noise: within the 1 % margin; 0.40 is not
+    assert rec.candidates == [16, 32, 64]  # 3 seeds: within the 1 % margin; 0.40 is not
     assert rec.batch_size == 64  # the least time to target among the tied (the fixture's fastest)
     assert "no validation data" in rec.reasons[0] and "training loss" in rec.reasons[0]
     assert "ranked on training loss" in rec.headline()
@@ -284,8 +296,9 @@ def test_recommendation_round_trips_through_its_json_form() -> None:
     rec = recommend(_fixture64())
     data = rec.to_dict()
     assert {"batch_size", "micro_batch_size", "accumulation_steps", "lr", "warmup_steps", "precision", "reasons",
-            "candidates", "tolerance", "metric", "higher_is_better", "intervals", "tied", "flags", "decision_rule",
-            "decision_target", "critical_batch", "precision_advice", "recipe"} == set(data)
+            "candidates", "tolerance", "metric", "higher_is_better", "intervals", "tied", "non_inferior",
+            "reference_batch_size", "selection", "flags", "decision_rule",
+            "decision_target", "critical_batch", "noise_scale", "precision_advice", "recipe"} == set(data)
     assert json.loads(json.dumps(data)) == data  # plain JSON
     assert Recommendation.from_dict(data) == rec
     # keys a newer batchfit writes (intervals) survive a round trip; old dict-style reads still work
@@ -356,3 +369,110 @@ def test_a_tied_batch_that_never_reached_the_target_is_the_slowest_not_a_reason_
     rec = recommend(_results(trials))
     assert rec.get("tied") == [16, 32, 64] and rec.batch_size in (32, 64)
     assert "chosen on time to target" in rec.reasons[0] and "16 did not reach the target" in rec.reasons[0]
+
+
+def test_a_recipe_outside_the_rules_range_says_the_betas_are_part_of_it() -> None:
+    """Issue 19.6: at k = 16 adam-sqrt holds beta1 at 0.5; the recommendation says the betas are part of the recipe
+    and never presents a held (or, in an older study, clipped) beta as the rule's."""
+    import torch
+
+    from batchfit.recommend import OUTSIDE_RANGE
+    from batchfit.scaling import scale_lr
+
+    scaled = scale_lr(1e-3, 16, 256, "adam-sqrt", betas=(0.9, 0.999), eps=1e-8)
+    opt = torch.optim.Adam(torch.nn.Linear(2, 2).parameters(), lr=scaled.lr, betas=scaled.betas, eps=scaled.eps)
+    inside = scale_lr(1e-3, 16, 32, "adam-sqrt", betas=(0.9, 0.999), eps=1e-8)
+    opt_in = torch.optim.Adam(torch.nn.Linear(2, 2).parameters(), lr=inside.lr, betas=inside.betas, eps=inside.eps)
+    trials = [_trial(256, 0.95 + 0.001 * s, seed=s, lr_rule="adam-sqrt", optimizer=optimizer_settings(opt),
+                     lr_scaling=scaled.to_dict()) for s in range(2)]
+    trials += [_trial(32, 0.80 + 0.001 * s, seed=s, lr_rule="adam-sqrt", optimizer=optimizer_settings(opt_in),
+                      lr_scaling=inside.to_dict()) for s in range(2)]
+    rec = recommend(_results(trials, lr_rule="adam-sqrt"))
+    assert rec.batch_size == 256
+    assert OUTSIDE_RANGE == "outside the rule's range: the betas are part of the recipe"
+    assert OUTSIDE_RANGE in rec.reasons[2] and OUTSIDE_RANGE in rec.reasons[-1]
+    assert "betas (0.5, 0.984" in rec.reasons[-1] and "held at 0.5" in rec.reasons[-1]
+    r = rec.get("recipe")
+    assert r["outside_rule_range"] is True and r["lr_scaling"]["outside_range"] is True
+    assert r["snippets"]["pytorch"].splitlines()[1].startswith(f"# {OUTSIDE_RANGE}")
+    text = " ".join(rec.reasons)
+    assert "betas (0," not in text and "the rule's betas" not in text
+    # inside the range nothing is said
+    inside_rec = recommend(_results([dict(t, batch_size=32) for t in trials[2:]] + [
+        _trial(64, 0.5, seed=0, lr_rule="adam-sqrt", optimizer=optimizer_settings(opt_in),
+               lr_scaling=inside.to_dict())], lr_rule="adam-sqrt"))
+    assert OUTSIDE_RANGE not in " ".join(inside_rec.reasons) and "outside_rule_range" not in inside_rec.get("recipe")
+
+
+def test_an_older_studys_clipped_beta1_is_not_presented_as_the_rules() -> None:
+    """A trial recorded before ``lr_scaling`` (adam-sqrt then clipped a negative beta1 to 0) is said to be outside."""
+    import torch
+
+    from batchfit.recommend import OUTSIDE_RANGE
+
+    opt = torch.optim.Adam(torch.nn.Linear(2, 2).parameters(), lr=4e-3, betas=(0.0, 0.984))
+    trials = [_trial(256, 0.95 + 0.001 * s, seed=s, lr_rule="adam-sqrt", optimizer=optimizer_settings(opt))
+              for s in range(2)]
+    rec = recommend(_results(trials, lr_rule="adam-sqrt"))
+    assert OUTSIDE_RANGE in rec.reasons[2] and OUTSIDE_RANGE in rec.reasons[-1]
+    assert "clipped to 0" in rec.reasons[-1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 19.3: one B_simple, stated against the training loss at the decision's target
+
+
+def _noisy_results() -> dict:
+    from _study_fixture import with_noise_windows
+
+    res = with_noise_windows(make_results())  # true B_simple = 100 / (4 L^2): 25 at loss 1, 100 at loss 0.5
+    res["b_simple"] = 266.0  # the old median over the trials' runs: not a number the recommendation may quote
+    res["noise"] = {"b_simple": 45.4, "b_simple_ci": [41.2, 50.0], "batch_size": 32, "train_steps": 0}
+    return res
+
+
+def test_the_b_simple_sentence_is_the_pooled_value_at_the_target_loss_and_labels_the_initialisation_value() -> None:
+    from batchfit.noise import b_simple_at_loss, noise_records
+
+    res = _noisy_results()
+    rec = recommend(res)
+    noise = rec.get("noise_scale")
+    # the fixture's trials meet the target at their second evaluation, where the training loss is 0.5
+    assert noise["loss_source"] == "target" and noise["train_loss"] == pytest.approx(0.5)
+    expected = b_simple_at_loss(noise_records(res["trials"]), 0.5)
+    assert expected is not None and expected.b_simple.known and expected.b_simple.low > 0
+    assert noise["at_loss"]["b_simple"]["estimate"] == pytest.approx(expected.b_simple.estimate)
+    assert expected.b_simple.contains(100.0) or abs(expected.b_simple.estimate / 100.0 - 1) < 0.1
+    sentence = next(r for r in rec.reasons if r.startswith("Gradient noise scale"))
+    assert f"B_simple {expected.b_simple.estimate:.3g} [" in sentence and "at training loss 0.5" in sentence
+    assert "meets the decision's target" in sentence and "bootstrap over trials" in sentence
+    # B / B_simple as B / [high, low]: finite at both ends
+    ratio = noise["noise_ratio"]
+    assert ratio["low"] == pytest.approx(rec.batch_size / expected.b_simple.high)
+    assert ratio["high"] == pytest.approx(rec.batch_size / expected.b_simple.low)
+    # the probe's value is labelled as measured at initialisation and is never "the" B_simple
+    assert "B_simple at initialisation is 45.4" in sentence and "not the critical batch" in sentence
+    text = " ".join(rec.reasons)
+    assert "266" not in text and "B_simple is 45.4" not in text
+    assert noise["at_initialisation"]["b_simple"] == 45.4
+    assert json.loads(json.dumps(rec.to_dict())) == rec.to_dict()
+
+
+def test_without_the_target_reached_the_b_simple_sentence_says_it_is_at_the_end_of_the_run() -> None:
+    res = _noisy_results()
+    for t in res["trials"]:
+        t["steps_to_target"] = None
+    rec = recommend(res)
+    noise = rec.get("noise_scale")
+    assert noise["loss_source"] == "end_of_run" and noise["train_loss"] == pytest.approx(0.25)  # the last record
+    sentence = next(r for r in rec.reasons if r.startswith("Gradient noise scale"))
+    assert "at training loss 0.25" in sentence and "at the end of its run" in sentence
+
+
+def test_a_study_without_noise_records_quotes_no_b_simple_at_a_loss() -> None:
+    res = make_results()  # per-trial medians only: nothing to pool against the training loss
+    res["b_simple"] = 266.0
+    rec = recommend(res)
+    assert rec.get("noise_scale")["at_loss"] is None
+    assert "266" not in " ".join(rec.reasons)
+    assert any("B_simple at initialisation is 55" in r for r in rec.reasons)

@@ -336,12 +336,12 @@ def test_summary_table_gives_every_trade_off_number_an_interval_over_two_seeds()
     """Issue 11: samples/s, B_simple, B / B_simple, gen. gap, epochs and steps to target carry a 95 % interval."""
     from batchfit.recommend import recommend
     from batchfit.report import summary_table
-    from batchfit.stats import mean_interval
+    from batchfit.stats import mean_interval, positive_mean_interval
 
     res = _two_seed_results()
     rec = recommend(res)
     header, body = summary_table(res, rec)
-    names = ["samples/s", "B_simple", "B / B_simple", "gen. gap", "epochs to target", "steps to target"]
+    names = ["samples/s", "B_simple", "B / B_simple", "val - train(eval) loss", "epochs to target", "steps to target"]
     for name in names:
         col = _column(header, name)
         assert header[col] == f"{name} (95 % interval)"
@@ -360,10 +360,12 @@ def test_summary_table_gives_every_trade_off_number_an_interval_over_two_seeds()
         gap = mean_interval([t["generalization_gap"] for t in res["trials"] if t["batch_size"] == b])
         assert (r["generalization_gap_interval"]["low"], r["generalization_gap_interval"]["high"]) == pytest.approx(
             (gap.low, gap.high))
-        bs = mean_interval([50.0, 54.0])
-        assert r["b_simple_interval"]["estimate"] == pytest.approx(52.0) and r["b_simple_interval"]["n"] == 2
-        assert r["noise_ratio_interval"]["estimate"] == pytest.approx(b / 52.0)
-        assert r["noise_ratio_interval"]["high"] == (math.inf if bs.low <= 0 else pytest.approx(b / bs.low))
+        bs = positive_mean_interval([50.0, 54.0])  # B_simple is positive: a t interval of the logs
+        assert r["b_simple_interval"]["estimate"] == pytest.approx(math.sqrt(50.0 * 54.0))
+        assert r["b_simple_interval"]["n"] == 2 and 0 < r["b_simple_interval"]["low"]
+        assert r["noise_ratio_interval"]["estimate"] == pytest.approx(b / bs.estimate)
+        assert r["noise_ratio_interval"]["low"] == pytest.approx(b / bs.high)
+        assert r["noise_ratio_interval"]["high"] == pytest.approx(b / bs.low)
         # the raw keys are kept as they were: the row's one trial (seed 0, the first of its batch size)
         first = next(t for t in res["trials"] if t["batch_size"] == b)
         assert (r["steps_to_target"], r["generalization_gap"], r["b_simple"]) == (
@@ -383,10 +385,10 @@ def test_summary_table_says_no_interval_with_one_seed() -> None:
     res = make_results()
     rec = recommend(res)
     header, body = summary_table(res, rec)
-    for name in ("B_simple", "B / B_simple", "gen. gap"):
+    for name in ("B_simple", "B / B_simple", "val - train(eval) loss"):
         col = _column(header, name)
         assert all(row[col].endswith(" (no interval)") for row in body), (name, [row[col] for row in body])
-    assert [row[_column(header, "gen. gap")] for row in body] == [
+    assert [row[_column(header, "val - train(eval) loss")] for row in body] == [
         f"{0.02 * b ** 0.25:+.3f} (no interval)" for b in (16, 32, 64, 128)]
     evidence = {e["batch_size"]: e for e in rec.get("intervals")}
     steps = _column(header, "steps to target")
@@ -413,22 +415,143 @@ def test_the_raw_seconds_to_target_is_labelled_the_one_trials_wall_clock(tmp_pat
     assert header.index("time to target, s (95 % interval)") == 15
     assert [h.split(" (")[0] for h in header[:13]] == [
         "batch", "micro x accum", "LR", "status", "best val accuracy", "peak memory", "samples/s", "B_simple",
-        "B / B_simple", "gen. gap", "epochs to target", "steps to target", "s to target"]
+        "B / B_simple", "val - train(eval) loss", "epochs to target", "steps to target", "s to target"]
     md = (tmp_path / "report.md").read_text()
     assert "| s to target (one trial's wall clock) |" in md and "| samples/s (95 % interval) |" in md
     page = parse_page((tmp_path / "report.html").read_text())
-    gap = page.tables[0][0].index("gen. gap (95 % interval)")
+    gap = page.tables[0][0].index("val - train(eval) loss (95 % interval)")
     assert all(re.fullmatch(_INTERVAL_TEXT, row[gap]) for row in page.tables[0][1:])
 
 
-def test_a_quotient_of_an_interval_reaching_zero_is_unbounded() -> None:
-    """B / B_simple from two B_simple seeds far apart: the t interval of B_simple reaches below zero, so the ratio's
-    upper end is unbounded (``inf``), not a negative or a missing number."""
-    from batchfit.report import summary_table
+def test_b_simple_over_seeds_is_positive_and_its_quotient_never_inf() -> None:
+    """Issue 19.4: B_simple from two seeds far apart (10 and 200). A t interval of the raw values reaches below zero
+    (``-1.1e3``) and B / B_simple's upper end became ``inf``; B_simple is positive, so its interval is taken on the
+    log scale (both ends positive) and B / B_simple is ``B / [high, low]`` of it: finite at both ends."""
+    from batchfit.report import summary_rows, summary_table
 
     res = _two_seed_results()
     for t in res["trials"]:
         t["b_simple"] = 10.0 if t["seed"] == 0 else 200.0
     header, body = summary_table(res)
-    ratio = _column(header, "B / B_simple")
-    assert all(re.fullmatch(r"[\d.]+ \[[\d.]+, inf\]", row[ratio]) for row in body), [row[ratio] for row in body]
+    ratio, bs = _column(header, "B / B_simple"), _column(header, "B_simple")
+    positive = r"\d[\d.e+-]* \[\d[\d.e+-]*, \d[\d.e+-]*\]"  # no minus sign before a number, no inf
+    assert all(re.fullmatch(positive, row[ratio]) for row in body), [row[ratio] for row in body]
+    assert all(re.fullmatch(positive, row[bs]) for row in body), [row[bs] for row in body]
+    for r in summary_rows(res):
+        iv, q = r["b_simple_interval"], r["noise_ratio_interval"]
+        assert iv["estimate"] == pytest.approx(math.sqrt(10.0 * 200.0))  # the geometric mean
+        assert 0 < iv["low"] < iv["estimate"] < iv["high"] < math.inf
+        assert 0 < q["low"] <= q["estimate"] <= q["high"] < math.inf
+        assert q["low"] == pytest.approx(r["batch_size"] / iv["high"])
+        assert q["high"] == pytest.approx(r["batch_size"] / iv["low"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 19.5: generalization read from paired between-batch differences; the gap of one definition only
+
+
+def _paired_results() -> dict:
+    """Three seeds per batch size; a seed effect shared by every batch size (seed s adds 0.02 s to every final
+    accuracy) and a batch effect per batch size: the paired differences remove the seed effect."""
+    effect = {16: 0.004, 32: 0.0, 64: -0.002, 128: -0.05}
+    jitter = {0: 0.0, 1: 0.001, 2: -0.001}
+
+    def edit(t: dict, r: dict, seed: int) -> None:
+        acc = 0.9 + 0.02 * seed + effect[t["batch_size"]] + jitter[seed] * (t["batch_size"] % 3)
+        for h in r["history"]:
+            h["val_metrics"] = {"accuracy": acc}
+        r["best_val_metrics"] = r["final_val_metrics"] = {"accuracy": acc}
+
+    return _per_seed(3, edit)
+
+
+def test_the_generalization_column_is_the_paired_difference_from_the_recommended_batch(tmp_path: Path) -> None:
+    """Each batch size's quality minus the recommended batch's, per seed, with a t interval over the paired
+    differences: the seed effect (much larger than the batch effect) cancels, so 128 is clearly worse and the
+    interval is narrow. The reference row says so; with one seed the difference has no interval."""
+    from batchfit.decide import quality_of_trial
+    from batchfit.metric import Metric
+    from batchfit.recommend import recommend
+    from batchfit.report import summary_table
+    from batchfit.stats import mean_interval
+
+    res = _paired_results()
+    rec = recommend(res)
+    ref = rec.batch_size
+    rows = {r["batch_size"]: r for r in summary_rows(res, rec)}
+    metric = Metric("accuracy", True)
+    q = {(t["batch_size"], t["seed"]): quality_of_trial(t, metric) for t in res["trials"]}
+    for b, r in rows.items():
+        assert r["paired_reference_batch_size"] == ref
+        if b == ref:
+            assert r["paired_difference_interval"] is None
+            continue
+        want = mean_interval([q[(b, s)] - q[(ref, s)] for s in range(3)])
+        iv = r["paired_difference_interval"]
+        assert (iv["estimate"], iv["low"], iv["high"]) == pytest.approx((want.estimate, want.low, want.high))
+        assert iv["n"] == 3 and iv["method"] == "paired t over seeds"
+    assert rows[128]["paired_difference_interval"]["high"] < 0  # apart, despite the seeds' spread of 0.04
+    unpaired = mean_interval([q[(128, s)] for s in range(3)])
+    assert unpaired.high - unpaired.low > 10 * (rows[128]["paired_difference_interval"]["high"]
+                                                - rows[128]["paired_difference_interval"]["low"])
+    header, body = summary_table(res, rec)
+    col = header.index(f"val accuracy minus batch {ref}'s, paired by seed (95 % interval)")
+    assert col == 17 and header[12] == "s to target (one trial's wall clock)"  # appended: the old columns stay
+    cells = {int(row[0]): row[col] for row in body}
+    assert cells[ref] == "reference"
+    assert all(re.fullmatch(_INTERVAL_TEXT, c) for b, c in cells.items() if b != ref), cells
+    write_report(res, tmp_path, plots=False)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert summary_table(data)[0][col] == header[col]  # rebuilt from results.json: the same reference
+    md = (tmp_path / "report.md").read_text()
+    assert f"| val accuracy minus batch {ref}'s, paired by seed (95 % interval) |" in md
+    one = make_results()  # one seed: a difference, with no interval
+    _, body1 = summary_table(one, recommend(one))
+    assert all(row[17] == "reference" or row[17].endswith(" (no interval)") for row in body1)
+
+
+def test_the_gap_column_shows_only_val_minus_the_eval_mode_training_loss() -> None:
+    """The gap is val_loss - train_eval_loss (the engine's records carry train_eval_loss); a trial recorded with the
+    old definition (minus the running training loss) shows none rather than a number of another meaning."""
+    from batchfit.report import summary_table
+
+    res = make_results()
+    old = make_results()
+    for t in old["trials"] + old["best_per_batch"]:
+        for h in t["history"]:
+            del h["train_eval_loss"]
+    header, body = summary_table(res)
+    col = _column(header, "val - train(eval) loss")
+    assert header[col] == "val - train(eval) loss (95 % interval)"
+    assert all(row[col].endswith(" (no interval)") for row in body)
+    _, body_old = summary_table(old)
+    assert [row[col] for row in body_old] == ["-"] * 4
+    assert all(r["generalization_gap"] is None for r in summary_rows(old))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 19.3: the report's B_simple is the pooled one against the training loss; the probe's is at initialisation
+
+
+def test_the_report_divides_by_b_simple_at_the_target_loss_and_labels_the_initialisation_value(
+        tmp_path: Path) -> None:
+    from _study_fixture import with_noise_windows
+    from batchfit.report import summary_table
+
+    res = with_noise_windows(make_results())  # true B_simple 100 / (4 L^2): 100 at the target's loss 0.5
+    res["b_simple"] = 266.0  # the old median over the runs
+    paths = write_report(res, tmp_path, plots=True)
+    rec = paths["recommendation"]
+    at = rec.get("noise_scale")["at_loss"]["b_simple"]
+    assert 0 < at["low"] < at["estimate"] < at["high"] and at["estimate"] == pytest.approx(100.0, rel=0.15)
+    header, body = summary_table(json.loads((tmp_path / "results.json").read_text()), rec)
+    col = _column(header, "B / B_simple")
+    for row in body:
+        b = int(row[0])
+        assert row[col] == f"{b / at['estimate']:.2f} [{b / at['high']:.2f}, {b / at['low']:.2f}]"
+    md = (tmp_path / "report.md").read_text()
+    assert "B_simple at initialisation (the noise probe): 55" in md and "not the critical batch" in md
+    assert "B_simple at training loss 0.5, the training loss where the chosen configuration" in md
+    assert "B_simple against the training loss, pooled over" in md
+    assert "266" not in md and "B_simple during training (median" not in md
+    assert "b_simple" in paths["plots"]

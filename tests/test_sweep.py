@@ -18,7 +18,7 @@ from torch import nn
 
 from batchfit.demos import ArrayDataset
 from batchfit.errors import ConfigError, WorkloadError
-from batchfit.metric import Metric
+from batchfit.metric import Metric, best_config_mean
 from batchfit.progress import KINDS, ProgressEvent
 from batchfit.study import (
     MAX_LR_SEARCH,
@@ -207,17 +207,28 @@ def test_sweep_results_resume_and_store_roundtrip(tmp_path: Path) -> None:
         assert len(t["history"]) >= 10  # ~16 evaluations per trial: steps-to-target has resolution
         assert t["best_val_metrics"]["accuracy"] >= t["final_val_metrics"]["accuracy"] - 1e-9
         assert t["samples_per_s"] > 0 and t["peak_memory_bytes"] > 0
-        assert t["b_simple_history"] and t["b_simple"] is not None  # B_simple over training
+        if t["batch_size"] > 16:  # B_simple over training, from the trial's own accumulated micro-batches
+            assert t["b_simple_history"] and t["b_simple"] is not None
+        else:  # one micro-batch: the layout is not split for B_simple, so the trial records none
+            assert (t["micro_batch_size"], t["accumulation_steps"]) == (t["batch_size"], 1)
+            assert t["b_simple"] is None and t["noise_split"] is False
     assert res["primary_metric"] == "accuracy" and res["higher_is_better"] is True
-    best = max(t["best_metric"] for t in res["trials"])
+    best = best_config_mean(res["trials"], Metric("accuracy", True))  # the best configuration's final quality
     assert res["target"]["best"] == pytest.approx(best)
     assert res["target"]["value"] == pytest.approx(0.97 * best)
     reached = [t for t in res["trials"] if t["steps_to_target"] is not None]
     assert reached, "the best trial reaches 97 % of its own best by definition"
-    for t in reached:
-        rec = next(r for r in t["history"] if r["step"] == t["steps_to_target"])
+    for t in reached:  # the raw curve's first crossing, interpolated between the evaluations around it
+        goal = res["target"]["value"] - 1e-12
+        i = next(i for i, r in enumerate(t["history"]) if r["val_metrics"]["accuracy"] >= goal)
+        rec, prev = t["history"][i], t["history"][i - 1] if i else None
         assert rec["val_metrics"]["accuracy"] >= res["target"]["value"] - 1e-9
-        assert t["epochs_to_target"] == rec["epoch"] and t["samples_to_target"] == rec["samples"]
+        lo = prev["step"] if prev else rec["step"]
+        assert lo <= t["steps_to_target"] <= rec["step"]
+        frac = 1.0 if prev is None else (t["steps_to_target"] - prev["step"]) / (rec["step"] - prev["step"])
+        if prev is not None:  # one fraction for every unit: steps, epochs and samples interpolate alike
+            assert t["epochs_to_target"] == pytest.approx(prev["epoch"] + frac * (rec["epoch"] - prev["epoch"]))
+            assert t["samples_to_target"] == pytest.approx(prev["samples"] + frac * (rec["samples"] - prev["samples"]))
     assert [t["batch_size"] for t in res["best_per_batch"]] == [4, 8, 32]
     json.dumps(res.to_dict(), allow_nan=False)  # plain JSON
 
@@ -262,7 +273,7 @@ def test_diverged_trial_recorded_and_sweep_goes_on(tmp_path: Path) -> None:
     assert by[(256, 1.0)]["diverged_at_step"] is not None
     assert by[(8, 0.5)]["status"] == "ok" and by[(8, 1.0)]["status"] == "ok"  # ran after the divergence
     assert res["primary_metric"] == "val_loss" and res["higher_is_better"] is False
-    best = min(t["best_metric"] for t in res["trials"] if t["best_metric"] is not None)
+    best = best_config_mean(res["trials"], Metric("val_loss", False))
     assert res["target"]["value"] == pytest.approx(best / 0.97)
     # the best LR per batch size prefers a finished, non-diverged trial
     bpb = {t["batch_size"]: t for t in res["best_per_batch"]}
@@ -304,8 +315,8 @@ def test_extra_attrs_stored_and_returned(tmp_path: Path) -> None:
                 extra_attrs={"find": {"max_batch_size": 123}, "noise": {"b_simple": 4.5}})
     assert res["find"] == {"max_batch_size": 123} and res["noise"] == {"b_simple": 4.5}
     assert load_results(url)["find"] == {"max_batch_size": 123}
-    assert res["trials"][0]["b_simple"] is not None  # B=8 split into 2 x 4 for the noise scale
-    assert res["trials"][0]["noise_split"] is True
+    t = res["trials"][0]  # B=8 runs as the recommendation would run it, one micro-batch: no B_simple of its own
+    assert (t["micro_batch_size"], t["accumulation_steps"], t["noise_split"], t["b_simple"]) == (8, 1, False, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -470,7 +481,7 @@ def test_without_validation_data_sweeps_and_ranks_on_train_loss(tmp_path: Path) 
         assert t.best_train_loss is not None and t.best_metric == pytest.approx(t.best_train_loss)
         assert t.best_val_loss is None and t.final_train_loss is not None
         assert Metric("train_loss", False).of_trial(t.to_dict()) == pytest.approx(t.best_train_loss)
-    best = min(t.best_train_loss for t in res.trials)
+    best = best_config_mean(res.trials, Metric("train_loss", False))
     assert res.target["best"] == pytest.approx(best) and res.target["value"] == pytest.approx(best / 0.97)
     assert "train_loss" in res.target["definition"]
     assert any(t.steps_to_target is not None for t in res.trials)
@@ -604,3 +615,148 @@ def test_seeds_are_a_sweep_dimension_stored_and_resumed(tmp_path: Path) -> None:
     assert {"b8_m1", "b8_m1_s6", "b16_m1_s7"} <= keys  # the base seed keeps the pre-seeds key
     with pytest.raises(ConfigError, match="seeds"):
         sweep(classify(), batch_sizes=[8], seeds=0, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 19.7: a trial measures the layout the recommendation gives (no split for the noise meter)
+
+
+def batchnorm_classify(n: int = 96, n_val: int = 32) -> Workload:
+    """A classifier with BatchNorm: its running statistics depend on how the batch is cut into micro-batches."""
+    g = torch.Generator().manual_seed(3)
+    x = 2.0 * torch.randn(n + n_val, 8, generator=g) + 1.0
+    y = (x @ torch.randn(8, 3, generator=g)).argmax(dim=1)
+    return Workload(
+        name="tiny-batchnorm",
+        model_fn=lambda: nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)),
+        optimizer_fn=lambda params, lr: torch.optim.SGD(params, lr=lr),
+        loss_fn=F.cross_entropy,
+        train_data=ArrayDataset(x[:n], y[:n]),
+        val_data=ArrayDataset(x[n:], y[n:]),
+        metrics={"accuracy": accuracy},
+        base_batch_size=8,
+        base_lr=0.1,
+    )
+
+
+class _Layout:
+    """Counts the model's forward calls per optimizer step (training mode only) and keeps the BatchNorm buffers."""
+
+    def __init__(self) -> None:
+        self.forwards: list[int] = []
+        self.rows: list[list[int]] = []
+        self.buffers: dict[str, torch.Tensor] = {}
+        self._calls: list[int] = []
+
+    def on_train_start(self, state) -> None:  # noqa: ANN001
+        def hook(module, args) -> None:  # noqa: ANN001
+            if module.training:
+                self._calls.append(args[0].shape[0])
+
+        state.model.register_forward_pre_hook(hook)
+
+    def on_step_end(self, state) -> None:  # noqa: ANN001
+        self.forwards.append(len(self._calls))
+        self.rows.append(list(self._calls))
+        self._calls.clear()
+
+    def on_train_end(self, state, result) -> None:  # noqa: ANN001
+        self.buffers = {k: v.detach().clone() for k, v in state.model.named_buffers()}
+
+
+@pytest.mark.parametrize(("batch", "limit"), [(8, 8), (16, 32)])
+def test_a_trial_within_the_micro_limit_runs_as_one_micro_batch(tmp_path: Path, batch: int, limit: int) -> None:
+    """With the noise meter on, a batch <= the micro-batch limit trains as micro-batch B x accumulation 1 (the
+    recommendation's layout): the stored attributes say so, the model sees one forward of B samples per step, and
+    the BatchNorm running statistics equal those of a plain ``batchfit.train`` at that batch."""
+    import batchfit
+
+    seen = _Layout()
+    res = sweep(batchnorm_classify(), batch_sizes=[batch], budget="steps:5", storage=_url(tmp_path),
+                micro_batch_limit=limit, measure_noise=True, callbacks=[seen])
+    t = res["trials"][0]
+    assert t["status"] == "ok"
+    assert (t["micro_batch_size"], t["accumulation_steps"], t["noise_split"]) == (batch, 1, False)
+    stored = optuna.load_study(study_name=res["study_name"], storage=_url(tmp_path)).trials[0].user_attrs
+    assert (stored["plan"]["micro_batch_size"], stored["plan"]["accumulation_steps"]) == (batch, 1)
+    assert seen.forwards == [1] * 5 and seen.rows == [[batch]] * 5
+    plain = _Layout()
+    batchfit.train(batchnorm_classify(), batch_size=batch, steps=5, seed=t["seed"], callbacks=[plain])
+    assert plain.rows == seen.rows
+    assert seen.buffers.keys() == plain.buffers.keys() and "1.running_mean" in seen.buffers
+    for k, v in plain.buffers.items():
+        assert torch.equal(seen.buffers[k], v), k
+
+
+def test_a_trial_above_the_micro_limit_accumulates_and_measures_b_simple(tmp_path: Path) -> None:
+    """A batch above the limit runs as the recommendation's micro-batches x accumulation, and B_simple comes from
+    those micro-batches (no extra split)."""
+    seen = _Layout()
+    res = sweep(batchnorm_classify(), batch_sizes=[32], budget="steps:4", storage=_url(tmp_path),
+                micro_batch_limit=16, measure_noise=True, callbacks=[seen])
+    t = res["trials"][0]
+    assert (t["micro_batch_size"], t["accumulation_steps"], t["noise_split"]) == (16, 2, False)
+    assert seen.rows == [[16, 16]] * 4
+    assert t["b_simple_history"] and t["b_simple"] is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 19.6: a batch size outside the adam-sqrt rule's range gets its LR searched
+
+
+def test_a_batch_outside_the_adam_sqrt_range_gets_at_least_three_lr_multipliers() -> None:
+    from batchfit.study import lr_multipliers_by_batch, make_grid
+
+    sizes = [8, 32, 40, 64, 128]  # k = 1, 4, 5 (k (1 - 0.9) = 0.5: the rule's last value), 8 and 16 (outside)
+    kw = {"rule": "adam-sqrt", "base_batch_size": 8, "betas": (0.9, 0.999)}
+    wide = lr_multipliers_by_batch(sizes, 1, **kw)
+    assert wide == {64: [0.5, 1.0, 2.0], 128: [0.5, 1.0, 2.0]}
+    assert lr_multipliers_by_batch(sizes, 5, **kw) == {64: lr_multipliers(5), 128: lr_multipliers(5)}
+    assert lr_multipliers_by_batch(sizes, 1, rule="linear", base_batch_size=8, betas=None) == {}
+    grid = make_grid(sizes, lr_multipliers(1), by_batch=wide)
+    per_batch: dict[int, list[float]] = {}
+    for p in grid:
+        per_batch.setdefault(p.batch_size, []).append(p.lr_multiplier)
+    assert per_batch == {8: [1.0], 32: [1.0], 40: [1.0], 64: [1.0, 0.5, 2.0], 128: [1.0, 0.5, 2.0]}
+    assert [p.key for p in grid[:5]] == [f"b{b}_m1" for b in sizes]  # every scaled LR first, then the neighbours
+    assert grid == make_grid(sizes, lr_multipliers(1), by_batch=wide)  # deterministic
+    seeded = make_grid(sizes, lr_multipliers(1), by_batch=wide, seeds=2)
+    assert len(seeded) == 2 * len(grid) and {p.key for p in seeded if p.seed} >= {"b128_m0.5_s1", "b8_m1_s1"}
+
+
+def _adam_classify() -> Workload:
+    return dataclasses.replace(classify(n=64, n_val=32, lr=1e-3),
+                               optimizer_fn=lambda params, lr: torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999)))
+
+
+def test_the_sweep_searches_the_lr_of_a_batch_outside_the_rules_range(tmp_path: Path) -> None:
+    res = sweep(_adam_classify(), batch_sizes=[8, 64], budget="steps:1", storage=_url(tmp_path),
+                measure_noise=False, micro_batch_limit=64)
+    keys = sorted((t["batch_size"], t["lr_multiplier"]) for t in res["trials"])
+    assert keys == [(8, 1.0), (64, 0.5), (64, 1.0), (64, 2.0)]  # k = 8: k (1 - beta1) = 0.8 > 0.5
+    assert res["lr_multipliers"] == [1.0] and res["lr_multipliers_by_batch"] == {"64": [0.5, 1.0, 2.0]}
+    by = {(t["batch_size"], t["lr_multiplier"]): t for t in res["trials"]}
+    assert by[(64, 1.0)]["lr_scaling"]["outside_range"] is True
+    assert by[(64, 1.0)]["optimizer"]["betas"] == [0.5, pytest.approx(0.999**8)]
+    assert by[(8, 1.0)]["lr_scaling"]["outside_range"] is False
+    again = sweep(_adam_classify(), batch_sizes=[8, 64], budget="steps:1", storage=_url(tmp_path),
+                  measure_noise=False, micro_batch_limit=64)  # resumed: the same grid, nothing re-run
+    assert again["study_name"] == res["study_name"] and len(again["trials"]) == 4
+
+
+def test_the_weight_decay_rule_and_the_adam_sqrt_version_are_in_the_study_identity() -> None:
+    from batchfit.study.identity import ADAM_SQRT_VERSION, identity_differences, study_identity, workload_fingerprint
+
+    def identity(wl: Workload, **kw: object) -> dict:
+        return study_identity(wl, workload_fingerprint(wl), device="cpu", precision="fp32",
+                              budget=parse_budget("steps:1"), lr_rule="auto", warmup=0, seed=0,
+                              metric=Metric("accuracy", True), **kw)
+
+    sgd = identity(classify())
+    assert "weight_decay_rule" not in sgd and "adam_sqrt" not in sgd  # the defaults keep their study names
+    adam, timescale = identity(_adam_classify()), identity(_adam_classify(), weight_decay_rule="timescale")
+    assert adam["adam_sqrt"] == ADAM_SQRT_VERSION and timescale["weight_decay_rule"] == "timescale"
+    assert identity_differences(adam, timescale) == ["weight_decay_rule"]
+    assert identity_differences(timescale, adam) == ["weight_decay_rule"]
+    clipped = {k: v for k, v in adam.items() if k != "adam_sqrt"}  # a study scaled by the earlier (clipping) rule
+    assert identity_differences(clipped, adam) == ["adam_sqrt"]

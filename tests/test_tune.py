@@ -335,32 +335,33 @@ class _FakeSweep:
         return {"primary_metric": "accuracy", "higher_is_better": True, "trials": trials, "num_val": 360}
 
 
-def test_racing_adds_seeds_only_to_undecided_batch_sizes(tmp_path: Path) -> None:
+def test_racing_adds_seeds_only_where_they_can_change_the_choice(tmp_path: Path) -> None:
     import batchfit.tuning as tuning
 
     fake = _FakeSweep()
     run = _Run(tmp_path, None, {}, "cpu", "fp32", 0)
     final = tuning._race(fake(None), fake, {}, run, tolerance=0.01, cap=3)
     seeds = tuning.seeds_per_batch(final)
-    assert seeds == {16: 2, 32: 2, 256: 1}  # 256 is apart after one seed: never replicated
-    assert fake.calls == [None, {16: 2, 32: 2}]  # the second seed left the choice where it was: stable, stop
-    assert len(final["trials"]) == 5  # 3 + 2 trials, not the 9 of three seeds everywhere
-    # without the stability stop, racing goes on to the cap for the undecided only
-    want, why = tuning.race_round(final, tolerance=0.01, cap=3)
-    assert want == {16: 3, 32: 3} and "undecided" in why
-    assert tuning.race_round(final, tolerance=0.01, cap=2) == ({}, "seed cap 2 reached for the undecided batch "
-                                                                    "sizes 16, 32")
+    # 256 is far worse and slower to the target than the choice: never replicated; the finalist 32 gets 3 seeds,
+    # 16 only while it is a finalist (the reference) or could still win (it is slower than 32: it cannot)
+    assert seeds[256] == 1 and seeds[32] == 3 and 2 <= seeds[16] <= 3, seeds
+    assert fake.calls[0] is None and all(256 not in (c or {}) for c in fake.calls)
+    assert tuning.race_round(final, tolerance=0.01, cap=3)[0] == {}
+    d = __import__("batchfit.recommend", fromlist=["x"]).decide_results(final, 0.01)
+    assert d.batch_size == 32 and d.evidence[32].verdict in ("reference", "non-inferior")
 
 
-def test_race_round_stops_when_the_decision_is_stable() -> None:
+def test_race_round_asks_the_finalists_for_three_seeds_and_the_faster_undecided_for_one_more() -> None:
     from batchfit.tuning import race_round
 
-    clear = {"primary_metric": "accuracy", "higher_is_better": True, "num_val": 100_000,
-             "trials": [_synthetic_trial(16, 0, 0.95, 400), _synthetic_trial(64, 0, 0.80, 100)]}
-    assert race_round(clear, tolerance=0.0, cap=3) == ({}, "stable: batch 16 is better than every other beyond the "
-                                                           "noise")
-    tied = dict(clear, num_val=None)  # one seed, no validation size: nothing can be told apart
-    assert race_round(tied, tolerance=0.0, cap=3)[0] == {16: 2, 64: 2}
+    one = {"primary_metric": "accuracy", "higher_is_better": True, "num_val": 100_000,
+           "trials": [_synthetic_trial(16, 0, 0.95, 400), _synthetic_trial(64, 0, 0.80, 100),
+                      _synthetic_trial(256, 0, 0.949, 600)]}
+    want, why = race_round(one, tolerance=0.01, cap=3)
+    # one seed: nothing can be shown non-inferior; 16 (the reference, chosen) is a finalist, 64 is faster and
+    # undecided, 256 is slower than 16 and cannot change the choice
+    assert want == {16: 2, 64: 2} and "finalist" in why and "undecided" in why
+    assert race_round(one, tolerance=0.01, cap=1) == ({}, "seed cap 1 reached for the undecided batch sizes 64")
 
 
 def test_seeds_forces_n_seeds_everywhere(tmp_path: Path) -> None:

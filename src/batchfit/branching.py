@@ -153,9 +153,11 @@ def gradient_noise_scale(workload: Workload, model: torch.nn.Module, *, batch_si
     """B_simple = tr(Sigma) / |G|^2 at the model's current weights (McCandlish et al. 2018, appendix A).
 
     Each of ``pairs`` batches of ``2 b`` samples gives two half-batch gradients; the unbiased two-batch estimates of
-    ``|G|^2`` and ``tr(Sigma)`` are averaged over the pairs and their ratio bootstrapped over the pairs.
+    ``|G|^2`` and ``tr(Sigma)`` (:func:`batchfit.noise.unbiased_estimates`) are averaged over the pairs and their
+    ratio bootstrapped over the pairs (:func:`batchfit.noise.noise_scale_interval`, the estimator every B_simple
+    in batchfit goes through).
     """
-    from batchfit.noise import unbiased_estimates
+    from batchfit import noise
 
     params = [p for p in model.parameters() if p.requires_grad]
     half = max(1, batch_size // 2)
@@ -175,21 +177,12 @@ def gradient_noise_scale(workload: Workload, model: torch.nn.Module, *, batch_si
         g0, g1 = 2 * after[0], 2 * (after[1] - after[0])
         small = 0.5 * (g0.square().sum() + g1.square().sum())
         big = after[1].square().sum()
-        g2, tr = unbiased_estimates(float(small), float(big), k=2, batch_size=2 * half)
+        g2, tr = noise.unbiased_estimates(float(small), float(big), k=2, batch_size=2 * half)
         g2s.append(g2)
         trs.append(tr)
     model.zero_grad(set_to_none=True)
-    g2a, tra = np.asarray(g2s), np.asarray(trs)
     # |G|^2 near an optimum can be estimated <= 0 (noise dominates the signal): B_simple is then only bounded below
-    est = float(tra.mean() / g2a.mean()) if g2a.mean() > 0 else math.inf
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, pairs, size=(1000, pairs))
-    num, den = tra[idx].mean(axis=1), g2a[idx].mean(axis=1)
-    ratios = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.inf)
-    if pairs < 2:
-        return Interval(est, None, None, method="bootstrap-pairs", n=pairs)
-    lo, hi = np.quantile(ratios, [0.025, 0.975], method="inverted_cdf")
-    return Interval(est, float(lo), float(hi), method="bootstrap-pairs", n=pairs)
+    return noise.noise_scale_interval(g2s, trs, seed=seed, method="bootstrap-pairs")
 
 
 def _branch(workload: Workload, ckpt: dict[str, Any], *, base_batch: int, batch: int, rule: str, steps: int,

@@ -15,12 +15,12 @@ out a batch of 1024 needing 20; ``r2`` is the weighted coefficient of determinat
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["MIN_POINTS", "fit_critical_batch", "predict_steps"]
+__all__ = ["MIN_POINTS", "fit_critical_batch", "pooled_points", "predict_steps", "seed_points"]
 
 MIN_POINTS = 3
 
@@ -75,3 +75,32 @@ def fit_critical_batch(points: Iterable[Sequence[float]]) -> tuple[dict[str, Any
 def predict_steps(fit: dict[str, Any], batch_size: float) -> float:
     """``S_min (1 + B_crit / B)`` for a fitted curve."""
     return float(fit["s_min"]) * (1.0 + float(fit["b_crit"]) / float(batch_size))
+
+
+def seed_points(trials: Iterable[Any]) -> list[tuple[int, float]]:
+    """``(B, steps)`` for each (batch size, seed) that reached the target: the fewest steps to it over that batch
+    size's learning rates (Shallue et al. 2019 retune the LR per batch size). ``trials`` are trial dicts or
+    summaries with ``batch_size``, ``seed``, ``status`` and ``steps_to_target``."""
+    def get(t: Any, name: str) -> Any:
+        return t.get(name) if isinstance(t, Mapping) else getattr(t, name, None)
+
+    best: dict[tuple[int, Any], float] = {}
+    for t in trials:
+        steps = get(t, "steps_to_target")
+        if isinstance(steps, bool) or not isinstance(steps, (int, float)) or not math.isfinite(steps) or steps <= 0:
+            continue
+        if get(t, "status") not in ("ok", "diverged"):
+            continue
+        key = (int(get(t, "batch_size")), get(t, "seed"))
+        best[key] = min(best.get(key, math.inf), float(steps))
+    return [(b, s) for (b, _), s in sorted(best.items(), key=lambda kv: (kv[0][0], repr(kv[0][1])))]
+
+
+def pooled_points(points: Iterable[Sequence[float]]) -> list[tuple[int, float]]:
+    """One point per batch size: its replicates' geometric mean (steps are positive and their noise multiplicative;
+    the minimum over seeds would be biased low)."""
+    by_b: dict[int, list[float]] = {}
+    for b, s in points:
+        if math.isfinite(float(s)) and float(s) > 0:
+            by_b.setdefault(int(b), []).append(float(s))
+    return [(b, float(np.exp(np.mean(np.log(v))))) for b, v in sorted(by_b.items())]

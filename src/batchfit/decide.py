@@ -41,17 +41,19 @@ from typing import Any
 
 import numpy as np
 
-from batchfit.metric import Metric, finite_or_none
+from batchfit.critical import seed_points
+from batchfit.metric import Metric, best_config_mean, crossing, final_quality, finite_or_none
 from batchfit.stats import (
     DEFAULT_LEVEL,
     Choice,
     CriticalBatchInterval,
     Interval,
-    choose,
+    Selection,
     critical_batch_interval,
     mean_interval,
     pooled_mean_intervals,
     ratio_interval,
+    select_non_inferior,
 )
 
 __all__ = [
@@ -66,7 +68,8 @@ __all__ = [
     "quality_of_trial",
 ]
 
-SMOOTH = 3  # evaluations in the moving average a trial's quality is read from
+SMOOTH = 3  # a trial's quality: the mean of its last SMOOTH evaluations (batchfit.metric.FINAL_EVALS)
+FINALIST_SEEDS = 3  # the reference and the chosen batch size need this many seeds before racing stops
 FEW_STEPS = 50  # a base-LR move decided on fewer optimizer steps than this is flagged
 
 
@@ -75,11 +78,10 @@ def _z(level: float) -> float:
 
 
 def quality_of_trial(trial: Mapping[str, Any], metric: Metric, smooth: int = SMOOTH) -> float | None:
-    """The best value of the trial's ``smooth``-evaluation moving average of ``metric`` (fewer evals: their mean)."""
-    curve = smoothed_curve(trial, metric, smooth)
-    if not curve:
-        return metric.of_trial(trial)
-    return float(metric.best([v for _, v in curve]))
+    """A trial's quality: the mean of its last ``smooth`` evaluations of ``metric``
+    (:func:`batchfit.metric.final_quality`; a summary without history: its recorded best)."""
+    q = final_quality(trial.get("history"), metric, smooth)
+    return q if q is not None else metric.of_trial(trial)
 
 
 def _is_proportion(metric: Metric, values: Sequence[float]) -> bool:
@@ -87,8 +89,9 @@ def _is_proportion(metric: Metric, values: Sequence[float]) -> bool:
     return metric.higher_is_better and not metric.is_loss and all(0.0 <= v <= 1.0 for v in values)
 
 
-def _sampling_interval(trial: Mapping[str, Any], value: float, metric: Metric, level: float) -> Interval:
-    """One seed: the validation set's sampling interval, when the record or the metric allows one."""
+def sampling_interval(trial: Mapping[str, Any], value: float, metric: Metric, level: float) -> Interval:
+    """One seed: the validation set's sampling interval, when the record or the metric allows one (the LR check's
+    single-seed score; the batch decision uses seed noise, :func:`decide`)."""
     last = (trial.get("history") or [{}])[-1]
     given = last.get("val_interval") if isinstance(last, Mapping) else None
     if isinstance(given, Mapping) and given.get("low") is not None:
@@ -161,7 +164,12 @@ def _seconds_per_step(trial: Mapping[str, Any]) -> float | None:
 
 @dataclass
 class BatchEvidence:
-    """What the data say about one batch size (its best learning rate, pooled over seeds)."""
+    """What the data say about one batch size (its best learning rate, pooled over seeds).
+
+    ``quality`` is the seed mean with the pooled-variance t interval (for display); ``difference`` is the batch
+    size's paired difference from the reference on shared seeds (positive = better) with the decision's
+    simultaneous bounds, and ``verdict`` what the decision concluded from it (:class:`batchfit.stats.Comparison`).
+    """
 
     batch_size: int
     lr_multiplier: float
@@ -173,6 +181,8 @@ class BatchEvidence:
     seeds: int
     trials: list[Mapping[str, Any]] = field(default_factory=list, repr=False)
     seeds_reached: int | None = None  # seeds that reached the target (a time to target needs all of them)
+    difference: Interval | None = None
+    verdict: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         def iv(x: Interval | None) -> dict[str, Any] | None:
@@ -181,12 +191,16 @@ class BatchEvidence:
         return {"batch_size": self.batch_size, "lr_multiplier": self.lr_multiplier, "lr": self.lr,
                 "quality": iv(self.quality), "steps_to_target": iv(self.steps_to_target),
                 "seconds_per_step": iv(self.seconds_per_step), "time_to_target": iv(self.time_to_target),
-                "seeds": self.seeds, "seeds_reached": self.seeds_reached}
+                "seeds": self.seeds, "seeds_reached": self.seeds_reached, "difference": iv(self.difference),
+                "verdict": self.verdict}
 
 
 @dataclass
 class Decision:
-    """The chosen batch size, what it was chosen among, and the flags a reader must see."""
+    """The chosen batch size, what it was chosen among, and the flags a reader must see.
+
+    ``selection`` is the non-inferiority verdict of every batch size against the reference; ``critical`` the S(B)
+    fit at the decision's target (the one B_crit the recommendation and the report print)."""
 
     batch_size: int
     choice: Choice
@@ -194,49 +208,72 @@ class Decision:
     flags: list[str]
     metric: Metric
     target: float | None = None  # the quality time to target was measured to (:func:`decision_target`)
+    selection: Selection | None = None
+    critical: CriticalBatchInterval | None = None
+    tolerance: float = 0.0  # relative
+
+    @property
+    def reference(self) -> int:
+        return int(self.choice.best_quality)
+
+    def faster_undecided(self) -> list[int]:
+        """Batch sizes the data could not yet place, whose time to target is below the chosen one's: more seeds for
+        them could change the choice (racing's candidates)."""
+        if self.selection is None:
+            return []
+        chosen = self.evidence[self.batch_size].time_to_target
+        limit = chosen.estimate if chosen is not None else math.inf
+        out = []
+        for b in self.selection.undecided:
+            t = self.evidence[b].time_to_target
+            if t is not None and math.isfinite(t.estimate) and t.estimate < limit:
+                out.append(int(b))
+        return sorted(out)
 
     def to_dict(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "choice": self.choice.to_dict(), "flags": list(self.flags),
-                "metric": self.metric.to_dict(), "target": self.target,
+                "metric": self.metric.to_dict(), "target": self.target, "tolerance": self.tolerance,
+                "selection": None if self.selection is None else self.selection.to_dict(),
+                "critical_batch": None if self.critical is None else self.critical.to_dict(),
                 "evidence": [self.evidence[b].to_dict() for b in sorted(self.evidence)]}
 
 
-def _config_quality(trials: list[Mapping[str, Any]], values: list[float], metric: Metric, level: float,
-                    pooled: Interval | None = None) -> Interval | None:
-    """A configuration's quality from its trials' qualities ``values``: their seed mean with the pooled-variance
-    interval (``pooled``, from :func:`batchfit.stats.pooled_mean_intervals` over every configuration), else its own
-    t interval over >= 2 seeds; one seed: the wider of the pooled interval and the validation set's sampling
-    interval."""
-    if not values:
-        return None
-    if len(values) >= 2:
-        return pooled if pooled is not None else mean_interval(values, level)
-    sampling = _sampling_interval(trials[0], values[0], metric, level)
-    if pooled is None or (sampling.known and sampling.width > pooled.width):
-        return sampling
-    return pooled
+def _seed_values(ts: Sequence[Mapping[str, Any]], metric: Metric) -> dict[Any, float]:
+    """``{seed: quality}`` of one configuration's trials (a seed trained twice: the mean of its runs)."""
+    acc: dict[Any, list[float]] = {}
+    for t in ts:
+        q = quality_of_trial(t, metric)
+        if q is not None:
+            acc.setdefault(t.get("seed"), []).append(q)
+    return {s: float(np.mean(v)) for s, v in acc.items()}
 
 
 def _evidence(trials: Sequence[Mapping[str, Any]], metric: Metric, step_fit: StepTimeFit | None,
-              level: float, step_time: Mapping[int, Interval] | None = None) -> dict[int, BatchEvidence]:
+              level: float, step_time: Mapping[int, Interval] | None = None
+              ) -> tuple[dict[int, BatchEvidence], dict[tuple[int, float], dict[Any, float]]]:
+    """Per batch size its best LR's evidence, and every configuration's ``{seed: quality}``."""
     by_config: dict[tuple[int, float], list[Mapping[str, Any]]] = {}
     for t in trials:
         if t.get("status") == "ok":
             by_config.setdefault((int(t["batch_size"]), float(t.get("lr_multiplier") or 1.0)), []).append(t)
-    values = {k: [q for t in ts if (q := quality_of_trial(t, metric)) is not None] for k, ts in by_config.items()}
-    pooled = pooled_mean_intervals(values, level)
+    seeds = {k: _seed_values(ts, metric) for k, ts in by_config.items()}
+    pooled = pooled_mean_intervals({k: list(v.values()) for k, v in seeds.items()}, level)
     out: dict[int, BatchEvidence] = {}
     for (batch, mult), ts in sorted(by_config.items()):
-        q = _config_quality(ts, values[(batch, mult)], metric, level, pooled.get((batch, mult)))
-        if q is None:
+        vals = list(seeds[(batch, mult)].values())
+        if not vals:
             continue
+        q = pooled.get((batch, mult))
+        if q is None:
+            q = mean_interval(vals, level) if len(vals) >= 2 else Interval(vals[0], None, None, level,
+                                                                           "single-seed", 1)
         cur = out.get(batch)
         if cur is not None and not metric.better(q.estimate, cur.quality.estimate):
             continue
-        out[batch] = BatchEvidence(batch, mult, finite_or_none(ts[0].get("lr")), q, None, None, None, len(ts),
+        out[batch] = BatchEvidence(batch, mult, finite_or_none(ts[0].get("lr")), q, None, None, None, len(vals),
                                    list(ts))
         _set_times(out[batch], step_fit, level, step_time)
-    return out
+    return out, seeds
 
 
 def _set_times(e: BatchEvidence, step_fit: StepTimeFit | None, level: float,
@@ -263,7 +300,7 @@ def _set_times(e: BatchEvidence, step_fit: StepTimeFit | None, level: float,
 
 def smoothed_curve(trial: Mapping[str, Any], metric: Metric, smooth: int = SMOOTH) -> list[tuple[Any, float]]:
     """``(step, value)`` of the trial's ``smooth``-evaluation moving average of ``metric`` (each window at the step
-    of its last evaluation): the curve :func:`quality_of_trial` takes the best of."""
+    of its last evaluation), for plots; the decision reads the raw curve (:func:`steps_to`)."""
     recs = [(r.get("step"), v) for r in trial.get("history") or [] if isinstance(r, Mapping)
             and (v := metric.of_record(r)) is not None]
     if not recs:
@@ -273,20 +310,17 @@ def smoothed_curve(trial: Mapping[str, Any], metric: Metric, smooth: int = SMOOT
     return [(recs[i + k - 1][0], float(m)) for i, m in enumerate(means)]
 
 
-def steps_to(trial: Mapping[str, Any], metric: Metric, value: float) -> int | None:
-    """The first step at which the trial's smoothed curve reaches ``value`` (``None``: it never does)."""
-    slack = -1e-12 if metric.higher_is_better else 1e-12
-    for step, v in smoothed_curve(trial, metric):
-        if metric.reaches(v, value + slack) and isinstance(step, (int, float)):
-            return int(step)
-    return None
+def steps_to(trial: Mapping[str, Any], metric: Metric, value: float) -> float | None:
+    """Where the trial's raw evaluation curve first reaches ``value``, interpolated between evaluations
+    (:func:`batchfit.metric.crossing`; ``None``: it never does)."""
+    return crossing(trial.get("history"), metric, value, "step")
 
 
 def decision_target(target: Mapping[str, Any] | None, best_quality: float, metric: Metric) -> float | None:
-    """The quality the decision times every batch size to: the target's fraction of the best **tied
-    configuration's seed-mean quality** (a pooled estimate), not of the best single evaluation of any trial (a
-    maximum over many noisy evaluations sits above what the tied sizes reach, so whether they reach it is a coin
-    flip); an absolute target as given. ``None``: no target spec (the trials' recorded steps are used)."""
+    """The quality the decision times every batch size to: the target's fraction of the best configuration's
+    seed-mean final quality (:func:`batchfit.metric.best_config_mean`, the sweep's own target too), not of the
+    best single evaluation of any trial; an absolute target as given. ``None``: no target spec (the trials'
+    recorded steps are used)."""
     if not isinstance(target, Mapping):
         return None
     if target.get("kind") == "absolute" and target.get("value") is not None:
@@ -313,19 +347,13 @@ def critical_from_trials(trials: Sequence[Mapping[str, Any]], *, level: float = 
     """The pooled S(B) fit with its bootstrap (:func:`batchfit.stats.critical_batch_interval`) over every trial.
 
     One point per (batch size, seed): the fewest steps to the target over that batch size's learning rates
-    (Shallue et al. 2019 retune the LR per batch size). The report's B_crit (at the sweep's target) and the
-    decision's steps (at its own target) come from this one estimator.
+    (:func:`batchfit.critical.seed_points`; Shallue et al. 2019 retune the LR per batch size). The sweep's B_crit is
+    the same estimator on the same steps, so the printed B_crit is the one the decision uses.
     """
-    best: dict[tuple[int, Any], float] = {}
-    for t in trials:
-        steps = finite_or_none(t.get("steps_to_target")) if isinstance(t, Mapping) else None
-        if steps is None or t.get("status") not in ("ok", "diverged"):
-            continue
-        key = (int(t["batch_size"]), t.get("seed"))
-        best[key] = min(best.get(key, math.inf), steps)
-    if not best:
+    points = seed_points(t for t in trials if isinstance(t, Mapping))
+    if not points:
         return None
-    return critical_batch_interval([(b, s) for (b, _), s in best.items()], level=level, seed=seed)
+    return critical_batch_interval(points, level=level, seed=seed)
 
 
 def _pooled_costs(ev: dict[int, BatchEvidence], crit: CriticalBatchInterval | None) -> None:
@@ -345,26 +373,14 @@ def _pooled_costs(ev: dict[int, BatchEvidence], crit: CriticalBatchInterval | No
         e.time_to_target = _product(e.steps_to_target, e.seconds_per_step)
 
 
-def _with_margin(iv: Interval, margin: float) -> Interval:
-    """``iv`` widened to a half-width of at least ``margin x |estimate|`` (a practical-equivalence margin)."""
-    half = margin * abs(iv.estimate)
-    if half <= 0 or (iv.known and min(iv.estimate - iv.low, iv.high - iv.estimate) >= half):  # type: ignore[operator]
-        return iv
-    lo = iv.estimate - half if not iv.known else min(iv.low, iv.estimate - half)  # type: ignore[type-var]
-    hi = iv.estimate + half if not iv.known else max(iv.high, iv.estimate + half)  # type: ignore[type-var]
-    method = iv.method + ("+margin" if iv.known else "margin")
-    return Interval(iv.estimate, lo, hi, iv.level, method, iv.n, iv.spread)
-
-
-def _time_tie_break(choice: Choice, cost: Mapping[int, Interval]) -> Choice:
-    """Among the batch sizes tied on quality, the one with the least time-to-target estimate is chosen; those whose
-    interval overlaps its are reported as tied with it on time (the win over them is not beyond the noise).
+def _fastest(choice: Choice, cost: Mapping[int, Interval], sel: Selection) -> Choice:
+    """Among the batch sizes non-inferior to the reference, the one with the least time-to-target estimate is
+    chosen; those whose time interval overlaps its are reported as tied with it on time (the win over them is not
+    beyond the noise).
 
     Both factors of the estimate are pooled, so its ordering is what the whole data say rather than one noisy
     reading: steps from the S(B) fit over every batch size and seed, seconds per step from interleaved rounds that a
-    busy machine widens but does not shift (:mod:`batchfit.steptime`). (With per-trial wall-clock timings the
-    fastest estimate moved with the load, and the middle of the time tie was chosen instead; measured in
-    docs/benchmarks.md.)
+    busy machine widens but does not shift (:mod:`batchfit.steptime`).
     """
     reached = [b for b in choice.tied if math.isfinite(cost[b].estimate)]
     if not reached:
@@ -374,45 +390,62 @@ def _time_tie_break(choice: Choice, cost: Mapping[int, Interval]) -> Choice:
     others = [b for b in choice.tied if b != fastest]
     separated = bool(others) and all(cost[fastest].known and cost[b].known and cost[fastest].high < cost[b].low
                                      for b in others)  # type: ignore[operator]
-    reason = (f"batch sizes {', '.join(map(str, choice.tied))} are tied on quality; batch {fastest} has the least "
-              f"time to the target" + (f", and {', '.join(str(b) for b in time_tied if b != fastest)} cannot be "
-                                       "told apart from it on time" if len(time_tied) > 1 else "")
-              ) if len(choice.tied) > 1 else choice.reason
+    if len(choice.tied) > 1:
+        reason = (f"batch sizes {', '.join(map(str, choice.tied))} are non-inferior to batch {sel.reference} (the "
+                  f"best estimate); batch {fastest} has the least time to the target"
+                  + (f", and {', '.join(str(b) for b in time_tied if b != fastest)} cannot be told apart from it on "
+                     "time" if len(time_tied) > 1 else ""))
+    else:
+        reason = choice.reason
     return Choice(fastest, choice.best_quality, choice.tied, separated, reason,
                   {"fastest": fastest, "time_tied": time_tied})
+
+
+def _selection_reason(sel: Selection, metric: Metric) -> str:
+    ref, n_inf, n_und = sel.reference, len(sel.inferior), len(sel.undecided)
+    ni = [b for b in sel.non_inferior if b != ref]
+    parts = [f"batch {ref} has the best {metric.name} estimate"]
+    if ni:
+        parts.append(f"{', '.join(map(str, ni))} shown non-inferior to it (within {sel.tolerance:.3g})")
+    if n_inf:
+        parts.append(f"{n_inf} worse beyond the tolerance")
+    if n_und:
+        parts.append(f"{n_und} undecided (the data cannot place them yet)")
+    return "; ".join(parts)
 
 
 def decide(trials: Sequence[Mapping[str, Any]], metric: Metric, *, b_crit: CriticalBatchInterval | None = None,
            lr_calibration: Mapping[str, Any] | None = None, level: float = DEFAULT_LEVEL,
            margin: float = 0.0, step_time: Mapping[int, Interval] | None = None,
-           target: Mapping[str, Any] | None = None) -> Decision | None:
+           target: Mapping[str, Any] | None = None, tolerance: float | None = None) -> Decision | None:
     """Choose the effective batch from every trial (all LRs and seeds); ``None`` when no trial finished.
 
-    ``b_crit`` is a :class:`batchfit.stats.CriticalBatchInterval` (or ``None``); ``lr_calibration`` the tune LR
-    check's dict (``best_multiplier``, ``steps``) for the few-steps flag. ``margin`` (relative, e.g. 0.005) only
-    widens ties: every quality interval gets a half-width of at least ``margin x |estimate|``, so differences
-    smaller than that are ties even when measured precisely, and a quality with no measured noise (one seed, no
-    validation size) is compared within that margin instead of tying with everything. ``step_time`` (batch size ->
-    seconds per step, from :func:`batchfit.steptime.calibrate_step_time`'s interleaved rounds) replaces the
-    pooled fit of the trials' own wall-clock timings for the batch sizes it timed. ``target`` (the sweep's
-    ``target`` dict: ``kind``, ``fraction`` / ``value``) makes the decision time every batch size to
-    :func:`decision_target` on each trial's smoothed curve instead of the trials' recorded steps to target.
+    **The rule** (non-inferiority on paired seeds, :func:`batchfit.stats.select_non_inferior`): each batch size's
+    quality is the seed mean of its best LR's trials (a trial's quality: the mean of its last evaluations); the
+    batch size with the best fitted quality is the reference; every other batch size is compared with it on the
+    seeds they share, with simultaneous one-sided bounds (max-t over all comparisons, the level split over the
+    racing rounds). The fastest batch size whose bound shows it within ``tolerance`` (relative to the reference's
+    quality; ``margin`` is the old half-tolerance spelling) of the reference is chosen; without that evidence the
+    reference itself is. Less data therefore never picks a larger batch.
+
+    ``b_crit`` is ignored when a ``target`` spec is given (the decision fits S(B) at its own target, and
+    :attr:`Decision.critical` is that fit); ``lr_calibration`` the tune LR check's dict for the few-steps flag;
+    ``step_time`` (batch size -> seconds per step, :func:`batchfit.steptime.calibrate_step_time`) replaces the
+    pooled fit of the trials' own timings; ``target`` (the sweep's ``target`` dict: ``kind``, ``fraction`` /
+    ``value``) times every batch size to :func:`decision_target` on each trial's raw curve.
     """
+    tol = float(tolerance) if tolerance is not None else 2.0 * float(margin)
     step_fit = fit_step_time((t["batch_size"], _seconds_per_step(t)) for t in trials if t.get("status") == "ok")
-    ev = _evidence(trials, metric, step_fit, level, step_time)
+    ev, seeds = _evidence(trials, metric, step_fit, level, step_time)
     if not ev:
         return None
-    if margin > 0:
-        for e in ev.values():
-            e.quality = _with_margin(e.quality, margin)
     if _is_proportion(metric, [e.quality.estimate for e in ev.values()]):
-        for e in ev.values():  # an accuracy's interval stays inside [0, 1] (clipping never changes an overlap)
+        for e in ev.values():  # an accuracy's interval stays inside [0, 1]
             e.quality = e.quality.clipped(0.0, 1.0)
-    goal = None
-    if target is not None:
-        q_only = choose({b: ev[b].quality for b in sorted(ev)}, None, higher_is_better=metric.higher_is_better)
-        goal = decision_target(target, ev[q_only.best_quality].quality.estimate, metric)
-    if goal is not None:  # every trial timed to the decision's own target, on the curve its quality comes from
+    sizes = sorted(ev)
+    best_mean = best_config_mean(trials, metric)
+    goal = decision_target(target, best_mean, metric) if target is not None and best_mean is not None else None
+    if goal is not None:  # every trial timed to the decision's own target, on its raw curve
         retimed = {id(t): dict(t, steps_to_target=steps_to(t, metric, goal)) if t.get("history") else t
                    for t in trials}
         trials = [retimed[id(t)] for t in trials]
@@ -422,36 +455,57 @@ def decide(trials: Sequence[Mapping[str, Any]], metric: Metric, *, b_crit: Criti
         crit = critical_from_trials(trials, level=level)
     else:
         crit = b_crit if b_crit is not None else critical_from_trials(trials, level=level)
-    if b_crit is None:
-        b_crit = crit
     _pooled_costs(ev, crit)
-    sizes = sorted(ev)
-    quality = {b: ev[b].quality for b in sizes}  # smaller batch first: the final tie-break
+    cands = {b: seeds[(b, ev[b].lr_multiplier)] for b in sizes}  # smaller batch first: the final tie-break
+    others = {k: v for k, v in seeds.items() if k[0] in ev and k[1] != ev[k[0]].lr_multiplier}
+    ref_q = metric.best([ev[b].quality.estimate for b in sizes])
+    counts = {len(v) for v in cands.values()}
+    # unequal seed counts mean racing chose where to add seeds after looking at the data, once per added seed: the
+    # level is split over those looks (Bonferroni); a balanced design is analysed once
+    looks = 1 if len(counts) == 1 else max(1, max(counts) - 1)
+    sel = select_non_inferior(cands, tolerance=tol * abs(ref_q), higher_is_better=metric.higher_is_better,
+                              level=level, looks=looks, others=others)
+    for b in sizes:
+        comp = sel.comparisons[b]
+        ev[b].difference, ev[b].verdict = comp.difference, comp.verdict
     cost = {b: ev[b].time_to_target for b in sizes if ev[b].time_to_target is not None}
-    # a batch size that never reached the target within its budget is the slowest to it (not a reason to stop
-    # comparing times); with no time to target anywhere, quality alone decides
+    # a batch size that never reached the target within its budget is the slowest to it; with no time to target
+    # anywhere, the reference (the best quality) is the choice
     use_cost = {b: cost.get(b) or Interval(math.inf, None, None, level, "not reached", 0) for b in sizes} \
         if cost else None
-    choice = choose(quality, use_cost, higher_is_better=metric.higher_is_better, describe=lambda b: f"batch {b}")
+    choice = Choice(sel.reference, sel.reference, sel.non_inferior, False, _selection_reason(sel, metric))
     if use_cost is not None:
-        choice = _time_tie_break(choice, use_cost)
+        choice = _fastest(choice, use_cost, sel)
+    decision = Decision(int(choice.chosen), choice, ev, [], metric, goal, sel, crit, tol)
+    decision.flags = _flags(decision, trials, lr_calibration)
+    return decision
+
+
+def _flags(decision: Decision, trials: Sequence[Mapping[str, Any]],
+           lr_calibration: Mapping[str, Any] | None) -> list[str]:
     flags: list[str] = []
+    chosen, crit, sel = decision.batch_size, decision.critical, decision.selection
     tried = sorted({int(t["batch_size"]) for t in trials})
-    if len(tried) > 1 and choice.chosen in (tried[0], tried[-1]):
-        side = "smallest" if choice.chosen == tried[0] else "largest"
-        flags.append(f"edge of range: batch {choice.chosen} is the {side} batch size tried; the best may lie beyond")
-    if len(choice.tied) > 1:
-        flags.append(f"quality tie: batch sizes {', '.join(map(str, choice.tied))} cannot be told apart on "
-                     f"{metric.name} at this number of seeds")
-    if b_crit is not None and getattr(b_crit, "extrapolated", False):
-        flags.append(f"B_crit {b_crit.b_crit.estimate:.3g} is extrapolated beyond the largest batch that reached the "
-                     f"target ({b_crit.support[1]}); read it as 'above {b_crit.support[1]}'")
+    if len(tried) > 1 and chosen in (tried[0], tried[-1]):
+        side = "smallest" if chosen == tried[0] else "largest"
+        flags.append(f"edge of range: batch {chosen} is the {side} batch size tried; the best may lie beyond")
+    open_ = decision.faster_undecided()
+    if open_ and sel is not None:
+        seeds = max(decision.evidence[b].seeds for b in open_)
+        many = len(open_) > 1
+        flags.append(f"undecided: batch size{'s' if many else ''} {', '.join(map(str, open_))} "
+                     f"{'are' if many else 'is'} faster than batch {chosen} but "
+                     f"could be shown neither non-inferior nor worse than batch {sel.reference} at {seeds} seed(s) "
+                     f"(tolerance {decision.tolerance:.2%}); more seeds could change the choice")
+    if crit is not None and crit.extrapolated:
+        flags.append(f"B_crit {crit.b_crit.estimate:.3g} is extrapolated beyond the largest batch that reached the "
+                     f"target ({crit.support[1]}); read it as 'above {crit.support[1]}'")
     if lr_calibration and lr_calibration.get("best_multiplier") not in (None, 1, 1.0):
         steps = lr_calibration.get("steps")
         if isinstance(steps, int) and steps < FEW_STEPS:
             flags.append(f"the base LR was moved x{lr_calibration['best_multiplier']:.3g} on runs of only {steps} "
                          "steps; confirm it on a longer run")
-    return Decision(int(choice.chosen), choice, ev, flags, metric, goal)
+    return flags
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,13 @@ from batchfit import schedule as batch_schedules
 from batchfit.data import to_device
 from batchfit.errors import ConfigError, DataError
 from batchfit.progress import ProgressFn, emit
-from batchfit.scaling import RULE_CHOICES, apply_scaling, default_rule
+from batchfit.scaling import (
+    RULE_CHOICES,
+    WEIGHT_DECAY_RULES,
+    apply_scaling,
+    default_rule,
+    timescale_weight_decay,
+)
 from batchfit.step import (
     PRECISIONS,
     LossMeter,
@@ -53,6 +59,7 @@ from batchfit.workload import Workload, load_workload
 
 __all__ = [
     "PRECISIONS",
+    "TRAIN_EVAL_SAMPLES",
     "Callback",
     "TrainPlan",
     "TrainResult",
@@ -67,6 +74,7 @@ __all__ = [
     "resolve_warmup",
     "seed_everything",
     "train",
+    "train_eval_subset",
 ]
 
 
@@ -143,6 +151,73 @@ def _budgeted_eval(workload: Workload, model: nn.Module, source: Any, bs: int, d
         return _eval_pass(workload, model, source, bs, device, precision)
     with memory.PeakMeter(device, budget, track=[list(model.parameters()), list(model.buffers()), hold]):
         return _eval_pass(workload, model, source, bs, device, precision)
+
+
+TRAIN_EVAL_SAMPLES = 1024
+"""The most training samples ``train_eval_loss`` is measured on (see :func:`train_eval_subset`)."""
+
+
+class _HeldBatches:
+    """A :class:`batchfit.data.BatchSource` over collated batches held in memory (the fixed training subset):
+    every epoch yields them in their order, cut to ``batch_size`` when a smaller one is asked for (an evaluation
+    out-of-memory error halves the evaluation batch)."""
+
+    def __init__(self, batches: list[Any]) -> None:
+        self.batches = batches
+        self.num_samples = sum(data.batch_size_of(b) for b in batches)
+
+    def epoch(self, batch_size: int, *, generator: torch.Generator, drop_last: bool, rank: int = 0,
+              world_size: int = 1, shuffle: bool = True) -> Iterator[tuple[Any, int]]:
+        for batch in self.batches:
+            n = data.batch_size_of(batch)
+            for start in range(0, n, batch_size):
+                stop = min(n, start + batch_size)
+                yield (batch if stop - start == n else data.slice_batch(batch, start, stop, n)), stop - start
+
+    def sample(self, batch_size: int) -> Any:
+        return self.batches[0]
+
+
+def train_eval_subset(workload: Workload, batch_size: int = 256) -> _HeldBatches:
+    """The fixed training subset ``train_eval_loss`` is measured on: the first ``k`` samples of the training data in
+    its unshuffled order, ``k = min(validation samples (512 without validation data), training samples,``
+    :data:`TRAIN_EVAL_SAMPLES` ``)``, collated into batches of ``batch_size`` and held on the CPU.
+
+    The same samples for every evaluation of a run and for every run of the workload (a sampler that draws its
+    order from torch's global generator draws it under seed 0; the global generator is left as it was). A
+    DataLoader with the default or a sequential sampler is read in this process (no worker start-up); one with
+    another sampler (e.g. a subset sampler defining the training split) through its own order.
+    """
+    val = data.val_source(workload)
+    source = data.train_source(workload)
+    k = max(1, min(val.num_samples if val is not None else 512, source.num_samples, TRAIN_EVAL_SAMPLES))
+    if isinstance(source, data.LoaderSource) and source.kind != "custom":  # the first k items of the dataset
+        source = data.IndexSource(source.dataset, collate_fn=source.collate)
+    bs = max(1, min(batch_size, k))
+    batches: list[Any] = []
+    seen = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(0)
+        epoch = source.epoch(bs, generator=torch.Generator().manual_seed(0), drop_last=False, shuffle=False)
+        fetched = fetching(epoch, "train_data")
+        try:
+            for batch, _ in fetched:
+                m = data.batch_size_of(batch)
+                if m > k - seen:
+                    batch, m = data.slice_batch(batch, 0, k - seen, m), k - seen
+                batches.append(batch)
+                seen += m
+                if seen >= k:
+                    break
+        finally:
+            for it in (fetched, epoch, source):
+                close = getattr(it, "close", None)
+                if callable(close):
+                    close()
+    if not batches:
+        raise DataError("train_data yielded no batch for the training-loss evaluation; check its length against "
+                        "the samples it yields")
+    return _HeldBatches(batches)
 
 
 @torch.no_grad()
@@ -350,6 +425,7 @@ class TrainPlan:
     micro_batch_limit: int | None = None
     beta2: str | None = None
     weight_decay_timescale: bool = False
+    weight_decay_rule: str = "keep"  # keep | timescale: the weight decay from the base batch to this one
     checkpoint: str | None = None
     checkpoint_every: int | None = None
     resume_from: str | None = None
@@ -386,7 +462,7 @@ def plan_train(workload: Workload | str, *, batch_size: int | None = None, micro
                memory_budget: int | str | None = None, batch_schedule: Any = None,
                micro_batch_limit: int | None = None, beta2: str | None = None, weight_decay_timescale: bool = False,
                checkpoint: str | os.PathLike | None = None, checkpoint_every: int | None = None,
-               resume_from: str | os.PathLike | None = None) -> TrainPlan:
+               resume_from: str | os.PathLike | None = None, weight_decay_rule: str = "keep") -> TrainPlan:
     """Check every argument of :func:`train` and decide the run (arguments as :func:`train`'s)."""
     workload = load_workload(workload)
     dev = resolve_device(device)
@@ -413,6 +489,7 @@ def plan_train(workload: Workload | str, *, batch_size: int | None = None, micro
         raise ConfigError(f"micro_batch_size {micro_batch_size} is larger than batch_size {requested}; the "
                           "micro-batch must be <= the batch")
     checks.one_of("lr_rule", lr_rule, RULE_CHOICES)
+    checks.one_of("weight_decay_rule", weight_decay_rule, WEIGHT_DECAY_RULES)
     checks.positive_number("lr", lr, allow_none=True)
     if epochs is not None and steps is not None:
         raise ConfigError("give either epochs or steps as the budget, not both")
@@ -459,7 +536,7 @@ def plan_train(workload: Workload | str, *, batch_size: int | None = None, micro
         eval_batch_size=eval_batch_size if eval_batch_size is not None else max(micro, 256),
         eval_every=eval_every, grad_clip=grad_clip, memory_budget=budget, requested_batch_size=requested * world_size,
         phases=phases, micro_batch_limit=micro_batch_limit, beta2=beta2,
-        weight_decay_timescale=bool(weight_decay_timescale),
+        weight_decay_timescale=bool(weight_decay_timescale), weight_decay_rule=weight_decay_rule,
         checkpoint=None if checkpoint is None else os.fspath(checkpoint), checkpoint_every=checkpoint_every,
         resume_from=None if resume_from is None else os.fspath(resume_from),
     )
@@ -491,30 +568,40 @@ class _Run:
     timed_samples: int = 0
     last_eval: int = -1
     phase_lr: float = 0.0  # the peak LR of the schedule phase in progress (the rule-transferred base)
+    train_subset: _HeldBatches | None = None  # the fixed training subset of ``train_eval_loss``
 
 
-def _scale_lr(plan: TrainPlan, optimizer: torch.optim.Optimizer) -> str:
-    """Put the optimizer at the run's peak LR: a fixed ``lr``, or the rule applied to the effective batch."""
+def _scale_lr(plan: TrainPlan, optimizer: torch.optim.Optimizer) -> tuple[str, dict[str, Any]]:
+    """Put the optimizer at the run's peak LR: a fixed ``lr``, or the rule applied to the effective batch (and the
+    weight decay by ``weight_decay_rule``). Returns the rule and what it did (the result's ``lr_scaling``: the
+    scaled values, and ``outside_range`` with ``notes`` when the rule was asked outside its range)."""
+    wl = plan.workload
     if plan.lr is not None:
         factor = plan.lr / optimizer.param_groups[0]["lr"]
+        k = plan.effective_batch_size / wl.base_batch_size
         for g in optimizer.param_groups:
             g["lr"] *= factor
-        return "fixed"
-    wl = plan.workload
+            if plan.weight_decay_rule == "timescale" and g.get("weight_decay"):
+                g["weight_decay"] = timescale_weight_decay(g["weight_decay"], k, factor)
+        wd = optimizer.param_groups[0].get("weight_decay")
+        return "fixed", {"rule": "fixed", "k": k, "lr": float(plan.lr), "weight_decay_rule": plan.weight_decay_rule,
+                         "weight_decay": None if wd is None else float(wd), "outside_range": False, "notes": []}
     rule = default_rule(optimizer) if plan.lr_rule == "auto" else plan.lr_rule
-    apply_scaling(optimizer, wl.base_lr, wl.base_batch_size, plan.effective_batch_size, rule)
-    return rule
+    scaled = apply_scaling(optimizer, wl.base_lr, wl.base_batch_size, plan.effective_batch_size, rule,
+                           weight_decay_rule=plan.weight_decay_rule)
+    return rule, scaled.to_dict()
 
 
 def _setup(plan: TrainPlan, callbacks: Sequence[Any], progress: ProgressFn | None, t_start: float) -> _Run:
     """Same seed -> same initialisation and data order; the model, optimizer, LR schedule and the one step."""
+    subset = train_eval_subset(plan.workload, plan.eval_batch_size)  # first: the seeding below is what training sees
     seed_everything(plan.seed)
     model = build_model(plan.workload)
     model.to(plan.device).train()
     if plan.world_size > 1:
         model = distributed.wrap_ddp(model, plan.device)
     optimizer = build_optimizer(plan.workload, model)
-    rule = _scale_lr(plan, optimizer)
+    rule, lr_scaling = _scale_lr(plan, optimizer)
     peak_lr = optimizer.param_groups[0]["lr"]
     schedule = LRSchedule.for_workload(plan.workload, optimizer, total_steps=plan.total_steps,
                                        warmup_steps=plan.warmup_steps)
@@ -537,8 +624,11 @@ def _setup(plan: TrainPlan, callbacks: Sequence[Any], progress: ProgressFn | Non
         batch_size_per_rank=plan.batch_size_per_rank, requested_batch_size=plan.requested_batch_size,
         grad_clip=plan.grad_clip, lr_schedule=schedule.name,
     )
+    result.extras["lr_scaling"] = lr_scaling
     run = _Run(plan, model, optimizer, schedule, step, losses, state, result, callbacks, progress, t_start)
     run.phase_lr = peak_lr
+    run.train_subset = subset
+    result.extras["train_eval_samples"] = subset.num_samples
     on_micro, before = _hooks(callbacks, "on_micro_batch_end"), _hooks(callbacks, "on_before_optimizer_step")
     if on_micro:
         def micro_hook(mb: MicroBatch) -> None:
@@ -664,7 +754,13 @@ def _timed_step(run: _Run, batch: Any, count: int, measure: bool) -> bool:
 
 
 def _record(run: _Run) -> dict[str, Any]:
-    """One evaluation: the training loss since the last one, validation loss and metrics, throughput."""
+    """One evaluation: the training loss since the last one, validation loss and metrics, the loss and metrics on the
+    fixed training subset (eval mode, the same pass and model state as validation), throughput.
+
+    ``train_loss`` is the running training loss (train mode, averaged over the steps since the last evaluation: a
+    lagging model, and as many steps as the batch size makes); ``train_eval_loss`` is the current model on the same
+    training samples every time, so ``generalization_gap = val_loss - train_eval_loss`` compares like with like
+    across batch sizes."""
     plan, state, result = run.plan, run.state, run.result
     loss_sum, count = run.losses.take()
     if plan.world_size > 1:  # the mean over every rank's samples
@@ -682,20 +778,30 @@ def _record(run: _Run) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - run.t_start, 4),
         "train_seconds": round(run.train_time, 4),
         "val_loss": None, "val_metrics": {}, "generalization_gap": None,
+        "train_eval_loss": None, "train_eval_metrics": {},
     }
     run.seg_samples, run.seg_time = 0, 0.0
-    if plan.workload.val_data is None:
-        return record
     model = distributed.unwrap(run.model) if plan.world_size > 1 else run.model  # DDP: no collectives in eval
     kw = {"batch_size": plan.eval_batch_size, "device": plan.device, "memory_budget": plan.memory_budget,
           "hold": run.optimizer.state}
-    val_loss, val_metrics, _ = evaluate(plan.workload, model, precision=plan.precision, **kw)
-    if plan.precision == "fp16" and not math.isfinite(val_loss):
+    has_val = plan.workload.val_data is not None
+    precision = plan.precision
+    while True:
+        val_loss, val_metrics = evaluate(plan.workload, model, precision=precision, **kw)[:2] if has_val else (None, {})
+        fit_loss, fit_metrics = (evaluate(plan.workload, model, run.train_subset, precision=precision, **kw)[:2]
+                                 if run.train_subset is not None else (None, {}))
+        if precision != "fp16" or all(math.isfinite(x) for x in (val_loss, fit_loss) if x is not None):
+            break
         # fp16 activations can overflow in eval mode (e.g. BatchNorm running statistics early in training) while
-        # training is fine: judge the model in fp32 before calling the run diverged.
-        val_loss, val_metrics, _ = evaluate(plan.workload, model, precision="fp32", **kw)
+        # training is fine: judge the model in fp32 (both passes, so the gap is of one precision) before calling
+        # the run diverged.
+        precision = "fp32"
         record["eval_precision"] = "fp32"
-    record.update(val_loss=val_loss, val_metrics=val_metrics, generalization_gap=val_loss - train_loss)
+    record.update(train_eval_loss=fit_loss, train_eval_metrics=fit_metrics)
+    if val_loss is None:
+        return record
+    record.update(val_loss=val_loss, val_metrics=val_metrics,
+                  generalization_gap=val_loss - fit_loss if fit_loss is not None else None)
     if not math.isfinite(val_loss):
         result.diverged = True
         result.diverged_at_step = result.diverged_at_step or state.step
@@ -765,6 +871,7 @@ def train(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
     resume_from: str | os.PathLike | None = None,
+    weight_decay_rule: str = "keep",
 ) -> TrainResult:
     """Train the workload once at one effective batch size (or a batch-size schedule) and measure it.
 
@@ -776,7 +883,12 @@ def train(
             batch); accumulation steps = ceil(batch / micro).
         lr: a fixed peak learning rate (skips the rule); otherwise ``lr_rule`` scales the workload's ``base_lr``.
         lr_rule: ``auto`` (linear for SGD-family, adam-sqrt for Adam-family), ``none``, ``linear``, ``sqrt``,
-            ``adam-sqrt``.
+            ``adam-sqrt`` (:mod:`batchfit.scaling`; the result's ``lr_scaling`` says what it did, and
+            ``outside_range`` when adam-sqrt's beta1 was held outside the rule's range).
+        weight_decay_rule: ``keep`` (default) or ``timescale``: move ``weight_decay`` from the base batch to this
+            one so the AdamW timescale ``B / (lr x weight_decay)`` stays constant (Wang & Aitchison 2024;
+            Bergsma et al. 2025): ``x k / (LR factor)``, with a fixed ``lr`` the factor ``lr / base_lr``. It also
+            holds the timescale at a batch schedule's changes (as ``weight_decay_timescale``).
         warmup: linear warm-up, in steps (>= 1) or as a fraction of all steps (< 1); it multiplies the workload's
             ``lr_schedule`` (stepped after every optimizer step).
         epochs / steps: the budget (default 1 epoch); evaluation runs after each epoch and at the end.
@@ -812,7 +924,8 @@ def train(
     kw: dict[str, Any] = dict(micro_batch_size=micro_batch_size, lr=lr, lr_rule=lr_rule, warmup=warmup,
                               epochs=epochs, steps=steps, precision=precision, device=device, seed=seed,
                               drop_last=drop_last, eval_batch_size=eval_batch_size, eval_every=eval_every,
-                              grad_clip=grad_clip, world_size=world_size, memory_budget=memory_budget)
+                              grad_clip=grad_clip, world_size=world_size, memory_budget=memory_budget,
+                              weight_decay_rule=weight_decay_rule)
     measured = None
     if isinstance(batch_schedule, str) and batch_schedule.strip() == "auto":
         batch_schedule, measured = auto_schedule(workload, batch_size=batch_size, branching=branching, **kw)
@@ -953,7 +1066,8 @@ def _enter_phase(run: _Run, phases: batch_schedules.ScheduleState) -> dict[str, 
     k = new.batch_size / old.batch_size
     rule = default_rule(run.optimizer) if plan.lr_rule == "auto" else plan.lr_rule
     moved = batch_schedules.transfer(run.optimizer, k, lr_rule=rule, beta2=plan.beta2,
-                                     weight_decay_timescale=plan.weight_decay_timescale)
+                                     weight_decay_timescale=plan.weight_decay_timescale
+                                     or plan.weight_decay_rule == "timescale")
     run.schedule.rescale(moved["lr_factor"])
     run.phase_lr *= moved["lr_factor"]
     micro, acc = batch_schedules.plan_micro(new.batch_size, plan.micro_batch_limit)

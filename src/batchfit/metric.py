@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LOSS_NAMES", "Metric", "finite_or_none"]
+__all__ = ["FINAL_EVALS", "LOSS_NAMES", "Metric", "best_config_mean", "crossing", "final_quality", "finite_or_none"]
 
 LOSS_NAMES = ("val_loss", "train_loss")
+FINAL_EVALS = 3  # a trial's quality: the mean of its last evaluations
 
 
 def finite_or_none(v: Any) -> float | None:
@@ -96,3 +97,66 @@ class Metric:
 
 def _has_val_loader(workload: Any) -> bool:
     return getattr(workload, "val_loader", None) is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The one quality of a run and the one crossing of a target (the sweep's B_crit and the decision both read these)
+
+
+def _field(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+
+
+def final_quality(history: Any, metric: Metric, k: int = FINAL_EVALS) -> float | None:
+    """A run's quality: the mean of ``metric`` over its last ``k`` evaluations (fewer: all of them).
+
+    Not the best evaluation, nor the best of a moving average: a maximum over many noisy evaluations is biased up,
+    and more so for the runs with more evaluations (the small batches), so it favours whoever was evaluated most.
+    The last evaluations are what the user keeps at the end of the run."""
+    values = [v for r in history or [] if isinstance(r, Mapping) and (v := metric.of_record(r)) is not None]
+    if not values:
+        return None
+    tail = values[-k:]
+    return float(sum(tail) / len(tail))
+
+
+def crossing(history: Any, metric: Metric, value: float, field: str = "step") -> float | None:
+    """Where the run's raw evaluation curve first reaches ``value``, linearly interpolated between the last
+    evaluation short of it and the first at or past it (in ``field``: ``step``, ``epoch``, ``samples`` or
+    ``train_seconds``); the first evaluation's own position when it already reaches it; ``None`` when it never does.
+
+    Interpolating removes the evaluation grid's rounding (a run evaluated every 40 steps otherwise reaches a target
+    "at step 80" whether it crossed at 41 or at 79), and reading the raw curve dates the crossing where it
+    happened (a moving average dates it at its window's last evaluation, up to a window late)."""
+    slack = -1e-12 if metric.higher_is_better else 1e-12
+    prev: tuple[float, float] | None = None
+    for rec in history or []:
+        if not isinstance(rec, Mapping):
+            continue
+        v, x = metric.of_record(rec), finite_or_none(rec.get(field))
+        if v is None or x is None:
+            continue
+        if metric.reaches(v, value + slack):
+            if prev is None or v == prev[1]:
+                return x
+            frac = min(1.0, max(0.0, (value - prev[1]) / (v - prev[1])))
+            return prev[0] + frac * (x - prev[0])
+        prev = (x, v)
+    return None
+
+
+def best_config_mean(trials: Any, metric: Metric) -> float | None:
+    """The best configuration's (batch size, LR multiplier) seed-mean :func:`final_quality` over the finished
+    (``ok``) trials: what a fractional target is a fraction of, for the sweep's B_crit and the decision alike."""
+    groups: dict[tuple[Any, Any], list[float]] = {}
+    for t in trials or []:
+        if _field(t, "status") != "ok":
+            continue
+        q = final_quality(_field(t, "history"), metric)
+        if q is None:
+            continue
+        key = (_field(t, "batch_size"), float(_field(t, "lr_multiplier") or 1.0))
+        groups.setdefault(key, []).append(q)
+    if not groups:
+        return None
+    return metric.best([sum(v) / len(v) for v in groups.values()])

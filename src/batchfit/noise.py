@@ -21,8 +21,13 @@ Two modes:
 
 - :func:`noise_scale` (probe): fixed parameters, many batches, a bootstrap confidence interval, stop when it is
   within ±``rel_ci``.
-- :class:`NoiseCallback` (training): ``engine.train(..., callbacks=[NoiseCallback()])`` puts ``b_simple`` in each
-  evaluation record.
+- :class:`NoiseCallback` (training): ``engine.train(..., callbacks=[NoiseCallback()])`` puts ``b_simple`` and the
+  raw estimates' means over the record's steps (``noise_window``) in each evaluation record.
+
+and, over a sweep's trials, :func:`b_simple_against_loss` / :func:`b_simple_at_loss`: those records pooled against
+the training loss (B_simple grows as the loss falls, so it is stated at a loss). Every B_simple in batchfit (the
+probe, training, branching, the Lightning logger, the pooled values) goes through :func:`unbiased_estimates` and
+:func:`noise_scale_interval` or :class:`RunningNoiseScale`.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -42,15 +47,24 @@ from torch import nn
 from batchfit import checks, data, distributed
 from batchfit.engine import resolve_device, seed_everything
 from batchfit.errors import ConfigError, DataError, NoisyEstimateWarning, WorkloadError
+from batchfit.metric import finite_or_none as _finite
 from batchfit.progress import ProgressFn, emit
+from batchfit.stats import Interval
 from batchfit.step import TrainStep, build_model, check_precision, fetching
 from batchfit.workload import Workload, load_workload
 
 __all__ = [
+    "NoiseAtLoss",
     "NoiseCallback",
+    "NoiseRecord",
     "NoiseResult",
+    "RunningNoiseScale",
+    "b_simple_against_loss",
+    "b_simple_at_loss",
     "default_micro_batch_size",
+    "noise_records",
     "noise_scale",
+    "noise_scale_interval",
     "training_micro_batch_size",
     "unbiased_estimates",
 ]
@@ -367,6 +381,228 @@ def _ratio(trace_cov: float | None, grad_norm_sq: float | None) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The ratio and its interval: the one implementation every B_simple in batchfit goes through
+
+
+def noise_scale_interval(grad_norm_sq: Sequence[float], trace_cov: Sequence[float], *, seed: int = 0,
+                         n_boot: int = 1000, level: float = 0.95, method: str = "bootstrap") -> Interval:
+    """B_simple from paired per-unit estimates of |G|² and tr(Σ) (:func:`unbiased_estimates`; a unit is a probe
+    step, a gradient pair, or a trial's pooled sums): the **ratio of their means** (McCandlish et al. 2018, appendix
+    A: numerator and denominator averaged separately, divided last), with a percentile bootstrap interval over the
+    units. A non-positive |G|² mean gives ``inf`` (the signal is below the noise: B_simple is only bounded below);
+    tr(Σ) estimates are never negative, so the low end is never below zero. Fewer than 2 units: unknown interval.
+    """
+    g2, tr = np.asarray(grad_norm_sq, dtype=float), np.asarray(trace_cov, dtype=float)
+    if len(g2) == 0 or len(g2) != len(tr):
+        raise ValueError("noise_scale_interval needs as many |G|^2 as tr(Sigma) estimates, at least one")
+    mg, mt = float(g2.mean()), float(tr.mean())
+    est = mt / mg if mg > 0 else math.inf
+    if len(g2) < 2:
+        return Interval(est, None, None, level, method, len(g2))
+    low, high = _bootstrap_ci(g2, tr, np.random.default_rng(seed), n_boot=n_boot, level=level)
+    return Interval(est, low, high, level, method, len(g2))
+
+
+class RunningNoiseScale:
+    """B_simple while training: each step's unbiased ``(|G|², tr(Σ))`` estimates (:func:`unbiased_estimates`) fed
+    to two bias-corrected EMAs (``beta``; Kingma & Ba 2015) that are divided last, as McCandlish et al. (2018,
+    appendix A) recommend; :class:`NoiseCallback` and the Lightning logger both use this one.
+
+    Beside the EMAs it keeps plain sums since the last :meth:`take_window`: the mean of the raw estimates over the
+    steps an evaluation record covers (the same steps as its ``train_loss``), which :func:`b_simple_at_loss` pools.
+    """
+
+    def __init__(self, beta: float = 0.95) -> None:
+        self._g2, self._tr = _Ema(beta), _Ema(beta)
+        self.steps = 0
+        self._win_g2 = self._win_tr = 0.0
+        self._win_steps = 0
+
+    def add_step(self, small: float, big: float, k: int, batch_size: int,
+                 population: int | None = None) -> tuple[float, float]:
+        """Add one step from its micro-batch norms (see :func:`unbiased_estimates`); return its estimates."""
+        g2, tr = unbiased_estimates(small, big, k, batch_size, population)
+        self.add(g2, tr)
+        return g2, tr
+
+    def add(self, grad_norm_sq: float, trace_cov: float) -> None:
+        self._g2.update(grad_norm_sq)
+        self._tr.update(trace_cov)
+        self._win_g2 += grad_norm_sq
+        self._win_tr += trace_cov
+        self._win_steps += 1
+        self.steps += 1
+
+    @property
+    def grad_norm_sq(self) -> float | None:
+        return self._g2.get()
+
+    @property
+    def trace_cov(self) -> float | None:
+        return self._tr.get()
+
+    @property
+    def b_simple(self) -> float | None:
+        """The EMA ratio; ``None`` before any step or while the |G|² average is <= 0."""
+        return _ratio(self.trace_cov, self.grad_norm_sq)
+
+    def take_window(self) -> dict[str, Any] | None:
+        """``{steps, grad_norm_sq, trace_cov}``: the plain means of the raw estimates since the last call (``None``
+        when no step was added); the window starts afresh."""
+        n = self._win_steps
+        out = None if not n else {"steps": n, "grad_norm_sq": self._win_g2 / n, "trace_cov": self._win_tr / n}
+        self._win_g2 = self._win_tr = 0.0
+        self._win_steps = 0
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# B_simple against the training loss (issue 19.3)
+#
+# The noise scale grows as the loss falls (McCandlish et al. 2018, fig. 4; Kaplan et al. 2020), so a value means
+# nothing without the loss it was measured at: a sweep's large-batch trials run few steps and stay near
+# initialisation, and a median over each trial's run then falls with the batch size for that reason alone. Every
+# trial's evaluation records carry the training loss and the mean |G|² and tr(Σ) estimates over the same steps
+# (``noise_window``, written by :class:`NoiseCallback`); pooled over trials, B_simple at a loss is the ratio of the
+# step-weighted sums of the records whose training loss lies in a band around it, with a bootstrap over trials.
+
+NOISE_LOSS_BINS = 6  # bins over the pooled training-loss range (log scale); a band is one bin wide
+_MIN_BAND_RECORDS = 3  # fewer records in a band: it is widened (twice at most), then no value
+_MIN_BAND_TRIALS = 3  # fewer trials in a band: the estimate, with an unknown interval
+
+
+@dataclass(frozen=True)
+class NoiseRecord:
+    """One evaluation record's noise measurement: the mean of the per-step |G|² and tr(Σ) estimates over the
+    ``steps`` its ``train_loss`` covers. ``trial``: which trial (the bootstrap resamples whole trials)."""
+
+    trial: int
+    train_loss: float
+    grad_norm_sq: float
+    trace_cov: float
+    steps: int
+
+
+def noise_records(trials: Sequence[Mapping[str, Any]]) -> list[NoiseRecord]:
+    """Every ``(train_loss, |G|², tr(Σ))`` record of every trial's ``history``: the record's ``noise_window`` (the
+    raw estimates' means over the steps since the previous evaluation). Trials written before the window was
+    recorded fall back to the EMA values of their ``b_simple_history`` at the record's step (weight 1 each)."""
+    out: list[NoiseRecord] = []
+    for i, t in enumerate(trials):
+        if not isinstance(t, Mapping):
+            continue
+        ema = {h.get("step"): h for h in t.get("b_simple_history") or [] if isinstance(h, Mapping)}
+        for r in t.get("history") or []:
+            if not isinstance(r, Mapping) or (loss := _finite(r.get("train_loss"))) is None:
+                continue
+            w = r.get("noise_window")
+            if isinstance(w, Mapping):
+                g2, tr, n = _finite(w.get("grad_norm_sq")), _finite(w.get("trace_cov")), _finite(w.get("steps"))
+                if g2 is not None and tr is not None and n is not None and n >= 1:
+                    out.append(NoiseRecord(i, loss, g2, tr, int(n)))
+                continue
+            e = ema.get(r.get("step"))
+            if isinstance(e, Mapping):
+                g2, tr = _finite(e.get("grad_norm_sq")), _finite(e.get("trace_cov"))
+                if g2 is not None and tr is not None:
+                    out.append(NoiseRecord(i, loss, g2, tr, 1))
+    return out
+
+
+@dataclass(frozen=True)
+class NoiseAtLoss:
+    """B_simple pooled over the records whose training loss lies in ``band`` around ``train_loss``."""
+
+    train_loss: float
+    band: tuple[float, float]
+    b_simple: Interval
+    records: int
+    trials: int
+    steps: int
+
+    def to_dict(self) -> dict[str, Any]:
+        iv = self.b_simple.to_dict()
+        iv = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in iv.items()}
+        return {"train_loss": self.train_loss, "band": list(self.band), "b_simple": iv, "records": self.records,
+                "trials": self.trials, "steps": self.steps}
+
+
+def _loss_axis(records: Sequence[NoiseRecord]) -> tuple[Callable[[float], float], Callable[[float], float]]:
+    """Log loss when every loss is positive (the noise scale moves with the loss multiplicatively), else linear."""
+    if all(r.train_loss > 0 for r in records):
+        return math.log, math.exp
+    return (lambda x: x), (lambda x: x)
+
+
+def _pooled(records: Sequence[NoiseRecord], loss: float, band: tuple[float, float], *, seed: int, n_boot: int,
+            level: float) -> NoiseAtLoss:
+    """The ratio of the step-weighted sums over ``records``, its interval a bootstrap over their trials."""
+    sums: dict[int, list[float]] = {}
+    for r in records:
+        s = sums.setdefault(r.trial, [0.0, 0.0])
+        s[0] += r.steps * r.grad_norm_sq
+        s[1] += r.steps * r.trace_cov
+    g2 = [s[0] for s in sums.values()]
+    tr = [s[1] for s in sums.values()]
+    iv = noise_scale_interval(g2, tr, seed=seed, n_boot=n_boot, level=level, method="bootstrap over trials")
+    if len(sums) < _MIN_BAND_TRIALS:  # a bootstrap over one or two trials cannot show their spread
+        iv = Interval(iv.estimate, None, None, level, "bootstrap over trials", len(sums))
+    return NoiseAtLoss(loss, band, iv, len(records), len(sums), sum(r.steps for r in records))
+
+
+def _default_half_width(records: Sequence[NoiseRecord], fwd: Callable[[float], float]) -> float:
+    xs = [fwd(r.train_loss) for r in records]
+    span = max(xs) - min(xs)
+    floor = 0.05 if fwd is math.log else 0.05 * max(abs(x) for x in xs) or 0.05
+    return max(span / (2 * NOISE_LOSS_BINS), floor)
+
+
+def b_simple_at_loss(records: Sequence[NoiseRecord], loss: float, *, half_width: float | None = None,
+                     level: float = 0.95, n_boot: int = 1000, seed: int = 0) -> NoiseAtLoss | None:
+    """B_simple at training loss ``loss``, pooled over every record whose loss lies within ``half_width`` of it
+    (on the log-loss axis; default half a bin of :data:`NOISE_LOSS_BINS` over the records' range, at least ±5 %):
+    the ratio of the step-weighted sums of tr(Σ) and |G|², with a 95 % percentile bootstrap over trials (unknown
+    with fewer than 3 trials in the band). A band with fewer than 3 records is widened twice (x2, x4); ``None``
+    when it still has too few, or when ``loss`` is not a finite number."""
+    if not records or _finite(loss) is None:
+        return None
+    fwd, inv = _loss_axis(records)
+    if fwd is math.log and not loss > 0:
+        return None
+    h = half_width if half_width is not None else _default_half_width(records, fwd)
+    x = fwd(loss)
+    for widen in (1, 2, 4):
+        inside = [r for r in records if abs(fwd(r.train_loss) - x) <= h * widen]
+        if len(inside) >= _MIN_BAND_RECORDS:
+            return _pooled(inside, float(loss), (inv(x - h * widen), inv(x + h * widen)), seed=seed, n_boot=n_boot,
+                           level=level)
+    return None
+
+
+def b_simple_against_loss(records: Sequence[NoiseRecord], *, bins: int = NOISE_LOSS_BINS, level: float = 0.95,
+                          n_boot: int = 1000, seed: int = 0) -> list[NoiseAtLoss]:
+    """B_simple against the training loss: the records' loss range cut into ``bins`` equal bins of log loss, each
+    non-empty bin pooled as in :func:`b_simple_at_loss` (its ``train_loss`` where its records lie: their
+    step-weighted mean on the log-loss axis; ``band`` the bin's edges), highest loss (earliest in training) first."""
+    if not records:
+        return []
+    fwd, inv = _loss_axis(records)
+    xs = [fwd(r.train_loss) for r in records]
+    lo, hi = min(xs), max(xs)
+    width = (hi - lo) / bins if hi > lo else 1.0
+    groups: dict[int, list[NoiseRecord]] = {}
+    for r, x in zip(records, xs):
+        groups.setdefault(min(bins - 1, int((x - lo) / width)) if hi > lo else 0, []).append(r)
+    out = []
+    for i in sorted(groups, reverse=True):
+        a, b = lo + i * width, lo + (i + 1) * width if hi > lo else hi
+        g = groups[i]
+        at = inv(sum(r.steps * fwd(r.train_loss) for r in g) / sum(r.steps for r in g))
+        out.append(_pooled(g, at, (inv(a), inv(b)), seed=seed + i, n_boot=n_boot, level=level))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Training mode
 
 
@@ -374,11 +610,14 @@ class NoiseCallback:
     """Measure B_simple while training (``engine.train(..., callbacks=[NoiseCallback()])``).
 
     Needs at least 2 micro-batches per step (``micro_batch_size < batch_size``). Each step's |G|² and tr(Σ)
-    estimates feed two bias-corrected EMAs (``beta``); each evaluation record gets ``record["b_simple"]`` and
-    ``state.extras["b_simple_history"]`` one entry ``{step, epoch, b_simple, grad_norm_sq, trace_cov}``;
-    ``state.extras["b_simple"]`` is the last value. Steps with a non-finite gradient are skipped (counted in
-    ``state.extras["b_simple_skipped_steps"]``). Values stay on the device and are read every ``flush_every`` steps
-    (one sync) and at each evaluation.
+    estimates feed two bias-corrected EMAs (``beta``; :class:`RunningNoiseScale`); each evaluation record gets
+    ``record["b_simple"]`` (the EMA ratio) and ``record["noise_window"]`` = ``{steps, grad_norm_sq, trace_cov}``,
+    the plain means of the raw estimates over the steps since the previous evaluation (the steps its
+    ``train_loss`` covers: what :func:`b_simple_at_loss` pools against the training loss), and
+    ``state.extras["b_simple_history"]`` one entry ``{step, epoch, b_simple, grad_norm_sq, trace_cov, train_loss}``
+    (the EMA values; ``train_loss`` the record's); ``state.extras["b_simple"]`` is the last value. Steps with a
+    non-finite gradient are skipped (counted in ``state.extras["b_simple_skipped_steps"]``). Values stay on the
+    device and are read every ``flush_every`` steps (one sync) and at each evaluation.
 
     ``method``: how micro-batch gradient norms are taken: ``hooks`` (tensor hooks, no extra memory, one read of
     each gradient), ``copy`` (a running copy of the gradients and fused ``torch._foreach`` ops: few Python calls,
@@ -397,8 +636,7 @@ class NoiseCallback:
         self._meter: _HookMeter | _CopyMeter = _HookMeter()
         self._pending: list[_StepNorms] = []
         self._scaled = False
-        self._g2 = _Ema(self.beta)
-        self._tr = _Ema(self.beta)
+        self._running = RunningNoiseScale(self.beta)
         self.valid_steps = 0
         self.skipped_steps = 0
         self._population: int | None = None
@@ -418,7 +656,7 @@ class NoiseCallback:
         # each batch is drawn without replacement from the N training samples (engine: one permutation per epoch)
         self._population = state.workload.num_train
         self._pending = []
-        self._g2, self._tr = _Ema(self.beta), _Ema(self.beta)
+        self._running = RunningNoiseScale(self.beta)
         self.valid_steps = self.skipped_steps = 0
         state.extras["b_simple_history"] = []
         state.extras["b_simple"] = None
@@ -452,7 +690,10 @@ class NoiseCallback:
 
     def on_evaluate(self, state: Any, record: dict[str, Any]) -> None:
         self._flush()
-        record["b_simple"] = self._log(state)
+        record["b_simple"] = self._log(state, record.get("train_loss"))
+        window = self._running.take_window()
+        if window is not None:
+            record["noise_window"] = window
 
     def on_train_end(self, state: Any, result: Any) -> None:
         self._flush()
@@ -478,22 +719,23 @@ class NoiseCallback:
             if not (math.isfinite(small) and math.isfinite(big)):
                 self.skipped_steps += 1
                 continue
-            g2, tr = unbiased_estimates(small, big, k, batch, self._population)
-            self._g2.update(g2)
-            self._tr.update(tr)
+            self._running.add_step(small, big, k, batch, self._population)
             self.valid_steps += 1
         self._pending = []
 
-    def _log(self, state: Any) -> float | None:
-        g2, tr = self._g2.get(), self._tr.get()
-        b_simple = _ratio(tr, g2)
-        state.extras["b_simple_history"].append({
+    def _log(self, state: Any, train_loss: Any = None) -> float | None:
+        run = self._running
+        b_simple = run.b_simple
+        entry = {
             "step": state.step,
             "epoch": round(state.step / max(1, state.steps_per_epoch), 4),
             "b_simple": b_simple,
-            "grad_norm_sq": g2,
-            "trace_cov": tr,
-        })
+            "grad_norm_sq": run.grad_norm_sq,
+            "trace_cov": run.trace_cov,
+        }
+        if _finite(train_loss) is not None:
+            entry["train_loss"] = float(train_loss)
+        state.extras["b_simple_history"].append(entry)
         state.extras["b_simple"] = b_simple
         return b_simple
 
@@ -556,15 +798,26 @@ class NoiseResult:
         return cls(**known, extras=extras)
 
     def reading(self) -> str:
-        """One line: the number and what it says about the batch size."""
+        """One line: the number, where in training it was measured, and what it says about the batch size.
+
+        At initialisation (``train_steps`` 0) the value is labelled so and never compared with the batch as if it
+        were the critical batch: the noise scale grows as the loss falls (McCandlish et al. 2018), so the value at
+        the first step is a floor of what training will see, not the batch to aim for."""
         b, (low, high) = self.b_simple, self.b_simple_ci
-        where = "at initialisation" if not self.train_steps else f"after {self.train_steps} training steps"
+        at_init = not self.train_steps
+        where = "at initialisation" if at_init else f"after {self.train_steps} training steps"
         if not math.isfinite(b):
             return (
                 f"B_simple is unbounded {where}: the gradient signal is below the noise (|G|^2 estimate <= 0), "
                 "as near a minimum; every batch counts as small here. Probe earlier in training or with more steps."
             )
         ci = f"95% CI {_fmt(low)}-{_fmt(high)}"
+        if at_init:
+            return (
+                f"B_simple at initialisation ~ {_fmt(b)} ({ci}), before any training step: the noise scale grows "
+                "as the loss falls, so this is a floor of the critical batch later in training, not a batch size to "
+                "aim for; the sweep measures B_simple against the training loss."
+            )
         bs = self.batch_size
         if bs < b / 3:
             verdict = f"batch {bs} is well below it: larger batches should cut the steps needed almost in proportion"
@@ -573,8 +826,8 @@ class NoiseResult:
         else:
             verdict = f"batch {bs} is near it: a balance of steps and compute"
         return (
-            f"B_simple ~ {_fmt(b)} ({ci}) {where}: critical batch of order {_fmt(b)}; {verdict}. "
-            "An order-of-magnitude guide that grows as training goes on."
+            f"B_simple {where} ~ {_fmt(b)} ({ci}): critical batch of order {_fmt(b)} at this point of training; "
+            f"{verdict}. An order-of-magnitude guide that grows as training goes on."
         )
 
 

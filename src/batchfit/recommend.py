@@ -6,14 +6,15 @@ choice carries a one-sentence reason that quotes what was measured. Every metric
 :class:`batchfit.metric.Metric` (a workload without validation data is ranked on its training loss).
 
 1. **Effective batch** (:func:`batchfit.decide.decide`, docs/decisions.md): every trial of every LR and seed is
-   pooled; a batch size's quality is its best LR's seed mean with a 95 % interval (one seed: the validation set's
-   sampling interval). Batch sizes whose interval overlaps the best one's are *tied* (the data cannot tell them
-   apart); among the tied, the least time to target — steps to target from the critical-batch fit
+   pooled; a batch size's quality is its best LR's seed mean (a trial's: the mean of its last evaluations). Batch
+   sizes shown *non-inferior* to the best estimate on paired seeds (simultaneous one-sided bounds within the
+   tolerance, :func:`batchfit.stats.select_non_inferior`) join it; among them, the least time to target — steps
+   to target from the critical-batch fit
    ``S(B) = S_min (1 + B_crit / B)`` over every batch size and seed x seconds per step (tune's interleaved timing
    rounds, :mod:`batchfit.steptime`; else fitted over every trial) — is chosen, and the batch sizes that cannot be
    told from it on time are named (:data:`DECISION_RULE`). Time to target at a fixed quality is
    the comparison of Shallue et al. (2019) and McCandlish et al. (2018). Flags: a choice at the edge of the tried
-   range, B_crit extrapolated, a quality tie, a base-LR move decided on few steps.
+   range, B_crit extrapolated, faster batch sizes still undecided, a base-LR move decided on few steps.
 2. **Micro-batch and accumulation.** From the finder: its throughput knee when that fits in memory (memory is
    plentiful), else the largest batch that fits with the safety margin; accumulation makes up the effective batch.
 3. **LR.** The LR the winning trial trained with (the rule-scaled LR times the best multiplier of the LR search).
@@ -21,7 +22,9 @@ choice carries a one-sentence reason that quotes what was measured. Every metric
 5. **Precision** (:func:`batchfit.decide.advise_precision`): a lower precision for speed only when the interval of
    its speed-up, from repeated interleaved step timings, excludes 1; for memory only when memory binds.
 6. **Recipe.** Every optimizer setting the winning trial used (read from its optimizer's param group), with
-   paste-ready PyTorch (and Lightning or Keras) snippets.
+   paste-ready PyTorch (and Lightning or Keras) snippets. Where the LR rule was outside its range at the winning
+   batch (adam-sqrt with ``k (1 - beta1) > 0.5``: beta1 held at 0.5, :func:`batchfit.scaling.scale_lr`), the LR and
+   recipe reasons say :data:`OUTSIDE_RANGE` — the betas are batchfit's choice, to be copied with the batch and LR.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from batchfit.stats import CriticalBatchInterval, Interval
 
 __all__ = [
     "DECISION_RULE",
+    "OUTSIDE_RANGE",
     "TUNE_KEYS",
     "Recommendation",
     "as_results",
@@ -45,9 +49,11 @@ __all__ = [
     "decide_results",
     "decision_trials",
     "metric_of",
+    "noise_scale_summary",
     "optimizer_settings",
     "recipe",
     "recommend",
+    "target_train_loss",
     "within_tolerance",
 ]
 
@@ -226,12 +232,16 @@ def _metric_label(metric: Metric) -> str:
 
 
 DECISION_RULE = (
-    "Batch sizes whose {metric} interval (95 %: over seeds with the variance pooled over every configuration, or "
-    "with one seed the validation set's sampling interval) overlaps the best one's are tied; among the tied, the "
-    "least time-to-target estimate (steps from the S(B) fit over every batch size and seed x seconds per step from "
-    "interleaved timing rounds) is chosen, and the batch sizes whose time interval overlaps it are reported as "
-    "tied with it on time. The target is the sweep's fraction of the best tied configuration's seed-mean {metric} "
-    "(reached on each trial's 3-evaluation moving average), and a batch size must reach it in every seed."
+    "The batch size with the best fitted {metric} (a trial's {metric}: the mean of its last 3 evaluations; seeds "
+    "pooled in a two-way configuration x seed model) is the reference. Every other batch size is compared with it on "
+    "the seeds they share, with simultaneous one-sided 95 % bounds (max-t over all comparisons, Dunnett/Hsu; the "
+    "level split over racing's rounds); it is non-inferior when its lower bound lies within the tolerance of the "
+    "reference. Among the reference and the non-inferior ones, the least time-to-target estimate (steps from the "
+    "S(B) fit over every batch size and seed x seconds per step from interleaved timing rounds) is chosen, and the "
+    "batch sizes whose time interval overlaps it are reported as tied with it on time. Without that evidence the "
+    "reference is chosen: less data never picks a larger batch. The target is the sweep's fraction of the best "
+    "configuration's seed-mean {metric}, crossed on each trial's raw curve (interpolated), and a batch size must "
+    "reach it in every seed."
 )
 
 
@@ -293,7 +303,7 @@ def decide_results(results: Mapping[str, Any], tolerance: float, metric: Metric 
     ``results`` when the caller already has it (``None``: computed here)."""
     return decide(decision_trials(results), metric or metric_of(results),
                   b_crit=crit if crit is not None else critical_interval(results),
-                  lr_calibration=results.get("lr_calibration"), margin=tolerance / 2,
+                  lr_calibration=results.get("lr_calibration"), tolerance=tolerance,
                   step_time=step_time_intervals(results), target=results.get("target"))
 
 
@@ -322,16 +332,23 @@ def _pick_batch(results: Mapping[str, Any], metric: Metric, tolerance: float,
     seeds = chosen.seeds
     seeds_txt = f"{seeds} seeds" if seeds > 1 else "one seed"
     q = chosen.quality
+    ref = decision.reference
+    tol = f"{decision.tolerance:.2%}"
+    undecided = [] if decision.selection is None else sorted(decision.selection.undecided)
     if len(tied) == 1:
-        why = (f"Effective batch {batch}: its {label} {q} ({seeds_txt}) is better than every other batch size "
-               f"beyond the noise")
+        why = f"Effective batch {batch}: the best {label} estimate, {q} ({seeds_txt})"
         if len(tried) > 1:
-            runner = max((b for b in tried if b != batch), key=lambda b: metric.sort_key(ev[b].quality.estimate))
-            why += f" (next best: batch {runner}, {ev[runner].quality})"
+            why += f"; no other batch size was shown non-inferior to it within {tol}"
+            if undecided:
+                why += (f" ({_span(undecided, tried)} undecided at this number of seeds: the data cannot place them "
+                        "yet, so they are not chosen)")
+            worse = [b for b in tried if b != batch and b not in undecided]
+            if worse:
+                why += f"; {_span(worse, tried)} worse beyond the tolerance"
         return decision, pick, why + "."
-    best = decision.choice.best_quality
-    head = (f"Effective batch {batch}: batch sizes {_span(tied, tried)} are tied on {label} (their intervals overlap "
-            f"the best, {ev[best].quality} at batch {best}; the data cannot tell them apart)")
+    head = (f"Effective batch {batch}: batch sizes {_span(tied, tried)} are non-inferior to batch {ref} (the best "
+            f"{label}, {ev[ref].quality}): on the seeds they share, each one's 95 % lower bound on its difference lies "
+            f"within {tol} of it")
     timed = {b: ev[b].time_to_target for b in tied if ev[b].time_to_target is not None}
     if batch not in timed:
         return decision, pick, head + (f"; none of them reached the target within its budget, so the best {label} "
@@ -343,7 +360,7 @@ def _pick_batch(results: Mapping[str, Any], metric: Metric, tolerance: float,
     ratio = _ratio(timed[slowest], timed[batch])  # type: ignore[arg-type]
     ratio_txt = (f"{ratio.estimate:.2g}x faster than {slowest}" + (
         f" (interval {ratio.low:.2g}-{ratio.high:.2g})" if ratio.known else " (interval unknown: one seed)")
-        if slowest != batch else "the only tied batch size that reached the target")
+        if slowest != batch else "the only non-inferior batch size that reached the target")
     details = decision.choice.details or {}
     time_tied = details.get("time_tied") or []
     if len(time_tied) > 1:
@@ -357,9 +374,29 @@ def _pick_batch(results: Mapping[str, Any], metric: Metric, tolerance: float,
     goal = "" if decision.target is None else f" ({label} {_fmt(decision.target)})"
     how = f"{t.estimate:.3g} s to the target{goal}" + (f" [{t.low:.3g}, {t.high:.3g}]" if t.known else "")  # type: ignore
     verdict = ("its time advantage is beyond the noise" if decision.choice.cost_separated else
-               "its time advantage over some tied sizes is inside the noise: the least estimate decides, "
+               "its time advantage over some non-inferior sizes is inside the noise: the least estimate decides, "
                "not a measured win")
     return decision, pick, (f"{head}; chosen on time to target: {batch}, {ratio_txt}; {how}, {verdict}.")
+
+
+# said wherever the winning trial's LR rule was outside its range: its betas are not the rule's values
+OUTSIDE_RANGE = "outside the rule's range: the betas are part of the recipe"
+
+
+def _rule_range(pick: Mapping[str, Any]) -> tuple[bool, list[str]]:
+    """Whether the winning trial's LR rule was outside its range, and the notes saying which value and why.
+
+    From the trial's recorded ``lr_scaling``; a trial recorded before it (adam-sqrt then clipped a negative beta1
+    to 0) counts as outside when it trained adam-sqrt with beta1 0."""
+    scaling = pick.get("lr_scaling")
+    if isinstance(scaling, Mapping):
+        return bool(scaling.get("outside_range")), [str(n) for n in scaling.get("notes") or []]
+    opt = pick.get("optimizer")
+    betas = opt.get("betas") if isinstance(opt, Mapping) else None
+    if pick.get("lr_rule") == "adam-sqrt" and isinstance(betas, (list, tuple)) and betas and betas[0] == 0:
+        return True, ["beta1 0: this trial was scaled before batchfit held beta1 inside the rule's range, so its "
+                      "beta1 is the rule's negative value clipped to 0"]
+    return False, []
 
 
 def _lr_reason(results: Mapping[str, Any], pick: Mapping[str, Any], metric: Metric) -> tuple[float, str]:
@@ -373,10 +410,11 @@ def _lr_reason(results: Mapping[str, Any], pick: Mapping[str, Any], metric: Metr
     if cal.get("best_multiplier") not in (None, 1, 1.0):
         cal_txt = (f"; the base LR was first moved from {cal['base_lr']:.3g} to {cal['lr']:.3g} at batch "
                    f"{cal['batch_size']}, where it scored better on {cal.get('metric', metric.name)}")
+    outside = f"; {OUTSIDE_RANGE}" if _rule_range(pick)[0] else ""
     return lr, (
         f"LR {lr:.4g}: the {rule}-rule LR for batch {batch}{mult_txt}"
         + (f", the best of {n_lrs} learning rates tried at this batch" if n_lrs > 1 else "")
-        + f" ({_metric_label(metric)} {_fmt(metric.of_trial(pick))}){cal_txt}."
+        + f" ({_metric_label(metric)} {_fmt(metric.of_trial(pick))}){cal_txt}{outside}."
     )
 
 
@@ -394,9 +432,14 @@ def _warmup_reason(results: Mapping[str, Any], pick: Mapping[str, Any], lr: floa
     return warmup_steps, text + "."
 
 
-def _context_reason(results: Mapping[str, Any], batch: int, boot: CriticalBatchInterval | None) -> str | None:
+def _context_reason(results: Mapping[str, Any], batch: int, boot: CriticalBatchInterval | None,
+                    noise: Mapping[str, Any] | None = None) -> str | None:
+    """B_crit, and where the batch lies against it (or, without B_crit, against B_simple at the decision's target
+    loss, ``noise`` from :func:`noise_scale_summary`: never the probe's value at initialisation)."""
     crit = results.get("critical_batch_size") or {}
-    b_crit, b_simple = finite_or_none(crit.get("b_crit")), finite_or_none(results.get("b_simple"))
+    b_crit = finite_or_none(crit.get("b_crit"))
+    at = (noise or {}).get("at_loss") or {}
+    b_simple = finite_or_none((at.get("b_simple") or {}).get("estimate"))
     context = []
     if b_crit is not None:
         r2 = finite_or_none(crit.get("r2"))
@@ -409,8 +452,8 @@ def _context_reason(results: Mapping[str, Any], batch: int, boot: CriticalBatchI
         context.append(f"the fitted critical batch B_crit is {b_crit:.3g}" + (f" (fit R^2 {r2:.2f}{iv})"
                                                                               if r2 is not None else
                                                                               (f" ({iv[2:]})" if iv else "")))
-    if b_simple is not None:
-        context.append(f"the measured gradient noise scale B_simple is {b_simple:.3g}")
+    elif b_simple is not None:
+        context.append(f"B_simple at the target's training loss ({_fmt(at.get('train_loss'))}) is {b_simple:.3g}")
     if not context:
         return None
     ref = b_crit if b_crit is not None else b_simple
@@ -418,6 +461,150 @@ def _context_reason(results: Mapping[str, Any], batch: int, boot: CriticalBatchI
     return ("Context: " + " and ".join(context) + f"; batch {batch} is {side} "
             + ("B_crit" if b_crit is not None else "B_simple")
             + " (above it, doubling the batch saves few steps; well below it, steps are noisy and cheap).")
+
+
+def _center(values: Sequence[float]) -> float:
+    """The geometric mean of positive values (losses over seeds), else the mean."""
+    if all(v > 0 for v in values):
+        return math.exp(sum(math.log(v) for v in values) / len(values))
+    return sum(values) / len(values)
+
+
+def _loss_at_step(trial: Mapping[str, Any], step: Any) -> float | None:
+    """The trial's training loss at ``step`` (steps to target are interpolated between evaluations): linear between
+    the evaluation records around it; the first record's at or before it."""
+    s = finite_or_none(step)
+    pts = [(x, v) for r in trial.get("history") or [] if isinstance(r, Mapping)
+           if (x := finite_or_none(r.get("step"))) is not None
+           and (v := finite_or_none(r.get("train_loss"))) is not None]
+    if s is None or not pts:
+        return None
+    prev = None
+    for x, v in pts:
+        if x >= s:
+            if prev is None or x == prev[0]:
+                return v
+            return prev[1] + (v - prev[1]) * (s - prev[0]) / (x - prev[0])
+        prev = (x, v)
+    return None  # past the last record: not recorded
+
+
+def _final_train_loss(trial: Mapping[str, Any]) -> float | None:
+    v = finite_or_none(trial.get("final_train_loss"))
+    if v is not None:
+        return v
+    hist = [r for r in trial.get("history") or [] if isinstance(r, Mapping)]
+    return finite_or_none(hist[-1].get("train_loss")) if hist else None
+
+
+def target_train_loss(decision: Decision) -> tuple[float | None, str, str]:
+    """The training loss at the decision's target: ``(loss, source, words)``.
+
+    ``source`` ``"target"``: each seed of the chosen configuration's training loss at the step where it first meets
+    the decision's target (the step its time to target is counted to; the loss interpolated between the evaluation
+    records around it), their geometric mean over the seeds that reached it. ``"end_of_run"``: no seed reached it;
+    the chosen configuration's training loss at the end of its run (its last evaluation), the geometric mean over its
+    seeds. ``None``: neither recorded.
+    """
+    e = decision.evidence[decision.batch_size]
+    label = _metric_label(decision.metric)
+    goal = "" if decision.target is None else f" of {label} {_fmt(decision.target)}"
+    at = [v for t in e.trials if (s := t.get("steps_to_target")) is not None
+          and (v := _loss_at_step(t, s)) is not None]
+    if at:
+        seeds = f"{len(at)} of {len(e.trials)} seeds, geometric mean" if len(e.trials) > 1 else "one seed"
+        return _center(at), "target", (f"the training loss where the chosen configuration (batch "
+                                       f"{decision.batch_size}) meets the decision's target{goal} ({seeds})")
+    ends = [v for t in e.trials if (v := _final_train_loss(t)) is not None]
+    if ends:
+        return _center(ends), "end_of_run", (f"the chosen configuration's (batch {decision.batch_size}) training loss "
+                                             f"at the end of its run (it did not meet the decision's target{goal}, "
+                                             "so the loss there is not recorded)")
+    return None, "", ""
+
+
+def noise_scale_summary(results: Mapping[str, Any], decision: Decision) -> dict[str, Any]:
+    """B_simple against the training loss, pooled over every trial's evaluation records
+    (:func:`batchfit.noise.b_simple_against_loss`), and at the decision's target loss
+    (:func:`batchfit.noise.b_simple_at_loss`, :func:`target_train_loss`), with the chosen batch's ratio to it
+    (:func:`batchfit.stats.quotient_interval`); the noise probe's value is kept apart as ``at_initialisation``."""
+    from batchfit import noise as nz
+    from batchfit.stats import quotient_interval
+
+    trials = [t for t in results.get("trials") or [] if isinstance(t, Mapping)]
+    records = nz.noise_records(trials)
+    loss, source, words = target_train_loss(decision)
+    at = nz.b_simple_at_loss(records, loss) if loss is not None else None
+    ratio = quotient_interval(float(decision.batch_size), at.b_simple) if at is not None else None
+    probe = results.get("noise") if isinstance(results.get("noise"), Mapping) else {}
+    init = None
+    if finite_or_none(probe.get("b_simple")) is not None:
+        init = {"b_simple": float(probe["b_simple"]), "b_simple_ci": probe.get("b_simple_ci"),
+                "batch_size": probe.get("batch_size"), "train_steps": probe.get("train_steps") or 0}
+    return {
+        "train_loss": loss, "loss_source": source or None, "loss_words": words or None,
+        "at_loss": at.to_dict() if at is not None else None,
+        "noise_ratio": ratio.to_dict() if ratio is not None else None,
+        "against_loss": [p.to_dict() for p in nz.b_simple_against_loss(records)],
+        "records": len(records), "trials": len({r.trial for r in records}),
+        "at_initialisation": init,
+    }
+
+
+def _iv_words(iv: Mapping[str, Any], fmt: str = ".3g") -> str:
+    """A pooled B_simple in words; its JSON form writes an unbounded end or estimate as ``None`` (an unknown
+    interval has both ends ``None``)."""
+    est = finite_or_none(iv.get("estimate"))
+    if est is None:
+        return "unbounded (the |G|^2 estimate is <= 0: the gradient signal is below the noise)"
+    low, high = iv.get("low"), iv.get("high")
+    if low is None:
+        return f"{est:{fmt}} (no interval: fewer than 3 trials near that loss)"
+    return f"{est:{fmt}} [{format(low, fmt)}, {'inf' if high is None else format(high, fmt)}]"
+
+
+def _noise_reason(noise: Mapping[str, Any], batch: int) -> str | None:
+    """The recommendation's B_simple sentence: the pooled value at the stated training loss, the chosen batch's
+    ratio to it, how it moves with the loss, and the probe's value labelled as measured at initialisation."""
+    parts = []
+    at = noise.get("at_loss")
+    if at:
+        iv = at["b_simple"]
+        lo, hi = at["band"]
+        ratio = noise.get("noise_ratio")
+        ratio_txt = ""
+        if ratio:
+            r_iv = (f" [{ratio['low']:.2g}, {ratio['high']:.2g}]" if ratio.get("low") is not None
+                    else " (no interval)")
+            ratio_txt = f"; batch {batch} is {ratio['estimate']:.2g}x{r_iv} of it"
+        parts.append(
+            f"Gradient noise scale: B_simple {_iv_words(iv)} at training loss {_fmt(noise['train_loss'])}, "
+            f"{noise['loss_words']}; pooled over the {at['records']} evaluation records of {at['trials']} trial(s) "
+            f"with training loss {_fmt(lo, 3)}-{_fmt(hi, 3)} (tr(Sigma) and |G|^2 summed over their steps, then "
+            f"divided; 95 % bootstrap over trials){ratio_txt}")
+        curve = [p for p in noise.get("against_loss") or [] if finite_or_none(p["b_simple"].get("estimate"))]
+        if len(curve) > 1:
+            parts.append("against the training loss it reads " + ", ".join(
+                f"{p['b_simple']['estimate']:.3g} at loss {_fmt(p['train_loss'], 3)}" for p in curve))
+    elif noise.get("records"):
+        parts.append("Gradient noise scale: too few evaluation records near the target's training loss "
+                     f"({_fmt(noise.get('train_loss'))}) to pool B_simple there")
+    init = noise.get("at_initialisation")
+    if init:
+        ci = init.get("b_simple_ci")
+        ci_txt = (f" [{_fmt(ci[0], 3)}, {_fmt(ci[1], 3)}]" if isinstance(ci, (list, tuple)) and len(ci) == 2
+                  and all(isinstance(x, (int, float)) for x in ci) else "")
+        when = ("B_simple at initialisation" if not init.get("train_steps") else
+                f"B_simple after {init['train_steps']} training steps")
+        at_batch = f" (batch {init['batch_size']})" if init.get("batch_size") else ""
+        what = ("measured before the loss fell, it is a floor of the noise scale later in training, not the "
+                "critical batch" if not init.get("train_steps") else
+                "measured at one point early in training, not at the target's loss, so not the critical batch")
+        parts.append(f"the noise probe's {when} is {init['b_simple']:.3g}{ci_txt}{at_batch}: {what}")
+    if not parts:
+        return None
+    text = "; ".join(parts)
+    return text[0].upper() + text[1:] + "."
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -465,6 +652,8 @@ def _pytorch_snippet(r: Mapping[str, Any]) -> str:
             f"make_optimizer(model.parameters(), lr={r['lr']:.6g})  # the workload's optimizer (not recorded)")
     lines = [
         "import torch",
+        *([f"# {OUTSIDE_RANGE} (the {r.get('lr_rule')} rule does not give them at this batch)"]
+          if r.get("outside_rule_range") else []),
         f"optimizer = {make}",
         f"loader = torch.utils.data.DataLoader(train_set, batch_size={r['micro_batch_size']}, shuffle=True, "
         "drop_last=True)",
@@ -543,6 +732,12 @@ def recipe(pick: Mapping[str, Any], *, batch: int, micro: int, acc: int, lr: flo
         "lr_schedule": pick.get("lr_schedule"), "grad_clip": pick.get("grad_clip"),
         "optimizer": dict(opt) if opt else None, "seed": pick.get("seed"),
     }
+    outside, notes = _rule_range(pick)
+    if isinstance(pick.get("lr_scaling"), Mapping):
+        out["lr_scaling"] = dict(pick["lr_scaling"])
+    if outside:
+        out["outside_rule_range"] = True
+        out["rule_notes"] = notes
     if opt is None:
         out["note"] = ("this study did not record the optimizer's settings (made before batchfit recorded them); "
                        "the optimizer is the workload's own, with the LR above")
@@ -563,9 +758,13 @@ def _recipe_reason(r: Mapping[str, Any]) -> str:
     extra = [f"grad clip {r['grad_clip']:g}"] if r.get("grad_clip") else []
     if r.get("lr_schedule"):
         extra.append(f"schedule {r['lr_schedule']}")
+    outside = ""
+    if r.get("outside_rule_range"):
+        notes = "; ".join(r.get("rule_notes") or [])
+        outside = f"; {OUTSIDE_RANGE}" + (f" ({notes})" if notes else "")
     return (f"Recipe: {opt.get('class')} at LR {r['lr']:.4g}" + (f" with {settings}" if settings else "")
             + (", " + ", ".join(extra) if extra else "") + f", warm-up {r['warmup_steps']} step(s), as the winning "
-            "trial ran them (its optimizer's param group); snippets in results.json and the report.")
+            f"trial ran them (its optimizer's param group){outside}; snippets in results.json and the report.")
 
 
 def recommend(
@@ -581,9 +780,9 @@ def recommend(
             (results.json). The finder's result, the LR check and the precision check are read from it when ``tune``
             stored them.
         find: the finder's dict (``FindResult.to_dict()``); default: the one in ``results``.
-        tolerance: only widens ties: quality differences below this relative margin are ties even when measured
-            precisely (each quality interval gets a half-width of at least ``tolerance / 2``), and a quality with
-            no measured noise is compared within it. The decision itself is :data:`DECISION_RULE`.
+        tolerance: the non-inferiority margin, relative to the reference's quality: a batch size is non-inferior
+            when its simultaneous 95 % lower bound on the difference from the reference lies above
+            ``-tolerance x |reference|`` (:data:`DECISION_RULE`).
 
     Ranks on the sweep's primary metric; a workload without validation data is ranked on its training loss, and the
     first reason says so. New keys (old ones kept): ``intervals`` (per-batch evidence), ``tied``, ``flags``,
@@ -598,8 +797,8 @@ def recommend(
     if find is None:
         find = data.get("find")
     metric = metric_of(data)
-    crit = critical_interval(data)  # B_crit with its bootstrap: the flags, the context and the JSON read this one
-    decision, pick, why_batch = _pick_batch(data, metric, tolerance, crit)
+    decision, pick, why_batch = _pick_batch(data, metric, tolerance, None)
+    crit = decision.critical  # the decision's S(B) fit: the flags, the context and the JSON read this one
     if metric.name == "train_loss":
         why_batch += (" The workload has no validation data, so the batch sizes were ranked on the training loss: "
                       "it says how fast each one trains, not how well it generalizes.")
@@ -609,19 +808,27 @@ def recommend(
     warmup_steps, why_warmup = _warmup_reason(data, pick, lr)
     precision, why_precision, advice = _precision(data, batch, find)
     reasons = [why_batch, why_micro, why_lr, why_warmup, why_precision]
-    context = _context_reason(data, batch, crit)
+    noise = noise_scale_summary(data, decision)
+    context = _context_reason(data, batch, crit, noise)
     if context:
         reasons.append(context)
+    why_noise = _noise_reason(noise, batch)
+    if why_noise:
+        reasons.append(why_noise)
     rec_recipe = recipe(pick, batch=batch, micro=micro, acc=acc, lr=lr, warmup_steps=warmup_steps,
                         precision=precision, framework=data.get("framework"))
     reasons.append(_recipe_reason(rec_recipe))
     extra = {
         "intervals": [decision.evidence[b].to_dict() for b in sorted(decision.evidence)],
         "tied": sorted(int(b) for b in decision.choice.tied),
+        "non_inferior": sorted(int(b) for b in decision.choice.tied),
+        "reference_batch_size": decision.reference,
+        "selection": decision.selection.to_dict() if decision.selection is not None else None,
         "flags": list(decision.flags),
         "decision_rule": DECISION_RULE.format(metric=_metric_label(metric)),
         "decision_target": decision.target,
         "critical_batch": crit.to_dict() if crit is not None else None,
+        "noise_scale": noise,
         "precision_advice": advice,
         "recipe": rec_recipe,
     }

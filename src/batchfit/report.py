@@ -28,10 +28,11 @@ from typing import Any
 from batchfit._io import atomic_write as _atomic_write
 from batchfit._io import write_json
 from batchfit._io import write_text as _write_text
+from batchfit.decide import quality_of_trial
 from batchfit.errors import BatchfitError, ConfigError
 from batchfit.metric import Metric, finite_or_none
 from batchfit.recommend import Recommendation, as_results, metric_of, recommend
-from batchfit.stats import Interval, mean_interval
+from batchfit.stats import Interval, mean_interval, positive_mean_interval, quotient_interval
 
 __all__ = ["PLOTS", "check_results", "make_plots", "render_html", "render_markdown", "summary_rows", "summary_table",
            "tell_apart_lines", "with_intervals", "write_report"]
@@ -42,7 +43,7 @@ _TITLES = {
     "metric_vs_batch": "Final validation metric vs batch size",
     "throughput_memory": "Throughput and peak memory vs batch size",
     "steps_to_target": "Steps and time to target vs batch size, with the fitted S(B)",
-    "b_simple": "Gradient noise scale B_simple over training",
+    "b_simple": "Gradient noise scale B_simple over training and against the training loss",
     "critical_batch_over_training": "The local critical batch and B_simple over training (batchfit.schedule_check)",
 }
 
@@ -124,6 +125,52 @@ def _over_seeds(values: list[Any]) -> dict[str, Any] | None:
     return mean_interval(vals).to_dict() if vals else None
 
 
+def _gap(t: Mapping[str, Any]) -> float | None:
+    """A trial's ``generalization_gap`` when it is ``val_loss - train_eval_loss`` (the validation loss minus the
+    eval-mode loss on the fixed training subset; its evaluation records carry ``train_eval_loss``). A trial recorded
+    before that (val loss minus the running training loss, which grows with the steps a small batch takes) has
+    none; a summary without records is taken as it is."""
+    hist = [h for h in t.get("history") or [] if isinstance(h, Mapping)]
+    if hist and not any("train_eval_loss" in h for h in hist):
+        return None
+    return finite_or_none(t.get("generalization_gap"))
+
+
+def _quality_by_seed(trials: list[Mapping[str, Any]], metric: Metric) -> dict[Any, float]:
+    """Each seed's quality (the decision's, :func:`batchfit.decide.quality_of_trial`); repeated trials of one seed:
+    their mean."""
+    per: dict[Any, list[float]] = {}
+    for x in trials:
+        if (q := finite_or_none(quality_of_trial(x, metric))) is not None:
+            per.setdefault(x.get("seed"), []).append(q)
+    return {seed: sum(v) / len(v) for seed, v in per.items()}
+
+
+def _paired_difference(trials: list[Mapping[str, Any]], reference: list[Mapping[str, Any]],
+                       metric: Metric) -> dict[str, Any] | None:
+    """The configuration's quality minus the reference's, per seed (trials paired by seed, so what a seed does to
+    both cancels), with a Student-t interval over the paired differences (one pair: unknown)."""
+    mine, ref = _quality_by_seed(trials, metric), _quality_by_seed(reference, metric)
+    diffs = [mine[seed] - ref[seed] for seed in mine if seed in ref]
+    if not diffs:
+        return None
+    return dict(mean_interval(diffs).to_dict(), method="paired t over seeds")
+
+
+def _reference_row(results: Mapping[str, Any], source: list[Mapping[str, Any]], chosen: int | None,
+                   evidence: Mapping[int, Mapping[str, Any]], metric: Metric) -> Mapping[str, Any] | None:
+    """The row the paired differences are taken from: the recommended batch's, else the best seed-mean quality."""
+    ref = next((t for t in source if t["batch_size"] == chosen), None)
+    if ref is not None or not source:
+        return ref
+
+    def mean_quality(t: Mapping[str, Any]) -> float | None:
+        q = _quality_by_seed(_config_trials(results, t, evidence.get(t["batch_size"])), metric)
+        return sum(q.values()) / len(q) if q else None
+
+    return min(source, key=lambda t: metric.sort_key(mean_quality(t)))
+
+
 def _per(scale: float, iv: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The interval of ``scale / x`` from x's, for a positive x: the ends swap (samples/s = B / seconds per step,
     B / B_simple). An end of x at or below zero leaves that end of the quotient unbounded (``inf``)."""
@@ -135,6 +182,56 @@ def _per(scale: float, iv: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return {**iv, "estimate": scale / est, "spread": None,
             "low": (scale / hi if hi > 0 else 0.0) if known else None,  # type: ignore[operator]
             "high": (scale / lo if lo > 0 else math.inf) if known else None}  # type: ignore[operator]
+
+
+def _positive_over_seeds(values: list[Any]) -> dict[str, Any] | None:
+    """A positive quantity (B_simple) over seeds: the t interval on the log scale, exponentiated back
+    (:func:`batchfit.stats.positive_mean_interval`: the geometric mean, both ends positive; one seed: unknown)."""
+    vals = [v for x in values if (v := finite_or_none(x)) is not None and v > 0]
+    return positive_mean_interval(vals).to_dict() if vals else None
+
+
+def _positive_interval(iv: Mapping[str, Any] | None) -> Interval | None:
+    """An interval dict of a positive quantity as an :class:`Interval`. Its JSON form writes an unbounded end as
+    ``null``: with a known low end, a missing high end is ``inf`` (an unknown interval has both ends missing)."""
+    est = finite_or_none((iv or {}).get("estimate"))
+    if iv is None or est is None:
+        return None
+    low = finite_or_none(iv.get("low"))
+    high = iv.get("high")
+    high = (math.inf if high is None else float(high)) if low is not None else None
+    return Interval(est, low, high, float(iv.get("level") or 0.95), str(iv.get("method") or ""),
+                    int(iv.get("n") or 1), finite_or_none(iv.get("spread")))
+
+
+def _noise_ratio(batch: int, iv: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """B / B_simple: ``B / [high, low]`` of B_simple's positive interval (:func:`batchfit.stats.quotient_interval`;
+    never an ``inf`` from a division, an unknown interval stays unknown)."""
+    pos = _positive_interval(iv)
+    q = quotient_interval(float(batch), pos) if pos is not None else None
+    return q.to_dict() if q is not None else None
+
+
+def _noise_of(results: Mapping[str, Any], recommendation: Any = None, pool: bool = True) -> dict[str, Any]:
+    """B_simple against the training loss: the recommendation's ``noise_scale`` (with the value at its target's
+    training loss), else (``pool``) pooled here from every trial's records
+    (:func:`batchfit.noise.b_simple_against_loss`), without a value at a target."""
+    rec = recommendation if recommendation is not None else results.get("recommendation")
+    data = (rec.to_dict() if hasattr(rec, "to_dict") else rec) if rec is not None else {}
+    noise = (data or {}).get("noise_scale")
+    if isinstance(noise, Mapping):
+        return dict(noise)
+    if not pool:
+        return {}
+    trials = [t for t in results.get("trials") or [] if isinstance(t, Mapping)]
+    if not any(isinstance(h, Mapping) and ("noise_window" in h or "b_simple" in h)
+               for t in trials for h in t.get("history") or []):
+        return {}
+    from batchfit import noise as nz
+
+    records = nz.noise_records(trials)
+    return {"against_loss": [p.to_dict() for p in nz.b_simple_against_loss(records)], "records": len(records),
+            "trials": len({r.trial for r in records}), "at_loss": None}
 
 
 def _scaled(iv: Mapping[str, Any] | None, factor: float | None) -> dict[str, Any] | None:
@@ -185,15 +282,31 @@ def summary_rows(results: Mapping[str, Any], recommendation: Any = None) -> list
     ``generalization_gap``, ``epochs_to_target``, ``steps_to_target``, ``seconds_to_target``: its measured wall
     clock). Each of the first six also has an interval form (``<key>_interval``: ``estimate``, ``low``, ``high``, ...;
     ``low``/``high`` ``None`` when the data give none): samples/s from the decision's seconds per step; steps to
-    target the decision's interval, epochs to target that one at the trials' recorded epochs per step; B_simple and the
-    generalization gap a t interval over the seeds of the decision's configuration; B / B_simple from B_simple's.
-    Without a decision, steps and epochs to target are t intervals over the row's configuration's seeds."""
+    target the decision's interval, epochs to target that one at the trials' recorded epochs per step; the
+    generalization gap a t interval over the seeds of the decision's configuration; B_simple (each trial's median
+    over its run, not at a stated loss) a t interval on the log scale over those seeds
+    (:func:`batchfit.stats.positive_mean_interval`: both ends positive); B / B_simple divides B by B_simple at the
+    decision's target training loss (the recommendation's ``noise_scale``, pooled over every trial against the
+    training loss), or, without one, by the row's own B_simple, as ``B / [high, low]``
+    (:func:`batchfit.stats.quotient_interval`: never an ``inf`` from a division). Without a decision, steps and
+    epochs to target are t intervals over the row's configuration's seeds.
+
+    ``generalization_gap`` is ``val_loss - train_eval_loss`` (the eval-mode loss on a fixed training subset, the
+    engine's records); a trial recorded with the older definition (minus the running training loss) shows none.
+    Whether a batch size generalizes worse is read from ``paired_difference_interval``: its quality minus the
+    reference batch's (``paired_reference_batch_size``: the recommended one, else the best seed mean), per seed
+    (trials paired by seed), with a t interval over the paired differences; ``None`` for the reference itself."""
     metric = metric_of(results)
     global_bs = results.get("b_simple")
+    at_target = (_noise_of(results, recommendation, pool=False).get("at_loss") or {}).get("b_simple")
     evidence = _evidence_of(results, recommendation)
     chosen, tied = _decision_of(results, recommendation)
+    source = _rows_source(results)
+    ref_t = _reference_row(results, source, chosen, evidence, metric)
+    ref_batch = ref_t["batch_size"] if ref_t is not None else None
+    ref_seeds = _config_trials(results, ref_t, evidence.get(ref_batch)) if ref_t is not None else []
     rows = []
-    for t in _rows_source(results):
+    for t in source:
         b_simple, bs_source = t.get("b_simple"), "single trial"
         if not isinstance(b_simple, (int, float)):
             b_simple = global_bs if isinstance(global_bs, (int, float)) else None
@@ -201,7 +314,7 @@ def summary_rows(results: Mapping[str, Any], recommendation: Any = None) -> list
         batch = t["batch_size"]
         ev = evidence.get(batch) or {}
         seeds = _config_trials(results, t, ev)
-        bs_iv = _over_seeds([x.get("b_simple") for x in seeds]) or _bare(b_simple, bs_source)
+        bs_iv = _positive_over_seeds([x.get("b_simple") for x in seeds]) or _bare(b_simple, bs_source)
         steps_iv = (ev.get("steps_to_target") or _over_seeds([x.get("steps_to_target") for x in seeds])
                     or _bare(t.get("steps_to_target")))
         epochs_iv = (_scaled(ev.get("steps_to_target"), _epochs_per_step(results, seeds, batch))
@@ -217,7 +330,7 @@ def summary_rows(results: Mapping[str, Any], recommendation: Any = None) -> list
             "samples_per_s": t.get("samples_per_s"),
             "b_simple": b_simple,
             "noise_ratio": batch / b_simple if b_simple and b_simple > 0 else None,
-            "generalization_gap": t.get("generalization_gap"),
+            "generalization_gap": _gap(t),
             "epochs_to_target": t.get("epochs_to_target"),
             "steps_to_target": t.get("steps_to_target"),
             "seconds_to_target": t.get("seconds_to_target"),
@@ -228,9 +341,12 @@ def summary_rows(results: Mapping[str, Any], recommendation: Any = None) -> list
                                                                                         else "")),
             "samples_per_s_interval": _samples_per_s(batch, ev) or _bare(t.get("samples_per_s")),
             "b_simple_interval": bs_iv,
-            "noise_ratio_interval": _per(batch, bs_iv),
-            "generalization_gap_interval": (_over_seeds([x.get("generalization_gap") for x in seeds])
-                                            or _bare(t.get("generalization_gap"))),
+            # B over B_simple at the decision's target loss (the recommendation's), else over the row's own
+            "noise_ratio_interval": _noise_ratio(batch, at_target or bs_iv),
+            "generalization_gap_interval": _over_seeds([_gap(x) for x in seeds]) or _bare(_gap(t)),
+            "paired_reference_batch_size": ref_batch,
+            "paired_difference_interval": (None if batch == ref_batch
+                                           else _paired_difference(seeds, ref_seeds, metric)),
             "epochs_to_target_interval": epochs_iv,
             "steps_to_target_interval": steps_iv,
         })
@@ -238,23 +354,28 @@ def summary_rows(results: Mapping[str, Any], recommendation: Any = None) -> list
 
 
 def summary_table(results: Mapping[str, Any], recommendation: Any = None) -> tuple[list[str], list[list[str]]]:
-    """The table's header and text cells. The last four columns (new; the first thirteen keep their order) are the
-    decision's: quality with its 95 % interval over seeds, seeds, time to target with its interval, and whether the
-    batch size was chosen, tied with it (the data cannot tell them apart) or apart.
+    """The table's header and text cells. Columns fourteen to seventeen (new; the first thirteen keep their order)
+    are the decision's: quality with its 95 % interval over seeds, seeds, time to target with its interval, and
+    whether the batch size was chosen, tied with it (the data cannot tell them apart) or apart. The eighteenth is the
+    quality's difference from the reference batch (the recommended one), paired by seed, with its 95 % interval.
 
-    samples/s, B_simple, B / B_simple, the generalization gap and epochs / steps to target show their 95 % interval
-    (see :func:`summary_rows`), or the value with ``(no interval)`` where the data give none (one seed). The
-    thirteenth column is the row's one trial's measured wall clock to the target, not an estimate: the decision's
-    time to target, with its interval, is the sixteenth."""
+    samples/s, B_simple, B / B_simple, the gap ``val - train(eval) loss`` and epochs / steps to target show their
+    95 % interval (see :func:`summary_rows`), or the value with ``(no interval)`` where the data give none (one
+    seed). The thirteenth column is the row's one trial's measured wall clock to the target, not an estimate: the
+    decision's time to target, with its interval, is the sixteenth."""
     label = metric_label(metric_of(results))
     iv = " (95 % interval)"
+    rows = summary_rows(results, recommendation)
+    ref = rows[0]["paired_reference_batch_size"] if rows else None
     header = ["batch", "micro x accum", "LR", "status", f"best {label}", "peak memory",
               f"samples/s{iv}",
-              f"B_simple{iv}", f"B / B_simple{iv}", f"gen. gap{iv}", f"epochs to target{iv}", f"steps to target{iv}",
+              f"B_simple{iv}", f"B / B_simple{iv}", f"val - train(eval) loss{iv}", f"epochs to target{iv}",
+              f"steps to target{iv}",
               "s to target (one trial's wall clock)",
-              f"{label}{iv}", "seeds", f"time to target, s{iv}", "decision"]
+              f"{label}{iv}", "seeds", f"time to target, s{iv}", "decision",
+              f"{label} minus batch {ref}'s, paired by seed{iv}"]
     body = []
-    for r in summary_rows(results, recommendation):
+    for r in rows:
         micro = r["micro_batch_size"]
         body.append([
             str(r["batch_size"]),
@@ -274,6 +395,7 @@ def summary_table(results: Mapping[str, Any], recommendation: Any = None) -> tup
             str(r["seeds"] or "-"),
             _iv_text(r["time_to_target"], ".3g"),
             r["decision"] or "-",
+            "reference" if r["batch_size"] == ref else _iv_text(r["paired_difference_interval"], "+.4f"),
         ])
     return header, body
 
@@ -294,7 +416,50 @@ def _trials_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]
     return header, body
 
 
-def _study_lines(results: Mapping[str, Any]) -> list[str]:
+def _pos_text(iv: Mapping[str, Any] | None, fmt: str = ".3g") -> str:
+    """A positive quantity's interval in words (an unbounded end ``inf``; an unbounded estimate ``unbounded``)."""
+    pos = _positive_interval(iv)
+    if pos is None:
+        return "unbounded (|G|^2 estimate <= 0)" if iv else "-"
+    return _iv_text(pos.to_dict(), fmt)
+
+
+def _noise_lines(results: Mapping[str, Any], recommendation: Any = None) -> list[str]:
+    """The gradient noise scale: the probe's value labelled as measured at initialisation (never compared with a
+    batch), B_simple against the training loss pooled over every trial, and at the decision's target loss."""
+    lines = []
+    probe = results.get("noise") or {}
+    if isinstance(probe.get("b_simple"), (int, float)):
+        ci = probe.get("b_simple_ci")
+        has_ci = isinstance(ci, (list, tuple)) and len(ci) == 2
+        ci_txt = f" (95% CI {_num(ci[0], '.3g')} - {_num(ci[1], '.3g')})" if has_ci else ""
+        steps = probe.get("train_steps") or 0
+        when = "at initialisation" if not steps else f"after {steps} training steps"
+        batch = f" at batch {probe['batch_size']}" if probe.get("batch_size") else ""
+        what = ("measured before the loss fell, it is a floor of the noise scale later in training, not the critical "
+                "batch" if not steps else "one point early in training, not at the target's loss")
+        lines.append(f"gradient noise scale B_simple {when} (the noise probe{batch}): {_num(probe['b_simple'], '.4g')}"
+                     f"{ci_txt}; {what}")
+    noise = _noise_of(results, recommendation)
+    curve = noise.get("against_loss") or []
+    if curve:
+        lines.append(f"B_simple against the training loss, pooled over {noise.get('records')} evaluation records of "
+                     f"{noise.get('trials')} trial(s) (per loss bin: tr(Sigma) and |G|^2 summed over the records' "
+                     "steps, then divided; 95 % bootstrap over trials): "
+                     + "; ".join(f"loss {_num(p['train_loss'], '.3g')}: {_pos_text(p['b_simple'])}" for p in curve))
+    at = noise.get("at_loss")
+    if at:
+        lines.append(f"B_simple at training loss {_num(noise.get('train_loss'), '.4g')}, {noise.get('loss_words')}: "
+                     f"{_pos_text(at['b_simple'])}; the B / B_simple column divides each batch by it")
+    elif isinstance(results.get("b_simple"), (int, float)):
+        lines.append(f"B_simple during training, the median over the batch sizes of each run's median: "
+                     f"{_num(results['b_simple'], '.4g')} (not at a stated training loss: B_simple grows as the loss "
+                     "falls, and a short large-batch run stays near initialisation); the B / B_simple column divides "
+                     "each batch by its own B_simple")
+    return lines
+
+
+def _study_lines(results: Mapping[str, Any], recommendation: Any = None) -> list[str]:
     budget = results.get("budget") or {}
     target = results.get("target") or {}
     lines = [
@@ -326,15 +491,7 @@ def _study_lines(results: Mapping[str, Any]) -> list[str]:
     else:
         why = results.get("critical_batch_size_reason") or "too few batch sizes reached the target"
         lines.append(f"critical batch: not fitted ({why})")
-    noise = results.get("noise") or {}
-    if isinstance(noise.get("b_simple"), (int, float)):
-        ci = noise.get("b_simple_ci")
-        has_ci = isinstance(ci, (list, tuple)) and len(ci) == 2
-        ci_txt = f" (95% CI {_num(ci[0], '.3g')} - {_num(ci[1], '.3g')})" if has_ci else ""
-        lines.append(f"gradient noise scale B_simple probed at initialisation: {_num(noise['b_simple'], '.4g')}"
-                     f"{ci_txt}" + (f"; {noise['reading']}" if noise.get("reading") else ""))
-    if isinstance(results.get("b_simple"), (int, float)):
-        lines.append(f"B_simple during training (median over the batch sizes): {_num(results['b_simple'], '.4g')}")
+    lines += _noise_lines(results, recommendation)
     cal = results.get("lr_calibration") or {}
     if cal.get("runs"):
         scores = ", ".join(f"x{r['multiplier']:g} {_num(r['score'])}" for r in cal["runs"])
@@ -508,20 +665,50 @@ def _plot_steps_to_target(results: Mapping[str, Any], path: Path) -> Path | None
 
 
 def _plot_b_simple(results: Mapping[str, Any], path: Path) -> Path | None:
+    """Left: each batch size's running B_simple over its run, and the probe's value at initialisation. Right:
+    B_simple against the training loss, pooled over every trial (95 % bootstrap over trials), with the value at the
+    decision's target loss."""
     trials = [t for t in _rows_source(results) if t.get("b_simple_history")]
-    global_bs = (results.get("noise") or {}).get("b_simple")
-    if not trials and not isinstance(global_bs, (int, float)):
+    probe = results.get("noise") or {}
+    global_bs = probe.get("b_simple")
+    noise = _noise_of(results)
+    curve = [(p, iv) for p in noise.get("against_loss") or [] if (iv := _positive_interval(p.get("b_simple")))]
+    if not trials and not isinstance(global_bs, (int, float)) and not curve:
         return None
-    fig, ax = _figure()
+    fig, (ax, ax_l) = _figure(2)
     for t in trials:
         hist = [h for h in t["b_simple_history"] if isinstance(h.get("b_simple"), (int, float))]
         xs = [h["epoch"] if h.get("epoch") is not None else h.get("step") for h in hist]
         ax.plot(xs, [h["b_simple"] for h in hist], marker=".", label=f"B={t['batch_size']}")
     if isinstance(global_bs, (int, float)):
-        ax.axhline(global_bs, color="gray", linestyle="--", label=f"probe at init: {global_bs:.3g}")
-    ax.set_yscale("log")
-    ax.set(xlabel="epoch", ylabel="B_simple", title="gradient noise scale over training")
-    ax.legend(fontsize="small")
+        when = "at initialisation" if not probe.get("train_steps") else f"after {probe['train_steps']} steps"
+        ax.axhline(global_bs, color="gray", linestyle="--", label=f"noise probe {when}: {global_bs:.3g}")
+    ax.set(xlabel="epoch", ylabel="B_simple (EMA)", title="each run's B_simple over training")
+    if curve:
+        known = [(float(p["train_loss"]), iv.to_dict()) for p, iv in curve if iv.known]
+        for _, d in known:  # the error bars need finite ends: an unbounded high end is drawn to the plot's top
+            if math.isinf(d["high"]):
+                d["high"] = 10 * d["estimate"]
+        if known:
+            _errorbar(ax_l, [x for x, _ in known], [d for _, d in known], "pooled over trials")
+        few = [(float(p["train_loss"]), iv.estimate) for p, iv in curve if not iv.known]
+        if few:
+            ax_l.plot([x for x, _ in few], [y for _, y in few], "o", mfc="none", color="tab:blue",
+                      label="pooled (no interval: fewer than 3 trials)")
+        at = noise.get("at_loss") or {}
+        est = finite_or_none((at.get("b_simple") or {}).get("estimate"))
+        if est is not None and finite_or_none(noise.get("train_loss")) is not None:
+            ax_l.plot([noise["train_loss"]], [est], "*", ms=14, color="tab:green",
+                      label=f"at the target's loss {noise['train_loss']:.3g}: {est:.3g}")
+        if all(float(p["train_loss"]) > 0 for p, _ in curve):
+            ax_l.set_xscale("log")
+            ax_l.invert_xaxis()  # training runs left to right
+    ax_l.set(xlabel="training loss", ylabel="B_simple", title="B_simple against the training loss")
+    for a in (ax, ax_l):
+        if a.has_data():
+            a.set_yscale("log")
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize="small")
     return _save(fig, path)
 
 
@@ -609,7 +796,7 @@ def render_markdown(results: Mapping[str, Any], recommendation: Recommendation |
             results["batch_schedule_check"])] + [""]
         for title, head, rows in report_tables(results["batch_schedule_check"]):
             parts += [f"### {title}", "", _md_table(head, rows), ""]
-    parts += ["## Study", ""] + [f"- {line}" for line in _study_lines(results)] + [""]
+    parts += ["## Study", ""] + [f"- {line}" for line in _study_lines(results, recommendation)] + [""]
     parts += ["## Plots", ""]
     for name, path in plots.items():
         parts += [f"### {_TITLES[name]}", "", f"![{_TITLES[name]}]({Path(path).name})", ""]
@@ -669,7 +856,8 @@ def render_html(results: Mapping[str, Any], recommendation: Recommendation | Non
             results["batch_schedule_check"])] + ["</ul>"]
         for title, head, rows in report_tables(results["batch_schedule_check"]):
             parts += [f"<h3>{e(title)}</h3>", _html_table(head, rows)]
-    parts += ["<h2>Study</h2>", "<ul>"] + [f"<li>{e(line)}</li>" for line in _study_lines(results)] + ["</ul>"]
+    parts += ["<h2>Study</h2>", "<ul>"] + [f"<li>{e(line)}</li>" for line in _study_lines(results, recommendation)]
+    parts.append("</ul>")
     parts.append("<h2>Plots</h2>")
     for name, path in plots.items():
         data = base64.b64encode(Path(path).read_bytes()).decode("ascii")

@@ -10,8 +10,8 @@ At each change by a factor ``k = B_new / B_old`` the optimizer is transferred (:
 - the learning rate by the batch-size rule (linear: x k, Goyal et al. 2017; sqrt / adam-sqrt: x sqrt(k), Malladi et
   al. 2022);
 - Adam's beta2 -> beta2^k (Marek et al. 2025: keep the second-moment half-life constant *in samples*; option
-  ``beta2="power"``, the default for Adam-family optimizers), or ``1 - k (1 - beta2)`` (the adam-sqrt SDE rule) or
-  unchanged;
+  ``beta2="power"``, the default for Adam-family optimizers; :func:`batchfit.scaling.beta2_power`, the formula the
+  adam-sqrt rule uses too), or ``1 - k (1 - beta2)`` (Malladi et al.'s SDE rule as written) or unchanged;
 - optionally the AdamW timescale ``tau = B / (eta lambda D)`` of Bergsma et al. 2025 ("Power Lines") held constant:
   ``lambda -> lambda x k / (eta_new / eta_old)``.
 
@@ -31,7 +31,7 @@ import torch
 
 from batchfit import checks
 from batchfit.errors import ConfigError
-from batchfit.scaling import default_rule, is_adam_family
+from batchfit.scaling import beta2_power, default_rule, is_adam_family, timescale_weight_decay
 
 __all__ = [
     "BETA2_RULES",
@@ -131,11 +131,11 @@ def transfer(optimizer: torch.optim.Optimizer, k: float, *, lr_rule: str = "auto
         g["lr"] = old_lr * lr_factor
         if adam and "betas" in g and b2_rule != "keep":
             b1, b2 = g["betas"]
-            new_b2 = b2**k if b2_rule == "power" else 1.0 - k * (1.0 - b2)
-            g["betas"] = (b1, min(0.999999, max(0.0, new_b2)))
+            new_b2 = beta2_power(b2, k) if b2_rule == "power" else min(0.999999, max(0.0, 1.0 - k * (1.0 - b2)))
+            g["betas"] = (b1, new_b2)
         if weight_decay_timescale and g.get("weight_decay"):
             # tau = B / (eta lambda D) constant: lambda' = lambda x k / (eta' / eta)
-            g["weight_decay"] = g["weight_decay"] * k / lr_factor
+            g["weight_decay"] = timescale_weight_decay(g["weight_decay"], k, lr_factor)
     g0 = optimizer.param_groups[0]
     out = {"lr": float(g0["lr"]), "lr_factor": float(lr_factor)}
     if "betas" in g0:

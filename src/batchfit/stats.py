@@ -96,6 +96,17 @@ class Interval:
         return Interval(self.estimate, min(max(self.low, low), high), max(min(self.high, high), low),  # type: ignore
                         self.level, self.method, self.n, self.spread)
 
+    def with_margin(self, margin: float) -> Interval:
+        """Widened to a half-width of at least ``margin x |estimate|`` (a practical-equivalence margin); an unknown
+        interval gets exactly that half-width."""
+        half = margin * abs(self.estimate)
+        if half <= 0 or (self.known and min(self.estimate - self.low, self.high - self.estimate) >= half):  # type: ignore
+            return self
+        lo = self.estimate - half if not self.known else min(self.low, self.estimate - half)  # type: ignore
+        hi = self.estimate + half if not self.known else max(self.high, self.estimate + half)  # type: ignore
+        method = self.method + ("+margin" if self.known else "margin")
+        return Interval(self.estimate, lo, hi, self.level, method, self.n, self.spread)
+
     def to_dict(self) -> dict[str, Any]:
         return {"estimate": self.estimate, "low": self.low, "high": self.high, "level": self.level,
                 "method": self.method, "n": self.n, "spread": self.spread}
@@ -392,7 +403,7 @@ def critical_batch_interval(points: Sequence[Sequence[float]], *, level: float =
     the interval is unknown. Returns ``None`` when the pooled data have no fit (see
     :func:`batchfit.critical.fit_critical_batch`).
     """
-    from batchfit.critical import fit_critical_batch, predict_steps
+    from batchfit.critical import fit_critical_batch, pooled_points, predict_steps
 
     by_b: dict[int, list[float]] = {}
     for b, s in points:
@@ -400,7 +411,7 @@ def critical_batch_interval(points: Sequence[Sequence[float]], *, level: float =
             by_b.setdefault(int(b), []).append(float(s))
 
     def pooled(groups: Mapping[int, Sequence[float]]) -> list[tuple[int, float]]:
-        return [(b, float(np.exp(np.mean(np.log(v))))) for b, v in groups.items()]
+        return pooled_points((b, s) for b, v in groups.items() for s in v)
 
     full, _ = fit_critical_batch(pooled(by_b))
     if full is None:
@@ -457,3 +468,343 @@ def critical_batch_interval(points: Sequence[Sequence[float]], *, level: float =
         method=method,
         r2=float(full.get("r2", 0.0)),
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Non-inferiority on paired seeds: the decision rule (issue 19.1)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One candidate against the reference (the best-estimated candidate), on the seeds they share.
+
+    ``difference`` is ``candidate - reference`` signed so that positive is better, with *simultaneous* one-sided
+    bounds at the selection's level (both ends: the low end shows non-inferiority, the high end inferiority).
+    ``verdict``: ``reference``, ``non-inferior`` (low end above ``-tolerance``), ``inferior`` (high end below
+    ``-tolerance``) or ``undecided`` (the data cannot say yet; more seeds can).
+    """
+
+    key: Any
+    difference: Interval
+    verdict: str
+    paired: int  # seeds shared with the reference
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "difference": self.difference.to_dict(), "verdict": self.verdict,
+                "paired": self.paired}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The outcome of :func:`select_non_inferior`: the reference, every candidate's comparison with it, and the
+    rule's constants (the tolerance in the metric's units, the level, the critical value, the error degrees of
+    freedom and the number of interim looks the level was split over)."""
+
+    reference: Any
+    comparisons: dict[Any, Comparison]
+    tolerance: float
+    level: float
+    critical: float | None
+    dof: int
+    looks: int
+    method: str = "paired two-way model, max-t (Dunnett/Hsu) bounds"
+
+    def _with(self, verdict: str) -> tuple[Any, ...]:
+        return tuple(k for k, c in self.comparisons.items() if c.verdict == verdict)
+
+    @property
+    def non_inferior(self) -> tuple[Any, ...]:
+        """The reference and every candidate shown non-inferior to it, in the caller's order."""
+        return tuple(k for k, c in self.comparisons.items() if c.verdict in ("reference", "non-inferior"))
+
+    @property
+    def undecided(self) -> tuple[Any, ...]:
+        return self._with("undecided")
+
+    @property
+    def inferior(self) -> tuple[Any, ...]:
+        return self._with("inferior")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"reference": self.reference, "tolerance": self.tolerance, "level": self.level,
+                "critical": self.critical, "dof": self.dof, "looks": self.looks, "method": self.method,
+                "non_inferior": list(self.non_inferior), "undecided": list(self.undecided),
+                "inferior": list(self.inferior),
+                "comparisons": [c.to_dict() for c in self.comparisons.values()]}
+
+
+_MAXT_DRAWS = 20000
+UNEQUAL_MIN_PAIRS = 4  # a candidate's own variance is tested against the pooled one from this many paired seeds
+
+
+def _max_t_quantile(corr: np.ndarray, dof: int, level: float) -> float:
+    """The ``level`` quantile of ``max_j T_j`` for a multivariate t with correlation ``corr`` and ``dof`` degrees
+    of freedom: the one-sided simultaneous critical value of Dunnett (1955) and Hsu's MCB (Hsu 1996, ch. 4) for any
+    design. One comparison: the t quantile. Computed by a seeded Monte Carlo (deterministic)."""
+    m = corr.shape[0]
+    if m == 1:
+        from scipy import stats as sstats
+
+        return float(sstats.t.ppf(level, dof))
+    key = (tuple(np.round(corr, 2).ravel().tolist()), int(dof), round(float(level), 6))
+    hit = _MAXT_CACHE.get(key)
+    if hit is not None:
+        return hit
+    rng = np.random.default_rng(12345)
+    vals, vecs = np.linalg.eigh(np.asarray(key[0]).reshape(m, m))
+    root = vecs * np.sqrt(np.clip(vals, 0.0, None))
+    z = rng.standard_normal((_MAXT_DRAWS, m)) @ root.T
+    s = np.sqrt(rng.chisquare(dof, size=_MAXT_DRAWS) / dof)
+    q = float(np.quantile((z / s[:, None]).max(axis=1), level))
+    _MAXT_CACHE[key] = q
+    return q
+
+
+_MAXT_CACHE: dict[tuple[Any, ...], float] = {}
+
+
+class _TwoWay:
+    """Least squares of ``y = mu[config] + beta[seed]`` over ``(config index, seed, y)`` rows."""
+
+    def __init__(self, rows: Sequence[tuple[int, Any, float]]) -> None:
+        live = sorted({i for i, _, _ in rows})
+        seeds = sorted({s for _, s, _ in rows}, key=repr)
+        self.col = {i: j for j, i in enumerate(live)}
+        scol = {s: len(live) + j - 1 for j, s in enumerate(seeds) if j > 0}
+        self.x = np.zeros((len(rows), len(live) + len(seeds) - 1))
+        y = np.zeros(len(rows))
+        for r, (i, s, v) in enumerate(rows):
+            self.x[r, self.col[i]] = 1.0
+            if s in scol:
+                self.x[r, scol[s]] = 1.0
+            y[r] = v
+        self.beta, *_ = np.linalg.lstsq(self.x, y, rcond=None)
+        self.dof = len(rows) - int(np.linalg.matrix_rank(self.x)) if len(rows) else 0
+        self.resid = y - self.x @ self.beta
+        self.rows = list(rows)
+        self.xtx_inv = np.linalg.pinv(self.x.T @ self.x)
+        self.sigma2 = float(self.resid @ self.resid) / self.dof if self.dof > 0 else None
+
+    def has(self, i: int) -> bool:
+        return i in self.col
+
+    def mu(self, i: int) -> float:
+        return float(self.beta[self.col[i]])
+
+
+def _noisier(rows: Sequence[tuple[int, Any, float]], fit: _TwoWay, cands: Sequence[Any], ref: Any) -> set[Any]:
+    """Candidates (not the reference) with >= :data:`UNEQUAL_MIN_PAIRS` values whose residual variance exceeds
+    the rest's beyond chance (one-sided F test at 5 %): their variance is not the pooled one."""
+    from scipy import stats as sstats
+
+    out: set[Any] = set()
+    if fit.dof <= 0:
+        return out
+    for i, k in enumerate(cands):
+        idx = np.array([r for r, row in enumerate(rows) if row[0] == i], dtype=int)
+        n = len(idx)
+        rest = fit.dof - (n - 1)
+        if k == ref or n < UNEQUAL_MIN_PAIRS or rest < 1:
+            continue
+        own = float(fit.resid[idx] @ fit.resid[idx]) / (n - 1)
+        mask = np.ones(len(fit.resid), dtype=bool)
+        mask[idx] = False
+        other = float(fit.resid[mask] @ fit.resid[mask]) / rest
+        if other <= 0 or own / other > float(sstats.f.ppf(0.95, n - 1, rest)):
+            out.add(k)
+    return out
+
+
+def select_non_inferior(values: Mapping[Any, Mapping[Any, float]], *, tolerance: float,
+                        higher_is_better: bool = True, level: float = DEFAULT_LEVEL, looks: int = 1,
+                        others: Mapping[Any, Mapping[Any, float]] | None = None) -> Selection:
+    """Which candidates are non-inferior to the best, judged on paired seeds with multiplicity handled.
+
+    ``values`` maps each candidate to ``{seed: quality}``; ``others`` are further configurations (e.g. the other
+    learning rates of a batch size) that inform the noise estimate and the seed effects but are not candidates.
+
+    The model is two-way additive, ``y[c, s] = mu[c] + beta[s] + e`` (configuration and seed effects; Montgomery,
+    *Design and Analysis of Experiments*, randomized complete block design, fitted by least squares so unequal
+    seed counts are fine): a seed that is good for one batch size tends to be good for all, so comparing on shared
+    seeds removes that part of the noise. The reference is the candidate with the best fitted ``mu``; each other
+    candidate's difference from it gets simultaneous one-sided bounds ``d -/+ c se``, where ``c`` is the max-t
+    critical value over all comparisons for the contrasts' own correlation (Dunnett 1955; Hsu 1996's multiple
+    comparisons with the best) and ``level`` is split over ``looks`` interim analyses (Bonferroni over the racing
+    rounds: racing looks at the data after every added seed). A candidate is *non-inferior* when its low bound lies
+    above ``-tolerance`` (Wellek 2010, *Testing Statistical Hypotheses of Equivalence and Noninferiority*), *inferior*
+    when its high bound lies below it, else *undecided*. A candidate with >= 4 seeds shared with the reference whose
+    own paired differences are noisier than the model says beyond chance (one-sided F test at 5 %) keeps its own
+    standard error (unequal variances), with a Bonferroni t quantile on its own degrees of freedom.
+
+    Less data never makes a candidate non-inferior: without error degrees of freedom (one seed everywhere) every
+    candidate but the reference is undecided, and wider bounds only move verdicts toward undecided.
+    """
+    if not values:
+        raise ValueError("select_non_inferior needs at least one candidate")
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+    sign = 1.0 if higher_is_better else -1.0
+    cands = list(values)
+    configs: list[tuple[str, Any]] = [("c", k) for k in cands] + [("o", k) for k in (others or {})]
+    table = {("c", k): values[k] for k in cands}
+    table.update({("o", k): v for k, v in (others or {}).items()})
+    rows: list[tuple[int, Any, float]] = []
+    for i, cfg in enumerate(configs):
+        for s, y in table[cfg].items():
+            fy = float(y)
+            if math.isfinite(fy):
+                rows.append((i, s, sign * fy))
+    if not any(i < len(cands) for i, _, _ in rows):
+        raise ValueError("select_non_inferior needs a finite value for at least one candidate")
+    fit = _TwoWay(rows)
+    mu = {k: fit.mu(i) for i, k in enumerate(cands) if fit.has(i)}
+    ref = max(mu, key=lambda k: (mu[k], -cands.index(k)))
+    others_c = [k for k in cands if k != ref and k in mu]
+    alpha = (1.0 - level) / max(1, int(looks))
+    noisy = _noisier(rows, fit, cands, ref)
+    if noisy:  # the pooled model without them: their noise must not widen (or their seeds shift) the others
+        fit = _TwoWay([r for r in rows if not (r[0] < len(cands) and cands[r[0]] in noisy)])
+        mu.update({k: fit.mu(i) for i, k in enumerate(cands) if fit.has(i)})
+    x, xtx_inv, col, dof = fit.x, fit.xtx_inv, fit.col, fit.dof
+    sigma2 = fit.sigma2
+
+    def contrast(k: Any) -> np.ndarray:
+        v = np.zeros(x.shape[1])
+        v[col[cands.index(k)]], v[col[cands.index(ref)]] = 1.0, -1.0
+        return v
+
+    crit: float | None = None
+    se: dict[Any, float] = {}
+    modelled = [k for k in others_c if k not in noisy]
+    if sigma2 is not None and modelled:
+        vs = np.stack([contrast(k) for k in modelled])
+        cov = vs @ xtx_inv @ vs.T * sigma2
+        sd = np.sqrt(np.clip(np.diag(cov), 1e-300, None))
+        se = {k: float(sd[j]) for j, k in enumerate(modelled)}
+        crit = _max_t_quantile(cov / np.outer(sd, sd), dof, 1.0 - alpha)
+    ref_vals = {s: sign * float(v) for s, v in values[ref].items() if math.isfinite(float(v))}
+    comps: dict[Any, Comparison] = {}
+    for k in cands:
+        if k not in mu:
+            comps[k] = Comparison(k, Interval(math.nan, None, None, level, "no value", 0), "undecided", 0)
+            continue
+        pairs = [sign * float(v) - ref_vals[s] for s, v in values[k].items()
+                 if s in ref_vals and math.isfinite(float(v))]
+        if k == ref:
+            comps[k] = Comparison(k, Interval(0.0, 0.0, 0.0, level, "reference", len(pairs)), "reference",
+                                  len(pairs))
+            continue
+        d = mu[k] - mu[ref]
+        if k in noisy:
+            from scipy import stats as sstats
+
+            d = float(np.mean(pairs))
+            tq = float(sstats.t.ppf(1.0 - alpha / max(1, len(others_c)), len(pairs) - 1))
+            half, method = tq * float(np.std(pairs, ddof=1)) / math.sqrt(len(pairs)), \
+                "own paired t (noisier than the pooled error), Bonferroni"
+        elif k in se and crit is not None:
+            half, method = crit * se[k], "max-t"
+        else:
+            comps[k] = Comparison(k, Interval(d, None, None, level, "no error degrees of freedom", len(pairs)),
+                                  "undecided", len(pairs))
+            continue
+        lo, hi = d - half, d + half
+        verdict = "non-inferior" if lo > -tolerance else ("inferior" if hi < -tolerance else "undecided")
+        comps[k] = Comparison(k, Interval(d, lo, hi, level, method, len(pairs)), verdict, len(pairs))
+    return Selection(ref, comps, float(tolerance), level, crit, dof, max(1, int(looks)))
+
+
+def simulate_selection(true_means: Sequence[float], sd: float | Sequence[float], seeds: int, tolerance: float, *,
+                       reps: int = 2000, seed_sd: float = 0.0, level: float = DEFAULT_LEVEL, looks: int = 1,
+                       seed: int = 0) -> dict[str, Any]:
+    """The error rates of :func:`select_non_inferior` with the fastest non-inferior chosen, simulated.
+
+    Candidates ``0 .. k-1`` have true qualities ``true_means`` (higher is better) and per-seed noise ``sd`` (one
+    value, or one per candidate for unequal variances), plus a seed effect shared by every candidate
+    (``seed_sd``); cost falls with the index (candidate ``k-1`` is the fastest, as the largest batch is), the
+    worst case for a rule whose ties go to the fastest. Rates, over ``reps`` repetitions:
+
+    - ``false_tied``: of the comparisons of a candidate truly worse than the best by more than ``tolerance``, the
+      share called non-inferior (the rule's promise: at most ``1 - level``);
+    - ``false_apart``: of the comparisons of a candidate truly within ``tolerance`` of the best, the share called
+      inferior;
+    - ``shown``: of those, the share shown non-inferior (the power);
+    - ``wrong_choice``: the share of repetitions whose choice is truly worse than the best by more than
+      ``tolerance``.
+    """
+    mu = np.asarray(true_means, dtype=float)
+    k = len(mu)
+    sds = np.broadcast_to(np.asarray(sd, dtype=float), (k,))
+    best = float(mu.max())
+    worse = mu < best - tolerance
+    rng = np.random.default_rng(seed)
+    counts = {"false_tied": [0, 0], "false_apart": [0, 0], "shown": [0, 0]}
+    wrong = 0
+    for _ in range(reps):
+        block = rng.normal(0.0, seed_sd, size=seeds)
+        y = mu[:, None] + block[None, :] + rng.normal(0.0, 1.0, size=(k, seeds)) * sds[:, None]
+        sel = select_non_inferior({i: dict(enumerate(y[i])) for i in range(k)}, tolerance=tolerance, level=level,
+                                  looks=looks)
+        for i, c in sel.comparisons.items():
+            if c.verdict == "reference":
+                continue
+            if worse[i]:
+                counts["false_tied"][0] += c.verdict == "non-inferior"
+                counts["false_tied"][1] += 1
+            else:
+                counts["false_apart"][0] += c.verdict == "inferior"
+                counts["false_apart"][1] += 1
+                counts["shown"][0] += c.verdict == "non-inferior"
+                counts["shown"][1] += 1
+        wrong += bool(worse[max(sel.non_inferior)])
+    out: dict[str, Any] = {name: (hit / n if n else None) for name, (hit, n) in counts.items()}
+    out.update(wrong_choice=wrong / reps, reps=reps, seeds=seeds, tolerance=tolerance, level=level, looks=looks)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Positive quantities (issue 19.4): intervals on the log scale, and quotients that never divide by an end <= 0
+
+
+def positive_mean_interval(values: Sequence[float], level: float = DEFAULT_LEVEL) -> Interval:
+    """Interval for a positive, right-skewed quantity over a few replicates (B_simple over seeds): the Student-t
+    interval of the **log** values, exponentiated back. The estimate is the geometric mean; both ends are positive
+    by construction (a t interval on the raw values of 10 and 200 reaches below zero, a noise scale cannot), and the
+    interval is wider above the estimate than below, as a multiplicative spread is. One replicate: unknown.
+
+    Non-finite values are ignored; a value <= 0 is not a positive quantity and raises ``ValueError``.
+    """
+    a = _clean(values)
+    if len(a) == 0:
+        raise ValueError("positive_mean_interval needs at least one finite value")
+    if np.any(a <= 0):
+        raise ValueError(f"positive_mean_interval takes positive values only, got {float(a.min()):g}")
+    if len(a) == 1:
+        return Interval(float(a[0]), None, None, level, "log-t", 1)
+    logs = np.log(a)
+    est = float(np.exp(logs.mean()))
+    sd = float(logs.std(ddof=1))
+    half = _t_quantile(level, len(a) - 1) * sd / math.sqrt(len(a))
+    return Interval(est, est * math.exp(-half), est * math.exp(half), level, "log-t", len(a), sd)
+
+
+def quotient_interval(numerator: float, denominator: Interval) -> Interval | None:
+    """The interval of ``numerator / x`` for a positive x known by ``denominator`` (B / B_simple): the ends swap,
+    ``numerator / [high, low]``. Never an ``inf`` from a division: an unbounded ``high`` gives a low end of 0, a
+    ``low`` at or below zero (not an interval of a positive quantity) leaves the quotient's interval unknown, and an
+    unknown interval stays unknown. ``None`` when the estimate itself is not a positive finite number. ``spread`` is
+    the denominator's relative spread (a log-scale standard deviation) when it has one, else ``None``."""
+    est = denominator.estimate
+    if not (math.isfinite(est) and est > 0 and math.isfinite(numerator)):
+        return None
+    low, high = denominator.low, denominator.high
+    spread = denominator.spread if denominator.method == "log-t" else None
+    if low is None or high is None or not low > 0 or math.isnan(high) or high < low:
+        return Interval(numerator / est, None, None, denominator.level, f"quotient of {denominator.method}",
+                        denominator.n, spread)
+    q_low = 0.0 if math.isinf(high) else numerator / high
+    return Interval(numerator / est, q_low, numerator / low, denominator.level, f"quotient of {denominator.method}",
+                    denominator.n, spread)
+
+
+__all__ += ["positive_mean_interval", "quotient_interval"]

@@ -59,7 +59,6 @@ __all__ = [
     "noise_probe_batch",
     "race_round",
     "seeds_per_batch",
-    "stable_with_last_seed",
     "tune",
 ]
 
@@ -354,7 +353,9 @@ def _noise(workload: Workload, run: _Run, *, steps: int, batch_size: int) -> dic
     key = run.key(steps=steps, batch_size=batch_size)
     cached = _cached(run.out, "noise", key)
     if cached is not None:
-        run.emit("noise", "end", f"resumed: B_simple {cached.get('b_simple'):.3g}", resumed=True)
+        b = cached.get("b_simple")
+        run.emit("noise", "end", "resumed: B_simple at initialisation "
+                 + (f"{b:.3g}" if isinstance(b, (int, float)) else "unbounded"), resumed=True)
         return cached
     from batchfit.noise import noise_scale
 
@@ -403,7 +404,7 @@ def _lr_intervals(runs: Sequence[Mapping[str, Any]], metric: Any, num_val: int |
                   tolerance: float) -> dict[float, Any]:
     """Each multiplier's score as an interval: a t interval over its seeds, with one seed the validation set's
     sampling interval (binomial for an accuracy on ``num_val`` samples), widened to ``tolerance / 2``."""
-    from batchfit.decide import _sampling_interval, _with_margin
+    from batchfit.decide import sampling_interval
     from batchfit.stats import mean_interval
 
     by_m: dict[float, list[float]] = {}
@@ -412,9 +413,9 @@ def _lr_intervals(runs: Sequence[Mapping[str, Any]], metric: Any, num_val: int |
             by_m.setdefault(float(r["multiplier"]), []).append(float(r["score"]))
     out = {}
     for m, vals in sorted(by_m.items()):
-        iv = mean_interval(vals) if len(vals) > 1 else _sampling_interval({"val_samples": num_val}, vals[0], metric,
+        iv = mean_interval(vals) if len(vals) > 1 else sampling_interval({"val_samples": num_val}, vals[0], metric,
                                                                            0.95)
-        out[m] = _with_margin(iv, tolerance / 2)
+        out[m] = iv.with_margin(tolerance / 2)
     return out
 
 
@@ -723,64 +724,53 @@ def seeds_per_batch(results: Mapping[str, Any]) -> dict[int, int]:
 
 
 def race_round(results: Mapping[str, Any], *, tolerance: float, cap: int) -> tuple[dict[int, int], str]:
-    """One racing step (Maron & Moore 1997; Birattari et al. 2002): the batch sizes whose quality interval still
-    overlaps the best one's (:func:`batchfit.stats.undecided`) and have fewer than ``cap`` seeds get one more.
-    ``({batch: seeds wanted}, why)``; an empty dict when the decision is stable (nothing undecided, or the chosen
-    batch wins on time to target beyond the noise) or the cap is reached."""
-    from batchfit.recommend import decide_results, metric_of
-    from batchfit.stats import undecided
+    """One racing step (Maron & Moore 1997; Birattari et al. 2002) for the non-inferiority rule
+    (:func:`batchfit.decide.decide`): ``({batch: seeds wanted}, why)``, one more seed for
 
-    metric = metric_of(results)
-    decision = decide_results(results, tolerance, metric)
+    - the finalists — the reference (best estimate) and the chosen batch size — until they have
+      :data:`batchfit.decide.FINALIST_SEEDS` (a choice is never final on fewer), and
+    - every batch size the data cannot yet place whose time to target is below the chosen one's
+      (:meth:`batchfit.decide.Decision.faster_undecided`: only these can still change the choice),
+
+    each up to ``cap`` seeds. The decision splits its level over the racing rounds (its ``looks``), so stopping
+    on the data does not inflate its error rates. An empty dict: the choice is settled (or the cap reached)."""
+    from batchfit.decide import FINALIST_SEEDS
+    from batchfit.recommend import decide_results, metric_of
+
+    decision = decide_results(results, tolerance, metric_of(results))
     if decision is None:
         return {}, "no finished trial"
-    if decision.choice.cost_separated:
-        return {}, (f"stable: batch {decision.batch_size} reaches the target faster than every tied batch size "
-                    "beyond the noise")
-    quality = {b: e.quality for b, e in sorted(decision.evidence.items())}
-    open_ = undecided(quality, higher_is_better=metric.higher_is_better)
-    if not open_:
-        return {}, f"stable: batch {decision.batch_size} is better than every other beyond the noise"
     have = seeds_per_batch(results)
-    want = {int(b): have.get(int(b), 1) + 1 for b in open_ if have.get(int(b), 1) < cap}
-    if not want:
+    want: dict[int, int] = {}
+    for b in sorted({decision.reference, decision.batch_size}):
+        if have.get(b, 1) < min(FINALIST_SEEDS, cap):
+            want[b] = have.get(b, 1) + 1
+    open_ = decision.faster_undecided()
+    for b in open_:
+        if have.get(b, 1) < cap:
+            want[b] = have.get(b, 1) + 1
+    if want:
+        parts = []
+        fin = [b for b in want if b in (decision.reference, decision.batch_size)]
+        if fin:
+            parts.append(f"finalist(s) {', '.join(map(str, fin))} need {min(FINALIST_SEEDS, cap)} seeds")
+        und = [b for b in want if b in open_ and b not in fin]
+        if und:
+            parts.append(f"undecided and faster: {', '.join(map(str, und))}")
+        return want, "; ".join(parts) + " -> another seed"
+    if open_:
         return {}, f"seed cap {cap} reached for the undecided batch sizes {', '.join(map(str, open_))}"
-    return want, f"undecided: {', '.join(map(str, sorted(want)))} get another seed"
-
-
-def _chosen(results: Mapping[str, Any], tolerance: float) -> int | None:
-    from batchfit.recommend import decide_results
-
-    decision = decide_results(results, tolerance)
-    return None if decision is None else decision.batch_size
-
-
-def stable_with_last_seed(results: Mapping[str, Any], tolerance: float) -> int | None:
-    """The chosen batch size when the last racing round (the highest seed present) did not change it, else None.
-
-    Read from the trials alone (the choice with and without the highest seed), so an interrupted or resumed
-    ``tune`` reaches the same verdict without remembering anything."""
-    seeds = sorted({t.get("seed") for t in results.get("trials") or [] if t.get("seed") is not None})
-    if len(seeds) < 2:
-        return None
-    fewer = dict(results, trials=[t for t in results.get("trials") or [] if t.get("seed") != seeds[-1]])
-    now = _chosen(results, tolerance)
-    return now if now is not None and now == _chosen(fewer, tolerance) else None
+    return {}, (f"settled: batch {decision.batch_size} is the fastest batch size non-inferior to batch "
+                f"{decision.reference}, and no faster one is undecided")
 
 
 def _race(swept: Any, run_sweep: Any, stages: Mapping[str, Any], run: _Run, *, tolerance: float, cap: int) -> Any:
-    """Add seeds to the undecided batch sizes (:func:`race_round`) until the decision is stable — nothing is
-    undecided, or another seed for the undecided did not change the chosen batch size
-    (:func:`stable_with_last_seed`) — or ``cap`` seeds."""
+    """Add seeds where they can change the decision (:func:`race_round`) until nothing is left to decide or every
+    candidate that could still win has ``cap`` seeds. Read from the trials alone, so an interrupted or resumed
+    ``tune`` reaches the same verdict without remembering anything."""
     replicates = {b: n for b, n in seeds_per_batch(_with_stages(swept, stages)).items() if n > 1}
     while True:
-        data = _with_stages(swept, stages)
-        stable = stable_with_last_seed(data, tolerance)
-        if stable is not None:
-            run.emit("sweep", "update", f"racing: stable: batch {stable} stays the choice with another seed",
-                     racing={})
-            return swept
-        want, why = race_round(data, tolerance=tolerance, cap=cap)
+        want, why = race_round(_with_stages(swept, stages), tolerance=tolerance, cap=cap)
         run.emit("sweep", "update", f"racing: {why}", racing=dict(want))
         if not want:
             return swept
@@ -865,6 +855,7 @@ def tune(
     seeds: int | None = None,
     max_seeds: int = RACE_MAX_SEEDS,
     batch_schedule_check: bool = False,
+    weight_decay_rule: str = "keep",
 ) -> TuneResult:
     """Measure and recommend the batch size for a workload: find, noise, lr_check, step_time, sweep, precision,
     report (:data:`STAGES`).
@@ -893,6 +884,8 @@ def tune(
             another seed left the chosen batch unchanged) or ``max_seeds``.
         progress: called with a :class:`~batchfit.progress.ProgressEvent` per stage start / update / record / end
             (stages :data:`STAGES`); a consumer may handle only the kinds it wants. The CLI's live display is one.
+        weight_decay_rule: ``keep`` (default) or ``timescale``: every sweep trial's weight decay keeps the base
+            batch's AdamW timescale ``B / (lr x weight_decay)`` (:func:`batchfit.scaling.scale_lr`).
         batch_schedule_check: also compare a batch-size warm-up derived from the measured local critical batch
             with the best fixed batch (:func:`batchfit.schedule_check.compare`; off by default: it trains every
             arm with >= 3 seeds), before the report.
@@ -917,6 +910,10 @@ def tune(
         wl, batch_sizes=batch_sizes, budget=budget, target=target, tolerance=tolerance, lr_search=lr_search,
         noise_steps=noise_steps, eval_every=eval_every, device=device, precision=precision, seed=seed, find=find,
         memory_budget=memory_budget, batch_size_cap=cap, seeds=seeds, max_seeds=max_seeds)
+    from batchfit import checks
+    from batchfit.scaling import WEIGHT_DECAY_RULES
+
+    checks.one_of("weight_decay_rule", weight_decay_rule, WEIGHT_DECAY_RULES)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir {str(out)!r} is a file; give a directory")
@@ -958,6 +955,7 @@ def tune(
             seed=seed, measure_noise=True, sharpness=sharpness, eval_every=eval_every, retry_failed=retry_failed,
             extra_attrs={k: v for k, v in stages.items() if v is not None},
             progress=_SweepProgress(run, tolerance, stages), seeds=seeds or 1, replicates=replicates,
+            weight_decay_rule=weight_decay_rule,
         )
 
     swept = run_sweep(None)

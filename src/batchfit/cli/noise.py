@@ -99,9 +99,10 @@ def run(args: argparse.Namespace) -> int:
 
     con = c.console(args)
     low, high = result.b_simple_ci
+    where = "at initialisation" if not result.train_steps else f"after {result.train_steps} training steps"
     con.print(
-        f"[bold]B_simple = {result.b_simple:.4g}[/] (95% CI {low:.4g} to {high:.4g}) from {result.steps} batches of "
-        f"{result.batch_size} (micro-batch {result.micro_batch_size}); |G|^2 {result.grad_norm_sq:.4g}, "
+        f"[bold]B_simple {where} = {result.b_simple:.4g}[/] (95% CI {low:.4g} to {high:.4g}) from {result.steps} "
+        f"batches of {result.batch_size} (micro-batch {result.micro_batch_size}); |G|^2 {result.grad_norm_sq:.4g}, "
         f"tr(Sigma) {result.trace_cov:.4g}"
     )
     con.print(result.reading(), soft_wrap=True)

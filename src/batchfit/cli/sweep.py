@@ -61,12 +61,15 @@ def add_parser(sub: Any) -> None:
                    help="the same budget for every trial: epochs:E, steps:S or samples:N (default epochs:5)")
     p.add_argument("--lr-rule", default="auto", choices=("auto", "none", "linear", "sqrt", "adam-sqrt"),
                    help="scale the workload's base LR to each batch size (default: auto by optimizer family)")
+    p.add_argument("--wd-rule", dest="weight_decay_rule", default="keep", choices=("keep", "timescale"),
+                   help="weight decay across batch sizes: keep it (default) or timescale: hold the AdamW timescale "
+                        "B / (lr x weight decay) of the base batch (Wang & Aitchison 2024; Bergsma et al. 2025)")
     p.add_argument("--seeds", type=c.positive_int, default=1, metavar="N",
                    help="train every configuration with N seeds (--seed, --seed + 1, ...), each a trial of the "
                         "study; rerunning with more seeds adds only the missing ones (default 1)")
     p.add_argument("--lr-search", type=c.positive_int, default=1, metavar="N",
                    help="N learning rates per batch size around the scaled one (x1/2, x1, x2, ...; at most 16); "
-                        "the best is kept")
+                        "the best is kept. A batch size outside the adam-sqrt rule's range gets at least 3")
     p.add_argument("--warmup", type=c.warmup_value, default=0, help="linear warm-up: steps (100) or fraction (0.1)")
     p.add_argument("--target", type=_wrap(_target), default="0.97",
                    help="steps-to-target goal: a fraction of the best validation metric any trial reached (0.97, "
@@ -112,6 +115,10 @@ class _Display:
         info = ev.data
         sizes = ", ".join(map(str, info["batch_sizes"]))
         mults = ", ".join(f"x{m:g}" for m in info["lr_multipliers"])
+        wide = info.get("lr_multipliers_by_batch") or {}
+        if wide:  # batch sizes outside the LR rule's range search their LR (batchfit.study.lr_multipliers_by_batch)
+            mults += (f" (batch {', '.join(wide)}: outside the rule's range, "
+                      f"{', '.join(f'x{m:g}' for m in next(iter(wide.values())))})")
         con.print(f"[bold]sweep[/] {info['study_name']} in {info['storage']}")
         kept = int(info.get("failed_kept") or 0)
         note = f"; {kept} failed trial(s) kept; rerun with --retry-failed to run them again" if kept else ""
@@ -177,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = sweep(
             workload, batch_sizes=args.batch_sizes, budget=args.budget, lr_rule=args.lr_rule,
-            lr_search=args.lr_search, warmup=args.warmup, target=args.target, storage=args.store,
+            weight_decay_rule=args.weight_decay_rule, lr_search=args.lr_search, warmup=args.warmup,
+            target=args.target, storage=args.store,
             study_name=args.study, micro_batch_limit=args.micro_batch_size, device=args.device,
             precision=args.precision, seed=args.seed, measure_noise=not args.no_noise, sharpness=args.sharpness,
             seeds=args.seeds, eval_every=args.eval_every, progress=display, out_dir=args.out,
@@ -219,7 +227,7 @@ def _print_summary(args: argparse.Namespace, results: dict[str, Any], paths: Any
         row = [
             str(t["batch_size"]), f"{t['micro_batch_size'] or '-'} x {t['accumulation_steps'] or '-'}",
             num(t["lr"], ".3g"), t["status"], num(t.get("best_metric"), ".4f"), num(t["generalization_gap"], "+.3f"),
-            num(t["steps_to_target"], "d"), num(t["epochs_to_target"], ".3g"), num(t["seconds_to_target"], ".3g"),
+            num(t["steps_to_target"], ".4g"), num(t["epochs_to_target"], ".3g"), num(t["seconds_to_target"], ".3g"),
             num(t["samples_per_s"], ".0f"), format_bytes(t["peak_memory_bytes"]),
         ] + [num(t["b_simple"], ".3g")] * show_bs + [num(t["sharpness"], ".3g")] * show_sharp
         table.add_row(*row, style=style)
@@ -231,8 +239,16 @@ def _print_summary(args: argparse.Namespace, results: dict[str, Any], paths: Any
                   f"{crit['r2']:.3f} over {len(crit['points'])} batch sizes)")
     else:
         con.print(f"critical batch: not fitted: {results.get('critical_batch_size_reason')}")
-    if results.get("b_simple") is not None:
-        con.print(f"B_simple over training (median over batch sizes): {results['b_simple']:.4g}")
+    from batchfit import noise as nz
+
+    curve = nz.b_simple_against_loss(nz.noise_records(results["trials"]))
+    if curve:  # B_simple grows as the loss falls: it is stated at a training loss, pooled over every trial
+        con.print("B_simple against the training loss (pooled over trials, 95 % bootstrap): " + "; ".join(
+            f"loss {p.train_loss:.3g}: {p.b_simple.estimate:.3g}"
+            + (f" [{p.b_simple.low:.3g}, {p.b_simple.high:.3g}]" if p.b_simple.known else "") for p in curve))
+    elif results.get("b_simple") is not None:
+        con.print(f"B_simple during training (median over batch sizes of each run's median, not at a stated "
+                  f"training loss): {results['b_simple']:.4g}")
     failed = [t for t in results["trials"] if t["status"] in ("failed", "diverged")]
     for t in failed:
         con.print(f"[yellow]B={t['batch_size']} lr {num(t['lr'], '.3g')}: {t['status']}: {t['error']}[/]")

@@ -23,6 +23,9 @@ def add_parser(sub: Any) -> None:
     lr.add_argument("--lr", type=c.positive_float, help="a fixed learning rate (no scaling rule)")
     lr.add_argument("--lr-rule", default="auto", choices=("auto", "none", "linear", "sqrt", "adam-sqrt"),
                     help="scale the workload's base LR to the batch size (default: auto by optimizer family)")
+    p.add_argument("--wd-rule", dest="weight_decay_rule", default="keep", choices=("keep", "timescale"),
+                   help="weight decay across batch sizes: keep it (default) or timescale: hold the AdamW timescale "
+                        "B / (lr x weight decay) of the base batch (Wang & Aitchison 2024; Bergsma et al. 2025)")
     p.add_argument("--warmup", type=c.warmup_value, default=0, help="linear warm-up: steps (100) or fraction (0.1)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=c.positive_int, help="epochs to train (default 1)")
@@ -153,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
             micro_batch_size=micro_batch_size,
             lr=args.lr,
             lr_rule=args.lr_rule,
+            weight_decay_rule=args.weight_decay_rule,
             warmup=args.warmup,
             epochs=args.epochs,
             steps=args.steps,

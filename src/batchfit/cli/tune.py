@@ -76,6 +76,9 @@ def add_parser(sub: Any) -> None:
                    help=f"per-trial budget: epochs:E, steps:S or samples:N (default {DEFAULT_BUDGET})")
     p.add_argument("--lr-rule", default="auto", choices=("auto", "none", "linear", "sqrt", "adam-sqrt"),
                    help="LR scaling rule (default: auto by optimizer family)")
+    p.add_argument("--wd-rule", dest="weight_decay_rule", default="keep", choices=("keep", "timescale"),
+                   help="weight decay across batch sizes: keep it (default) or timescale: hold the AdamW timescale "
+                        "B / (lr x weight decay) of the base batch (Wang & Aitchison 2024; Bergsma et al. 2025)")
     p.add_argument("--lr-search", type=c.positive_int, default=1, metavar="N",
                    help="learning rates tried per batch size around the rule's (default 1)")
     p.add_argument("--warmup", type=c.warmup_value, default=0, help="linear warm-up: steps (100) or fraction (0.1)")
@@ -196,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
         result = tune(
             args.workload, workload_options=parse_options(args.workload_option), out_dir=args.out,
             batch_sizes=args.batch_sizes, budget=args.budget, lr_rule=args.lr_rule, lr_search=args.lr_search,
+            weight_decay_rule=args.weight_decay_rule,
             warmup=args.warmup, target=args.target, storage=args.store, study_name=args.study_name,
             device=args.device, precision=args.precision, seed=args.seed, memory_budget=args.memory_budget,
             batch_size_cap=args.max_batch_size, margin=args.margin, noise_steps=args.noise_steps,

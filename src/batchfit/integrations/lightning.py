@@ -598,9 +598,9 @@ class BatchfitBatchSchedule(Callback):
 
 
 class _NoiseLogger:
-    """Per-micro-batch gradient norms inside Lightning's accumulation, fed to batchfit's unbiased estimator
-    (:func:`batchfit.noise.unbiased_estimates`) and two bias-corrected moving averages, as ``NoiseCallback`` does
-    for batchfit's own loop.
+    """Per-micro-batch gradient norms inside Lightning's accumulation, fed to batchfit's one estimator
+    (:class:`batchfit.noise.RunningNoiseScale`: :func:`batchfit.noise.unbiased_estimates` per step and two
+    bias-corrected moving averages divided last), the same object ``NoiseCallback`` uses in batchfit's own loop.
 
     A leaf's tensor hook sees each backward's gradient before it is added to ``.grad``: with Lightning's loss
     normalisation that is ``g_i / k`` for micro-batch i, i.e. ``(b_i / B) g_i`` for equal micro-batches, the
@@ -610,11 +610,13 @@ class _NoiseLogger:
     """
 
     def __init__(self, module: nn.Module, population: int, beta: float) -> None:
+        from batchfit import noise
+
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.handles = [p.register_hook(self._hook) for p in self.params]
         self.population = population
         self.beta = beta
-        self.g2 = self.tr = 0.0  # moving averages of the |G|^2 and tr(Sigma) estimates
+        self.running = noise.RunningNoiseScale(beta)  # the |G|^2 and tr(Sigma) estimates' moving averages
         self._sq: list[torch.Tensor] = []  # this micro-batch's per-parameter squared norms
         self._micro: list[tuple[torch.Tensor, int]] = []  # (squared norm, samples) per closed micro-batch
         self.samples = 0
@@ -636,8 +638,6 @@ class _NoiseLogger:
         self._sq, self.open = [], False
 
     def end_step(self, scaler: Any) -> float | None:
-        from batchfit.noise import unbiased_estimates
-
         self.end_micro()
         micro, self._micro = self._micro, []
         grads = [p.grad.detach() for p in self.params if p.grad is not None]
@@ -651,12 +651,10 @@ class _NoiseLogger:
             small /= float(scaler.get_scale()) ** 2  # the hooks saw fp16-scaled gradients; .grad is unscaled here
         if not (math.isfinite(small) and math.isfinite(big)):
             return None
-        g2, tr = unbiased_estimates(small, big, k, batch, self.population)
-        b = self.beta
-        self.g2, self.tr = b * self.g2 + (1 - b) * g2, b * self.tr + (1 - b) * tr
-        if not self.g2 > 0:
+        self.running.add_step(small, big, k, batch, self.population)
+        value = self.running.b_simple
+        if value is None:
             return None  # no signal above the noise yet
-        value = self.tr / self.g2  # the bias corrections (1 - beta^t) cancel in the ratio
         self.values.append(value)
         return value
 

@@ -3,8 +3,9 @@
 Re-running the same call resumes the same study, so the identity must cover everything that changes a result
 (issue 13.3): the model (a fingerprint of its parameter names, shapes and dtypes), the optimizer (class and
 defaults), the data sizes, the workload's own settings (forward, targets, LR schedule, clipping, accumulation,
-options), the device, precision, budget, LR rule, warm-up, base batch size and LR, seed and ranking metric. A wider
-model under the same workload name gets another study; under an explicit ``study_name`` it is refused.
+options), the device, precision, budget, LR rule (and which version of the adam-sqrt rule's betas), weight-decay
+rule, warm-up, base batch size and LR, seed and ranking metric. A wider model under the same workload name gets
+another study; under an explicit ``study_name`` it is refused.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ __all__ = [
 
 # identity keys added with the fingerprint: a study stored before them has none, and is not refused for that
 IDENTITY_KEYS_SINCE_FINGERPRINT = ("model", "optimizer", "num_val", "workload_settings")
+# identity keys present only when not at their default, so the default settings keep their study names; a study
+# stored without one had the default
+OPTIONAL_IDENTITY_KEYS: dict[str, Any] = {"weight_decay_rule": "keep", "adam_sqrt": None}
+# the adam-sqrt rule's betas since issue 19.6 (beta1 held at 0.5 beyond k (1 - beta1) = 0.5, beta2 -> beta2^k):
+# a study scaled by the earlier rule (beta1 clipped to 0, beta2 -> 1 - k (1 - beta2)) is another study
+ADAM_SQRT_VERSION = "beta1-sde-to-0.5,beta2-power"
 
 
 def _digest(obj: Any, n: int = 12) -> str:
@@ -100,9 +107,10 @@ def _workload_settings(workload: Workload) -> dict[str, Any]:
 
 
 def study_identity(workload: Workload, fingerprint: WorkloadFingerprint, *, device: str, precision: str,
-                   budget: Budget, lr_rule: str, warmup: Any, seed: int, metric: Metric) -> dict[str, Any]:
+                   budget: Budget, lr_rule: str, warmup: Any, seed: int, metric: Metric,
+                   weight_decay_rule: str = "keep") -> dict[str, Any]:
     """The settings that change a sweep's results (stored as the study's config; compared on resume)."""
-    return {
+    identity = {
         "workload": workload.name, "workload_description": workload.description, "num_train": workload.num_train,
         "base_batch_size": workload.base_batch_size, "base_lr": workload.base_lr, "device": device,
         "precision": precision, "budget": budget.to_dict(), "lr_rule": lr_rule, "warmup": warmup, "seed": seed,
@@ -111,6 +119,11 @@ def study_identity(workload: Workload, fingerprint: WorkloadFingerprint, *, devi
         "model": fingerprint.model, "optimizer": fingerprint.optimizer,
         "workload_settings": _workload_settings(workload),
     }
+    if weight_decay_rule != OPTIONAL_IDENTITY_KEYS["weight_decay_rule"]:
+        identity["weight_decay_rule"] = weight_decay_rule
+    if lr_rule == "adam-sqrt" or (lr_rule == "auto" and fingerprint.adam_family):
+        identity["adam_sqrt"] = ADAM_SQRT_VERSION
+    return identity
 
 
 def _num_val(workload: Workload) -> int | None:
@@ -130,6 +143,9 @@ def identity_differences(stored: Mapping[str, Any], identity: Mapping[str, Any])
         if key not in stored and key in IDENTITY_KEYS_SINCE_FINGERPRINT:
             continue
         if to_jsonable(stored.get(key)) != to_jsonable(value):
+            diff.append(key)
+    for key, default in OPTIONAL_IDENTITY_KEYS.items():
+        if key not in identity and to_jsonable(stored.get(key, default)) != to_jsonable(default):
             diff.append(key)
     return diff
 

@@ -21,6 +21,7 @@ __all__ = [
     "FULL_BATCH_MAX_N",
     "MAX_ACCUMULATION",
     "MAX_LR_SEARCH",
+    "OUTSIDE_RANGE_LR_SEARCH",
     "SMALL_BATCH_MAX_N",
     "Budget",
     "GridPoint",
@@ -28,6 +29,7 @@ __all__ = [
     "make_grid",
     "default_batch_sizes",
     "lr_multipliers",
+    "lr_multipliers_by_batch",
     "parse_batch_sizes",
     "parse_budget",
     "parse_target",
@@ -40,6 +42,7 @@ SMALL_BATCH_MAX_N = 2048  # B = 1 joins the default candidates only on training 
 FULL_BATCH_MAX_N = 8192  # full-batch (B = N) joins the default candidates only on training sets this small
 MAX_ACCUMULATION = 64  # default candidates stop at 64 x the largest micro-batch that fits
 MAX_LR_SEARCH = 16  # LR multipliers 2^-8 ... 2^7: a wider search is a different tool (and 2^±1500 overflows)
+OUTSIDE_RANGE_LR_SEARCH = 3  # the fewest LRs (x1/2, x1, x2) a batch gets where its LR rule is outside its range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +207,29 @@ def lr_multipliers(n: int) -> list[float]:
     return [2.0**e for e in sorted(exps)]
 
 
+def lr_multipliers_by_batch(batch_sizes: Sequence[int], lr_search: int, *, rule: str, base_batch_size: int,
+                            betas: Sequence[float] | None) -> dict[int, list[float]]:
+    """The batch sizes whose LR rule is outside its range, each with at least :data:`OUTSIDE_RANGE_LR_SEARCH` LR
+    multipliers: ``lr_multipliers(max(3, lr_search))``, so x1/2, x1 and x2 even at ``lr_search=1``.
+
+    Only the adam-sqrt rule has a range (:func:`batchfit.scaling.scale_lr`: beta1 is held at 0.5 once
+    ``k (1 - beta1) > 0.5``); there the betas are batchfit's choice rather than the rule's, so the rule's LR is no
+    longer a derived value and is searched. Deterministic: a function of the batch sizes and the base optimizer's
+    betas (both in the study identity), so a resumed sweep lays out the same grid. Batch sizes not named keep the
+    sweep's ``lr_multipliers(lr_search)``.
+
+    >>> lr_multipliers_by_batch([32, 64, 512], 1, rule="adam-sqrt", base_batch_size=32, betas=(0.9, 0.999))
+    {512: [0.5, 1.0, 2.0]}
+    """
+    from batchfit.scaling import scale_lr
+
+    checks.positive_int("lr_search", lr_search, maximum=MAX_LR_SEARCH)
+    if rule != "adam-sqrt" or betas is None:
+        return {}
+    wide = lr_multipliers(max(OUTSIDE_RANGE_LR_SEARCH, lr_search))
+    return {int(b): wide for b in batch_sizes
+            if scale_lr(1.0, base_batch_size, int(b), rule, betas=tuple(betas)).outside_range}  # type: ignore[arg-type]
+
 
 def config_key(batch_size: int, lr_multiplier: float, seed: int | None = None) -> str:
     """The grid point's key in the store: ``b64_m0.5``; a replicate seed appends ``_s3``, so the keys of studies
@@ -239,13 +265,18 @@ class GridPoint:
 
 
 def make_grid(batch_sizes: Sequence[int], multipliers: Sequence[float], *, seeds: int = 1, base_seed: int = 0,
-              replicates: Mapping[int, int] | None = None) -> list[GridPoint]:
+              replicates: Mapping[int, int] | None = None,
+              by_batch: Mapping[int, Sequence[float]] | None = None) -> list[GridPoint]:
     """Every batch size at the scaled LR first, then at its neighbours (nearest multiplier first); then the
     replicate seeds ``base_seed + 1, ...``: ``seeds`` per configuration everywhere, or more for the batch sizes
-    ``replicates`` names (``{batch: seeds}``, what tune's racing asks for)."""
-    order = sorted(multipliers, key=lambda m: (abs(math.log2(m)), m))
-    grid = [GridPoint(int(b), float(m)) for m in order for b in batch_sizes]
+    ``replicates`` names (``{batch: seeds}``, what tune's racing asks for). ``by_batch`` gives some batch sizes
+    their own multipliers instead (:func:`lr_multipliers_by_batch`); they join the same order."""
+    own = {int(b): [float(m) for m in ms] for b, ms in (by_batch or {}).items()}
+    mults = {int(b): own.get(int(b), [float(m) for m in multipliers]) for b in batch_sizes}
+    order = sorted({m for ms in mults.values() for m in ms}, key=lambda m: (abs(math.log2(m)), m))
+    grid = [GridPoint(int(b), m) for m in order for b in batch_sizes if m in mults[int(b)]]
     wanted = {int(b): max(seeds, int((replicates or {}).get(b, 1))) for b in batch_sizes}
     for r in range(1, max(wanted.values(), default=1)):
-        grid += [GridPoint(int(b), float(m), base_seed + r) for m in order for b in batch_sizes if wanted[b] > r]
+        grid += [GridPoint(int(b), m, base_seed + r) for m in order for b in batch_sizes
+                 if wanted[int(b)] > r and m in mults[int(b)]]
     return grid

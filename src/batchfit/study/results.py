@@ -4,10 +4,13 @@ Both are rebuilt from the store alone (:func:`load_results`, what ``batchfit rep
 or merged sweep gives the same numbers as an uninterrupted one. ``to_dict()`` gives the results.json structure
 (keys are added over versions, never renamed); ``from_dict()`` reads it back, keeping keys it does not know.
 
-Steps-to-target is computed here, after the sweep, because the target depends on the best trial: the first
-evaluation whose metric reaches it (Shallue et al. 2019, steps to a validation goal with the LR retuned per batch
-size). The critical batch is the fit ``S(B) = S_min (1 + B_crit / B)`` of :mod:`batchfit.critical`
-(McCandlish et al. 2018) over each batch size's best-LR steps.
+Steps-to-target is computed here, after the sweep, because the target depends on the finished trials: a fraction
+of the best configuration's seed-mean final quality (:func:`batchfit.metric.best_config_mean`), reached where each
+trial's raw evaluation curve first crosses it, interpolated (:func:`batchfit.metric.crossing`; Shallue et al. 2019,
+steps to a validation goal with the LR retuned per batch size). The critical batch is the fit
+``S(B) = S_min (1 + B_crit / B)`` of :mod:`batchfit.critical` (McCandlish et al. 2018) over each (batch size,
+seed)'s best-LR steps pooled by their geometric mean: the estimator of
+:func:`batchfit.stats.critical_batch_interval`, so the B_crit printed is the one the decision uses.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ import statistics
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from batchfit.critical import fit_critical_batch
+from batchfit.critical import fit_critical_batch, pooled_points, seed_points
 from batchfit.errors import ConfigError, WorkloadError
-from batchfit.metric import Metric
+from batchfit.metric import Metric, best_config_mean, crossing
 from batchfit.study import keys as K
 from batchfit.study.inputs import parse_target
 from batchfit.study.store import mask_url, open_study, optuna_module, read_namespace
@@ -75,11 +78,11 @@ class TrialSummary:
     generalization_gap: float | None = None
     samples_per_s: float | None = None
     peak_memory_bytes: int | None = None
-    steps_to_target: int | None = None
+    steps_to_target: float | None = None  # interpolated between evaluations
     epochs_to_target: float | None = None
     seconds_to_target: float | None = None
-    samples_to_target: int | None = None
-    b_simple: float | None = None
+    samples_to_target: float | None = None
+    b_simple: float | None = None  # the median of the trial's running B_simple: not at a stated training loss
     b_simple_history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     noise_split: bool | None = None
     sharpness: float | None = None
@@ -98,6 +101,7 @@ class TrialSummary:
     optimizer: dict[str, Any] | None = None  # the optimizer's class and param-group settings as it trained
     grad_clip: float | None = None
     lr_schedule: str | None = None
+    lr_scaling: dict[str, Any] | None = None  # what the LR rule did (batchfit.scaling), outside_range included
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # keys this version does not know
 
     @property
@@ -158,6 +162,9 @@ class SweepResult(Mapping[str, Any]):
     best_per_batch: tuple[TrialSummary, ...] = ()
     critical_batch_size: dict[str, Any] | None = None
     critical_batch_size_reason: str | None = None
+    # the median over batch sizes of each best trial's median B_simple: kept for old readers, but not at any stated
+    # training loss (B_simple grows as the loss falls); the report and the recommendation pool every trial's records
+    # against the training loss instead (batchfit.noise.b_simple_against_loss)
     b_simple: float | None = None
     tune: dict[str, Any] = dataclasses.field(default_factory=dict)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -302,7 +309,11 @@ def summarize_trial(t: Any, metric: Metric, default_seed: int | None = None) -> 
     best_rec = (max if metric.higher_is_better else min)(scored, key=lambda p: p[0])[1] if scored else None
     final = history[-1] if history else {}
     bs_hist = res.get("b_simple_history") or [r for r in history if "b_simple" in r]
-    bs_hist = [{"step": h.get("step"), "epoch": h.get("epoch"), "b_simple": h.get("b_simple")} for h in bs_hist]
+    # the EMA |G|^2 and tr(Sigma) (and the record's train_loss) are kept: older trials, whose evaluation records
+    # carry no noise_window, are pooled against the training loss from them (batchfit.noise.noise_records)
+    bs_hist = [{"step": h.get("step"), "epoch": h.get("epoch"), "b_simple": h.get("b_simple"),
+                **{k: h[k] for k in ("grad_norm_sq", "trace_cov", "train_loss") if h.get(k) is not None}}
+               for h in bs_hist]
     bs_vals = _finite([h["b_simple"] for h in bs_hist])
     train_losses = _finite([r.get("train_loss") for r in history])
     val_losses = _finite([r.get("val_loss") for r in history])
@@ -330,20 +341,21 @@ def summarize_trial(t: Any, metric: Metric, default_seed: int | None = None) -> 
         error_kind=attrs.get(K.TRIAL_ERROR_KIND) if status == K.STATUS_FAILED else None,
         seed=next((v for v in (cfg.get("seed"), plan.get("seed"), res.get("seed")) if v is not None), default_seed),
         optimizer=plan.get("optimizer"), grad_clip=res.get("grad_clip"), lr_schedule=res.get("lr_schedule"),
+        lr_scaling=res.get("lr_scaling"),
     )
 
 
 def _to_target(t: TrialSummary, metric: Metric, value: float | None) -> TrialSummary:
-    """The summary with the first evaluation that reaches ``value`` (steps, epochs, seconds, samples)."""
+    """The summary with where its raw evaluation curve first reaches ``value`` (steps, epochs, seconds, samples),
+    interpolated between evaluations (:func:`batchfit.metric.crossing`)."""
     if value is None:
         return t
-    slack = -1e-12 if metric.higher_is_better else 1e-12
-    for rec in t.history:
-        if metric.reaches(metric.of_record(rec), value + slack):
-            return dataclasses.replace(t, steps_to_target=rec.get("step"), epochs_to_target=rec.get("epoch"),
-                                       seconds_to_target=rec.get("train_seconds"),
-                                       samples_to_target=rec.get("samples"))
-    return t
+    step = crossing(t.history, metric, value, "step")
+    if step is None:
+        return t
+    return dataclasses.replace(t, steps_to_target=step, epochs_to_target=crossing(t.history, metric, value, "epoch"),
+                               seconds_to_target=crossing(t.history, metric, value, "train_seconds"),
+                               samples_to_target=crossing(t.history, metric, value, "samples"))
 
 
 def _rank(t: TrialSummary, metric: Metric) -> tuple[int, float]:
@@ -353,8 +365,9 @@ def _rank(t: TrialSummary, metric: Metric) -> tuple[int, float]:
 
 
 def _target(spec: Mapping[str, Any], trials: Sequence[TrialSummary], metric: Metric) -> dict[str, Any]:
-    finished = [t.best_metric for t in trials if t.finished and t.best_metric is not None]
-    best = metric.best(finished) if finished else None
+    """The sweep's one target: a fraction of the best configuration's seed-mean final quality
+    (:func:`batchfit.metric.best_config_mean`), the same target the decision times every batch size to."""
+    best = best_config_mean(trials, metric)
     label = metric.name if metric.is_loss else f"validation {metric.name}"
     higher = metric.higher_is_better
     if spec["kind"] == "absolute":
@@ -364,8 +377,10 @@ def _target(spec: Mapping[str, Any], trials: Sequence[TrialSummary], metric: Met
         value, definition = None, f"{spec['value']:.0%} of the best {label}: no finished trial yet"
     else:
         value = best * spec["value"] if higher else best / spec["value"]
-        definition = (f"{label} >= {value:.4g} = {spec['value']:.0%} of the best ({best:.4g})" if higher else
-                      f"{label} <= {value:.4g} = the best ({best:.4g}) / {spec['value']:g}")
+        definition = (f"{label} >= {value:.4g} = {spec['value']:.0%} of the best configuration's seed-mean final "
+                      f"{metric.name} ({best:.4g})" if higher else
+                      f"{label} <= {value:.4g} = the best configuration's seed-mean final {metric.name} "
+                      f"({best:.4g}) / {spec['value']:g}")
     return {"kind": spec["kind"], "fraction": spec["value"] if spec["kind"] == "fraction" else None,
             "value": value, "best": best, "metric": metric.name, "higher_is_better": higher,
             "definition": definition}
@@ -401,16 +416,7 @@ def build_results(study: Any, storage_url: str, target: Any = None) -> SweepResu
     trials = [_to_target(t, metric, tgt["value"]) for t in trials]
     sizes = sorted({t.batch_size for t in trials})
     best_per_batch = [max((t for t in trials if t.batch_size == b), key=lambda t: _rank(t, metric)) for b in sizes]
-    points = []
-    for b in sizes:  # the best LR's steps (Shallue et al. 2019); an LR's seeds pooled by their geometric mean
-        by_lr: dict[float, list[float]] = {}
-        for t in trials:
-            if t.batch_size == b and t.finished and t.steps_to_target is not None and t.steps_to_target > 0:
-                by_lr.setdefault(t.lr_multiplier, []).append(float(t.steps_to_target))
-        if by_lr:
-            pooled = [math.exp(sum(math.log(v) for v in vs) / len(vs)) for vs in by_lr.values()]
-            best = min(pooled)
-            points.append([b, int(best) if float(best).is_integer() else best])
+    points = pooled_points(seed_points(trials))  # the estimator of stats.critical_batch_interval
     crit, reason = (None, "no target yet: no trial has finished") if tgt["value"] is None else \
         fit_critical_batch(points)
     bs_values = [t.b_simple for t in best_per_batch if t.status == K.STATUS_OK and t.b_simple is not None]
@@ -428,7 +434,8 @@ def build_results(study: Any, storage_url: str, target: Any = None) -> SweepResu
         num_train=cfg.get("num_train"), counts=counts, trials=tuple(trials), best_per_batch=tuple(best_per_batch),
         critical_batch_size=crit, critical_batch_size_reason=reason,
         b_simple=statistics.median(bs_values) if bs_values else None, tune=read_namespace(study),
-        extra={"num_val": cfg["num_val"]} if cfg.get("num_val") is not None else {},
+        extra={k: cfg[k] for k in ("num_val", "lr_multipliers_by_batch", "weight_decay_rule")
+               if cfg.get(k) is not None},
     )
 
 

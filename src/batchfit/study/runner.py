@@ -21,7 +21,7 @@ from batchfit._io import to_jsonable
 from batchfit.errors import BatchfitError, ConfigError
 from batchfit.metric import Metric
 from batchfit.progress import ProgressFn
-from batchfit.scaling import RULE_CHOICES
+from batchfit.scaling import RULE_CHOICES, WEIGHT_DECAY_RULES
 from batchfit.study import keys as K
 from batchfit.study import store
 from batchfit.study.identity import default_study_name, identity_differences, study_identity, workload_fingerprint
@@ -31,6 +31,7 @@ from batchfit.study.inputs import (
     GridPoint,
     default_batch_sizes,
     lr_multipliers,
+    lr_multipliers_by_batch,
     make_grid,
     parse_batch_sizes,
     parse_budget,
@@ -58,11 +59,13 @@ class _Inputs:
     metric: Metric
     batch_sizes: list[int] | None
     identity: dict[str, Any]
+    rule: str = "linear"  # lr_rule with auto resolved by the optimizer family
+    betas: tuple[float, float] | None = None  # the base optimizer's betas (Adam family)
 
 
 def _validate(workload: Workload | str, *, batch_sizes: Any, budget: Any, lr_rule: str, lr_search: int,
               warmup: Any, target: Any, micro_batch_limit: Any, device: str, precision: str, seed: Any,
-              eval_every: Any) -> _Inputs:
+              eval_every: Any, weight_decay_rule: str = "keep") -> _Inputs:
     from batchfit.engine import check_precision, resolve_device, resolve_warmup
 
     wl = load_workload(workload)
@@ -72,6 +75,7 @@ def _validate(workload: Workload | str, *, batch_sizes: Any, budget: Any, lr_rul
     tgt = parse_target(target)
     mults = lr_multipliers(lr_search)
     checks.one_of("lr_rule", lr_rule, RULE_CHOICES)
+    checks.one_of("weight_decay_rule", weight_decay_rule, WEIGHT_DECAY_RULES)
     resolve_warmup(warmup, 1000)  # validates the value
     checks.positive_int("micro_batch_limit", micro_batch_limit, allow_none=True)
     checks.positive_int("eval_every", eval_every, allow_none=True)
@@ -93,8 +97,11 @@ def _validate(workload: Workload | str, *, batch_sizes: Any, budget: Any, lr_rul
         )
     metric = Metric.for_workload(wl)
     identity = study_identity(wl, fingerprint, device=dev.type, precision=precision, budget=bud, lr_rule=lr_rule,
-                              warmup=warmup, seed=seed, metric=metric)
-    return _Inputs(wl, str(dev), precision, bud, tgt, mults, metric, asked, identity)
+                              warmup=warmup, seed=seed, metric=metric, weight_decay_rule=weight_decay_rule)
+    rule = lr_rule if lr_rule != "auto" else ("adam-sqrt" if fingerprint.adam_family else "linear")
+    betas = fingerprint.optimizer.get("defaults", {}).get("betas") if fingerprint.adam_family else None
+    return _Inputs(wl, str(dev), precision, bud, tgt, mults, metric, asked, identity, rule,
+                   None if betas is None else (float(betas[0]), float(betas[1])))
 
 
 def _open_study(inputs: _Inputs, url: Any, study_name: str | None, seed: int) -> tuple[Any, dict[str, Any] | None]:
@@ -164,7 +171,8 @@ def _work(study: Any, url: Any, grid: Sequence[GridPoint], plan: SweepPlan, retr
     sweep_event(plan.progress, "start", "start", f"{done} of {len(grid)} trial(s) already done{note}",
                 completed=done, total=len(grid), pending=pending, failed_kept=failed_kept,
                 study_name=study.study_name, storage=masked, batch_sizes=cfg["batch_sizes"],
-                lr_multipliers=cfg["lr_multipliers"], micro_batch_size=plan.micro_batch_limit,
+                lr_multipliers=cfg["lr_multipliers"], lr_multipliers_by_batch=cfg.get("lr_multipliers_by_batch"),
+                micro_batch_size=plan.micro_batch_limit,
                 micro_batch_limit=plan.micro_batch_limit, budget=plan.budget.to_dict())
     index = done
     while True:
@@ -196,6 +204,7 @@ def sweep(
     lr_search: int = 1,
     warmup: int | float = 0,
     target: float | str = 0.97,
+    weight_decay_rule: str = "keep",
     storage: str | None = None,
     study_name: str | None = None,
     micro_batch_limit: int | None = None,
@@ -221,7 +230,11 @@ def sweep(
         batch_sizes: effective batch sizes (default: :func:`default_batch_sizes`; on resume, the study's own).
         budget: ``epochs:E``, ``steps:S`` or ``samples:N``, the same for every trial.
         lr_rule: how the workload's base LR scales with the batch (``auto`` by optimizer family).
-        lr_search: LRs tried per batch size around the scaled one (:func:`lr_multipliers`, at most 16).
+        lr_search: LRs tried per batch size around the scaled one (:func:`lr_multipliers`, at most 16). A batch
+            size where the adam-sqrt rule is outside its range gets at least 3 (x1/2, x1, x2;
+            :func:`lr_multipliers_by_batch`): its betas are batchfit's choice there, so its LR is searched.
+        weight_decay_rule: ``keep`` (default) or ``timescale``: each batch's weight decay keeps the AdamW timescale
+            ``B / (lr x weight_decay)`` of the base batch (:mod:`batchfit.scaling`).
         warmup: linear warm-up steps (>= 1) or fraction of each trial (< 1).
         target: fraction of the best metric any trial reached (``0.97``) or ``"abs:VALUE"``.
         storage: any Optuna storage URL (default ``sqlite:///<out_dir>/batchfit.db``).
@@ -257,7 +270,7 @@ def sweep(
         checks.positive_int("replicates", n, maximum=MAX_SEEDS)
     inputs = _validate(workload, batch_sizes=batch_sizes, budget=budget, lr_rule=lr_rule, lr_search=lr_search,
                        warmup=warmup, target=target, micro_batch_limit=micro_batch_limit, device=device,
-                       precision=precision, seed=seed, eval_every=eval_every)
+                       precision=precision, seed=seed, eval_every=eval_every, weight_decay_rule=weight_decay_rule)
     url = storage if storage is not None else store.default_storage(out_dir)
     url = store.normalize_url(url) if isinstance(url, str) else url  # or an Optuna storage object
     study, stored = _open_study(inputs, url, study_name, seed)
@@ -273,10 +286,15 @@ def sweep(
     else:
         sizes = default_batch_sizes(inputs.workload.num_train, limit, inputs.workload.base_batch_size,
                                     extremes=extremes)
-    grid = make_grid(sizes, inputs.multipliers, seeds=seeds, base_seed=seed, replicates=replicates)
+    by_batch = lr_multipliers_by_batch(sizes, lr_search, rule=inputs.rule,
+                                       base_batch_size=inputs.workload.base_batch_size, betas=inputs.betas)
+    grid = make_grid(sizes, inputs.multipliers, seeds=seeds, base_seed=seed, replicates=replicates,
+                     by_batch=by_batch)
     config = dict(inputs.identity, batch_sizes=sizes, lr_multipliers=inputs.multipliers, micro_batch_size=limit,
                   micro_batch_source=source, measure_noise=bool(measure_noise), sharpness=bool(sharpness),
                   eval_every=eval_every, batchfit_version=__version__)
+    if by_batch:  # the batch sizes outside the LR rule's range, with their own (wider) LR search
+        config["lr_multipliers_by_batch"] = {str(b): m for b, m in sorted(by_batch.items())}
     study.set_user_attr(K.STUDY_CONFIG, to_jsonable(config))
     study.set_user_attr(K.STUDY_TARGET, inputs.target)
     for key, value in (extra_attrs or {}).items():
@@ -284,5 +302,6 @@ def sweep(
     plan = SweepPlan(workload=inputs.workload, metric=inputs.metric, budget=inputs.budget, micro_batch_limit=limit,
                      measure_noise=bool(measure_noise), sharpness=bool(sharpness), eval_every=eval_every, seed=seed,
                      lr_rule=lr_rule, warmup=warmup, precision=precision, device=inputs.device, total=len(grid),
-                     callbacks=tuple(callbacks), progress=_as_progress(progress))
+                     callbacks=tuple(callbacks), progress=_as_progress(progress),
+                     weight_decay_rule=weight_decay_rule)
     return _work(study, url, grid, plan, retry_failed)

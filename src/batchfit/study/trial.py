@@ -60,6 +60,7 @@ class SweepPlan:
     total: int  # grid points in this sweep
     callbacks: tuple[Any, ...] = ()
     progress: ProgressFn | None = None
+    weight_decay_rule: str = "keep"  # keep | timescale (batchfit.scaling)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,14 +195,19 @@ def _noise_callback() -> Any | None:
 
 
 def _callbacks(plan: SweepPlan, batch: int, micro: int) -> tuple[list[Any], int, bool]:
-    """The engine callbacks of one trial, and its micro-batch (split in two when B_simple needs 2 of them)."""
+    """The engine callbacks of one trial and its micro-batch: always the layout the recommendation would give
+    (``min(batch, micro_batch_limit)`` x ``ceil(batch / micro)``), never changed for a measurement.
+
+    B_simple needs >= 2 micro-batches per step (:class:`batchfit.noise.NoiseCallback`), so it is measured only on
+    trials that accumulate; a trial that runs as one micro-batch records none (the noise stage and the accumulating
+    trials provide it). Splitting such a batch in two would change what is measured (BatchNorm statistics over half
+    the batch, the throughput and memory of a smaller micro-batch). The third value (``noise_split``) is always
+    ``False`` now; it stays in the trial's attributes for the stores that have it."""
     callbacks: list[Any] = []
     noise_split = False
-    if plan.measure_noise and batch >= 2:
+    if plan.measure_noise and batch >= 2 and micro < batch:
         noise_cb = _noise_callback()
         if noise_cb is not None:
-            if micro == batch:  # B_simple needs >= 2 micro-batches per step
-                micro, noise_split = math.ceil(batch / 2), True
             callbacks.append(noise_cb)
     if plan.sharpness:
         from batchfit.sharpness import SharpnessCallback
@@ -229,6 +235,7 @@ _RESULT_KEYS = (
     "lr", "lr_rule", "warmup_steps", "micro_batch_size", "accumulation_steps", "steps", "epochs", "samples",
     "seconds", "train_seconds", "samples_per_s", "peak_memory_bytes", "diverged", "diverged_at_step", "device",
     "precision", "b_simple_history", "b_simple_skipped_steps", "sharpness", "seed", "grad_clip", "lr_schedule",
+    "lr_scaling",
 )
 
 
@@ -257,6 +264,7 @@ def _train_trial(study: Any, trial: Any, plan: SweepPlan, point: GridPoint, inde
                 _with_lr_multiplier(plan.workload, mult), batch_size=batch, micro_batch_size=micro,
                 lr_rule=plan.lr_rule, warmup=plan.warmup, steps=steps, precision=plan.precision,
                 device=plan.device, seed=seed, eval_every=eval_every, callbacks=callbacks,
+                weight_decay_rule=plan.weight_decay_rule,
             )
         except KeyboardInterrupt:
             trial.set_user_attr(K.TRIAL_STATUS, K.STATUS_INTERRUPTED)
