@@ -297,7 +297,7 @@ def test_recommendation_round_trips_through_its_json_form() -> None:
     data = rec.to_dict()
     assert {"batch_size", "micro_batch_size", "accumulation_steps", "lr", "warmup_steps", "precision", "reasons",
             "candidates", "tolerance", "metric", "higher_is_better", "intervals", "tied", "non_inferior",
-            "reference_batch_size", "selection", "flags", "decision_rule",
+            "reference_batch_size", "selection", "holds_for", "flags", "decision_rule",
             "decision_target", "critical_batch", "noise_scale", "precision_advice", "recipe"} == set(data)
     assert json.loads(json.dumps(data)) == data  # plain JSON
     assert Recommendation.from_dict(data) == rec
@@ -476,3 +476,13 @@ def test_a_study_without_noise_records_quotes_no_b_simple_at_a_loss() -> None:
     assert rec.get("noise_scale")["at_loss"] is None
     assert "266" not in " ".join(rec.reasons)
     assert any("B_simple at initialisation is 55" in r for r in rec.reasons)
+
+
+def test_the_recommendation_says_which_budget_and_target_it_holds_for() -> None:
+    """Issue 19.9: the chosen batch depends on the budget and the target; the first reason and the JSON say which."""
+    rec = recommend(make_results())
+    holds = rec.get("holds_for")
+    assert holds["budget"] == "epochs:4" and holds["target"] == pytest.approx(rec.get("decision_target"))
+    assert holds["target_fraction"] == 0.97
+    assert "It holds for a budget of epochs:4 per run and the target accuracy" in rec.reasons[0]
+    assert "may favour a larger batch" in rec.reasons[0]

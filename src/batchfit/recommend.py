@@ -307,6 +307,34 @@ def decide_results(results: Mapping[str, Any], tolerance: float, metric: Metric 
                   step_time=step_time_intervals(results), target=results.get("target"))
 
 
+def _budget_text(budget: Any) -> str | None:
+    if isinstance(budget, Mapping) and budget.get("kind") and budget.get("value") is not None:
+        v = budget["value"]
+        return f"{budget['kind']}:{v:g}" if isinstance(v, (int, float)) else f"{budget['kind']}:{v}"
+    return str(budget) if isinstance(budget, str) and budget else None
+
+
+def holds_for(results: Mapping[str, Any], decision: Decision, metric: Metric) -> dict[str, Any]:
+    """What the answer is for: the budget every candidate trained and the target its time was measured to. The
+    critical batch grows with both (McCandlish et al. 2018: B_crit rises as the loss falls; Zhang et al. 2024: with
+    the data seen), so a longer run or a stricter target can move the best batch up; the sentence says so."""
+    budget = _budget_text(results.get("budget"))
+    label = _metric_label(metric)
+    target = decision.target
+    tgt = results.get("target") if isinstance(results.get("target"), Mapping) else {}
+    frac = tgt.get("fraction") if isinstance(tgt, Mapping) else None
+    parts = []
+    if budget:
+        parts.append(f"a budget of {budget} per run")
+    if target is not None:
+        parts.append(f"the target {label} {_fmt(target)}" + (f" ({frac:.0%} of the best configuration's seed mean)"
+                                                            if isinstance(frac, (int, float)) else ""))
+    text = ("It holds for " + " and ".join(parts) + ": the best batch grows with the budget and the target (the "
+            "critical batch rises as training goes on), so a longer run or a stricter target may favour a larger "
+            "batch." if parts else "")
+    return {"budget": budget, "target": target, "target_fraction": frac, "metric": metric.name, "text": text}
+
+
 def micro_batch_for(batch: int, find: Mapping[str, Any] | None, limit: int | None = None) -> int:
     """The micro-batch the recommendation would give effective batch ``batch`` (the finder's knee or largest
     fitting micro-batch; without a finder result, ``min(batch, limit)``)."""
@@ -807,6 +835,8 @@ def recommend(
     lr, why_lr = _lr_reason(data, pick, metric)
     warmup_steps, why_warmup = _warmup_reason(data, pick, lr)
     precision, why_precision, advice = _precision(data, batch, find)
+    holds = holds_for(data, decision, metric)
+    why_batch += " " + holds["text"]
     reasons = [why_batch, why_micro, why_lr, why_warmup, why_precision]
     noise = noise_scale_summary(data, decision)
     context = _context_reason(data, batch, crit, noise)
@@ -827,6 +857,7 @@ def recommend(
         "flags": list(decision.flags),
         "decision_rule": DECISION_RULE.format(metric=_metric_label(metric)),
         "decision_target": decision.target,
+        "holds_for": holds,
         "critical_batch": crit.to_dict() if crit is not None else None,
         "noise_scale": noise,
         "precision_advice": advice,
