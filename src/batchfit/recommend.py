@@ -320,8 +320,8 @@ def holds_for(results: Mapping[str, Any], decision: Decision, metric: Metric) ->
     the data seen), so a longer run or a stricter target can move the best batch up; the sentence says so."""
     budget = _budget_text(results.get("budget"))
     label = _metric_label(metric)
-    target = decision.target
     tgt = results.get("target") if isinstance(results.get("target"), Mapping) else {}
+    target = decision.target if decision.target is not None else finite_or_none(tgt.get("value"))
     frac = tgt.get("fraction") if isinstance(tgt, Mapping) else None
     parts = []
     if budget:
