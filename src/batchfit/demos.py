@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -314,9 +316,267 @@ def gpt_synthetic(size: str = "gpt2-small", seq_len: int = 1024, vocab: int = 50
     )
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# tiny-lm: a small decoder-only transformer on tokens from a Markov source with a known entropy rate
+
+
+class MarkovSource:
+    """An order-``k`` Markov chain over ``V`` tokens, started in its stationary distribution.
+
+    ``transitions`` has shape ``(V,) * k + (V,)``: ``transitions[x_1, ..., x_k, y]`` is the probability of ``y``
+    after the context ``x_1 ... x_k``. Everything a language model's loss can be compared with is exact:
+
+    - :attr:`stationary`: the stationary distribution of contexts (k-tuples), by power iteration to 1e-14 in L1
+      (unique: the generated chains have every transition probability positive);
+    - :attr:`entropy_rate` ``H = -sum_c pi_c sum_y P_cy log P_cy`` in nats per token: no predictor of ``x_t``
+      from its past does better in expectation, once the context is full (``t >= k``);
+    - :meth:`conditional_entropy` ``H(X_t | X_0 ... X_{t-1})`` for every position (above ``H`` for ``t < k``, where
+      the context is short) and :meth:`loss_floor`, their mean over a sequence's targets: the least expected
+      next-token cross-entropy over ``seq_len`` targets.
+    """
+
+    def __init__(self, transitions: np.ndarray) -> None:
+        p = np.asarray(transitions, dtype=np.float64)
+        if p.ndim < 2 or len(set(p.shape)) != 1:
+            raise ConfigError(f"Markov transitions must have shape (V,) * order + (V,), got {p.shape}")
+        if not np.isfinite(p).all() or (p < 0).any() or not np.allclose(p.sum(axis=-1), 1.0, atol=1e-9):
+            raise ConfigError("Markov transitions must be finite, non-negative, and each row must sum to 1")
+        self.transitions = p / p.sum(axis=-1, keepdims=True)
+        self.order = p.ndim - 1
+        self.vocab = p.shape[-1]
+        self.stationary = self._stationary()
+        plogp = np.where(self.transitions > 0, self.transitions * np.log(np.where(self.transitions > 0,
+                                                                                   self.transitions, 1.0)), 0.0)
+        self.entropy_rate = float(-(self.stationary * plogp.sum(axis=-1)).sum())
+
+    @classmethod
+    def random(cls, vocab: int, order: int = 1, concentration: float = 0.05, smoothing: float = 1e-3,
+               seed: int | np.random.Generator = 0) -> MarkovSource:
+        """Each context's next-token distribution drawn from a symmetric Dirichlet(``concentration``) (small:
+        sparse, low-entropy rows), mixed with ``smoothing`` of the uniform distribution so that every transition is
+        possible (one stationary distribution, and a model is never infinitely surprised)."""
+        rng = np.random.default_rng(seed)
+        g = rng.gamma(concentration, size=(vocab**order, vocab))
+        g[g.sum(axis=1) == 0, :] = 1.0  # a row that underflowed entirely (never at sane settings): uniform
+        rows = g / g.sum(axis=1, keepdims=True)
+        rows = (1.0 - smoothing) * rows + smoothing / vocab
+        return cls(rows.reshape((vocab,) * (order + 1)))
+
+    def _stationary(self, tol: float = 1e-14, max_iter: int = 100_000) -> np.ndarray:
+        k, p = self.order, self.transitions
+        axes = list(range(k + 1))
+        pi = np.full((self.vocab,) * k, float(self.vocab) ** -k)
+        for _ in range(max_iter):
+            # pi'(x_2 .. x_k, y) = sum_{x_1} pi(x_1 .. x_k) P(y | x_1 .. x_k)
+            new = np.einsum(pi, axes[:k], p, axes, axes[1:])
+            new /= new.sum()
+            done = np.abs(new - pi).sum() < tol
+            pi = new
+            if done:
+                return pi
+        raise ConfigError("the Markov chain's stationary distribution did not converge; use a larger smoothing")
+
+    def _joint_entropy(self, n: int) -> float:
+        """``H(X_0 .. X_{n-1})`` under the stationary start, for ``1 <= n <= order``."""
+        q = self.stationary.sum(axis=tuple(range(n, self.order))) if n < self.order else self.stationary
+        q = q[q > 0]
+        return float(-(q * np.log(q)).sum())
+
+    def conditional_entropy(self, t: int) -> float:
+        """``H(X_t | X_0 .. X_{t-1})`` in nats for ``t >= 1``: the entropy rate once ``t >= order``."""
+        if t < 1:
+            raise ValueError("conditional_entropy needs t >= 1 (X_0 has no past)")
+        if t >= self.order:
+            return self.entropy_rate
+        return self._joint_entropy(t + 1) - self._joint_entropy(t)
+
+    def loss_floor(self, seq_len: int) -> float:
+        """The least expected mean cross-entropy (nats/token) of predicting ``x_1 .. x_T`` from their pasts."""
+        return float(np.mean([self.conditional_entropy(t) for t in range(1, seq_len + 1)]))
+
+    def sample(self, num_sequences: int, length: int, seed: int | np.random.Generator = 0) -> np.ndarray:
+        """``(num_sequences, length)`` int64 tokens; deterministic for a given seed."""
+        rng = np.random.default_rng(seed)
+        k, v = self.order, self.vocab
+        out = np.empty((num_sequences, length), dtype=np.int64)
+        # the first k tokens: a context drawn from the stationary distribution
+        first = np.searchsorted(np.cumsum(self.stationary.ravel()), rng.random(num_sequences) * self.stationary.sum(),
+                                side="right")
+        first = np.minimum(first, v**k - 1)
+        for i in range(min(k, length)):
+            out[:, i] = (first // v ** (k - 1 - i)) % v
+        # then one vectorised inverse-CDF draw per position: row c's CDF is shifted by c in one flat table
+        cdf = np.cumsum(self.transitions.reshape(v**k, v), axis=1)
+        cdf /= cdf[:, -1:]
+        flat = (cdf + np.arange(v**k)[:, None]).ravel()
+        context = first.copy()
+        for t in range(k, length):
+            u = rng.random(num_sequences)
+            nxt = np.searchsorted(flat, context + u, side="right") - context * v
+            nxt = np.clip(nxt, 0, v - 1)
+            out[:, t] = nxt
+            context = (context * v + nxt) % v**k
+        return out
+
+    def nll(self, tokens: np.ndarray) -> np.ndarray:
+        """``-log p(x_t | x_<t)`` under the true chain for ``t = 1 .. L-1``: shape ``(N, L - 1)``."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        n, length = tokens.shape
+        k = self.order
+        out = np.empty((n, max(0, length - 1)))
+        for t in range(1, length):
+            if t >= k:
+                p = self.transitions[tuple(tokens[:, t - k + i] for i in range(k + 1))]
+            else:  # a short context: the stationary marginals' conditional
+                joint = self.stationary.sum(axis=tuple(range(t + 1, k))) if t + 1 < k else self.stationary
+                prev = joint.sum(axis=-1)
+                p = joint[tuple(tokens[:, i] for i in range(t + 1))] / prev[tuple(tokens[:, i] for i in range(t))]
+            out[:, t - 1] = -np.log(p)
+        return out
+
+
+class TransformerBlock(nn.Module):
+    """One pre-LN decoder block: ``x + attn(ln(x))`` with causal multi-head self-attention (PyTorch's
+    ``scaled_dot_product_attention``, ``is_causal=True``), then ``x + mlp(ln(x))`` (4x GELU MLP).
+
+    Its own module so that sharding wraps one block at a time (FSDP2: ``fully_shard(block)`` for each block)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        if width % heads:
+            raise ConfigError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.ln_attn = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.attn_out = nn.Linear(width, width)
+        self.ln_mlp = nn.LayerNorm(width)
+        self.mlp_in = nn.Linear(width, mlp_ratio * width)
+        self.mlp_out = nn.Linear(mlp_ratio * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, C)
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln_attn(x)).split(c, dim=-1)
+        q, k, v = (z.reshape(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, C / H)
+        x = x + self.attn_out(y.transpose(1, 2).reshape(b, t, c))
+        return x + self.mlp_out(F.gelu(self.mlp_in(self.ln_mlp(x))))
+
+
+class TinyLM(nn.Module):
+    """A small decoder-only transformer: token + learned position embeddings, ``depth`` :class:`TransformerBlock`
+    s in ``self.blocks``, a final LayerNorm and a linear head (``tie_weights``: the token embedding's transpose).
+
+    Initialisation follows GPT-2 as nanoGPT (Karpathy) writes it: normal(0, 0.02) weights, zero biases, and the
+    projections back into the residual stream scaled by ``1 / sqrt(2 depth)``."""
+
+    def __init__(self, vocab: int, seq_len: int, width: int = 64, depth: int = 2, heads: int = 4,
+                 tie_weights: bool = False) -> None:
+        super().__init__()
+        self.seq_len = seq_len
+        self.tok_emb = nn.Embedding(vocab, width)
+        self.pos_emb = nn.Embedding(seq_len, width)
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads) for _ in range(depth))
+        self.ln_f = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        for name, p in self.named_parameters():
+            if p.ndim == 1:
+                nn.init.zeros_(p) if name.endswith("bias") else nn.init.ones_(p)
+            else:
+                std = 0.02 / math.sqrt(2 * depth) if name.endswith(("attn_out.weight", "mlp_out.weight")) else 0.02
+                nn.init.normal_(p, std=std)
+        if tie_weights:
+            self.head.weight = self.tok_emb.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:  # idx: (B, T) -> logits (B, T, V)
+        t = idx.shape[1]
+        if t > self.seq_len:
+            raise ValueError(f"sequence length {t} exceeds the model's seq_len {self.seq_len}")
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(t, device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+def _adamw_no_decay_on_vectors(weight_decay: float) -> Callable[..., torch.optim.Optimizer]:
+    """AdamW (betas 0.9 / 0.95, as GPT-style training uses) decaying matrices only (group 0), not biases, norms."""
+
+    def make(params: Any, lr: float) -> torch.optim.Optimizer:
+        params = [p for p in params if p.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95))
+
+    return make
+
+
+@dataclass
+class LMWorkload(Workload):
+    """A :class:`Workload` that knows its loss floor: the least expected validation loss, in nats per token."""
+
+    loss_floor: float | None = None
+    entropy_rate: float | None = None
+    source: MarkovSource | None = None
+
+
+def tiny_lm(num_sequences: int = 16_384, seq_len: int = 64, vocab: int = 64, order: int = 1,
+            concentration: float = 0.05, val_sequences: int = 1024, width: int = 64, depth: int = 2,
+            heads: int = 4, tie_weights: bool = False, data_seed: int = 0, lr: float = 2e-3,
+            batch_size: int = 8, weight_decay: float = 0.1) -> LMWorkload:
+    """A small transformer language model on text from a random Markov source whose entropy rate is known exactly.
+
+    PLACEHOLDER
+    """
+    num_sequences = _positive_int("num_sequences", num_sequences)
+    val_sequences = _positive_int("val_sequences", val_sequences)
+    seq_len = _positive_int("seq_len", seq_len, minimum=2)
+    vocab = _positive_int("vocab", vocab, minimum=2)
+    order = _positive_int("order", order)
+    if order > 2:
+        raise ConfigError(f"demo option order must be 1 or 2, got {order}")
+    if vocab ** (order + 1) > 2**24:
+        raise ConfigError(f"demo option vocab={vocab} at order {order} makes a transition table of "
+                          f"{vocab ** (order + 1):,} entries; use a smaller vocab")
+    concentration = _positive_float("concentration", concentration)
+    width, depth, heads = (_positive_int(n, v) for n, v in (("width", width), ("depth", depth), ("heads", heads)))
+    if width % heads:
+        raise ConfigError(f"demo option width ({width}) must be divisible by heads ({heads})")
+    if not isinstance(tie_weights, bool):
+        raise ConfigError(f"demo option tie_weights must be true or false, got {tie_weights!r}")
+    if isinstance(data_seed, bool) or not isinstance(data_seed, int) or data_seed < 0:
+        raise ConfigError(f"demo option data_seed must be an integer >= 0, got {data_seed!r}")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
+        raise ConfigError(f"demo option weight_decay must be a number >= 0, got {weight_decay!r}")
+
+    seeds = np.random.SeedSequence(data_seed).spawn(3)  # the chain, the training text, the validation text
+    source = MarkovSource.random(vocab, order, concentration, seed=np.random.default_rng(seeds[0]))
+    train_tokens = torch.from_numpy(source.sample(num_sequences, seq_len + 1, np.random.default_rng(seeds[1])))
+    val_tokens = torch.from_numpy(source.sample(val_sequences, seq_len + 1, np.random.default_rng(seeds[2])))
+    train = ArrayDataset(train_tokens[:, :-1].contiguous(), train_tokens[:, 1:].contiguous())
+    val = ArrayDataset(val_tokens[:, :-1].contiguous(), val_tokens[:, 1:].contiguous())
+    floor = source.loss_floor(seq_len)
+    return LMWorkload(
+        name="tiny-lm",
+        model_fn=lambda: TinyLM(vocab, seq_len, width, depth, heads, tie_weights),
+        optimizer_fn=_adamw_no_decay_on_vectors(float(weight_decay)),
+        loss_fn=_lm_loss,
+        train_data=train,
+        val_data=val,
+        base_batch_size=_positive_int("batch_size", batch_size),
+        base_lr=_positive_float("lr", lr),
+        sample_batch=lambda b: train.get_batch(torch.arange(b) % len(train)),
+        description=(f"tiny LM (width {width}, {depth} blocks, {heads} heads, AdamW) on an order-{order} Markov "
+                     f"source, V={vocab}, T={seq_len}, {num_sequences} train / {val_sequences} val sequences; "
+                     f"loss floor {floor:.4f} nats/token (entropy rate {source.entropy_rate:.4f})"),
+        loss_floor=floor,
+        entropy_rate=source.entropy_rate,
+        source=source,
+    )
+
+
 DEMOS: dict[str, Callable[..., Workload]] = {
     "digits-mlp": digits_mlp,
     "mnist1d": mnist1d,
     "resnet-synthetic": resnet_synthetic,
     "gpt-synthetic": gpt_synthetic,
+    "tiny-lm": tiny_lm,
 }

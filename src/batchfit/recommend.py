@@ -335,6 +335,37 @@ def holds_for(results: Mapping[str, Any], decision: Decision, metric: Metric) ->
     return {"budget": budget, "target": target, "target_fraction": frac, "metric": metric.name, "text": text}
 
 
+def budget_flags(results: Mapping[str, Any], decision: Decision) -> list[str]:
+    """What the budgets say about the answer (issue 18): measured short of the train budget, an equal-steps
+    comparison, too short a budget to fit S(B), a cost past the cap."""
+    flags: list[str] = []
+    plan = results.get("train_budget") if isinstance(results.get("train_budget"), Mapping) else {}
+    total, measured = plan.get("samples"), plan.get("measurement_samples")
+    if isinstance(total, (int, float)) and isinstance(measured, (int, float)) and measured < 0.99 * total:
+        flags.append(f"short horizon: each candidate was measured on {measured:,} samples, {measured / total:.0%} of "
+                     f"the train budget {plan.get('budget')}; short measurements favour small batches (the critical "
+                     "batch grows as training goes on), so the best batch for the whole run may be larger")
+    budget = results.get("budget")
+    trials = [t for t in results.get("trials") or [] if isinstance(t, Mapping) and t.get("status") == "ok"]
+    if isinstance(budget, Mapping) and budget.get("kind") == "steps" and trials:
+        lo, hi = min(int(t["batch_size"]) for t in trials), max(int(t["batch_size"]) for t in trials)
+        if hi > lo:
+            flags.append(f"equal-steps budget: batch {hi} trained {hi // lo}x the samples of batch {lo}, so part of "
+                         "any quality difference is a data difference; compare at equal samples (epochs:E or "
+                         "samples:N)")
+    reached = {int(t["batch_size"]) for e in decision.evidence.values() for t in e.trials
+               if finite_or_none(t.get("steps_to_target")) is not None}
+    if len(decision.evidence) >= 3 and len(reached) < 3 and isinstance(measured, (int, float)):
+        flags.append(f"budget too short: only {len(reached)} batch size(s) reached the target, too few to fit "
+                     f"S(B); a per-trial budget of about samples:{int(4 * measured)} would show the trade-off")
+    from batchfit.cost import cost_of
+
+    cost = cost_of(results)
+    if cost.within_cap is False:
+        flags.append(f"over the cost cap: spent {cost.runs:.2f} runs of the train budget, cap {cost.max_cost:g}")
+    return flags
+
+
 def micro_batch_for(batch: int, find: Mapping[str, Any] | None, limit: int | None = None) -> int:
     """The micro-batch the recommendation would give effective batch ``batch`` (the finder's knee or largest
     fitting micro-batch; without a finder result, ``min(batch, limit)``)."""
@@ -854,7 +885,7 @@ def recommend(
         "non_inferior": sorted(int(b) for b in decision.choice.tied),
         "reference_batch_size": decision.reference,
         "selection": decision.selection.to_dict() if decision.selection is not None else None,
-        "flags": list(decision.flags),
+        "flags": list(decision.flags) + budget_flags(data, decision),
         "decision_rule": DECISION_RULE.format(metric=_metric_label(metric)),
         "decision_target": decision.target,
         "holds_for": holds,

@@ -81,21 +81,69 @@ def metric_label(metric: Metric) -> str:
     return "val loss" if metric.name == "val_loss" else f"val {metric.name}"
 
 
-def _evidence_of(results: Mapping[str, Any], recommendation: Any = None) -> dict[int, Mapping[str, Any]]:
-    """The decision's per-batch evidence (quality, steps / time to target, seconds per step, each an interval)."""
+def _rec_dict(results: Mapping[str, Any], recommendation: Any = None) -> Mapping[str, Any]:
+    """The recommendation's dict form (the given one, else the one in ``results``; ``{}`` without one)."""
     rec = recommendation if recommendation is not None else results.get("recommendation")
     if rec is None:
         return {}
     data = rec.to_dict() if hasattr(rec, "to_dict") else rec
+    return data if isinstance(data, Mapping) else {}
+
+
+def _evidence_of(results: Mapping[str, Any], recommendation: Any = None) -> dict[int, Mapping[str, Any]]:
+    """The decision's per-batch evidence (quality, steps / time to target, seconds per step, each an interval; the
+    paired ``difference`` from the reference and its ``verdict``)."""
+    data = _rec_dict(results, recommendation)
     return {int(e["batch_size"]): e for e in (data.get("intervals") or []) if isinstance(e, Mapping)}
 
 
 def _decision_of(results: Mapping[str, Any], recommendation: Any = None) -> tuple[int | None, set[int]]:
-    rec = recommendation if recommendation is not None else results.get("recommendation")
-    if rec is None:
+    """The chosen batch size and the non-inferior ones (the reference among them; ``tied`` in older JSON)."""
+    data = _rec_dict(results, recommendation)
+    if not data:
         return None, set()
-    data = rec.to_dict() if hasattr(rec, "to_dict") else rec
-    return data.get("batch_size"), {int(b) for b in data.get("tied") or []}
+    return data.get("batch_size"), {int(b) for b in data.get("non_inferior") or data.get("tied") or []}
+
+
+def _reference_of(results: Mapping[str, Any], recommendation: Any = None) -> int | None:
+    """The decision's reference: the batch size with the best fitted quality, every other one is compared with."""
+    ref = _rec_dict(results, recommendation).get("reference_batch_size")
+    return int(ref) if isinstance(ref, int) and not isinstance(ref, bool) else None
+
+
+_RUNNING = ("running", "waiting")
+
+
+def trial_progress(results: Mapping[str, Any]) -> tuple[int, int]:
+    """``(finished, planned)``: trials that ended (ok, diverged, failed, interrupted) and every trial of the study,
+    the queued ones (``counts["waiting"]``) included."""
+    trials = [t for t in results.get("trials") or [] if isinstance(t, Mapping)]
+    waiting = (results.get("counts") or {}).get("waiting") if isinstance(results.get("counts"), Mapping) else 0
+    waiting = waiting if isinstance(waiting, int) and not isinstance(waiting, bool) else 0
+    done = sum(1 for t in trials if t.get("status") not in _RUNNING)
+    return done, len(trials) + waiting
+
+
+def still_running(results: Mapping[str, Any]) -> bool:
+    """True while the study is running: its ``status`` is ``running`` or ``empty``, or trials are queued or
+    running (the report written after every finished trial)."""
+    if results.get("status") in ("running", "empty"):
+        return True
+    done, planned = trial_progress(results)
+    return done < planned
+
+
+def is_interim(results: Mapping[str, Any], recommendation: Any = None) -> bool:
+    """True when the report must claim no win: the study is still running (:func:`still_running`) or there is no
+    recommendation. Such a report shows the evidence so far, never a chosen or recommended batch size."""
+    return not _rec_dict(results, recommendation) or still_running(results)
+
+
+def interim_line(results: Mapping[str, Any]) -> str:
+    """``Interim report: 1 of 8 trials finished; no recommendation yet (...)``."""
+    done, planned = trial_progress(results)
+    return (f"Interim report: {done} of {planned} trials finished; no recommendation yet. The numbers below are the "
+            "evidence so far, not a decision: the verdicts can change as trials and seeds are added.")
 
 
 def _iv_text(iv: Mapping[str, Any] | None, fmt: str = ".4g") -> str:
@@ -157,10 +205,23 @@ def _paired_difference(trials: list[Mapping[str, Any]], reference: list[Mapping[
     return dict(mean_interval(diffs).to_dict(), method="paired t over seeds")
 
 
-def _reference_row(results: Mapping[str, Any], source: list[Mapping[str, Any]], chosen: int | None,
+def _oriented(iv: Mapping[str, Any] | None, metric: Metric) -> dict[str, Any] | None:
+    """A difference in the metric, oriented so that positive is better (the decision's convention): a lower-is-
+    better metric's difference changes sign and its ends swap."""
+    if iv is None or metric.higher_is_better:
+        return None if iv is None else dict(iv)
+
+    def neg(x: Any) -> Any:
+        return -x if isinstance(x, (int, float)) else x
+
+    return {**iv, "estimate": neg(iv.get("estimate")), "low": neg(iv.get("high")), "high": neg(iv.get("low"))}
+
+
+def _reference_row(results: Mapping[str, Any], source: list[Mapping[str, Any]], reference: int | None,
                    evidence: Mapping[int, Mapping[str, Any]], metric: Metric) -> Mapping[str, Any] | None:
-    """The row the paired differences are taken from: the recommended batch's, else the best seed-mean quality."""
-    ref = next((t for t in source if t["batch_size"] == chosen), None)
+    """The row the paired differences are taken from: the decision's reference (the best fitted quality; an older
+    recommendation without one: its chosen batch), else the best seed-mean quality."""
+    ref = next((t for t in source if t["batch_size"] == reference), None)
     if ref is not None or not source:
         return ref
 
@@ -276,7 +337,7 @@ def _epochs_per_step(results: Mapping[str, Any], trials: list[Mapping[str, Any]]
 def summary_rows(results: Mapping[str, Any], recommendation: Any = None) -> list[dict[str, Any]]:
     """The guides' trade-off table, measured: one row per batch size (memory, speed, gradient noise,
     generalization gap, epochs to converge), with the raw values, and — from the recommendation's decision — each
-    batch size's quality and time to target with their 95 % intervals, its seeds, and whether it is tied.
+    batch size's quality and time to target with their 95 % intervals, its seeds, and its verdict.
 
     The raw keys are the row's single trial (``samples_per_s``, ``b_simple``, ``noise_ratio``,
     ``generalization_gap``, ``epochs_to_target``, ``steps_to_target``, ``seconds_to_target``: its measured wall
@@ -294,15 +355,23 @@ def summary_rows(results: Mapping[str, Any], recommendation: Any = None) -> list
     ``generalization_gap`` is ``val_loss - train_eval_loss`` (the eval-mode loss on a fixed training subset, the
     engine's records); a trial recorded with the older definition (minus the running training loss) shows none.
     Whether a batch size generalizes worse is read from ``paired_difference_interval``: its quality minus the
-    reference batch's (``paired_reference_batch_size``: the recommended one, else the best seed mean), per seed
-    (trials paired by seed), with a t interval over the paired differences; ``None`` for the reference itself."""
+    reference batch's (``paired_reference_batch_size``: the decision's reference, the best fitted quality; else the
+    best seed mean), per seed (trials paired by seed), with a t interval over the paired differences; ``None`` for
+    the reference itself.
+
+    The decision (:func:`batchfit.stats.select_non_inferior`): ``verdict`` is ``reference``, ``non-inferior``,
+    ``inferior`` or ``undecided`` (``""`` without a decision); ``difference_interval`` the paired difference from
+    the reference the verdict was read from, oriented so that positive is better (the decision's simultaneous
+    one-sided 95 % bounds; without a decision, ``paired_difference_interval`` oriented the same way; ``None`` for
+    the reference); ``chosen`` whether it is the recommended batch size. ``decision`` is ``chosen`` for that one,
+    else the verdict (before the non-inferiority rule: ``tied`` / ``apart``)."""
     metric = metric_of(results)
     global_bs = results.get("b_simple")
     at_target = (_noise_of(results, recommendation, pool=False).get("at_loss") or {}).get("b_simple")
     evidence = _evidence_of(results, recommendation)
-    chosen, tied = _decision_of(results, recommendation)
+    chosen, _ = _decision_of(results, recommendation)
     source = _rows_source(results)
-    ref_t = _reference_row(results, source, chosen, evidence, metric)
+    ref_t = _reference_row(results, source, _reference_of(results, recommendation) or chosen, evidence, metric)
     ref_batch = ref_t["batch_size"] if ref_t is not None else None
     ref_seeds = _config_trials(results, ref_t, evidence.get(ref_batch)) if ref_t is not None else []
     rows = []
@@ -319,6 +388,13 @@ def summary_rows(results: Mapping[str, Any], recommendation: Any = None) -> list
                     or _bare(t.get("steps_to_target")))
         epochs_iv = (_scaled(ev.get("steps_to_target"), _epochs_per_step(results, seeds, batch))
                      or _over_seeds([x.get("epochs_to_target") for x in seeds]) or _bare(t.get("epochs_to_target")))
+        paired = None if batch == ref_batch else _paired_difference(seeds, ref_seeds, metric)
+        verdict = str(ev.get("verdict") or "")
+        if batch == ref_batch and evidence and not verdict:
+            verdict = "reference"
+        difference = ev.get("difference") if verdict != "reference" else None
+        if difference is None and verdict != "reference":
+            difference = _oriented(paired, metric)
         rows.append({
             "batch_size": batch,
             "micro_batch_size": t.get("micro_batch_size"),
@@ -337,16 +413,17 @@ def summary_rows(results: Mapping[str, Any], recommendation: Any = None) -> list
             "quality": ev.get("quality"),
             "time_to_target": ev.get("time_to_target"),
             "seeds": ev.get("seeds"),
-            "decision": "chosen" if batch == chosen else ("tied" if batch in tied else ("apart" if evidence
-                                                                                        else "")),
+            "decision": "chosen" if batch == chosen else verdict,
+            "verdict": verdict,
+            "chosen": batch == chosen,
+            "difference_interval": difference,
             "samples_per_s_interval": _samples_per_s(batch, ev) or _bare(t.get("samples_per_s")),
             "b_simple_interval": bs_iv,
             # B over B_simple at the decision's target loss (the recommendation's), else over the row's own
             "noise_ratio_interval": _noise_ratio(batch, at_target or bs_iv),
             "generalization_gap_interval": _over_seeds([_gap(x) for x in seeds]) or _bare(_gap(t)),
             "paired_reference_batch_size": ref_batch,
-            "paired_difference_interval": (None if batch == ref_batch
-                                           else _paired_difference(seeds, ref_seeds, metric)),
+            "paired_difference_interval": paired,
             "epochs_to_target_interval": epochs_iv,
             "steps_to_target_interval": steps_iv,
         })
@@ -354,10 +431,12 @@ def summary_rows(results: Mapping[str, Any], recommendation: Any = None) -> list
 
 
 def summary_table(results: Mapping[str, Any], recommendation: Any = None) -> tuple[list[str], list[list[str]]]:
-    """The table's header and text cells. Columns fourteen to seventeen (new; the first thirteen keep their order)
-    are the decision's: quality with its 95 % interval over seeds, seeds, time to target with its interval, and
-    whether the batch size was chosen, tied with it (the data cannot tell them apart) or apart. The eighteenth is the
-    quality's difference from the reference batch (the recommended one), paired by seed, with its 95 % interval.
+    """The details table, one row per batch size with every number and its interval (the report's first table
+    before the trade-off table replaced it: :func:`tradeoff_table`): header and text cells. Columns fourteen to
+    seventeen are the decision's: quality with its 95 % interval over seeds, seeds, time to target with its interval,
+    and the decision (``chosen``, else the verdict: ``reference``, ``non-inferior``, ``inferior`` or ``undecided``).
+    The eighteenth is the quality's difference from the decision's reference batch, paired by seed, with its 95 %
+    t interval over the paired differences.
 
     samples/s, B_simple, B / B_simple, the gap ``val - train(eval) loss`` and epochs / steps to target show their
     95 % interval (see :func:`summary_rows`), or the value with ``(no interval)`` where the data give none (one

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from batchfit import memory
+from batchfit.cost import add_samples
 from batchfit.data import batch_size_of, slice_batch, to_device
 from batchfit.errors import BatchfitError, ConfigError, DataError, WorkloadError
 
@@ -492,6 +493,7 @@ class TrainStep:
                 for hook in self.on_micro:
                     hook(info)
             del part, scaled
+        add_samples(total)  # what this measurement costs the user, in samples of their training
         return n
 
     def optimizer_step(self) -> None:

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchfit.cost import measure
 from batchfit.errors import BatchfitError, ConfigError, NoisyEstimateWarning
 from batchfit.progress import ProgressEvent, ProgressFn, emit
 
@@ -133,6 +134,7 @@ class TuneResult:
     step_time: dict[str, Any] | None = None  # batchfit.steptime.StepTimeCalibration.to_dict()
     recommendation: Recommendation | None = None
     batch_schedule_check: dict[str, Any] | None = None  # tune(batch_schedule_check=True): batchfit.schedule_check
+    train_budget: dict[str, Any] | None = None  # what the user will train, the cap, the per-trial budget
     report: dict[str, Any] = field(default_factory=dict)
     seconds: float | None = None
 
@@ -153,6 +155,11 @@ class TuneResult:
             data["tune_seconds"] = self.seconds
         if self.batch_schedule_check is not None:
             data["batch_schedule_check"] = self.batch_schedule_check
+        if self.train_budget is not None:
+            data["train_budget"] = self.train_budget
+        from batchfit.cost import cost_of
+
+        data["cost"] = cost_of(data).to_dict()
         return data
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,7 +173,7 @@ class TuneResult:
         from batchfit.recommend import Recommendation
 
         own = ("find", "noise", "lr_calibration", "precision_check", "step_time", "recommendation", "report",
-               "tune_seconds")
+               "tune_seconds", "train_budget", "cost")
         cal, rec = data.get("lr_calibration"), data.get("recommendation")
         return cls(
             sweep={k: v for k, v in data.items() if k not in own}, find=data.get("find"), noise=data.get("noise"),
@@ -174,6 +181,7 @@ class TuneResult:
             precision_check=data.get("precision_check"), step_time=data.get("step_time"),
             recommendation=Recommendation.from_dict(rec) if isinstance(rec, Mapping) else None,
             report=dict(data.get("report") or {}), seconds=data.get("tune_seconds"),
+            train_budget=data.get("train_budget") if isinstance(data.get("train_budget"), Mapping) else None,
         )
 
     # Read-only dict-style access (``res["trials"]``) for code written when tune returned a dict.
@@ -339,9 +347,11 @@ def _find(workload: Workload, run: _Run, *, memory_budget: int | None, batch_siz
     from batchfit.finder import find_batch_size
 
     run.emit("find", "start", "largest batch that fits, and the throughput knee")
-    result = find_batch_size(workload, device=run.device, precision=run.precision, memory_budget=memory_budget,
-                             batch_size_cap=batch_size_cap, margin=margin, throughput=True, seed=run.seed,
-                             progress=run.nested()).to_dict()
+    with measure() as spent:
+        result = find_batch_size(workload, device=run.device, precision=run.precision, memory_budget=memory_budget,
+                                 batch_size_cap=batch_size_cap, margin=margin, throughput=True, seed=run.seed,
+                                 progress=run.nested()).to_dict()
+    result["cost"] = spent.to_dict()
     result.setdefault("margin", margin)
     _store(run.out, "find", key, result)
     run.emit("find", "end", f"fits {result.get('recommended_batch_size')} (with {margin:.0%} margin), throughput "
@@ -369,12 +379,14 @@ def _noise(workload: Workload, run: _Run, *, steps: int, batch_size: int) -> dic
     with warnings.catch_warnings(record=True) as caught:  # a wide interval is shown in the display, not as a
         warnings.simplefilter("always", NoisyEstimateWarning)  # Python warning in the middle of the live view
         try:
-            result = noise_scale(workload, batch_size=batch_size, steps=steps, device=run.device,
-                                 precision=run.precision, seed=run.seed, callbacks=[on_step])
+            with measure() as spent:
+                result = noise_scale(workload, batch_size=batch_size, steps=steps, device=run.device,
+                                     precision=run.precision, seed=run.seed, callbacks=[on_step])
         except ConfigError as exc:
             raise ConfigError(f"the noise probe at batch {batch_size} cannot run: {exc}; skip it with noise=False")\
                 from exc
     data = result.to_dict()
+    data["cost"] = spent.to_dict()
     noisy = [str(w.message) for w in caught if issubclass(w.category, NoisyEstimateWarning)]
     if noisy:
         data["warning"] = noisy[-1]
@@ -579,9 +591,11 @@ def _step_time(workload: Workload, run: _Run, micro: Mapping[int, int]) -> dict[
         run.emit("step_time", "end", "resumed", resumed=True)
         return cached
     run.emit("step_time", "start", f"seconds per step at {len(micro)} batch sizes, interleaved rounds")
-    cal = calibrate_step_time(workload, micro, device=resolve_device(run.device), precision=run.precision,
-                              seed=run.seed)
+    with measure() as spent:
+        cal = calibrate_step_time(workload, micro, device=resolve_device(run.device), precision=run.precision,
+                                  seed=run.seed)
     data = cal.to_dict()
+    data["cost"] = spent.to_dict()
     _store(run.out, "step_time", key, data)
     ivs = cal.intervals()
     ends = sorted({min(ivs), max(ivs)}) if ivs else []
@@ -636,13 +650,15 @@ def _precision_check(workload: Workload, run: _Run, rec: Recommendation, *, step
     check: dict[str, Any] = {"steps": per_round * rounds, "rounds": rounds, "steps_per_round": per_round,
                              "batch_size": rec.batch_size, "micro_batch_size": rec.micro_batch_size}
     runs: dict[str, list[dict[str, Any]]] = {"fp32": [], "bf16": []}
-    for i in range(rounds):
-        for p in ("fp32", "bf16"):
-            runs[p].append(_precision_round(workload, run, rec, p, per_round, dev))
-            run.emit("precision", "update", f"round {i + 1}: {p}", completed=2 * i + (p == "bf16") + 1,
-                     total=2 * rounds)
-        if any(r["status"] != "ok" for r in (runs["fp32"][-1], runs["bf16"][-1])):
-            break  # a failed or diverged run: the comparison stops there
+    with measure() as spent:
+        for i in range(rounds):
+            for p in ("fp32", "bf16"):
+                runs[p].append(_precision_round(workload, run, rec, p, per_round, dev))
+                run.emit("precision", "update", f"round {i + 1}: {p}", completed=2 * i + (p == "bf16") + 1,
+                         total=2 * rounds)
+            if any(r["status"] != "ok" for r in (runs["fp32"][-1], runs["bf16"][-1])):
+                break  # a failed or diverged run: the comparison stops there
+    check["cost"] = spent.to_dict()
     for p, rs in runs.items():
         ok = [r for r in rs if r["status"] == "ok"]
         bad = next((r for r in rs if r["status"] != "ok"), None)
@@ -764,19 +780,86 @@ def race_round(results: Mapping[str, Any], *, tolerance: float, cap: int) -> tup
                 f"{decision.reference}, and no faster one is undecided")
 
 
-def _race(swept: Any, run_sweep: Any, stages: Mapping[str, Any], run: _Run, *, tolerance: float, cap: int) -> Any:
-    """Add seeds where they can change the decision (:func:`race_round`) until nothing is left to decide or every
-    candidate that could still win has ``cap`` seeds. Read from the trials alone, so an interrupted or resumed
-    ``tune`` reaches the same verdict without remembering anything."""
+def _race(swept: Any, run_sweep: Any, stages: Mapping[str, Any], run: _Run, *, tolerance: float, cap: int,
+          cost_cap: float | None = None, per_trial: int | None = None) -> Any:
+    """Add seeds where they can change the decision (:func:`race_round`) until nothing is left to decide, every
+    candidate that could still win has ``cap`` seeds, or the next seeds would pass the cost cap (``cost_cap``
+    samples in all, ``per_trial`` samples a trial): then the finalists come first, then the faster undecided, as
+    many as fit. Read from the trials alone, so an interrupted or resumed ``tune`` reaches the same verdict."""
+    from batchfit.cost import cost_of
+
     replicates = {b: n for b, n in seeds_per_batch(_with_stages(swept, stages)).items() if n > 1}
     while True:
-        want, why = race_round(_with_stages(swept, stages), tolerance=tolerance, cap=cap)
+        data = _with_stages(swept, stages)
+        want, why = race_round(data, tolerance=tolerance, cap=cap)
+        if want and cost_cap is not None and per_trial:
+            room = int((cost_cap - cost_of(data).samples) // per_trial)
+            if room < len(want):
+                keep = dict(list(want.items())[:max(0, room)])
+                why = (f"cost cap: room for {max(0, room)} of {len(want)} more trial(s)"
+                       + (f" ({', '.join(map(str, keep))})" if keep else "; racing stops"))
+                want = keep
         run.emit("sweep", "update", f"racing: {why}", racing=dict(want))
         if not want:
             return swept
         for b, n in want.items():
             replicates[b] = max(replicates.get(b, 1), n)
         swept = run_sweep(dict(replicates))
+
+
+MIN_PLANNED_STEPS = 8  # a capped sweep leaves out a candidate batch size that would train fewer optimizer steps
+
+
+def _train_budget(wl: Workload, train_budget: str | None, explicit: Any) -> Any:
+    """What the user will train: ``train_budget``, else the workload's own, else the measurement budget the caller
+    set, else :data:`DEFAULT_BUDGET`."""
+    from batchfit.cost import parse_train_budget
+
+    given = train_budget if train_budget is not None else getattr(wl, "train_budget", None)
+    if given is None:
+        given = str(explicit) if explicit is not None else DEFAULT_BUDGET
+    return parse_train_budget(given)
+
+
+def _measurement_plan(wl: Workload, train: Any, explicit: Any, max_cost: float | None,
+                      sizes: list[int], *, spent: int = 0) -> tuple[Any, list[int], dict[str, Any]]:
+    """``(per-trial budget, candidates, plan)``: the budget every sweep trial trains and the plan tune stores.
+
+    An explicit ``budget`` is used as given; uncapped, every trial trains the train budget (an equal-samples budget
+    for ``steps``/``tokens`` train budgets: equal steps would give the large batches more data); capped, an equal
+    number of samples from :func:`batchfit.cost.plan_horizon`, and candidates that would get fewer than
+    :data:`MIN_PLANNED_STEPS` optimizer steps are left out."""
+    from batchfit.cost import plan_horizon, train_budget_samples
+    from batchfit.study import Budget
+
+    total = train_budget_samples(train, num_train=wl.num_train, base_batch_size=wl.base_batch_size,
+                                 tokens_per_sample=getattr(wl, "tokens_per_sample", None))
+    note, dropped = "", []
+    if explicit is not None:
+        bud = explicit
+    elif max_cost is None:
+        bud = Budget("epochs", train.value) if train.kind == "epochs" else Budget("samples", float(total))
+    else:
+        h, runs = plan_horizon(total, max_cost, len(sizes), spent=spent)
+        floor = MIN_PLANNED_STEPS * min(sizes)  # the least horizon that measures anything at the smallest batch
+        short = h < floor
+        h = max(h, floor)
+        bud = Budget("samples", float(h))
+        keep = [b for b in sizes if h // b >= MIN_PLANNED_STEPS]
+        dropped = [b for b in sizes if b not in keep]
+        sizes = keep or [min(sizes)]
+        note = (f"cost cap {max_cost:g} run(s) of {train} ({total:,} samples): each trial trains {h:,} samples "
+                f"({h / total:.0%} of the train budget; about {runs:.0f} trials expected)"
+                + (f"; left out {', '.join(map(str, dropped))}: fewer than {MIN_PLANNED_STEPS} steps at that "
+                   "horizon" if dropped else "")
+                + (f"; the cap cannot be met on this workload: the finder and the noise probe already spent "
+                   f"{spent / total:.2f} run(s), so each trial trains the least useful horizon" if short else ""))
+    per_trial = int(bud.value * wl.num_train) if bud.kind == "epochs" else (
+        int(bud.value) if bud.kind == "samples" else None)
+    plan = {"budget": str(train), "samples": total, "max_cost": max_cost, "measurement": str(bud),
+            "measurement_samples": per_trial, "dropped": dropped, "note": note,
+            "cap_samples": None if max_cost is None else max_cost * total}
+    return bud, sizes, plan
 
 
 def _candidates(wl: Workload, fits: int | None, cap: int | None) -> list[int]:
@@ -797,7 +880,7 @@ def _check_inputs(wl: Workload, *, batch_sizes: Any, budget: str, target: Any, t
     from batchfit.memory import parse_bytes
     from batchfit.study import parse_batch_sizes, parse_budget, parse_target
 
-    bud = parse_budget(budget)
+    bud = parse_budget(budget) if budget is not None else None
     parse_target(target)
     sizes = None if batch_sizes is None else parse_batch_sizes(batch_sizes)
     if sizes is not None and max(sizes) > wl.num_train:
@@ -827,7 +910,7 @@ def tune(
     *,
     out_dir: str | Path = "batchfit-out",
     batch_sizes: Sequence[int] | None = None,
-    budget: str = DEFAULT_BUDGET,
+    budget: str | None = None,
     lr_rule: str = "auto",
     lr_search: int = 1,
     warmup: int | float = 0,
@@ -856,6 +939,8 @@ def tune(
     max_seeds: int = RACE_MAX_SEEDS,
     batch_schedule_check: bool = False,
     weight_decay_rule: str = "keep",
+    train_budget: str | None = None,
+    max_cost: float | None = None,
 ) -> TuneResult:
     """Measure and recommend the batch size for a workload: find, noise, lr_check, step_time, sweep, precision,
     report (:data:`STAGES`).
@@ -865,7 +950,15 @@ def tune(
             ``sqlite:///<out_dir>/batchfit.db``); re-running with the same ``out_dir`` resumes.
         batch_sizes: effective batch sizes to compare (default :func:`default_batch_sizes`: powers of two from 16
             up to 64 x the largest micro-batch that fits, the base batch, and the full batch on small sets).
-        budget: ``epochs:E`` (equal-epoch comparison), ``steps:S`` or ``samples:N`` per trial.
+        train_budget: what the user will train, ``samples:N``, ``steps:S`` (at the base batch), ``epochs:E`` or
+            ``tokens:T`` (default: the workload's ``train_budget``, else :data:`DEFAULT_BUDGET`). The answer is for
+            this budget, and every result states its cost in runs of it (``results.json["cost"]``).
+        max_cost: what batchfit may spend, in runs of the train budget (``None``: uncapped, every candidate trains
+            the whole train budget). Capped, each sweep trial trains an equal number of samples chosen so the whole
+            tune fits (:func:`batchfit.cost.plan_horizon`), candidates that would get fewer than
+            :data:`MIN_PLANNED_STEPS` steps are left out (and named), and racing stops at the cap.
+        budget: the per-trial measurement budget, ``epochs:E``, ``steps:S`` or ``samples:N``, when you want to set
+            it yourself (default: planned from ``train_budget`` and ``max_cost``).
         lr_search: learning rates tried per batch size around the rule's (1 = the rule's only).
         target: the fraction of the best validation metric that counts as "converged" (time-to-target).
         memory_budget: the finder's memory budget (bytes or ``"512MiB"``); it needs the finder (``find=True``).
@@ -914,6 +1007,11 @@ def tune(
     from batchfit.scaling import WEIGHT_DECAY_RULES
 
     checks.one_of("weight_decay_rule", weight_decay_rule, WEIGHT_DECAY_RULES)
+    train = _train_budget(wl, train_budget, bud)
+    if max_cost is not None and (isinstance(max_cost, bool) or not isinstance(max_cost, (int, float))
+                                 or not math.isfinite(max_cost) or max_cost <= 0):
+        raise ConfigError(f"max_cost must be a positive number of runs of the train budget (e.g. 1.0), got "
+                          f"{max_cost!r}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir {str(out)!r} is a file; give a directory")
@@ -931,6 +1029,12 @@ def tune(
 
     # -- 3. LR check at the base batch; 4. sweep: every candidate batch at its rule-scaled LR, in the Optuna store --
     sizes = sizes or _candidates(wl, fits, cap)
+    from batchfit.cost import cost_of
+
+    spent = cost_of({"find": find_result, "noise": noise_result}).samples
+    bud, sizes, plan = _measurement_plan(wl, train, bud, max_cost, sizes, spent=spent)
+    if plan["note"]:
+        run.emit("sweep", "update", plan["note"])
     if eval_every == "auto":
         eval_every = _auto_eval_every(wl.num_train, min(sizes), bud.kind)
     if fits is None and not find:
@@ -946,7 +1050,7 @@ def tune(
     step_time = _step_time(wl, run, {b: micro_batch_for(b, find_result, fits) for b in sizes})
     stages = {"find": find_result, "noise": noise_result,
               "lr_calibration": lr_check.to_dict() if lr_check is not None else None, "step_time": step_time}
-    stages.update(num_val=wl.num_val, framework=framework_of(wl))
+    stages.update(num_val=wl.num_val, framework=framework_of(wl), train_budget=plan)
 
     def run_sweep(replicates: Mapping[int, int] | None) -> Any:
         return sweep(  # tune's stage results go into the study's tune namespace, so the store alone has them
@@ -960,11 +1064,13 @@ def tune(
 
     swept = run_sweep(None)
     if seeds is None:  # racing: more seeds only where they can change the decision
-        swept = _race(swept, run_sweep, stages, run, tolerance=tolerance, cap=max_seeds)
+        swept = _race(swept, run_sweep, stages, run, tolerance=tolerance, cap=max_seeds,
+                      cost_cap=plan.get("cap_samples"), per_trial=plan["measurement_samples"])
     counts = ", ".join(f"{v} {k}" for k, v in (swept.get("counts") or {}).items() if v)
     run.emit("sweep", "end", f"{swept.get('status')}: {counts or 'no trials'}"
              + f" (up to {max(seeds_per_batch(swept).values(), default=1)} seed(s) per batch size)")
-    result = TuneResult(sweep=swept, find=find_result, noise=noise_result, lr_check=lr_check, step_time=step_time)
+    result = TuneResult(sweep=swept, find=find_result, noise=noise_result, lr_check=lr_check, step_time=step_time,
+                        train_budget=plan)
 
     # -- 5. recommendation, with a measured precision check of the recommended configuration -------------------
     try:

@@ -45,6 +45,22 @@ def budget_value(text: str) -> str:
     return str(_from_config_error(parse_budget)(text))
 
 
+def train_budget_value(text: str) -> str:
+    from batchfit.cost import parse_train_budget
+
+    return str(_from_config_error(lambda t: parse_train_budget(t, name="--train-budget"))(text))
+
+
+def max_cost_value(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of runs (e.g. 1.0)") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of runs of the train budget, e.g. 1.0")
+    return value
+
+
 def target_value(text: str) -> str | float:
     from batchfit.study import parse_target
 
@@ -72,8 +88,17 @@ def add_parser(sub: Any) -> None:
                         "micro-batch that fits, at most the training set, the workload's base batch, and the full "
                         "batch on sets of up to 8,192 samples: 8 sizes for demo:digits-mlp, 13 for 100,000 samples "
                         "without a memory limit)")
-    p.add_argument("--budget", type=budget_value, default=DEFAULT_BUDGET,
-                   help=f"per-trial budget: epochs:E, steps:S or samples:N (default {DEFAULT_BUDGET})")
+    p.add_argument("--train-budget", type=train_budget_value, metavar="BUDGET",
+                   help="what you will train: samples:N, steps:S (at the base batch), epochs:E or tokens:T (default: "
+                        f"the workload's own, else {DEFAULT_BUDGET}); the recommendation is for this budget and every "
+                        "result states its cost in runs of it")
+    p.add_argument("--max-cost", type=max_cost_value, metavar="F",
+                   help="what batchfit may spend, in runs of the train budget (e.g. 1.0); capped, each trial trains "
+                        "an equal share of samples and racing stops at the cap (default: uncapped, every candidate "
+                        "trains the whole train budget)")
+    p.add_argument("--budget", type=budget_value, default=None,
+                   help="set the per-trial measurement budget yourself: epochs:E, steps:S or samples:N (default: "
+                        "planned from --train-budget and --max-cost)")
     p.add_argument("--lr-rule", default="auto", choices=("auto", "none", "linear", "sqrt", "adam-sqrt"),
                    help="LR scaling rule (default: auto by optimizer family)")
     p.add_argument("--wd-rule", dest="weight_decay_rule", default="keep", choices=("keep", "timescale"),
@@ -199,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
         result = tune(
             args.workload, workload_options=parse_options(args.workload_option), out_dir=args.out,
             batch_sizes=args.batch_sizes, budget=args.budget, lr_rule=args.lr_rule, lr_search=args.lr_search,
+            train_budget=args.train_budget, max_cost=args.max_cost,
             weight_decay_rule=args.weight_decay_rule,
             warmup=args.warmup, target=args.target, storage=args.store, study_name=args.study_name,
             device=args.device, precision=args.precision, seed=args.seed, memory_budget=args.memory_budget,

@@ -1,0 +1,203 @@
+"""What a measurement costs, in the unit the user pays in: runs of their own training.
+
+A user who will train for a *train budget* (``samples:N``, ``steps:S``, ``epochs:E`` or ``tokens:T``;
+:func:`train_budget_samples`) pays ``runs = samples spent / samples of one run at the train budget`` for batchfit's
+answer. Every sample a training step forwards and backwards through the user's model (:class:`batchfit.step.
+TrainStep`, the one step every stage runs) is counted here; evaluation passes are not (they are forward only, and
+their time is in ``seconds``). :func:`measure` takes the count and the wall clock of a block of work, so each stage
+of ``tune`` records what it spent beside its result, and a resumed ``tune`` adds up the stored costs instead of
+recounting.
+
+The cost cap ``max_cost`` (in runs) is what ``tune`` may spend; :class:`Cost` says whether the spending stayed
+within it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchfit.errors import ConfigError
+
+__all__ = ["Cost", "Meter", "TrainBudget", "add_samples", "cost_of", "measure", "parse_train_budget", "plan_horizon",
+           "train_budget_samples"]
+
+TRAIN_BUDGET_KINDS = ("samples", "steps", "epochs", "tokens")
+
+_COUNT = [0]  # samples forwarded and backwarded by TrainStep in this process
+
+
+def add_samples(n: int) -> None:
+    """Called by :class:`batchfit.step.TrainStep` for every batch it trains on."""
+    _COUNT[0] += int(n)
+
+
+@dataclass
+class Meter:
+    """The samples trained and the wall-clock seconds of a block of work (:func:`measure`)."""
+
+    samples: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"samples": int(self.samples), "seconds": float(self.seconds)}
+
+
+@contextlib.contextmanager
+def measure() -> Iterator[Meter]:
+    """``with measure() as m: ...`` -> ``m.samples`` trained and ``m.seconds`` elapsed inside the block (also when it
+    raises: an interrupted stage still reports what it spent)."""
+    meter = Meter()
+    start, t0 = _COUNT[0], time.perf_counter()
+    try:
+        yield meter
+    finally:
+        meter.samples = _COUNT[0] - start
+        meter.seconds = time.perf_counter() - t0
+
+
+@dataclass(frozen=True)
+class TrainBudget:
+    """What the user will train: ``kind`` in :data:`TRAIN_BUDGET_KINDS` and its value."""
+
+    kind: str
+    value: float
+
+    def __str__(self) -> str:
+        v = int(self.value) if float(self.value).is_integer() else self.value
+        return f"{self.kind}:{v}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "value": int(self.value) if float(self.value).is_integer() else self.value}
+
+
+def parse_train_budget(text: str | TrainBudget, *, name: str = "train_budget") -> TrainBudget:
+    """``samples:N``, ``steps:S`` (at the workload's base batch), ``epochs:E`` or ``tokens:T``."""
+    if isinstance(text, TrainBudget):
+        return text
+    if not isinstance(text, str):
+        raise ConfigError(f"{name} must be a string like epochs:20, samples:100000, steps:5000 or tokens:1e9, got "
+                          f"{text!r}")
+    kind, sep, raw = text.strip().partition(":")
+    kind = kind.strip().lower()
+    if not sep or kind not in TRAIN_BUDGET_KINDS:
+        raise ConfigError(f"{name} {text!r} is not understood; write epochs:20, samples:100000, steps:5000 or "
+                          "tokens:1e9")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} {text!r}: {raw!r} is not a number; write e.g. {kind}:20") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} {text!r} must be a positive finite number; write e.g. {kind}:20")
+    return TrainBudget(kind, value)
+
+
+def train_budget_samples(budget: TrainBudget, *, num_train: int, base_batch_size: int,
+                         tokens_per_sample: int | None = None) -> int:
+    """Samples of one run at the train budget: ``epochs x`` the training set, ``steps x`` the base batch (the batch
+    the user's steps are counted at), ``tokens /`` the workload's tokens per sample."""
+    if budget.kind == "samples":
+        n = budget.value
+    elif budget.kind == "epochs":
+        n = budget.value * num_train
+    elif budget.kind == "steps":
+        n = budget.value * base_batch_size
+    else:
+        if not tokens_per_sample:
+            raise ConfigError(f"train budget {budget}: this workload does not say how many tokens a sample holds "
+                              "(set Workload.tokens_per_sample), so give the budget as samples:N or epochs:E")
+        n = budget.value / tokens_per_sample
+    return max(1, int(round(n)))
+
+
+@dataclass
+class Cost:
+    """What an answer cost: ``samples`` trained and ``seconds`` elapsed, by stage, against one run at the train
+    budget (``runs = samples / train_budget_samples``) and the cap ``max_cost`` (in runs; ``None``: uncapped)."""
+
+    samples: int
+    seconds: float
+    train_budget_samples: int | None
+    by_stage: dict[str, dict[str, Any]] = field(default_factory=dict)
+    max_cost: float | None = None
+    train_budget: str | None = None
+
+    @property
+    def runs(self) -> float | None:
+        return self.samples / self.train_budget_samples if self.train_budget_samples else None
+
+    @property
+    def within_cap(self) -> bool | None:
+        return None if self.max_cost is None or self.runs is None else self.runs <= self.max_cost * (1 + 1e-9)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"samples": int(self.samples), "seconds": float(self.seconds),
+                "train_budget_samples": self.train_budget_samples, "runs": self.runs,
+                "train_budget": self.train_budget, "max_cost": self.max_cost, "within_cap": self.within_cap,
+                "by_stage": {k: dict(v) for k, v in self.by_stage.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Cost:
+        return cls(int(data.get("samples") or 0), float(data.get("seconds") or 0.0),
+                   data.get("train_budget_samples"), dict(data.get("by_stage") or {}), data.get("max_cost"),
+                   data.get("train_budget"))
+
+    def line(self) -> str:
+        """``cost 0.84 runs (24,120 samples, 31 s) of the train budget epochs:20`` for the ``-q`` line and report."""
+        runs = "" if self.runs is None else f"{self.runs:.2f} runs "
+        cap = "" if self.max_cost is None else f", cap {self.max_cost:g}"
+        of = f" of the train budget {self.train_budget}" if self.train_budget else ""
+        return f"cost {runs}({self.samples:,} samples, {self.seconds:.0f} s){of}{cap}"
+
+
+def _stage(data: Any) -> dict[str, Any] | None:
+    c = data.get("cost") if isinstance(data, Mapping) else None
+    if isinstance(c, Mapping) and isinstance(c.get("samples"), (int, float)):
+        return {"samples": int(c["samples"]), "seconds": float(c.get("seconds") or 0.0)}
+    return None
+
+
+def cost_of(results: Mapping[str, Any]) -> Cost:
+    """The cost of everything in ``results`` (tune's results dict, or a sweep's): each stage's recorded ``cost``,
+    the LR check's runs and every sweep trial's samples and seconds, against the stored train budget."""
+    by: dict[str, dict[str, Any]] = {}
+    for key, name in (("find", "find"), ("noise", "noise"), ("step_time", "step_time"),
+                      ("precision_check", "precision"), ("batch_schedule_check", "batch_schedule_check")):
+        c = _stage(results.get(key))
+        if c is not None:
+            by[name] = c
+    lr = results.get("lr_calibration")
+    if isinstance(lr, Mapping) and isinstance(lr.get("runs"), list):
+        runs = [r for r in lr["runs"] if isinstance(r, Mapping)]
+        by["lr_check"] = {"samples": int(sum(r.get("samples") or 0 for r in runs)),
+                          "seconds": float(sum(r.get("seconds") or 0.0 for r in runs))}
+    trials = [t for t in results.get("trials") or [] if isinstance(t, Mapping)]
+    if trials:
+        by["sweep"] = {"samples": int(sum(t.get("samples") or 0 for t in trials
+                                          if isinstance(t.get("samples"), (int, float)))),
+                       "seconds": float(sum(t.get("seconds") or 0.0 for t in trials
+                                            if isinstance(t.get("seconds"), (int, float)))),
+                       "trials": len(trials)}
+    plan = results.get("train_budget") if isinstance(results.get("train_budget"), Mapping) else {}
+    return Cost(samples=sum(v["samples"] for v in by.values()), seconds=sum(v["seconds"] for v in by.values()),
+                train_budget_samples=plan.get("samples"), by_stage=by, max_cost=plan.get("max_cost"),
+                train_budget=plan.get("budget"))
+
+
+def plan_horizon(train_samples: int, max_cost: float, candidates: int, *, spent: int = 0, finalist_seeds: int = 3,
+                 reserve: float = 0.1) -> tuple[int, float]:
+    """The samples each sweep trial may train (equal samples at every batch size) so that ``tune`` stays within
+    ``max_cost`` runs of ``train_samples``, and the trials that estimate assumes.
+
+    ``spent``: samples already spent (the finder and the noise probe run before the plan). Expected trials: one per
+    candidate, ``finalist_seeds - 1`` more for each of the two finalists, one more for a quarter of the candidates
+    (racing's faster undecided), plus the LR check (about two trials' worth: 8 runs of a quarter each);
+    ``reserve`` of the cap is kept for step timing and the precision check. Never more than the train budget
+    itself; at least 1 (the caller checks whether that horizon can measure anything)."""
+    runs = candidates + 2 * (finalist_seeds - 1) + math.ceil(candidates / 4) + 2
+    room = (1.0 - reserve) * max_cost * train_samples - spent
+    return max(1, int(min(train_samples, room / runs))), float(runs)

@@ -1,0 +1,102 @@
+"""What an answer costs, in runs of the user's train budget (issue 18.1), and the cap on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batchfit import cost
+from batchfit.errors import ConfigError
+from conftest import make_tiny_workload
+
+
+@pytest.mark.parametrize(("text", "samples"), [("samples:5000", 5000), ("epochs:2.5", 240), ("steps:10", 160),
+                                               ("tokens:960", 30)])
+def test_train_budget_in_samples(text: str, samples: int) -> None:
+    b = cost.parse_train_budget(text)
+    assert cost.train_budget_samples(b, num_train=96, base_batch_size=16, tokens_per_sample=32) == samples
+
+
+@pytest.mark.parametrize("bad", ["epochs", "weeks:3", "samples:-1", "samples:nan", "epochs:inf", 20])
+def test_a_bad_train_budget_is_one_clear_error(bad: object) -> None:
+    with pytest.raises(ConfigError, match="train_budget"):
+        cost.parse_train_budget(bad)  # type: ignore[arg-type]
+
+
+def test_a_token_budget_needs_the_tokens_per_sample() -> None:
+    with pytest.raises(ConfigError, match="tokens_per_sample"):
+        cost.train_budget_samples(cost.parse_train_budget("tokens:1e6"), num_train=10, base_batch_size=2)
+
+
+def test_measure_counts_every_sample_the_one_training_step_trains() -> None:
+    from batchfit.engine import train
+
+    with cost.measure() as m:
+        train(make_tiny_workload(), batch_size=8, micro_batch_size=4, steps=5, seed=0)
+    assert m.samples == 5 * 8 and m.seconds > 0.0  # micro-batches count once: samples, not forward calls
+    with cost.measure() as inner:
+        pass
+    assert inner.samples == 0
+
+
+def test_plan_horizon_fits_the_cap_and_never_passes_the_train_budget() -> None:
+    h, runs = cost.plan_horizon(100_000, 1.0, 8)
+    assert runs == 8 + 4 + 2 + 2 and h == int(0.9 * 100_000 / runs)
+    assert cost.plan_horizon(100_000, 1.0, 8, spent=50_000)[0] == int((90_000 - 50_000) / runs)
+    assert cost.plan_horizon(1000, 100.0, 2)[0] == 1000  # a generous cap: the whole train budget
+
+
+def test_cost_of_adds_every_stage_and_trial() -> None:
+    results = {"find": {"cost": {"samples": 100, "seconds": 1.0}}, "noise": {"cost": {"samples": 50, "seconds": 0.5}},
+               "lr_calibration": {"runs": [{"samples": 10, "seconds": 0.1}, {"samples": 20, "seconds": 0.2}]},
+               "trials": [{"samples": 400, "seconds": 2.0, "status": "ok"}, {"samples": None, "status": "failed"}],
+               "train_budget": {"budget": "samples:290", "samples": 290, "max_cost": 1.0}}
+    c = cost.cost_of(results)
+    assert c.samples == 580 and c.runs == pytest.approx(2.0) and c.within_cap is False
+    assert c.by_stage["lr_check"] == {"samples": 30, "seconds": pytest.approx(0.3)}
+    assert c.by_stage["sweep"]["trials"] == 2
+    assert "cost 2.00 runs" in c.line() and "cap 1" in c.line()
+    assert cost.Cost.from_dict(c.to_dict()).to_dict() == c.to_dict()
+
+
+def test_tune_states_its_cost_and_a_cap_shortens_every_trial_to_an_equal_share(tmp_path: Path) -> None:
+    from batchfit.tuning import tune
+
+    wl = make_tiny_workload(n=512)
+    res = tune(wl, out_dir=tmp_path / "capped", batch_sizes=[8, 16, 32], train_budget="epochs:10", max_cost=2.0,
+               noise=False, find=False, precision_check=False, lr_calibration=False, seed=0)
+    data = res.to_dict()
+    plan, spent = data["train_budget"], data["cost"]
+    assert plan["samples"] == 5120 and plan["max_cost"] == 2.0
+    h = plan["measurement_samples"]
+    assert h < 5120 and data["budget"] == {"kind": "samples", "value": h}
+    for t in data["trials"]:  # equal samples at every batch size (the last step may round up)
+        assert h <= t["samples"] < h + t["batch_size"]
+    assert spent["runs"] == pytest.approx(spent["samples"] / 5120) and spent["by_stage"]["sweep"]["trials"] >= 3
+    assert any(f.startswith("short horizon") for f in data["recommendation"]["flags"])
+    # uncapped: every candidate trains the whole train budget, and the cost says how many runs that was
+    full = tune(wl, out_dir=tmp_path / "full", batch_sizes=[8, 16], train_budget="epochs:2", noise=False,
+                find=False, precision_check=False, lr_calibration=False, seeds=1, seed=0).to_dict()
+    assert full["train_budget"]["measurement"] == "epochs:2"
+    assert full["cost"]["by_stage"]["sweep"]["samples"] == pytest.approx(2 * 1024, rel=0.05)  # two whole runs
+    assert full["cost"]["runs"] > 2.0  # and step timing on top
+    assert not any(f.startswith("short horizon") for f in full["recommendation"]["flags"])
+
+
+def test_an_equal_steps_budget_warns_that_large_batches_got_more_data(tmp_path: Path) -> None:
+    from batchfit.tuning import tune
+
+    res = tune(make_tiny_workload(n=256), out_dir=tmp_path, batch_sizes=[8, 32], budget="steps:6", noise=False,
+               find=False, precision_check=False, lr_calibration=False, seeds=1, seed=0)
+    flags = res.to_dict()["recommendation"]["flags"]
+    assert any(f.startswith("equal-steps budget: batch 32 trained 4x the samples of batch 8") for f in flags), flags
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), "1", True])
+def test_a_bad_max_cost_is_refused_before_any_work(tmp_path: Path, bad: object) -> None:
+    from batchfit.tuning import tune
+
+    with pytest.raises(ConfigError, match="max_cost"):
+        tune(make_tiny_workload(), out_dir=tmp_path, max_cost=bad)  # type: ignore[arg-type]
+    assert not (tmp_path / "find.json").exists()
