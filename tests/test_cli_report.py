@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from pathlib import Path
 
@@ -29,15 +30,25 @@ def test_report_from_results_json(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert (out / "report.html").exists() and (out / "report.md").exists()
     err = capsys.readouterr().err
     assert "Recommendation:" in err and "batch 64" in err
+    # the trade-off table first: one row per batch size, each with its verdict against the reference (16)
+    table = err[:err.index("Recommendation:")]
+    assert "verdict" in table and "val vs 16 (+ better)" in table
+    verdicts = {m.group(1): m.group(2) for m in re.finditer(r"^\s*(16|32|64|128)\s.*?\s(reference|chosen "
+                                                               r"\(non-inferior\)|non-inferior|inferior)\s*$",
+                                                               table, re.M)}
+    assert verdicts == {"16": "reference", "32": "non-inferior", "64": "chosen (non-inferior)", "128": "inferior"}
+    assert "tied" not in err and "apart" not in err
 
 
 def test_report_tolerance_option(tmp_path: Path) -> None:
     src = tmp_path / "in.json"
     src.write_text(json.dumps(make_results()))
-    # one seed and no validation size: no measured noise, so the tolerance is the tie width; a wider one ties 128
+    # 128 is 0.05 below the reference 16 on every seed: inferior at the default 1 % margin, non-inferior at 6 %
     assert main(["report", str(src), "--out", str(tmp_path / "rep"), "--tolerance", "0.06", "--quiet"]) == 0
     rec = json.loads((tmp_path / "rep" / "results.json").read_text())["recommendation"]
-    assert rec["batch_size"] == 128 and rec["tied"] == [16, 32, 64, 128] and rec["tolerance"] == 0.06
+    assert rec["batch_size"] == 128 and rec["non_inferior"] == [16, 32, 64, 128] and rec["tolerance"] == 0.06
+    assert rec["tied"] == rec["non_inferior"] and rec["reference_batch_size"] == 16
+    assert "chosen (non-inferior)" in (tmp_path / "rep" / "report.md").read_text()
 
 
 def test_report_from_a_directory(tmp_path: Path) -> None:

@@ -127,6 +127,41 @@ def exit0():
 
 def exit3():
     sys.exit(3)
+
+def one_sample():
+    x, y = _data()
+    return _small(train_data=TensorDataset(x[:1], y[:1]), base_batch_size=1)
+
+class _BadItem(Dataset):
+    """Item ``at`` fails inside a DataLoader worker (never in the main process): it raises, exits or is killed."""
+    def __init__(self, how, at, n=192):
+        self.x, self.y = _data()
+        self.how, self.at, self.n = how, at, n
+    def __len__(self):
+        return self.n
+    def __getitem__(self, i):
+        if i == self.at and torch.utils.data.get_worker_info() is not None:
+            if self.how == "exit":
+                os._exit(3)
+            if self.how == "kill":
+                os.kill(os.getpid(), 9)
+            raise ValueError("corrupt image #123")
+        return self.x[i], self.y[i]
+
+def _loader(how, at, n=192):
+    return torch.utils.data.DataLoader(_BadItem(how, at, n), batch_size=16, shuffle=True, num_workers=1)
+
+def worker_raises():
+    return _small(train_data=_loader("raise", 100))
+
+def val_worker_raises():
+    return _small(val_data=_loader("raise", 5, n=64))
+
+def worker_exits():
+    return _small(train_data=_loader("exit", 100))
+
+def worker_killed():
+    return _small(train_data=_loader("kill", 100))
 '''
 
 
@@ -525,6 +560,377 @@ def cli_find_train_same_budget(ctx: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Issue 23 (items 10, 11, 15, 16, 17): checkpoints, resume, replicate seeds, flag words, DataLoader workers
+
+
+def _cli(ctx: dict[str, Any], argv: list[str]) -> tuple[int, str, str]:
+    capsys = ctx["capsys"]
+    capsys.readouterr()
+    rc = _run_cli(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _refused(rc: int, err: str) -> None:
+    assert rc == 2, f"exit {rc}: {err[-1500:]}"
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "internal error" not in err, err
+
+
+def _checkpoint_step(source: bytes | Path) -> int:
+    import io
+
+    import torch
+
+    f = io.BytesIO(source) if isinstance(source, bytes) else source
+    return int(torch.load(f, map_location="cpu", weights_only=True)["state"]["step"])
+
+
+def _private_full_device(folder: Path) -> str:
+    """A character device equal to /dev/full inside ``folder`` (every write fails with ENOSPC); see
+    :func:`conftest.private_null_device` for why it is private."""
+    path = folder / "full"
+    try:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 7))
+        return str(path)
+    except OSError:
+        if os.geteuid() != 0:  # without privileges /dev/full cannot be replaced: it is safe to use
+            return "/dev/full"
+        pytest.skip("cannot create a private character device here (root without CAP_MKNOD)")
+
+
+def _no_work_no_json(ctx: dict[str, Any], out: str, err: str) -> None:
+    _no_work(ctx, out, err)
+    assert not Path(ctx["tmp"], "r.json").exists(), "--json was written (\"running\") for a refused checkpoint path"
+
+
+def _no_stray_tmp(ctx: dict[str, Any], out: str, err: str) -> None:
+    _no_work(ctx, out, err)
+    assert not Path(f"{ctx['tmp']}.tmp").exists(), "a stray PATH.tmp was left beside the checkpoint path"
+
+
+def proc_checkpoint_fifo(ctx: dict[str, Any]) -> None:
+    """23.10: a FIFO given as the checkpoint is written in place (its reader gets the checkpoint); it stays a FIFO."""
+    fifo = Path(ctx["tmp"], "ckpt.fifo")
+    os.mkfifo(fifo)
+    box: dict[str, bytes] = {}
+
+    def read() -> None:
+        with open(fifo, "rb") as f:
+            box["data"] = f.read()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    rc, _, err = _cli(ctx, ["train", "-w", f"{ctx['wl']}:ok", "--steps", "2", "-q", "--checkpoint", str(fifo)])
+    reader.join(10)
+    assert rc == 0, err
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode), "the FIFO was replaced by a regular file"
+    assert "data" in box and _checkpoint_step(box["data"]) == 2
+
+
+def proc_checkpoint_char_device(ctx: dict[str, Any]) -> None:
+    """23.10: a character device given as the checkpoint is written in place and stays a device."""
+    null = private_null_device(Path(ctx["tmp"]))
+    rc, _, err = _cli(ctx, ["train", "-w", f"{ctx['wl']}:ok", "--steps", "2", "-q", "--checkpoint", null])
+    assert rc == 0, err
+    assert stat.S_ISCHR(os.stat(null).st_mode), "the device was replaced by a regular file"
+
+
+def proc_checkpoint_symlink(ctx: dict[str, Any]) -> None:
+    """23.10: a symbolic link given as the checkpoint stays a link; its target gets the checkpoint."""
+    target, link = Path(ctx["tmp"], "target.pt"), Path(ctx["tmp"], "link.pt")
+    target.write_text("old")
+    link.symlink_to(target)
+    rc, _, err = _cli(ctx, ["train", "-w", f"{ctx['wl']}:ok", "--steps", "2", "-q", "--checkpoint", str(link)])
+    assert rc == 0, err
+    assert link.is_symlink(), "the link was replaced by a regular file"
+    assert _checkpoint_step(target) == 2, "the link's target kept its old content"
+
+
+def proc_checkpoint_write_fails_keeps_json(ctx: dict[str, Any]) -> None:
+    """23.10: a checkpoint write that fails during training (a full device) is one line, exit 2, and --json keeps
+    what was evaluated with "status": "failed" (never "running")."""
+    full = _private_full_device(Path(ctx["tmp"]))
+    out = Path(ctx["tmp"], "r.json")
+    rc, _, err = _cli(ctx, ["train", "-w", f"{ctx['wl']}:ok", "--steps", "4", "--eval-every", "2", "-q",
+                            "--checkpoint", full, "--checkpoint-every", "2", "--json", str(out)])
+    _refused(rc, err)
+    assert "--checkpoint cannot be written" in err, err
+    data = _json(out)
+    assert data["status"] == "failed" and data["history"] and "checkpoint" in data["error"], data
+    assert stat.S_ISCHR(os.stat(full).st_mode)
+
+
+def proc_checkpoint_read_only_mount(ctx: dict[str, Any]) -> None:
+    """23.10: a checkpoint on a read-only file system is refused before any work, one line, exit 2. Root writes
+    through file modes, so root uses a read-only bind mount, or else runs batchfit as an unprivileged user; without
+    either the case is skipped (a write to a read-only place is never expected to succeed)."""
+    argv = ["train", "-w", f"{ctx['wl']}:marker", "--steps", "2", "-q", "--checkpoint"]
+    folder = Path(ctx["tmp"], "ro")
+    folder.mkdir()
+    if os.geteuid() != 0:  # file modes hold for an ordinary user
+        folder.chmod(0o555)
+        try:
+            rc, _, err = _cli(ctx, [*argv, str(folder / "c.pt")])
+        finally:
+            folder.chmod(0o755)
+        _refused(rc, err)
+        assert "cannot write" in err and not Path(ctx["tmp"], "marker").exists(), err
+        return
+    source = Path(ctx["tmp"], "ro-source")
+    source.mkdir()
+    if subprocess.run(["mount", "--bind", str(source), str(folder)], capture_output=True).returncode == 0:
+        try:
+            if subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], capture_output=True).returncode == 0:
+                rc, _, err = _cli(ctx, [*argv, str(folder / "c.pt")])
+                _refused(rc, err)
+                assert "Read-only file system" in err and "--checkpoint" in err, err
+                assert not Path(ctx["tmp"], "marker").exists(), "the workload was loaded before the path was checked"
+                return
+        finally:
+            subprocess.run(["umount", str(folder)], capture_output=True)
+    _read_only_as_nobody()
+
+
+def _read_only_as_nobody() -> None:
+    """Root without mount rights: batchfit run by the unprivileged user 65534 on a folder it may not write."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="batchfit-ro-"))
+    try:
+        base.chmod(0o755)
+        folder = base / "ro"
+        folder.mkdir(mode=0o555)
+        folder.chmod(0o555)
+
+        def drop() -> None:
+            os.setgid(65534)
+            os.setuid(65534)
+
+        env = {**os.environ, "HOME": str(base)}
+        probe = subprocess.run([sys.executable, "-c", "import batchfit.cli"], capture_output=True, text=True,
+                               cwd=base, env=env, preexec_fn=drop, timeout=120)
+        if probe.returncode != 0:
+            pytest.skip(f"no read-only mount and no unprivileged user to run batchfit here: {probe.stderr[-200:]}")
+        p = subprocess.run([sys.executable, "-m", "batchfit", "train", "--steps", "1", "-q", "--checkpoint",
+                            str(folder / "c.pt")], capture_output=True, text=True, cwd=base, env=env,
+                           preexec_fn=drop, timeout=120)
+        assert p.returncode == 2 and "cannot write" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def api_train_checkpoint_under_file(ctx: dict[str, Any]) -> None:
+    """23.10: the API checks the checkpoint path before training (a ConfigError naming the keyword)."""
+    steps: list[int] = []
+
+    class Count:
+        def on_step_end(self, state: Any) -> None:
+            steps.append(state.step)
+
+    with pytest.raises(ConfigError, match=r"^checkpoint .*afile.* is a file") as info:
+        batchfit.train(f"{ctx['wl']}:ok", steps=2, checkpoint=Path(ctx["root"], "afile", "c.pt"), callbacks=[Count()])
+    assert "--" not in str(info.value) and not steps, "training ran before the checkpoint path was checked"
+    with pytest.raises(ConfigError, match=r"is a directory"):
+        batchfit.train(f"{ctx['wl']}:ok", steps=2, checkpoint=ctx["tmp"], callbacks=[Count()])
+    assert not steps and not Path(f"{ctx['tmp']}.tmp").exists()
+
+
+def api_train_checkpoint_symlink(ctx: dict[str, Any]) -> None:
+    """23.10: the API writes a checkpoint through a symbolic link to its target, as the CLI does."""
+    target, link = Path(ctx["tmp"], "t.pt"), Path(ctx["tmp"], "l.pt")
+    target.write_text("old")
+    link.symlink_to(target)
+    batchfit.train(f"{ctx['wl']}:ok", steps=2, checkpoint=link)
+    assert link.is_symlink() and _checkpoint_step(target) == 2
+
+
+def proc_resume_other_arguments(ctx: dict[str, Any]) -> None:
+    """23.11: --resume with other arguments than the checkpointed run is one line naming each differing flag with
+    its checkpointed value, exit 2; a longer --steps is another run too (the warm-up and schedule are laid out over
+    the planned steps); the same arguments resume."""
+    ck = str(Path(ctx["tmp"], "c.pt"))
+    base = ["train", "-w", f"{ctx['wl']}:ok", "-q"]
+    rc, _, err = _cli(ctx, [*base, "--steps", "8", "-b", "16", "--checkpoint", ck, "--checkpoint-every", "4"])
+    assert rc == 0, err
+    rc, _, err = _cli(ctx, [*base, "--steps", "8", "-b", "64", "--lr", "5.0", "--seed", "9", "--resume", ck])
+    _refused(rc, err)
+    for said in ("--batch-size=16 (this run: --batch-size=64)", "--lr not given (this run: --lr=5.0)",
+                 "--seed=0 (this run: --seed=9)"):
+        assert said in err, err
+    assert not re.search(r"(?<![-\w])(batch_size|resume_from|lr|seed)=", err), err
+    rc, _, err = _cli(ctx, [*base, "--steps", "16", "-b", "16", "--resume", ck])
+    _refused(rc, err)
+    assert "--steps=8 (this run: --steps=16)" in err, err
+    rc, _, err = _cli(ctx, [*base, "--steps", "8", "-b", "16", "--no-drop-last", "--resume", ck])
+    _refused(rc, err)
+    assert "without --no-drop-last (this run: --no-drop-last)" in err, err
+    rc, _, err = _cli(ctx, [*base, "--steps", "8", "-b", "16", "--resume", ck])
+    assert rc == 0, err
+
+
+def api_resume_other_arguments(ctx: dict[str, Any]) -> None:
+    """23.11: train(resume_from=) refuses a checkpoint written with other arguments, naming the keywords."""
+    ck = Path(ctx["tmp"], "c.pt")
+    wl = batchfit.load_workload(f"{ctx['wl']}:ok")
+    batchfit.train(wl, steps=4, checkpoint=ck)
+    for changed, said in (({"batch_size": 32}, "batch_size=16"), ({"micro_batch_size": 8}, "micro_batch_size=16"),
+                          ({"lr": 0.5}, "lr=None"), ({"lr_rule": "sqrt"}, "lr_rule='auto'"),
+                          ({"weight_decay_rule": "timescale"}, "weight_decay_rule='keep'"),
+                          ({"warmup": 2}, "warmup=0"), ({"seed": 1}, "seed=0"), ({"precision": "bf16"},
+                                                                                   "precision='fp32'"),
+                          ({"grad_clip": 1.0}, "grad_clip=None"), ({"batch_schedule": "0:16,2:32"},
+                                                                   "batch_schedule=None")):
+        with pytest.raises(ConfigError, match=re.escape(said)) as info:
+            batchfit.train(wl, steps=4, resume_from=ck, **changed)
+        assert "--" not in str(info.value)
+    old = os.environ.get("HOSTILE_WIDTH")
+    try:  # the same workload name and arguments, another model
+        os.environ["HOSTILE_WIDTH"] = "32"
+        with pytest.raises(ConfigError, match=r"model \d+ parameters"):
+            batchfit.train(batchfit.load_workload(f"{ctx['wl']}:ok"), steps=4, resume_from=ck)
+    finally:
+        if old is None:
+            os.environ.pop("HOSTILE_WIDTH", None)
+        else:
+            os.environ["HOSTILE_WIDTH"] = old
+    assert batchfit.train(wl, steps=4, resume_from=ck).steps == 4
+
+
+def api_sweep_seed_range(ctx: dict[str, Any]) -> None:
+    """23.15: the last replicate seed is checked up front (the API names keywords)."""
+    with pytest.raises(ConfigError, match=r"seed=4294967295 with seeds=2 .*4294967294") as info:
+        batchfit.sweep(f"{ctx['wl']}:ok", seed=2**32 - 1, seeds=2, batch_sizes=[16], budget="steps:1",
+                       storage=f"sqlite:///{ctx['tmp']}/s.db")
+    assert "--" not in str(info.value)
+    assert not Path(ctx["tmp"], "s.db").exists(), "the store was written before the seeds were checked"
+
+
+def api_tune_seed_range(ctx: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match=r"seed=4294967295") as info:
+        batchfit.tune(f"{ctx['wl']}:ok", out_dir=Path(ctx["tmp"], "t"), seed=2**32 - 1, seeds=2, batch_sizes=[16],
+                      budget="steps:1", noise=False, precision_check=False, lr_calibration=False)
+    assert "--" not in str(info.value)
+    assert not Path(ctx["tmp"], "t", "results.json").exists()
+
+
+def api_find_deprecated_cap_named(ctx: dict[str, Any]) -> None:
+    """23.16: the API names the keyword the caller wrote (max_batch_size), not its new name."""
+    with pytest.raises(ConfigError, match=r"^max_batch_size must be") as info:
+        batchfit.find_batch_size(WL, max_batch_size=0)
+    assert "batch_size_cap" not in str(info.value) and "--" not in str(info.value)
+
+
+def api_train_batch_too_large_keywords(ctx: dict[str, Any]) -> None:
+    """23.16: the API says drop_last=False (keyword spelling), and the advice is the right way round."""
+    with pytest.raises(ConfigError, match=r"keep the last, smaller batch with drop_last=False") as info:
+        batchfit.train(WL, batch_size=10**12, steps=1)
+    assert "--" not in str(info.value)
+
+
+def _b_simple_measured(ctx: dict[str, Any], out: str, err: str) -> None:
+    data = _json(Path(ctx["tmp"], "r.json"))
+    assert data["status"] == "ok" and data.get("b_simple_history"), list(data)
+    assert [p["batch_size"] for p in data["batch_schedule"]] == [16, 32]
+
+
+# Every library keyword with a flag, per subcommand: (the API functions whose keywords these are, {keyword: flag}).
+FLAG_WORDS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
+    "train": (("train",), {
+        "workload": "--workload", "batch_size": "--batch-size", "micro_batch_size": "--micro-batch-size",
+        "lr": "--lr", "lr_rule": "--lr-rule", "weight_decay_rule": "--wd-rule", "warmup": "--warmup",
+        "epochs": "--epochs", "steps": "--steps", "eval_every": "--eval-every", "eval_batch_size": "--eval-batch-size",
+        "grad_clip": "--grad-clip", "drop_last": "--no-drop-last", "memory_budget": "--memory-budget",
+        "batch_schedule": "--batch-schedule", "micro_batch_limit": "--micro-batch-limit", "beta2": "--beta2",
+        "weight_decay_timescale": "--weight-decay-timescale", "checkpoint": "--checkpoint",
+        "checkpoint_every": "--checkpoint-every", "resume_from": "--resume", "device": "--device",
+        "precision": "--precision", "seed": "--seed"}),
+    "find": (("find_batch_size",), {
+        "workload": "--workload", "memory_budget": "--memory-budget", "batch_size_cap": "--max-batch-size",
+        "max_batch_size": "--max-batch-size", "margin": "--margin", "throughput": "--no-throughput",
+        "device": "--device", "precision": "--precision", "seed": "--seed"}),
+    "noise": (("noise_scale",), {
+        "workload": "--workload", "batch_size": "--batch-size", "micro_batch_size": "--micro-batch-size",
+        "steps": "--steps", "rel_ci": "--rel-ci", "train_steps": "--train-steps", "lr": "--lr", "device": "--device",
+        "precision": "--precision", "seed": "--seed"}),
+    "sweep": (("sweep",), {
+        "workload": "--workload", "batch_sizes": "--batch-sizes", "budget": "--budget", "lr_rule": "--lr-rule",
+        "weight_decay_rule": "--wd-rule", "seeds": "--seeds", "lr_search": "--lr-search", "warmup": "--warmup",
+        "target": "--target", "storage": "--store", "study_name": "--study", "micro_batch_limit": "--micro-batch-limit",
+        "micro_batch_size": "--micro-batch-size", "eval_every": "--eval-every", "sharpness": "--sharpness",
+        "measure_noise": "--no-noise", "extremes": "--no-extremes", "retry_failed": "--retry-failed",
+        "out_dir": "--out", "device": "--device", "precision": "--precision", "seed": "--seed"}),
+    "tune": (("tune",), {
+        "workload": "--workload", "batch_sizes": "--batch-sizes", "train_budget": "--train-budget",
+        "max_cost": "--max-cost", "budget": "--budget", "lr_rule": "--lr-rule", "weight_decay_rule": "--wd-rule",
+        "lr_search": "--lr-search", "warmup": "--warmup", "target": "--target", "tolerance": "--tolerance",
+        "seeds": "--seeds", "eval_every": "--eval-every", "storage": "--store", "study_name": "--study-name",
+        "memory_budget": "--memory-budget", "batch_size_cap": "--max-batch-size",
+        "max_batch_size": "--max-batch-size", "retry_failed": "--retry-failed", "margin": "--margin",
+        "noise_steps": "--noise-steps", "find": "--no-find", "noise": "--no-noise",
+        "precision_check": "--no-precision-check", "batch_schedule_check": "--batch-schedule-check",
+        "lr_calibration": "--no-lr-calibration", "sharpness": "--sharpness", "out_dir": "--out",
+        "workload_options": "--workload-option", "device": "--device", "precision": "--precision", "seed": "--seed"}),
+    "report": (("load_results", "write_report"), {
+        "study_name": "--study-name", "out_dir": "--out", "tolerance": "--tolerance"}),
+}
+# flags with no keyword of that API function: output, display, and what the CLI does by other means
+CLI_ONLY = {"--json", "--quiet", "--debug", "--workload-option", "--measure-noise", "--out"}
+
+
+def api_keyword_flags_both_ways(ctx: dict[str, Any]) -> None:
+    """23.16: every keyword-to-flag translation, both ways. Each keyword is a real keyword of the API and each flag a
+    real flag of the subcommand; a CLI message says the flag (switches as typed: ``drop_last=False`` is
+    ``--no-drop-last``, ``drop_last=True`` "without --no-drop-last"; ``lr=None`` "--lr not given"); the API's own
+    message keeps the keyword; and every flag of a subcommand is in the table (a new flag needs its keyword)."""
+    import argparse
+    import inspect
+
+    from batchfit.cli import _subparser, build_parser
+    from batchfit.cli._common import to_flags
+
+    parser = build_parser()
+    for command, (functions, table) in FLAG_WORDS.items():
+        sub = _subparser(parser, command)
+        actions = {o: a for a in sub._actions for o in a.option_strings if o.startswith("--")}
+        keywords = {k for f in functions for k in inspect.signature(getattr(batchfit, f)).parameters}
+        named = set(table.values()) | CLI_ONLY | {"--help"}
+        missing = [a.option_strings for a in sub._actions
+                   if any(o.startswith("--") for o in a.option_strings) and not named & set(a.option_strings)]
+        assert not missing, f"{command}: flags without a keyword in FLAG_WORDS: {missing}"
+        for keyword, flag in table.items():
+            assert keyword in keywords, f"{command}: {keyword!r} is not a keyword of {functions}"
+            assert flag in actions, f"{command}: {flag} is not a flag of the subcommand"
+            switch = isinstance(actions[flag], argparse._StoreTrueAction)
+            for message in (f"{keyword} must be positive", f"x; {keyword}=True", f"x; {keyword}=3"):
+                assert to_flags(message, None) == message  # the API's own words stay keywords
+            if not switch:
+                assert to_flags(f"{keyword} must be positive", sub) == f"{flag} must be positive", (command, keyword)
+                assert to_flags(f"use {keyword}=3 here", sub) == f"use {flag}=3 here", (command, keyword)
+                assert to_flags(f"{keyword}=None (this run: {keyword}=2)", sub) == \
+                    f"{flag} not given (this run: {flag}=2)", (command, keyword)
+            elif flag.startswith("--no-"):  # the switch clears the keyword
+                assert to_flags(f"or {keyword}=False", sub) == f"or {flag}", (command, keyword)
+                assert to_flags(f"{keyword}=True (this run: {keyword}=False)", sub) == \
+                    f"without {flag} (this run: {flag})", (command, keyword)
+                bare = f"the {keyword} option"
+                assert flag not in to_flags(bare, sub), f"{command}: bare {keyword!r} became {flag} (the opposite)"
+            else:  # the switch sets the keyword
+                assert to_flags(f"or {keyword}=True", sub) == f"or {flag}", (command, keyword)
+                assert to_flags(f"{keyword}=False here", sub) == f"without {flag} here", (command, keyword)
+
+
+def _worker_failure_recorded(ctx: dict[str, Any], out: str, err: str) -> None:
+    trials = _json(Path(ctx["tmp"], "s", "sweep.json"))["trials"]
+    assert trials and all(t["status"] == "failed" for t in trials), trials
+    for t in trials:
+        error = t.get("error") or ""
+        assert "data loader failed" in error and "DataLoader worker process" in error, error
+        assert not re.search(r"in-place|fix the model|targets fit", error), error
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The table
 
 T = "{tmp}"
@@ -694,6 +1100,63 @@ CASES: list[Case] = [
          rc=(0,), check=_table_not_cut),
     Case("train-warning-names-flag", "10.6", ("train", "-b", "1000000000000", "--no-drop-last", "--steps", "1",
                                               "-q"), rc=(0, 2), err=r"--batch-size", no_err=r"\bbatch_size\b"),
+    # 23.10 train --checkpoint: the one output writer, and the path checked before any work (CLI and API)
+    Case("train-checkpoint-fifo", "23.10", api=proc_checkpoint_fifo),
+    Case("train-checkpoint-char-device", "23.10", api=proc_checkpoint_char_device),
+    Case("train-checkpoint-symlink", "23.10", api=proc_checkpoint_symlink),
+    Case("train-checkpoint-under-file", "23.10", ("train", "-w", "{wl}:marker", "--steps", "2", "-q", "--json",
+                                                  T + "/r.json", "--checkpoint", "{root}/afile/c.pt"),
+         err=r"--checkpoint .*afile.* is a file", check=_no_work_no_json),
+    Case("train-checkpoint-is-directory", "23.10", ("train", "-w", "{wl}:marker", "--steps", "2", "-q",
+                                                    "--checkpoint", T), err=r"--checkpoint .* is a directory",
+         check=_no_stray_tmp),
+    Case("train-checkpoint-long-name", "23.10", ("train", "-w", "{wl}:marker", "--steps", "2", "-q", "--checkpoint",
+                                                 T + "/{long}.pt"), err=r"--checkpoint.*255", check=_no_work),
+    Case("train-checkpoint-read-only-mount", "23.10", api=proc_checkpoint_read_only_mount),
+    Case("train-checkpoint-write-fails-keeps-json", "23.10", api=proc_checkpoint_write_fails_keeps_json),
+    Case("api-train-checkpoint-under-file", "23.10", api=api_train_checkpoint_under_file),
+    Case("api-train-checkpoint-symlink", "23.10", api=api_train_checkpoint_symlink),
+    # 23.11 --resume continues one run: every argument that changes the result must match the checkpoint
+    Case("train-resume-other-arguments", "23.11", api=proc_resume_other_arguments),
+    Case("api-train-resume-other-arguments", "23.11", api=api_resume_other_arguments),
+    # 23.15 the last replicate seed is checked before any work
+    Case("sweep-seed-range", "23.15", ("sweep", "-w", "{wl}:ok", *SMALL_SWEEP, "--seed", "4294967295", "--seeds", "2",
+                                       "--out", T + "/s", "-q"), err=r"--seed=4294967295 with --seeds=2 .*4294967294",
+         check=_nothing_written("s/sweep.json")),
+    Case("tune-seed-range", "23.15", ("tune", "-w", "{wl}:ok", *SMALL_TUNE, "--no-find", "--seed", "4294967295",
+                                      "--seeds", "2", "--out", T + "/t", "-q"), err=r"--seed=4294967295",
+         check=_nothing_written("t/results.json")),
+    Case("api-sweep-seed-range", "23.15", api=api_sweep_seed_range),
+    Case("api-tune-seed-range", "23.15", api=api_tune_seed_range),
+    # 23.16 flags in CLI messages, keywords in API messages, the right way round
+    Case("train-batch-too-large-flag-words", "23.16", ("train", "-b", "1000000000000", "--steps", "1", "-q"),
+         err=r"keep the last, smaller batch with --no-drop-last\s*$",
+         no_err=r"=False|=True|drop_last|with --no-drop-last;"),
+    Case("train-batch-schedule-too-large-flag-words", "23.16", ("train", "--batch-schedule", "0:1000000000000",
+                                                                "--steps", "1", "-q"), err=r"--batch-schedule",
+         no_err=r"--batch-size|batch_size"),
+    Case("tune-one-sample-names-no-noise", "23.16", ("tune", "-w", "{wl}:one_sample", "--budget", "steps:2",
+                                                     "--no-precision-check", "--no-lr-calibration", "--out",
+                                                     T + "/t", "-q"), err=r"--no-noise", no_err=r"noise="),
+    Case("train-measure-noise-with-schedule", "23.16", ("train", "-w", "{wl}:ok", "--batch-schedule", "0:16,2:32",
+                                                        "--measure-noise", "--steps", "4", "--eval-every", "2", "-q",
+                                                        "--json", T + "/r.json"), rc=(0,), check=_b_simple_measured),
+    Case("api-find-deprecated-cap-named", "23.16", api=api_find_deprecated_cap_named),
+    Case("api-train-batch-too-large-keywords", "23.16", api=api_train_batch_too_large_keywords),
+    Case("keyword-flags-both-ways", "23.16", api=api_keyword_flags_both_ways),
+    # 23.17 DataLoader worker failures name the data loader and the worker's own error
+    Case("train-worker-raises", "23.17", ("train", "-w", "{wl}:worker_raises", "--steps", "20", "-q"),
+         err=r"train_data: DataLoader worker process \d+ raised ValueError: corrupt image #123",
+         no_err=r"Original Traceback"),
+    Case("train-val-worker-raises", "23.17", ("train", "-w", "{wl}:val_worker_raises", "--steps", "2", "-q"),
+         err=r"val_data: DataLoader worker process \d+ raised ValueError: corrupt image #123",
+         no_err=r"Original Traceback"),
+    Case("train-worker-exits", "23.17", ("train", "-w", "{wl}:worker_exits", "--steps", "20", "-q"),
+         err=r"DataLoader worker process \(pid [^)]*\) exited unexpectedly",
+         no_err=r"fix the model|targets fit|in-place"),
+    Case("sweep-worker-killed", "23.17", ("sweep", "-w", "{wl}:worker_killed", "-b", "16", "--budget", "steps:14",
+                                          "--no-noise", "--no-extremes", "--out", T + "/s", "-q"),
+         err=r"data loader failed", check=_worker_failure_recorded),
 ]
 
 
@@ -757,6 +1220,11 @@ def test_hostile(case: Case, files: dict[str, Any], tmp_path: Path, capsys: pyte
         assert not re.search(case.no_err, err), f"stderr matches {case.no_err!r}: {err[-1500:]}"
     if case.check is not None:
         case.check(ctx, out, err)
+
+
+def test_issue_23_items_are_covered() -> None:
+    covered = {i for c in CASES for i in c.item.split(",")}
+    assert {"23.10", "23.11", "23.15", "23.16", "23.17"} <= covered, sorted(covered)
 
 
 def test_corrupt_fixture_is_really_corrupt(files: dict[str, Any]) -> None:

@@ -94,7 +94,7 @@ def test_report_renders_everything(tmp_path: Path) -> None:
     assert set(paths["plots"]) == set(PLOTS)
     for name in PLOTS:
         assert (out / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
-    # html parses, is self-contained, embeds every plot, and the summary table comes first, then the recommendation
+    # html parses, is self-contained, embeds every plot; the recommendation comes first, then the trade-off table
     page = (out / "report.html").read_text()
     parser = parse_page(page)
     assert len(parser.imgs) == len(PLOTS)
@@ -102,21 +102,28 @@ def test_report_renders_everything(tmp_path: Path) -> None:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
     assert not re.search(r'(src|href)="(?!data:)', page), "the page must not load anything from outside"
-    assert parser.headings[1].startswith("Summary") and parser.headings[2] == "Recommendation"
-    assert parser.headings[-1] == "All trials"
-    summary, trials = parser.tables  # the summary table first, the table of every trial last
-    assert summary[0][:2] == ["batch", "micro x accum"] and "best val accuracy" in summary[0]
-    assert [row[0] for row in summary[1:]] == ["16", "32", "64", "128"]
+    assert parser.headings[1:3] == ["Recommendation", "The trade-off, per batch size"]
+    assert parser.headings[-1] == "Details"
+    tradeoff, per_batch, trials = parser.tables  # the trade-off table first; the two details tables last
+    assert tradeoff[0][0] == "batch" and tradeoff[0][-1] == "verdict" and len(tradeoff[0]) == 8
+    assert [row[0] for row in tradeoff[1:]] == ["16", "32", "64", "128"]
+    assert per_batch[0][:2] == ["batch", "micro x accum"] and "best val accuracy" in per_batch[0]
     assert len(trials) == 1 + len(make_results()["trials"])
-    assert parser.rec_text[0].startswith("batch 64 = micro-batch 64 x 1") and len(parser.rec_text) == 8
-    assert page.index("<table>") < page.index("Recommendation")
+    rec = paths["recommendation"]
+    # the box: the headline, every reason, the sentence saying what the answer holds for, the flags
+    assert parser.rec_text[0] == rec.headline() and rec.headline().startswith("batch 64 = micro-batch 64 x 1")
+    assert parser.rec_text[-1].startswith("Flag: B_crit") and len(rec.get("flags")) == 1
+    assert len(parser.rec_text) == 1 + len(rec.reasons) + 1 + 1
+    assert parser.rec_text[-2] == rec.get("holds_for")["text"]
+    assert page.index('<div class="rec">') < page.index('<table class="tradeoff">')
     assert page.count('class="pick"') == 1 and '<tr class="pick"><td>64</td>' in page
-    # markdown: the summary table with one row per batch size, then the recommendation with its reasons
+    # markdown: the recommendation, then the trade-off table with one row per batch size, plots, details
     md = (out / "report.md").read_text()
-    assert "| batch | micro x accum |" in md and "B / B_simple" in md and "epochs to target" in md
+    assert "| batch | peak memory (micro x accum) | samples/s | B / B_simple |" in md
     for b in (16, 32, 64, 128):
-        assert re.search(rf"^\| {b} \| ", md, re.M)
-    assert md.index("## Summary") < md.index("## Recommendation") < md.index("## Plots")
+        assert len(re.findall(rf"^\| {b} \| ", md, re.M)) == 2 + 3 + (b == 64)  # trade-off, per batch, trials
+    assert md.index("## Recommendation") < md.index("## The trade-off") < md.index("## Plots") < md.index(
+        "## Details")
     assert "**batch 64 = micro-batch 64 x 1" in md
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert sorted(linked) == sorted(f"{name}.png" for name in PLOTS)
@@ -143,17 +150,18 @@ def test_report_of_an_unfinished_study_still_renders(tmp_path: Path) -> None:
         t["steps_to_target"] = None
     res["critical_batch_size"], res["b_simple"] = None, None
     paths = write_report(res, tmp_path)
-    assert paths["recommendation"] is None
+    assert paths["recommendation"] is None and paths["interim"]
     md = (tmp_path / "report.md").read_text()
-    assert "No recommendation yet: no finished trial" in md
-    summary_md = md[md.index("## Summary"):md.index("## Recommendation")]
-    assert len(re.findall(r"^\| \d+ \| \d+ x 1 \| [^|]+ \| running \|", summary_md, re.M)) == 4  # every batch
+    assert "## Interim report\n\nInterim report: 0 of 13 trials finished; no recommendation yet." in md
+    tradeoff_md = md[md.index("## The trade-off"):md.index("## Study")]
+    assert len(re.findall(r"^\| \d+ \| [^|]+ KiB \(\d+ x 1\) \|.*\| running \|$", tradeoff_md, re.M)) == 4
     assert json.loads((tmp_path / "results.json").read_text())["recommendation"] is None
     # plots without data are skipped, not drawn empty
     assert "val_curves" not in paths["plots"] and "steps_to_target" not in paths["plots"]
     page = parse_page((tmp_path / "report.html").read_text())
-    assert not page.rec_text and page.headings[2] == "Recommendation"
-    assert [row[3] for row in page.tables[0][1:]] == ["running"] * 4
+    assert not page.rec_text and page.headings[1:3] == ["Interim report", "The trade-off, per batch size"]
+    assert [row[-1] for row in page.tables[0][1:]] == ["running"] * 4  # the verdict column says why none
+    assert [row[3] for row in page.tables[1][1:]] == ["running"] * 4  # the details' status column
     assert len(page.imgs) == len(paths["plots"])
 
 
@@ -173,18 +181,24 @@ def test_report_without_validation_data_says_it_ranked_on_training_loss(tmp_path
     res["primary_metric"], res["higher_is_better"] = "train_loss", False
     for t in res["trials"] + res["best_per_batch"]:
         t["best_val_metrics"], t["final_val_metrics"] = {}, {}
-        t["best_train_loss"] = {16: 0.2, 32: 0.201, 64: 0.202, 128: 0.4}[t["batch_size"]]
+        t["best_train_loss"] = {16: 0.2, 32: 0.201, 64: 0.2015, 128: 0.4}[t["batch_size"]]
         for h in t["history"]:
             h.pop("val_metrics"), h.pop("val_loss")
             h["train_loss"] = t["best_train_loss"]
     paths = write_report(res, tmp_path, plots=True)
-    assert paths["recommendation"].batch_size == 64
+    assert paths["recommendation"].batch_size == 64  # within 1 % of 16's loss on every seed, and the fastest
     md = (tmp_path / "report.md").read_text()
     assert "| best train loss |" in md and "ranked on the training loss" in md
     assert "(ranked on training loss: no validation data)" in md
     page = parse_page((tmp_path / "report.html").read_text())
-    assert "best train loss" in page.tables[0][0]
-    assert [row[4] for row in page.tables[0][1:]] == ["0.2", "0.201", "0.202", "0.4"]
+    tradeoff, per_batch = page.tables[:2]
+    assert tradeoff[0][4] == "train loss vs batch 16, paired (+ = better)"
+    # a loss: the difference is oriented so that positive is better (16's loss minus this one's)
+    assert [row[4] for row in tradeoff[1:]] == ["reference", "-0.001 [-0.001, -0.001]",
+                                                "-0.0015 [-0.0015, -0.0015]", "-0.2 [-0.2, -0.2]"]
+    assert [row[-1] for row in tradeoff[1:]] == ["reference", "non-inferior", "chosen (non-inferior)", "inferior"]
+    assert "best train loss" in per_batch[0]
+    assert [row[4] for row in per_batch[1:]] == ["0.2", "0.201", "0.2015", "0.4"]
     assert {"metric_vs_batch", "val_curves"} <= set(paths["plots"])
 
 
@@ -208,15 +222,22 @@ def test_malformed_results_are_one_clear_error(edit: object, fragment: str, tmp_
     assert not (tmp_path / "report.html").exists()
 
 
+def _one_seed() -> dict:
+    """The fixture with seed 0's trials only (one seed per configuration, the diverged trial kept)."""
+    res = make_results()
+    res["trials"] = [t for t in res["trials"] if t["seed"] == 0]
+    return res
+
+
 def _per_seed(seeds: int, edit: Callable[[dict, dict, int], None]) -> dict:
-    """The fixture's finished trials, each repeated for ``seeds`` seeds; ``edit(original, copy, seed)`` makes the
-    copy that seed's result. No best_per_batch: it is derived from the trials."""
+    """The fixture's finished seed-0 trials, each repeated for ``seeds`` seeds; ``edit(original, copy, seed)`` makes
+    the copy that seed's result. No best_per_batch: it is derived from the trials."""
     import copy
 
     res = make_results()
     trials = []
     for t in res["trials"]:
-        if t["status"] != "ok":
+        if t["status"] != "ok" or t["seed"] != 0:
             continue
         for seed in range(seeds):
             r = copy.deepcopy(t)
@@ -243,21 +264,40 @@ def _seeded_results() -> dict:
 
 
 def test_the_report_says_what_the_data_can_and_cannot_tell_apart(tmp_path: Path) -> None:
+    """Three seeds, accuracy flat from 16 to 64 and 128 clearly worse: 32 is shown non-inferior to the reference
+    16, 64 is undecided at 3 seeds (its lower bound reaches below the margin), 128 inferior. The report says each
+    verdict, in the trade-off table and in words, the flag about the undecided faster batch, and no old-rule
+    wording ("tied", "cannot be told apart", "apart")."""
     paths = write_report(_seeded_results(), tmp_path, plots=False)
     rec = paths["recommendation"]
-    assert rec.get("tied") == [16, 32, 64] and rec.batch_size in (32, 64)
+    sel = rec.get("selection")
+    assert rec.get("reference_batch_size") == 16 and sel["inferior"] == [128]
+    assert rec.get("non_inferior") == [16, 32] and sel["undecided"] == [64] and rec.batch_size == 32
     md = (tmp_path / "report.md").read_text()
-    assert "### What the data can and cannot tell apart" in md
-    assert "batch sizes 16\u201364 are tied on accuracy" in md and "chosen on time to target" in md
-    assert "Cannot be told apart on accuracy: batch sizes 16, 32, 64" in md and "Decision rule:" in md
+    assert "## What the data can and cannot tell apart" in md and "Decision rule:" in md
+    assert "are non-inferior to batch 16" in md and "chosen on time to target" in md
+    assert ("Non-inferior to batch 16: 32; inferior (worse beyond the margin): 128; undecided (more seeds could "
+            "place them): 64.") in md
+    assert "- Flag: undecided: batch size 64 is faster than batch 32" in md
     assert "```python\nimport torch\noptimizer = " in md  # the recipe snippet
+    for old in ("tied", "cannot be told apart", "apart on", "| apart |"):
+        assert old not in md.lower().replace("tied with it on time", ""), old
     page = parse_page((tmp_path / "report.html").read_text())
-    summary = page.tables[0]
-    col = summary[0].index("decision")
-    assert {row[0]: row[col] for row in summary[1:]} == {"16": "tied", "32": "tied", "64": "tied", "128": "apart"} | {
-        str(rec.batch_size): "chosen"}
-    q = summary[0].index("val accuracy (95 % interval)")
-    assert all(re.fullmatch(r"0\.\d+ \[0\.\d+, 0\.\d+\]", row[q]) for row in summary[1:])
+    tradeoff, per_batch = page.tables[:2]
+    assert {row[0]: row[-1] for row in tradeoff[1:]} == {
+        "16": "reference", "32": "chosen (non-inferior)", "64": "undecided", "128": "inferior"}
+    # the difference column is the decision's paired difference with its bounds (positive = better): 64's reaches
+    # below the margin (undecided), 128's lies wholly below it (inferior), 32's lower bound lies above it
+    margin = sel["tolerance"]
+    diff = {row[0]: row[4] for row in tradeoff[1:]}
+    assert diff["16"] == "reference"
+    ends = {b: [float(x) for x in re.fullmatch(r"\S+ \[(\S+), (\S+)\]", diff[b]).groups()] for b in ("32", "64", "128")}
+    assert ends["32"][0] > -margin and ends["64"][0] < -margin < ends["64"][1] and ends["128"][1] < -margin
+    col = per_batch[0].index("decision")
+    assert {row[0]: row[col] for row in per_batch[1:]} == {
+        "16": "reference", "32": "chosen", "64": "undecided", "128": "inferior"}
+    q = per_batch[0].index("val accuracy (95 % interval)")
+    assert all(re.fullmatch(r"0\.\d+ \[0\.\d+, 0\.\d+\]", row[q]) for row in per_batch[1:])
 
 
 def test_every_measured_plot_has_error_bars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -281,7 +321,7 @@ def test_every_measured_plot_has_error_bars(tmp_path: Path, monkeypatch: pytest.
     bars = {}
     for name, axes in zip(PLOTS, figures["all"]):
         bars[name] = [sum(isinstance(c, ErrorbarContainer) for c in ax.containers) for ax in axes]
-    assert bars["metric_vs_batch"] == [1]
+    assert bars["metric_vs_batch"] == [1, 1]  # quality, and the paired difference from the reference
     assert bars["throughput_memory"][0] == 1  # throughput; memory is a single measurement per batch size
     assert bars["steps_to_target"] == [1, 1]  # steps and time to target
     page = parse_page((tmp_path / "report.html").read_text())
@@ -382,7 +422,7 @@ def test_summary_table_says_no_interval_with_one_seed() -> None:
     from batchfit.recommend import recommend
     from batchfit.report import _iv_text, summary_table
 
-    res = make_results()
+    res = _one_seed()
     rec = recommend(res)
     header, body = summary_table(res, rec)
     for name in ("B_simple", "B / B_simple", "val - train(eval) loss"):
@@ -419,8 +459,9 @@ def test_the_raw_seconds_to_target_is_labelled_the_one_trials_wall_clock(tmp_pat
     md = (tmp_path / "report.md").read_text()
     assert "| s to target (one trial's wall clock) |" in md and "| samples/s (95 % interval) |" in md
     page = parse_page((tmp_path / "report.html").read_text())
-    gap = page.tables[0][0].index("val - train(eval) loss (95 % interval)")
-    assert all(re.fullmatch(_INTERVAL_TEXT, row[gap]) for row in page.tables[0][1:])
+    per_batch = page.tables[1]  # the details' table per batch size (the trade-off table is the first)
+    gap = per_batch[0].index("val - train(eval) loss (95 % interval)")
+    assert all(re.fullmatch(_INTERVAL_TEXT, row[gap]) for row in per_batch[1:])
 
 
 def test_b_simple_over_seeds_is_positive_and_its_quotient_never_inf() -> None:
@@ -465,10 +506,12 @@ def _paired_results() -> dict:
     return _per_seed(3, edit)
 
 
-def test_the_generalization_column_is_the_paired_difference_from_the_recommended_batch(tmp_path: Path) -> None:
-    """Each batch size's quality minus the recommended batch's, per seed, with a t interval over the paired
-    differences: the seed effect (much larger than the batch effect) cancels, so 128 is clearly worse and the
-    interval is narrow. The reference row says so; with one seed the difference has no interval."""
+def test_the_generalization_column_is_the_paired_difference_from_the_reference_batch(tmp_path: Path) -> None:
+    """Each batch size's quality minus the decision's reference batch's (the best fitted quality, not the chosen
+    one), per seed, with a t interval over the paired differences: the seed effect (much larger than the batch
+    effect) cancels, so 128 is clearly worse and the interval is narrow. The reference row says so; with one seed the
+    difference has no interval. The trade-off table shows the decision's own difference, the one its verdict was
+    read from."""
     from batchfit.decide import quality_of_trial
     from batchfit.metric import Metric
     from batchfit.recommend import recommend
@@ -477,8 +520,10 @@ def test_the_generalization_column_is_the_paired_difference_from_the_recommended
 
     res = _paired_results()
     rec = recommend(res)
-    ref = rec.batch_size
+    ref = rec.get("reference_batch_size")
+    assert ref == 16 and rec.batch_size != ref  # 16 is the best; a faster non-inferior one is chosen
     rows = {r["batch_size"]: r for r in summary_rows(res, rec)}
+    evidence = {e["batch_size"]: e for e in rec.get("intervals")}
     metric = Metric("accuracy", True)
     q = {(t["batch_size"], t["seed"]): quality_of_trial(t, metric) for t in res["trials"]}
     for b, r in rows.items():
@@ -490,6 +535,7 @@ def test_the_generalization_column_is_the_paired_difference_from_the_recommended
         iv = r["paired_difference_interval"]
         assert (iv["estimate"], iv["low"], iv["high"]) == pytest.approx((want.estimate, want.low, want.high))
         assert iv["n"] == 3 and iv["method"] == "paired t over seeds"
+        assert r["difference_interval"] == evidence[b]["difference"] and r["verdict"] == evidence[b]["verdict"]
     assert rows[128]["paired_difference_interval"]["high"] < 0  # apart, despite the seeds' spread of 0.04
     unpaired = mean_interval([q[(128, s)] for s in range(3)])
     assert unpaired.high - unpaired.low > 10 * (rows[128]["paired_difference_interval"]["high"]
@@ -505,7 +551,7 @@ def test_the_generalization_column_is_the_paired_difference_from_the_recommended
     assert summary_table(data)[0][col] == header[col]  # rebuilt from results.json: the same reference
     md = (tmp_path / "report.md").read_text()
     assert f"| val accuracy minus batch {ref}'s, paired by seed (95 % interval) |" in md
-    one = make_results()  # one seed: a difference, with no interval
+    one = _one_seed()  # one seed: a difference, with no interval
     _, body1 = summary_table(one, recommend(one))
     assert all(row[17] == "reference" or row[17].endswith(" (no interval)") for row in body1)
 
@@ -515,8 +561,8 @@ def test_the_gap_column_shows_only_val_minus_the_eval_mode_training_loss() -> No
     old definition (minus the running training loss) shows none rather than a number of another meaning."""
     from batchfit.report import summary_table
 
-    res = make_results()
-    old = make_results()
+    res = _one_seed()
+    old = _one_seed()
     for t in old["trials"] + old["best_per_batch"]:
         for h in t["history"]:
             del h["train_eval_loss"]
@@ -555,3 +601,193 @@ def test_the_report_divides_by_b_simple_at_the_target_loss_and_labels_the_initia
     assert "B_simple against the training loss, pooled over" in md
     assert "266" not in md and "B_simple during training (median" not in md
     assert "b_simple" in paths["plots"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 19.8: the recommendation first, a narrow trade-off table, the details kept, interim reports claim no win
+
+
+def _sections(md: str) -> list[str]:
+    return re.findall(r"^## (.+)$", md, re.M)
+
+
+def test_the_report_opens_with_the_recommendation_then_the_trade_off(tmp_path: Path) -> None:
+    """report.md's first section is the recommendation: the headline, its reasons, the sentence saying which budget
+    and target it holds for (once, not also inside the first reason), the flags; then the trade-off table."""
+    paths = write_report(make_results(), tmp_path, plots=False)
+    rec = paths["recommendation"]
+    md = (tmp_path / "report.md").read_text()
+    assert _sections(md)[:3] == ["Recommendation", "The trade-off, per batch size",
+                                 "What the data can and cannot tell apart"]
+    first = md[md.index("## Recommendation"):md.index("## The trade-off")]
+    lines = [line for line in first.splitlines()[1:] if line.strip()]
+    holds = rec.get("holds_for")["text"]
+    assert lines[0] == f"**{rec.headline()}**"
+    assert lines[1].startswith("- Effective batch 64: batch sizes 16\u201364 are non-inferior to batch 16")
+    assert len(lines) == 1 + len(rec.reasons) + 1 + len(rec.get("flags"))
+    assert lines[1 + len(rec.reasons)] == holds and first.count(holds) == 1
+    assert lines[-1] == f"- Flag: {rec.get('flags')[0]}"
+    assert md.index("**batch 64") < md.index("| batch | peak memory")  # the answer before any table
+
+
+def _big_numbers() -> dict:
+    """The fixture on a large machine: 1000x the throughput, 10^4x the memory (cells must stay short)."""
+    res = make_results()
+    for t in res["trials"] + res["best_per_batch"]:
+        t["samples_per_s"] *= 1000
+        t["peak_memory_bytes"] *= 10_000
+        for h in t["history"]:
+            h["samples_per_s"] *= 1000
+    return res
+
+
+def _with_noise() -> dict:
+    from _study_fixture import with_noise_windows
+
+    return with_noise_windows(make_results())
+
+
+@pytest.mark.parametrize("make", [make_results, _one_seed, _seeded_results, _two_seed_results, _paired_results,
+                                  _big_numbers, _with_noise])
+def test_the_trade_off_table_is_narrow_one_row_per_batch_size(make: Callable[[], dict], tmp_path: Path) -> None:
+    """At most 8 columns (batch, memory at its micro x accum, samples/s, B / B_simple, the paired difference from
+    the reference, steps and time to target, verdict), one row per batch size however many trials and seeds, and
+    every cell at most 28 characters, so the table fits a 1280-px window (checked by eye in headless chromium: about
+    1050 px wide there; docs/report.md)."""
+    from batchfit.report import TRADEOFF_CELL_CHARS, TRADEOFF_COLUMNS, tradeoff_table
+
+    res = make()
+    write_report(res, tmp_path, plots=False)
+    header, body = tradeoff_table(json.loads((tmp_path / "results.json").read_text()))
+    assert TRADEOFF_COLUMNS == 8 and TRADEOFF_CELL_CHARS == 28
+    assert len(header) <= 8 and all(len(row) == len(header) for row in body)
+    sizes = sorted({t["batch_size"] for t in res["trials"]})
+    assert [int(row[0]) for row in body] == sizes and len(res["trials"]) > len(sizes)
+    assert all(len(c) <= 28 for row in body for c in row), max((c for row in body for c in row), key=len)
+    interval = r"-|[+-]?[\d.]+[kMG]? (\[[+-]?[\d.]+[kMG]?, [+-]?([\d.]+[kMG]?|inf)\]|\(no interval\))"
+    for row in body:  # every measured number is an estimate with its interval (or says it has none)
+        assert all(re.fullmatch(interval, c) for c in (row[2], row[3], row[5], row[6])), row
+        assert row[4] == "reference" or re.fullmatch(interval, row[4]), row
+    page = parse_page((tmp_path / "report.html").read_text())
+    tradeoff = page.tables[0]  # the page's first table, as the browser shows it (estimate over its interval)
+    assert tradeoff == [header] + body
+    md = (tmp_path / "report.md").read_text()
+    table_md = md[md.index("## The trade-off"):].split("\n\n")[1].splitlines()
+    assert len(table_md) == 2 + len(sizes) and table_md[0].count(" | ") == len(header) - 1
+
+
+def test_the_details_keep_every_trial_and_every_interval(tmp_path: Path) -> None:
+    """Nothing measured is lost: the details hold the per-batch table with all its 18 columns and intervals, and one
+    row per trial (every seed, the diverged one included) with its own measurements; in the HTML both are folded in
+    <details> elements, after the plots."""
+    from batchfit.report import summary_table
+
+    res = make_results()
+    write_report(res, tmp_path, plots=True)
+    page_text = (tmp_path / "report.html").read_text()
+    page = parse_page(page_text)
+    _, per_batch, trials = page.tables
+    data = json.loads((tmp_path / "results.json").read_text())
+    header, body = summary_table(data, data["recommendation"])
+    assert per_batch == [header] + body and len(header) == 18
+    assert trials[0][:6] == ["batch", "micro x accum", "LR", "LR x", "seed", "status"]
+    assert {"peak memory", "samples/s", "B_simple", "val - train(eval) loss", "steps to target", "s to target",
+            "final val accuracy", "error"} <= set(trials[0])
+    assert len(trials) - 1 == len(res["trials"]) == 13
+    rows = {(r[0], r[3], r[4]): r for r in trials[1:]}  # batch, LR multiplier, seed
+    assert {seed for (b, m, seed) in rows if b == "64" and m == "1"} == {"0", "1", "2"}
+    diverged = rows[("64", "2", "0")]
+    assert diverged[5] == "diverged" and diverged[-1] == "loss became NaN"
+    assert rows[("32", "1", "1")][trials[0].index("final val accuracy")] == "0.95"  # seed 1: 0.948 + 0.002
+    details = page_text[page_text.index("<h2>Details</h2>"):]
+    assert page_text.index("<h2>Plots</h2>") < page_text.index("<h2>Details</h2>")
+    assert details.count("<details") == 2 and details.index("<details") < details.index("<table>")
+    md = (tmp_path / "report.md").read_text()
+    assert _sections(md)[-1] == "Details" and "### Every trial" in md
+
+
+def _after_one_trial() -> dict:
+    """The sweep after its first trial: batch 16, seed 0 finished; 12 trials still queued."""
+    import copy
+
+    res = make_results()
+    first = res["trials"][0]
+    res["trials"], res["best_per_batch"] = [first], [copy.deepcopy(first)]
+    res["counts"], res["status"] = {"ok": 1, "waiting": 12}, "running"
+    res["critical_batch_size"] = None
+    return res
+
+
+def _no_win_claim(text: str) -> None:
+    low = text.lower().replace("no recommendation yet", "")
+    for word in ("recommend", "chosen", "choose", "winner", "wins"):
+        assert word not in low, (word, low[max(0, low.find(word) - 200):low.find(word) + 100])
+
+
+def test_the_interim_report_after_one_trial_claims_no_win(tmp_path: Path) -> None:
+    """Written after every finished trial (tune's _SweepProgress, plots=False): it says how many trials finished and
+    that there is no recommendation yet, and no chosen / recommended wording anywhere, although the one trial gives a
+    recommendation (kept in results.json for tools)."""
+    paths = write_report(_after_one_trial(), tmp_path, plots=False)
+    assert paths["interim"] and paths["recommendation"] is not None
+    assert json.loads((tmp_path / "results.json").read_text())["recommendation"]["batch_size"] == 16
+    md = (tmp_path / "report.md").read_text()
+    assert _sections(md)[:2] == ["Interim report", "The trade-off, per batch size"]
+    assert "Interim report: 1 of 13 trials finished; no recommendation yet." in md
+    _no_win_claim(md)
+    page_text = (tmp_path / "report.html").read_text()
+    page = parse_page(page_text)
+    assert page.headings[1:3] == ["Interim report", "The trade-off, per batch size"] and not page.rec_text
+    assert 'class="pick"' not in page_text and 'class="rec"' not in page_text
+    assert [row[0] for row in page.tables[0][1:]] == ["16"] and page.tables[0][1][-1] == "reference"
+    _no_win_claim(html_text(page_text))
+
+
+def html_text(page: str) -> str:
+    """The page's text, without tags."""
+    import html as html_mod
+
+    return html_mod.unescape(re.sub(r"<[^>]+>", " ", page))
+
+
+def test_a_running_study_claims_no_win_even_with_every_trial_in(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every trial has finished but the study is still running (racing queued more seeds), or the caller says the
+    report is interim: the verdicts so far are shown, no batch size is chosen, in the text, the tables or the plot's
+    legend. The same results once complete name the chosen batch size."""
+    import batchfit.report as report
+
+    legends: list[str] = []
+    made = report._figure
+
+    def spy(ncols: int = 1):  # type: ignore[no-untyped-def]
+        fig, axes = made(ncols)
+        legends.append(fig)
+        return fig, axes
+
+    monkeypatch.setattr(report, "_figure", spy)
+
+    def labels() -> list[str]:
+        out = [t.get_text() for fig in legends for ax in fig.axes if ax.get_legend() is not None
+               for t in ax.get_legend().get_texts()]
+        legends.clear()
+        return out
+
+    res = make_results()
+    res["counts"], res["status"] = {"ok": 12, "diverged": 1, "waiting": 2}, "running"
+    paths = write_report(res, tmp_path / "running", plots=True)
+    assert paths["interim"] and paths["recommendation"].batch_size == 64
+    md = (tmp_path / "running" / "report.md").read_text()
+    assert "Interim report: 13 of 15 trials finished; no recommendation yet." in md
+    _no_win_claim(md)
+    _no_win_claim(html_text((tmp_path / "running" / "report.html").read_text()))
+    page = parse_page((tmp_path / "running" / "report.html").read_text())
+    assert [row[-1] for row in page.tables[0][1:]] == ["reference", "non-inferior", "non-inferior", "inferior"]
+    assert not any("chosen" in label for label in labels())
+    forced = write_report(make_results(), tmp_path / "forced", plots=False, interim=True)
+    assert forced["interim"]
+    _no_win_claim((tmp_path / "forced" / "report.md").read_text())
+    done = write_report(make_results(), tmp_path / "done", plots=True)
+    assert not done["interim"]
+    assert "chosen: 64" in labels()
+    assert "| 64 | 222.7 KiB (64 x 1) |" in (tmp_path / "done" / "report.md").read_text()

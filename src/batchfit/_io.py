@@ -8,6 +8,9 @@ Where an output goes decides how it is written:
 - anything else that exists — a FIFO, ``/dev/stdout``, a character device such as ``/dev/null``, a socket — is
   opened and written in place, once the content is complete; it is never replaced by a regular file;
 - ``-`` is standard output.
+
+The same rules hold for every output batchfit writes: JSON (:func:`write_json`), text (:func:`write_text`) and
+``torch.save`` checkpoints (:func:`write_torch`). :func:`check_output_path` checks a location before any work.
 """
 
 from __future__ import annotations
@@ -24,9 +27,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["STDOUT", "atomic_write", "is_stream", "resolve_output", "to_jsonable", "write_json", "write_text"]
+__all__ = ["NAME_MAX", "PATH_MAX", "STDOUT", "atomic_write", "check_output_path", "is_stream", "resolve_output",
+           "to_jsonable", "write_json", "write_text", "write_torch"]
 
 STDOUT = "-"
+NAME_MAX = 255  # bytes in one path component on every common Linux/macOS file system
+PATH_MAX = 4096
 # names that mean one of this process's own open descriptors: write to the descriptor, never reopen the file
 _FD_PATHS = {"/dev/stdout": 1, "/dev/stderr": 2, "/proc/self/fd/1": 1, "/proc/self/fd/2": 2,
              "/dev/fd/1": 1, "/dev/fd/2": 2}
@@ -145,3 +151,65 @@ def write_text(path: str | Path, text: str) -> Path:
             f.write(text)
 
     return atomic_write(path, dump)
+
+
+def write_torch(path: str | Path, obj: Any) -> Path:
+    """``torch.save(obj)``, written by :func:`atomic_write` (a checkpoint: atomic for regular files, through symbolic
+    links to their target, in place for FIFOs and devices)."""
+    import torch
+
+    def dump(tmp: str) -> None:
+        torch.save(obj, tmp)
+
+    return atomic_write(path, dump)
+
+
+def check_output_path(label: str, path: Any, *, directory: bool = False, store: bool = False) -> None:
+    """Check one output location before any work; a :class:`~batchfit.errors.ConfigError` naming ``label`` (a flag
+    such as ``--json``, or a keyword such as ``checkpoint``) for every rule that would otherwise fail after the work:
+    an empty name, a component over :data:`NAME_MAX` bytes, a path over :data:`PATH_MAX`, a directory given as a
+    file (or a file as a directory), a parent that is a regular file or a broken link, a folder where no file can be
+    created (probed, so it holds for root and read-only mounts), a read-only store. ``-``, FIFOs and devices pass:
+    they are written in place (a store must be a regular file)."""
+    from batchfit.errors import ConfigError
+
+    text = str(path)
+    if text == STDOUT and not directory and not store:
+        return
+    if not text or "\x00" in text:
+        raise ConfigError(f"{label} {text!r} is not a usable path; give a file name")
+    for part in Path(text).parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise ConfigError(f"{label}: the path component {part[:24]!r}... is {len(os.fsencode(part))} bytes long; "
+                              f"file systems allow at most {NAME_MAX}; choose a shorter name")
+    if len(os.fsencode(os.path.abspath(text))) >= PATH_MAX:
+        raise ConfigError(f"{label}: the path is longer than {PATH_MAX} bytes; choose a shorter one")
+    p = Path(text)
+    if not directory and is_stream(p):
+        if store:
+            raise ConfigError(f"{label} {text!r} is not a regular file; give a path for the SQLite store")
+        return  # a FIFO, a device, /dev/stdout: written in place
+    target = p if directory else resolve_output(p)
+    if target.exists():
+        if directory and not target.is_dir():
+            raise ConfigError(f"{label} {text!r} is a file, not a directory; give a directory")
+        if not directory and target.is_dir():
+            raise ConfigError(f"{label} {text!r} is a directory; give a file name")
+        if store and not os.access(target, os.W_OK):
+            raise ConfigError(f"the store {text!r} is read-only; make it writable or give another --store")
+    folder = Path(os.path.abspath(target if directory else target.parent))
+    while not folder.exists():  # the nearest existing folder must be a folder we can create files in
+        if folder.is_symlink():
+            raise ConfigError(f"{label} {text!r}: {str(folder)!r} is a broken symbolic link; fix it or choose "
+                              "another path")
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{label} {text!r}: {str(folder)!r} is a file, not a directory; choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".batchfit-probe-", dir=folder)
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{label} {text!r}: cannot write in {str(folder)!r} ({why}); choose another path") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)

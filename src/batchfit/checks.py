@@ -22,6 +22,7 @@ __all__ = [
     "positive_int",
     "positive_number",
     "seed",
+    "seed_range",
 ]
 
 T = TypeVar("T")
@@ -65,6 +66,19 @@ def seed(value: Any, name: str = "seed") -> int:
     if not _is_int(value) or not 0 <= value <= MAX_SEED:
         raise ConfigError(f"{name} must be an integer in [0, {MAX_SEED}], got {value!r}")
     return value
+
+
+def seed_range(first: Any, count: int, what: str | None = None) -> int:
+    """Seeds ``first, first + 1, ..., first + count - 1`` (replicate seeds) must all be seeds: checked before any
+    work, so the last replicate does not fail after the others ran. ``what`` says where ``count`` comes from
+    (default ``seeds=<count>``)."""
+    first = seed(first)
+    last = first + count - 1
+    if last > MAX_SEED:
+        raise ConfigError(f"seed={first} with {what or f'seeds={count}'} would use seeds up to {last}, past the "
+                          f"largest seed {MAX_SEED}; seed must be <= {MAX_SEED - count + 1} here"
+                          + ("" if what else ", or ask for fewer seeds"))
+    return first
 
 
 def finite_number(name: str, value: Any, *, allow_none: bool = False) -> Any:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -48,6 +49,7 @@ __all__ = [
     "batch_size_of",
     "declared_samples",
     "item_size",
+    "loader_failure",
     "not_a_dataset",
     "shard",
     "slice_batch",
@@ -61,6 +63,50 @@ SCAN_ITEMS = 1024
 """Items read (once per source) to find the longest ones for the worst-case batch."""
 
 Collate = Callable[[list[Any]], Any]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DataLoader worker failures
+
+# torch re-raises a worker's exception in the main process as "Caught E in DataLoader worker process N.\nOriginal
+# Traceback (most recent call last): ... \nE: message"; a worker that dies (os._exit, a signal, the OOM killer) is a
+# RuntimeError "DataLoader worker (pid N) exited unexpectedly ..." / "... is killed by signal: Killed.", raised
+# wherever the main process is at that moment (torch's SIGCHLD handler): often inside the model's forward or backward.
+_WORKER_RAISED = re.compile(r"Caught (\w+) in DataLoader worker process (\d+)")
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([^)]*)\) (exited unexpectedly(?: with exit code -?\d+)?"
+                          r"|is killed by signal: [^.]*)")
+_WORKER_TIMEOUT = re.compile(r"DataLoader timed out after (\S+) seconds")
+
+
+def loader_failure(exc: BaseException | None) -> str | None:
+    """What a DataLoader worker failure was and what to do, in one line, when ``exc`` (or an exception it came from)
+    is one: the worker's own exception as the last line of its traceback (``ValueError: corrupt image #123``), or how
+    the worker died; ``None`` otherwise."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        text = str(exc)
+        raised = _WORKER_RAISED.search(text)
+        if raised is not None and "Original Traceback" in text:
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            name = raised.group(1)
+            start = max((i for i, line in enumerate(lines) if line == name or line.startswith(f"{name}:")),
+                        default=len(lines) - 1)  # the exception's own line (its message may span several)
+            last = " ".join(lines[start:]) if lines else name
+            return (f"DataLoader worker process {raised.group(2)} raised {last[:300]}; fix the dataset's "
+                    "__getitem__ or the loader's collate_fn")
+        died = _WORKER_DIED.search(text)
+        if died is not None:
+            return (f"a DataLoader worker process (pid {died.group(1).strip()}) {died.group(2).rstrip()} (the "
+                    "dataset's code in it ended the process: os._exit, a crash in native code, or the out-of-memory "
+                    "killer); rerun with num_workers=0 to see the error in the dataset, or give the workers more "
+                    "memory")
+        timeout = _WORKER_TIMEOUT.search(text)
+        if timeout is not None:
+            return (f"the DataLoader timed out after {timeout.group(1)} seconds waiting for a worker; raise its "
+                    "timeout or find what blocks the dataset's __getitem__")
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 class BatchSource(Protocol):

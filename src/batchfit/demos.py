@@ -350,17 +350,30 @@ class MarkovSource:
         self.entropy_rate = float(-(self.stationary * plogp.sum(axis=-1)).sum())
 
     @classmethod
-    def random(cls, vocab: int, order: int = 1, concentration: float = 0.05, smoothing: float = 1e-3,
-               seed: int | np.random.Generator = 0) -> MarkovSource:
-        """Each context's next-token distribution drawn from a symmetric Dirichlet(``concentration``) (small:
-        sparse, low-entropy rows), mixed with ``smoothing`` of the uniform distribution so that every transition is
-        possible (one stationary distribution, and a model is never infinitely surprised)."""
+    def random(cls, vocab: int, order: int = 1, concentration: float = 0.05, backoff: float | None = 1.0,
+               smoothing: float = 1e-3, seed: int | np.random.Generator = 0) -> MarkovSource:
+        """A random chain with sparse, low-entropy rows.
+
+        Order 1: each token's next-token distribution is drawn from a symmetric Dirichlet(``concentration``).
+        Higher orders with ``backoff``: hierarchically, as in a hierarchical Dirichlet language model, the row of
+        context ``(a, c)`` is drawn from ``Dirichlet(backoff * row(c))`` (``c`` the context one token shorter), so
+        the shorter context already predicts much and the longer one refines it (large ``backoff``: little);
+        ``backoff=None``: every context's row independently from the symmetric Dirichlet (the shorter context then
+        predicts almost nothing). Every row is then mixed with ``smoothing`` of the uniform distribution, so that
+        every transition is possible (one stationary distribution; a model is never infinitely surprised)."""
         rng = np.random.default_rng(seed)
-        g = rng.gamma(concentration, size=(vocab**order, vocab))
-        g[g.sum(axis=1) == 0, :] = 1.0  # a row that underflowed entirely (never at sane settings): uniform
-        rows = g / g.sum(axis=1, keepdims=True)
-        rows = (1.0 - smoothing) * rows + smoothing / vocab
-        return cls(rows.reshape((vocab,) * (order + 1)))
+
+        def normalise(g: np.ndarray) -> np.ndarray:
+            g[g.sum(axis=-1) == 0] = 1.0  # a row that underflowed entirely (never at sane settings): uniform
+            return g / g.sum(axis=-1, keepdims=True)
+
+        if backoff is None:
+            rows = normalise(rng.gamma(concentration, size=(vocab,) * (order + 1)))
+        else:
+            rows = normalise(rng.gamma(concentration, size=(vocab, vocab)))
+            for _ in range(order - 1):  # one more token of context: rows[a, c] ~ Dirichlet(backoff * rows[c])
+                rows = normalise(rng.gamma(backoff * np.broadcast_to(rows, (vocab, *rows.shape))))
+        return cls((1.0 - smoothing) * rows + smoothing / vocab)
 
     def _stationary(self, tol: float = 1e-14, max_iter: int = 100_000) -> np.ndarray:
         k, p = self.order, self.transitions
@@ -519,7 +532,7 @@ class LMWorkload(Workload):
 
 
 def tiny_lm(num_sequences: int = 16_384, seq_len: int = 64, vocab: int = 64, order: int = 1,
-            concentration: float = 0.05, val_sequences: int = 1024, width: int = 64, depth: int = 2,
+            concentration: float = 0.05, backoff: float = 1.0, val_sequences: int = 1024, width: int = 64, depth: int = 2,
             heads: int = 4, tie_weights: bool = False, data_seed: int = 0, lr: float = 2e-3,
             batch_size: int = 8, weight_decay: float = 0.1) -> LMWorkload:
     """A small transformer language model on text from a random Markov source whose entropy rate is known exactly.
@@ -537,6 +550,8 @@ def tiny_lm(num_sequences: int = 16_384, seq_len: int = 64, vocab: int = 64, ord
         raise ConfigError(f"demo option vocab={vocab} at order {order} makes a transition table of "
                           f"{vocab ** (order + 1):,} entries; use a smaller vocab")
     concentration = _positive_float("concentration", concentration)
+    if isinstance(backoff, bool) or not isinstance(backoff, (int, float)) or not 0 <= backoff < math.inf:
+        raise ConfigError(f"demo option backoff must be a number >= 0 (0: independent rows), got {backoff!r}")
     width, depth, heads = (_positive_int(n, v) for n, v in (("width", width), ("depth", depth), ("heads", heads)))
     if width % heads:
         raise ConfigError(f"demo option width ({width}) must be divisible by heads ({heads})")
@@ -548,7 +563,8 @@ def tiny_lm(num_sequences: int = 16_384, seq_len: int = 64, vocab: int = 64, ord
         raise ConfigError(f"demo option weight_decay must be a number >= 0, got {weight_decay!r}")
 
     seeds = np.random.SeedSequence(data_seed).spawn(3)  # the chain, the training text, the validation text
-    source = MarkovSource.random(vocab, order, concentration, seed=np.random.default_rng(seeds[0]))
+    source = MarkovSource.random(vocab, order, concentration, float(backoff) or None,
+                                 seed=np.random.default_rng(seeds[0]))
     train_tokens = torch.from_numpy(source.sample(num_sequences, seq_len + 1, np.random.default_rng(seeds[1])))
     val_tokens = torch.from_numpy(source.sample(val_sequences, seq_len + 1, np.random.default_rng(seeds[2])))
     train = ArrayDataset(train_tokens[:, :-1].contiguous(), train_tokens[:, 1:].contiguous())

@@ -31,6 +31,7 @@ from torch import nn
 
 from batchfit import checks, data, distributed, memory
 from batchfit import schedule as batch_schedules
+from batchfit._io import check_output_path, write_torch
 from batchfit.data import to_device
 from batchfit.errors import ConfigError, DataError
 from batchfit.progress import ProgressFn, emit
@@ -378,8 +379,8 @@ def plan_batches(n: int, batch_size: int, drop_last: bool) -> int:
     if drop_last:
         if batch_size > n:
             raise ConfigError(
-                f"batch_size {batch_size} is larger than the training set ({n} samples) with drop_last; "
-                f"use a batch size <= {n} or drop_last=False"
+                f"batch_size {batch_size} is larger than the training set ({n} samples) and incomplete batches are "
+                f"dropped; use a batch size <= {n}, or keep the last, smaller batch with drop_last=False"
             )
         return n // batch_size
     return math.ceil(n / batch_size)
@@ -482,6 +483,8 @@ def plan_train(workload: Workload | str, *, batch_size: int | None = None, micro
     if resume_from is not None and not os.path.isfile(resume_from):
         raise ConfigError(f"resume_from {str(resume_from)!r} is not a file; give a checkpoint written by "
                           "train(checkpoint=...)")
+    if checkpoint is not None:  # before any work: a path that cannot be written fails here, not after training
+        check_output_path("checkpoint", checkpoint)
     requested = checks.positive_int("batch_size", workload.base_batch_size if batch_size is None else batch_size)
     world_size = checks.positive_int("world_size", world_size)
     checks.positive_int("micro_batch_size", micro_batch_size, allow_none=True)
@@ -508,6 +511,10 @@ def plan_train(workload: Workload | str, *, batch_size: int | None = None, micro
     n = data.train_source(workload).num_samples
     if n < world_size:
         raise ConfigError(f"the training set has {n} samples, fewer than the {world_size} ranks; every rank needs one")
+    for ph in phases:  # the schedule's own words, before its first batch is checked as batch_size
+        if ph.batch_size * world_size > n:
+            raise ConfigError(f"batch_schedule: batch {ph.batch_size * world_size} at step {ph.step} is larger "
+                              f"than the training set ({n} samples); cap the schedule at {n // world_size}")
     per_rank = _fit_batch(n, requested, world_size, drop_last)
     micro = micro_batch_size if micro_batch_size is not None else (workload.micro_batch_size or per_rank)
     micro = min(micro, per_rank)
@@ -516,10 +523,6 @@ def plan_train(workload: Workload | str, *, batch_size: int | None = None, micro
         steps_per_epoch -= 1  # a last global batch smaller than the world is skipped (it would leave a rank empty)
     total_steps = steps if steps is not None else (epochs or 1) * steps_per_epoch
     if phases:
-        for ph in phases:
-            if ph.batch_size * world_size > n:
-                raise ConfigError(f"batch_schedule: batch {ph.batch_size * world_size} at step {ph.step} is larger "
-                                  f"than the training set ({n} samples); cap the schedule at {n // world_size}")
         # the micro-batch of each phase: the memory limit (the finder's), else the asked-for micro-batch
         micro_batch_limit = micro_batch_limit or micro_batch_size or workload.micro_batch_size
         micro = batch_schedules.plan_micro(per_rank, micro_batch_limit)[0]
@@ -1090,15 +1093,61 @@ def _phase_entry(run: _Run, phase: batch_schedules.Phase) -> dict[str, Any]:
     return entry
 
 
+def _run_identity(run: _Run) -> dict[str, Any]:
+    """Every argument that changes a run's result, as :func:`train`'s keywords (what a checkpoint must match to be
+    resumed): the workload (name, training samples, the model's parameter names, shapes and dtypes, the optimizer's
+    class and settings), the batch and its micro-batches, the LR and its rules, warm-up, the planned steps,
+    evaluation, clipping, precision, seed, the batch schedule and its rules. Not in it: the device (a checkpoint may
+    move between machines), the memory budget and the evaluation batch (they bound memory; the values trained are
+    the same)."""
+    import hashlib
+    import json
+
+    plan = run.plan
+    model = distributed.unwrap(run.model) if plan.world_size > 1 else run.model
+    tensors = [(name, list(t.shape), str(t.dtype).removeprefix("torch."))
+               for name, t in [*model.named_parameters(), *model.named_buffers()]]
+    digest = hashlib.sha1(json.dumps(tensors).encode()).hexdigest()[:12]
+    params = sum(int(p.numel()) for p in model.parameters())
+    opt = run.optimizer
+    settings = {k: v for k, v in sorted(getattr(opt, "defaults", {}).items()) if k != "lr"}
+    settings_text = ", ".join(f"{k}={v}" for k, v in settings.items() if isinstance(v, (int, float, str, bool, tuple)))
+    return {
+        "workload": plan.workload.name,
+        "training samples": plan.num_samples,
+        "model": f"{params} parameters in {len(tensors)} tensors (digest {digest})",
+        "optimizer": f"{type(opt).__name__}({settings_text})",
+        "batch_size": plan.effective_batch_size,
+        "micro_batch_size": plan.micro_batch_size,
+        "world_size": plan.world_size,
+        "drop_last": plan.drop_last,
+        "lr": plan.lr,
+        "lr_rule": plan.lr_rule,
+        "weight_decay_rule": plan.weight_decay_rule,
+        "warmup": plan.warmup_steps,
+        "steps": plan.total_steps,
+        "eval_every": plan.eval_every,
+        "grad_clip": plan.grad_clip,
+        "precision": plan.precision,
+        "seed": plan.seed,
+        "batch_schedule": ",".join(f"{p.step}:{p.batch_size * plan.world_size}" for p in plan.phases) or None,
+        "micro_batch_limit": plan.micro_batch_limit if plan.phases else None,
+        "beta2": plan.beta2 if plan.phases else None,
+        "weight_decay_timescale": plan.weight_decay_timescale,
+    }
+
+
 def _save_checkpoint(run: _Run) -> None:
-    """Everything the loop needs to continue exactly, written atomically (rank 0 under DDP)."""
+    """Everything the loop needs to continue exactly, written by the one output writer (:func:`batchfit._io.
+    write_torch`: atomic for a file, through a symbolic link to its target, in place for a FIFO or a device); rank 0
+    under DDP. A write that fails (a full disk, a device that refuses) is one line naming the checkpoint."""
     plan, state = run.plan, run.state
     if plan.checkpoint is None or (plan.world_size > 1 and distributed.rank() != 0):
         return
     model = distributed.unwrap(run.model) if plan.world_size > 1 else run.model
     ckpt = {
         "format": 1, "workload": plan.workload.name, "total_steps": plan.total_steps,
-        "phases": [p.to_dict() for p in plan.phases], "model": model.state_dict(),
+        "phases": [p.to_dict() for p in plan.phases], "identity": _run_identity(run), "model": model.state_dict(),
         "optimizer": run.optimizer.state_dict(), "lr_schedule": run.schedule.state_dict(),
         "scaler": run.step.scaler.state_dict() if run.step.scaler is not None else None,
         "rng": torch.get_rng_state(),
@@ -1111,13 +1160,39 @@ def _save_checkpoint(run: _Run) -> None:
         "losses": {"cpu_sum": run.losses._cpu_sum, "count": run.losses.count, "sum": run.losses._sum.cpu()},
         "history": list(run.result.history), "batch_schedule": list(run.result.extras.get("batch_schedule", [])),
     }
-    tmp = f"{plan.checkpoint}.tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, plan.checkpoint)
+    try:
+        write_torch(plan.checkpoint, ckpt)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
+        why = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:200]
+        raise ConfigError(f"checkpoint cannot be written to {plan.checkpoint!r} at step {state.step} ({why}); free "
+                          "space or choose another checkpoint path") from exc
+
+
+def _identity_mismatch(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``name=checkpointed (this run: name=now)`` for each differing entry (keys this run does not know are
+    skipped)."""
+    out = []
+    for key, now in current.items():
+        if key not in stored or stored[key] == now:
+            continue
+        was = stored[key]
+        out.append(f"{key}={was!r} (this run: {key}={now!r})" if key in _KEYWORD_ENTRIES
+                   else f"{key} {was} (this run: {now})")
+    return out
+
+
+# identity entries that are train() keywords (the CLI shows them as its flags); the others describe the workload
+_KEYWORD_ENTRIES = frozenset({
+    "batch_size", "micro_batch_size", "world_size", "drop_last", "lr", "lr_rule", "weight_decay_rule", "warmup",
+    "steps", "eval_every", "grad_clip", "precision", "seed", "batch_schedule", "micro_batch_limit", "beta2",
+    "weight_decay_timescale",
+})
 
 
 def _resume(run: _Run) -> None:
-    """Load :func:`_save_checkpoint`'s file into a freshly set-up run (same arguments)."""
+    """Load :func:`_save_checkpoint`'s file into a freshly set-up run; the run's arguments must be the checkpoint's
+    (:func:`_run_identity`; a longer budget is another run too: the warm-up and the LR schedule are laid out over the
+    planned steps)."""
     plan, state = run.plan, run.state
     try:
         ckpt = torch.load(plan.resume_from, map_location="cpu", weights_only=True)
@@ -1126,6 +1201,13 @@ def _resume(run: _Run) -> None:
                           "written by train(checkpoint=...)") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != 1:
         raise ConfigError(f"resume_from {plan.resume_from!r} is not a batchfit checkpoint")
+    stored = ckpt.get("identity")
+    if isinstance(stored, dict):
+        differ = _identity_mismatch(stored, _run_identity(run))
+        if differ:
+            raise ConfigError(f"the checkpoint {plan.resume_from!r} is of another run; it was written with "
+                              f"{'; '.join(differ)}; resume with the checkpointed values (a checkpoint continues "
+                              "one run, bit for bit), or start a new run without resume_from")
     same = (ckpt["workload"] == plan.workload.name and ckpt["total_steps"] == plan.total_steps
             and ckpt["phases"] == [p.to_dict() for p in plan.phases])
     if not same:

@@ -809,6 +809,7 @@ def find_batch_size(
     if max_batch_size is not None:
         if batch_size_cap is not None:
             raise ConfigError("give batch_size_cap only (max_batch_size is its deprecated name)")
+        checks.positive_int("max_batch_size", max_batch_size)  # named as the caller wrote it
         warnings.warn("find_batch_size(max_batch_size=) is deprecated: the input cap is batch_size_cap "
                       "(max_batch_size is the largest batch found, in the result)", DeprecationWarning, stacklevel=2)
         batch_size_cap = max_batch_size

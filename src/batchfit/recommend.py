@@ -335,6 +335,22 @@ def holds_for(results: Mapping[str, Any], decision: Decision, metric: Metric) ->
     return {"budget": budget, "target": target, "target_fraction": frac, "metric": metric.name, "text": text}
 
 
+def long_horizon_of(results: Mapping[str, Any], decision: Decision, metric: Metric) -> Any:
+    """:func:`batchfit.horizon.long_horizon` when the trials were measured short of the train budget (``None``
+    otherwise): the extrapolation of the trade-off to the whole run."""
+    plan = results.get("train_budget") if isinstance(results.get("train_budget"), Mapping) else {}
+    total, measured = plan.get("samples"), plan.get("measurement_samples")
+    if not (isinstance(total, (int, float)) and isinstance(measured, (int, float)) and measured < 0.99 * total):
+        return None
+    from batchfit.horizon import long_horizon
+
+    ref = decision.evidence[decision.reference]
+    trials = [t for e in decision.evidence.values() for t in e.trials]
+    delta = decision.tolerance * abs(ref.quality.estimate)
+    return long_horizon(trials, metric, reference_batch=decision.reference, reference_multiplier=ref.lr_multiplier,
+                        train_samples=int(total), tolerance=delta, candidates=sorted(decision.evidence))
+
+
 def budget_flags(results: Mapping[str, Any], decision: Decision) -> list[str]:
     """What the budgets say about the answer (issue 18): measured short of the train budget, an equal-steps
     comparison, too short a budget to fit S(B), a cost past the cap."""
@@ -858,6 +874,15 @@ def recommend(
     metric = metric_of(data)
     decision, pick, why_batch = _pick_batch(data, metric, tolerance, None)
     crit = decision.critical  # the decision's S(B) fit: the flags, the context and the JSON read this one
+    longer = long_horizon_of(data, decision, metric)
+    if longer is not None:
+        why_batch += " " + longer.reason.rstrip(".") + "."
+        ev = decision.evidence.get(longer.batch) if longer.batch is not None else None
+        if ev is not None and longer.batch > decision.batch_size:  # behind at h is the bias being corrected
+            short = decision.batch_size
+            pick = max(ev.trials, key=lambda t: metric.sort_key(quality_of_trial(t, metric)))
+            why_batch += (f" For the whole train budget the answer moves from the short-horizon choice {short} to "
+                          f"{longer.batch}, the largest batch size tried below the lower end of that range.")
     if metric.name == "train_loss":
         why_batch += (" The workload has no validation data, so the batch sizes were ranked on the training loss: "
                       "it says how fast each one trains, not how well it generalizes.")
@@ -885,10 +910,11 @@ def recommend(
         "non_inferior": sorted(int(b) for b in decision.choice.tied),
         "reference_batch_size": decision.reference,
         "selection": decision.selection.to_dict() if decision.selection is not None else None,
-        "flags": list(decision.flags) + budget_flags(data, decision),
+        "flags": list(decision.flags) + budget_flags(data, decision) + (list(longer.flags) if longer else []),
         "decision_rule": DECISION_RULE.format(metric=_metric_label(metric)),
         "decision_target": decision.target,
         "holds_for": holds,
+        "long_horizon": longer.to_dict() if longer is not None else None,
         "critical_batch": crit.to_dict() if crit is not None else None,
         "noise_scale": noise,
         "precision_advice": advice,

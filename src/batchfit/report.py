@@ -1,19 +1,28 @@
-"""The report of a batch-size study: the guides' summary table, measured, then the recommendation and the plots.
+"""The report of a batch-size study: the recommendation first, then the trade-off it rests on, measured.
 
 :func:`write_report` writes, each as soon as it is ready (atomically: a temp file, then a rename):
 
-- ``results.json``: the sweep's results dict plus ``"recommendation"`` (with its per-batch ``intervals``, ``tied``,
-  ``flags``, ``decision_rule`` and ``recipe``) and B_crit's bootstrap ``interval``, ``support`` and
-  ``extrapolated`` inside ``critical_batch_size`` (new keys; the old ones are kept);
-- PNG plots (matplotlib, Agg canvas; loaded lazily): validation curves per batch size, the validation metric vs
-  batch size (seed means with 95 % error bars, the tied range shaded), throughput (pooled fit with error bars, every
-  trial's reading) and peak memory vs batch size, steps and time to target vs batch size with error bars and the
-  fitted ``S(B) = S_min (1 + B_crit / B)`` curve and B_crit's interval (McCandlish et al. 2018), and B_simple over
-  training;
-- the text says what the data can and cannot tell apart: the decision rule, the tied batch sizes, the flags, and
-  the recipe's snippets;
+- ``results.json``: the sweep's results dict plus ``"recommendation"`` (with its per-batch ``intervals``, each with
+  the paired ``difference`` from the reference and its ``verdict``; ``non_inferior`` (= ``tied``),
+  ``reference_batch_size``, ``selection``, ``holds_for``, ``flags``, ``decision_rule`` and ``recipe``) and B_crit's
+  bootstrap ``interval``, ``support`` and ``extrapolated`` inside ``critical_batch_size`` (new keys; the old ones
+  are kept);
+- PNG plots (matplotlib, Agg canvas; loaded lazily): validation curves per batch size; the validation metric vs
+  batch size (seed means with 95 % error bars, the reference and the non-inferior batch sizes shaded) beside each
+  batch size's paired difference from the reference with the decision's bounds and the non-inferiority margin;
+  throughput (pooled fit with error bars, every trial's reading) and peak memory vs batch size; steps and time to
+  target vs batch size with error bars and the fitted ``S(B) = S_min (1 + B_crit / B)`` curve and B_crit's interval
+  (McCandlish et al. 2018); B_simple over training and against the training loss (95 % error bars);
 - ``report.md`` (plots linked as files) and ``report.html`` (self-contained: plots embedded as base64 PNG, no
-  server and no network needed).
+  server and no network needed), in this order: the recommendation (headline, reasons, the budget and target it
+  holds for, the flags); the trade-off table (:func:`tradeoff_table`: one row per batch size, at most 8 narrow
+  columns, each number with its 95 % interval, and the verdict against the reference); what the data can and cannot
+  tell apart (the decision rule, the verdicts) and the recipe's snippets; the study's facts; the plots; the details
+  (:func:`summary_table`, every number per batch size with its interval, and every trial).
+
+A report written while the study runs (after every finished trial), or without a recommendation, is **interim**
+(:func:`is_interim`): it says how many trials finished and that there is no recommendation yet, and names no
+chosen batch size anywhere.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,13 +44,14 @@ from batchfit.metric import Metric, finite_or_none
 from batchfit.recommend import Recommendation, as_results, metric_of, recommend
 from batchfit.stats import Interval, mean_interval, positive_mean_interval, quotient_interval
 
-__all__ = ["PLOTS", "check_results", "make_plots", "render_html", "render_markdown", "summary_rows", "summary_table",
-           "tell_apart_lines", "with_intervals", "write_report"]
+__all__ = ["PLOTS", "TRADEOFF_CELL_CHARS", "TRADEOFF_COLUMNS", "check_results", "interim_line", "is_interim",
+           "make_plots", "render_html", "render_markdown", "still_running", "summary_rows", "summary_table",
+           "tell_apart_lines", "tradeoff_notes", "tradeoff_table", "trial_progress", "with_intervals", "write_report"]
 
 PLOTS = ("val_curves", "metric_vs_batch", "throughput_memory", "steps_to_target", "b_simple")
 _TITLES = {
     "val_curves": "Validation curves per batch size",
-    "metric_vs_batch": "Final validation metric vs batch size",
+    "metric_vs_batch": "The validation metric vs batch size, and each one's paired difference from the reference",
     "throughput_memory": "Throughput and peak memory vs batch size",
     "steps_to_target": "Steps and time to target vs batch size, with the fitted S(B)",
     "b_simple": "Gradient noise scale B_simple over training and against the training loss",
@@ -413,6 +424,7 @@ def summary_rows(results: Mapping[str, Any], recommendation: Any = None) -> list
             "quality": ev.get("quality"),
             "time_to_target": ev.get("time_to_target"),
             "seeds": ev.get("seeds"),
+            "seed_count": len({x.get("seed") for x in seeds}),
             "decision": "chosen" if batch == chosen else verdict,
             "verdict": verdict,
             "chosen": batch == chosen,
@@ -430,7 +442,8 @@ def summary_rows(results: Mapping[str, Any], recommendation: Any = None) -> list
     return rows
 
 
-def summary_table(results: Mapping[str, Any], recommendation: Any = None) -> tuple[list[str], list[list[str]]]:
+def summary_table(results: Mapping[str, Any], recommendation: Any = None, *,
+                  interim: bool = False) -> tuple[list[str], list[list[str]]]:
     """The details table, one row per batch size with every number and its interval (the report's first table
     before the trade-off table replaced it: :func:`tradeoff_table`): header and text cells. Columns fourteen to
     seventeen are the decision's: quality with its 95 % interval over seeds, seeds, time to target with its interval,
@@ -441,7 +454,8 @@ def summary_table(results: Mapping[str, Any], recommendation: Any = None) -> tup
     samples/s, B_simple, B / B_simple, the gap ``val - train(eval) loss`` and epochs / steps to target show their
     95 % interval (see :func:`summary_rows`), or the value with ``(no interval)`` where the data give none (one
     seed). The thirteenth column is the row's one trial's measured wall clock to the target, not an estimate: the
-    decision's time to target, with its interval, is the sixteenth."""
+    decision's time to target, with its interval, is the sixteenth. ``interim``: the decision column names no
+    chosen batch size (the verdict instead)."""
     label = metric_label(metric_of(results))
     iv = " (95 % interval)"
     rows = summary_rows(results, recommendation)
@@ -473,23 +487,187 @@ def summary_table(results: Mapping[str, Any], recommendation: Any = None) -> tup
             _iv_text(r["quality"]),
             str(r["seeds"] or "-"),
             _iv_text(r["time_to_target"], ".3g"),
-            r["decision"] or "-",
+            (r["verdict"] if interim and r["chosen"] else r["decision"]) or "-",
             "reference" if r["batch_size"] == ref else _iv_text(r["paired_difference_interval"], "+.4f"),
         ])
     return header, body
 
 
-def _trials_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+# ---------------------------------------------------------------------------------------------------------------
+# The trade-off table: one row per batch size, at most 8 columns, each cell short
+
+
+TRADEOFF_COLUMNS = 8
+TRADEOFF_CELL_CHARS = 28  # the longest cell text: 8 such columns fit a 1280-px window
+
+
+def _compact(x: Any, signed: bool = False, scale: tuple[float, str] = (1.0, "")) -> str:
+    """A number in a few characters: whole numbers from 100 up as they are, smaller ones to 3 significant digits;
+    ``scale`` (e.g. ``(1e3, "k")``) divides it first and appends the unit; ``inf`` for an unbounded end."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool) or math.isnan(x):
+        return "-"
+    sign = "+" if signed and x > 0 else ""
+    if math.isinf(x):
+        return f"{sign}inf" if x > 0 else "-inf"
+    v = x / scale[0]
+    return f"{sign}{v:.0f}{scale[1]}" if abs(v) >= 100 else f"{sign}{v:.3g}{scale[1]}"
+
+
+def _scale_of(x: float) -> tuple[float, str]:
+    """One unit for an estimate and its interval's ends: k from 100,000, M from 10^7, G from 10^10 (at most 5
+    digits before the unit)."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= 100 * scale:
+            return scale, unit
+    return 1.0, ""
+
+
+def _to_uncertainty(est: float, low: float, high: float, signed: bool, scale: tuple[float, str]) -> str | None:
+    """The three numbers to the interval's precision: the half-width rounded to 1 significant digit (2 when it
+    starts with 1 or 2), and at least one significant digit of the estimate (``-0.0002 [-0.0057, +0.0052]``,
+    ``232 [225, 237]``); ``None`` for an interval too narrow to set the precision by."""
+    if math.isfinite(low) and math.isfinite(high):
+        width = (high - low) / 2
+    else:
+        width = min((d for d in (est - low, high - est) if math.isfinite(d) and d > 0), default=0.0)
+    if not width > 0 or width < 1e-3 * abs(est):
+        return None
+    width /= scale[0]
+    exp = math.floor(math.log10(width))
+    decimals = min(6, max(0, (2 if width / 10 ** exp < 3 else 1) - 1 - exp))
+    while est != 0 and round(est / scale[0], decimals) == 0 and decimals < 6:
+        decimals += 1
+
+    def fmt(x: float) -> str:
+        if math.isinf(x):
+            return _compact(x, signed)
+        return f"{x / scale[0]:{'+' if signed else ''}.{decimals}f}{scale[1]}"
+
+    return f"{fmt(est)} [{fmt(low)}, {fmt(high)}]"
+
+
+def _civ(iv: Mapping[str, Any] | None, signed: bool = False) -> str:
+    """An interval in at most :data:`TRADEOFF_CELL_CHARS` characters where it can be: ``0.9186 [0.9154, 0.9217]``
+    (rounded to the interval's own precision), ``125k [119k, 131k]`` (one unit for all three); 3 then 2 significant
+    digits when that is too long; ``0.945 (no interval)`` where the data give none."""
+    est = finite_or_none((iv or {}).get("estimate"))
+    if iv is None or est is None:
+        return "-"
+    scale = _scale_of(est)
+    low, high = iv.get("low"), iv.get("high")
+    if not isinstance(low, (int, float)) or not isinstance(high, (int, float)):
+        return f"{_compact(est, signed, scale)} (no interval)"
+    text = _to_uncertainty(est, float(low), float(high), signed, scale)
+    if text is None or len(text) > TRADEOFF_CELL_CHARS:
+        text = f"{_compact(est, signed, scale)} [{_compact(low, signed, scale)}, {_compact(high, signed, scale)}]"
+    if len(text) > TRADEOFF_CELL_CHARS:  # tiny differences: 2 significant digits, no plus sign on the ends
+        text = f"{est:.2g} [{low:.2g}, {high:.2g}]"
+    return text
+
+
+def _verdict_text(row: Mapping[str, Any], interim: bool) -> str:
+    verdict = row.get("verdict") or ""
+    if row.get("chosen") and not interim:
+        return f"chosen ({verdict})" if verdict else "chosen"
+    if verdict:
+        return str(verdict)
+    return "-" if row.get("status") in (None, "ok") else str(row["status"])
+
+
+def tradeoff_table(results: Mapping[str, Any], recommendation: Any = None, *,
+                   interim: bool | None = None) -> tuple[list[str], list[list[str]]]:
+    """The report's first table: the guides' trade-off, one row per batch size (its decision configuration: the
+    best LR's trials, seeds pooled), in :data:`TRADEOFF_COLUMNS` columns whose cells are at most
+    :data:`TRADEOFF_CELL_CHARS` characters: batch; peak memory with the micro-batch x accumulation steps it was
+    measured at; samples/s; B / B_simple; the paired difference in the metric from the decision's reference (positive
+    is better; ``reference`` on its row); steps and time to target; the verdict (``reference``, ``non-inferior``,
+    ``inferior``, ``undecided``; the recommended one ``chosen (...)``, never in an interim report). Each number
+    carries its 95 % interval as ``estimate [low, high]`` (:func:`summary_rows` says where each comes from); every
+    trial and the longer forms are in the details (:func:`summary_table`, the table of every trial)."""
+    interim = is_interim(results, recommendation) if interim is None else interim
+    label = metric_label(metric_of(results))
+    rows = summary_rows(results, recommendation)
+    ref = rows[0]["paired_reference_batch_size"] if rows else None
+    header = ["batch", "peak memory (micro x accum)", "samples/s", "B / B_simple",
+              f"{label} vs batch {ref}, paired (+ = better)", "steps to target", "time to target, s", "verdict"]
+    body = []
+    for r in rows:
+        micro = r["micro_batch_size"]
+        mem = _bytes(r["peak_memory_bytes"])
+        body.append([
+            str(r["batch_size"]),
+            f"{mem} ({micro} x {r['accumulation_steps']})" if micro else mem,
+            _civ(r["samples_per_s_interval"]),
+            _civ(r["noise_ratio_interval"]),
+            "reference" if r["batch_size"] == ref else _civ(r["difference_interval"], signed=True),
+            _civ(r["steps_to_target_interval"]),
+            _civ(r["time_to_target"]),
+            _verdict_text(r, interim),
+        ])
+    return header, body
+
+
+def tradeoff_notes(results: Mapping[str, Any], recommendation: Any = None, *,
+                   interim: bool | None = None) -> list[str]:
+    """What the trade-off table's cells are, in sentences (below the table)."""
+    interim = is_interim(results, recommendation) if interim is None else interim
     metric = metric_of(results)
-    header = ["batch", "LR", "LR x", "seed", "status", f"best {metric_label(metric)}", "final val loss", "steps",
-              "seconds", "error"]
+    label = metric_label(metric)
+    rows = summary_rows(results, recommendation)
+    if not rows:
+        return []
+    ref = rows[0]["paired_reference_batch_size"]
+    seeds = ", ".join(f"{r['batch_size']}: {r['seeds'] or r['seed_count']}" for r in rows)
+    lines = [f"One row per batch size: its best learning rate's trials, seeds pooled (seeds per batch size: {seeds}). "
+             "Each number is the estimate with its 95 % interval [low, high]; \"(no interval)\" where the data give "
+             "none (one seed). Peak memory is one measurement, at the micro-batch x accumulation steps shown."]
+    noise = _noise_of(results, None if interim else recommendation, pool=False)
+    if (noise.get("at_loss") or {}).get("b_simple") and not interim:
+        lines.append(f"B / B_simple: the batch over the gradient noise scale B_simple at training loss "
+                     f"{_num(noise.get('train_loss'), '.3g')}, the decision's target (pooled over every trial; see "
+                     "Study). Below 1 a step's gradient is mostly noise; well above 1 extra samples per step buy "
+                     "little.")
+    else:
+        lines.append("B / B_simple: the batch over its own runs' B_simple (each run's median, seeds pooled on the log "
+                     "scale; not at a stated training loss). Below 1 a step's gradient is mostly noise; well above 1 "
+                     "extra samples per step buy little.")
+    sel = _rec_dict(results, recommendation).get("selection") or {}
+    margin = finite_or_none(sel.get("tolerance")) if isinstance(sel, Mapping) else None
+    margin_txt = f" (-{_compact(margin)} here)" if margin is not None else ""
+    if _evidence_of(results, recommendation):
+        lines.append(f"{label} vs batch {ref}: the paired difference from the reference (the best {label} estimate) "
+                     "on the seeds they share, positive = better, with the decision's simultaneous one-sided 95 % "
+                     f"bounds. Non-inferior: the lower bound lies above -tolerance x |reference|{margin_txt}; "
+                     "inferior: the upper bound lies below it; undecided: neither, at this number of seeds.")
+    else:
+        lines.append(f"{label} vs batch {ref}: the paired difference from the best seed mean on the seeds they share, "
+                     "positive = better, with a t interval over the paired differences; no verdicts without a "
+                     "decision.")
+    lines.append("Steps to target: the S(B) = S_min (1 + B_crit / B) fit over every batch size and seed (or the seed "
+                 "mean where the fit is poor); time to target: those steps x the measured seconds per step"
+                 + ("." if interim else "; the fastest of the reference and the non-inferior batch sizes is chosen."))
+    return lines
+
+
+def _trials_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Every trial, one row each, with what it measured (no interval: one run)."""
+    metric = metric_of(results)
+    label = metric_label(metric)
+    header = ["batch", "micro x accum", "LR", "LR x", "seed", "status", f"best {label}", f"final {label}",
+              "final val loss", "peak memory", "samples/s", "B_simple", "val - train(eval) loss", "steps to target",
+              "s to target", "steps", "seconds", "error"]
     body = []
     for t in sorted(results.get("trials") or [], key=lambda t: (t["batch_size"], t.get("lr") or 0,
                                                                  t.get("seed") or 0)):
+        micro = t.get("micro_batch_size")
         body.append([
-            str(t["batch_size"]), _num(t.get("lr"), ".3g"), _num(t.get("lr_multiplier"), "g"),
+            str(t["batch_size"]), f"{micro} x {t.get('accumulation_steps')}" if micro else "-",
+            _num(t.get("lr"), ".3g"), _num(t.get("lr_multiplier"), "g"),
             "-" if t.get("seed") is None else str(t["seed"]),
-            str(t.get("status") or "-"), _num(metric.of_trial(t)), _num(t.get("final_val_loss")),
+            str(t.get("status") or "-"), _num(metric.of_trial(t)),
+            _num(quality_of_trial(t, metric)) if t.get("status") == "ok" else "-", _num(t.get("final_val_loss")),
+            _bytes(t.get("peak_memory_bytes")), _num(t.get("samples_per_s"), ".0f"), _num(t.get("b_simple"), ".3g"),
+            _num(_gap(t), "+.3f"), _num(t.get("steps_to_target"), ".0f"), _num(t.get("seconds_to_target"), ".3g"),
             _num(t.get("steps"), ".0f"), _num(t.get("seconds"), ".3g"), str(t.get("error") or ""),
         ])
     return header, body
@@ -644,22 +822,32 @@ def _errorbar(ax: Any, xs: list[float], ivs: list[Mapping[str, Any] | None], lab
     return bool(known)
 
 
-def _plot_metric_vs_batch(results: Mapping[str, Any], path: Path) -> Path | None:
+def _plot_metric_vs_batch(results: Mapping[str, Any], path: Path, interim: bool = False) -> Path | None:
+    """Left: each batch size's quality (its best LR's seed mean, 95 % error bars), the reference and the
+    non-inferior batch sizes shaded, the chosen one starred (never in an interim report). Right: each batch size's
+    paired difference from the reference with the decision's bounds, and the non-inferiority margin."""
     metric = metric_of(results)
     label = metric_label(metric)
     rows = [t for t in _rows_source(results) if metric.of_trial(t) is not None]
     evidence = _evidence_of(results)
     if not rows and not evidence:
         return None
-    fig, ax = _figure()
+    diffs = {b: e["difference"] for b, e in evidence.items() if isinstance(e.get("difference"), Mapping)
+             and e.get("verdict") != "reference"}
+    fig, axes = _figure(2) if diffs else _figure()
+    ax = axes[0] if diffs else axes
     if evidence:
         bs = sorted(evidence)
         _errorbar(ax, bs, [evidence[b].get("quality") for b in bs], f"{label}: seed mean of the best LR")
-        chosen, tied = _decision_of(results)
-        if tied:
-            lo, hi = min(tied), max(tied)
-            ax.axvspan(lo / 1.15, hi * 1.15, color="tab:green", alpha=0.08, label="tied: cannot be told apart")
-        if chosen in evidence:
+        chosen, kept = _decision_of(results)
+        ref = _reference_of(results)
+        for i, b in enumerate(sorted(kept)):  # one band per batch size: an inferior one between stays unshaded
+            ax.axvspan(b / 2 ** 0.25, b * 2 ** 0.25, color="tab:green", alpha=0.08,
+                       label=f"non-inferior to the reference {ref}" if i == 0 else None)
+        if ref in evidence:
+            ax.plot([ref], [evidence[ref]["quality"]["estimate"]], "o", ms=12, mfc="none", color="tab:green",
+                    label=f"reference: {ref}")
+        if chosen in evidence and not interim:
             ax.plot([chosen], [evidence[chosen]["quality"]["estimate"]], "*", ms=14, color="tab:green",
                     label=f"chosen: {chosen}")
     if rows:
@@ -669,6 +857,24 @@ def _plot_metric_vs_batch(results: Mapping[str, Any], path: Path) -> Path | None
     ax.set_xscale("log", base=2)
     ax.set(xlabel="effective batch size", ylabel=label, title=f"{label} vs batch size")
     ax.legend(fontsize="small")
+    if diffs:
+        ax_d = axes[1]
+        bs = sorted(diffs)
+        _errorbar(ax_d, bs, [diffs[b] for b in bs], "paired difference, the decision's bounds")
+        for b in bs:
+            est = finite_or_none(diffs[b].get("estimate"))
+            if est is not None:
+                ax_d.annotate(str(evidence[b].get("verdict") or ""), (b, est), textcoords="offset points",
+                              xytext=(6, 4), fontsize="small")
+        ax_d.axhline(0.0, color="gray", linewidth=0.8)
+        sel = _rec_dict(results).get("selection") or {}
+        margin = finite_or_none(sel.get("tolerance")) if isinstance(sel, Mapping) else None
+        if margin is not None:
+            ax_d.axhline(-margin, color="tab:red", linestyle="--", label=f"non-inferiority margin -{margin:.3g}")
+        ax_d.set_xscale("log", base=2)
+        ax_d.set(xlabel="effective batch size", ylabel=f"{label} difference (+ = better)",
+                 title=f"paired difference from the reference {_reference_of(results)}")
+        ax_d.legend(fontsize="small")
     return _save(fig, path)
 
 
@@ -800,12 +1006,15 @@ _PLOTTERS: dict[str, Callable[[Mapping[str, Any], Path], Path | None]] = {
 }
 
 
-def make_plots(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Write each plot that has data as ``out_dir/<name>.png``; return name -> path."""
+def make_plots(results: Mapping[str, Any], out_dir: str | Path, *, interim: bool = False) -> dict[str, Path]:
+    """Write each plot that has data as ``out_dir/<name>.png``; return name -> path. ``interim``: no batch size is
+    marked chosen."""
     out = Path(out_dir)
     written = {}
     for name in PLOTS:
-        path = _PLOTTERS[name](results, out / f"{name}.png")
+        target = out / f"{name}.png"
+        path = (_plot_metric_vs_batch(results, target, interim=interim) if name == "metric_vs_batch"
+                else _PLOTTERS[name](results, target))
         if path is not None:
             written[name] = path
     return written
@@ -824,27 +1033,47 @@ def _md_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _rec_lines(rec: Recommendation | None) -> tuple[str | None, list[str]]:
-    if rec is None:
-        return None, []
-    return rec.headline(), list(rec.reasons)
+def _answer(rec: Recommendation | None, interim: bool) -> tuple[str | None, list[str], str | None, list[str]]:
+    """The recommendation's headline, its reasons, the sentence saying which budget and target it holds for (taken
+    out of the first reason, where :func:`batchfit.recommend.recommend` appends it) and its flags; nothing in an
+    interim report."""
+    if rec is None or interim:
+        return None, [], None, []
+    holds = ((rec.get("holds_for") or {}).get("text") or "").strip() or None
+    reasons = [r.replace(" " + holds, "").replace(holds, "") if holds else r for r in rec.reasons]
+    return rec.headline(), reasons, holds, [str(f) for f in rec.get("flags") or []]
+
+
+def _span_text(sizes: list[int]) -> str:
+    return ", ".join(map(str, sizes)) if sizes else "none"
 
 
 def tell_apart_lines(rec: Recommendation | None) -> list[str]:
-    """What the data can and cannot tell apart: the decision rule, the tie (or the clear winner), the flags."""
+    """What the data can and cannot tell apart: the decision rule, then each batch size's verdict against the
+    reference (non-inferior, inferior, undecided); the flags are in the recommendation itself."""
     if rec is None:
         return []
     lines = []
     if rec.get("decision_rule"):
         lines.append(f"Decision rule: {rec.get('decision_rule')}")
-    tied = rec.get("tied") or []
-    if len(tied) > 1:
-        lines.append(f"Cannot be told apart on {rec.metric}: batch sizes {', '.join(map(str, tied))} (their 95 % "
-                     f"intervals overlap); the choice among them, {rec.batch_size}, is made on time to target.")
-    elif tied:
-        lines.append(f"Told apart: batch {rec.batch_size}'s {rec.metric} is better than every other batch size "
-                     "beyond the noise.")
-    lines += [f"Flag: {f}" for f in rec.get("flags") or []]
+    sel = rec.get("selection") or {}
+    ref = rec.get("reference_batch_size")
+    label = metric_label(Metric(rec.metric, rec.higher_is_better))
+    if isinstance(sel, Mapping) and ref is not None:
+        non_inferior = [b for b in sel.get("non_inferior") or [] if b != ref]
+        margin = finite_or_none(sel.get("tolerance"))
+        margin_txt = f" (the margin: {_compact(margin)} below it)" if margin is not None else ""
+        lines.append(f"Reference: batch {ref}, the best {label} estimate; every other batch size is compared with it "
+                     f"on the seeds they share{margin_txt}.")
+        lines.append(f"Non-inferior to batch {ref}: {_span_text(non_inferior)}; inferior (worse beyond the margin): "
+                     f"{_span_text(list(sel.get('inferior') or []))}; undecided (more seeds could place them): "
+                     f"{_span_text(list(sel.get('undecided') or []))}.")
+        lines.append(f"Chosen among batch {ref} and the non-inferior ones on time to target: {rec.batch_size}.")
+    else:  # a recommendation made before the non-inferiority rule
+        sizes = [int(b) for b in rec.get("non_inferior") or rec.get("tied") or []]
+        if sizes:
+            lines.append(f"Batch sizes {_span_text(sizes)} were kept on {label}; chosen among them on time to target: "
+                         f"{rec.batch_size}.")
     return lines
 
 
@@ -853,36 +1082,61 @@ def _snippets(rec: Recommendation | None) -> dict[str, str]:
     return dict(recipe.get("snippets") or {})
 
 
+def _interim_of(results: Mapping[str, Any], recommendation: Any, interim: bool | None) -> bool:
+    return is_interim(results, recommendation) if interim is None else bool(interim or recommendation is None)
+
+
+def _study_view(results: Mapping[str, Any], interim: bool) -> Mapping[str, Any]:
+    """The results the study facts are written from: an interim report's without the recommendation (whose noise
+    sentence names the chosen configuration)."""
+    return dict(results, recommendation=None) if interim else results
+
+
 def render_markdown(results: Mapping[str, Any], recommendation: Recommendation | None,
-                    plots: Mapping[str, Path], note: str | None = None) -> str:
-    header, body = summary_table(results, recommendation)
-    parts = [f"# batchfit report: {results.get('workload')}", "",
-             "## Summary: the batch-size trade-off, measured", "", _md_table(header, body), ""]
-    head, reasons = _rec_lines(recommendation)
-    parts += ["## Recommendation", ""]
+                    plots: Mapping[str, Path], note: str | None = None, *, interim: bool | None = None) -> str:
+    """report.md: the recommendation first (or, in an interim report, how many trials finished and no win), the
+    trade-off table, what the data can tell apart, the recipe, the study's facts, the plots, then the details (every
+    number with its interval per batch size, and every trial)."""
+    interim = _interim_of(results, recommendation, interim)
+    shown = None if interim else recommendation
+    parts = [f"# batchfit report: {results.get('workload')}", ""]
+    head, reasons, holds, flags = _answer(recommendation, interim)
     if head:
-        parts += [f"**{head}**", ""] + [f"- {r}" for r in reasons] + [""]
-        parts += ["### What the data can and cannot tell apart", ""]
-        parts += [f"- {line}" for line in tell_apart_lines(recommendation)] + [""]
-        for name, code in _snippets(recommendation).items():
-            parts += [f"### Recipe: {name}", "", "```python", code, "```", ""]
+        parts += ["## Recommendation", "", f"**{head}**", ""] + [f"- {r}" for r in reasons] + [""]
+        parts += ([holds, ""] if holds else []) + ([f"- Flag: {f}" for f in flags] + [""] if flags else [])
+    elif still_running(results) or recommendation is not None:
+        parts += ["## Interim report", "", interim_line(results), ""]
     else:
-        parts += [f"No recommendation yet: {note or 'no finished trial'}.", ""]
+        parts += ["## Recommendation", "", f"No recommendation yet: {note or 'no finished trial'}.", ""]
+    header, body = tradeoff_table(results, recommendation, interim=interim)
+    parts += ["## The trade-off, per batch size", "", _md_table(header, body), ""]
+    parts += [f"- {line}" for line in tradeoff_notes(results, recommendation, interim=interim)] + [""]
+    if shown is not None:
+        parts += ["## What the data can and cannot tell apart", ""]
+        parts += [f"- {line}" for line in tell_apart_lines(shown)] + [""]
+        for name, code in _snippets(shown).items():
+            parts += [f"### Recipe: {name}", "", "```python", code, "```", ""]
     if isinstance(results.get("batch_schedule_check"), Mapping):  # issue 14.4 (batchfit.schedule_check)
         from batchfit.schedule_check import report_lines, report_tables
 
         parts += ["## The batch size over training", ""] + [f"- {x}" for x in report_lines(
             results["batch_schedule_check"])] + [""]
-        for title, head, rows in report_tables(results["batch_schedule_check"]):
-            parts += [f"### {title}", "", _md_table(head, rows), ""]
-    parts += ["## Study", ""] + [f"- {line}" for line in _study_lines(results, recommendation)] + [""]
-    parts += ["## Plots", ""]
+        for title, head_, rows in report_tables(results["batch_schedule_check"]):
+            parts += [f"### {title}", "", _md_table(head_, rows), ""]
+    parts += ["## Study", ""] + [f"- {line}" for line in _study_lines(_study_view(results, interim), shown)] + [""]
+    if plots:
+        parts += ["## Plots", ""]
     for name, path in plots.items():
         parts += [f"### {_TITLES[name]}", "", f"![{_TITLES[name]}]({Path(path).name})", ""]
+    d_header, d_body = summary_table(results, recommendation, interim=interim)
     t_header, t_body = _trials_table(results)
-    parts += ["## All trials", "", _md_table(t_header, t_body), ""]
+    parts += ["## Details", "", f"### {_DETAILS_BATCH}", "", _md_table(d_header, d_body), "",
+              f"### {_DETAILS_TRIALS}", "", _md_table(t_header, t_body), ""]
     return "\n".join(parts)
 
+
+_DETAILS_BATCH = "Per batch size: every number with its 95 % interval"
+_DETAILS_TRIALS = "Every trial"
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
@@ -890,60 +1144,102 @@ color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:.9em}
 th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
 th{background:#f3f3f3}
+table.tradeoff td{white-space:nowrap}
+table.tradeoff th{max-width:10em}
+table.tradeoff .iv{display:block;font-size:.85em;color:#555;font-weight:normal}
 tr.pick td{background:#eaf6ea;font-weight:600}
 .rec{background:#f6f9ff;border-left:4px solid #3b6fd8;padding:.6em 1em}
+.interim{background:#fff8e6;border-left:4px solid #d89b3b;padding:.6em 1em}
+.notes{font-size:.9em;color:#444}
+.scroll{overflow-x:auto}
+details{margin:1em 0}
+summary{cursor:pointer;font-weight:600}
 img{max-width:100%;border:1px solid #eee}
 pre.recipe{background:#f7f7f7;padding:.6em 1em;overflow-x:auto}
 """
 
 
-def _html_table(header: list[str], body: list[list[str]], pick: int | None = None) -> str:
+_SECOND_LINE = re.compile(r"^(.+?) (\[[^\]]*\]|\([^)]*\))$")
+
+
+def _two_line(cell: str) -> str:
+    """``0.843 [0.774, 0.912]`` as the estimate over its interval (a block span, smaller): the cell's text is
+    unchanged, its width about halved."""
+    m = _SECOND_LINE.match(cell)
+    if not m:
+        return html.escape(cell)
+    return f'{html.escape(m.group(1))} <span class="iv">{html.escape(m.group(2))}</span>'
+
+
+def _html_table(header: list[str], body: list[list[str]], pick: int | None = None, cls: str | None = None,
+                two_line: bool = False) -> str:
     e = html.escape
-    out = ["<table>", "<tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
+    cell = _two_line if two_line else e
+    out = [f'<table class="{e(cls)}">' if cls else "<table>",
+           "<tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
     for row in body:
-        cls = ' class="pick"' if pick is not None and row[0] == str(pick) else ""
-        out.append(f"<tr{cls}>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>")
+        tr = ' class="pick"' if pick is not None and row[0] == str(pick) else ""
+        out.append(f"<tr{tr}>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>")
     out.append("</table>")
     return "\n".join(out)
 
 
 def render_html(results: Mapping[str, Any], recommendation: Recommendation | None,
-                plots: Mapping[str, Path], note: str | None = None) -> str:
-    """A self-contained page: the plots are embedded as base64 PNG data URIs."""
+                plots: Mapping[str, Path], note: str | None = None, *, interim: bool | None = None) -> str:
+    """A self-contained page (the plots embedded as base64 PNG data URIs), in report.md's order; the details tables
+    are folded (``<details>``)."""
     e = html.escape
-    header, body = summary_table(results, recommendation)
-    pick = recommendation.batch_size if recommendation else None
+    interim = _interim_of(results, recommendation, interim)
+    shown = None if interim else recommendation
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f"<title>batchfit report: {e(str(results.get('workload')))}</title>", f"<style>{_CSS}</style>",
-             "</head><body>", f"<h1>batchfit report: {e(str(results.get('workload')))}</h1>",
-             "<h2>Summary: the batch-size trade-off, measured</h2>", _html_table(header, body, pick)]
-    head, reasons = _rec_lines(recommendation)
-    parts.append("<h2>Recommendation</h2>")
+             "</head><body>", f"<h1>batchfit report: {e(str(results.get('workload')))}</h1>"]
+    head, reasons, holds, flags = _answer(recommendation, interim)
     if head:
-        parts += ['<div class="rec">', f"<p><strong>{e(head)}</strong></p>", "<ul>"]
-        parts += [f"<li>{e(r)}</li>" for r in reasons] + ["</ul>", "</div>"]
-        parts += ["<h3>What the data can and cannot tell apart</h3>", '<ul class="apart">']
-        parts += [f"<li>{e(line)}</li>" for line in tell_apart_lines(recommendation)] + ["</ul>"]
-        for name, code in _snippets(recommendation).items():
-            parts += [f"<h3>Recipe: {e(name)}</h3>", f'<pre class="recipe">{e(code)}</pre>']
+        parts += ["<h2>Recommendation</h2>", '<div class="rec">', f"<p><strong>{e(head)}</strong></p>", "<ul>"]
+        parts += [f"<li>{e(r)}</li>" for r in reasons] + ["</ul>"]
+        parts += [f'<p class="holds">{e(holds)}</p>'] if holds else []
+        parts += ['<ul class="flags">'] + [f"<li>Flag: {e(f)}</li>" for f in flags] + ["</ul>"] if flags else []
+        parts.append("</div>")
+    elif still_running(results) or recommendation is not None:
+        parts += ["<h2>Interim report</h2>", f'<div class="interim"><p>{e(interim_line(results))}</p></div>']
     else:
-        parts.append(f"<p>No recommendation yet: {e(note or 'no finished trial')}.</p>")
+        parts += ["<h2>Recommendation</h2>", f"<p>No recommendation yet: {e(note or 'no finished trial')}.</p>"]
+    header, body = tradeoff_table(results, recommendation, interim=interim)
+    parts += ["<h2>The trade-off, per batch size</h2>",
+              _html_table(header, body, shown.batch_size if shown is not None else None, cls="tradeoff",
+                          two_line=True),
+              '<ul class="notes">']
+    parts += [f"<li>{e(line)}</li>" for line in tradeoff_notes(results, recommendation, interim=interim)]
+    parts.append("</ul>")
+    if shown is not None:
+        parts += ["<h2>What the data can and cannot tell apart</h2>", '<ul class="apart">']
+        parts += [f"<li>{e(line)}</li>" for line in tell_apart_lines(shown)] + ["</ul>"]
+        for name, code in _snippets(shown).items():
+            parts += [f"<h3>Recipe: {e(name)}</h3>", f'<pre class="recipe">{e(code)}</pre>']
     if isinstance(results.get("batch_schedule_check"), Mapping):  # issue 14.4 (batchfit.schedule_check)
         from batchfit.schedule_check import report_lines, report_tables
 
         parts += ["<h2>The batch size over training</h2>", "<ul>"] + [f"<li>{e(x)}</li>" for x in report_lines(
             results["batch_schedule_check"])] + ["</ul>"]
-        for title, head, rows in report_tables(results["batch_schedule_check"]):
-            parts += [f"<h3>{e(title)}</h3>", _html_table(head, rows)]
-    parts += ["<h2>Study</h2>", "<ul>"] + [f"<li>{e(line)}</li>" for line in _study_lines(results, recommendation)]
+        for title, head_, rows in report_tables(results["batch_schedule_check"]):
+            parts += [f"<h3>{e(title)}</h3>", _html_table(head_, rows)]
+    parts += ["<h2>Study</h2>", "<ul>"] + [f"<li>{e(line)}</li>"
+                                         for line in _study_lines(_study_view(results, interim), shown)]
     parts.append("</ul>")
-    parts.append("<h2>Plots</h2>")
+    if plots:
+        parts.append("<h2>Plots</h2>")
     for name, path in plots.items():
         data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
         parts += [f"<h3>{e(_TITLES[name])}</h3>",
                   f'<img alt="{e(_TITLES[name])}" src="data:image/png;base64,{data}">']
+    d_header, d_body = summary_table(results, recommendation, interim=interim)
     t_header, t_body = _trials_table(results)
-    parts += ["<h2>All trials</h2>", _html_table(t_header, t_body), "</body></html>", ""]
+    parts += ["<h2>Details</h2>",
+              f'<details class="per-batch"><summary>{e(_DETAILS_BATCH)}</summary><div class="scroll">',
+              _html_table(d_header, d_body), "</div></details>",
+              f'<details class="trials"><summary>{e(_DETAILS_TRIALS)} ({len(t_body)})</summary>'
+              '<div class="scroll">', _html_table(t_header, t_body), "</div></details>", "</body></html>", ""]
     return "\n".join(parts)
 
 
@@ -1030,13 +1326,17 @@ def write_report(
     recommendation: Recommendation | None = None,
     tolerance: float = 0.01,
     plots: bool = True,
+    interim: bool | None = None,
 ) -> dict[str, Any]:
     """Write results.json, the plots, report.md and report.html into ``out_dir``, each as soon as it is ready.
 
     ``results``: ``load_results(store)``, ``tune``'s result or their dict form. ``recommendation`` defaults to
     :func:`batchfit.recommend.recommend` of ``results`` (``None`` with a note when no trial has finished yet).
+    ``interim``: the report claims no win (it says how many trials finished and names no chosen batch size); by
+    default when the study is still running or there is no recommendation (:func:`is_interim`). results.json
+    keeps the recommendation computed from the trials so far either way.
     Returns ``{"results": path, "markdown": path, "html": path, "plots": {...},
-    "recommendation": Recommendation | None}``.
+    "recommendation": Recommendation | None, "interim": bool}``.
     """
     results = as_results(results)
     check_results(results)
@@ -1050,14 +1350,18 @@ def write_report(
     data = with_intervals(results)
     data["recommendation"] = recommendation.to_dict() if recommendation is not None else None
     paths: dict[str, Any] = {"results": write_json(out / "results.json", data)}
-    written = make_plots(data, out) if plots else {}
+    interim = _interim_of(data, recommendation, interim)
+    written = make_plots(data, out, interim=interim) if plots else {}
     if plots and isinstance(data.get("batch_schedule_check"), Mapping):  # issue 14.4 (batchfit.schedule_check)
         from batchfit.schedule_check import plot as schedule_plot
 
         written.update(schedule_plot(data["batch_schedule_check"], out))
     results = data
     paths["plots"] = written
-    paths["markdown"] = _write_text(out / "report.md", render_markdown(results, recommendation, written, note))
-    paths["html"] = _write_text(out / "report.html", render_html(results, recommendation, written, note))
+    paths["markdown"] = _write_text(out / "report.md", render_markdown(results, recommendation, written, note,
+                                                                       interim=interim))
+    paths["html"] = _write_text(out / "report.html", render_html(results, recommendation, written, note,
+                                                                 interim=interim))
     paths["recommendation"] = recommendation
+    paths["interim"] = interim
     return paths

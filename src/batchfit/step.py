@@ -33,7 +33,7 @@ from torch import nn
 
 from batchfit import memory
 from batchfit.cost import add_samples
-from batchfit.data import batch_size_of, slice_batch, to_device
+from batchfit.data import batch_size_of, loader_failure, slice_batch, to_device
 from batchfit.errors import BatchfitError, ConfigError, DataError, WorkloadError
 
 __all__ = [
@@ -98,6 +98,10 @@ def user_call(part: str, fix: str, fn: Callable[..., Any], *args: Any, **kwargs:
     except Exception as exc:
         if memory.is_oom(exc):
             raise
+        loader = loader_failure(exc)  # a DataLoader worker died while this ran: the data's fault, not this part's
+        if loader is not None:
+            raise DataError(f"the workload's data loader failed: {loader} (noticed while {part} ran; "
+                            "--debug shows the traceback)") from exc
         msg = " ".join(str(exc).split())[:300]
         raise WorkloadError(f"{part} raised {type(exc).__name__}: {msg}; {fix} (--debug shows the traceback)") \
             from exc
@@ -243,6 +247,9 @@ def fetching(batches: Iterable[Any], part: str) -> Iterator[Any]:
         except Exception as exc:
             if memory.is_oom(exc):
                 raise
+            loader = loader_failure(exc)  # a worker's own error (its last traceback line), or a dead worker
+            if loader is not None:
+                raise DataError(f"reading a batch of {part}: {loader} (--debug shows the traceback)") from exc
             msg = " ".join(str(exc).split())[:300]
             raise DataError(f"reading a batch of {part} raised {type(exc).__name__}: {msg}; check the dataset "
                             "(does len() match the items it holds?) and its collate_fn") from exc

@@ -894,6 +894,7 @@ def _check_inputs(wl: Workload, *, batch_sizes: Any, budget: str, target: Any, t
     checks.seed(seed)
     checks.positive_int("seeds", seeds, allow_none=True, maximum=MAX_SEEDS)
     checks.positive_int("max_seeds", max_seeds, maximum=MAX_SEEDS)
+    checks.seed_range(seed, max(seeds or max_seeds, LR_CHECK_SEEDS), "the replicate seeds (seeds, racing, LR check)")
     if eval_every not in (None, "auto") and (isinstance(eval_every, bool) or not isinstance(eval_every, int)
                                              or eval_every < 1):
         raise ConfigError(f"eval_every must be a positive integer, 'auto' or None, got {eval_every!r}")

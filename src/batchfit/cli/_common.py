@@ -17,12 +17,13 @@ import re
 import signal
 import stat
 import sys
-import tempfile
 import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
+
+from batchfit._io import NAME_MAX  # re-exported: the limit on a path component
 
 __all__ = [
     "EXIT_ERROR",
@@ -43,6 +44,7 @@ __all__ = [
     "fail",
     "flush_streams",
     "fraction",
+    "keyword_flags",
     "load_workload_from_args",
     "memory_size",
     "nonneg_int",
@@ -57,8 +59,6 @@ __all__ = [
 ]
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
-NAME_MAX = 255  # bytes in one path component on every common Linux/macOS file system
-PATH_MAX = 4096
 MAX_MEMORY_BYTES = 2**60  # 1 EiB: more than any machine; larger budgets are typos (1e400, 10**30)
 WIDE = 400  # console width when stderr is not a terminal (a log file, CI): tables print in full, never cut
 
@@ -238,50 +238,11 @@ def _store_file(store: Any) -> Path | None:
 
 
 def _check_path(flag: str, path: Any, *, directory: bool = False, store: bool = False) -> None:
-    """One output location: every rule that would otherwise fail after the work (see :func:`check_outputs`)."""
-    from batchfit._io import STDOUT, is_stream, resolve_output
-    from batchfit.errors import ConfigError
+    """One output location: every rule that would otherwise fail after the work (see :func:`check_outputs` and
+    :func:`batchfit._io.check_output_path`, which the library uses for its own outputs, e.g. checkpoints)."""
+    from batchfit._io import check_output_path
 
-    text = str(path)
-    if text == STDOUT and not directory and not store:
-        return
-    if not text or "\x00" in text:
-        raise ConfigError(f"{flag} {text!r} is not a usable path; give a file name")
-    for part in Path(text).parts:
-        if len(os.fsencode(part)) > NAME_MAX:
-            raise ConfigError(f"{flag}: the path component {part[:24]!r}... is {len(os.fsencode(part))} bytes long; "
-                              f"file systems allow at most {NAME_MAX}; choose a shorter name")
-    if len(os.fsencode(os.path.abspath(text))) >= PATH_MAX:
-        raise ConfigError(f"{flag}: the path is longer than {PATH_MAX} bytes; choose a shorter one")
-    p = Path(text)
-    if not directory and is_stream(p):
-        if store:
-            raise ConfigError(f"{flag} {text!r} is not a regular file; give a path for the SQLite store")
-        return  # a FIFO, a device, /dev/stdout: written in place at the end
-    target = p if directory else resolve_output(p)
-    if target.exists():
-        if directory and not target.is_dir():
-            raise ConfigError(f"{flag} {text!r} is a file, not a directory; give a directory")
-        if not directory and target.is_dir():
-            raise ConfigError(f"{flag} {text!r} is a directory; give a file name")
-        if store and not os.access(target, os.W_OK):
-            raise ConfigError(f"the store {text!r} is read-only; make it writable or give another --store")
-    folder = Path(os.path.abspath(target if directory else target.parent))
-    while not folder.exists():  # the nearest existing folder must be a folder we can create files in
-        if folder.is_symlink():
-            raise ConfigError(f"{flag} {text!r}: {str(folder)!r} is a broken symbolic link; fix it or choose "
-                              "another path")
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ConfigError(f"{flag} {text!r}: {str(folder)!r} is a file, not a directory; choose another path")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".batchfit-probe-", dir=folder)
-    except OSError as exc:
-        why = exc.strerror or type(exc).__name__
-        raise ConfigError(f"{flag} {text!r}: cannot write in {str(folder)!r} ({why}); choose another path") from None
-    os.close(fd)
-    with contextlib.suppress(OSError):
-        os.unlink(probe)
+    check_output_path(flag, path, directory=directory, store=store)
 
 
 def check_writable(paths: list[Path], flag: str = "output") -> None:
@@ -292,13 +253,15 @@ def check_writable(paths: list[Path], flag: str = "output") -> None:
 
 def check_outputs(args: argparse.Namespace) -> None:
     """Check every output location a command was given, before it loads the workload or does any work:
-    ``--json`` (a file, ``-``, a FIFO or a device), ``--out`` (a directory), ``--plot`` and the ``--store`` of
-    sweep and tune (a SQLite file). A parent that is a file, a name over 255 bytes, a folder that cannot be
-    written or a read-only store ends in one line and exit 2 here, not after the work."""
+    ``--json`` (a file, ``-``, a FIFO or a device), ``--out`` (a directory), ``--plot``, train's ``--checkpoint``
+    and the ``--store`` of sweep and tune (a SQLite file). A parent that is a file, a name over 255 bytes, a folder
+    that cannot be written or a read-only store ends in one line and exit 2 here, not after the work."""
     if getattr(args, "json", None) is not None:
         _check_path("--json", args.json)
     if getattr(args, "plot", None) is not None:
         _check_path("--plot", args.plot)
+    if getattr(args, "checkpoint", None) is not None:
+        _check_path("--checkpoint", args.checkpoint)
     if getattr(args, "out", None) is not None:
         _check_path("--out", args.out, directory=True)
     if getattr(args, "command", None) in ("sweep", "tune"):
@@ -381,50 +344,84 @@ def console(args: argparse.Namespace | None = None) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 # Keyword arguments -> flags
 
-# Library keyword names whose CLI flag is not "--" + the name with dashes. Everything else maps to
-# "--name-with-dashes" when the subcommand has that flag.
+# Library keyword names whose CLI flag is not "--" + the name with dashes (used where the subcommand has that flag
+# and no flag of the keyword's own name). Everything else maps to "--name-with-dashes" when the subcommand has that
+# flag, or to the flag whose destination is the keyword (``--wd-rule`` -> ``weight_decay_rule``). A switch named
+# "--no-x" turns keyword ``x`` off (``drop_last``, ``noise``, ``find``, ``throughput`` ...): it is derived, and
+# listed here only where the keyword is another word.
 KEYWORD_FLAGS = {
     "storage": "--store",
     "study_name": "--study",
     "spec": "--workload",
     "workload_options": "--workload-option",
     "rel_ci": "--rel-ci",
-    "drop_last": "--no-drop-last",
     "batch_size_cap": "--max-batch-size",
     "micro_batch_limit": "--micro-batch-size",
     "out_dir": "--out",
     "resume_from": "--resume",
+    "measure_noise": "--no-noise",
 }
-# a one-word name is a keyword only as the subject of a check: "seed must be ...", "unknown precision 'x'"
-_PLAIN_WORD = (r"(?:^|(?<=; )){name}(?=\s+(?:must|should|cannot|is not|has to)\b|=)", r"(?<=unknown ){name}(?=\s)")
+# a one-word name is a keyword only as the subject of a check ("seed must be ...", "unknown precision 'x'") or
+# with a value ("seed=3")
+_PLAIN_WORD = (r"(?:^|(?<=; )){name}(?=\s+(?:must|should|cannot|is not|has to)\b)", r"(?<=unknown ){name}(?=\s)",
+               r"(?<![\w'\"./-]){name}(?==)")
+_WORD_START = r"(?<![\w'\"./-])"
+
+
+def keyword_flags(parser: argparse.ArgumentParser) -> dict[str, tuple[str, str]]:
+    """``{library keyword: (flag, kind)}`` for one subcommand; kind is ``value`` (``--lr 0.1``), ``on`` (a switch
+    that sets the keyword: ``--retry-failed`` is ``retry_failed=True``) or ``off`` (a switch that clears it:
+    ``--no-drop-last`` is ``drop_last=False``)."""
+    names: dict[str, tuple[str, str]] = {}
+    kinds: dict[str, str] = {}
+    for action in parser._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if not longs or action.dest == "help":
+            continue
+        switch = isinstance(action, argparse._StoreTrueAction)
+        for option in longs:
+            name = option[2:].replace("-", "_")
+            if switch and name.startswith("no_"):
+                names.setdefault(name[3:], (option, "off"))
+                kinds[option] = "off"
+            else:
+                names.setdefault(name, (option, "on" if switch else "value"))
+                kinds[option] = "on" if switch else "value"
+        if not (switch and longs[0].startswith("--no-")):
+            names.setdefault(action.dest, (longs[0], kinds[longs[0]]))
+    for name, flag in KEYWORD_FLAGS.items():
+        if flag in kinds and name not in names:  # the subcommand's own flag of that name wins
+            names[name] = (flag, kinds[flag])
+    return names
 
 
 def to_flags(message: str, parser: argparse.ArgumentParser | None) -> str:
     """Rewrite the keyword names in a library message (``batch_size must be ...``) to this subcommand's flags
     (``--batch-size must be ...``). Names with an underscore are rewritten wherever they stand as a word; one-word
-    names (``seed``, ``lr``) only where they are the subject of a check ("seed must ...", "unknown lr_rule ...")."""
+    names (``seed``, ``lr``) where they are the subject of a check ("seed must ...", "unknown lr_rule ...") or carry
+    a value (``seed=3``). Switches read as the command line is typed: ``drop_last=False`` is ``--no-drop-last``,
+    ``drop_last=True`` "without --no-drop-last", ``retry_failed=True`` ``--retry-failed``; ``lr=None`` is "--lr not
+    given". A bare keyword of a "--no-x" switch is left as it is (its flag means the opposite)."""
     if parser is None:
         return message
-    flags: set[str] = set()
-    for action in parser._actions:  # the subcommand's own options
-        flags.update(o for o in action.option_strings if o.startswith("--"))
-    names: dict[str, str] = {}
-    for action in parser._actions:
-        for option in action.option_strings:
-            if option.startswith("--"):
-                names.setdefault(option[2:].replace("-", "_"), option)
-    for name, flag in KEYWORD_FLAGS.items():
-        if flag in flags:
-            names[name] = flag
+    names = keyword_flags(parser)
     for name in sorted(names, key=len, reverse=True):
-        flag = names[name]
+        flag, kind = names[name]
+        word = _WORD_START + re.escape(name)
+        if kind != "value":
+            on, off = (flag, f"without {flag}") if kind == "on" else (f"without {flag}", flag)
+            message = re.sub(word + r"=True\b", on, message)
+            message = re.sub(word + r"=False\b", off, message)
+            if kind == "off":
+                continue
+        message = re.sub(word + r"=None\b", f"{flag} not given", message)
         if "_" in name:
-            patterns: tuple[str, ...] = (rf"(?<![\w'\"./-]){re.escape(name)}(?![\w'\"])",)
+            patterns: tuple[str, ...] = (rf"{word}(?![\w'\"])",)
         else:
             patterns = tuple(p.format(name=re.escape(name)) for p in _PLAIN_WORD)
         for pattern in patterns:
             message = re.sub(pattern, flag, message)
-    # "rerun with --retry-failed (retry_failed=True)" has just become "... (--retry-failed=True)": say it once
+    # "rerun with --retry-failed (retry_failed=True)" has just become "... (--retry-failed)": say it once
     return re.sub(r"(--[\w-]+) \(\1(?:=[^)]*)?\)", r"\1", message)
 
 
@@ -566,6 +563,12 @@ class _Fail:
             return EXIT_INPUT
         if isinstance(exc, BatchfitError):
             sys.stderr.write(f"{name}: error: {to_flags(_one_line(exc), parser)}\n")
+            return EXIT_INPUT
+        from batchfit.data import loader_failure
+
+        loader = loader_failure(exc)  # a DataLoader worker died while batchfit's own code ran: the data's fault
+        if loader is not None:
+            sys.stderr.write(f"{name}: error: the workload's data loader failed: {loader}\n")
             return EXIT_INPUT
         # an unexpected failure: still one line unless --debug
         sys.stderr.write(

@@ -26,7 +26,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", type=Path, default=Path("batchfit-out"), metavar="DIR",
                    help="directory for the report (default ./batchfit-out)")
     p.add_argument("--tolerance", type=c.fraction, default=0.01,
-                   help="recommend among batch sizes within this fraction of the best metric (default 0.01)")
+                   help="the non-inferiority margin: a batch size is non-inferior to the reference (the best) when "
+                        "its lower bound on the paired difference lies within this fraction of the reference's "
+                        "metric (default 0.01)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write results + recommendation as JSON to PATH")
     p.add_argument("--quiet", "-q", action="store_true", help="no table: only the one-line recommendation")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -71,27 +73,28 @@ def load_any(store: str, study_name: str | None = None) -> dict[str, Any]:
 
 
 def print_summary(args: argparse.Namespace, results: dict[str, Any], rec: Any) -> None:
-    """The trade-off table and the recommendation with its reasons; with ``-q`` only the one-line recommendation."""
+    """The trade-off table (one row per batch size, each number with its 95 % interval, and the verdict against
+    the reference), then the recommendation with its reasons and flags; with ``-q`` only the one-line
+    recommendation."""
     from rich import box
     from rich.table import Table
 
-    from batchfit.report import summary_table
+    from batchfit.report import tradeoff_table
 
     if getattr(args, "quiet", False):
         line = f"Recommendation: {rec.headline()}" if rec is not None else "No recommendation: no trial finished."
         sys.stderr.write(line + "\n")
         return
     con = c.console(args)
-    _, full = summary_table(results, rec)
-    # the report's main columns, with short headers so the table fits a terminal (report.md has them all): the
-    # decision's quality and time to target with their 95 % intervals, not one trial's raw readings
-    keep = (0, 1, 2, 13, 14, 5, 6, 8, 9, 11, 15, 16)
-    header = ["batch", "micro×acc", "LR", ("train loss" if results.get("primary_metric") == "train_loss" else "val")
-              + " [95 %]", "seeds", "memory", "samples/s", "B/B_simple", "gap", "steps→tgt", "s→tgt [95 %]",
-              "decision"]
-    body = [[row[i] for i in keep] for row in full]
+    full_header, body = tradeoff_table(results, rec, interim=rec is None)
+    # the report's trade-off table (one row per batch size, each number with its 95 % interval), with short headers
+    # so it fits a terminal; report.md has every number of every trial
+    ref = next((row[0] for row in body if row[4] == "reference"), None)
+    quality = "train loss" if results.get("primary_metric") == "train_loss" else "val"
+    header = ["batch", "memory (micro×acc)", "samples/s", "B/B_simple",
+              f"{quality} vs {ref} (+ better)" if ref else full_header[4], "steps→tgt", "s→tgt", "verdict"]
     table = Table(title=f"batchfit: {results.get('workload')} — the batch-size trade-off, measured "
-                        f"(ranked on {results.get('primary_metric')})",
+                        f"(ranked on {results.get('primary_metric')}; 95 % intervals in brackets)",
                   title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     for h in header:
         table.add_column(h, justify="right", no_wrap=True)
@@ -103,6 +106,8 @@ def print_summary(args: argparse.Namespace, results: dict[str, Any], rec: Any) -
         con.print(f"[bold]Recommendation:[/] {rec.headline()}", highlight=False)
         for r in rec.reasons:
             con.print(f"  - {r}", highlight=False)
+        for f in rec.get("flags") or []:
+            con.print(f"  [yellow]Flag:[/] {f}", highlight=False)
     else:
         what = "training-loss" if results.get("primary_metric") == "train_loss" else "validation"
         con.print(f"[yellow]No recommendation: no trial has finished with a {what} result yet.[/]")

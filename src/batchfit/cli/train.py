@@ -37,7 +37,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-drop-last", action="store_true", help="keep the last, smaller batch of each epoch")
     p.add_argument("--measure-noise", action="store_true",
                    help="record the gradient noise scale B_simple at each evaluation (needs >= 2 micro-batches; "
-                        "without --micro-batch-size each batch is split in 2)")
+                        "without --micro-batch-size each batch is split in 2; with --batch-schedule the first "
+                        "phase's batch is, and larger phases accumulate more micro-batches of that size)")
     p.add_argument("--memory-budget", type=c.memory_size, metavar="SIZE",
                    help="train inside this memory budget, e.g. 512MiB (the one `batchfit find` used)")
     sched = p.add_argument_group("batch-size schedule (docs/batch-schedule.md)")
@@ -146,7 +147,16 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "measure_noise", False):  # B_simple per evaluation (batchfit.noise); before _Progress writes
         from batchfit.noise import NoiseCallback, training_micro_batch_size
 
-        micro_batch_size = training_micro_batch_size(batch_size or workload.base_batch_size, micro_batch_size, world)
+        first = batch_size or workload.base_batch_size
+        schedule = kwargs.get("batch_schedule")
+        if schedule is not None and schedule != "auto":  # a schedule: its first phase is the smallest batch
+            from batchfit.schedule import parse_schedule
+
+            first = parse_schedule(schedule)[0].batch_size
+        micro_batch_size = training_micro_batch_size(first, micro_batch_size, world)
+        if schedule is not None and micro_batch_size is not None:  # every phase splits into >= 2 micro-batches
+            limit = kwargs.get("micro_batch_limit")
+            kwargs["micro_batch_limit"] = micro_batch_size if limit is None else min(limit, micro_batch_size)
         callbacks.insert(0, NoiseCallback())
     try:
         result = _train_or_explain(
@@ -173,6 +183,11 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # what was evaluated so far stays in the JSON, marked as such (not "running")
         partial["status"] = "interrupted"
         c.emit(args, "train", partial)
+        raise
+    except Exception as exc:  # an error after some work: the JSON keeps what was evaluated and says it failed
+        if partial["history"]:
+            partial.update(status="failed", error=" ".join(str(exc).split())[:500] or type(exc).__name__)
+            c.emit(args, "train", partial)
         raise
     finally:
         progress.close()

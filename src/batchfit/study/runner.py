@@ -268,6 +268,7 @@ def sweep(
     checks.positive_int("seeds", seeds, maximum=MAX_SEEDS)
     for n in (replicates or {}).values():
         checks.positive_int("replicates", n, maximum=MAX_SEEDS)
+    checks.seed_range(seed, max([seeds, *(replicates or {}).values()]))  # the last replicate seed too, up front
     inputs = _validate(workload, batch_sizes=batch_sizes, budget=budget, lr_rule=lr_rule, lr_search=lr_search,
                        warmup=warmup, target=target, micro_batch_limit=micro_batch_limit, device=device,
                        precision=precision, seed=seed, eval_every=eval_every, weight_decay_rule=weight_decay_rule)

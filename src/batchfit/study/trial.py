@@ -166,6 +166,11 @@ def classify_failure(exc: BaseException, micro_batch_size: int) -> tuple[str, st
         return "config", message
     if isinstance(exc, (WorkloadError, BatchfitError)):
         return "workload", message
+    from batchfit.data import loader_failure
+
+    loader = loader_failure(exc)  # a DataLoader worker died while batchfit's own code ran: the data's fault
+    if loader is not None:
+        return "workload", f"the workload's data loader failed: {loader}"
     kind = "workload" if _raised_in_user_code(exc) else "internal"
     return kind, f"{type(exc).__name__}: {message}"
 
