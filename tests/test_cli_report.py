@@ -141,3 +141,20 @@ def test_quiet_prints_the_one_line_result(tmp_path: Path, capsys: pytest.Capture
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [
         "Recommendation: batch 64 = micro-batch 64 x 1 accumulation step(s), LR 0.0014, warm-up 0 step(s), fp32"]
+
+
+def test_report_of_a_running_study_claims_no_win(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A results.json written mid-sweep (trials still queued): the terminal, like report.md, says how many trials
+    finished and that there is no recommendation yet; the table shows the verdicts so far, none chosen."""
+    res = make_results()
+    res["counts"], res["status"] = {"ok": 12, "diverged": 1, "waiting": 3}, "running"
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps(res))
+    assert main(["report", str(src), "--out", str(tmp_path / "rep")]) == 0
+    err = capsys.readouterr().err
+    assert "Interim report: 13 of 16 trials finished; no recommendation yet." in err
+    assert "Recommendation:" not in err and "chosen" not in err and "non-inferior" in err
+    assert "Interim report: 13 of 16 trials finished" in (tmp_path / "rep" / "report.md").read_text()
+    assert main(["report", str(src), "--out", str(tmp_path / "rep"), "-q"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "Interim report: 13 of 16 trials finished; no recommendation yet."]

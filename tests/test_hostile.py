@@ -831,7 +831,8 @@ def api_train_batch_too_large_keywords(ctx: dict[str, Any]) -> None:
 def _b_simple_measured(ctx: dict[str, Any], out: str, err: str) -> None:
     data = _json(Path(ctx["tmp"], "r.json"))
     assert data["status"] == "ok" and data.get("b_simple_history"), list(data)
-    assert [p["batch_size"] for p in data["batch_schedule"]] == [16, 32]
+    # the schedule starts below the workload's batch (16): its first phase, not the base batch, is split in two
+    assert [(p["batch_size"], p["accumulation_steps"]) for p in data["batch_schedule"]] == [(8, 2), (16, 4)]
 
 
 # Every library keyword with a flag, per subcommand: (the API functions whose keywords these are, {keyword: flag}).
@@ -1138,7 +1139,7 @@ CASES: list[Case] = [
     Case("tune-one-sample-names-no-noise", "23.16", ("tune", "-w", "{wl}:one_sample", "--budget", "steps:2",
                                                      "--no-precision-check", "--no-lr-calibration", "--out",
                                                      T + "/t", "-q"), err=r"--no-noise", no_err=r"noise="),
-    Case("train-measure-noise-with-schedule", "23.16", ("train", "-w", "{wl}:ok", "--batch-schedule", "0:16,2:32",
+    Case("train-measure-noise-with-schedule", "23.16", ("train", "-w", "{wl}:ok", "--batch-schedule", "0:8,2:16",
                                                         "--measure-noise", "--steps", "4", "--eval-every", "2", "-q",
                                                         "--json", T + "/r.json"), rc=(0,), check=_b_simple_measured),
     Case("api-find-deprecated-cap-named", "23.16", api=api_find_deprecated_cap_named),

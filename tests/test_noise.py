@@ -26,6 +26,7 @@ from batchfit.noise import (
     unbiased_estimates,
 )
 from batchfit.workload import Workload
+from conftest import make_tiny_workload
 
 N, D = 600, 5
 
@@ -514,3 +515,213 @@ def test_the_reading_at_initialisation_is_labelled_and_never_compared_with_the_b
     assert "near it" not in text and "well below" not in text and "critical batch of order" not in text
     later = dataclasses.replace(r, train_steps=200).reading()
     assert "after 200 training steps" in later and "batch 32 is near it" in later
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 19.7: a run whose steps are one micro-batch, measured by extra halves without changing training
+
+
+def _bn_dropout_workload(n: int = 96, n_val: int = 32) -> Workload:
+    """BatchNorm (running statistics: buffers a forward moves) and dropout (draws from the RNG) with momentum SGD
+    (optimizer state), the three things an extra forward/backward could leave changed."""
+    g = torch.Generator().manual_seed(3)
+    x = 2.0 * torch.randn(n + n_val, 8, generator=g) + 1.0
+    y = (x @ torch.randn(8, 3, generator=g)).argmax(dim=1)
+    from batchfit.workload import accuracy
+
+    return Workload(
+        name="bn-dropout",
+        model_fn=lambda: nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3),
+                                       nn.Linear(16, 3)),
+        optimizer_fn=lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
+        loss_fn=F.cross_entropy, train_data=ArrayDataset(x[:n], y[:n]), val_data=ArrayDataset(x[n:], y[n:]),
+        metrics={"accuracy": accuracy}, base_batch_size=16, base_lr=0.1,
+    )
+
+
+class _FinalState:
+    """The model's parameters and buffers and the optimizer's state after training."""
+
+    def on_train_end(self, state, result) -> None:  # noqa: ANN001
+        self.model = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+        self.optimizer = [{k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)}
+                          for s in state.optimizer.state.values()]
+
+
+def _train_halves(workload: Workload, cb: NoiseCallback | None, **kw: object) -> tuple:
+    final = _FinalState()
+    if cb is None:
+        return train(workload, callbacks=[final], **kw), final
+    return train(cb.watch(workload), callbacks=[cb, final], **kw), final
+
+
+def _assert_same_training(a: tuple, b: tuple) -> None:
+    (ra, fa), (rb, fb) = a, b
+    assert fa.model.keys() == fb.model.keys() and "1.running_mean" in fa.model
+    for k, v in fa.model.items():
+        assert torch.equal(v, fb.model[k]), k
+    assert len(fa.optimizer) == len(fb.optimizer) > 0
+    for sa, sb in zip(fa.optimizer, fb.optimizer):
+        assert all(torch.equal(v, sb[k]) for k, v in sa.items())
+    for key in ("train_loss", "val_loss", "val_metrics", "train_eval_loss"):
+        assert [r.get(key) for r in ra.history] == [r.get(key) for r in rb.history], key
+
+
+@pytest.mark.parametrize(("method", "precision"), [("hooks", "fp32"), ("copy", "fp32"), ("auto", "bf16")])
+def test_extra_halves_leave_training_bit_for_bit_unchanged(method: str, precision: str) -> None:
+    """(b) Training with the extra-halves measurement ends with exactly the parameters, BatchNorm buffers, optimizer
+    state and losses of training without it, while the measurement did run and fill the evaluation records."""
+    kw = dict(batch_size=16, steps=24, eval_every=4, seed=1, precision=precision)
+    plain = _train_halves(_bn_dropout_workload(), None, **kw)
+    cb = NoiseCallback(method=method)
+    measured = _train_halves(_bn_dropout_workload(), cb, **kw)
+    _assert_same_training(plain, measured)
+    res = measured[0]
+    assert (res.accumulation_steps, res.extras["noise_method"], res.extras["noise_every"]) == (1, "extra-halves", 8)
+    assert cb.halves_steps == cb.valid_steps == 3  # steps 8, 16, 24
+    windows = [r["noise_window"] for r in res.history if "noise_window" in r]
+    assert [r["step"] for r in res.history if "noise_window" in r] == [8, 16, 24]
+    assert all(w["steps"] == 1 and w["trace_cov"] > 0 for w in windows)
+    assert res.extras["b_simple_history"][-1]["b_simple"] is not None
+    assert "noise_error" not in res.extras
+
+
+@pytest.mark.parametrize("unguarded", ["buffers", "rng", "grads"])
+def test_each_guard_of_the_extra_pass_is_needed(monkeypatch: pytest.MonkeyPatch, unguarded: str) -> None:
+    """The bit-for-bit test above can fail: without restoring the buffers, forking the RNG or putting ``.grad`` back
+    the run with the measurement differs from the one without it (the fixture exercises all three)."""
+    import contextlib
+
+    import batchfit.noise as noise_mod
+
+    kw = dict(batch_size=16, steps=24, eval_every=4, seed=1)
+    plain = _train_halves(_bn_dropout_workload(), None, **kw)
+    if unguarded == "buffers":
+        monkeypatch.setattr(noise_mod._BufferSnapshot, "restore", lambda self: None)
+    elif unguarded == "rng":
+        monkeypatch.setattr(noise_mod, "_forked_rng", lambda device: contextlib.nullcontext())
+    else:
+        real = NoiseCallback._measure_halves
+
+        def leaky(self: NoiseCallback, state: object) -> None:
+            real(self, state)
+            for p in self._params:  # what a pass that did not put the step's (zeroed) .grad back would leave
+                p.grad = torch.full_like(p, 1e-3)
+
+        monkeypatch.setattr(NoiseCallback, "_measure_halves", leaky)
+    with pytest.raises(AssertionError):
+        _assert_same_training(plain, _train_halves(_bn_dropout_workload(), NoiseCallback(), **kw))
+
+
+def test_extra_halves_agree_with_accumulation_on_the_same_split() -> None:
+    """(c) Without BatchNorm or dropout the halves of a batch are exactly the two micro-batches of accumulation:
+    measuring every step, each evaluation window's |G|^2 and tr(Sigma) equal those of a run at micro-batch B/2
+    (to rounding: the two runs differ only in how the batch gradient is summed)."""
+    kw = dict(batch_size=32, steps=48, eval_every=8, seed=0, lr=0.05)
+    acc = NoiseCallback()
+    ra = train(make_tiny_workload(n=480), micro_batch_size=16, callbacks=[acc], **kw)
+    halves = NoiseCallback(halves_every=1)
+    rh = train(halves.watch(make_tiny_workload(n=480)), callbacks=[halves], **kw)
+    assert (ra.extras["noise_method"], rh.extras["noise_method"]) == ("accumulation", "extra-halves")
+    assert acc.valid_steps == halves.valid_steps == halves.halves_steps == 48
+    assert [r["step"] for r in ra.history] == [r["step"] for r in rh.history]
+    for a, h in zip(ra.history, rh.history):
+        wa, wh = a["noise_window"], h["noise_window"]
+        assert wa["steps"] == wh["steps"]
+        assert wh["grad_norm_sq"] == pytest.approx(wa["grad_norm_sq"], rel=1e-4)
+        assert wh["trace_cov"] == pytest.approx(wa["trace_cov"], rel=1e-4)
+
+
+def _pooled(res: object) -> tuple[int, float, float]:
+    windows = [r["noise_window"] for r in res.history if "noise_window" in r]  # type: ignore[attr-defined]
+    steps = sum(w["steps"] for w in windows)
+    return (steps, sum(w["steps"] * w["grad_norm_sq"] for w in windows) / steps,
+            sum(w["steps"] * w["trace_cov"] for w in windows) / steps)
+
+
+def test_extra_halves_every_8th_step_agree_with_accumulation_and_the_exact_values() -> None:
+    """(c) At the default period (every 8th step), at fixed parameters (lr ~ 0) on the closed-form fixture: the mean
+    |G|^2 and tr(Sigma) over the measured steps agree with accumulation's over every step, and with the exact
+    values, within 15 % (120 measured steps against 960)."""
+    g2, trace = _exact("linear")
+    acc = NoiseCallback()
+    ra = train(_workload("linear"), batch_size=48, micro_batch_size=24, lr=1e-12, epochs=80, callbacks=[acc])
+    halves = NoiseCallback()
+    rh = train(halves.watch(_workload("linear")), batch_size=48, lr=1e-12, epochs=80, callbacks=[halves])
+    n_acc, g2_acc, tr_acc = _pooled(ra)
+    n_h, g2_h, tr_h = _pooled(rh)
+    assert (n_acc, n_h) == (960, 120)
+    assert g2_h == pytest.approx(g2_acc, rel=0.15) and tr_h == pytest.approx(tr_acc, rel=0.15)
+    assert g2_h == pytest.approx(g2, rel=0.15) and tr_h == pytest.approx(trace, rel=0.15)
+    assert tr_h / g2_h == pytest.approx(trace / g2, rel=0.20)
+
+
+def test_extra_halves_cost_is_bounded_and_taken_at_the_steps_parameters() -> None:
+    """(d) Over 40 steps of B = 16 the extra passes are 2 forwards of 8 samples on every 8th step: 1/8 of the
+    training forwards' samples (= 1/HALVES_EVERY, the documented share), counted in batchfit.cost; each runs after
+    the step's own forward, at the parameters that forward saw (before the optimizer step)."""
+    from batchfit import cost
+    from batchfit.noise import HALVES_EVERY
+
+    class Forwards:
+        def __init__(self) -> None:
+            self.rows: list[list[int]] = []
+            self._row: list[int] = []
+            self.at: list[list[torch.Tensor]] = []  # the parameters each training-mode forward saw
+            self.before_step: list[list[torch.Tensor]] = []
+
+        def on_train_start(self, state) -> None:  # noqa: ANN001
+            def hook(module, args) -> None:  # noqa: ANN001
+                if module.training:
+                    self._row.append(args[0].shape[0])
+                    self.at.append([p.detach().clone() for p in module.parameters()])
+
+            state.model.register_forward_pre_hook(hook)
+
+        def on_before_optimizer_step(self, state) -> None:  # noqa: ANN001
+            self.before_step.append([p.detach().clone() for p in state.model.parameters()])
+
+        def on_step_end(self, state) -> None:  # noqa: ANN001
+            self.rows.append(self._row)
+            self._row = []
+
+    seen, cb = Forwards(), NoiseCallback()
+    with cost.measure() as spent:
+        res = train(cb.watch(make_tiny_workload()), batch_size=16, steps=40, callbacks=[cb, seen], lr=0.1)
+    assert res.steps == 40 and cb.halves_steps == 5
+    assert seen.rows == [[16, 8, 8] if (i + 1) % 8 == 0 else [16] for i in range(40)]
+    extra = sum(sum(r[1:]) for r in seen.rows)
+    assert extra / (16 * 40) == 1 / HALVES_EVERY <= 0.15
+    assert spent.samples == 16 * 40 + extra
+    forwards = iter(seen.at)
+    for i, row in enumerate(seen.rows):
+        own = next(forwards)
+        for _ in row[1:]:  # the halves see exactly the parameters of the step's own forward and gradient
+            assert all(torch.equal(a, b) for a, b in zip(next(forwards), own))
+            assert all(torch.equal(a, b) for a, b in zip(own, seen.before_step[i]))
+
+
+def test_a_failing_extra_pass_stops_the_measurement_not_training() -> None:
+    """A model that cannot take half a batch: the measurement stops with a warning and ``noise_error``; training
+    is the run without it."""
+
+    class Fixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training and x.shape[0] != 16:
+                raise ValueError("this model takes batches of 16")
+            return self.inner(x)
+
+    wl = dataclasses.replace(_bn_dropout_workload(), model_fn=Fixed)
+    kw = dict(batch_size=16, steps=20, eval_every=4, seed=1)
+    plain = _train_halves(wl, None, **kw)
+    cb = NoiseCallback()
+    with pytest.warns(RuntimeWarning, match="extra-halves noise measurement failed"):
+        measured = _train_halves(wl, cb, **kw)
+    assert "takes batches of 16" in measured[0].extras["noise_error"] and cb.valid_steps == 0
+    for k, v in plain[1].model.items():
+        assert torch.equal(v, measured[1].model[k]), k
+    assert [r["train_loss"] for r in plain[0].history] == [r["train_loss"] for r in measured[0].history]

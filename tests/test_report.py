@@ -652,8 +652,8 @@ def _with_noise() -> dict:
 def test_the_trade_off_table_is_narrow_one_row_per_batch_size(make: Callable[[], dict], tmp_path: Path) -> None:
     """At most 8 columns (batch, memory at its micro x accum, samples/s, B / B_simple, the paired difference from
     the reference, steps and time to target, verdict), one row per batch size however many trials and seeds, and
-    every cell at most 28 characters, so the table fits a 1280-px window (checked by eye in headless chromium: about
-    1050 px wide there; docs/report.md)."""
+    every cell at most 28 characters, so the table fits a 1280-px window (the fixture's table measured 1004 px wide
+    in headless chromium at 1280 px; docs/report.md)."""
     from batchfit.report import TRADEOFF_CELL_CHARS, TRADEOFF_COLUMNS, tradeoff_table
 
     res = make()

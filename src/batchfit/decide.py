@@ -464,7 +464,8 @@ def decide(trials: Sequence[Mapping[str, Any]], metric: Metric, *, b_crit: Criti
     # level is split over those looks (Bonferroni); a balanced design is analysed once
     looks = 1 if len(counts) == 1 else max(1, max(counts) - 1)
     sel = select_non_inferior(cands, tolerance=tol * abs(ref_q), higher_is_better=metric.higher_is_better,
-                              level=level, looks=looks, others=others)
+                              level=level, looks=looks, others=others,
+                              positions={b: math.log2(b) for b in sizes})  # one curve over every batch size
     for b in sizes:
         comp = sel.comparisons[b]
         ev[b].difference, ev[b].verdict = comp.difference, comp.verdict

@@ -22,7 +22,11 @@ Two modes:
 - :func:`noise_scale` (probe): fixed parameters, many batches, a bootstrap confidence interval, stop when it is
   within ±``rel_ci``.
 - :class:`NoiseCallback` (training): ``engine.train(..., callbacks=[NoiseCallback()])`` puts ``b_simple`` and the
-  raw estimates' means over the record's steps (``noise_window``) in each evaluation record.
+  raw estimates' means over the record's steps (``noise_window``) in each evaluation record. A step of >= 2
+  micro-batches is measured from its own micro-batches (``accumulation``); a run whose steps are one micro-batch
+  is measured on every :data:`HALVES_EVERY`-th step by an extra forward/backward over the two halves of that
+  step's batch, after the step and outside its timing, with everything the extra pass could touch restored, so
+  training is bit-for-bit the run without it (``extra-halves``; :meth:`NoiseCallback.watch`).
 
 and, over a sweep's trials, :func:`b_simple_against_loss` / :func:`b_simple_at_loss`: those records pooled against
 the training loss (B_simple grows as the loss falls, so it is stated at a loss). Every B_simple in batchfit (the
@@ -33,7 +37,9 @@ probe, training, branching, the Lightning logger, the pooled values) goes throug
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import random
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -50,10 +56,12 @@ from batchfit.errors import ConfigError, DataError, NoisyEstimateWarning, Worklo
 from batchfit.metric import finite_or_none as _finite
 from batchfit.progress import ProgressFn, emit
 from batchfit.stats import Interval
-from batchfit.step import TrainStep, build_model, check_precision, fetching
+from batchfit.step import TrainStep, _forward, build_model, check_precision, fetching
 from batchfit.workload import Workload, load_workload
 
 __all__ = [
+    "HALVES_EVERY",
+    "NOISE_METHODS",
     "NoiseAtLoss",
     "NoiseCallback",
     "NoiseRecord",
@@ -71,6 +79,13 @@ __all__ = [
 
 _FP16_INIT_SCALE = 2.0**16
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# How a training run gets its small-batch gradients (the ``noise_method`` of a result and a sweep trial)
+NOISE_METHODS = ("accumulation", "extra-halves")
+# extra-halves: the measured steps are every 8th. Each costs one forward/backward over the step's B samples (two
+# halves of B/2) beyond training's own, so the extra compute is 1/8 = 12.5 % of the training steps' forward/backward
+# samples (less of the run's time: the optimizer steps and evaluations are not repeated); see NoiseCallback
+HALVES_EVERY = 8
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -609,65 +624,142 @@ def b_simple_against_loss(records: Sequence[NoiseRecord], *, bins: int = NOISE_L
 class NoiseCallback:
     """Measure B_simple while training (``engine.train(..., callbacks=[NoiseCallback()])``).
 
-    Needs at least 2 micro-batches per step (``micro_batch_size < batch_size``). Each step's |G|² and tr(Σ)
-    estimates feed two bias-corrected EMAs (``beta``; :class:`RunningNoiseScale`); each evaluation record gets
-    ``record["b_simple"]`` (the EMA ratio) and ``record["noise_window"]`` = ``{steps, grad_norm_sq, trace_cov}``,
-    the plain means of the raw estimates over the steps since the previous evaluation (the steps its
-    ``train_loss`` covers: what :func:`b_simple_at_loss` pools against the training loss), and
-    ``state.extras["b_simple_history"]`` one entry ``{step, epoch, b_simple, grad_norm_sq, trace_cov, train_loss}``
-    (the EMA values; ``train_loss`` the record's); ``state.extras["b_simple"]`` is the last value. Steps with a
-    non-finite gradient are skipped (counted in ``state.extras["b_simple_skipped_steps"]``). Values stay on the
-    device and are read every ``flush_every`` steps (one sync) and at each evaluation.
+    Each measured step's |G|² and tr(Σ) estimates feed two bias-corrected EMAs (``beta``; :class:`RunningNoiseScale`);
+    each evaluation record gets ``record["b_simple"]`` (the EMA ratio) and ``record["noise_window"]`` =
+    ``{steps, grad_norm_sq, trace_cov}``, the plain means of the raw estimates over the measured steps since the
+    previous evaluation (the steps its ``train_loss`` covers: what :func:`b_simple_at_loss` pools against the training
+    loss), and ``state.extras["b_simple_history"]`` one entry ``{step, epoch, b_simple, grad_norm_sq, trace_cov,
+    train_loss}`` (the EMA values; ``train_loss`` the record's); ``state.extras["b_simple"]`` is the last value and
+    ``state.extras["noise_method"]`` how it was measured. Steps with a non-finite gradient are skipped (counted in
+    ``state.extras["b_simple_skipped_steps"]``). Values stay on the device and are read every ``flush_every``
+    measured steps (one sync) and at each evaluation.
+
+    Where the small-batch gradients come from (``noise_method``):
+
+    - ``accumulation``: a step of >= 2 micro-batches (``micro_batch_size < batch_size``, or data-parallel ranks) is
+      measured from its own micro-batches, every step, at no extra forward/backward.
+    - ``extra-halves``: a run whose steps are one micro-batch, with a workload from :meth:`watch`. Every
+      ``halves_every``-th step (default :data:`HALVES_EVERY`: 1/8 more forward/backward samples than training) is
+      measured after it, outside the step's timing: the parameters are set back to the values the step's gradient
+      was taken at (a copy taken just before the optimizer step), one extra forward/backward runs over the two
+      halves of that step's batch through a :class:`batchfit.step.TrainStep` (the same forward, loss, precision,
+      autocast and loss scale; no optimizer), ``small`` comes from the halves' gradients and ``big`` from their
+      weighted sum, exactly as a step of two micro-batches (so both methods give the same estimates). Then the
+      training state is put back as it was: the parameters, every buffer (BatchNorm running statistics and
+      ``num_batches_tracked``), ``.grad``, the torch (CPU and the device's), Python and NumPy random number
+      generators (the pass runs under ``torch.random.fork_rng``, so its dropout draws nothing from the stream the
+      next step uses); the model stays in the train mode the step saw. Training is bit-for-bit the run without the
+      measurement. The pass's samples count in :mod:`batchfit.cost` (they are compute spent). A failure of the
+      extra pass (e.g. a model that cannot take half a batch) stops the measurement, not training
+      (``state.extras["noise_error"]``).
+
+    Without either (one micro-batch per step and no :meth:`watch`) it is a :class:`ConfigError`.
 
     ``method``: how micro-batch gradient norms are taken: ``hooks`` (tensor hooks, no extra memory, one read of
     each gradient), ``copy`` (a running copy of the gradients and fused ``torch._foreach`` ops: few Python calls,
     more memory traffic) or ``auto`` (copy for models of many small tensors on one device, hooks otherwise).
     """
 
-    def __init__(self, beta: float = 0.95, flush_every: int = 64, method: str = "auto") -> None:
+    def __init__(self, beta: float = 0.95, flush_every: int = 64, method: str = "auto",
+                 halves_every: int = HALVES_EVERY) -> None:
         if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
             raise ConfigError(f"the noise EMA beta must be in [0, 1), got {beta!r}")
         checks.positive_int("flush_every", flush_every)
+        checks.positive_int("halves_every", halves_every)
         if method not in METHODS:
             raise ConfigError(f"unknown noise measurement method {method!r}; choose one of: {', '.join(METHODS)}")
         self.beta = float(beta)
         self.flush_every = flush_every
         self.method = method
+        self.halves_every = halves_every
+        self.noise_method: str | None = None  # "accumulation" or "extra-halves", set when training starts
         self._meter: _HookMeter | _CopyMeter = _HookMeter()
         self._pending: list[_StepNorms] = []
         self._scaled = False
         self._running = RunningNoiseScale(self.beta)
         self.valid_steps = 0
         self.skipped_steps = 0
+        self.halves_steps = 0  # extra-halves passes run
         self._population: int | None = None
         self._world = 1
+        # extra-halves
+        self._watched: Workload | None = None  # the workload behind watch(): the extra pass runs its forward
+        self._halves: TrainStep | None = None
+        self._params: list[nn.Parameter] = []
+        self._armed = False  # the step in progress is a measured one: the watched forward keeps its batch
+        self._seen: Any = None  # the batch of the last training-mode forward while armed
+        self._step_batch: Any = None  # the measured step's batch (one micro-batch: the whole batch)
+        self._before: list[torch.Tensor] | None = None  # the parameters its gradient was taken at
+        self._failed: str | None = None
+
+    def watch(self, workload: Workload) -> Workload:
+        """The same workload, whose forward also hands this callback the batch of each measured training step, so a
+        run whose steps are one micro-batch can be measured by extra halves. The forward itself is the workload's
+        (``batchfit.step``'s default or ``Workload.forward``), called exactly as before: train the returned
+        workload with this callback, ``train(cb.watch(workload), callbacks=[cb], ...)``."""
+        if not isinstance(workload, Workload):
+            raise ConfigError(f"NoiseCallback.watch takes a Workload, got {type(workload).__name__}")
+        original = workload
+
+        def forward(model: nn.Module, batch: Any) -> Any:
+            if self._armed and model.training:
+                self._seen = batch
+            return _forward(original, model, batch)
+
+        self._watched = original
+        return dataclasses.replace(workload, forward=forward)
 
     # -- engine hooks -------------------------------------------------------------------------------------------
     def on_train_start(self, state: Any) -> None:
-        if state.accumulation_steps * state.world_size < 2:
+        self._world = state.world_size
+        self._scaled = state.scaler is not None
+        self._failed = None
+        if state.accumulation_steps * state.world_size >= 2:
+            self.noise_method = "accumulation"
+            self._meter = _make_meter(self.method, state.model, state.world_size)
+        elif self._watched is not None and state.world_size == 1:
+            if state.batch_size < 2:
+                raise ConfigError(f"the noise scale needs a batch of at least 2 samples, got {state.batch_size}")
+            self.noise_method = "extra-halves"
+            self._params = _trainable(state.model)
+            self._halves = TrainStep(self._watched, state.model, None, device=state.device,
+                                     precision=state.precision, scaler=state.scaler, world_size=1)
+            state.extras["noise_every"] = self.halves_every
+        else:
             raise ConfigError(
                 f"measuring the noise scale needs >= 2 micro-batches per step, but batch {state.batch_size} runs "
                 f"as one micro-batch of {state.micro_batch_size}; give a micro-batch size <= "
-                f"{default_micro_batch_size(state.batch_size)}"
+                f"{default_micro_batch_size(state.batch_size)}, or train cb.watch(workload) to measure it on extra "
+                "halves of every few batches"
             )
-        self._world = state.world_size
-        self._scaled = state.scaler is not None
-        self._meter = _make_meter(self.method, state.model, state.world_size)
         # each batch is drawn without replacement from the N training samples (engine: one permutation per epoch)
         self._population = state.workload.num_train
         self._pending = []
         self._running = RunningNoiseScale(self.beta)
-        self.valid_steps = self.skipped_steps = 0
+        self.valid_steps = self.skipped_steps = self.halves_steps = 0
+        self._arm(state)
+        state.extras["noise_method"] = self.noise_method
         state.extras["b_simple_history"] = []
         state.extras["b_simple"] = None
 
     def on_micro_batch_end(self, state: Any) -> None:
+        if self.noise_method == "extra-halves":
+            # the step's own forward is the last one before its first micro-batch ends; one micro-batch: its batch
+            if self._armed and state.micro_index == 0 and state.micro_samples == state.batch_samples:
+                self._step_batch = self._seen
+            self._seen = None
+            return
         if state.micro_index == 0:
             self._meter.new_step()  # a fresh step: never mix micro-batches of different steps
         last = (state.micro_index + 1) * state.micro_batch_size >= state.batch_samples
         self._meter.end_micro(state.micro_samples, last)
 
     def on_before_optimizer_step(self, state: Any) -> None:
+        if self.noise_method == "extra-halves":
+            if self._step_batch is not None:  # the parameters the step's gradient was taken at
+                with torch.no_grad():
+                    self._before = [p.detach().clone() for p in self._params]
+            return
         # Gradients here are unscaled and not yet clipped; the micro-batch norms still carry the fp16 loss scale.
         norms, micro = self._meter.take()
         # Data parallel: the meter saw this rank's micro-batches, the gradient here is the all-reduced global one,
@@ -675,16 +767,17 @@ class NoiseCallback:
         k, batch = len(micro) * self._world, state.batch_samples * self._world
         if k < 2:
             return  # e.g. a last, short batch that fits one micro-batch: nothing to compare
-        scale = None
-        if state.scaler is not None:
-            scale = getattr(state.scaler, "_scale", None)  # a device tensor: no host sync
-            if not isinstance(scale, torch.Tensor):
-                scale = state.scaler.get_scale()
-        step = _step_norms(norms, micro, _gradients(self._meter.params), k=k, batch_size=batch, scale=scale)
+        step = _step_norms(norms, micro, _gradients(self._meter.params), k=k, batch_size=batch,
+                           scale=_loss_scale(state.scaler))
         if step is not None:
             self._pending.append(step)
 
     def on_step_end(self, state: Any) -> None:
+        if self.noise_method == "extra-halves":
+            if self._before is not None and self._step_batch is not None and self._failed is None:
+                self._measure_halves(state)
+            self._before = self._step_batch = self._seen = None
+            self._arm(state)
         if len(self._pending) >= self.flush_every:
             self._flush()
 
@@ -702,8 +795,62 @@ class NoiseCallback:
             self._log(state)
         state.extras["b_simple_skipped_steps"] = self.skipped_steps
         self._meter.detach()
+        self._armed = False
+        self._before = self._step_batch = self._seen = None
 
     # -- internals ----------------------------------------------------------------------------------------------
+    def _arm(self, state: Any) -> None:
+        """extra-halves: whether the next step (number ``state.step + 1``) is measured: every ``halves_every``-th,
+        so after any number of steps the measured ones are at most 1/``halves_every`` of them."""
+        self._armed = (self.noise_method == "extra-halves" and self._failed is None
+                       and (state.step + 1) % self.halves_every == 0)
+
+    def _measure_halves(self, state: Any) -> None:
+        """One extra forward/backward over the two halves of the step's batch at the parameters the step's gradient
+        was taken at; the step's estimate goes to the pending list. Everything it touches is put back."""
+        batch, before, params, model = self._step_batch, self._before, self._params, state.model
+        n = data.batch_size_of(batch)
+        if n < 2 or self._halves is None or before is None or not model.training:
+            return
+        grads = [p.grad for p in params]  # the optimizer step has zeroed them; kept whatever they are
+        buffers = _BufferSnapshot(model)
+        measured = None
+        with _forked_rng(state.device):
+            meter = _make_meter(self.method, model, 1)
+            step = self._halves
+            step.micro_batch_size = math.ceil(n / 2)
+            step.on_micro = [lambda mb: meter.end_micro(mb.samples, mb.last)]
+            try:
+                _swap_(params, before)  # the parameters before the optimizer step
+                for p in params:
+                    p.grad = None
+                step.forward_backward(batch, n)
+                norms, micro = meter.take()
+                halves = _gradients(params)  # sum_i (b_i/n) g_i: the weighted sum of the two halves' gradients
+                scale = _loss_scale(state.scaler)
+                if scale is not None:  # fp16: the pass's gradients carry the loss scale; the meter's norms keep it
+                    for g in halves:
+                        g.div_(scale)
+                if len(micro) >= 2:
+                    measured = _step_norms(norms, micro, halves, k=len(micro), batch_size=n, scale=scale)
+            except Exception as exc:  # the measurement stops; training goes on untouched
+                self._failed = " ".join(str(exc).split())[:300] or type(exc).__name__
+                state.extras["noise_error"] = f"the extra-halves noise measurement failed: {self._failed}"
+                warnings.warn(state.extras["noise_error"] + "; B_simple is not measured further in this run",
+                              RuntimeWarning, stacklevel=2)
+            finally:
+                meter.detach()
+                step.on_micro = []
+                for p, g in zip(params, grads):
+                    p.grad = g
+                _swap_(params, before)  # back to the values after the optimizer step
+                buffers.restore()
+        if measured is not None:
+            self._pending.append(measured)
+            self.halves_steps += 1
+        if state.device.type == "cuda":  # its kernels finish here, not inside the next step's timing
+            torch.cuda.synchronize(state.device)
+
     def _flush(self) -> None:
         if not self._pending:
             return
@@ -738,6 +885,68 @@ class NoiseCallback:
         state.extras["b_simple_history"].append(entry)
         state.extras["b_simple"] = b_simple
         return b_simple
+
+
+def _loss_scale(scaler: Any) -> torch.Tensor | float | None:
+    """The fp16 loss scale: the scaler's device tensor (no host sync) or its value; None without a scaler."""
+    if scaler is None:
+        return None
+    scale = getattr(scaler, "_scale", None)
+    return scale if isinstance(scale, torch.Tensor) else scaler.get_scale()
+
+
+def _swap_(params: Sequence[torch.Tensor], other: Sequence[torch.Tensor]) -> None:
+    """Exchange the values of ``params`` and ``other`` in place (exact copies; the tensors stay the same objects)."""
+    with torch.no_grad():
+        for p, o in zip(params, other):
+            tmp = p.detach().clone()
+            p.copy_(o)
+            o.copy_(tmp)
+
+
+class _BufferSnapshot:
+    """Every buffer of a model (BatchNorm running statistics, ``num_batches_tracked``, ...), to put back exactly:
+    the same tensor objects under the same names, with their values; buffers added meanwhile are removed."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._modules = [(m, dict(m._buffers)) for m in model.modules()]
+        self._values = [(buf, buf.detach().clone()) for _, bufs in self._modules for buf in bufs.values()
+                        if buf is not None]
+
+    def restore(self) -> None:
+        for module, bufs in self._modules:
+            now = module._buffers
+            if now.keys() != bufs.keys() or any(now[k] is not v for k, v in bufs.items()):
+                module._buffers.clear()
+                module._buffers.update(bufs)
+        with torch.no_grad():
+            for buf, value in self._values:
+                buf.copy_(value)
+
+
+class _forked_rng:  # noqa: N801 - used as a context manager, like torch.random.fork_rng
+    """The random number generators a forward can draw from (torch's on the CPU and on ``device``, Python's,
+    NumPy's global one), restored on exit: what runs inside leaves every stream where it was."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __enter__(self) -> None:
+        dev = self.device
+        if dev.type == "cpu":
+            self._torch = torch.random.fork_rng(devices=[])
+        else:
+            module = getattr(torch, dev.type)
+            index = dev.index if dev.index is not None else module.current_device()
+            self._torch = torch.random.fork_rng(devices=[index], device_type=dev.type)
+        self._torch.__enter__()
+        self._py = random.getstate()
+        self._np = np.random.get_state()
+
+    def __exit__(self, *exc: Any) -> None:
+        random.setstate(self._py)
+        np.random.set_state(self._np)
+        self._torch.__exit__(*exc)
 
 
 # ---------------------------------------------------------------------------------------------------------------

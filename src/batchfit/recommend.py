@@ -335,6 +335,27 @@ def holds_for(results: Mapping[str, Any], decision: Decision, metric: Metric) ->
     return {"budget": budget, "target": target, "target_fraction": frac, "metric": metric.name, "text": text}
 
 
+def _long_horizon_move(decision: Decision, longer: Any) -> int | None:
+    """The batch size to train the whole budget with when the extrapolation allows a faster one than the short
+    choice: among the batch sizes tried below the lower end of ``B_max(T)``, the least time per sample, taken only
+    when its interval lies below the short choice's (a timing difference inside its noise decides nothing)."""
+    if longer.b_max is None or not longer.b_max.known:
+        return None
+
+    def per_sample(b: int) -> Interval | None:
+        iv = decision.evidence[b].seconds_per_step
+        return iv.scaled(1.0 / b) if iv is not None and iv.known else None
+
+    short = decision.batch_size
+    ok = [b for b in sorted(decision.evidence) if b <= longer.b_max.low and per_sample(b) is not None]
+    if not ok or per_sample(short) is None:
+        return None
+    best = min(ok, key=lambda b: (per_sample(b).estimate, -b))  # type: ignore[union-attr]
+    if best == short or not per_sample(best).high < per_sample(short).low:  # type: ignore[union-attr,operator]
+        return None
+    return best
+
+
 def long_horizon_of(results: Mapping[str, Any], decision: Decision, metric: Metric) -> Any:
     """:func:`batchfit.horizon.long_horizon` when the trials were measured short of the train budget (``None``
     otherwise): the extrapolation of the trade-off to the whole run."""
@@ -877,12 +898,13 @@ def recommend(
     longer = long_horizon_of(data, decision, metric)
     if longer is not None:
         why_batch += " " + longer.reason.rstrip(".") + "."
-        ev = decision.evidence.get(longer.batch) if longer.batch is not None else None
-        if ev is not None and longer.batch > decision.batch_size:  # behind at h is the bias being corrected
-            short = decision.batch_size
+        moved = _long_horizon_move(decision, longer)
+        if moved is not None:  # behind at h is the bias being corrected, so its short-horizon verdict does not bar it
+            ev = decision.evidence[moved]
             pick = max(ev.trials, key=lambda t: metric.sort_key(quality_of_trial(t, metric)))
-            why_batch += (f" For the whole train budget the answer moves from the short-horizon choice {short} to "
-                          f"{longer.batch}, the largest batch size tried below the lower end of that range.")
+            why_batch += (f" For the whole train budget the answer moves from the short-horizon choice "
+                          f"{decision.batch_size} to {moved}: within the tolerance below the lower end of that range, "
+                          "and faster per sample beyond the timing noise.")
     if metric.name == "train_loss":
         why_batch += (" The workload has no validation data, so the batch sizes were ranked on the training loss: "
                       "it says how fast each one trains, not how well it generalizes.")

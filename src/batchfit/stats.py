@@ -615,9 +615,95 @@ def _noisier(rows: Sequence[tuple[int, Any, float]], fit: _TwoWay, cands: Sequen
     return out
 
 
+SMOOTH_MIN_POSITIONS = 4  # the pooled curve needs this many distinct batch sizes (3 parameters + lack of fit)
+
+
+def _smooth_selection(values: Mapping[Any, Mapping[Any, float]], positions: Mapping[Any, float], *,
+                      tolerance: float, sign: float, level: float, looks: int) -> Selection | None:
+    """Non-inferiority read from one curve pooled over every batch size: ``y = a + b x + c x^2 + seed`` with ``x``
+    the candidate's position (log2 of the batch size), fitted by least squares over every seed of every candidate.
+
+    Each batch size's quality then borrows strength from its neighbours (a difference between two batch sizes is
+    estimated from all the data, not from their own 2-3 seeds), so the reference is the curve's best point rather
+    than the argmax of noisy means, and a re-run with other seeds lands on the same choice. ``None`` (use the
+    per-configuration model) with fewer than :data:`SMOOTH_MIN_POSITIONS` positions, no error degrees of freedom,
+    or when the curve does not fit the per-configuration means (lack-of-fit F test at 5 %, when replicates allow
+    it; Montgomery, *Design and Analysis of Experiments*, sec. 10.3)."""
+    from scipy import stats as sstats
+
+    cands = [k for k in values if k in positions]
+    if len({positions[k] for k in cands}) < SMOOTH_MIN_POSITIONS:
+        return None
+    rows = [(i, s, sign * float(y)) for i, k in enumerate(cands) for s, y in values[k].items()
+            if math.isfinite(float(y))]
+    seeds = sorted({s for _, s, _ in rows}, key=repr)
+    scol = {s: 3 + j - 1 for j, s in enumerate(seeds) if j > 0}
+    xs = {i: float(positions[k]) for i, k in enumerate(cands)}
+    center = float(np.mean(list(xs.values())))
+    x = np.zeros((len(rows), 3 + len(seeds) - 1))
+    y = np.zeros(len(rows))
+    for r, (i, sd, v) in enumerate(rows):
+        u = xs[i] - center
+        x[r, :3] = (1.0, u, u * u)
+        if sd in scol:
+            x[r, scol[sd]] = 1.0
+        y[r] = v
+    beta, *_ = np.linalg.lstsq(x, y, rcond=None)
+    dof = len(rows) - int(np.linalg.matrix_rank(x))
+    if dof <= 0:
+        return None
+    resid = y - x @ beta
+    rss = float(resid @ resid)
+    full = _TwoWay(rows)
+    if full.dof > 0 and dof > full.dof:  # replicates: is the curve as good as one mean per batch size?
+        rss_full = float(full.resid @ full.resid)
+        f = ((rss - rss_full) / (dof - full.dof)) / max(rss_full / full.dof, 1e-300)
+        if f > float(sstats.f.ppf(0.95, dof - full.dof, full.dof)):
+            return None
+    sigma2 = rss / dof
+    xtx_inv = np.linalg.pinv(x.T @ x)
+
+    def vec(i: int) -> np.ndarray:
+        u = xs[i] - center
+        v = np.zeros(x.shape[1])
+        v[:3] = (1.0, u, u * u)
+        return v
+
+    fitted = {k: float(vec(i)[:3] @ beta[:3]) for i, k in enumerate(cands)}
+    ref = max(cands, key=lambda k: (fitted[k], -cands.index(k)))
+    r_i = cands.index(ref)
+    others_c = [k for k in cands if k != ref]
+    alpha = (1.0 - level) / max(1, int(looks))
+    comps: dict[Any, Comparison] = {}
+    crit: float | None = None
+    if others_c:
+        vs = np.stack([vec(cands.index(k)) - vec(r_i) for k in others_c])
+        cov = vs @ xtx_inv @ vs.T * sigma2
+        sd = np.sqrt(np.clip(np.diag(cov), 1e-300, None))
+        crit = _max_t_quantile(cov / np.outer(sd, sd), dof, 1.0 - alpha)
+        se = {k: float(sd[j]) for j, k in enumerate(others_c)}
+    ref_seeds = set(values[ref])
+    for k in values:
+        paired = sum(1 for s in values[k] if s in ref_seeds)
+        if k == ref:
+            comps[k] = Comparison(k, Interval(0.0, 0.0, 0.0, level, "reference", paired), "reference", paired)
+            continue
+        if k not in fitted:
+            comps[k] = Comparison(k, Interval(math.nan, None, None, level, "no position", 0), "undecided", paired)
+            continue
+        d = fitted[k] - fitted[ref]
+        half = crit * se[k]  # type: ignore[operator]
+        lo, hi = d - half, d + half
+        verdict = "non-inferior" if lo > -tolerance else ("inferior" if hi < -tolerance else "undecided")
+        comps[k] = Comparison(k, Interval(d, lo, hi, level, "quadratic in log2 B, max-t", paired), verdict, paired)
+    return Selection(ref, comps, float(tolerance), level, crit, dof, max(1, int(looks)),
+                     method="one quadratic curve in log2(batch) over every seed (+ seed effects), max-t bounds")
+
+
 def select_non_inferior(values: Mapping[Any, Mapping[Any, float]], *, tolerance: float,
                         higher_is_better: bool = True, level: float = DEFAULT_LEVEL, looks: int = 1,
-                        others: Mapping[Any, Mapping[Any, float]] | None = None) -> Selection:
+                        others: Mapping[Any, Mapping[Any, float]] | None = None,
+                        positions: Mapping[Any, float] | None = None) -> Selection:
     """Which candidates are non-inferior to the best, judged on paired seeds with multiplicity handled.
 
     ``values`` maps each candidate to ``{seed: quality}``; ``others`` are further configurations (e.g. the other
@@ -638,12 +724,20 @@ def select_non_inferior(values: Mapping[Any, Mapping[Any, float]], *, tolerance:
 
     Less data never makes a candidate non-inferior: without error degrees of freedom (one seed everywhere) every
     candidate but the reference is undecided, and wider bounds only move verdicts toward undecided.
+
+    ``positions`` (candidate -> a coordinate, e.g. log2 of the batch size): read the comparisons from one curve
+    pooled over every candidate (:func:`_smooth_selection`) when it fits, else as above.
     """
     if not values:
         raise ValueError("select_non_inferior needs at least one candidate")
     if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
         raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
     sign = 1.0 if higher_is_better else -1.0
+    if positions:
+        smooth = _smooth_selection(values, positions, tolerance=float(tolerance), sign=sign, level=level,
+                                   looks=looks)
+        if smooth is not None:
+            return smooth
     cands = list(values)
     configs: list[tuple[str, Any]] = [("c", k) for k in cands] + [("o", k) for k in (others or {})]
     table = {("c", k): values[k] for k in cands}

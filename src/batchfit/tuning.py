@@ -694,7 +694,8 @@ class _SweepProgress:
         if name == "trial_end" and results is not None:
             from batchfit.report import write_report
 
-            write_report(_with_stages(results, self.stages), self.run.out, tolerance=self.tolerance, plots=False)
+            write_report(_with_stages(results, self.stages), self.run.out, tolerance=self.tolerance, plots=False,
+                         interim=True)
         kind = "record" if name in ("trial_start", "step") else event.kind
         # racing runs the sweep again for the added seeds: the stage starts once, and tune announces its end
         if kind == "start":

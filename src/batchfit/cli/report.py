@@ -79,14 +79,18 @@ def print_summary(args: argparse.Namespace, results: dict[str, Any], rec: Any) -
     from rich import box
     from rich.table import Table
 
-    from batchfit.report import tradeoff_table
+    from batchfit.report import interim_line, still_running, tradeoff_table
 
+    # a study still running (a store read mid-sweep) gets the interim report's words: no recommendation yet
+    interim = rec is None or still_running(results)
     if getattr(args, "quiet", False):
-        line = f"Recommendation: {rec.headline()}" if rec is not None else "No recommendation: no trial finished."
+        line = (f"Recommendation: {rec.headline()}" if not interim else
+                interim_line(results).split(". ")[0] + "." if rec is not None else
+                "No recommendation: no trial finished.")
         sys.stderr.write(line + "\n")
         return
     con = c.console(args)
-    full_header, body = tradeoff_table(results, rec, interim=rec is None)
+    full_header, body = tradeoff_table(results, rec, interim=interim)
     # the report's trade-off table (one row per batch size, each number with its 95 % interval), with short headers
     # so it fits a terminal; report.md has every number of every trial
     ref = next((row[0] for row in body if row[4] == "reference"), None)
@@ -99,10 +103,12 @@ def print_summary(args: argparse.Namespace, results: dict[str, Any], rec: Any) -
     for h in header:
         table.add_column(h, justify="right", no_wrap=True)
     for row in body:
-        style = "bold green" if rec is not None and row[0] == str(rec.batch_size) else None
+        style = "bold green" if rec is not None and not interim and row[0] == str(rec.batch_size) else None
         table.add_row(*row, style=style)
     con.print(table)
-    if rec is not None:
+    if rec is not None and interim:
+        con.print(f"[yellow]{interim_line(results)}[/]", highlight=False)
+    elif rec is not None:
         con.print(f"[bold]Recommendation:[/] {rec.headline()}", highlight=False)
         for r in rec.reasons:
             con.print(f"  - {r}", highlight=False)

@@ -199,26 +199,44 @@ def _noise_callback() -> Any | None:
     return NoiseCallback()
 
 
-def _callbacks(plan: SweepPlan, batch: int, micro: int) -> tuple[list[Any], int, bool]:
-    """The engine callbacks of one trial and its micro-batch: always the layout the recommendation would give
-    (``min(batch, micro_batch_limit)`` x ``ceil(batch / micro)``), never changed for a measurement.
+def _callbacks(plan: SweepPlan, batch: int, micro: int) -> tuple[list[Any], int, dict[str, Any]]:
+    """The engine callbacks of one trial, its micro-batch and its noise attributes: always the layout the
+    recommendation would give (``min(batch, micro_batch_limit)`` x ``ceil(batch / micro)``), never changed for a
+    measurement.
 
-    B_simple needs >= 2 micro-batches per step (:class:`batchfit.noise.NoiseCallback`), so it is measured only on
-    trials that accumulate; a trial that runs as one micro-batch records none (the noise stage and the accumulating
-    trials provide it). Splitting such a batch in two would change what is measured (BatchNorm statistics over half
-    the batch, the throughput and memory of a smaller micro-batch). The third value (``noise_split``) is always
-    ``False`` now; it stays in the trial's attributes for the stores that have it."""
+    B_simple (:class:`batchfit.noise.NoiseCallback`) comes from the trial's own micro-batches when it accumulates
+    (``noise_method: "accumulation"``, every step). A trial that runs as one micro-batch is not split (that would
+    change what is measured: BatchNorm statistics over half the batch, the throughput and memory of a smaller
+    micro-batch); it is measured on every ``noise_every``-th step (:data:`batchfit.noise.HALVES_EVERY`) by an
+    extra forward/backward over the two halves of that step's batch, after the step and outside its timing, with
+    the parameters, buffers, gradients and random number generators put back, so the trial trains bit-for-bit as
+    without it (``noise_method: "extra-halves"``; :meth:`batchfit.noise.NoiseCallback.watch`). ``noise_split`` is
+    always ``False``; it stays in the trial's attributes for the stores that have it. No measurement (``--no-noise``,
+    B = 1): ``noise_method`` None."""
     callbacks: list[Any] = []
-    noise_split = False
-    if plan.measure_noise and batch >= 2 and micro < batch:
+    noise: dict[str, Any] = {"noise_split": False, "noise_method": None}
+    if plan.measure_noise and batch >= 2:
         noise_cb = _noise_callback()
         if noise_cb is not None:
             callbacks.append(noise_cb)
+            if micro < batch:
+                noise["noise_method"] = "accumulation"
+            else:
+                noise.update(noise_method="extra-halves", noise_every=noise_cb.halves_every)
     if plan.sharpness:
         from batchfit.sharpness import SharpnessCallback
 
         callbacks.append(SharpnessCallback(chunk_size=min(plan.micro_batch_limit or 256, 256), seed=plan.seed))
-    return callbacks, micro, noise_split
+    return callbacks, micro, noise
+
+
+def _watched(workload: Workload, callbacks: list[Any], noise: dict[str, Any]) -> Workload:
+    """The workload a trial trains: for extra-halves, the noise callback's :meth:`~batchfit.noise.NoiseCallback.
+    watch` of it (the same forward, which also hands the callback each measured step's batch)."""
+    if noise.get("noise_method") != "extra-halves":
+        return workload
+    cb = next(cb for cb in callbacks if callable(getattr(cb, "watch", None)))
+    return cb.watch(workload)
 
 
 def run_trial(study: Any, trial: Any, plan: SweepPlan, index: int) -> dict[str, Any]:
@@ -240,7 +258,7 @@ _RESULT_KEYS = (
     "lr", "lr_rule", "warmup_steps", "micro_batch_size", "accumulation_steps", "steps", "epochs", "samples",
     "seconds", "train_seconds", "samples_per_s", "peak_memory_bytes", "diverged", "diverged_at_step", "device",
     "precision", "b_simple_history", "b_simple_skipped_steps", "sharpness", "seed", "grad_clip", "lr_schedule",
-    "lr_scaling",
+    "lr_scaling", "noise_method", "noise_error",
 )
 
 
@@ -250,15 +268,15 @@ def _train_trial(study: Any, trial: Any, plan: SweepPlan, point: GridPoint, inde
     TrialState = optuna_module().trial.TrialState
     batch, mult = point.batch_size, point.lr_multiplier
     limit = plan.micro_batch_limit
-    callbacks, micro, noise_split = _callbacks(plan, batch, batch if limit is None else min(batch, limit))
+    callbacks, micro, noise = _callbacks(plan, batch, batch if limit is None else min(batch, limit))
     steps = plan.budget.steps_for(batch, plan.workload.num_train)
     eval_every = plan.eval_every or max(1, steps // EVALS_PER_TRIAL)
     seed = plan.seed if point.seed is None else point.seed
     info = {"index": index, "total": plan.total, "trial_number": trial.number, "batch_size": batch, "seed": seed,
             "lr_multiplier": mult, "micro_batch_size": micro, "accumulation_steps": math.ceil(batch / micro),
-            "steps": steps, "eval_every": eval_every, "noise_split": noise_split,
-            "warmup_steps": resolve_warmup(plan.warmup, steps)}
-    callbacks = [*callbacks, _Recorder(trial, plan, info), *plan.callbacks]
+            "steps": steps, "eval_every": eval_every, **noise, "warmup_steps": resolve_warmup(plan.warmup, steps)}
+    own = callbacks
+    callbacks = [*own, _Recorder(trial, plan, info), *plan.callbacks]
     trial.set_user_attr(K.TRIAL_WORKER, worker_identity())
     trial.set_user_attr(K.TRIAL_STATUS, K.STATUS_RUNNING)
     outcome: dict[str, Any] = dict(info)
@@ -266,8 +284,8 @@ def _train_trial(study: Any, trial: Any, plan: SweepPlan, point: GridPoint, inde
     with Heartbeat(study._storage, trial._trial_id):
         try:
             result = train(
-                _with_lr_multiplier(plan.workload, mult), batch_size=batch, micro_batch_size=micro,
-                lr_rule=plan.lr_rule, warmup=plan.warmup, steps=steps, precision=plan.precision,
+                _watched(_with_lr_multiplier(plan.workload, mult), own, noise), batch_size=batch,
+                micro_batch_size=micro, lr_rule=plan.lr_rule, warmup=plan.warmup, steps=steps, precision=plan.precision,
                 device=plan.device, seed=seed, eval_every=eval_every, callbacks=callbacks,
                 weight_decay_rule=plan.weight_decay_rule,
             )
