@@ -1,11 +1,14 @@
 """The decision rule's error rates, simulated at the measured seed spread (issue 19.1).
 
-Eight candidate batch sizes; the four fastest are truly worse than the best by ``gap`` (a multiple of the tolerance
-``delta``), the four slowest equal to it. Each repetition draws ``seeds`` seeds: a seed effect shared by every
-candidate (``seed_sd``) plus each run's own noise (``sd``). Two rules decide on the same draws:
+Eight candidate batch sizes (16 ... 2048). Shape ``step``: the four fastest are truly worse than the best by ``gap``
+(a multiple of the tolerance ``delta``), the four slowest equal to it; shape ``curve``: flat to 128, then falling
+smoothly (quadratic in log2 B) to ``-gap x delta`` at 2048. Each repetition draws ``seeds`` seeds: a seed effect
+shared by every candidate (``seed_sd``) plus each run's own noise (``sd``). Three rules decide on the same draws:
 
-- **new** (``batchfit.stats.select_non_inferior``): paired two-way model, simultaneous max-t bounds, a candidate is
-  non-inferior when its low bound lies above ``-delta``; the fastest non-inferior is chosen;
+- **curve** (``batchfit.stats.select_non_inferior`` with positions, what ``decide`` uses): one quadratic curve in
+  log2(batch) over every seed with seed effects (falling back to per-batch means on lack of fit), simultaneous max-t
+  bounds; non-inferior when the low bound lies above ``-delta``; the fastest non-inferior is chosen;
+- **paired** (the same without positions): per-batch means in the paired two-way model;
 - **old** (the rule before issue 19): pooled-variance t intervals of each candidate's seed mean widened to a half-width
   of at least ``delta / 2``, "tied" when they overlap the best's; the fastest tied is chosen.
 
@@ -45,32 +48,55 @@ def _old_rule(y: np.ndarray, delta: float) -> tuple[list[int], int]:
     return tied, max(tied)
 
 
-def simulate(gap: float, *, seeds: int, sd: float, seed_sd: float, delta: float, reps: int, seed: int) -> dict:
+POSITIONS = {i: float(4 + i) for i in range(8)}  # log2 of batch sizes 16 ... 2048
+
+
+def _mu(gap: float, shape: str, delta: float) -> np.ndarray:
+    if shape == "step":  # four equal, four worse by the gap
+        return np.array([0.0] * 4 + [-gap * delta] * 4)
+    # a smooth curve: flat to batch 128, then falling to -gap x delta at 2048 (quadratic in log2 B)
+    return np.array([-gap * delta * max(0.0, (i - 3) / 4) ** 2 for i in range(8)])
+
+
+def simulate(gap: float, *, seeds: int, sd: float, seed_sd: float, delta: float, reps: int, seed: int,
+             shape: str = "step") -> dict:
     rng = np.random.default_rng(seed)
-    mu = np.array([0.0] * 4 + [-gap * delta] * 4)
-    out = {r: {"worse_tied": 0, "equal_apart": 0, "equal_shown": 0, "equal_n": 0, "chose_worse": 0}
-           for r in ("new", "old")}
+    mu = _mu(gap, shape, delta)
+    worse = mu < -delta
+    equal = [i for i in range(8) if mu[i] == 0.0]
+    bad = [i for i in range(8) if worse[i]]
+    rules = ("curve", "paired", "old")
+    out = {r: {"worse_tied": 0, "equal_apart": 0, "equal_shown": 0, "equal_n": 0, "chose_worse": 0, "picks": []}
+           for r in rules}
     for _ in range(reps):
         y = mu[:, None] + rng.normal(0, seed_sd, seeds)[None, :] + rng.normal(0, sd, (8, seeds))
-        sel = stats.select_non_inferior({i: dict(enumerate(y[i])) for i in range(8)}, tolerance=delta)
-        new_tied = list(sel.non_inferior)
+        vals = {i: dict(enumerate(y[i])) for i in range(8)}
+        curve = stats.select_non_inferior(vals, tolerance=delta, positions=POSITIONS)
+        paired = stats.select_non_inferior(vals, tolerance=delta)
         old_tied, old_pick = _old_rule(y, delta)
         old_ref = max(range(8), key=lambda i: y[i].mean())
-        for name, tied, pick, ref in (("new", new_tied, max(new_tied), sel.reference),
-                                      ("old", old_tied, old_pick, old_ref)):
+        for name, tied, pick, ref, sel in (("curve", list(curve.non_inferior), max(curve.non_inferior),
+                                            curve.reference, curve),
+                                           ("paired", list(paired.non_inferior), max(paired.non_inferior),
+                                            paired.reference, paired),
+                                           ("old", old_tied, old_pick, old_ref, None)):
             o = out[name]
-            o["worse_tied"] += sum(1 for i in tied if i >= 4 and i != ref)
-            o["chose_worse"] += pick >= 4 and gap > 0
-            o["equal_shown"] += sum(1 for i in tied if i < 4 and i != ref)
-            o["equal_n"] += 4 - (ref < 4)
-        out["new"]["equal_apart"] += sum(1 for i in range(4) if sel.comparisons[i].verdict == "inferior")
+            o["worse_tied"] += sum(1 for i in tied if i in bad and i != ref)
+            o["chose_worse"] += pick in bad
+            o["equal_shown"] += sum(1 for i in tied if i in equal and i != ref)
+            o["equal_n"] += len(equal) - (ref in equal)
+            o["picks"].append(pick)
+            if sel is not None:
+                o["equal_apart"] += sum(1 for i in equal if sel.comparisons[i].verdict == "inferior")
     res = {}
     for name, o in out.items():
-        res[name] = {"worse_called_tied": o["worse_tied"] / (4 * reps),
+        picks = np.array(o["picks"])
+        res[name] = {"worse_called_tied": o["worse_tied"] / max(1, len(bad) * reps),
                      "chose_a_worse_batch": o["chose_worse"] / reps,
-                     "equal_shown_or_tied": o["equal_shown"] / max(1, o["equal_n"])}
-        if name == "new":
-            res[name]["equal_called_worse"] = o["equal_apart"] / (4 * reps)
+                     "equal_shown_or_tied": o["equal_shown"] / max(1, o["equal_n"]),
+                     "pick_spread_x": float(2 ** (np.quantile(picks, 0.9) - np.quantile(picks, 0.1)))}
+        if name != "old":
+            res[name]["equal_called_worse"] = o["equal_apart"] / max(1, len(equal) * reps)
     return res
 
 
@@ -84,12 +110,14 @@ def main() -> None:
     a = ap.parse_args()
     t0 = time.perf_counter()
     rows = []
-    for seeds in (2, 3, 5):
-        for gap in (0.0, 0.5, 1.5, 2.0, 3.0):
-            r = simulate(gap, seeds=seeds, sd=a.sd, seed_sd=a.seed_sd, delta=a.delta, reps=a.reps,
-                         seed=int(100 * seeds + 10 * gap))
-            rows.append({"seeds": seeds, "gap_in_tolerances": gap, **r})
-            print(f"seeds {seeds} gap {gap}: new {r['new']}  old {r['old']}", flush=True)
+    for shape in ("step", "curve"):
+        for seeds in (2, 3, 5):
+            for gap in (0.0, 0.5, 1.5, 2.0, 3.0):
+                r = simulate(gap, seeds=seeds, sd=a.sd, seed_sd=a.seed_sd, delta=a.delta, reps=a.reps,
+                             seed=int(100 * seeds + 10 * gap), shape=shape)
+                rows.append({"shape": shape, "seeds": seeds, "gap_in_tolerances": gap, **r})
+                print(f"{shape} seeds {seeds} gap {gap}: " + "  ".join(
+                    f"{k} " + " ".join(f"{n}={v:.3f}" for n, v in r[k].items()) for k in r), flush=True)
     data = {"command": "python bench/decision_rule.py " + " ".join(f"--{k.replace('_', '-')} {v}"
                                                                    for k, v in vars(a).items()),
             "settings": vars(a), "rows": rows, "seconds": time.perf_counter() - t0}

@@ -109,8 +109,8 @@ def test_width_depth_heads_options_and_registry() -> None:
     assert isinstance(model, TinyLM) and model.tok_emb.weight.shape == (16, 128)
     assert model.head.weight is model.tok_emb.weight
     assert model(wl.sample_batch(2)[0]).shape == (2, 16, 16)
-    small = sum(p.numel() for p in tiny_lm(**SMALL).model_fn().parameters())
-    assert sum(p.numel() for p in model.parameters()) > 2 * small
+    narrow = sum(p.numel() for p in tiny_lm(**SMALL, depth=1, tie_weights=True).model_fn().parameters())
+    assert sum(p.numel() for p in model.parameters()) > 3 * narrow  # the default width is 64
     opt = wl.optimizer_fn(model.parameters(), 1e-3)
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["weight_decay"] > 0
     assert opt.param_groups[1]["weight_decay"] == 0 and all(p.ndim == 1 for p in opt.param_groups[1]["params"])

@@ -926,7 +926,9 @@ def _worker_failure_recorded(ctx: dict[str, Any], out: str, err: str) -> None:
     assert trials and all(t["status"] == "failed" for t in trials), trials
     for t in trials:
         error = t.get("error") or ""
-        assert "data loader failed" in error and "DataLoader worker process" in error, error
+        # seen in train_data's reading, or in whatever ran when torch noticed the dead worker: the loader is named
+        assert re.search(r"data loader failed|reading a batch of train_data", error), error
+        assert "DataLoader worker process" in error, error
         assert not re.search(r"in-place|fix the model|targets fit", error), error
 
 
@@ -1153,11 +1155,11 @@ CASES: list[Case] = [
          err=r"val_data: DataLoader worker process \d+ raised ValueError: corrupt image #123",
          no_err=r"Original Traceback"),
     Case("train-worker-exits", "23.17", ("train", "-w", "{wl}:worker_exits", "--steps", "20", "-q"),
-         err=r"DataLoader worker process \(pid [^)]*\) exited unexpectedly",
+         err=r"DataLoader worker process (\(pid [^)]*\) exited unexpectedly|stopped while handing over a batch)",
          no_err=r"fix the model|targets fit|in-place"),
     Case("sweep-worker-killed", "23.17", ("sweep", "-w", "{wl}:worker_killed", "-b", "16", "--budget", "steps:14",
                                           "--no-noise", "--no-extremes", "--out", T + "/s", "-q"),
-         err=r"data loader failed", check=_worker_failure_recorded),
+         err=r"DataLoader worker process", check=_worker_failure_recorded),
 ]
 
 

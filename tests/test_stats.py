@@ -309,3 +309,33 @@ def test_a_quotient_is_never_inf_and_an_unknown_interval_stays_unknown() -> None
         iv = stats.positive_mean_interval(np.exp(rng.normal(5.0, 2.0, 2)))
         q = stats.quotient_interval(256.0, iv)
         assert q is not None and 0 <= q.low <= q.estimate <= q.high < math.inf  # type: ignore[operator]
+
+
+def test_one_curve_over_every_batch_size_shows_what_per_batch_means_cannot() -> None:
+    """A smooth quality curve (flat to 128, falling to 2 tolerances at 2048) at the measured digits spread, 2 seeds:
+    read off one quadratic in log2(batch), nearly every equal batch size is shown non-inferior and none worse than
+    the tolerance is chosen; per-batch means show about half."""
+    delta = 0.0094
+    mu = [-2 * delta * max(0.0, (i - 3) / 4) ** 2 for i in range(8)]
+    pos = [float(4 + i) for i in range(8)]
+    curve = stats.simulate_selection(mu, 0.0025, 2, delta, reps=150, seed_sd=0.005, positions=pos, seed=1)
+    per_batch = stats.simulate_selection(mu, 0.0025, 2, delta, reps=150, seed_sd=0.005, seed=1)
+    assert curve["shown"] >= 0.85 and curve["wrong_choice"] == 0.0 and curve["false_tied"] == 0.0, curve
+    assert per_batch["shown"] <= 0.7, per_batch
+
+
+def test_a_curve_that_does_not_fit_falls_back_to_per_batch_means() -> None:
+    """A step (four equal, four 3 tolerances worse) is no quadratic: the lack-of-fit test sends the decision back to
+    the per-batch paired model, which calls the step's far side inferior."""
+    rng = np.random.default_rng(2)
+    values = {2 ** (4 + i): {s: (0.95 if i < 4 else 0.92) + 0.001 * rng.standard_normal() for s in range(3)}
+              for i in range(8)}
+    pos = {b: math.log2(b) for b in values}
+    sel = stats.select_non_inferior(values, tolerance=0.01, positions=pos)
+    assert sel.method.startswith("paired") and set(sel.inferior) == {256, 512, 1024, 2048}
+    rng = np.random.default_rng(7)  # (a true quadratic still fails the 5 % lack-of-fit test 1 time in 20)
+    smooth = {b: {s: 0.95 - 0.001 * (math.log2(b) - 4) ** 2 + 0.0005 * rng.standard_normal() for s in range(3)}
+              for b in values}
+    curve = stats.select_non_inferior(smooth, tolerance=0.01, positions=pos)
+    assert curve.method.startswith("one quadratic curve") and curve.reference == 16
+    assert curve.comparisons[2048].verdict == "inferior" and curve.comparisons[32].verdict == "non-inferior"

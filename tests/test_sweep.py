@@ -207,11 +207,16 @@ def test_sweep_results_resume_and_store_roundtrip(tmp_path: Path) -> None:
         assert len(t["history"]) >= 10  # ~16 evaluations per trial: steps-to-target has resolution
         assert t["best_val_metrics"]["accuracy"] >= t["final_val_metrics"]["accuracy"] - 1e-9
         assert t["samples_per_s"] > 0 and t["peak_memory_bytes"] > 0
-        if t["batch_size"] > 16:  # B_simple over training, from the trial's own accumulated micro-batches
-            assert t["b_simple_history"] and t["b_simple"] is not None
-        else:  # one micro-batch: the layout is not split for B_simple, so the trial records none
+        # B_simple over training: from the trial's own accumulated micro-batches above the limit (every step); one
+        # micro-batch (the layout is not split for it): from extra halves of every 8th step's batch
+        measured = [r["step"] for r in t["history"] if "noise_window" in r]
+        assert t["b_simple_history"] and t["noise_split"] is False
+        if t["batch_size"] > 16:
+            assert t["b_simple"] is not None and len(measured) == len(t["history"])
+        else:  # a few single-step estimates of B = 4, 8: the EMA of |G|^2 may stay <= 0 (b_simple None)
             assert (t["micro_batch_size"], t["accumulation_steps"]) == (t["batch_size"], 1)
-            assert t["b_simple"] is None and t["noise_split"] is False
+            assert measured and sum(r["noise_window"]["steps"] for r in t["history"] if "noise_window" in r) == \
+                t["steps"] // 8  # every 8th step measured
     assert res["primary_metric"] == "accuracy" and res["higher_is_better"] is True
     best = best_config_mean(res["trials"], Metric("accuracy", True))  # the best configuration's final quality
     assert res["target"]["best"] == pytest.approx(best)
@@ -315,7 +320,8 @@ def test_extra_attrs_stored_and_returned(tmp_path: Path) -> None:
                 extra_attrs={"find": {"max_batch_size": 123}, "noise": {"b_simple": 4.5}})
     assert res["find"] == {"max_batch_size": 123} and res["noise"] == {"b_simple": 4.5}
     assert load_results(url)["find"] == {"max_batch_size": 123}
-    t = res["trials"][0]  # B=8 runs as the recommendation would run it, one micro-batch: no B_simple of its own
+    t = res["trials"][0]  # B=8 runs as the recommendation would run it, one micro-batch; 5 steps: none of them is
+    # an 8th step, the first that extra halves measure, so no B_simple of its own
     assert (t["micro_batch_size"], t["accumulation_steps"], t["noise_split"], t["b_simple"]) == (8, 1, False, None)
 
 
@@ -688,6 +694,38 @@ def test_a_trial_within_the_micro_limit_runs_as_one_micro_batch(tmp_path: Path, 
         assert torch.equal(seen.buffers[k], v), k
 
 
+@pytest.mark.parametrize(("batch", "limit"), [(8, 8), (16, 32)])
+def test_a_trial_within_the_micro_limit_measures_b_simple_on_extra_halves(tmp_path: Path, batch: int,
+                                                                          limit: int) -> None:
+    """(a) A batch <= the micro-batch limit trains as one micro-batch and still records B_simple: every 8th step is
+    measured by an extra forward/backward over the two halves of its batch, after the step, and the trial trains
+    bit-for-bit as a plain ``batchfit.train`` (the BatchNorm running statistics included). The stored attributes
+    say how noise was measured; the records pool against the training loss."""
+    import batchfit
+    from batchfit.noise import b_simple_against_loss, noise_records
+
+    seen = _Layout()
+    res = sweep(batchnorm_classify(), batch_sizes=[batch], budget="steps:16", storage=_url(tmp_path),
+                micro_batch_limit=limit, measure_noise=True, callbacks=[seen])
+    t = res["trials"][0]
+    assert t["status"] == "ok"
+    assert (t["micro_batch_size"], t["accumulation_steps"], t["noise_split"]) == (batch, 1, False)
+    windows = {r["step"]: r["noise_window"] for r in t["history"] if "noise_window" in r}
+    assert sorted(windows) == [8, 16] and all(w["steps"] == 1 for w in windows.values())
+    assert t["b_simple_history"] and t["b_simple"] is not None
+    assert b_simple_against_loss(noise_records([t]))  # pooled against the training loss
+    stored = optuna.load_study(study_name=res["study_name"], storage=_url(tmp_path)).trials[0].user_attrs
+    assert (stored["plan"]["noise_method"], stored["plan"]["noise_every"]) == ("extra-halves", 8)
+    assert stored["result"]["noise_method"] == "extra-halves"
+    half = [batch // 2, batch // 2]
+    assert seen.rows == [[batch, *half] if step % 8 == 0 else [batch] for step in range(1, 17)]
+    plain = _Layout()
+    batchfit.train(batchnorm_classify(), batch_size=batch, steps=16, seed=t["seed"], callbacks=[plain])
+    assert [row[:1] for row in seen.rows] == plain.rows
+    for k, v in plain.buffers.items():
+        assert torch.equal(seen.buffers[k], v), k
+
+
 def test_a_trial_above_the_micro_limit_accumulates_and_measures_b_simple(tmp_path: Path) -> None:
     """A batch above the limit runs as the recommendation's micro-batches x accumulation, and B_simple comes from
     those micro-batches (no extra split)."""
@@ -698,6 +736,8 @@ def test_a_trial_above_the_micro_limit_accumulates_and_measures_b_simple(tmp_pat
     assert (t["micro_batch_size"], t["accumulation_steps"], t["noise_split"]) == (16, 2, False)
     assert seen.rows == [[16, 16]] * 4
     assert t["b_simple_history"] and t["b_simple"] is not None
+    stored = optuna.load_study(study_name=res["study_name"], storage=_url(tmp_path)).trials[0].user_attrs
+    assert stored["plan"]["noise_method"] == "accumulation" and "noise_every" not in stored["plan"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

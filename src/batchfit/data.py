@@ -30,6 +30,7 @@ the sizes are cached, so later probes only collate. Fixed-size data (``TensorDat
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import re
@@ -78,6 +79,16 @@ _WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([^)]*)\) (exited 
 _WORKER_TIMEOUT = re.compile(r"DataLoader timed out after (\S+) seconds")
 
 
+def _from_loader(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside torch's DataLoader iterator (e.g. receiving a batch from a worker)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.replace("\\", "/").endswith("torch/utils/data/dataloader.py"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def loader_failure(exc: BaseException | None) -> str | None:
     """What a DataLoader worker failure was and what to do, in one line, when ``exc`` (or an exception it came from)
     is one: the worker's own exception as the last line of its traceback (``ValueError: corrupt image #123``), or how
@@ -101,6 +112,11 @@ def loader_failure(exc: BaseException | None) -> str | None:
                     "dataset's code in it ended the process: os._exit, a crash in native code, or the out-of-memory "
                     "killer); rerun with num_workers=0 to see the error in the dataset, or give the workers more "
                     "memory")
+        if isinstance(exc, (ConnectionError, EOFError)) and _from_loader(exc):
+            return (f"a DataLoader worker process stopped while handing over a batch ({type(exc).__name__}: "
+                    f"{' '.join(text.split())[:200]}); it probably died (os._exit, a crash in native code, or the "
+                    "out-of-memory killer): rerun with num_workers=0 to see the error in the dataset, or give the "
+                    "workers more memory")
         timeout = _WORKER_TIMEOUT.search(text)
         if timeout is not None:
             return (f"the DataLoader timed out after {timeout.group(1)} seconds waiting for a worker; raise its "
@@ -538,10 +554,18 @@ def _peek_seed(generator: torch.Generator) -> int:
 
 
 def _shutdown(loader: torch.utils.data.DataLoader) -> None:
+    """End a loader's worker processes. After a worker died, torch's shutdown may raise its error once more: the
+    workers are ending anyway, and the dead one's pid is unregistered so that it is not reported again later."""
     iterator = getattr(loader, "_iterator", None)
     stop = getattr(iterator, "_shutdown_workers", None)
     if callable(stop):
-        stop()
+        try:
+            stop()
+        except Exception:  # noqa: BLE001 - the failure was reported where it happened
+            if getattr(iterator, "_worker_pids_set", False):
+                with contextlib.suppress(Exception):
+                    torch.utils.data._utils.signal_handling._remove_worker_pids(id(iterator))
+                    iterator._worker_pids_set = False
     loader._iterator = None
 
 

@@ -948,6 +948,18 @@ def train(
         return _train(plan, callbacks, progress, t_start)
 
 
+@contextlib.contextmanager
+def _workers_closed(source: Any) -> Iterator[None]:
+    """The training source's kept DataLoader workers end with the run, also when it fails (a dead worker left
+    registered with torch would be reported again, wrongly, in this process's next run)."""
+    try:
+        yield
+    finally:
+        close = getattr(source, "close", None)
+        if callable(close):
+            close()
+
+
 def _train(plan: TrainPlan, callbacks: Sequence[Any], progress: ProgressFn | None, t_start: float) -> TrainResult:
     run = _setup(plan, callbacks, progress, t_start)
     state, result, losses = run.state, run.result, run.losses
@@ -964,8 +976,9 @@ def _train(plan: TrainPlan, callbacks: Sequence[Any], progress: ProgressFn | Non
     emit(progress, "train", "start",
          f"effective batch {plan.effective_batch_size} = micro-batch {plan.micro_batch_size} x accumulation "
          f"{plan.accumulation_steps} x world {plan.world_size}", completed=state.step, total=plan.total_steps)
-    stream = _stream(data.train_source(plan.workload), plan, run.feed)
-    with contextlib.closing(stream):  # a data loader's workers end with the loop
+    source = data.train_source(plan.workload)
+    stream = _stream(source, plan, run.feed)
+    with _workers_closed(source), contextlib.closing(stream):  # a data loader's workers end with the loop
         for epoch, batch, count in stream:
             if batch is None:  # -- an epoch ended: evaluate (unless this step already was) ---------------------------
                 state.epoch = epoch + 1

@@ -810,13 +810,14 @@ def select_non_inferior(values: Mapping[Any, Mapping[Any, float]], *, tolerance:
 
 def simulate_selection(true_means: Sequence[float], sd: float | Sequence[float], seeds: int, tolerance: float, *,
                        reps: int = 2000, seed_sd: float = 0.0, level: float = DEFAULT_LEVEL, looks: int = 1,
-                       seed: int = 0) -> dict[str, Any]:
+                       seed: int = 0, positions: Sequence[float] | None = None) -> dict[str, Any]:
     """The error rates of :func:`select_non_inferior` with the fastest non-inferior chosen, simulated.
 
     Candidates ``0 .. k-1`` have true qualities ``true_means`` (higher is better) and per-seed noise ``sd`` (one
     value, or one per candidate for unequal variances), plus a seed effect shared by every candidate
     (``seed_sd``); cost falls with the index (candidate ``k-1`` is the fastest, as the largest batch is), the
-    worst case for a rule whose ties go to the fastest. Rates, over ``reps`` repetitions:
+    worst case for a rule whose ties go to the fastest; ``positions`` (e.g. log2 of the batch sizes) selects the
+    pooled-curve model, as :func:`batchfit.decide.decide` uses it. Rates, over ``reps`` repetitions:
 
     - ``false_tied``: of the comparisons of a candidate truly worse than the best by more than ``tolerance``, the
       share called non-inferior (the rule's promise: at most ``1 - level``);
@@ -838,7 +839,7 @@ def simulate_selection(true_means: Sequence[float], sd: float | Sequence[float],
         block = rng.normal(0.0, seed_sd, size=seeds)
         y = mu[:, None] + block[None, :] + rng.normal(0.0, 1.0, size=(k, seeds)) * sds[:, None]
         sel = select_non_inferior({i: dict(enumerate(y[i])) for i in range(k)}, tolerance=tolerance, level=level,
-                                  looks=looks)
+                                  looks=looks, positions=None if positions is None else dict(enumerate(positions)))
         for i, c in sel.comparisons.items():
             if c.verdict == "reference":
                 continue

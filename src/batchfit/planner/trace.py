@@ -44,7 +44,14 @@ PHASES = ("setup", "forward", "backward", "optimizer")
 # operators that launch no kernel: allocation only, metadata, aliasing
 _NO_KERNEL = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias",
                         "lift_fresh", "lift_fresh_copy", "_local_scalar_dense", "set_", "resize_",
-                        "_has_compatible_shallow_copy_type"})
+                        "_has_compatible_shallow_copy_type", "_record_function_enter_new", "_record_function_exit",
+                        "_record_function_enter"})
+# Normalisations over a batch read their input twice: once for the statistics, once to normalise (forward); once for
+# the reductions of the gradient, once for the input gradient (backward). The extra reads of these arguments count.
+_TWO_PASS = {"native_batch_norm": (0,), "_batch_norm_with_update": (0,), "_native_batch_norm_legit": (0,),
+             "_native_batch_norm_legit_functional": (0,), "cudnn_batch_norm": (0,), "native_group_norm": (0,),
+             "native_batch_norm_backward": (0, 1), "batch_norm_backward": (0, 1), "cudnn_batch_norm_backward": (0, 1),
+             "native_group_norm_backward": (0, 1)}
 _TENSOR_CORE_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "addbmm", "_scaled_mm", "convolution",
                               "convolution_backward", "_convolution", "cudnn_convolution"})
 _ATTENTION = "_scaled_dot_product_"
@@ -290,6 +297,9 @@ class _Recorder(TorchDispatchMode):
             if id(t) not in seen and t.device.type == "meta":
                 seen.add(id(t))
                 moved += _nbytes(t)
+        for i in _TWO_PASS.get(name, ()):
+            if i < len(args):
+                moved += _nbytes(args[i])
         flops = 0
         counter = flop_registry.get(func._overloadpacket)
         if counter is not None:
