@@ -100,3 +100,24 @@ def test_a_bad_max_cost_is_refused_before_any_work(tmp_path: Path, bad: object) 
     with pytest.raises(ConfigError, match="max_cost"):
         tune(make_tiny_workload(), out_dir=tmp_path, max_cost=bad)  # type: ignore[arg-type]
     assert not (tmp_path / "find.json").exists()
+
+
+def test_every_output_states_its_cost(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """results.json, the report and the -q line each say what the answer cost in runs of the train budget."""
+    import json
+
+    from batchfit.cli import main
+
+    (tmp_path / "tinywl.py").write_text("from conftest import make_tiny_workload\n"
+                                        "def make():\n    return make_tiny_workload(n=256)\n")
+    wl = f"{tmp_path / 'tinywl.py'}:make"
+    out = tmp_path / "out"
+    assert main(["tune", "-w", wl, "-b", "8,16", "--train-budget", "epochs:3", "--no-find", "--no-noise",
+                 "--no-precision-check", "--no-lr-calibration", "--seeds", "1", "--out", str(out), "-q"]) == 0
+    err = capsys.readouterr().err
+    data = json.loads((out / "results.json").read_text())
+    runs = data["cost"]["runs"]
+    assert runs > 1.9 and f"cost {runs:.2f} runs" in err and "of the train budget epochs:3" in err
+    assert f"This answer's cost {runs:.2f} runs" in (out / "report.md").read_text()
+    assert f"This answer&#x27;s cost {runs:.2f} runs" in (out / "report.html").read_text() or \
+        f"This answer's cost {runs:.2f} runs" in (out / "report.html").read_text()

@@ -1044,6 +1044,17 @@ def _answer(rec: Recommendation | None, interim: bool) -> tuple[str | None, list
     return rec.headline(), reasons, holds, [str(f) for f in rec.get("flags") or []]
 
 
+def cost_text(results: Mapping[str, Any]) -> str:
+    """``cost 0.84 runs (24,120 samples, 31 s) of the train budget epochs:20, cap 1`` from ``results["cost"]``
+    (issue 18: every output states what the answer cost), or ``""``."""
+    from batchfit.cost import Cost
+
+    data = results.get("cost")
+    if not isinstance(data, Mapping) or not data.get("samples"):
+        return ""
+    return Cost.from_dict(data).line()
+
+
 def _span_text(sizes: list[int]) -> str:
     return ", ".join(map(str, sizes)) if sizes else "none"
 
@@ -1101,9 +1112,11 @@ def render_markdown(results: Mapping[str, Any], recommendation: Recommendation |
     shown = None if interim else recommendation
     parts = [f"# batchfit report: {results.get('workload')}", ""]
     head, reasons, holds, flags = _answer(recommendation, interim)
+    spent = cost_text(results)
     if head:
         parts += ["## Recommendation", "", f"**{head}**", ""] + [f"- {r}" for r in reasons] + [""]
         parts += ([holds, ""] if holds else []) + ([f"- Flag: {f}" for f in flags] + [""] if flags else [])
+        parts += [f"This answer's {spent}.", ""] if spent else []
     elif still_running(results) or recommendation is not None:
         parts += ["## Interim report", "", interim_line(results), ""]
     else:
@@ -1200,6 +1213,8 @@ def render_html(results: Mapping[str, Any], recommendation: Recommendation | Non
         parts += [f"<li>{e(r)}</li>" for r in reasons] + ["</ul>"]
         parts += [f'<p class="holds">{e(holds)}</p>'] if holds else []
         parts += ['<ul class="flags">'] + [f"<li>Flag: {e(f)}</li>" for f in flags] + ["</ul>"] if flags else []
+        spent = cost_text(results)
+        parts += [f'<p class="holds">This answer\'s {e(spent)}.</p>'] if spent else []
         parts.append("</div>")
     elif still_running(results) or recommendation is not None:
         parts += ["<h2>Interim report</h2>", f'<div class="interim"><p>{e(interim_line(results))}</p></div>']

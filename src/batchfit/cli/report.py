@@ -83,11 +83,14 @@ def print_summary(args: argparse.Namespace, results: dict[str, Any], rec: Any) -
 
     # a study still running (a store read mid-sweep) gets the interim report's words: no recommendation yet
     interim = rec is None or still_running(results)
+    from batchfit.report import cost_text
+
+    cost = cost_text(results)
     if getattr(args, "quiet", False):
         line = (f"Recommendation: {rec.headline()}" if not interim else
                 interim_line(results).split(". ")[0] + "." if rec is not None else
                 "No recommendation: no trial finished.")
-        sys.stderr.write(line + "\n")
+        sys.stderr.write(line + (f" [{cost}]" if cost else "") + "\n")
         return
     con = c.console(args)
     full_header, body = tradeoff_table(results, rec, interim=interim)
@@ -110,6 +113,8 @@ def print_summary(args: argparse.Namespace, results: dict[str, Any], rec: Any) -
         con.print(f"[yellow]{interim_line(results)}[/]", highlight=False)
     elif rec is not None:
         con.print(f"[bold]Recommendation:[/] {rec.headline()}", highlight=False)
+        if cost:
+            con.print(f"  [dim]{cost}[/]", highlight=False)
         for r in rec.reasons:
             con.print(f"  - {r}", highlight=False)
         for f in rec.get("flags") or []:
