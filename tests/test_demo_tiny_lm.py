@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -71,6 +72,7 @@ def test_data_deterministic_per_data_seed() -> None:
     assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
     assert not torch.equal(a.train_data.tensors[0][:64], a.val_data.tensors[0])  # validation is its own sample
     assert a.entropy_rate == pytest.approx(a.source.entropy_rate) and a.loss_floor < math.log(16)
+    assert dataclasses.replace(a, base_lr=0.5).loss_floor == a.loss_floor  # as tune's LR check copies it
 
 
 def test_model_is_causal_and_made_of_transformer_blocks() -> None:
@@ -114,6 +116,7 @@ def test_width_depth_heads_options_and_registry() -> None:
     opt = wl.optimizer_fn(model.parameters(), 1e-3)
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["weight_decay"] > 0
     assert opt.param_groups[1]["weight_decay"] == 0 and all(p.ndim == 1 for p in opt.param_groups[1]["params"])
+    assert wl.lr_schedule is None and tiny_lm(**SMALL, schedule="cosine").lr_schedule is not None
     with pytest.raises(ConfigError, match="divisible"):
         tiny_lm(**SMALL, width=30, heads=4)
     with pytest.raises(ConfigError, match="order"):

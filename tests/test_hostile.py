@@ -1,9 +1,11 @@
-"""Hostile inputs (issue 13): one table of cases across train / find / noise / sweep / tune / report and the API.
+"""Hostile inputs (issues 13 and 23): one table of cases across train / find / noise / sweep / tune / report and
+the API.
 
-Each case names the issue-13 item it fences. A CLI case runs ``batchfit.cli.main`` in-process and checks the exit code
-and stderr: a refused input is exactly one line with exit code 2, never a traceback or an "internal error". A few cases
-need a real process (``sys.exit`` at import, Ctrl-C) and run ``python -m batchfit``. Workloads are tiny (192 samples,
-8 features) so that the whole table runs in about a minute on two CPU cores.
+Each case names the issue item it fences (``4``: item 4 of issue 13; ``23.10``: item 10 of issue 23). A CLI case
+runs ``batchfit.cli.main`` in-process and checks the exit code and stderr: a refused input is exactly one line with
+exit code 2, never a traceback or an "internal error". A few cases need a real process (``sys.exit`` at import,
+Ctrl-C) and run ``python -m batchfit``. Workloads are tiny (192 samples, 8 features) so that the whole table runs in
+about a minute on two CPU cores.
 """
 
 from __future__ import annotations

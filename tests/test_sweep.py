@@ -716,7 +716,7 @@ def test_a_trial_within_the_micro_limit_measures_b_simple_on_extra_halves(tmp_pa
     assert b_simple_against_loss(noise_records([t]))  # pooled against the training loss
     stored = optuna.load_study(study_name=res["study_name"], storage=_url(tmp_path)).trials[0].user_attrs
     assert (stored["plan"]["noise_method"], stored["plan"]["noise_every"]) == ("extra-halves", 8)
-    assert stored["result"]["noise_method"] == "extra-halves"
+    assert stored["result"]["noise_method"] == "extra-halves" and stored["result"]["noise_samples"] == 2 * batch
     half = [batch // 2, batch // 2]
     assert seen.rows == [[batch, *half] if step % 8 == 0 else [batch] for step in range(1, 17)]
     plain = _Layout()

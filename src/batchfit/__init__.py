@@ -32,6 +32,8 @@ _EXPORTS = {
     "WorkloadError": "batchfit.errors",
     "DataError": "batchfit.errors",
     "NoisyEstimateWarning": "batchfit.errors",
+    "plan": "batchfit.planner",
+    "PlanResult": "batchfit.planner",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -41,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from batchfit.errors import BatchfitError, ConfigError, DataError, NoisyEstimateWarning, WorkloadError
     from batchfit.finder import find_batch_size
     from batchfit.noise import noise_scale
+    from batchfit.planner import PlanResult, plan
     from batchfit.recommend import Recommendation, recommend
     from batchfit.report import write_report
     from batchfit.scaling import ScaledHyperparameters, scale_lr

@@ -177,7 +177,7 @@ def cost_of(results: Mapping[str, Any]) -> Cost:
                           "seconds": float(sum(r.get("seconds") or 0.0 for r in runs))}
     trials = [t for t in results.get("trials") or [] if isinstance(t, Mapping)]
     if trials:
-        by["sweep"] = {"samples": int(sum(t.get("samples") or 0 for t in trials
+        by["sweep"] = {"samples": int(sum((t.get("samples") or 0) + (t.get("noise_samples") or 0) for t in trials
                                           if isinstance(t.get("samples"), (int, float)))),
                        "seconds": float(sum(t.get("seconds") or 0.0 for t in trials
                                             if isinstance(t.get("seconds"), (int, float)))),

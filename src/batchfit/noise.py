@@ -641,17 +641,19 @@ class NoiseCallback:
     - ``extra-halves``: a run whose steps are one micro-batch, with a workload from :meth:`watch`. Every
       ``halves_every``-th step (default :data:`HALVES_EVERY`: 1/8 more forward/backward samples than training) is
       measured after it, outside the step's timing: the parameters are set back to the values the step's gradient
-      was taken at (a copy taken just before the optimizer step), one extra forward/backward runs over the two
-      halves of that step's batch through a :class:`batchfit.step.TrainStep` (the same forward, loss, precision,
-      autocast and loss scale; no optimizer), ``small`` comes from the halves' gradients and ``big`` from their
-      weighted sum, exactly as a step of two micro-batches (so both methods give the same estimates). Then the
+      was taken at (a copy taken just before the optimizer step: the one part inside the step, a single pass over
+      the parameters), one extra forward/backward runs over the two halves of that step's batch through a
+      :class:`batchfit.step.TrainStep` (the same forward, loss, precision, autocast and loss scale; no optimizer),
+      ``small`` comes from the halves' gradients and ``big`` from their weighted sum, exactly as a step of two
+      micro-batches (so both methods give the same estimates). Then the
       training state is put back as it was: the parameters, every buffer (BatchNorm running statistics and
       ``num_batches_tracked``), ``.grad``, the torch (CPU and the device's), Python and NumPy random number
       generators (the pass runs under ``torch.random.fork_rng``, so its dropout draws nothing from the stream the
       next step uses); the model stays in the train mode the step saw. Training is bit-for-bit the run without the
-      measurement. The pass's samples count in :mod:`batchfit.cost` (they are compute spent). A failure of the
-      extra pass (e.g. a model that cannot take half a batch) stops the measurement, not training
-      (``state.extras["noise_error"]``).
+      measurement. The pass's samples go to :func:`batchfit.cost.add_samples` (compute spent; counted by any
+      :func:`batchfit.cost.measure` around the run) and to ``state.extras["noise_samples"]`` (a run's own
+      ``samples`` stay its training samples). A failure of the extra pass (e.g. a model that cannot take half a
+      batch) stops the measurement, not training (``state.extras["noise_error"]``).
 
     Without either (one micro-batch per step and no :meth:`watch`) it is a :class:`ConfigError`.
 
@@ -680,6 +682,7 @@ class NoiseCallback:
         self.valid_steps = 0
         self.skipped_steps = 0
         self.halves_steps = 0  # extra-halves passes run
+        self.halves_samples = 0  # the samples they forwarded and backwarded
         self._population: int | None = None
         self._world = 1
         # extra-halves
@@ -722,6 +725,8 @@ class NoiseCallback:
                 raise ConfigError(f"the noise scale needs a batch of at least 2 samples, got {state.batch_size}")
             self.noise_method = "extra-halves"
             self._params = _trainable(state.model)
+            self._meter = _make_meter(self.method, state.model, 1)  # chosen once; attached only during a pass
+            self._meter.detach()
             self._halves = TrainStep(self._watched, state.model, None, device=state.device,
                                      precision=state.precision, scaler=state.scaler, world_size=1)
             state.extras["noise_every"] = self.halves_every
@@ -736,7 +741,7 @@ class NoiseCallback:
         self._population = state.workload.num_train
         self._pending = []
         self._running = RunningNoiseScale(self.beta)
-        self.valid_steps = self.skipped_steps = self.halves_steps = 0
+        self.valid_steps = self.skipped_steps = self.halves_steps = self.halves_samples = 0
         self._arm(state)
         state.extras["noise_method"] = self.noise_method
         state.extras["b_simple_history"] = []
@@ -794,6 +799,8 @@ class NoiseCallback:
         if self.valid_steps and (not history or history[-1]["step"] != state.step):
             self._log(state)
         state.extras["b_simple_skipped_steps"] = self.skipped_steps
+        if self.noise_method == "extra-halves":
+            state.extras["noise_samples"] = self.halves_samples
         self._meter.detach()
         self._armed = False
         self._before = self._step_batch = self._seen = None
@@ -814,14 +821,16 @@ class NoiseCallback:
             return
         grads = [p.grad for p in params]  # the optimizer step has zeroed them; kept whatever they are
         buffers = _BufferSnapshot(model)
-        measured = None
+        measured, swapped = None, False
         with _forked_rng(state.device):
-            meter = _make_meter(self.method, model, 1)
+            meter = self._meter
+            meter.attach(model)
             step = self._halves
             step.micro_batch_size = math.ceil(n / 2)
             step.on_micro = [lambda mb: meter.end_micro(mb.samples, mb.last)]
             try:
                 _swap_(params, before)  # the parameters before the optimizer step
+                swapped = True
                 for p in params:
                     p.grad = None
                 step.forward_backward(batch, n)
@@ -843,11 +852,13 @@ class NoiseCallback:
                 step.on_micro = []
                 for p, g in zip(params, grads):
                     p.grad = g
-                _swap_(params, before)  # back to the values after the optimizer step
+                if swapped:
+                    _swap_(params, before)  # back to the values after the optimizer step
                 buffers.restore()
         if measured is not None:
             self._pending.append(measured)
             self.halves_steps += 1
+            self.halves_samples += n
         if state.device.type == "cuda":  # its kernels finish here, not inside the next step's timing
             torch.cuda.synchronize(state.device)
 

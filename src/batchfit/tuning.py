@@ -1000,12 +1000,14 @@ def tune(
     # -- validate everything before any work ------------------------------------------------------------------
     options = dict(workload_options or {})
     wl = load_workload(workload, **options)
+    from batchfit import checks
+
+    checks.positive_int("max_batch_size", max_batch_size, allow_none=True)
     cap = batch_size_cap if batch_size_cap is not None else max_batch_size
     bud, sizes, budget_bytes = _check_inputs(
         wl, batch_sizes=batch_sizes, budget=budget, target=target, tolerance=tolerance, lr_search=lr_search,
         noise_steps=noise_steps, eval_every=eval_every, device=device, precision=precision, seed=seed, find=find,
         memory_budget=memory_budget, batch_size_cap=cap, seeds=seeds, max_seeds=max_seeds)
-    from batchfit import checks
     from batchfit.scaling import WEIGHT_DECAY_RULES
 
     checks.one_of("weight_decay_rule", weight_decay_rule, WEIGHT_DECAY_RULES)

@@ -1,4 +1,4 @@
-"""The ``batchfit`` command line: ``batchfit train|find|noise|sweep|tune|report``.
+"""The ``batchfit`` command line: ``batchfit train|find|noise|sweep|tune|report|plan``.
 
 Each subcommand lives in its own small module with ``add_parser(subparsers)`` and ``run(args) -> int``.
 Bad input of any kind ends in one line on stderr and exit code 2; ``--debug`` shows the traceback.
@@ -17,7 +17,7 @@ from batchfit.cli._common import EXIT_INPUT, ArgumentParser, fail, workload_impo
 __all__ = ["COMMANDS", "DISTRIBUTED_COMMANDS", "build_parser", "main"]
 
 # name -> module under batchfit.cli; a module that is not there yet is skipped (commands land one by one).
-COMMANDS = ("train", "find", "noise", "sweep", "tune", "report")
+COMMANDS = ("train", "find", "noise", "sweep", "tune", "report", "plan")
 # Under torchrun these run data-parallel (one process per device); the others refuse to start N copies of themselves.
 DISTRIBUTED_COMMANDS = ("train", "find", "noise")
 

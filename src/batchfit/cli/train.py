@@ -54,7 +54,9 @@ def add_parser(sub: Any) -> None:
     sched.add_argument("--checkpoint", type=Path, metavar="PATH",
                        help="write a resumable checkpoint here (every --checkpoint-every steps and at the end)")
     sched.add_argument("--checkpoint-every", type=c.positive_int, metavar="N", help="checkpoint every N steps")
-    sched.add_argument("--resume", type=Path, metavar="PATH", help="continue the run saved in this checkpoint")
+    sched.add_argument("--resume", type=Path, metavar="PATH",
+                       help="continue the run saved in this checkpoint, with the same arguments (any argument that "
+                            "changes the result, --steps included, must match; a mismatch is named)")
     c.add_runtime_options(p)
     c.add_output_options(p)
     p.set_defaults(handler=run)

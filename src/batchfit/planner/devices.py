@@ -107,7 +107,8 @@ DEVICES: dict[str, GpuSpec] = {
 
 
 def _key(text: str) -> str:
-    return " ".join(text.strip().lower().replace("_", "-").split())
+    """Case, spaces, dashes and underscores do not matter: ``RTX 4090`` = ``rtx-4090`` = ``rtx_4090``."""
+    return "".join(ch for ch in text.lower() if ch.isalnum())
 
 
 _LOOKUP = {_key(k): k for k in DEVICES} | {_key(a): spec.name for spec in DEVICES.values() for a in spec.aliases}

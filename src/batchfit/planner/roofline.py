@@ -5,7 +5,9 @@ least a kernel's floor), where the peak is the device's dense peak for the opera
 TF32 for fp32 convolutions — cuDNN's default ``allow_tf32=True`` — and for fp32 matmuls only when
 ``torch.backends.cuda.matmul.allow_tf32`` is on, FP32 CUDA cores otherwise) and ``e_t``, ``e_m`` are the shares of the
 peak and of the bandwidth real kernels reach. The host spends ``h`` per operator (Python, the dispatcher, autograd,
-the launch); the GPU works asynchronously, so a step takes the longer of the two sums. Data parallelism adds its
+the launch). The GPU works asynchronously: with a launch queue that hides every gap a step takes the longer of the
+two sums (the low end), with none each operator waits for the later of its launch and its kernel (the sum of the
+per-operator maxima, the high end); the estimate is halfway between. Data parallelism adds its
 collectives over the link (ring all-reduce ``2 (N-1)/N`` x the gradient bytes for DDP; all-gathers in forward and
 backward and a reduce-scatter for FSDP), overlapped with compute in the estimate and the low end, not in the high
 end. The interval is the spread of the efficiencies below: what they are, not a statistical interval.
@@ -51,11 +53,12 @@ class StepTime:
         return {"estimate": self.estimate, "low": self.low, "high": self.high}
 
 
-def _gpu(ops: Sequence[OpRecord], spec: GpuSpec, e_t: float, e_m: float, floor: float) -> tuple[float, float, float,
-                                                                                               dict[str, float]]:
-    compute = memory = 0.0
+def _times(ops: Sequence[OpRecord], spec: GpuSpec, e_t: float, e_m: float, floor: float,
+           host: float) -> tuple[float, float, float, float, dict[str, float]]:
+    """(sum of GPU times, sum of per-operator max(GPU, host), compute-bound part, memory-bound part, GPU time by
+    phase)."""
+    gpu = serial = compute = memory = 0.0
     by_phase: dict[str, float] = {}
-    total = 0.0
     for op in ops:
         if op.kind == "none":
             continue
@@ -66,9 +69,10 @@ def _gpu(ops: Sequence[OpRecord], spec: GpuSpec, e_t: float, e_m: float, floor: 
             compute += t
         else:
             memory += t
-        total += t
+        gpu += t
+        serial += max(t, host)
         by_phase[op.phase] = by_phase.get(op.phase, 0.0) + t
-    return total, compute, memory, by_phase
+    return gpu, serial, compute, memory, by_phase
 
 
 def _comm_bytes(parallel: Parallel, param_bytes: int, grad_bytes: int) -> float:
@@ -88,14 +92,19 @@ def step_time(ops: Sequence[OpRecord], spec: GpuSpec, parallel: Parallel = Paral
     kernels = sum(op.kind != "none" for op in ops)
     comm_bytes = _comm_bytes(parallel, param_bytes, grad_bytes)
     results = []
-    for i in range(3):
-        gpu, compute, memory, by_phase = _gpu(ops, spec, e.tensor[i], e.memory[i], e.kernel_floor)
+    for i in range(3):  # estimate, optimistic, pessimistic
+        gpu, serial, compute, memory, by_phase = _times(ops, spec, e.tensor[i], e.memory[i], e.kernel_floor,
+                                                        e.host[i])
         host = kernels * e.host[i]
+        overlapped = max(gpu, host)  # the launch queue hides every gap
+        # the estimate sits halfway between a queue that hides every gap and none (each operator waits for the
+        # later of its launch and its kernel); the low end takes the first, the high end the second
+        step = {0: (overlapped + serial) / 2, 1: overlapped, 2: serial}[i]
         comm = comm_bytes / (spec.link * e.link[i]) if comm_bytes else 0.0
         overlap_with = by_phase.get("backward", 0.0) + (by_phase.get("forward", 0.0) if parallel.mode == "fsdp"
                                                         else 0.0)
         exposed = comm if i == 2 else max(0.0, comm - overlap_with)
-        results.append((max(gpu, host) + exposed, gpu, host, comm, compute, memory))
+        results.append((step + exposed, gpu, host, comm, compute, memory))
     est, gpu, host, comm, compute, memory = results[0]
     if comm > max(gpu, host) and comm > 0:
         bound = "communication"

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from batchfit.planner.devices import MiB, GpuSpec
+from batchfit.planner.devices import GpuSpec, MiB
 
 __all__ = [
     "BLOCK_ROUND",
@@ -263,7 +263,7 @@ class CudaRules(TorchFunctionMode):
         if name == "scaled_dot_product_attention":
             args, kwargs = self._autocast(name, tuple(args), kwargs)
             return self._sdpa(func, args, kwargs)
-        if name in ("dropout", "dropout1d", "dropout2d", "dropout3d") and func is not torch.ops.aten.native_dropout:
+        if name == "dropout":
             out = self._dropout(func, name, args, kwargs)
             if out is not NotImplemented:
                 return out
@@ -297,7 +297,7 @@ class CudaRules(TorchFunctionMode):
         x = params.get("input")
         p = float(params.get("p", 0.5))
         training = params.get("training", params.get("train", True))
-        if name != "dropout" or not isinstance(x, torch.Tensor) or x.device.type != "meta":
+        if not isinstance(x, torch.Tensor) or x.device.type != "meta":
             return NotImplemented
         if not training or p == 0.0:
             return x

@@ -175,22 +175,24 @@ def meta_batch(batch: Any, b0: int, batch_size: int) -> Any:
 
 
 def _units(model: nn.Module) -> dict[str, int]:
-    """FSDP wrapping as it is usually written: each child of the largest container of repeated blocks (transformer
-    layers, ResNet stages' blocks) is a unit, the root holds the rest. Parameter bytes of the root and the largest
-    block."""
+    """FSDP wrapping as it is usually written (an auto-wrap policy on the model's block class): every instance of the
+    module class that repeats and holds the most parameters (transformer layers, ResNet bottlenecks; composite
+    modules before single layers) is a unit, the root holds the rest. Parameter bytes of the root and of the largest
+    unit, and the number of units."""
     def nbytes(m: nn.Module) -> int:
         return sum(p.numel() * p.element_size() for p in m.parameters())
 
-    best: list[nn.Module] = []
+    by_class: dict[type, list[nn.Module]] = {}
     for module in model.modules():
-        if isinstance(module, (nn.ModuleList, nn.Sequential)):
-            children = list(module.children())
-            kinds = {type(c) for c in children}
-            if len(children) >= 2 and len(kinds) <= 2 and sum(map(nbytes, children)) > sum(map(nbytes, best)):
-                best = children
+        if module is model or isinstance(module, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
+            continue
+        by_class.setdefault(type(module), []).append(module)
+    candidates = [ms for ms in by_class.values() if len(ms) >= 2 and sum(map(nbytes, ms)) > 0]
+    units = max(candidates, key=lambda ms: (any(True for _ in ms[0].children()), sum(map(nbytes, ms))),
+                default=[])
     total = nbytes(model)
-    block = max((nbytes(c) for c in best), default=0)
-    return {"root": total - sum(map(nbytes, best)), "block": block, "blocks": len(best)}
+    return {"root": total - sum(map(nbytes, units)), "block": max(map(nbytes, units), default=0),
+            "blocks": len(units)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -318,6 +320,26 @@ class _Recorder(TorchDispatchMode):
 # The step
 
 
+@contextlib.contextmanager
+def _fused_optimizers_on_meta() -> Any:
+    """Let ``fused=True`` optimizers accept ``meta`` parameters (they check the device type up front), so that a
+    fused optimizer is traced as the fused kernel it is on CUDA (state updated in place, no temporaries)."""
+    import sys
+
+    name = "_get_fused_kernels_supported_devices"
+    patched = []
+    for mod_name, module in list(sys.modules.items()):
+        if mod_name.startswith("torch.optim") and callable(getattr(module, name, None)):
+            original = getattr(module, name)
+            setattr(module, name, lambda original=original: [*original(), "meta"])
+            patched.append((module, original))
+    try:
+        yield
+    finally:
+        for module, original in patched:
+            setattr(module, name, original)
+
+
 def trace_step(workload: Any, batch_size: int, *, spec: GpuSpec, precision: str = "fp32",
                sample: tuple[Any, int] | None = None) -> Trace:
     """Trace two training steps of ``workload`` at ``batch_size`` as they would run on ``spec``."""
@@ -326,7 +348,8 @@ def trace_step(workload: Any, batch_size: int, *, spec: GpuSpec, precision: str 
     low = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     model, _ = meta_model(workload)
     model.train()
-    optimizer = build_optimizer(workload, model)
+    with _fused_optimizers_on_meta():
+        optimizer = build_optimizer(workload, model)
     cuda_optimizer_defaults(optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     batch0, b0 = sample if sample is not None else sample_batch(workload)
@@ -345,7 +368,7 @@ def trace_step(workload: Any, batch_size: int, *, spec: GpuSpec, precision: str 
     was_enabled = gc.isenabled()
     gc.disable()  # frees happen when the last reference goes, in program order (no collector in between)
     try:
-        with rules, rec:
+        with rules, rec, _fused_optimizers_on_meta():
             for step in range(2):
                 if step == 1:
                     step_start = len(rec.tokens)
@@ -397,7 +420,6 @@ def trace_step(workload: Any, batch_size: int, *, spec: GpuSpec, precision: str 
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     grad_bytes = sum(p.numel() * p.element_size() for p in params)
     del model, optimizer, params, batch
-    gc.collect()
     phase_of_birth = {}
     for tok, sign, phase in zip(rec.tokens[:step_end], rec.signs[:step_end], rec.phases[:step_end]):
         if sign > 0 and tok not in phase_of_birth:

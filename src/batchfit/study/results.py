@@ -85,6 +85,8 @@ class TrialSummary:
     b_simple: float | None = None  # the median of the trial's running B_simple: not at a stated training loss
     b_simple_history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     noise_split: bool | None = None
+    noise_method: str | None = None  # accumulation | extra-halves | None: how the trial measured B_simple
+    noise_samples: int | None = None  # samples the extra-halves passes trained on (forward/backward, no step)
     sharpness: float | None = None
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     steps: int | None = None
@@ -332,7 +334,8 @@ def summarize_trial(t: Any, metric: Metric, default_seed: int | None = None) -> 
         generalization_gap=final.get("generalization_gap"), samples_per_s=res.get("samples_per_s"),
         peak_memory_bytes=res.get("peak_memory_bytes"),
         b_simple=statistics.median(bs_vals) if bs_vals else None, b_simple_history=bs_hist,
-        noise_split=plan.get("noise_split"),
+        noise_split=plan.get("noise_split"), noise_method=res.get("noise_method", plan.get("noise_method")),
+        noise_samples=res.get("noise_samples"),
         sharpness=sharp.get("top_eigenvalue") if isinstance(sharp, Mapping) else sharp, history=history,
         steps=res.get("steps", final.get("step")), planned_steps=plan.get("steps"),
         epochs=res.get("epochs", final.get("epoch")), samples=res.get("samples", final.get("samples")),

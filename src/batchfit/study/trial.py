@@ -258,7 +258,7 @@ _RESULT_KEYS = (
     "lr", "lr_rule", "warmup_steps", "micro_batch_size", "accumulation_steps", "steps", "epochs", "samples",
     "seconds", "train_seconds", "samples_per_s", "peak_memory_bytes", "diverged", "diverged_at_step", "device",
     "precision", "b_simple_history", "b_simple_skipped_steps", "sharpness", "seed", "grad_clip", "lr_schedule",
-    "lr_scaling", "noise_method", "noise_error",
+    "lr_scaling", "noise_method", "noise_samples", "noise_error",
 )
 
 
