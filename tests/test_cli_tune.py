@@ -149,7 +149,7 @@ def test_a_workload_without_validation_data_gets_a_recommendation(tmp_path: Path
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 0, err
     assert len(err) == 1 and err[0].startswith("Recommendation: batch ")
-    assert err[0].endswith("(ranked on training loss: no validation data)")
+    assert "(ranked on training loss: no validation data) [cost " in err[0]
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert data["primary_metric"] == "train_loss" and data["recommendation"]["metric"] == "train_loss"
     assert "ranked on the training loss" in (tmp_path / "out" / "report.md").read_text()

@@ -364,6 +364,22 @@ def test_hugging_face_model_from_a_config() -> None:
     assert r.rules["fsdp_units"]["blocks"] == 2
 
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize("example", ["text_dict", "image_folder", "lightning_module", "hf_transformers"])
+def test_plan_runs_on_the_examples(example: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dict batches with a padding collate, DataLoaders with workers and gradient clipping, a Lightning module, a
+    Hugging Face Trainer setup (its attention mask is kept, as under a trace, not inspected)."""
+    if example in ("lightning_module", "hf_transformers"):
+        pytest.importorskip("lightning" if example == "lightning_module" else "transformers")
+    monkeypatch.syspath_prepend(str(EXAMPLES / example))  # as the CLI does: the file's folder is importable
+    r = batchfit.plan(f"{EXAMPLES / example / 'workload.py'}:make", gpu="L4", precision="bf16", batch_sizes=[1, 32])
+    assert 0 < r.points[0]["peak_bytes"] < r.points[1]["peak_bytes"]
+    if example == "hf_transformers":
+        assert any(k.startswith("attention:") for k in r.rules["kernels"])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The command line
 

@@ -791,3 +791,19 @@ def test_a_running_study_claims_no_win_even_with_every_trial_in(tmp_path: Path,
     assert not done["interim"]
     assert "chosen: 64" in labels()
     assert "| 64 | 222.7 KiB (64 x 1) |" in (tmp_path / "done" / "report.md").read_text()
+
+
+def test_a_negative_running_b_simple_does_not_break_the_plots(tmp_path) -> None:  # noqa: ANN001
+    """The running B_simple is a ratio of two noisy unbiased estimates and can dip below zero early in a short run
+    (the hf_transformers example at 4 steps): the plot leaves those points out and keeps a linear axis if needed,
+    instead of matplotlib's 'Data cannot be log-scaled' ending tune with an internal error."""
+    from _study_fixture import make_results
+    from batchfit.report import write_report
+
+    res = make_results()
+    for t in res["trials"]:
+        t["b_simple_history"] = [{"step": 1, "epoch": 0.5, "b_simple": -3.0},
+                                 {"step": 2, "epoch": 1.0, "b_simple": 0.0}]
+    res["noise"] = {"b_simple": -1.0}
+    paths = write_report(res, tmp_path)
+    assert (tmp_path / "report.html").is_file() and isinstance(paths["plots"], dict)

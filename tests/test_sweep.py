@@ -800,3 +800,20 @@ def test_the_weight_decay_rule_and_the_adam_sqrt_version_are_in_the_study_identi
     assert identity_differences(timescale, adam) == ["weight_decay_rule"]
     clipped = {k: v for k, v in adam.items() if k != "adam_sqrt"}  # a study scaled by the earlier (clipping) rule
     assert identity_differences(clipped, adam) == ["adam_sqrt"]
+
+
+def test_the_printed_critical_batch_is_the_one_the_decision_uses(tmp_path: Path) -> None:
+    """Issue 19.2: one fit at one target. The sweep's critical_batch_size (what the report prints) and the
+    decision's S(B) fit (what the recommendation, its flags and its JSON read) are the same estimate; before, the
+    sweep fitted at 97 % of the best single evaluation and the decision at 97 % of the best tied seed mean."""
+    from batchfit.recommend import decide_results, recommend
+
+    res = sweep(classify(n=256), batch_sizes=[4, 8, 16, 32], budget="epochs:4", storage=_url(tmp_path), seeds=2,
+                seed=0, measure_noise=False)
+    data = res.to_dict()
+    decision = decide_results(data, 0.01)
+    assert decision is not None and decision.critical is not None and data["critical_batch_size"] is not None
+    assert data["critical_batch_size"]["b_crit"] == pytest.approx(decision.critical.b_crit.estimate, rel=1e-9)
+    assert data["target"]["value"] == pytest.approx(decision.target, rel=1e-12)
+    rec = recommend(data)
+    assert rec.get("critical_batch")["b_crit"]["estimate"] == pytest.approx(decision.critical.b_crit.estimate)

@@ -961,8 +961,8 @@ def _plot_b_simple(results: Mapping[str, Any], path: Path) -> Path | None:
     if not trials and not isinstance(global_bs, (int, float)) and not curve:
         return None
     fig, (ax, ax_l) = _figure(2)
-    for t in trials:
-        hist = [h for h in t["b_simple_history"] if isinstance(h.get("b_simple"), (int, float))]
+    for t in trials:  # the running ratio of two noisy estimates can dip to zero or below: only positive values show
+        hist = [h for h in t["b_simple_history"] if isinstance(h.get("b_simple"), (int, float)) and h["b_simple"] > 0]
         xs = [h["epoch"] if h.get("epoch") is not None else h.get("step") for h in hist]
         ax.plot(xs, [h["b_simple"] for h in hist], marker=".", label=f"B={t['batch_size']}")
     if isinstance(global_bs, (int, float)):
@@ -990,7 +990,8 @@ def _plot_b_simple(results: Mapping[str, Any], path: Path) -> Path | None:
             ax_l.invert_xaxis()  # training runs left to right
     ax_l.set(xlabel="training loss", ylabel="B_simple", title="B_simple against the training loss")
     for a in (ax, ax_l):
-        if a.has_data():
+        ys = [float(y) for line in a.get_lines() for y in line.get_ydata() if math.isfinite(float(y))]
+        if a.has_data() and ys and min(ys) > 0:  # a log axis needs positive data (matplotlib refuses otherwise)
             a.set_yscale("log")
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize="small")
@@ -1047,10 +1048,12 @@ def _answer(rec: Recommendation | None, interim: bool) -> tuple[str | None, list
 def cost_text(results: Mapping[str, Any]) -> str:
     """``cost 0.84 runs (24,120 samples, 31 s) of the train budget epochs:20, cap 1`` from ``results["cost"]``
     (issue 18: every output states what the answer cost), or ``""``."""
-    from batchfit.cost import Cost
+    from batchfit.cost import Cost, cost_of
 
     data = results.get("cost")
-    if not isinstance(data, Mapping) or not data.get("samples"):
+    if not isinstance(data, Mapping):  # a report rebuilt from the store: the same sum over the stored stages
+        data = cost_of(results).to_dict()
+    if not data.get("samples"):
         return ""
     return Cost.from_dict(data).line()
 

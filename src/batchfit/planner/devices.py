@@ -129,7 +129,8 @@ def lookup(name: Any, memory_bytes: int | None = None) -> GpuSpec:
         spec = DEVICES[_LOOKUP[_key(name)]]
     if memory_bytes is not None:
         if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, int) or memory_bytes <= CUDA_CONTEXT_BYTES:
-            raise ConfigError(f"memory_bytes must be an integer larger than the CUDA context's "
-                              f"{CUDA_CONTEXT_BYTES // MiB} MiB, got {memory_bytes!r}")
+            shown = f"{memory_bytes / MiB:.1f} MiB" if isinstance(memory_bytes, int) else repr(memory_bytes)
+            raise ConfigError(f"memory_bytes must be more than the {CUDA_CONTEXT_BYTES // MiB} MiB the CUDA context "
+                              f"takes, got {shown}")
         spec = replace(spec, memory_bytes=memory_bytes, memory_source="given")
     return spec

@@ -115,7 +115,9 @@ _LOW = (torch.float16, torch.bfloat16)
 
 
 def _eligible(t: Any) -> bool:
-    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+    """What autocast casts: floating-point tensors other than float64, on the device (here: ``meta``)."""
+    return isinstance(t, torch.Tensor) and t.device.type == "meta" and t.is_floating_point() \
+        and t.dtype != torch.float64
 
 
 def _name(func: Callable[..., Any]) -> str:
@@ -236,24 +238,29 @@ class CudaRules(TorchFunctionMode):
         low = self.dtype
         if low is None:
             return args, kwargs
-        if name in LOWER:
-            cast = lambda t: self._cast(t, low, cache=True)  # noqa: E731
-        elif name in FP32:
-            cast = lambda t: self._cast(t, torch.float32, cache=False) if _eligible(t) and t.dtype in _LOW \
-                else t  # noqa: E731
-        elif name in FP32_OUT:
+        if name in FP32_OUT:  # the op is asked for a float32 result
             first = args[0] if args else None
             if _eligible(first) and first.dtype in _LOW and kwargs.get("dtype") is None:
                 kwargs = {**kwargs, "dtype": torch.float32}
             return args, kwargs
+        if name in LOWER:
+            target, cache, only_low = low, True, False
+        elif name in FP32:
+            target, cache, only_low = torch.float32, False, True
         elif name in PROMOTE:
             floats = [t for t in tree_flatten_tensors((args, kwargs)) if _eligible(t)]
             if not floats:
                 return args, kwargs
-            widest = torch.float32 if any(t.dtype == torch.float32 for t in floats) else floats[0].dtype
-            cast = lambda t: self._cast(t, widest, cache=False)  # noqa: E731
+            target = torch.float32 if any(t.dtype == torch.float32 for t in floats) else floats[0].dtype
+            cache, only_low = False, False
         else:
             return args, kwargs
+
+        def cast(t: Any) -> Any:
+            if only_low and not (_eligible(t) and t.dtype in _LOW):
+                return t
+            return self._cast(t, target, cache=cache)
+
         return tree_map(cast, args), tree_map(cast, kwargs)
 
     # the mode ----------------------------------------------------------------------------------------------

@@ -136,7 +136,8 @@ class Timeline:
         live = self.live_by_part(b)
         phases = self.event_phase[self.start:]
         weight = np.ones(len(CATEGORIES))
-        extra = np.zeros(len(phases))
+        extra_params = np.zeros(len(phases))
+        extra_grads = np.zeros(len(phases))
         ref = self.ref
         if parallel.mode == "fsdp" and parallel.world_size > 1:
             n = parallel.world_size
@@ -145,19 +146,17 @@ class Timeline:
                     weight[k] = 1.0 / n
             root, block = ref.units.get("root", 0), ref.units.get("block", 0)
             compute = (phases == "forward") | (phases == "backward")
-            extra += np.where(compute, root + 2 * block, 0.0)
-            extra += np.where(phases == "backward", root + block, 0.0)
+            extra_params += np.where(compute, root + 2 * block, 0.0)  # the root, the current and the next block
+            extra_grads += np.where(phases == "backward", root + block, 0.0)  # before their reduce-scatter
         elif parallel.mode == "ddp" and parallel.world_size > 1:
-            extra += ref.grad_bytes
-        total = live @ weight + extra
+            extra_grads += ref.grad_bytes  # the buckets
+        total = live @ weight + extra_params + extra_grads
         i = int(np.argmax(total))
         parts = {cat: int(round(live[i, k] * weight[k])) for k, cat in enumerate(CATEGORIES)}
-        if parallel.mode == "ddp" and parallel.world_size > 1:
-            parts["gradients"] += int(ref.grad_bytes)
-        elif parallel.mode == "fsdp" and parallel.world_size > 1:
-            parts["parameters"] += int(round(extra[i]))  # the all-gathered units (and their unsharded gradients)
+        parts["parameters"] += int(extra_params[i])
+        parts["gradients"] += int(extra_grads[i])
         parts["workspace"] = int(workspace)
-        peak = int(round(total[i])) + int(workspace)
+        peak = sum(parts.values())
         tok = int(self.tokens[self.start + i])
         return MemoryPoint(b, peak, parts, str(phases[i]), ref.alloc_ops[tok])
 

@@ -321,6 +321,30 @@ class _Recorder(TorchDispatchMode):
 
 
 @contextlib.contextmanager
+def _transformers_sees_a_trace() -> Any:
+    """Hugging Face model code inspects values only outside a trace: ``is_tracing(tensor)`` (true for FakeTensors,
+    fx proxies, export) makes it keep an attention mask instead of asking whether it is all ones (``mask.all()``,
+    which a meta tensor cannot answer). Meta tensors count as traced here, so the plan keeps the mask, as the model
+    does whenever a padded batch has padding."""
+    import sys
+
+    patched = []
+    for mod_name, module in list(sys.modules.items()):
+        original = getattr(module, "is_tracing", None) if mod_name.startswith("transformers") else None
+        if callable(original) and getattr(original, "__module__", "").startswith("transformers"):
+            def traced(tensor: Any = None, original: Any = original) -> bool:
+                return (isinstance(tensor, torch.Tensor) and tensor.device.type == "meta") or original(tensor)
+
+            module.is_tracing = traced
+            patched.append((module, original))
+    try:
+        yield
+    finally:
+        for module, original in patched:
+            module.is_tracing = original
+
+
+@contextlib.contextmanager
 def _fused_optimizers_on_meta() -> Any:
     """Let ``fused=True`` optimizers accept ``meta`` parameters (they check the device type up front), so that a
     fused optimizer is traced as the fused kernel it is on CUDA (state updated in place, no temporaries)."""
@@ -368,7 +392,7 @@ def trace_step(workload: Any, batch_size: int, *, spec: GpuSpec, precision: str 
     was_enabled = gc.isenabled()
     gc.disable()  # frees happen when the last reference goes, in program order (no collector in between)
     try:
-        with rules, rec, _fused_optimizers_on_meta():
+        with rules, rec, _fused_optimizers_on_meta(), _transformers_sees_a_trace():
             for step in range(2):
                 if step == 1:
                     step_start = len(rec.tokens)
@@ -395,7 +419,7 @@ def trace_step(workload: Any, batch_size: int, *, spec: GpuSpec, precision: str 
                 rec.phase = "optimizer"
                 clip = getattr(workload, "grad_clip", None)
                 if clip is not None:
-                    nn.utils.clip_grad_norm_(params, clip, foreach=True)
+                    nn.utils.clip_grad_norm_(params, clip)  # foreach or not: scalars and in-place scaling
                 user_call("optimizer.step()", "check the optimizer on the meta device", optimizer.step)
                 for state in optimizer.state.values():
                     for value in state.values() if isinstance(state, Mapping) else ():
