@@ -49,7 +49,7 @@ def test_non_inferior_batch_sizes_are_broken_on_time_to_target_and_said_so() -> 
     assert "batch sizes 16\u2013256" in rec.reasons[0]
     assert "chosen on time to target" in rec.reasons[0] and "faster than" in rec.reasons[0]
     assert not any("undecided" in f for f in rec.get("flags"))
-    assert "the least time-to-target estimate" in rec.get("decision_rule")
+    assert "the largest of them is chosen" in rec.get("decision_rule")
     ev = {e["batch_size"]: e for e in rec.get("intervals")}
     assert set(ev) == set(STEPS) and all(e["seeds"] == 3 and e["quality"]["low"] is not None for e in ev.values())
     assert {e["verdict"] for e in ev.values()} == {"reference", "non-inferior"}

@@ -387,17 +387,22 @@ def _fastest(choice: Choice, cost: Mapping[int, Interval], sel: Selection) -> Ch
         return choice
     fastest = min(reached, key=lambda b: (cost[b].estimate, b))
     time_tied = sorted(b for b in reached if cost[b].overlaps(cost[fastest]))
-    others = [b for b in choice.tied if b != fastest]
-    separated = bool(others) and all(cost[fastest].known and cost[b].known and cost[fastest].high < cost[b].low
+    # a time difference inside its noise decides nothing: among the batch sizes that cannot be told apart from the
+    # fastest estimate, the largest is chosen (the fewest steps for the same time; the critical batch only grows as
+    # training goes on), a stated rule rather than a noisy reading (on digits the least estimate moved between 128
+    # and 512 from seed to seed)
+    chosen = max(time_tied)
+    others = [b for b in choice.tied if b != chosen]
+    separated = bool(others) and all(cost[chosen].known and cost[b].known and cost[chosen].high < cost[b].low
                                      for b in others)  # type: ignore[operator]
     if len(choice.tied) > 1:
         reason = (f"batch sizes {', '.join(map(str, choice.tied))} are non-inferior to batch {sel.reference} (the "
                   f"best estimate); batch {fastest} has the least time to the target"
                   + (f", and {', '.join(str(b) for b in time_tied if b != fastest)} cannot be told apart from it on "
-                     "time" if len(time_tied) > 1 else ""))
+                     f"time, so the largest of them, {chosen}, is chosen" if len(time_tied) > 1 else ""))
     else:
         reason = choice.reason
-    return Choice(fastest, choice.best_quality, choice.tied, separated, reason,
+    return Choice(chosen, choice.best_quality, choice.tied, separated, reason,
                   {"fastest": fastest, "time_tied": time_tied})
 
 

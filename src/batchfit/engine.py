@@ -18,11 +18,12 @@ micro-batch is smaller.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -68,12 +69,14 @@ __all__ = [
     "auto_schedule",
     "check_finite_data",
     "check_precision",
+    "check_warmup",
     "evaluate",
     "plan_batches",
     "plan_train",
     "resolve_device",
     "resolve_warmup",
     "seed_everything",
+    "shared_warmup",
     "train",
     "train_eval_subset",
 ]
@@ -386,6 +389,39 @@ def plan_batches(n: int, batch_size: int, drop_last: bool) -> int:
     return math.ceil(n / batch_size)
 
 
+# a warm-up longer than the run it is given to is refused (the LR would never reach its peak, and a typo such as
+# 1e308 would be accepted), except inside batchfit's own runs that share one warm-up across runs of different
+# lengths (sweep trials at every batch size, the precision check): see shared_warmup()
+_WARMUP_WITHIN_RUN: contextvars.ContextVar[bool] = contextvars.ContextVar("batchfit_warmup_within_run", default=True)
+
+
+def _step_count(value: float) -> str:
+    """A step count for a message: digits while readable, else ``1e+308``."""
+    return str(int(value)) if abs(value) < 1e15 else f"{float(value):.4g}"
+
+
+def check_warmup(warmup: Any, longest: int, what: str = "the run") -> None:
+    """A warm-up in steps (>= 1) must not be longer than ``longest`` steps (``what`` says whose length that is);
+    a fraction (< 1) always fits. Checked before any work by :func:`train`, and by the sweep and tune for their
+    longest trial."""
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not math.isfinite(warmup) or warmup < 1:
+        return
+    if warmup > longest:
+        raise ConfigError(f"warmup must be at most {longest} steps ({what} is {longest} steps long), got "
+                          f"{_step_count(warmup)}; give fewer steps, or a fraction below 1 (e.g. 0.1)")
+
+
+@contextlib.contextmanager
+def shared_warmup() -> Iterator[None]:
+    """Inside: a warm-up longer than the run is allowed (one warm-up shared by runs of different lengths, such as
+    a sweep's trials at every batch size; the LR of a shorter run then stops below its peak)."""
+    token = _WARMUP_WITHIN_RUN.set(False)
+    try:
+        yield
+    finally:
+        _WARMUP_WITHIN_RUN.reset(token)
+
+
 def resolve_warmup(warmup: int | float | None, total_steps: int) -> int:
     """``warmup`` >= 1 is a step count; 0 < warmup < 1 is a fraction of training."""
     if warmup is None or warmup == 0:
@@ -532,9 +568,12 @@ def plan_train(workload: Workload | str, *, batch_size: int | None = None, micro
             while state.samples_through(total_steps + 1) * world_size <= sample_budget:
                 total_steps += 1
             total_steps = max(1, total_steps)
+    warmup_steps = resolve_warmup(warmup, total_steps)
+    if _WARMUP_WITHIN_RUN.get():
+        check_warmup(warmup, total_steps)
     return TrainPlan(
         workload=workload, device=dev, precision=precision, batch_size_per_rank=per_rank, micro_batch_size=micro,
-        world_size=world_size, lr=lr, lr_rule=lr_rule, warmup_steps=resolve_warmup(warmup, total_steps),
+        world_size=world_size, lr=lr, lr_rule=lr_rule, warmup_steps=warmup_steps,
         total_steps=total_steps, steps_per_epoch=steps_per_epoch, num_samples=n, seed=seed, drop_last=drop_last,
         eval_batch_size=eval_batch_size if eval_batch_size is not None else max(micro, 256),
         eval_every=eval_every, grad_clip=grad_clip, memory_budget=budget, requested_batch_size=requested * world_size,
@@ -930,7 +969,13 @@ def train(
                               grad_clip=grad_clip, world_size=world_size, memory_budget=memory_budget,
                               weight_decay_rule=weight_decay_rule)
     measured = None
-    if isinstance(batch_schedule, str) and batch_schedule.strip() == "auto":
+    auto = isinstance(batch_schedule, str) and batch_schedule.strip() == "auto"
+    if branching is not None:
+        branching = _as_branching(branching)
+        if not auto:
+            raise ConfigError("branching is only used with batch_schedule='auto' (it derives the schedule); drop "
+                              "branching, or set batch_schedule='auto'")
+    if auto:
         batch_schedule, measured = auto_schedule(workload, batch_size=batch_size, branching=branching, **kw)
     plan = plan_train(workload, batch_size=batch_size, batch_schedule=batch_schedule,
                       micro_batch_limit=micro_batch_limit, beta2=beta2, weight_decay_timescale=weight_decay_timescale,
@@ -1039,6 +1084,25 @@ class _Extra:
         result.extras[self.key] = self.value
 
 
+def _as_branching(branching: Any) -> Any:
+    """A :class:`~batchfit.branching.BranchingResult` from itself or its dict (``to_dict()``); a
+    :class:`ConfigError` for anything else."""
+    from batchfit.branching import BranchingResult
+
+    if isinstance(branching, BranchingResult):
+        return branching
+    if isinstance(branching, Mapping):
+        try:
+            return BranchingResult.from_dict(dict(branching))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            what = f"no {exc.args[0]!r}" if isinstance(exc, KeyError) else " ".join(str(exc).split())[:120]
+            raise ConfigError(f"branching is not a branching measurement ({what}); pass the BranchingResult of "
+                              "batchfit.branching.local_critical_batch or its to_dict()") from None
+    shown = repr(branching) if len(repr(branching)) <= 60 else repr(branching)[:57] + "..."
+    raise ConfigError(f"branching must be a BranchingResult (batchfit.branching.local_critical_batch) or its "
+                      f"to_dict(), got {type(branching).__name__} {shown}")
+
+
 def auto_schedule(workload: Workload | str, *, batch_size: int | None = None, branching: Any = None,
                   max_batch_size: int | None = None, **train_kwargs: Any) -> tuple[list[Any], Any]:
     """The batch-size warm-up derived from the measured local critical batch (:mod:`batchfit.branching`).
@@ -1047,7 +1111,7 @@ def auto_schedule(workload: Workload | str, *, batch_size: int | None = None, br
     first, with the run's own budget as the reference run (checkpoints at 0, 10, 25 and 50 % of it; the rest of the
     reference run is not trained). Returns ``(phases, the branching result)``.
     """
-    from batchfit.branching import BranchingResult, local_critical_batch
+    from batchfit.branching import local_critical_batch
 
     plan = plan_train(workload, batch_size=batch_size, **train_kwargs)
     b0 = plan.batch_size_per_rank
@@ -1059,8 +1123,8 @@ def auto_schedule(workload: Workload | str, *, batch_size: int | None = None, br
         branching = local_critical_batch(plan.workload, batch_size=b0, factors=factors,
                                          checkpoints=(0.0, 0.1, 0.25, 0.5), reference_steps=plan.total_steps,
                                          device=plan.device, seed=plan.seed, finish_reference=False)
-    elif isinstance(branching, dict):
-        branching = BranchingResult.from_dict(branching)
+    else:
+        branching = _as_branching(branching)
     if branching.base_batch_size != b0:
         raise ConfigError(f"the branching measurement was made at batch {branching.base_batch_size}, the run starts "
                           f"at {b0}; measure at the run's batch")

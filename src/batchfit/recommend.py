@@ -232,16 +232,16 @@ def _metric_label(metric: Metric) -> str:
 
 
 DECISION_RULE = (
-    "The batch size with the best fitted {metric} (a trial's {metric}: the mean of its last 3 evaluations; seeds "
-    "pooled in a two-way configuration x seed model) is the reference. Every other batch size is compared with it on "
-    "the seeds they share, with simultaneous one-sided 95 % bounds (max-t over all comparisons, Dunnett/Hsu; the "
-    "level split over racing's rounds); it is non-inferior when its lower bound lies within the tolerance of the "
-    "reference. Among the reference and the non-inferior ones, the least time-to-target estimate (steps from the "
-    "S(B) fit over every batch size and seed x seconds per step from interleaved timing rounds) is chosen, and the "
-    "batch sizes whose time interval overlaps it are reported as tied with it on time. Without that evidence the "
-    "reference is chosen: less data never picks a larger batch. The target is the sweep's fraction of the best "
-    "configuration's seed-mean {metric}, crossed on each trial's raw curve (interpolated), and a batch size must "
-    "reach it in every seed."
+    "Every batch size's {metric} (a trial's: the mean of its last 3 evaluations) is read from one quadratic curve in "
+    "log2(batch) fitted over every seed with seed effects (per-batch means on paired seeds where the curve does not "
+    "fit); the curve's best batch size is the reference, and each other one's difference from it gets simultaneous "
+    "one-sided 95 % bounds (max-t over all comparisons, Dunnett/Hsu; the level split over racing's rounds); it is "
+    "non-inferior when its lower bound lies within the tolerance of the reference. Among the reference and the "
+    "non-inferior ones, the batch sizes whose time to target (steps from the S(B) fit over every batch size and seed "
+    "x seconds per step from interleaved timing rounds) cannot be told apart from the least estimate are tied on "
+    "time, and the largest of them is chosen. Without non-inferiority evidence the reference is chosen: less data "
+    "never picks a larger batch. The target is the sweep's fraction of the best configuration's seed-mean "
+    "{metric}, crossed on each trial's raw curve (interpolated), and a batch size must reach it in every seed."
 )
 
 
@@ -461,7 +461,7 @@ def _pick_batch(results: Mapping[str, Any], metric: Metric, tolerance: float,
     time_tied = details.get("time_tied") or []
     if len(time_tied) > 1:
         ratio_txt += (f"; {_span([b for b in time_tied if b != batch], tried)} cannot be told apart from it on time "
-                      "(the least estimate decides among them)")
+                      "(a difference inside the timing noise decides nothing: the largest of them is taken)")
     if missed and slowest != batch:
         ratio_txt += "; " + ", ".join(f"{b} ({ev[b].seeds_reached} of {ev[b].seeds} seeds)" if ev[b].seeds_reached
                                       else str(b) for b in missed) + " did not reach the target in every seed " \
@@ -470,8 +470,8 @@ def _pick_batch(results: Mapping[str, Any], metric: Metric, tolerance: float,
     goal = "" if decision.target is None else f" ({label} {_fmt(decision.target)})"
     how = f"{t.estimate:.3g} s to the target{goal}" + (f" [{t.low:.3g}, {t.high:.3g}]" if t.known else "")  # type: ignore
     verdict = ("its time advantage is beyond the noise" if decision.choice.cost_separated else
-               "its time advantage over some non-inferior sizes is inside the noise: the least estimate decides, "
-               "not a measured win")
+               "its time advantage over some non-inferior sizes is inside the noise: the stated rule (the largest of "
+               "those tied on time) decides, not a measured win")
     return decision, pick, (f"{head}; chosen on time to target: {batch}, {ratio_txt}; {how}, {verdict}.")
 
 

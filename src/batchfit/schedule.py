@@ -23,7 +23,7 @@ critical batch measured at that point of training allows it, capped by the large
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +57,12 @@ class Phase:
         return {"step": self.step, "batch_size": self.batch_size}
 
 
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _check_factors(phases: Sequence[Phase]) -> None:
     for a, b in zip(phases, phases[1:]):
         big, small = max(a.batch_size, b.batch_size), min(a.batch_size, b.batch_size)
@@ -79,14 +85,20 @@ def parse_schedule(spec: str | Sequence[Phase] | Sequence[Sequence[int]] | Seque
             except ValueError:
                 raise ConfigError(f"batch_schedule item {part.strip()!r}: STEP and BATCH must be integers") from None
     else:
+        if isinstance(spec, (bytes, Mapping)) or not isinstance(spec, Iterable):
+            raise ConfigError(f"batch_schedule must be 'STEP:BATCH,...' (e.g. '0:32,500:64'), 'auto' or a list of "
+                              f"(step, batch) pairs; got {_shown(spec)}")
         items = []
         for p in spec:
             if isinstance(p, Phase):
                 items.append((p.step, p.batch_size))
             elif isinstance(p, Mapping):
                 items.append((p.get("step"), p.get("batch_size")))  # type: ignore[arg-type]
+            elif isinstance(p, (str, bytes)) or not isinstance(p, Iterable) or len(pair := tuple(p)) != 2:
+                raise ConfigError(f"batch_schedule item {_shown(p)} is not a (step, batch) pair; write e.g. "
+                                  "[(0, 32), (500, 64)] or '0:32,500:64'")
             else:
-                items.append(tuple(p))  # type: ignore[arg-type]
+                items.append(pair)
     if not items:
         raise ConfigError("batch_schedule is empty; give at least 0:BATCH")
     phases = [Phase(checks.non_negative_int("batch_schedule step", s), checks.positive_int("batch_schedule batch",

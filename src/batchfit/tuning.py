@@ -606,12 +606,13 @@ def _step_time(workload: Workload, run: _Run, micro: Mapping[int, int]) -> dict[
 
 def _precision_round(workload: Workload, run: _Run, rec: Recommendation, precision: str, steps: int,
                      dev: Any) -> dict[str, Any]:
-    from batchfit.engine import train
+    from batchfit.engine import shared_warmup, train
 
     try:
-        r = train(workload, batch_size=rec.batch_size, micro_batch_size=rec.micro_batch_size, lr=rec.lr,
-                  warmup=rec.warmup_steps, steps=steps, precision=precision, device=dev, seed=run.seed,
-                  drop_last=True, eval_every=steps)
+        with shared_warmup():  # the recommended warm-up, though this check's run is shorter
+            r = train(workload, batch_size=rec.batch_size, micro_batch_size=rec.micro_batch_size, lr=rec.lr,
+                      warmup=rec.warmup_steps, steps=steps, precision=precision, device=dev, seed=run.seed,
+                      drop_last=True, eval_every=steps)
     except BatchfitError as exc:
         return {"status": "failed", "error": str(exc)}
     last = r.history[-1] if r.history else {}
@@ -863,6 +864,23 @@ def _measurement_plan(wl: Workload, train: Any, explicit: Any, max_cost: float |
     return bud, sizes, plan
 
 
+def _check_warmup(wl: Workload, warmup: Any, bud: Any, train: Any) -> None:
+    """The warm-up, before any work: a step count or a fraction below 1, in steps no longer than the longest trial
+    the sweep can run (batch 1 at the measurement budget; without one, the train budget or the least horizon a
+    capped plan gives)."""
+    from batchfit.cost import train_budget_samples
+    from batchfit.engine import check_warmup, resolve_warmup
+
+    resolve_warmup(warmup, 1)  # the value's own rules
+    if bud is not None:
+        longest = bud.steps_for(1, wl.num_train)
+    else:
+        total = train_budget_samples(train, num_train=wl.num_train, base_batch_size=wl.base_batch_size,
+                                     tokens_per_sample=getattr(wl, "tokens_per_sample", None))
+        longest = max(total, MIN_PLANNED_STEPS * wl.num_train)
+    check_warmup(warmup, longest, "the longest trial this budget gives")
+
+
 def _candidates(wl: Workload, fits: int | None, cap: int | None) -> list[int]:
     """The default candidates (:func:`default_batch_sizes`) up to ``cap``."""
     sizes = default_batch_sizes(wl.num_train, fits, wl.base_batch_size)
@@ -889,7 +907,9 @@ def _check_inputs(wl: Workload, *, batch_sizes: Any, budget: str, target: Any, t
                           f"sizes <= {wl.num_train}")
     if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and 0 <= tolerance < 1):
         raise ConfigError(f"tolerance must be a fraction in [0, 1), e.g. 0.01 for 1 %, got {tolerance!r}")
-    checks.positive_int("lr_search", lr_search)
+    from batchfit.study import MAX_LR_SEARCH
+
+    checks.positive_int("lr_search", lr_search, maximum=MAX_LR_SEARCH)  # the sweep's bound, before the first stage
     checks.positive_int("noise_steps", noise_steps)
     checks.positive_int("batch_size_cap", batch_size_cap, allow_none=True)
     checks.seed(seed)
@@ -1008,14 +1028,16 @@ def tune(
         wl, batch_sizes=batch_sizes, budget=budget, target=target, tolerance=tolerance, lr_search=lr_search,
         noise_steps=noise_steps, eval_every=eval_every, device=device, precision=precision, seed=seed, find=find,
         memory_budget=memory_budget, batch_size_cap=cap, seeds=seeds, max_seeds=max_seeds)
-    from batchfit.scaling import WEIGHT_DECAY_RULES
+    from batchfit.scaling import RULE_CHOICES, WEIGHT_DECAY_RULES
 
+    checks.one_of("lr_rule", lr_rule, RULE_CHOICES)
     checks.one_of("weight_decay_rule", weight_decay_rule, WEIGHT_DECAY_RULES)
     train = _train_budget(wl, train_budget, bud)
     if max_cost is not None and (isinstance(max_cost, bool) or not isinstance(max_cost, (int, float))
                                  or not math.isfinite(max_cost) or max_cost <= 0):
         raise ConfigError(f"max_cost must be a positive number of runs of the train budget (e.g. 1.0), got "
                           f"{max_cost!r}")
+    _check_warmup(wl, warmup, bud, train)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir {str(out)!r} is a file; give a directory")

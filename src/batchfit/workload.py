@@ -167,6 +167,11 @@ class Workload:
             return 0 if source is None else source.num_samples
         except WorkloadError as exc:  # DataError stays a DataError
             raise type(exc)(f"workload {self.name!r}: {attr}: {exc}") from exc
+        except (ValueError, OverflowError) as exc:  # len() of a __len__ that returns -1 or 10**30
+            raise DataError(
+                f"workload {self.name!r}: {attr}: len() failed ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                "make its __len__ return the number of samples, an integer >= 0"
+            ) from exc
         except TypeError as exc:
             raise WorkloadError(
                 f"workload {self.name!r}: {attr} must be a dataset with len(), a DataLoader or an IterableDataset "

@@ -66,7 +66,7 @@ class _Inputs:
 def _validate(workload: Workload | str, *, batch_sizes: Any, budget: Any, lr_rule: str, lr_search: int,
               warmup: Any, target: Any, micro_batch_limit: Any, device: str, precision: str, seed: Any,
               eval_every: Any, weight_decay_rule: str = "keep") -> _Inputs:
-    from batchfit.engine import check_precision, resolve_device, resolve_warmup
+    from batchfit.engine import check_precision, check_warmup, resolve_device, resolve_warmup
 
     wl = load_workload(workload)
     dev = resolve_device(device)
@@ -82,6 +82,7 @@ def _validate(workload: Workload | str, *, batch_sizes: Any, budget: Any, lr_rul
     checks.seed(seed)
     if bud.kind == "epochs" and bud.value * wl.num_train < 1:
         raise ConfigError(f"budget {bud} is less than one sample; give more epochs")
+    check_warmup(warmup, bud.steps_for(1, wl.num_train), "the longest trial this budget gives")
     asked = None if batch_sizes is None else parse_batch_sizes(batch_sizes)
     too_big = [b for b in asked or [] if b > wl.num_train]
     if too_big:

@@ -263,7 +263,7 @@ _RESULT_KEYS = (
 
 
 def _train_trial(study: Any, trial: Any, plan: SweepPlan, point: GridPoint, index: int) -> dict[str, Any]:
-    from batchfit.engine import resolve_warmup, train
+    from batchfit.engine import resolve_warmup, shared_warmup, train
 
     TrialState = optuna_module().trial.TrialState
     batch, mult = point.batch_size, point.lr_multiplier
@@ -281,7 +281,7 @@ def _train_trial(study: Any, trial: Any, plan: SweepPlan, point: GridPoint, inde
     trial.set_user_attr(K.TRIAL_STATUS, K.STATUS_RUNNING)
     outcome: dict[str, Any] = dict(info)
     failure: BaseException | None = None
-    with Heartbeat(study._storage, trial._trial_id):
+    with Heartbeat(study._storage, trial._trial_id), shared_warmup():  # one warm-up for every batch's trial
         try:
             result = train(
                 _watched(_with_lr_multiplier(plan.workload, mult), own, noise), batch_size=batch,
