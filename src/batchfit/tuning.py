@@ -729,11 +729,12 @@ def framework_of(workload: Workload) -> str:
     return "pytorch"
 
 
-def seeds_per_batch(results: Mapping[str, Any]) -> dict[int, int]:
-    """How many seeds each batch size has finished (its best-covered LR multiplier)."""
+def seeds_per_batch(results: Mapping[str, Any], *, finished: bool = True) -> dict[int, int]:
+    """How many seeds each batch size has finished (its best-covered LR multiplier); ``finished=False``: how many
+    it has in the store at all (started, failed, interrupted or queued too)."""
     seen: dict[tuple[int, float], set[Any]] = {}
     for t in results.get("trials") or []:
-        if t.get("status") in ("ok", "diverged"):
+        if not finished or t.get("status") in ("ok", "diverged"):
             seen.setdefault((int(t["batch_size"]), float(t.get("lr_multiplier") or 1.0)), set()).add(t.get("seed"))
     out: dict[int, int] = {}
     for (b, _), s in seen.items():
@@ -782,15 +783,26 @@ def race_round(results: Mapping[str, Any], *, tolerance: float, cap: int) -> tup
                 f"{decision.reference}, and no faster one is undecided")
 
 
+def unfinished_replicates(results: Mapping[str, Any]) -> dict[int, int]:
+    """``{batch: seeds}`` covering every seed the store holds for a batch size, for the batch sizes where one of
+    those seeds beyond the first has not finished (interrupted, running, queued or failed): the replicates an
+    earlier run (racing, ``seeds``) started. Racing's verdict is read again from the trials on a rerun and may no
+    longer ask for such a seed (the other trials of its round finished meanwhile), so ``tune`` runs them first:
+    an interrupted trial is re-run, never left counted as failed. Empty when every started seed finished."""
+    done = seeds_per_batch(results)
+    return {b: n for b, n in seeds_per_batch(results, finished=False).items() if n > 1 and n > done.get(b, 0)}
+
+
 def _race(swept: Any, run_sweep: Any, stages: Mapping[str, Any], run: _Run, *, tolerance: float, cap: int,
           cost_cap: float | None = None, per_trial: int | None = None) -> Any:
     """Add seeds where they can change the decision (:func:`race_round`) until nothing is left to decide, every
-    candidate that could still win has ``cap`` seeds, or the next seeds would pass the cost cap (``cost_cap``
-    samples in all, ``per_trial`` samples a trial): then the finalists come first, then the faster undecided, as
-    many as fit. Read from the trials alone, so an interrupted or resumed ``tune`` reaches the same verdict."""
+    candidate that could still win has ``cap`` seeds, the next seeds would pass the cost cap (``cost_cap``
+    samples in all, ``per_trial`` samples a trial: then the finalists come first, then the faster undecided, as
+    many as fit), or a round finished none of the seeds it asked for (they failed: asking again would loop).
+    Read from the trials alone, so an interrupted or resumed ``tune`` reaches the same verdict."""
     from batchfit.cost import cost_of
 
-    replicates = {b: n for b, n in seeds_per_batch(_with_stages(swept, stages)).items() if n > 1}
+    replicates = {b: n for b, n in seeds_per_batch(_with_stages(swept, stages), finished=False).items() if n > 1}
     while True:
         data = _with_stages(swept, stages)
         want, why = race_round(data, tolerance=tolerance, cap=cap)
@@ -806,7 +818,14 @@ def _race(swept: Any, run_sweep: Any, stages: Mapping[str, Any], run: _Run, *, t
             return swept
         for b, n in want.items():
             replicates[b] = max(replicates.get(b, 1), n)
+        before = seeds_per_batch(data)
         swept = run_sweep(dict(replicates))
+        after = seeds_per_batch(_with_stages(swept, stages))
+        if all(after.get(b, 0) <= before.get(b, 0) for b in want):  # every seed asked for failed: stop, recorded
+            failed = ", ".join(map(str, sorted(want)))
+            run.emit("sweep", "update", f"racing stops: the next seed of batch {failed} failed (the report's table of "
+                     "trials says why)", racing={})
+            return swept
 
 
 MIN_PLANNED_STEPS = 8  # a capped sweep leaves out a candidate batch size that would train fewer optimizer steps

@@ -30,6 +30,7 @@ __all__ = [
     "EXIT_INPUT",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
+    "EXIT_TERMINATED",
     "KEYWORD_FLAGS",
     "MAX_MEMORY_BYTES",
     "NAME_MAX",
@@ -59,6 +60,7 @@ __all__ = [
 ]
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_TERMINATED = 143  # SIGTERM, handled as Ctrl-C is: 128 + 15, as a shell reports a process ended by it
 MAX_MEMORY_BYTES = 2**60  # 1 EiB: more than any machine; larger budgets are typos (1e400, 10**30)
 WIDE = 400  # console width when stderr is not a terminal (a log file, CI): tables print in full, never cut
 
@@ -283,9 +285,32 @@ def write_json(path: Path, data: Any) -> None:
     from batchfit._io import is_stream
     from batchfit._io import write_json as _write
 
-    if is_stream(path):
-        _written_streams.add(str(path))
-    _write(path, data)
+    if not is_stream(path):
+        _write(path, data)
+        return
+    _written_streams.add(str(path))
+    try:
+        _write(path, data)
+    except BrokenPipeError:  # `... --json - | head -c0`: the reader left; the work is done, say so in one line
+        _reader_gone(path)
+
+
+def _reader_gone(path: Path) -> None:
+    """The reader of a stream output closed it before the result came: one warning line, and standard output
+    pointed at the null device so the interpreter's last flush does not fail again at exit."""
+    import warnings
+
+    from batchfit._io import STDOUT
+
+    text = str(path)
+    if text in (STDOUT, "/dev/stdout", "/proc/self/fd/1", "/dev/fd/1"):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
+            os.close(null)
+    where = "standard output" if text == STDOUT else repr(text)
+    warnings.warn(f"the reader of {where} closed it before the result was written; it was not delivered there "
+                  "(the command's other outputs are complete)", stacklevel=2)
 
 
 def flush_streams() -> None:
@@ -430,30 +455,36 @@ def to_flags(message: str, parser: argparse.ArgumentParser | None) -> str:
 
 
 class _Sigint:
-    """Knows whether a real SIGINT (Ctrl-C, ``kill -INT``) arrived, to tell it from a KeyboardInterrupt that code
-    raised by itself (a workload module doing ``raise KeyboardInterrupt`` at import)."""
+    """Knows whether a real SIGINT (Ctrl-C, ``kill -INT``) or SIGTERM (``kill``, a job scheduler) arrived, to tell
+    it from a KeyboardInterrupt that code raised by itself (a workload module doing ``raise KeyboardInterrupt`` at
+    import). SIGTERM is handled as Ctrl-C is (a KeyboardInterrupt where the command is), so what was computed is
+    kept and marked "interrupted" instead of the process dying with its JSON saying "running"."""
 
     def __init__(self) -> None:
-        self.received = False
+        self.received: int | None = None  # the signal that arrived
         self.installed = False
-        self.previous: Any = None
+        self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> _Sigint:
-        self.received = False
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-            self.installed = True
+        self.received = None
+        if threading.current_thread() is threading.main_thread():
+            # only where nobody else handles them: the default handlers (an embedding program keeps its own)
+            for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+                if signal.getsignal(signum) is default:
+                    self.previous[signum] = signal.signal(signum, self._handle)
+            self.installed = signal.SIGINT in self.previous
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.received = True
+        if self.received is None:
+            self.received = signum
         raise KeyboardInterrupt
 
     def __exit__(self, *exc: Any) -> None:
-        if self.installed:
-            signal.signal(signal.SIGINT, self.previous)
-            self.installed = False
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
+        self.previous.clear()
+        self.installed = False
 
 
 def _origin(exc: BaseException) -> str:
@@ -526,7 +557,10 @@ class _Fail:
                 check_outputs(args)
                 return int(handler(args) or 0)
             except KeyboardInterrupt as exc:
-                if sigint.received or not sigint.installed:  # a real Ctrl-C (or one we cannot tell apart)
+                if sigint.received == signal.SIGTERM:  # kill, a scheduler's preemption: as Ctrl-C, with its code
+                    sys.stderr.write(f"{name}: interrupted (SIGTERM); results written so far are kept\n")
+                    return EXIT_TERMINATED
+                if sigint.received is not None or not sigint.installed:  # a real Ctrl-C (or one we cannot tell)
                     sys.stderr.write(f"{name}: interrupted; results written so far are kept\n")
                     return EXIT_INTERRUPTED
                 if debug:

@@ -27,6 +27,7 @@ __all__ = [
     "TRIAL_ERROR_KIND",
     "TRIAL_PLAN",
     "TRIAL_RESULT",
+    "TRIAL_RUN",
     "TRIAL_STATUS",
     "TRIAL_WORKER",
     "TUNE_NAMESPACE",
@@ -51,6 +52,7 @@ TRIAL_STATUS = "status"  # one of the STATUS_* values
 TRIAL_ERROR = "error"  # one line: why the trial failed or diverged
 TRIAL_ERROR_KIND = "error_kind"  # "workload" (the user's code or data), "memory", "config" or "internal"
 TRIAL_WORKER = "worker"  # {"host", "pid", "start"}: who runs it (dead-worker recovery)
+TRIAL_RUN = "run_id"  # which invocation ran it (a sweep() call, a whole tune): a failure is retried once per run
 TRIAL_DUPLICATE_OF = "duplicate_of"  # a queue duplicate that stepped aside for this trial number
 EVAL_PREFIX = "eval_"  # "eval_00000", "eval_00001", ...: the evaluation records, in order
 

@@ -3,9 +3,10 @@
 One sweep is one Optuna study. Each grid point ``(batch size, LR multiplier)`` is enqueued as a trial with fixed
 parameters (a grid, not a sampler), so every configuration runs once even when several worker processes share the
 study. Resume: the same call opens the same study (its name is a digest of everything that changes a result,
-:mod:`batchfit.study.identity`); completed trials are not re-run, failed ones are kept unless ``retry_failed``, and
-a trial left RUNNING by a dead worker is failed and re-run from the start (at once when its pid is gone on this
-machine, otherwise when its heartbeat goes stale).
+:mod:`batchfit.study.identity`); completed trials are not re-run, failed ones are kept unless ``retry_failed`` (then
+each is retried once per call: a failure that persists ends the call, recorded), and a trial left RUNNING by a dead
+worker is failed and re-run from the start (at once when its pid is gone on this machine, otherwise when its
+heartbeat goes stale).
 """
 
 from __future__ import annotations
@@ -160,9 +161,10 @@ def _as_progress(progress: Any) -> ProgressFn | None:
 def _work(study: Any, url: Any, grid: Sequence[GridPoint], plan: SweepPlan, retry_failed: bool) -> SweepResult:
     """Recover dead workers' trials, enqueue what is missing, claim, train; repeat until the queue is empty."""
     masked = store.mask_url(url)
+    run_id = plan.run_id
     with store.store_lock(url):
         store.recover_stale(study)
-        store.enqueue_missing(study, grid, retry_failed)
+        store.enqueue_missing(study, grid, retry_failed, run_id)
     pending = sum(1 for t in study.get_trials(deepcopy=False) if t.state.name == "WAITING")
     failed_kept = 0 if retry_failed else store.count_failed_kept(study, grid)
     done = len(grid) - pending
@@ -179,8 +181,8 @@ def _work(study: Any, url: Any, grid: Sequence[GridPoint], plan: SweepPlan, retr
     while True:
         with store.store_lock(url):
             store.recover_stale(study)
-            store.enqueue_missing(study, grid, retry_failed)
-            trial = store.claim(study, retry_failed)
+            store.enqueue_missing(study, grid, retry_failed, run_id)
+            trial = store.claim(study, retry_failed, run_id)
         if trial is None:
             break
         index += 1
@@ -224,6 +226,7 @@ def sweep(
     micro_batch_size: int | None = None,
     seeds: int = 1,
     replicates: Mapping[int, int] | None = None,
+    run_id: str | None = None,
 ) -> SweepResult:
     """Train each candidate batch size (x ``lr_search`` learning rates) on an equal budget; persist and resume.
 
@@ -253,11 +256,15 @@ def sweep(
             (update), ``eval`` (record), ``trial_end`` (update; ``data["results"]`` is the result so far), ``done``
             (end).
         extra_attrs: tune-level results to store in the study's namespace (see :func:`store.write_namespace`).
-        retry_failed: also re-run trials that failed with an error (interrupted ones are always re-run).
+        retry_failed: also re-run trials that failed with an error, once per call (interrupted ones are always
+            re-run): a failure that persists ends the call with the failure recorded, never a loop.
         extremes: add B = 1 and full batch to the default candidates on small data sets.
         seeds: replicate seeds per configuration (``seed``, ``seed + 1``, ...), each one trial in the study, so a
             resumed sweep keeps and re-uses every seed; more seeds later add trials to the same study.
         replicates: ``{batch size: seeds}`` for some batch sizes only (racing, as ``tune`` does it).
+        run_id: names the invocation for ``retry_failed`` (default: a new one per call): a trial that failed under
+            the same ``run_id`` is not retried again, so ``tune`` gives all its sweep calls one id and retries each
+            failed trial once per tune.
 
     Returns the :class:`SweepResult` (:func:`load_results` rebuilds it from the store alone). Its ``status`` is
     ``failed`` when every trial failed (:meth:`SweepResult.raise_for_status` raises then).
@@ -266,6 +273,8 @@ def sweep(
         if micro_batch_limit is not None and micro_batch_limit != micro_batch_size:
             raise ConfigError("give micro_batch_limit or its former name micro_batch_size, not both")
         micro_batch_limit = micro_batch_size
+    if run_id is not None and (not isinstance(run_id, str) or not run_id.strip()):
+        raise ConfigError(f"run_id must be a non-empty string, got {run_id!r}")
     checks.positive_int("seeds", seeds, maximum=MAX_SEEDS)
     for n in (replicates or {}).values():
         checks.positive_int("replicates", n, maximum=MAX_SEEDS)
@@ -305,5 +314,5 @@ def sweep(
                      measure_noise=bool(measure_noise), sharpness=bool(sharpness), eval_every=eval_every, seed=seed,
                      lr_rule=lr_rule, warmup=warmup, precision=precision, device=inputs.device, total=len(grid),
                      callbacks=tuple(callbacks), progress=_as_progress(progress),
-                     weight_decay_rule=weight_decay_rule)
+                     weight_decay_rule=weight_decay_rule, run_id=run_id or store.new_run_id())
     return _work(study, url, grid, plan, retry_failed)

@@ -15,6 +15,7 @@ import re
 import socket
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = [
     "enqueue_missing",
     "is_schema_race",
     "mask_url",
+    "new_run_id",
     "normalize_url",
     "open_storage",
     "open_study",
@@ -304,15 +306,27 @@ def recover_stale(study: Any) -> list[int]:
 # The grid: what is done, what to enqueue, claiming a trial
 
 
-def trial_done(t: Any, retry_failed: bool) -> bool | None:
-    """True: this trial settles its configuration; None: it is queued or running; False: retry it."""
+def new_run_id() -> str:
+    """A fresh id for one invocation (a ``sweep()`` call, or a whole ``tune``): see :func:`trial_done`."""
+    return uuid.uuid4().hex
+
+
+def trial_done(t: Any, retry_failed: bool, run_id: str | None = None) -> bool | None:
+    """True: this trial settles its configuration; None: it is queued or running; False: retry it.
+
+    An interrupted trial is always retried. A failed one is kept, unless ``retry_failed``: then it is retried once
+    per invocation — a failure recorded by this same invocation (its ``run_id``, :data:`~batchfit.study.keys.
+    TRIAL_RUN`) settles the configuration, so a failure that persists ends the run instead of looping forever.
+    """
     TrialState = optuna_module().trial.TrialState
     if t.state == TrialState.COMPLETE:
         return True
     if t.state in (TrialState.WAITING, TrialState.RUNNING):
         return None
     if t.state == TrialState.FAIL:
-        return t.user_attrs.get(K.TRIAL_STATUS) == K.STATUS_FAILED and not retry_failed
+        if t.user_attrs.get(K.TRIAL_STATUS) != K.STATUS_FAILED:
+            return False  # interrupted (Ctrl-C, a dead worker): re-run
+        return not retry_failed or (run_id is not None and t.user_attrs.get(K.TRIAL_RUN) == run_id)
     return False  # PRUNED: a duplicate or a spare trial; says nothing about the configuration
 
 
@@ -325,12 +339,12 @@ def _by_config(study: Any) -> dict[str, list[Any]]:
     return groups
 
 
-def enqueue_missing(study: Any, grid: Sequence[GridPoint], retry_failed: bool) -> int:
+def enqueue_missing(study: Any, grid: Sequence[GridPoint], retry_failed: bool, run_id: str | None = None) -> int:
     """Queue every grid point that has no trial settling it (done, queued or running); returns how many."""
     groups = _by_config(study)
     added = 0
     for point in grid:
-        states = [trial_done(t, retry_failed) for t in groups.get(point.key, [])]
+        states = [trial_done(t, retry_failed, run_id) for t in groups.get(point.key, [])]
         if any(s is True or s is None for s in states):
             continue
         study.enqueue_trial(
@@ -388,7 +402,7 @@ def _distributions() -> dict[str, Any]:
             K.PARAM_LR_MULTIPLIER: d.FloatDistribution(1e-6, 1e6, log=True)}
 
 
-def claim(study: Any, retry_failed: bool) -> Any | None:
+def claim(study: Any, retry_failed: bool, run_id: str | None = None) -> Any | None:
     """Pop the next enqueued configuration (atomically, in the store); None when the queue is empty.
 
     Several workers may have enqueued the same configuration at once: a trial whose configuration already has a
@@ -415,7 +429,7 @@ def claim(study: Any, retry_failed: bool) -> Any | None:
                 continue
             if other.user_attrs.get(K.TRIAL_DUPLICATE_OF) is not None:
                 continue
-            done = trial_done(other, retry_failed)
+            done = trial_done(other, retry_failed, run_id)
             if done is True or (done is None and other.number < trial.number):
                 trial.set_user_attr(K.TRIAL_DUPLICATE_OF, other.number)
                 study.tell(trial, state=TrialState.PRUNED)

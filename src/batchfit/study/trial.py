@@ -61,6 +61,7 @@ class SweepPlan:
     callbacks: tuple[Any, ...] = ()
     progress: ProgressFn | None = None
     weight_decay_rule: str = "keep"  # keep | timescale (batchfit.scaling)
+    run_id: str | None = None  # this invocation (store.new_run_id): recorded on each trial it runs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,6 +279,8 @@ def _train_trial(study: Any, trial: Any, plan: SweepPlan, point: GridPoint, inde
     own = callbacks
     callbacks = [*own, _Recorder(trial, plan, info), *plan.callbacks]
     trial.set_user_attr(K.TRIAL_WORKER, worker_identity())
+    if plan.run_id is not None:
+        trial.set_user_attr(K.TRIAL_RUN, plan.run_id)
     trial.set_user_attr(K.TRIAL_STATUS, K.STATUS_RUNNING)
     outcome: dict[str, Any] = dict(info)
     failure: BaseException | None = None
