@@ -35,6 +35,7 @@ from conftest import private_null_device
 WORKLOADS = '''
 import os
 import sys
+import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -164,6 +165,56 @@ def worker_exits():
 
 def worker_killed():
     return _small(train_data=_loader("kill", 100))
+
+class _AtSeed(nn.Module):
+    """A model built under seed 1 (tune's first racing replicate) fails in training: it raises ("raise"), or, with
+    HOSTILE_KILL set, its process kills itself with SIGKILL ("kill": kill -9 while a racing trial runs)."""
+    def __init__(self, how):
+        super().__init__()
+        self.lin, self.how, self.seed = nn.Linear(8, 3), how, torch.initial_seed()
+    def forward(self, x):
+        if self.training and self.seed == 1:
+            if self.how == "raise":
+                raise RuntimeError("seed 1 breaks")
+            if os.environ.get("HOSTILE_KILL"):
+                os.kill(os.getpid(), 9)
+        return self.lin(x)
+
+def seed_one_raises():
+    return _small(model_fn=lambda: _AtSeed("raise"))
+
+def seed_one_killed():
+    return _small(model_fn=lambda: _AtSeed("kill"))
+
+class _Slow(nn.Module):
+    """With HOSTILE_SLOW=PATH: touches PATH at each training step and takes a second per step (a tune that holds
+    its --out for a while)."""
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 3)
+    def forward(self, x):
+        flag = os.environ.get("HOSTILE_SLOW")
+        if flag and self.training:
+            open(flag, "w").close()
+            time.sleep(1)
+        return self.lin(x)
+
+def slow():
+    return _small(model_fn=_Slow)
+class _NegativeLen(Dataset):
+    """A map-style dataset whose __len__ returns -1 (len() itself raises ValueError)."""
+    def __init__(self):
+        self.x, self.y = _data()
+    def __len__(self):
+        return -1
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+def len_negative():
+    return _small(train_data=_NegativeLen())
+
+def val_len_negative():
+    return _small(val_data=_NegativeLen())
 '''
 
 
@@ -491,7 +542,8 @@ def api_sweep_chmod_read_only_store(ctx: dict[str, Any]) -> None:
 # Subprocess cases: exits and Ctrl-C
 
 
-def _interrupt(argv: list[str], json_path: Path, ready: Callable[[Any], bool], timeout: float = 90) -> Any:
+def _interrupt(argv: list[str], json_path: Path, ready: Callable[[Any], bool], timeout: float = 90,
+               sig: int = signal.SIGINT) -> Any:
     p = subprocess.Popen([sys.executable, "-m", "batchfit", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     deadline = time.monotonic() + timeout
@@ -506,7 +558,7 @@ def _interrupt(argv: list[str], json_path: Path, ready: Callable[[Any], bool], t
             if p.poll() is not None:
                 break
             time.sleep(0.1)
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         out, err = p.communicate(timeout=60)
     finally:
         if p.poll() is None:
@@ -934,6 +986,420 @@ def _worker_failure_recorded(ctx: dict[str, Any], out: str, err: str) -> None:
         assert not re.search(r"in-place|fix the model|targets fit", error), error
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 23 (items 12, 13, 14): retries that end, racing trials re-run after kill -9, one tune per --out
+
+
+def _store_trials(db: Path) -> list[tuple[str, str | None, str | None]]:
+    """``(state, configuration key, status)`` of every trial in a batchfit SQLite store, in trial order."""
+    con = sqlite3.connect(db)
+    try:
+        rows = con.execute("SELECT trial_id, state FROM trials ORDER BY number").fetchall()
+        attrs = {(tid, key): json.loads(value) for tid, key, value in
+                 con.execute("SELECT trial_id, key, value_json FROM trial_user_attributes")}
+    finally:
+        con.close()
+    return [(state, (attrs.get((tid, "batchfit_config")) or {}).get("key"), attrs.get((tid, "status")))
+            for tid, state in rows]
+
+
+def _bounded(argv: list[str], db: Path, timeout: float = 90, env: dict[str, str] | None = None) -> Any:
+    """``python -m batchfit ARGV``, which must end by itself within ``timeout`` s: a run that loops is killed and
+    fails the case with the number of trials it had queued (instead of hanging the suite)."""
+    try:
+        return subprocess.run([sys.executable, "-m", "batchfit", *argv], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        made = len(_store_trials(db)) if db.exists() else 0
+        pytest.fail(f"batchfit {argv[0]} did not end within {timeout:g} s; it had made {made} trials (a loop)")
+
+
+def _trial_guard(most: int) -> Callable[[Any], None]:
+    """A progress function that stops a run (RuntimeError) once more than ``most`` sweep trials ended, so an API
+    call that loops fails the case instead of hanging it."""
+    ended: list[int] = []
+
+    def progress(event: Any) -> None:
+        if event.stage == "sweep" and event.data.get("event") == "trial_end":
+            ended.append(1)
+            if len(ended) > most:
+                raise RuntimeError(f"more than {most} trial(s) ran: a retry loop")
+
+    return progress
+
+
+def proc_sweep_retry_failed_once(ctx: dict[str, Any]) -> None:
+    """23.12: `sweep --retry-failed` on a failure that persists retries each failed trial once and ends: the failure
+    recorded, one line, exit 2 (it queued a new failed trial every second or so, forever)."""
+    out = Path(ctx["tmp"], "s")
+    db = out / "batchfit.db"
+    argv = ["sweep", "-w", f"{ctx['wl']}:forward_always_raises", "-b", "16,32", "--budget", "steps:2", "--no-noise",
+            "--no-extremes", "--out", str(out), "-q"]
+    rc, _, err = _cli(ctx, argv)
+    _refused(rc, err)
+    assert len(_store_trials(db)) == 2
+    p = _bounded([*argv, "--retry-failed"], db)
+    _refused(p.returncode, p.stderr)
+    assert "every trial of the sweep failed (2 of 2)" in p.stderr, p.stderr
+    trials = _store_trials(db)
+    assert sorted(k or "" for _, k, _ in trials) == ["b16_m1", "b16_m1", "b32_m1", "b32_m1"], trials
+    assert all(state == "FAIL" and status == "failed" for state, _, status in trials), trials
+
+
+def proc_tune_retry_failed_once(ctx: dict[str, Any]) -> None:
+    """23.12: `tune --retry-failed` retries the failed trial once; nothing finished, so no recommendation: the usual
+    one line, exit 2 (it reached 519 trials in 12 minutes)."""
+    out = Path(ctx["tmp"], "t")
+    db = out / "batchfit.db"
+    argv = ["tune", "-w", f"{ctx['wl']}:forward_always_raises", *SMALL_TUNE, "--no-find", "--out", str(out), "-q"]
+    rc, _, err = _cli(ctx, argv)
+    assert rc == 2 and len(_store_trials(db)) == 1, err
+    p = _bounded([*argv, "--retry-failed"], db)
+    _refused(p.returncode, p.stderr)
+    assert "every trial of the sweep failed" in p.stderr, p.stderr
+    assert [(k, state) for state, k, _ in _store_trials(db)] == [("b16_m1", "FAIL"), ("b16_m1", "FAIL")]
+    assert _json(out / "results.json").get("recommendation") is None
+
+
+def api_sweep_retry_failed_once_per_call(ctx: dict[str, Any]) -> None:
+    """23.12: sweep(retry_failed=True) retries each failed trial once per call, and returns the failure."""
+    db = Path(ctx["tmp"], "s.db")
+    wl = f"{ctx['wl']}:forward_always_raises"
+    kw = dict(batch_sizes=[16, 32], budget="steps:2", storage=f"sqlite:///{db}", measure_noise=False,
+              extremes=False, micro_batch_limit=32)
+    assert batchfit.sweep(wl, **kw).status == "failed"
+    for total in (4, 6):
+        res = batchfit.sweep(wl, retry_failed=True, progress=_trial_guard(2), **kw)
+        assert res.status == "failed" and res.counts.get("failed") == 2, res.counts
+        assert len(_store_trials(db)) == total
+
+
+def api_tune_retry_failed_once(ctx: dict[str, Any]) -> None:
+    """23.12: tune(retry_failed=True) retries each failed trial once per tune (over all its sweep calls)."""
+    out = Path(ctx["tmp"], "t")
+    wl = f"{ctx['wl']}:forward_always_raises"
+    kw = dict(out_dir=out, batch_sizes=[16], budget="steps:2", find=False, noise=False, precision_check=False,
+              lr_calibration=False)
+    assert batchfit.tune(wl, **kw).recommendation is None
+    res = batchfit.tune(wl, retry_failed=True, progress=_trial_guard(1), **kw)
+    assert res.recommendation is None and len(_store_trials(out / "batchfit.db")) == 2
+
+
+def proc_tune_racing_seed_fails(ctx: dict[str, Any]) -> None:
+    """23.12: a racing seed that fails every time stops racing, recorded, instead of being asked for forever (the
+    run never ended, even without --retry-failed); the recommendation comes from what finished. --retry-failed
+    retries it once."""
+    out = Path(ctx["tmp"], "t")
+    db = out / "batchfit.db"
+    argv = ["tune", "-w", f"{ctx['wl']}:seed_one_raises", *SMALL_TUNE, "--no-find", "--out", str(out), "-q"]
+    for retry, failures in (([], 1), (["--retry-failed"], 2)):
+        p = _bounded([*argv, *retry], db)
+        assert p.returncode == 0, p.stderr[-1500:]
+        trials = _store_trials(db)
+        assert [k for state, k, _ in trials if state == "COMPLETE"] == ["b16_m1"], trials
+        assert [(k, status) for state, k, status in trials if state != "COMPLETE"] == \
+            [("b16_m1_s1", "failed")] * failures, trials
+        assert _json(out / "results.json")["recommendation"]["batch_size"] == 16
+
+
+def proc_tune_racing_trial_killed(ctx: dict[str, Any]) -> None:
+    """23.13: a racing trial killed with kill -9 is re-run by the next tune, also when racing's verdict, read again
+    from the trials, no longer asks for its seed (as when the other trials of its round finished meanwhile; here
+    forced): every configuration ends with its seeds ok, no "worker process died" failure counted; a further rerun
+    re-runs nothing."""
+    import batchfit.tuning
+
+    out = Path(ctx["tmp"], "t")
+    db = out / "batchfit.db"
+    argv = ["tune", "-w", f"{ctx['wl']}:seed_one_killed", "-b", "16", "--budget", "steps:4", "--no-find",
+            "--no-noise", "--no-precision-check", "--no-lr-calibration", "--out", str(out), "-q"]
+    p = _bounded(argv, db, env={**os.environ, "HOSTILE_KILL": "1"})  # racing's seed 1 kills its own process
+    assert p.returncode == -signal.SIGKILL, p.stderr[-1500:]
+    assert [(k, state) for state, k, _ in _store_trials(db)] == [("b16_m1", "COMPLETE"), ("b16_m1_s1", "RUNNING")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(batchfit.tuning, "race_round", lambda results, **kw: ({}, "settled"))
+        rc, _, err = _cli(ctx, argv)
+    assert rc == 0, err
+    res = _json(out / "results.json")
+    assert sorted((t["batch_size"], t["seed"], t["status"]) for t in res["trials"]) == [(16, 0, "ok"), (16, 1, "ok")]
+    assert not res["counts"].get("failed") and "worker process died" not in json.dumps(res["trials"])
+    rc, _, err = _cli(ctx, argv)  # racing as usual: it may add a seed; nothing finished is run again
+    assert rc == 0, err
+    trials = _store_trials(db)
+    done = [k for state, k, _ in trials if state == "COMPLETE"]
+    assert len(done) == len(set(done)) and {"b16_m1", "b16_m1_s1"} <= set(done), trials
+    assert [(state, status) for state, k, status in trials if k == "b16_m1_s1"] == \
+        [("FAIL", "interrupted"), ("COMPLETE", "ok")], trials
+    assert not _json(out / "results.json")["counts"].get("failed")
+
+
+def proc_tune_two_processes_one_out(ctx: dict[str, Any]) -> None:
+    """23.14: a second tune on the --out of a running one stops at once: one line naming the first one's pid, exit
+    2 (both used to run find, noise and the LR check and print different answers). The lock dies with its process:
+    after kill -9 of the first, the same command runs."""
+    out = Path(ctx["tmp"], "t")
+    started = Path(ctx["tmp"], "slow-started")
+    argv = ["tune", "-w", f"{ctx['wl']}:slow", "-b", "16", "--budget", "steps:60", "--no-find", "--no-noise",
+            "--no-precision-check", "--no-lr-calibration", "--out", str(out), "-q"]
+    first = subprocess.Popen([sys.executable, "-m", "batchfit", *argv], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "HOSTILE_SLOW": str(started)})
+    try:
+        deadline = time.monotonic() + 90
+        while not started.exists():  # the first tune is training (a second per step)
+            assert first.poll() is None, first.communicate()[1][-1500:]
+            assert time.monotonic() < deadline, "the first tune did not start training"
+            time.sleep(0.1)
+        files = sorted(p.name for p in out.iterdir())
+        rc, _, err = _cli(ctx, argv)
+        _refused(rc, err)
+        assert re.search(rf"another batchfit tune is writing to \S*t \(pid {first.pid}\); wait for it or use another "
+                         r"--out$", err.strip()), err
+        assert sorted(p.name for p in out.iterdir()) == files, "the second tune wrote into the first one's --out"
+        assert first.poll() is None, "the first tune did not survive the second"
+    finally:
+        first.kill()
+        first.communicate()
+    rc, _, err = _cli(ctx, argv)  # the killed holder's lock is gone with it; its RUNNING trial is re-run
+    assert rc == 0, err
+    assert _json(out / "results.json")["recommendation"]["batch_size"] == 16
+
+
+def api_tune_out_dir_lock_released(ctx: dict[str, Any]) -> None:
+    """23.14: tune(out_dir=) holds the folder's lock only while it runs: an interrupted tune (KeyboardInterrupt, as
+    Ctrl-C) releases it, so the next one in the same process runs; while it is held, another tune on the folder is
+    a ConfigError naming the holder's pid in keyword words."""
+    from batchfit.tuning import out_dir_lock
+
+    out = Path(ctx["tmp"], "t")
+    wl = f"{ctx['wl']}:ok"
+    kw = dict(out_dir=out, batch_sizes=[16], budget="steps:2", find=False, noise=False, precision_check=False,
+              lr_calibration=False)
+
+    def ctrl_c(event: Any) -> None:
+        if event.data.get("event") == "trial_start":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        batchfit.tune(wl, progress=ctrl_c, **kw)
+    assert batchfit.tune(wl, **kw).recommendation is not None
+    with out_dir_lock(out), pytest.raises(ConfigError, match=rf"another batchfit tune is writing to .* \(pid "
+                                                            rf"{os.getpid()}\); wait for it or use another out_dir$"):
+        batchfit.tune(wl, **kw)
+    assert batchfit.tune(wl, **kw).recommendation is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 23 (items 18, 19): no "internal error" on damaged stores and stage files, closed pipes, bad API values;
+# checks before the work, no writes to a store a report reads, SIGTERM as Ctrl-C
+
+
+_made: dict[str, Path] = {}  # results made once per module (a real sweep store, a real tune --out), copied per case
+
+
+def _swept_store(ctx: dict[str, Any]) -> Path:
+    """A copy (in the case's tmp) of a real 2-trial sweep store, made once with SMALL_SWEEP."""
+    import shutil
+
+    if "sweep" not in _made:
+        out = Path(ctx["root"], "swept")
+        rc, _, err = _cli(ctx, ["sweep", "-w", f"{ctx['wl']}:ok", *SMALL_SWEEP, "--out", str(out), "-q"])
+        assert rc == 0, err
+        _made["sweep"] = out / "batchfit.db"
+    copy = Path(ctx["tmp"], "damaged.db")
+    shutil.copy(_made["sweep"], copy)
+    return copy
+
+
+def _damage(db: Path, sql: str) -> None:
+    con = sqlite3.connect(db)
+    try:
+        con.execute(sql)
+        con.commit()
+    finally:
+        con.close()
+
+
+BROKEN_TRIAL_ATTR = "UPDATE trial_user_attributes SET value_json = '{broken' WHERE key = 'result'"
+OOPS_STUDY_CONFIG = "UPDATE study_user_attributes SET value_json = '\"oops\"' WHERE key = 'config'"
+
+
+def _damaged_store_refused(command: str, sql: str, pattern: str) -> Callable[[dict[str, Any]], None]:
+    """23.18: ``report`` / ``sweep`` on a valid SQLite store with damaged content (an attribute that is not JSON, a
+    study config that is a string): one line naming the store and what is damaged, exit 2 (was: "internal error:
+    JSONDecodeError" / "TypeError: string indices must be integers")."""
+
+    def case(ctx: dict[str, Any]) -> None:
+        db = _swept_store(ctx)
+        _damage(db, sql)
+        if command == "report":
+            argv = ["report", str(db), "--out", str(Path(ctx["tmp"], "rep")), "-q"]
+        else:
+            argv = ["sweep", "-w", f"{ctx['wl']}:ok", *SMALL_SWEEP, "--store", f"sqlite:///{db}", "-q"]
+        rc, _, err = _cli(ctx, argv)
+        _refused(rc, err)
+        assert re.search(rf"the store .*damaged\.db.* is damaged: {pattern}.*restore it from a copy", err), err
+
+    return case
+
+
+def _tuned_out(ctx: dict[str, Any]) -> tuple[Path, list[str]]:
+    """A copy (in the case's tmp) of a real tune --out with every stage file but noise and precision, made once;
+    and the argv that resumes it."""
+    import shutil
+
+    argv = ["tune", "-w", f"{ctx['wl']}:ok", "-b", "16,32", "--budget", "steps:2", "--no-find", "--no-noise",
+            "--no-precision-check"]
+    if "tune" not in _made:
+        out = Path(ctx["root"], "tuned")
+        rc, _, err = _cli(ctx, [*argv, "--out", str(out), "-q"])
+        assert rc == 0, err
+        _made["tune"] = out
+    copy = Path(ctx["tmp"], "t")
+    shutil.copytree(_made["tune"], copy)
+    return copy, [*argv, "--out", str(copy), "-q"]
+
+
+def _hand_edited_stage_file(name: str, content: str) -> Callable[[dict[str, Any]], None]:
+    """23.18: a hand-edited stage file in tune's --out (lr.json, step_time.json, tune_state.json of the wrong kind)
+    is ignored with one warning line naming it, and that stage is measured again: exit 0 with a recommendation, the
+    file rewritten as tune writes it (was: "internal error: TypeError: LRCheck.__init__() missing 5 required
+    positional arguments" / "AttributeError: 'int' object has no attribute 'items'")."""
+
+    def case(ctx: dict[str, Any]) -> None:
+        out, argv = _tuned_out(ctx)
+        (out / name).write_text(content)
+        rc, _, err = _cli(ctx, argv)
+        assert rc == 0, err[-1500:]
+        assert "internal error" not in err and "Traceback" not in err, err[-1500:]
+        warned = [line for line in err.splitlines() if "warning:" in line]
+        assert len(warned) == 1 and re.search(rf"warning: \S*{re.escape(name)} is damaged \(.*\); .*again", warned[0]),\
+            err[-1500:]
+        assert isinstance(_json(out / name), dict) and _json(out / name) != json.loads(content)
+        assert _json(out / "results.json")["recommendation"]["batch_size"] in (16, 32)
+
+    return case
+
+
+def _stdout_closed(argv: list[str]) -> Callable[[dict[str, Any]], None]:
+    """23.18: ``--json -`` whose reader closed the pipe before the result came (``... | (exec 0<&-; sleep 2)``):
+    BrokenPipeError is one warning line, exit 0, the other outputs written (was: "internal error: BrokenPipeError",
+    exit 1)."""
+
+    def case(ctx: dict[str, Any]) -> None:
+        read, write = os.pipe()
+        os.close(read)  # the reader is gone before batchfit writes
+        try:
+            p = subprocess.run([sys.executable, "-m", "batchfit", *_fmt(tuple(argv), ctx)], stdout=write,
+                               stderr=subprocess.PIPE, text=True, timeout=120)
+        finally:
+            os.close(write)
+        assert p.returncode == 0, p.stderr[-1500:]
+        assert "internal error" not in p.stderr and "Traceback" not in p.stderr and "Exception ignored" not in \
+            p.stderr, p.stderr[-1500:]
+        assert re.search(r"warning: the reader of standard output closed it", p.stderr), p.stderr[-1500:]
+        assert Path(ctx["tmp"], "o", "results.json").exists()
+
+    return case
+
+
+def api_train_batch_schedule_malformed(ctx: dict[str, Any]) -> None:
+    """23.18: train(batch_schedule=...) that is no schedule is a ConfigError naming batch_schedule (was: ValueError
+    "too many values to unpack", TypeError "'int' object is not iterable")."""
+    for schedule in ([(0, 32, 1)], 123, [None]):
+        with pytest.raises(ConfigError, match=r"^batch_schedule .*(pair|list of \(step, batch\))") as info:
+            batchfit.train(WL, batch_schedule=schedule, steps=1)
+        assert "--" not in str(info.value)
+
+
+def api_train_branching_garbage(ctx: dict[str, Any]) -> None:
+    """23.18: train(branching=...) that is no branching measurement is a ConfigError naming branching (was: "garbage"
+    ignored and trained; {} a KeyError with batch_schedule="auto")."""
+    for branching, schedule in (("garbage", None), ({}, None), ("garbage", "auto"), ({}, "auto")):
+        with pytest.raises(ConfigError, match=r"^branching (must be|is not) ") as info:
+            batchfit.train(WL, branching=branching, batch_schedule=schedule, steps=1)
+        assert "--" not in str(info.value)
+
+
+def _no_stage_files(ctx: dict[str, Any], out: str, err: str) -> None:
+    written = [n for n in ("find.json", "noise.json", "lr.json", "step_time.json", "tune_state.json")
+               if Path(ctx["tmp"], "t", n).exists()]
+    assert not written, f"refused only after {written} were written"
+
+
+def proc_tune_corrupt_store_in_out_up_front(ctx: dict[str, Any]) -> None:
+    """23.19: a corrupted store in tune's --out (the default store) is found before the first stage: one line, exit
+    2, no stage file written (was: found by the sweep, after find, noise and the LR check)."""
+    import shutil
+
+    out = Path(ctx["tmp"], "t")
+    out.mkdir()
+    shutil.copy(Path(ctx["root"], "corrupt.db"), out / "batchfit.db")
+    rc, _, err = _cli(ctx, ["tune", "-w", f"{ctx['wl']}:ok", "-b", "16", "--budget", "steps:2", "--noise-steps", "3",
+                            "--no-precision-check", "--out", str(out), "-q"])
+    _refused(rc, err)
+    assert "not a valid SQLite database" in err, err
+    _no_stage_files(ctx, "", err)
+
+
+def proc_report_dropped_table_read_only(ctx: dict[str, Any]) -> None:
+    """23.19: report on a store with a dropped table is one line naming the table, exit 2, and the store's bytes
+    are unchanged (was: exit 0 "no trial finished", the table re-created: report wrote to the store)."""
+    import hashlib
+
+    db = _swept_store(ctx)
+    _damage(db, "DROP TABLE trial_user_attributes")
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    rc, _, err = _cli(ctx, ["report", str(db), "--out", str(Path(ctx["tmp"], "rep")), "-q"])
+    _refused(rc, err)
+    assert re.search(r"damaged: missing table\(s\) trial_user_attributes", err), err
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before, "report wrote to the store"
+
+
+def proc_report_fifo_store(ctx: dict[str, Any]) -> None:
+    """23.19: report given a FIFO as the store is refused at once, one line, exit 2 (was: blocked forever waiting for
+    a writer); with a .json name too."""
+    for name in ("store.fifo", "results.json"):
+        fifo = Path(ctx["tmp"], name)
+        os.mkfifo(fifo)
+        try:
+            p = _proc(["report", str(fifo), "--out", str(Path(ctx["tmp"], "rep")), "-q"], timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"report on a FIFO ({name}) did not end within 60 s")
+        _refused(p.returncode, p.stderr)
+        assert "not a regular file" in p.stderr, p.stderr
+
+
+def api_train_warmup_beyond_the_run(ctx: dict[str, Any]) -> None:
+    """23.19: train(warmup=N steps) longer than the run is a ConfigError naming warmup, before training; a fraction
+    below 1 and a warm-up as long as the run are fine."""
+    with pytest.raises(ConfigError, match=r"^warmup must be at most 2 steps .*got 1e\+308") as info:
+        batchfit.train(WL, warmup=1e308, steps=2)
+    assert not re.search(r"\d{20}", str(info.value))
+    assert batchfit.train(f"{ctx['wl']}:ok", warmup=2, steps=2).warmup_steps == 2
+
+
+def proc_train_sigterm(ctx: dict[str, Any]) -> None:
+    """23.19: SIGTERM to train --json is handled as Ctrl-C: "interrupted" in the JSON (not "running"), one line, exit
+    143 (was: killed by the signal, exit -15, nothing said)."""
+    out = Path(ctx["tmp"], "r.json")
+    rc, _, err = _interrupt(["train", "-w", f"{ctx['wl']}:ok", "--steps", "1000000", "--eval-every", "2",
+                             "--json", str(out), "-q"], out, lambda d: len(d.get("history", [])) >= 2,
+                            sig=signal.SIGTERM)
+    assert rc == 143 and re.fullmatch(r"batchfit train: interrupted \(SIGTERM\); results written so far are kept",
+                                      err.strip()), (rc, err)
+    assert _json(out)["status"] == "interrupted" and _json(out)["history"]
+
+
+def proc_noise_sigterm(ctx: dict[str, Any]) -> None:
+    """23.19: SIGTERM to noise --json keeps every measured step, says "interrupted", exit 143."""
+    out = Path(ctx["tmp"], "n.json")
+    rc, _, err = _interrupt(["noise", "-w", f"{ctx['wl']}:ok", "--steps", "1000000", "--rel-ci", "0.0001",
+                             "--json", str(out), "-q"], out, lambda d: len(d.get("history", [])) >= 3,
+                            sig=signal.SIGTERM)
+    d = _json(out)
+    assert rc == 143 and "interrupted (SIGTERM)" in err and len(err.strip().splitlines()) == 1, (rc, err)
+    assert d["status"] == "interrupted" and d["steps"] == len(d["history"]) and d["steps"] >= 3
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # The table
@@ -1162,6 +1628,63 @@ CASES: list[Case] = [
     Case("sweep-worker-killed", "23.17", ("sweep", "-w", "{wl}:worker_killed", "-b", "16", "--budget", "steps:14",
                                           "--no-noise", "--no-extremes", "--out", T + "/s", "-q"),
          err=r"DataLoader worker process", check=_worker_failure_recorded),
+    # 23.12 --retry-failed retries each failed trial once per invocation; a racing seed that keeps failing ends racing
+    Case("sweep-retry-failed-once", "23.12", api=proc_sweep_retry_failed_once),
+    Case("tune-retry-failed-once", "23.12", api=proc_tune_retry_failed_once),
+    Case("api-sweep-retry-failed-once-per-call", "23.12", api=api_sweep_retry_failed_once_per_call),
+    Case("api-tune-retry-failed-once", "23.12", api=api_tune_retry_failed_once),
+    Case("tune-racing-seed-fails", "23.12", api=proc_tune_racing_seed_fails),
+    # 23.13 an interrupted racing trial is re-run
+    Case("tune-racing-trial-killed", "23.13", api=proc_tune_racing_trial_killed),
+    # 23.14 one tune per --out
+    Case("tune-two-processes-one-out", "23.14", api=proc_tune_two_processes_one_out),
+    Case("api-tune-out-dir-lock-released", "23.14", api=api_tune_out_dir_lock_released),
+    # 23.18 no "internal error" for the user's data, damaged stores and stage files, closed pipes, bad API values
+    Case("train-len-negative", "23.18", ("train", "-w", "{wl}:len_negative", "--steps", "2", "-q"),
+         err=r"train_data: len\(\) failed \(ValueError: __len__\(\) should return >= 0\); make its __len__ return"),
+    Case("sweep-val-len-negative", "23.18", ("sweep", "-w", "{wl}:val_len_negative", *SMALL_SWEEP, "--out", T + "/s",
+                                             "-q"), err=r"val_data: len\(\) failed"),
+    Case("report-store-attr-not-json", "23.18",
+         api=_damaged_store_refused("report", BROKEN_TRIAL_ATTR, r".*attribute that is not valid JSON")),
+    Case("report-store-config-oops", "23.18",
+         api=_damaged_store_refused("report", OOPS_STUDY_CONFIG, r"the attribute 'config' of study .* is 'oops'")),
+    Case("sweep-store-attr-not-json", "23.18",
+         api=_damaged_store_refused("sweep", BROKEN_TRIAL_ATTR, r".*attribute that is not valid JSON")),
+    Case("sweep-store-config-oops", "23.18",
+         api=_damaged_store_refused("sweep", OOPS_STUDY_CONFIG, r"the attribute 'config' of study .* is 'oops'")),
+    Case("tune-hand-edited-lr-json", "23.18", api=_hand_edited_stage_file("lr.json", '{"runs": 5, "lr": 3}')),
+    Case("tune-hand-edited-step-time-json", "23.18",
+         api=_hand_edited_stage_file("step_time.json", '{"seconds": 3, "rounds": 2}')),
+    Case("tune-hand-edited-state-json", "23.18", api=_hand_edited_stage_file("tune_state.json", '"oops"')),
+    Case("report-stdout-closed", "23.18", api=_stdout_closed(["report", "{root}/results.json", "--out", T + "/o",
+                                                               "--json", "-", "-q"])),
+    Case("tune-stdout-closed", "23.18", api=_stdout_closed(["tune", "-w", "{wl}:ok", *SMALL_TUNE, "--no-find",
+                                                             "--out", T + "/o", "--json", "-", "-q"])),
+    Case("api-train-batch-schedule-malformed", "23.18", api=api_train_batch_schedule_malformed),
+    Case("api-train-branching-garbage", "23.18", api=api_train_branching_garbage),
+    # 23.19 checked before the work; a report never writes to its store; SIGTERM as Ctrl-C
+    Case("tune-lr-search-3000-up-front", "23.19", ("tune", "-w", "{wl}:ok", "-b", "16", "--budget", "steps:2",
+                                                   "--noise-steps", "3", "--no-precision-check", "--lr-search",
+                                                   "3000", "--out", T + "/t", "-q"),
+         err=r"--lr-search must be at most 16, got 3000", check=_no_stage_files),
+    Case("tune-corrupt-store-in-out-up-front", "23.19", api=proc_tune_corrupt_store_in_out_up_front),
+    Case("report-dropped-table-read-only", "23.19", api=proc_report_dropped_table_read_only),
+    Case("report-fifo-store", "23.19", api=proc_report_fifo_store),
+    Case("train-warmup-1e308", "23.19", ("train", "-w", "{wl}:ok", "--warmup", "1e308", "--steps", "2", "-q"),
+         err=r"--warmup must be at most 2 steps \(the run is 2 steps long\), got 1e\+308", no_err=r"\d{20}"),
+    Case("sweep-warmup-1e308", "23.19", ("sweep", "-w", "{wl}:ok", *SMALL_SWEEP, "--warmup", "1e308", "--out",
+                                         T + "/s", "-q"), err=r"--warmup must be at most 2 steps", no_err=r"\d{20}",
+         check=_nothing_written("s/sweep.json")),
+    Case("tune-warmup-1e308", "23.19", ("tune", "-w", "{wl}:ok", "-b", "16", "--budget", "steps:2", "--noise-steps",
+                                        "3", "--no-precision-check", "--warmup", "1e308", "--out", T + "/t", "-q"),
+         err=r"--warmup must be at most 2 steps", no_err=r"\d{20}", check=_no_stage_files),
+    Case("sweep-warmup-longer-than-a-large-batch-trial", "23.19", ("sweep", "-w", "{wl}:ok", "-b", "16,64",
+                                                                   "--budget", "epochs:1", "--no-noise",
+                                                                   "--no-extremes", "--warmup", "5", "--out",
+                                                                   T + "/s", "-q"), rc=(0,)),
+    Case("api-train-warmup-beyond-the-run", "23.19", api=api_train_warmup_beyond_the_run),
+    Case("train-sigterm-interrupted", "23.19", api=proc_train_sigterm),
+    Case("noise-sigterm-keeps-steps", "23.19", api=proc_noise_sigterm),
 ]
 
 
@@ -1229,7 +1752,8 @@ def test_hostile(case: Case, files: dict[str, Any], tmp_path: Path, capsys: pyte
 
 def test_issue_23_items_are_covered() -> None:
     covered = {i for c in CASES for i in c.item.split(",")}
-    assert {"23.10", "23.11", "23.15", "23.16", "23.17"} <= covered, sorted(covered)
+    assert {"23.10", "23.11", "23.12", "23.13", "23.14", "23.15", "23.16", "23.17", "23.18", "23.19"} <= covered, \
+        sorted(covered)
 
 
 def test_corrupt_fixture_is_really_corrupt(files: dict[str, Any]) -> None:

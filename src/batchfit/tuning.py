@@ -30,12 +30,14 @@ The capabilities underneath (finder, noise, sweep, recommend, report) do not kno
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,9 +60,11 @@ __all__ = [
     "default_batch_sizes",
     "framework_of",
     "noise_probe_batch",
+    "out_dir_lock",
     "race_round",
     "seeds_per_batch",
     "tune",
+    "unfinished_replicates",
 ]
 
 # Defaults sized so that `batchfit tune` on demo:digits-mlp (1,437 training samples) finishes in under 3 minutes
@@ -80,6 +84,7 @@ LR_CALIBRATION_BUDGET_DIVISOR = 4  # each check run gets 1/4 of a sweep trial's 
 LR_CHECK_SEEDS = 3  # seeds (in all) for the base and the best multiplier when their scores are close
 NOISE_PROBE_BATCH = 16  # the probe's batch when the workload's base batch is too small to split (B = 1)
 STATE_FILE = "tune_state.json"
+LOCK_FILE = ".batchfit.lock"  # in out_dir: held (flock) by the one tune writing there
 RACE_MAX_SEEDS = 3  # racing adds seeds to undecided batch sizes up to this many
 MAX_SEEDS = 64
 
@@ -292,6 +297,46 @@ class _Run:
         return forward
 
 
+@contextlib.contextmanager
+def out_dir_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.batchfit.lock`` exclusively for the whole tune: a second tune on the same folder stops at once
+    with one line naming the holder's pid (two tunes there would each run find, noise and the LR check, and print
+    recommendations of which the files keep only one).
+
+    An ``flock`` on an open descriptor: released when the tune ends, by an exception or Ctrl-C (closing it), and by
+    the kernel when the process dies (``kill -9``), so a stale lock file never blocks. Where the platform or file
+    system has no ``flock`` (Windows, some network mounts), tune runs unlocked, as before.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    path = out / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ConfigError(f"cannot write to out_dir {str(out)!r} ({exc.strerror}); give a folder you can write "
+                          "to") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise ConfigError(f"another batchfit tune is writing to {out}{who}; wait for it or use another out_dir") \
+                from None
+        except OSError:  # no flock on this file system: run unlocked
+            pass
+        else:
+            with contextlib.suppress(OSError):  # who holds it, for the message of the next one
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -299,13 +344,155 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+# A stage file (find.json ... precision.json) or tune_state.json that was hand-edited or cut short is not trusted:
+# it is ignored with one warning line naming it, and that stage is measured again (its file is then rewritten).
+_STAGE_WORDS = {"find": "the finder", "noise": "the noise probe", "lr": "the LR check",
+                "step_time": "the step timing", "precision": "the precision check"}
+_warned: set[tuple[str, int, int]] = set()  # (path, size, mtime): one warning per damaged file version
+
+
+def _warn_damaged(path: Path, reason: str, then: str) -> None:
+    try:
+        st = path.stat()
+        mark = (str(path), st.st_size, st.st_mtime_ns)
+    except OSError:
+        mark = (str(path), -1, -1)
+    if mark in _warned:
+        return
+    _warned.add(mark)
+    warnings.warn(f"{path} is damaged ({reason}); {then}", stacklevel=3)
+
+
+def _load_json(path: Path) -> tuple[Any, str | None]:
+    """``(data, None)``, or ``(None, why it cannot be read)``; a missing file is ``(None, None)``."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"unreadable: {exc}"
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        return None, f"not valid JSON: {' '.join(str(exc).split())}"
+    return (data, None) if data is not None else (None, "it holds null, not an object")
+
+
+def _read_state(out: Path, *, warn: bool = True) -> dict[str, Any]:
+    """tune_state.json: which stage files hold which settings' results ({} when there is none, or it is damaged:
+    every stage is then measured again)."""
+    path = out / STATE_FILE
+    data, why = _load_json(path)
+    if why is None and data is not None and not isinstance(data, dict):
+        why = f"it holds a {type(data).__name__}, not an object"
+    if why is not None:
+        if warn:
+            _warn_damaged(path, why, "it is ignored and every stage is measured again")
+        return {}
+    return data or {}
+
+
+def _number(value: Any, *, positive: bool = False) -> bool:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return ok and (value > 0 if positive else True)
+
+
+def _run_problem(runs: Any) -> str | None:
+    """What is wrong with the LR check's list of runs, if anything."""
+    if not isinstance(runs, list):
+        return f"runs is {type(runs).__name__}, not a list"
+    for i, r in enumerate(runs):
+        if not isinstance(r, Mapping):
+            return f"runs[{i}] is {type(r).__name__}, not an object"
+        if not _number(r.get("multiplier"), positive=True):
+            return f"runs[{i}] has multiplier {r.get('multiplier')!r}"
+        if r.get("score") is not None and not _number(r["score"]):
+            return f"runs[{i}] has score {r['score']!r}"
+        if r.get("seed") is not None and (isinstance(r["seed"], bool) or not isinstance(r["seed"], int)):
+            return f"runs[{i}] has seed {r['seed']!r}"
+    return None
+
+
+def _lr_problem(data: Mapping[str, Any], partial: bool) -> str | None:
+    """lr.json as :meth:`LRCheck.to_dict` writes it (partial: the runs so far)."""
+    problem = _run_problem(data.get("runs"))
+    if problem is not None or partial:
+        return problem
+    kinds = {"batch_size": "positive int", "steps": "positive int", "metric": "str", "base_lr": "positive",
+             "best_multiplier": "positive", "lr": "positive", "kept_base": "bool", "intervals": "object",
+             "decision": "str"}
+    for name, kind in kinds.items():
+        v = data.get(name)
+        ok = {"positive int": isinstance(v, int) and not isinstance(v, bool) and v >= 1, "str": isinstance(v, str),
+              "positive": _number(v, positive=True), "bool": isinstance(v, bool),
+              "object": isinstance(v, Mapping)}[kind]
+        if not ok:
+            return f"{name} is {v!r}" if name in data else f"no {name}"
+    if not math.isclose(data["lr"], data["base_lr"] * data["best_multiplier"], rel_tol=1e-6):
+        return f"lr {data['lr']!r} is not base_lr x best_multiplier"
+    return None
+
+
+def _step_time_problem(data: Mapping[str, Any], partial: bool) -> str | None:
+    """step_time.json as :meth:`StepTimeCalibration.to_dict` writes it (every timed step a positive number)."""
+    from batchfit.steptime import StepTimeCalibration
+
+    seconds = data.get("seconds")
+    if not isinstance(seconds, Mapping):
+        return f"seconds is {seconds!r}" if "seconds" in data else "no seconds"
+    for b, values in seconds.items():
+        if not (str(b).isdigit() and isinstance(values, list) and all(_number(x, positive=True) for x in values)):
+            return f"seconds[{b!r}] is not a list of positive numbers"
+    for name in ("micro_batch", "errors", "cost"):
+        if data.get(name) is not None and not isinstance(data[name], Mapping):
+            return f"{name} is {type(data[name]).__name__}, not an object"
+    try:
+        StepTimeCalibration.from_dict(data).intervals()
+    except (TypeError, ValueError, AttributeError) as exc:
+        return " ".join(str(exc).split())[:120]
+    return None
+
+
+def _find_problem(data: Mapping[str, Any], partial: bool) -> str | None:
+    """find.json: what tune reads from it (the micro-batch that fits, the largest tried)."""
+    for name in ("recommended_batch_size", "max_batch_size"):
+        v = data.get(name)
+        if name not in data:
+            return f"no {name}"
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            return f"{name} is {v!r}"
+    return None
+
+
+def _noise_problem(data: Mapping[str, Any], partial: bool) -> str | None:
+    """noise.json: its B_simple (null when unbounded)."""
+    if "b_simple" not in data:
+        return "no b_simple"
+    v = data["b_simple"]
+    return None if v is None or _number(v) else f"b_simple is {v!r}"
+
+
+_PROBLEMS: dict[str, Callable[[Mapping[str, Any], bool], str | None]] = {
+    "find": _find_problem, "noise": _noise_problem, "lr": _lr_problem, "step_time": _step_time_problem}
+
+
 def _cached(out: Path, stage: str, key: Mapping[str, Any], *, partial: bool = False) -> dict[str, Any] | None:
-    """The stored result of ``stage`` when it was computed with ``key`` (``partial``: an unfinished one)."""
-    state = _read_json(out / STATE_FILE) or {}
+    """The stored result of ``stage`` when it was computed with ``key`` (``partial``: an unfinished one). A file
+    that is not what tune writes (not JSON, not an object, or a value of the wrong kind where tune reads one) is
+    ignored with one warning line, and the stage is measured again."""
+    state = _read_state(out)
     if state.get(f"{stage}:partial" if partial else stage) != _jsonable(key):
         return None
-    data = _read_json(out / f"{stage}.json")
-    return data if isinstance(data, dict) else None
+    path = out / f"{stage}.json"
+    data, why = _load_json(path)
+    if why is None and data is not None and not isinstance(data, dict):
+        why = f"it holds a {type(data).__name__}, not an object"
+    if why is None and isinstance(data, dict) and stage in _PROBLEMS:
+        why = _PROBLEMS[stage](data, partial)
+    if why is not None:
+        _warn_damaged(path, why, f"{_STAGE_WORDS.get(stage, stage)} is measured again")
+        return None
+    return data
 
 
 def _store(out: Path, stage: str, key: Mapping[str, Any], data: Mapping[str, Any], *, partial: bool = False) -> None:
@@ -313,7 +500,7 @@ def _store(out: Path, stage: str, key: Mapping[str, Any], data: Mapping[str, Any
     from batchfit._io import write_json
 
     write_json(out / f"{stage}.json", data)  # the result first, then the note that it is there
-    state = _read_json(out / STATE_FILE) or {}
+    state = _read_state(out, warn=False)  # a damaged state was named when it was read; it is replaced now
     state.pop(f"{stage}:partial", None)
     state.pop(stage, None)
     state[f"{stage}:partial" if partial else stage] = _jsonable(key)
@@ -988,7 +1175,8 @@ def tune(
 
     Args:
         out_dir: where every result is written as it completes (also the default Optuna store,
-            ``sqlite:///<out_dir>/batchfit.db``); re-running with the same ``out_dir`` resumes.
+            ``sqlite:///<out_dir>/batchfit.db``); re-running with the same ``out_dir`` resumes. One tune at a time
+            writes there (:func:`out_dir_lock`): a second one on the same folder is a ``ConfigError`` at once.
         batch_sizes: effective batch sizes to compare (default :func:`default_batch_sizes`: powers of two from 16
             up to 64 x the largest micro-batch that fits, the base batch, and the full batch on small sets).
         train_budget: what the user will train, ``samples:N``, ``steps:S`` (at the base batch), ``epochs:E`` or
@@ -1011,7 +1199,8 @@ def tune(
         lr_calibration: first check the workload's base LR at its base batch (x1/4 ... x8, a quarter of the budget
             each, extended by up to 3 x2 steps while the best is at an edge) and move it when another is better by
             more than ``tolerance``; every batch's LR is scaled from it.
-        retry_failed: run the sweep's failed trials again (interrupted ones always are).
+        retry_failed: run the sweep's failed trials again, each once per tune (interrupted ones always are); a
+            failure that persists is recorded and racing stops at a seed that keeps failing.
         seeds: train every configuration with this many seeds (``seed``, ``seed + 1``, ...). ``None`` (default):
             race — one seed per configuration first, then one more seed at a time only for the batch sizes whose
             quality interval still overlaps the best one's, until the decision is stable (nothing undecided, or
@@ -1034,6 +1223,7 @@ def tune(
     from batchfit.recommend import recommend
     from batchfit.report import write_report
     from batchfit.study import sweep
+    from batchfit.study.store import new_run_id
     from batchfit.workload import load_workload
 
     # -- validate everything before any work ------------------------------------------------------------------
@@ -1063,82 +1253,90 @@ def tune(
     run = _Run(out, progress, _identity(wl, options, device=device, precision=precision, seed=seed), device,
                precision, seed)
     out.mkdir(parents=True, exist_ok=True)
-    storage = storage or f"sqlite:///{(out / 'batchfit.db').resolve()}"
+    with out_dir_lock(out):  # the whole tune: one writer per out_dir (a second tune stops at once)
+        storage = storage or f"sqlite:///{(out / 'batchfit.db').resolve()}"
+        from batchfit.study.integrity import check_store
 
-    # -- 1. find: the largest micro-batch that fits, and the throughput knee; 2. noise: B_simple at init ------------
-    find_result = _find(wl, run, memory_budget=budget_bytes, batch_size_cap=cap, margin=margin) if find else None
-    fits = int(find_result["recommended_batch_size"]) if find_result and find_result.get(
-        "recommended_batch_size") else None
-    noise_result = _noise(wl, run, steps=noise_steps, batch_size=noise_probe_batch(
-        wl.base_batch_size, wl.num_train, fits)) if noise else None
+        check_store(storage)  # a damaged store is found now, not after find, noise and the LR check
 
-    # -- 3. LR check at the base batch; 4. sweep: every candidate batch at its rule-scaled LR, in the Optuna store --
-    sizes = sizes or _candidates(wl, fits, cap)
-    from batchfit.cost import cost_of
+        # -- 1. find: the largest micro-batch that fits, and the throughput knee; 2. noise: B_simple at init --------
+        find_result = _find(wl, run, memory_budget=budget_bytes, batch_size_cap=cap, margin=margin) if find else None
+        fits = int(find_result["recommended_batch_size"]) if find_result and find_result.get(
+            "recommended_batch_size") else None
+        noise_result = _noise(wl, run, steps=noise_steps, batch_size=noise_probe_batch(
+            wl.base_batch_size, wl.num_train, fits)) if noise else None
 
-    spent = cost_of({"find": find_result, "noise": noise_result}).samples
-    bud, sizes, plan = _measurement_plan(wl, train, bud, max_cost, sizes, spent=spent)
-    if plan["note"]:
-        run.emit("sweep", "update", plan["note"])
-    if eval_every == "auto":
-        eval_every = _auto_eval_every(wl.num_train, min(sizes), bud.kind)
-    if fits is None and not find:
-        fits = max(sizes)  # no finder: no memory limit (the sweep would otherwise run its own finder)
-    lr_check = None
-    if lr_calibration:
-        lr_check = _calibrate_lr(wl, run, budget=bud, multipliers=LR_CALIBRATION_MULTIPLIERS, tolerance=tolerance)
-        if lr_check.best_multiplier != 1.0:
-            wl = dataclasses.replace(wl, base_lr=lr_check.lr)
-    # -- the time per step of every candidate, in interleaved rounds: what racing and the recommendation decide on
-    from batchfit.recommend import micro_batch_for
+        # -- 3. LR check at the base batch; 4. sweep: every candidate batch at its rule-scaled LR, in the Optuna store
+        sizes = sizes or _candidates(wl, fits, cap)
+        from batchfit.cost import cost_of
 
-    step_time = _step_time(wl, run, {b: micro_batch_for(b, find_result, fits) for b in sizes})
-    stages = {"find": find_result, "noise": noise_result,
-              "lr_calibration": lr_check.to_dict() if lr_check is not None else None, "step_time": step_time}
-    stages.update(num_val=wl.num_val, framework=framework_of(wl), train_budget=plan)
+        spent = cost_of({"find": find_result, "noise": noise_result}).samples
+        bud, sizes, plan = _measurement_plan(wl, train, bud, max_cost, sizes, spent=spent)
+        if plan["note"]:
+            run.emit("sweep", "update", plan["note"])
+        if eval_every == "auto":
+            eval_every = _auto_eval_every(wl.num_train, min(sizes), bud.kind)
+        if fits is None and not find:
+            fits = max(sizes)  # no finder: no memory limit (the sweep would otherwise run its own finder)
+        lr_check = None
+        if lr_calibration:
+            lr_check = _calibrate_lr(wl, run, budget=bud, multipliers=LR_CALIBRATION_MULTIPLIERS, tolerance=tolerance)
+            if lr_check.best_multiplier != 1.0:
+                wl = dataclasses.replace(wl, base_lr=lr_check.lr)
+        # -- the time per step of every candidate, in interleaved rounds: what racing and the recommendation decide on
+        from batchfit.recommend import micro_batch_for
 
-    def run_sweep(replicates: Mapping[int, int] | None) -> Any:
-        return sweep(  # tune's stage results go into the study's tune namespace, so the store alone has them
-            wl, batch_sizes=sizes, budget=bud, lr_rule=lr_rule, lr_search=lr_search, warmup=warmup, target=target,
-            storage=storage, study_name=study_name, micro_batch_limit=fits, device=device, precision=precision,
-            seed=seed, measure_noise=True, sharpness=sharpness, eval_every=eval_every, retry_failed=retry_failed,
-            extra_attrs={k: v for k, v in stages.items() if v is not None},
-            progress=_SweepProgress(run, tolerance, stages), seeds=seeds or 1, replicates=replicates,
-            weight_decay_rule=weight_decay_rule,
-        )
+        step_time = _step_time(wl, run, {b: micro_batch_for(b, find_result, fits) for b in sizes})
+        stages = {"find": find_result, "noise": noise_result,
+                  "lr_calibration": lr_check.to_dict() if lr_check is not None else None, "step_time": step_time}
+        stages.update(num_val=wl.num_val, framework=framework_of(wl), train_budget=plan)
 
-    swept = run_sweep(None)
-    if seeds is None:  # racing: more seeds only where they can change the decision
-        swept = _race(swept, run_sweep, stages, run, tolerance=tolerance, cap=max_seeds,
-                      cost_cap=plan.get("cap_samples"), per_trial=plan["measurement_samples"])
-    counts = ", ".join(f"{v} {k}" for k, v in (swept.get("counts") or {}).items() if v)
-    run.emit("sweep", "end", f"{swept.get('status')}: {counts or 'no trials'}"
-             + f" (up to {max(seeds_per_batch(swept).values(), default=1)} seed(s) per batch size)")
-    result = TuneResult(sweep=swept, find=find_result, noise=noise_result, lr_check=lr_check, step_time=step_time,
-                        train_budget=plan)
+        def run_sweep(replicates: Mapping[int, int] | None) -> Any:
+            return sweep(  # tune's stage results go into the study's tune namespace, so the store alone has them
+                wl, batch_sizes=sizes, budget=bud, lr_rule=lr_rule, lr_search=lr_search, warmup=warmup, target=target,
+                storage=storage, study_name=study_name, micro_batch_limit=fits, device=device, precision=precision,
+                seed=seed, measure_noise=True, sharpness=sharpness, eval_every=eval_every, retry_failed=retry_failed,
+                extra_attrs={k: v for k, v in stages.items() if v is not None},
+                progress=_SweepProgress(run, tolerance, stages), seeds=seeds or 1, replicates=replicates,
+                weight_decay_rule=weight_decay_rule, run_id=run_id,
+            )
 
-    # -- 5. recommendation, with a measured precision check of the recommended configuration -------------------
-    try:
-        result.recommendation = recommend(result.results(), tolerance=tolerance)
-    except ConfigError:  # no trial finished: the report still shows what happened, without a recommendation
-        result.recommendation = None
-    if precision_check and result.recommendation is not None:
-        result.precision_check = _precision_check(wl, run, result.recommendation, steps=PRECISION_CHECK_STEPS)
-        result.recommendation = recommend(result.results(), tolerance=tolerance)
-        _save_in_study(storage, result.results().get("study_name"), {"precision_check": result.precision_check})
+        run_id = new_run_id()  # one for the whole tune: retry_failed retries each failed trial once, not per sweep call
+        swept = run_sweep(None)
+        unfinished = unfinished_replicates(swept)
+        if unfinished:  # seeds an earlier run started (racing) and did not finish: re-run them before racing reads on
+            swept = run_sweep(unfinished)
+        if seeds is None:  # racing: more seeds only where they can change the decision
+            swept = _race(swept, run_sweep, stages, run, tolerance=tolerance, cap=max_seeds,
+                          cost_cap=plan.get("cap_samples"), per_trial=plan["measurement_samples"])
+        counts = ", ".join(f"{v} {k}" for k, v in (swept.get("counts") or {}).items() if v)
+        run.emit("sweep", "end", f"{swept.get('status')}: {counts or 'no trials'}"
+                 + f" (up to {max(seeds_per_batch(swept).values(), default=1)} seed(s) per batch size)")
+        result = TuneResult(sweep=swept, find=find_result, noise=noise_result, lr_check=lr_check, step_time=step_time,
+                            train_budget=plan)
 
-    if batch_schedule_check:  # issue 14.3: the derived batch-size schedule vs the best fixed batch
-        from batchfit.schedule_check import tune_stage
+        # -- 5. recommendation, with a measured precision check of the recommended configuration -------------------
+        try:
+            result.recommendation = recommend(result.results(), tolerance=tolerance)
+        except ConfigError:  # no trial finished: the report still shows what happened, without a recommendation
+            result.recommendation = None
+        if precision_check and result.recommendation is not None:
+            result.precision_check = _precision_check(wl, run, result.recommendation, steps=PRECISION_CHECK_STEPS)
+            result.recommendation = recommend(result.results(), tolerance=tolerance)
+            _save_in_study(storage, result.results().get("study_name"), {"precision_check": result.precision_check})
 
-        result.batch_schedule_check = tune_stage(wl, run, budget=bud, micro_batch_limit=fits, seeds=seeds, seed=seed,
-                                                 device=device)
+        if batch_schedule_check:  # issue 14.3: the derived batch-size schedule vs the best fixed batch
+            from batchfit.schedule_check import tune_stage
 
-    # -- 6. report ---------------------------------------------------------------------------------------------
-    run.emit("report", "start", f"writing {out}/report.html")
-    result.seconds = time.perf_counter() - t_start
-    paths = write_report(result.results(), out, recommendation=result.recommendation, tolerance=tolerance)
-    run.emit("report", "end", f"{out}/report.html, report.md, results.json, {len(paths['plots'])} plots",
-             recommendation=result.recommendation.to_dict() if result.recommendation else None)
-    result.report = {k: (str(v) if isinstance(v, Path) else {n: str(p) for n, p in v.items()})
-                     for k, v in paths.items() if k in ("results", "markdown", "html", "plots")}
-    return result
+            result.batch_schedule_check = tune_stage(wl, run, budget=bud, micro_batch_limit=fits, seeds=seeds,
+                                                     seed=seed, device=device)
+
+        # -- 6. report ---------------------------------------------------------------------------------------------
+        run.emit("report", "start", f"writing {out}/report.html")
+        result.seconds = time.perf_counter() - t_start
+        paths = write_report(result.results(), out, recommendation=result.recommendation, tolerance=tolerance)
+        run.emit("report", "end", f"{out}/report.html, report.md, results.json, {len(paths['plots'])} plots",
+                 recommendation=result.recommendation.to_dict() if result.recommendation else None)
+        result.report = {k: (str(v) if isinstance(v, Path) else {n: str(p) for n, p in v.items()})
+                         for k, v in paths.items() if k in ("results", "markdown", "html", "plots")}
+        return result

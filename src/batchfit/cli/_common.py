@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 import math
 import os
 import re
@@ -309,8 +310,8 @@ def _reader_gone(path: Path) -> None:
             os.dup2(null, sys.stdout.fileno())
             os.close(null)
     where = "standard output" if text == STDOUT else repr(text)
-    warnings.warn(f"the reader of {where} closed it before the result was written; it was not delivered there "
-                  "(the command's other outputs are complete)", stacklevel=2)
+    warnings.warn(f"the reader of {where} closed it before the result was written, so the result was not "
+                  "delivered there (the work itself is done and every other output is written)", stacklevel=2)
 
 
 def flush_streams() -> None:
@@ -521,6 +522,8 @@ _READ_ONLY = ("attempt to write a readonly database", "readonly database", "read
 
 def _storage_error(exc: BaseException, args: argparse.Namespace) -> str | None:
     """A one-line message naming the real cause when a store failure is somewhere in ``exc``'s chain."""
+    from batchfit.errors import BatchfitError
+
     if getattr(args, "command", None) not in ("sweep", "tune", "report"):
         return None
     store = _store_name(args)
@@ -536,6 +539,10 @@ def _storage_error(exc: BaseException, args: argparse.Namespace) -> str | None:
             return (f"the store {store!r} is read-only or cannot be opened for writing "
                     f"({_sqlite_reason(low, _READ_ONLY)}); make the file and its folder writable, or give another "
                     "--store / --out")
+        if isinstance(e, json.JSONDecodeError) and not isinstance(exc, BatchfitError) and any(
+                "optuna" in Path(f.filename).parts for f in traceback.extract_tb(e.__traceback__)):
+            return (f"the store {store!r} is damaged: it holds an attribute that is not valid JSON ({text}); "
+                    "restore it from a copy, or use another store")
         if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and e.filename and \
                 os.path.basename(str(e.filename)).startswith(os.path.basename(store) or "batchfit.db"):
             return (f"the store {store!r} is read-only ({e.strerror}: {e.filename}); make the file and its folder "

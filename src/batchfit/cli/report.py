@@ -52,6 +52,9 @@ def load_any(store: str, study_name: str | None = None) -> dict[str, Any]:
                 if (path / name).exists():
                     return load_any(str(path / name), study_name)
             raise ConfigError(f"{store!r} is a directory without results.json or batchfit.db; give the store file")
+        if not path.is_file():  # a FIFO or a device: reading it would wait for a writer, maybe forever
+            raise ConfigError(f"store {store!r} is not a regular file (a FIFO, a device or a socket); give the "
+                              "sweep's .db file, a storage URL or a results.json")
         if path.suffix == ".json":
             try:
                 data = json.loads(path.read_text())

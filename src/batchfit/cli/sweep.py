@@ -87,7 +87,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-noise", action="store_true",
                    help="do not measure B_simple during training (batches then run unsplit: cleaner throughput)")
     p.add_argument("--no-extremes", action="store_true", help="no B=1 / full-batch candidates by default")
-    p.add_argument("--retry-failed", action="store_true", help="also re-run trials that failed with an error")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="also re-run trials that failed with an error, once per run")
     c.add_runtime_options(p)
     c.add_output_options(p)
     p.set_defaults(handler=run)

@@ -126,7 +126,7 @@ def add_parser(sub: Any) -> None:
                    help="memory budget for the finder, e.g. 512MiB (not with --no-find: the finder applies it)")
     p.add_argument("--max-batch-size", type=c.positive_int, help="largest batch size to consider")
     p.add_argument("--retry-failed", action="store_true",
-                   help="run the sweep's failed trials again (interrupted trials always are)")
+                   help="run the sweep's failed trials again, once per run (interrupted trials always are)")
     p.add_argument("--margin", type=c.fraction, default=0.05, help="finder headroom margin (default 0.05)")
     p.add_argument("--noise-steps", type=c.positive_int, default=DEFAULT_NOISE_STEPS,
                    help=f"most batches for the B_simple probe (default {DEFAULT_NOISE_STEPS})")
@@ -239,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
         c.write_json(args.json, data)
     from batchfit.cli.report import print_summary
 
-    print_summary(args, data, result.recommendation)
+    if result.recommendation is not None or not args.quiet:  # -q without one: only the error line below
+        print_summary(args, data, result.recommendation)
     if result.recommendation is None:
         check = getattr(result.sweep, "raise_for_status", None)
         if check is not None:

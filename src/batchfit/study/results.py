@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import statistics
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,7 +28,8 @@ from batchfit.errors import ConfigError, WorkloadError
 from batchfit.metric import Metric, best_config_mean, crossing
 from batchfit.study import keys as K
 from batchfit.study.inputs import parse_target
-from batchfit.study.store import mask_url, open_study, optuna_module, read_namespace
+from batchfit.study.integrity import check_sqlite_schema, check_study, not_json, sqlite_file
+from batchfit.study.store import mask_url, normalize_url, open_study, optuna_module, read_namespace
 
 __all__ = [
     "USER_ERROR_KINDS",
@@ -450,6 +452,14 @@ def load_results(storage: str | Any, study_name: str | None = None, *, target: f
     ``study_name`` may be left out when the store holds one study. ``target`` recomputes steps-to-target for
     another target than the one stored.
     """
-    study = open_study(storage, study_name)
     url = mask_url(storage if isinstance(storage, str) else type(storage).__name__)
+    if isinstance(storage, str):  # read-only first: opening with Optuna would re-create a dropped table
+        file = sqlite_file(normalize_url(storage))
+        if file is not None and file.is_file():
+            check_sqlite_schema(file, repr(url))
+    try:
+        study = open_study(storage, study_name)
+    except json.JSONDecodeError as exc:  # a study attribute that is not JSON: Optuna decodes them all on opening
+        raise not_json(repr(url), exc) from None
+    check_study(study, repr(url))
     return build_results(study, url, target)

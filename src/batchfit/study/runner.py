@@ -38,6 +38,7 @@ from batchfit.study.inputs import (
     parse_budget,
     parse_target,
 )
+from batchfit.study.integrity import check_study
 from batchfit.study.results import SweepResult, build_results
 from batchfit.study.trial import SweepPlan, legacy_progress, run_trial, sweep_event
 from batchfit.workload import Workload, load_workload
@@ -120,6 +121,7 @@ def _open_study(inputs: _Inputs, url: Any, study_name: str | None, seed: int) ->
     except Exception as exc:
         raise ConfigError(f"cannot open study {name!r} in {store.mask_url(url)!r}: {type(exc).__name__}: {exc}") \
             from exc
+    check_study(study, repr(store.mask_url(url)))  # damaged attributes: one line here, not a TypeError mid-sweep
     stored = study.user_attrs.get(K.STUDY_CONFIG)
     if stored is not None:
         diff = identity_differences(stored, inputs.identity)
