@@ -120,9 +120,10 @@ def test_stage_cache_is_keyed_by_settings(tmp_path: Path) -> None:
     assert _cached(tmp_path, "find", {"device": "cpu", "seed": 1}) is None
     assert _cached(tmp_path, "noise", {"device": "cpu", "seed": 0}) is None
     # a partial result is not a finished one
-    _store(tmp_path, "lr", {"seed": 0}, {"runs": [1]}, partial=True)
+    runs = {"runs": [{"multiplier": 1.0, "score": 0.5, "seed": 0}]}
+    _store(tmp_path, "lr", {"seed": 0}, runs, partial=True)
     assert _cached(tmp_path, "lr", {"seed": 0}) is None
-    assert _cached(tmp_path, "lr", {"seed": 0}, partial=True) == {"runs": [1]}
+    assert _cached(tmp_path, "lr", {"seed": 0}, partial=True) == runs
 
 
 def _wider(wl: Any, hidden: int) -> Any:

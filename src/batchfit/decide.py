@@ -398,8 +398,8 @@ def _fastest(choice: Choice, cost: Mapping[int, Interval], sel: Selection) -> Ch
     if len(choice.tied) > 1:
         reason = (f"batch sizes {', '.join(map(str, choice.tied))} are non-inferior to batch {sel.reference} (the "
                   f"best estimate); batch {fastest} has the least time to the target"
-                  + (f", and {', '.join(str(b) for b in time_tied if b != fastest)} cannot be told apart from it on "
-                     f"time, so the largest of them, {chosen}, is chosen" if len(time_tied) > 1 else ""))
+                  + (f", and {', '.join(str(b) for b in time_tied if b != fastest)} are equal to it on time within "
+                     f"the noise, so the largest of them, {chosen}, is chosen" if len(time_tied) > 1 else ""))
     else:
         reason = choice.reason
     return Choice(chosen, choice.best_quality, choice.tied, separated, reason,

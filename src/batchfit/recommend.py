@@ -238,10 +238,11 @@ DECISION_RULE = (
     "one-sided 95 % bounds (max-t over all comparisons, Dunnett/Hsu; the level split over racing's rounds); it is "
     "non-inferior when its lower bound lies within the tolerance of the reference. Among the reference and the "
     "non-inferior ones, the batch sizes whose time to target (steps from the S(B) fit over every batch size and seed "
-    "x seconds per step from interleaved timing rounds) cannot be told apart from the least estimate are tied on "
-    "time, and the largest of them is chosen. Without non-inferiority evidence the reference is chosen: less data "
-    "never picks a larger batch. The target is the sweep's fraction of the best configuration's seed-mean "
-    "{metric}, crossed on each trial's raw curve (interpolated), and a batch size must reach it in every seed."
+    "x seconds per step from interleaved timing rounds) overlaps the least estimate's interval are equal on time "
+    "within the noise, and the largest of them is chosen. Without non-inferiority evidence the reference is "
+    "chosen: less data never picks a larger batch. The target is the sweep's fraction of the best "
+    "configuration's seed-mean {metric}, crossed on each trial's raw curve (interpolated), and a batch size must "
+    "reach it in every seed."
 )
 
 
@@ -460,8 +461,8 @@ def _pick_batch(results: Mapping[str, Any], metric: Metric, tolerance: float,
     details = decision.choice.details or {}
     time_tied = details.get("time_tied") or []
     if len(time_tied) > 1:
-        ratio_txt += (f"; {_span([b for b in time_tied if b != batch], tried)} cannot be told apart from it on time "
-                      "(a difference inside the timing noise decides nothing: the largest of them is taken)")
+        ratio_txt += (f"; {_span([b for b in time_tied if b != batch], tried)} are equal to it on time within the "
+                      "noise (a difference inside the timing noise decides nothing: the largest of them is taken)")
     if missed and slowest != batch:
         ratio_txt += "; " + ", ".join(f"{b} ({ev[b].seeds_reached} of {ev[b].seeds} seeds)" if ev[b].seeds_reached
                                       else str(b) for b in missed) + " did not reach the target in every seed " \
@@ -471,7 +472,7 @@ def _pick_batch(results: Mapping[str, Any], metric: Metric, tolerance: float,
     how = f"{t.estimate:.3g} s to the target{goal}" + (f" [{t.low:.3g}, {t.high:.3g}]" if t.known else "")  # type: ignore
     verdict = ("its time advantage is beyond the noise" if decision.choice.cost_separated else
                "its time advantage over some non-inferior sizes is inside the noise: the stated rule (the largest of "
-               "those tied on time) decides, not a measured win")
+               "those equal on time) decides, not a measured win")
     return decision, pick, (f"{head}; chosen on time to target: {batch}, {ratio_txt}; {how}, {verdict}.")
 
 

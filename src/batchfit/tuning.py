@@ -454,11 +454,11 @@ def _step_time_problem(data: Mapping[str, Any], partial: bool) -> str | None:
 
 
 def _find_problem(data: Mapping[str, Any], partial: bool) -> str | None:
-    """find.json: what tune reads from it (the micro-batch that fits, the largest tried)."""
+    """find.json: what tune reads from it (the micro-batch that fits; the largest that fits, when there)."""
+    if "recommended_batch_size" not in data:
+        return "no recommended_batch_size"
     for name in ("recommended_batch_size", "max_batch_size"):
         v = data.get(name)
-        if name not in data:
-            return f"no {name}"
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             return f"{name} is {v!r}"
     return None

@@ -43,7 +43,8 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns its exit code (0 ok, 2 bad input or workload error, 130 Ctrl-C, 1 batchfit bug)."""
+    """Run one command; returns its exit code (0 ok, 2 bad input or workload error, 130 Ctrl-C, 143 SIGTERM, 1
+    batchfit bug)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     parser = build_parser()

@@ -1,9 +1,10 @@
 """What every subcommand shares: one-line errors, argument types, common options, output paths and JSON output.
 
 The error guard (:data:`fail`) is the one place where anything that escapes a subcommand becomes one line on stderr
-and an exit code: 2 for bad input, errors in the user's workload and unusable stores, 130 for a real Ctrl-C, 1 only
-for batchfit's own bugs. Library messages name keyword arguments (``batch_size``); the guard rewrites them to the
-subcommand's flags (``--batch-size``) through :data:`KEYWORD_FLAGS` and the subcommand's own options.
+and an exit code: 2 for bad input, errors in the user's workload and unusable stores, 130 for a real Ctrl-C (143 for
+SIGTERM, handled the same way), 1 only for batchfit's own bugs. Library messages name keyword arguments
+(``batch_size``); the guard rewrites them to the subcommand's flags (``--batch-size``) through :data:`KEYWORD_FLAGS`
+and the subcommand's own options.
 """
 
 from __future__ import annotations

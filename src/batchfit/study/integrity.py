@@ -83,8 +83,8 @@ def check_sqlite_schema(path: str | Path, label: str | None = None, *, allow_emp
     missing = sorted(_expected_tables() - tables)
     if missing:
         if not tables & {"studies", "trials"}:
-            raise ConfigError(f"the store {label} is a SQLite database without batchfit's (Optuna's) tables; give "
-                              "the .db file a sweep or tune wrote")
+            raise ConfigError(f"the store {label} holds no study: it is a SQLite database without batchfit's "
+                              "(Optuna's) tables; give the .db file a sweep or tune wrote")
         raise _damaged(label, f"missing table(s) {', '.join(missing)}")
 
 
