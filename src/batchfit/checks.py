@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from batchfit.errors import ConfigError
 
 __all__ = [
+    "kind_value",
     "MAX_SEED",
     "finite_number",
     "fraction",
@@ -127,3 +128,21 @@ def one_of(name: str, value: Any, choices: Iterable[T]) -> T:
     if value not in options:
         raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(map(str, options))}")
     return value
+
+
+def kind_value(name: str, text: Any, kinds: Iterable[str], examples: str) -> tuple[str, float]:
+    """``KIND:VALUE`` (a budget: ``epochs:5``) -> ``(kind, value)``, a positive finite number of one of ``kinds``;
+    every other form is one :class:`ConfigError` naming ``name`` and showing ``examples``."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{name} must be a string like {examples}, got {text!r}")
+    kind, sep, raw = text.strip().partition(":")
+    kind = kind.strip().lower()
+    if not sep or kind not in tuple(kinds):
+        raise ConfigError(f"{name} {text!r} is not understood; write {examples}")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} {text!r}: {raw!r} is not a number; write e.g. {kind}:5") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} {text!r} must be positive; write e.g. {kind}:5")
+    return kind, value

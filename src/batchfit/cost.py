@@ -79,20 +79,10 @@ def parse_train_budget(text: str | TrainBudget, *, name: str = "train_budget") -
     """``samples:N``, ``steps:S`` (at the workload's base batch), ``epochs:E`` or ``tokens:T``."""
     if isinstance(text, TrainBudget):
         return text
-    if not isinstance(text, str):
-        raise ConfigError(f"{name} must be a string like epochs:20, samples:100000, steps:5000 or tokens:1e9, got "
-                          f"{text!r}")
-    kind, sep, raw = text.strip().partition(":")
-    kind = kind.strip().lower()
-    if not sep or kind not in TRAIN_BUDGET_KINDS:
-        raise ConfigError(f"{name} {text!r} is not understood; write epochs:20, samples:100000, steps:5000 or "
-                          "tokens:1e9")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} {text!r}: {raw!r} is not a number; write e.g. {kind}:20") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} {text!r} must be a positive finite number; write e.g. {kind}:20")
+    from batchfit import checks
+
+    kind, value = checks.kind_value(name, text, TRAIN_BUDGET_KINDS,
+                                    "epochs:20, samples:100000, steps:5000 or tokens:1e9")
     return TrainBudget(kind, value)
 
 

@@ -76,18 +76,9 @@ def parse_budget(text: str | Budget) -> Budget:
     """
     if isinstance(text, Budget):
         return text
-    if not isinstance(text, str):
-        raise ConfigError(f"budget must be a string like epochs:5, steps:500 or samples:100000, got {text!r}")
-    kind, sep, raw = text.strip().partition(":")
-    kind = kind.strip().lower()
-    if not sep or kind not in BUDGET_KINDS:
-        raise ConfigError(f"budget {text!r} is not understood; write epochs:5, steps:500 or samples:100000")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"budget {text!r}: {raw!r} is not a number; write e.g. {kind}:5") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"budget {text!r} must be positive; write e.g. {kind}:5")
+    from batchfit import checks
+
+    kind, value = checks.kind_value("budget", text, BUDGET_KINDS, "epochs:5, steps:500 or samples:100000")
     if kind in ("steps", "samples") and not value.is_integer():
         raise ConfigError(f"budget {text!r}: {kind} must be a whole number")
     return Budget(kind, value)
