@@ -5,12 +5,10 @@ The recommendation used to take the argmax of noisy single-seed points: the best
 one wall-clock throughput reading. Here every quantity the guides' trade-off is made of is an interval, fitted over
 all trials and seeds where a model exists:
 
-- **Quality** of a trial: the best value of its 3-evaluation moving average (a single lucky evaluation does not win);
-  of a configuration (batch, LR): the mean over its seeds with a t interval whose variance is pooled over every
-  configuration's seeds (:func:`batchfit.stats.pooled_mean_intervals`: two seeds alone give one degree of
-  freedom); with one seed, the wider of that and the sampling interval of the validation set where the record
-  carries one (``val_interval``, or a binomial interval for an accuracy-like metric on ``val_samples`` samples),
-  else unknown — and an unknown interval ties with everything.
+- **Quality** of a trial: the mean of its last 3 evaluations (:func:`batchfit.metric.final_quality`; a maximum
+  over noisy evaluations is biased up); of a configuration (batch, LR): its seed mean, shown with a t interval whose
+  variance is pooled over every configuration's seeds (unknown with one seed everywhere: the validation set's
+  binomial noise mostly cancels between configurations and is not a seed spread).
 - **Time per step** at each batch size: from the step-time calibration (:mod:`batchfit.steptime`: every candidate
   timed in the same interleaved rounds, the median over rounds with its order-statistic interval; on the CPU in
   one-thread process CPU time, which other processes on the machine do not move) when tune ran it; otherwise
@@ -19,15 +17,18 @@ all trials and seeds where a model exists:
 - **Steps to target** per batch: the critical-batch fit ``S(B) = S_min (1 + B_crit / B)`` (McCandlish et al.
   2018; Shallue et al. 2019) over every batch size and seed, with its bootstrap (stratified by batch size over
   seeds; a residual bootstrap with one seed; :func:`batchfit.stats.critical_batch_interval`) — the estimator the
-  report's B_crit comes from, applied at the decision's target (:func:`decision_target`: the target fraction of
-  the best tied configuration's seed mean, reached on each trial's smoothed curve); the per-batch mean over seeds
-  (t interval) where the fit is poor. A configuration that missed the target in any seed has no time to it.
+  report's B_crit comes from, at the one target (:func:`decision_target`: the target fraction of the best
+  configuration's seed-mean final quality, crossed on each trial's raw curve, interpolated); the per-batch mean over
+  seeds (t interval) where the fit is poor. A configuration that missed the target in any seed has no time to it.
 - **Time to target** = steps to target x fitted time per step.
-- **The decision** (:func:`batchfit.stats.choose`): batch sizes whose quality intervals overlap the best are tied; among
-  them the least time-to-target estimate of the pooled model is chosen, and those whose interval overlaps it are
-  reported as tied with it on time; the output says whether the win is beyond noise.
-- **Flags**: a choice at the edge of the tried range, B_crit extrapolated beyond the largest batch tried, a quality
-  tie, a base-LR move decided on few steps.
+- **The decision** (:func:`batchfit.stats.select_non_inferior`): one quadratic curve in log2(batch) over every seed
+  with seed effects (per-batch means on paired seeds where it does not fit); the curve's best batch size is the
+  reference, and a batch size is non-inferior when its simultaneous one-sided 95 % bound (max-t, the level split
+  over racing's looks) lies within the tolerance of it. Among the reference and the non-inferior, those whose time
+  to target overlaps the least estimate are equal on time within the noise, and the largest of them is chosen.
+  Without non-inferiority evidence the reference is: less data never picks a larger batch.
+- **Flags**: a choice at the edge of the tried range, B_crit extrapolated beyond the largest batch tried, faster
+  batch sizes still undecided, a base-LR move decided on few steps.
 - **Precision**: a lower precision for speed only when its speed-up interval excludes 1; for memory only when memory
   binds (the fp32 micro-batch that fits is below the effective batch, or below the throughput knee).
 """

@@ -584,7 +584,7 @@ def _noise(workload: Workload, run: _Run, *, steps: int, batch_size: int) -> dic
 
 def _lr_run(workload: Workload, run: _Run, metric: Any, batch: int, steps: int, m: float,
             seed: int | None = None) -> dict[str, Any]:
-    """One LR-check run; its score is the best 3-evaluation moving average (:func:`batchfit.decide.quality_of_trial`),
+    """One LR-check run; its score is the mean of its last 3 evaluations (:func:`batchfit.decide.quality_of_trial`),
     not the maximum over its evaluations, which is biased up by the noise."""
     from batchfit.decide import quality_of_trial
     from batchfit.engine import train
