@@ -299,18 +299,6 @@ def _set_times(e: BatchEvidence, step_fit: StepTimeFit | None, level: float,
     e.steps_to_target, e.seconds_per_step, e.time_to_target, e.seeds_reached = steps_iv, sec, ttt, len(steps)
 
 
-def smoothed_curve(trial: Mapping[str, Any], metric: Metric, smooth: int = SMOOTH) -> list[tuple[Any, float]]:
-    """``(step, value)`` of the trial's ``smooth``-evaluation moving average of ``metric`` (each window at the step
-    of its last evaluation), for plots; the decision reads the raw curve (:func:`steps_to`)."""
-    recs = [(r.get("step"), v) for r in trial.get("history") or [] if isinstance(r, Mapping)
-            and (v := metric.of_record(r)) is not None]
-    if not recs:
-        return []
-    k = min(smooth, len(recs))
-    means = np.convolve(np.asarray([v for _, v in recs], float), np.ones(k) / k, mode="valid")
-    return [(recs[i + k - 1][0], float(m)) for i, m in enumerate(means)]
-
-
 def steps_to(trial: Mapping[str, Any], metric: Metric, value: float) -> float | None:
     """Where the trial's raw evaluation curve first reaches ``value``, interpolated between evaluations
     (:func:`batchfit.metric.crossing`; ``None``: it never does)."""

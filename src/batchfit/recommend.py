@@ -301,9 +301,9 @@ def decide_results(results: Mapping[str, Any], tolerance: float, metric: Metric 
     """:func:`batchfit.decide.decide` on a results dict with everything it takes from it (trials, B_crit, the LR
     check, tune's step-time calibration, the target): the one call the recommendation and tune's racing share, so
     racing stops on the decision the recommendation then makes. ``crit``: :func:`critical_interval` of
-    ``results`` when the caller already has it (``None``: computed here)."""
-    return decide(decision_trials(results), metric or metric_of(results),
-                  b_crit=crit if crit is not None else critical_interval(results),
+    ``results`` when the caller already has it (``None``: :func:`batchfit.decide.decide` fits it, at its own target,
+    from the same trials)."""
+    return decide(decision_trials(results), metric or metric_of(results), b_crit=crit,
                   lr_calibration=results.get("lr_calibration"), tolerance=tolerance,
                   step_time=step_time_intervals(results), target=results.get("target"))
 

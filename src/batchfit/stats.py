@@ -581,7 +581,6 @@ class _TwoWay:
         self.beta, *_ = np.linalg.lstsq(self.x, y, rcond=None)
         self.dof = len(rows) - int(np.linalg.matrix_rank(self.x)) if len(rows) else 0
         self.resid = y - self.x @ self.beta
-        self.rows = list(rows)
         self.xtx_inv = np.linalg.pinv(self.x.T @ self.x)
         self.sigma2 = float(self.resid @ self.resid) / self.dof if self.dof > 0 else None
 
