@@ -122,3 +122,18 @@ def test_every_output_states_its_cost(tmp_path: Path, capsys: pytest.CaptureFixt
     assert f"This answer's cost {runs:.2f} runs" in (out / "report.md").read_text()
     assert f"This answer&#x27;s cost {runs:.2f} runs" in (out / "report.html").read_text() or \
         f"This answer's cost {runs:.2f} runs" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize(("argv", "words"), [(["--max-cost", "-1"], "--max-cost"),
+                                             (["--max-cost", "lots"], "--max-cost"),
+                                             (["--train-budget", "weeks:3"], "--train-budget"),
+                                             (["--train-budget", "epochs:0"], "--train-budget")])
+def test_bad_budget_flags_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  argv: list[str], words: str) -> None:
+    from batchfit.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", *argv, "--out", str(tmp_path / "o"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and words in err[-1] and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "o").exists()
