@@ -42,7 +42,7 @@ def _entry(rank: int, fn_name: str, store: str, out_dir: str, args: tuple) -> No
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump(result, f)
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown()  # collects the DDP wrapper first, or the rank may abort at exit
 
 
 def _spawn(fn_name: str, tmp_path: Path, *args: Any) -> list[Any]:

