@@ -29,9 +29,10 @@ from typing import Any
 import torch
 
 from batchfit.engine import train
+from batchfit.loading import load_workload
 from batchfit.metric import Metric
 from batchfit.schedule_check import compare
-from batchfit.workload import Workload, load_workload
+from batchfit.workload import Workload
 
 SETUPS = {  # workload, B0, epochs, fixed-batch factors, workload options
     "demo:digits-mlp": (16, 12, (1, 2, 4, 8, 16), {}),

@@ -18,7 +18,7 @@ import torch
 
 from batchfit.data import IndexSource, to_device
 from batchfit.engine import resolve_device, seed_everything, train
-from batchfit.workload import load_workload, parse_options
+from batchfit.loading import load_workload, parse_options
 
 
 def plain_loop(workload, batch_size: int, epochs: int, device: torch.device, seed: int) -> float:  # noqa: ANN001

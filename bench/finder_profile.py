@@ -15,7 +15,7 @@ import torch
 
 from batchfit import finder
 from batchfit.finder import find_batch_size
-from batchfit.workload import load_workload, parse_options
+from batchfit.loading import load_workload, parse_options
 
 
 def main() -> None:

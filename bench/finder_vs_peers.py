@@ -36,8 +36,9 @@ import torch
 from batchfit import data, memory
 from batchfit.engine import resolve_device, train
 from batchfit.finder import STEPS_PER_TRIAL, MemoryTrials, find_batch_size
+from batchfit.loading import load_workload, parse_options
 from batchfit.step import autocast, run_batch
-from batchfit.workload import Workload, load_workload, parse_options
+from batchfit.workload import Workload
 
 DEFAULT_OPTIONS = ["size=tiny", "image_size=32", "width=8", "num_classes=10", "num_samples=16384"]
 

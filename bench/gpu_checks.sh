@@ -12,8 +12,8 @@
 #
 # Files written: env.json (machine, versions), gpu_tests.xml + gpu_tests.json (pytest -m gpu), the benchmarks'
 # JSON (finder_vs_peers_cuda_resnet50.json, engine_overhead_cuda_resnet.json, noise_overhead_cuda_resnet.json,
-# noise_overhead_cuda_gpt.json, step_time_cuda_resnet50.json), one log per part (<part>.log) and gpu_checks.json (each part: exit code, seconds,
-# time box, whether it timed out). The script exits non-zero when any part failed or timed out.
+# noise_overhead_cuda_gpt.json, step_time_cuda_resnet50.json, fsdp_finder_cuda_tiny_lm.json), one log per part
+# (<part>.log) and gpu_checks.json (each part: exit code, seconds, time box, whether it timed out). The script exits non-zero when any part failed or timed out.
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
@@ -97,7 +97,7 @@ run_part noise_overhead_gpt 35 "$PY" bench/noise_overhead.py --device cuda --wor
 run_part step_time 30 "$PY" - "$DIR/step_time_cuda_resnet50.json" <<'EOF'
 import json, sys
 from batchfit.steptime import calibrate_step_time
-from batchfit.workload import load_workload
+from batchfit.loading import load_workload
 wl = load_workload("demo:resnet-synthetic", size="resnet50", image_size=224, num_samples=1024)
 cal = calibrate_step_time(wl, {32: 32, 64: 64, 128: 128, 256: 128}, device="cuda", rounds=6, max_seconds=15)
 ivs = cal.intervals()
@@ -105,6 +105,57 @@ out = {"calibration": cal.to_dict(), "relative_width": {str(b): iv.width / iv.es
 json.dump(out, open(sys.argv[1], "w"), indent=1)
 print({b: f"{iv.estimate * 1e3:.1f} ms [{iv.low * 1e3:.1f}, {iv.high * 1e3:.1f}]" for b, iv in ivs.items()})
 EOF
+
+# 7. FSDP2 (issue 21): the finder under torchrun with NCCL on 1 rank (one GPU lent: NCCL allows one process per
+#    device), sharded vs DDP on a tiny-lm wide enough to matter, and the sharded finder's maximum against an exact
+#    doubling + bisection of the same sharded trials (3 real steps each). A torch without FSDP2 skips (exit 0).
+cat >"$DIR/fsdp_check.py" <<'EOF'
+import json, sys, time
+import torch
+try:
+    from batchfit import sharding
+    sharding.fsdp_api()
+except Exception as exc:  # noqa: BLE001 - no FSDP2 here: skip, do not fail the script
+    print(f"skipped: {exc}")
+    sys.exit(0)
+from batchfit import distributed
+from batchfit.finder import STEPS_PER_TRIAL, MemoryTrials, find_batch_size
+from batchfit.loading import load_workload
+dev = distributed.init_from_env("cuda")
+opts = dict(width=1024, depth=8, heads=16, seq_len=256, vocab=4096, num_sequences=4096, val_sequences=64)
+wl = load_workload("demo:tiny-lm", **opts)
+budget = 8 * 2**30
+out = {"world_size": distributed.world_size(), "options": opts, "budget_bytes": budget}
+for parallel in ("fsdp", "ddp"):
+    t0 = time.perf_counter()
+    r = find_batch_size(wl, device=dev, memory_budget=budget, parallel=parallel, throughput=False).to_dict()
+    out[parallel] = {k: r.get(k) for k in ("max_batch_size", "recommended_batch_size", "real_trials", "memory_model",
+                                           "sharding", "global_batch", "parallel")}
+    out[parallel]["seconds"] = time.perf_counter() - t0
+# exact: doubling then bisection on the same sharded trials
+trials = MemoryTrials(wl, torch.device(dev), "fp32", 0, budget, budget, parallel="fsdp")
+try:
+    def ok(b):
+        return distributed.agree_record(trials.run(b, "verify"))["ok"]
+    lo, hi, runs = 0, 1, 0
+    while ok(hi):
+        lo, hi, runs = hi, hi * 2, runs + 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        runs += 1
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    out["exact_fsdp"] = {"max_batch_size": lo, "trials": runs, "steps_per_trial": STEPS_PER_TRIAL}
+finally:
+    trials.close()
+f = out["fsdp"]["max_batch_size"] / max(1, out["exact_fsdp"]["max_batch_size"])
+out["fsdp_found_share_of_exact"] = f
+if distributed.is_main():
+    json.dump(out, open(sys.argv[1], "w"), indent=1, default=str)
+    print({k: out[k]["max_batch_size"] for k in ("fsdp", "ddp", "exact_fsdp")}, f"share {f:.3f}")
+distributed.shutdown()
+EOF
+run_part fsdp_finder_nccl 90 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 \
+    "$DIR/fsdp_check.py" "$DIR/fsdp_finder_cuda_tiny_lm.json"
 
 # Summary: gpu_checks.json (+ gpu_tests.json from the JUnit XML), and a table on stdout.
 "$PY" - "$DIR" "$BUDGET" "$((SECONDS - START))" <<'EOF'

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from batchfit.engine import train
+from batchfit.loading import load_workload, parse_options
 from batchfit.noise import NoiseCallback, _HookMeter
-from batchfit.workload import load_workload, parse_options
 
 
 class _ThreadClock:

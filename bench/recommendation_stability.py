@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from batchfit.decide import quality_of_trial
+from batchfit.loading import load_workload
 from batchfit.metric import Metric
 from batchfit.report import write_json
 from batchfit.study import sweep
 from batchfit.tuning import DEFAULT_BUDGET, _auto_eval_every, default_batch_sizes, tune
-from batchfit.workload import load_workload
 
 __all__ = ["main"]
 

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 
 from batchfit.data import train_source
+from batchfit.loading import load_workload
 from batchfit.step import LRSchedule, TrainStep, build_model, build_optimizer
 from batchfit.steptime import calibrate_step_time
-from batchfit.workload import load_workload
 
 WORKLOADS = {"demo:digits-mlp": [16, 32, 64, 128, 256, 512, 1437],
              "demo:mnist1d": [16, 32, 64, 128, 256, 512, 1024, 3200]}

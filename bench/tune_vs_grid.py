@@ -31,9 +31,10 @@ from typing import Any
 import torch
 
 from batchfit.engine import train
+from batchfit.loading import load_workload
 from batchfit.report import write_json
 from batchfit.tuning import _auto_eval_every, default_batch_sizes, tune
-from batchfit.workload import Workload, load_workload
+from batchfit.workload import Workload
 
 GRID_LRS = [1e-4 * 2**k for k in range(10)]  # 1e-4 ... 5.12e-2
 

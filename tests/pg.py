@@ -115,7 +115,13 @@ class PostgresServer:
         with contextlib.suppress(Exception):
             self._cmd([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"],
                       timeout=60)
-        shutil.rmtree(self.root, ignore_errors=True)
+        # The data directory holds thousands of files (one template copy per test database): removing them took
+        # 4-10 s at the end of the session on a loaded machine. A detached ``rm`` removes them after the session.
+        try:
+            subprocess.Popen(["rm", "-rf", "--", str(self.root)], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        except OSError:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{PG_USER}@127.0.0.1:{self.port}/{database}"

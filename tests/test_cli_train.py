@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -12,7 +13,9 @@ from batchfit.cli import main
 
 def test_train_writes_json(tmp_path, capsys) -> None:
     out = tmp_path / "r.json"
+    t0 = time.perf_counter()
     rc = main(["train", "-b", "64", "-m", "16", "--epochs", "2", "--warmup", "5", "--json", str(out), "-q"])
+    wall = time.perf_counter() - t0
     assert rc == 0
     d = json.loads(out.read_text())
     assert d["batch_size"] == 64 and d["micro_batch_size"] == 16 and d["accumulation_steps"] == 4
@@ -20,7 +23,11 @@ def test_train_writes_json(tmp_path, capsys) -> None:
     assert len(d["history"]) == 2
     for rec in d["history"]:
         assert {"epoch", "step", "train_loss", "val_loss", "val_metrics", "samples_per_s", "seconds"} <= set(rec)
-    assert d["peak_memory_bytes"] > 0 and d["seconds"] > 0
+    assert d["peak_memory_bytes"] > 0
+    # 2 epochs of the 1437 digits at 64 (drop_last): 22 steps each; the clocks run forward inside the call
+    assert d["steps"] == 44 and d["samples"] == 44 * 64 and [r["step"] for r in d["history"]] == [22, 44]
+    assert 0 < d["train_seconds"] <= d["seconds"] <= wall
+    assert 0 < d["history"][0]["seconds"] <= d["history"][1]["seconds"] <= d["seconds"]
 
 
 def test_train_out_dir_and_fixed_lr(tmp_path) -> None:

@@ -42,9 +42,67 @@ def test_measure_counts_every_sample_the_one_training_step_trains() -> None:
 
 def test_plan_horizon_fits_the_cap_and_never_passes_the_train_budget() -> None:
     h, runs = cost.plan_horizon(100_000, 1.0, 8)
-    assert runs == 8 + 4 + 2 + 2 and h == int(0.9 * 100_000 / runs)
-    assert cost.plan_horizon(100_000, 1.0, 8, spent=50_000)[0] == int((90_000 - 50_000) / runs)
+    room = 1.0 - (cost.STAGE_SHARES["lr_check"] + cost.STAGE_SHARES["step_time"] + cost.STAGE_SHARES["precision"])
+    assert runs == 8 + 4 + 2 and h == int(room * 100_000 / runs)  # 8, the finalists' 2 more seeds, 2 undecided
+    assert cost.plan_horizon(100_000, 1.0, 8, spent=50_000)[0] == int((room * 100_000 - 50_000) / runs)
     assert cost.plan_horizon(1000, 100.0, 2)[0] == 1000  # a generous cap: the whole train budget
+    # batch sizes that search their LR (3 trials each for 4 of 8 sizes): racing's seeds cost 1.5 trials each too
+    assert cost.plan_horizon(100_000, 1.0, 8, first_round=16)[1] == 16 + 2 * 6
+
+
+def test_each_stage_gets_its_share_of_the_cap() -> None:
+    assert cost.allowance("lr_check", 10_000, None) is None
+    assert cost.allowance("lr_check", 10_000, 0.5) == int(cost.STAGE_SHARES["lr_check"] * 5_000)
+    assert sum(cost.STAGE_SHARES.values()) < 0.5  # the sweep keeps most of the cap
+
+
+def test_step_timing_fits_its_sample_share() -> None:
+    from batchfit.steptime import MIN_ROUNDS, WARMUP_STEPS, calibrate_step_time, sample_plan
+
+    sizes, rounds, chunk, out = sample_plan([8, 16, 64], 8, 10_000)
+    assert (sizes, out) == ([8, 16, 64], []) and rounds == 8 and chunk >= 1
+    assert (WARMUP_STEPS + 1) * 88 + rounds * chunk * 88 <= 10_000
+    # too little for one step a round at 64: it is left out, the smaller ones are still timed
+    sizes, rounds, chunk, out = sample_plan([8, 16, 64], 8, (WARMUP_STEPS + 1 + MIN_ROUNDS) * 24)
+    assert sizes == [8, 16] and out == [64] and rounds == MIN_ROUNDS and chunk == 1
+    wl = make_tiny_workload(n=256)
+    budget = 3_000
+    with cost.measure() as m:
+        cal = calibrate_step_time(wl, {8: 8, 16: 16, 64: 64}, max_samples=budget)
+    assert 0 < m.samples <= budget and set(cal.seconds) == {8, 16, 64}
+    with cost.measure() as m:
+        cal = calibrate_step_time(wl, {8: 8, 16: 16, 64: 64}, max_samples=(WARMUP_STEPS + 1 + MIN_ROUNDS) * 24)
+    assert m.samples <= (WARMUP_STEPS + 1 + MIN_ROUNDS) * 24 and set(cal.seconds) == {8, 16}
+    assert "cost cap" in cal.errors[64]
+
+
+def test_tune_is_capped_at_one_run_by_default_unless_it_is_given_a_budget(tmp_path: Path) -> None:
+    from batchfit.tuning import tune
+
+    wl = make_tiny_workload(n=512)
+    res = tune(wl, out_dir=tmp_path / "auto", batch_sizes=[8, 16, 32], train_budget="epochs:20", seeds=1,
+               seed=0).to_dict()
+    spent = res["cost"]
+    assert res["train_budget"]["max_cost"] == cost.DEFAULT_MAX_COST == 1.0
+    assert spent["within_cap"] is True and spent["runs"] <= 1.0
+    assert res["find"].get("throughput_knee_batch_size") is None  # capped: step timing times the candidates
+    assert set(spent["by_stage"]) >= {"find", "lr_check", "sweep"}
+    for stage in ("noise", "lr_check", "step_time", "precision"):  # each stage within its share
+        if stage in spent["by_stage"]:
+            assert spent["by_stage"][stage]["samples"] <= cost.allowance(stage, 512 * 20, 1.0), stage
+    given = tune(wl, out_dir=tmp_path / "given", batch_sizes=[8, 16], budget="steps:4", seeds=1, seed=0, find=False,
+                 noise=False, precision_check=False, lr_calibration=False).to_dict()
+    assert given["train_budget"]["max_cost"] is None  # a budget set by hand is not capped unless asked
+
+
+def test_a_cap_too_small_for_the_precision_check_says_so(tmp_path: Path) -> None:
+    from batchfit.tuning import tune
+
+    res = tune(make_tiny_workload(n=256), out_dir=tmp_path, batch_sizes=[8, 16], train_budget="epochs:2",
+               find=False, noise=False, lr_calibration=False, seeds=1, seed=0).to_dict()
+    check = res["precision_check"]
+    assert check["note"].startswith("not run: the cost cap leaves") and "raise --max-cost" in check["note"]
+    assert res["cost"]["by_stage"]["precision"]["samples"] == 0
 
 
 def test_cost_of_adds_every_stage_and_trial() -> None:
@@ -77,7 +135,7 @@ def test_tune_states_its_cost_and_a_cap_shortens_every_trial_to_an_equal_share(t
     assert any(f.startswith("short horizon") for f in data["recommendation"]["flags"])
     # uncapped: every candidate trains the whole train budget, and the cost says how many runs that was
     full = tune(wl, out_dir=tmp_path / "full", batch_sizes=[8, 16], train_budget="epochs:2", noise=False,
-                find=False, precision_check=False, lr_calibration=False, seeds=1, seed=0).to_dict()
+                find=False, precision_check=False, lr_calibration=False, seeds=1, seed=0, max_cost=None).to_dict()
     assert full["train_budget"]["measurement"] == "epochs:2"
     # two whole runs, and B_simple's extra half-batch passes on every 8th step (1/8 more)
     assert full["cost"]["by_stage"]["sweep"]["samples"] == pytest.approx(2 * 1024 * 9 / 8, rel=0.05)
@@ -118,7 +176,8 @@ def test_every_output_states_its_cost(tmp_path: Path, capsys: pytest.CaptureFixt
     err = capsys.readouterr().err
     data = json.loads((out / "results.json").read_text())
     runs = data["cost"]["runs"]
-    assert runs > 1.9 and f"cost {runs:.2f} runs" in err and "of the train budget epochs:3" in err
+    assert 0 < runs <= 1.0 and f"cost {runs:.2f} runs" in err and "of the train budget epochs:3" in err
+    assert "cap 1" in err and data["cost"]["within_cap"] is True  # the default cap, stated
     assert f"This answer's cost {runs:.2f} runs" in (out / "report.md").read_text()
     assert f"This answer&#x27;s cost {runs:.2f} runs" in (out / "report.html").read_text() or \
         f"This answer's cost {runs:.2f} runs" in (out / "report.html").read_text()
@@ -137,3 +196,51 @@ def test_bad_budget_flags_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and words in err[-1] and "Traceback" not in "\n".join(err)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_capped_lr_check_far_shorter_than_the_run_moves_the_lr_at_most_x4(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Short runs favour large LRs (Wu et al. 2018): a capped check of a few steps is not extended past its range
+    and its move is held at x4; uncapped, the same scores extend the range and move the LR further."""
+    import batchfit.tuning as tuning
+    from batchfit.study import parse_budget
+
+    calls: list[float] = []
+
+    def lr_run(workload: object, run: object, metric: object, batch: int, steps: int, m: float,
+               seed: int | None = None) -> dict[str, object]:
+        calls.append(m)  # the score grows with the LR up to x32: a short-horizon curve
+        return {"multiplier": m, "lr": 0.1 * m, "score": 0.5 + 0.05 * min(m, 32.0), "diverged": False,
+                "seconds": 0.0, "samples": steps * batch, "seed": seed}
+
+    monkeypatch.setattr(tuning, "_lr_run", lr_run)
+    wl = make_tiny_workload(n=512, n_val=1000)
+    run = tuning._Run(tmp_path / "capped", None, {"workload": "tiny"}, "cpu", "fp32", 0)
+    capped = tuning._calibrate_lr(wl, run, budget=parse_budget("epochs:20"),
+                                  multipliers=tuning.LR_CALIBRATION_MULTIPLIERS, tolerance=0.0, max_samples=2_000,
+                                  train_samples=512 * 20)
+    assert max(calls) == 8.0 and capped.best_multiplier == tuning.LR_SHORT_CHECK_MAX_MOVE == 4.0
+    assert "held at x4" in capped.decision and capped.steps >= tuning.LR_CHECK_MIN_STEPS
+    calls.clear()
+    free = tuning._calibrate_lr(wl, tuning._Run(tmp_path / "free", None, {"workload": "tiny"}, "cpu", "fp32", 0),
+                                budget=parse_budget("epochs:20"), multipliers=tuning.LR_CALIBRATION_MULTIPLIERS,
+                                tolerance=0.0)
+    assert max(calls) > 8.0 and free.best_multiplier > 4.0 and "held at" not in free.decision
+
+
+def test_the_plan_takes_back_a_size_the_longer_horizon_now_fits() -> None:
+    """Leaving sizes out lengthens every other trial; a size dropped on the first pass that then has its 8 steps
+    comes back (and is not named as left out)."""
+    from batchfit.tuning import MIN_PLANNED_STEPS, _measurement_plan
+
+    wl = make_tiny_workload(n=512)
+    train = cost.parse_train_budget("epochs:33")  # 16,896 samples
+    sizes = [8, 16, 32, 64, 128, 256, 512]
+    h_all = cost.plan_horizon(16_896, 1.0, len(sizes), overhead=1 / 8)[0]
+    assert h_all // 128 < MIN_PLANNED_STEPS  # all seven: 128 would get too few steps ...
+    bud, kept, plan = _measurement_plan(wl, train, None, 1.0, sizes)
+    h = plan["measurement_samples"]
+    assert 128 in kept and h // 128 >= MIN_PLANNED_STEPS  # ... without 256 and 512 it has them
+    assert plan["dropped"] == [b for b in sizes if b not in kept] and all(h // b < MIN_PLANNED_STEPS
+                                                                         for b in plan["dropped"])
+    assert h == cost.plan_horizon(16_896, 1.0, len(kept), overhead=1 / 8)[0] and bud.kind == "samples"

@@ -13,7 +13,7 @@ import batchfit
 from batchfit.demos import DEMOS, MarkovSource, TinyLM, TransformerBlock, tiny_lm
 from batchfit.engine import evaluate
 from batchfit.errors import ConfigError
-from batchfit.workload import load_workload, parse_options
+from batchfit.loading import load_workload, parse_options
 
 SMALL = dict(num_sequences=256, val_sequences=64, seq_len=16, vocab=16)
 

@@ -54,3 +54,37 @@ def test_example_find_and_tune(name: str, options: list[str], sizes: str, needs:
     result = json.loads((tmp_path / "tune.json").read_text())
     assert result["recommendation"], "tune ended without a recommendation"
     assert (tmp_path / "out" / "report.html").is_file()
+
+
+def _sections(text: str) -> dict[str, str]:
+    """``{"## heading": its text up to the next heading of level 2 or 1}`` of a Markdown file (code blocks included:
+    their "# comment" lines are not headings, as they sit between fences)."""
+    out: dict[str, str] = {}
+    current, fenced = "", False
+    for line in text.splitlines():
+        fenced ^= line.startswith("```")
+        if not fenced and line.startswith("## "):
+            current = line.strip()
+            out[current] = ""
+        elif current:
+            out[current] += line + "\n"
+    return out
+
+
+def test_integrations_doc_puts_each_framework_under_its_heading() -> None:
+    """Issue 23.9: the Keras text sat under the Lightning callback heading and "## Keras 3" was empty."""
+    docs = _sections((EXAMPLES.parent / "docs" / "integrations.md").read_text())
+    keras = docs["## Keras 3"]
+    assert "keras_workload(" in keras and "KERAS_BACKEND" in keras and "global_clipnorm" in keras
+    lightning = docs["## Lightning: a workload from your LightningModule and DataModule"]
+    assert "keras" not in lightning.lower() and "BatchfitBatchSize(" in lightning
+    assert "lightning" not in keras.lower()
+
+
+def test_readme_says_what_a_real_project_costs_and_how_to_bound_it() -> None:
+    """Issue 23.9: the README's minutes hold for the demo only; the set-up section says what one's own project costs
+    (the cost cap: about one run of the train budget) and how to bound it."""
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    setup = readme[readme.index("## Set up and run"):readme.index("## Usage")]
+    assert "On your own project" in setup and "one run of the training you will do" in setup
+    assert "--max-cost" in setup and "--train-budget" in setup

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from batchfit.engine import train
-from batchfit.workload import load_workload
+from batchfit.loading import load_workload
 from conftest import make_tiny_workload
 from test_engine import GradCapture, _rel_diff
 

@@ -137,3 +137,19 @@ def test_trainer_workload_copies_the_model(tmp_path) -> None:  # noqa: ANN001
     losses = [[h["train_loss"] for h in train(wl, batch_size=16, steps=4, eval_every=2).history] for _ in range(2)]
     assert losses[0] == losses[1]  # every trial starts from the same weights
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_hf_output_to_cross_entropy_hints_loss_fn_output() -> None:
+    """Issue 23.5: a Hugging Face model output handed to ``F.cross_entropy`` says to set ``loss_fn="output"`` (was:
+    "check that the targets fit the model's outputs")."""
+    import torch.nn.functional as F
+
+    from batchfit import Workload, WorkloadError
+
+    wl = Workload(name="hf-ce", model_fn=model_init, optimizer_fn=lambda p, lr: torch.optim.AdamW(p, lr=lr),
+                  loss_fn=F.cross_entropy,
+                  train_data=[{k: v for k, v in it.items() if k != "text"} for it in texts(32, 0)], collate_fn=pad, base_batch_size=8, base_lr=1e-4)
+    with pytest.raises(WorkloadError, match=r"loss_fn raised TypeError: .*the model returns a "
+                                            r"SequenceClassifierOutput \(with \.loss/\.logits\), not a tensor: set "
+                                            r"loss_fn=\"output\""):
+        train(wl, batch_size=8, steps=1)

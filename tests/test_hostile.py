@@ -215,6 +215,11 @@ def len_negative():
 
 def val_len_negative():
     return _small(val_data=_NegativeLen())
+
+def one_cycle():
+    """OneCycleLR(pct_start=0.1) divides by zero at total_steps=10 (its warm-up phase is 0 steps long)."""
+    return _small(lr_schedule=lambda opt, n: torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=opt.param_groups[0]["lr"], total_steps=n, pct_start=0.1, cycle_momentum=False))
 '''
 
 
@@ -347,10 +352,10 @@ def _setup_symlink(ctx: dict[str, Any]) -> None:
 
 
 def _batch_within_data(ctx: dict[str, Any], out: str, err: str) -> None:
-    path = Path(ctx["tmp"], "r.json")
-    if path.exists():
-        d = _json(path)
-        assert d["batch_size"] <= 1437 and "larger" in err  # clamped, said, and reported as what ran
+    d = _json(Path(ctx["tmp"], "r.json"))  # with --no-drop-last the batch is clamped, said, and reported as what ran
+    assert d["status"] == "ok" and d["batch_size"] == 1437 and d["requested_batch_size"] == 10**12, d
+    assert d["steps"] == 1 and d["samples"] == 1437, d
+    assert "larger than the training set (1437 samples)" in err and "full batch of 1437" in err, err
 
 
 def _recommendation_on_train_loss(ctx: dict[str, Any], out: str, err: str) -> None:
@@ -360,8 +365,13 @@ def _recommendation_on_train_loss(ctx: dict[str, Any], out: str, err: str) -> No
     assert "training loss" in json.dumps(rec).lower()
 
 
-def _names_no_noise_if_refused(ctx: dict[str, Any], out: str, err: str) -> None:
-    assert "error" not in err or "--no-noise" in err, err
+def _noise_measured_at_base_batch_1(ctx: dict[str, Any], out: str, err: str) -> None:
+    """A base batch of 1 does not break tune's noise stage: it ran its 3 steps and measured a finite B_simple."""
+    assert "error" not in err, err
+    noise = _json(Path(ctx["tmp"], "t", "noise.json"))
+    assert noise["steps"] == 3 and len(noise["history"]) == 3, noise
+    assert noise["batch_size"] >= 2 and 0 < noise["b_simple"] < float("inf"), noise
+    assert _json(Path(ctx["tmp"], "t", "results.json"))["noise"]["b_simple"] == noise["b_simple"]
 
 
 def _table_not_cut(ctx: dict[str, Any], out: str, err: str) -> None:
@@ -447,12 +457,11 @@ def api_sweep_lr_search_huge(ctx: dict[str, Any]) -> None:
 
 
 def api_train_impossible_batch(ctx: dict[str, Any]) -> None:
-    try:
+    # drop_last=False: clamped to the full batch, said (a warning in keyword words), and reported as what ran
+    with pytest.warns(UserWarning, match=r"batch_size 1000000000000 is larger than the training set \(1437"):
         res = batchfit.train(WL, batch_size=10**12, drop_last=False, steps=1)
-    except ConfigError as exc:
-        assert "batch_size" in str(exc)
-        return
-    assert res.batch_size <= 1437  # clamped to the full batch and reported as what ran
+    assert res.batch_size == 1437 and res.requested_batch_size == 10**12
+    assert res.steps == 1 and res.samples == 1437 and not res.diverged
 
 
 def api_find_restores_grads(ctx: dict[str, Any]) -> None:
@@ -515,27 +524,42 @@ def api_sweep_rerun_names_retry_failed(ctx: dict[str, Any]) -> None:
     _run_cli(argv)
     err = capsys.readouterr().err
     assert "--retry-failed" in err, err
-    from batchfit.cli import build_parser
+    from batchfit.cli import _subparser, build_parser
 
-    assert "--retry-failed" in build_parser().format_help() or _run_cli(["tune", "--retry-failed", "--help"]) == 0
+    # tune's own help lists the flag, and tune parses it (``tune --any-flag --help`` exits 0, so it proves nothing)
+    parser = build_parser()
+    assert "--retry-failed" in _subparser(parser, "tune").format_help()
+    assert parser.parse_args(["tune", "--retry-failed"]).retry_failed is True
+    assert parser.parse_args(["tune"]).retry_failed is False
 
 
 def api_sweep_chmod_read_only_store(ctx: dict[str, Any]) -> None:
-    """Item 10: a store file without write permission is named as read-only, exit 2 (root ignores file modes:
-    there the run must simply succeed)."""
+    """Item 10: a store file that cannot be written is named as read-only, exit 2, and left as it was. Root ignores
+    file modes, so as root the file is made immutable (``chattr +i``: even root cannot write it); where the file
+    system has no such attribute the case is skipped (a write to a read-only store is never expected to succeed)."""
     import shutil
 
     store = Path(ctx["tmp"], "ro.db")
     shutil.copy(ctx["good"], store)
+    before = store.read_bytes()
     store.chmod(0o444)
-    capsys = ctx["capsys"]
-    capsys.readouterr()
-    rc = _run_cli(["sweep", "-w", f"{ctx['wl']}:ok", *SMALL_SWEEP, "--store", f"sqlite:///{store}", "-q"])
-    err = capsys.readouterr().err
+    immutable = False
     if os.geteuid() == 0:
-        assert rc == 0, err
-    else:
-        assert rc == 2 and "read-only" in err and len(err.strip().splitlines()) == 1, err
+        chattr = shutil.which("chattr")
+        p = subprocess.run([chattr, "+i", str(store)], capture_output=True, text=True) if chattr else None
+        if p is None or p.returncode != 0:
+            pytest.skip(f"root ignores file modes and cannot make {store} immutable here (chattr +i: "
+                        f"{'not installed' if p is None else p.stderr.strip()[-200:]})")
+        immutable = True
+    try:
+        rc, _, err = _cli(ctx, ["sweep", "-w", f"{ctx['wl']}:ok", *SMALL_SWEEP, "--store", f"sqlite:///{store}",
+                                "-q"])
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(store)], check=True)
+    _refused(rc, err)
+    assert "read-only" in err, err
+    assert store.read_bytes() == before, "the read-only store was changed"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1401,6 +1425,31 @@ def proc_noise_sigterm(ctx: dict[str, Any]) -> None:
     assert d["status"] == "interrupted" and d["steps"] == len(d["history"]) and d["steps"] >= 3
 
 
+def api_load_workload_imports_siblings(ctx: dict[str, Any]) -> None:
+    """23.6: ``batchfit.load_workload("path/to/wl.py:make")`` from another folder makes the file's folder importable,
+    as the CLI does (was: ``No module named 'helper'``). In a fresh process: the CLI cases put the folder on this
+    process's ``sys.path``."""
+    spec = str(ctx["root"] / "proj" / "wl.py") + ":make"
+    code = f"import batchfit; wl = batchfit.load_workload({spec!r}); print('loaded', wl.name)"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ctx["tmp"])
+    assert p.returncode == 0 and "loaded hostile" in p.stdout, p.stderr[-1500:]
+
+
+def api_tune_schedule_checked_before_find(ctx: dict[str, Any]) -> None:
+    """23.2: the API's tune checks the schedule at every total of its plan before the finder: a WorkloadError naming
+    the sweep's total, and nothing written but the lock."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hostile_wl_23_2", ctx["wl"])
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(batchfit.WorkloadError, match=r"the sweep's trials at batch 16 have 10 steps: your "
+                                                     r"lr_schedule failed at total_steps=10: ZeroDivisionError"):
+        batchfit.tune(mod.one_cycle(), out_dir=ctx["tmp"] / "t", batch_sizes=[16], budget="samples:160",
+                      noise=False, precision_check=False, lr_calibration=False)
+    _no_stage_files(ctx, "", "")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The table
 
@@ -1512,8 +1561,8 @@ CASES: list[Case] = [
     # 11. base batch size 1
     Case("tune-base-batch-1", "11", ("tune", "-w", "{wl}:base_batch_1", "-b", "16", "--budget", "steps:2",
                                      "--noise-steps", "3", "--no-precision-check", "--no-lr-calibration",
-                                     "--no-find", "--out", T + "/t", "-q"), rc=(0, 2),
-         check=_names_no_noise_if_refused),
+                                     "--no-find", "--out", T + "/t", "-q"), rc=(0,),
+         check=_noise_measured_at_base_batch_1),
     # 12. memory budgets that are not sizes
     Case("find-budget-1e400", "12", ("find", "--memory-budget", "1e400", "-q"), err=r"--memory-budget"),
     Case("train-budget-nan", "12", ("train", "--memory-budget", "nan", "--steps", "1", "-q"), err=r"--memory-budget"),
@@ -1527,7 +1576,7 @@ CASES: list[Case] = [
     Case("api-train-1e400-budget", "12", api=api_train_overflow_budget),
     # 13. an impossible batch
     Case("train-batch-1e12", "13", ("train", "-b", "1000000000000", "--no-drop-last", "--steps", "1", "-q",
-                                    "--json", T + "/r.json"), rc=(0, 2), err=r"larger",
+                                    "--json", T + "/r.json"), rc=(0,), err=r"larger",
          check=_batch_within_data),
     Case("api-train-batch-1e12", "13", api=api_train_impossible_batch),
     # 14. the finder restores gradients
@@ -1685,6 +1734,14 @@ CASES: list[Case] = [
     Case("api-train-warmup-beyond-the-run", "23.19", api=api_train_warmup_beyond_the_run),
     Case("train-sigterm-interrupted", "23.19", api=proc_train_sigterm),
     Case("noise-sigterm-keeps-steps", "23.19", api=proc_noise_sigterm),
+    # issue 23, items 2 and 6
+    Case("tune-schedule-fails-at-the-lr-check-total", "23.2",
+         ("tune", "-w", "{wl}:one_cycle", "-b", "16", "--budget", "steps:40", "--no-noise", "--no-precision-check",
+          "--out", T + "/t", "-q"),
+         err=r": error: the LR check's runs \(batch 16\) have 10 steps: your lr_schedule failed at total_steps=10: "
+             r"ZeroDivisionError: .*; make lr_schedule work for any total_steps", check=_no_stage_files),
+    Case("api-tune-schedule-fails-at-a-sweep-total", "23.2", api=api_tune_schedule_checked_before_find),
+    Case("api-load-workload-imports-siblings", "23.6", api=api_load_workload_imports_siblings),
 ]
 
 

@@ -129,8 +129,13 @@ def test_subclassed_model_and_compiled_instance() -> None:
     wl = bk.keras_workload(build, x, y, batch_size=20, validation_data=(x[:30], y[:30]))
     model = wl.model_fn()
     assert sum(p.numel() for p in model.parameters()) == 8 * 8 + 8 + 8 * 3 + 3
-    r = train(wl, batch_size=20, epochs=2)
-    assert not r.diverged and r.history[-1]["val_metrics"]["accuracy"] >= 0.0
+    keep = _Keep()
+    r = train(wl, batch_size=20, epochs=2, callbacks=[keep])
+    # the reported accuracy is the trained subclassed model's own, on the 30 validation samples (logits: argmax)
+    with torch.no_grad():
+        logits = keep.model(torch.as_tensor(x[:30]))
+    own = float((logits.argmax(1).cpu().numpy() == y[:30]).mean())
+    assert not r.diverged and r.history[-1]["val_metrics"]["accuracy"] == pytest.approx(own, abs=1e-6)
     # A compiled instance is cloned (fresh weights) per trial.
     proto = _builder("sgd")()
     wl2 = bk.keras_workload(proto, x, y, batch_size=50)
@@ -200,18 +205,24 @@ def _run_cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_cli_train_and_sweep_on_keras_workload_file(tmp_path: Path) -> None:
+def test_cli_train_and_sweep_on_keras_workload_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from batchfit.cli import main
+
     (tmp_path / "kw.py").write_text(textwrap.dedent(_WORKLOAD_FILE))
+    # a fresh process without KERAS_BACKEND: the adapter selects torch itself (the other commands run in this one)
     proc = _run_cli(["train", "-w", "kw.py:workload", "-b", "32", "--epochs", "2", "-q", "--json", "r.json"],
                     tmp_path)
     assert proc.returncode == 0, proc.stderr
+    monkeypatch.chdir(tmp_path)
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["status"] == "ok" and data["batch_size"] == 32 and data["lr_rule"] == "adam-sqrt"
     assert data["steps"] == 2 * (160 // 32) and "accuracy" in data["history"][-1]["val_metrics"]
     # batchfit sweep on the Keras workload: every batch size trained with its scaled LR, B_simple measured
-    proc = _run_cli(["sweep", "-w", "kw.py:workload", "-b", "32,64", "--budget", "epochs:4", "--no-extremes", "-q",
-                     "--out", "sweep", "--json", "sweep.json"], tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    capsys.readouterr()
+    rc = main(["sweep", "-w", "kw.py:workload", "-b", "32,64", "--budget", "epochs:4", "--no-extremes", "-q",
+               "--out", "sweep", "--json", "sweep.json"])
+    assert rc == 0, capsys.readouterr().err
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     trials = sorted(sweep["trials"], key=lambda t: t["batch_size"])
     assert [(t["batch_size"], t["status"]) for t in trials] == [(32, "ok"), (64, "ok")]
@@ -220,9 +231,9 @@ def test_cli_train_and_sweep_on_keras_workload_file(tmp_path: Path) -> None:
     assert all(t["noise_method"] == "extra-halves" and t["noise_samples"] for t in trials)
     assert any(t["b_simple"] and t["b_simple"] > 0 for t in trials)
     assert (tmp_path / "sweep" / "report.html").is_file()
-    bad = _run_cli(["train", "-w", "kw.py:clipped", "--steps", "1", "-q"], tmp_path)
-    assert bad.returncode == 2
-    lines = bad.stderr.strip().splitlines()
+    capsys.readouterr()
+    assert main(["train", "-w", "kw.py:clipped", "--steps", "1", "-q"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "clipnorm" in lines[0] and "grad-clip" in lines[0]
 
 

@@ -201,9 +201,19 @@ def test_workload_from_factory_and_datamodule() -> None:
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.2)  # StepLR(step_size=2, gamma=0.5) on the rescaled LR
 
-    res = _train(wl, batch_size=32)
+    class Keep:
+        def on_train_end(self, state, result):  # noqa: ANN001, ANN202
+            self.model = state.model
+
+    keep = Keep()
+    res = _train(wl, batch_size=32, callbacks=[keep])
     final = res.final
-    assert final["val_metrics"]["val_acc"] >= 0.0 and math.isfinite(final["val_loss"])
+    # what validation_step logs, sample-weighted over the whole validation split, for the trained module
+    x, y = (torch.stack(t) for t in zip(*(data.val_ds[i] for i in range(len(data.val_ds)))))
+    with torch.no_grad():
+        logits = keep.model.net(x)
+    assert final["val_metrics"]["val_acc"] == pytest.approx(float((logits.argmax(1) == y).float().mean()), abs=1e-6)
+    assert final["val_loss"] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
 
 
 def test_three_identical_trains_of_an_instance_give_identical_losses() -> None:
@@ -247,3 +257,73 @@ def test_an_epoch_interval_scheduler_steps_once_per_pass_over_the_training_sampl
         sched.step()
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs == pytest.approx([0.2] * 5 + [0.1] * 6 + [0.05])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 23, items 5 and 7: hints that point at the fix; a module instance, on_before_optimizer_step, the interval
+
+
+def test_a_datamodule_class_or_a_datamodule_as_data_says_pass_an_instance() -> None:
+    from batchfit import Workload
+    from batchfit.errors import WorkloadError
+
+    with pytest.raises(ConfigError, match=r"datamodule=SplitData is the class; pass an instance as datamodule=: "
+                                          r"datamodule=SplitData\(\.\.\.\)"):
+        lightning_workload(Classifier, datamodule=SplitData)
+    with pytest.raises(ConfigError, match=r"train_dataloader got the LightningDataModule SplitData; pass an instance "
+                                          r"as datamodule="):
+        lightning_workload(Classifier, SplitData())
+    wl = Workload(name="dm", model_fn=lambda: nn.Linear(8, 3), optimizer_fn=lambda p, lr: torch.optim.SGD(p, lr=lr),
+                  loss_fn=F.cross_entropy, train_data=SplitData())
+    with pytest.raises(WorkloadError, match=r"train_data is the LightningDataModule SplitData, not a dataset; pass "
+                                            r"an instance as datamodule="):
+        wl.validate()
+
+
+def test_a_module_instance_is_said_not_to_be_reproducible_and_a_factory_is_not() -> None:
+    with pytest.warns(UserWarning, match=r"module instance, built before batchfit seeds anything: .*pass a factory"):
+        wl = lightning_workload(Classifier(), datamodule=SplitData())
+    assert "seed/--seed neither reproduces" in wl.description  # in the sweep's stored config and results
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert lightning_workload(Classifier, datamodule=SplitData()).description == ""
+
+
+class Hooked(Classifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.before_step: list[float] = []
+
+    def on_before_optimizer_step(self, optimizer):  # noqa: ANN001, ANN201
+        norm = sum(float(p.grad.norm()) for p in self.parameters() if p.grad is not None)
+        self.before_step.append(norm)  # gradients are there: after backward, before the step
+        self.log("grad_norm", norm)  # self.log outside a Trainer is captured, not an error
+
+
+def test_on_before_optimizer_step_is_called_before_every_optimizer_step() -> None:
+    seen: list[Hooked] = []
+
+    def make() -> Hooked:
+        seen.append(Hooked())
+        return seen[-1]
+
+    trainer = L.Trainer(accumulate_grad_batches=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    wl = lightning_workload(make, datamodule=SplitData(batch_size=16), trainer=trainer)
+    res = _train(wl, batch_size=32, steps=5, eval_every=5)
+    hooked = [m for m in seen if m.before_step]
+    assert res.steps == 5 and len(hooked) == 1 and len(hooked[0].before_step) == 5  # once per step, not per micro
+    assert all(n > 0 for n in hooked[0].before_step)
+
+
+def test_the_scheduler_is_said_to_step_as_it_steps() -> None:
+    from batchfit.recommend import _pytorch_snippet
+
+    per_epoch = _train(lightning_workload(EpochScheduled, datamodule=SplitData(batch_size=16)), batch_size=16)
+    per_step = _train(lightning_workload(Classifier, datamodule=SplitData(batch_size=16)), batch_size=16)
+    assert per_epoch.lr_schedule == "StepLR, stepped every epoch (Lightning interval 'epoch', frequency 1)"
+    assert per_step.lr_schedule == "StepLR, stepped every optimizer step (Lightning interval 'step', frequency 1)"
+    rec = {"lr": 0.1, "batch_size": 16, "micro_batch_size": 16, "accumulation_steps": 1,
+           "lr_schedule": per_epoch.lr_schedule}
+    snippet = _pytorch_snippet(rec)
+    assert "stepped every epoch" in snippet and "after every optimizer step" not in snippet

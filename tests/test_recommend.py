@@ -486,3 +486,21 @@ def test_the_recommendation_says_which_budget_and_target_it_holds_for() -> None:
     assert holds["target_fraction"] == 0.97
     assert "It holds for a budget of epochs:4 per run and the target accuracy" in rec.reasons[0]
     assert "may favour a larger batch" in rec.reasons[0]
+
+
+def test_a_finder_result_given_to_recommend_replaces_the_stored_one() -> None:
+    """The calling form ``recommend(results, find)``: the given finder result (not the one in results, where 512
+    fits) splits the chosen batch into micro-batches that fit, by memory or by the throughput knee."""
+    res = make_results()
+    assert res["find"]["recommended_batch_size"] == 512
+    stored = recommend(res)
+    assert (stored.batch_size, stored.micro_batch_size, stored.accumulation_steps) == (64, 64, 1)
+    small = recommend(res, {"recommended_batch_size": 16, "max_batch_size": 20, "margin": 0.1})
+    assert (small.batch_size, small.micro_batch_size, small.accumulation_steps) == (64, 16, 4)
+    assert any(r.startswith("Micro-batch 16 x 4") and "fits in memory with 10% headroom is 16" in r
+               for r in small.reasons), small.reasons
+    uneven = recommend(res, find={"recommended_batch_size": 24})  # 64 = 3 passes of at most 24: 22 x 3
+    assert (uneven.micro_batch_size, uneven.accumulation_steps) == (22, 3)
+    knee = recommend(res, find={"recommended_batch_size": 64, "throughput_knee_batch_size": 32})
+    assert (knee.micro_batch_size, knee.accumulation_steps) == (32, 2)
+    assert any("throughput knee is 32" in r for r in knee.reasons), knee.reasons

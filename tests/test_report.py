@@ -807,3 +807,25 @@ def test_a_negative_running_b_simple_does_not_break_the_plots(tmp_path) -> None:
     res["noise"] = {"b_simple": -1.0}
     paths = write_report(res, tmp_path)
     assert (tmp_path / "report.html").is_file() and isinstance(paths["plots"], dict)
+
+
+def test_write_report_with_a_given_recommendation_or_tolerance(tmp_path: Path) -> None:
+    """The calling forms ``write_report(results, out, recommendation=...)`` (the given one is reported and stored,
+    not recomputed) and ``write_report(results, out, tolerance=...)`` (the recommendation at that margin)."""
+    from batchfit.recommend import Recommendation, recommend
+
+    res = make_results()
+    given = recommend(res, find={"recommended_batch_size": 24})  # another split than the stored finder's
+    paths = write_report(res, tmp_path / "given", recommendation=given, plots=False)
+    assert paths["recommendation"] == given and not paths["interim"] and paths["plots"] == {}
+    stored = json.loads((tmp_path / "given" / "results.json").read_text())["recommendation"]
+    assert Recommendation.from_dict(stored) == given
+    assert "batch 64 = micro-batch 22 x 3 accumulation step(s)" in (tmp_path / "given" / "report.md").read_text()
+    chosen = {}
+    for tolerance in (0.0, 0.05):  # no margin: the best batch (16) alone; 5 %: up to 64
+        paths = write_report(res, tmp_path / f"t{tolerance}", tolerance=tolerance, plots=False)
+        assert paths["recommendation"] == recommend(res, tolerance=tolerance)
+        chosen[tolerance] = paths["recommendation"].batch_size
+        on_disk = json.loads((tmp_path / f"t{tolerance}" / "results.json").read_text())["recommendation"]
+        assert on_disk["batch_size"] == chosen[tolerance]
+    assert chosen == {0.0: 16, 0.05: 64}

@@ -19,8 +19,9 @@ from batchfit.data import source_for
 from batchfit.demos import ArrayDataset
 from batchfit.engine import train
 from batchfit.errors import ConfigError, DataError, WorkloadError
+from batchfit.loading import load_workload
 from batchfit.step import LossMeter, LRSchedule, TrainStep, run_batch
-from batchfit.workload import Workload, accuracy, load_workload
+from batchfit.workload import Workload, accuracy
 from conftest import make_tiny_workload
 
 CPU = torch.device("cpu")

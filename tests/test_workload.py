@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from batchfit.errors import ConfigError, WorkloadError
-from batchfit.workload import Workload, load_workload, parse_options
+from batchfit.loading import load_workload, parse_options
+from batchfit.workload import Workload
 
 
 def test_digits_demo_is_stratified_and_real() -> None:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from batchfit._version import __version__
 
 _EXPORTS = {
     "Workload": "batchfit.workload",
-    "load_workload": "batchfit.workload",
+    "load_workload": "batchfit.loading",
     "train": "batchfit.engine",
     "TrainResult": "batchfit.engine",
     "scale_lr": "batchfit.scaling",
@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from batchfit.engine import TrainResult, train
     from batchfit.errors import BatchfitError, ConfigError, DataError, NoisyEstimateWarning, WorkloadError
     from batchfit.finder import find_batch_size
+    from batchfit.loading import load_workload
     from batchfit.noise import noise_scale
     from batchfit.planner import PlanResult, plan
     from batchfit.recommend import Recommendation, recommend
@@ -49,7 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from batchfit.scaling import ScaledHyperparameters, scale_lr
     from batchfit.study import SweepResult, load_results, sweep
     from batchfit.tuning import TuneResult, tune
-    from batchfit.workload import Workload, load_workload
+    from batchfit.workload import Workload
 
 
 def __getattr__(name: str) -> Any:

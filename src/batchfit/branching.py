@@ -30,11 +30,13 @@ import torch
 from batchfit import checks
 from batchfit.data import train_source
 from batchfit.errors import ConfigError
+from batchfit.loading import load_workload
 from batchfit.progress import ProgressFn, emit
+from batchfit.runtime import resolve_device
 from batchfit.scaling import RULE_CHOICES, apply_scaling, default_rule
-from batchfit.stats import Interval, mean_interval
+from batchfit.stats import Interval, mean_interval, noise_scale_interval, unbiased_estimates
 from batchfit.step import TrainStep, build_model, build_optimizer, run_batch
-from batchfit.workload import Workload, load_workload
+from batchfit.workload import Workload
 
 __all__ = ["BranchPoint", "BranchingResult", "gradient_noise_scale", "local_critical_batch"]
 
@@ -153,12 +155,10 @@ def gradient_noise_scale(workload: Workload, model: torch.nn.Module, *, batch_si
     """B_simple = tr(Sigma) / |G|^2 at the model's current weights (McCandlish et al. 2018, appendix A).
 
     Each of ``pairs`` batches of ``2 b`` samples gives two half-batch gradients; the unbiased two-batch estimates of
-    ``|G|^2`` and ``tr(Sigma)`` (:func:`batchfit.noise.unbiased_estimates`) are averaged over the pairs and their
-    ratio bootstrapped over the pairs (:func:`batchfit.noise.noise_scale_interval`, the estimator every B_simple
+    ``|G|^2`` and ``tr(Sigma)`` (:func:`batchfit.stats.unbiased_estimates`) are averaged over the pairs and their
+    ratio bootstrapped over the pairs (:func:`batchfit.stats.noise_scale_interval`, the estimator every B_simple
     in batchfit goes through).
     """
-    from batchfit import noise
-
     params = [p for p in model.parameters() if p.requires_grad]
     half = max(1, batch_size // 2)
     after: list[torch.Tensor] = []  # the accumulated gradient after each half's backward, through the one step
@@ -177,12 +177,12 @@ def gradient_noise_scale(workload: Workload, model: torch.nn.Module, *, batch_si
         g0, g1 = 2 * after[0], 2 * (after[1] - after[0])
         small = 0.5 * (g0.square().sum() + g1.square().sum())
         big = after[1].square().sum()
-        g2, tr = noise.unbiased_estimates(float(small), float(big), k=2, batch_size=2 * half)
+        g2, tr = unbiased_estimates(float(small), float(big), k=2, batch_size=2 * half)
         g2s.append(g2)
         trs.append(tr)
     model.zero_grad(set_to_none=True)
     # |G|^2 near an optimum can be estimated <= 0 (noise dominates the signal): B_simple is then only bounded below
-    return noise.noise_scale_interval(g2s, trs, seed=seed, method="bootstrap-pairs")
+    return noise_scale_interval(g2s, trs, seed=seed, method="bootstrap-pairs")
 
 
 def _branch(workload: Workload, ckpt: dict[str, Any], *, base_batch: int, batch: int, rule: str, steps: int,
@@ -262,8 +262,6 @@ def local_critical_batch(
             is then against a whole run); ``False`` stops at the last checkpoint (``train(batch_schedule="auto")``,
             whose own run is the whole run; ``reference_seconds`` then covers only the part trained).
     """
-    from batchfit.engine import resolve_device
-
     workload = load_workload(workload)
     dev = resolve_device(device)
     b0 = checks.positive_int("batch_size", workload.base_batch_size if batch_size is None else batch_size)

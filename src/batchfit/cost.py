@@ -23,8 +23,8 @@ from typing import Any
 
 from batchfit.errors import ConfigError
 
-__all__ = ["Cost", "Meter", "TrainBudget", "add_samples", "cost_of", "measure", "parse_train_budget", "plan_horizon",
-           "train_budget_samples"]
+__all__ = ["DEFAULT_MAX_COST", "STAGE_SHARES", "Cost", "Meter", "TrainBudget", "add_samples", "allowance", "cost_of",
+           "measure", "parse_train_budget", "plan_horizon", "train_budget_samples"]
 
 TRAIN_BUDGET_KINDS = ("samples", "steps", "epochs", "tokens")
 
@@ -178,16 +178,38 @@ def cost_of(results: Mapping[str, Any]) -> Cost:
                 train_budget=plan.get("budget"))
 
 
+DEFAULT_MAX_COST = 1.0  # tune's default cap, in runs of the train budget (when it plans its own measurement budget)
+
+# The share of the cap each stage after the finder may spend (the sweep and its racing get the rest). The finder's
+# memory probes are not sized (their count depends on the memory line); what they spend comes off the sweep's share.
+STAGE_SHARES: dict[str, float] = {"noise": 0.03, "lr_check": 0.12, "step_time": 0.08, "precision": 0.04}
+
+
+def allowance(stage: str, train_samples: int, max_cost: float | None) -> int | None:
+    """The samples ``stage`` may spend under the cap (:data:`STAGE_SHARES`); ``None`` when uncapped."""
+    if max_cost is None:
+        return None
+    return int(STAGE_SHARES[stage] * max_cost * train_samples)
+
+
 def plan_horizon(train_samples: int, max_cost: float, candidates: int, *, spent: int = 0, finalist_seeds: int = 3,
-                 reserve: float = 0.1) -> tuple[int, float]:
+                 first_round: int | None = None, reserve: float | None = None,
+                 overhead: float = 0.0) -> tuple[int, float]:
     """The samples each sweep trial may train (equal samples at every batch size) so that ``tune`` stays within
     ``max_cost`` runs of ``train_samples``, and the trials that estimate assumes.
 
-    ``spent``: samples already spent (the finder and the noise probe run before the plan). Expected trials: one per
-    candidate, ``finalist_seeds - 1`` more for each of the two finalists, one more for a quarter of the candidates
-    (racing's faster undecided), plus the LR check (about two trials' worth: 8 runs of a quarter each);
-    ``reserve`` of the cap is kept for step timing and the precision check. Never more than the train budget
-    itself; at least 1 (the caller checks whether that horizon can measure anything)."""
-    runs = candidates + 2 * (finalist_seeds - 1) + math.ceil(candidates / 4) + 2
+    ``spent``: samples already spent (the finder and the noise probe run before the plan). Expected trials: the
+    first round (``first_round``, default one per candidate; more where a batch size searches its LR), then
+    racing's ``finalist_seeds - 1`` more for each of the two finalists and one more for a quarter of the candidates
+    (the faster undecided), each at the first round's trials per candidate. ``reserve`` (default: the LR check's,
+    step timing's and the precision check's :data:`STAGE_SHARES`) of the cap is kept for the stages that run after
+    the plan. ``overhead``: a trial's samples beyond its horizon, as a fraction of it (the sweep's B_simple
+    measurement, :data:`batchfit.noise.HALVES_EVERY`). Never more than the train budget itself; at least 1 (the
+    caller checks whether that horizon can measure anything)."""
+    first = candidates if first_round is None else max(candidates, first_round)
+    per = first / max(candidates, 1)
+    runs = first + per * (2 * (finalist_seeds - 1) + math.ceil(candidates / 4))
+    if reserve is None:
+        reserve = sum(STAGE_SHARES[k] for k in ("lr_check", "step_time", "precision"))
     room = (1.0 - reserve) * max_cost * train_samples - spent
-    return max(1, int(min(train_samples, room / runs))), float(runs)
+    return max(1, int(min(train_samples, room / (runs * (1.0 + overhead))))), float(runs)

@@ -25,7 +25,8 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from batchfit.errors import ConfigError
-from batchfit.workload import Workload, accuracy
+from batchfit.metric import accuracy
+from batchfit.workload import Workload
 
 __all__ = ["DEMOS", "ArrayDataset", "LMWorkload", "MarkovSource", "SyntheticDataset", "TinyLM", "TransformerBlock",
            "digits_mlp", "gpt_synthetic", "mnist1d", "resnet_synthetic", "tiny_lm"]
@@ -617,6 +618,7 @@ def tiny_lm(num_sequences: int = 32_768, seq_len: int = 64, vocab: int = 64, ord
         base_lr=_positive_float("lr", lr),
         sample_batch=lambda b: train.get_batch(torch.arange(b) % len(train)),
         lr_schedule=_cosine_to_zero if schedule == "cosine" else None,
+        shard=("TransformerBlock",),  # parallel='fsdp': one block at a time (the embeddings and head: the root)
         description=(f"tiny LM (width {width}, {depth} blocks, {heads} heads, AdamW) on an order-{order} Markov "
                      f"source, V={vocab}, T={seq_len}, {num_sequences} train / {val_sequences} val sequences; "
                      f"loss floor {floor:.4f} nats/token (entropy rate {source.entropy_rate:.4f})"),

@@ -247,7 +247,8 @@ def agree_record(rec: dict[str, Any]) -> dict[str, Any]:
             merged["samples_per_s"] = min(rates)
     else:
         failed = [(i, r) for i, r in enumerate(gathered) if not r.get("ok")]
-        i, r = failed[0]
+        # name the rank that failed itself, not one that backed off because of it (sharded: PeerOutOfMemoryError)
+        i, r = next(((j, q) for j, q in failed if not q.get("peer")), failed[0])
         merged["error"] = f"rank {i}: {r.get('error') or 'failed'}"
         merged["failed_ranks"] = [j for j, _ in failed]
         # a size that failed anywhere has no peak to report (the ranks that ran it measured only part of it)

@@ -30,12 +30,15 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from batchfit import checks, data, distributed, memory
+from batchfit import checks, data, distributed, memory, sharding
 from batchfit import schedule as batch_schedules
 from batchfit._io import check_output_path, write_torch
+from batchfit.branching import BranchingResult, local_critical_batch
 from batchfit.data import to_device
 from batchfit.errors import ConfigError, DataError
+from batchfit.loading import load_workload
 from batchfit.progress import ProgressFn, emit
+from batchfit.runtime import resolve_device, seed_everything
 from batchfit.scaling import (
     RULE_CHOICES,
     WEIGHT_DECAY_RULES,
@@ -57,7 +60,7 @@ from batchfit.step import (
     metric_value,
     run_batch,
 )
-from batchfit.workload import Workload, load_workload
+from batchfit.workload import Workload
 
 __all__ = [
     "PRECISIONS",
@@ -83,33 +86,8 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Small helpers shared by the finder, noise and sweep modules
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/"auto" -> CUDA when available, else CPU; a CUDA request without CUDA is a clear error."""
-    if device is None or device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"device {device!r} is not understood; use cpu, cuda or cuda:N") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda was asked for but CUDA is not available here; use device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {device!r} is not supported; use cpu or cuda")
-    if dev.type == "cuda":
-        if dev.index is None:  # some CUDA APIs (memory fraction) need the index spelled out
-            dev = torch.device("cuda", torch.cuda.current_device())
-        elif dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
-    return dev
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
+# Small helpers (the device and the seeds are batchfit.runtime's; resolve_device and seed_everything stay importable
+# from here)
 
 
 def check_finite_data(dataset: Any, name: str) -> None:
@@ -466,6 +444,7 @@ class TrainPlan:
     checkpoint: str | None = None
     checkpoint_every: int | None = None
     resume_from: str | None = None
+    parallel: str = "ddp"  # ddp | fsdp: how the ranks hold the model (fsdp: FSDP2 shards, batchfit.sharding)
 
     @property
     def effective_batch_size(self) -> int:
@@ -499,7 +478,8 @@ def plan_train(workload: Workload | str, *, batch_size: int | None = None, micro
                memory_budget: int | str | None = None, batch_schedule: Any = None,
                micro_batch_limit: int | None = None, beta2: str | None = None, weight_decay_timescale: bool = False,
                checkpoint: str | os.PathLike | None = None, checkpoint_every: int | None = None,
-               resume_from: str | os.PathLike | None = None, weight_decay_rule: str = "keep") -> TrainPlan:
+               resume_from: str | os.PathLike | None = None, weight_decay_rule: str = "keep",
+               parallel: str = "ddp") -> TrainPlan:
     """Check every argument of :func:`train` and decide the run (arguments as :func:`train`'s)."""
     workload = load_workload(workload)
     dev = resolve_device(device)
@@ -542,6 +522,10 @@ def plan_train(workload: Workload | str, *, batch_size: int | None = None, micro
     if not isinstance(drop_last, bool):
         raise ConfigError(f"drop_last must be True or False, got {drop_last!r}")
     budget = memory.parse_bytes(memory_budget)
+    sharding.check_parallel(parallel, precision)
+    if parallel == "fsdp" and world_size > 1 and (checkpoint is not None or resume_from is not None):
+        raise ConfigError("checkpoint / resume_from are not supported with parallel='fsdp' yet (the state is "
+                          "sharded over the ranks); train without them or with parallel='ddp'")
     if world_size > 1:  # data parallel: this process is one of world_size ranks (torchrun)
         distributed.check_world(world_size)
     n = data.train_source(workload).num_samples
@@ -580,7 +564,7 @@ def plan_train(workload: Workload | str, *, batch_size: int | None = None, micro
         phases=phases, micro_batch_limit=micro_batch_limit, beta2=beta2,
         weight_decay_timescale=bool(weight_decay_timescale), weight_decay_rule=weight_decay_rule,
         checkpoint=None if checkpoint is None else os.fspath(checkpoint), checkpoint_every=checkpoint_every,
-        resume_from=None if resume_from is None else os.fspath(resume_from),
+        resume_from=None if resume_from is None else os.fspath(resume_from), parallel=parallel,
     )
 
 
@@ -641,7 +625,8 @@ def _setup(plan: TrainPlan, callbacks: Sequence[Any], progress: ProgressFn | Non
     model = build_model(plan.workload)
     model.to(plan.device).train()
     if plan.world_size > 1:
-        model = distributed.wrap_ddp(model, plan.device)
+        model = distributed.wrap_ddp(model, plan.device) if plan.parallel == "ddp" else \
+            sharding.wrap_fsdp(model, plan.device, plan.precision, getattr(plan.workload, "shard", None))
     optimizer = build_optimizer(plan.workload, model)
     rule, lr_scaling = _scale_lr(plan, optimizer)
     peak_lr = optimizer.param_groups[0]["lr"]
@@ -667,6 +652,7 @@ def _setup(plan: TrainPlan, callbacks: Sequence[Any], progress: ProgressFn | Non
         grad_clip=plan.grad_clip, lr_schedule=schedule.name,
     )
     result.extras["lr_scaling"] = lr_scaling
+    result.extras["parallel"] = plan.parallel if plan.world_size > 1 else "none"
     run = _Run(plan, model, optimizer, schedule, step, losses, state, result, callbacks, progress, t_start)
     run.phase_lr = peak_lr
     run.train_subset = subset
@@ -914,6 +900,7 @@ def train(
     checkpoint_every: int | None = None,
     resume_from: str | os.PathLike | None = None,
     weight_decay_rule: str = "keep",
+    parallel: str = "ddp",
 ) -> TrainResult:
     """Train the workload once at one effective batch size (or a batch-size schedule) and measure it.
 
@@ -939,6 +926,10 @@ def train(
         world_size: data-parallel ranks (under ``torchrun``, see :mod:`batchfit.distributed`). ``batch_size`` and
             ``micro_batch_size`` are then *per rank*: the effective batch is batch x world size (the LR rule
             sees it); each rank reads its shard of every global batch; DDP all-reduces once per optimizer step.
+        parallel: with ``world_size > 1``, ``ddp`` (every rank holds the model; DistributedDataParallel) or
+            ``fsdp`` (FSDP2: parameters, gradients and optimizer state sharded over the ranks, units from
+            ``Workload.shard``; bf16 through ``MixedPrecisionPolicy``; gradients reduce-scattered on the last
+            micro-batch only). The losses equal a single process's at the same global batch.
         memory_budget: bytes or e.g. ``"512MiB"``: train inside this budget, as ``find_batch_size`` measures it
             (CPU: live tensor bytes created by training counted, an allocation beyond the budget raises an OOM;
             CUDA: the allocator is capped). The data set itself and the up-front NaN scan are not charged. An
@@ -967,7 +958,7 @@ def train(
                               epochs=epochs, steps=steps, precision=precision, device=device, seed=seed,
                               drop_last=drop_last, eval_batch_size=eval_batch_size, eval_every=eval_every,
                               grad_clip=grad_clip, world_size=world_size, memory_budget=memory_budget,
-                              weight_decay_rule=weight_decay_rule)
+                              weight_decay_rule=weight_decay_rule, parallel=parallel)
     measured = None
     auto = isinstance(batch_schedule, str) and batch_schedule.strip() == "auto"
     if branching is not None:
@@ -1087,8 +1078,6 @@ class _Extra:
 def _as_branching(branching: Any) -> Any:
     """A :class:`~batchfit.branching.BranchingResult` from itself or its dict (``to_dict()``); a
     :class:`ConfigError` for anything else."""
-    from batchfit.branching import BranchingResult
-
     if isinstance(branching, BranchingResult):
         return branching
     if isinstance(branching, Mapping):
@@ -1111,8 +1100,6 @@ def auto_schedule(workload: Workload | str, *, batch_size: int | None = None, br
     first, with the run's own budget as the reference run (checkpoints at 0, 10, 25 and 50 % of it; the rest of the
     reference run is not trained). Returns ``(phases, the branching result)``.
     """
-    from batchfit.branching import local_critical_batch
-
     plan = plan_train(workload, batch_size=batch_size, **train_kwargs)
     b0 = plan.batch_size_per_rank
     cap = plan.num_samples // plan.world_size

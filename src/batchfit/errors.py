@@ -6,7 +6,7 @@ wrong and what to do. The CLI prints it and exits with code 2 (``--debug`` shows
 
 from __future__ import annotations
 
-__all__ = ["BatchfitError", "ConfigError", "DataError", "NoisyEstimateWarning", "WorkloadError"]
+__all__ = ["BatchfitError", "ConfigError", "DataError", "NoisyEstimateWarning", "SweepFailedError", "WorkloadError"]
 
 
 class BatchfitError(Exception):
@@ -23,6 +23,11 @@ class WorkloadError(BatchfitError):
 
 class DataError(WorkloadError):
     """The workload's data is unusable (empty, non-finite, wrong shape)."""
+
+
+class SweepFailedError(RuntimeError):
+    """Every trial of a sweep failed on something that is not the user's workload (a batchfit bug). Not a
+    :class:`BatchfitError`: nothing the user gave was wrong, so the CLI shows it as the bug it is."""
 
 
 class NoisyEstimateWarning(UserWarning):

@@ -26,9 +26,9 @@ caller can see changes: a model object ``model_fn`` hands back is returned to it
 gradients bit for bit, and the Python, NumPy and torch (CPU and CUDA) random states are restored.
 
 The parts, one job each: :class:`MemoryModel` and :func:`search_max` (the search, pure arithmetic on trial
-records); :class:`_ModelKeeper` (the model built once, reset between trials, handed back as it came);
-:class:`_StepRunner` (real training steps at a size); :class:`MemoryTrials` (one step sequence inside a peak
-meter); :func:`_time_throughput` and :func:`_size_evaluation`; :func:`find_batch_size` composes them.
+records); :class:`batchfit.step.ModelKeeper` (the model built once, reset between trials, handed back as it
+came); :class:`batchfit.step.StepRunner` (real training steps at a size); :class:`MemoryTrials` (one step sequence
+inside a peak meter); :func:`_time_throughput` and :func:`_size_evaluation`; :func:`find_batch_size` composes them.
 """
 
 from __future__ import annotations
@@ -47,22 +47,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from batchfit import checks, data, distributed, memory
-from batchfit.engine import resolve_device
+from batchfit import checks, data, distributed, memory, sharding
 from batchfit.errors import ConfigError
+from batchfit.loading import load_workload
 from batchfit.progress import ProgressFn, emit
+from batchfit.runtime import resolve_device
 from batchfit.step import (
-    LRSchedule,
-    TrainStep,
+    ModelKeeper,
+    StepRunner,
+    accumulation_count,
     autocast,
-    build_model,
-    build_optimizer,
     check_precision,
     make_scaler,
     metric_value,
     run_batch,
 )
-from batchfit.workload import Workload, load_workload
+from batchfit.workload import Workload
 
 __all__ = [
     "CUDA_AIM",
@@ -285,159 +285,11 @@ def search_max(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The model: built once per search, reset between trials, handed back as it came
+# Small helpers (the model kept between trials and the steps at a size: batchfit.step.ModelKeeper / StepRunner)
 
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:300] or type(exc).__name__
-
-
-def _param_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-
-
-class _ModelKeeper:
-    """The model built once: every trial starts from its initial weights with a fresh optimizer, and :meth:`close`
-    hands the object back as ``model_fn`` gave it (device, weights, buffers, each parameter's ``.grad``, training
-    flag) — a ``model_fn`` may return the caller's own model object."""
-
-    def __init__(self, workload: Workload, device: torch.device, seed: int) -> None:
-        self.workload, self.device, self.seed = workload, device, seed
-        self.model: nn.Module | None = None
-        self._state: dict[str, torch.Tensor] = {}
-        self._grads: list[torch.Tensor | None] = []
-        self._origin = torch.device("cpu")
-        self._training = True
-
-    def _seed(self) -> None:
-        torch.random.default_generator.manual_seed(self.seed)  # CPU generator only: CUDA seeds stay untouched
-        if self.device.type == "cuda":
-            torch.cuda.manual_seed(self.seed)
-
-    def get(self) -> nn.Module:
-        """The model on the device, in train mode, at its initial weights (built on the first call)."""
-        if self.model is None:
-            self._seed()
-            model = build_model(self.workload)
-            tensors = list(model.parameters()) + list(model.buffers())
-            self._origin = tensors[0].device if tensors else torch.device("cpu")
-            self._training = model.training
-            self._state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict(keep_vars=True).items()}
-            # the caller's gradients: kept as they are on the CPU (same objects), copied to the CPU from a GPU so
-            # that they do not take device memory from the trials
-            self._grads = [None if p.grad is None else p.grad if p.grad.device.type == "cpu"
-                           else p.grad.detach().to("cpu", copy=True) for p in model.parameters()]
-            model.zero_grad(set_to_none=True)
-            model.to(self.device)
-            self.model = model
-        self.model.train()
-        return self.model
-
-    def optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, dict[str, Any]]:
-        """A fresh optimizer for one trial and a copy of its initial state (an ``optimizer_fn`` may hand back one
-        object every time)."""
-        self._seed()
-        optimizer = build_optimizer(self.workload, model)
-        return optimizer, copy.deepcopy(optimizer.state_dict())
-
-    def reset(self, model: nn.Module, optimizer: torch.optim.Optimizer, opt_state: dict[str, Any]) -> None:
-        """Back to the initial weights (in place, on the device) and the optimizer's initial state."""
-        model.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            model.load_state_dict(self._state)
-        optimizer.load_state_dict(opt_state)
-
-    def close(self) -> None:
-        """Hand the model back as it came: its device, weights, gradients and training flag."""
-        if self.model is None:
-            return
-        model, self.model = self.model, None
-        model.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            model.to(self._origin)
-            model.load_state_dict(self._state)
-            for p, g in zip(model.parameters(), self._grads):
-                p.grad = None if g is None else g if g.device == p.device else g.to(p.device)
-        model.train(self._training)
-        self._state, self._grads = {}, []
-        del model
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Real training steps at a size: the step train runs
-
-
-class _StepRunner:
-    """Runs ``train``'s step (:class:`batchfit.step.TrainStep`) on worst-case batches of a micro-batch size.
-
-    A workload that accumulates (its ``micro_batch_size`` m below its ``base_batch_size`` B) keeps its accumulation
-    count k = ceil(B / m): a trial at micro-batch b runs steps of k micro-batches of b, on a batch of k x b samples,
-    exactly as ``train(batch_size=k*b, micro_batch_size=b)`` runs them (the whole batch is held during the step,
-    so even the peak's input bytes match; tests/test_finder.py checks the peaks are equal). The workload's gradient
-    clipping and LR schedule run as in training; the batch is handed to the step as training hands it (on the
-    host: the step moves each micro-batch to the device).
-    """
-
-    def __init__(self, workload: Workload, device: torch.device, precision: str) -> None:
-        self.workload, self.device, self.precision = workload, device, precision
-        self.source = data.train_source(workload)
-        self.micro_batches = _accumulation(workload)
-        self.grad_clip: float | None = getattr(workload, "grad_clip", None)
-        self.lr_schedule = getattr(workload, "lr_schedule", None)
-
-    def regime(self) -> dict[str, Any]:
-        """What every trial's step ran (the report states the regime that was measured)."""
-        return {"micro_batches_per_step": self.micro_batches, "grad_clip": self.grad_clip,
-                "lr_schedule": self.lr_schedule is not None}
-
-    def batch(self, b: int) -> Any:
-        """The worst-case batch for one step at micro-batch ``b`` (all its micro-batches), on the host."""
-        return self.source.sample(b * self.micro_batches)
-
-    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, b: int, total_steps: int,
-             before_step: Any = ()) -> TrainStep:
-        schedule = LRSchedule.for_workload(self.workload, optimizer, total_steps=total_steps)
-        return TrainStep(self.workload, model, optimizer, device=self.device, precision=self.precision,
-                         micro_batch_size=b, grad_clip=self.grad_clip, scaler=scaler, schedule=schedule,
-                         before_step=before_step)
-
-    def run(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, b: int, steps: int,
-            meter: memory.PeakMeter | None = None, step: TrainStep | None = None, first: int = 0) -> dict[str, Any]:
-        """``steps`` optimizer steps at micro-batch ``b``; with a ``meter``, the peaks of each part of every step
-        after the first (when the optimizer state exists): forward/backward, then (from the step's before-step
-        hook on) clipping, the optimizer step and zeroing. ``step`` continues a step object already built (its
-        schedule at step ``first``) instead of building one for these steps."""
-        parts = {"forward_backward": 0, "optimizer": 0}
-        static = 0
-        measuring = False
-
-        def split(_step: TrainStep) -> None:
-            if measuring and meter is not None:
-                parts["forward_backward"] = max(parts["forward_backward"], meter.peak())
-                meter.reset()
-
-        if step is None:
-            step = self.step(model, optimizer, scaler, b, steps, before_step=[split])
-        for s in range(steps):
-            measuring = meter is not None and s >= 1
-            step.schedule.begin_step(first + s)  # type: ignore[union-attr]
-            batch = self.batch(b)
-            if measuring:
-                static = max(static, meter.live() + _param_bytes(model))  # type: ignore[union-attr]
-                meter.reset()  # type: ignore[union-attr]
-            step(batch)
-            del batch
-            if measuring:
-                parts["optimizer"] = max(parts["optimizer"], meter.peak())  # type: ignore[union-attr]
-        return {"parts": parts, "static_bytes": static}
-
-
-def _accumulation(workload: Workload) -> int:
-    """The workload's accumulation count: ``ceil(base_batch_size / micro_batch_size)`` (1 without one)."""
-    micro = getattr(workload, "micro_batch_size", None)
-    return 1 if micro is None else max(1, math.ceil(workload.base_batch_size / micro))
 
 
 def _scaler(precision: str) -> Any:
@@ -455,9 +307,12 @@ class MemoryTrials:
     returns a record either way and the model goes back to its initial weights."""
 
     def __init__(self, workload: Workload, device: torch.device, precision: str, seed: int, limit: int,
-                 enforce_bytes: int | None, cap: int | None = None) -> None:
-        self.keeper = _ModelKeeper(workload, device, seed)
-        self.runner = _StepRunner(workload, device, precision)
+                 enforce_bytes: int | None, cap: int | None = None, parallel: str = "ddp") -> None:
+        # sharded (FSDP2 under torchrun): a sharded copy of the model; every collective of a trial is guarded
+        self.sharded = parallel == "fsdp" and distributed.is_initialized()
+        self.keeper: Any = (sharding.ShardedKeeper(workload, device, seed, precision) if self.sharded
+                            else ModelKeeper(workload, device, seed))
+        self.runner = StepRunner(workload, device, precision)
         self.device, self.precision = device, precision
         self.cap = cap if cap is not None else workload.num_train
         self.limit = limit
@@ -474,7 +329,9 @@ class MemoryTrials:
         model = self.keeper.get()
         optimizer, opt_state = self.keeper.optimizer(model)
         try:
-            attempt = memory.try_oom(functools.partial(self._measure, model, optimizer, b, steps), model, optimizer)
+            attempt = memory.try_oom(self.guarded(functools.partial(self._measure, model, optimizer, b, steps)),
+                                     model, optimizer)
+            self.after(attempt, model)
             if attempt.ok:
                 out = attempt.value
                 assert out is not None
@@ -484,6 +341,8 @@ class MemoryTrials:
                     rec.update(ok=False, error=f"peak {memory.format_bytes(rec['peak_bytes'])} > limit")
             else:
                 rec["error"] = _one_line(attempt.oom)  # type: ignore[arg-type]
+                rec["peer"] = (isinstance(attempt.oom, sharding.PeerOutOfMemoryError)  # another rank's OOM
+                               and not isinstance(attempt.oom, sharding.NoRoomError))
         finally:
             self.keeper.reset(model, optimizer, opt_state)
             del model, optimizer, opt_state  # reference counting frees the trial's optimizer state and activations
@@ -495,9 +354,49 @@ class MemoryTrials:
     def _measure(self, model: nn.Module, optimizer: torch.optim.Optimizer, b: int, steps: int) -> dict[str, Any]:
         track = [list(model.parameters()), list(model.buffers()), optimizer.state]
         with memory.PeakMeter(self.device, self.enforce_bytes, track=track) as meter:
+            if self.sharded:  # every collective checks this rank's room for it first
+                self.keeper.guard.headroom = lambda: self.headroom(meter)
             return self.runner.run(model, optimizer, _scaler(self.precision), b, steps, meter)
 
     memory_trial = run  # the name the distributed test and the benchmarks use
+
+    def headroom(self, meter: memory.PeakMeter) -> float | None:
+        """Bytes this rank may still allocate inside ``meter`` (sharded trials check it before each collective)."""
+        if self.device.type == "cpu":
+            return None if self.enforce_bytes is None else self.enforce_bytes - meter.live()
+        allocated = torch.cuda.memory_allocated(self.device)
+        if self.enforce_bytes is not None:
+            return self.enforce_bytes - allocated
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return free + torch.cuda.memory_reserved(self.device) - allocated
+
+    def guarded(self, fn: Callable[[], Any], meter: memory.PeakMeter | None = None) -> Callable[[], Any]:
+        """Sharded: ``fn`` with every collective guarded (one rank's OOM -> all ranks' PeerOutOfMemoryError) and a
+        last check at its end; otherwise ``fn`` itself."""
+        if not self.sharded:
+            return fn
+        guard = self.keeper.guard
+        self.runner.guard = guard
+
+        def run() -> Any:
+            guard.active = True
+            if meter is not None:
+                guard.headroom = lambda: self.headroom(meter)
+            try:
+                out = fn()
+                guard.finish()
+                return out
+            finally:
+                guard.active = False
+                guard.headroom = None
+
+        return run
+
+    def after(self, attempt: memory.Attempt[Any], model: nn.Module) -> None:
+        """Sharded, after an out-of-memory: answer the other ranks' pending check, then a legal model state."""
+        if self.sharded and not attempt.ok:
+            self.keeper.guard.after_oom(attempt.oom)
+            self.keeper.recover(model)
 
     def close(self) -> None:
         self.keeper.close()
@@ -530,7 +429,11 @@ def _time_throughput(trials: MemoryTrials, sizes: list[int], on_record: Callable
                 steps += 3
                 sync()
                 elapsed = time.perf_counter() - t0
-                if elapsed >= MIN_TIMED_SECONDS or steps >= MAX_TIMED_STEPS:
+                done = elapsed >= MIN_TIMED_SECONDS or steps >= MAX_TIMED_STEPS
+                if trials.sharded:  # every rank runs as many steps (each step's collectives), decided together
+                    trials.keeper.guard.check()  # (a rank's out-of-memory in the last steps is answered here)
+                    done = distributed.any_flag(done)[0]
+                if done:
                     break
             samples = b * runner.micro_batches * steps
             return {"samples_per_s": samples / elapsed, "timed_steps": steps, "peak_bytes": meter.peak()}
@@ -543,7 +446,9 @@ def _time_throughput(trials: MemoryTrials, sizes: list[int], on_record: Callable
             error: str | None = None
             attempt: memory.Attempt[dict[str, Any]] = memory.Attempt()
             try:
-                attempt = memory.try_oom(functools.partial(timed, model, optimizer, b), model, optimizer)
+                attempt = memory.try_oom(trials.guarded(functools.partial(timed, model, optimizer, b)), model,
+                                         optimizer)
+                trials.after(attempt, model)
             except Exception as exc:
                 if b != 1:  # batch 1 may be invalid for a model (BatchNorm in train mode): recorded, not raised
                     raise
@@ -601,7 +506,9 @@ def _size_evaluation(trials: MemoryTrials, b_train: int, limit: float, on_record
                 t0 = time.perf_counter()
                 static = meter.live()
                 meter.reset()
-                attempt = memory.try_oom(lambda: _eval_batches(wl, model, val, b, dev, trials.precision))
+                attempt = memory.try_oom(trials.guarded(lambda: _eval_batches(wl, model, val, b, dev,
+                                                                               trials.precision)))
+                trials.after(attempt, model)
                 if attempt.ok:
                     peak = meter.peak()
                     rec.update(ok=peak <= limit, peak_bytes=peak, parts={"eval": peak}, static_bytes=static)
@@ -704,7 +611,7 @@ def _plan(wl: Workload, device: Any, precision: str, memory_budget: Any, cap: in
     if limit is None:
         raise ConfigError("cannot tell how much memory is available here; give memory_budget")
     # with accumulation a trial's batch holds k micro-batches: the micro-batch can be at most the data set / k
-    size = max(1, wl.num_train // _accumulation(wl))
+    size = max(1, wl.num_train // accumulation_count(wl))
     size = size if cap is None else min(size, cap)
     enforce = limit if dev.type == "cpu" else budget  # each rank enforces its own budget
     if distributed.world_size() > 1:  # torchrun: sizes are per device; predictions use the tightest rank's limit
@@ -784,6 +691,7 @@ def find_batch_size(
     seed: int = 0,
     progress: ProgressFn | None = None,
     max_batch_size: int | None = None,
+    parallel: str = "ddp",
 ) -> FindResult:
     """Find the largest training (micro-)batch that fits (verified), a recommended one with headroom, and the knee.
 
@@ -800,6 +708,11 @@ def find_batch_size(
             also says how many accumulation steps reach the workload's ``base_batch_size`` at the recommended size.
         progress: receives :class:`batchfit.progress.ProgressEvent` s of stage ``find``: ``start``, a ``record``
             per trial as it completes (``data``: the trial's public record), ``end`` with the one-line result.
+        parallel: under torchrun, ``ddp`` (every rank holds the whole model) or ``fsdp`` (FSDP2: every trial
+            trains a sharded model, every out-of-memory is decided by all ranks together; sizes are per rank and
+            the result's ``sharding`` holds the per-rank memory model: the sharded state, the largest all-gathered
+            unit, activations per sample, and the per-rank maximum predicted at other world sizes). Without a
+            process group both train one unsharded model.
 
     >>> r = find_batch_size("demo:digits-mlp", memory_budget="1MiB", throughput=False)
     >>> r.max_batch_size >= r.recommended_batch_size
@@ -814,6 +727,7 @@ def find_batch_size(
                       "(max_batch_size is the largest batch found, in the result)", DeprecationWarning, stacklevel=2)
         batch_size_cap = max_batch_size
     wl = load_workload(workload)
+    sharding.check_parallel(parallel, precision)
     plan = _plan(wl, device, precision, memory_budget, batch_size_cap, margin, seed)
     records: list[dict[str, Any]] = []
 
@@ -824,7 +738,8 @@ def find_batch_size(
 
     emit(progress, "find", "start", f"largest batch that fits {memory.format_bytes(plan.limit)}")
     rng = _rng_states()
-    trials = MemoryTrials(wl, plan.device, precision, plan.seed, plan.limit, plan.enforce, plan.cap)
+    trials = MemoryTrials(wl, plan.device, precision, plan.seed, plan.limit, plan.enforce, plan.cap, parallel)
+    largest_unit = 0
     try:
 
         def run(b: int, phase: str) -> dict[str, Any]:
@@ -846,6 +761,8 @@ def find_batch_size(
         if throughput:  # powers of two up to the max, and the knee
             sizes = sorted({2**k for k in range(max_bs.bit_length()) if 2**k <= max_bs} | {max_bs, recommended})
             _time_throughput(trials, sizes, note)
+        if trials.sharded:
+            largest_unit = max(sharding.unit_bytes(trials.keeper.get()).values(), default=0)
     finally:
         trials.close()
         _restore_rng(rng)
@@ -858,6 +775,21 @@ def find_batch_size(
     if not micro_batch_size_only:
         accumulation = max(1, math.ceil(wl.base_batch_size / recommended))
         extras.update(accumulation_steps=accumulation, effective_batch_size=recommended * accumulation)
+    world = distributed.world_size()
+    extras["world_size"] = world
+    extras["parallel"] = parallel if trials.sharded or world > 1 else "none"
+    # the workload's base batch as a global batch on this world: micro-batch x accumulation x world size
+    extras["global_batch"] = sharding.plan_global_batch(wl.base_batch_size, world, recommended)
+    if trials.sharded:
+        static = [r["static_bytes"] for r in records if r["phase"] in MEMORY_PHASES and r["ok"]
+                  and r.get("static_bytes") is not None]
+        extras["sharding"] = sharding.per_rank_model(
+            _memory_model_dict(model, max_bs), static_bytes=max(static) if static else None,
+            largest_unit_bytes=largest_unit, world_size=world, limit=plan.limit, margin=plan.margin)
+        # the same global batch (and so the same LR) at other world sizes: the accumulation adjusts
+        extras["sharding"]["global_batch_by_world"] = {
+            w: sharding.plan_global_batch(wl.base_batch_size, int(w), m)
+            for w, m in extras["sharding"]["per_rank_recommended_by_world"].items()}
     result = FindResult(
         device=str(plan.device), precision=precision, memory_budget_bytes=plan.budget, max_batch_size=max_bs,
         recommended_batch_size=recommended, throughput_knee_batch_size=_knee(records),

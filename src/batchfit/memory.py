@@ -116,6 +116,9 @@ def format_bytes(n: float | None) -> str:
 
 def _storages(obj: Any) -> Iterable[torch.UntypedStorage]:
     for leaf in tree_flatten(obj)[0]:
+        local = getattr(leaf, "_local_tensor", None)  # a DTensor (FSDP2's sharded parameters): this rank's shard
+        if isinstance(local, torch.Tensor):
+            leaf = local
         if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
             try:
                 yield leaf.untyped_storage()
@@ -138,6 +141,28 @@ class LiveBytesTracker(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self._refs: dict[int, weakref.ref] = {}
+        self._sizes: dict[int, int] = {}  # bytes counted per storage (a storage resized in place: see resized)
+
+    def __enter__(self) -> LiveBytesTracker:
+        _ACTIVE.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+        return super().__exit__(*exc)
+
+    def resized(self, st: torch.UntypedStorage) -> None:
+        """A counted storage changed size in place (FSDP2 frees and re-allocates its gathered parameters with
+        ``UntypedStorage.resize_``, which no dispatch mode sees): count its bytes now."""
+        key = id(st)
+        ref = self._refs.get(key)
+        if ref is None or ref() is not st:
+            return
+        now = st.nbytes()
+        self.live += now - self._sizes.get(key, 0)
+        self._sizes[key] = now
+        self.peak = max(self.peak, self.live)
 
     def track(self, obj: Any) -> None:
         """Count storages that already exist (parameters, gradients, optimizer state, the input batch)."""
@@ -155,12 +180,13 @@ class LiveBytesTracker(TorchDispatchMode):
             return
         nbytes = st.nbytes()
 
-        def _release(_ref: weakref.ref, key: int = key, nbytes: int = nbytes) -> None:
+        def _release(_ref: weakref.ref, key: int = key) -> None:
             if self._refs.get(key) is _ref:
                 del self._refs[key]
-                self.live -= nbytes
+                self.live -= self._sizes.pop(key, 0)
 
         self._refs[key] = weakref.ref(st, _release)
+        self._sizes[key] = nbytes
         self.live += nbytes
         self.peak = max(self.peak, self.live)
 
@@ -176,6 +202,15 @@ class LiveBytesTracker(TorchDispatchMode):
                 f"{format_bytes(self.budget_bytes)} (in {func})"
             )
         return out
+
+
+_ACTIVE: list[LiveBytesTracker] = []  # trackers in use now (a storage resized in place is reported to them)
+
+
+def storage_resized(st: torch.UntypedStorage) -> None:
+    """Tell the active trackers that ``st`` changed size in place (see :meth:`LiveBytesTracker.resized`)."""
+    for tracker in _ACTIVE:
+        tracker.resized(st)
 
 
 def cuda_peak(device: torch.device) -> int:

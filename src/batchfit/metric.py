@@ -14,10 +14,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FINAL_EVALS", "LOSS_NAMES", "Metric", "best_config_mean", "crossing", "final_quality", "finite_or_none"]
+__all__ = ["FINAL_EVALS", "LOSS_NAMES", "Metric", "accuracy", "best_config_mean", "crossing", "final_quality",
+           "finite_or_none"]
 
 LOSS_NAMES = ("val_loss", "train_loss")
 FINAL_EVALS = 3  # a trial's quality: the mean of its last evaluations
+
+
+def accuracy(outputs: Any, targets: Any) -> Any:
+    """Top-1 accuracy of class scores ``(B, C)`` (or ``(B, T, C)``) against integer targets: a 0-d tensor, the
+    batch mean (a workload metric, ``Workload(metrics={"accuracy": accuracy})``)."""
+    return (outputs.argmax(dim=-1) == targets).float().mean()
 
 
 def finite_or_none(v: Any) -> float | None:

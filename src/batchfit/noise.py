@@ -30,8 +30,9 @@ Two modes:
 
 and, over a sweep's trials, :func:`b_simple_against_loss` / :func:`b_simple_at_loss`: those records pooled against
 the training loss (B_simple grows as the loss falls, so it is stated at a loss). Every B_simple in batchfit (the
-probe, training, branching, the Lightning logger, the pooled values) goes through :func:`unbiased_estimates` and
-:func:`noise_scale_interval` or :class:`RunningNoiseScale`.
+probe, training, branching, the Lightning logger, the pooled values) goes through the estimator in
+:mod:`batchfit.stats` (:func:`~batchfit.stats.unbiased_estimates`, :func:`~batchfit.stats.noise_scale_interval`;
+both importable from here too) or :class:`RunningNoiseScale`.
 """
 
 from __future__ import annotations
@@ -50,14 +51,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from batchfit import checks, data, distributed
-from batchfit.engine import resolve_device, seed_everything
+from batchfit import checks, data, distributed, sharding
+from batchfit.engine import train
 from batchfit.errors import ConfigError, DataError, NoisyEstimateWarning, WorkloadError
+from batchfit.loading import load_workload
 from batchfit.metric import finite_or_none as _finite
 from batchfit.progress import ProgressFn, emit
-from batchfit.stats import Interval
-from batchfit.step import TrainStep, _forward, build_model, check_precision, fetching
-from batchfit.workload import Workload, load_workload
+from batchfit.runtime import resolve_device, seed_everything
+from batchfit.stats import Interval, noise_scale_interval, ratio_bootstrap_ci, unbiased_estimates
+from batchfit.step import TrainStep, build_model, call_forward, check_precision, fetching
+from batchfit.workload import Workload
 
 __all__ = [
     "HALVES_EVERY",
@@ -89,28 +92,7 @@ HALVES_EVERY = 8
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The estimator
-
-
-def unbiased_estimates(small_sq: Any, big_sq: Any, k: int, batch_size: int,
-                       population: int | None = None) -> tuple[Any, Any]:
-    """One step's unbiased ``(|G|², tr(Σ))`` estimates from k micro-batch gradients (floats or tensors).
-
-    ``small_sq = Σ_i (b_i/B)|g_i|²`` (g_i: the mean gradient of micro-batch i), ``big_sq = |Σ_i (b_i/B) g_i|²``.
-    ``population``: the dataset size N when batches are drawn without replacement from it (as in an epoch). Then
-    Var(mean of b) = c (1/b - 1/N) with c = tr(Σ) N/(N-1) (Σ: the population covariance), which shifts the
-    estimates by O(tr(Σ)/N): ``|G|² += c/N``, ``tr(Σ) = c (N-1)/N``. None: an infinite population.
-
-    >>> unbiased_estimates(3.0, 1.5, k=2, batch_size=8)
-    (0.0, 12.0)
-    """
-    if k < 2:
-        raise ConfigError(f"the noise scale needs at least 2 micro-batches per step, got {k}")
-    c = batch_size * (small_sq - big_sq) / (k - 1)
-    grad_norm_sq = (k * big_sq - small_sq) / (k - 1)
-    if population is None:
-        return grad_norm_sq, c
-    return grad_norm_sq + c / population, c * (population - 1) / population
+# The estimator (:func:`batchfit.stats.unbiased_estimates`) and the micro-batches it needs
 
 
 def default_micro_batch_size(batch_size: int, parts: int = 2) -> int:
@@ -396,26 +378,7 @@ def _ratio(trace_cov: float | None, grad_norm_sq: float | None) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The ratio and its interval: the one implementation every B_simple in batchfit goes through
-
-
-def noise_scale_interval(grad_norm_sq: Sequence[float], trace_cov: Sequence[float], *, seed: int = 0,
-                         n_boot: int = 1000, level: float = 0.95, method: str = "bootstrap") -> Interval:
-    """B_simple from paired per-unit estimates of |G|² and tr(Σ) (:func:`unbiased_estimates`; a unit is a probe
-    step, a gradient pair, or a trial's pooled sums): the **ratio of their means** (McCandlish et al. 2018, appendix
-    A: numerator and denominator averaged separately, divided last), with a percentile bootstrap interval over the
-    units. A non-positive |G|² mean gives ``inf`` (the signal is below the noise: B_simple is only bounded below);
-    tr(Σ) estimates are never negative, so the low end is never below zero. Fewer than 2 units: unknown interval.
-    """
-    g2, tr = np.asarray(grad_norm_sq, dtype=float), np.asarray(trace_cov, dtype=float)
-    if len(g2) == 0 or len(g2) != len(tr):
-        raise ValueError("noise_scale_interval needs as many |G|^2 as tr(Sigma) estimates, at least one")
-    mg, mt = float(g2.mean()), float(tr.mean())
-    est = mt / mg if mg > 0 else math.inf
-    if len(g2) < 2:
-        return Interval(est, None, None, level, method, len(g2))
-    low, high = _bootstrap_ci(g2, tr, np.random.default_rng(seed), n_boot=n_boot, level=level)
-    return Interval(est, low, high, level, method, len(g2))
+# While training: the ratio of two EMAs (the ratio with its interval is :func:`batchfit.stats.noise_scale_interval`)
 
 
 class RunningNoiseScale:
@@ -707,7 +670,7 @@ class NoiseCallback:
         def forward(model: nn.Module, batch: Any) -> Any:
             if self._armed and model.training:
                 self._seen = batch
-            return _forward(original, model, batch)
+            return call_forward(original, model, batch)
 
         self._watched = original
         return dataclasses.replace(workload, forward=forward)
@@ -1069,27 +1032,12 @@ def _delta_ci_ok(g2: np.ndarray, tr: np.ndarray, rel_ci: float) -> bool:
     return 1.96 * math.sqrt(max(var_r, 0.0)) <= rel_ci * r
 
 
-def _bootstrap_ci(g2: np.ndarray, tr: np.ndarray, rng: np.random.Generator, n_boot: int = 1000,
-                  level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of mean(tr)/mean(g2), resampling steps (a non-positive |G|² mean -> inf)."""
-    n = len(g2)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    mg, mt = g2[idx].mean(axis=1), tr[idx].mean(axis=1)
-    ratios = np.sort(np.where(mg > 0, mt / np.where(mg > 0, mg, 1.0), np.inf))
-    alpha = (1 - level) / 2
-    low = ratios[int(math.floor(alpha * n_boot))]
-    high = ratios[min(n_boot - 1, int(math.ceil((1 - alpha) * n_boot)) - 1)]
-    return float(low), float(high)
-
-
 def _within(b: float, ci: tuple[float, float], rel_ci: float) -> bool:
     return math.isfinite(b) and b > 0 and ci[0] >= b * (1 - rel_ci) and ci[1] <= b * (1 + rel_ci)
 
 
 def _trained_model(workload: Workload, *, train_steps: int, batch_size: int, micro_batch_size: int,
                    lr: float | None, device: Any, precision: str, seed: int) -> nn.Module:
-    from batchfit.engine import train
-
     grabbed: dict[str, nn.Module] = {}
 
     class _Grab:
@@ -1123,13 +1071,15 @@ class _ProbePlan:
     precision: str
     seed: int
     method: str
+    sharded: bool = False  # FSDP2: the small batches are the global micro-batches (every rank's i-th together)
 
 
 def _probe_plan(workload: Workload, *, batch_size: Any, micro_batch_size: Any, steps: Any, min_steps: Any,
                 device: Any, precision: str, seed: Any, rel_ci: Any, train_steps: Any, lr: Any,
-                method: str) -> _ProbePlan:
+                method: str, parallel: str = "ddp") -> _ProbePlan:
     dev = resolve_device(device)
     check_precision(precision, dev)
+    sharding.check_parallel(parallel, precision)
     batch_size = checks.positive_int("batch_size", workload.base_batch_size if batch_size is None else batch_size)
     # torchrun: each rank takes its contiguous shard of every batch; its local gradients, before they are summed
     # over ranks, are the small batches (together with any micro-batch split inside a rank)
@@ -1138,6 +1088,19 @@ def _probe_plan(workload: Workload, *, batch_size: Any, micro_batch_size: Any, s
         raise ConfigError(f"batch_size {batch_size} does not divide over {world} processes; use a multiple of "
                           f"{world}")
     local_batch = batch_size // world
+    sharded = parallel == "fsdp" and distributed.is_initialized()
+    if sharded:
+        # FSDP2: gradients exist only reduce-scattered (summed over ranks), so a small batch is every rank's i-th
+        # micro-batch together; each rank needs >= 2 of them
+        micro_batch_size = default_micro_batch_size(local_batch) if micro_batch_size is None else micro_batch_size
+        checks.positive_int("micro_batch_size", micro_batch_size)
+        if micro_batch_size * 2 > local_batch:
+            raise ConfigError(f"parallel='fsdp' needs >= 2 micro-batches per process, but micro_batch_size "
+                              f"{micro_batch_size} > half of each process's share ({local_batch}); give a "
+                              f"micro_batch_size <= {max(1, local_batch // 2)} or a larger batch_size")
+        if train_steps:
+            raise ConfigError("train_steps with parallel='fsdp' is not supported yet; probe the initialisation "
+                              "(train_steps=0) or use parallel='ddp'")
     if micro_batch_size is None:
         micro_batch_size = local_batch if world > 1 else default_micro_batch_size(batch_size, parts=4)
     checks.positive_int("micro_batch_size", micro_batch_size)
@@ -1165,7 +1128,7 @@ def _probe_plan(workload: Workload, *, batch_size: Any, micro_batch_size: Any, s
         raise ConfigError("lr only sets the training steps before the probe; give train_steps > 0 as well")
     lr = checks.positive_number("lr", lr, allow_none=True)
     return _ProbePlan(batch_size, micro_batch_size, local_batch, world, steps, min(min_steps, steps), rel_ci,
-                      train_steps, lr, dev, precision, checks.seed(seed), method)
+                      train_steps, lr, dev, precision, checks.seed(seed), method, sharded)
 
 
 class _FixedLossScale:
@@ -1206,7 +1169,7 @@ class _Estimates:
         if len(self.g2s) >= max(2, self.plan.min_steps, self._next_bootstrap) and b_now is not None:
             g2_arr, tr_arr = np.asarray(self.g2s), np.asarray(self.trs)
             if _delta_ci_ok(g2_arr, tr_arr, self.plan.rel_ci):
-                self.ci = _bootstrap_ci(g2_arr, tr_arr, self.rng)
+                self.ci = ratio_bootstrap_ci(g2_arr, tr_arr, self.rng)
                 self.done = _within(b_now, self.ci, self.plan.rel_ci)
                 self._next_bootstrap = math.ceil(len(self.g2s) * 1.05)
         return {"step": step, "b_simple": b_now, "b_simple_ci": self.ci, "grad_norm_sq": mg, "trace_cov": mt}
@@ -1219,7 +1182,7 @@ class _Estimates:
         b_simple = mt / mg if mg > 0 else math.inf
         ci = self.ci
         if not (self.done and ci is not None):
-            ci = _bootstrap_ci(g2_arr, tr_arr, self.rng) if len(self.g2s) >= 2 else (-math.inf, math.inf)
+            ci = ratio_bootstrap_ci(g2_arr, tr_arr, self.rng) if len(self.g2s) >= 2 else (-math.inf, math.inf)
         return b_simple, ci, mg, mt, _within(b_simple, ci, self.plan.rel_ci)
 
 
@@ -1240,10 +1203,63 @@ def _probe_batches(workload: Workload, plan: _ProbePlan) -> Iterator[tuple[Any, 
                             "samples it yields")
 
 
+class _ShardedMeter:
+    """FSDP2: after each micro-batch the step reduce-scatters (``TrainStep.sync_every_micro``), so this rank's
+    gradient shards hold the running sum over every rank's micro-batches so far; the difference to the previous sum
+    is the shard of the i-th *global* micro-batch's weighted gradient ``(b_i/B) G_i`` (b_i = micro-batch x world).
+    The full gradients' squared norms are the shards' squared norms summed over ranks
+    (:func:`batchfit.sharding.sharded_sq_norm` does it for one list; :meth:`take` sums all of a step in one
+    all-reduce)."""
+
+    def __init__(self, model: nn.Module, world: int) -> None:
+        self.params = _trainable(model)
+        self.world = world
+        self._prev: list[torch.Tensor] | None = None
+        self._sq: list[float] = []
+        self._micro: list[int] = []
+
+    def _shards(self) -> list[torch.Tensor]:
+        out = []
+        for p in self.params:
+            g = p.grad
+            if g is None:
+                g = torch.zeros_like(getattr(p, "_local_tensor", p))
+            inner = getattr(g, "_local_tensor", None)
+            out.append((inner if isinstance(inner, torch.Tensor) else g).detach())
+        return out
+
+    def end_micro(self, samples: int, last: bool) -> None:
+        now = self._shards()
+        prev = self._prev
+        diff = now if prev is None else [a - b for a, b in zip(now, prev)]
+        self._sq.append(sum(float(d.double().pow(2).sum()) for d in diff))
+        self._micro.append(samples * self.world)
+        self._prev = None if last else [t.clone() for t in now]
+
+    def take(self, batch_size: int) -> tuple[float, float, int]:
+        """``(small, big, k)`` of the step: ``small = Σ_i (b_i/B)|G_i|²`` over the global micro-batches, ``big``
+        the squared norm of the step's full gradient; one all-reduce."""
+        local_small = sum(sq * batch_size / b for sq, b in zip(self._sq, self._micro))
+        local_big = sum(float(t.double().pow(2).sum()) for t in self._shards())
+        small, big = distributed.all_sum(local_small, local_big)
+        k = len(self._micro)
+        self._prev, self._sq, self._micro = None, [], []
+        return small, big, k
+
+    def detach(self) -> None:
+        self._prev, self._sq, self._micro = None, [], []
+
+
 def _measure(step: TrainStep, meter: Any, batch: Any, count: int, plan: _ProbePlan,
              scale: float) -> tuple[float, float, int]:
     """One probe step through the training step's forward/backward (the meter hooked into its micro-batches);
     returns ``(small, big, k)`` with the loss scale taken out. No optimizer step: the parameters stay put."""
+    if plan.sharded:
+        for p in meter.params:
+            p.grad = None
+        step.forward_backward(batch, count)
+        small, big, k = meter.take(plan.batch_size)
+        return small / scale**2, big / scale**2, k
     for p in meter.params:
         p.grad = None
     step.forward_backward(batch, count)
@@ -1279,6 +1295,7 @@ def noise_scale(
     callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
     method: str = "auto",
     progress: ProgressFn | None = None,
+    parallel: str = "ddp",
 ) -> NoiseResult:
     """Probe B_simple at fixed parameters: sample batches, split each into micro-batches, estimate.
 
@@ -1300,6 +1317,10 @@ def noise_scale(
         method: how micro-batch gradient norms are taken (see :class:`NoiseCallback`); the result is the same.
         progress: receives :class:`batchfit.progress.ProgressEvent` s of stage ``noise``: ``start``, an ``update``
             per step (``completed`` = steps done, ``data`` = the callbacks' dict), ``end`` with the reading.
+        parallel: under torchrun, ``ddp`` (each rank's local gradients are the small batches) or ``fsdp`` (FSDP2:
+            the model is sharded; gradients exist only summed over ranks, so a small batch is every rank's i-th
+            micro-batch together, b = micro-batch x world, and the squared norms come from the shards' squared
+            norms summed over ranks; default micro-batch: half of each rank's share).
 
     >>> r = noise_scale("demo:digits-mlp", batch_size=64, steps=20)  # doctest: +SKIP
     >>> r.b_simple > 0  # doctest: +SKIP
@@ -1309,7 +1330,7 @@ def noise_scale(
     workload = load_workload(workload)
     plan = _probe_plan(workload, batch_size=batch_size, micro_batch_size=micro_batch_size, steps=steps,
                        min_steps=min_steps, device=device, precision=precision, seed=seed, rel_ci=rel_ci,
-                       train_steps=train_steps, lr=lr, method=method)
+                       train_steps=train_steps, lr=lr, method=method, parallel=parallel)
     emit(progress, "noise", "start", f"B_simple at batch {plan.batch_size}", completed=0, total=plan.steps)
     if plan.train_steps:
         model = _trained_model(workload, train_steps=plan.train_steps, batch_size=plan.batch_size,
@@ -1319,11 +1340,14 @@ def noise_scale(
         seed_everything(plan.seed)
         model = build_model(workload)
     model.to(plan.device).train()  # train mode: the gradient training would see (dropout, batch-norm statistics)
-    meter = _make_meter(plan.method, model, plan.world)
+    if plan.sharded:
+        sharding.wrap_fsdp(model, plan.device, plan.precision, getattr(workload, "shard", None))
+    meter: Any = _ShardedMeter(model, plan.world) if plan.sharded else _make_meter(plan.method, model, plan.world)
     scaler = _FixedLossScale(_FP16_INIT_SCALE) if plan.precision == "fp16" else None
     step = TrainStep(workload, model, None, device=plan.device, precision=plan.precision,
                      micro_batch_size=plan.micro_batch_size, scaler=scaler, world_size=plan.world,
                      on_micro=[lambda mb: meter.end_micro(mb.samples, mb.last)])
+    step.sync_every_micro = plan.sharded  # FSDP2: each micro-batch's gradient reduce-scattered as it ends
     est = _Estimates(plan)
     skipped = step_no = 0
     try:

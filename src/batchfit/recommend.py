@@ -37,6 +37,7 @@ from typing import Any
 from batchfit.decide import Decision, advise_precision, critical_from_trials, decide, quality_of_trial
 from batchfit.errors import ConfigError
 from batchfit.metric import Metric, finite_or_none
+from batchfit.scaling import optimizer_settings  # re-exported: what a trial records, read by the recipe
 from batchfit.stats import CriticalBatchInterval, Interval
 
 __all__ = [
@@ -712,25 +713,6 @@ _OPTIMIZER_KEYS = ("betas", "eps", "weight_decay", "momentum", "dampening", "nes
                    "centered", "maximize", "lr_decay", "initial_accumulator_value", "rho", "decoupled_weight_decay")
 
 
-def optimizer_settings(optimizer: Any) -> dict[str, Any]:
-    """The class and the hyperparameters of ``optimizer``'s first param group (what a trial records as ``optimizer``;
-    the LR there is the step-0 LR, after warm-up, so the recipe quotes the trial's peak ``lr`` instead)."""
-    group = optimizer.param_groups[0]
-    out: dict[str, Any] = {"class": type(optimizer).__name__, "module": type(optimizer).__module__}
-    for key, value in group.items():
-        if key == "params" or callable(value):
-            continue
-        if value is False or key in ("foreach", "fused", "capturable", "differentiable", "maximize"):
-            continue  # off flags are every optimizer's defaults, and implementation switches are no recipe
-        if isinstance(value, (bool, int, float, str)) or value is None:
-            out[key] = value
-        elif isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) for v in value):
-            out[key] = [float(v) for v in value]
-    if len(optimizer.param_groups) > 1:
-        out["param_groups"] = len(optimizer.param_groups)
-    return out
-
-
 def _py(value: Any) -> str:
     if isinstance(value, list):
         return "(" + ", ".join(_py(v) for v in value) + ("," if len(value) == 1 else "") + ")"
@@ -761,8 +743,8 @@ def _pytorch_snippet(r: Mapping[str, Any]) -> str:
         lines.append(f"scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / "
                      f"{r['warmup_steps']}))  # linear warm-up; multiply your own schedule on top")
     if r.get("lr_schedule"):
-        lines.append(f"# the winning trial also stepped the workload's schedule ({r['lr_schedule']}) after every "
-                     "optimizer step")
+        stepped = "" if "stepped" in str(r["lr_schedule"]) else " after every optimizer step"  # Lightning: own
+        lines.append(f"# the winning trial also stepped the workload's schedule ({r['lr_schedule']}){stepped}")
     lines += ["for i, (x, y) in enumerate(loader):"]
     body = "loss = loss_fn(model(x), y) / accumulation"
     if r.get("precision") == "bf16":

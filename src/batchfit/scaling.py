@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -39,6 +40,7 @@ __all__ = [
     "beta2_power",
     "default_rule",
     "is_adam_family",
+    "optimizer_settings",
     "scale_lr",
     "timescale_weight_decay",
 ]
@@ -251,3 +253,22 @@ def apply_scaling(
         scaled = ScaledHyperparameters(scaled.lr, scaled.rule, scaled.k, scaled.betas, scaled.eps,
                                        scaled.weight_decay, scaled.weight_decay_rule, True, tuple(notes))
     return scaled
+
+
+def optimizer_settings(optimizer: Any) -> dict[str, Any]:
+    """The class and the hyperparameters of ``optimizer``'s first param group (what a trial records as ``optimizer``;
+    the LR there is the step-0 LR, after warm-up, so the recipe quotes the trial's peak ``lr`` instead)."""
+    group = optimizer.param_groups[0]
+    out: dict[str, Any] = {"class": type(optimizer).__name__, "module": type(optimizer).__module__}
+    for key, value in group.items():
+        if key == "params" or callable(value):
+            continue
+        if value is False or key in ("foreach", "fused", "capturable", "differentiable", "maximize"):
+            continue  # off flags are every optimizer's defaults, and implementation switches are no recipe
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            out[key] = value
+        elif isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) for v in value):
+            out[key] = [float(v) for v in value]
+    if len(optimizer.param_groups) > 1:
+        out["param_groups"] = len(optimizer.param_groups)
+    return out

@@ -31,11 +31,12 @@ import torch
 
 from batchfit import checks
 from batchfit.errors import ConfigError
+from batchfit.loading import load_workload
 from batchfit.metric import Metric
 from batchfit.progress import ProgressFn, emit
 from batchfit.schedule import Phase, ScheduleState, derive_schedule
 from batchfit.stats import Interval, choose, mean_interval
-from batchfit.workload import Workload, load_workload
+from batchfit.workload import Workload
 
 __all__ = ["PLOT_NAME", "PLOT_TITLE", "Arm", "ScheduleCheck", "compare", "cosine_schedule", "plot", "report_lines",
            "report_tables", "tune_stage"]

@@ -78,7 +78,7 @@ def top_hessian_eigenvalue(
     Returns ``{"top_eigenvalue", "iterations", "converged", "num_samples"}``.
 
     >>> import torch
-    >>> from batchfit.workload import load_workload
+    >>> from batchfit.loading import load_workload
     >>> wl = load_workload("demo:digits-mlp")
     >>> r = top_hessian_eigenvalue(wl, wl.model_fn(), num_samples=64, iters=5)
     >>> r["top_eigenvalue"] > 0

@@ -20,6 +20,8 @@ method, n) rather than a bare float, and each comparison is a decision that may 
   difference is itself beyond the noise is reported. The same data always give the same choice.
 - :func:`undecided`: racing (Maron & Moore 1997, "The racing algorithm"; Birattari et al. 2002, F-Race): the
   candidates whose interval still overlaps the decision boundary are the only ones worth another replicate.
+- :func:`unbiased_estimates` and :func:`noise_scale_interval`: the gradient noise scale B_simple's estimator
+  (McCandlish et al. 2018, appendix A), the one every B_simple in batchfit goes through.
 
 Every random resampling takes a seed, so a report rebuilt from the same data prints the same intervals.
 """
@@ -32,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from batchfit.errors import ConfigError
 
 __all__ = [
     "DEFAULT_LEVEL",
@@ -902,3 +906,65 @@ def quotient_interval(numerator: float, denominator: Interval) -> Interval | Non
 
 
 __all__ += ["positive_mean_interval", "quotient_interval"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The gradient noise scale B_simple = tr(Σ) / |G|² (McCandlish et al. 2018, appendix A): the per-unit estimates and
+# the ratio with its interval, the one implementation every B_simple in batchfit goes through (the noise probe and
+# callback in :mod:`batchfit.noise`, branching's B_simple beside the local critical batch, the Lightning logger)
+
+
+def unbiased_estimates(small_sq: Any, big_sq: Any, k: int, batch_size: int,
+                       population: int | None = None) -> tuple[Any, Any]:
+    """One step's unbiased ``(|G|², tr(Σ))`` estimates from k micro-batch gradients (floats or tensors).
+
+    ``small_sq = Σ_i (b_i/B)|g_i|²`` (g_i: the mean gradient of micro-batch i), ``big_sq = |Σ_i (b_i/B) g_i|²``.
+    ``population``: the dataset size N when batches are drawn without replacement from it (as in an epoch). Then
+    Var(mean of b) = c (1/b - 1/N) with c = tr(Σ) N/(N-1) (Σ: the population covariance), which shifts the
+    estimates by O(tr(Σ)/N): ``|G|² += c/N``, ``tr(Σ) = c (N-1)/N``. None: an infinite population.
+
+    >>> unbiased_estimates(3.0, 1.5, k=2, batch_size=8)
+    (0.0, 12.0)
+    """
+    if k < 2:
+        raise ConfigError(f"the noise scale needs at least 2 micro-batches per step, got {k}")
+    c = batch_size * (small_sq - big_sq) / (k - 1)
+    grad_norm_sq = (k * big_sq - small_sq) / (k - 1)
+    if population is None:
+        return grad_norm_sq, c
+    return grad_norm_sq + c / population, c * (population - 1) / population
+
+
+def ratio_bootstrap_ci(g2: np.ndarray, tr: np.ndarray, rng: np.random.Generator, n_boot: int = 1000,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of mean(tr)/mean(g2), resampling units (a non-positive |G|² mean -> inf)."""
+    n = len(g2)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    mg, mt = g2[idx].mean(axis=1), tr[idx].mean(axis=1)
+    ratios = np.sort(np.where(mg > 0, mt / np.where(mg > 0, mg, 1.0), np.inf))
+    alpha = (1 - level) / 2
+    low = ratios[int(math.floor(alpha * n_boot))]
+    high = ratios[min(n_boot - 1, int(math.ceil((1 - alpha) * n_boot)) - 1)]
+    return float(low), float(high)
+
+
+def noise_scale_interval(grad_norm_sq: Sequence[float], trace_cov: Sequence[float], *, seed: int = 0,
+                         n_boot: int = 1000, level: float = 0.95, method: str = "bootstrap") -> Interval:
+    """B_simple from paired per-unit estimates of |G|² and tr(Σ) (:func:`unbiased_estimates`; a unit is a probe
+    step, a gradient pair, or a trial's pooled sums): the **ratio of their means** (McCandlish et al. 2018, appendix
+    A: numerator and denominator averaged separately, divided last), with a percentile bootstrap interval over the
+    units. A non-positive |G|² mean gives ``inf`` (the signal is below the noise: B_simple is only bounded below);
+    tr(Σ) estimates are never negative, so the low end is never below zero. Fewer than 2 units: unknown interval.
+    """
+    g2, tr = np.asarray(grad_norm_sq, dtype=float), np.asarray(trace_cov, dtype=float)
+    if len(g2) == 0 or len(g2) != len(tr):
+        raise ValueError("noise_scale_interval needs as many |G|^2 as tr(Sigma) estimates, at least one")
+    mg, mt = float(g2.mean()), float(tr.mean())
+    est = mt / mg if mg > 0 else math.inf
+    if len(g2) < 2:
+        return Interval(est, None, None, level, method, len(g2))
+    low, high = ratio_bootstrap_ci(g2, tr, np.random.default_rng(seed), n_boot=n_boot, level=level)
+    return Interval(est, low, high, level, method, len(g2))
+
+
+__all__ += ["noise_scale_interval", "ratio_bootstrap_ci", "unbiased_estimates"]

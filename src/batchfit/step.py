@@ -5,7 +5,8 @@ One optimizer step reads, in order::
     LR for this step (warm-up x the user's schedule)            LRSchedule.begin_step
     for each micro-batch of this rank's batch:                  TrainStep.forward_backward
         forward under autocast, loss x (share of the global batch's samples), (fp16: scaled) backward,
-        DDP all-reduce only in the last micro-batch's backward (no_sync before), per-micro-batch hooks
+        DDP all-reduce only in the last micro-batch's backward (no_sync before; FSDP2: reduce-scatter, with
+        set_requires_gradient_sync), per-micro-batch hooks
     unscale (fp16) -> before-step hooks (gradients unscaled, not clipped: the noise meter reads them here)
     -> clip (grad_clip) -> optimizer step -> the user's scheduler step -> zero grads    TrainStep.optimizer_step
 
@@ -23,6 +24,7 @@ few steps).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ from torch import nn
 
 from batchfit import memory
 from batchfit.cost import add_samples
-from batchfit.data import batch_size_of, loader_failure, slice_batch, to_device
+from batchfit.data import batch_size_of, loader_failure, slice_batch, to_device, train_source
 from batchfit.errors import BatchfitError, ConfigError, DataError, WorkloadError
 
 __all__ = [
@@ -41,11 +43,15 @@ __all__ = [
     "LRSchedule",
     "LossMeter",
     "MicroBatch",
+    "ModelKeeper",
+    "StepRunner",
     "TrainStep",
+    "accumulation_count",
     "autocast",
     "batch_has_nonfinite",
     "build_model",
     "build_optimizer",
+    "call_forward",
     "check_precision",
     "fetching",
     "make_scaler",
@@ -113,13 +119,25 @@ _LOSS_FIX = ("check that the targets fit the model's outputs (shapes; class labe
              "or set Workload.targets")
 
 
+def _loss_fix(outputs: Any) -> str:
+    """The fix a failing ``loss_fn`` is told: for a model output object holding its own loss and logits (Hugging
+    Face's ``ModelOutput``, handed to ``F.cross_entropy``), ``loss_fn="output"`` first (issue 23.5)."""
+    if isinstance(outputs, torch.Tensor) or not (hasattr(outputs, "logits") or hasattr(outputs, "loss")):
+        return _LOSS_FIX
+    return (f"the model returns a {type(outputs).__name__} (with .loss/.logits), not a tensor: set "
+            "loss_fn=\"output\" to train on the loss the model computes from the batch's labels, or read "
+            "outputs.logits in loss_fn; else " + _LOSS_FIX)
+
+
 def _parts(batch: Any) -> str:
     if isinstance(batch, (list, tuple)):
         return f"a {type(batch).__name__} of {len(batch)} parts"
     return f"a {type(batch).__name__}"
 
 
-def _forward(workload: Any, model: nn.Module, batch: Any) -> Any:
+def call_forward(workload: Any, model: nn.Module, batch: Any) -> Any:
+    """The model's outputs on ``batch``, called as the workload says (``Workload.forward``: a function, batch keys,
+    or the default: a mapping as keyword arguments, ``(inputs, targets)`` as ``model(inputs)``)."""
     spec = getattr(workload, "forward", None)
     if callable(spec):
         return user_call("the workload's forward", _FORWARD_FIX, spec, model, batch)
@@ -179,12 +197,12 @@ def run_batch(workload: Any, model: nn.Module, batch: Any) -> tuple[torch.Tensor
     Errors in the user's model, loss or targets are one-line :class:`WorkloadError` s naming the part; an OOM passes
     through unchanged; a loss that is not a scalar is a :class:`WorkloadError`.
     """
-    outputs = _forward(workload, model, batch)
+    outputs = call_forward(workload, model, batch)
     targets = _targets(workload, batch)
     if workload.loss_fn == "output":
         loss = _output_loss(outputs)
     else:
-        loss = user_call("loss_fn", _LOSS_FIX, workload.loss_fn, outputs, targets)
+        loss = user_call("loss_fn", _loss_fix(outputs), workload.loss_fn, outputs, targets)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise WorkloadError(
@@ -345,7 +363,9 @@ class LRSchedule:
 
     @property
     def name(self) -> str | None:
-        return None if self.scheduler is None else type(self.scheduler).__name__
+        if self.scheduler is None:
+            return None  # an integration's wrapper may say how it steps (Lightning: per epoch or per step)
+        return getattr(self.scheduler, "batchfit_name", None) or type(self.scheduler).__name__
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -464,6 +484,11 @@ class TrainStep:
         self.before_step = list(before_step)
         self.losses = losses
         self._ddp = world_size > 1 and callable(getattr(model, "no_sync", None))
+        # FSDP2: gradients are reduce-scattered only on the last micro-batch (set_requires_gradient_sync); with
+        # sync_every_micro (the noise meter under sharding) after every micro-batch
+        self._fsdp = callable(getattr(model, "set_requires_gradient_sync", None))
+        self.sync_every_micro = False
+        self.guard: Any = None  # a batchfit.sharding.CollectiveGuard: checked before clipping (a collective)
 
     def forward_backward(self, batch: Any, global_count: int | None = None) -> int:
         """Forward and weighted backward over the micro-batches of ``batch`` (a host or device batch).
@@ -482,6 +507,8 @@ class TrainStep:
             part = to_device(part, self.device)
             # DDP: gradients are all-reduced once per step, in the last micro-batch's backward
             sync = contextlib.nullcontext() if not self._ddp or i == count - 1 else self.model.no_sync()
+            if self._fsdp:
+                self.model.set_requires_gradient_sync(i == count - 1 or self.sync_every_micro)
             with sync:
                 with autocast(self.precision, self.device):
                     loss, _, _ = run_batch(self.workload, self.model, part)
@@ -513,6 +540,8 @@ class TrainStep:
         for hook in self.before_step:
             hook(self)
         if self.grad_clip is not None:
+            if self.guard is not None:  # sharded: the norm is an all-reduce
+                self.guard.check()
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         if self.scaler is not None:
             self.scaler.step(optimizer)
@@ -528,3 +557,161 @@ class TrainStep:
         n = self.forward_backward(batch, global_count)
         self.optimizer_step()
         return n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trials of the step at a size (the finder's memory trials, step timing): the model built once, reset between
+# trials, handed back as it came; real training steps on worst-case batches
+
+
+def _param_bytes(model: nn.Module) -> int:
+    # a sharded (FSDP2) parameter counts this rank's shard: its gradient is a shard too
+    return sum(getattr(p, "_local_tensor", p).numel() * p.element_size() for p in model.parameters()
+               if p.requires_grad)
+
+
+class ModelKeeper:
+    """The model built once: every trial starts from its initial weights with a fresh optimizer, and :meth:`close`
+    hands the object back as ``model_fn`` gave it (device, weights, buffers, each parameter's ``.grad``, training
+    flag) — a ``model_fn`` may return the caller's own model object."""
+
+    def __init__(self, workload: Any, device: torch.device, seed: int) -> None:
+        self.workload, self.device, self.seed = workload, device, seed
+        self.model: nn.Module | None = None
+        self._state: dict[str, torch.Tensor] = {}
+        self._grads: list[torch.Tensor | None] = []
+        self._origin = torch.device("cpu")
+        self._training = True
+
+    def _seed(self) -> None:
+        torch.random.default_generator.manual_seed(self.seed)  # CPU generator only: CUDA seeds stay untouched
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(self.seed)
+
+    def get(self) -> nn.Module:
+        """The model on the device, in train mode, at its initial weights (built on the first call)."""
+        if self.model is None:
+            self._seed()
+            model = build_model(self.workload)
+            tensors = list(model.parameters()) + list(model.buffers())
+            self._origin = tensors[0].device if tensors else torch.device("cpu")
+            self._training = model.training
+            self._state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict(keep_vars=True).items()}
+            # the caller's gradients: kept as they are on the CPU (same objects), copied to the CPU from a GPU so
+            # that they do not take device memory from the trials
+            self._grads = [None if p.grad is None else p.grad if p.grad.device.type == "cpu"
+                           else p.grad.detach().to("cpu", copy=True) for p in model.parameters()]
+            model.zero_grad(set_to_none=True)
+            model.to(self.device)
+            self.model = model
+        self.model.train()
+        return self.model
+
+    def optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, dict[str, Any]]:
+        """A fresh optimizer for one trial and a copy of its initial state (an ``optimizer_fn`` may hand back one
+        object every time)."""
+        self._seed()
+        optimizer = build_optimizer(self.workload, model)
+        return optimizer, copy.deepcopy(optimizer.state_dict())
+
+    def reset(self, model: nn.Module, optimizer: torch.optim.Optimizer, opt_state: dict[str, Any]) -> None:
+        """Back to the initial weights (in place, on the device) and the optimizer's initial state."""
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            model.load_state_dict(self._state)
+        optimizer.load_state_dict(opt_state)
+
+    def close(self) -> None:
+        """Hand the model back as it came: its device, weights, gradients and training flag."""
+        if self.model is None:
+            return
+        model, self.model = self.model, None
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            model.to(self._origin)
+            model.load_state_dict(self._state)
+            for p, g in zip(model.parameters(), self._grads):
+                p.grad = None if g is None else g if g.device == p.device else g.to(p.device)
+        model.train(self._training)
+        self._state, self._grads = {}, []
+        del model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real training steps at a size: the step train runs
+
+
+class StepRunner:
+    """Runs ``train``'s step (:class:`batchfit.step.TrainStep`) on worst-case batches of a micro-batch size.
+
+    A workload that accumulates (its ``micro_batch_size`` m below its ``base_batch_size`` B) keeps its accumulation
+    count k = ceil(B / m): a trial at micro-batch b runs steps of k micro-batches of b, on a batch of k x b samples,
+    exactly as ``train(batch_size=k*b, micro_batch_size=b)`` runs them (the whole batch is held during the step,
+    so even the peak's input bytes match; tests/test_finder.py checks the peaks are equal). The workload's gradient
+    clipping and LR schedule run as in training; the batch is handed to the step as training hands it (on the
+    host: the step moves each micro-batch to the device).
+    """
+
+    def __init__(self, workload: Any, device: torch.device, precision: str) -> None:
+        self.workload, self.device, self.precision = workload, device, precision
+        self.source = train_source(workload)
+        self.micro_batches = accumulation_count(workload)
+        self.grad_clip: float | None = getattr(workload, "grad_clip", None)
+        self.lr_schedule = getattr(workload, "lr_schedule", None)
+        self.guard: Any = None  # sharded trials: a batchfit.sharding.CollectiveGuard every step checks with
+
+    def regime(self) -> dict[str, Any]:
+        """What every trial's step ran (the report states the regime that was measured)."""
+        return {"micro_batches_per_step": self.micro_batches, "grad_clip": self.grad_clip,
+                "lr_schedule": self.lr_schedule is not None}
+
+    def batch(self, b: int) -> Any:
+        """The worst-case batch for one step at micro-batch ``b`` (all its micro-batches), on the host."""
+        return self.source.sample(b * self.micro_batches)
+
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, b: int, total_steps: int,
+             before_step: Any = ()) -> TrainStep:
+        schedule = LRSchedule.for_workload(self.workload, optimizer, total_steps=total_steps)
+        step = TrainStep(self.workload, model, optimizer, device=self.device, precision=self.precision,
+                         micro_batch_size=b, grad_clip=self.grad_clip, scaler=scaler, schedule=schedule,
+                         before_step=before_step)
+        step.guard = self.guard
+        return step
+
+    def run(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, b: int, steps: int,
+            meter: memory.PeakMeter | None = None, step: TrainStep | None = None, first: int = 0) -> dict[str, Any]:
+        """``steps`` optimizer steps at micro-batch ``b``; with a ``meter``, the peaks of each part of every step
+        after the first (when the optimizer state exists): forward/backward, then (from the step's before-step
+        hook on) clipping, the optimizer step and zeroing. ``step`` continues a step object already built (its
+        schedule at step ``first``) instead of building one for these steps."""
+        parts = {"forward_backward": 0, "optimizer": 0}
+        static = 0
+        measuring = False
+
+        def split(_step: TrainStep) -> None:
+            if measuring and meter is not None:
+                parts["forward_backward"] = max(parts["forward_backward"], meter.peak())
+                meter.reset()
+
+        if step is None:
+            step = self.step(model, optimizer, scaler, b, steps, before_step=[split])
+        for s in range(steps):
+            measuring = meter is not None and s >= 1
+            step.schedule.begin_step(first + s)  # type: ignore[union-attr]
+            batch = self.batch(b)
+            if measuring:
+                static = max(static, meter.live() + _param_bytes(model))  # type: ignore[union-attr]
+                meter.reset()  # type: ignore[union-attr]
+            step(batch)
+            del batch
+            if measuring:
+                parts["optimizer"] = max(parts["optimizer"], meter.peak())  # type: ignore[union-attr]
+        return {"parts": parts, "static_bytes": static}
+
+
+def accumulation_count(workload: Any) -> int:
+    """The workload's accumulation count: ``ceil(base_batch_size / micro_batch_size)`` (1 without one)."""
+    micro = getattr(workload, "micro_batch_size", None)
+    return 1 if micro is None else max(1, math.ceil(workload.base_batch_size / micro))

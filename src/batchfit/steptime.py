@@ -36,7 +36,7 @@ import torch
 from batchfit import memory
 from batchfit.errors import WorkloadError
 from batchfit.stats import DEFAULT_LEVEL, Interval, median_interval
-from batchfit.step import TrainStep, make_scaler
+from batchfit.step import ModelKeeper, StepRunner, TrainStep, make_scaler
 
 __all__ = ["StepTimeCalibration", "calibrate_step_time", "cpu_clock"]
 
@@ -142,21 +142,45 @@ def _clock(device: torch.device) -> Iterator[tuple[Callable[[], float], str]]:
             yield clock, "process CPU time, 1 thread"
 
 
+def sample_plan(sizes: list[int], rounds: int, max_samples: int) -> tuple[list[int], int, int, list[int]]:
+    """``(sizes kept, rounds, steps per chunk at most, sizes left out)`` so that the warm-up (``WARMUP_STEPS`` + 1
+    steps a size) and the rounds step at most ``max_samples`` samples."""
+    keep = sorted(sizes)
+    left_out: list[int] = []
+    while keep:
+        total = sum(keep)
+        warm = (WARMUP_STEPS + 1) * total
+        for r in (rounds, MIN_ROUNDS):
+            chunk = (max_samples - warm) // (max(r, 1) * total)
+            if chunk >= 1:
+                return keep, r, int(min(MAX_CHUNK_STEPS, chunk)), left_out
+        left_out.insert(0, keep.pop())
+    return [], 0, 1, left_out
+
+
 def calibrate_step_time(workload: Any, micro_batches: Mapping[int, int], *, device: str | torch.device = "cpu",
                         precision: str = "fp32", seed: int = 0, rounds: int = ROUNDS,
-                        max_seconds: float = MAX_SECONDS) -> StepTimeCalibration:
+                        max_seconds: float = MAX_SECONDS, max_samples: int | None = None) -> StepTimeCalibration:
     """Time ``train``'s step at every batch size in ``micro_batches`` (batch size -> its micro-batch: in ``tune``,
-    the one the recommendation would give it) in interleaved rounds; see the module docstring for the clock."""
+    the one the recommendation would give it) in interleaved rounds; see the module docstring for the clock.
+
+    ``max_samples`` (``tune``'s share of its cost cap) bounds the samples stepped: the rounds fall to
+    :data:`MIN_ROUNDS` and each chunk to fewer steps; when even one step per round at every size does not fit, the
+    largest sizes are left untimed (named in ``errors``; the decision then times them from the sweep's own trials).
+    """
     # the finder's model keeper (the model built once, handed back as model_fn gave it) and step runner (the step
     # ``train`` builds: the workload's clipping and schedule, on its training source)
-    from batchfit.finder import _ModelKeeper, _StepRunner
 
     dev = torch.device(device)
     sizes = sorted(int(b) for b in micro_batches)
-    keeper = _ModelKeeper(workload, dev, seed)
-    runner = _StepRunner(workload, dev, precision)
-    seconds: dict[int, list[float]] = {b: [] for b in sizes}
     errors: dict[int, str] = {}
+    max_chunk = MAX_CHUNK_STEPS
+    if max_samples is not None:
+        sizes, rounds, max_chunk, left_out = sample_plan(sizes, rounds, max_samples)
+        errors.update({b: f"not timed: the cost cap leaves {max_samples:,} samples for step timing" for b in left_out})
+    keeper = ModelKeeper(workload, dev, seed)
+    runner = StepRunner(workload, dev, precision)
+    seconds: dict[int, list[float]] = {b: [] for b in sizes}
     t_start = time.perf_counter()
     model = keeper.get()
     optimizer, _ = keeper.optimizer(model)
@@ -178,7 +202,7 @@ def calibrate_step_time(workload: Any, micro_batches: Mapping[int, int], *, devi
                     errors[b] = failed
                     continue
                 one = max(float(one_step), 1e-6)  # type: ignore[arg-type]
-                item.chunk = max(1, min(MAX_CHUNK_STEPS, round(CHUNK_SECONDS / one)))
+                item.chunk = max(1, min(max_chunk, round(CHUNK_SECONDS / one)))
                 timed[b] = item
             done = 0
             while done < rounds and timed:

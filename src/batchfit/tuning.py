@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchfit.cost import measure
-from batchfit.errors import BatchfitError, ConfigError, NoisyEstimateWarning
+from batchfit.errors import BatchfitError, ConfigError, NoisyEstimateWarning, WorkloadError
 from batchfit.progress import ProgressEvent, ProgressFn, emit
 
 if TYPE_CHECKING:  # the CLI imports this module to build its parser: keep torch out of that path
@@ -82,6 +82,9 @@ LR_CALIBRATION_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 LR_CALIBRATION_EXTEND = 3  # extra x2 steps when the best LR is at an edge of the range
 LR_CALIBRATION_BUDGET_DIVISOR = 4  # each check run gets 1/4 of a sweep trial's steps at the base batch
 LR_CHECK_SEEDS = 3  # seeds (in all) for the base and the best multiplier when their scores are close
+LR_CHECK_MIN_STEPS = 8  # a capped LR check runs at least this many steps (below, it would measure nothing)
+LR_SHORT_CHECK_MAX_MOVE = 4.0  # a capped LR check far shorter than the run moves the base LR at most this factor
+NOISE_MIN_STEPS = 10  # a capped noise probe with room for fewer steps is skipped
 NOISE_PROBE_BATCH = 16  # the probe's batch when the workload's base batch is too small to split (B = 1)
 STATE_FILE = "tune_state.json"
 LOCK_FILE = ".batchfit.lock"  # in out_dir: held (flock) by the one tune writing there
@@ -524,8 +527,11 @@ def _save_in_study(storage: str, study_name: str | None, values: Mapping[str, An
 
 
 def _find(workload: Workload, run: _Run, *, memory_budget: int | None, batch_size_cap: int | None,
-          margin: float) -> dict[str, Any]:
-    key = run.key(memory_budget=memory_budget, batch_size_cap=batch_size_cap, margin=margin)
+          margin: float, throughput: bool = True) -> dict[str, Any]:
+    """The finder; ``throughput=False`` under a cost cap (the step timing times the candidates; the finder's
+    throughput curve costs several runs on a small workload)."""
+    key = run.key(memory_budget=memory_budget, batch_size_cap=batch_size_cap, margin=margin,
+                  **({} if throughput else {"throughput": False}))
     cached = _cached(run.out, "find", key)
     if cached is not None:
         run.emit("find", "end", f"resumed: fits {cached.get('recommended_batch_size')}, knee "
@@ -533,10 +539,10 @@ def _find(workload: Workload, run: _Run, *, memory_budget: int | None, batch_siz
         return cached
     from batchfit.finder import find_batch_size
 
-    run.emit("find", "start", "largest batch that fits, and the throughput knee")
+    run.emit("find", "start", "largest batch that fits" + (", and the throughput knee" if throughput else ""))
     with measure() as spent:
         result = find_batch_size(workload, device=run.device, precision=run.precision, memory_budget=memory_budget,
-                                 batch_size_cap=batch_size_cap, margin=margin, throughput=True, seed=run.seed,
+                                 batch_size_cap=batch_size_cap, margin=margin, throughput=throughput, seed=run.seed,
                                  progress=run.nested()).to_dict()
     result["cost"] = spent.to_dict()
     result.setdefault("margin", margin)
@@ -676,7 +682,8 @@ def _next_multiplier(runs: Sequence[Mapping[str, Any]], metric: Any) -> float | 
 
 
 def _calibrate_lr(workload: Workload, run: _Run, *, budget: Any, multipliers: Sequence[float],
-                  tolerance: float, replicates: int = LR_CHECK_SEEDS) -> LRCheck:
+                  tolerance: float, replicates: int = LR_CHECK_SEEDS, max_samples: int | None = None,
+                  train_samples: int | None = None) -> LRCheck:
     """Check the workload's base LR at its own base batch: short runs (a quarter of the sweep's budget) at
     ``base_lr x m`` for each multiplier; move the base LR only when another multiplier is better beyond the noise.
 
@@ -692,8 +699,15 @@ def _calibrate_lr(workload: Workload, run: _Run, *, budget: Any, multipliers: Se
 
     batch = min(workload.base_batch_size, workload.num_train)
     steps = max(1, budget.steps_for(batch, workload.num_train) // LR_CALIBRATION_BUDGET_DIVISOR)
+    if max_samples is not None:  # the cost cap's share: every run it may make (the extensions and seeds too)
+        most_runs = len(multipliers) + LR_CALIBRATION_EXTEND + 2 * (replicates - 1)
+        steps = max(LR_CHECK_MIN_STEPS, min(steps, max_samples // (most_runs * batch)))
+    # a check far shorter than the run: short runs favour large LRs (Wu et al. 2018, short-horizon bias), so it is
+    # not extended past the range and moves the base LR at most LR_SHORT_CHECK_MAX_MOVE either way
+    short = bool(max_samples is not None and train_samples and 4 * steps * batch < train_samples)
     key = run.key(batch=batch, steps=steps, multipliers=list(multipliers), tolerance=tolerance,
-                  replicates=replicates, score="smoothed-3")
+                  replicates=replicates, score="smoothed-3",
+                  **({"short_clamp": LR_SHORT_CHECK_MAX_MOVE} if short else {}))
     cached = _cached(run.out, "lr", key)
     if cached is not None:
         check = LRCheck.from_dict(cached)
@@ -722,7 +736,8 @@ def _calibrate_lr(workload: Workload, run: _Run, *, budget: Any, multipliers: Se
     extended = 0
     while todo:
         one(todo.pop(0), run.seed, len(todo))
-        nxt = _next_multiplier(check.runs, metric) if not todo and extended < LR_CALIBRATION_EXTEND else None
+        nxt = _next_multiplier(check.runs, metric) if not todo and not short and extended < LR_CALIBRATION_EXTEND \
+            else None
         if nxt is not None:
             extended += 1
             todo.append(nxt)
@@ -737,10 +752,16 @@ def _calibrate_lr(workload: Workload, run: _Run, *, budget: Any, multipliers: Se
             chosen, decided, ivs = _lr_decision(check.runs, metric, num_val, tolerance)
             if decided:
                 break
+    text = _lr_decision_text(workload.base_lr, chosen, best, decided, ivs, metric.name)
+    clamped = short and not (1 / LR_SHORT_CHECK_MAX_MOVE <= chosen <= LR_SHORT_CHECK_MAX_MOVE)
+    if clamped:
+        chosen = min(max(chosen, 1 / LR_SHORT_CHECK_MAX_MOVE), LR_SHORT_CHECK_MAX_MOVE)
     check.best_multiplier = chosen
     check.lr, check.kept_base = workload.base_lr * chosen, chosen == 1.0
     check.intervals = {f"{m:g}": iv.to_dict() for m, iv in ivs.items()}
-    check.decision = _lr_decision_text(workload.base_lr, chosen, best, decided, ivs, metric.name)
+    check.decision = text + (
+        f"; held at x{chosen:g}: runs of {steps} steps ({steps * batch / train_samples:.0%} of the train budget) "
+        f"move the base LR at most x{LR_SHORT_CHECK_MAX_MOVE:g} (short runs favour large LRs)" if clamped else "")
     _store(run.out, "lr", key, check.to_dict())
     run.emit("lr_check", "end", check.decision)
     return check
@@ -763,16 +784,18 @@ def _lr_decision_text(base_lr: float, chosen: float, best: float | None, decided
             f"noise over {seeds} seed(s), so the base LR stays")
 
 
-def _step_time(workload: Workload, run: _Run, micro: Mapping[int, int]) -> dict[str, Any] | None:
+def _step_time(workload: Workload, run: _Run, micro: Mapping[int, int],
+               max_samples: int | None = None) -> dict[str, Any] | None:
     """Every candidate batch size's step, at the micro-batch the recommendation would give it, timed in
     interleaved rounds (:func:`batchfit.steptime.calibrate_step_time`) before the sweep, so that racing and the
     recommendation decide on the same time per step."""
-    from batchfit.engine import resolve_device
+    from batchfit.runtime import resolve_device
     from batchfit.steptime import calibrate_step_time
 
     if len(micro) < 2:
         return None
-    key = run.key(micro_batches={str(b): m for b, m in sorted(micro.items())})
+    key = run.key(micro_batches={str(b): m for b, m in sorted(micro.items())},
+                  **({} if max_samples is None else {"max_samples": max_samples}))
     cached = _cached(run.out, "step_time", key)
     if cached is not None:
         run.emit("step_time", "end", "resumed", resumed=True)
@@ -780,7 +803,7 @@ def _step_time(workload: Workload, run: _Run, micro: Mapping[int, int]) -> dict[
     run.emit("step_time", "start", f"seconds per step at {len(micro)} batch sizes, interleaved rounds")
     with measure() as spent:
         cal = calibrate_step_time(workload, micro, device=resolve_device(run.device), precision=run.precision,
-                                  seed=run.seed)
+                                  seed=run.seed, max_samples=max_samples)
     data = cal.to_dict()
     data["cost"] = spent.to_dict()
     _store(run.out, "step_time", key, data)
@@ -810,14 +833,15 @@ def _precision_round(workload: Workload, run: _Run, rec: Recommendation, precisi
 
 
 def _precision_check(workload: Workload, run: _Run, rec: Recommendation, *, steps: int,
-                     rounds: int = PRECISION_ROUNDS) -> dict[str, Any]:
+                     rounds: int = PRECISION_ROUNDS, max_samples: int | None = None) -> dict[str, Any]:
     """The recommended configuration in fp32 and bf16, timed in ``rounds`` interleaved rounds (fp32, bf16, fp32,
     bf16, ...) of ``steps // rounds`` steps each, so a load change on the machine hits both alike; each round gives
     one step time per precision, and :func:`batchfit.decide.advise_precision` decides from the two samples (a
     speed-up must exceed the measured noise, memory counts only where it binds)."""
     import statistics
 
-    from batchfit.engine import check_precision, resolve_device
+    from batchfit.runtime import resolve_device
+    from batchfit.step import check_precision
 
     dev = resolve_device(run.device)
     if run.precision == "fp16":
@@ -827,6 +851,17 @@ def _precision_check(workload: Workload, run: _Run, rec: Recommendation, *, step
     except ConfigError as exc:
         return {"note": f"bf16 is not available here ({exc})"}
     per_round = max(PRECISION_MIN_ROUND_STEPS, steps // rounds)
+    if max_samples is not None:  # the cost cap's share: fewer steps a round, then fewer rounds (at least 2)
+        afford = max_samples // (2 * rec.batch_size)  # steps per precision
+        rounds = max(2, min(rounds, afford // PRECISION_MIN_ROUND_STEPS))
+        per_round = min(per_round, afford // rounds)
+        if per_round < PRECISION_MIN_ROUND_STEPS:
+            need = 2 * 2 * PRECISION_MIN_ROUND_STEPS * rec.batch_size
+            return {"note": f"not run: the cost cap leaves {max_samples:,} samples for it and it needs {need:,} (2 "
+                            f"precisions x 2 rounds x {PRECISION_MIN_ROUND_STEPS} steps at batch {rec.batch_size}); "
+                            "raise --max-cost to compare bf16 with fp32",
+                    "cost": {"samples": 0, "seconds": 0.0}}
+        steps = per_round * rounds
     key = run.key(steps=steps, rounds=rounds, batch_size=rec.batch_size, micro_batch_size=rec.micro_batch_size,
                   lr=rec.lr, warmup_steps=rec.warmup_steps)
     cached = _cached(run.out, "precision", key)
@@ -1029,8 +1064,36 @@ def _train_budget(wl: Workload, train_budget: str | None, explicit: Any) -> Any:
     return parse_train_budget(given)
 
 
+def _useful_cap(total: int, max_cost: float | None, cap: int | None, bud: Any) -> int | None:
+    """The finder's search cap under a cost cap: the largest batch any planned trial could train for
+    :data:`MIN_PLANNED_STEPS` steps (the horizon one lone candidate would get), so the finder does not probe batch
+    sizes the sweep cannot use (on a small train budget its probes of the whole training set cost more than a run).
+    Uncapped, or with a per-trial budget set by hand, the caller's cap."""
+    if max_cost is None or bud is not None:
+        return cap
+    from batchfit.cost import plan_horizon
+
+    useful = max(1, plan_horizon(total, max_cost, 1)[0] // MIN_PLANNED_STEPS)
+    return useful if cap is None else min(cap, useful)
+
+
+def _first_round(wl: Workload, sizes: Sequence[int], lr_rule: str, lr_search: int) -> int:
+    """The sweep's trials before racing: ``lr_search`` per batch size, more where the LR rule is outside its range
+    (:func:`batchfit.study.lr_multipliers_by_batch`)."""
+    from batchfit.study import lr_multipliers_by_batch
+    from batchfit.study.identity import workload_fingerprint
+
+    fp = workload_fingerprint(wl)
+    rule = lr_rule if lr_rule != "auto" else ("adam-sqrt" if fp.adam_family else "linear")
+    betas = fp.optimizer.get("defaults", {}).get("betas") if fp.adam_family else None
+    wide = lr_multipliers_by_batch(list(sizes), lr_search, rule=rule, base_batch_size=wl.base_batch_size,
+                                   betas=None if betas is None else (float(betas[0]), float(betas[1])))
+    return sum(len(wide.get(int(b), ())) or lr_search for b in sizes)
+
+
 def _measurement_plan(wl: Workload, train: Any, explicit: Any, max_cost: float | None,
-                      sizes: list[int], *, spent: int = 0) -> tuple[Any, list[int], dict[str, Any]]:
+                      sizes: list[int], *, spent: int = 0,
+                      first_round: Any = None) -> tuple[Any, list[int], dict[str, Any]]:
     """``(per-trial budget, candidates, plan)``: the budget every sweep trial trains and the plan tune stores.
 
     An explicit ``budget`` is used as given; uncapped, every trial trains the train budget (an equal-samples budget
@@ -1048,14 +1111,29 @@ def _measurement_plan(wl: Workload, train: Any, explicit: Any, max_cost: float |
     elif max_cost is None:
         bud = Budget("epochs", train.value) if train.kind == "epochs" else Budget("samples", float(total))
     else:
-        h, runs = plan_horizon(total, max_cost, len(sizes), spent=spent)
+        from batchfit.noise import HALVES_EVERY
+
+        overhead = 1.0 / HALVES_EVERY  # every trial measures B_simple with an extra pass every HALVES_EVERY steps
+        keep = list(sizes)
+        while True:  # leaving a candidate out gives the others more samples: drop until none is too short
+            first = first_round(keep) if first_round is not None else len(keep)
+            h, runs = plan_horizon(total, max_cost, len(keep), spent=spent, first_round=first, overhead=overhead)
+            now = [b for b in keep if h // b >= MIN_PLANNED_STEPS] or [min(keep)]
+            if now == keep:
+                break
+            keep = now
+        for b in sorted(set(sizes) - set(keep)):  # the horizon grew as sizes left: take back those it now fits
+            first = first_round(keep + [b]) if first_round is not None else len(keep) + 1
+            h2, runs2 = plan_horizon(total, max_cost, len(keep) + 1, spent=spent, first_round=first,
+                                     overhead=overhead)
+            if h2 // b >= MIN_PLANNED_STEPS:
+                keep, h, runs = sorted(keep + [b]), h2, runs2
         floor = MIN_PLANNED_STEPS * min(sizes)  # the least horizon that measures anything at the smallest batch
         short = h < floor
         h = max(h, floor)
         bud = Budget("samples", float(h))
-        keep = [b for b in sizes if h // b >= MIN_PLANNED_STEPS]
         dropped = [b for b in sizes if b not in keep]
-        sizes = keep or [min(sizes)]
+        sizes = keep
         note = (f"cost cap {max_cost:g} run(s) of {train} ({total:,} samples): each trial trains {h:,} samples "
                 f"({h / total:.0%} of the train budget; about {runs:.0f} trials expected)"
                 + (f"; left out {', '.join(map(str, dropped))}: fewer than {MIN_PLANNED_STEPS} steps at that "
@@ -1064,8 +1142,11 @@ def _measurement_plan(wl: Workload, train: Any, explicit: Any, max_cost: float |
                    f"{spent / total:.2f} run(s), so each trial trains the least useful horizon" if short else ""))
     per_trial = int(bud.value * wl.num_train) if bud.kind == "epochs" else (
         int(bud.value) if bud.kind == "samples" else None)
+    from batchfit.noise import HALVES_EVERY
+
+    trial_cost = None if per_trial is None else int(per_trial * (1 + 1 / HALVES_EVERY)) + max(sizes)
     plan = {"budget": str(train), "samples": total, "max_cost": max_cost, "measurement": str(bud),
-            "measurement_samples": per_trial, "dropped": dropped, "note": note,
+            "measurement_samples": per_trial, "trial_cost_samples": trial_cost, "dropped": dropped, "note": note,
             "cap_samples": None if max_cost is None else max_cost * total}
     return bud, sizes, plan
 
@@ -1101,8 +1182,9 @@ def _check_inputs(wl: Workload, *, batch_sizes: Any, budget: str, target: Any, t
                   max_seeds: int = 3) -> tuple[Any, list[int] | None, int | None]:
     """Every argument checked before any work: ``(budget, batch sizes or None, memory budget in bytes)``."""
     from batchfit import checks
-    from batchfit.engine import check_precision, resolve_device
     from batchfit.memory import parse_bytes
+    from batchfit.runtime import resolve_device
+    from batchfit.step import check_precision
     from batchfit.study import parse_batch_sizes, parse_budget, parse_target
 
     bud = parse_budget(budget) if budget is not None else None
@@ -1131,6 +1213,99 @@ def _check_inputs(wl: Workload, *, batch_sizes: Any, budget: str, target: Any, t
         raise ConfigError("memory_budget is only applied by the finder, and find=False skips it; drop memory_budget "
                           "or let the finder run")
     return bud, sizes, budget_bytes
+
+
+SCHEDULE_CHECK_REFERENCE_STEPS = 1000  # a total every sane schedule takes: tells a total's failure from the probe's
+SCHEDULE_CHECK_MAX_STEPS = 50_000  # a longer total is built and stepped this far (the check stays within seconds)
+
+
+def _schedule_totals(wl: Workload, *, bud: Any, sizes: Sequence[int] | None, cap: int | None, train: Any,
+                     max_cost: float | None, lr_check: bool, precision_check: bool, lr_rule: str,
+                     lr_search: int) -> dict[int, str]:
+    """``{total_steps: the stage that first trains that many steps}``: every total the plan gives the user's
+    ``lr_schedule`` (the LR check's runs, each candidate's sweep trials, the precision check's rounds), computed as
+    :func:`tune` computes them, before the finder. The finder's limit and what the finder and the noise probe spend
+    are not known yet: the candidates are those without a memory limit (a superset) and a capped plan's horizon is
+    the one with nothing spent yet. The noise probe measures at initialisation (no optimizer step, no schedule)."""
+    from batchfit.cost import allowance, train_budget_samples
+
+    total = train_budget_samples(train, num_train=wl.num_train, base_batch_size=wl.base_batch_size,
+                                 tokens_per_sample=getattr(wl, "tokens_per_sample", None))
+    cands = list(sizes) if sizes else _candidates(wl, None, cap)
+    pbud, psizes, _ = _measurement_plan(wl, train, bud, max_cost, cands, spent=0,
+                                        first_round=lambda bs: _first_round(wl, bs, lr_rule, lr_search))
+    totals: dict[int, str] = {}
+    if lr_check:  # as _calibrate_lr
+        batch = min(wl.base_batch_size, wl.num_train)
+        steps = max(1, pbud.steps_for(batch, wl.num_train) // LR_CALIBRATION_BUDGET_DIVISOR)
+        most = allowance("lr_check", total, max_cost)
+        if most is not None:
+            runs = len(LR_CALIBRATION_MULTIPLIERS) + LR_CALIBRATION_EXTEND + 2 * (LR_CHECK_SEEDS - 1)
+            steps = max(LR_CHECK_MIN_STEPS, min(steps, most // (runs * batch)))
+        totals.setdefault(steps, f"the LR check's runs (batch {batch}) have {steps} steps")
+    for b in sorted(psizes):
+        steps = pbud.steps_for(b, wl.num_train)
+        totals.setdefault(steps, f"the sweep's trials at batch {b} have {steps} steps")
+    if precision_check:  # as _precision_check, for each candidate the recommendation may be
+        for b in sorted(psizes):
+            rounds = PRECISION_ROUNDS
+            per_round = max(PRECISION_MIN_ROUND_STEPS, PRECISION_CHECK_STEPS // rounds)
+            most = allowance("precision", total, max_cost)
+            if most is not None:
+                afford = most // (2 * b)
+                rounds = max(2, min(rounds, afford // PRECISION_MIN_ROUND_STEPS))
+                per_round = min(per_round, afford // rounds)
+                if per_round < PRECISION_MIN_ROUND_STEPS:
+                    continue  # not run at this batch
+            totals.setdefault(per_round, f"the precision check's rounds (batch {b}) have {per_round} steps")
+    return totals
+
+
+def _schedule_error(wl: Workload, total_steps: int) -> BaseException | None:
+    """What the workload's ``lr_schedule`` raises when built for ``total_steps`` on a throwaway optimizer (the
+    workload's own over one dummy parameter, else SGD with momentum) and stepped as training steps it (once after
+    every optimizer step, up to :data:`SCHEDULE_CHECK_MAX_STEPS`); ``None`` when it runs."""
+    import torch
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    try:
+        optimizer = wl.optimizer_fn([param], wl.base_lr)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError
+    except Exception:  # noqa: BLE001 - a factory that needs the real model: a stand-in with momentum and betas
+        optimizer = torch.optim.SGD([param], lr=wl.base_lr, momentum=0.9)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": nothing is trained here
+            scheduler = wl.lr_schedule(optimizer, total_steps)  # type: ignore[misc]
+            for _ in range(min(total_steps, SCHEDULE_CHECK_MAX_STEPS)):
+                scheduler.step()
+    except Exception as exc:  # noqa: BLE001 - reported by the caller
+        return exc
+    return None
+
+
+def _check_lr_schedule(wl: Workload, **plan: Any) -> None:
+    """Issue 23.2: the user's ``lr_schedule`` at every total number of steps the plan will give it
+    (:func:`_schedule_totals`), before the first expensive stage: a schedule that fails at one of them (OneCycleLR
+    with ``pct_start=0.1`` divides by zero at ``total_steps=10``) stops tune with one line naming the stage and the
+    total, instead of a crash after the finder and the noise probe. A schedule that also fails at
+    :data:`SCHEDULE_CHECK_REFERENCE_STEPS` is left to the run itself (the throwaway optimizer may be what it
+    rejects; the first stage reports it)."""
+    if getattr(wl, "lr_schedule", None) is None:
+        return
+    totals = _schedule_totals(wl, **plan)
+    failures = {n: exc for n in sorted(totals) if (exc := _schedule_error(wl, n)) is not None}
+    if not failures or _schedule_error(wl, SCHEDULE_CHECK_REFERENCE_STEPS) is not None:
+        return
+    n = next(n for n in totals if n in failures)  # the plan's first stage that would fail
+    exc = failures[n]
+    msg = " ".join(str(exc).split())[:200]
+    others = sorted(set(failures) - {n})
+    also = f" (also at total_steps={', '.join(map(str, others[:5]))})" if others else ""
+    raise WorkloadError(f"{totals[n]}: your lr_schedule failed at total_steps={n}: {type(exc).__name__}: {msg}"
+                        f"{also}; make lr_schedule work for any total_steps >= 1 (OneCycleLR, e.g., divides by zero "
+                        f"when pct_start x total_steps is 1), or change the budget so that no run has {n} steps")
 
 
 def tune(
@@ -1168,7 +1343,7 @@ def tune(
     batch_schedule_check: bool = False,
     weight_decay_rule: str = "keep",
     train_budget: str | None = None,
-    max_cost: float | None = None,
+    max_cost: float | str | None = "auto",
 ) -> TuneResult:
     """Measure and recommend the batch size for a workload: find, noise, lr_check, step_time, sweep, precision,
     report (:data:`STAGES`).
@@ -1182,10 +1357,15 @@ def tune(
         train_budget: what the user will train, ``samples:N``, ``steps:S`` (at the base batch), ``epochs:E`` or
             ``tokens:T`` (default: the workload's ``train_budget``, else :data:`DEFAULT_BUDGET`). The answer is for
             this budget, and every result states its cost in runs of it (``results.json["cost"]``).
-        max_cost: what batchfit may spend, in runs of the train budget (``None``: uncapped, every candidate trains
-            the whole train budget). Capped, each sweep trial trains an equal number of samples chosen so the whole
-            tune fits (:func:`batchfit.cost.plan_horizon`), candidates that would get fewer than
-            :data:`MIN_PLANNED_STEPS` steps are left out (and named), and racing stops at the cap.
+        max_cost: what batchfit may spend, in runs of the train budget. ``"auto"`` (default):
+            :data:`batchfit.cost.DEFAULT_MAX_COST` (1.0) when tune plans its own measurement (no ``budget``),
+            uncapped when ``budget`` sets it; ``None``: uncapped, every candidate trains the whole train budget.
+            Capped, each stage after the finder gets its share (:data:`batchfit.cost.STAGE_SHARES`: the noise
+            probe's steps, the LR check's steps, step timing's rounds and chunks, the precision check's rounds),
+            the finder skips its throughput curve (step timing times the candidates), each sweep trial trains an
+            equal number of samples chosen so the whole tune fits (:func:`batchfit.cost.plan_horizon`),
+            candidates that would get fewer than :data:`MIN_PLANNED_STEPS` steps are left out (and named), and
+            racing stops at the cap.
         budget: the per-trial measurement budget, ``epochs:E``, ``steps:S`` or ``samples:N``, when you want to set
             it yourself (default: planned from ``train_budget`` and ``max_cost``).
         lr_search: learning rates tried per batch size around the rule's (1 = the rule's only).
@@ -1220,11 +1400,11 @@ def tune(
     >>> res.recommendation.batch_size  # doctest: +SKIP
     """
     t_start = time.perf_counter()
+    from batchfit.loading import load_workload
     from batchfit.recommend import recommend
     from batchfit.report import write_report
     from batchfit.study import sweep
     from batchfit.study.store import new_run_id
-    from batchfit.workload import load_workload
 
     # -- validate everything before any work ------------------------------------------------------------------
     options = dict(workload_options or {})
@@ -1242,10 +1422,18 @@ def tune(
     checks.one_of("lr_rule", lr_rule, RULE_CHOICES)
     checks.one_of("weight_decay_rule", weight_decay_rule, WEIGHT_DECAY_RULES)
     train = _train_budget(wl, train_budget, bud)
+    if max_cost == "auto":
+        from batchfit.cost import DEFAULT_MAX_COST
+
+        max_cost = DEFAULT_MAX_COST if bud is None else None
     if max_cost is not None and (isinstance(max_cost, bool) or not isinstance(max_cost, (int, float))
                                  or not math.isfinite(max_cost) or max_cost <= 0):
-        raise ConfigError(f"max_cost must be a positive number of runs of the train budget (e.g. 1.0), got "
-                          f"{max_cost!r}")
+        raise ConfigError(f"max_cost must be a positive number of runs of the train budget (e.g. 1.0), \"auto\" or "
+                          f"None (uncapped), got {max_cost!r}")
+    from batchfit.cost import allowance, cost_of, train_budget_samples
+
+    total = train_budget_samples(train, num_train=wl.num_train, base_batch_size=wl.base_batch_size,
+                                 tokens_per_sample=getattr(wl, "tokens_per_sample", None))
     _check_warmup(wl, warmup, bud, train)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -1260,18 +1448,29 @@ def tune(
         check_store(storage)  # a damaged store is found now, not after find, noise and the LR check
 
         # -- 1. find: the largest micro-batch that fits, and the throughput knee; 2. noise: B_simple at init --------
-        find_result = _find(wl, run, memory_budget=budget_bytes, batch_size_cap=cap, margin=margin) if find else None
+        _check_lr_schedule(wl, bud=bud, sizes=sizes, cap=cap, train=train, max_cost=max_cost, lr_check=lr_calibration,
+                           precision_check=precision_check and precision != "fp16", lr_rule=lr_rule,
+                           lr_search=lr_search)  # issue 23.2: every total the plan gives the schedule, before find
+        find_result = _find(wl, run, memory_budget=budget_bytes, batch_size_cap=_useful_cap(total, max_cost, cap, bud),
+                            margin=margin, throughput=max_cost is None) if find else None
         fits = int(find_result["recommended_batch_size"]) if find_result and find_result.get(
             "recommended_batch_size") else None
-        noise_result = _noise(wl, run, steps=noise_steps, batch_size=noise_probe_batch(
-            wl.base_batch_size, wl.num_train, fits)) if noise else None
+        noise_result = None
+        if noise:
+            probe = noise_probe_batch(wl.base_batch_size, wl.num_train, fits)
+            allowed = allowance("noise", total, max_cost)
+            n_steps = noise_steps if allowed is None else min(noise_steps, allowed // probe)
+            if allowed is None or n_steps >= NOISE_MIN_STEPS:
+                noise_result = _noise(wl, run, steps=n_steps, batch_size=probe)
+            else:
+                run.emit("noise", "end", f"not run: the cost cap leaves {allowed:,} samples for it, fewer than "
+                                         f"{NOISE_MIN_STEPS} steps at batch {probe}")
 
         # -- 3. LR check at the base batch; 4. sweep: every candidate batch at its rule-scaled LR, in the Optuna store
         sizes = sizes or _candidates(wl, fits, cap)
-        from batchfit.cost import cost_of
-
         spent = cost_of({"find": find_result, "noise": noise_result}).samples
-        bud, sizes, plan = _measurement_plan(wl, train, bud, max_cost, sizes, spent=spent)
+        bud, sizes, plan = _measurement_plan(wl, train, bud, max_cost, sizes, spent=spent,
+                                             first_round=lambda bs: _first_round(wl, bs, lr_rule, lr_search))
         if plan["note"]:
             run.emit("sweep", "update", plan["note"])
         if eval_every == "auto":
@@ -1280,13 +1479,15 @@ def tune(
             fits = max(sizes)  # no finder: no memory limit (the sweep would otherwise run its own finder)
         lr_check = None
         if lr_calibration:
-            lr_check = _calibrate_lr(wl, run, budget=bud, multipliers=LR_CALIBRATION_MULTIPLIERS, tolerance=tolerance)
+            lr_check = _calibrate_lr(wl, run, budget=bud, multipliers=LR_CALIBRATION_MULTIPLIERS, tolerance=tolerance,
+                                     max_samples=allowance("lr_check", total, max_cost), train_samples=total)
             if lr_check.best_multiplier != 1.0:
                 wl = dataclasses.replace(wl, base_lr=lr_check.lr)
         # -- the time per step of every candidate, in interleaved rounds: what racing and the recommendation decide on
         from batchfit.recommend import micro_batch_for
 
-        step_time = _step_time(wl, run, {b: micro_batch_for(b, find_result, fits) for b in sizes})
+        step_time = _step_time(wl, run, {b: micro_batch_for(b, find_result, fits) for b in sizes},
+                               max_samples=allowance("step_time", total, max_cost))
         stages = {"find": find_result, "noise": noise_result,
                   "lr_calibration": lr_check.to_dict() if lr_check is not None else None, "step_time": step_time}
         stages.update(num_val=wl.num_val, framework=framework_of(wl), train_budget=plan)
@@ -1307,8 +1508,10 @@ def tune(
         if unfinished:  # seeds an earlier run started (racing) and did not finish: re-run them before racing reads on
             swept = run_sweep(unfinished)
         if seeds is None:  # racing: more seeds only where they can change the decision
+            reserved = allowance("precision", total, max_cost) if precision_check else 0
             swept = _race(swept, run_sweep, stages, run, tolerance=tolerance, cap=max_seeds,
-                          cost_cap=plan.get("cap_samples"), per_trial=plan["measurement_samples"])
+                          cost_cap=None if plan.get("cap_samples") is None else plan["cap_samples"] - (reserved or 0),
+                          per_trial=plan["trial_cost_samples"])
         counts = ", ".join(f"{v} {k}" for k, v in (swept.get("counts") or {}).items() if v)
         run.emit("sweep", "end", f"{swept.get('status')}: {counts or 'no trials'}"
                  + f" (up to {max(seeds_per_batch(swept).values(), default=1)} seed(s) per batch size)")
@@ -1321,7 +1524,8 @@ def tune(
         except ConfigError:  # no trial finished: the report still shows what happened, without a recommendation
             result.recommendation = None
         if precision_check and result.recommendation is not None:
-            result.precision_check = _precision_check(wl, run, result.recommendation, steps=PRECISION_CHECK_STEPS)
+            result.precision_check = _precision_check(wl, run, result.recommendation, steps=PRECISION_CHECK_STEPS,
+                                                      max_samples=allowance("precision", total, max_cost))
             result.recommendation = recommend(result.results(), tolerance=tolerance)
             _save_in_study(storage, result.results().get("study_name"), {"precision_check": result.precision_check})
 

@@ -5,21 +5,17 @@ A :class:`Workload` bundles a model factory (a fresh model per trial), an optimi
 (map-style datasets, DataLoaders or IterableDatasets with a declared size; batches of any structure), how the model
 is called on a batch, metrics, the user's LR schedule, gradient clipping and accumulation, and the reference point
 ``(base_batch_size, base_lr)`` at which the user's learning rate was tuned. User workloads are loaded from
-``path/to/file.py:factory`` or ``package.module:factory``; built-in demos from ``demo:NAME``.
+``path/to/file.py:factory`` or ``package.module:factory``, built-in demos from ``demo:NAME``, by
+:func:`batchfit.loading.load_workload` (``batchfit.load_workload``).
 
 How one batch runs is :func:`batchfit.step.run_batch` (the same in train, find, noise, sweep and tune).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import inspect
 import math
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +23,7 @@ from torch import nn
 
 from batchfit import checks
 from batchfit.errors import ConfigError, DataError, WorkloadError
+from batchfit.metric import accuracy  # re-exported: `from batchfit.workload import accuracy` keeps working
 
 __all__ = [
     "ForwardFn",
@@ -38,8 +35,6 @@ __all__ = [
     "TargetsFn",
     "Workload",
     "accuracy",
-    "load_workload",
-    "parse_options",
 ]
 
 ModelFactory = Callable[[], nn.Module]
@@ -49,11 +44,6 @@ MetricFn = Callable[[Any, Any], "torch.Tensor | float"]
 ForwardFn = Callable[[nn.Module, Any], Any]
 TargetsFn = Callable[[Any], Any]
 LRScheduleFactory = Callable[[torch.optim.Optimizer, int], Any]
-
-
-def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Top-1 accuracy of class scores ``(B, C)`` (or ``(B, T, C)``) against integer targets."""
-    return (outputs.argmax(dim=-1) == targets).float().mean()
 
 
 @dataclass
@@ -87,6 +77,9 @@ class Workload:
         micro_batch_size: the user's accumulation setting: samples per forward/backward when no micro-batch size
             is asked for (capped at the batch).
         train_samples / val_samples: samples per epoch of an IterableDataset without ``len()``.
+        shard: the units ``parallel="fsdp"`` shards one at a time (FSDP2): class names such as
+            ``("TransformerBlock",)`` or a function ``module -> bool``; default: every module holding >= 5 % of
+            the parameters (:func:`batchfit.sharding.shard_units`).
     """
 
     name: str
@@ -109,6 +102,7 @@ class Workload:
     micro_batch_size: int | None = None
     train_samples: int | None = None
     val_samples: int | None = None
+    shard: Sequence[str] | Callable[[nn.Module], bool] | None = None
 
     @property
     def primary_metric(self) -> str:
@@ -162,6 +156,14 @@ class Workload:
     def _samples(self, attr: str) -> int:
         from batchfit import data
 
+        given = getattr(self, attr)
+        cls = given if isinstance(given, type) else type(given)
+        if any(c.__name__ == "LightningDataModule" for c in cls.__mro__):  # issue 23.5: the fix, not the symptom
+            raise WorkloadError(
+                f"workload {self.name!r}: {attr} is the LightningDataModule {cls.__name__}, not a dataset; pass an "
+                f"instance as datamodule=: batchfit.integrations.lightning.lightning_workload(module, "
+                f"datamodule={cls.__name__}(...))"
+            )
         try:
             source = data.train_source(self) if attr == "train_data" else data.val_source(self)
             return 0 if source is None else source.num_samples
@@ -203,132 +205,3 @@ class Workload:
             checks.positive_int("val_samples", self.val_samples, allow_none=True)
         except ConfigError as exc:
             raise WorkloadError(f"workload {self.name!r}: {exc}") from None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Loading
-
-
-def _call_factory(factory: Callable[..., Any], kwargs: Mapping[str, Any], spec: str) -> Workload:
-    try:
-        sig = inspect.signature(factory)
-        accepted = {
-            k: v
-            for k, v in kwargs.items()
-            if k in sig.parameters or any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-        }
-        unknown = sorted(set(kwargs) - set(accepted))
-        if unknown:
-            raise ConfigError(
-                f"workload {spec!r} does not take option(s) {', '.join(unknown)}; "
-                f"it accepts: {', '.join(sig.parameters) or 'none'}"
-            )
-    except (TypeError, ValueError) as exc:  # builtins without signatures
-        if isinstance(exc, ConfigError):
-            raise
-        accepted = dict(kwargs)
-    try:
-        workload = factory(**accepted)
-    except ConfigError:
-        raise
-    except Exception as exc:
-        raise WorkloadError(
-            f"workload factory {spec!r} raised {type(exc).__name__}: {exc}; fix the factory"
-        ) from exc
-    if not isinstance(workload, Workload):
-        raise WorkloadError(
-            f"workload factory {spec!r} returned {type(workload).__name__}, not a batchfit.Workload"
-        )
-    workload.validate()
-    return workload
-
-
-def load_workload(spec: str | Workload, **options: Any) -> Workload:
-    """Load a workload from ``demo:NAME``, ``path/to/file.py:factory`` or ``package.module:factory``.
-
-    Keyword options are passed to the factory (e.g. ``num_samples=4000`` for ``demo:mnist1d``).
-
-    >>> wl = load_workload("demo:digits-mlp")
-    >>> wl.base_batch_size
-    32
-    """
-    if isinstance(spec, Workload):
-        spec.validate()
-        return spec
-    if not isinstance(spec, str):
-        raise ConfigError(f"the workload spec must be a string (demo:NAME, path/to/file.py:factory or "
-                          f"package.module:factory) or a Workload, got {type(spec).__name__} {spec!r}")
-    if not spec.strip():
-        raise ConfigError("workload spec is empty; use demo:NAME, path/to/file.py:factory or package.module:factory")
-    spec = spec.strip()
-    if spec.startswith("demo:"):
-        from batchfit import demos
-
-        name = spec[len("demo:") :]
-        factory = demos.DEMOS.get(name)
-        if factory is None:
-            raise ConfigError(f"unknown demo {name!r}; choose one of: {', '.join(sorted(demos.DEMOS))}")
-        return _call_factory(factory, options, spec)
-    if ":" not in spec:
-        raise ConfigError(
-            f"workload spec {spec!r} has no ':factory' part; use path/to/file.py:factory or package.module:factory"
-        )
-    target, _, attr = spec.rpartition(":")
-    if not attr.isidentifier():
-        raise ConfigError(f"workload spec {spec!r}: {attr!r} is not a valid factory name")
-    if target.endswith(".py") or "/" in target or "\\" in target:
-        path = Path(target)
-        if not path.is_file():
-            raise ConfigError(f"workload file {str(path)!r} does not exist; check the path in {spec!r}")
-        mod_name = f"batchfit_user_{abs(hash(str(path.resolve())))}"
-        try:
-            module_spec = importlib.util.spec_from_file_location(mod_name, path)
-            if module_spec is None or module_spec.loader is None:
-                raise ImportError(f"cannot import {path}")
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[mod_name] = module
-            module_spec.loader.exec_module(module)
-        except Exception as exc:
-            raise WorkloadError(
-                f"importing workload file {str(path)!r} failed with {type(exc).__name__}: {exc}"
-            ) from exc
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ModuleNotFoundError as exc:
-            raise ConfigError(
-                f"workload module {target!r} was not found ({exc}); check the spelling or your PYTHONPATH"
-            ) from exc
-        except Exception as exc:
-            raise WorkloadError(
-                f"importing workload module {target!r} failed with {type(exc).__name__}: {exc}"
-            ) from exc
-    factory = getattr(module, attr, None)
-    if factory is None:
-        raise ConfigError(f"workload {target!r} has no attribute {attr!r}; name a function that returns a Workload")
-    if isinstance(factory, Workload):
-        factory.validate()
-        return factory
-    if not callable(factory):
-        raise WorkloadError(f"workload {spec!r}: {attr!r} is not callable")
-    return _call_factory(factory, options, spec)
-
-
-def parse_options(items: Iterable[str]) -> dict[str, Any]:
-    """Parse ``key=value`` strings from the CLI (``--workload-option num_samples=4000``) into typed values."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise ConfigError(f"workload option {item!r} is not key=value; write e.g. num_samples=4000")
-        value: Any = raw
-        for cast in (int, float):
-            try:
-                value = cast(raw)
-                break
-            except ValueError:
-                continue
-        if raw.lower() in ("true", "false"):
-            value = raw.lower() == "true"
-        out[key.strip()] = value
-    return out

@@ -189,6 +189,12 @@ def add_runtime_options(p: argparse.ArgumentParser, precision: bool = True) -> N
                    help="random seed in [0, 2**32 - 1] (same seed -> same result)")
 
 
+def add_parallel_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp"),
+                   help="under torchrun: ddp (every rank holds the model) or fsdp (FSDP2: parameters, gradients and "
+                        "optimizer state sharded over the ranks); default ddp")
+
+
 def add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, metavar="PATH",
                    help="write the result as JSON to PATH ('-' for stdout; FIFOs and devices are written in place)")
@@ -198,7 +204,7 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
 
 
 def load_workload_from_args(args: argparse.Namespace) -> Any:
-    from batchfit.workload import load_workload, parse_options
+    from batchfit.loading import load_workload, parse_options
 
     return load_workload(args.workload, **parse_options(args.workload_option))
 
@@ -560,6 +566,8 @@ class _Fail:
               parser: argparse.ArgumentParser | None = None) -> int:
         """Run ``handler(args)``; whatever escapes becomes one line on stderr and an exit code."""
         name = f"batchfit {getattr(args, 'command', '')}".strip()
+        if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and "RANK" in os.environ:  # torchrun: whose line
+            name += f" (rank {os.environ['RANK']})"
         with _Sigint() as sigint, _one_line_warnings(name, parser):
             try:
                 check_outputs(args)

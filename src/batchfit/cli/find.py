@@ -27,6 +27,7 @@ def add_parser(sub: Any) -> None:
                    help="headroom kept by the recommended batch, as a fraction of the limit (default 0.05)")
     p.add_argument("--no-throughput", action="store_true", help="skip timing samples/s (no knee)")
     c.add_runtime_options(p)
+    c.add_parallel_option(p)
     c.add_output_options(p)
     p.set_defaults(handler=run)
 
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
             throughput=not args.no_throughput,
             seed=args.seed,
             progress=progress,
+            parallel=args.parallel,
         )
     except KeyboardInterrupt:  # the trials that finished stay in the file, which says it was interrupted
         partial["status"] = "interrupted"
@@ -106,3 +108,16 @@ def _print_summary(args: argparse.Namespace, result: Any) -> None:
                   "the best samples/s; the better choice when memory is plentiful)")
     if result.eval_batch_size is not None:
         con.print(f"evaluation batch: {result.eval_batch_size} (sized on its own; pass --eval-batch-size to train)")
+    shard = result.extras.get("sharding")
+    if shard:
+        by_world = ", ".join(f"{w}: {b}" for w, b in shard["per_rank_max_by_world"].items() if int(w) <= 16)
+        con.print(f"per rank, FSDP over {shard['world_size']} ranks: sharded state "
+                  f"{format_bytes(shard['sharded_state_bytes'])}, largest gathered unit "
+                  f"{format_bytes(shard['largest_unit_bytes'])}, activations "
+                  f"{format_bytes(shard['activation_bytes_per_sample'])}/sample; predicted largest batch per rank "
+                  f"by world size: {by_world}")
+    split = result.extras.get("global_batch")
+    if split:
+        con.print(f"the base batch {split['batch_size']} = micro-batch {split['micro_batch_size']} x accumulation "
+                  f"{split['accumulation_steps']} x world {split['world_size']} (same global batch and LR on any "
+                  "world size: the accumulation adjusts)")

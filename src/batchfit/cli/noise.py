@@ -35,6 +35,7 @@ def add_parser(sub: Any) -> None:
                    help="train this many steps first and probe there (default 0: at initialisation)")
     p.add_argument("--lr", type=c.positive_float, help="learning rate of the --train-steps (default: scaled base LR)")
     c.add_runtime_options(p)
+    c.add_parallel_option(p)
     c.add_output_options(p)
     p.set_defaults(handler=run)
 
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             result = noise_scale(
                 workload, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, steps=args.steps,
                 device=args.device, precision=args.precision, seed=args.seed, rel_ci=args.rel_ci,
-                train_steps=args.train_steps, lr=args.lr, progress=live,
+                train_steps=args.train_steps, lr=args.lr, progress=live, parallel=args.parallel,
             )
     except KeyboardInterrupt:  # every measured step is in the file already; it now says it was interrupted
         partial["status"] = "interrupted"

@@ -58,6 +58,7 @@ def add_parser(sub: Any) -> None:
                        help="continue the run saved in this checkpoint, with the same arguments (any argument that "
                             "changes the result, --steps included, must match; a mismatch is named)")
     c.add_runtime_options(p)
+    c.add_parallel_option(p)
     c.add_output_options(p)
     p.set_defaults(handler=run)
 
@@ -180,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
             eval_every=args.eval_every,
             grad_clip=args.grad_clip,
             callbacks=callbacks,
+            parallel=args.parallel,
             **kwargs,
         )
     except KeyboardInterrupt:  # what was evaluated so far stays in the JSON, marked as such (not "running")

@@ -51,11 +51,13 @@ def train_budget_value(text: str) -> str:
     return str(_from_config_error(lambda t: parse_train_budget(t, name="--train-budget"))(text))
 
 
-def max_cost_value(text: str) -> float:
+def max_cost_value(text: str) -> float | str | None:
+    if text.strip().lower() in ("auto", "none"):
+        return None if text.strip().lower() == "none" else "auto"
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of runs (e.g. 1.0)") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of runs (e.g. 1.0), auto or none") from None
     if not (value > 0 and value < float("inf")):
         raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of runs of the train budget, e.g. 1.0")
     return value
@@ -92,10 +94,11 @@ def add_parser(sub: Any) -> None:
                    help="what you will train: samples:N, steps:S (at the base batch), epochs:E or tokens:T (default: "
                         f"the workload's own, else {DEFAULT_BUDGET}); the recommendation is for this budget and every "
                         "result states its cost in runs of it")
-    p.add_argument("--max-cost", type=max_cost_value, metavar="F",
-                   help="what batchfit may spend, in runs of the train budget (e.g. 1.0); capped, each trial trains "
-                        "an equal share of samples and racing stops at the cap (default: uncapped, every candidate "
-                        "trains the whole train budget)")
+    p.add_argument("--max-cost", type=max_cost_value, metavar="F", default="auto",
+                   help="what batchfit may spend, in runs of the train budget: a number, auto (default: 1.0 when "
+                        "batchfit plans the measurement, uncapped with --budget) or none (uncapped: every candidate "
+                        "trains the whole train budget); capped, every stage gets a share, each trial trains an "
+                        "equal share of samples and racing stops at the cap")
     p.add_argument("--budget", type=budget_value, default=None,
                    help="set the per-trial measurement budget yourself: epochs:E, steps:S or samples:N (default: "
                         "planned from --train-budget and --max-cost)")
@@ -214,8 +217,8 @@ class _Live:
 
 def run(args: argparse.Namespace) -> int:
     from batchfit.errors import ConfigError
+    from batchfit.loading import parse_options
     from batchfit.tuning import tune
-    from batchfit.workload import parse_options
 
     c.check_outputs(args)
     if args.no_find and args.memory_budget is not None:

@@ -208,7 +208,9 @@ def _rescale(optimizer: torch.optim.Optimizer, scheduler: Any, factor: float) ->
 
 class _SchedulerStep:
     """Steps the module's scheduler as Lightning would: every ``frequency`` optimizer steps (interval "step") or
-    epochs (interval "epoch": one epoch = the training samples of one pass, counted through ``training_step``)."""
+    epochs (interval "epoch": one epoch = the training samples of one pass, counted through ``training_step``).
+    :attr:`batchfit_name` says which, for the results and the report (issue 23.7: not "after every optimizer
+    step" when it steps per epoch)."""
 
     def __init__(self, config: Mapping[str, Any], module: Any, epoch_samples: int) -> None:
         self.scheduler = config["scheduler"]
@@ -217,6 +219,10 @@ class _SchedulerStep:
         self.module = module
         self.epoch_samples = epoch_samples
         self.count = 0
+        unit = "optimizer step" if self.interval == "step" else "epoch"
+        every = f"every {unit}" if self.frequency == 1 else f"every {self.frequency} {unit}s"
+        self.batchfit_name = (f"{type(self.scheduler).__name__}, stepped {every} (Lightning interval "
+                              f"{self.interval!r}, frequency {self.frequency})")
 
     def step(self) -> None:
         if self.interval == "step":
@@ -230,6 +236,44 @@ class _SchedulerStep:
             self.count += 1
             if self.count % self.frequency == 0:
                 self.scheduler.step()
+
+
+_NOT_REPRODUCIBLE = (
+    "lightning_workload got {name} as a module instance, built before batchfit seeds anything: every trial starts "
+    "from its weights as they are now, so seed/--seed neither reproduces them in a new process nor varies them "
+    "between seeds; pass a factory (the class, or a function returning a fresh module) to make runs reproducible")
+
+
+def _check_data_arguments(train_dataloader: Any, val_dataloader: Any, datamodule: Any) -> None:
+    """Issue 23.5: a DataModule class given as ``datamodule=``, or a DataModule given as the data loader, is one line
+    that says to pass an instance as ``datamodule=``."""
+    if isinstance(datamodule, type):
+        raise ConfigError(f"datamodule={datamodule.__name__} is the class; pass an instance as datamodule=: "
+                          f"datamodule={datamodule.__name__}(...)")
+    for what, value in (("train_dataloader", train_dataloader), ("val_dataloader", val_dataloader)):
+        cls = value if isinstance(value, type) else type(value)
+        if issubclass(cls, pl.LightningDataModule):
+            raise ConfigError(f"{what} got the LightningDataModule {cls.__name__}; pass an instance as datamodule=: "
+                              f"lightning_workload(module, datamodule={cls.__name__}(...))")
+
+
+def _call_before_optimizer_step(module: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Issue 23.7: the module's ``on_before_optimizer_step(optimizer)`` runs before every optimizer step, as in
+    Lightning (with gradients unscaled; batchfit's norm clipping has already run, where Lightning clips after the
+    hook), its ``self.log`` calls captured."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    if not is_overridden("on_before_optimizer_step", module):
+        return
+    ref = weakref.ref(module)
+
+    def hook(opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        owner = ref()
+        if owner is not None:
+            with _detached(owner):
+                owner.on_before_optimizer_step(opt)
+
+    optimizer.register_step_pre_hook(hook)
 
 
 class _Modules:
@@ -344,7 +388,9 @@ def lightning_workload(module: Any, train_dataloader: Any = None, *, datamodule:
 
     Args:
         module: a zero-argument factory returning a *fresh* LightningModule (called once per trial), or a module
-            instance (each trial then trains a copy of it as it is now; the instance itself is never changed).
+            instance (each trial then trains a copy of it as it is now; the instance itself is never changed). An
+            instance was built before batchfit seeds anything, so ``seed`` cannot reproduce or vary its weights: it
+            warns, and the workload's ``description`` (stored with the sweep's results) says so; pass a factory.
         train_dataloader, val_dataloader: the data as DataLoaders (re-created by batchfit at each batch size,
             keeping workers, collate function and sampler kind); or give ``datamodule`` (its ``prepare_data`` and
             ``setup("fit")`` are called once; ``val_dataloader`` is used when it defines one), or neither and the
@@ -359,14 +405,20 @@ def lightning_workload(module: Any, train_dataloader: Any = None, *, datamodule:
     ignored); in evaluation ``validation_step`` runs and what it logs become the metrics (the logged loss is the
     validation loss). ``configure_optimizers`` gives the optimizer and scheduler of each trial; every LR they hold
     is rescaled by batchfit's rule (factor = scaled LR / the module's LR), and the scheduler is stepped per its
-    ``interval`` and ``frequency``. The base batch is the train loader's ``batch_size`` x accumulation.
+    ``interval`` and ``frequency`` (the results name it so: "StepLR, stepped every epoch ..."). The module's
+    ``on_before_optimizer_step`` runs before every optimizer step (after batchfit's norm clipping). The base batch
+    is the train loader's ``batch_size`` x accumulation.
     """
     factory: Callable[[], Any]
+    _check_data_arguments(train_dataloader, val_dataloader, datamodule)
+    description = ""
     if isinstance(module, nn.Module):
         template = _detached_copy(module)
         template = template.cpu()  # the trials' copies go to batchfit's device; the instance stays where it is
         factory = lambda: copy.deepcopy(template)  # noqa: E731 - each trial starts from the instance's weights
         label = type(module).__name__
+        description = _NOT_REPRODUCIBLE.format(name=label)
+        warnings.warn(f"batchfit: {description}", UserWarning, stacklevel=2)
     elif callable(module):
         factory, label = module, getattr(module, "__name__", type(module).__name__)
     else:
@@ -388,6 +440,7 @@ def lightning_workload(module: Any, train_dataloader: Any = None, *, datamodule:
         owner.__dict__["_batchfit_samples"] = 0
         if sched is not None:
             modules.schedulers[optimizer] = (sched, owner)
+        _call_before_optimizer_step(owner, optimizer)
         return optimizer
 
     def lr_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
@@ -405,6 +458,7 @@ def lightning_workload(module: Any, train_dataloader: Any = None, *, datamodule:
         higher_is_better = not any(w in (primary or "loss").lower() for w in _LOWER_IS_BETTER)
     return Workload(
         name=name or label,
+        description=description,
         model_fn=modules.new,
         optimizer_fn=optimizer_fn,
         loss_fn="output",
@@ -475,7 +529,10 @@ class BatchfitBatchSize(Callback):
         batch = int(lightning_getattr(pl_module, self.batch_arg_name))
         effective = batch * int(trainer.accumulate_grad_batches)
         dataloader = self._train_dataloader(trainer, pl_module)
-        workload = lightning_workload(pl_module, dataloader, gradient_clip_val=_clip(trainer, None))
+        with warnings.catch_warnings():  # the finder alone: the instance's weights need no seed
+            warnings.filterwarnings("ignore", message=r"batchfit: lightning_workload got .* as a module instance",
+                                    category=UserWarning)
+            workload = lightning_workload(pl_module, dataloader, gradient_clip_val=_clip(trainer, None))
         device = pl_module.device
         precision = _PRECISIONS.get(str(trainer.precision), "fp32")
         self.result = find_batch_size(
@@ -599,7 +656,7 @@ class BatchfitBatchSchedule(Callback):
 
 class _NoiseLogger:
     """Per-micro-batch gradient norms inside Lightning's accumulation, fed to batchfit's one estimator
-    (:class:`batchfit.noise.RunningNoiseScale`: :func:`batchfit.noise.unbiased_estimates` per step and two
+    (:class:`batchfit.noise.RunningNoiseScale`: :func:`batchfit.stats.unbiased_estimates` per step and two
     bias-corrected moving averages divided last), the same object ``NoiseCallback`` uses in batchfit's own loop.
 
     A leaf's tensor hook sees each backward's gradient before it is added to ``.grad``: with Lightning's loss

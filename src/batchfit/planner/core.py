@@ -10,6 +10,7 @@ from typing import Any
 
 from batchfit import checks
 from batchfit.errors import ConfigError
+from batchfit.loading import load_workload
 from batchfit.memory import format_bytes, parse_bytes
 from batchfit.planner.devices import CUDA_CONTEXT_BYTES, GpuSpec, lookup
 from batchfit.planner.roofline import step_time
@@ -17,7 +18,7 @@ from batchfit.planner.rules import library_workspaces
 from batchfit.planner.timeline import MemoryPoint, Parallel, Timeline, largest_under
 from batchfit.planner.trace import Trace, sample_batch, trace_step
 from batchfit.progress import ProgressFn, emit
-from batchfit.workload import Workload, load_workload
+from batchfit.workload import Workload
 
 __all__ = ["FIT_SIZES", "KNEE_SHARE", "PARALLEL_MODES", "PlanResult", "plan"]
 

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from batchfit.critical import fit_critical_batch, pooled_points, seed_points
-from batchfit.errors import ConfigError, WorkloadError
+from batchfit.errors import ConfigError, SweepFailedError, WorkloadError
 from batchfit.metric import Metric, best_config_mean, crossing
 from batchfit.study import keys as K
 from batchfit.study.inputs import parse_target
@@ -44,10 +44,6 @@ __all__ = [
 USER_ERROR_KINDS = ("workload", "memory", "config")
 _STATUS_ORDER = {K.STATUS_OK: 0, K.STATUS_DIVERGED: 1, K.STATUS_RUNNING: 2, K.STATUS_FAILED: 3}
 _TOP_TUNE_KEYS = ("find", "noise")  # always present in results.json (None when not measured)
-
-
-class SweepFailedError(RuntimeError):
-    """Every trial of a sweep failed on something that is not the user's workload (a batchfit bug)."""
 
 
 def _nonempty_str(value: Any) -> bool:

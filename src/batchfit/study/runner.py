@@ -17,9 +17,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from batchfit import __version__, checks
+from batchfit import checks
 from batchfit._io import to_jsonable
+from batchfit._version import __version__
 from batchfit.errors import BatchfitError, ConfigError
+from batchfit.loading import load_workload
 from batchfit.metric import Metric
 from batchfit.progress import ProgressFn
 from batchfit.scaling import RULE_CHOICES, WEIGHT_DECAY_RULES
@@ -41,7 +43,7 @@ from batchfit.study.inputs import (
 from batchfit.study.integrity import check_study
 from batchfit.study.results import SweepResult, build_results
 from batchfit.study.trial import SweepPlan, legacy_progress, run_trial, sweep_event
-from batchfit.workload import Workload, load_workload
+from batchfit.workload import Workload
 
 __all__ = ["MAX_SEEDS", "sweep"]
 
@@ -68,7 +70,8 @@ class _Inputs:
 def _validate(workload: Workload | str, *, batch_sizes: Any, budget: Any, lr_rule: str, lr_search: int,
               warmup: Any, target: Any, micro_batch_limit: Any, device: str, precision: str, seed: Any,
               eval_every: Any, weight_decay_rule: str = "keep") -> _Inputs:
-    from batchfit.engine import check_precision, check_warmup, resolve_device, resolve_warmup
+    from batchfit.engine import check_precision, check_warmup, resolve_warmup
+    from batchfit.runtime import resolve_device
 
     wl = load_workload(workload)
     dev = resolve_device(device)

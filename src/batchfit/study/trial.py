@@ -22,6 +22,7 @@ from batchfit._io import to_jsonable
 from batchfit.errors import BatchfitError, ConfigError, WorkloadError
 from batchfit.metric import Metric
 from batchfit.progress import ProgressEvent, ProgressFn
+from batchfit.scaling import optimizer_settings
 from batchfit.study import keys as K
 from batchfit.study.inputs import EVALS_PER_TRIAL, Budget, GridPoint
 from batchfit.study.store import Heartbeat, optuna_module, worker_identity
@@ -99,8 +100,6 @@ class _Recorder:
         self.count = 0
 
     def on_train_start(self, state: Any) -> None:
-        from batchfit.recommend import optimizer_settings
-
         self.info.update(lr=state.optimizer.param_groups[0]["lr"], micro_batch_size=state.micro_batch_size,
                          accumulation_steps=state.accumulation_steps, total_steps=state.total_steps,
                          optimizer=optimizer_settings(state.optimizer))
@@ -132,10 +131,9 @@ class _Recorder:
 def _library_dirs() -> tuple[str, ...]:
     import torch
 
-    import batchfit
-
     stdlib = sysconfig.get_paths().get("stdlib") or str(Path(sys.executable).parent)
-    return (str(Path(batchfit.__file__).resolve().parent), str(Path(torch.__file__).resolve().parent),
+    package = Path(__file__).resolve().parent.parent  # src/batchfit (this file is src/batchfit/study/trial.py)
+    return (str(package), str(Path(torch.__file__).resolve().parent),
             str(Path(stdlib).resolve()))
 
 

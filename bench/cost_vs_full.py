@@ -1,0 +1,167 @@
+"""A capped tune against the full-horizon reference (issue 18.5).
+
+For each workload:
+
+(a) **The full-horizon reference**: every candidate batch size trained for the whole train budget, with the LR rule's
+    LR x {1/4, 1/2, 1, 2, 4} and ``--ref-seeds`` seeds (default 3), scored the way tune scores a trial (the mean of
+    its last 3 evaluations). Its best configuration is the best seed mean; a batch size is in its *non-inferior set*
+    when its best LR's seed mean lies within ``--tolerance`` (relative) of the best, and its *best LR* is that LR.
+(b) **Capped tunes**: ``tune --max-cost C`` for each C in ``--caps`` (default 1.0 and 0.5) with ``--tune-seeds``
+    seeds of batchfit's own randomness (default 3).
+
+Per tune it records the cost in runs (``results.json["cost"]``), the recommended batch and LR, whether the batch is
+in the reference's non-inferior set, the LR's factor from the reference's best LR at that batch, and the
+recommended configuration's quality at the train budget: trained again for the whole train budget on the reference's
+seeds exactly as tune's sweep trains it (a one-batch sweep from the tune's checked base LR), seed mean with a t
+interval, against the reference's best seed mean.
+
+Run:   python bench/cost_vs_full.py --workloads digits,mnist1d --out bench/results/cost_vs_full.json
+       (a reference grid is resumed from ``--work-dir``: an earlier run's stores are reused, not retrained)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from batchfit.loading import load_workload  # noqa: E402
+from batchfit.report import write_json  # noqa: E402
+from batchfit.stats import mean_interval  # noqa: E402
+from batchfit.study import parse_budget  # noqa: E402
+from batchfit.tuning import _auto_eval_every, default_batch_sizes, tune  # noqa: E402
+from recommendation_stability import _base_lr, _grid, _score_config  # noqa: E402
+
+# name -> (spec, workload options, train budget)
+WORKLOADS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "digits": ("demo:digits-mlp", {}, "epochs:20"),
+    "mnist1d": ("demo:mnist1d", {"num_samples": 4000}, "samples:40000"),
+    "tiny-lm": ("demo:tiny-lm", {}, "epochs:1"),
+    "text_dict": ("examples/text_dict/workload.py:make", {}, "epochs:3"),
+}
+
+
+def reference(spec: str, options: dict[str, Any], budget: str, seeds: int, store: Path) -> dict[str, Any]:
+    wl = load_workload(spec, **options)
+    sizes = default_batch_sizes(wl.num_train, None, wl.base_batch_size)
+    kind = parse_budget(budget).kind
+    eval_every = _auto_eval_every(wl.num_train, min(sizes), kind)
+    t0 = time.perf_counter()
+    grid = _grid(spec, options, store, budget, 5, seeds, eval_every, sizes)
+    grid["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    grid["eval_every"] = eval_every
+    return grid
+
+
+def _per_batch_best(grid: dict[str, Any], higher: bool) -> dict[int, dict[str, Any]]:
+    out: dict[int, dict[str, Any]] = {}
+    for c in grid["configs"]:
+        b = int(c["batch_size"])
+        if b not in out or (c["quality_mean"] > out[b]["quality_mean"]) == higher:
+            out[b] = c
+    return out
+
+
+def judge(grid: dict[str, Any], tol: float, higher: bool = True) -> dict[str, Any]:
+    best = grid["best"]["quality"]
+    per = _per_batch_best(grid, higher)
+    bound = best * (1 - tol) if higher else best * (1 + tol)
+    ok = sorted(b for b, c in per.items() if (c["quality_mean"] >= bound if higher else c["quality_mean"] <= bound))
+    return {"best": grid["best"], "non_inferior": ok, "best_lr_by_batch": {b: per[b]["lr"] for b in sorted(per)},
+            "quality_by_batch": {b: per[b]["quality_mean"] for b in sorted(per)}}
+
+
+def one_tune(spec: str, options: dict[str, Any], budget: str, cap: float, seed: int, out: Path) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    res = tune(spec, out_dir=out, seed=seed, train_budget=budget, max_cost=cap, workload_options=options)
+    wall = time.perf_counter() - t0
+    d = res.to_dict()
+    rec = res.recommendation
+    return {"cap": cap, "seed": seed, "batch_size": rec.batch_size if rec else None, "lr": rec.lr if rec else None,
+            "cost": d.get("cost"), "runs": (d.get("cost") or {}).get("runs"),
+            "measurement": (d.get("train_budget") or {}).get("measurement"),
+            "dropped": (d.get("train_budget") or {}).get("dropped"),
+            "flags": (d.get("recommendation") or {}).get("flags"), "wall_seconds": round(wall, 1), "out": str(out)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", default="digits,mnist1d")
+    ap.add_argument("--caps", default="1.0,0.5")
+    ap.add_argument("--tune-seeds", type=int, default=3)
+    ap.add_argument("--ref-seeds", type=int, default=3)
+    ap.add_argument("--tolerance", type=float, default=0.01)
+    ap.add_argument("--no-reference", action="store_true",
+                    help="only the capped tunes (cost, answer, wall time): no full-horizon grid, no re-scoring")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/cost_vs_full.json"))
+    ap.add_argument("--work-dir", type=Path, default=Path("/tmp/cost_vs_full"))
+    args = ap.parse_args(argv)
+    report: dict[str, Any] = {"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+                              "settings": {k: str(v) for k, v in vars(args).items()}, "workloads": {}}
+    if args.out.exists():
+        report["workloads"] = json.loads(args.out.read_text()).get("workloads", {})
+    for name in args.workloads.split(","):
+        spec, options, budget = WORKLOADS[name]
+        out = report["workloads"].setdefault(name, {"spec": spec, "options": options, "train_budget": budget})
+        root = args.work_dir / name
+        root.mkdir(parents=True, exist_ok=True)
+        if "reference" not in out and not args.no_reference:
+            out["reference"] = reference(spec, options, budget, args.ref_seeds, root / "grid.db")
+            write_json(args.out, report)
+        verdict = judge(out["reference"], args.tolerance) if "reference" in out else None
+        out["verdict_basis"] = verdict
+        if verdict is not None:
+            print(f"[{name}] reference best {verdict['best']}; non-inferior {verdict['non_inferior']}", flush=True)
+        tunes = out.setdefault("tunes", [])
+        for cap in (float(c) for c in args.caps.split(",")):
+            for seed in range(args.tune_seeds):
+                if any(t["cap"] == cap and t["seed"] == seed for t in tunes):
+                    continue
+                t = one_tune(spec, options, budget, cap, seed, root / f"tune_c{cap:g}_s{seed}")
+                if t["batch_size"] and verdict is not None:
+                    b, lr = t["batch_size"], t["lr"]
+                    score = _score_config(spec, options, b, lr, budget, args.ref_seeds,
+                                          out["reference"]["eval_every"], _base_lr(t),
+                                          root / f"score_c{cap:g}_s{seed}.db")
+                    qs = score["qualities"]
+                    iv = mean_interval(qs) if len(qs) >= 2 else None
+                    best = verdict["best"]["quality"]
+                    ref_lr = verdict["best_lr_by_batch"].get(b)
+                    t.update(quality=score, quality_interval=None if iv is None else iv.to_dict(),
+                             relative_gap_to_best=(best - score["quality_mean"]) / abs(best),
+                             batch_non_inferior=b in verdict["non_inferior"],
+                             lr_factor_from_reference=None if ref_lr is None else max(lr / ref_lr, ref_lr / lr))
+                tunes.append(t)
+                print(f"[{name}] cap {cap:g} seed {seed}: batch {t['batch_size']} LR {t['lr'] or float('nan'):.4g} "
+                      f"cost {t['runs']:.2f} runs, gap {t.get('relative_gap_to_best', float('nan')):.2%}, "
+                      f"non-inferior {t.get('batch_non_inferior')}, LR factor {t.get('lr_factor_from_reference')}",
+                      flush=True)
+                write_json(args.out, report)
+        by_cap: dict[str, Any] = {}
+        for cap in sorted({t["cap"] for t in tunes}):
+            ts = [t for t in tunes if t["cap"] == cap and t["batch_size"]]
+            if not ts:
+                continue
+            bs = [t["batch_size"] for t in ts]
+            med = statistics.median(bs)
+            by_cap[f"{cap:g}"] = {
+                "runs": [round(t["runs"], 3) for t in ts], "batch": bs, "lr": [t["lr"] for t in ts],
+                "max_runs": max(t["runs"] for t in ts),
+                "worst_gap": max(t.get("relative_gap_to_best", float("inf")) for t in ts),
+                "all_non_inferior": all(t.get("batch_non_inferior") for t in ts),
+                "worst_lr_factor": max((t.get("lr_factor_from_reference") or float("inf")) for t in ts),
+                "batch_within_x2": all(med / 2 <= b <= med * 2 for b in bs)}
+        out["summary"] = by_cap
+        write_json(args.out, report)
+        print(f"[{name}] {json.dumps(by_cap)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
