@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune-seeds", type=int, default=3)
     ap.add_argument("--ref-seeds", type=int, default=3)
     ap.add_argument("--tolerance", type=float, default=0.01)
+    ap.add_argument("--load", action="store_true",
+                    help="also tune seed 0 at the first cap with two busy processes beside it")
     ap.add_argument("--no-reference", action="store_true",
                     help="only the capped tunes (cost, answer, wall time): no full-horizon grid, no re-scoring")
     ap.add_argument("--out", type=Path, default=Path("bench/results/cost_vs_full.json"))
@@ -143,6 +145,22 @@ def main(argv: list[str] | None = None) -> int:
                       f"non-inferior {t.get('batch_non_inferior')}, LR factor {t.get('lr_factor_from_reference')}",
                       flush=True)
                 write_json(args.out, report)
+        if args.load and "loaded" not in out:
+            from recommendation_stability import _busy, _stop
+
+            cap = float(args.caps.split(",")[0])
+            procs = _busy(2)
+            try:
+                loaded = one_tune(spec, options, budget, cap, 0, root / f"tune_c{cap:g}_s0_loaded")
+            finally:
+                _stop(procs)
+            quiet = next((t for t in tunes if t["cap"] == cap and t["seed"] == 0), None)
+            loaded["same_as_quiet"] = quiet is not None and (loaded["batch_size"], loaded["lr"]) == (
+                quiet["batch_size"], quiet["lr"])
+            out["loaded"] = loaded
+            print(f"[{name}] under load, cap {cap:g} seed 0: batch {loaded['batch_size']} LR {loaded['lr']:.4g}, "
+                  f"cost {loaded['runs']:.2f} runs, same as quiet: {loaded['same_as_quiet']}", flush=True)
+            write_json(args.out, report)
         by_cap: dict[str, Any] = {}
         for cap in sorted({t["cap"] for t in tunes}):
             ts = [t for t in tunes if t["cap"] == cap and t["batch_size"]]

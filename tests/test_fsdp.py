@@ -249,7 +249,9 @@ def test_fsdp_finder_one_rank_oom_mid_backward_all_back_off(tmp_path: Path) -> N
     assert mm["sharded_state_bytes"] > 0 and set(mm["per_rank_max_by_world"]) >= {"1", "2", "4", "8"}
     assert f0["global_batch"]["batch_size"] == 16 and f0["global_batch"]["world_size"] == 2
     b0, b1 = r0["budgeted"], r1["budgeted"]
-    assert b0["max_batch_size"] == b1["max_batch_size"] >= 1 and b0["probes"] == b1["probes"]
+    assert b0["max_batch_size"] == b1["max_batch_size"] >= 1
+    assert [{k: v for k, v in p.items() if k != "seconds"} for p in b0["probes"]] == \
+        [{k: v for k, v in p.items() if k != "seconds"} for p in b1["probes"]]
     over = [p for p in b0["probes"] if not p["ok"]]
     assert over and all(p["error"].startswith("rank 1:") for p in over)
     # the hand-made step: both ranks backed off (rank 0 because of rank 1), then trained 100 steps

@@ -148,7 +148,8 @@ def test_hf_output_to_cross_entropy_hints_loss_fn_output() -> None:
 
     wl = Workload(name="hf-ce", model_fn=model_init, optimizer_fn=lambda p, lr: torch.optim.AdamW(p, lr=lr),
                   loss_fn=F.cross_entropy,
-                  train_data=[{k: v for k, v in it.items() if k != "text"} for it in texts(32, 0)], collate_fn=pad, base_batch_size=8, base_lr=1e-4)
+                  train_data=[{k: v for k, v in it.items() if k != "text"} for it in texts(32, 0)], collate_fn=pad,
+                  base_batch_size=8, base_lr=1e-4)
     with pytest.raises(WorkloadError, match=r"loss_fn raised TypeError: .*the model returns a "
                                             r"SequenceClassifierOutput \(with \.loss/\.logits\), not a tensor: set "
                                             r"loss_fn=\"output\""):

@@ -923,15 +923,15 @@ FLAG_WORDS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
         "batch_schedule": "--batch-schedule", "micro_batch_limit": "--micro-batch-limit", "beta2": "--beta2",
         "weight_decay_timescale": "--weight-decay-timescale", "checkpoint": "--checkpoint",
         "checkpoint_every": "--checkpoint-every", "resume_from": "--resume", "device": "--device",
-        "precision": "--precision", "seed": "--seed"}),
+        "precision": "--precision", "seed": "--seed", "parallel": "--parallel"}),
     "find": (("find_batch_size",), {
         "workload": "--workload", "memory_budget": "--memory-budget", "batch_size_cap": "--max-batch-size",
         "max_batch_size": "--max-batch-size", "margin": "--margin", "throughput": "--no-throughput",
-        "device": "--device", "precision": "--precision", "seed": "--seed"}),
+        "device": "--device", "precision": "--precision", "seed": "--seed", "parallel": "--parallel"}),
     "noise": (("noise_scale",), {
         "workload": "--workload", "batch_size": "--batch-size", "micro_batch_size": "--micro-batch-size",
         "steps": "--steps", "rel_ci": "--rel-ci", "train_steps": "--train-steps", "lr": "--lr", "device": "--device",
-        "precision": "--precision", "seed": "--seed"}),
+        "precision": "--precision", "seed": "--seed", "parallel": "--parallel"}),
     "sweep": (("sweep",), {
         "workload": "--workload", "batch_sizes": "--batch-sizes", "budget": "--budget", "lr_rule": "--lr-rule",
         "weight_decay_rule": "--wd-rule", "seeds": "--seeds", "lr_search": "--lr-search", "warmup": "--warmup",

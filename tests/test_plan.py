@@ -399,6 +399,35 @@ def test_cli_plan_writes_the_json(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert data["max_batch_size"] >= 1 and "largest batch" in capsys.readouterr().err
 
 
+def test_cli_plan_memory_parallel_cap_and_margin_reach_the_plan(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The flags without another test: --memory (the given size, less the CUDA context, is what is usable),
+    --parallel ddp --world N, --max-batch-size (the limit, said) and --margin."""
+    out = tmp_path / "plan.json"
+    rc = main(["plan", "-w", "demo:digits-mlp", "--gpu", "a100-40gb", "--memory", "2GiB", "--parallel", "ddp",
+               "--world", "2", "--max-batch-size", "48", "--margin", "0.2", "-b", "1,16", "--json", str(out), "-q"])
+    assert rc == 0, capsys.readouterr().err
+    data = json.loads(out.read_text())
+    assert data["memory_bytes"] == data["gpu_spec"]["memory_bytes"] == 2 * 2**30
+    assert data["gpu_spec"]["memory_source"] == "given" and data["usable_bytes"] == 2 * 2**30 - 512 * 2**20
+    assert (data["parallel"], data["world_size"], data["margin"]) == ("ddp", 2, 0.2)
+    assert data["max_batch_size"] == 48 and data["limited_by"] == "batch_size_cap"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        raise SystemExit(main(["plan", "-w", "demo:digits-mlp", "--memory", "40MiB", "-q"]))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--memory must be more than the 512 MiB the CUDA context takes" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import batchfit
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"batchfit {batchfit.__version__}"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--gpu", "v100"], "unknown GPU"),
     (["--world", "2"], "--world N needs --parallel"),
