@@ -338,3 +338,21 @@ def test_a_private_name_from_another_module_fails(tmp_path: Path) -> None:
 def test_a_module_without_a_layer_fails(tmp_path: Path) -> None:
     root = _package(tmp_path, {"newthing.py": "", "errors.py": ""})
     assert unlisted(root) == ["newthing"]
+
+
+def test_no_function_in_the_package_is_over_120_lines() -> None:
+    """Issue 20: a function a newcomer can read (docstring included); ``tune`` is the recipe's phases."""
+    import ast
+    from pathlib import Path
+
+    import batchfit
+
+    root = Path(batchfit.__file__).parent
+    long = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 120:
+                    long.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, long

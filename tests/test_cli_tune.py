@@ -63,7 +63,7 @@ def test_out_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 def test_tune_then_report_from_the_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    rc = main(["tune", "--batch-sizes", "64,128,256", "--budget", "epochs:2", "--noise-steps", "5", "--no-find",
+    rc = main(["tune", "--batch-sizes", "64,128,256", "--budget", "epochs:1", "--noise-steps", "5", "--no-find",
                "--no-precision-check", "--no-lr-calibration", "--out", str(out),
                "--json", str(tmp_path / "tune.json"), "--quiet"])
     assert rc == 0
@@ -82,7 +82,7 @@ def test_tune_then_report_from_the_store(tmp_path: Path, capsys: pytest.CaptureF
                    f"{rec['accumulation_steps']} accumulation step(s), LR {rec['lr']:.4g}, warm-up "
                    f"{rec['warmup_steps']} step(s), {rec['precision']} [cost {data['cost']['runs']:.2f} runs "
                    f"({data['cost']['samples']:,} samples, {data['cost']['seconds']:.0f} s) of the train budget "
-                   "epochs:2]"]
+                   "epochs:1]"]
 
     # the report rebuilt from the store alone gives the same recommendation, and -q prints it in one line too
     rep = tmp_path / "rep"

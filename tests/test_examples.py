@@ -1,5 +1,6 @@
-"""The four reference projects in examples/: each runs `batchfit find` and a small-budget `batchfit tune` through the
-CLI, from a working directory that is not the example's folder (the workload file's folder must be importable)."""
+"""The four reference projects in examples/: each runs `batchfit find` (in-process) and a small-budget `batchfit tune`
+(the installed script, a fresh process) through the CLI, from a working directory that is not the example's folder
+(the workload file's folder must be importable)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,10 @@ def _batchfit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(("name", "options", "sizes", "needs"), CASES, ids=[c[0] for c in CASES])
 def test_example_find_and_tune(name: str, options: list[str], sizes: str, needs: str | None,
-                               tmp_path: Path) -> None:
+                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    from batchfit.cli import main
+
     if needs is not None:
         pytest.importorskip(needs, reason=f"examples/{name} needs {needs} (pip install 'batchfit[test]')")
     glue = EXAMPLES / name / "workload.py"
@@ -40,15 +44,19 @@ def test_example_find_and_tune(name: str, options: list[str], sizes: str, needs:
     spec = f"{glue}:make"
     opts = [x for o in options for x in ("-O", o)]
 
-    found = _batchfit("find", "-w", spec, *opts, "--max-batch-size", "64", "--no-throughput", "--json", "find.json",
-                      "-q", cwd=tmp_path)
-    assert found.returncode == 0, found.stderr[-2000:]
+    # find runs in this process (one interpreter start less per example); tune below runs the `batchfit` script
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BATCHFIT_EXAMPLE_DATA", str(tmp_path / "data"))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the loader puts the example's folder first: undone after
+    capsys.readouterr()
+    rc = main(["find", "-w", spec, *opts, "--max-batch-size", "64", "--no-throughput", "--json", "find.json", "-q"])
+    assert rc == 0, capsys.readouterr().err[-2000:]
     fit = json.loads((tmp_path / "find.json").read_text())
     assert 1 <= fit["recommended_batch_size"] <= fit["max_batch_size"] <= 64
 
     # the finder ran just above: tune runs noise -> sweep -> report -> recommendation on a small budget
     tuned = _batchfit("tune", "-w", spec, *opts, "-b", sizes, "--budget", "steps:4", "--seeds", "1", "--no-find",
-                      "--noise-steps", "4", "--no-precision-check", "--no-lr-calibration", "--eval-every", "2",
+                      "--noise-steps", "2", "--no-precision-check", "--no-lr-calibration", "--eval-every", "2",
                       "--out", "out", "--json", "tune.json", "-q", cwd=tmp_path)
     assert tuned.returncode == 0, tuned.stderr[-2000:]
     result = json.loads((tmp_path / "tune.json").read_text())

@@ -24,10 +24,48 @@ TrialState = optuna.trial.TrialState
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _worker(url: str, study: str, out: Path, *args: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "batchfit", "sweep", "-w", "demo:digits-mlp", "--store", url, "--study", study,
+def _worker(url: str, study: str, out: Path, *args: str, workload: str = "demo:digits-mlp",
+            env: dict[str, str] | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "batchfit", "sweep", "-w", workload, "--store", url, "--study", study,
            "--no-noise", "--no-extremes", "-q", "--out", str(out), *args]
-    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+# The digits demo whose training data, with BATCHFIT_TEST_HANG=N in the environment, stops serving after N samples
+# (it sleeps): a worker run with it stays mid-trial until it is killed, whatever the machine's speed.
+_HANGING = '''
+import os
+import time
+
+from batchfit import load_workload
+
+
+class Hang:
+    def __init__(self, data, after):
+        self.data, self.after, self.served = data, after, 0
+
+    def _serve(self, n):
+        self.served += n
+        while self.after and self.served > self.after:
+            time.sleep(60)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self._serve(1)
+        return self.data[i]
+
+    def get_batch(self, indices):
+        self._serve(len(indices))
+        return self.data.get_batch(indices)
+
+
+def make():
+    wl = load_workload("demo:digits-mlp")
+    wl.train_data = Hang(wl.train_data, int(os.environ.get("BATCHFIT_TEST_HANG", "0")))
+    return wl
+'''
 
 
 def _configs(trials: list) -> Counter:
@@ -121,31 +159,41 @@ def test_two_concurrent_workers_share_one_study(postgres_url: str, tmp_path: Pat
 def test_dead_workers_trial_is_retried_after_its_heartbeat_goes_stale(
     postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    args = ("-b", "8", "--budget", "steps:600", "-m", "8", "--eval-every", "50")
-    victim = _worker(postgres_url, "kill", tmp_path / "victim", *args)
+    (tmp_path / "hang.py").write_text(_HANGING)
+    spec = f"{tmp_path / 'hang.py'}:make"
+    args = ("-b", "8", "--budget", "steps:100", "-m", "8", "--eval-every", "50")
+    # the victim's data stops after 75 steps (600 samples): it stores its step-50 evaluation, then waits mid-trial
+    victim = _worker(postgres_url, "kill", tmp_path / "victim", *args, workload=spec,
+                     env={**ENV, "BATCHFIT_TEST_HANG": "600"})
     storage = sweep_mod.open_storage(postgres_url, heartbeat=False)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240
     running = None
-    while running is None:  # wait until the victim is mid-trial (claimed, some evaluations stored)
-        assert victim.poll() is None, "the worker finished before it could be killed; lengthen its budget"
-        assert time.monotonic() < deadline, "the worker never started a trial"
-        time.sleep(0.2)
-        with _quiet():
-            names = optuna.get_all_study_names(storage)
-        if "kill" not in names:
-            continue
-        study = optuna.load_study(study_name="kill", storage=storage)
-        for t in study.get_trials(states=(TrialState.RUNNING,)):
-            if t.intermediate_values:
-                running = t
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait(timeout=30)
+    try:
+        while running is None:  # wait until the victim is mid-trial (claimed, some evaluations stored)
+            if victim.poll() is not None:
+                pytest.fail(f"the worker ended (exit {victim.returncode}) before it could be killed: "
+                            f"{victim.communicate()[1][-2000:]}")
+            assert time.monotonic() < deadline, "the worker never stored an evaluation of its trial"
+            time.sleep(0.2)
+            with _quiet():
+                names = optuna.get_all_study_names(storage)
+            if "kill" not in names:
+                continue
+            study = optuna.load_study(study_name="kill", storage=storage)
+            for t in study.get_trials(states=(TrialState.RUNNING,)):
+                if t.intermediate_values:
+                    running = t
+    finally:
+        victim.send_signal(signal.SIGKILL)  # kill -9 mid-trial (a no-op if it already ended)
+        victim.communicate(timeout=30)
+    assert victim.returncode == -signal.SIGKILL and running.intermediate_values  # killed while it was training
     # pretend the dead worker ran on another machine: only its heartbeat can tell that it is gone
     storage.set_trial_user_attr(running._trial_id, "worker", {**running.user_attrs["worker"], "host": "elsewhere"})
     monkeypatch.setattr(store_mod, "HEARTBEAT_INTERVAL_S", 1)
     monkeypatch.setattr(store_mod, "HEARTBEAT_GRACE_S", 2)
     time.sleep(3)  # longer than the grace period since the victim's last beat
-    result = sweep_mod.sweep("demo:digits-mlp", batch_sizes=[8], budget="steps:600", storage=postgres_url,
+    assert "BATCHFIT_TEST_HANG" not in os.environ  # the rescuer's data is served in full
+    result = sweep_mod.sweep(spec, batch_sizes=[8], budget="steps:100", storage=postgres_url,
                              study_name="kill", micro_batch_limit=8, measure_noise=False, extremes=False,
                              eval_every=50, out_dir=tmp_path / "rescuer")
     trials = optuna.load_study(study_name="kill", storage=postgres_url).get_trials()
@@ -153,7 +201,7 @@ def test_dead_workers_trial_is_retried_after_its_heartbeat_goes_stale(
     assert killed.state == TrialState.FAIL  # the stale trial was failed ...
     assert _configs(trials) == Counter({8: 1})  # ... and its configuration re-run from the start, once
     (ok,) = [t for t in result["trials"] if t["status"] == "ok"]
-    assert ok["batch_size"] == 8 and ok["steps"] == 600
+    assert ok["batch_size"] == 8 and ok["steps"] == 100
 
 
 class _quiet:

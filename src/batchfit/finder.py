@@ -678,6 +678,32 @@ def _memory_model_dict(model: MemoryModel | None, max_bs: int) -> dict[str, Any]
     return out
 
 
+def _extras(wl: Workload, recommended: int, micro_only: bool, parallel: str, sharded: bool,
+            records: list[dict[str, Any]], model: Any, max_bs: int, largest_unit: int, plan: Any) -> dict[str, Any]:
+    """The result's accumulation, world size and global-batch split, and under sharding the per-rank memory model
+    with the split at other world sizes."""
+    extras: dict[str, Any] = {}
+    if not micro_only:
+        accumulation = max(1, math.ceil(wl.base_batch_size / recommended))
+        extras.update(accumulation_steps=accumulation, effective_batch_size=recommended * accumulation)
+    world = distributed.world_size()
+    extras["world_size"] = world
+    extras["parallel"] = parallel if sharded or world > 1 else "none"
+    # the workload's base batch as a global batch on this world: micro-batch x accumulation x world size
+    extras["global_batch"] = sharding.plan_global_batch(wl.base_batch_size, world, recommended)
+    if sharded:
+        static = [r["static_bytes"] for r in records if r["phase"] in MEMORY_PHASES and r["ok"]
+                  and r.get("static_bytes") is not None]
+        extras["sharding"] = sharding.per_rank_model(
+            _memory_model_dict(model, max_bs), static_bytes=max(static) if static else None,
+            largest_unit_bytes=largest_unit, world_size=world, limit=plan.limit, margin=plan.margin)
+        # the same global batch (and so the same LR) at other world sizes: the accumulation adjusts
+        extras["sharding"]["global_batch_by_world"] = {
+            w: sharding.plan_global_batch(wl.base_batch_size, int(w), m)
+            for w, m in extras["sharding"]["per_rank_recommended_by_world"].items()}
+    return extras
+
+
 def find_batch_size(
     workload: Workload | str,
     *,
@@ -771,25 +797,8 @@ def find_batch_size(
         limited_by = "memory"
     else:
         limited_by = "max_batch_size" if batch_size_cap is not None and batch_size_cap == plan.cap else "dataset"
-    extras: dict[str, Any] = {}
-    if not micro_batch_size_only:
-        accumulation = max(1, math.ceil(wl.base_batch_size / recommended))
-        extras.update(accumulation_steps=accumulation, effective_batch_size=recommended * accumulation)
-    world = distributed.world_size()
-    extras["world_size"] = world
-    extras["parallel"] = parallel if trials.sharded or world > 1 else "none"
-    # the workload's base batch as a global batch on this world: micro-batch x accumulation x world size
-    extras["global_batch"] = sharding.plan_global_batch(wl.base_batch_size, world, recommended)
-    if trials.sharded:
-        static = [r["static_bytes"] for r in records if r["phase"] in MEMORY_PHASES and r["ok"]
-                  and r.get("static_bytes") is not None]
-        extras["sharding"] = sharding.per_rank_model(
-            _memory_model_dict(model, max_bs), static_bytes=max(static) if static else None,
-            largest_unit_bytes=largest_unit, world_size=world, limit=plan.limit, margin=plan.margin)
-        # the same global batch (and so the same LR) at other world sizes: the accumulation adjusts
-        extras["sharding"]["global_batch_by_world"] = {
-            w: sharding.plan_global_batch(wl.base_batch_size, int(w), m)
-            for w, m in extras["sharding"]["per_rank_recommended_by_world"].items()}
+    extras = _extras(wl, recommended, micro_batch_size_only, parallel, trials.sharded, records, model, max_bs,
+                     largest_unit, plan)
     result = FindResult(
         device=str(plan.device), precision=precision, memory_budget_bytes=plan.budget, max_batch_size=max_bs,
         recommended_batch_size=recommended, throughput_knee_batch_size=_knee(records),

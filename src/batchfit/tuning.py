@@ -1399,148 +1399,243 @@ def tune(
     >>> res = tune("demo:digits-mlp", out_dir="/tmp/bf")  # doctest: +SKIP
     >>> res.recommendation.batch_size  # doctest: +SKIP
     """
+    args = _TuneArgs(**locals())  # first: exactly the parameters
     t_start = time.perf_counter()
-    from batchfit.loading import load_workload
-    from batchfit.recommend import recommend
-    from batchfit.report import write_report
-    from batchfit.study import sweep
-    from batchfit.study.store import new_run_id
+    prep = _prepare(args)
+    with out_dir_lock(prep.out):  # the whole tune: one writer per out_dir (a second tune stops at once)
+        from batchfit.study.integrity import check_store
 
-    # -- validate everything before any work ------------------------------------------------------------------
-    options = dict(workload_options or {})
-    wl = load_workload(workload, **options)
+        check_store(prep.storage)  # a damaged store is found now, not after find, noise and the LR check
+        stages = _measure(args, prep)
+        swept = _sweep_and_race(args, prep, stages)
+        return _conclude(args, prep, stages, swept, t_start)
+
+
+@dataclass
+class _TuneArgs:
+    """:func:`tune`'s parameters, as given."""
+
+    workload: Any
+    out_dir: Any
+    batch_sizes: Any
+    budget: Any
+    lr_rule: str
+    lr_search: int
+    warmup: Any
+    target: Any
+    storage: Any
+    study_name: Any
+    device: str
+    precision: str
+    seed: int
+    memory_budget: Any
+    batch_size_cap: Any
+    margin: float
+    noise_steps: int
+    eval_every: Any
+    tolerance: float
+    find: bool
+    noise: bool
+    precision_check: bool
+    lr_calibration: bool
+    sharpness: bool
+    retry_failed: bool
+    workload_options: Any
+    progress: Any
+    max_batch_size: Any
+    seeds: Any
+    max_seeds: int
+    batch_schedule_check: bool
+    weight_decay_rule: str
+    train_budget: Any
+    max_cost: Any
+
+
+@dataclass
+class _Prepared:
+    """What :func:`tune` settles before any work (validated inputs) and refines as the stages report: the
+    workload (its base LR after the LR check), the candidates, the per-trial budget and the micro-batch limit."""
+
+    wl: Workload
+    run: _Run
+    out: Path
+    storage: str
+    bud: Any
+    sizes: list[int] | None
+    budget_bytes: int | None
+    cap: int | None
+    train: Any
+    max_cost: float | None
+    total: int
+    eval_every: Any = None
+    fits: int | None = None
+    plan: dict[str, Any] = field(default_factory=dict)
+
+
+def _prepare(a: _TuneArgs) -> _Prepared:
+    """Validate everything before any work; a problem is one ``ConfigError`` line and nothing is written."""
     from batchfit import checks
-
-    checks.positive_int("max_batch_size", max_batch_size, allow_none=True)
-    cap = batch_size_cap if batch_size_cap is not None else max_batch_size
-    bud, sizes, budget_bytes = _check_inputs(
-        wl, batch_sizes=batch_sizes, budget=budget, target=target, tolerance=tolerance, lr_search=lr_search,
-        noise_steps=noise_steps, eval_every=eval_every, device=device, precision=precision, seed=seed, find=find,
-        memory_budget=memory_budget, batch_size_cap=cap, seeds=seeds, max_seeds=max_seeds)
+    from batchfit.cost import DEFAULT_MAX_COST, train_budget_samples
+    from batchfit.loading import load_workload
     from batchfit.scaling import RULE_CHOICES, WEIGHT_DECAY_RULES
 
-    checks.one_of("lr_rule", lr_rule, RULE_CHOICES)
-    checks.one_of("weight_decay_rule", weight_decay_rule, WEIGHT_DECAY_RULES)
-    train = _train_budget(wl, train_budget, bud)
+    options = dict(a.workload_options or {})
+    wl = load_workload(a.workload, **options)
+    checks.positive_int("max_batch_size", a.max_batch_size, allow_none=True)
+    cap = a.batch_size_cap if a.batch_size_cap is not None else a.max_batch_size
+    bud, sizes, budget_bytes = _check_inputs(
+        wl, batch_sizes=a.batch_sizes, budget=a.budget, target=a.target, tolerance=a.tolerance, lr_search=a.lr_search,
+        noise_steps=a.noise_steps, eval_every=a.eval_every, device=a.device, precision=a.precision, seed=a.seed,
+        find=a.find, memory_budget=a.memory_budget, batch_size_cap=cap, seeds=a.seeds, max_seeds=a.max_seeds)
+    checks.one_of("lr_rule", a.lr_rule, RULE_CHOICES)
+    checks.one_of("weight_decay_rule", a.weight_decay_rule, WEIGHT_DECAY_RULES)
+    train = _train_budget(wl, a.train_budget, bud)
+    max_cost = a.max_cost
     if max_cost == "auto":
-        from batchfit.cost import DEFAULT_MAX_COST
-
         max_cost = DEFAULT_MAX_COST if bud is None else None
     if max_cost is not None and (isinstance(max_cost, bool) or not isinstance(max_cost, (int, float))
                                  or not math.isfinite(max_cost) or max_cost <= 0):
         raise ConfigError(f"max_cost must be a positive number of runs of the train budget (e.g. 1.0), \"auto\" or "
                           f"None (uncapped), got {max_cost!r}")
-    from batchfit.cost import allowance, cost_of, train_budget_samples
-
     total = train_budget_samples(train, num_train=wl.num_train, base_batch_size=wl.base_batch_size,
                                  tokens_per_sample=getattr(wl, "tokens_per_sample", None))
-    _check_warmup(wl, warmup, bud, train)
-    out = Path(out_dir)
+    _check_warmup(wl, a.warmup, bud, train)
+    out = Path(a.out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir {str(out)!r} is a file; give a directory")
-    run = _Run(out, progress, _identity(wl, options, device=device, precision=precision, seed=seed), device,
-               precision, seed)
+    run = _Run(out, a.progress, _identity(wl, options, device=a.device, precision=a.precision, seed=a.seed),
+               a.device, a.precision, a.seed)
     out.mkdir(parents=True, exist_ok=True)
-    with out_dir_lock(out):  # the whole tune: one writer per out_dir (a second tune stops at once)
-        storage = storage or f"sqlite:///{(out / 'batchfit.db').resolve()}"
-        from batchfit.study.integrity import check_store
+    storage = a.storage or f"sqlite:///{(out / 'batchfit.db').resolve()}"
+    return _Prepared(wl=wl, run=run, out=out, storage=storage, bud=bud, sizes=sizes, budget_bytes=budget_bytes,
+                     cap=cap, train=train, max_cost=max_cost, total=total, eval_every=a.eval_every)
 
-        check_store(storage)  # a damaged store is found now, not after find, noise and the LR check
 
-        # -- 1. find: the largest micro-batch that fits, and the throughput knee; 2. noise: B_simple at init --------
-        _check_lr_schedule(wl, bud=bud, sizes=sizes, cap=cap, train=train, max_cost=max_cost, lr_check=lr_calibration,
-                           precision_check=precision_check and precision != "fp16", lr_rule=lr_rule,
-                           lr_search=lr_search)  # issue 23.2: every total the plan gives the schedule, before find
-        find_result = _find(wl, run, memory_budget=budget_bytes, batch_size_cap=_useful_cap(total, max_cost, cap, bud),
-                            margin=margin, throughput=max_cost is None) if find else None
-        fits = int(find_result["recommended_batch_size"]) if find_result and find_result.get(
-            "recommended_batch_size") else None
-        noise_result = None
-        if noise:
-            probe = noise_probe_batch(wl.base_batch_size, wl.num_train, fits)
-            allowed = allowance("noise", total, max_cost)
-            n_steps = noise_steps if allowed is None else min(noise_steps, allowed // probe)
-            if allowed is None or n_steps >= NOISE_MIN_STEPS:
-                noise_result = _noise(wl, run, steps=n_steps, batch_size=probe)
-            else:
-                run.emit("noise", "end", f"not run: the cost cap leaves {allowed:,} samples for it, fewer than "
-                                         f"{NOISE_MIN_STEPS} steps at batch {probe}")
+def _measure(a: _TuneArgs, p: _Prepared) -> dict[str, Any]:
+    """Stages 1-3 and step timing: find, noise, the plan, the LR check, step time (each under its share of the
+    cost cap); returns the stage results the sweep stores beside its trials."""
+    from batchfit.cost import allowance, cost_of
+    from batchfit.recommend import micro_batch_for
 
-        # -- 3. LR check at the base batch; 4. sweep: every candidate batch at its rule-scaled LR, in the Optuna store
-        sizes = sizes or _candidates(wl, fits, cap)
-        spent = cost_of({"find": find_result, "noise": noise_result}).samples
-        bud, sizes, plan = _measurement_plan(wl, train, bud, max_cost, sizes, spent=spent,
-                                             first_round=lambda bs: _first_round(wl, bs, lr_rule, lr_search))
-        if plan["note"]:
-            run.emit("sweep", "update", plan["note"])
-        if eval_every == "auto":
-            eval_every = _auto_eval_every(wl.num_train, min(sizes), bud.kind)
-        if fits is None and not find:
-            fits = max(sizes)  # no finder: no memory limit (the sweep would otherwise run its own finder)
-        lr_check = None
-        if lr_calibration:
-            lr_check = _calibrate_lr(wl, run, budget=bud, multipliers=LR_CALIBRATION_MULTIPLIERS, tolerance=tolerance,
-                                     max_samples=allowance("lr_check", total, max_cost), train_samples=total)
-            if lr_check.best_multiplier != 1.0:
-                wl = dataclasses.replace(wl, base_lr=lr_check.lr)
-        # -- the time per step of every candidate, in interleaved rounds: what racing and the recommendation decide on
-        from batchfit.recommend import micro_batch_for
+    wl, run = p.wl, p.run
+    _check_lr_schedule(wl, bud=p.bud, sizes=p.sizes, cap=p.cap, train=p.train, max_cost=p.max_cost,
+                       lr_check=a.lr_calibration, precision_check=a.precision_check and a.precision != "fp16",
+                       lr_rule=a.lr_rule, lr_search=a.lr_search)  # issue 23.2: every total the plan gives, before find
+    find_result = _find(wl, run, memory_budget=p.budget_bytes,
+                        batch_size_cap=_useful_cap(p.total, p.max_cost, p.cap, p.bud), margin=a.margin,
+                        throughput=p.max_cost is None) if a.find else None
+    p.fits = int(find_result["recommended_batch_size"]) if find_result and find_result.get(
+        "recommended_batch_size") else None
+    noise_result = _noise_stage(a, p) if a.noise else None
+    sizes = p.sizes or _candidates(wl, p.fits, p.cap)
+    spent = cost_of({"find": find_result, "noise": noise_result}).samples
+    p.bud, p.sizes, p.plan = _measurement_plan(wl, p.train, p.bud, p.max_cost, sizes, spent=spent,
+                                               first_round=lambda bs: _first_round(wl, bs, a.lr_rule, a.lr_search))
+    if p.plan["note"]:
+        run.emit("sweep", "update", p.plan["note"])
+    if p.eval_every == "auto":
+        p.eval_every = _auto_eval_every(wl.num_train, min(p.sizes), p.bud.kind)
+    if p.fits is None and not a.find:
+        p.fits = max(p.sizes)  # no finder: no memory limit (the sweep would otherwise run its own finder)
+    lr_check = None
+    if a.lr_calibration:
+        lr_check = _calibrate_lr(wl, run, budget=p.bud, multipliers=LR_CALIBRATION_MULTIPLIERS, tolerance=a.tolerance,
+                                 max_samples=allowance("lr_check", p.total, p.max_cost), train_samples=p.total)
+        if lr_check.best_multiplier != 1.0:
+            p.wl = dataclasses.replace(wl, base_lr=lr_check.lr)
+    # the time per step of every candidate, in interleaved rounds: what racing and the recommendation decide on
+    step_time = _step_time(p.wl, run, {b: micro_batch_for(b, find_result, p.fits) for b in p.sizes},
+                           max_samples=allowance("step_time", p.total, p.max_cost))
+    return {"find": find_result, "noise": noise_result, "lr_check": lr_check, "step_time": step_time}
 
-        step_time = _step_time(wl, run, {b: micro_batch_for(b, find_result, fits) for b in sizes},
-                               max_samples=allowance("step_time", total, max_cost))
-        stages = {"find": find_result, "noise": noise_result,
-                  "lr_calibration": lr_check.to_dict() if lr_check is not None else None, "step_time": step_time}
-        stages.update(num_val=wl.num_val, framework=framework_of(wl), train_budget=plan)
 
-        def run_sweep(replicates: Mapping[int, int] | None) -> Any:
-            return sweep(  # tune's stage results go into the study's tune namespace, so the store alone has them
-                wl, batch_sizes=sizes, budget=bud, lr_rule=lr_rule, lr_search=lr_search, warmup=warmup, target=target,
-                storage=storage, study_name=study_name, micro_batch_limit=fits, device=device, precision=precision,
-                seed=seed, measure_noise=True, sharpness=sharpness, eval_every=eval_every, retry_failed=retry_failed,
-                extra_attrs={k: v for k, v in stages.items() if v is not None},
-                progress=_SweepProgress(run, tolerance, stages), seeds=seeds or 1, replicates=replicates,
-                weight_decay_rule=weight_decay_rule, run_id=run_id,
-            )
+def _noise_stage(a: _TuneArgs, p: _Prepared) -> dict[str, Any] | None:
+    """The noise probe at initialisation, its steps sized by the cap's share (skipped, and said, below
+    :data:`NOISE_MIN_STEPS`)."""
+    from batchfit.cost import allowance
 
-        run_id = new_run_id()  # one for the whole tune: retry_failed retries each failed trial once, not per sweep call
-        swept = run_sweep(None)
-        unfinished = unfinished_replicates(swept)
-        if unfinished:  # seeds an earlier run started (racing) and did not finish: re-run them before racing reads on
-            swept = run_sweep(unfinished)
-        if seeds is None:  # racing: more seeds only where they can change the decision
-            reserved = allowance("precision", total, max_cost) if precision_check else 0
-            swept = _race(swept, run_sweep, stages, run, tolerance=tolerance, cap=max_seeds,
-                          cost_cap=None if plan.get("cap_samples") is None else plan["cap_samples"] - (reserved or 0),
-                          per_trial=plan["trial_cost_samples"])
-        counts = ", ".join(f"{v} {k}" for k, v in (swept.get("counts") or {}).items() if v)
-        run.emit("sweep", "end", f"{swept.get('status')}: {counts or 'no trials'}"
-                 + f" (up to {max(seeds_per_batch(swept).values(), default=1)} seed(s) per batch size)")
-        result = TuneResult(sweep=swept, find=find_result, noise=noise_result, lr_check=lr_check, step_time=step_time,
-                            train_budget=plan)
+    probe = noise_probe_batch(p.wl.base_batch_size, p.wl.num_train, p.fits)
+    allowed = allowance("noise", p.total, p.max_cost)
+    n_steps = a.noise_steps if allowed is None else min(a.noise_steps, allowed // probe)
+    if allowed is None or n_steps >= NOISE_MIN_STEPS:
+        return _noise(p.wl, p.run, steps=n_steps, batch_size=probe)
+    p.run.emit("noise", "end", f"not run: the cost cap leaves {allowed:,} samples for it, fewer than "
+                               f"{NOISE_MIN_STEPS} steps at batch {probe}")
+    return None
 
-        # -- 5. recommendation, with a measured precision check of the recommended configuration -------------------
-        try:
-            result.recommendation = recommend(result.results(), tolerance=tolerance)
-        except ConfigError:  # no trial finished: the report still shows what happened, without a recommendation
-            result.recommendation = None
-        if precision_check and result.recommendation is not None:
-            result.precision_check = _precision_check(wl, run, result.recommendation, steps=PRECISION_CHECK_STEPS,
-                                                      max_samples=allowance("precision", total, max_cost))
-            result.recommendation = recommend(result.results(), tolerance=tolerance)
-            _save_in_study(storage, result.results().get("study_name"), {"precision_check": result.precision_check})
 
-        if batch_schedule_check:  # issue 14.3: the derived batch-size schedule vs the best fixed batch
-            from batchfit.schedule_check import tune_stage
+def _stage_attrs(p: _Prepared, stages: Mapping[str, Any]) -> dict[str, Any]:
+    lr_check = stages["lr_check"]
+    out = {"find": stages["find"], "noise": stages["noise"],
+           "lr_calibration": lr_check.to_dict() if lr_check is not None else None, "step_time": stages["step_time"]}
+    out.update(num_val=p.wl.num_val, framework=framework_of(p.wl), train_budget=p.plan)
+    return out
 
-            result.batch_schedule_check = tune_stage(wl, run, budget=bud, micro_batch_limit=fits, seeds=seeds,
-                                                     seed=seed, device=device)
 
-        # -- 6. report ---------------------------------------------------------------------------------------------
-        run.emit("report", "start", f"writing {out}/report.html")
-        result.seconds = time.perf_counter() - t_start
-        paths = write_report(result.results(), out, recommendation=result.recommendation, tolerance=tolerance)
-        run.emit("report", "end", f"{out}/report.html, report.md, results.json, {len(paths['plots'])} plots",
-                 recommendation=result.recommendation.to_dict() if result.recommendation else None)
-        result.report = {k: (str(v) if isinstance(v, Path) else {n: str(p) for n, p in v.items()})
-                         for k, v in paths.items() if k in ("results", "markdown", "html", "plots")}
-        return result
+def _sweep_and_race(a: _TuneArgs, p: _Prepared, stages: Mapping[str, Any]) -> Any:
+    """Stage 4: every candidate at its rule-scaled LR in the Optuna store, interrupted seeds re-run, then racing
+    (more seeds only where they can change the decision) within the cap less the precision check's share."""
+    from batchfit.cost import allowance
+    from batchfit.study import sweep
+    from batchfit.study.store import new_run_id
+
+    attrs = _stage_attrs(p, stages)
+    run_id = new_run_id()  # one for the whole tune: retry_failed retries each failed trial once, not per sweep call
+
+    def run_sweep(replicates: Mapping[int, int] | None) -> Any:
+        return sweep(  # tune's stage results go into the study's tune namespace, so the store alone has them
+            p.wl, batch_sizes=p.sizes, budget=p.bud, lr_rule=a.lr_rule, lr_search=a.lr_search, warmup=a.warmup,
+            target=a.target, storage=p.storage, study_name=a.study_name, micro_batch_limit=p.fits, device=a.device,
+            precision=a.precision, seed=a.seed, measure_noise=True, sharpness=a.sharpness, eval_every=p.eval_every,
+            retry_failed=a.retry_failed, extra_attrs={k: v for k, v in attrs.items() if v is not None},
+            progress=_SweepProgress(p.run, a.tolerance, attrs), seeds=a.seeds or 1, replicates=replicates,
+            weight_decay_rule=a.weight_decay_rule, run_id=run_id,
+        )
+
+    swept = run_sweep(None)
+    unfinished = unfinished_replicates(swept)
+    if unfinished:  # seeds an earlier run started (racing) and did not finish: re-run them before racing reads on
+        swept = run_sweep(unfinished)
+    if a.seeds is None:  # racing: more seeds only where they can change the decision
+        reserved = allowance("precision", p.total, p.max_cost) if a.precision_check else 0
+        cap_samples = p.plan.get("cap_samples")
+        swept = _race(swept, run_sweep, attrs, p.run, tolerance=a.tolerance, cap=a.max_seeds,
+                      cost_cap=None if cap_samples is None else cap_samples - (reserved or 0),
+                      per_trial=p.plan["trial_cost_samples"])
+    counts = ", ".join(f"{v} {k}" for k, v in (swept.get("counts") or {}).items() if v)
+    p.run.emit("sweep", "end", f"{swept.get('status')}: {counts or 'no trials'}"
+               + f" (up to {max(seeds_per_batch(swept).values(), default=1)} seed(s) per batch size)")
+    return swept
+
+
+def _conclude(a: _TuneArgs, p: _Prepared, stages: Mapping[str, Any], swept: Any, t_start: float) -> TuneResult:
+    """Stages 5-6: the recommendation with a measured precision check of it (and the batch-schedule check when
+    asked), then the report."""
+    from batchfit.cost import allowance
+    from batchfit.recommend import recommend
+    from batchfit.report import write_report
+
+    result = TuneResult(sweep=swept, find=stages["find"], noise=stages["noise"], lr_check=stages["lr_check"],
+                        step_time=stages["step_time"], train_budget=p.plan)
+    try:
+        result.recommendation = recommend(result.results(), tolerance=a.tolerance)
+    except ConfigError:  # no trial finished: the report still shows what happened, without a recommendation
+        result.recommendation = None
+    if a.precision_check and result.recommendation is not None:
+        result.precision_check = _precision_check(p.wl, p.run, result.recommendation, steps=PRECISION_CHECK_STEPS,
+                                                  max_samples=allowance("precision", p.total, p.max_cost))
+        result.recommendation = recommend(result.results(), tolerance=a.tolerance)
+        _save_in_study(p.storage, result.results().get("study_name"), {"precision_check": result.precision_check})
+    if a.batch_schedule_check:  # issue 14.3: the derived batch-size schedule vs the best fixed batch
+        from batchfit.schedule_check import tune_stage
+
+        result.batch_schedule_check = tune_stage(p.wl, p.run, budget=p.bud, micro_batch_limit=p.fits, seeds=a.seeds,
+                                                 seed=a.seed, device=a.device)
+    p.run.emit("report", "start", f"writing {p.out}/report.html")
+    result.seconds = time.perf_counter() - t_start
+    paths = write_report(result.results(), p.out, recommendation=result.recommendation, tolerance=a.tolerance)
+    p.run.emit("report", "end", f"{p.out}/report.html, report.md, results.json, {len(paths['plots'])} plots",
+               recommendation=result.recommendation.to_dict() if result.recommendation else None)
+    result.report = {k: (str(v) if isinstance(v, Path) else {n: str(q) for n, q in v.items()})
+                     for k, v in paths.items() if k in ("results", "markdown", "html", "plots")}
+    return result

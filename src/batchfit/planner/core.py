@@ -119,6 +119,16 @@ class _Memory:
         return False
 
 
+def _point(mem: Any, b: int, spec: Any, par: Any, target: float) -> dict[str, Any]:
+    """One batch size's predicted peak (with its parts and where it happens) and step time."""
+    m = mem(b)
+    tl = mem.timeline_at(b)
+    st = step_time(tl.ops_at(b), spec, par, param_bytes=tl.ref.param_bytes, grad_bytes=tl.ref.grad_bytes)
+    return {"batch_size": b, "peak_bytes": m.peak_bytes, "parts": m.parts, "peak_phase": m.phase, "peak_op": m.op,
+            "fits": m.peak_bytes <= target, "step_seconds": st.to_dict(), "samples_per_s": b / st.estimate,
+            "samples_per_s_interval": [b / st.high, b / st.low], "bound": st.bound}
+
+
 def plan(
     workload: Workload | str,
     *,
@@ -189,23 +199,9 @@ def plan(
     if sizes is None:
         top = max(max_bs, 1)
         sizes = sorted({2**k for k in range(top.bit_length()) if 2**k <= top} | ({max_bs} if max_bs else set()))
-    points = []
+    points: list[dict[str, Any]] = []
     for b in sizes:
-        m = mem(b)
-        tl = mem.timeline_at(b)
-        st = step_time(tl.ops_at(b), spec, par, param_bytes=tl.ref.param_bytes, grad_bytes=tl.ref.grad_bytes)
-        points.append({
-            "batch_size": b,
-            "peak_bytes": m.peak_bytes,
-            "parts": m.parts,
-            "peak_phase": m.phase,
-            "peak_op": m.op,
-            "fits": m.peak_bytes <= target,
-            "step_seconds": st.to_dict(),
-            "samples_per_s": b / st.estimate,
-            "samples_per_s_interval": [b / st.high, b / st.low],
-            "bound": st.bound,
-        })
+        points.append(_point(mem, b, spec, par, target))
         emit(progress, "plan", "record", f"batch {b}", completed=len(points), **points[-1])
     fitting = [p for p in points if p["fits"]]
     knee = None
