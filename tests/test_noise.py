@@ -155,7 +155,7 @@ def test_progress_callback_and_train_steps(tiny_workload: Workload) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NoisyEstimateWarning)
         r = noise_scale(tiny_workload, batch_size=16, steps=5, min_steps=5, train_steps=6, lr=0.05,
-                        callbacks=[seen.append])
+                        progress=lambda ev: seen.append(ev.data) if ev.kind == "update" else None)
     assert [s["step"] for s in seen] == [1, 2, 3, 4, 5] and r.train_steps == 6
     assert r.micro_batch_size == 4  # default: 4 micro-batches
 

@@ -506,11 +506,11 @@ def test_progress_events_follow_the_one_convention(tmp_path: Path) -> None:
     assert end.kind == "end" and isinstance(end.data["results"], SweepResult) and end.completed == 2
     assert {e.kind for e in ev.raw if e.data["event"] == "eval"} == {"record"}
     assert [e.completed for e in ev.raw if e.data["event"] == "trial_end"] == [1, 2]
-    # a legacy (event, info) consumer still works during the transition
-    seen: list[str] = []
-    sweep(classify(), batch_sizes=[8, 16], budget="steps:4", storage=_url(tmp_path), micro_batch_limit=16,
-          measure_noise=False, eval_every=2, progress=lambda event, info: seen.append(event))
-    assert seen[0] == "start" and seen[-1] == "done"
+    # the old two-argument (event, info) form is refused before any trial, in one line that says the new form
+    with pytest.raises(ConfigError, match="one batchfit.progress.ProgressEvent"):
+        sweep(classify(), batch_sizes=[8, 16], budget="steps:4", storage=_url(tmp_path / "old"),
+              micro_batch_limit=16, measure_noise=False, eval_every=2, progress=lambda event, info: None)
+    assert not (tmp_path / "old").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

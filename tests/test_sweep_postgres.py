@@ -31,8 +31,9 @@ def _worker(url: str, study: str, out: Path, *args: str, workload: str = "demo:d
     return subprocess.Popen(cmd, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-# The digits demo whose training data, with BATCHFIT_TEST_HANG=N in the environment, stops serving after N samples
-# (it sleeps): a worker run with it stays mid-trial until it is killed, whatever the machine's speed.
+# The digits demo whose training data, with BATCHFIT_TEST_HANG=N in the environment, stops serving (it sleeps) after
+# N training batches of 8 (other reads, such as probes of 256 samples, do not count): a worker run with it stays
+# mid-trial until it is killed, whatever the machine's speed.
 _HANGING = '''
 import os
 import time
@@ -42,22 +43,18 @@ from batchfit import load_workload
 
 class Hang:
     def __init__(self, data, after):
-        self.data, self.after, self.served = data, after, 0
-
-    def _serve(self, n):
-        self.served += n
-        while self.after and self.served > self.after:
-            time.sleep(60)
+        self.data, self.after, self.batches = data, after, 0
 
     def __len__(self):
         return len(self.data)
 
     def __getitem__(self, i):
-        self._serve(1)
         return self.data[i]
 
     def get_batch(self, indices):
-        self._serve(len(indices))
+        self.batches += len(indices) == 8
+        while self.after and self.batches > self.after:
+            time.sleep(60)
         return self.data.get_batch(indices)
 
 
@@ -162,9 +159,9 @@ def test_dead_workers_trial_is_retried_after_its_heartbeat_goes_stale(
     (tmp_path / "hang.py").write_text(_HANGING)
     spec = f"{tmp_path / 'hang.py'}:make"
     args = ("-b", "8", "--budget", "steps:100", "-m", "8", "--eval-every", "50")
-    # the victim's data stops after 75 steps (600 samples): it stores its step-50 evaluation, then waits mid-trial
+    # the victim's data stops after 75 training batches: it stores its step-50 evaluation, then waits mid-trial
     victim = _worker(postgres_url, "kill", tmp_path / "victim", *args, workload=spec,
-                     env={**ENV, "BATCHFIT_TEST_HANG": "600"})
+                     env={**ENV, "BATCHFIT_TEST_HANG": "75"})
     storage = sweep_mod.open_storage(postgres_url, heartbeat=False)
     deadline = time.monotonic() + 240
     running = None

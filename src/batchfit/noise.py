@@ -1292,7 +1292,6 @@ def noise_scale(
     rel_ci: float = 0.10,
     train_steps: int = 0,
     lr: float | None = None,
-    callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
     method: str = "auto",
     progress: ProgressFn | None = None,
     parallel: str = "ddp",
@@ -1312,11 +1311,10 @@ def noise_scale(
             scaled base LR, with the workload's clipping and schedule) and probe the trained parameters; 0 probes
             the seeded initialisation.
         lr: the learning rate of those training steps (only with ``train_steps``).
-        callbacks: called after every step with ``{step, b_simple, b_simple_ci, grad_norm_sq, trace_cov}``
-            (``b_simple_ci`` is None until an interval is computed).
         method: how micro-batch gradient norms are taken (see :class:`NoiseCallback`); the result is the same.
         progress: receives :class:`batchfit.progress.ProgressEvent` s of stage ``noise``: ``start``, an ``update``
-            per step (``completed`` = steps done, ``data`` = the callbacks' dict), ``end`` with the reading.
+            per step (``completed`` = steps done, ``data`` = ``{step, b_simple, b_simple_ci, grad_norm_sq,
+            trace_cov}``, ``b_simple_ci`` None until an interval is computed), ``end`` with the reading.
         parallel: under torchrun, ``ddp`` (each rank's local gradients are the small batches) or ``fsdp`` (FSDP2:
             the model is sharded; gradients exist only summed over ranks, so a small batch is every rank's i-th
             micro-batch together, b = micro-batch x world, and the squared norms come from the shards' squared
@@ -1361,8 +1359,6 @@ def noise_scale(
                 continue
             report = est.add(step_no, *unbiased_estimates(small, big, k, plan.batch_size,
                                                           population=workload.num_train))
-            for cb in callbacks:
-                cb(report)
             emit(progress, "noise", "update", completed=step_no, total=plan.steps, **report)
             if est.done:
                 break

@@ -564,17 +564,19 @@ def _noise(workload: Workload, run: _Run, *, steps: int, batch_size: int) -> dic
 
     run.emit("noise", "start", f"gradient noise scale B_simple at initialisation (batch {batch_size})", total=steps)
 
-    def on_step(info: dict[str, Any]) -> None:
-        b = info.get("b_simple")
+    def on_step(event: ProgressEvent) -> None:
+        if event.kind != "update":
+            return
+        b = event.data.get("b_simple")
         run.emit("noise", "update", f"B_simple {b:.3g}" if isinstance(b, (int, float)) and math.isfinite(b) else "",
-                 completed=int(info.get("step", 0)), total=steps)
+                 completed=int(event.data.get("step", 0)), total=steps)
 
     with warnings.catch_warnings(record=True) as caught:  # a wide interval is shown in the display, not as a
         warnings.simplefilter("always", NoisyEstimateWarning)  # Python warning in the middle of the live view
         try:
             with measure() as spent:
                 result = noise_scale(workload, batch_size=batch_size, steps=steps, device=run.device,
-                                     precision=run.precision, seed=run.seed, callbacks=[on_step])
+                                     precision=run.precision, seed=run.seed, progress=on_step)
         except ConfigError as exc:
             raise ConfigError(f"the noise probe at batch {batch_size} cannot run: {exc}; skip it with noise=False")\
                 from exc

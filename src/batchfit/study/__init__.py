@@ -50,7 +50,7 @@ from batchfit.study.store import (
     read_namespace,
     write_namespace,
 )
-from batchfit.study.trial import SweepPlan, legacy_progress
+from batchfit.study.trial import SweepPlan
 
 __all__ = [
     "BUDGET_KINDS",
@@ -73,7 +73,6 @@ __all__ = [
     "default_batch_sizes",
     "default_storage",
     "default_study_name",
-    "legacy_progress",
     "load_results",
     "lr_multipliers",
     "lr_multipliers_by_batch",

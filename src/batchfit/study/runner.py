@@ -42,7 +42,7 @@ from batchfit.study.inputs import (
 )
 from batchfit.study.integrity import check_study
 from batchfit.study.results import SweepResult, build_results
-from batchfit.study.trial import SweepPlan, legacy_progress, run_trial, sweep_event
+from batchfit.study.trial import SweepPlan, run_trial, sweep_event
 from batchfit.workload import Workload
 
 __all__ = ["MAX_SEEDS", "sweep"]
@@ -151,16 +151,22 @@ def _memory_limit(workload: Workload, device: str, precision: str, seed: int) ->
 
 
 def _as_progress(progress: Any) -> ProgressFn | None:
-    """The sweep's progress function. Transitional: a callable taking ``(event, info)`` (the form before
-    :class:`~batchfit.progress.ProgressEvent`) is adapted with :func:`~batchfit.study.trial.legacy_progress`."""
+    """The sweep's progress function: one :class:`~batchfit.progress.ProgressEvent` a call. A callable that
+    needs two arguments (the ``(event, info)`` form before ProgressEvent) is refused before any work."""
     if progress is None:
         return None
+    if not callable(progress):
+        raise ConfigError(f"progress must be a function taking one ProgressEvent, got {type(progress).__name__}")
     try:
         params = [p for p in inspect.signature(progress).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
     except (TypeError, ValueError):
         return progress  # type: ignore[no-any-return]
-    return legacy_progress(progress) if len(params) == 2 else progress  # type: ignore[no-any-return]
+    if len(params) > 1:
+        raise ConfigError("progress takes one batchfit.progress.ProgressEvent (its stage, kind, message and data; "
+                          "the sweep's event name is event.data['event']); the two-argument (event, info) form is "
+                          "gone")
+    return progress  # type: ignore[no-any-return]
 
 
 def _work(study: Any, url: Any, grid: Sequence[GridPoint], plan: SweepPlan, retry_failed: bool) -> SweepResult:
@@ -284,6 +290,7 @@ def sweep(
     for n in (replicates or {}).values():
         checks.positive_int("replicates", n, maximum=MAX_SEEDS)
     checks.seed_range(seed, max([seeds, *(replicates or {}).values()]))  # the last replicate seed too, up front
+    progress = _as_progress(progress)
     inputs = _validate(workload, batch_sizes=batch_sizes, budget=budget, lr_rule=lr_rule, lr_search=lr_search,
                        warmup=warmup, target=target, micro_batch_limit=micro_batch_limit, device=device,
                        precision=precision, seed=seed, eval_every=eval_every, weight_decay_rule=weight_decay_rule)
@@ -318,6 +325,6 @@ def sweep(
     plan = SweepPlan(workload=inputs.workload, metric=inputs.metric, budget=inputs.budget, micro_batch_limit=limit,
                      measure_noise=bool(measure_noise), sharpness=bool(sharpness), eval_every=eval_every, seed=seed,
                      lr_rule=lr_rule, warmup=warmup, precision=precision, device=inputs.device, total=len(grid),
-                     callbacks=tuple(callbacks), progress=_as_progress(progress),
+                     callbacks=tuple(callbacks), progress=progress,
                      weight_decay_rule=weight_decay_rule, run_id=run_id or store.new_run_id())
     return _work(study, url, grid, plan, retry_failed)

@@ -14,7 +14,7 @@ import math
 import sys
 import sysconfig
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ __all__ = [
     "STAGE",
     "SweepPlan",
     "classify_failure",
-    "legacy_progress",
     "run_trial",
     "sweep_event",
 ]
@@ -77,19 +76,6 @@ def sweep_event(progress: ProgressFn | None, kind: str, event: str, message: str
     if progress is not None:
         progress(ProgressEvent(stage=STAGE, kind=kind, message=message, completed=completed, total=total,
                                data={"event": event, **(data or {}), **more}))
-
-
-def legacy_progress(fn: Callable[[str, dict[str, Any]], None]) -> ProgressFn:
-    """Adapt a pre-ProgressEvent ``fn(event, info)`` consumer to the sweep's events (transitional)."""
-
-    def progress(ev: ProgressEvent) -> None:
-        if ev.stage == STAGE and "event" in ev.data:
-            info = {k: v for k, v in ev.data.items() if k != "event"}
-            if ev.kind == "start" and ev.total is not None:
-                info.setdefault("total", ev.total)
-            fn(ev.data["event"], info)
-
-    return progress
 
 
 class _Recorder:
