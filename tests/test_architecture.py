@@ -356,3 +356,31 @@ def test_no_function_in_the_package_is_over_120_lines() -> None:
                 if n > 120:
                     long.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({n} lines)")
     assert not long, long
+
+
+def test_every_progress_event_names_a_stage_of_the_one_vocabulary() -> None:
+    """Issue 20.6: every literal stage an ``emit``/``run.emit`` call sends is in :data:`batchfit.progress.STAGES`,
+    and tune's stages are among them (the tune display shows only tune's stages)."""
+    import ast
+    from pathlib import Path
+
+    import batchfit
+    from batchfit.progress import STAGES
+    from batchfit.tuning import STAGES as TUNE_STAGES
+
+    root = Path(batchfit.__file__).parent
+    used: dict[str, str] = {}
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute))):
+                continue
+            name = node.func.id if isinstance(node.func, ast.Name) else node.func.attr
+            if name != "emit" or not node.args:
+                continue
+            arg = node.args[0] if isinstance(node.func, ast.Attribute) else (node.args[1] if len(node.args) > 1
+                                                                               else None)
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                used[arg.value] = f"{path.relative_to(root)}:{node.lineno}"
+    assert len(used) >= 10  # the scan sees the calls
+    assert not {s: where for s, where in used.items() if s not in STAGES}
+    assert set(TUNE_STAGES) <= set(STAGES)

@@ -16,15 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["KINDS", "ProgressEvent", "ProgressFn", "emit"]
+__all__ = ["KINDS", "STAGES", "ProgressEvent", "ProgressFn", "emit"]
 
 KINDS = ("start", "update", "record", "end")
+# every stage name an event carries: the commands', tune's stages in their order, and the capabilities tune runs
+STAGES = ("train", "find", "noise", "lr_check", "step_time", "sweep", "precision", "batch_schedule_check", "report",
+          "tune", "plan", "branching", "schedule_check")
 
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """One thing that happened: ``stage`` is ``train``, ``find``, ``noise``, ``lr_check``, ``sweep``, ``precision``,
-    ``report`` or ``tune``."""
+    """One thing that happened: ``stage`` is one of :data:`STAGES`."""
 
     stage: str
     kind: str

@@ -206,7 +206,7 @@ def compare(
         bkw = {"factors": [f for f in (1, 2, 4, 8, 16, 32) if b0 * f <= cap],
                "checkpoints": (0.0, 0.1, 0.25, 0.5), "reference_steps": plan.total_steps,
                "finish_reference": False, **(branching_kwargs or {})}
-        emit(progress, "schedule-check", "start", f"branching at batch {b0}")
+        emit(progress, "schedule_check", "start", f"branching at batch {b0}")
         branching = local_critical_batch(workload, batch_size=b0, device=device, seed=seeds[0], **bkw)
     elif isinstance(branching, dict):
         branching = BranchingResult.from_dict(branching)
@@ -221,7 +221,7 @@ def compare(
         for s in seeds:
             _run(workload, metric, arm, s, budget, eval_points, common)
             done += 1
-            emit(progress, "schedule-check", "update", f"{arm.name} seed {s}", completed=done, total=total)
+            emit(progress, "schedule_check", "update", f"{arm.name} seed {s}", completed=done, total=total)
     best, _ = _best_fixed(fixed, metric, target_tolerance)
     extra: list[Arm] = []
     peak = _peak_lr(workload, best.batch_size, device)
@@ -233,7 +233,7 @@ def compare(
         for s in seeds:
             _run(workload, metric, arm, s, budget, eval_points, common)
             done += 1
-            emit(progress, "schedule-check", "update", f"{arm.name} seed {s}", completed=done, total=total)
+            emit(progress, "schedule_check", "update", f"{arm.name} seed {s}", completed=done, total=total)
     best, target = _best_fixed([*fixed, *(a for a in extra if a.kind == "fixed-lr")], metric, target_tolerance)
     return _decide(workload.name, metric, budget, seeds, branching, phases, sched, [*fixed, *extra], best,
                    target_tolerance, fixed[0] if fixed else None, target=target)

@@ -73,7 +73,7 @@ __all__ = [
 # at every batch).
 DEFAULT_BUDGET = "epochs:20"
 DEFAULT_NOISE_STEPS = 100
-STAGES = ("find", "noise", "lr_check", "step_time", "sweep", "precision", "report")
+STAGES = ("find", "noise", "lr_check", "step_time", "sweep", "precision", "batch_schedule_check", "report")
 EVALS_PER_EPOCH = 4  # at the smallest batch size: finer steps-to-target at little cost
 PRECISION_CHECK_STEPS = 48  # in PRECISION_ROUNDS interleaved rounds per precision
 PRECISION_ROUNDS = 6
