@@ -29,7 +29,8 @@ def _quality(b: int, samples: float) -> float:
     return Q_INF - C * lo ** -BETA
 
 
-def _trials(h: float, batches=(16, 32, 64, 128, 256, 512), seeds: int = 3, noise: float = 0.0005) -> list[dict]:
+def _trials(h: float, batches=(16, 32, 64, 128, 256, 512), seeds: int = 3, noise: float = 0.0005,
+            b_simple_growth: float | None = None) -> list[dict]:
     rng = np.random.default_rng(0)
     out: list[dict[str, Any]] = []
     for b in batches:
@@ -39,6 +40,9 @@ def _trials(h: float, batches=(16, 32, 64, 128, 256, 512), seeds: int = 3, noise
                 step = max(1, round(e / b))
                 hist.append({"step": step, "samples": step * b,
                              "val_metrics": {"accuracy": _quality(b, step * b) + noise * rng.standard_normal()}})
+                if b_simple_growth is not None:  # a measured B_simple: the model's growth, 20 % noise
+                    hist[-1]["b_simple"] = BC0 * (step * b / S0) ** b_simple_growth * math.exp(
+                        0.2 * rng.standard_normal())
             out.append({"batch_size": b, "lr_multiplier": 1.0, "seed": s, "status": "ok", "history": hist})
     return out
 
@@ -115,3 +119,21 @@ def test_the_recommendation_is_for_the_train_budget_not_the_measured_horizon() -
     # measured at the whole train budget: no extrapolation, the short answer stands
     same = dict(results, train_budget={"budget": "samples:40000", "samples": 40_000, "measurement_samples": h})
     assert recommend(same, tolerance=0.005).get("long_horizon") is None
+
+
+def test_b_simple_cross_checks_the_growth_of_the_critical_batch() -> None:
+    """B_simple measured in the reference's trials confirms the extrapolated growth when it grows alike, and a
+    flag says so when it does not (issue 18.2's cross-check)."""
+    h, train = 40_000.0, 320_000
+    kw = dict(reference_batch=16, reference_multiplier=1.0, train_samples=train, tolerance=0.005,
+              candidates=[16, 32, 64, 128, 256, 512])
+    same = horizon.long_horizon(_trials(h, b_simple_growth=ALPHA), ACC, **kw)
+    assert same is not None and same.b_simple is not None and same.b_simple["agrees"]
+    assert same.b_simple["growth"]["low"] <= ALPHA <= same.b_simple["growth"]["high"]
+    assert not any(f.startswith("cross-check") for f in same.flags)
+    flat = horizon.long_horizon(_trials(h, b_simple_growth=-1.0), ACC, **kw)
+    assert flat is not None and flat.b_simple is not None and not flat.b_simple["agrees"]
+    assert any(f.startswith("cross-check: B_simple grows as s^-1") for f in flat.flags)
+    assert flat.to_dict()["b_simple_check"]["agrees"] is False
+    none = horizon.long_horizon(_trials(h), ACC, **kw)  # no B_simple measured: no cross-check, nothing claimed
+    assert none is not None and none.b_simple is None

@@ -112,6 +112,7 @@ class LongHorizon:
     batch: int | None  # the largest candidate below b_max's lower end (None: no confident move)
     reason: str
     flags: list[str] = field(default_factory=list)
+    b_simple: dict[str, Any] | None = None  # the cross-check: B_simple's growth in the reference's own trials
 
     @property
     def far(self) -> bool:
@@ -125,7 +126,7 @@ class LongHorizon:
                 "reference_batch": self.reference_batch, "horizons": self.horizons, "alpha": iv(self.alpha),
                 "b_crit_at_train": iv(self.b_crit_at_train), "gain_at_train": self.gain_at_train,
                 "tolerance": self.tolerance, "b_max": iv(self.b_max), "batch": self.batch, "reason": self.reason,
-                "flags": list(self.flags), "far": self.far}
+                "flags": list(self.flags), "far": self.far, "b_simple_check": self.b_simple}
 
 
 def _critical_at(trials: Sequence[Mapping[str, Any]], metric: Metric, level: float, *,
@@ -135,6 +136,37 @@ def _critical_at(trials: Sequence[Mapping[str, Any]], metric: Metric, level: flo
     timed = [dict(t, steps_to_target=crossing(t.get("history"), metric, level, "step")) for t in trials
              if t.get("status") == "ok"]
     return critical_from_trials(timed, seed=seed)
+
+
+def b_simple_check(ref: Sequence[Mapping[str, Any]], alpha: Interval, h: float, *, level: float = DEFAULT_LEVEL,
+                   n_boot: int = 500, seed: int = 0) -> dict[str, Any] | None:
+    """The extrapolation's growth against an independent measurement: the gradient noise scale B_simple the
+    reference configuration's trials measured while training (McCandlish et al. 2018: B_crit ~ B_noise, and both
+    grow as the loss falls). A pooled log-log fit of B_simple against the samples seen, over the second half of
+    the measured horizon of every reference seed (earlier, the initial transient dominates), with a bootstrap over
+    the points. ``agrees``: the two growth intervals overlap. ``None`` without 4 points spanning 1.5x in samples."""
+    pts = [(float(r["samples"]), float(r["b_simple"])) for t in ref for r in t.get("history") or []
+           if isinstance(r, Mapping) and isinstance(r.get("samples"), (int, float)) and r["samples"] >= h / 2
+           and isinstance(r.get("b_simple"), (int, float)) and math.isfinite(r["b_simple"]) and r["b_simple"] > 0]
+    if len(pts) < 4 or max(s for s, _ in pts) < 1.5 * min(s for s, _ in pts):
+        return None
+    arr = np.log(np.asarray(pts))
+    slope = float(np.polyfit(arr[:, 0], arr[:, 1], 1)[0])
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        sample = arr[rng.integers(0, len(arr), len(arr))]
+        if np.ptp(sample[:, 0]) > 0:
+            boots.append(float(np.polyfit(sample[:, 0], sample[:, 1], 1)[0]))
+    q = [(1 - level) / 2, (1 + level) / 2]
+    lo, hi = (float(x) for x in np.quantile(boots, q))
+    growth = Interval(slope, min(lo, slope), max(hi, slope), level, "log-log slope of B_simple, bootstrap", len(pts))
+    agrees = growth.high >= alpha.low and growth.low <= alpha.high
+    text = (f"B_simple grows as s^{growth.estimate:.2f} ({growth.low:.2f} to {growth.high:.2f}) over the second half "
+            f"of the measured horizon, B_crit as s^{alpha.estimate:.2f} ({alpha.low:.2f} to {alpha.high:.2f})"
+            + ("" if agrees else ": the gradient noise scale does not confirm the critical batch's growth, so the "
+               "extrapolation to the train budget is less certain than its interval says"))
+    return {"growth": growth.to_dict(), "points": len(pts), "agrees": agrees, "text": text}
 
 
 def long_horizon(trials: Sequence[Mapping[str, Any]], metric: Metric, *, reference_batch: int,
@@ -185,6 +217,9 @@ def long_horizon(trials: Sequence[Mapping[str, Any]], metric: Metric, *, referen
     q = [(1 - level) / 2, (1 + level) / 2]
     a_lo, a_hi = (float(x) for x in np.quantile(alphas, q))
     out.alpha = Interval(alpha_hat, a_lo, a_hi, level, "log-log slope over horizons, bootstrap", n)
+    out.b_simple = b_simple_check(ref, out.alpha, h, level=level)
+    if out.b_simple is not None and not out.b_simple["agrees"]:
+        out.flags.append("cross-check: " + out.b_simple["text"])
     last_s, last = fits[-1]
     ratio = float(train_samples) / last_s
     if sat is None or tolerance <= 0:
