@@ -306,6 +306,38 @@ def test_a_bad_lr_schedule_is_a_workload_error() -> None:
         train(wl, steps=1)
 
 
+def test_an_absolute_lr_schedule_is_refused_and_a_relative_one_runs(tmp_path: Any) -> None:
+    """Issue 23.1: OneCycleLR(max_lr=3e-4) trains at its own peak whatever LR the rule gives the batch size, so the
+    LR batchfit reports would never run: refused with one line saying how to write it; written relative to the
+    optimizer's LR it trains at the scaled peak."""
+    from batchfit.cli import main
+
+    wl = make_tiny_workload(lr=0.1, base_batch_size=16, dtype=torch.float64)
+    wl.lr_schedule = lambda opt, n: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-4, total_steps=n)
+    with pytest.raises(WorkloadError, match=r"lr_schedule sets absolute learning rates \(OneCycleLR: its LR is "):
+        train(wl, batch_size=32, steps=8)
+    wl.lr_schedule = lambda opt, n: torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=n)
+    log = LRLog()
+    r = train(wl, batch_size=32, steps=8, callbacks=[log])
+    assert r.lr == pytest.approx(0.2) and max(log.before) == pytest.approx(0.2, rel=0.05)  # the scaled peak ran
+    wl.lr_schedule = lambda opt, n: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n, eta_min=1e-3)
+    train(wl, batch_size=32, steps=4)  # partly absolute (eta_min): neither proportional nor fixed, left alone
+    (tmp_path / "wl.py").write_text(
+        "import torch\nfrom conftest import make_tiny_workload\n"
+        "def make():\n    wl = make_tiny_workload()\n"
+        "    wl.lr_schedule = lambda o, n: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=3e-4, total_steps=n)\n"
+        "    return wl\n")
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["train", "-w", f"{tmp_path / 'wl.py'}:make", "-b", "16", "--steps", "4", "-q"])
+    lines = err.getvalue().strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "absolute learning rates" in lines[0] and "Traceback" not in lines[0]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Errors in the user's code: one line naming the part of the workload (issue 13.4)
 

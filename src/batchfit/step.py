@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -287,6 +288,39 @@ def batch_has_nonfinite(batch: Any) -> bool:
 # Learning rate: warm-up x the user's schedule
 
 
+ABSOLUTE_CHECK_STEPS = 5  # scheduler steps compared at two optimizer LRs
+
+
+def absolute_schedule(factory: Any, lr: float, total_steps: int) -> str | None:
+    """Whether ``factory(optimizer, total_steps)`` ignores the optimizer's LR (issue 23.1: ``OneCycleLR(opt,
+    max_lr=3e-4, ...)`` trains at its own peak whatever LR the rule gives the batch size). The schedule is built on
+    two throwaway optimizers (SGD with momentum over one dummy parameter) at ``lr`` and ``2 lr`` and stepped
+    :data:`ABSOLUTE_CHECK_STEPS` times: a relative schedule keeps the 2x at every step; ``None`` when it does (or
+    when the probe itself cannot run: nothing is claimed), else what was seen."""
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        return None
+    seen: list[list[float]] = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": nothing is trained here
+            for base in (lr, 2 * lr):
+                opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base, momentum=0.9)
+                sched = factory(opt, max(1, int(total_steps)))
+                lrs = [opt.param_groups[0]["lr"]]
+                for _ in range(min(ABSOLUTE_CHECK_STEPS, max(1, int(total_steps)) - 1)):
+                    sched.step()
+                    lrs.append(opt.param_groups[0]["lr"])
+                seen.append(lrs)
+    except Exception:  # noqa: BLE001 - the probe, not the user's run: the real schedule was built and is used
+        return None
+    one, two = seen
+    if all(abs(b - 2 * a) <= 1e-9 * max(abs(b), 1e-30) for a, b in zip(one, two)):
+        return None
+    if all(abs(b - a) <= 1e-12 + 1e-9 * abs(a) for a, b in zip(one, two)):
+        return f"its LR is {one[0]:.4g} at the first step whether the optimizer's LR is {lr:.4g} or {2 * lr:.4g}"
+    return None  # neither proportional nor fixed: a mixed schedule, left as it is
+
+
 class LRSchedule:
     """The LR of every step: the user's schedule (``Workload.lr_schedule``) times a linear warm-up.
 
@@ -311,11 +345,19 @@ class LRSchedule:
         factory = getattr(workload, "lr_schedule", None)
         scheduler = None
         if factory is not None:
+            lr = optimizer.param_groups[0]["lr"]
             scheduler = user_call("lr_schedule", "fix Workload.lr_schedule (it takes (optimizer, total_steps))",
                                   factory, optimizer, total_steps)
             if not callable(getattr(scheduler, "step", None)):
                 raise WorkloadError(f"lr_schedule must return a scheduler with .step(), got "
                                     f"{type(scheduler).__name__}")
+            absolute = absolute_schedule(factory, lr, total_steps)
+            if absolute is not None:
+                raise WorkloadError(
+                    f"lr_schedule sets absolute learning rates ({type(scheduler).__name__}: {absolute}), so the LR "
+                    f"batchfit gives this batch size ({lr:.4g}) never runs; build it relative to the optimizer's LR, "
+                    "e.g. OneCycleLR(opt, max_lr=[g['lr'] for g in opt.param_groups], total_steps=n) or a LambdaLR "
+                    "factor (docs/integrations.md, \"Your own LR schedule\")")
         return cls(optimizer, warmup_steps=warmup_steps, scheduler=scheduler)
 
     def factor(self, step: int) -> float:
