@@ -8,6 +8,7 @@ import os
 import signal
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -306,7 +307,7 @@ def test_a_bad_lr_schedule_is_a_workload_error() -> None:
         train(wl, steps=1)
 
 
-def test_an_absolute_lr_schedule_is_refused_and_a_relative_one_runs(tmp_path: Any) -> None:
+def test_an_absolute_lr_schedule_is_refused_and_a_relative_one_runs(tmp_path: Path) -> None:
     """Issue 23.1: OneCycleLR(max_lr=3e-4) trains at its own peak whatever LR the rule gives the batch size, so the
     LR batchfit reports would never run: refused with one line saying how to write it; written relative to the
     optimizer's LR it trains at the scaled peak."""
