@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import random
+import time
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from batchfit.engine import resolve_device, train
 from batchfit.errors import ConfigError
 from batchfit.finder import CUDA_AIM, FindResult, MemoryModel, MemoryTrials, _knee, find_batch_size, search_max
 from batchfit.workload import Workload, accuracy
+from conftest import make_tiny_workload
 
 BUDGET = 400 * 1024  # bytes; the tiny MLP's largest batch under it is a few hundred
 
@@ -430,3 +432,60 @@ def test_cuda_with_a_budget_and_with_real_memory() -> None:
     del x  # the budget's memory fraction was reset: more than 512 MiB can be allocated again
     r2 = find_batch_size(wl, device="cuda", throughput=False, batch_size_cap=4096)
     assert r2.memory_budget_bytes is None and r2.max_batch_size == 4096 and r2.limited_by == "max_batch_size"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 23.3: throughput timing warms up to a steady step, stops when the curve is flat, and the knee has a range
+
+
+def _timed(b: int, rates: list[float]) -> dict:
+    return {"batch_size": b, "phase": "throughput", "ok": True, "samples_per_s": float(np.median(rates)),
+            "chunk_samples_per_s": rates}
+
+
+def test_warm_up_runs_until_a_step_is_steady() -> None:
+    from batchfit import finder
+
+    times = iter([0.5, 0.2, 0.05, 0.011, 0.010, 0.010, 0.010])  # a cold loop: lazy init, then the allocator
+    ran: list[int] = []
+
+    def step(i: int) -> None:
+        ran.append(i)
+        time.sleep(next(times))
+
+    n = finder._warm_up(step, lambda: None)
+    assert n == 5 and ran == [0, 1, 2, 3, 4]  # 0.011 -> 0.010 is within 25 %: steady (a fixed 2 would stop cold)
+    slow = iter([0.01 * 1.5**i for i in range(40)])  # never steady (each step 1.5x the last): bounded
+    assert finder._warm_up(lambda i: time.sleep(next(slow) / 10), lambda: None) == finder.WARMUP_MAX_STEPS
+
+
+def test_timing_stops_only_on_a_flat_curve_and_the_knee_has_a_range() -> None:
+    from batchfit import finder
+
+    rng = np.random.default_rng(0)
+
+    def chunks(mean: float, rel: float = 0.02) -> list[float]:
+        return list(mean * (1 + rel * rng.standard_normal(8)))
+
+    rising = [_timed(1, chunks(100)), _timed(2, chunks(190)), _timed(4, chunks(350)), _timed(8, chunks(600))]
+    assert not finder._flattened(rising)
+    flat = [*rising, _timed(16, chunks(605)), _timed(32, chunks(598))]
+    assert finder._flattened(flat)
+    burst = [*rising, _timed(16, chunks(605)), _timed(32, chunks(150))]  # a load burst: clearly slower, not flat
+    assert not finder._flattened(burst)
+    # a knee that could be either of two sizes shows both; a clear one shows one
+    tied = [_timed(16, chunks(100, 0.01)), _timed(32, chunks(186, 0.05)), _timed(64, chunks(196, 0.05)),
+            _timed(128, chunks(198, 0.05))]
+    lo, hi = finder.knee_spread(tied)
+    assert lo <= finder._knee(tied) <= hi and lo < hi
+    clear = [_timed(16, chunks(100, 0.005)), _timed(32, chunks(150, 0.005)), _timed(64, chunks(300, 0.005)),
+             _timed(128, chunks(301, 0.005))]
+    assert finder.knee_spread(clear) == [64, 64] == [finder._knee(clear)] * 2
+
+
+def test_find_reports_the_knee_with_its_range_and_each_size_warm_up() -> None:
+    r = find_batch_size(make_tiny_workload(n=256), throughput=True).to_dict()
+    timed = [p for p in r["probes"] if p["phase"] == "throughput" and p["ok"]]
+    assert timed and all(2 <= p["warmup_steps"] <= 12 and p["chunk_samples_per_s"] for p in timed)
+    lo, hi = r["throughput_knee_range"]
+    assert lo <= r["throughput_knee_batch_size"] <= hi

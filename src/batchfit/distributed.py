@@ -245,6 +245,11 @@ def agree_record(rec: dict[str, Any]) -> dict[str, Any]:
         rates = [r.get("samples_per_s") for r in gathered if r.get("samples_per_s") is not None]
         if rates:
             merged["samples_per_s"] = min(rates)
+            slowest = min((r for r in gathered if r.get("samples_per_s") is not None),
+                          key=lambda r: r["samples_per_s"])
+            for key in ("chunk_samples_per_s", "timed_steps", "warmup_steps"):  # the slowest rank's timing
+                if key in slowest:
+                    merged[key] = slowest[key]
     else:
         failed = [(i, r) for i, r in enumerate(gathered) if not r.get("ok")]
         # name the rank that failed itself, not one that backed off because of it (sharded: PeerOutOfMemoryError)

@@ -39,7 +39,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -92,6 +92,10 @@ KNEE_SHARE = 0.95  # the knee: the smallest batch with >= 95 % of the best measu
 MIN_TIMED_SECONDS = 0.3  # throughput: time at least this long (and at least 3 steps) per batch size ...
 MAX_TIMED_STEPS = 48  # ... but at most this many steps (tiny batches on a fast device finish 48 steps in < 0.3 s)
 MAX_SEARCH_TRIALS = 40
+WARMUP_MAX_STEPS = 12  # throughput: warm up until a step is within WARMUP_STEADY of the one before, at most this many
+WARMUP_STEADY = 0.25
+FLAT_SIZES = 2  # throughput timing stops after this many sizes in a row not faster than the best beyond the noise
+KNEE_BOOTSTRAP = 200  # resamples of the timed chunks behind the knee's spread
 # CUDA: the caching allocator cannot hand out the last bytes of the device (2 MiB segment rounding, fragmentation,
 # cuDNN workspaces), so a prediction from allocated-bytes peaks is verified this much lower. On an H100 (ResNet-50,
 # fp32) the line through two fitting sizes predicted 967-970 where 960 was the true largest batch: 0.8 % high.
@@ -420,14 +424,16 @@ def _time_throughput(trials: MemoryTrials, sizes: list[int], on_record: Callable
 
     def timed(model: nn.Module, optimizer: torch.optim.Optimizer, b: int) -> dict[str, Any]:
         with (memory.PeakMeter(dev, trials.enforce_bytes) if dev.type == "cuda" else _NoMeter()) as meter:
-            step = runner.step(model, optimizer, scaler, b, 2 + MAX_TIMED_STEPS)  # one schedule for the size
-            runner.run(model, optimizer, scaler, b, 2, step=step)  # warm-up (and the optimizer state)
-            sync()
-            steps, t0 = 0, time.perf_counter()
+            step = runner.step(model, optimizer, scaler, b, WARMUP_MAX_STEPS + MAX_TIMED_STEPS)  # one schedule
+            warm = _warm_up(lambda i: runner.run(model, optimizer, scaler, b, 1, step=step, first=i), sync,
+                            agree=trials.sharded)
+            steps, t0, chunks = 0, time.perf_counter(), []
             while True:  # chunks of 3 steps, one CUDA sync per chunk
-                runner.run(model, optimizer, scaler, b, 3, step=step, first=2 + steps)
+                t_chunk = time.perf_counter()
+                runner.run(model, optimizer, scaler, b, 3, step=step, first=warm + steps)
                 steps += 3
                 sync()
+                chunks.append(3 * b * runner.micro_batches / max(time.perf_counter() - t_chunk, 1e-9))
                 elapsed = time.perf_counter() - t0
                 done = elapsed >= MIN_TIMED_SECONDS or steps >= MAX_TIMED_STEPS
                 if trials.sharded:  # every rank runs as many steps (each step's collectives), decided together
@@ -436,8 +442,10 @@ def _time_throughput(trials: MemoryTrials, sizes: list[int], on_record: Callable
                 if done:
                     break
             samples = b * runner.micro_batches * steps
-            return {"samples_per_s": samples / elapsed, "timed_steps": steps, "peak_bytes": meter.peak()}
+            return {"samples_per_s": samples / elapsed, "timed_steps": steps, "warmup_steps": warm,
+                    "chunk_samples_per_s": chunks, "peak_bytes": meter.peak()}
 
+    done: list[dict[str, Any]] = []
     try:
         for b in sizes:
             rec: dict[str, Any] = {"batch_size": b, "phase": "throughput", "ok": False, "peak_bytes": None,
@@ -461,7 +469,18 @@ def _time_throughput(trials: MemoryTrials, sizes: list[int], on_record: Callable
             else:
                 rec["error"] = _one_line(attempt.oom)  # type: ignore[arg-type]
             rec["seconds"] = round(time.perf_counter() - t_start, 4)
-            on_record(distributed.agree_record(rec))  # torchrun: the same record on every rank
+            rec = distributed.agree_record(rec)  # torchrun: the same record on every rank
+            flat = False
+            if rec["ok"] and rec.get("samples_per_s"):
+                done.append(rec)
+                flat = _flattened(done)  # the curve is flat within the noise: larger sizes cannot be the knee
+                left = [s for s in sizes if s > b]
+                if flat and left:
+                    rec["note"] = (f"samples/s flat over the last {FLAT_SIZES + 1} sizes (within the timing "
+                                   f"noise): {', '.join(map(str, left))} not timed")
+            on_record(rec)
+            if flat:
+                break
     finally:
         trials.keeper.reset(model, optimizer, opt_state)
         del model, optimizer, opt_state
@@ -565,7 +584,8 @@ def _restore_rng(states: dict[str, Any]) -> None:
 
 def _public(rec: dict[str, Any]) -> dict[str, Any]:
     out = {k: rec.get(k) for k in ("batch_size", "ok", "peak_bytes", "samples_per_s", "phase")}
-    for k in ("parts", "error", "seconds", "steps", "timed_steps", "train_batch_size"):
+    for k in ("parts", "error", "seconds", "steps", "timed_steps", "train_batch_size", "warmup_steps",
+              "chunk_samples_per_s", "note"):
         if rec.get(k) not in (None, {}):
             out[k] = rec[k]
     if "parts" in out:
@@ -573,12 +593,86 @@ def _public(rec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _warm_up(step: Callable[[int], None], sync: Callable[[], None], agree: bool = False) -> int:
+    """Run single steps until one takes within :data:`WARMUP_STEADY` of the one before (lazy initialisation,
+    the allocator and the optimizer state settle: a cold batch-1 loop can read 30x slow), at least 2 and at most
+    :data:`WARMUP_MAX_STEPS`; returns the steps run. ``agree`` (sharded ranks, whose steps are collectives): it
+    stops when every rank is steady, so all run as many steps."""
+    last = None
+    for i in range(WARMUP_MAX_STEPS):
+        t0 = time.perf_counter()
+        step(i)
+        sync()
+        dt = time.perf_counter() - t0
+        steady = i >= 1 and last is not None and abs(dt - last) <= WARMUP_STEADY * last
+        if agree:
+            steady = not distributed.any_flag(not steady)[0]
+        if steady:
+            return i + 1
+        last = dt
+    return WARMUP_MAX_STEPS
+
+
+def _rate(rec: Mapping[str, Any]) -> Any:
+    """A timed size's samples/s: the median over its chunks with a distribution-free interval."""
+    from batchfit.stats import median_interval
+
+    chunks = [float(x) for x in rec.get("chunk_samples_per_s") or [] if x and math.isfinite(x)]
+    return median_interval(chunks) if chunks else None
+
+
+def _flattened(done: list[dict[str, Any]]) -> bool:
+    """The curve has flattened: the last :data:`FLAT_SIZES` timed sizes are tied with the best before them within
+    the timing noise (their chunk-median intervals overlap the best's; without intervals, medians within 5 %). A
+    size clearly slower or faster is not flat (a load burst, or the curve still rising): timing goes on. At least
+    4 sizes are timed before it can stop."""
+    if len(done) < max(4, FLAT_SIZES + 1):
+        return False
+    best = max(done[:-FLAT_SIZES], key=lambda r: r["samples_per_s"])
+    b_iv = _rate(best)
+    for rec in done[-FLAT_SIZES:]:
+        iv = _rate(rec)
+        if iv is None or b_iv is None:
+            return False
+        if iv.known and b_iv.known:
+            if not iv.overlaps(b_iv):
+                return False
+        elif abs(iv.estimate / b_iv.estimate - 1) > 1 - KNEE_SHARE:
+            return False
+    return True
+
+
+def _knee_of(rates: Mapping[int, float]) -> int:
+    best = max(rates.values())
+    return min(b for b, r in rates.items() if r >= KNEE_SHARE * best)
+
+
 def _knee(records: list[dict[str, Any]]) -> int | None:
     timed = [r for r in records if r["phase"] == "throughput" and r["ok"] and r["samples_per_s"]]
     if not timed:
         return None
-    best = max(r["samples_per_s"] for r in timed)
-    return min(r["batch_size"] for r in timed if r["samples_per_s"] >= KNEE_SHARE * best)
+    return _knee_of({r["batch_size"]: r["samples_per_s"] for r in timed})
+
+
+def knee_spread(records: list[dict[str, Any]], *, seed: int = 0) -> list[int] | None:
+    """The knee's 95 % range: the knee of :data:`KNEE_BOOTSTRAP` resamples of every timed size's chunks (the
+    median of each resample); ``None`` when no size was timed in chunks. A knee that flips between 64 and 128 on
+    a rerun shows here as [64, 128]."""
+    import numpy as np
+
+    timed = [r for r in records if r["phase"] == "throughput" and r["ok"] and r.get("chunk_samples_per_s")]
+    if not timed:
+        return None
+    rng = np.random.default_rng(seed)
+    knees = []
+    for _ in range(KNEE_BOOTSTRAP):
+        rates = {}
+        for r in timed:
+            c = np.asarray(r["chunk_samples_per_s"], dtype=float)
+            rates[r["batch_size"]] = float(np.median(c[rng.integers(0, len(c), len(c))]))
+        knees.append(_knee_of(rates))
+    lo, hi = np.quantile(knees, [0.025, 0.975], method="nearest")
+    return [int(lo), int(hi)]
 
 
 @dataclass(frozen=True)
@@ -799,6 +893,8 @@ def find_batch_size(
         limited_by = "max_batch_size" if batch_size_cap is not None and batch_size_cap == plan.cap else "dataset"
     extras = _extras(wl, recommended, micro_batch_size_only, parallel, trials.sharded, records, model, max_bs,
                      largest_unit, plan)
+    if throughput:
+        extras["throughput_knee_range"] = knee_spread(records, seed=plan.seed)
     result = FindResult(
         device=str(plan.device), precision=precision, memory_budget_bytes=plan.budget, max_batch_size=max_bs,
         recommended_batch_size=recommended, throughput_knee_batch_size=_knee(records),
