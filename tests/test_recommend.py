@@ -504,3 +504,70 @@ def test_a_finder_result_given_to_recommend_replaces_the_stored_one() -> None:
     knee = recommend(res, find={"recommended_batch_size": 64, "throughput_knee_batch_size": 32})
     assert (knee.micro_batch_size, knee.accumulation_steps) == (32, 2)
     assert any("throughput knee is 32" in r for r in knee.reasons), knee.reasons
+
+
+def test_the_recipe_speaks_the_projects_form_dict_batches_collate_and_trainer_arguments() -> None:
+    """Issue 23.4: a dict-batch project with its own collate and a loss carried by the output gets that loop, and a
+    Trainer project gets TrainingArguments with every optimizer setting."""
+    from batchfit.recommend import recipe
+
+    pick = {"batch_size": 64, "lr_rule": "adam-sqrt", "grad_clip": 1.0, "seed": 0, "lr_schedule": "LambdaLR",
+            "optimizer": {"class": "AdamW", "module": "torch.optim", "betas": [0.9, 0.98], "eps": 1e-8,
+                          "weight_decay": 0.01}}
+    form = {"collate_fn": "DataCollatorWithPadding", "mapping": True, "loss_from_output": True, "targets_key": None}
+    r = recipe(pick, batch=64, micro=16, acc=4, lr=3e-4, warmup_steps=10, precision="bf16", framework="hf",
+               batch_form=form)
+    torch_code, hf = r["snippets"]["pytorch"], r["snippets"]["hf"]
+    assert "collate_fn=collate_fn)  # your DataCollatorWithPadding" in torch_code
+    assert "for i, batch in enumerate(loader):" in torch_code and "model(**batch).loss / accumulation" in torch_code
+    assert "(x, y)" not in torch_code
+    for arg in ("per_device_train_batch_size=16", "gradient_accumulation_steps=4", "learning_rate=0.0003",
+                "adam_beta1=0.9", "adam_beta2=0.98", "adam_epsilon=1e-08", "weight_decay=0.01", "warmup_steps=10",
+                "max_grad_norm=1", "bf16=True"):
+        assert arg in hf, arg
+    compile(hf.replace("output_dir=...,", "output_dir='x',"), "hf", "exec")  # it is valid Python
+    keyed = recipe(pick, batch=64, micro=16, acc=4, lr=3e-4, warmup_steps=0, precision="fp32",
+                   batch_form={**form, "loss_from_output": False, "targets_key": "label", "collate_fn": None})
+    assert "loss_fn(model(**batch), batch['label'])" in keyed["snippets"]["pytorch"]
+    plain = recipe(pick, batch=64, micro=16, acc=4, lr=3e-4, warmup_steps=0, precision="fp32")
+    assert "for i, (x, y) in enumerate(loader):" in plain["snippets"]["pytorch"] and "hf" not in plain["snippets"]
+
+
+def test_the_projects_own_warm_up_is_named_instead_of_warm_up_0() -> None:
+    import torch
+
+    from batchfit.tuning import _schedule_warmup, batch_form_of, framework_of
+    from conftest import make_tiny_workload
+
+    wl = make_tiny_workload()
+    assert _schedule_warmup(wl) is None and framework_of(wl) == "pytorch"
+    wl.lr_schedule = lambda o, n: torch.optim.lr_scheduler.OneCycleLR(
+        o, max_lr=[g["lr"] for g in o.param_groups], total_steps=n, pct_start=0.3)
+    assert _schedule_warmup(wl) == pytest.approx(0.3, abs=0.01)
+    wl.lr_schedule = lambda o, n: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=n)
+    assert _schedule_warmup(wl) is None
+    form = batch_form_of(wl)
+    assert form["mapping"] is False and form["collate_fn"] is None and form["loss_from_output"] is False
+    from batchfit.recommend import _warmup_reason
+
+    pick = {"batch_size": 32, "steps": 100, "lr_schedule": "OneCycleLR", "warmup_steps": 0}
+    _, text = _warmup_reason({"batch_form": {"schedule_warmup": 0.3}, "trials": []}, pick, 0.1)
+    assert text.startswith("Warm-up: your lr_schedule (OneCycleLR) ramps the LR up over its first 30% of the run")
+    _, text = _warmup_reason({"trials": []}, pick, 0.1)
+    assert text.startswith("Warm-up 0 step(s)")
+
+
+def test_a_hugging_face_workload_is_recognised_for_its_recipe() -> None:
+    pytest.importorskip("transformers")
+    import transformers
+
+    from batchfit.integrations.hf import hf_workload
+    from batchfit.tuning import batch_form_of, framework_of
+
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, num_labels=2)
+    data = [{"input_ids": [1, 2, 3], "labels": 0}, {"input_ids": [4, 5, 6], "labels": 1}] * 4
+    wl = hf_workload(lambda: transformers.BertForSequenceClassification(cfg), data, data)
+    assert framework_of(wl) == "hf"
+    form = batch_form_of(wl)
+    assert form["mapping"] and form["loss_from_output"] and form["collate_fn"]

@@ -523,8 +523,15 @@ def _warmup_reason(results: Mapping[str, Any], pick: Mapping[str, Any], lr: floa
         t for t in results.get("trials") or []
         if t.get("batch_size") == batch and t.get("status") == "diverged" and float(t.get("lr") or 0) > lr
     ]
-    text = (f"Warm-up {warmup_steps} step(s): the winning trial trained stably with it ({pick.get('steps')} steps "
-            "in all)")
+    own = ((results.get("batch_form") or {}) if isinstance(results.get("batch_form"), Mapping) else {}).get(
+        "schedule_warmup")
+    if isinstance(own, (int, float)) and own > 0 and not warmup_steps:  # the user's schedule ramps up itself
+        text = (f"Warm-up: your lr_schedule ({pick.get('lr_schedule') or 'its own'}) ramps the LR up over its first "
+                f"{own:.0%} of the run, and batchfit added none on top ({pick.get('steps')} steps in all, trained "
+                "stably)")
+    else:
+        text = (f"Warm-up {warmup_steps} step(s): the winning trial trained stably with it ({pick.get('steps')} "
+                "steps in all)")
     if diverged_higher:
         text += f"; {len(diverged_higher)} larger LR(s) at this batch diverged, so do not raise the LR"
     return warmup_steps, text + "."
@@ -745,10 +752,23 @@ def _pytorch_snippet(r: Mapping[str, Any]) -> str:
     if r.get("lr_schedule"):
         stepped = "" if "stepped" in str(r["lr_schedule"]) else " after every optimizer step"  # Lightning: own
         lines.append(f"# the winning trial also stepped the workload's schedule ({r['lr_schedule']}){stepped}")
-    lines += ["for i, (x, y) in enumerate(loader):"]
-    body = "loss = loss_fn(model(x), y) / accumulation"
+    form = r.get("batch_form") or {}
+    if form.get("collate_fn"):  # the project's own collate, as the DataLoader above must get it
+        lines[lines.index(next(x for x in lines if x.startswith("loader = ")))] = (
+            f"loader = torch.utils.data.DataLoader(train_set, batch_size={r['micro_batch_size']}, shuffle=True, "
+            f"drop_last=True, collate_fn=collate_fn)  # your {form['collate_fn']}")
+    if form.get("mapping"):  # dict batches: the keyword forward, the loss from the output or the labels key
+        lines += ["for i, batch in enumerate(loader):"]
+        key = form.get("targets_key") or "labels"
+        body = ("loss = model(**batch).loss / accumulation" if form.get("loss_from_output") else
+                f"loss = loss_fn(model(**batch), batch[{key!r}]) / accumulation")
+        device = "batch[next(iter(batch))].device.type"
+    else:
+        lines += ["for i, (x, y) in enumerate(loader):"]
+        body = "loss = loss_fn(model(x), y) / accumulation"
+        device = "x.device.type"
     if r.get("precision") == "bf16":
-        lines += ["    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):", f"        {body}"]
+        lines += [f"    with torch.autocast(device_type={device}, dtype=torch.bfloat16):", f"        {body}"]
     else:
         lines.append(f"    {body}")
     lines += ["    loss.backward()", "    if (i + 1) % accumulation == 0:"]
@@ -759,6 +779,37 @@ def _pytorch_snippet(r: Mapping[str, Any]) -> str:
         lines.append("        scheduler.step()")
     lines.append("        optimizer.zero_grad()")
     return "\n".join(lines)
+
+
+def _hf_snippet(r: Mapping[str, Any]) -> str:
+    """``TrainingArguments`` for a Trainer project: per-device batch, accumulation, LR, Adam's betas and epsilon,
+    weight decay, warm-up, clipping, precision."""
+    opt = r.get("optimizer") or {}
+    args = [f"per_device_train_batch_size={r['micro_batch_size']}",
+            f"gradient_accumulation_steps={r['accumulation_steps']}", f"learning_rate={r['lr']:.6g}"]
+    betas = opt.get("betas")
+    if isinstance(betas, list) and len(betas) == 2:
+        args += [f"adam_beta1={betas[0]:.6g}", f"adam_beta2={betas[1]:.6g}"]
+    if opt.get("eps") is not None:
+        args.append(f"adam_epsilon={opt['eps']:.6g}")
+    if opt.get("weight_decay") is not None:
+        args.append(f"weight_decay={opt['weight_decay']:.6g}")
+    if r.get("warmup_steps"):
+        args.append(f"warmup_steps={r['warmup_steps']}")
+    if r.get("grad_clip"):
+        args.append(f"max_grad_norm={r['grad_clip']:g}")
+    if r.get("precision") == "bf16":
+        args.append("bf16=True")
+    return "\n".join([
+        "from transformers import TrainingArguments",
+        *([f"# {OUTSIDE_RANGE}"] if r.get("outside_rule_range") else []),
+        "args = TrainingArguments(",
+        *(f"    {a}," for a in args),
+        "    output_dir=...,  # and your other arguments",
+        ")",
+        f"# effective batch {r['batch_size']} = {r['micro_batch_size']} per device x {r['accumulation_steps']} "
+        "accumulation x the number of devices (1 here)",
+    ])
 
 
 def _lightning_snippet(r: Mapping[str, Any]) -> str:
@@ -800,7 +851,8 @@ def _keras_snippet(r: Mapping[str, Any]) -> str:
 
 
 def recipe(pick: Mapping[str, Any], *, batch: int, micro: int, acc: int, lr: float, warmup_steps: int,
-           precision: str, framework: str | None = None) -> dict[str, Any]:
+           precision: str, framework: str | None = None,
+           batch_form: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Everything needed to reproduce the winning trial: batch, accumulation, LR, every optimizer setting it used
     (read from its optimizer's param group), warm-up, schedule, clipping, precision; plus paste-ready snippets
     (PyTorch always; Lightning or Keras when the workload came from them)."""
@@ -820,11 +872,15 @@ def recipe(pick: Mapping[str, Any], *, batch: int, micro: int, acc: int, lr: flo
     if opt is None:
         out["note"] = ("this study did not record the optimizer's settings (made before batchfit recorded them); "
                        "the optimizer is the workload's own, with the LR above")
+    if isinstance(batch_form, Mapping):
+        out["batch_form"] = dict(batch_form)
     snippets = {"pytorch": _pytorch_snippet(out)}
     if framework == "lightning":
         snippets["lightning"] = _lightning_snippet(out)
     elif framework == "keras":
         snippets["keras"] = _keras_snippet(out)
+    elif framework == "hf":
+        snippets["hf"] = _hf_snippet(out)
     out["snippets"] = snippets
     return out
 
@@ -907,7 +963,7 @@ def recommend(
     if why_noise:
         reasons.append(why_noise)
     rec_recipe = recipe(pick, batch=batch, micro=micro, acc=acc, lr=lr, warmup_steps=warmup_steps,
-                        precision=precision, framework=data.get("framework"))
+                        precision=precision, framework=data.get("framework"), batch_form=data.get("batch_form"))
     reasons.append(_recipe_reason(rec_recipe))
     extra = {
         "intervals": [decision.evidence[b].to_dict() for b in sorted(decision.evidence)],

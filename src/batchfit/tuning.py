@@ -945,12 +945,47 @@ def _with_stages(results: Any, stages: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def framework_of(workload: Workload) -> str:
-    """``keras`` or ``lightning`` when the workload was made by that integration, else ``pytorch``."""
+    """``keras``, ``lightning`` or ``hf`` when the workload was made by that integration, else ``pytorch``."""
     module = getattr(workload.optimizer_fn, "__module__", "") or ""
-    for name in ("keras", "lightning"):
+    for name in ("keras", "lightning", "hf"):
         if module.startswith(f"batchfit.integrations.{name}"):
             return name
     return "pytorch"
+
+
+def batch_form_of(workload: Workload) -> dict[str, Any]:
+    """How the project feeds its model, for a recipe in its own form (issue 23.4): a collate function, batches
+    that are mappings passed as keywords, a loss the model's output carries."""
+    fwd = workload.forward
+    mapping = workload.loss_fn == "output" or isinstance(fwd, (list, tuple)) or isinstance(workload.targets, str)
+    return {"collate_fn": getattr(workload.collate_fn, "__name__", None) or (
+                type(workload.collate_fn).__name__ if workload.collate_fn is not None else None),
+            "mapping": bool(mapping), "loss_from_output": workload.loss_fn == "output",
+            "targets_key": workload.targets if isinstance(workload.targets, str) else None,
+            "schedule_warmup": _schedule_warmup(workload)}
+
+
+def _schedule_warmup(workload: Workload, total: int = 1000) -> float | None:
+    """The share of a run the user's own ``lr_schedule`` spends ramping up to its peak (OneCycleLR's
+    ``pct_start``, a linear warm-up), read from the schedule built for ``total`` steps on a throwaway optimizer;
+    ``None`` without a schedule or a ramp (or when the probe cannot run)."""
+    import torch
+
+    if getattr(workload, "lr_schedule", None) is None:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0, momentum=0.9)
+            sched = workload.lr_schedule(opt, total)  # type: ignore[misc]
+            lrs = [opt.param_groups[0]["lr"]]
+            for _ in range(total - 1):
+                sched.step()
+                lrs.append(opt.param_groups[0]["lr"])
+    except Exception:  # noqa: BLE001 - a description only: nothing is claimed when the probe cannot run
+        return None
+    peak = max(range(len(lrs)), key=lambda i: lrs[i])
+    return peak / total if peak > 0 and lrs[0] < 0.99 * lrs[peak] else None
 
 
 def seeds_per_batch(results: Mapping[str, Any], *, finished: bool = True) -> dict[int, int]:
@@ -1570,7 +1605,8 @@ def _stage_attrs(p: _Prepared, stages: Mapping[str, Any]) -> dict[str, Any]:
     lr_check = stages["lr_check"]
     out = {"find": stages["find"], "noise": stages["noise"],
            "lr_calibration": lr_check.to_dict() if lr_check is not None else None, "step_time": stages["step_time"]}
-    out.update(num_val=p.wl.num_val, framework=framework_of(p.wl), train_budget=p.plan)
+    out.update(num_val=p.wl.num_val, framework=framework_of(p.wl), batch_form=batch_form_of(p.wl),
+               train_budget=p.plan)
     return out
 
 
