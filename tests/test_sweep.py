@@ -817,3 +817,17 @@ def test_the_printed_critical_batch_is_the_one_the_decision_uses(tmp_path: Path)
     assert data["target"]["value"] == pytest.approx(decision.target, rel=1e-12)
     rec = recommend(data)
     assert rec.get("critical_batch")["b_crit"]["estimate"] == pytest.approx(decision.critical.b_crit.estimate)
+
+
+def test_a_trial_records_the_optimizers_own_settings_and_peak_lr_not_its_schedules(tmp_path: Path) -> None:
+    """Issue 23.4: OneCycleLR starts at max_lr / 25 and sets momentum to 0.95 itself; the trial (and so the recipe)
+    records the LR batchfit gave the batch size and the optimizer's own momentum 0.9."""
+    wl = classify()
+    wl.optimizer_fn = lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9)
+    wl.lr_schedule = lambda o, n: torch.optim.lr_scheduler.OneCycleLR(
+        o, max_lr=[g["lr"] for g in o.param_groups], total_steps=n)
+    res = sweep(wl, batch_sizes=[16], budget="steps:6", storage=_url(tmp_path), micro_batch_limit=16,
+                measure_noise=False, eval_every=3).to_dict()
+    (t,) = res["trials"]
+    assert t["optimizer"]["momentum"] == pytest.approx(0.9)  # not OneCycle's max_momentum 0.95
+    assert t["lr"] == pytest.approx(wl.base_lr * 16 / wl.base_batch_size)  # the peak, not max_lr / 25

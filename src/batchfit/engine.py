@@ -630,6 +630,9 @@ def _setup(plan: TrainPlan, callbacks: Sequence[Any], progress: ProgressFn | Non
     optimizer = build_optimizer(plan.workload, model)
     rule, lr_scaling = _scale_lr(plan, optimizer)
     peak_lr = optimizer.param_groups[0]["lr"]
+    from batchfit.scaling import optimizer_settings
+
+    settings = optimizer_settings(optimizer)  # before the user's schedule moves momentum or betas (OneCycleLR)
     schedule = LRSchedule.for_workload(plan.workload, optimizer, total_steps=plan.total_steps,
                                        warmup_steps=plan.warmup_steps)
     losses = LossMeter(plan.device)
@@ -643,6 +646,7 @@ def _setup(plan: TrainPlan, callbacks: Sequence[Any], progress: ProgressFn | Non
         steps_per_epoch=plan.steps_per_epoch, scaler=step.scaler, lr=peak_lr,
         batch_size_per_rank=plan.batch_size_per_rank,
     )
+    state.extras["optimizer_settings"] = settings
     result = TrainResult(
         workload=plan.workload.name, batch_size=plan.effective_batch_size, micro_batch_size=plan.micro_batch_size,
         accumulation_steps=plan.accumulation_steps, world_size=plan.world_size, lr=peak_lr, lr_rule=rule,

@@ -86,9 +86,11 @@ class _Recorder:
         self.count = 0
 
     def on_train_start(self, state: Any) -> None:
-        self.info.update(lr=state.optimizer.param_groups[0]["lr"], micro_batch_size=state.micro_batch_size,
+        # the peak LR and the optimizer's own settings, as set for this batch size before the user's schedule ran
+        # (OneCycleLR starts at max_lr / 25 and moves momentum/beta1 itself: neither is advice)
+        self.info.update(lr=state.lr or state.optimizer.param_groups[0]["lr"], micro_batch_size=state.micro_batch_size,
                          accumulation_steps=state.accumulation_steps, total_steps=state.total_steps,
-                         optimizer=optimizer_settings(state.optimizer))
+                         optimizer=state.extras.get("optimizer_settings") or optimizer_settings(state.optimizer))
         self.trial.set_user_attr(K.TRIAL_PLAN, to_jsonable(dict(self.info)))
         sweep_event(self.plan.progress, "update", "trial_start",
                     f"batch {self.info['batch_size']} ({state.micro_batch_size} x {state.accumulation_steps}), "
