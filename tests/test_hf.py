@@ -127,6 +127,28 @@ def test_callback_sizes_the_batch_keeps_the_effective_batch_and_logs_b_simple(tm
     assert trainer.state.global_step == 128 // 32
     logged = [h["batchfit/b_simple"] for h in trainer.state.log_history if "batchfit/b_simple" in h]
     assert len(logged) == 1 and logged[0] > 0 and logged[0] == cb.noise.b_simple
+    # issue 23.8: what batchfit chose is in log_history too, and no bound is logged as inf
+    (entry,) = [h for h in trainer.state.log_history if "batchfit/per_device_train_batch_size" in h]
+    assert entry["batchfit/per_device_train_batch_size"] == micro
+    assert entry["batchfit/gradient_accumulation_steps"] == accumulation
+    assert entry["batchfit/max_batch_size"] == cb.result.max_batch_size
+    assert all(math.isfinite(v) for k, v in entry.items() if k.startswith("batchfit/"))
+
+
+def test_the_callback_logs_its_choice_even_when_b_simple_is_unbounded(tmp_path) -> None:  # noqa: ANN001
+    """Issue 23.8: a probe whose B_simple is inf (too few steps) still leaves the chosen batch in log_history."""
+    import types
+
+    cb = BatchfitCallback()
+    logs: list[dict] = []
+    cb.trainer = types.SimpleNamespace(log=logs.append)
+    cb.chosen = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 4, "effective_batch_size": 32,
+                 "previous_batch_size": 32, "max_batch_size": 9, "recommended_batch_size": 8}
+    cb.noise = types.SimpleNamespace(b_simple=math.inf, b_simple_ci=(12.0, math.inf), steps=6)
+    cb.on_train_begin(None, None, None)
+    (entry,) = logs
+    assert entry["batchfit/per_device_train_batch_size"] == 8 and entry["batchfit/b_simple_low"] == 12.0
+    assert "batchfit/b_simple" not in entry and "batchfit/b_simple_high" not in entry
 
 
 def test_trainer_workload_copies_the_model(tmp_path) -> None:  # noqa: ANN001

@@ -324,10 +324,20 @@ class BatchfitCallback(TrainerCallback):
         return self.chosen
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.noise is not None and self.trainer is not None:
+        """Log what batchfit measured into the Trainer's ``log_history`` (and its loggers), where Trainer users
+        look: the batch it chose and the largest that fits, and B_simple with its 95 % interval (a bound that is
+        not finite is left out, never logged as inf)."""
+        if self.trainer is None or self.chosen is None:
+            return
+        logs: dict[str, float] = {f"batchfit/{k}": float(v) for k, v in self.chosen.items() if v is not None}
+        if self.noise is not None:
             value = getattr(self.noise, "b_simple", None)
-            if value is not None and math.isfinite(value):
-                self.trainer.log({"batchfit/b_simple": float(value)})
+            low, high = getattr(self.noise, "b_simple_ci", (None, None)) or (None, None)
+            for key, v in (("b_simple", value), ("b_simple_low", low), ("b_simple_high", high)):
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    logs[f"batchfit/{key}"] = float(v)
+            logs["batchfit/b_simple_steps"] = float(getattr(self.noise, "steps", 0) or 0)
+        self.trainer.log(logs)
 
 
 def _calling_trainer() -> Any:
