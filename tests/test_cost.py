@@ -86,6 +86,8 @@ def test_tune_is_capped_at_one_run_by_default_unless_it_is_given_a_budget(tmp_pa
     assert res["train_budget"]["max_cost"] == cost.DEFAULT_MAX_COST == 1.0
     assert spent["within_cap"] is True and spent["runs"] <= 1.0
     assert res["find"].get("throughput_knee_batch_size") is None  # capped: step timing times the candidates
+    # the finder searched only the sizes a trial could use, and says so (issue 23.3)
+    assert res["find"]["max_batch_size"] < 512 and "under the cost cap" in res["find"]["search_cap_reason"]
     assert set(spent["by_stage"]) >= {"find", "lr_check", "sweep"}
     for stage in ("noise", "lr_check", "step_time", "precision"):  # each stage within its share
         if stage in spent["by_stage"]:

@@ -527,7 +527,7 @@ def _save_in_study(storage: str, study_name: str | None, values: Mapping[str, An
 
 
 def _find(workload: Workload, run: _Run, *, memory_budget: int | None, batch_size_cap: int | None,
-          margin: float, throughput: bool = True) -> dict[str, Any]:
+          margin: float, throughput: bool = True, why_cap: str | None = None) -> dict[str, Any]:
     """The finder; ``throughput=False`` under a cost cap (the step timing times the candidates; the finder's
     throughput curve costs several runs on a small workload)."""
     key = run.key(memory_budget=memory_budget, batch_size_cap=batch_size_cap, margin=margin,
@@ -546,6 +546,9 @@ def _find(workload: Workload, run: _Run, *, memory_budget: int | None, batch_siz
                                  progress=run.nested()).to_dict()
     result["cost"] = spent.to_dict()
     result.setdefault("margin", margin)
+    if why_cap and result.get("limited_by") == "max_batch_size":  # the cap, not memory, ended the search: say why
+        result["search_cap_reason"] = why_cap
+        run.emit("find", "update", why_cap)
     _store(run.out, "find", key, result)
     run.emit("find", "end", f"fits {result.get('recommended_batch_size')} (with {margin:.0%} margin), throughput "
                             f"knee {result.get('throughput_knee_batch_size')}, {result.get('real_trials')} real trials")
@@ -1558,9 +1561,12 @@ def _measure(a: _TuneArgs, p: _Prepared) -> dict[str, Any]:
     _check_lr_schedule(wl, bud=p.bud, sizes=p.sizes, cap=p.cap, train=p.train, max_cost=p.max_cost,
                        lr_check=a.lr_calibration, precision_check=a.precision_check and a.precision != "fp16",
                        lr_rule=a.lr_rule, lr_search=a.lr_search)  # issue 23.2: every total the plan gives, before find
-    find_result = _find(wl, run, memory_budget=p.budget_bytes,
-                        batch_size_cap=_useful_cap(p.total, p.max_cost, p.cap, p.bud), margin=a.margin,
-                        throughput=p.max_cost is None) if a.find else None
+    useful = _useful_cap(p.total, p.max_cost, p.cap, p.bud)
+    why = None if useful is None or useful == p.cap else (
+        f"searched up to batch {useful}: the largest batch a trial can train for {MIN_PLANNED_STEPS} steps under "
+        f"the cost cap ({p.max_cost:g} run(s) of {p.train}); larger sizes could not be compared")
+    find_result = _find(wl, run, memory_budget=p.budget_bytes, batch_size_cap=useful, margin=a.margin,
+                        throughput=p.max_cost is None, why_cap=why) if a.find else None
     p.fits = int(find_result["recommended_batch_size"]) if find_result and find_result.get(
         "recommended_batch_size") else None
     noise_result = _noise_stage(a, p) if a.noise else None
