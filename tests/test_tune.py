@@ -60,7 +60,8 @@ def test_tune_runs_every_stage_and_resumes(tmp_path: Path, monkeypatch: pytest.M
     # the first seed of each batch, then racing's added seeds (the count goes on; results.json keeps up)
     assert finished[:3] == [1, 2, 3] and finished == sorted(finished) and finished[-1] == len(data["trials"])
     assert {t["seed"] for t in data["trials"]} <= {0, 1, 2}
-    assert [e.stage for e in events if e.kind == "end"] == list(STAGES)
+    # (the batch-schedule check is off by default: every other stage, in order)
+    assert [e.stage for e in events if e.kind == "end"] == [s for s in STAGES if s != "batch_schedule_check"]
     assert {e.stage for e in events if e.kind == "start"} >= {"noise", "lr_check", "sweep", "precision", "report"}
     # every result is on disk, and results.json is the TuneResult's dict form
     for name in ("find.json", "noise.json", "lr.json", "step_time.json", "precision.json", "results.json",
