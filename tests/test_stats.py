@@ -339,3 +339,20 @@ def test_a_curve_that_does_not_fit_falls_back_to_per_batch_means() -> None:
     curve = stats.select_non_inferior(smooth, tolerance=0.01, positions=pos)
     assert curve.method.startswith("one quadratic curve") and curve.reference == 16
     assert curve.comparisons[2048].verdict == "inferior" and curve.comparisons[32].verdict == "non-inferior"
+
+
+def test_the_pooled_curve_does_not_decide_on_one_degree_of_freedom() -> None:
+    """Three seeds at batch 16, one at 32-128 whose accuracies lie exactly on a parabola (quantized values can):
+    the curve's only residual degree of freedom is zero, and the old rule called 32-128 'inferior' with a
+    zero-width interval. The data cannot place them: undecided."""
+    from batchfit.stats import select_non_inferior
+
+    q = {16: 0.80, 32: 0.79, 64: 0.76, 128: 0.71}  # seed 0: second differences constant (a parabola in log2 B)
+    values = {16: {0: q[16], 1: 0.78, 2: 0.82}, 32: {0: q[32]}, 64: {0: q[64]}, 128: {0: q[128]}}
+    sel = select_non_inferior(values, tolerance=0.01, positions={b: math.log2(b) for b in values})
+    assert sel.reference == 16
+    assert all(sel.comparisons[b].verdict == "undecided" for b in (32, 64, 128))
+    # nearly on the parabola (a third difference of 0.0005): 1 degree of freedom gave +-0.0015 and 'inferior'
+    near = {**values, 128: {0: 0.7105}}
+    sel = select_non_inferior(near, tolerance=0.01, positions={b: math.log2(b) for b in near})
+    assert all(sel.comparisons[b].verdict == "undecided" for b in (32, 64, 128))

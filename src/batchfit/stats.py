@@ -619,6 +619,7 @@ def _noisier(rows: Sequence[tuple[int, Any, float]], fit: _TwoWay, cands: Sequen
 
 
 SMOOTH_MIN_POSITIONS = 4  # the pooled curve needs this many distinct batch sizes (3 parameters + lack of fit)
+SMOOTH_MIN_DOF = 3  # ... and this many error degrees of freedom: fewer estimate the noise from a curve's wiggle
 
 
 def _smooth_selection(values: Mapping[Any, Mapping[Any, float]], positions: Mapping[Any, float], *,
@@ -653,10 +654,15 @@ def _smooth_selection(values: Mapping[Any, Mapping[Any, float]], positions: Mapp
         y[r] = v
     beta, *_ = np.linalg.lstsq(x, y, rcond=None)
     dof = len(rows) - int(np.linalg.matrix_rank(x))
-    if dof <= 0:
+    if dof < SMOOTH_MIN_DOF:
+        # e.g. 3 seeds at one batch size and 1 elsewhere: the seed effects absorb the replicates, and the only
+        # "noise" left is how far 4 one-seed points sit from a parabola (1 df); quantized accuracies can sit on it
+        # exactly, and a zero-width interval would then call batch sizes apart on one seed
         return None
     resid = y - x @ beta
     rss = float(resid @ resid)
+    if rss <= 1e-12 * max(1.0, float(y @ y)):  # no measured noise at all (quantized values on the curve)
+        return None
     full = _TwoWay(rows)
     if full.dof > 0 and dof > full.dof:  # replicates: is the curve as good as one mean per batch size?
         rss_full = float(full.resid @ full.resid)
