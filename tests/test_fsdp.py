@@ -2,60 +2,29 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import pickle
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+import ranks
 from batchfit import distributed, sharding
 from batchfit.cli import main
 from batchfit.demos import ArrayDataset, TinyLM, tiny_lm
 from batchfit.errors import ConfigError
 from batchfit.workload import Workload
-
-WORLD = 2
-JOIN_TIMEOUT_S = 120
-
-
-def _entry(rank: int, fn_name: str, store: str, out_dir: str, args: tuple) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        result = globals()[fn_name](rank, *args)
-        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-            pickle.dump(result, f)
-    finally:
-        distributed.shutdown()
+from ranks import WORLD
 
 
 def _spawn(fn_name: str, tmp_path: Path, *args: Any) -> list[Any]:
-    """Run ``fn_name(rank, *args)`` on 2 gloo ranks; return each rank's result. Fails (never hangs) on a hang."""
-    ctx = mp.start_processes(_entry, args=(fn_name, str(tmp_path / "store"), str(tmp_path), args), nprocs=WORLD,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the ranks did not finish within {JOIN_TIMEOUT_S} s (a hang)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    return [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(WORLD)]
+    """Run this module's ``fn_name(rank, *args)`` on 2 gloo ranks (:func:`ranks.spawn`)."""
+    return ranks.spawn(__name__, fn_name, tmp_path, *args)
 
 
 def _lm() -> Workload:
@@ -323,11 +292,7 @@ def test_global_batch_kept_over_world_sizes() -> None:
 # -- 5. torchrun: the CLI as users run it ---------------------------------------------------------------------------
 
 
-def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "BATCHFIT_DIST_TIMEOUT": "60"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
-           "-m", "batchfit", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=JOIN_TIMEOUT_S)
+_torchrun = ranks.torchrun
 
 
 _LM_OPTS = ["-w", "demo:tiny-lm", "-O", "num_sequences=256", "-O", "seq_len=16", "-O", "vocab=16", "-O",
