@@ -291,6 +291,24 @@ def batch_has_nonfinite(batch: Any) -> bool:
 ABSOLUTE_CHECK_STEPS = 5  # scheduler steps compared at two optimizer LRs
 
 
+def schedule_lrs(factory: Any, total_steps: int, steps: int, *, lr: float = 1.0,
+                 optimizer: torch.optim.Optimizer | None = None) -> list[float]:
+    """The first group's LR at the start and after each of ``steps`` scheduler steps of ``factory(optimizer,
+    total_steps)``, built on ``optimizer`` (default: a throwaway SGD with momentum over one dummy parameter at
+    ``lr``, so schedules that cycle momentum build too). Nothing is trained; whatever the factory or its steps
+    raise propagates (the callers decide what a failure means)."""
+    opt = optimizer if optimizer is not None else torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr,
+                                                                  momentum=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": nothing is trained here
+        sched = factory(opt, total_steps)
+        lrs = [opt.param_groups[0]["lr"]]
+        for _ in range(steps):
+            sched.step()
+            lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
 def absolute_schedule(factory: Any, lr: float, total_steps: int) -> str | None:
     """Whether ``factory(optimizer, total_steps)`` ignores the optimizer's LR (issue 23.1: ``OneCycleLR(opt,
     max_lr=3e-4, ...)`` trains at its own peak whatever LR the rule gives the batch size). The schedule is built on
@@ -299,21 +317,12 @@ def absolute_schedule(factory: Any, lr: float, total_steps: int) -> str | None:
     when the probe itself cannot run: nothing is claimed), else what was seen."""
     if not (isinstance(lr, (int, float)) and lr > 0):
         return None
-    seen: list[list[float]] = []
+    total = max(1, int(total_steps))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": nothing is trained here
-            for base in (lr, 2 * lr):
-                opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base, momentum=0.9)
-                sched = factory(opt, max(1, int(total_steps)))
-                lrs = [opt.param_groups[0]["lr"]]
-                for _ in range(min(ABSOLUTE_CHECK_STEPS, max(1, int(total_steps)) - 1)):
-                    sched.step()
-                    lrs.append(opt.param_groups[0]["lr"])
-                seen.append(lrs)
+        steps = min(ABSOLUTE_CHECK_STEPS, total - 1)
+        one, two = (schedule_lrs(factory, total, steps, lr=base) for base in (lr, 2 * lr))
     except Exception:  # noqa: BLE001 - the probe, not the user's run: the real schedule was built and is used
         return None
-    one, two = seen
     if all(abs(b - 2 * a) <= 1e-9 * max(abs(b), 1e-30) for a, b in zip(one, two)):
         return None
     if all(abs(b - a) <= 1e-12 + 1e-9 * abs(a) for a, b in zip(one, two)):

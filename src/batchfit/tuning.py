@@ -972,19 +972,12 @@ def _schedule_warmup(workload: Workload, total: int = 1000) -> float | None:
     """The share of a run the user's own ``lr_schedule`` spends ramping up to its peak (OneCycleLR's
     ``pct_start``, a linear warm-up), read from the schedule built for ``total`` steps on a throwaway optimizer;
     ``None`` without a schedule or a ramp (or when the probe cannot run)."""
-    import torch
+    from batchfit.step import schedule_lrs
 
     if getattr(workload, "lr_schedule", None) is None:
         return None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0, momentum=0.9)
-            sched = workload.lr_schedule(opt, total)  # type: ignore[misc]
-            lrs = [opt.param_groups[0]["lr"]]
-            for _ in range(total - 1):
-                sched.step()
-                lrs.append(opt.param_groups[0]["lr"])
+        lrs = schedule_lrs(workload.lr_schedule, total, total - 1)
     except Exception:  # noqa: BLE001 - a description only: nothing is claimed when the probe cannot run
         return None
     peak = max(range(len(lrs)), key=lambda i: lrs[i])
@@ -1314,12 +1307,10 @@ def _schedule_error(wl: Workload, total_steps: int) -> BaseException | None:
             raise TypeError
     except Exception:  # noqa: BLE001 - a factory that needs the real model: a stand-in with momentum and betas
         optimizer = torch.optim.SGD([param], lr=wl.base_lr, momentum=0.9)
+    from batchfit.step import schedule_lrs
+
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": nothing is trained here
-            scheduler = wl.lr_schedule(optimizer, total_steps)  # type: ignore[misc]
-            for _ in range(min(total_steps, SCHEDULE_CHECK_MAX_STEPS)):
-                scheduler.step()
+        schedule_lrs(wl.lr_schedule, total_steps, min(total_steps, SCHEDULE_CHECK_MAX_STEPS), optimizer=optimizer)
     except Exception as exc:  # noqa: BLE001 - reported by the caller
         return exc
     return None
