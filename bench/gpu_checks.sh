@@ -12,7 +12,8 @@
 #
 # Files written: env.json (machine, versions), gpu_tests.xml + gpu_tests.json (pytest -m gpu), the benchmarks'
 # JSON (finder_vs_peers_cuda_resnet50.json, engine_overhead_cuda_resnet.json, noise_overhead_cuda_resnet.json,
-# noise_overhead_cuda_gpt.json, step_time_cuda_resnet50.json, fsdp_finder_cuda_tiny_lm.json), one log per part
+# noise_overhead_cuda_gpt.json, step_time_cuda_resnet50.json, fsdp_finder_cuda_tiny_lm.json,
+# plan_vs_measured_cuda.json), one log per part
 # (<part>.log) and gpu_checks.json (each part: exit code, seconds, time box, whether it timed out). The script exits non-zero when any part failed or timed out.
 set -u -o pipefail
 
@@ -156,6 +157,11 @@ distributed.shutdown()
 EOF
 run_part fsdp_finder_nccl 90 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 \
     "$DIR/fsdp_check.py" "$DIR/fsdp_finder_cuda_tiny_lm.json"
+
+# 8. `batchfit plan` against this GPU (issue 22): the GPT-style demo (GPT-2 small, T = 1024) and the ResNet demo
+#    (ResNet-50, 224x224), both bf16: planned vs measured peak max_memory_allocated and samples/s per batch size,
+#    with the generic host constant and with the host's seconds per operator measured on the small MLP here.
+run_part plan_vs_measured 90 "$PY" bench/plan_vs_measured.py --json "$DIR/plan_vs_measured_cuda.json"
 
 # Summary: gpu_checks.json (+ gpu_tests.json from the JUnit XML), and a table on stdout.
 "$PY" - "$DIR" "$BUDGET" "$((SECONDS - START))" <<'EOF'

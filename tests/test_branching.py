@@ -141,3 +141,89 @@ def test_branching_finds_the_critical_batch_linear_regression_predicts() -> None
         assert p.b_simple is not None and p.b_simple.contains(b_noise), (p.b_simple, b_noise)
         found.append(p.local_critical_batch)
     assert found == [8, 32]  # the critical batch grows near the optimum
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference run and its branches run train's step (batchfit.step.build_run): warm-up, precision, divergence
+
+
+def test_branching_applies_the_warm_up_to_the_reference_and_continues_it_in_each_branch() -> None:
+    wl, _ = _linreg(n=512)
+    log: list[tuple[int, float]] = []
+
+    class LoggedSGD(torch.optim.SGD):
+        made = 0
+
+        def __init__(self, params, lr):  # noqa: ANN001
+            super().__init__(params, lr=lr)
+            self.n, LoggedSGD.made = LoggedSGD.made, LoggedSGD.made + 1
+
+        def step(self, closure=None):  # noqa: ANN001, ANN202
+            log.append((self.n, self.param_groups[0]["lr"]))
+            return super().step(closure)
+
+    wl.optimizer_fn = LoggedSGD
+    r = branching.local_critical_batch(wl, factors=(1, 2), checkpoints=(0.0, 0.5), reference_steps=8, warmup=4,
+                                       replicates=1, noise_batches=0, lr_rule="linear", branch_samples=16)
+    by = {n: [lr for m, lr in log if m == n] for n in range(LoggedSGD.made)}
+    assert by[0] == pytest.approx([0.0025, 0.005, 0.0075] + [0.01] * 5)  # the reference run, warmed up over 4
+    assert by[1] == pytest.approx([0.0025, 0.005, 0.0075, 0.01])  # from step 0 at batch 4: the same warm-up
+    assert by[2] == pytest.approx([0.005, 0.01])  # at batch 8: x2 (linear), the warm-up continued
+    assert by[3] == pytest.approx([0.01] * 4) and by[4] == pytest.approx([0.02] * 2)  # from step 4: warmed up
+    assert r.warmup_steps == 4 and r.to_dict()["warmup_steps"] == 4
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_branching_runs_the_reference_the_branches_and_their_losses_at_the_precision(precision: str) -> None:
+    wl, _ = _linreg(n=512)
+    seen: list[bool] = []
+
+    class Recorder(torch.nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return super().forward(x)
+
+    wl.model_fn = lambda: Recorder(8, 1, bias=False)
+    r = branching.local_critical_batch(wl, factors=(1, 2), checkpoints=(0.0, 0.5), reference_steps=4,
+                                       replicates=1, noise_batches=0, precision=precision)
+    assert seen and all(seen) is (precision == "bf16") and any(seen) is (precision == "bf16")
+    assert r.precision == precision and r.to_dict()["precision"] == precision
+    with pytest.raises(Exception, match="fp16"):
+        branching.local_critical_batch(wl, factors=(1, 2), reference_steps=2, precision="fp16")  # CPU: no fp16
+
+
+def _log_workload(lr: float) -> Workload:
+    """Descent on (log w)^2 from w = 2: at a small LR w settles at 1; at a large one the first step throws w below 0,
+    and the next loss is NaN."""
+    def model_fn() -> torch.nn.Module:
+        m = torch.nn.Linear(1, 1, bias=False)
+        with torch.no_grad():
+            m.weight.fill_(2.0)
+        return m
+
+    return Workload(name="log", model_fn=model_fn, optimizer_fn=lambda p, lr: torch.optim.SGD(p, lr=lr),
+                    loss_fn=lambda out, y: torch.log(out).square().mean(),
+                    train_data=TensorDataset(torch.ones(512, 1), torch.zeros(512, 1)), base_batch_size=1,
+                    base_lr=lr)
+
+
+def test_a_diverging_branch_stops_and_is_reported_as_not_efficient() -> None:
+    r = branching.local_critical_batch(_log_workload(0.1), batch_size=1, factors=(1, 2, 128), checkpoints=(0.0,),
+                                       reference_steps=4, replicates=2, noise_batches=0, lr_rule="linear")
+    p = r.points[0]
+    assert p.diverged == {128: 2}  # LR 12.8 at batch 128: both replicates' losses turned NaN, and stopped
+    assert not p.efficiency[128].known and math.isnan(p.efficiency[128].estimate)
+    assert p.local_critical_batch == 2 and math.isfinite(p.progress[2].estimate)
+    assert r.diverged_at_step is None
+    d = r.to_dict()
+    assert d["points"][0]["diverged"] == {"128": 2}
+    assert branching.BranchingResult.from_dict(d).points[0].diverged == {128: 2}
+
+
+def test_a_diverging_reference_run_stops_the_measurement_and_says_where() -> None:
+    r = branching.local_critical_batch(_log_workload(12.0), batch_size=1, factors=(1, 2), checkpoints=(0.0, 0.5),
+                                       reference_steps=10, replicates=1, noise_batches=0, lr_rule="linear")
+    assert r.diverged_at_step == 2  # the first step throws w below 0: the second step's loss is NaN
+    assert [p.step for p in r.points] == [0]  # the checkpoint before it was measured; none after
+    assert r.points[0].diverged == {1: 1, 2: 1}
+    assert r.to_dict()["diverged_at_step"] == 2

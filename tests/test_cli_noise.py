@@ -73,10 +73,10 @@ BAD = [
     (["noise", "-b", "16", "-m", "32"], ">= 2 micro-batches per batch"),
     (["noise", "-b", "1"], "at least 2 samples"),
     (["noise", "-b", "5000"], "larger than the training set"),
-    (["noise", "--rel-ci", "0"], "not a positive finite number"),
+    (["noise", "--rel-ci", "0"], "must be a positive number"),
     (["noise", "--rel-ci", "1.5"], "not a fraction below 1"),
-    (["noise", "--steps", "0"], "not positive"),
-    (["noise", "--train-steps", "-1"], "negative"),
+    (["noise", "--steps", "0"], "must be a positive integer"),
+    (["noise", "--train-steps", "-1"], "must be an integer >= 0"),
     (["noise", "--lr", "0.1"], "give --train-steps > 0"),  # the CLI names its flags
     (["noise", "--workload", "demo:nope"], "unknown demo"),
     (["noise", "--precision", "fp16"], "fp16 training needs CUDA"),

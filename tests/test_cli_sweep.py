@@ -50,7 +50,7 @@ def test_sweep_cli_writes_results_report_and_resumes(tmp_path: Path, capsys: pyt
     (["--target", "best"], "target"),
     (["--lr-search", "0"], "positive"),
     (["--lr-rule", "cubic"], "invalid choice"),
-    (["--micro-batch-size", "-4"], "not positive"),
+    (["--micro-batch-size", "-4"], "must be a positive integer"),
     (["--warmup", "1.5"], "whole number of steps"),
 ])
 def test_bad_arguments_one_line_exit_2(extra: list[str], needle: str, capsys: pytest.CaptureFixture) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -183,12 +184,14 @@ def test_world_size_without_process_group_is_an_error(tiny_workload: Any) -> Non
         train(tiny_workload, batch_size=8, world_size=2, steps=1)
 
 
-def test_sweep_refuses_torchrun(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_report_refuses_torchrun(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                 tmp_path: Path) -> None:
     for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(k, v)
-    rc = main(["sweep", "--workload", "demo:digits-mlp"])
+    rc = main(["report", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "does not run under torchrun" in err[0]
+    assert rc == 2 and len(err) == 1 and "does not run under torchrun; run it in one process" in err[0]
+    assert "train, find, noise, sweep, tune" in err[0]
 
 
 _torchrun = ranks.torchrun
@@ -210,3 +213,65 @@ def test_torchrun_cli_train_matches_single_process(tmp_path: Path) -> None:
     assert ddp["history"][-1]["val_loss"] == pytest.approx(one["history"][-1]["val_loss"], rel=1e-5)
     bad = _torchrun(["train", "-w", "demo:digits-mlp", "-b", "33", "--steps", "1", "-q"], tmp_path)
     assert bad.returncode != 0 and "does not split evenly over 2 ranks" in bad.stderr
+
+
+# -- sweep and tune: rank 0 decides, every rank trains (distributed.run_led) --------------------------------------
+
+
+@pytest.mark.slow
+def test_torchrun_sweep_stops_on_a_rank_0_error_or_a_followers_failure_without_a_hang(tmp_path: Path) -> None:
+    # rank 0's own check fails before any work: it prints one line, the follower leaves silently with its code
+    t0 = time.monotonic()
+    bad = _torchrun(["sweep", "-w", "demo:digits-mlp", "-b", "33,64", "--budget", "steps:2", "--out", "o1", "-q"],
+                    tmp_path)
+    assert bad.returncode != 0 and time.monotonic() - t0 < 60
+    errors = [ln for ln in bad.stderr.splitlines() if ": error:" in ln]
+    assert errors == ["batchfit sweep (rank 0): error: batch size(s) 33 do not split evenly over 2 ranks; give "
+                      "multiples of 2"]
+    # a trial that fails on the follower only (mid-run) ends the job with that rank's one line, not a hang; the
+    # trials done before it are kept in the store
+    (tmp_path / "wl_late.py").write_text(
+        "import os\n"
+        "from batchfit.demos import digits_mlp\n"
+        "def make():\n"
+        "    wl = digits_mlp()\n"
+        "    seen = {'n': 0}\n"
+        "    def forward(model, batch):\n"
+        "        x = batch[0]\n"
+        "        if os.environ['RANK'] == '1' and x.shape[0] >= 32 and model.training:\n"
+        "            seen['n'] += 1\n"
+        "            if seen['n'] > 3:\n"
+        "                raise RuntimeError('boom on rank 1')\n"
+        "        return model(x)\n"
+        "    wl.forward = forward\n"
+        "    return wl\n")
+    t0 = time.monotonic()
+    late = _torchrun(["sweep", "-w", "wl_late.py:make", "-b", "32,64", "--budget", "steps:6", "--no-noise",
+                      "--micro-batch-size", "64", "--out", "o2", "-q"], tmp_path)  # rank 1 fails at batch 64 only
+    assert late.returncode != 0 and time.monotonic() - t0 < 90
+    lines = [ln for ln in late.stderr.splitlines() if "boom on rank 1" in ln]
+    assert lines and lines[0].startswith("batchfit sweep (rank 1): error:") and "Traceback" not in lines[0]
+    from batchfit.study import load_results
+
+    kept = load_results(f"sqlite:///{tmp_path / 'o2' / 'batchfit.db'}")
+    assert [t.batch_size for t in kept.trials if t.status == "ok"] == [32]  # batch 32 finished before the failure
+
+
+def test_a_lead_sends_the_workload_as_a_reference_with_its_picklable_changes(tiny_workload: Any) -> None:
+    import dataclasses
+
+    from batchfit.distributed import _as_ref, _resolve, _WorkloadRef
+
+    assert _as_ref(tiny_workload, tiny_workload) == _WorkloadRef()
+    moved = dataclasses.replace(tiny_workload, base_lr=0.123)
+    ref = _as_ref(moved, tiny_workload)
+    assert ref == _WorkloadRef((("base_lr", 0.123),))
+    assert _resolve(ref, tiny_workload).base_lr == 0.123 and tiny_workload.base_lr != 0.123
+    assert _as_ref(7, tiny_workload) == 7  # anything else is sent as it is
+    with pytest.raises(RuntimeError, match="derive it inside the job function"):
+        _as_ref(dataclasses.replace(tiny_workload, forward=lambda m, b: m(b[0])), tiny_workload)
+    # without torchrun (or outside a lead) a job runs here, once
+    calls = []
+    assert distributed.everywhere(lambda x: calls.append(x) or x * 2, 21) == 42 and calls == [21]
+    with distributed.lead(tiny_workload) as leader:
+        assert not distributed.leading() and leader.workload is tiny_workload

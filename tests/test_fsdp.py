@@ -338,3 +338,56 @@ def test_torchrun_cli_find_and_train_fsdp(tmp_path: Path) -> None:
     lines = [ln for ln in bad.stderr.splitlines() if "boom on rank 1" in ln]
     assert lines and "batchfit train (rank 1): error: model_fn raised RuntimeError: boom on rank 1" in lines[0]
     assert "Traceback" not in lines[0]
+
+
+# -- 4. sweep and tune under sharding: rank 0 decides, every rank trains ------------------------------------------
+
+
+def _fsdp_sweep(rank: int, out: str) -> dict[str, Any]:
+    from batchfit.study import sweep
+
+    res = sweep(_lm(), batch_sizes=[16, 32], budget="steps:20", eval_every=1, micro_batch_limit=4, out_dir=out,
+                parallel="fsdp")
+    return res.to_dict()
+
+
+def _histories(results: dict[str, Any]) -> dict[int, list[float]]:
+    return {t["batch_size"]: [h["train_loss"] for h in t["history"]] for t in results["trials"]}
+
+
+@pytest.mark.slow
+def test_fsdp_sweep_equals_single_process_and_every_rank_gets_rank_0s_result(tmp_path: Path) -> None:
+    from batchfit.study import sweep
+
+    single = sweep(_lm(), batch_sizes=[16, 32], budget="steps:20", eval_every=1, micro_batch_limit=4,
+                   out_dir=tmp_path / "one").to_dict()
+    got = _spawn("_fsdp_sweep", tmp_path, str(tmp_path / "two"))
+    assert got[0] == got[1]  # the follower returns what rank 0 decided, not a result of its own
+    sharded = got[0]
+    assert sharded["world_size"] == 2 and sharded["parallel"] == "fsdp" and sharded["status"] == "complete"
+    for batch, losses in _histories(single).items():  # 20 steps in float32, 2 sharded ranks vs one process
+        assert len(losses) == 20
+        assert _histories(sharded)[batch] == pytest.approx(losses, abs=1e-4)
+    for t in sharded["trials"]:  # one rank's micro-batch: batch 16 = 4 per rank x 2 x 2 ranks
+        assert t["micro_batch_size"] == 4 and t["accumulation_steps"] == t["batch_size"] // 8
+        assert t["noise_method"] == "accumulation" and t["b_simple"] is not None and t["b_simple"] > 0
+    # only rank 0 opened the store: one database, in rank 0's out_dir
+    assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.suffix == ".db") == ["batchfit.db"]
+
+
+@pytest.mark.slow
+def test_torchrun_cli_tune_fsdp(tmp_path: Path) -> None:
+    proc = _torchrun(["tune", *_LM_OPTS, "--parallel", "fsdp", "--device", "cpu", "--train-budget", "epochs:2",
+                      "--no-precision-check", "-q", "--out", "out", "--json", "tune.json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("Recommendation:")]
+    assert len(lines) == 1 and "per rank" in lines[0] and "x 2 ranks (fsdp)" in lines[0]  # rank 0 prints, once
+    data = json.loads((tmp_path / "tune.json").read_text())
+    rec = data["recommendation"]
+    assert rec["world_size"] == 2 and rec["parallel"] == "fsdp"
+    assert rec["batch_size"] == rec["micro_batch_size"] * rec["accumulation_steps"] * 2
+    assert all(b % 2 == 0 for b in data["batch_sizes"])
+    assert data["find"]["world_size"] == 2 and data["find"]["parallel"] == "fsdp"
+    assert "fully_shard" in rec["recipe"]["snippets"]["pytorch"]
+    assert data["cost"]["runs"] <= 1.0
+    assert data.get("step_time") is None  # each rank's clock differs: the sweep's own trials time the candidates

@@ -579,3 +579,119 @@ def test_cli_json_says_interrupted_on_ctrl_c(tmp_path, capsys) -> None:
     assert rc == 130
     assert data["status"] == "interrupted"
     assert [h["step"] for h in data["history"]] == [20, 40]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One step runner: build_run, the LR set by the step itself, the one evaluation pass
+
+
+def _lr_at_each_step(step: TrainStep, batches: list) -> list[float]:
+    seen: list[float] = []
+    step.before_step.append(lambda s: seen.append(s.optimizer.param_groups[0]["lr"]))
+    for batch in batches:
+        step(batch)
+    return seen
+
+
+def test_the_step_sets_the_lr_of_each_step_itself() -> None:
+    from batchfit.step import build_run
+
+    wl = make_tiny_workload(lr=0.1, base_batch_size=16)
+    run = build_run(wl, 32, None, device=CPU, seed=0, lr_rule="linear", total_steps=6, warmup_steps=4)
+    assert run.lr == pytest.approx(0.2) and run.lr_rule == "linear" and run.lr_scaling["k"] == 2
+    batches = [wl.train_data[i * 16:(i + 1) * 16] for i in range(5)]
+    assert _lr_at_each_step(run.step, batches) == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.2])  # no begin_step call
+    assert run.step.index == 5 and run.step.lr == pytest.approx(0.2)
+    # a caller may set it first (train does, for its callbacks): the step does not set it twice
+    assert run.step.begin() == pytest.approx(0.2) and run.step.index == 5
+
+
+def test_build_run_is_trains_setup() -> None:
+    """train's model, optimizer at the rule's LR and step are build_run's: same seed, same numbers."""
+    from batchfit.step import build_run
+
+    wl = make_tiny_workload(lr=0.1, base_batch_size=16, optimizer="adam")
+    grabbed = {}
+
+    class Grab:
+        def on_train_start(self, state) -> None:  # noqa: ANN001
+            grabbed["params"] = _params(state.model)
+            grabbed["lr"] = state.optimizer.param_groups[0]["lr"]
+            grabbed["betas"] = state.optimizer.param_groups[0]["betas"]
+
+    r = train(wl, batch_size=64, steps=1, seed=3, callbacks=[Grab()])
+    run = build_run(wl, 64, None, device=CPU, seed=3)
+    assert _max_diff(_params(run.model), grabbed["params"]) == 0.0
+    assert run.lr == grabbed["lr"] == r.lr and run.lr_rule == r.lr_rule == "adam-sqrt"
+    assert run.optimizer.param_groups[0]["betas"] == grabbed["betas"]
+    assert run.lr_scaling == r.extras["lr_scaling"]
+    fixed = build_run(wl, 64, 0.03, device=CPU, seed=3)
+    assert fixed.lr == pytest.approx(0.03) and fixed.lr_rule == "fixed"
+    probe = build_run(wl, device=CPU, seed=3, optimizer=False)  # gradients only: no optimizer, no schedule
+    assert probe.optimizer is None and probe.schedule is None and probe.step.optimizer is None
+
+
+def test_build_run_continues_a_run_from_its_state_bit_for_bit() -> None:
+    from batchfit.step import build_run
+
+    wl = make_tiny_workload(lr=0.1, base_batch_size=16, optimizer="adam", dtype=torch.float64)
+    wl.lr_schedule = lambda opt, total: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    batches = [wl.train_data[i * 16:(i + 1) * 16] for i in range(6)]
+    whole = build_run(wl, 16, None, device=CPU, seed=0, total_steps=6, warmup_steps=3)
+    lrs = _lr_at_each_step(whole.step, batches)
+    first = build_run(wl, 16, None, device=CPU, seed=0, total_steps=6, warmup_steps=3)
+    _lr_at_each_step(first.step, batches[:2])
+    rest = build_run(wl, 16, None, device=CPU, state=first.state_dict(), total_steps=6, warmup_steps=3)
+    assert rest.step.index == 2
+    assert _lr_at_each_step(rest.step, batches[2:]) == lrs[2:]
+    assert _max_diff(_params(rest.model), _params(whole.model)) == 0.0
+    # from a state at another batch the rule moves the LR of every later step, as a batch-size change does
+    twice = build_run(wl, 32, None, device=CPU, state=first.state_dict(), base_batch=16, lr_rule="linear",
+                      total_steps=6, warmup_steps=3)
+    assert _lr_at_each_step(twice.step, batches[2:]) == pytest.approx([2 * lr for lr in lrs[2:]], rel=1e-12)
+
+
+def test_eval_pass_is_the_one_evaluation() -> None:
+    """engine.evaluate, the finder's evaluation sizing and branching's loss readings all run step.eval_pass."""
+    from batchfit.engine import evaluate
+    from batchfit.step import build_run, eval_pass
+
+    wl = make_tiny_workload()
+    model = build_run(wl, device=CPU, seed=0, optimizer=False).model
+    loss, metrics, _ = evaluate(wl, model, batch_size=10, device=CPU)
+    batches = [wl.val_data[i:i + 10] for i in range(0, len(wl.val_data), 10)]
+    assert eval_pass(wl, model, batches, device=CPU) == (loss, metrics)
+    assert model.training  # its mode restored
+    one, none = eval_pass(wl, model, [wl.val_data[0:32]], device=CPU, metrics=False)
+    assert none == {} and one == pytest.approx(loss)
+    with torch.no_grad():
+        model.eval()
+        direct = float(run_batch(wl, model, wl.val_data[0:32])[0])
+    assert one == direct  # one batch: exactly its loss (branching's reading)
+
+
+def test_measurements_build_no_model_optimizer_schedule_or_step_of_their_own() -> None:
+    """The engine, the finder, step timing, branching and the noise probe build through step.build_run (and set no
+    LR at the top of a step themselves); the one step that is not a build is the noise callback's extra-halves pass
+    over the training run's own model."""
+    import ast
+
+    import batchfit
+
+    root = Path(batchfit.__file__).resolve().parent
+    banned = {"TrainStep", "LRSchedule", "for_workload", "build_model", "build_optimizer", "apply_scaling",
+              "begin_step", "run_batch"}
+    found = []
+    for name in ("engine", "finder", "steptime", "branching", "noise"):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Call):
+                    f = node.func
+                    called = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+                    if called in banned and not (name == "noise" and fn.name == "on_train_start"
+                                                 and called == "TrainStep"):
+                        found.append(f"{name}.{fn.name}: {called}")
+    assert sorted(set(found)) == []

@@ -13,11 +13,17 @@ reference run's own steps and B_simple's ``noise_batches`` gradient pairs per ch
 
 Every progress number is an interval over replicates (data orders), and the local critical batch comes with the
 range the data support: from the largest batch that is efficient beyond the noise to the largest that may be.
+
+The reference run and every branch are built by :func:`batchfit.step.build_run` and run ``train``'s step: the
+workload's clipping and LR schedule, the warm-up (a branch continues the reference's warm-up and schedule from the
+checkpoint's step, its LR moved by the rule as at a batch-size change), the precision (autocast; fp16's loss scale),
+and the divergence check (a non-finite training loss stops the run: a branch is then reported in its point's
+``diverged`` and counts as not efficient; the reference run stops measuring, ``diverged_at_step``). Every loss is read
+by the one evaluation pass (:func:`batchfit.step.eval_pass`).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Sequence
@@ -33,9 +39,9 @@ from batchfit.errors import ConfigError
 from batchfit.loading import load_workload
 from batchfit.progress import ProgressFn, emit
 from batchfit.runtime import resolve_device
-from batchfit.scaling import RULE_CHOICES, apply_scaling, default_rule
+from batchfit.scaling import RULE_CHOICES
 from batchfit.stats import Interval, mean_interval, noise_scale_interval, unbiased_estimates
-from batchfit.step import TrainStep, build_model, build_optimizer, run_batch
+from batchfit.step import LossMeter, TrainStep, build_run, check_precision, eval_pass
 from batchfit.workload import Workload
 
 __all__ = ["BranchPoint", "BranchingResult", "gradient_noise_scale", "local_critical_batch"]
@@ -53,13 +59,15 @@ class BranchPoint:
     local_critical_batch: int | None  # the largest batch whose efficiency estimate >= 1 - tolerance
     supported_range: tuple[int | None, int | None]  # (efficient beyond the noise, possibly efficient)
     b_simple: Interval | None
+    diverged: dict[int, int] = field(default_factory=dict)  # batch -> replicates whose training loss went non-finite
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "samples": self.samples, "loss": self.loss,
                 "progress": {str(b): iv.to_dict() for b, iv in self.progress.items()},
                 "efficiency": {str(b): iv.to_dict() for b, iv in self.efficiency.items()},
                 "local_critical_batch": self.local_critical_batch, "supported_range": list(self.supported_range),
-                "b_simple": None if self.b_simple is None else self.b_simple.to_dict()}
+                "b_simple": None if self.b_simple is None else self.b_simple.to_dict(),
+                "diverged": {str(b): n for b, n in self.diverged.items()}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BranchPoint:
@@ -68,7 +76,8 @@ class BranchPoint:
                    {int(b): Interval.from_dict(v) for b, v in d["progress"].items()},
                    {int(b): Interval.from_dict(v) for b, v in d["efficiency"].items()},
                    d.get("local_critical_batch"), (lo, hi),
-                   None if d.get("b_simple") is None else Interval.from_dict(d["b_simple"]))
+                   None if d.get("b_simple") is None else Interval.from_dict(d["b_simple"]),
+                   {int(b): int(n) for b, n in (d.get("diverged") or {}).items()})
 
 
 @dataclass
@@ -87,6 +96,9 @@ class BranchingResult:
     reference_seconds: float = 0.0
     branch_seconds: float = 0.0
     noise_seconds: float = 0.0
+    precision: str = "fp32"
+    warmup_steps: int = 0
+    diverged_at_step: int | None = None  # the reference run's training loss went non-finite here: measuring stopped
 
     @property
     def cost_share(self) -> float:
@@ -101,7 +113,8 @@ class BranchingResult:
                 "batches": list(self.batches), "reference_steps": self.reference_steps,
                 "points": [p.to_dict() for p in self.points], "reference_seconds": self.reference_seconds,
                 "branch_seconds": self.branch_seconds, "noise_seconds": self.noise_seconds,
-                "cost_share": self.cost_share}
+                "cost_share": self.cost_share, "precision": self.precision, "warmup_steps": self.warmup_steps,
+                "diverged_at_step": self.diverged_at_step}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BranchingResult:
@@ -109,7 +122,8 @@ class BranchingResult:
                    int(d["branch_samples"]), int(d["replicates"]), [int(b) for b in d["batches"]],
                    int(d["reference_steps"]), [BranchPoint.from_dict(p) for p in d["points"]],
                    float(d.get("reference_seconds", 0)), float(d.get("branch_seconds", 0)),
-                   float(d.get("noise_seconds", 0)))
+                   float(d.get("noise_seconds", 0)), str(d.get("precision") or "fp32"),
+                   int(d.get("warmup_steps") or 0), d.get("diverged_at_step"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,17 +138,22 @@ def _fixed_eval_batch(workload: Workload, samples: int) -> Any:
     return batch
 
 
-@torch.no_grad()
-def _loss_on(workload: Workload, model: torch.nn.Module, batch: Any, device: torch.device) -> float:
-    from batchfit.data import to_device
+def _loss_on(workload: Workload, model: torch.nn.Module, batch: Any, device: torch.device, precision: str) -> float:
+    """The loss (eval mode) on the fixed batch, by the one evaluation pass."""
+    return eval_pass(workload, model, [batch], device=device, precision=precision, metrics=False)[0]
 
-    was = model.training
-    model.eval()
-    try:
-        loss, _, _ = run_batch(workload, model, to_device(batch, device))
-        return float(loss)
-    finally:
-        model.train(was)
+
+def _train_to(step: TrainStep, losses: LossMeter, stream: Any, batch: int, done: int,
+              target: int) -> tuple[int, int | None]:
+    """Steps of ``batch`` from ``done`` to ``target``, checking the training loss as ``train`` does (CPU: every
+    step; CUDA: every few steps and at the end); returns ``(steps done, the step at which it turned non-finite or
+    None)`` — a non-finite loss stops the run there."""
+    while done < target:
+        step(next(stream), batch)
+        done += 1
+        if losses.check_due(done, last=done == target) and losses.nonfinite():
+            return done, done
+    return done, None
 
 
 def _batches(workload: Workload, batch_size: int, seed: int) -> Any:
@@ -166,7 +185,8 @@ def gradient_noise_scale(workload: Workload, model: torch.nn.Module, *, batch_si
     def take(_: Any) -> None:
         after.append(torch.cat([p.grad.detach().reshape(-1).double() for p in params if p.grad is not None]))
 
-    step = TrainStep(workload, model, None, device=device, micro_batch_size=half, on_micro=[take])
+    step = build_run(workload, device=device, model=model, optimizer=False, micro_batch_size=half,
+                     on_micro=[take]).step
     g2s, trs = [], []
     stream = _batches(workload, 2 * half, seed)
     for _ in range(pairs):
@@ -186,31 +206,38 @@ def gradient_noise_scale(workload: Workload, model: torch.nn.Module, *, batch_si
 
 
 def _branch(workload: Workload, ckpt: dict[str, Any], *, base_batch: int, batch: int, rule: str, steps: int,
-            device: torch.device, seed: int, eval_batch: Any) -> float:
-    """Loss decrease of one branch: from the checkpoint, ``steps`` steps at ``batch`` with the rule-scaled LR."""
-    model = build_model(workload).to(device)
-    model.load_state_dict(ckpt["model"])
-    model.train()
-    optimizer = build_optimizer(workload, model)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    current = optimizer.param_groups[0]["lr"]
-    apply_scaling(optimizer, current, base_batch, batch, rule)
-    step = TrainStep(workload, model, optimizer, device=device, grad_clip=getattr(workload, "grad_clip", None))
+            device: torch.device, seed: int, eval_batch: Any, precision: str = "fp32", total_steps: int = 1,
+            warmup_steps: int = 0) -> tuple[float, int | None]:
+    """Loss decrease of one branch: from the checkpoint (a :meth:`batchfit.step.StepRun.state_dict` of the
+    reference run), ``steps`` steps at ``batch``, the LR moved from the checkpoint's by the rule (the reference's
+    warm-up and schedule continue from its step). ``(nan, branch step)`` when the training loss turned non-finite."""
+    losses = LossMeter(device)
+    run = build_run(workload, batch, None, precision, device=device, lr_rule=rule, base_batch=base_batch, state=ckpt,
+                    total_steps=total_steps, warmup_steps=warmup_steps, losses=losses)
     stream = _batches(workload, batch, seed)
-    before = _loss_on(workload, model, eval_batch, device)
-    for _ in range(steps):
-        step(next(stream), batch)
-    return before - _loss_on(workload, model, eval_batch, device)
+    before = _loss_on(workload, run.model, eval_batch, device, precision)
+    _, diverged = _train_to(run.step, losses, stream, batch, 0, steps)
+    if diverged is not None:
+        return math.nan, diverged
+    return before - _loss_on(workload, run.model, eval_batch, device, precision), None
 
 
-def _efficiency(progress: dict[int, list[float]], tolerance: float) -> tuple[dict[int, Interval], int | None,
-                                                                             tuple[int | None, int | None]]:
+def _mean(values: list[float]) -> Interval:
+    """The mean over the finite replicates (a diverged branch's ``nan`` left out); unknown when there is none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return mean_interval(finite) if finite else Interval(math.nan, None, None, n=0)
+
+
+def _efficiency(progress: dict[int, list[float]], tolerance: float,
+                diverged: Sequence[int] = ()) -> tuple[dict[int, Interval], int | None, tuple[int | None, int | None]]:
+    """Each batch's progress over the smallest's (replicate by replicate); a batch with a diverged branch is not
+    efficient (an unknown efficiency)."""
     batches = sorted(progress)
     ref = np.asarray(progress[batches[0]])
     eff: dict[int, Interval] = {}
     for b in batches:
-        ratios = [p / r for p, r in zip(progress[b], ref) if r > 0]
-        eff[b] = mean_interval(ratios) if ratios else Interval(math.nan, None, None, n=0)
+        ratios = [p / r for p, r in zip(progress[b], ref) if r > 0 and math.isfinite(p)]
+        eff[b] = mean_interval(ratios) if ratios and b not in diverged else Interval(math.nan, None, None, n=0)
     bar = 1.0 - tolerance
     lcb = sure = maybe = None
     run_est = run_low = True  # contiguous from the smallest batch
@@ -248,6 +275,8 @@ def local_critical_batch(
     seed: int = 0,
     progress: ProgressFn | None = None,
     finish_reference: bool = True,
+    precision: str = "fp32",
+    warmup: int = 0,
 ) -> BranchingResult:
     """Measure the local critical batch at checkpoints (fractions of ``reference_steps``) of a reference run.
 
@@ -261,9 +290,15 @@ def local_critical_batch(
         finish_reference: train the reference run to ``reference_steps`` after the last checkpoint (the cost share
             is then against a whole run); ``False`` stops at the last checkpoint (``train(batch_schedule="auto")``,
             whose own run is the whole run; ``reference_seconds`` then covers only the part trained).
+        precision: ``fp32``, ``bf16`` or ``fp16`` (CUDA): the reference run, the branches and their loss readings
+            run under it, as ``train`` does.
+        warmup: linear warm-up steps of the reference run (over ``reference_steps``, times the workload's
+            ``lr_schedule``); the branches continue it from their checkpoint.
     """
     workload = load_workload(workload)
     dev = resolve_device(device)
+    check_precision(precision, dev)
+    warmup = checks.non_negative_int("warmup", warmup)
     b0 = checks.positive_int("batch_size", workload.base_batch_size if batch_size is None else batch_size)
     facs = sorted({checks.positive_int("factors", f) for f in factors})
     if facs[0] != 1:
@@ -282,56 +317,66 @@ def local_critical_batch(
         raise ConfigError(f"the largest branch batch {batches[-1]} exceeds the training set "
                                  f"({workload.num_train}); use fewer factors or a smaller batch_size")
 
-    torch.manual_seed(seed)
-    model = build_model(workload).to(dev).train()
-    optimizer = build_optimizer(workload, model)
-    rule = default_rule(optimizer) if lr_rule == "auto" else lr_rule
-    apply_scaling(optimizer, workload.base_lr, workload.base_batch_size, b0, rule)
-    step = TrainStep(workload, model, optimizer, device=dev, grad_clip=getattr(workload, "grad_clip", None))
+    losses = LossMeter(dev)
+    ref = build_run(workload, b0, None, precision, device=dev, seed=seed, lr_rule=lr_rule, total_steps=steps_total,
+                    warmup_steps=warmup, losses=losses)
+    rule = ref.lr_rule or lr_rule
     eval_batch = _fixed_eval_batch(workload, eval_samples)
-    result = BranchingResult(workload.name, b0, rule, tol, samples, reps, batches, steps_total)
+    result = BranchingResult(workload.name, b0, rule, tol, samples, reps, batches, steps_total, precision=precision,
+                             warmup_steps=warmup)
     stream = _batches(workload, b0, seed)
     emit(progress, "branching", "start", f"reference run of {steps_total} steps at batch {b0}",
          total=len(ckpt_steps))
     done = 0
     for target in ckpt_steps:
         t0 = time.perf_counter()
-        while done < target:
-            step(next(stream), b0)
-            done += 1
+        done, result.diverged_at_step = _train_to(ref.step, losses, stream, b0, done, target)
         result.reference_seconds += time.perf_counter() - t0
-        ckpt = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict())}
-        result.points.append(_measure_point(workload, ckpt, model, done, b0, batches, rule, samples, reps,
-                                            noise_batches, dev, seed, eval_batch, tol, result))
+        if result.diverged_at_step is not None:
+            break
+        result.points.append(_measure_point(workload, ref.state_dict(), ref.model, done, b0, batches, rule, samples,
+                                            reps, noise_batches, dev, seed, eval_batch, tol, result))
         emit(progress, "branching", "update", f"step {done}: local critical batch "
              f"{result.points[-1].local_critical_batch}", completed=len(result.points), total=len(ckpt_steps))
     t0 = time.perf_counter()
-    while finish_reference and done < steps_total:  # the rest of the reference run: the cost share is per whole run
-        step(next(stream), b0)
-        done += 1
+    if finish_reference and result.diverged_at_step is None:  # the rest of the reference run: the cost share is
+        done, result.diverged_at_step = _train_to(ref.step, losses, stream, b0, done, steps_total)  # per whole run
     result.reference_seconds += time.perf_counter() - t0
-    emit(progress, "branching", "end", f"{len(result.points)} checkpoints, cost {result.cost_share:.0%} of the run")
+    if result.diverged_at_step is not None:
+        emit(progress, "branching", "end", f"the reference run's training loss turned non-finite at step "
+             f"{result.diverged_at_step}; {len(result.points)} checkpoints measured before it")
+    else:
+        emit(progress, "branching", "end",
+             f"{len(result.points)} checkpoints, cost {result.cost_share:.0%} of the run")
     return result
 
 
 def _measure_point(workload: Workload, ckpt: dict[str, Any], model: torch.nn.Module, step_no: int, b0: int,
                    batches: list[int], rule: str, samples: int, reps: int, noise_batches: int,
                    dev: torch.device, seed: int, eval_batch: Any, tol: float, result: BranchingResult) -> BranchPoint:
+    """The branches from one checkpoint (``ckpt``: :meth:`batchfit.step.StepRun.state_dict` of the reference
+    run, whose ``model`` B_simple and the point's loss are read on), and what they imply."""
     t0 = time.perf_counter()
     prog: dict[int, list[float]] = {b: [] for b in batches}
+    diverged: dict[int, int] = {}
     for r in range(reps):
         for b in batches:
             steps = max(1, math.ceil(samples / b))
-            prog[b].append(_branch(workload, ckpt, base_batch=b0, batch=b, rule=rule, steps=steps, device=dev,
-                                   seed=seed * 1000 + 17 * r + step_no + 1, eval_batch=eval_batch))
+            change, at = _branch(workload, ckpt, base_batch=b0, batch=b, rule=rule, steps=steps, device=dev,
+                                 seed=seed * 1000 + 17 * r + step_no + 1, eval_batch=eval_batch,
+                                 precision=result.precision, total_steps=max(1, result.reference_steps),
+                                 warmup_steps=result.warmup_steps)
+            prog[b].append(change)
+            if at is not None:
+                diverged[b] = diverged.get(b, 0) + 1
     result.branch_seconds += time.perf_counter() - t0
-    eff, lcb, supported = _efficiency(prog, tol)
+    eff, lcb, supported = _efficiency(prog, tol, list(diverged))
     bs = None
     if noise_batches:
         t0 = time.perf_counter()
         bs = gradient_noise_scale(workload, model, batch_size=b0 if b0 >= 2 else 2, pairs=noise_batches,
                                   device=dev, seed=seed + step_no)
         result.noise_seconds += time.perf_counter() - t0
-    loss = _loss_on(workload, model, eval_batch, dev)
-    return BranchPoint(step_no, step_no * b0, loss, {b: mean_interval(v) for b, v in prog.items()}, eff, lcb,
-                       supported, bs)
+    loss = _loss_on(workload, model, eval_batch, dev, result.precision)
+    return BranchPoint(step_no, step_no * b0, loss, {b: _mean(v) for b, v in prog.items()}, eff, lcb,
+                       supported, bs, diverged)

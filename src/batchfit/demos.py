@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+from batchfit import checks
 from batchfit.errors import ConfigError
 from batchfit.metric import accuracy
 from batchfit.workload import Workload
@@ -33,15 +34,11 @@ __all__ = ["DEMOS", "ArrayDataset", "LMWorkload", "MarkovSource", "SyntheticData
 
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"demo option {name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return checks.int_at_least(f"demo option {name}", value, minimum)
 
 
 def _positive_float(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"demo option {name} must be a positive number, got {value!r}")
-    return float(value)
+    return checks.positive_number(f"demo option {name}", value)
 
 
 class ArrayDataset(TensorDataset):
@@ -62,8 +59,7 @@ def digits_mlp(hidden: int = 10, val_fraction: float = 0.2, seed: int = 0, lr: f
     from sklearn.model_selection import train_test_split
 
     hidden = _positive_int("hidden", hidden)
-    if not (isinstance(val_fraction, float) and 0.0 < val_fraction < 1.0):
-        raise ConfigError(f"demo option val_fraction must be between 0 and 1, got {val_fraction!r}")
+    val_fraction = checks.fraction("demo option val_fraction", val_fraction)
     x, y = load_digits(return_X_y=True)
     x_tr, x_va, y_tr, y_va = train_test_split(x, y, test_size=val_fraction, stratify=y, random_state=seed)
     mean, std = x_tr.mean(axis=0), x_tr.std(axis=0)  # standardise with train statistics only
@@ -219,8 +215,7 @@ _RESNET_SIZES = {"resnet50": (3, 4, 6, 3), "resnet26": (2, 2, 2, 2), "tiny": (1,
 def resnet_synthetic(size: str = "resnet50", image_size: int = 224, width: int = 64, num_classes: int = 1000,
                      num_samples: int = 50_000, lr: float = 0.1, batch_size: int = 256) -> Workload:
     """ResNet-style convnet (SGD with momentum) on random images, for memory/throughput work."""
-    if size not in _RESNET_SIZES:
-        raise ConfigError(f"demo option size must be one of {', '.join(_RESNET_SIZES)}, got {size!r}")
+    checks.one_of("demo option size", size, _RESNET_SIZES)
     image_size = _positive_int("image_size", image_size, minimum=8)
     width = _positive_int("width", width)
     num_classes = _positive_int("num_classes", num_classes, minimum=2)
@@ -292,8 +287,7 @@ def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def gpt_synthetic(size: str = "gpt2-small", seq_len: int = 1024, vocab: int = 50257, num_samples: int = 10_000,
                   lr: float = 6e-4, batch_size: int = 8) -> Workload:
     """GPT-style decoder (AdamW) on random token sequences, for memory/throughput work."""
-    if size not in _GPT_SIZES:
-        raise ConfigError(f"demo option size must be one of {', '.join(_GPT_SIZES)}, got {size!r}")
+    checks.one_of("demo option size", size, _GPT_SIZES)
     seq_len = _positive_int("seq_len", seq_len, minimum=2)
     vocab = _positive_int("vocab", vocab, minimum=2)
     num_samples = _positive_int("num_samples", num_samples, minimum=2)
@@ -578,26 +572,19 @@ def tiny_lm(num_sequences: int = 32_768, seq_len: int = 64, vocab: int = 64, ord
     val_sequences = _positive_int("val_sequences", val_sequences)
     seq_len = _positive_int("seq_len", seq_len, minimum=2)
     vocab = _positive_int("vocab", vocab, minimum=2)
-    order = _positive_int("order", order)
-    if order > 2:
-        raise ConfigError(f"demo option order must be 1 or 2, got {order}")
+    order = checks.int_at_least("demo option order", order, 1, maximum=2)
     if vocab ** (order + 1) > 2**22:
         raise ConfigError(f"demo option vocab={vocab} at order {order} makes a transition table of "
                           f"{vocab ** (order + 1):,} entries; use a smaller vocab")
     concentration = _positive_float("concentration", concentration)
-    if isinstance(backoff, bool) or not isinstance(backoff, (int, float)) or not 0 <= backoff < math.inf:
-        raise ConfigError(f"demo option backoff must be a number >= 0 (0: independent rows), got {backoff!r}")
+    checks.non_negative_number("demo option backoff", backoff, hint="0 makes the rows independent")
     width, depth, heads = (_positive_int(n, v) for n, v in (("width", width), ("depth", depth), ("heads", heads)))
     if width % heads:
         raise ConfigError(f"demo option width ({width}) must be divisible by heads ({heads})")
-    if not isinstance(tie_weights, bool):
-        raise ConfigError(f"demo option tie_weights must be true or false, got {tie_weights!r}")
-    if isinstance(data_seed, bool) or not isinstance(data_seed, int) or data_seed < 0:
-        raise ConfigError(f"demo option data_seed must be an integer >= 0, got {data_seed!r}")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
-        raise ConfigError(f"demo option weight_decay must be a number >= 0, got {weight_decay!r}")
-    if schedule not in ("constant", "cosine"):
-        raise ConfigError(f"demo option schedule must be constant or cosine, got {schedule!r}")
+    checks.boolean("demo option tie_weights", tie_weights)
+    checks.non_negative_int("demo option data_seed", data_seed)
+    checks.non_negative_number("demo option weight_decay", weight_decay)
+    checks.one_of("demo option schedule", schedule, ("constant", "cosine"))
 
     seeds = np.random.SeedSequence(data_seed).spawn(3)  # the chain, the training text, the validation text
     source = MarkovSource.random(vocab, order, concentration, float(backoff) or None,

@@ -15,15 +15,26 @@ process group (NCCL on CUDA, each rank on ``cuda:LOCAL_RANK``; gloo on the CPU).
   skipped. The finder's probes themselves run without gradient communication: an OOM half-way through a step can
   then never leave another rank stuck inside DDP's all-reduce.
 - **Output**: only rank 0 writes files and progress (:func:`is_main`).
+- **One decides, all train** (``tune`` and ``sweep``): rank 0 runs the whole decision (the study, the plan,
+  racing, the recommendation) inside :func:`lead`; the other ranks wait in :func:`follow`. Every training job rank 0
+  runs goes through :func:`everywhere`, which first sends the call to the followers (one broadcast), so all ranks
+  run the same job with their own device and shard. Nothing a follower measures can steer a decision (a timing that
+  differs between ranks cannot send them down different paths), and only rank 0 opens the store.
 
 An unexpected exception on one rank ends that process; torchrun's agent then stops the others.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
 import gc
+import importlib
 import os
+import pickle
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -33,6 +44,7 @@ from batchfit.errors import ConfigError
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
+    "Leader",
     "agree_record",
     "all_max",
     "all_min",
@@ -40,14 +52,20 @@ __all__ = [
     "all_sum_tensors",
     "any_flag",
     "check_world",
+    "everywhere",
+    "follow",
     "init_from_env",
     "is_ddp",
     "is_initialized",
     "is_main",
     "launched_by_torchrun",
+    "lead",
+    "lead_workload",
+    "leading",
     "local_rank",
     "rank",
     "rank_device",
+    "run_led",
     "shard",
     "shutdown",
     "unwrap",
@@ -273,3 +291,175 @@ def is_ddp(model: nn.Module) -> bool:
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if is_ddp(model) else model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One decides, all train: tune and sweep under torchrun
+
+
+_JOB_KWARGS_LOCAL = {"progress": None, "callbacks": ()}  # rank 0's own observers; a follower runs without them
+
+
+@dataclasses.dataclass
+class Leader:
+    """Rank 0's side of :func:`lead`: the workload its jobs refer to, and the result the followers get at the end."""
+
+    workload: Any
+    result: Any = None
+    broken: bool = False  # a job raised here: the followers may be inside its collectives, so nothing more is sent
+
+
+_LEADER: list[Leader] = []  # the active lead (at most one; nested leads re-use it)
+
+
+def leading() -> bool:
+    """True inside :func:`lead` on rank 0 of several: training goes through :func:`everywhere`."""
+    return bool(_LEADER)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WorkloadRef:
+    """A job argument standing for the leader's workload, with the (picklable) fields rank 0 changed on it (e.g. the
+    LR check's ``base_lr``); a follower applies them to its own copy."""
+
+    changes: tuple[tuple[str, Any], ...] = ()
+
+
+def _send(message: Any) -> Any:
+    box = [message]
+    _dist().broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _as_ref(value: Any, base: Any) -> Any:
+    if value is base:
+        return _WorkloadRef()
+    if base is None or type(value) is not type(base) or not dataclasses.is_dataclass(value):
+        return value
+    changes = []
+    for f in dataclasses.fields(value):
+        new, old = getattr(value, f.name), getattr(base, f.name)
+        if new is old or (type(new) is type(old) and _same(new, old)):
+            continue
+        try:
+            pickle.dumps(new)
+        except Exception as exc:
+            raise RuntimeError(f"a job's workload differs from the leader's in {f.name!r}, which cannot be sent to the "
+                               "other ranks; derive it inside the job function") from exc
+        changes.append((f.name, new))
+    return _WorkloadRef(tuple(changes))
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # tensors, arrays: not equal unless the same object
+        return False
+
+
+def everywhere(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn(*args, **kwargs)`` on every rank when leading (:func:`lead`), else here only; returns rank 0's result.
+
+    ``fn`` is a module-level function of batchfit that runs its own collectives (``engine.train``, the finder, the
+    noise probe). The leader's workload (or a copy of it with picklable fields changed) is sent as a reference;
+    ``device`` becomes the follower's own device; ``progress`` and ``callbacks`` are rank 0's and stay there (a
+    job that needs a callback on every rank builds it inside ``fn``). Every other argument must pickle.
+    """
+    if not _LEADER:
+        return fn(*args, **kwargs)
+    if _LEADER[0].broken:
+        raise RuntimeError("a job failed on rank 0 under torchrun; no further job can be sent to the other ranks")
+    base = _LEADER[0].workload
+    sent_args = tuple(_as_ref(a, base) for a in args)
+    sent = {k: _JOB_KWARGS_LOCAL[k] if k in _JOB_KWARGS_LOCAL else _as_ref(v, base) for k, v in kwargs.items()}
+    _send(("job", fn.__module__, fn.__qualname__, sent_args, sent))
+    try:
+        return fn(*args, **kwargs)
+    except BaseException:
+        _LEADER[0].broken = True
+        raise
+
+
+@contextlib.contextmanager
+def lead(workload: Any) -> Iterator[Leader]:
+    """On rank 0 of several (a no-op yielding a :class:`Leader` otherwise, and inside another lead): the body decides
+    and every job it runs through :func:`everywhere` runs on all ranks; at the end the followers are released with
+    ``leader.result`` (when it pickles), or, when the body raised, with its one-line error."""
+    if world_size() == 1 or not is_main() or _LEADER:
+        yield _LEADER[0] if _LEADER else Leader(workload)
+        return
+    leader = Leader(workload)
+    _LEADER.append(leader)
+    message: Any = ("error", "rank 0 stopped", 1)
+    try:
+        yield leader
+        try:
+            pickle.dumps(leader.result)
+            message = ("done", leader.result)
+        except Exception:
+            message = ("done", None)
+    except BaseException as exc:  # rank 0's own decision failed: the followers wait at the next message
+        from batchfit.errors import BatchfitError
+
+        line = " ".join(str(exc).split()) or type(exc).__name__
+        message = ("error", f"rank 0 stopped: {line}", 2 if isinstance(exc, BatchfitError) else 1)
+        raise
+    finally:
+        _LEADER.clear()
+        if not leader.broken:  # a failed job: this rank's error ends the job, torchrun stops the others
+            with contextlib.suppress(Exception):  # followers already gone: nothing to tell
+                _send(message)
+
+
+def lead_workload(workload: Any) -> None:
+    """Name the workload the jobs of the active lead refer to (once it is loaded and validated on rank 0)."""
+    if _LEADER:
+        _LEADER[0].workload = workload
+
+
+def run_led(fn: Callable[..., Any], workload: Any, kwargs: dict[str, Any], load: Callable[[Any], Any]) -> Any:
+    """``fn(workload, **kwargs)`` as ``tune`` and ``sweep`` run under torchrun: rank 0 runs it inside :func:`lead`
+    (``fn`` calls :func:`lead_workload` once it has loaded the workload), every other rank loads the workload with
+    ``load`` and follows; ``kwargs["device"]`` becomes each rank's own device. Without torchrun (or inside a lead
+    already) just ``fn(workload, **kwargs)``. Every rank returns rank 0's result."""
+    if world_size() == 1 or _LEADER:
+        return fn(workload, **kwargs)
+    kwargs = {**kwargs, "device": rank_device(kwargs.get("device", "cpu"))}
+    if not is_main():
+        return follow(load(workload), kwargs["device"])
+    with lead(None) as leader:
+        leader.result = fn(workload, **kwargs)
+    return leader.result
+
+
+def follow(workload: Any, device: str) -> Any:
+    """A follower's side of :func:`lead`: run each job rank 0 sends, with this rank's workload and ``device``, until
+    rank 0 is done; return its result (raise :class:`~batchfit.errors.LeaderStoppedError` when it stopped on an
+    error). A job that fails here raises: this rank's one line ends the job (torchrun stops the other ranks)."""
+    from batchfit.errors import LeaderStoppedError
+
+    while True:
+        message = _send(None)
+        if message[0] == "done":
+            return message[1]
+        if message[0] == "error":
+            raise LeaderStoppedError(message[1], exit_code=message[2])
+        _, module, qualname, args, kwargs = message
+        if not module.startswith("batchfit."):
+            raise RuntimeError(f"rank 0 sent a job outside batchfit ({module}.{qualname})")
+        fn: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            fn = getattr(fn, part)
+        args = tuple(_resolve(a, workload) for a in args)
+        kwargs = {k: _resolve(v, workload) for k, v in kwargs.items()}
+        if "device" in kwargs:
+            kwargs["device"] = device
+        with warnings.catch_warnings():  # rank 0 reports what the job found; the same warning from every rank
+            warnings.simplefilter("ignore")  # would only repeat it
+            fn(*args, **kwargs)
+
+
+def _resolve(value: Any, workload: Any) -> Any:
+    if isinstance(value, _WorkloadRef):
+        return dataclasses.replace(workload, **dict(value.changes)) if value.changes else workload
+    return value

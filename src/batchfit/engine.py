@@ -4,7 +4,7 @@
 schedule, the one step) -> the loop, which reads top to bottom::
 
     for each batch of the stream (epochs; under torchrun this rank's shard of each global batch):
-        set the LR of this step        warm-up x the user's schedule (batchfit.step.LRSchedule)
+        set the LR of this step        warm-up x the user's schedule (batchfit.step.TrainStep.begin)
         the step                       batchfit.step.TrainStep: weighted micro-batches -> unscale -> hooks -> clip
                                        -> optimizer step -> the user's scheduler -> zero grads
         read the loss                  batchfit.step.LossMeter (CPU every step, CUDA every 16 steps)
@@ -34,7 +34,6 @@ from batchfit import checks, data, distributed, memory, sharding
 from batchfit import schedule as batch_schedules
 from batchfit._io import check_output_path, write_torch
 from batchfit.branching import BranchingResult, local_critical_batch
-from batchfit.data import to_device
 from batchfit.errors import ConfigError, DataError
 from batchfit.loading import load_workload
 from batchfit.progress import ProgressFn, emit
@@ -42,9 +41,7 @@ from batchfit.runtime import resolve_device, seed_everything
 from batchfit.scaling import (
     RULE_CHOICES,
     WEIGHT_DECAY_RULES,
-    apply_scaling,
     default_rule,
-    timescale_weight_decay,
 )
 from batchfit.step import (
     PRECISIONS,
@@ -52,13 +49,10 @@ from batchfit.step import (
     LRSchedule,
     MicroBatch,
     TrainStep,
-    autocast,
-    build_model,
-    build_optimizer,
+    build_run,
     check_precision,
+    eval_pass,
     fetching,
-    metric_value,
-    run_batch,
 )
 from batchfit.workload import Workload
 
@@ -109,22 +103,11 @@ def check_finite_data(dataset: Any, name: str) -> None:
 
 def _eval_pass(workload: Workload, model: nn.Module, source: Any, bs: int, device: torch.device,
                precision: str) -> tuple[float, dict[str, float]]:
-    loss_sum: Any = torch.zeros((), dtype=torch.float64, device=device)
-    metric_sums: dict[str, Any] = {k: 0.0 for k in workload.metrics}
-    total = 0
+    """One unshuffled pass over ``source`` at batch ``bs`` through the one evaluation pass
+    (:func:`batchfit.step.eval_pass`)."""
     batches = source.epoch(bs, generator=torch.Generator().manual_seed(0), drop_last=False, shuffle=False)
-    for batch, _ in fetching(batches, "val_data"):
-        batch = to_device(batch, device)
-        m = data.batch_size_of(batch)
-        with autocast(precision, device):
-            loss, outputs, targets = run_batch(workload, model, batch)
-        loss_sum += loss.double() * m
-        for k, fn in workload.metrics.items():
-            metric_sums[k] = metric_sums[k] + metric_value(k, fn, outputs, targets) * m
-        total += m
-        del batch, loss, outputs, targets
-    total = max(1, total)
-    return float(loss_sum) / total, {k: float(v) / total for k, v in metric_sums.items()}
+    return eval_pass(workload, model, (batch for batch, _ in fetching(batches, "val_data")), device=device,
+                     precision=precision)
 
 
 def _budgeted_eval(workload: Workload, model: nn.Module, source: Any, bs: int, device: torch.device, precision: str,
@@ -287,6 +270,7 @@ class TrainState:
     lr: float = 0.0
     batch_size_per_rank: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    train_step: Any = field(default=None, repr=False)  # the TrainStep (a callback may ask it to sync every micro)
 
 
 def _hooks(callbacks: Sequence[Any], name: str) -> list[Any]:
@@ -402,15 +386,12 @@ def shared_warmup() -> Iterator[None]:
 
 def resolve_warmup(warmup: int | float | None, total_steps: int) -> int:
     """``warmup`` >= 1 is a step count; 0 < warmup < 1 is a fraction of training."""
-    if warmup is None or warmup == 0:
+    if warmup is None:
         return 0
-    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not math.isfinite(warmup) or warmup < 0:
-        raise ConfigError(f"warmup must be a step count >= 0 or a fraction in (0, 1), got {warmup!r}")
-    if warmup < 1:
+    warmup = checks.warmup("warmup", warmup)
+    if isinstance(warmup, float):  # a fraction of training
         return max(1, round(warmup * total_steps))
-    if float(warmup) != int(warmup):
-        raise ConfigError(f"warmup of {warmup} is neither a whole number of steps nor a fraction below 1")
-    return int(warmup)
+    return warmup
 
 
 @dataclass(frozen=True)
@@ -519,8 +500,7 @@ def plan_train(workload: Workload | str, *, batch_size: int | None = None, micro
     grad_clip = checks.positive_number("grad_clip", workload.grad_clip if grad_clip is None else grad_clip,
                                        allow_none=True)
     seed = checks.seed(seed)
-    if not isinstance(drop_last, bool):
-        raise ConfigError(f"drop_last must be True or False, got {drop_last!r}")
+    checks.boolean("drop_last", drop_last)
     budget = memory.parse_bytes(memory_budget)
     sharding.check_parallel(parallel, precision)
     if parallel == "fsdp" and world_size > 1 and (checkpoint is not None or resume_from is not None):
@@ -597,48 +577,28 @@ class _Run:
     train_subset: _HeldBatches | None = None  # the fixed training subset of ``train_eval_loss``
 
 
-def _scale_lr(plan: TrainPlan, optimizer: torch.optim.Optimizer) -> tuple[str, dict[str, Any]]:
-    """Put the optimizer at the run's peak LR: a fixed ``lr``, or the rule applied to the effective batch (and the
-    weight decay by ``weight_decay_rule``). Returns the rule and what it did (the result's ``lr_scaling``: the
-    scaled values, and ``outside_range`` with ``notes`` when the rule was asked outside its range)."""
-    wl = plan.workload
-    if plan.lr is not None:
-        factor = plan.lr / optimizer.param_groups[0]["lr"]
-        k = plan.effective_batch_size / wl.base_batch_size
-        for g in optimizer.param_groups:
-            g["lr"] *= factor
-            if plan.weight_decay_rule == "timescale" and g.get("weight_decay"):
-                g["weight_decay"] = timescale_weight_decay(g["weight_decay"], k, factor)
-        wd = optimizer.param_groups[0].get("weight_decay")
-        return "fixed", {"rule": "fixed", "k": k, "lr": float(plan.lr), "weight_decay_rule": plan.weight_decay_rule,
-                         "weight_decay": None if wd is None else float(wd), "outside_range": False, "notes": []}
-    rule = default_rule(optimizer) if plan.lr_rule == "auto" else plan.lr_rule
-    scaled = apply_scaling(optimizer, wl.base_lr, wl.base_batch_size, plan.effective_batch_size, rule,
-                           weight_decay_rule=plan.weight_decay_rule)
-    return rule, scaled.to_dict()
+def _wrap(plan: TrainPlan) -> Callable[[nn.Module], nn.Module] | None:
+    """How the ranks hold the model: DDP or FSDP2 (``parallel``) under torchrun; ``None`` in one process."""
+    if plan.world_size == 1:
+        return None
+    if plan.parallel == "ddp":
+        return lambda model: distributed.wrap_ddp(model, plan.device)
+    return lambda model: sharding.wrap_fsdp(model, plan.device, plan.precision, getattr(plan.workload, "shard", None))
 
 
 def _setup(plan: TrainPlan, callbacks: Sequence[Any], progress: ProgressFn | None, t_start: float) -> _Run:
-    """Same seed -> same initialisation and data order; the model, optimizer, LR schedule and the one step."""
+    """Same seed -> same initialisation and data order; the model, optimizer at the run's peak LR (a fixed ``lr``,
+    or the rule applied to the effective batch), LR schedule and the one step (:func:`batchfit.step.build_run`)."""
     subset = train_eval_subset(plan.workload, plan.eval_batch_size)  # first: the seeding below is what training sees
-    seed_everything(plan.seed)
-    model = build_model(plan.workload)
-    model.to(plan.device).train()
-    if plan.world_size > 1:
-        model = distributed.wrap_ddp(model, plan.device) if plan.parallel == "ddp" else \
-            sharding.wrap_fsdp(model, plan.device, plan.precision, getattr(plan.workload, "shard", None))
-    optimizer = build_optimizer(plan.workload, model)
-    rule, lr_scaling = _scale_lr(plan, optimizer)
-    peak_lr = optimizer.param_groups[0]["lr"]
-    from batchfit.scaling import optimizer_settings
-
-    settings = optimizer_settings(optimizer)  # before the user's schedule moves momentum or betas (OneCycleLR)
-    schedule = LRSchedule.for_workload(plan.workload, optimizer, total_steps=plan.total_steps,
-                                       warmup_steps=plan.warmup_steps)
     losses = LossMeter(plan.device)
-    step = TrainStep(plan.workload, model, optimizer, device=plan.device, precision=plan.precision,
-                     micro_batch_size=plan.micro_batch_size, grad_clip=plan.grad_clip, schedule=schedule,
-                     world_size=plan.world_size, losses=losses)
+    built = build_run(plan.workload, plan.effective_batch_size, plan.lr, plan.precision, device=plan.device,
+                      seed=plan.seed, lr_rule=plan.lr_rule, weight_decay_rule=plan.weight_decay_rule,
+                      total_steps=plan.total_steps, warmup_steps=plan.warmup_steps,
+                      micro_batch_size=plan.micro_batch_size, grad_clip=plan.grad_clip, world_size=plan.world_size,
+                      wrap=_wrap(plan), losses=losses)
+    model, optimizer, schedule, step = built.model, built.optimizer, built.schedule, built.step
+    assert optimizer is not None and schedule is not None and built.lr is not None and built.lr_rule is not None
+    peak_lr, rule, lr_scaling, settings = built.lr, built.lr_rule, built.lr_scaling, built.optimizer_settings
     state = TrainState(
         workload=plan.workload, model=model, optimizer=optimizer, device=plan.device, precision=plan.precision,
         batch_size=plan.effective_batch_size, micro_batch_size=plan.micro_batch_size,
@@ -646,6 +606,7 @@ def _setup(plan: TrainPlan, callbacks: Sequence[Any], progress: ProgressFn | Non
         steps_per_epoch=plan.steps_per_epoch, scaler=step.scaler, lr=peak_lr,
         batch_size_per_rank=plan.batch_size_per_rank,
     )
+    state.train_step = step
     state.extras["optimizer_settings"] = settings
     result = TrainResult(
         workload=plan.workload.name, batch_size=plan.effective_batch_size, micro_batch_size=plan.micro_batch_size,
@@ -1032,7 +993,7 @@ def _train(plan: TrainPlan, callbacks: Sequence[Any], progress: ProgressFn | Non
                 break
             # -- the step, at the LR set at its top (a schedule's change point first moves the optimizer) ---------
             entry = _enter_phase(run, phases) if phases else None
-            state.lr = run.schedule.begin_step(state.step)
+            state.lr = run.step.begin()  # (the step sets it; here first, so every callback of the step sees it)
             if entry is not None:
                 entry["lr"] = state.lr
                 result.extras.setdefault("batch_schedule", []).append(entry)
@@ -1113,7 +1074,8 @@ def auto_schedule(workload: Workload | str, *, batch_size: int | None = None, br
         factors = [f for f in (1, 2, 4, 8, 16, 32) if b0 * f <= cap]
         branching = local_critical_batch(plan.workload, batch_size=b0, factors=factors,
                                          checkpoints=(0.0, 0.1, 0.25, 0.5), reference_steps=plan.total_steps,
-                                         device=plan.device, seed=plan.seed, finish_reference=False)
+                                         device=plan.device, seed=plan.seed, finish_reference=False,
+                                         precision=plan.precision, warmup=plan.warmup_steps)
     else:
         branching = _as_branching(branching)
     if branching.base_batch_size != b0:
@@ -1294,6 +1256,7 @@ def _resume(run: _Run) -> None:
         run.feed.load(ckpt["data"])
     st = ckpt["state"]
     state.step, state.epoch, state.samples_seen = st["step"], st["epoch"], st["samples_seen"]
+    run.step.index = state.step  # the step's next LR is that of the step the run continues at
     state.micro_batch_size, state.accumulation_steps = st["micro_batch_size"], st["accumulation_steps"]
     state.batch_size, state.batch_size_per_rank = st["batch_size"], st["batch_size_per_rank"]
     run.step.micro_batch_size, run.phase_lr, run.last_eval = st["step_micro"], st["phase_lr"], st["last_eval"]

@@ -6,7 +6,15 @@ wrong and what to do. The CLI prints it and exits with code 2 (``--debug`` shows
 
 from __future__ import annotations
 
-__all__ = ["BatchfitError", "ConfigError", "DataError", "NoisyEstimateWarning", "SweepFailedError", "WorkloadError"]
+__all__ = [
+    "BatchfitError",
+    "ConfigError",
+    "DataError",
+    "LeaderStoppedError",
+    "NoisyEstimateWarning",
+    "SweepFailedError",
+    "WorkloadError",
+]
 
 
 class BatchfitError(Exception):
@@ -23,6 +31,16 @@ class WorkloadError(BatchfitError):
 
 class DataError(WorkloadError):
     """The workload's data is unusable (empty, non-finite, wrong shape)."""
+
+
+class LeaderStoppedError(BatchfitError):
+    """Under torchrun, ``tune`` and ``sweep`` decide on rank 0 and the other ranks follow
+    (:func:`batchfit.distributed.follow`); when rank 0 stops on an error, every follower raises this, carrying rank
+    0's one line and exit code. The CLI exits with that code and prints nothing more (rank 0 has said it)."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class SweepFailedError(RuntimeError):

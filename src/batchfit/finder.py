@@ -56,11 +56,9 @@ from batchfit.step import (
     ModelKeeper,
     StepRunner,
     accumulation_count,
-    autocast,
     check_precision,
+    eval_pass,
     make_scaler,
-    metric_value,
-    run_batch,
 )
 from batchfit.workload import Workload
 
@@ -200,6 +198,7 @@ def search_max(
     first: int = 2,
     stepping_stone: float | None = None,
     aim: float = 1.0,
+    guess: tuple[int, int] | None = None,
 ) -> tuple[int, dict[int, dict[str, int]]]:
     """Largest batch in ``[1, cap]`` for which ``run(b, phase)`` reports ``ok``: probe, predict, verify, bisect.
 
@@ -207,8 +206,11 @@ def search_max(
     the batch: parameters, gradients, optimizer state). With ``stepping_stone`` (the margin's peak), the size
     predicted for it runs first (phase ``recommend``): it is the recommendation, and the line through it predicts
     the maximum from close by. With ``aim`` < 1 an unbracketed prediction is verified that much lower (CUDA: the
-    allocator cannot hand out the last ~1 % of the device). Returns the largest size that ran and the fitted points.
-    Raises :class:`ConfigError` when even batch 1 does not fit.
+    allocator cannot hand out the last ~1 % of the device). With ``guess`` (a plan's predicted recommendation and
+    largest batch: :func:`batchfit.plan`), those two run first instead of the small probes, and the usual
+    prediction and verification go on from them; if neither fits, the small probes run as without a guess.
+    Returns the largest size that ran and the fitted points. Raises :class:`ConfigError` when even batch 1 does not
+    fit.
     """
     points: dict[int, dict[str, int]] = {}
     lo, hi = 0, cap + 1  # lo: largest size that ran; hi: smallest size that failed (cap + 1: none failed yet)
@@ -223,12 +225,37 @@ def search_max(
             hi = min(hi, b)
         return rec
 
+    if guess is not None:  # the plan's recommendation, then its largest batch, aimed a little low
+        for b, phase in ((guess[0], "recommend"), (math.floor(guess[1] * aim), "verify")):
+            if stepping_stone is not None or phase == "verify":
+                b = max(1, min(cap, b))
+                if lo < b < hi:
+                    attempt(b, phase)
+    if lo == 0:
+        _probe_up(attempt, lambda: (lo, hi), cap, first, limit, points, stepping_stone)
+    return _predict_and_verify(attempt, lambda: (lo, hi), points, cap, limit, aim)
+
+
+Bracket = Callable[[], tuple[int, int]]  # (largest size that ran, smallest that failed or cap + 1)
+
+
+def _probe_up(attempt: Callable[[int, str], dict[str, Any]], bracket: Bracket, cap: int, first: int, limit: float,
+              points: dict[int, dict[str, int]], stepping_stone: float | None) -> None:
+    """search_max's probes from a small batch up."""
+    def tried(b: int, phase: str) -> dict[str, Any]:
+        nonlocal lo, hi
+        rec = attempt(b, phase)
+        lo, hi = bracket()
+        return rec
+
+    lo, hi = bracket()
+
     # 1. a tiny first probe; if even that fails, halve down to 1
     b = max(1, min(cap, first))
-    rec = attempt(b, "probe")
+    rec = tried(b, "probe")
     while not rec["ok"] and b > 1:
         b = max(1, b // 2)
-        rec = attempt(b, "probe")
+        rec = tried(b, "probe")
     if not rec["ok"]:
         raise ConfigError(
             f"even batch size 1 does not fit in {memory.format_bytes(limit)} ({rec.get('error', 'out of memory')}); "
@@ -239,25 +266,32 @@ def search_max(
     #    the third probe lands between 70 % of the limit and the limit, close enough to extrapolate from.
     b = min(cap, GROWTH * lo)
     while lo < b < hi:
-        if attempt(b, "probe")["ok"]:
+        if tried(b, "probe")["ok"]:
             break
         b = math.floor(math.sqrt(lo * hi))
     model = MemoryModel.fit(points)
     if model is not None and lo < cap:
         b = min(cap, hi - 1, model.max_under(THIRD_PROBE_SHARE * limit))
         if b >= 2 * lo:
-            attempt(b, "probe")
+            tried(b, "probe")
     model = MemoryModel.fit(points)
     if stepping_stone is not None and model is not None and hi > cap:
         # aim 1 % low: the line errs towards smaller peaks (convexity), and anything within 2 % is accepted
         b = min(cap, math.floor(model.max_under(stepping_stone) * (1 - TOLERANCE / 2)))
         if lo < b < hi and b > math.floor(lo * (1 + TOLERANCE)):
-            attempt(b, "recommend")
+            tried(b, "recommend")
+
+
+def _predict_and_verify(attempt: Callable[[int, str], dict[str, Any]], bracket: Bracket,
+                        points: dict[int, dict[str, int]], cap: int, limit: float,
+                        aim: float) -> tuple[int, dict[int, dict[str, int]]]:
+    """search_max's last part: predict from the fitted line, verify, bisect."""
     # 3. predict from the fit and verify; where a prediction fails, predict again from what ran (if the new
     #    prediction falls inside the bracket), else back off to 98 % of the failure once, then bisect
     verified_from_fit = False
     backed_off = False
     for _ in range(MAX_SEARCH_TRIALS):
+        lo, hi = bracket()
         if hi - lo <= 1:
             break
         model = MemoryModel.fit(points)
@@ -285,7 +319,7 @@ def search_max(
                 cand = pred
         rec = attempt(cand, phase)
         verified_from_fit = phase == "verify" and rec["ok"]  # lo is now a verified prediction
-    return lo, points
+    return bracket()[0], points
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -425,12 +459,12 @@ def _time_throughput(trials: MemoryTrials, sizes: list[int], on_record: Callable
     def timed(model: nn.Module, optimizer: torch.optim.Optimizer, b: int) -> dict[str, Any]:
         with (memory.PeakMeter(dev, trials.enforce_bytes) if dev.type == "cuda" else _NoMeter()) as meter:
             step = runner.step(model, optimizer, scaler, b, WARMUP_MAX_STEPS + MAX_TIMED_STEPS)  # one schedule
-            warm = _warm_up(lambda i: runner.run(model, optimizer, scaler, b, 1, step=step, first=i), sync,
+            warm = _warm_up(lambda i: runner.run(model, optimizer, scaler, b, 1, step=step), sync,
                             agree=trials.sharded)
             steps, t0, chunks = 0, time.perf_counter(), []
             while True:  # chunks of 3 steps, one CUDA sync per chunk
                 t_chunk = time.perf_counter()
-                runner.run(model, optimizer, scaler, b, 3, step=step, first=warm + steps)
+                runner.run(model, optimizer, scaler, b, 3, step=step)
                 steps += 3
                 sync()
                 chunks.append(3 * b * runner.micro_batches / max(time.perf_counter() - t_chunk, 1e-9))
@@ -545,21 +579,11 @@ def _size_evaluation(trials: MemoryTrials, b_train: int, limit: float, on_record
     return best
 
 
-@torch.no_grad()
 def _eval_batches(workload: Workload, model: nn.Module, source: Any, b: int, device: torch.device,
                   precision: str) -> None:
-    """Evaluation batches the way ``engine.evaluate`` runs them (loss, then every metric, then freed)."""
-    model.eval()
-    try:
-        for _ in range(2):
-            batch = data.to_device(source.sample(b), device)
-            with autocast(precision, device):
-                loss, outputs, targets = run_batch(workload, model, batch)
-            for name, fn in workload.metrics.items():
-                metric_value(name, fn, outputs, targets)
-            del batch, loss, outputs, targets
-    finally:
-        model.train()
+    """Two evaluation batches of ``b`` through the one evaluation pass ``engine.evaluate`` runs
+    (:func:`batchfit.step.eval_pass`: loss, then every metric, then freed)."""
+    eval_pass(workload, model, (source.sample(b) for _ in range(2)), device=device, precision=precision)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -798,6 +822,53 @@ def _extras(wl: Workload, recommended: int, micro_only: bool, parallel: str, sha
     return extras
 
 
+def plan_guess(wl: Workload, device: torch.device, precision: str, limit: int, margin: float,
+               cap: int) -> dict[str, Any]:
+    """What :func:`batchfit.plan` predicts for this search on a CUDA device: the largest batch under ``limit``, the
+    recommendation under the margin, and the line of peaks (``fixed_bytes`` + ``per_sample_bytes`` x B) to compare
+    with the measurement. ``{"error": why}`` when it cannot plan (the search then goes on without it)."""
+    from batchfit.planner import CUDA_CONTEXT_BYTES, DEVICES, lookup, plan
+
+    try:
+        name = torch.cuda.get_device_name(device)
+        try:
+            spec = lookup(name)
+        except ConfigError:  # not in the table: a row of the same architecture (only the memory rules matter here)
+            major = torch.cuda.get_device_capability(device)[0]
+            spec = next((d for d in DEVICES.values() if d.compute_capability[0] == major), DEVICES["H100-80GB"])
+        result = plan(wl, gpu=spec, precision=precision, batch_sizes=[1], margin=margin, batch_size_cap=cap,
+                      memory_bytes=int(limit) + CUDA_CONTEXT_BYTES)
+    except Exception as exc:  # noqa: BLE001 - any failure of the plan: the search runs as without one
+        return {"error": _one_line(exc)}
+    return {"gpu": spec.name, "device_name": name, "predicted_max_batch_size": result.limit_batch_size,
+            "predicted_recommended_batch_size": result.max_batch_size, "fixed_bytes": result.fixed_bytes,
+            "per_sample_bytes": result.per_sample_bytes, "seconds": round(result.seconds, 3)}
+
+
+def _plan_vs_measured(guess: dict[str, Any], records: list[dict[str, Any]], max_bs: int) -> dict[str, Any]:
+    """The plan's prediction next to the measurement: the largest batch, and the peak at the measured largest."""
+    out = dict(guess)
+    if "error" in guess:
+        return out
+    measured = [r["peak_bytes"] for r in records if r["batch_size"] == max_bs and r["ok"] and r.get("peak_bytes")]
+    out.update(measured_max_batch_size=max_bs,
+               predicted_peak_bytes_at_max=guess["fixed_bytes"] + guess["per_sample_bytes"] * max_bs,
+               measured_peak_bytes_at_max=max(measured) if measured else None,
+               probes=sum(r["phase"] in MEMORY_PHASES for r in records))
+    return out
+
+
+def plan_vs_measured_line(planned: Mapping[str, Any]) -> str:
+    """One line: the plan's largest batch and peak against the measured ones (or why there was no plan)."""
+    if "error" in planned:
+        return f"no plan ({planned['error']})"
+    pred, meas = planned.get("predicted_peak_bytes_at_max"), planned.get("measured_peak_bytes_at_max")
+    peak = (f"peak at {planned.get('measured_max_batch_size')} {memory.format_bytes(pred)} vs "
+            f"{memory.format_bytes(meas)}" if pred is not None and meas is not None else "peak not measured")
+    return (f"largest batch {planned.get('predicted_max_batch_size')} vs {planned.get('measured_max_batch_size')}, "
+            f"{peak} ({planned.get('gpu')}, {planned.get('probes')} real trials)")
+
+
 def find_batch_size(
     workload: Workload | str,
     *,
@@ -869,8 +940,13 @@ def find_batch_size(
 
         target = (1.0 - plan.margin) * plan.limit
         aim = CUDA_AIM if plan.device.type == "cuda" else 1.0
+        guess = None
+        if plan.device.type == "cuda" and distributed.world_size() == 1:  # the plan is the first prediction
+            guess = plan_guess(wl, plan.device, precision, plan.limit, plan.margin, plan.cap)
+        seed_sizes = None if guess is None or "error" in guess else \
+            (guess["predicted_recommended_batch_size"], guess["predicted_max_batch_size"])
         max_bs, points = search_max(run, cap=plan.cap, limit=plan.limit,
-                                    stepping_stone=target if plan.margin > 0 else None, aim=aim)
+                                    stepping_stone=target if plan.margin > 0 else None, aim=aim, guess=seed_sizes)
         max_bs = _verified_max(max_bs, records, run)
         recommended = _recommend(max_bs, target, records, points, run)
         model = MemoryModel.fit(points)
@@ -895,6 +971,8 @@ def find_batch_size(
                      largest_unit, plan)
     if throughput:
         extras["throughput_knee_range"] = knee_spread(records, seed=plan.seed)
+    if guess is not None:
+        extras["plan"] = _plan_vs_measured(guess, records, max_bs)
     result = FindResult(
         device=str(plan.device), precision=precision, memory_budget_bytes=plan.budget, max_batch_size=max_bs,
         recommended_batch_size=recommended, throughput_knee_batch_size=_knee(records),

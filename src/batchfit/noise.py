@@ -57,9 +57,9 @@ from batchfit.errors import ConfigError, DataError, NoisyEstimateWarning, Worklo
 from batchfit.loading import load_workload
 from batchfit.metric import finite_or_none as _finite
 from batchfit.progress import ProgressFn, emit
-from batchfit.runtime import resolve_device, seed_everything
+from batchfit.runtime import resolve_device
 from batchfit.stats import Interval, noise_scale_interval, ratio_bootstrap_ci, unbiased_estimates
-from batchfit.step import TrainStep, build_model, call_forward, check_precision, fetching
+from batchfit.step import TrainStep, build_run, call_forward, check_precision, fetching
 from batchfit.workload import Workload
 
 __all__ = [
@@ -648,6 +648,8 @@ class NoiseCallback:
         self.halves_samples = 0  # the samples they forwarded and backwarded
         self._population: int | None = None
         self._world = 1
+        self._sharded = False  # FSDP2: a _ShardedMeter, its steps' estimates already reduced (in _ready)
+        self._ready: list[tuple[float, float, int, int]] = []
         # extra-halves
         self._watched: Workload | None = None  # the workload behind watch(): the extra pass runs its forward
         self._halves: TrainStep | None = None
@@ -680,7 +682,17 @@ class NoiseCallback:
         self._world = state.world_size
         self._scaled = state.scaler is not None
         self._failed = None
-        if state.accumulation_steps * state.world_size >= 2:
+        self._sharded = sharding.is_fsdp(state.model)
+        if self._sharded:  # FSDP2: the small batches are the global micro-batches (every rank's i-th together)
+            self.noise_method = "accumulation"
+            self._meter = _ShardedMeter(state.model, state.world_size)
+            if state.accumulation_steps >= 2 and state.train_step is not None:
+                state.train_step.sync_every_micro = True  # each micro-batch's gradient reduce-scattered as it ends
+            else:
+                self._failed = (f"under FSDP B_simple needs >= 2 micro-batches per rank (the ranks' gradients are "
+                                f"only seen reduce-scattered), and this run has {state.accumulation_steps}")
+                state.extras["noise_error"] = self._failed
+        elif state.accumulation_steps * state.world_size >= 2:
             self.noise_method = "accumulation"
             self._meter = _make_meter(self.method, state.model, state.world_size)
         elif self._watched is not None and state.world_size == 1:
@@ -703,6 +715,7 @@ class NoiseCallback:
         # each batch is drawn without replacement from the N training samples (engine: one permutation per epoch)
         self._population = state.workload.num_train
         self._pending = []
+        self._ready = []
         self._running = RunningNoiseScale(self.beta)
         self.valid_steps = self.skipped_steps = self.halves_steps = self.halves_samples = 0
         self._arm(state)
@@ -717,6 +730,10 @@ class NoiseCallback:
                 self._step_batch = self._seen
             self._seen = None
             return
+        if self._sharded:
+            if self._failed is None:
+                self._meter.end_micro(state.micro_samples, state.micro_index + 1 >= state.accumulation_steps)
+            return
         if state.micro_index == 0:
             self._meter.new_step()  # a fresh step: never mix micro-batches of different steps
         last = (state.micro_index + 1) * state.micro_batch_size >= state.batch_samples
@@ -727,6 +744,12 @@ class NoiseCallback:
             if self._step_batch is not None:  # the parameters the step's gradient was taken at
                 with torch.no_grad():
                     self._before = [p.detach().clone() for p in self._params]
+            return
+        if self._sharded:  # the meter's all-reduce already summed every rank's shards
+            if self._failed is None:
+                small, big, k = self._meter.take(state.batch_samples * self._world)
+                if k >= 2:
+                    self._ready.append((small, big, k, state.batch_samples * self._world))
             return
         # Gradients here are unscaled and not yet clipped; the micro-batch norms still carry the fp16 loss scale.
         norms, micro = self._meter.take()
@@ -762,6 +785,8 @@ class NoiseCallback:
         if self.valid_steps and (not history or history[-1]["step"] != state.step):
             self._log(state)
         state.extras["b_simple_skipped_steps"] = self.skipped_steps
+        if self._sharded and state.train_step is not None:
+            state.train_step.sync_every_micro = False
         if self.noise_method == "extra-halves":
             state.extras["noise_samples"] = self.halves_samples
         self._meter.detach()
@@ -826,16 +851,17 @@ class NoiseCallback:
             torch.cuda.synchronize(state.device)
 
     def _flush(self) -> None:
-        if not self._pending:
+        if not self._pending and not self._ready:
             return
-        decoded = _decode(self._pending, scaled=self._scaled)
-        if self._world > 1:  # data parallel: each rank measured only its own micro-batches; sum them over ranks
+        decoded = _decode(self._pending, scaled=self._scaled) if self._pending else []
+        if self._world > 1 and decoded:  # data parallel: each rank measured only its own micro-batches
             from batchfit import distributed
 
             # the engine weights rank r's micro-batch i by b_i x world / B, so each rank's "small" is world^2 x its
             # share of sum_i (b_i/B)|g_i|^2 over all ranks' micro-batches (every rank flushes at the same steps)
             smalls = distributed.all_sum(*(small for small, _, _, _ in decoded))
             decoded = [(s / self._world**2, big, k, b) for s, (_, big, k, b) in zip(smalls, decoded)]
+        decoded, self._ready = decoded + self._ready, []
         for small, big, k, batch in decoded:
             if not (math.isfinite(small) and math.isfinite(big)):
                 self.skipped_steps += 1
@@ -1330,21 +1356,22 @@ def noise_scale(
                        min_steps=min_steps, device=device, precision=precision, seed=seed, rel_ci=rel_ci,
                        train_steps=train_steps, lr=lr, method=method, parallel=parallel)
     emit(progress, "noise", "start", f"B_simple at batch {plan.batch_size}", completed=0, total=plan.steps)
+    trained = None
     if plan.train_steps:
-        model = _trained_model(workload, train_steps=plan.train_steps, batch_size=plan.batch_size,
-                               micro_batch_size=plan.micro_batch_size, lr=plan.lr, device=plan.device,
-                               precision=plan.precision, seed=plan.seed)
-    else:
-        seed_everything(plan.seed)
-        model = build_model(workload)
-    model.to(plan.device).train()  # train mode: the gradient training would see (dropout, batch-norm statistics)
-    if plan.sharded:
-        sharding.wrap_fsdp(model, plan.device, plan.precision, getattr(workload, "shard", None))
-    meter: Any = _ShardedMeter(model, plan.world) if plan.sharded else _make_meter(plan.method, model, plan.world)
+        trained = _trained_model(workload, train_steps=plan.train_steps, batch_size=plan.batch_size,
+                                 micro_batch_size=plan.micro_batch_size, lr=plan.lr, device=plan.device,
+                                 precision=plan.precision, seed=plan.seed).to(plan.device)
     scaler = _FixedLossScale(_FP16_INIT_SCALE) if plan.precision == "fp16" else None
-    step = TrainStep(workload, model, None, device=plan.device, precision=plan.precision,
-                     micro_batch_size=plan.micro_batch_size, scaler=scaler, world_size=plan.world,
-                     on_micro=[lambda mb: meter.end_micro(mb.samples, mb.last)])
+    # the seeded initialisation (or the trained model) in train mode: the gradient training would see (dropout,
+    # batch-norm statistics); gradients only (no optimizer); FSDP2 shards it in place
+    shard = getattr(workload, "shard", None)
+    run = build_run(workload, precision=plan.precision, device=plan.device, seed=plan.seed, model=trained,
+                    optimizer=False, micro_batch_size=plan.micro_batch_size, scaler=scaler, world_size=plan.world,
+                    wrap=(lambda m: sharding.wrap_fsdp(m, plan.device, plan.precision, shard)) if plan.sharded
+                    else None)
+    model, step = run.model, run.step
+    meter: Any = _ShardedMeter(model, plan.world) if plan.sharded else _make_meter(plan.method, model, plan.world)
+    step.on_micro.append(lambda mb: meter.end_micro(mb.samples, mb.last))
     step.sync_every_micro = plan.sharded  # FSDP2: each micro-batch's gradient reduce-scattered as it ends
     est = _Estimates(plan)
     skipped = step_no = 0

@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from batchfit import checks
 from batchfit.decide import Decision, advise_precision, critical_from_trials, decide, quality_of_trial
 from batchfit.errors import ConfigError
 from batchfit.metric import Metric, finite_or_none
@@ -83,6 +84,8 @@ class Recommendation:
     tolerance: float
     metric: str = "val_loss"
     higher_is_better: bool = False
+    world_size: int = 1  # under torchrun: the ranks; micro_batch_size is one rank's
+    parallel: str | None = None  # under torchrun: ddp | fsdp
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -92,8 +95,11 @@ class Recommendation:
 
     def headline(self) -> str:
         """The one-line recommendation (what ``batchfit tune -q`` prints)."""
-        line = (f"batch {self.batch_size} = micro-batch {self.micro_batch_size} x {self.accumulation_steps} "
-                f"accumulation step(s), LR {self.lr:.4g}, warm-up {self.warmup_steps} step(s), {self.precision}")
+        ranks = (f" x {self.world_size} ranks ({self.parallel or 'ddp'})" if self.world_size > 1 else "")
+        per = " per rank" if self.world_size > 1 else ""
+        line = (f"batch {self.batch_size} = micro-batch {self.micro_batch_size}{per} x {self.accumulation_steps} "
+                f"accumulation step(s){ranks}, LR {self.lr:.4g}, warm-up {self.warmup_steps} step(s), "
+                f"{self.precision}")
         return line + (" (ranked on training loss: no validation data)" if self.ranked_on_training_loss else "")
 
     def to_dict(self) -> dict[str, Any]:
@@ -736,15 +742,19 @@ def _pytorch_snippet(r: Mapping[str, Any]) -> str:
     args = "".join(f", {k}={_py(opt[k])}" for k in _OPTIMIZER_KEYS if k in opt)
     make = (f"{qual}(model.parameters(), lr={r['lr']:.6g}{args})" if opt else
             f"make_optimizer(model.parameters(), lr={r['lr']:.6g})  # the workload's optimizer (not recorded)")
+    world = int(r.get("world_size") or 1)
     lines = [
         "import torch",
         *([f"# {OUTSIDE_RANGE} (the {r.get('lr_rule')} rule does not give them at this batch)"]
           if r.get("outside_rule_range") else []),
+        *(_ranks_preamble(r) if world > 1 else []),
         f"optimizer = {make}",
         f"loader = torch.utils.data.DataLoader(train_set, batch_size={r['micro_batch_size']}, shuffle=True, "
-        "drop_last=True)",
+        "drop_last=True)" if world == 1 else
+        f"loader = torch.utils.data.DataLoader(train_set, batch_size={r['micro_batch_size']}, drop_last=True, "
+        "sampler=torch.utils.data.distributed.DistributedSampler(train_set, shuffle=True, drop_last=True))",
         f"accumulation = {r['accumulation_steps']}  # effective batch {r['batch_size']} = "
-        f"{r['micro_batch_size']} x {r['accumulation_steps']}",
+        f"{r['micro_batch_size']} x {r['accumulation_steps']}" + (f" x {world} ranks" if world > 1 else ""),
     ]
     if r.get("warmup_steps"):
         lines.append(f"scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / "
@@ -779,6 +789,21 @@ def _pytorch_snippet(r: Mapping[str, Any]) -> str:
         lines.append("        scheduler.step()")
     lines.append("        optimizer.zero_grad()")
     return "\n".join(lines)
+
+
+def _ranks_preamble(r: Mapping[str, Any]) -> list[str]:
+    """The lines a torchrun job adds: the launch, the process group and the wrapper the sweep trained with."""
+    world = int(r["world_size"])
+    lines = [f"# launch: torchrun --nproc-per-node {world} train.py (or --nnodes N x --nproc-per-node G = {world})",
+             "torch.distributed.init_process_group()"]
+    if r.get("parallel") == "fsdp":
+        lines += ["from torch.distributed.fsdp import fully_shard",
+                  "for block in blocks: fully_shard(block)  # each repeated block, then the root",
+                  "fully_shard(model)  # micro-steps before the last: model.set_requires_gradient_sync(False)"]
+    else:
+        lines += ["model = torch.nn.parallel.DistributedDataParallel(model)  # micro-steps before the last: "
+                  "with model.no_sync()"]
+    return lines
 
 
 def _hf_snippet(r: Mapping[str, Any]) -> str:
@@ -851,8 +876,8 @@ def _keras_snippet(r: Mapping[str, Any]) -> str:
 
 
 def recipe(pick: Mapping[str, Any], *, batch: int, micro: int, acc: int, lr: float, warmup_steps: int,
-           precision: str, framework: str | None = None,
-           batch_form: Mapping[str, Any] | None = None) -> dict[str, Any]:
+           precision: str, framework: str | None = None, batch_form: Mapping[str, Any] | None = None,
+           world_size: int = 1, parallel: str | None = None) -> dict[str, Any]:
     """Everything needed to reproduce the winning trial: batch, accumulation, LR, every optimizer setting it used
     (read from its optimizer's param group), warm-up, schedule, clipping, precision; plus paste-ready snippets
     (PyTorch always; Lightning or Keras when the workload came from them)."""
@@ -863,6 +888,8 @@ def recipe(pick: Mapping[str, Any], *, batch: int, micro: int, acc: int, lr: flo
         "lr_schedule": pick.get("lr_schedule"), "grad_clip": pick.get("grad_clip"),
         "optimizer": dict(opt) if opt else None, "seed": pick.get("seed"),
     }
+    if world_size > 1:  # micro_batch_size is one rank's
+        out.update(world_size=world_size, parallel=parallel or "ddp")
     outside, notes = _rule_range(pick)
     if isinstance(pick.get("lr_scaling"), Mapping):
         out["lr_scaling"] = dict(pick["lr_scaling"])
@@ -926,8 +953,7 @@ def recommend(
     >>> rec = recommend(load_results("runs/x/batchfit.db"))  # doctest: +SKIP
     >>> rec.batch_size, rec.lr  # doctest: +SKIP
     """
-    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and 0 <= tolerance < 1):
-        raise ConfigError(f"tolerance must be a fraction in [0, 1), e.g. 0.01 for 1 %, got {tolerance!r}")
+    checks.fraction("tolerance", tolerance, low_open=False, hint="write e.g. 0.01 for 1 %")
     data = as_results(results)
     if find is None:
         find = data.get("find")
@@ -948,7 +974,13 @@ def recommend(
         why_batch += (" The workload has no validation data, so the batch sizes were ranked on the training loss: "
                       "it says how fast each one trains, not how well it generalizes.")
     batch = int(pick["batch_size"])
-    micro, acc, why_micro = _micro_batch(batch, pick, find)
+    world, parallel = int(data.get("world_size") or 1), data.get("parallel")
+    micro, acc, why_micro = _micro_batch(batch // world, pick, find)  # one rank's share (all of it in one process)
+    if world > 1:
+        why_micro = (f"Under torchrun with {world} ranks ({parallel or 'ddp'}): effective batch {batch} = micro-batch "
+                     f"{micro} per rank x {acc} accumulation step(s) x {world} ranks; a different world size keeps "
+                     f"the effective batch and the LR when the accumulation makes up the difference. "
+                     + why_micro.replace("effective batch", "each rank's share"))
     lr, why_lr = _lr_reason(data, pick, metric)
     warmup_steps, why_warmup = _warmup_reason(data, pick, lr)
     precision, why_precision, advice = _precision(data, batch, find)
@@ -963,7 +995,8 @@ def recommend(
     if why_noise:
         reasons.append(why_noise)
     rec_recipe = recipe(pick, batch=batch, micro=micro, acc=acc, lr=lr, warmup_steps=warmup_steps,
-                        precision=precision, framework=data.get("framework"), batch_form=data.get("batch_form"))
+                        precision=precision, framework=data.get("framework"), batch_form=data.get("batch_form"),
+                        world_size=world, parallel=parallel)
     reasons.append(_recipe_reason(rec_recipe))
     extra = {
         "intervals": [decision.evidence[b].to_dict() for b in sorted(decision.evidence)],
@@ -984,7 +1017,8 @@ def recommend(
     return Recommendation(
         batch_size=batch, micro_batch_size=micro, accumulation_steps=acc, lr=lr, warmup_steps=warmup_steps,
         precision=precision, reasons=reasons, candidates=sorted(int(b) for b in decision.choice.tied),
-        tolerance=float(tolerance), metric=metric.name, higher_is_better=metric.higher_is_better, extra=extra,
+        tolerance=float(tolerance), metric=metric.name, higher_is_better=metric.higher_is_better,
+        world_size=world, parallel=parallel if world > 1 else None, extra=extra,
     )
 
 

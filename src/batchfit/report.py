@@ -759,6 +759,8 @@ def _study_lines(results: Mapping[str, Any], recommendation: Any = None) -> list
     if find:
         lines.append(f"finder: largest batch that fits with margin {find.get('recommended_batch_size')}, throughput "
                      f"knee {find.get('throughput_knee_batch_size')}, {find.get('real_trials')} real trials")
+        if find.get("plan_vs_measured"):
+            lines.append(f"plan vs measured: {find['plan_vs_measured']}")
     lines.append(f"store {results.get('storage')}, study {results.get('study_name')}")
     return lines
 

@@ -2,7 +2,7 @@
 
 One optimizer step reads, in order::
 
-    LR for this step (warm-up x the user's schedule)            LRSchedule.begin_step
+    LR for this step (warm-up x the user's schedule)            TrainStep.begin (LRSchedule.begin_step)
     for each micro-batch of this rank's batch:                  TrainStep.forward_backward
         forward under autocast, loss x (share of the global batch's samples), (fp16: scaled) backward,
         DDP all-reduce only in the last micro-batch's backward (no_sync before; FSDP2: reduce-scatter, with
@@ -19,6 +19,10 @@ ranks) makes the accumulated gradient equal the big-batch gradient even when the
 untouched so every OOM guard (:func:`batchfit.memory.try_oom`) still sees them. :class:`LossMeter` is the one place
 the training loss is read (CPU: ``.item()`` per micro-batch; CUDA: accumulated on the device, synchronized every
 few steps).
+
+:func:`build_run` is the one way a run of the step is built (model, optimizer at the batch's LR, LR schedule, step):
+``train``, the finder's trials and step timing (through :class:`StepRunner`), branching's reference run and branches
+and the noise probe all build through it. :func:`eval_pass` is the one evaluation pass.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,6 +42,8 @@ from batchfit import memory
 from batchfit.cost import add_samples
 from batchfit.data import batch_size_of, loader_failure, slice_batch, to_device, train_source
 from batchfit.errors import BatchfitError, ConfigError, DataError, WorkloadError
+from batchfit.runtime import seed_everything
+from batchfit.scaling import apply_scaling, default_rule, optimizer_settings, timescale_weight_decay
 
 __all__ = [
     "PRECISIONS",
@@ -45,6 +51,7 @@ __all__ = [
     "LossMeter",
     "MicroBatch",
     "ModelKeeper",
+    "StepRun",
     "StepRunner",
     "TrainStep",
     "accumulation_count",
@@ -52,8 +59,10 @@ __all__ = [
     "batch_has_nonfinite",
     "build_model",
     "build_optimizer",
+    "build_run",
     "call_forward",
     "check_precision",
+    "eval_pass",
     "fetching",
     "make_scaler",
     "metric_value",
@@ -540,6 +549,20 @@ class TrainStep:
         self._fsdp = callable(getattr(model, "set_requires_gradient_sync", None))
         self.sync_every_micro = False
         self.guard: Any = None  # a batchfit.sharding.CollectiveGuard: checked before clipping (a collective)
+        self.index = 0  # optimizer steps taken: the 0-based index of the next step (its warm-up and schedule)
+        self.lr: float | None = None  # the first group's LR of the step in progress (or the last one taken)
+        self._begun: int | None = None  # the index whose LR :meth:`begin` has set
+
+    def begin(self) -> float | None:
+        """Set the LR of the next step (step :attr:`index`: warm-up x the user's schedule, by the
+        :class:`LRSchedule`) and return it. :meth:`__call__` does it first unless the caller already has (``train``
+        does, so every callback of the step sees its LR); without a schedule the LR is the optimizer's as it is."""
+        if self.schedule is not None:
+            self.lr = self.schedule.begin_step(self.index)
+        elif self.optimizer is not None:
+            self.lr = float(self.optimizer.param_groups[0]["lr"])
+        self._begun = self.index
+        return self.lr
 
     def forward_backward(self, batch: Any, global_count: int | None = None) -> int:
         """Forward and weighted backward over the micro-batches of ``batch`` (a host or device batch).
@@ -602,12 +625,173 @@ class TrainStep:
         if self.schedule is not None:
             self.schedule.end_step()
         optimizer.zero_grad(set_to_none=True)
+        self.index += 1
 
     def __call__(self, batch: Any, global_count: int | None = None) -> int:
-        """The whole step: :meth:`forward_backward` then :meth:`optimizer_step`; returns this rank's samples."""
+        """The whole step: :meth:`begin` (the LR set at its top), :meth:`forward_backward`, then
+        :meth:`optimizer_step`; returns this rank's samples."""
+        if self._begun != self.index:
+            self.begin()
         n = self.forward_backward(batch, global_count)
         self.optimizer_step()
         return n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One run: the model, its optimizer at the batch's LR, the LR schedule and the step (train, the finder's trials,
+# step timing, branching's reference run and branches, the noise probe)
+
+
+@dataclass
+class StepRun:
+    """What :func:`build_run` built. ``optimizer`` and ``schedule`` are ``None`` for a run of gradients only (the
+    noise probe); ``lr`` is the peak LR (after the rule, before warm-up and the user's schedule); ``lr_rule`` and
+    ``lr_scaling`` say what the rule did (``None`` / empty when the LR was not scaled); ``optimizer_settings`` are
+    the optimizer's settings before the user's schedule moved any (OneCycleLR's momentum)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    schedule: LRSchedule | None
+    step: TrainStep
+    lr: float | None = None
+    lr_rule: str | None = None
+    lr_scaling: dict[str, Any] = field(default_factory=dict)
+    optimizer_settings: dict[str, Any] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        """A copy of what :func:`build_run` (``state=``) needs to continue this run from its next step: model,
+        optimizer, LR schedule, loss scale, step index."""
+        return copy.deepcopy({
+            "model": self.model.state_dict(),
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+            "schedule": None if self.schedule is None else self.schedule.state_dict(),
+            "scaler": None if self.step.scaler is None else self.step.scaler.state_dict(),
+            "step": self.step.index,
+        })
+
+
+def _scale_to_batch(optimizer: torch.optim.Optimizer, workload: Any, batch: int, lr: float | None, *, lr_rule: str,
+                    weight_decay_rule: str, base_lr: float, base_batch: int) -> tuple[str, dict[str, Any], float]:
+    """Put the optimizer at the peak LR of ``batch``: a fixed ``lr``, or the rule applied from ``(base_lr,
+    base_batch)`` (and the weight decay by ``weight_decay_rule``). Returns the rule, what it did (``train``'s
+    ``lr_scaling``: the scaled values, and ``outside_range`` with ``notes`` when the rule was asked outside its
+    range) and the factor the LR moved by."""
+    if lr is not None:
+        factor = lr / optimizer.param_groups[0]["lr"]
+        k = batch / base_batch
+        for g in optimizer.param_groups:
+            g["lr"] *= factor
+            if weight_decay_rule == "timescale" and g.get("weight_decay"):
+                g["weight_decay"] = timescale_weight_decay(g["weight_decay"], k, factor)
+        wd = optimizer.param_groups[0].get("weight_decay")
+        return "fixed", {"rule": "fixed", "k": k, "lr": float(lr), "weight_decay_rule": weight_decay_rule,
+                         "weight_decay": None if wd is None else float(wd), "outside_range": False,
+                         "notes": []}, factor
+    rule = default_rule(optimizer) if lr_rule == "auto" else lr_rule
+    scaled = apply_scaling(optimizer, base_lr, base_batch, batch, rule, weight_decay_rule=weight_decay_rule)
+    return rule, scaled.to_dict(), scaled.lr / base_lr
+
+
+def build_run(workload: Any, batch: int | None = None, lr: float | None = None, precision: str = "fp32", *,
+              device: torch.device, seed: int | None = None, model: nn.Module | None = None,
+              optimizer: torch.optim.Optimizer | bool = True, lr_rule: str = "auto", weight_decay_rule: str = "keep",
+              base_batch: int | None = None, state: Mapping[str, Any] | None = None, total_steps: int = 1,
+              warmup_steps: int = 0, micro_batch_size: int | None = None, grad_clip: float | str | None = "workload",
+              scaler: Any = "auto", world_size: int = 1, wrap: Callable[[nn.Module], nn.Module] | None = None,
+              losses: LossMeter | None = None, on_micro: Sequence[MicroHook] = (),
+              before_step: Sequence[StepHook] = ()) -> StepRun:
+    """The one way a run of the step is built: model -> optimizer at the LR of ``batch`` -> LR schedule -> step.
+
+    - **model**: ``model`` as it is (put in train mode), else seeded by ``seed`` (when given), built by
+      ``model_fn``, moved to ``device`` in train mode; ``wrap`` (DDP, FSDP2) wraps it either way.
+    - **optimizer**: ``True`` builds the workload's (at ``base_lr``) and, for a ``batch``, puts it at that batch's
+      peak LR: a fixed ``lr``, or ``lr_rule`` from ``(base_lr, base_batch_size)`` (``base_batch`` overrides the
+      batch the LR is for); an optimizer object is used as it is; ``False``: none (gradients only, no schedule).
+    - **state** (:meth:`StepRun.state_dict`, e.g. a checkpoint of a reference run): loaded into the model, the
+      optimizer, the schedule and the loss scale; the rule then scales from the loaded LR at ``base_batch`` (the
+      schedule moves by the same factor, as at a batch-size change) and the step continues at the loaded index.
+    - **schedule**: :meth:`LRSchedule.for_workload` (``warmup_steps`` x the workload's ``lr_schedule`` over
+      ``total_steps``); the step sets each step's LR itself (:meth:`TrainStep.begin`).
+    - **step**: :class:`TrainStep` with ``precision`` (fp16: ``scaler``), ``micro_batch_size``, ``grad_clip``
+      (default: the workload's), ``world_size``, ``losses`` and the hooks.
+
+    The caller checks its arguments first (``plan_train``, ``check_precision``); this builds.
+    """
+    if model is None:
+        if seed is not None:
+            seed_everything(seed)
+        model = build_model(workload)
+        model.to(device)
+    model.train()
+    if wrap is not None:
+        model = wrap(model)
+    if state is not None and state.get("model") is not None:
+        model.load_state_dict(state["model"])
+    opt = build_optimizer(workload, model) if optimizer is True else None if optimizer is False else optimizer
+    run = StepRun(model, opt, None, None)  # type: ignore[arg-type]
+    factor = None
+    if opt is not None:
+        if optimizer is True:
+            from_lr = workload.base_lr
+            if state is not None and state.get("optimizer") is not None:
+                opt.load_state_dict(state["optimizer"])
+                from_lr = opt.param_groups[0]["lr"]
+            if batch is not None:
+                run.lr_rule, run.lr_scaling, factor = _scale_to_batch(
+                    opt, workload, batch, lr, lr_rule=lr_rule, weight_decay_rule=weight_decay_rule,
+                    base_lr=from_lr, base_batch=workload.base_batch_size if base_batch is None else base_batch)
+        run.lr = opt.param_groups[0]["lr"]
+        run.optimizer_settings = optimizer_settings(opt)  # before the user's schedule moves momentum or betas
+        run.schedule = LRSchedule.for_workload(workload, opt, total_steps=total_steps, warmup_steps=warmup_steps)
+        if state is not None and state.get("schedule") is not None:
+            run.schedule.load_state_dict(state["schedule"])
+            if factor is not None:
+                run.schedule.rescale(factor)
+    run.step = TrainStep(workload, model, opt, device=device, precision=precision, micro_batch_size=micro_batch_size,
+                         grad_clip=getattr(workload, "grad_clip", None) if grad_clip == "workload" else grad_clip,
+                         scaler=scaler, schedule=run.schedule, world_size=world_size, on_micro=on_micro,
+                         before_step=before_step, losses=losses)  # type: ignore[arg-type]
+    if state is not None:
+        run.step.index = int(state.get("step") or 0)
+        if run.step.scaler is not None and state.get("scaler") is not None:
+            run.step.scaler.load_state_dict(state["scaler"])
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The one evaluation pass
+
+
+@torch.no_grad()
+def eval_pass(workload: Any, model: nn.Module, batches: Iterable[Any], *, device: torch.device,
+              precision: str = "fp32", metrics: bool = True) -> tuple[float, dict[str, float]]:
+    """The model in eval mode (its mode restored after) over ``batches`` (host or device batches, read one at a
+    time): each forwarded the workload's way (:func:`run_batch`) under the precision's autocast, then every metric
+    (with ``metrics``), then freed before the next is read. Returns the sample-weighted mean loss and metrics.
+
+    ``engine.evaluate`` (validation data, the fixed training subset), the finder's evaluation sizing and
+    branching's loss on its fixed batch all run this pass.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        loss_sum: Any = torch.zeros((), dtype=torch.float64, device=device)
+        sums: dict[str, Any] = {k: 0.0 for k in workload.metrics} if metrics else {}
+        total = 0
+        for batch in batches:
+            batch = to_device(batch, device)
+            m = batch_size_of(batch)
+            with autocast(precision, device):
+                loss, outputs, targets = run_batch(workload, model, batch)
+            loss_sum += loss.double() * m
+            for k in sums:
+                sums[k] = sums[k] + metric_value(k, workload.metrics[k], outputs, targets) * m
+            total += m
+            del batch, loss, outputs, targets
+        total = max(1, total)
+        return float(loss_sum) / total, {k: float(v) / total for k, v in sums.items()}
+    finally:
+        model.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -724,19 +908,19 @@ class StepRunner:
 
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, b: int, total_steps: int,
              before_step: Any = ()) -> TrainStep:
-        schedule = LRSchedule.for_workload(self.workload, optimizer, total_steps=total_steps)
-        step = TrainStep(self.workload, model, optimizer, device=self.device, precision=self.precision,
-                         micro_batch_size=b, grad_clip=self.grad_clip, scaler=scaler, schedule=schedule,
-                         before_step=before_step)
+        """The step of one trial (:func:`build_run` on the kept model and the trial's optimizer, at its LR)."""
+        step = build_run(self.workload, precision=self.precision, device=self.device, model=model,
+                         optimizer=optimizer, total_steps=total_steps, micro_batch_size=b, grad_clip=self.grad_clip,
+                         scaler=scaler, before_step=before_step).step
         step.guard = self.guard
         return step
 
     def run(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, b: int, steps: int,
-            meter: memory.PeakMeter | None = None, step: TrainStep | None = None, first: int = 0) -> dict[str, Any]:
+            meter: memory.PeakMeter | None = None, step: TrainStep | None = None) -> dict[str, Any]:
         """``steps`` optimizer steps at micro-batch ``b``; with a ``meter``, the peaks of each part of every step
         after the first (when the optimizer state exists): forward/backward, then (from the step's before-step
-        hook on) clipping, the optimizer step and zeroing. ``step`` continues a step object already built (its
-        schedule at step ``first``) instead of building one for these steps."""
+        hook on) clipping, the optimizer step and zeroing. ``step`` continues a step object already built (at its
+        own next step: it counts the steps it took) instead of building one for these steps."""
         parts = {"forward_backward": 0, "optimizer": 0}
         static = 0
         measuring = False
@@ -750,7 +934,6 @@ class StepRunner:
             step = self.step(model, optimizer, scaler, b, steps, before_step=[split])
         for s in range(steps):
             measuring = meter is not None and s >= 1
-            step.schedule.begin_step(first + s)  # type: ignore[union-attr]
             batch = self.batch(b)
             if measuring:
                 static = max(static, meter.live() + _param_bytes(model))  # type: ignore[union-attr]

@@ -91,19 +91,16 @@ class StepTimeCalibration:
 
 @dataclass
 class _Timed:
-    """One batch size's step, its batch (drawn once), and how many steps it has run (the schedule's counter)."""
+    """One batch size's step (it counts its own steps and sets each one's LR first, as ``train``'s does) and its
+    batch (drawn once)."""
 
     step: TrainStep
     batch: Any
-    done: int = 0
     chunk: int = 1
 
     def run(self, n: int = 1) -> None:
-        assert self.step.schedule is not None
         for _ in range(n):
-            self.step.schedule.begin_step(self.done)  # the LR is set first, as ``train`` sets it
             self.step(self.batch)
-            self.done += 1
 
 
 def _attempt(fn: Callable[[], Any], model: Any, optimizer: Any) -> tuple[Any, str | None]:
@@ -168,8 +165,8 @@ def calibrate_step_time(workload: Any, micro_batches: Mapping[int, int], *, devi
     :data:`MIN_ROUNDS` and each chunk to fewer steps; when even one step per round at every size does not fit, the
     largest sizes are left untimed (named in ``errors``; the decision then times them from the sweep's own trials).
     """
-    # the finder's model keeper (the model built once, handed back as model_fn gave it) and step runner (the step
-    # ``train`` builds: the workload's clipping and schedule, on its training source)
+    # batchfit.step's model keeper (the model built once, handed back as model_fn gave it) and step runner (the step
+    # ``train`` builds, by build_run: the workload's clipping and schedule, on its training source)
 
     dev = torch.device(device)
     sizes = sorted(int(b) for b in micro_batches)

@@ -254,15 +254,18 @@ def _jsonable(value: Any) -> Any:
 
 
 def _identity(workload: Workload, options: Mapping[str, Any], *, device: str, precision: str,
-              seed: int) -> dict[str, Any]:
-    """What every stage's result depends on (each stage adds its own settings to it)."""
+              seed: int, parallel: str = "ddp") -> dict[str, Any]:
+    """What every stage's result depends on (each stage adds its own settings to it); under torchrun the world
+    size and how the ranks hold the model too."""
+    from batchfit import distributed
     from batchfit.study.identity import workload_fingerprint
 
     regime = {name: getattr(workload, name, None) for name in ("grad_clip", "micro_batch_size")}
     return {"workload": workload.name, "num_train": workload.num_train, "options": _jsonable(dict(options)),
             "fingerprint": workload_fingerprint(workload).to_dict(), "base_batch_size": workload.base_batch_size,
             "base_lr": workload.base_lr, "regime": _jsonable(regime), "device": device, "precision": precision,
-            "seed": seed}
+            "seed": seed, **({"world_size": distributed.world_size(), "parallel": parallel}
+                             if distributed.world_size() > 1 else {})}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,6 +282,7 @@ class _Run:
     device: str
     precision: str
     seed: int
+    parallel: str = "ddp"  # under torchrun: ddp | fsdp
 
     def emit(self, stage: str, kind: str, message: str = "", **kw: Any) -> None:
         emit(self.progress, stage, kind, message, **kw)
@@ -537,15 +541,21 @@ def _find(workload: Workload, run: _Run, *, memory_budget: int | None, batch_siz
         run.emit("find", "end", f"resumed: fits {cached.get('recommended_batch_size')}, knee "
                                 f"{cached.get('throughput_knee_batch_size')}", resumed=True)
         return cached
-    from batchfit.finder import find_batch_size
+    from batchfit import distributed
+    from batchfit.finder import find_batch_size, plan_vs_measured_line
 
     run.emit("find", "start", "largest batch that fits" + (", and the throughput knee" if throughput else ""))
     with measure() as spent:
-        result = find_batch_size(workload, device=run.device, precision=run.precision, memory_budget=memory_budget,
-                                 batch_size_cap=batch_size_cap, margin=margin, throughput=throughput, seed=run.seed,
-                                 progress=run.nested()).to_dict()
+        result = distributed.everywhere(
+            find_batch_size, workload, device=run.device, precision=run.precision, memory_budget=memory_budget,
+            batch_size_cap=batch_size_cap, margin=margin, throughput=throughput, seed=run.seed,
+            progress=run.nested(), parallel=run.parallel).to_dict()
     result["cost"] = spent.to_dict()
     result.setdefault("margin", margin)
+    planned = result.get("plan")  # the finder's extras, at the top of its dict
+    if planned:  # on CUDA the finder started from batchfit.plan: its prediction next to the measurement
+        result["plan_vs_measured"] = plan_vs_measured_line(planned)
+        run.emit("find", "update", f"plan vs measured: {result['plan_vs_measured']}")
     if why_cap and result.get("limited_by") == "max_batch_size":  # the cap, not memory, ended the search: say why
         result["search_cap_reason"] = why_cap
         run.emit("find", "update", why_cap)
@@ -563,6 +573,7 @@ def _noise(workload: Workload, run: _Run, *, steps: int, batch_size: int) -> dic
         run.emit("noise", "end", "resumed: B_simple at initialisation "
                  + (f"{b:.3g}" if isinstance(b, (int, float)) else "unbounded"), resumed=True)
         return cached
+    from batchfit import distributed
     from batchfit.noise import noise_scale
 
     run.emit("noise", "start", f"gradient noise scale B_simple at initialisation (batch {batch_size})", total=steps)
@@ -578,8 +589,9 @@ def _noise(workload: Workload, run: _Run, *, steps: int, batch_size: int) -> dic
         warnings.simplefilter("always", NoisyEstimateWarning)  # Python warning in the middle of the live view
         try:
             with measure() as spent:
-                result = noise_scale(workload, batch_size=batch_size, steps=steps, device=run.device,
-                                     precision=run.precision, seed=run.seed, progress=on_step)
+                result = distributed.everywhere(
+                    noise_scale, workload, batch_size=batch_size, steps=steps, device=run.device,
+                    precision=run.precision, seed=run.seed, progress=on_step, parallel=run.parallel)
         except ConfigError as exc:
             raise ConfigError(f"the noise probe at batch {batch_size} cannot run: {exc}; skip it with noise=False")\
                 from exc
@@ -598,12 +610,12 @@ def _lr_run(workload: Workload, run: _Run, metric: Any, batch: int, steps: int, 
     """One LR-check run; its score is the mean of its last 3 evaluations (:func:`batchfit.decide.quality_of_trial`),
     not the maximum over its evaluations, which is biased up by the noise."""
     from batchfit.decide import quality_of_trial
-    from batchfit.engine import train
+    from batchfit.study.trial import train_everywhere
 
     seed = run.seed if seed is None else seed
     lr = workload.base_lr * m
-    r = train(workload, batch_size=batch, lr=lr, steps=steps, device=run.device, precision=run.precision,
-              seed=seed)
+    r = train_everywhere(workload, batch_size=batch, lr=lr, steps=steps, device=run.device, precision=run.precision,
+                         seed=seed, parallel=run.parallel)
     values = [v for h in r.history if (v := metric.of_record(h)) is not None]
     score = None if r.diverged or not values else quality_of_trial({"history": r.history}, metric)
     return {"multiplier": m, "lr": lr, "score": score, "diverged": r.diverged, "seconds": r.seconds,
@@ -702,7 +714,7 @@ def _calibrate_lr(workload: Workload, run: _Run, *, budget: Any, multipliers: Se
     """
     from batchfit.metric import Metric
 
-    batch = min(workload.base_batch_size, workload.num_train)
+    batch = _per_world(min(workload.base_batch_size, workload.num_train))
     steps = max(1, budget.steps_for(batch, workload.num_train) // LR_CALIBRATION_BUDGET_DIVISOR)
     if max_samples is not None:  # the cost cap's share: every run it may make (the extensions and seeds too)
         most_runs = len(multipliers) + LR_CALIBRATION_EXTEND + 2 * (replicates - 1)
@@ -799,6 +811,12 @@ def _step_time(workload: Workload, run: _Run, micro: Mapping[int, int],
 
     if len(micro) < 2:
         return None
+    from batchfit import distributed
+
+    if distributed.world_size() > 1:  # each rank's clock differs: the sweep's own trials (slowest rank) time them
+        run.emit("step_time", "end", "not run under torchrun: the sweep's trials time every candidate (the slowest "
+                                     "rank's samples/s, gradient communication included)")
+        return None
     key = run.key(micro_batches={str(b): m for b, m in sorted(micro.items())},
                   **({} if max_samples is None else {"max_samples": max_samples}))
     cached = _cached(run.out, "step_time", key)
@@ -821,14 +839,16 @@ def _step_time(workload: Workload, run: _Run, micro: Mapping[int, int],
 
 def _precision_round(workload: Workload, run: _Run, rec: Recommendation, precision: str, steps: int,
                      dev: Any) -> dict[str, Any]:
-    from batchfit.engine import shared_warmup, train
+    from batchfit import distributed
+    from batchfit.study.trial import train_everywhere
 
-    try:
-        with shared_warmup():  # the recommended warm-up, though this check's run is shorter
-            r = train(workload, batch_size=rec.batch_size, micro_batch_size=rec.micro_batch_size, lr=rec.lr,
-                      warmup=rec.warmup_steps, steps=steps, precision=precision, device=dev, seed=run.seed,
-                      drop_last=True, eval_every=steps)
+    try:  # the recommended warm-up (shared_warmup), though this check's run is shorter
+        r = train_everywhere(workload, batch_size=rec.batch_size, micro_batch_size=rec.micro_batch_size, lr=rec.lr,
+                             warmup=rec.warmup_steps, steps=steps, precision=precision, device=dev, seed=run.seed,
+                             drop_last=True, eval_every=steps, parallel=run.parallel, shared_warmup=True)
     except BatchfitError as exc:
+        if distributed.leading():  # under torchrun the other ranks may be inside the failed run: the job ends
+            raise
         return {"status": "failed", "error": str(exc)}
     last = r.history[-1] if r.history else {}
     return {"status": "diverged" if r.diverged else "ok", "samples_per_s": r.samples_per_s,
@@ -1206,7 +1226,16 @@ def _candidates(wl: Workload, fits: int | None, cap: int | None) -> list[int]:
     sizes = default_batch_sizes(wl.num_train, fits, wl.base_batch_size)
     if cap is not None:
         sizes = [b for b in sizes if b <= cap] or [min(cap, wl.num_train)]
-    return sizes
+    return sorted({_per_world(b) for b in sizes})  # under torchrun: global batches every rank gets a share of
+
+
+def _per_world(batch: int) -> int:
+    """``batch`` rounded down to a multiple of the torchrun world size (at least the world size); unchanged in one
+    process."""
+    from batchfit import distributed
+
+    world = distributed.world_size()
+    return max(world, batch - batch % world)
 
 
 def _check_inputs(wl: Workload, *, batch_sizes: Any, budget: str, target: Any, tolerance: float, lr_search: int,
@@ -1226,8 +1255,7 @@ def _check_inputs(wl: Workload, *, batch_sizes: Any, budget: str, target: Any, t
     if sizes is not None and max(sizes) > wl.num_train:
         raise ConfigError(f"batch size {max(sizes)} exceeds the training set ({wl.num_train} samples); use batch "
                           f"sizes <= {wl.num_train}")
-    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and 0 <= tolerance < 1):
-        raise ConfigError(f"tolerance must be a fraction in [0, 1), e.g. 0.01 for 1 %, got {tolerance!r}")
+    checks.fraction("tolerance", tolerance, low_open=False, hint="write e.g. 0.01 for 1 %")
     from batchfit.study import MAX_LR_SEARCH
 
     checks.positive_int("lr_search", lr_search, maximum=MAX_LR_SEARCH)  # the sweep's bound, before the first stage
@@ -1237,9 +1265,8 @@ def _check_inputs(wl: Workload, *, batch_sizes: Any, budget: str, target: Any, t
     checks.positive_int("seeds", seeds, allow_none=True, maximum=MAX_SEEDS)
     checks.positive_int("max_seeds", max_seeds, maximum=MAX_SEEDS)
     checks.seed_range(seed, max(seeds or max_seeds, LR_CHECK_SEEDS), "the replicate seeds (seeds, racing, LR check)")
-    if eval_every not in (None, "auto") and (isinstance(eval_every, bool) or not isinstance(eval_every, int)
-                                             or eval_every < 1):
-        raise ConfigError(f"eval_every must be a positive integer, 'auto' or None, got {eval_every!r}")
+    if not (isinstance(eval_every, str) and eval_every == "auto"):
+        checks.positive_int("eval_every", eval_every, allow_none=True, hint="or give 'auto' or None")
     check_precision(precision, resolve_device(device))
     budget_bytes = parse_bytes(memory_budget) if memory_budget is not None else None
     if budget_bytes is not None and not find:
@@ -1375,6 +1402,7 @@ def tune(
     weight_decay_rule: str = "keep",
     train_budget: str | None = None,
     max_cost: float | str | None = "auto",
+    parallel: str = "ddp",
 ) -> TuneResult:
     """Measure and recommend the batch size for a workload: find, noise, lr_check, step_time, sweep, precision,
     report (:data:`STAGES`).
@@ -1423,6 +1451,12 @@ def tune(
         batch_schedule_check: also compare a batch-size warm-up derived from the measured local critical batch
             with the best fixed batch (:func:`batchfit.schedule_check.compare`; off by default: it trains every
             arm with >= 3 seeds), before the report.
+        parallel: under torchrun (``torchrun --nproc-per-node N ...``), ``ddp`` (every rank holds the model) or
+            ``fsdp`` (FSDP2 shards parameters, gradients and optimizer state). Rank 0 decides everything and writes
+            every file; every rank trains each stage's runs with it (:func:`batchfit.distributed.run_led`). Batch
+            sizes are global (effective) batches, multiples of the world size; the recommendation names the
+            micro-batch per rank, the accumulation and the world size. Step timing is left to the sweep's trials
+            (the slowest rank's clock); sharpness and the batch-schedule check do not run under torchrun.
 
     Returns a :class:`TuneResult` (``to_dict()`` is results.json). A workload without validation data is ranked on
     its training loss, and the recommendation says so.
@@ -1430,7 +1464,17 @@ def tune(
     >>> res = tune("demo:digits-mlp", out_dir="/tmp/bf")  # doctest: +SKIP
     >>> res.recommendation.batch_size  # doctest: +SKIP
     """
-    args = _TuneArgs(**locals())  # first: exactly the parameters
+    kwargs = {k: v for k, v in locals().items() if k != "workload"}  # first: exactly the parameters
+    from batchfit import distributed
+    from batchfit.loading import load_workload
+
+    options = dict(workload_options or {}) if isinstance(workload_options, Mapping) else {}
+    return distributed.run_led(_tune, workload, kwargs,  # type: ignore[no-any-return]
+                               lambda spec: load_workload(spec, **options))
+
+
+def _tune(workload: Any, **kwargs: Any) -> TuneResult:
+    args = _TuneArgs(workload=workload, **kwargs)
     t_start = time.perf_counter()
     prep = _prepare(args)
     with out_dir_lock(prep.out):  # the whole tune: one writer per out_dir (a second tune stops at once)
@@ -1480,6 +1524,7 @@ class _TuneArgs:
     weight_decay_rule: str
     train_budget: Any
     max_cost: Any
+    parallel: str = "ddp"
 
 
 @dataclass
@@ -1503,15 +1548,38 @@ class _Prepared:
     plan: dict[str, Any] = field(default_factory=dict)
 
 
+def _check_parallel(a: _TuneArgs, wl: Workload) -> None:
+    """``parallel`` and what does not run under torchrun, before any work."""
+    from batchfit import distributed, sharding
+
+    sharding.check_parallel(a.parallel, a.precision)
+    world = distributed.world_size()
+    if world == 1:
+        return
+    if a.sharpness or a.batch_schedule_check:
+        raise ConfigError(f"{'sharpness' if a.sharpness else 'the batch-schedule check'} does not run under torchrun "
+                          "yet; tune without it, or in one process")
+    from batchfit.study import parse_batch_sizes
+
+    uneven = [b for b in parse_batch_sizes(a.batch_sizes) if b % world] if a.batch_sizes is not None else []
+    if uneven:
+        raise ConfigError(f"batch size(s) {', '.join(map(str, uneven))} do not split evenly over {world} ranks; "
+                          f"give multiples of {world}")
+    if wl.num_train < world:
+        raise ConfigError(f"the training set has {wl.num_train} samples, fewer than the {world} ranks")
+
+
 def _prepare(a: _TuneArgs) -> _Prepared:
     """Validate everything before any work; a problem is one ``ConfigError`` line and nothing is written."""
-    from batchfit import checks
+    from batchfit import checks, distributed
     from batchfit.cost import DEFAULT_MAX_COST, train_budget_samples
     from batchfit.loading import load_workload
     from batchfit.scaling import RULE_CHOICES, WEIGHT_DECAY_RULES
 
     options = dict(a.workload_options or {})
     wl = load_workload(a.workload, **options)
+    distributed.lead_workload(wl)  # under torchrun: the workload every rank's jobs refer to
+    _check_parallel(a, wl)
     checks.positive_int("max_batch_size", a.max_batch_size, allow_none=True)
     cap = a.batch_size_cap if a.batch_size_cap is not None else a.max_batch_size
     bud, sizes, budget_bytes = _check_inputs(
@@ -1524,18 +1592,16 @@ def _prepare(a: _TuneArgs) -> _Prepared:
     max_cost = a.max_cost
     if max_cost == "auto":
         max_cost = DEFAULT_MAX_COST if bud is None else None
-    if max_cost is not None and (isinstance(max_cost, bool) or not isinstance(max_cost, (int, float))
-                                 or not math.isfinite(max_cost) or max_cost <= 0):
-        raise ConfigError(f"max_cost must be a positive number of runs of the train budget (e.g. 1.0), \"auto\" or "
-                          f"None (uncapped), got {max_cost!r}")
+    checks.positive_number("max_cost", max_cost, allow_none=True,
+                           hint="give runs of the train budget (e.g. 1.0), \"auto\" or None (uncapped)")
     total = train_budget_samples(train, num_train=wl.num_train, base_batch_size=wl.base_batch_size,
                                  tokens_per_sample=getattr(wl, "tokens_per_sample", None))
     _check_warmup(wl, a.warmup, bud, train)
     out = Path(a.out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir {str(out)!r} is a file; give a directory")
-    run = _Run(out, a.progress, _identity(wl, options, device=a.device, precision=a.precision, seed=a.seed),
-               a.device, a.precision, a.seed)
+    run = _Run(out, a.progress, _identity(wl, options, device=a.device, precision=a.precision, seed=a.seed,
+                                          parallel=a.parallel), a.device, a.precision, a.seed, a.parallel)
     out.mkdir(parents=True, exist_ok=True)
     storage = a.storage or f"sqlite:///{(out / 'batchfit.db').resolve()}"
     return _Prepared(wl=wl, run=run, out=out, storage=storage, bud=bud, sizes=sizes, budget_bytes=budget_bytes,
@@ -1588,7 +1654,7 @@ def _noise_stage(a: _TuneArgs, p: _Prepared) -> dict[str, Any] | None:
     :data:`NOISE_MIN_STEPS`)."""
     from batchfit.cost import allowance
 
-    probe = noise_probe_batch(p.wl.base_batch_size, p.wl.num_train, p.fits)
+    probe = _per_world(noise_probe_batch(p.wl.base_batch_size, p.wl.num_train, p.fits))  # a global batch
     allowed = allowance("noise", p.total, p.max_cost)
     n_steps = a.noise_steps if allowed is None else min(a.noise_steps, allowed // probe)
     if allowed is None or n_steps >= NOISE_MIN_STEPS:
@@ -1624,7 +1690,7 @@ def _sweep_and_race(a: _TuneArgs, p: _Prepared, stages: Mapping[str, Any]) -> An
             precision=a.precision, seed=a.seed, measure_noise=True, sharpness=a.sharpness, eval_every=p.eval_every,
             retry_failed=a.retry_failed, extra_attrs={k: v for k, v in attrs.items() if v is not None},
             progress=_SweepProgress(p.run, a.tolerance, attrs), seeds=a.seeds or 1, replicates=replicates,
-            weight_decay_rule=a.weight_decay_rule, run_id=run_id,
+            weight_decay_rule=a.weight_decay_rule, run_id=run_id, parallel=a.parallel,
         )
 
     swept = run_sweep(None)

@@ -13,7 +13,6 @@ How one batch runs is :func:`batchfit.step.run_batch` (the same in train, find, 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,14 +140,11 @@ class Workload:
             raise DataError(f"workload {self.name!r}: train_data is empty; give it at least one sample")
         if self.val_data is not None and self._samples("val_data") == 0:
             raise DataError(f"workload {self.name!r}: val_data is empty; pass None or give it samples")
-        if isinstance(self.base_batch_size, bool) or not isinstance(self.base_batch_size, int) \
-                or self.base_batch_size < 1:
-            raise WorkloadError(
-                f"workload {self.name!r}: base_batch_size must be a positive integer, got {self.base_batch_size!r}"
-            )
-        if isinstance(self.base_lr, bool) or not (isinstance(self.base_lr, (int, float))
-                                                  and math.isfinite(self.base_lr) and self.base_lr > 0):
-            raise WorkloadError(f"workload {self.name!r}: base_lr must be a positive number, got {self.base_lr!r}")
+        try:
+            checks.positive_int("base_batch_size", self.base_batch_size)
+            checks.positive_number("base_lr", self.base_lr)
+        except ConfigError as exc:
+            raise WorkloadError(f"workload {self.name!r}: {exc}") from None
         for metric_name, fn in self.metrics.items():
             if not callable(fn):
                 raise WorkloadError(f"workload {self.name!r}: metric {metric_name!r} is not callable")

@@ -19,7 +19,7 @@ __all__ = ["COMMANDS", "DISTRIBUTED_COMMANDS", "build_parser", "main"]
 # name -> module under batchfit.cli; a module that is not there yet is skipped (commands land one by one).
 COMMANDS = ("train", "find", "noise", "sweep", "tune", "report", "plan")
 # Under torchrun these run data-parallel (one process per device); the others refuse to start N copies of themselves.
-DISTRIBUTED_COMMANDS = ("train", "find", "noise")
+DISTRIBUTED_COMMANDS = ("train", "find", "noise", "sweep", "tune")
 
 
 def build_parser() -> ArgumentParser:
@@ -86,10 +86,8 @@ def _under_torchrun(handler):  # noqa: ANN001, ANN202
         from batchfit.errors import ConfigError
 
         if args.command not in DISTRIBUTED_COMMANDS:
-            raise ConfigError(
-                f"'batchfit {args.command}' does not run under torchrun; start several 'batchfit sweep' workers "
-                "with the same --store URL instead (each trial runs once, results merge)"
-            )
+            raise ConfigError(f"'batchfit {args.command}' does not run under torchrun; run it in one process "
+                              f"(torchrun runs: {', '.join(DISTRIBUTED_COMMANDS)})")
         args.device = distributed.init_from_env(getattr(args, "device", "cpu"))
         try:
             return handler(args)

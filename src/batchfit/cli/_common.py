@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import errno
 import json
-import math
 import os
 import re
 import signal
@@ -76,77 +75,73 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Argument types: each raises ArgumentTypeError with a message that says what is expected
+# Argument types: the text is parsed here, the value checked by batchfit.checks (the library's one set of checks);
+# a failed check is argparse's error with the check's message ("argument --steps: must be a positive integer, got 0")
+
+
+def _checked(check: Callable[..., Any], value: Any, **options: Any) -> Any:
+    """``check(name, value, **options)`` from :mod:`batchfit.checks` with no keyword name (argparse names the flag
+    in front of the message); its ConfigError becomes an ArgumentTypeError with the same message."""
+    from batchfit.errors import ConfigError
+
+    try:
+        return check("", value, **options)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).strip()) from None
+
+
+def _whole(text: str, expected: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give {expected}") from None
+
+
+def _number(text: str, expected: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give {expected}") from None
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give a positive integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not positive; give an integer >= 1")
-    return value
+    from batchfit import checks
+
+    return _checked(checks.positive_int, _whole(text, "a positive integer"))
 
 
 def nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give an integer >= 0") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; give an integer >= 0")
-    return value
+    from batchfit import checks
+
+    return _checked(checks.non_negative_int, _whole(text, "an integer >= 0"))
 
 
 def seed_value(text: str) -> int:
-    """The seed, checked as the library checks it (:func:`batchfit.checks.seed`): an integer in [0, 2**32 - 1]."""
-    from batchfit.checks import MAX_SEED
+    """The seed, checked by the library's check (:func:`batchfit.checks.seed`): an integer in [0, 2**32 - 1]."""
+    from batchfit import checks
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give a seed in [0, {MAX_SEED}]") from None
-    if not 0 <= value <= MAX_SEED:
-        shown = text if len(text) <= 24 else f"{text[:20]}... ({len(text)} digits)"
-        raise argparse.ArgumentTypeError(f"{shown} is outside [0, {MAX_SEED}]; give a seed in that range")
-    return value
+    value = _whole(text, f"a seed in [0, {checks.MAX_SEED}]")
+    return _checked(lambda name, v: checks.seed(v, name), value)
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a positive number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive finite number")
-    return value
+    from batchfit import checks
+
+    return _checked(checks.positive_number, _number(text, "a positive number"))
 
 
 def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a fraction like 0.05") from None
-    if not (0.0 <= value < 1.0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not in [0, 1); give a fraction like 0.05")
-    return value
+    from batchfit import checks
+
+    return _checked(checks.fraction, _number(text, "a fraction like 0.05"), low_open=False,
+                    hint="give a fraction like 0.05")
 
 
 def warmup_value(text: str) -> int | float:
     """``100`` -> 100 steps; ``0.1`` -> 10 % of training."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give steps (e.g. 100) or a fraction (0.1)") \
-            from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0: steps (e.g. 100) or a fraction below 1 (0.1)")
-    if value >= 1:
-        if value != int(value):
-            raise argparse.ArgumentTypeError(f"{text!r}: a warm-up of 1 or more is a whole number of steps")
-        return int(value)
-    return value
+    from batchfit import checks
+
+    return _checked(checks.warmup, _number(text, "steps (e.g. 100) or a fraction (0.1)"))
 
 
 def memory_size(text: str) -> int:
@@ -603,10 +598,12 @@ class _Fail:
 
     def _report(self, exc: Exception, args: argparse.Namespace, name: str, *, debug: bool,
                 parser: argparse.ArgumentParser | None) -> int:
-        from batchfit.errors import BatchfitError
+        from batchfit.errors import BatchfitError, LeaderStoppedError
 
         if debug:
             traceback.print_exc()
+        if isinstance(exc, LeaderStoppedError):  # a follower under torchrun: rank 0 has printed the line
+            return exc.exit_code
         storage = _storage_error(exc, args)
         if storage is not None:
             sys.stderr.write(f"{name}: error: {storage}\n")

@@ -64,6 +64,9 @@ def add_parser(sub: Any) -> None:
                    help="the GPU's memory, e.g. 40GiB (a MIG slice, another driver) instead of the table's")
     p.add_argument("--max-batch-size", type=c.positive_int, metavar="N",
                    help="never consider a batch larger than this (the training set caps too)")
+    p.add_argument("--host-op-us", type=c.positive_float, metavar="US",
+                   help="the host's time per operator in microseconds, measured on your machine "
+                        "(batchfit.planner.calibrate_host; default: the generic constant of docs/plan.md)")
     c.add_output_options(p)
     p.set_defaults(handler=run)
 
@@ -80,6 +83,11 @@ def run(args: argparse.Namespace) -> int:
         from batchfit.errors import ConfigError
 
         raise ConfigError("--world N needs --parallel ddp or --parallel fsdp")
+    if args.host_op_us is not None and args.host_op_us >= 1e6:
+        from batchfit.errors import ConfigError
+
+        raise ConfigError(f"--host-op-us {args.host_op_us:g} is a second or more per operator; give microseconds "
+                          "(e.g. 40)")
     workload = c.load_workload_from_args(args)
     con = c.console(args)
     con.print(f"[bold]batchfit plan[/]: {workload.name} on {args.gpu} ({args.precision}"
@@ -91,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
 
     result = plan(workload, gpu=args.gpu, precision=args.precision, batch_sizes=args.batch_sizes,
                   parallel=args.parallel, world_size=args.world_size, margin=args.margin,
-                  memory_bytes=args.memory_bytes, batch_size_cap=args.max_batch_size, progress=progress)
+                  memory_bytes=args.memory_bytes, batch_size_cap=args.max_batch_size, progress=progress,
+                  host_op_seconds=None if args.host_op_us is None else args.host_op_us * 1e-6)
     data = result.to_dict()
     data["status"] = "ok"
     c.emit(args, "plan", data)

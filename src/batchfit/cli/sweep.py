@@ -90,6 +90,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--retry-failed", action="store_true",
                    help="also re-run trials that failed with an error, once per run")
     c.add_runtime_options(p)
+    c.add_parallel_option(p)
     c.add_output_options(p)
     p.set_defaults(handler=run)
 
@@ -190,10 +191,14 @@ def run(args: argparse.Namespace) -> int:
             study_name=args.study, micro_batch_limit=args.micro_batch_size, device=args.device,
             precision=args.precision, seed=args.seed, measure_noise=not args.no_noise, sharpness=args.sharpness,
             seeds=args.seeds, eval_every=args.eval_every, progress=display, out_dir=args.out,
-            retry_failed=args.retry_failed, extremes=not args.no_extremes,
+            retry_failed=args.retry_failed, extremes=not args.no_extremes, parallel=args.parallel,
         )
     finally:
         display.close()
+    from batchfit import distributed
+
+    if not distributed.is_main():  # under torchrun rank 0 writes and prints
+        return c.EXIT_OK
     results = result.to_dict()
     c.emit(args, "sweep", results)
     paths = _write_report(args, results)

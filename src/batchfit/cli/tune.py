@@ -7,6 +7,7 @@ Re-running the same command resumes from what is already there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,7 @@ def add_parser(sub: Any) -> None:
                    help="trust the workload's base LR (skip the short check of x1/4 ... x8 at the base batch)")
     p.add_argument("--sharpness", action="store_true", help="measure the top Hessian eigenvalue of each final model")
     c.add_runtime_options(p)
+    c.add_parallel_option(p)
     p.add_argument("--out", type=Path, default=Path("batchfit-out"), metavar="DIR",
                    help="write find.json, noise.json, the store, results.json and the report here "
                         "(default ./batchfit-out)")
@@ -223,7 +225,10 @@ def run(args: argparse.Namespace) -> int:
     c.check_outputs(args)
     if args.no_find and args.memory_budget is not None:
         raise ConfigError("--memory-budget is only applied by the finder, and --no-find skips it; drop one of the two")
-    with _Live(args) as live:
+    from batchfit import distributed
+
+    main = distributed.is_main()  # under torchrun rank 0 shows progress and writes; the other ranks follow
+    with _Live(args) if main else contextlib.nullcontext() as live:
         result = tune(
             args.workload, workload_options=parse_options(args.workload_option), out_dir=args.out,
             batch_sizes=args.batch_sizes, budget=args.budget, lr_rule=args.lr_rule, lr_search=args.lr_search,
@@ -236,7 +241,10 @@ def run(args: argparse.Namespace) -> int:
             precision_check=not args.no_precision_check, lr_calibration=not args.no_lr_calibration,
             batch_schedule_check=getattr(args, "batch_schedule_check", False),
             sharpness=args.sharpness, retry_failed=args.retry_failed, progress=live, seeds=args.seeds,
+            parallel=args.parallel,
         )
+    if not main:
+        return c.EXIT_OK
     data = result.to_dict()
     if args.json:
         c.write_json(args.json, data)

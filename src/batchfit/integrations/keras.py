@@ -60,6 +60,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from batchfit import checks
 from batchfit.errors import ConfigError, DataError, WorkloadError
 from batchfit.workload import Workload
 
@@ -301,10 +302,8 @@ def keras_workload(
     for how the optimizer is mapped to torch.
     """
     keras = _keras()
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not (isinstance(validation_split, (int, float)) and 0.0 <= validation_split < 1.0):
-        raise ConfigError(f"validation_split must be in [0, 1), got {validation_split!r}")
+    checks.positive_int("batch_size", batch_size)
+    checks.fraction("validation_split", validation_split, low_open=False)
     if validation_split and validation_data is not None:
         raise ConfigError("give either validation_split or validation_data, not both")
 

@@ -9,8 +9,8 @@ device from the table (:mod:`.devices`). docs/plan.md describes the model of eac
 (The package is ``planner``, not ``plan``, so that ``batchfit.plan`` stays the function.)
 """
 
-from batchfit.planner.core import FIT_SIZES, KNEE_SHARE, PARALLEL_MODES, PlanResult, plan
+from batchfit.planner.core import FIT_SIZES, KNEE_SHARE, PARALLEL_MODES, PlanResult, calibrate_host, plan
 from batchfit.planner.devices import CUDA_CONTEXT_BYTES, DEVICES, GpuSpec, gpu_names, lookup
 
 __all__ = ["CUDA_CONTEXT_BYTES", "DEVICES", "FIT_SIZES", "KNEE_SHARE", "PARALLEL_MODES", "GpuSpec", "PlanResult",
-           "gpu_names", "lookup", "plan"]
+           "calibrate_host", "gpu_names", "lookup", "plan"]

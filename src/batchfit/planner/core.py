@@ -13,14 +13,14 @@ from batchfit.errors import ConfigError
 from batchfit.loading import load_workload
 from batchfit.memory import format_bytes, parse_bytes
 from batchfit.planner.devices import CUDA_CONTEXT_BYTES, GpuSpec, lookup
-from batchfit.planner.roofline import step_time
+from batchfit.planner.roofline import EFFICIENCY, Efficiency, calibrate_host_op, step_time, with_host_op
 from batchfit.planner.rules import library_workspaces
 from batchfit.planner.timeline import MemoryPoint, Parallel, Timeline, largest_under
 from batchfit.planner.trace import Trace, sample_batch, trace_step
 from batchfit.progress import ProgressFn, emit
 from batchfit.workload import Workload
 
-__all__ = ["FIT_SIZES", "KNEE_SHARE", "PARALLEL_MODES", "PlanResult", "plan"]
+__all__ = ["FIT_SIZES", "KNEE_SHARE", "PARALLEL_MODES", "PlanResult", "calibrate_host", "plan"]
 
 FIT_SIZES = (2, 3, 4)  # the three traced batch sizes the timeline is fitted through
 KNEE_SHARE = 0.95  # as the finder: the knee is the smallest batch with >= 95 % of the best samples/s
@@ -119,14 +119,26 @@ class _Memory:
         return False
 
 
-def _point(mem: Any, b: int, spec: Any, par: Any, target: float) -> dict[str, Any]:
+def _efficiency(host_op_seconds: Any) -> Efficiency:
+    if host_op_seconds is None:
+        return EFFICIENCY
+    if isinstance(host_op_seconds, bool) or not isinstance(host_op_seconds, (int, float)) \
+            or not 0 < host_op_seconds < 1:
+        raise ConfigError(f"host_op_seconds must be a number of seconds in (0, 1), got {host_op_seconds!r}")
+    return with_host_op(EFFICIENCY, float(host_op_seconds))
+
+
+def _point(mem: Any, b: int, spec: Any, par: Any, target: float,
+           efficiency: Efficiency = EFFICIENCY) -> dict[str, Any]:
     """One batch size's predicted peak (with its parts and where it happens) and step time."""
     m = mem(b)
     tl = mem.timeline_at(b)
-    st = step_time(tl.ops_at(b), spec, par, param_bytes=tl.ref.param_bytes, grad_bytes=tl.ref.grad_bytes)
+    st = step_time(tl.ops_at(b), spec, par, param_bytes=tl.ref.param_bytes, grad_bytes=tl.ref.grad_bytes,
+                   efficiency=efficiency)
     return {"batch_size": b, "peak_bytes": m.peak_bytes, "parts": m.parts, "peak_phase": m.phase, "peak_op": m.op,
             "fits": m.peak_bytes <= target, "step_seconds": st.to_dict(), "samples_per_s": b / st.estimate,
-            "samples_per_s_interval": [b / st.high, b / st.low], "bound": st.bound}
+            "samples_per_s_interval": [b / st.high, b / st.low], "bound": st.bound,
+            "gpu_seconds": st.gpu_seconds, "host_seconds": st.host_seconds, "kernels": st.kernels}
 
 
 def plan(
@@ -140,6 +152,7 @@ def plan(
     margin: float = 0.05,
     memory_bytes: int | str | None = None,
     batch_size_cap: int | None = None,
+    host_op_seconds: float | None = None,
     progress: ProgressFn | None = None,
 ) -> PlanResult:
     """Predict, without a GPU, the peak memory of a training step at each batch size on ``gpu``, split into
@@ -157,6 +170,9 @@ def plan(
         margin: headroom kept under the usable memory by ``max_batch_size`` (the finder's 5 %).
         memory_bytes: the GPU's memory (e.g. ``"40GiB"`` for a MIG slice), instead of the table's.
         batch_size_cap: never consider a batch larger than this (the training set caps too).
+        host_op_seconds: the host's seconds per operator (Python, autograd, dispatch), e.g. from
+            :func:`batchfit.planner.roofline.calibrate_host_op` on one measured step of any model on that host;
+            default: the table's generic value (docs/plan.md).
 
     >>> r = plan("demo:digits-mlp", gpu="L4")
     >>> r.max_batch_size > 0
@@ -173,6 +189,7 @@ def plan(
         raise ConfigError(f"parallel={parallel!r} needs world_size >= 2")
     margin = checks.fraction("margin", margin, low_open=False)
     checks.positive_int("batch_size_cap", batch_size_cap, allow_none=True)
+    efficiency = _efficiency(host_op_seconds)
     sizes = _positive_sizes(batch_sizes)
     spec = lookup(gpu, parse_bytes(memory_bytes, "memory_bytes"))
     if precision == "bf16" and spec.compute_capability < (8, 0):
@@ -201,7 +218,7 @@ def plan(
         sizes = sorted({2**k for k in range(top.bit_length()) if 2**k <= top} | ({max_bs} if max_bs else set()))
     points: list[dict[str, Any]] = []
     for b in sizes:
-        points.append(_point(mem, b, spec, par, target))
+        points.append(_point(mem, b, spec, par, target, efficiency))
         emit(progress, "plan", "record", f"batch {b}", completed=len(points), **points[-1])
     fitting = [p for p in points if p["fits"]]
     knee = None
@@ -231,7 +248,9 @@ def plan(
         workspace=dict(mem.workspace),
         rules={"kernels": dict(ref.rules), "cuda_context_bytes": CUDA_CONTEXT_BYTES,
                "optimizer": "foreach" if ref.ops and any(o.name.startswith("_foreach") for o in ref.ops)
-               else "per-tensor", "fsdp_units": dict(ref.units)},
+               else "per-tensor", "fsdp_units": dict(ref.units),
+               "host_op_seconds": efficiency.host_op[0],
+               "host": "given" if host_op_seconds is not None else "generic"},
         trace={"batch_sizes": sorted(mem.traces), "timeline": "fitted" if mem.timeline is not None else "per size",
                "verified_at": max_bs if verified and max_bs not in FIT_SIZES else None,
                "events": len(ref.tokens), "operators": len(ref.ops), "seconds": mem.trace_seconds},
@@ -239,3 +258,27 @@ def plan(
     )
     emit(progress, "plan", "end", f"fits {max_bs} with {margin:.0%} headroom on {spec.name}", completed=len(points))
     return result
+
+
+def calibrate_host(workload: Workload | str, measured_step_seconds: dict[int, float], *,
+                   gpu: str | GpuSpec = "H100-80GB", precision: str = "fp32") -> float:
+    """The host's seconds per operator, from measured seconds per step of ``workload`` at some batch sizes on the
+    host that will train (any model: the host's cost per operator carries over). Each batch size the plan finds
+    host-bound gives one value (the one at which its estimate equals the measurement); the median is returned, for
+    :func:`plan`'s ``host_op_seconds``. A GPU-bound measurement says nothing about the host and is skipped."""
+    wl = load_workload(workload)
+    spec = lookup(gpu)
+    checks.one_of("precision", precision, ("fp32", "bf16", "fp16"))
+    mem = _Memory(wl, spec, precision, sample_batch(wl), Parallel())
+    mem.start()
+    values = []
+    for b, seconds in sorted(measured_step_seconds.items()):
+        ops = mem.timeline_at(b).ops_at(b)
+        if step_time(ops, spec).bound == "host":
+            values.append(calibrate_host_op(ops, spec, float(seconds)))
+    if not values:
+        raise ConfigError("no measured batch size is host-bound in the plan: measure a small batch to calibrate the "
+                          "host")
+    values.sort()
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2

@@ -51,6 +51,7 @@ class GpuSpec:
     link: float
     link_name: str
     aliases: tuple[str, ...] = field(default=())
+    sms: int = 0  # streaming multiprocessors: a GEMM's tiles run in waves of this many (0: not known)
 
     @property
     def cublas_workspace_bytes(self) -> int:
@@ -81,27 +82,28 @@ DEVICES: dict[str, GpuSpec] = {
                 "measured: torch total_memory on an H100 80GB HBM3 (shared ground truth)", (9, 0),
                 fp32_flops=67 * T, tf32_flops=989 / 2 * T, bf16_flops=1979 / 2 * T, fp16_flops=1979 / 2 * T,
                 bandwidth=3.35e12, link=450e9, link_name="NVLink 4 (900 GB/s both directions)",
-                aliases=("h100", "h100-sxm", "h100-sxm5", "h100-80g", "h100 80gb hbm3", "nvidia h100 80gb hbm3")),
+                aliases=("h100", "h100-sxm", "h100-sxm5", "h100-80g", "h100 80gb hbm3", "nvidia h100 80gb hbm3"),
+                sms=132),
         GpuSpec("H200", "NVIDIA H200 141GB HBM3e (SXM)", _estimate(141), "estimate: 141 GiB x 0.99", (9, 0),
                 fp32_flops=67 * T, tf32_flops=989 / 2 * T, bf16_flops=1979 / 2 * T, fp16_flops=1979 / 2 * T,
                 bandwidth=4.8e12, link=450e9, link_name="NVLink 4 (900 GB/s both directions)",
-                aliases=("h200-141gb", "h200-sxm", "nvidia h200")),
+                aliases=("h200-141gb", "h200-sxm", "nvidia h200"), sms=132),
         GpuSpec("A100-40GB", "NVIDIA A100-SXM4-40GB", 42_405_855_232,
                 "deviceQuery total global memory of an A100-SXM4-40GB", (8, 0),
                 fp32_flops=19.5 * T, tf32_flops=156 * T, bf16_flops=312 * T, fp16_flops=312 * T,
                 bandwidth=1.555e12, link=300e9, link_name="NVLink 3 (600 GB/s both directions)",
-                aliases=("a100-40g", "a100-sxm4-40gb", "nvidia a100-sxm4-40gb")),
+                aliases=("a100-40g", "a100-sxm4-40gb", "nvidia a100-sxm4-40gb"), sms=108),
         GpuSpec("A100-80GB", "NVIDIA A100-SXM4-80GB", _estimate(80), "estimate: 80 GiB x 0.99", (8, 0),
                 fp32_flops=19.5 * T, tf32_flops=156 * T, bf16_flops=312 * T, fp16_flops=312 * T,
                 bandwidth=2.039e12, link=300e9, link_name="NVLink 3 (600 GB/s both directions)",
-                aliases=("a100", "a100-80g", "a100-sxm4-80gb", "nvidia a100-sxm4-80gb")),
+                aliases=("a100", "a100-80g", "a100-sxm4-80gb", "nvidia a100-sxm4-80gb"), sms=108),
         GpuSpec("L4", "NVIDIA L4 (24 GB GDDR6, ECC on)", _estimate(22.5), "estimate: 22.5 GiB (24 GiB less ECC) x 0.99",
                 (8, 9), fp32_flops=30.3 * T, tf32_flops=120 / 2 * T, bf16_flops=242 / 2 * T, fp16_flops=242 / 2 * T,
-                bandwidth=300e9, link=32e9, link_name="PCIe 4.0 x16 (no NVLink)", aliases=("nvidia l4",)),
+                bandwidth=300e9, link=32e9, link_name="PCIe 4.0 x16 (no NVLink)", aliases=("nvidia l4",), sms=58),
         GpuSpec("RTX-4090", "NVIDIA GeForce RTX 4090 (24 GB GDDR6X)", _estimate(24), "estimate: 24 GiB x 0.99",
                 (8, 9), fp32_flops=82.6 * T, tf32_flops=82.6 * T, bf16_flops=165.2 * T, fp16_flops=165.2 * T,
                 bandwidth=1008e9, link=32e9, link_name="PCIe 4.0 x16 (no NVLink, no peer-to-peer)",
-                aliases=("4090", "rtx4090", "geforce rtx 4090", "nvidia geforce rtx 4090")),
+                aliases=("4090", "rtx4090", "geforce rtx 4090", "nvidia geforce rtx 4090"), sms=128),
     )
 }
 

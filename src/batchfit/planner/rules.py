@@ -33,6 +33,8 @@ __all__ = [
     "CudaRules",
     "block_bytes",
     "cuda_optimizer_defaults",
+    "foreach_launches",
+    "kernel_count",
     "library_workspaces",
     "sdpa_backend",
 ]
@@ -318,3 +320,39 @@ def tree_flatten_tensors(tree: Any) -> list[torch.Tensor]:
     from torch.utils._pytree import tree_flatten
 
     return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# How many CUDA kernels an operator launches (step time counts a latency per kernel and a launch per kernel)
+
+# aten/src/ATen/native/cuda/MultiTensorApply.cuh: a ``_foreach_*`` operator is one ``multi_tensor_apply`` launch
+# per batch of at most ``depth_to_max_tensors[depth - 1]`` tensors and ``depth_to_max_blocks[depth - 1]`` chunks of
+# ``kChunkSize`` elements, ``depth`` being the number of tensor lists it touches. The values of CUDA 13 builds (32 KB
+# of kernel arguments, pytorch/pytorch#134373), the builds the ground truth ran; CUDA 12 builds use (110, 64, 48,
+# 36, 30) tensors and 320 chunks, a few more launches for models with hundreds of parameters.
+FOREACH_MAX_TENSORS = (770, 448, 336, 252, 210)
+FOREACH_MAX_CHUNKS = 2240
+FOREACH_CHUNK = 65536
+
+
+def foreach_launches(lists: list[list[torch.Tensor]]) -> int:
+    """``multi_tensor_apply`` launches for tensor lists of equal length (the first holds the sizes)."""
+    if not lists or not lists[0]:
+        return 0
+    depth = min(len(lists), len(FOREACH_MAX_TENSORS))
+    chunks = sum(max(1, math.ceil(t.numel() / FOREACH_CHUNK)) for t in lists[0])
+    return max(math.ceil(len(lists[0]) / FOREACH_MAX_TENSORS[depth - 1]), math.ceil(chunks / FOREACH_MAX_CHUNKS))
+
+
+def kernel_count(name: str, args: Any, outputs: list[torch.Tensor]) -> int:
+    """CUDA kernels an operator launches: ``multi_tensor_apply`` batches for ``_foreach_*`` operators; one cuDNN
+    call per gradient ``convolution_backward`` computes (data, weight, bias); one otherwise."""
+    if name.startswith("_foreach"):
+        lists = [[t for t in a if isinstance(t, torch.Tensor) and t.device.type == "meta"] for a in args
+                 if isinstance(a, (list, tuple)) and a and all(isinstance(t, torch.Tensor) for t in a)]
+        if outputs and not name.endswith("_"):
+            lists.append(outputs)  # out of place: the results are a list too
+        return foreach_launches([x for x in lists if x])
+    if name == "convolution_backward":
+        return max(1, len(outputs))
+    return 1

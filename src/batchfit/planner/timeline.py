@@ -80,7 +80,7 @@ class Timeline:
     def __init__(self, ref: Trace, size_coef: np.ndarray, op_coef: np.ndarray, fitted: bool) -> None:
         self.ref = ref
         self.size_coef = size_coef  # (tokens, 3)
-        self.op_coef = op_coef  # (ops, 2 quantities, 3): flops, bytes
+        self.op_coef = op_coef  # (ops, 3 quantities, 3): flops, bytes, output elements
         self.fitted = fitted
         self.tokens = np.asarray(ref.tokens, dtype=np.int64)
         self.signs = np.asarray(ref.signs, dtype=np.float64)
@@ -96,9 +96,9 @@ class Timeline:
             return None
         xs = [t.batch_size for t in traces]
         size_coef = _coefficients([t.sizes for t in traces], xs)
-        ops = [[o.flops for o in t.ops] for t in traces], [[o.bytes for o in t.ops] for t in traces]
-        op_coef = np.stack([_coefficients(ops[0], xs), _coefficients(ops[1], xs)], axis=1) if traces[0].ops \
-            else np.zeros((0, 2, 3))
+        quantities = [[[getattr(o, q) for o in t.ops] for t in traces] for q in ("flops", "bytes", "outputs")]
+        op_coef = np.stack([_coefficients(v, xs) for v in quantities], axis=1) if traces[0].ops \
+            else np.zeros((0, 3, 3))
         return cls(traces[0], size_coef, op_coef, True)
 
     @classmethod
@@ -106,20 +106,21 @@ class Timeline:
         """A timeline valid at ``trace.batch_size`` only."""
         sizes = np.zeros((len(trace.sizes), 3))
         sizes[:, 0] = trace.sizes
-        ops = np.zeros((len(trace.ops), 2, 3))
+        ops = np.zeros((len(trace.ops), 3, 3))
         ops[:, 0, 0] = [o.flops for o in trace.ops]
         ops[:, 1, 0] = [o.bytes for o in trace.ops]
+        ops[:, 2, 0] = [o.outputs for o in trace.ops]
         return cls(trace, sizes, ops, False)
 
     # -------------------------------------------------------------------------------------------------------
     def ops_at(self, b: int) -> list[OpRecord]:
-        """The measured step's operators with their FLOPs and bytes at batch size ``b``."""
+        """The measured step's operators with their FLOPs, bytes and output elements at batch size ``b`` (the
+        kernels each launches do not change with it)."""
         if not self.ref.ops:
             return []
-        flops = _eval(self.op_coef[:, 0, :], b)
-        moved = _eval(self.op_coef[:, 1, :], b)
-        return [OpRecord(o.name, o.phase, int(f), int(m), o.kind, o.dtype)
-                for o, f, m in zip(self.ref.ops, flops, moved)]
+        flops, moved, outputs = (_eval(self.op_coef[:, k, :], b) for k in range(3))
+        return [OpRecord(o.name, o.phase, int(f), int(m), o.kind, o.dtype, o.kernels, int(n))
+                for o, f, m, n in zip(self.ref.ops, flops, moved, outputs)]
 
     def live_by_part(self, b: int) -> np.ndarray:
         """(events, parts) live bytes after each event of the measured step, by category (allocator-rounded)."""

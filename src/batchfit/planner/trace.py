@@ -33,7 +33,7 @@ from torch.utils.flop_counter import flop_registry
 
 from batchfit.errors import BatchfitError, ConfigError, WorkloadError
 from batchfit.planner.devices import GpuSpec
-from batchfit.planner.rules import GEMM_OPS, LT_OPS, CudaRules, cuda_optimizer_defaults
+from batchfit.planner.rules import GEMM_OPS, LT_OPS, CudaRules, cuda_optimizer_defaults, kernel_count
 from batchfit.step import build_model, build_optimizer, run_batch, user_call
 
 __all__ = ["CATEGORIES", "OpRecord", "Trace", "meta_batch", "meta_model", "sample_batch", "trace_step"]
@@ -72,6 +72,8 @@ class OpRecord:
     bytes: int
     kind: str
     dtype: str
+    kernels: int = 1  # CUDA kernels it launches (0: runs on the host or launches none)
+    outputs: int = 0  # elements it writes (tensor ops: the GEMM's output tiles come from it)
 
 
 @dataclass
@@ -225,6 +227,25 @@ def _dtype_class(tensors: list[torch.Tensor], name: str) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
 
 
+_CONVOLUTIONS = ("convolution", "_convolution", "cudnn_convolution")
+
+
+def _nchw_transposes(tensors: list[torch.Tensor], moved: int, kernels: int) -> tuple[int, int]:
+    """cuDNN's Tensor Core convolutions work in NHWC: a channels-first (NCHW, PyTorch's default) tensor it reads or
+    writes is transposed into or out of a scratch copy, one kernel reading and writing it once more (NVIDIA's
+    layout guidance, the reason ``channels_last`` speeds up convolutional networks). (bytes, kernels) with them."""
+    seen: set[int] = set()
+    for t in tensors:
+        if id(t) in seen or t.device.type != "meta" or t.dim() not in (4, 5):
+            continue
+        seen.add(id(t))
+        fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+        if t.is_contiguous() and not (t.is_contiguous(memory_format=fmt) and t.shape[1] > 1):
+            moved += 2 * _nbytes(t)
+            kernels += 1
+    return moved, kernels
+
+
 class _Recorder(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
@@ -238,6 +259,7 @@ class _Recorder(TorchDispatchMode):
         self.ops: list[OpRecord] = []
         self.gemm_threads: set[str] = set()
         self.lt_threads: set[str] = set()
+        self.forward_flops: dict[str, int] = {}
         self._live: dict[int, tuple[weakref.ref, int]] = {}
 
     def token_of(self, t: torch.Tensor) -> int | None:
@@ -309,11 +331,22 @@ class _Recorder(TorchDispatchMode):
                 flops = int(counter(*args, **kwargs, out_val=out))
             except Exception:  # noqa: BLE001 - a formula that does not take these arguments: count bytes only
                 flops = 0
-        tensor_op = flops > 0 and (name in _TENSOR_CORE_OPS or name.startswith(_ATTENTION)
-                                   or name.startswith(("_flash_attention", "_efficient_attention")))
+        is_tensor = name in _TENSOR_CORE_OPS or name.startswith(_ATTENTION) \
+            or name.startswith(("_flash_attention", "_efficient_attention"))
+        base = name.removesuffix("_backward")
+        if is_tensor and self.phase == "forward" and flops > 0:
+            self.forward_flops[name] = flops
+        elif is_tensor and flops == 0 and base != name and base in self.forward_flops:
+            flops = 2 * self.forward_flops[base]  # no formula for this backward: about twice its forward
+        tensor_op = flops > 0 and is_tensor
         kind = "tensor" if tensor_op else "memory"
-        self.ops.append(OpRecord(name, self.phase, flops, moved, kind,
-                                 _dtype_class(inputs, name) if tensor_op else "-"))
+        on_device = any(t.device.type == "meta" for t in inputs + outputs)
+        dtype = _dtype_class(inputs, name) if tensor_op else "-"
+        kernels = kernel_count(name, args, outputs) if on_device else 0
+        if tensor_op and name.startswith(_CONVOLUTIONS) and dtype != "fp32":
+            moved, kernels = _nchw_transposes(inputs + outputs, moved, kernels)
+        self.ops.append(OpRecord(name, self.phase, flops, moved, kind, dtype, kernels,
+                                 sum(t.numel() for t in outputs) if tensor_op else 0))
 
 
 # ---------------------------------------------------------------------------------------------------------------

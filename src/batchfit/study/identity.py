@@ -36,7 +36,8 @@ __all__ = [
 IDENTITY_KEYS_SINCE_FINGERPRINT = ("model", "optimizer", "num_val", "workload_settings")
 # identity keys present only when not at their default, so the default settings keep their study names; a study
 # stored without one had the default
-OPTIONAL_IDENTITY_KEYS: dict[str, Any] = {"weight_decay_rule": "keep", "adam_sqrt": None}
+OPTIONAL_IDENTITY_KEYS: dict[str, Any] = {"weight_decay_rule": "keep", "adam_sqrt": None, "world_size": 1,
+                                          "parallel": None}
 # the adam-sqrt rule's betas since issue 19.6 (beta1 held at 0.5 beyond k (1 - beta1) = 0.5, beta2 -> beta2^k):
 # a study scaled by the earlier rule (beta1 clipped to 0, beta2 -> 1 - k (1 - beta2)) is another study
 ADAM_SQRT_VERSION = "beta1-sde-to-0.5,beta2-power"
@@ -108,8 +109,10 @@ def _workload_settings(workload: Workload) -> dict[str, Any]:
 
 def study_identity(workload: Workload, fingerprint: WorkloadFingerprint, *, device: str, precision: str,
                    budget: Budget, lr_rule: str, warmup: Any, seed: int, metric: Metric,
-                   weight_decay_rule: str = "keep") -> dict[str, Any]:
-    """The settings that change a sweep's results (stored as the study's config; compared on resume)."""
+                   weight_decay_rule: str = "keep", world_size: int = 1, parallel: str = "ddp") -> dict[str, Any]:
+    """The settings that change a sweep's results (stored as the study's config; compared on resume). Under
+    torchrun the world size and how the ranks hold the model (``ddp``/``fsdp``) change its timings and memory: another
+    study."""
     identity = {
         "workload": workload.name, "workload_description": workload.description, "num_train": workload.num_train,
         "base_batch_size": workload.base_batch_size, "base_lr": workload.base_lr, "device": device,
@@ -123,6 +126,8 @@ def study_identity(workload: Workload, fingerprint: WorkloadFingerprint, *, devi
         identity["weight_decay_rule"] = weight_decay_rule
     if lr_rule == "adam-sqrt" or (lr_rule == "auto" and fingerprint.adam_family):
         identity["adam_sqrt"] = ADAM_SQRT_VERSION
+    if world_size > 1:
+        identity.update(world_size=world_size, parallel=parallel)
     return identity
 
 

@@ -94,8 +94,7 @@ def parse_target(target: float | str | Mapping[str, Any]) -> dict[str, Any]:
     """
     if isinstance(target, Mapping):
         kind, value = target.get("kind"), target.get("value")
-        if kind not in ("fraction", "absolute"):
-            raise ConfigError(f"target kind must be 'fraction' or 'absolute', got {kind!r}")
+        checks.one_of("target kind", kind, ("fraction", "absolute"))
         return parse_target(value if kind == "fraction" else f"abs:{value}")
     kind = "fraction"
     raw: Any = target
@@ -112,12 +111,9 @@ def parse_target(target: float | str | Mapping[str, Any]) -> dict[str, Any]:
                 f"target {target!r} is not understood; give a fraction of the best metric (0.97) or an absolute "
                 "value (abs:0.9)"
             ) from None
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
-        raise ConfigError(f"target must be a number (0.97) or abs:VALUE, got {target!r}")
-    if kind == "fraction" and not (0 < raw <= 1):
-        raise ConfigError(
-            f"target fraction {raw} must be in (0, 1]; for an absolute metric value write abs:{raw}"
-        )
+    checks.finite_number("target", raw, hint="write a fraction (0.97) or abs:VALUE")
+    if kind == "fraction":
+        checks.fraction("target fraction", raw, high_open=False, hint=f"for an absolute metric value write abs:{raw}")
     return {"kind": kind, "value": float(raw)}
 
 
@@ -143,8 +139,7 @@ def parse_batch_sizes(text: str | Sequence[int]) -> list[int]:
         if not values:
             raise ConfigError("the batch-size list is empty; give at least one batch size, e.g. [16, 32, 64]")
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"batch size {v!r} is not a positive integer; write e.g. 16,32,64")
+        checks.positive_int("batch size", v, hint="write e.g. 16,32,64")
     return sorted(set(values))
 
 

@@ -435,8 +435,8 @@ def build_results(study: Any, storage_url: str, target: Any = None) -> SweepResu
         num_train=cfg.get("num_train"), counts=counts, trials=tuple(trials), best_per_batch=tuple(best_per_batch),
         critical_batch_size=crit, critical_batch_size_reason=reason,
         b_simple=statistics.median(bs_values) if bs_values else None, tune=read_namespace(study),
-        extra={k: cfg[k] for k in ("num_val", "lr_multipliers_by_batch", "weight_decay_rule")
-               if cfg.get(k) is not None},
+        extra={k: cfg[k] for k in ("num_val", "lr_multipliers_by_batch", "weight_decay_rule", "world_size",
+                                   "parallel") if cfg.get(k) is not None},
     )
 
 

@@ -65,16 +65,24 @@ class _Inputs:
     identity: dict[str, Any]
     rule: str = "linear"  # lr_rule with auto resolved by the optimizer family
     betas: tuple[float, float] | None = None  # the base optimizer's betas (Adam family)
+    parallel: str = "ddp"  # under torchrun: how the ranks hold the model
 
 
 def _validate(workload: Workload | str, *, batch_sizes: Any, budget: Any, lr_rule: str, lr_search: int,
               warmup: Any, target: Any, micro_batch_limit: Any, device: str, precision: str, seed: Any,
-              eval_every: Any, weight_decay_rule: str = "keep") -> _Inputs:
+              eval_every: Any, weight_decay_rule: str = "keep", parallel: str = "ddp",
+              sharpness: bool = False) -> _Inputs:
+    from batchfit import distributed, sharding
     from batchfit.engine import check_precision, check_warmup, resolve_warmup
     from batchfit.runtime import resolve_device
 
     wl = load_workload(workload)
     dev = resolve_device(device)
+    sharding.check_parallel(parallel, precision)
+    world = distributed.world_size()
+    if world > 1 and sharpness:
+        raise ConfigError("sharpness is not measured under torchrun (the Hessian probe runs in one process); run "
+                          "the sweep without --sharpness, or in one process")
     check_precision(precision, dev)
     bud = parse_budget(budget)
     tgt = parse_target(target)
@@ -90,6 +98,10 @@ def _validate(workload: Workload | str, *, batch_sizes: Any, budget: Any, lr_rul
     check_warmup(warmup, bud.steps_for(1, wl.num_train), "the longest trial this budget gives")
     asked = None if batch_sizes is None else parse_batch_sizes(batch_sizes)
     too_big = [b for b in asked or [] if b > wl.num_train]
+    uneven = [b for b in asked or [] if b % world]
+    if uneven:
+        raise ConfigError(f"batch size(s) {', '.join(map(str, uneven))} do not split evenly over {world} ranks; give "
+                          f"multiples of {world}")
     if too_big:
         raise ConfigError(
             f"batch size(s) {', '.join(map(str, too_big))} exceed the training set ({wl.num_train} samples); "
@@ -103,11 +115,12 @@ def _validate(workload: Workload | str, *, batch_sizes: Any, budget: Any, lr_rul
         )
     metric = Metric.for_workload(wl)
     identity = study_identity(wl, fingerprint, device=dev.type, precision=precision, budget=bud, lr_rule=lr_rule,
-                              warmup=warmup, seed=seed, metric=metric, weight_decay_rule=weight_decay_rule)
+                              warmup=warmup, seed=seed, metric=metric, weight_decay_rule=weight_decay_rule,
+                              world_size=world, parallel=parallel)
     rule = lr_rule if lr_rule != "auto" else ("adam-sqrt" if fingerprint.adam_family else "linear")
     betas = fingerprint.optimizer.get("defaults", {}).get("betas") if fingerprint.adam_family else None
     return _Inputs(wl, str(dev), precision, bud, tgt, mults, metric, asked, identity, rule,
-                   None if betas is None else (float(betas[0]), float(betas[1])))
+                   None if betas is None else (float(betas[0]), float(betas[1])), parallel)
 
 
 def _open_study(inputs: _Inputs, url: Any, study_name: str | None, seed: int) -> tuple[Any, dict[str, Any] | None]:
@@ -135,14 +148,19 @@ def _open_study(inputs: _Inputs, url: Any, study_name: str | None, seed: int) ->
     return study, stored
 
 
-def _memory_limit(workload: Workload, device: str, precision: str, seed: int) -> tuple[int | None, str]:
-    """The largest micro-batch that fits, from the finder when it is installed; ``(None, why)`` otherwise."""
+def _memory_limit(workload: Workload, device: str, precision: str, seed: int,
+                  parallel: str = "ddp") -> tuple[int | None, str]:
+    """The largest micro-batch that fits (one rank's, under torchrun), from the finder when it is installed;
+    ``(None, why)`` otherwise."""
+    from batchfit import distributed
+
     try:
         from batchfit.finder import find_batch_size
     except ImportError:
         return None, "no finder available: every candidate runs without accumulation"
     try:
-        found = find_batch_size(workload, device=device, precision=precision, seed=seed, throughput=False)
+        found = distributed.everywhere(find_batch_size, workload, device=device, precision=precision, seed=seed,
+                                       throughput=False, parallel=parallel)
     except BatchfitError as exc:
         return None, f"the finder failed ({exc}); every candidate runs without accumulation"
     data = found.to_dict() if hasattr(found, "to_dict") else dict(found)
@@ -238,6 +256,7 @@ def sweep(
     seeds: int = 1,
     replicates: Mapping[int, int] | None = None,
     run_id: str | None = None,
+    parallel: str = "ddp",
 ) -> SweepResult:
     """Train each candidate batch size (x ``lr_search`` learning rates) on an equal budget; persist and resume.
 
@@ -280,6 +299,20 @@ def sweep(
     Returns the :class:`SweepResult` (:func:`load_results` rebuilds it from the store alone). Its ``status`` is
     ``failed`` when every trial failed (:meth:`SweepResult.raise_for_status` raises then).
     """
+    kwargs = {k: v for k, v in locals().items() if k != "workload"}  # every argument below, as given
+    from batchfit import distributed
+
+    return distributed.run_led(_sweep, workload, kwargs, load_workload)  # type: ignore[no-any-return]
+
+
+def _sweep(workload: Workload | str, *, batch_sizes: Any, budget: Any, lr_rule: str, lr_search: int, warmup: Any,
+           target: Any, weight_decay_rule: str, storage: Any, study_name: str | None, micro_batch_limit: int | None,
+           device: str, precision: str, seed: int, measure_noise: bool, sharpness: bool, eval_every: int | None,
+           callbacks: Sequence[Any], progress: Any, extra_attrs: Mapping[str, Any] | None, out_dir: Any,
+           retry_failed: bool, extremes: bool, micro_batch_size: int | None, seeds: int,
+           replicates: Mapping[int, int] | None, run_id: str | None, parallel: str) -> SweepResult:
+    from batchfit import distributed
+
     if micro_batch_size is not None:
         if micro_batch_limit is not None and micro_batch_limit != micro_batch_size:
             raise ConfigError("give micro_batch_limit or its former name micro_batch_size, not both")
@@ -293,7 +326,9 @@ def sweep(
     progress = _as_progress(progress)
     inputs = _validate(workload, batch_sizes=batch_sizes, budget=budget, lr_rule=lr_rule, lr_search=lr_search,
                        warmup=warmup, target=target, micro_batch_limit=micro_batch_limit, device=device,
-                       precision=precision, seed=seed, eval_every=eval_every, weight_decay_rule=weight_decay_rule)
+                       precision=precision, seed=seed, eval_every=eval_every, weight_decay_rule=weight_decay_rule,
+                       parallel=parallel, sharpness=sharpness)
+    distributed.lead_workload(inputs.workload)
     url = storage if storage is not None else store.default_storage(out_dir)
     url = store.normalize_url(url) if isinstance(url, str) else url  # or an Optuna storage object
     study, stored = _open_study(inputs, url, study_name, seed)
@@ -301,7 +336,7 @@ def sweep(
     if limit is None and stored is not None:  # resume with the memory limit the study started with
         limit, source = stored.get("micro_batch_size"), stored.get("micro_batch_source", "stored")
     elif limit is None:
-        limit, source = _memory_limit(inputs.workload, inputs.device, precision, seed)
+        limit, source = _memory_limit(inputs.workload, inputs.device, precision, seed, inputs.parallel)
     if inputs.batch_sizes is not None:
         sizes = inputs.batch_sizes
     elif stored is not None and stored.get("batch_sizes"):
@@ -309,6 +344,8 @@ def sweep(
     else:
         sizes = default_batch_sizes(inputs.workload.num_train, limit, inputs.workload.base_batch_size,
                                     extremes=extremes)
+        world = distributed.world_size()
+        sizes = [b for b in sizes if b % world == 0] if world > 1 else sizes  # every rank gets an equal share
     by_batch = lr_multipliers_by_batch(sizes, lr_search, rule=inputs.rule,
                                        base_batch_size=inputs.workload.base_batch_size, betas=inputs.betas)
     grid = make_grid(sizes, inputs.multipliers, seeds=seeds, base_seed=seed, replicates=replicates,
@@ -326,5 +363,6 @@ def sweep(
                      measure_noise=bool(measure_noise), sharpness=bool(sharpness), eval_every=eval_every, seed=seed,
                      lr_rule=lr_rule, warmup=warmup, precision=precision, device=inputs.device, total=len(grid),
                      callbacks=tuple(callbacks), progress=progress,
-                     weight_decay_rule=weight_decay_rule, run_id=run_id or store.new_run_id())
+                     weight_decay_rule=weight_decay_rule, run_id=run_id or store.new_run_id(),
+                     parallel=inputs.parallel)
     return _work(study, url, grid, plan, retry_failed)

@@ -33,8 +33,12 @@ __all__ = [
     "STAGE",
     "SweepPlan",
     "classify_failure",
+    "noise_layout",
     "run_trial",
     "sweep_event",
+    "train_everywhere",
+    "train_job",
+    "trial_train",
 ]
 
 STAGE = "sweep"  # the progress stage of every sweep event
@@ -61,6 +65,7 @@ class SweepPlan:
     callbacks: tuple[Any, ...] = ()
     progress: ProgressFn | None = None
     weight_decay_rule: str = "keep"  # keep | timescale (batchfit.scaling)
+    parallel: str = "ddp"  # under torchrun: ddp | fsdp (batchfit.sharding)
     run_id: str | None = None  # this invocation (store.new_run_id): recorded on each trial it runs
 
 
@@ -186,10 +191,10 @@ def _noise_callback() -> Any | None:
     return NoiseCallback()
 
 
-def _callbacks(plan: SweepPlan, batch: int, micro: int) -> tuple[list[Any], int, dict[str, Any]]:
-    """The engine callbacks of one trial, its micro-batch and its noise attributes: always the layout the
-    recommendation would give (``min(batch, micro_batch_limit)`` x ``ceil(batch / micro)``), never changed for a
-    measurement.
+def noise_layout(measure_noise: bool, batch: int, micro: int) -> dict[str, Any]:
+    """How a trial measures B_simple, given its layout: always the layout the recommendation would give
+    (``min(batch, micro_batch_limit)`` x ``ceil(batch / micro)``; under torchrun ``micro`` is one rank's, and
+    every rank's micro-batches are the small batches), never changed for a measurement.
 
     B_simple (:class:`batchfit.noise.NoiseCallback`) comes from the trial's own micro-batches when it accumulates
     (``noise_method: "accumulation"``, every step). A trial that runs as one micro-batch is not split (that would
@@ -200,21 +205,33 @@ def _callbacks(plan: SweepPlan, batch: int, micro: int) -> tuple[list[Any], int,
     without it (``noise_method: "extra-halves"``; :meth:`batchfit.noise.NoiseCallback.watch`). ``noise_split`` is
     always ``False``; it stays in the trial's attributes for the stores that have it. No measurement (``--no-noise``,
     B = 1): ``noise_method`` None."""
-    callbacks: list[Any] = []
     noise: dict[str, Any] = {"noise_split": False, "noise_method": None}
-    if plan.measure_noise and batch >= 2:
+    if measure_noise and batch >= 2:
+        try:
+            from batchfit.noise import HALVES_EVERY
+        except ImportError:  # the noise module is optional for the sweep
+            return noise
+        if micro < batch:
+            noise["noise_method"] = "accumulation"
+        else:
+            noise.update(noise_method="extra-halves", noise_every=HALVES_EVERY)
+    return noise
+
+
+def _own_callbacks(measure_noise: bool, sharpness: bool, sharpness_chunk: int, seed: int, batch: int,
+                   micro: int) -> tuple[list[Any], dict[str, Any]]:
+    """The callbacks a trial's training runs on every rank (B_simple, sharpness) and its noise layout."""
+    callbacks: list[Any] = []
+    noise = noise_layout(measure_noise, batch, micro)
+    if noise["noise_method"] is not None:
         noise_cb = _noise_callback()
         if noise_cb is not None:
             callbacks.append(noise_cb)
-            if micro < batch:
-                noise["noise_method"] = "accumulation"
-            else:
-                noise.update(noise_method="extra-halves", noise_every=noise_cb.halves_every)
-    if plan.sharpness:
+    if sharpness:
         from batchfit.sharpness import SharpnessCallback
 
-        callbacks.append(SharpnessCallback(chunk_size=min(plan.micro_batch_limit or 256, 256), seed=plan.seed))
-    return callbacks, micro, noise
+        callbacks.append(SharpnessCallback(chunk_size=sharpness_chunk, seed=seed))
+    return callbacks, noise
 
 
 def _watched(workload: Workload, callbacks: list[Any], noise: dict[str, Any]) -> Workload:
@@ -245,39 +262,89 @@ _RESULT_KEYS = (
     "lr", "lr_rule", "warmup_steps", "micro_batch_size", "accumulation_steps", "steps", "epochs", "samples",
     "seconds", "train_seconds", "samples_per_s", "peak_memory_bytes", "diverged", "diverged_at_step", "device",
     "precision", "b_simple_history", "b_simple_skipped_steps", "sharpness", "seed", "grad_clip", "lr_schedule",
-    "lr_scaling", "noise_method", "noise_samples", "noise_error",
+    "lr_scaling", "noise_method", "noise_samples", "noise_error", "world_size", "batch_size_per_rank", "parallel",
 )
 
 
+def trial_train(workload: Workload, *, multiplier: float, measure_noise: bool, sharpness: bool,
+                sharpness_chunk: int, callbacks: Any = (), **train_kwargs: Any) -> Any:
+    """Train one grid point: the workload at the LR multiplier, with the trial's own callbacks (B_simple,
+    sharpness) built here, so under torchrun every rank runs them (:func:`batchfit.distributed.everywhere`) while
+    ``callbacks`` (rank 0's recorder) stay on rank 0. ``train_kwargs`` go to :func:`batchfit.engine.train`."""
+    from batchfit.engine import shared_warmup, train
+
+    batch = int(train_kwargs["batch_size"]) * int(train_kwargs.get("world_size", 1))
+    micro = int(train_kwargs["micro_batch_size"])
+    own, noise = _own_callbacks(measure_noise, sharpness, sharpness_chunk, train_kwargs["seed"], batch, micro)
+    with shared_warmup():  # one warm-up for every batch's trial
+        return train(_watched(_with_lr_multiplier(workload, multiplier), own, noise),
+                     callbacks=[*own, *callbacks], **train_kwargs)
+
+
+def train_job(workload: Workload, *, shared: bool = False, **train_kwargs: Any) -> Any:
+    """:func:`batchfit.engine.train` as one job of :func:`batchfit.distributed.everywhere` (``shared``: inside
+    :func:`~batchfit.engine.shared_warmup`, a warm-up longer than this run allowed)."""
+    from batchfit.engine import shared_warmup, train
+
+    with shared_warmup() if shared else contextlib.nullcontext():
+        return train(workload, **train_kwargs)
+
+
+def train_everywhere(workload: Workload, *, batch_size: int, micro_batch_size: int | None = None,
+                     parallel: str = "ddp", shared_warmup: bool = False, **train_kwargs: Any) -> Any:
+    """Train at the *global* batch ``batch_size`` on every rank under torchrun (each rank its share, with
+    ``micro_batch_size`` one rank's micro-batch at most), or here in one process; rank 0's result."""
+    from batchfit import distributed
+
+    world = distributed.world_size()
+    if world > 1:
+        if batch_size % world:
+            raise ConfigError(f"batch size {batch_size} does not split evenly over {world} ranks")
+        per_rank = batch_size // world
+        micro = None if micro_batch_size is None else min(micro_batch_size, per_rank)
+        return distributed.everywhere(train_job, workload, shared=shared_warmup, batch_size=per_rank,
+                                      micro_batch_size=micro, world_size=world, parallel=parallel, **train_kwargs)
+    return train_job(workload, shared=shared_warmup, batch_size=batch_size, micro_batch_size=micro_batch_size,
+                     **train_kwargs)
+
+
 def _train_trial(study: Any, trial: Any, plan: SweepPlan, point: GridPoint, index: int) -> dict[str, Any]:
-    from batchfit.engine import resolve_warmup, shared_warmup, train
+    from batchfit import distributed
+    from batchfit.engine import resolve_warmup
 
     TrialState = optuna_module().trial.TrialState
     batch, mult = point.batch_size, point.lr_multiplier
+    world = distributed.world_size()
+    per_rank = batch // world
     limit = plan.micro_batch_limit
-    callbacks, micro, noise = _callbacks(plan, batch, batch if limit is None else min(batch, limit))
+    micro = per_rank if limit is None else min(per_rank, limit)  # per rank: the finder's limit is one rank's
+    noise = noise_layout(plan.measure_noise, batch, micro)
     steps = plan.budget.steps_for(batch, plan.workload.num_train)
     eval_every = plan.eval_every or max(1, steps // EVALS_PER_TRIAL)
     seed = plan.seed if point.seed is None else point.seed
     info = {"index": index, "total": plan.total, "trial_number": trial.number, "batch_size": batch, "seed": seed,
-            "lr_multiplier": mult, "micro_batch_size": micro, "accumulation_steps": math.ceil(batch / micro),
+            "lr_multiplier": mult, "micro_batch_size": micro, "accumulation_steps": math.ceil(per_rank / micro),
             "steps": steps, "eval_every": eval_every, **noise, "warmup_steps": resolve_warmup(plan.warmup, steps)}
-    own = callbacks
-    callbacks = [*own, _Recorder(trial, plan, info), *plan.callbacks]
+    if world > 1:
+        info.update(world_size=world, parallel=plan.parallel)
     trial.set_user_attr(K.TRIAL_WORKER, worker_identity())
     if plan.run_id is not None:
         trial.set_user_attr(K.TRIAL_RUN, plan.run_id)
     trial.set_user_attr(K.TRIAL_STATUS, K.STATUS_RUNNING)
     outcome: dict[str, Any] = dict(info)
     failure: BaseException | None = None
-    with Heartbeat(study._storage, trial._trial_id), shared_warmup():  # one warm-up for every batch's trial
+    kwargs: dict[str, Any] = dict(
+        batch_size=per_rank, micro_batch_size=micro, lr_rule=plan.lr_rule, warmup=plan.warmup, steps=steps,
+        precision=plan.precision, device=plan.device, seed=seed, eval_every=eval_every,
+        weight_decay_rule=plan.weight_decay_rule)
+    if world > 1:
+        kwargs.update(world_size=world, parallel=plan.parallel)
+    with Heartbeat(study._storage, trial._trial_id):
         try:
-            result = train(
-                _watched(_with_lr_multiplier(plan.workload, mult), own, noise), batch_size=batch,
-                micro_batch_size=micro, lr_rule=plan.lr_rule, warmup=plan.warmup, steps=steps, precision=plan.precision,
-                device=plan.device, seed=seed, eval_every=eval_every, callbacks=callbacks,
-                weight_decay_rule=plan.weight_decay_rule,
-            )
+            result = distributed.everywhere(
+                trial_train, plan.workload, multiplier=mult, measure_noise=plan.measure_noise,
+                sharpness=plan.sharpness, sharpness_chunk=min(plan.micro_batch_limit or 256, 256),
+                callbacks=[_Recorder(trial, plan, info), *plan.callbacks], **kwargs)
         except KeyboardInterrupt:
             trial.set_user_attr(K.TRIAL_STATUS, K.STATUS_INTERRUPTED)
             trial.set_user_attr(K.TRIAL_ERROR, "interrupted by the user (Ctrl-C); re-run the same command to retry")
@@ -296,6 +363,8 @@ def _train_trial(study: Any, trial: Any, plan: SweepPlan, point: GridPoint, inde
         trial.set_user_attr(K.TRIAL_ERROR_KIND, kind)
         study.tell(trial, state=TrialState.FAIL)
         outcome.update(status=K.STATUS_FAILED, error=error, error_kind=kind)
+        if distributed.leading():  # under torchrun the other ranks may be inside the failed step: the job ends
+            raise failure
         return outcome
     return _record_result(study, trial, plan, result, outcome)
 
