@@ -391,3 +391,42 @@ def test_torchrun_cli_tune_fsdp(tmp_path: Path) -> None:
     assert "fully_shard" in rec["recipe"]["snippets"]["pytorch"]
     assert data["cost"]["runs"] <= 1.0
     assert data.get("step_time") is None  # each rank's clock differs: the sweep's own trials time the candidates
+
+
+# -- 2b. evaluation under sharding: one rank's out-of-memory halves every rank's evaluation batch -----------------
+
+
+class _EvalOom(TinyLM):
+    """Rank 1 runs out of memory in evaluation on any batch of 16 rows or more (an injected OOM)."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if not self.training and idx.shape[0] >= 16 and distributed.rank() == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected in evaluation on rank 1)")
+        return super().forward(idx)
+
+
+def _fsdp_eval_oom(rank: int) -> dict[str, Any]:
+    import dataclasses
+
+    from batchfit.engine import evaluate, train
+
+    wl = dataclasses.replace(_lm(), model_fn=lambda: _EvalOom(16, 16, width=32, depth=2, heads=2))
+    torch.manual_seed(0)
+    model = sharding.wrap_fsdp(wl.model_fn(), torch.device("cpu"), "fp32", wl.shard)
+    loss, _, used = evaluate(wl, model, batch_size=32, device=torch.device("cpu"))
+    again = evaluate(wl, model, batch_size=8, device=torch.device("cpu"))[0]  # the model is in a legal state
+    # and the same workload trains afterwards, its evaluations halved together on both ranks
+    r = train(wl, batch_size=8, micro_batch_size=4, steps=5, eval_every=5, eval_batch_size=32, world_size=WORLD,
+              parallel="fsdp")
+    return {"loss": loss, "used": used, "again": again, "trained": r.history[-1]["val_loss"]}
+
+
+@pytest.mark.slow
+def test_fsdp_evaluation_oom_on_one_rank_halves_every_ranks_batch(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    got = _spawn("_fsdp_eval_oom", tmp_path)
+    assert time.monotonic() - t0 < ranks.JOIN_TIMEOUT_S
+    assert got[0]["used"] == got[1]["used"] == 8  # 32 and 16 failed on rank 1: both ranks halved to 8
+    assert got[0]["loss"] == pytest.approx(got[1]["loss"], rel=1e-6)
+    assert got[0]["again"] == pytest.approx(got[0]["loss"], rel=1e-6)
+    assert got[0]["trained"] == pytest.approx(got[1]["trained"], rel=1e-6)

@@ -297,7 +297,8 @@ def test_recommendation_round_trips_through_its_json_form() -> None:
     data = rec.to_dict()
     assert data["world_size"] == 1 and data["parallel"] is None  # one process
     assert {"batch_size", "micro_batch_size", "accumulation_steps", "lr", "warmup_steps", "precision", "reasons",
-            "candidates", "tolerance", "metric", "higher_is_better", "world_size", "parallel", "intervals", "tied", "non_inferior",
+            "candidates", "tolerance", "metric", "higher_is_better", "world_size", "parallel", "intervals", "tied",
+            "non_inferior",
             "reference_batch_size", "selection", "holds_for", "long_horizon", "flags", "decision_rule",
             "decision_target", "critical_batch", "noise_scale", "precision_advice", "recipe"} == set(data)
     assert json.loads(json.dumps(data)) == data  # plain JSON

@@ -200,7 +200,8 @@ def evaluate(
     """Mean loss and metrics over ``dataset`` (default: the validation data), sample-weighted.
 
     Returns ``(loss, metrics, evaluation batch size used)``. An out-of-memory error halves the *evaluation* batch
-    and retries (:func:`batchfit.memory.try_oom`); it never touches the training batch. On the CPU,
+    and retries (:func:`batchfit.memory.try_oom`; under FSDP2 on every rank together); it never touches the
+    training batch. On the CPU,
     ``memory_budget`` (bytes) meters each attempt over the model's tensors and ``hold`` (e.g. optimizer state).
     """
     if dataset is None or dataset is workload.val_data:
@@ -212,17 +213,36 @@ def evaluate(
     was_training = model.training
     model.eval()
     bs = max(1, min(batch_size, source.num_samples))
+    # FSDP2 under torchrun: every unit's forward all-gathers, so an out-of-memory on one rank is a decision all ranks
+    # take together (sharding.CollectiveGuard: one flag all-reduce before each unit's forward and at the end)
+    guard = sharding.CollectiveGuard(model) if distributed.world_size() > 1 and sharding.is_fsdp(model) else None
+
+    def attempt_at(b: int) -> tuple[float, dict[str, float]]:
+        if guard is None:
+            return _budgeted_eval(workload, model, source, b, device, precision, memory_budget, hold)
+        guard.active = True
+        try:
+            out = _budgeted_eval(workload, model, source, b, device, precision, memory_budget, hold)
+            guard.finish()
+            return out
+        finally:
+            guard.active = False
+
     try:
         while True:
-            attempt = memory.try_oom(lambda b=bs: _budgeted_eval(workload, model, source, b, device, precision,
-                                                                 memory_budget, hold))
+            attempt = memory.try_oom(lambda b=bs: attempt_at(b))
             if attempt.ok:
                 loss, metrics = attempt.value  # type: ignore[misc]
                 return loss, metrics, bs
+            if guard is not None:  # this rank's own OOM answers the check the others wait in; then all halve
+                guard.after_oom(attempt.oom)
+                sharding.reshard(model)
             if bs == 1:
                 raise attempt.oom  # type: ignore[misc]
             bs = max(1, bs // 2)
     finally:
+        if guard is not None:
+            guard.close()
         model.train(was_training)
 
 
