@@ -829,3 +829,21 @@ def test_write_report_with_a_given_recommendation_or_tolerance(tmp_path: Path) -
         on_disk = json.loads((tmp_path / f"t{tolerance}" / "results.json").read_text())["recommendation"]
         assert on_disk["batch_size"] == chosen[tolerance]
     assert chosen == {0.0: 16, 0.05: 64}
+
+
+def test_the_report_takes_b_crit_s_interval_from_the_decision_without_a_second_bootstrap(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchfit import recommend as rec_module
+    from batchfit.recommend import critical_interval, recommend
+
+    res = make_results()
+    boot = critical_interval(res)
+    assert boot is not None
+    rec = recommend(res)
+    calls = []
+    monkeypatch.setattr(rec_module, "critical_interval", lambda *a, **k: calls.append(1))
+    write_report(res, tmp_path, recommendation=rec, plots=False)
+    assert calls == []  # the report reused the decision's interval
+    crit = json.loads((tmp_path / "results.json").read_text())["critical_batch_size"]
+    assert crit["interval"] == pytest.approx(boot.b_crit.to_dict())  # and it is the bootstrap's interval
+    assert crit["support"] == list(boot.support)

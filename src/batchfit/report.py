@@ -1322,20 +1322,29 @@ def check_results(results: Mapping[str, Any], source: str = "the results") -> No
             raise ConfigError(f"{source}: {name} must be an object or null, got {type(v).__name__}")
 
 
-def with_intervals(results: Mapping[str, Any]) -> dict[str, Any]:
+def with_intervals(results: Mapping[str, Any], critical: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``results`` with B_crit's bootstrap interval over seeds added to ``critical_batch_size`` (new keys:
-    ``interval``, ``s_min_interval``, ``support``, ``extrapolated``; the fitted values are kept as they are)."""
+    ``interval``, ``s_min_interval``, ``support``, ``extrapolated``; the fitted values are kept as they are).
+
+    ``critical``: the interval the recommendation's decision already bootstrapped (its ``critical_batch``: the same
+    estimator on the same trials), used as it is; without it the bootstrap runs here."""
     from batchfit.recommend import critical_interval
 
     data = dict(results)
     crit = data.get("critical_batch_size")
-    if isinstance(crit, Mapping) and crit.get("b_crit") is not None:
+    if not (isinstance(crit, Mapping) and crit.get("b_crit") is not None):
+        return data
+    if isinstance(critical, Mapping) and isinstance(critical.get("b_crit"), Mapping) and critical.get("support"):
+        b_crit, s_min, support = critical["b_crit"], critical.get("s_min"), list(critical["support"])
+        failed = critical.get("failed_resamples")
+    else:
         boot = critical_interval(data)
-        if boot is not None:
-            data["critical_batch_size"] = {**crit, "interval": boot.b_crit.to_dict(),
-                                           "s_min_interval": boot.s_min.to_dict(), "support": list(boot.support),
-                                           "extrapolated": bool(crit["b_crit"] > boot.support[1]),
-                                           "failed_resamples": boot.failed_resamples}
+        if boot is None:
+            return data
+        b_crit, s_min, support, failed = (boot.b_crit.to_dict(), boot.s_min.to_dict(), list(boot.support),
+                                          boot.failed_resamples)
+    data["critical_batch_size"] = {**crit, "interval": b_crit, "s_min_interval": s_min, "support": support,
+                                   "extrapolated": bool(crit["b_crit"] > support[1]), "failed_resamples": failed}
     return data
 
 
@@ -1367,7 +1376,8 @@ def write_report(
             recommendation = recommend(results, tolerance=tolerance)
         except BatchfitError as exc:
             note = str(exc)
-    data = with_intervals(results)
+    # the decision's B_crit interval when there is one: the bootstrap is not run a second time (after every trial)
+    data = with_intervals(results, recommendation.extra.get("critical_batch") if recommendation is not None else None)
     data["recommendation"] = recommendation.to_dict() if recommendation is not None else None
     paths: dict[str, Any] = {"results": write_json(out / "results.json", data)}
     interim = _interim_of(data, recommendation, interim)
