@@ -123,24 +123,24 @@ def test_cost_of_adds_every_stage_and_trial() -> None:
 def test_tune_states_its_cost_and_a_cap_shortens_every_trial_to_an_equal_share(tmp_path: Path) -> None:
     from batchfit.tuning import tune
 
-    wl = make_tiny_workload(n=512)
+    wl = make_tiny_workload(n=256)
     res = tune(wl, out_dir=tmp_path / "capped", batch_sizes=[8, 16, 32], train_budget="epochs:10", max_cost=2.0,
                noise=False, find=False, precision_check=False, lr_calibration=False, seed=0)
     data = res.to_dict()
     plan, spent = data["train_budget"], data["cost"]
-    assert plan["samples"] == 5120 and plan["max_cost"] == 2.0
+    assert plan["samples"] == 2560 and plan["max_cost"] == 2.0
     h = plan["measurement_samples"]
-    assert h < 5120 and data["budget"] == {"kind": "samples", "value": h}
+    assert h < 2560 and data["budget"] == {"kind": "samples", "value": h}
     for t in data["trials"]:  # equal samples at every batch size (the last step may round up)
         assert h <= t["samples"] < h + t["batch_size"]
-    assert spent["runs"] == pytest.approx(spent["samples"] / 5120) and spent["by_stage"]["sweep"]["trials"] >= 3
+    assert spent["runs"] == pytest.approx(spent["samples"] / 2560) and spent["by_stage"]["sweep"]["trials"] >= 3
     assert any(f.startswith("short horizon") for f in data["recommendation"]["flags"])
     # uncapped: every candidate trains the whole train budget, and the cost says how many runs that was
     full = tune(wl, out_dir=tmp_path / "full", batch_sizes=[8, 16], train_budget="epochs:2", noise=False,
                 find=False, precision_check=False, lr_calibration=False, seeds=1, seed=0, max_cost=None).to_dict()
     assert full["train_budget"]["measurement"] == "epochs:2"
     # two whole runs, and B_simple's extra half-batch passes on every 8th step (1/8 more)
-    assert full["cost"]["by_stage"]["sweep"]["samples"] == pytest.approx(2 * 1024 * 9 / 8, rel=0.05)
+    assert full["cost"]["by_stage"]["sweep"]["samples"] == pytest.approx(2 * 512 * 9 / 8, rel=0.05)
     assert full["cost"]["runs"] > 2.0  # and step timing on top
     assert not any(f.startswith("short horizon") for f in full["recommendation"]["flags"])
 

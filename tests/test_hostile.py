@@ -938,7 +938,8 @@ FLAG_WORDS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
         "target": "--target", "storage": "--store", "study_name": "--study", "micro_batch_limit": "--micro-batch-limit",
         "micro_batch_size": "--micro-batch-size", "eval_every": "--eval-every", "sharpness": "--sharpness",
         "measure_noise": "--no-noise", "extremes": "--no-extremes", "retry_failed": "--retry-failed",
-        "out_dir": "--out", "device": "--device", "precision": "--precision", "seed": "--seed"}),
+        "out_dir": "--out", "device": "--device", "precision": "--precision", "seed": "--seed",
+        "parallel": "--parallel"}),
     "tune": (("tune",), {
         "workload": "--workload", "batch_sizes": "--batch-sizes", "train_budget": "--train-budget",
         "max_cost": "--max-cost", "budget": "--budget", "lr_rule": "--lr-rule", "weight_decay_rule": "--wd-rule",
@@ -949,7 +950,8 @@ FLAG_WORDS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
         "noise_steps": "--noise-steps", "find": "--no-find", "noise": "--no-noise",
         "precision_check": "--no-precision-check", "batch_schedule_check": "--batch-schedule-check",
         "lr_calibration": "--no-lr-calibration", "sharpness": "--sharpness", "out_dir": "--out",
-        "workload_options": "--workload-option", "device": "--device", "precision": "--precision", "seed": "--seed"}),
+        "workload_options": "--workload-option", "device": "--device", "precision": "--precision", "seed": "--seed",
+        "parallel": "--parallel"}),
     "report": (("load_results", "write_report"), {
         "study_name": "--study-name", "out_dir": "--out", "tolerance": "--tolerance"}),
 }

@@ -127,7 +127,7 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, b: int) -> None:
 
 
 def test_repeated_ooms_leave_live_memory_at_baseline() -> None:
-    """The raw pattern (the finder's 50-OOM storm is in test_finder)."""
+    """The raw pattern (the finder's OOM storm is in test_finder)."""
     model = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 4))
     opt = torch.optim.Adam(model.parameters())
     observer = memory.LiveBytesTracker(device_type="cpu")  # counts everything, enforces nothing

@@ -145,13 +145,25 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {"wl": str(root / "tiny.py"), "results": str(root / "results.json")}
 
 
+# examples per command: 15, fewer where each accepted run renders the report's plots (about a second each) and the
+# command has few options to combine (report: three; tune's runs are a whole tune)
+EXAMPLES = {"report": 6, "tune": 10}
+
+
 @pytest.mark.parametrize("command", sorted(OPTIONS))
-@settings(max_examples=15, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(data=st.data())
-def test_any_argument_exit_0_or_2_one_line_no_stray_files(command: str, data: st.DataObject,
-                                                          inputs: dict[str, str],
+def test_any_argument_exit_0_or_2_one_line_no_stray_files(command: str, inputs: dict[str, str],
                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    @settings(max_examples=EXAMPLES.get(command, 15), deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(data=st.data())
+    def example(data: st.DataObject) -> None:
+        _one_example(command, data, inputs, capsys)
+
+    example()
+
+
+def _one_example(command: str, data: st.DataObject, inputs: dict[str, str],
+                 capsys: pytest.CaptureFixture[str]) -> None:
     argv = _draw_argv(data, command)
     argv = [command, *[a.format(**inputs) for a in FIXED[command]], *[a.format(**inputs) for a in argv[1:]]]
     with tempfile.TemporaryDirectory(prefix="batchfit-prop-") as tmp:

@@ -96,7 +96,7 @@ sys.exit(1 if failed else 0)
 
 @pytest.mark.slow
 def test_workers_starting_together_create_the_schema_once(postgres_server, tmp_path: Path) -> None:  # noqa: ANN001
-    """Six worker processes open a fresh database together, ten times: each gets a usable store.
+    """Six worker processes open a fresh database together, five times: each gets a usable store.
 
     Optuna's schema creation is not atomic across connections: the losers of the race get ``UniqueViolation``
     (wrapped in ``IntegrityError``) or ``DuplicateObject`` (wrapped in ``ProgrammingError``) and must retry. Before
@@ -104,7 +104,7 @@ def test_workers_starting_together_create_the_schema_once(postgres_server, tmp_p
     Each round the workers wait at a barrier (a line on each one's stdin once all six said "ready"), so no worker
     misses a round however slowly it starts, and every worker must get a usable store in whatever order they run.
     """
-    urls = [postgres_server.create_database() for _ in range(10)]
+    urls = [postgres_server.create_database() for _ in range(5)]
     logs = [(tmp_path / f"worker{i}.err").open("w+") for i in range(6)]
     procs = [subprocess.Popen([sys.executable, "-c", _OPEN_TOGETHER, *urls], env=ENV, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=log, text=True) for log in logs]
@@ -130,7 +130,7 @@ def test_workers_starting_together_create_the_schema_once(postgres_server, tmp_p
 
 @pytest.mark.slow
 def test_two_concurrent_workers_share_one_study(postgres_url: str, tmp_path: Path) -> None:
-    sizes = [32, 64, 128, 256]  # six trials, one epoch each: more trials than workers, little training
+    sizes = [64, 256]  # four trials, one epoch each: more trials than workers, little training
     args = ("-b", ",".join(map(str, sizes)), "--budget", "epochs:1", "-m", "256")
     workers = [_worker(postgres_url, "shared", tmp_path / f"w{i}", *args) for i in range(2)]
     for w in workers:
