@@ -83,18 +83,21 @@ def test_tune_runs_every_stage_and_resumes(tmp_path: Path, monkeypatch: pytest.M
     page = parse_page((out / "report.html").read_text())
     assert [row[0] for row in page.tables[0][1:]] == ["8", "16", "32"]
     assert page.rec_text[0] == rec.headline()
-    # the store alone has everything tune measured: recommend(load_results(store)) is tune's recommendation,
-    # LR check and precision check included, and `batchfit report STORE` prints that same recommendation
+    # the store holds the trials, tune's out_dir its stages and tolerance: recommend(load_results(out)) is tune's
+    # recommendation (LR check and precision check included), and `batchfit report OUT` prints that same one
     from batchfit.cli import main
     from batchfit.study import load_results
+    from batchfit.study.store import open_study, read_namespace
 
-    loaded = load_results(f"sqlite:///{out / 'batchfit.db'}")
+    assert read_namespace(open_study(f"sqlite:///{out / 'batchfit.db'}", None)) == {}  # trials only
+    loaded = load_results(out)
     assert loaded.tune["precision_check"] == on_disk["precision_check"]
     assert loaded.tune["step_time"] == on_disk["step_time"]
     assert loaded.tune["lr_calibration"] == on_disk["lr_calibration"]
+    assert loaded.tolerance == on_disk["tolerance"] == rec.tolerance == 0.01
     assert recommend(loaded) == rec
-    assert main(["report", str(out / "batchfit.db"), "--out", str(tmp_path / "rep"), "--json",
-                 str(tmp_path / "rep.json"), "-q"]) == 0
+    assert main(["report", str(out), "--out", str(tmp_path / "rep"), "--json", str(tmp_path / "rep.json"),
+                 "-q"]) == 0
     assert Recommendation.from_dict(json.loads((tmp_path / "rep.json").read_text())["recommendation"]) == rec
 
     # -- resume: nothing is measured again (finder, probe and training would fail loudly if called) ------------
@@ -462,3 +465,26 @@ def test_lr_check_replicates_a_close_call_and_keeps_the_base(tmp_path: Path, mon
                           budget=parse_budget("epochs:2"), multipliers=LR_CALIBRATION_MULTIPLIERS, tolerance=0.0)
     assert moved.best_multiplier == 2.0 and not moved.kept_base and "beyond the noise" in moved.decision
     assert all(seed == 0 for _, seed in calls)  # decided on one seed each
+
+
+def test_the_tolerance_is_stored_with_the_results_and_every_reader_decides_with_it(tmp_path: Path) -> None:
+    """Issue 20.2: recommend(load_results(out)) equals what `batchfit report out` prints, at tune's own tolerance
+    (stored, not the 0.01 default) and at any other one given to both."""
+    from batchfit.cli import main
+    from batchfit.study import load_results
+
+    out = tmp_path / "out"
+    res = tune(make_tiny_workload(), out_dir=out, tolerance=0.2, find=False, lr_calibration=False, **TINY)
+    assert res.recommendation is not None and res.recommendation.tolerance == 0.2
+    stages = json.loads((out / "stages.json").read_text())
+    assert stages["tolerance"] == 0.2 and {"noise", "train_budget", "num_val"} <= set(stages["stages"])
+    loaded = load_results(out)
+    assert loaded.tolerance == 0.2 and recommend(loaded) == res.recommendation
+    for extra in ([], ["--tolerance", "0.001"]):
+        rep = tmp_path / f"rep{len(extra)}.json"
+        assert main(["report", str(out), "--out", str(tmp_path / "r"), "--json", str(rep), "-q", *extra]) == 0
+        printed = Recommendation.from_dict(json.loads(rep.read_text())["recommendation"])
+        assert printed == recommend(loaded, tolerance=float(extra[1]) if extra else None)
+        assert printed.tolerance == (0.001 if extra else 0.2)
+    with pytest.raises(ConfigError, match="holds no batchfit.db"):
+        load_results(tmp_path)

@@ -63,14 +63,17 @@ __all__ = [
 _PRECISION_LOSS_TOLERANCE = 0.05
 # what ``tune`` adds beside the sweep's own results (stored in the study under its namespace)
 TUNE_KEYS = ("find", "noise", "lr_calibration", "precision_check", "step_time")
+DEFAULT_TOLERANCE = 0.01  # the non-inferiority margin when neither the call nor the results give one
 
 
 @dataclass
 class Recommendation:
     """What to train with, each choice with the measured reason.
 
-    ``to_dict()`` is the ``"recommendation"`` object of results.json; keys a newer batchfit adds (intervals, flags)
-    are kept in ``extra`` on a round trip through :meth:`from_dict`, so nothing written is lost.
+    ``to_dict()`` is the ``"recommendation"`` object of results.json: the choice, then the decision's evidence as
+    fields (``intervals``, ``tied`` / ``non_inferior``, ``selection``, ``flags``, ``critical_batch``,
+    ``precision_advice``, ``recipe``, ...; empty or ``None`` in a recommendation from an older batchfit); keys a
+    newer batchfit adds are kept in ``extra`` on a round trip through :meth:`from_dict`, so nothing written is lost.
     """
 
     batch_size: int
@@ -86,7 +89,22 @@ class Recommendation:
     higher_is_better: bool = False
     world_size: int = 1  # under torchrun: the ranks; micro_batch_size is one rank's
     parallel: str | None = None  # under torchrun: ddp | fsdp
-    extra: dict[str, Any] = field(default_factory=dict)
+    # the decision's evidence (results.json's keys; a recommendation from an older batchfit may lack them)
+    intervals: list[dict[str, Any]] = field(default_factory=list)  # per batch size: decide.Evidence.to_dict()
+    tied: list[int] = field(default_factory=list)  # the reference and the batch sizes non-inferior to it
+    non_inferior: list[int] = field(default_factory=list)  # = tied (the name the rule gives them)
+    reference_batch_size: int | None = None  # the best fitted quality, every other batch is compared with
+    selection: dict[str, Any] | None = None  # stats.Selection.to_dict(): every verdict against the reference
+    flags: list[str] = field(default_factory=list)
+    decision_rule: str | None = None  # DECISION_RULE, worded for the metric
+    decision_target: float | None = None  # the quality time to target was measured to
+    holds_for: dict[str, Any] | None = None  # the train budget and target the answer holds for, and its sentence
+    long_horizon: dict[str, Any] | None = None  # horizon.LongHorizon.to_dict()
+    critical_batch: dict[str, Any] | None = None  # the decision's B_crit fit, stats.CriticalBatchInterval.to_dict()
+    noise_scale: dict[str, Any] | None = None  # B_simple against the training loss (noise_scale_summary)
+    precision_advice: dict[str, Any] | None = None  # decide.PrecisionAdvice.to_dict() when the check ran
+    recipe: dict[str, Any] | None = None  # every optimizer setting of the winning trial, and the snippets
+    extra: dict[str, Any] = field(default_factory=dict)  # keys a newer batchfit wrote, kept on a round trip
 
     @property
     def ranked_on_training_loss(self) -> bool:
@@ -103,9 +121,14 @@ class Recommendation:
         return line + (" (ranked on training loss: no validation data)" if self.ranked_on_training_loss else "")
 
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        """results.json's ``"recommendation"``: the evidence keys first, then any kept from a newer batchfit, then
+        the choice."""
+        evidence = {name: getattr(self, name) for name in _EVIDENCE_KEYS}
+        for name in _EVIDENCE_LISTS:
+            evidence[name] = list(evidence[name])
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_CORE}
         out["reasons"], out["candidates"] = list(self.reasons), list(self.candidates)
-        return {**self.extra, **out}
+        return {**evidence, **self.extra, **out}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Recommendation:
@@ -119,14 +142,17 @@ class Recommendation:
         known.setdefault("reasons", [])
         known.setdefault("candidates", [known["batch_size"]])
         known.setdefault("tolerance", 0.0)
+        for name in _EVIDENCE_LISTS:  # an older file's missing (or null) list: empty
+            known[name] = list(known.get(name) or [])
         return cls(**known, extra={k: v for k, v in data.items() if k not in names})
 
-    # Read-only dict-style access (``rec["batch_size"]``) for code written when this was a dict.
-    def __getitem__(self, key: str) -> Any:
-        return self.to_dict()[key]
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.to_dict().get(key, default)
+# the recommendation's evidence fields, in results.json's order; those that are lists
+_EVIDENCE_KEYS = ("intervals", "tied", "non_inferior", "reference_batch_size", "selection", "flags", "decision_rule",
+                  "decision_target", "holds_for", "long_horizon", "critical_batch", "noise_scale",
+                  "precision_advice", "recipe")
+_EVIDENCE_LISTS = ("intervals", "tied", "non_inferior", "flags")
+_NOT_CORE = frozenset(_EVIDENCE_KEYS) | {"extra"}
 
 
 def as_results(results: Any) -> dict[str, Any]:
@@ -933,7 +959,7 @@ def recommend(
     results: Any,
     find: Mapping[str, Any] | None = None,
     *,
-    tolerance: float = 0.01,
+    tolerance: float | None = None,
 ) -> Recommendation:
     """Turn measured results into a training recommendation with reasons.
 
@@ -944,7 +970,8 @@ def recommend(
         find: the finder's dict (``FindResult.to_dict()``); default: the one in ``results``.
         tolerance: the non-inferiority margin, relative to the reference's quality: a batch size is non-inferior
             when its simultaneous 95 % lower bound on the difference from the reference lies above
-            ``-tolerance x |reference|`` (:data:`DECISION_RULE`).
+            ``-tolerance x |reference|`` (:data:`DECISION_RULE`). Default: the one stored with the results (``tune``
+            stores its own), else :data:`DEFAULT_TOLERANCE`.
 
     Ranks on the sweep's primary metric; a workload without validation data is ranked on its training loss, and the
     first reason says so. New keys (old ones kept): ``intervals`` (per-batch evidence), ``tied``, ``flags``,
@@ -953,8 +980,12 @@ def recommend(
     >>> rec = recommend(load_results("runs/x/batchfit.db"))  # doctest: +SKIP
     >>> rec.batch_size, rec.lr  # doctest: +SKIP
     """
-    checks.fraction("tolerance", tolerance, low_open=False, hint="write e.g. 0.01 for 1 %")
     data = as_results(results)
+    if tolerance is None:
+        stored = data.get("tolerance")
+        number = isinstance(stored, (int, float)) and not isinstance(stored, bool)
+        tolerance = stored if number else DEFAULT_TOLERANCE
+    checks.fraction("tolerance", tolerance, low_open=False, hint="write e.g. 0.01 for 1 %")
     if find is None:
         find = data.get("find")
     metric = metric_of(data)
@@ -998,27 +1029,25 @@ def recommend(
                         precision=precision, framework=data.get("framework"), batch_form=data.get("batch_form"),
                         world_size=world, parallel=parallel)
     reasons.append(_recipe_reason(rec_recipe))
-    extra = {
-        "intervals": [decision.evidence[b].to_dict() for b in sorted(decision.evidence)],
-        "tied": sorted(int(b) for b in decision.choice.tied),
-        "non_inferior": sorted(int(b) for b in decision.choice.tied),
-        "reference_batch_size": decision.reference,
-        "selection": decision.selection.to_dict() if decision.selection is not None else None,
-        "flags": list(decision.flags) + budget_flags(data, decision) + (list(longer.flags) if longer else []),
-        "decision_rule": DECISION_RULE.format(metric=_metric_label(metric)),
-        "decision_target": decision.target,
-        "holds_for": holds,
-        "long_horizon": longer.to_dict() if longer is not None else None,
-        "critical_batch": crit.to_dict() if crit is not None else None,
-        "noise_scale": noise,
-        "precision_advice": advice,
-        "recipe": rec_recipe,
-    }
     return Recommendation(
         batch_size=batch, micro_batch_size=micro, accumulation_steps=acc, lr=lr, warmup_steps=warmup_steps,
         precision=precision, reasons=reasons, candidates=sorted(int(b) for b in decision.choice.tied),
         tolerance=float(tolerance), metric=metric.name, higher_is_better=metric.higher_is_better,
-        world_size=world, parallel=parallel if world > 1 else None, extra=extra,
+        world_size=world, parallel=parallel if world > 1 else None,
+        intervals=[decision.evidence[b].to_dict() for b in sorted(decision.evidence)],
+        tied=sorted(int(b) for b in decision.choice.tied),
+        non_inferior=sorted(int(b) for b in decision.choice.tied),
+        reference_batch_size=decision.reference,
+        selection=decision.selection.to_dict() if decision.selection is not None else None,
+        flags=list(decision.flags) + budget_flags(data, decision) + (list(longer.flags) if longer else []),
+        decision_rule=DECISION_RULE.format(metric=_metric_label(metric)),
+        decision_target=decision.target,
+        holds_for=holds,
+        long_horizon=longer.to_dict() if longer is not None else None,
+        critical_batch=crit.to_dict() if crit is not None else None,
+        noise_scale=noise,
+        precision_advice=advice,
+        recipe=rec_recipe,
     )
 
 

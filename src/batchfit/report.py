@@ -101,24 +101,38 @@ def _rec_dict(results: Mapping[str, Any], recommendation: Any = None) -> Mapping
     return data if isinstance(data, Mapping) else {}
 
 
+def _rec_of(results: Mapping[str, Any], recommendation: Any = None) -> Recommendation | None:
+    """The recommendation (the given one, else the one in ``results`` read back with
+    :meth:`Recommendation.from_dict`); ``None`` without one or when it is not a recommendation."""
+    rec = recommendation if recommendation is not None else results.get("recommendation")
+    if rec is None or isinstance(rec, Recommendation):
+        return rec
+    data = rec.to_dict() if hasattr(rec, "to_dict") else rec
+    try:
+        return Recommendation.from_dict(data) if isinstance(data, Mapping) else None
+    except ConfigError:
+        return None
+
+
 def _evidence_of(results: Mapping[str, Any], recommendation: Any = None) -> dict[int, Mapping[str, Any]]:
     """The decision's per-batch evidence (quality, steps / time to target, seconds per step, each an interval; the
     paired ``difference`` from the reference and its ``verdict``)."""
-    data = _rec_dict(results, recommendation)
-    return {int(e["batch_size"]): e for e in (data.get("intervals") or []) if isinstance(e, Mapping)}
+    rec = _rec_of(results, recommendation)
+    return {int(e["batch_size"]): e for e in (rec.intervals if rec else []) if isinstance(e, Mapping)}
 
 
 def _decision_of(results: Mapping[str, Any], recommendation: Any = None) -> tuple[int | None, set[int]]:
     """The chosen batch size and the non-inferior ones (the reference among them; ``tied`` in older JSON)."""
-    data = _rec_dict(results, recommendation)
-    if not data:
+    rec = _rec_of(results, recommendation)
+    if rec is None:
         return None, set()
-    return data.get("batch_size"), {int(b) for b in data.get("non_inferior") or data.get("tied") or []}
+    return rec.batch_size, {int(b) for b in rec.non_inferior or rec.tied}
 
 
 def _reference_of(results: Mapping[str, Any], recommendation: Any = None) -> int | None:
     """The decision's reference: the batch size with the best fitted quality, every other one is compared with."""
-    ref = _rec_dict(results, recommendation).get("reference_batch_size")
+    rec = _rec_of(results, recommendation)
+    ref = rec.reference_batch_size if rec is not None else None
     return int(ref) if isinstance(ref, int) and not isinstance(ref, bool) else None
 
 
@@ -288,9 +302,8 @@ def _noise_of(results: Mapping[str, Any], recommendation: Any = None, pool: bool
     """B_simple against the training loss: the recommendation's ``noise_scale`` (with the value at its target's
     training loss), else (``pool``) pooled here from every trial's records
     (:func:`batchfit.noise.b_simple_against_loss`), without a value at a target."""
-    rec = recommendation if recommendation is not None else results.get("recommendation")
-    data = (rec.to_dict() if hasattr(rec, "to_dict") else rec) if rec is not None else {}
-    noise = (data or {}).get("noise_scale")
+    rec = _rec_of(results, recommendation)
+    noise = rec.noise_scale if rec is not None else None
     if isinstance(noise, Mapping):
         return dict(noise)
     if not pool:
@@ -631,7 +644,8 @@ def tradeoff_notes(results: Mapping[str, Any], recommendation: Any = None, *,
         lines.append("B / B_simple: the batch over its own runs' B_simple (each run's median, seeds pooled on the log "
                      "scale; not at a stated training loss). Below 1 a step's gradient is mostly noise; well above 1 "
                      "extra samples per step buy little.")
-    sel = _rec_dict(results, recommendation).get("selection") or {}
+    rec = _rec_of(results, recommendation)
+    sel = (rec.selection if rec is not None else None) or {}
     margin = finite_or_none(sel.get("tolerance")) if isinstance(sel, Mapping) else None
     margin_txt = f" (-{_compact(margin)} here)" if margin is not None else ""
     if _evidence_of(results, recommendation):
@@ -1042,9 +1056,9 @@ def _answer(rec: Recommendation | None, interim: bool) -> tuple[str | None, list
     interim report."""
     if rec is None or interim:
         return None, [], None, []
-    holds = ((rec.get("holds_for") or {}).get("text") or "").strip() or None
+    holds = ((rec.holds_for or {}).get("text") or "").strip() or None
     reasons = [r.replace(" " + holds, "").replace(holds, "") if holds else r for r in rec.reasons]
-    return rec.headline(), reasons, holds, [str(f) for f in rec.get("flags") or []]
+    return rec.headline(), reasons, holds, [str(f) for f in rec.flags]
 
 
 def cost_text(results: Mapping[str, Any]) -> str:
@@ -1070,10 +1084,10 @@ def tell_apart_lines(rec: Recommendation | None) -> list[str]:
     if rec is None:
         return []
     lines = []
-    if rec.get("decision_rule"):
-        lines.append(f"Decision rule: {rec.get('decision_rule')}")
-    sel = rec.get("selection") or {}
-    ref = rec.get("reference_batch_size")
+    if rec.decision_rule:
+        lines.append(f"Decision rule: {rec.decision_rule}")
+    sel = rec.selection or {}
+    ref = rec.reference_batch_size
     label = metric_label(Metric(rec.metric, rec.higher_is_better))
     if isinstance(sel, Mapping) and ref is not None:
         non_inferior = [b for b in sel.get("non_inferior") or [] if b != ref]
@@ -1086,7 +1100,7 @@ def tell_apart_lines(rec: Recommendation | None) -> list[str]:
                      f"{_span_text(list(sel.get('undecided') or []))}.")
         lines.append(f"Chosen among batch {ref} and the non-inferior ones on time to target: {rec.batch_size}.")
     else:  # a recommendation made before the non-inferiority rule
-        sizes = [int(b) for b in rec.get("non_inferior") or rec.get("tied") or []]
+        sizes = [int(b) for b in rec.non_inferior or rec.tied]
         if sizes:
             lines.append(f"Batch sizes {_span_text(sizes)} were kept on {label}; chosen among them on time to target: "
                          f"{rec.batch_size}.")
@@ -1094,7 +1108,7 @@ def tell_apart_lines(rec: Recommendation | None) -> list[str]:
 
 
 def _snippets(rec: Recommendation | None) -> dict[str, str]:
-    recipe = (rec.get("recipe") if rec is not None else None) or {}
+    recipe = (rec.recipe if rec is not None else None) or {}
     return dict(recipe.get("snippets") or {})
 
 
@@ -1353,7 +1367,7 @@ def write_report(
     out_dir: str | Path,
     *,
     recommendation: Recommendation | None = None,
-    tolerance: float = 0.01,
+    tolerance: float | None = None,
     plots: bool = True,
     interim: bool | None = None,
 ) -> dict[str, Any]:
@@ -1377,8 +1391,10 @@ def write_report(
         except BatchfitError as exc:
             note = str(exc)
     # the decision's B_crit interval when there is one: the bootstrap is not run a second time (after every trial)
-    data = with_intervals(results, recommendation.extra.get("critical_batch") if recommendation is not None else None)
+    data = with_intervals(results, recommendation.critical_batch if recommendation is not None else None)
     data["recommendation"] = recommendation.to_dict() if recommendation is not None else None
+    if recommendation is not None:  # the margin it was made with, stored with the results
+        data["tolerance"] = recommendation.tolerance
     paths: dict[str, Any] = {"results": write_json(out / "results.json", data)}
     interim = _interim_of(data, recommendation, interim)
     written = make_plots(data, out, interim=interim) if plots else {}

@@ -145,6 +145,7 @@ class TuneResult:
     train_budget: dict[str, Any] | None = None  # what the user will train, the cap, the per-trial budget
     report: dict[str, Any] = field(default_factory=dict)
     seconds: float | None = None
+    tolerance: float | None = None  # the non-inferiority margin the recommendation was made with
 
     def results(self) -> dict[str, Any]:
         """The measurements (the sweep's results and tune's stages) without the recommendation and report."""
@@ -165,6 +166,8 @@ class TuneResult:
             data["batch_schedule_check"] = self.batch_schedule_check
         if self.train_budget is not None:
             data["train_budget"] = self.train_budget
+        if self.tolerance is not None:
+            data["tolerance"] = self.tolerance
         from batchfit.cost import cost_of
 
         data["cost"] = cost_of(data).to_dict()
@@ -190,6 +193,7 @@ class TuneResult:
             recommendation=Recommendation.from_dict(rec) if isinstance(rec, Mapping) else None,
             report=dict(data.get("report") or {}), seconds=data.get("tune_seconds"),
             train_budget=data.get("train_budget") if isinstance(data.get("train_budget"), Mapping) else None,
+            tolerance=data.get("tolerance"),
         )
 
     # Read-only dict-style access (``res["trials"]``) for code written when tune returned a dict.
@@ -514,16 +518,14 @@ def _store(out: Path, stage: str, key: Mapping[str, Any], data: Mapping[str, Any
     write_json(out / STATE_FILE, state)
 
 
-def _save_in_study(storage: str, study_name: str | None, values: Mapping[str, Any]) -> None:
-    """Keep tune's own results in the sweep's study (its tune namespace), so the store alone has everything."""
-    if not study_name:
-        return
-    from batchfit.study.store import open_study, write_namespace
+def _write_stages(out: Path, tolerance: float, stages: Mapping[str, Any]) -> None:
+    """tune's stage results and tolerance in ``out``'s stages file (:data:`batchfit.study.results.STAGES_FILE`),
+    beside the store that holds the trials: ``load_results(out)`` reads both. The store holds trials only."""
+    from batchfit._io import write_json
+    from batchfit.study.results import STAGES_FILE
 
-    study = open_study(storage, study_name)
-    for key, value in values.items():
-        if value is not None:
-            write_namespace(study, key, value)
+    write_json(out / STAGES_FILE, {"tolerance": tolerance, "stages": _jsonable(
+        {k: v for k, v in stages.items() if v is not None})})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1681,6 +1683,7 @@ def _sweep_and_race(a: _TuneArgs, p: _Prepared, stages: Mapping[str, Any]) -> An
     from batchfit.study.store import new_run_id
 
     attrs = _stage_attrs(p, stages)
+    _write_stages(p.out, a.tolerance, attrs)  # before the first trial: a partial study is readable with its stages
     run_id = new_run_id()  # one for the whole tune: retry_failed retries each failed trial once, not per sweep call
 
     def run_sweep(replicates: Mapping[int, int] | None) -> Any:
@@ -1688,7 +1691,7 @@ def _sweep_and_race(a: _TuneArgs, p: _Prepared, stages: Mapping[str, Any]) -> An
             p.wl, batch_sizes=p.sizes, budget=p.bud, lr_rule=a.lr_rule, lr_search=a.lr_search, warmup=a.warmup,
             target=a.target, storage=p.storage, study_name=a.study_name, micro_batch_limit=p.fits, device=a.device,
             precision=a.precision, seed=a.seed, measure_noise=True, sharpness=a.sharpness, eval_every=p.eval_every,
-            retry_failed=a.retry_failed, extra_attrs={k: v for k, v in attrs.items() if v is not None},
+            retry_failed=a.retry_failed,
             progress=_SweepProgress(p.run, a.tolerance, attrs), seeds=a.seeds or 1, replicates=replicates,
             weight_decay_rule=a.weight_decay_rule, run_id=run_id, parallel=a.parallel,
         )
@@ -1717,7 +1720,7 @@ def _conclude(a: _TuneArgs, p: _Prepared, stages: Mapping[str, Any], swept: Any,
     from batchfit.report import write_report
 
     result = TuneResult(sweep=swept, find=stages["find"], noise=stages["noise"], lr_check=stages["lr_check"],
-                        step_time=stages["step_time"], train_budget=p.plan)
+                        step_time=stages["step_time"], train_budget=p.plan, tolerance=a.tolerance)
     try:
         result.recommendation = recommend(result.results(), tolerance=a.tolerance)
     except ConfigError:  # no trial finished: the report still shows what happened, without a recommendation
@@ -1726,7 +1729,7 @@ def _conclude(a: _TuneArgs, p: _Prepared, stages: Mapping[str, Any], swept: Any,
         result.precision_check = _precision_check(p.wl, p.run, result.recommendation, steps=PRECISION_CHECK_STEPS,
                                                   max_samples=allowance("precision", p.total, p.max_cost))
         result.recommendation = recommend(result.results(), tolerance=a.tolerance)
-        _save_in_study(p.storage, result.results().get("study_name"), {"precision_check": result.precision_check})
+        _write_stages(p.out, a.tolerance, {**_stage_attrs(p, stages), "precision_check": result.precision_check})
     if a.batch_schedule_check:  # issue 14.3: the derived batch-size schedule vs the best fixed batch
         from batchfit.schedule_check import tune_stage
 

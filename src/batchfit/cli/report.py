@@ -25,10 +25,10 @@ def add_parser(sub: Any) -> None:
                    help="the study in the store (default: the only one)")
     p.add_argument("--out", type=Path, default=Path("batchfit-out"), metavar="DIR",
                    help="directory for the report (default ./batchfit-out)")
-    p.add_argument("--tolerance", type=c.fraction, default=0.01,
+    p.add_argument("--tolerance", type=c.fraction, default=None,
                    help="the non-inferiority margin: a batch size is non-inferior to the reference (the best) when "
                         "its lower bound on the paired difference lies within this fraction of the reference's "
-                        "metric (default 0.01)")
+                        "metric (default: the one tune decided with, stored with the results, else 0.01)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write results + recommendation as JSON to PATH")
     p.add_argument("--quiet", "-q", action="store_true", help="no table: only the one-line recommendation")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -120,7 +120,7 @@ def print_summary(args: argparse.Namespace, results: dict[str, Any], rec: Any) -
             con.print(f"  [dim]{cost}[/]", highlight=False)
         for r in rec.reasons:
             con.print(f"  - {r}", highlight=False)
-        for f in rec.get("flags") or []:
+        for f in rec.flags:
             con.print(f"  [yellow]Flag:[/] {f}", highlight=False)
     else:
         what = "training-loss" if results.get("primary_metric") == "train_loss" else "validation"

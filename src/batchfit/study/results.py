@@ -21,6 +21,7 @@ import json
 import math
 import statistics
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from batchfit.critical import fit_critical_batch, pooled_points, seed_points
@@ -167,6 +168,7 @@ class SweepResult(Mapping[str, Any]):
     # against the training loss instead (batchfit.noise.b_simple_against_loss)
     b_simple: float | None = None
     tune: dict[str, Any] = dataclasses.field(default_factory=dict)
+    tolerance: float | None = None  # the non-inferiority margin tune decided with (its stages.json); None: not known
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     # -- derived ---------------------------------------------------------------------------------------------
@@ -237,6 +239,8 @@ class SweepResult(Mapping[str, Any]):
             out.setdefault(key, value)
         out["micro_batch_limit"] = self.micro_batch_limit
         out["status"] = self.status
+        if self.tolerance is not None:
+            out["tolerance"] = self.tolerance
         for key, value in self.extra.items():
             out.setdefault(key, value)
         return out
@@ -440,14 +444,54 @@ def build_results(study: Any, storage_url: str, target: Any = None) -> SweepResu
     )
 
 
-def load_results(storage: str | Any, study_name: str | None = None, *, target: float | str | None = None
-                 ) -> SweepResult:
-    """Rebuild a sweep's :class:`SweepResult` from its store alone (``batchfit report STORE``), with every
-    tune-level result stored in the study's namespace (``result.tune``: find, noise, LR check, precision).
+STAGES_FILE = "stages.json"  # tune's stage results and tolerance, in its out_dir beside the store
 
-    ``study_name`` may be left out when the store holds one study. ``target`` recomputes steps-to-target for
-    another target than the one stored.
+
+def load_results(storage: str | Any, study_name: str | None = None, *, target: float | str | None = None,
+                 out_dir: str | Path | None = None) -> SweepResult:
+    """Rebuild a sweep's :class:`SweepResult`: its trials from the store, and tune's stages (find, noise, LR
+    check, step time, precision check, the train budget) and tolerance from ``tune``'s out_dir.
+
+    ``storage``: an Optuna storage URL, or ``tune``'s (or ``sweep``'s) out_dir, whose ``batchfit.db`` holds the
+    trials and whose :data:`STAGES_FILE` holds tune's stages. ``out_dir``: where the stages are when the trials are
+    in another store (``tune(storage="postgresql://...")``). A study written by an older batchfit kept tune's
+    stages in its namespace; they are read from there when there is no stages file. ``study_name`` may be left
+    out when the store holds one study. ``target`` recomputes steps-to-target for another target than the one
+    stored.
     """
+    if isinstance(storage, (str, Path)) and "://" not in str(storage) and Path(storage).is_dir():
+        folder = Path(storage)
+        out_dir = folder if out_dir is None else out_dir
+        if not (folder / "batchfit.db").is_file():
+            raise ConfigError(f"{str(folder)!r} holds no batchfit.db; give the store's URL, with "
+                              f"out_dir={str(folder)!r} for tune's stages")
+        storage = f"sqlite:///{(folder / 'batchfit.db').resolve()}"
+    result = _load_store(storage, study_name, target)
+    if out_dir is None:
+        return result
+    stages, tolerance = read_stages(Path(out_dir))
+    if not stages and tolerance is None:
+        return result
+    return dataclasses.replace(result, tune={**result.tune, **stages}, tolerance=tolerance)
+
+
+def read_stages(out_dir: Path) -> tuple[dict[str, Any], float | None]:
+    """``(tune's stages, its tolerance)`` from ``out_dir``'s :data:`STAGES_FILE` (empty and None without one)."""
+    path = out_dir / STAGES_FILE
+    if not path.is_file():
+        return {}, None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{str(path)!r} is not readable JSON ({exc}); delete it and run tune again") from None
+    if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
+        raise ConfigError(f"{str(path)!r} is not a stages file written by tune; delete it and run tune again")
+    tol = data.get("tolerance")
+    tol = float(tol) if isinstance(tol, (int, float)) and not isinstance(tol, bool) else None
+    return {k: v for k, v in (data.get("stages") or {}).items() if v is not None}, tol
+
+
+def _load_store(storage: str | Any, study_name: str | None, target: float | str | None) -> SweepResult:
     url = mask_url(storage if isinstance(storage, str) else type(storage).__name__)
     if isinstance(storage, str):  # read-only first: opening with Optuna would re-create a dropped table
         file = sqlite_file(normalize_url(storage))
