@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -68,13 +69,45 @@ def _per_batch_best(grid: dict[str, Any], higher: bool) -> dict[int, dict[str, A
     return out
 
 
+def fitted_best_lr(grid: dict[str, Any], batch: int, higher: bool = True) -> float:
+    """The reference's best LR at ``batch``, from the seed means of every LR tried there: the vertex of the
+    parabola through the best LR and its two neighbours in log2(LR) (grid points a factor 2 apart cannot place the
+    best LR closer than x2, the argmax of noisy means can land on either of two tied neighbours), kept between those
+    neighbours; the argmax itself when it is at the edge of the LRs tried or the three points do not bend down."""
+    pts = sorted((math.log2(c["lr"]), c["quality_mean"] if higher else -c["quality_mean"])
+                 for c in grid["configs"] if int(c["batch_size"]) == batch)
+    i = max(range(len(pts)), key=lambda j: pts[j][1])
+    if i == 0 or i == len(pts) - 1:
+        return 2.0 ** pts[i][0]
+    (x0, y0), (x1, y1), (x2, y2) = pts[i - 1], pts[i], pts[i + 1]
+    denom = (x0 - x1) * (x0 - x2) * (x1 - x2)
+    a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / denom
+    b = (x2 * x2 * (y0 - y1) + x1 * x1 * (y2 - y0) + x0 * x0 * (y1 - y2)) / denom
+    if a >= 0:
+        return 2.0 ** x1
+    return 2.0 ** min(max(-b / (2 * a), x0), x2)
+
+
 def judge(grid: dict[str, Any], tol: float, higher: bool = True) -> dict[str, Any]:
     best = grid["best"]["quality"]
     per = _per_batch_best(grid, higher)
     bound = best * (1 - tol) if higher else best * (1 + tol)
     ok = sorted(b for b, c in per.items() if (c["quality_mean"] >= bound if higher else c["quality_mean"] <= bound))
-    return {"best": grid["best"], "non_inferior": ok, "best_lr_by_batch": {b: per[b]["lr"] for b in sorted(per)},
+    return {"best": grid["best"], "non_inferior": ok,
+            "best_lr_by_batch": {b: fitted_best_lr(grid, b, higher) for b in sorted(per)},
+            "argmax_lr_by_batch": {b: per[b]["lr"] for b in sorted(per)},
             "quality_by_batch": {b: per[b]["quality_mean"] for b in sorted(per)}}
+
+
+def _lr_factors(t: dict[str, Any], verdict: dict[str, Any]) -> None:
+    """A tune's LR against the reference's best LR at its batch: fitted (the verdict) and the grid's argmax."""
+    b, lr = t.get("batch_size"), t.get("lr")
+    if not b or not lr:
+        return
+    for key, table in (("lr_factor_from_reference", "best_lr_by_batch"),
+                       ("lr_factor_from_reference_argmax", "argmax_lr_by_batch")):
+        ref = verdict[table].get(b, verdict[table].get(str(b)))
+        t[key] = None if ref is None else max(lr / ref, ref / lr)
 
 
 def one_tune(spec: str, options: dict[str, Any], budget: str, cap: float, seed: int, out: Path) -> dict[str, Any]:
@@ -134,11 +167,10 @@ def main(argv: list[str] | None = None) -> int:
                     qs = score["qualities"]
                     iv = mean_interval(qs) if len(qs) >= 2 else None
                     best = verdict["best"]["quality"]
-                    ref_lr = verdict["best_lr_by_batch"].get(b)
                     t.update(quality=score, quality_interval=None if iv is None else iv.to_dict(),
                              relative_gap_to_best=(best - score["quality_mean"]) / abs(best),
-                             batch_non_inferior=b in verdict["non_inferior"],
-                             lr_factor_from_reference=None if ref_lr is None else max(lr / ref_lr, ref_lr / lr))
+                             batch_non_inferior=b in verdict["non_inferior"])
+                    _lr_factors(t, verdict)
                 tunes.append(t)
                 print(f"[{name}] cap {cap:g} seed {seed}: batch {t['batch_size']} LR {t['lr'] or float('nan'):.4g} "
                       f"cost {t['runs']:.2f} runs, gap {t.get('relative_gap_to_best', float('nan')):.2%}, "
@@ -161,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{name}] under load, cap {cap:g} seed 0: batch {loaded['batch_size']} LR {loaded['lr']:.4g}, "
                   f"cost {loaded['runs']:.2f} runs, same as quiet: {loaded['same_as_quiet']}", flush=True)
             write_json(args.out, report)
+        if verdict is not None:  # every tune judged against this verdict (a rerun re-judges the stored tunes)
+            for t in [*tunes, *([out["loaded"]] if "loaded" in out else [])]:
+                _lr_factors(t, verdict)
         by_cap: dict[str, Any] = {}
         for cap in sorted({t["cap"] for t in tunes}):
             ts = [t for t in tunes if t["cap"] == cap and t["batch_size"]]
@@ -174,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                 "worst_gap": max(t.get("relative_gap_to_best", float("inf")) for t in ts),
                 "all_non_inferior": all(t.get("batch_non_inferior") for t in ts),
                 "worst_lr_factor": max((t.get("lr_factor_from_reference") or float("inf")) for t in ts),
+                "worst_lr_factor_argmax": max((t.get("lr_factor_from_reference_argmax") or float("inf"))
+                                              for t in ts),
                 "batch_within_x2": all(med / 2 <= b <= med * 2 for b in bs)}
         out["summary"] = by_cap
         write_json(args.out, report)

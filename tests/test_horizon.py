@@ -111,14 +111,14 @@ def test_the_recommendation_is_for_the_train_budget_not_the_measured_horizon() -
                "best_per_batch": [], "lr_rule": "linear", "target": {"kind": "fraction", "fraction": 0.97},
                "train_budget": {"budget": "samples:320000", "samples": 320_000, "measurement_samples": h}}
     rec = recommend(results, tolerance=0.005)
-    longer = rec.get("long_horizon")
+    longer = rec.long_horizon
     assert longer is not None and longer["batch"] == rec.batch_size == 512
-    short = rec.get("reference_batch_size")
+    short = rec.reference_batch_size
     assert short < 512 and "moves from the short-horizon choice" in rec.reasons[0]
-    assert any(f.startswith("short horizon") for f in rec.get("flags"))
+    assert any(f.startswith("short horizon") for f in rec.flags)
     # measured at the whole train budget: no extrapolation, the short answer stands
     same = dict(results, train_budget={"budget": "samples:40000", "samples": 40_000, "measurement_samples": h})
-    assert recommend(same, tolerance=0.005).get("long_horizon") is None
+    assert recommend(same, tolerance=0.005).long_horizon is None
 
 
 def test_b_simple_cross_checks_the_growth_of_the_critical_batch() -> None:

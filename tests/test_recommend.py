@@ -42,33 +42,33 @@ def test_non_inferior_batch_sizes_are_broken_on_time_to_target_and_said_so() -> 
     trials = [_trial(b, 0.95 + 0.001 * rng.standard_normal(), seed=s, steps_to_target=STEPS[b] * rng.lognormal(0, .05))
               for b in STEPS for s in range(3)]
     rec = recommend(_results(trials))
-    assert rec.get("tied") == [16, 32, 64, 128, 256] == rec.candidates == rec.get("non_inferior")
+    assert rec.tied == [16, 32, 64, 128, 256] == rec.candidates == rec.non_inferior
     # step time 1 ms + 0.1 ms x B: time to target S(B) t(B) is least near B = 32-64
     assert rec.batch_size in (32, 64)
-    assert f"are non-inferior to batch {rec.get('reference_batch_size')}" in rec.reasons[0]
+    assert f"are non-inferior to batch {rec.reference_batch_size}" in rec.reasons[0]
     assert "batch sizes 16\u2013256" in rec.reasons[0]
     assert "chosen on time to target" in rec.reasons[0] and "faster than" in rec.reasons[0]
-    assert not any("undecided" in f for f in rec.get("flags"))
-    assert "the largest of them is chosen" in rec.get("decision_rule")
-    ev = {e["batch_size"]: e for e in rec.get("intervals")}
+    assert not any("undecided" in f for f in rec.flags)
+    assert "the largest of them is chosen" in rec.decision_rule
+    ev = {e["batch_size"]: e for e in rec.intervals}
     assert set(ev) == set(STEPS) and all(e["seeds"] == 3 and e["quality"]["low"] is not None for e in ev.values())
     assert {e["verdict"] for e in ev.values()} == {"reference", "non-inferior"}
-    assert rec.get("selection")["critical"] > 2  # max-t over 4 comparisons: above the single t quantile
+    assert rec.selection["critical"] > 2  # max-t over 4 comparisons: above the single t quantile
 
 
 def test_a_clear_winner_is_chosen_on_quality_beyond_the_noise() -> None:
     trials = [_trial(b, q + 0.001 * s, seed=s) for b, q in ((16, 0.80), (64, 0.95), (256, 0.85)) for s in range(3)]
     rec = recommend(_results(trials))
-    assert rec.batch_size == 64 and rec.get("tied") == [64]
+    assert rec.batch_size == 64 and rec.tied == [64]
     assert "no other batch size was shown non-inferior" in rec.reasons[0]
     assert "16, 256 worse beyond the tolerance" in rec.reasons[0]
-    assert not any("edge of range" in f for f in rec.get("flags"))
+    assert not any("edge of range" in f for f in rec.flags)
 
 
 def test_a_winner_at_the_edge_of_the_tried_range_is_flagged() -> None:
     trials = [_trial(b, q + 0.001 * s, seed=s) for b, q in ((16, 0.95), (64, 0.90), (256, 0.85)) for s in range(3)]
     rec = recommend(_results(trials))
-    assert rec.batch_size == 16 and any("edge of range" in f and "smallest" in f for f in rec.get("flags"))
+    assert rec.batch_size == 16 and any("edge of range" in f and "smallest" in f for f in rec.flags)
 
 
 def test_one_seed_chooses_the_best_estimate_and_flags_the_faster_undecided() -> None:
@@ -77,15 +77,15 @@ def test_one_seed_chooses_the_best_estimate_and_flags_the_faster_undecided() -> 
     trials = [_trial(16, 0.955, steps_to_target=800), _trial(64, 0.947, steps_to_target=230),
               _trial(256, 0.80, steps_to_target=100)]
     rec = recommend(_results(trials, num_val=360))
-    assert rec.batch_size == 16 and rec.get("tied") == [16]
-    assert any(f.startswith("undecided: batch size 64 ") for f in rec.get("flags")), rec.get("flags")
+    assert rec.batch_size == 16 and rec.tied == [16]
+    assert any(f.startswith("undecided: batch size 64 ") for f in rec.flags), rec.flags
     assert "undecided at this number of seeds" in rec.reasons[0]
 
 
 def test_tolerance_is_the_non_inferiority_margin() -> None:
     trials = [_trial(b, q + 0.0005 * s, seed=s) for b, q in ((16, 0.950), (64, 0.944)) for s in range(3)]
-    assert recommend(_results(trials), tolerance=0.0).get("tied") == [16]  # 64 is worse: not non-inferior at 0
-    assert recommend(_results(trials), tolerance=0.02).get("tied") == [16, 64]  # within the practical margin
+    assert recommend(_results(trials), tolerance=0.0).tied == [16]  # 64 is worse: not non-inferior at 0
+    assert recommend(_results(trials), tolerance=0.02).tied == [16, 64]  # within the practical margin
 
 
 def test_reruns_with_other_seeds_agree() -> None:
@@ -110,7 +110,7 @@ def test_critical_batch_interval_from_seeds() -> None:
     rng = np.random.default_rng(1)
     trials = [_trial(b, 0.95, seed=s, steps_to_target=60 * (1 + 200 / b) * rng.lognormal(0, 0.05))
               for b in (16, 32, 64, 128, 256, 512) for s in range(3)]
-    crit = recommend(_results(trials)).get("critical_batch")
+    crit = recommend(_results(trials)).critical_batch
     iv = crit["b_crit"]
     assert iv["low"] < 200 < iv["high"] and crit["support"] == [16, 512] and crit["extrapolated"] is False
     two = critical_interval(_results([t for t in trials if t["batch_size"] <= 64]))
@@ -188,7 +188,7 @@ def test_precision_follows_repeated_timings(bf16_time: float, mem: int, loss: fl
                                     list(rng.lognormal(0, 0.05, 10) * 0.01 * bf16_time), mem=mem, loss=loss)
     rec = recommend(res)
     assert rec.precision == expected and words in rec.reasons[4], rec.reasons[4]
-    assert rec.get("precision_advice")["precision"] == expected
+    assert rec.precision_advice["precision"] == expected
 
 
 def test_one_throughput_reading_is_no_speedup() -> None:
@@ -303,10 +303,20 @@ def test_recommendation_round_trips_through_its_json_form() -> None:
             "decision_target", "critical_batch", "noise_scale", "precision_advice", "recipe"} == set(data)
     assert json.loads(json.dumps(data)) == data  # plain JSON
     assert Recommendation.from_dict(data) == rec
-    # keys a newer batchfit writes (intervals) survive a round trip; old dict-style reads still work
+    assert list(Recommendation.from_dict(data).to_dict()) == list(data)  # the same keys in the same order
+    # the decision's evidence is typed fields, not dict entries
+    assert rec.extra == {} and rec.tied == data["tied"] and rec.critical_batch == data["critical_batch"]
+    assert rec.recipe is not None and rec.recipe["snippets"] and rec.decision_rule == data["decision_rule"]
+    # keys a newer batchfit writes survive a round trip, in ``extra``
     newer = dict(data, batch_size_interval=[32, 128])
     again = Recommendation.from_dict(newer)
-    assert again.to_dict() == newer and again["batch_size"] == 64 and again.get("nope", 1) == 1
+    assert again.to_dict() == newer and again.batch_size == 64 and again.extra == {"batch_size_interval": [32, 128]}
+    assert not hasattr(again, "get") and not hasattr(again, "__getitem__")  # no dict-style access
+    # a recommendation from before the evidence fields: loads, with empty evidence
+    old = {k: data[k] for k in ("batch_size", "micro_batch_size", "accumulation_steps", "lr", "precision")}
+    older = Recommendation.from_dict(old)
+    assert older.tied == [] and older.flags == [] and older.critical_batch is None and older.extra == {}
+    assert {k: v for k, v in older.to_dict().items() if k in old} == old
     with pytest.raises(ConfigError, match="needs lr"):
         Recommendation.from_dict({k: v for k, v in data.items() if k != "lr"})
 
@@ -345,7 +355,7 @@ def test_the_recipe_carries_every_optimizer_setting_and_snippets() -> None:
     trials = [_trial(b, 0.95, seed=s, optimizer=optimizer_settings(opt), grad_clip=1.0, lr_schedule="CosineAnnealingLR")
               for b in (16, 64) for s in range(2)]
     rec = recommend(_results(trials, framework="lightning"))
-    r = rec.get("recipe")
+    r = rec.recipe
     assert r["optimizer"]["class"] == "AdamW" and r["optimizer"]["betas"] == [0.8, 0.99]
     assert r["optimizer"]["eps"] == 1e-7 and r["optimizer"]["weight_decay"] == 0.05
     assert r["grad_clip"] == 1.0 and r["lr_schedule"] == "CosineAnnealingLR" and r["lr"] == rec.lr
@@ -355,13 +365,13 @@ def test_the_recipe_carries_every_optimizer_setting_and_snippets() -> None:
     compile(py, "snippet", "exec")  # valid Python
     assert "accumulate_grad_batches=1" in r["snippets"]["lightning"] and "keras" not in r["snippets"]
     assert "betas (0.8, 0.99)" in rec.reasons[-1]
-    keras = recommend(_results(trials, framework="keras")).get("recipe")["snippets"]["keras"]
+    keras = recommend(_results(trials, framework="keras")).recipe["snippets"]["keras"]
     assert "keras.optimizers.AdamW(learning_rate=" in keras and "beta_1=0.8" in keras and "epsilon=1e-07" in keras
 
 
 def test_a_study_without_recorded_optimizer_settings_says_so() -> None:
     rec = recommend(make_results())
-    r = rec.get("recipe")
+    r = rec.recipe
     assert r["optimizer"] is None and "did not record" in r["note"] and set(r["snippets"]) == {"pytorch"}
 
 
@@ -369,7 +379,7 @@ def test_a_tied_batch_that_never_reached_the_target_is_the_slowest_not_a_reason_
     trials = [_trial(b, 0.95 + 0.001 * s, seed=s, steps_to_target=None if b == 16 else STEPS[b])
               for b in (16, 32, 64) for s in range(3)]
     rec = recommend(_results(trials))
-    assert rec.get("tied") == [16, 32, 64] and rec.batch_size in (32, 64)
+    assert rec.tied == [16, 32, 64] and rec.batch_size in (32, 64)
     assert "chosen on time to target" in rec.reasons[0] and "16 did not reach the target" in rec.reasons[0]
 
 
@@ -394,7 +404,7 @@ def test_a_recipe_outside_the_rules_range_says_the_betas_are_part_of_it() -> Non
     assert OUTSIDE_RANGE == "outside the rule's range: the betas are part of the recipe"
     assert OUTSIDE_RANGE in rec.reasons[2] and OUTSIDE_RANGE in rec.reasons[-1]
     assert "betas (0.5, 0.984" in rec.reasons[-1] and "held at 0.5" in rec.reasons[-1]
-    r = rec.get("recipe")
+    r = rec.recipe
     assert r["outside_rule_range"] is True and r["lr_scaling"]["outside_range"] is True
     assert r["snippets"]["pytorch"].splitlines()[1].startswith(f"# {OUTSIDE_RANGE}")
     text = " ".join(rec.reasons)
@@ -403,7 +413,7 @@ def test_a_recipe_outside_the_rules_range_says_the_betas_are_part_of_it() -> Non
     inside_rec = recommend(_results([dict(t, batch_size=32) for t in trials[2:]] + [
         _trial(64, 0.5, seed=0, lr_rule="adam-sqrt", optimizer=optimizer_settings(opt_in),
                lr_scaling=inside.to_dict())], lr_rule="adam-sqrt"))
-    assert OUTSIDE_RANGE not in " ".join(inside_rec.reasons) and "outside_rule_range" not in inside_rec.get("recipe")
+    assert OUTSIDE_RANGE not in " ".join(inside_rec.reasons) and "outside_rule_range" not in inside_rec.recipe
 
 
 def test_an_older_studys_clipped_beta1_is_not_presented_as_the_rules() -> None:
@@ -438,7 +448,7 @@ def test_the_b_simple_sentence_is_the_pooled_value_at_the_target_loss_and_labels
 
     res = _noisy_results()
     rec = recommend(res)
-    noise = rec.get("noise_scale")
+    noise = rec.noise_scale
     # the fixture's trials meet the target at their second evaluation, where the training loss is 0.5
     assert noise["loss_source"] == "target" and noise["train_loss"] == pytest.approx(0.5)
     expected = b_simple_at_loss(noise_records(res["trials"]), 0.5)
@@ -465,7 +475,7 @@ def test_without_the_target_reached_the_b_simple_sentence_says_it_is_at_the_end_
     for t in res["trials"]:
         t["steps_to_target"] = None
     rec = recommend(res)
-    noise = rec.get("noise_scale")
+    noise = rec.noise_scale
     assert noise["loss_source"] == "end_of_run" and noise["train_loss"] == pytest.approx(0.25)  # the last record
     sentence = next(r for r in rec.reasons if r.startswith("Gradient noise scale"))
     assert "at training loss 0.25" in sentence and "at the end of its run" in sentence
@@ -475,7 +485,7 @@ def test_a_study_without_noise_records_quotes_no_b_simple_at_a_loss() -> None:
     res = make_results()  # per-trial medians only: nothing to pool against the training loss
     res["b_simple"] = 266.0
     rec = recommend(res)
-    assert rec.get("noise_scale")["at_loss"] is None
+    assert rec.noise_scale["at_loss"] is None
     assert "266" not in " ".join(rec.reasons)
     assert any("B_simple at initialisation is 55" in r for r in rec.reasons)
 
@@ -483,7 +493,7 @@ def test_a_study_without_noise_records_quotes_no_b_simple_at_a_loss() -> None:
 def test_the_recommendation_says_which_budget_and_target_it_holds_for() -> None:
     """Issue 19.9: the chosen batch depends on the budget and the target; the first reason and the JSON say which."""
     rec = recommend(make_results())
-    holds = rec.get("holds_for")
+    holds = rec.holds_for
     assert holds["budget"] == "epochs:4" and holds["target"] == pytest.approx(0.92)  # the recorded target
     assert holds["target_fraction"] == 0.97
     assert "It holds for a budget of epochs:4 per run and the target accuracy" in rec.reasons[0]

@@ -112,9 +112,9 @@ def test_report_renders_everything(tmp_path: Path) -> None:
     rec = paths["recommendation"]
     # the box: the headline, every reason, the sentence saying what the answer holds for, the flags
     assert parser.rec_text[0] == rec.headline() and rec.headline().startswith("batch 64 = micro-batch 64 x 1")
-    assert parser.rec_text[-1].startswith("Flag: B_crit") and len(rec.get("flags")) == 1
+    assert parser.rec_text[-1].startswith("Flag: B_crit") and len(rec.flags) == 1
     assert len(parser.rec_text) == 1 + len(rec.reasons) + 1 + 1
-    assert parser.rec_text[-2] == rec.get("holds_for")["text"]
+    assert parser.rec_text[-2] == rec.holds_for["text"]
     assert page.index('<div class="rec">') < page.index('<table class="tradeoff">')
     assert page.count('class="pick"') == 1 and '<tr class="pick"><td>64</td>' in page
     # markdown: the recommendation, then the trade-off table with one row per batch size, plots, details
@@ -270,9 +270,9 @@ def test_the_report_says_what_the_data_can_and_cannot_tell_apart(tmp_path: Path)
     wording ("tied", "cannot be told apart", "apart")."""
     paths = write_report(_seeded_results(), tmp_path, plots=False)
     rec = paths["recommendation"]
-    sel = rec.get("selection")
-    assert rec.get("reference_batch_size") == 16 and sel["inferior"] == [128]
-    assert rec.get("non_inferior") == [16, 32] and sel["undecided"] == [64] and rec.batch_size == 32
+    sel = rec.selection
+    assert rec.reference_batch_size == 16 and sel["inferior"] == [128]
+    assert rec.non_inferior == [16, 32] and sel["undecided"] == [64] and rec.batch_size == 32
     md = (tmp_path / "report.md").read_text()
     assert "## What the data can and cannot tell apart" in md and "Decision rule:" in md
     assert "are non-inferior to batch 16" in md and "chosen on time to target" in md
@@ -341,7 +341,7 @@ def test_results_json_intervals_round_trip(tmp_path: Path) -> None:
     assert Interval.from_dict(crit["interval"]).known and isinstance(crit["extrapolated"], bool)
     rec = Recommendation.from_dict(data["recommendation"])
     assert rec.to_dict() == data["recommendation"]
-    ivs = {e["batch_size"]: Interval.from_dict(e["quality"]) for e in rec.get("intervals")}
+    ivs = {e["batch_size"]: Interval.from_dict(e["quality"]) for e in rec.intervals}
     assert all(iv.known and iv.n == 3 for iv in ivs.values())
     assert ivs[128].high < ivs[16].low  # 128 is apart
     # the report rebuilt from its own results.json gives the same recommendation
@@ -387,7 +387,7 @@ def test_summary_table_gives_every_trade_off_number_an_interval_over_two_seeds()
         assert header[col] == f"{name} (95 % interval)"
         assert all(re.fullmatch(_INTERVAL_TEXT, row[col]) for row in body), (name, [row[col] for row in body])
     rows = {r["batch_size"]: r for r in summary_rows(res, rec)}
-    evidence = {e["batch_size"]: e for e in rec.get("intervals")}
+    evidence = {e["batch_size"]: e for e in rec.intervals}
     for b, r in rows.items():
         sec = evidence[b]["seconds_per_step"]  # samples/s = B / seconds per step: the ends swap
         sps = r["samples_per_s_interval"]
@@ -430,7 +430,7 @@ def test_summary_table_says_no_interval_with_one_seed() -> None:
         assert all(row[col].endswith(" (no interval)") for row in body), (name, [row[col] for row in body])
     assert [row[_column(header, "val - train(eval) loss")] for row in body] == [
         f"{0.02 * b ** 0.25:+.3f} (no interval)" for b in (16, 32, 64, 128)]
-    evidence = {e["batch_size"]: e for e in rec.get("intervals")}
+    evidence = {e["batch_size"]: e for e in rec.intervals}
     steps = _column(header, "steps to target")
     assert [row[steps] for row in body] == [_iv_text(evidence[b]["steps_to_target"], ".0f") for b in (16, 32, 64, 128)]
     sps = _column(header, "samples/s")
@@ -520,10 +520,10 @@ def test_the_generalization_column_is_the_paired_difference_from_the_reference_b
 
     res = _paired_results()
     rec = recommend(res)
-    ref = rec.get("reference_batch_size")
+    ref = rec.reference_batch_size
     assert ref == 16 and rec.batch_size != ref  # 16 is the best; a faster non-inferior one is chosen
     rows = {r["batch_size"]: r for r in summary_rows(res, rec)}
-    evidence = {e["batch_size"]: e for e in rec.get("intervals")}
+    evidence = {e["batch_size"]: e for e in rec.intervals}
     metric = Metric("accuracy", True)
     q = {(t["batch_size"], t["seed"]): quality_of_trial(t, metric) for t in res["trials"]}
     for b, r in rows.items():
@@ -588,7 +588,7 @@ def test_the_report_divides_by_b_simple_at_the_target_loss_and_labels_the_initia
     res["b_simple"] = 266.0  # the old median over the runs
     paths = write_report(res, tmp_path, plots=True)
     rec = paths["recommendation"]
-    at = rec.get("noise_scale")["at_loss"]["b_simple"]
+    at = rec.noise_scale["at_loss"]["b_simple"]
     assert 0 < at["low"] < at["estimate"] < at["high"] and at["estimate"] == pytest.approx(100.0, rel=0.15)
     header, body = summary_table(json.loads((tmp_path / "results.json").read_text()), rec)
     col = _column(header, "B / B_simple")
@@ -621,12 +621,12 @@ def test_the_report_opens_with_the_recommendation_then_the_trade_off(tmp_path: P
                                  "What the data can and cannot tell apart"]
     first = md[md.index("## Recommendation"):md.index("## The trade-off")]
     lines = [line for line in first.splitlines()[1:] if line.strip()]
-    holds = rec.get("holds_for")["text"]
+    holds = rec.holds_for["text"]
     assert lines[0] == f"**{rec.headline()}**"
     assert lines[1].startswith("- Effective batch 64: batch sizes 16\u201364 are non-inferior to batch 16")
-    assert len(lines) == 1 + len(rec.reasons) + 1 + len(rec.get("flags"))
+    assert len(lines) == 1 + len(rec.reasons) + 1 + len(rec.flags)
     assert lines[1 + len(rec.reasons)] == holds and first.count(holds) == 1
-    assert lines[-1] == f"- Flag: {rec.get('flags')[0]}"
+    assert lines[-1] == f"- Flag: {rec.flags[0]}"
     assert md.index("**batch 64") < md.index("| batch | peak memory")  # the answer before any table
 
 

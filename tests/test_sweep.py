@@ -816,7 +816,7 @@ def test_the_printed_critical_batch_is_the_one_the_decision_uses(tmp_path: Path)
     assert data["critical_batch_size"]["b_crit"] == pytest.approx(decision.critical.b_crit.estimate, rel=1e-9)
     assert data["target"]["value"] == pytest.approx(decision.target, rel=1e-12)
     rec = recommend(data)
-    assert rec.get("critical_batch")["b_crit"]["estimate"] == pytest.approx(decision.critical.b_crit.estimate)
+    assert rec.critical_batch["b_crit"]["estimate"] == pytest.approx(decision.critical.b_crit.estimate)
 
 
 def test_a_trial_records_the_optimizers_own_settings_and_peak_lr_not_its_schedules(tmp_path: Path) -> None:

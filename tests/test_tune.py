@@ -373,7 +373,7 @@ def test_seeds_forces_n_seeds_everywhere(tmp_path: Path) -> None:
     res = tune(make_tiny_workload(), out_dir=tmp_path, seeds=2, **TINY)
     trials = res.to_dict()["trials"]
     assert sorted((t["batch_size"], t["seed"]) for t in trials) == [(8, 0), (8, 1), (16, 0), (16, 1)]
-    assert {e["batch_size"]: e["seeds"] for e in res.recommendation.get("intervals")} == {8: 2, 16: 2}
+    assert {e["batch_size"]: e["seeds"] for e in res.recommendation.intervals} == {8: 2, 16: 2}
     with pytest.raises(ConfigError, match="seeds"):
         tune(make_tiny_workload(), out_dir=tmp_path / "x", seeds=0, **TINY)
 
