@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchfit.demos import ArrayDataset
-from batchfit.engine import evaluate, train
+from batchfit.engine import TrainResult, evaluate, train
 from batchfit.errors import ConfigError, DataError, WorkloadError
 from conftest import make_tiny_workload
 
@@ -144,6 +145,19 @@ def test_generalization_gap_and_throughput(tiny_workload) -> None:
     for key in ("workload", "batch_size", "micro_batch_size", "accumulation_steps", "lr", "lr_rule", "precision",
                 "history", "peak_memory_bytes", "diverged", "seconds"):
         assert key in d
+
+
+def test_train_result_round_trips_through_its_json_form(tiny_workload) -> None:
+    r = train(tiny_workload, batch_size=16, epochs=2, warmup=2)
+    d = r.to_dict()
+    assert r.extras and set(r.extras) <= set(d)  # what the run added (train_eval_samples, ...) is in the JSON
+    again = TrainResult.from_dict(json.loads(json.dumps(d)))
+    assert again == r and again.to_dict() == d and list(again.to_dict()) == list(d)
+    assert again.final == r.final and again.history is not d["history"]
+    newer = dict(d, from_a_newer_batchfit=[1, 2])  # an unknown key survives, in extras
+    assert TrainResult.from_dict(newer).to_dict() == newer
+    with pytest.raises(ConfigError, match="needs batch_size"):
+        TrainResult.from_dict({k: v for k, v in d.items() if k != "batch_size"})
 
 
 def test_bf16_on_cpu_trains(tiny_workload) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch.nn.functional as F
 from torch import nn
 
+from batchfit.decide import PrecisionCheck, PrecisionRun
 from batchfit.errors import ConfigError
 from batchfit.progress import ProgressEvent
 from batchfit.recommend import Recommendation, recommend
@@ -388,21 +389,59 @@ def test_precision_check_interleaves_repeated_timings(tmp_path: Path, monkeypatc
     order: list[str] = []
     rng = np.random.default_rng(0)
 
-    def fake_round(workload: Any, run: Any, rec: Any, precision: str, steps: int, dev: Any) -> dict[str, Any]:
+    def fake_round(workload: Any, run: Any, rec: Any, precision: str, steps: int, dev: Any) -> PrecisionRun:
         order.append(precision)
         t = 0.01 * rng.lognormal(0, 0.3)  # the same speed, a noisy machine
-        return {"status": "ok", "step_seconds": t, "samples_per_s": rec.batch_size / t, "peak_memory_bytes": None,
-                "train_loss": 0.5, "val_loss": 0.6, "seconds": 0.1}
+        return PrecisionRun("ok", step_seconds=t, samples_per_s=rec.batch_size / t, peak_memory_bytes=None,
+                            train_loss=0.5, val_loss=0.6, seconds=0.1)
 
     monkeypatch.setattr(tuning, "_precision_round", fake_round)
     rec = recommend(__import__("_study_fixture").make_results())
     run = _Run(tmp_path, None, {}, "cpu", "fp32", 0)
     check = tuning._precision_check(make_tiny_workload(), run, rec, steps=48)
     assert order == ["fp32", "bf16"] * tuning.PRECISION_ROUNDS
-    assert len(check["fp32"]["step_seconds"]) == len(check["bf16"]["step_seconds"]) == tuning.PRECISION_ROUNDS
-    res = dict(__import__("_study_fixture").make_results(), precision_check=check)
-    advised = recommend(res)
-    assert advised.precision == "fp32" and "not a speed-up beyond the noise" in advised.reasons[4]
+    assert check.fp32 is not None and check.bf16 is not None and check.fp32.ok and check.bf16.ok
+    assert len(check.fp32.timings()) == len(check.bf16.timings()) == tuning.PRECISION_ROUNDS
+    # its JSON: the keys it always had, in their order, and back to the same check
+    data = check.to_dict()
+    assert list(data) == ["steps", "rounds", "steps_per_round", "batch_size", "micro_batch_size", "cost", "fp32",
+                          "bf16"]
+    assert list(data["bf16"]) == ["status", "step_seconds", "samples_per_s", "peak_memory_bytes", "train_loss",
+                                  "val_loss", "seconds"]
+    assert len(data["fp32"]["step_seconds"]) == tuning.PRECISION_ROUNDS
+    assert PrecisionCheck.from_dict(json.loads(json.dumps(data))) == check
+    # resumed from precision.json: the same check
+    assert tuning._precision_check(make_tiny_workload(), run, rec, steps=48) == check
+    assert len(order) == 2 * tuning.PRECISION_ROUNDS
+    for given in (check, data):  # recommend reads the check typed or as its JSON, to the same advice
+        advised = recommend(dict(__import__("_study_fixture").make_results(), precision_check=given))
+        assert advised.precision == "fp32" and "not a speed-up beyond the noise" in advised.reasons[4]
+
+
+def test_precision_check_json_forms_round_trip() -> None:
+    """Every form the precision check has written (not run, a failed or diverged side, an older check with one
+    throughput reading) comes back from its JSON unchanged, unknown keys included."""
+    forms = [
+        {"note": "bf16 is not available here (no)"},
+        {"note": "not run: the cost cap ...", "cost": {"samples": 0, "seconds": 0.0}},
+        {"steps": 16, "rounds": 2, "steps_per_round": 8, "batch_size": 32, "micro_batch_size": 32,
+         "cost": {"samples": 1024, "seconds": 1.5},
+         "fp32": {"status": "ok", "step_seconds": [0.01, 0.011], "samples_per_s": 3000.0, "peak_memory_bytes": 10,
+                  "train_loss": 0.5, "val_loss": None, "seconds": 0.2},
+         "bf16": {"status": "failed", "error": "boom"}},
+        {"fp32": {"status": "diverged", "step_seconds": 0.01, "samples_per_s": 3200.0, "peak_memory_bytes": None,
+                  "train_loss": None, "val_loss": None, "seconds": 0.1},
+         "bf16": {"status": "ok", "samples_per_s": 1500.0, "newer": 1}, "newer": True},
+    ]
+    for data in forms:
+        check = PrecisionCheck.from_dict(data)
+        back = check.to_dict()
+        if "newer" in data:  # an older side gets the readings it lacked, as null; nothing it had changes
+            assert back["newer"] is True and back["bf16"]["newer"] == 1 and back["bf16"]["step_seconds"] is None
+            assert all(back["bf16"][k] == v for k, v in data["bf16"].items())
+        else:
+            assert back == data
+        assert PrecisionCheck.from_dict(back) == check
 
 
 def test_lr_peak_is_the_curves_vertex_not_the_argmax_of_noisy_scores() -> None:

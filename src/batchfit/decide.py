@@ -61,6 +61,8 @@ __all__ = [
     "BatchEvidence",
     "Decision",
     "PrecisionAdvice",
+    "PrecisionCheck",
+    "PrecisionRun",
     "StepTimeFit",
     "advise_precision",
     "critical_from_trials",
@@ -515,6 +517,103 @@ class PrecisionAdvice:
     def to_dict(self) -> dict[str, Any]:
         return {"precision": self.precision, "reason": self.reason, "memory_binds": self.memory_binds,
                 "speedup": None if self.speedup is None else self.speedup.to_dict()}
+
+
+_RUN_MEASURES = ("step_seconds", "samples_per_s", "peak_memory_bytes", "train_loss", "val_loss", "seconds")
+
+
+@dataclass(frozen=True)
+class PrecisionRun:
+    """One precision's side of the precision check (``"fp32"`` / ``"bf16"`` in its JSON).
+
+    ``status`` ``"ok"``: ``step_seconds`` has every round's seconds per step, ``samples_per_s`` is at their median,
+    ``train_loss`` the rounds' median, ``val_loss`` the last round's, ``seconds`` their sum. Otherwise the first round
+    that did not finish: ``"failed"`` with its ``error``, or ``"diverged"`` with that round's readings (its
+    ``step_seconds`` one number). A check from an older batchfit may have only ``samples_per_s``.
+    """
+
+    status: str
+    step_seconds: tuple[float, ...] | float | None = None
+    samples_per_s: float | None = None
+    peak_memory_bytes: int | None = None
+    train_loss: float | None = None
+    val_loss: float | None = None
+    seconds: float | None = None
+    error: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)  # keys another batchfit wrote, kept on a round trip
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def timings(self) -> list[float]:
+        """The finite seconds per step of the rounds (none for a run that did not finish)."""
+        times = self.step_seconds if isinstance(self.step_seconds, (tuple, list)) else ()
+        return [float(x) for x in times if finite_or_none(x)]
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": self.status}
+        if self.error is not None:
+            out["error"] = self.error
+        else:
+            out.update({name: getattr(self, name) for name in _RUN_MEASURES})
+            if isinstance(self.step_seconds, (tuple, list)):
+                out["step_seconds"] = list(self.step_seconds)
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PrecisionRun:
+        names = {"status", "error", *_RUN_MEASURES}
+        known = {k: v for k, v in data.items() if k in names}
+        if isinstance(known.get("step_seconds"), list):
+            known["step_seconds"] = tuple(known["step_seconds"])
+        known["status"] = str(known.get("status") or "")
+        return cls(**known, extra={k: v for k, v in data.items() if k not in names})
+
+
+_CHECK_PLAN = ("note", "steps", "rounds", "steps_per_round", "batch_size", "micro_batch_size", "cost")
+
+
+@dataclass(frozen=True)
+class PrecisionCheck:
+    """``tune``'s precision check (``precision.json``, results.json's ``"precision_check"``): the recommended
+    configuration in fp32 and bf16 over ``rounds`` interleaved rounds of ``steps_per_round`` steps, or only a
+    ``note`` saying why it was not run. ``cost``: what it trained (:meth:`batchfit.cost.Cost.to_dict`)."""
+
+    note: str | None = None
+    steps: int | None = None
+    rounds: int | None = None
+    steps_per_round: int | None = None
+    batch_size: int | None = None
+    micro_batch_size: int | None = None
+    cost: Mapping[str, Any] | None = None
+    fp32: PrecisionRun | None = None
+    bf16: PrecisionRun | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)  # keys another batchfit wrote, kept on a round trip
+
+    def run(self, precision: str) -> PrecisionRun | None:
+        """The ``fp32`` or ``bf16`` side; ``None`` when the check did not run it."""
+        return {"fp32": self.fp32, "bf16": self.bf16}.get(precision)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in _CHECK_PLAN if getattr(self, name) is not None}
+        if self.cost is not None:
+            out["cost"] = dict(self.cost)
+        for name in ("fp32", "bf16"):
+            side = self.run(name)
+            if side is not None:
+                out[name] = side.to_dict()
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PrecisionCheck:
+        """The check from its JSON (an empty mapping: a check that ran nothing)."""
+        known: dict[str, Any] = {k: data[k] for k in _CHECK_PLAN if data.get(k) is not None}
+        for name in ("fp32", "bf16"):
+            if isinstance(data.get(name), Mapping) and data[name]:
+                known[name] = PrecisionRun.from_dict(data[name])
+        skip = {*_CHECK_PLAN, "fp32", "bf16"}
+        return cls(**known, extra={k: v for k, v in data.items() if k not in skip})
 
 
 def advise_precision(fp32_step_seconds: Sequence[float], low_step_seconds: Sequence[float], *, low: str = "bf16",

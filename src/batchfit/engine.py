@@ -24,7 +24,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 import torch
@@ -353,6 +353,19 @@ class TrainResult:
         extras = d.pop("extras")
         d.update(extras)
         return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainResult:
+        """The inverse of :meth:`to_dict`: the fields from their keys, every other key (what a run adds, such as
+        ``train_eval_samples``, or a newer batchfit writes) back in ``extras``."""
+        names = {f.name for f in fields(cls)} - {"extras"}
+        missing = [f.name for f in fields(cls) if f.name in names and f.name not in data
+                   and f.default is MISSING and f.default_factory is MISSING]
+        if missing:
+            raise ConfigError(f"a training result needs {', '.join(missing)}; it has {', '.join(sorted(data))}")
+        known = {k: v for k, v in data.items() if k in names}
+        known["history"] = [dict(h) for h in known.get("history") or []]
+        return cls(**known, extras={k: v for k, v in data.items() if k not in names})
 
 
 # ---------------------------------------------------------------------------------------------------------------

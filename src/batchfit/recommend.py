@@ -35,7 +35,15 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from batchfit import checks
-from batchfit.decide import Decision, advise_precision, critical_from_trials, decide, quality_of_trial
+from batchfit.decide import (
+    Decision,
+    PrecisionCheck,
+    PrecisionRun,
+    advise_precision,
+    critical_from_trials,
+    decide,
+    quality_of_trial,
+)
 from batchfit.errors import ConfigError
 from batchfit.metric import Metric, finite_or_none
 from batchfit.scaling import optimizer_settings  # re-exported: what a trial records, read by the recipe
@@ -215,10 +223,17 @@ def _micro_batch(batch: int, trial: Mapping[str, Any], find: Mapping[str, Any] |
     )
 
 
-def _loss_ok(base: Mapping[str, Any], low: Mapping[str, Any]) -> bool:
-    loss_base, loss_low = finite_or_none(base.get("train_loss")), finite_or_none(low.get("train_loss"))
+def _loss_ok(base: PrecisionRun, low: PrecisionRun) -> bool:
+    loss_base, loss_low = finite_or_none(base.train_loss), finite_or_none(low.train_loss)
     return (loss_base is not None and loss_low is not None
             and loss_low <= loss_base * (1 + _PRECISION_LOSS_TOLERANCE) + 1e-12)
+
+
+def _precision_check_of(results: Mapping[str, Any]) -> PrecisionCheck:
+    check = results.get("precision_check")
+    if isinstance(check, PrecisionCheck):
+        return check
+    return PrecisionCheck.from_dict(check if isinstance(check, Mapping) else {})
 
 
 def _precision(results: Mapping[str, Any], batch: int, find: Mapping[str, Any] | None
@@ -226,28 +241,26 @@ def _precision(results: Mapping[str, Any], batch: int, find: Mapping[str, Any] |
     """The precision and its reason: :func:`batchfit.decide.advise_precision` on the check's repeated, interleaved
     step timings (a speed-up must exclude 1) and on memory only where it binds."""
     measured = results.get("precision", "fp32")
-    check = results.get("precision_check") or {}
+    check = _precision_check_of(results)
     low_name = "bf16"
-    base, low = check.get("fp32"), check.get(low_name)
-    if not base or not low:
-        note = check.get("note")
+    base, low = check.fp32, check.run(low_name)
+    if base is None or low is None:
         return measured, (
             f"Precision {measured}: only {measured} was measured"
-            + (f" ({note})" if note else "")
+            + (f" ({check.note})" if check.note else "")
             + "; bf16 is not recommended without a measurement showing it saves time or memory here."
         ), None
-    if low.get("status") != "ok" or base.get("status") != "ok":
+    if not (low.ok and base.ok):
         return measured, (
-            f"Precision {measured}: the bf16 check run did not finish cleanly ({low.get('status')}), so keep "
+            f"Precision {measured}: the bf16 check run did not finish cleanly ({low.status or None}), so keep "
             f"{measured}."
         ), None
-    times_base = [float(x) for x in base.get("step_seconds") or [] if finite_or_none(x)]
-    times_low = [float(x) for x in low.get("step_seconds") or [] if finite_or_none(x)]
+    times_base, times_low = base.timings(), low.timings()
     if not (times_base and times_low):  # an older check: one throughput reading per precision
-        sp_base, sp_low = finite_or_none(base.get("samples_per_s")), finite_or_none(low.get("samples_per_s"))
+        sp_base, sp_low = finite_or_none(base.samples_per_s), finite_or_none(low.samples_per_s)
         if sp_base and sp_low:
             times_base, times_low = [1.0 / sp_base], [1.0 / sp_low]
-    mem_base, mem_low = finite_or_none(base.get("peak_memory_bytes")), finite_or_none(low.get("peak_memory_bytes"))
+    mem_base, mem_low = finite_or_none(base.peak_memory_bytes), finite_or_none(low.peak_memory_bytes)
     fits = (find or {}).get("recommended_batch_size") or (find or {}).get("max_batch_size")
     advice = advise_precision(
         times_base, times_low, low=low_name, fp32_max_micro_batch=int(fits) if fits else None, effective_batch=batch,
@@ -256,7 +269,7 @@ def _precision(results: Mapping[str, Any], batch: int, find: Mapping[str, Any] |
     n = min(len(times_base), len(times_low))
     timing = (f"{n} interleaved timing(s) per precision" if n > 1 else
               "one timing per precision, so no speed-up can be shown beyond the noise")
-    loss = f"train loss {_fmt(finite_or_none(low.get('train_loss')))} vs {_fmt(finite_or_none(base.get('train_loss')))}"
+    loss = f"train loss {_fmt(finite_or_none(low.train_loss))} vs {_fmt(finite_or_none(base.train_loss))}"
     return advice.precision, f"Precision {advice.precision}: {advice.reason} ({timing}; {loss}).", advice.to_dict()
 
 

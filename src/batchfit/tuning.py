@@ -47,6 +47,7 @@ from batchfit.errors import BatchfitError, ConfigError, NoisyEstimateWarning, Wo
 from batchfit.progress import ProgressEvent, ProgressFn, emit
 
 if TYPE_CHECKING:  # the CLI imports this module to build its parser: keep torch out of that path
+    from batchfit.decide import PrecisionCheck, PrecisionRun
     from batchfit.recommend import Recommendation
     from batchfit.workload import Workload
 
@@ -138,7 +139,7 @@ class TuneResult:
     find: dict[str, Any] | None = None
     noise: dict[str, Any] | None = None
     lr_check: LRCheck | None = None
-    precision_check: dict[str, Any] | None = None
+    precision_check: PrecisionCheck | None = None
     step_time: dict[str, Any] | None = None  # batchfit.steptime.StepTimeCalibration.to_dict()
     recommendation: Recommendation | None = None
     batch_schedule_check: dict[str, Any] | None = None  # tune(batch_schedule_check=True): batchfit.schedule_check
@@ -155,7 +156,7 @@ class TuneResult:
         data.update(find=self.find, noise=self.noise,
                     lr_calibration=self.lr_check.to_dict() if self.lr_check is not None else None)
         if self.precision_check is not None:
-            data["precision_check"] = self.precision_check
+            data["precision_check"] = self.precision_check.to_dict()
         else:
             data.pop("precision_check", None)
         if self.step_time is not None:
@@ -181,15 +182,17 @@ class TuneResult:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TuneResult:
+        from batchfit.decide import PrecisionCheck
         from batchfit.recommend import Recommendation
 
         own = ("find", "noise", "lr_calibration", "precision_check", "step_time", "recommendation", "report",
                "tune_seconds", "train_budget", "cost")
-        cal, rec = data.get("lr_calibration"), data.get("recommendation")
+        cal, rec, check = data.get("lr_calibration"), data.get("recommendation"), data.get("precision_check")
         return cls(
             sweep={k: v for k, v in data.items() if k not in own}, find=data.get("find"), noise=data.get("noise"),
             lr_check=LRCheck.from_dict(cal) if isinstance(cal, Mapping) else None,
-            precision_check=data.get("precision_check"), step_time=data.get("step_time"),
+            precision_check=PrecisionCheck.from_dict(check) if isinstance(check, Mapping) else None,
+            step_time=data.get("step_time"),
             recommendation=Recommendation.from_dict(rec) if isinstance(rec, Mapping) else None,
             report=dict(data.get("report") or {}), seconds=data.get("tune_seconds"),
             train_budget=data.get("train_budget") if isinstance(data.get("train_budget"), Mapping) else None,
@@ -840,8 +843,9 @@ def _step_time(workload: Workload, run: _Run, micro: Mapping[int, int],
 
 
 def _precision_round(workload: Workload, run: _Run, rec: Recommendation, precision: str, steps: int,
-                     dev: Any) -> dict[str, Any]:
+                     dev: Any) -> PrecisionRun:
     from batchfit import distributed
+    from batchfit.decide import PrecisionRun
     from batchfit.study.trial import train_everywhere
 
     try:  # the recommended warm-up (shared_warmup), though this check's run is shorter
@@ -851,32 +855,33 @@ def _precision_round(workload: Workload, run: _Run, rec: Recommendation, precisi
     except BatchfitError as exc:
         if distributed.leading():  # under torchrun the other ranks may be inside the failed run: the job ends
             raise
-        return {"status": "failed", "error": str(exc)}
+        return PrecisionRun("failed", error=str(exc))
     last = r.history[-1] if r.history else {}
-    return {"status": "diverged" if r.diverged else "ok", "samples_per_s": r.samples_per_s,
-            "step_seconds": rec.batch_size / r.samples_per_s if r.samples_per_s else None,
-            "peak_memory_bytes": r.peak_memory_bytes, "train_loss": last.get("train_loss"),
-            "val_loss": last.get("val_loss"), "seconds": r.seconds}
+    return PrecisionRun("diverged" if r.diverged else "ok", samples_per_s=r.samples_per_s,
+                        step_seconds=rec.batch_size / r.samples_per_s if r.samples_per_s else None,
+                        peak_memory_bytes=r.peak_memory_bytes, train_loss=last.get("train_loss"),
+                        val_loss=last.get("val_loss"), seconds=r.seconds)
 
 
 def _precision_check(workload: Workload, run: _Run, rec: Recommendation, *, steps: int,
-                     rounds: int = PRECISION_ROUNDS, max_samples: int | None = None) -> dict[str, Any]:
+                     rounds: int = PRECISION_ROUNDS, max_samples: int | None = None) -> PrecisionCheck:
     """The recommended configuration in fp32 and bf16, timed in ``rounds`` interleaved rounds (fp32, bf16, fp32,
     bf16, ...) of ``steps // rounds`` steps each, so a load change on the machine hits both alike; each round gives
     one step time per precision, and :func:`batchfit.decide.advise_precision` decides from the two samples (a
     speed-up must exceed the measured noise, memory counts only where it binds)."""
     import statistics
 
+    from batchfit.decide import PrecisionCheck, PrecisionRun
     from batchfit.runtime import resolve_device
     from batchfit.step import check_precision
 
     dev = resolve_device(run.device)
     if run.precision == "fp16":
-        return {"note": "the sweep ran in fp16; bf16 vs fp32 was not compared"}
+        return PrecisionCheck(note="the sweep ran in fp16; bf16 vs fp32 was not compared")
     try:
         check_precision("bf16", dev)
     except ConfigError as exc:
-        return {"note": f"bf16 is not available here ({exc})"}
+        return PrecisionCheck(note=f"bf16 is not available here ({exc})")
     per_round = max(PRECISION_MIN_ROUND_STEPS, steps // rounds)
     if max_samples is not None:  # the cost cap's share: fewer steps a round, then fewer rounds (at least 2)
         afford = max_samples // (2 * rec.batch_size)  # steps per precision
@@ -884,46 +889,47 @@ def _precision_check(workload: Workload, run: _Run, rec: Recommendation, *, step
         per_round = min(per_round, afford // rounds)
         if per_round < PRECISION_MIN_ROUND_STEPS:
             need = 2 * 2 * PRECISION_MIN_ROUND_STEPS * rec.batch_size
-            return {"note": f"not run: the cost cap leaves {max_samples:,} samples for it and it needs {need:,} (2 "
-                            f"precisions x 2 rounds x {PRECISION_MIN_ROUND_STEPS} steps at batch {rec.batch_size}); "
-                            "raise --max-cost to compare bf16 with fp32",
-                    "cost": {"samples": 0, "seconds": 0.0}}
+            return PrecisionCheck(note=f"not run: the cost cap leaves {max_samples:,} samples for it and it needs "
+                                       f"{need:,} (2 precisions x 2 rounds x {PRECISION_MIN_ROUND_STEPS} steps at "
+                                       f"batch {rec.batch_size}); raise --max-cost to compare bf16 with fp32",
+                                  cost={"samples": 0, "seconds": 0.0})
         steps = per_round * rounds
     key = run.key(steps=steps, rounds=rounds, batch_size=rec.batch_size, micro_batch_size=rec.micro_batch_size,
                   lr=rec.lr, warmup_steps=rec.warmup_steps)
     cached = _cached(run.out, "precision", key)
     if cached is not None:
         run.emit("precision", "end", "resumed", resumed=True)
-        return cached
+        return PrecisionCheck.from_dict(cached)
     run.emit("precision", "start", f"fp32 vs bf16 at batch {rec.batch_size}: {rounds} interleaved rounds of "
                                    f"{per_round} steps", total=2 * rounds)
-    check: dict[str, Any] = {"steps": per_round * rounds, "rounds": rounds, "steps_per_round": per_round,
-                             "batch_size": rec.batch_size, "micro_batch_size": rec.micro_batch_size}
-    runs: dict[str, list[dict[str, Any]]] = {"fp32": [], "bf16": []}
+    runs: dict[str, list[PrecisionRun]] = {"fp32": [], "bf16": []}
     with measure() as spent:
         for i in range(rounds):
             for p in ("fp32", "bf16"):
                 runs[p].append(_precision_round(workload, run, rec, p, per_round, dev))
                 run.emit("precision", "update", f"round {i + 1}: {p}", completed=2 * i + (p == "bf16") + 1,
                          total=2 * rounds)
-            if any(r["status"] != "ok" for r in (runs["fp32"][-1], runs["bf16"][-1])):
+            if not (runs["fp32"][-1].ok and runs["bf16"][-1].ok):
                 break  # a failed or diverged run: the comparison stops there
-    check["cost"] = spent.to_dict()
+    sides: dict[str, PrecisionRun] = {}
     for p, rs in runs.items():
-        ok = [r for r in rs if r["status"] == "ok"]
-        bad = next((r for r in rs if r["status"] != "ok"), None)
+        ok = [r for r in rs if r.ok]
+        bad = next((r for r in rs if not r.ok), None)
         if bad is not None or not ok:
-            check[p] = dict(bad or {"status": "failed", "error": "no run finished"})
+            sides[p] = bad or PrecisionRun("failed", error="no run finished")
             continue
-        times = [r["step_seconds"] for r in ok if r.get("step_seconds")]
-        losses = [r["train_loss"] for r in ok if r.get("train_loss") is not None]
-        check[p] = {"status": "ok", "step_seconds": times,
-                    "samples_per_s": rec.batch_size / statistics.median(times) if times else None,
-                    "peak_memory_bytes": ok[0].get("peak_memory_bytes"),
-                    "train_loss": statistics.median(losses) if losses else None,
-                    "val_loss": ok[-1].get("val_loss"), "seconds": sum(r.get("seconds") or 0.0 for r in ok)}
-    _store(run.out, "precision", key, check)
-    sp = [(check.get(p) or {}).get("samples_per_s") for p in ("fp32", "bf16")]
+        times = [float(r.step_seconds) for r in ok if isinstance(r.step_seconds, (int, float)) and r.step_seconds]
+        losses = [r.train_loss for r in ok if r.train_loss is not None]
+        sides[p] = PrecisionRun("ok", step_seconds=tuple(times),
+                                samples_per_s=rec.batch_size / statistics.median(times) if times else None,
+                                peak_memory_bytes=ok[0].peak_memory_bytes,
+                                train_loss=statistics.median(losses) if losses else None,
+                                val_loss=ok[-1].val_loss, seconds=sum(r.seconds or 0.0 for r in ok))
+    check = PrecisionCheck(steps=per_round * rounds, rounds=rounds, steps_per_round=per_round,
+                           batch_size=rec.batch_size, micro_batch_size=rec.micro_batch_size, cost=spent.to_dict(),
+                           fp32=sides["fp32"], bf16=sides["bf16"])
+    _store(run.out, "precision", key, check.to_dict())
+    sp = [side.samples_per_s if side is not None else None for side in (check.fp32, check.bf16)]
     run.emit("precision", "end", "median samples/s fp32 {} vs bf16 {}".format(
         *(f"{x:.0f}" if x else "-" for x in sp)))
     return check
@@ -1729,7 +1735,8 @@ def _conclude(a: _TuneArgs, p: _Prepared, stages: Mapping[str, Any], swept: Any,
         result.precision_check = _precision_check(p.wl, p.run, result.recommendation, steps=PRECISION_CHECK_STEPS,
                                                   max_samples=allowance("precision", p.total, p.max_cost))
         result.recommendation = recommend(result.results(), tolerance=a.tolerance)
-        _write_stages(p.out, a.tolerance, {**_stage_attrs(p, stages), "precision_check": result.precision_check})
+        _write_stages(p.out, a.tolerance, {**_stage_attrs(p, stages),
+                                           "precision_check": result.precision_check.to_dict()})
     if a.batch_schedule_check:  # issue 14.3: the derived batch-size schedule vs the best fixed batch
         from batchfit.schedule_check import tune_stage
 

@@ -9,8 +9,43 @@ device from the table (:mod:`.devices`). docs/plan.md describes the model of eac
 (The package is ``planner``, not ``plan``, so that ``batchfit.plan`` stays the function.)
 """
 
-from batchfit.planner.core import FIT_SIZES, KNEE_SHARE, PARALLEL_MODES, PlanResult, calibrate_host, plan
-from batchfit.planner.devices import CUDA_CONTEXT_BYTES, DEVICES, GpuSpec, gpu_names, lookup
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# The names are loaded on first use: ``batchfit.planner.devices`` (the GPU table that ``batchfit plan --help`` and
+# its argument checks read) must not pull in torch through ``.core``.
+_EXPORTS = {
+    "FIT_SIZES": "batchfit.planner.core",
+    "KNEE_SHARE": "batchfit.planner.core",
+    "PARALLEL_MODES": "batchfit.planner.core",
+    "PlanResult": "batchfit.planner.core",
+    "calibrate_host": "batchfit.planner.core",
+    "plan": "batchfit.planner.core",
+    "CUDA_CONTEXT_BYTES": "batchfit.planner.devices",
+    "DEVICES": "batchfit.planner.devices",
+    "GpuSpec": "batchfit.planner.devices",
+    "gpu_names": "batchfit.planner.devices",
+    "lookup": "batchfit.planner.devices",
+}
 
 __all__ = ["CUDA_CONTEXT_BYTES", "DEVICES", "FIT_SIZES", "KNEE_SHARE", "PARALLEL_MODES", "GpuSpec", "PlanResult",
            "calibrate_host", "gpu_names", "lookup", "plan"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from batchfit.planner.core import FIT_SIZES, KNEE_SHARE, PARALLEL_MODES, PlanResult, calibrate_host, plan
+    from batchfit.planner.devices import CUDA_CONTEXT_BYTES, DEVICES, GpuSpec, gpu_names, lookup
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'batchfit.planner' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -453,8 +453,8 @@ def load_results(storage: str | Any, study_name: str | None = None, *, target: f
     check, step time, precision check, the train budget) and tolerance from ``tune``'s out_dir.
 
     ``storage``: an Optuna storage URL, or ``tune``'s (or ``sweep``'s) out_dir, whose ``batchfit.db`` holds the
-    trials and whose :data:`STAGES_FILE` holds tune's stages. ``out_dir``: where the stages are when the trials are
-    in another store (``tune(storage="postgresql://...")``). A study written by an older batchfit kept tune's
+    trials and whose :data:`STAGES_FILE` holds tune's stages (a SQLite store's own folder is looked in too).
+    ``out_dir``: where the stages are when the trials are in another store (``tune(storage="postgresql://...")``). A study written by an older batchfit kept tune's
     stages in its namespace; they are read from there when there is no stages file. ``study_name`` may be left
     out when the store holds one study. ``target`` recomputes steps-to-target for another target than the one
     stored.
@@ -466,6 +466,10 @@ def load_results(storage: str | Any, study_name: str | None = None, *, target: f
             raise ConfigError(f"{str(folder)!r} holds no batchfit.db; give the store's URL, with "
                               f"out_dir={str(folder)!r} for tune's stages")
         storage = f"sqlite:///{(folder / 'batchfit.db').resolve()}"
+    if out_dir is None and isinstance(storage, str):  # tune's default store: its stages file is beside it
+        file = sqlite_file(normalize_url(storage))
+        if file is not None and (file.parent / STAGES_FILE).is_file():
+            out_dir = file.parent
     result = _load_store(storage, study_name, target)
     if out_dir is None:
         return result
