@@ -454,10 +454,10 @@ def load_results(storage: str | Any, study_name: str | None = None, *, target: f
 
     ``storage``: an Optuna storage URL, or ``tune``'s (or ``sweep``'s) out_dir, whose ``batchfit.db`` holds the
     trials and whose :data:`STAGES_FILE` holds tune's stages (a SQLite store's own folder is looked in too).
-    ``out_dir``: where the stages are when the trials are in another store (``tune(storage="postgresql://...")``). A study written by an older batchfit kept tune's
-    stages in its namespace; they are read from there when there is no stages file. ``study_name`` may be left
-    out when the store holds one study. ``target`` recomputes steps-to-target for another target than the one
-    stored.
+    ``out_dir``: where the stages are when the trials are in another store (``tune(storage="postgresql://...")``).
+    A study written by an older batchfit kept tune's stages in its namespace; they are read from there when there
+    is no stages file. ``study_name`` may be left out when the store holds one study. ``target`` recomputes
+    steps-to-target for another target than the one stored.
     """
     if isinstance(storage, (str, Path)) and "://" not in str(storage) and Path(storage).is_dir():
         folder = Path(storage)
