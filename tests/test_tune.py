@@ -527,3 +527,25 @@ def test_the_tolerance_is_stored_with_the_results_and_every_reader_decides_with_
         assert printed.tolerance == (0.001 if extra else 0.2)
     with pytest.raises(ConfigError, match="holds no batchfit.db"):
         load_results(tmp_path)
+
+
+def test_tune_decides_once_and_the_precision_check_only_sets_the_precision(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 20.2: one recommend() in tune; the precision check (measured on the recommended configuration) then
+    sets only the precision, its reason, advice and snippets, and equals a full recommend() of the final results."""
+    import batchfit.recommend as rec_module
+
+    calls: list[int] = []
+    real = rec_module.recommend
+
+    def counting(*a: object, **k: object) -> Recommendation:
+        calls.append(1)
+        return real(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rec_module, "recommend", counting)
+    res = tune(make_tiny_workload(), out_dir=tmp_path, find=False, lr_calibration=False,
+               **{**TINY, "precision_check": True})
+    assert calls == [1]
+    assert res.precision_check is not None and res.recommendation is not None
+    assert res.recommendation == real(res.results())  # the same as deciding again on everything
+    assert res.recommendation.precision_advice is not None

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from batchfit import checks
@@ -64,6 +64,7 @@ __all__ = [
     "recipe",
     "recommend",
     "target_train_loss",
+    "with_precision_check",
     "within_tolerance",
 ]
 
@@ -940,15 +941,39 @@ def recipe(pick: Mapping[str, Any], *, batch: int, micro: int, acc: int, lr: flo
                        "the optimizer is the workload's own, with the LR above")
     if isinstance(batch_form, Mapping):
         out["batch_form"] = dict(batch_form)
-    snippets = {"pytorch": _pytorch_snippet(out)}
-    if framework == "lightning":
-        snippets["lightning"] = _lightning_snippet(out)
-    elif framework == "keras":
-        snippets["keras"] = _keras_snippet(out)
-    elif framework == "hf":
-        snippets["hf"] = _hf_snippet(out)
-    out["snippets"] = snippets
+    out["snippets"] = _snippets(out, framework)
     return out
+
+
+def _snippets(r: Mapping[str, Any], framework: str | None) -> dict[str, str]:
+    """Paste-ready code for a recipe: PyTorch always, the project's framework beside it."""
+    snippets = {"pytorch": _pytorch_snippet(r)}
+    if framework == "lightning":
+        snippets["lightning"] = _lightning_snippet(r)
+    elif framework == "keras":
+        snippets["keras"] = _keras_snippet(r)
+    elif framework == "hf":
+        snippets["hf"] = _hf_snippet(r)
+    return snippets
+
+
+_PRECISION_REASON = 4  # reasons: batch, micro-batch, LR, warm-up, precision, then the optional ones
+
+
+def with_precision_check(rec: Recommendation, results: Any) -> Recommendation:
+    """``rec`` with its precision decided from the precision check in ``results`` (``tune`` measures it on the
+    recommended configuration, so it comes after the batch is chosen): the precision, its reason, the advice and the
+    recipe's snippets change; the decision and everything else are ``rec``'s, not decided again."""
+    data = as_results(results)
+    precision, why, advice = _precision(data, rec.batch_size, data.get("find"))
+    reasons = list(rec.reasons)
+    if len(reasons) > _PRECISION_REASON:
+        reasons[_PRECISION_REASON] = why
+    recipe_ = None
+    if rec.recipe is not None:
+        recipe_ = {**rec.recipe, "precision": precision}
+        recipe_["snippets"] = _snippets(recipe_, data.get("framework"))
+    return replace(rec, precision=precision, reasons=reasons, precision_advice=advice, recipe=recipe_)
 
 
 def _recipe_reason(r: Mapping[str, Any]) -> str:

@@ -1722,7 +1722,7 @@ def _conclude(a: _TuneArgs, p: _Prepared, stages: Mapping[str, Any], swept: Any,
     """Stages 5-6: the recommendation with a measured precision check of it (and the batch-schedule check when
     asked), then the report."""
     from batchfit.cost import allowance
-    from batchfit.recommend import recommend
+    from batchfit.recommend import recommend, with_precision_check
     from batchfit.report import write_report
 
     result = TuneResult(sweep=swept, find=stages["find"], noise=stages["noise"], lr_check=stages["lr_check"],
@@ -1734,7 +1734,7 @@ def _conclude(a: _TuneArgs, p: _Prepared, stages: Mapping[str, Any], swept: Any,
     if a.precision_check and result.recommendation is not None:
         result.precision_check = _precision_check(p.wl, p.run, result.recommendation, steps=PRECISION_CHECK_STEPS,
                                                   max_samples=allowance("precision", p.total, p.max_cost))
-        result.recommendation = recommend(result.results(), tolerance=a.tolerance)
+        result.recommendation = with_precision_check(result.recommendation, result.results())
         _write_stages(p.out, a.tolerance, {**_stage_attrs(p, stages),
                                            "precision_check": result.precision_check.to_dict()})
     if a.batch_schedule_check:  # issue 14.3: the derived batch-size schedule vs the best fixed batch
