@@ -71,7 +71,7 @@ def _tune_once(spec: str, options: dict[str, Any], out: Path, seed: int, budget:
         seeds[t["batch_size"]] = seeds.get(t["batch_size"], 0) + 1
     return {"seed": seed, "batch_size": rec.batch_size if rec else None, "lr": rec.lr if rec else None,
             "micro_batch_size": rec.micro_batch_size if rec else None, "precision": rec.precision if rec else None,
-            "tied": rec.get("tied") if rec else None, "flags": rec.get("flags") if rec else None,
+            "tied": rec.tied if rec else None, "flags": rec.flags if rec else None,
             "reason": rec.reasons[0] if rec else None, "trials": len(d["trials"]), "trials_per_batch": seeds,
             "lr_check": (d.get("lr_calibration") or {}).get("decision"), "samples": _compute(res),
             "wall_seconds": round(wall, 1), "out": str(out)}
@@ -219,9 +219,9 @@ def reanalyze(old_json: Path, args: argparse.Namespace, path: Path) -> dict[str,
 
             class _R:  # what _compute reads
                 def to_dict(self) -> dict[str, Any]:
-                    return dict(res)
+                    return res.to_dict()
 
-            return dict(run, batch_size=rec.batch_size, lr=rec.lr, tied=rec.get("tied"), flags=rec.get("flags"),
+            return dict(run, batch_size=rec.batch_size, lr=rec.lr, tied=rec.tied, flags=rec.flags,
                         reason=rec.reasons[0], samples=_compute(_R()), old_batch_size=run["batch_size"],
                         old_lr=run["lr"])
 

@@ -84,6 +84,7 @@ def part_a(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     res = tune(wl, out_dir=tune_dir, budget=f"epochs:{args.epochs}", lr_search=args.lr_search, device=args.device,
                seed=args.seed)
     tune_wall = time.perf_counter() - t0
+    res = res.to_dict()  # results.json's form (the TuneResult is read by attribute)
     rec = res["recommendation"]
     cal = res.get("lr_calibration") or {}
     tune_samples = sum(t.get("samples") or 0 for t in res["trials"]) + sum(r["samples"] for r in cal.get("runs", []))

@@ -234,8 +234,7 @@ def test_validation_data_makes_tune_recommend(tmp_path) -> None:  # noqa: ANN001
     wl = lightning_workload(Classifier, datamodule=SplitData(batch_size=16))
     result = tune(wl, out_dir=tmp_path, batch_sizes=[16, 64], budget="steps:12", lr_search=1, noise=False,
                   find=False, precision_check=False, lr_calibration=False, seed=0)
-    rec = result["recommendation"] if isinstance(result, dict) else result.recommendation
-    assert rec is not None
+    assert result.recommendation is not None
 
 
 class EpochScheduled(Classifier):

@@ -324,8 +324,22 @@ def test_every_measured_plot_has_error_bars(tmp_path: Path, monkeypatch: pytest.
     assert bars["metric_vs_batch"] == [1, 1]  # quality, and the paired difference from the reference
     assert bars["throughput_memory"][0] == 1  # throughput; memory is a single measurement per batch size
     assert bars["steps_to_target"] == [1, 1]  # steps and time to target
+    for axes in figures["all"]:
+        _labels_inside(axes[0].figure)
     page = parse_page((tmp_path / "report.html").read_text())
     assert len(page.imgs) == len(PLOTS)
+
+
+def _labels_inside(fig) -> None:  # noqa: ANN001
+    """The plots' fixed layout loses nothing: every axes with its tick labels, axis labels, title, legend and
+    annotations lies inside the figure, and left of the next axes."""
+    renderer = fig.canvas.get_renderer()
+    boxes = [ax.get_tightbbox(renderer) for ax in fig.axes]
+    frame = fig.bbox
+    for box in boxes:
+        assert frame.x0 - 1 <= box.x0 and box.x1 <= frame.x1 + 1, (box.extents, frame.extents)
+        assert frame.y0 - 1 <= box.y0 and box.y1 <= frame.y1 + 1, (box.extents, frame.extents)
+    assert all(left.x1 <= right.x0 for left, right in zip(boxes, boxes[1:])), [b.extents for b in boxes]
 
 
 def test_results_json_intervals_round_trip(tmp_path: Path) -> None:
@@ -770,6 +784,8 @@ def test_a_running_study_claims_no_win_even_with_every_trial_in(tmp_path: Path,
     def labels() -> list[str]:
         out = [t.get_text() for fig in legends for ax in fig.axes if ax.get_legend() is not None
                for t in ax.get_legend().get_texts()]
+        for fig in legends:  # B_crit's interval here runs to 2^61: the batch-size axes' labels still fit
+            _labels_inside(fig)
         legends.clear()
         return out
 

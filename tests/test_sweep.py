@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
 
 import optuna
@@ -194,7 +195,7 @@ def test_sweep_results_resume_and_store_roundtrip(tmp_path: Path) -> None:
     wl = classify()
     ev = Events()
     kw = dict(budget="epochs:3", storage=url, micro_batch_size=16, seed=0)
-    res = sweep(wl, batch_sizes=[4, 8, 32], progress=ev, **kw)
+    res = sweep(wl, batch_sizes=[4, 8, 32], progress=ev, **kw).to_dict()
     assert ev.started() == [4, 8, 32]
     assert [t["batch_size"] for t in res["trials"]] == [4, 8, 32]
     t32 = res["trials"][2]
@@ -235,7 +236,7 @@ def test_sweep_results_resume_and_store_roundtrip(tmp_path: Path) -> None:
             assert t["epochs_to_target"] == pytest.approx(prev["epoch"] + frac * (rec["epoch"] - prev["epoch"]))
             assert t["samples_to_target"] == pytest.approx(prev["samples"] + frac * (rec["samples"] - prev["samples"]))
     assert [t["batch_size"] for t in res["best_per_batch"]] == [4, 8, 32]
-    json.dumps(res.to_dict(), allow_nan=False)  # plain JSON
+    json.dumps(res, allow_nan=False)  # plain JSON
 
     # every evaluation is in the store: intermediate values and user attributes, one per record
     study = optuna.load_study(study_name=res["study_name"], storage=url)
@@ -245,23 +246,23 @@ def test_sweep_results_resume_and_store_roundtrip(tmp_path: Path) -> None:
 
     # the same call again: nothing re-runs, the same results come back
     ev2 = Events()
-    res2 = sweep(wl, batch_sizes=[4, 8, 32], progress=ev2, **kw)
+    res2 = sweep(wl, batch_sizes=[4, 8, 32], progress=ev2, **kw).to_dict()
     assert ev2.started() == []
     assert res2["trials"] == res["trials"]
     # a wider grid in the same study: only the new configuration runs
     ev3 = Events()
-    res3 = sweep(wl, batch_sizes=[4, 8, 16, 32], progress=ev3, **kw)
+    res3 = sweep(wl, batch_sizes=[4, 8, 16, 32], progress=ev3, **kw).to_dict()
     assert ev3.started() == [16]
     assert [t["batch_size"] for t in res3["trials"]] == [4, 8, 16, 32]
     study = optuna.load_study(study_name=res["study_name"], storage=url)
     assert {t.number: t.datetime_complete for t in study.trials if t.number in done} == done
 
     # the store alone rebuilds the results (what `batchfit report STORE` uses)
-    loaded = load_results(url)
+    loaded = load_results(url).to_dict()
     assert loaded["trials"] == res3["trials"] and loaded["target"] == res3["target"]
     assert loaded["critical_batch_size"] == res3["critical_batch_size"]
     other = load_results(url, res["study_name"], target="abs:0.5")
-    assert other["target"]["kind"] == "absolute" and other["target"]["value"] == 0.5
+    assert other.target["kind"] == "absolute" and other.target["value"] == 0.5
 
     # a different budget under the same explicit study name is refused, not mixed in
     with pytest.raises(ConfigError, match="different settings"):
@@ -271,7 +272,7 @@ def test_sweep_results_resume_and_store_roundtrip(tmp_path: Path) -> None:
 def test_diverged_trial_recorded_and_sweep_goes_on(tmp_path: Path) -> None:
     # linear rule: lr 0.2 at B=8 -> 6.4 at B=256 diverges; lr_search 2 runs x1 then x1/2 for every batch
     res = sweep(regress(), batch_sizes=[8, 256], budget="steps:40", lr_search=2, lr_rule="linear",
-                storage=_url(tmp_path), micro_batch_size=256, measure_noise=False)
+                storage=_url(tmp_path), micro_batch_size=256, measure_noise=False).to_dict()
     by = {(t["batch_size"], t["lr_multiplier"]): t for t in res["trials"]}
     assert len(by) == 4
     assert by[(256, 1.0)]["status"] == "diverged" and "diverged" in by[(256, 1.0)]["error"]
@@ -294,9 +295,9 @@ def test_failing_trial_recorded_and_retried_on_request(tmp_path: Path) -> None:
     url = _url(tmp_path)
     kw = dict(batch_sizes=[8, 16, 32], budget="epochs:1", storage=url, micro_batch_size=32, measure_noise=False)
     res = sweep(classify(fail_at_batch=16), **kw)
-    status = {t["batch_size"]: t["status"] for t in res["trials"]}
+    status = {t.batch_size: t.status for t in res.trials}
     assert status == {8: "ok", 16: "failed", 32: "ok"}
-    err = next(t["error"] for t in res["trials"] if t["batch_size"] == 16)
+    err = next(t.error for t in res.trials if t.batch_size == 16)
     assert "synthetic failure" in err
     ev = Events()
     sweep(classify(), progress=ev, **kw)  # a recorded failure is not re-run by default ...
@@ -304,25 +305,25 @@ def test_failing_trial_recorded_and_retried_on_request(tmp_path: Path) -> None:
     ev = Events()
     res = sweep(classify(), progress=ev, retry_failed=True, **kw)  # ... unless asked
     assert ev.started() == [16]
-    assert {t["batch_size"]: t["status"] for t in res["trials"]} == {8: "ok", 16: "ok", 32: "ok"}
+    assert {t.batch_size: t.status for t in res.trials} == {8: "ok", 16: "ok", 32: "ok"}
 
 
 def test_sharpness_in_trials(tmp_path: Path) -> None:
     res = sweep(classify(), batch_sizes=[8, 64], budget="epochs:1", storage=_url(tmp_path), micro_batch_size=64,
                 measure_noise=False, sharpness=True)
-    for t in res["trials"]:
-        assert isinstance(t["sharpness"], float) and t["sharpness"] > 0
+    for t in res.trials:
+        assert isinstance(t.sharpness, float) and t.sharpness > 0
 
 
 def test_extra_attrs_stored_and_returned(tmp_path: Path) -> None:
     url = _url(tmp_path)
     res = sweep(classify(), batch_sizes=[8], budget="steps:5", storage=url, micro_batch_size=8,
                 extra_attrs={"find": {"max_batch_size": 123}, "noise": {"b_simple": 4.5}})
-    assert res["find"] == {"max_batch_size": 123} and res["noise"] == {"b_simple": 4.5}
-    assert load_results(url)["find"] == {"max_batch_size": 123}
-    t = res["trials"][0]  # B=8 runs as the recommendation would run it, one micro-batch; 5 steps: none of them is
+    assert res.find == {"max_batch_size": 123} and res.noise == {"b_simple": 4.5}
+    assert res.to_dict()["find"] == {"max_batch_size": 123} and load_results(url).find == {"max_batch_size": 123}
+    t = res.trials[0]  # B=8 runs as the recommendation would run it, one micro-batch; 5 steps: none of them is
     # an 8th step, the first that extra halves measure, so no B_simple of its own
-    assert (t["micro_batch_size"], t["accumulation_steps"], t["noise_split"], t["b_simple"]) == (8, 1, False, None)
+    assert (t.micro_batch_size, t.accumulation_steps, t.noise_split, t.b_simple) == (8, 1, False, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -376,17 +377,17 @@ def test_kill_9_mid_trial_then_rerun(tmp_path: Path) -> None:
     res = sweep(f"{HERE}:classify", batch_sizes=[4, 8, 16], budget="epochs:2", storage=url, micro_batch_size=16,
                 measure_noise=False, progress=ev)
     assert sorted(ev.started()) == [8, 16]  # B=4 finished: not re-run; B=8 re-run from the start
-    study = optuna.load_study(study_name=res["study_name"], storage=url)
+    study = optuna.load_study(study_name=res.study_name, storage=url)
     trials_8 = [t for t in study.trials if _bs(t) == 8]
     assert sorted(t.state.name for t in trials_8) == ["COMPLETE", "FAIL"]
     killed = next(t for t in trials_8 if t.state.name == "FAIL")
     assert killed.user_attrs["status"] == "interrupted"
     t4 = [t for t in study.trials if _bs(t) == 4]
     assert [(t.number, t.datetime_complete) for t in t4] == [done_4]  # nothing finished was lost or redone
-    assert [t["status"] for t in res["trials"]] == ["ok", "ok", "ok"]
-    t8 = next(t for t in res["trials"] if t["batch_size"] == 8)
-    assert t8["history"][0]["step"] <= t8["history"][1]["step"] and t8["history"][0]["epoch"] < 1  # from step 0
-    assert t8["steps"] == 2 * (192 // 8) and len(t8["history"]) > 3
+    assert [t.status for t in res.trials] == ["ok", "ok", "ok"]
+    t8 = next(t for t in res.trials if t.batch_size == 8)
+    assert t8.history[0]["step"] <= t8.history[1]["step"] and t8.history[0]["epoch"] < 1  # from step 0
+    assert t8.steps == 2 * (192 // 8) and len(t8.history) > 3
 
 
 def test_two_workers_share_one_study(tmp_path: Path) -> None:
@@ -396,8 +397,8 @@ def test_two_workers_share_one_study(tmp_path: Path) -> None:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
     res = load_results(url)
-    assert [t["status"] for t in res["trials"]] == ["ok", "ok", "ok"]
-    study = optuna.load_study(study_name=res["study_name"], storage=url)
+    assert [t.status for t in res.trials] == ["ok", "ok", "ok"]
+    study = optuna.load_study(study_name=res.study_name, storage=url)
     complete = [_bs(t) for t in study.trials if t.state.name == "COMPLETE"]
     assert sorted(complete) == [4, 8, 16]  # each configuration trained exactly once
 
@@ -407,7 +408,7 @@ def test_duplicate_queue_entries_step_aside(tmp_path: Path) -> None:
     url = _url(tmp_path)
     kw = dict(budget="steps:3", storage=url, micro_batch_size=16, measure_noise=False)
     res = sweep(classify(), batch_sizes=[8], **kw)
-    study = optuna.load_study(study_name=res["study_name"], storage=url)
+    study = optuna.load_study(study_name=res.study_name, storage=url)
     cfg8 = study.trials[0].user_attrs["batchfit_config"]
     cfg16 = {"key": config_key(16, 1.0), "batch_size": 16, "lr_multiplier": 1.0}
     for cfg in (cfg8, cfg16, cfg16):
@@ -416,17 +417,17 @@ def test_duplicate_queue_entries_step_aside(tmp_path: Path) -> None:
     ev = Events()
     res = sweep(classify(), batch_sizes=[8, 16], progress=ev, **kw)
     assert ev.started() == [16]
-    study = optuna.load_study(study_name=res["study_name"], storage=url)
+    study = optuna.load_study(study_name=res.study_name, storage=url)
     pruned = [(_bs(t), t.user_attrs["duplicate_of"]) for t in study.trials if t.state.name == "PRUNED"]
     assert pruned == [(8, 0), (16, 2)]
-    assert [(t["batch_size"], t["status"]) for t in res["trials"]] == [(8, "ok"), (16, "ok")]
+    assert [(t.batch_size, t.status) for t in res.trials] == [(8, "ok"), (16, "ok")]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Typed results, the tune namespace, progress events
 
 
-def test_typed_results_round_trip_and_mapping_view(tmp_path: Path) -> None:
+def test_typed_results_round_trip_and_dict_form(tmp_path: Path) -> None:
     from _study_fixture import make_results
 
     url = _url(tmp_path)
@@ -436,8 +437,8 @@ def test_typed_results_round_trip_and_mapping_view(tmp_path: Path) -> None:
     d = res.to_dict()
     assert SweepResult.from_dict(d).to_dict() == d  # results.json -> typed -> results.json, exactly
     assert json.loads(json.dumps(d)) == d
-    # the transitional mapping view is the dict form, key for key
-    assert dict(res) == d and res["trials"] == d["trials"] and res.get("nope") is None and "trials" in res
+    # the dict form is to_dict() alone: a SweepResult is read by attribute, not as a mapping
+    assert not isinstance(res, Mapping) and not hasattr(res, "get") and not hasattr(res, "__getitem__")
     # best_per_batch entries are the same dicts as in trials (displays mark them by identity)
     assert all(any(b is t for t in d["trials"]) for b in d["best_per_batch"])
     assert res.status == d["status"] == "complete" and d["micro_batch_limit"] == d["micro_batch_size"] == 16
@@ -680,10 +681,10 @@ def test_a_trial_within_the_micro_limit_runs_as_one_micro_batch(tmp_path: Path, 
     seen = _Layout()
     res = sweep(batchnorm_classify(), batch_sizes=[batch], budget="steps:5", storage=_url(tmp_path),
                 micro_batch_limit=limit, measure_noise=True, callbacks=[seen])
-    t = res["trials"][0]
+    t = res.to_dict()["trials"][0]
     assert t["status"] == "ok"
     assert (t["micro_batch_size"], t["accumulation_steps"], t["noise_split"]) == (batch, 1, False)
-    stored = optuna.load_study(study_name=res["study_name"], storage=_url(tmp_path)).trials[0].user_attrs
+    stored = optuna.load_study(study_name=res.study_name, storage=_url(tmp_path)).trials[0].user_attrs
     assert (stored["plan"]["micro_batch_size"], stored["plan"]["accumulation_steps"]) == (batch, 1)
     assert seen.forwards == [1] * 5 and seen.rows == [[batch]] * 5
     plain = _Layout()
@@ -707,14 +708,14 @@ def test_a_trial_within_the_micro_limit_measures_b_simple_on_extra_halves(tmp_pa
     seen = _Layout()
     res = sweep(batchnorm_classify(), batch_sizes=[batch], budget="steps:16", storage=_url(tmp_path),
                 micro_batch_limit=limit, measure_noise=True, callbacks=[seen])
-    t = res["trials"][0]
+    t = res.to_dict()["trials"][0]
     assert t["status"] == "ok"
     assert (t["micro_batch_size"], t["accumulation_steps"], t["noise_split"]) == (batch, 1, False)
     windows = {r["step"]: r["noise_window"] for r in t["history"] if "noise_window" in r}
     assert sorted(windows) == [8, 16] and all(w["steps"] == 1 for w in windows.values())
     assert t["b_simple_history"] and t["b_simple"] is not None
     assert b_simple_against_loss(noise_records([t]))  # pooled against the training loss
-    stored = optuna.load_study(study_name=res["study_name"], storage=_url(tmp_path)).trials[0].user_attrs
+    stored = optuna.load_study(study_name=res.study_name, storage=_url(tmp_path)).trials[0].user_attrs
     assert (stored["plan"]["noise_method"], stored["plan"]["noise_every"]) == ("extra-halves", 8)
     assert stored["result"]["noise_method"] == "extra-halves" and stored["result"]["noise_samples"] == 2 * batch
     half = [batch // 2, batch // 2]
@@ -732,11 +733,11 @@ def test_a_trial_above_the_micro_limit_accumulates_and_measures_b_simple(tmp_pat
     seen = _Layout()
     res = sweep(batchnorm_classify(), batch_sizes=[32], budget="steps:4", storage=_url(tmp_path),
                 micro_batch_limit=16, measure_noise=True, callbacks=[seen])
-    t = res["trials"][0]
+    t = res.to_dict()["trials"][0]
     assert (t["micro_batch_size"], t["accumulation_steps"], t["noise_split"]) == (16, 2, False)
     assert seen.rows == [[16, 16]] * 4
     assert t["b_simple_history"] and t["b_simple"] is not None
-    stored = optuna.load_study(study_name=res["study_name"], storage=_url(tmp_path)).trials[0].user_attrs
+    stored = optuna.load_study(study_name=res.study_name, storage=_url(tmp_path)).trials[0].user_attrs
     assert stored["plan"]["noise_method"] == "accumulation" and "noise_every" not in stored["plan"]
 
 
@@ -771,7 +772,7 @@ def _adam_classify() -> Workload:
 
 def test_the_sweep_searches_the_lr_of_a_batch_outside_the_rules_range(tmp_path: Path) -> None:
     res = sweep(_adam_classify(), batch_sizes=[8, 64], budget="steps:1", storage=_url(tmp_path),
-                measure_noise=False, micro_batch_limit=64)
+                measure_noise=False, micro_batch_limit=64).to_dict()
     keys = sorted((t["batch_size"], t["lr_multiplier"]) for t in res["trials"])
     assert keys == [(8, 1.0), (64, 0.5), (64, 1.0), (64, 2.0)]  # k = 8: k (1 - beta1) = 0.8 > 0.5
     assert res["lr_multipliers"] == [1.0] and res["lr_multipliers_by_batch"] == {"64": [0.5, 1.0, 2.0]}
@@ -781,7 +782,7 @@ def test_the_sweep_searches_the_lr_of_a_batch_outside_the_rules_range(tmp_path: 
     assert by[(8, 1.0)]["lr_scaling"]["outside_range"] is False
     again = sweep(_adam_classify(), batch_sizes=[8, 64], budget="steps:1", storage=_url(tmp_path),
                   measure_noise=False, micro_batch_limit=64)  # resumed: the same grid, nothing re-run
-    assert again["study_name"] == res["study_name"] and len(again["trials"]) == 4
+    assert again.study_name == res["study_name"] and len(again.trials) == 4
 
 
 def test_the_weight_decay_rule_and_the_adam_sqrt_version_are_in_the_study_identity() -> None:

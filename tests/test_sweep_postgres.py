@@ -149,7 +149,7 @@ def test_two_concurrent_workers_share_one_study(postgres_url: str, tmp_path: Pat
         [(t.number, t.state, t.user_attrs) for t in rest]
     assert {t.user_attrs["worker"]["pid"] for t in done} <= {w.pid for w in workers}
     merged = sweep_mod.load_results(postgres_url, "shared")  # the results merge into one study
-    assert sorted(t["batch_size"] for t in merged["trials"] if t["status"] == "ok") == sorted([*sizes, 256, 256])
+    assert sorted(t.batch_size for t in merged.trials if t.status == "ok") == sorted([*sizes, 256, 256])
 
 
 @pytest.mark.slow
@@ -197,8 +197,8 @@ def test_dead_workers_trial_is_retried_after_its_heartbeat_goes_stale(
     killed = next(t for t in trials if t.number == running.number)
     assert killed.state == TrialState.FAIL  # the stale trial was failed ...
     assert _configs(trials) == Counter({8: 1})  # ... and its configuration re-run from the start, once
-    (ok,) = [t for t in result["trials"] if t["status"] == "ok"]
-    assert ok["batch_size"] == 8 and ok["steps"] == 100
+    (ok,) = [t for t in result.trials if t.status == "ok"]
+    assert ok.batch_size == 8 and ok.steps == 100
 
 
 class _quiet:

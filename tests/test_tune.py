@@ -113,7 +113,7 @@ def test_tune_runs_every_stage_and_resumes(tmp_path: Path, monkeypatch: pytest.M
     resumed: list[ProgressEvent] = []
     again = tune(wl, out_dir=out, progress=resumed.append, **FAST)
     assert again.recommendation == rec
-    assert [t["trial_number"] for t in again["trials"]] == [t["trial_number"] for t in data["trials"]]
+    assert [t.trial_number for t in again.sweep.trials] == [t["trial_number"] for t in data["trials"]]
     assert (out / "report.html").exists()
     assert [e.stage for e in resumed if e.kind == "end" and e.data.get("resumed")] == ["find", "noise", "lr_check",
                                                                                        "step_time", "precision"]
@@ -163,7 +163,7 @@ def test_a_wider_model_under_the_same_name_is_measured_again(tmp_path: Path, mon
     state = json.loads((tmp_path / "tune_state.json").read_text())
     assert state["find"]["fingerprint"]["model"]["parameters"] == 8 * 64 + 64 + 64 * 3 + 3
     assert wide.lr_check != first.lr_check  # the LR check ran again on the wide model
-    assert wide["study_name"] != first["study_name"]
+    assert wide.sweep.study_name != first.sweep.study_name
 
 
 def test_lr_check_keeps_each_finished_run_across_an_interruption(tmp_path: Path,
@@ -206,7 +206,7 @@ def test_all_trials_diverged_still_writes_the_report(tmp_path: Path) -> None:
     wl = dataclasses.replace(make_tiny_workload(), loss_fn=lambda out, y: F.cross_entropy(out, y) * math.nan)
     res = tune(wl, out_dir=tmp_path, budget="epochs:2", batch_sizes=[16, 32], find=False, noise=False,
                precision_check=True)
-    assert {t["status"] for t in res["trials"]} == {"diverged"}
+    assert {t.status for t in res.sweep.trials} == {"diverged"}
     assert res.recommendation is None and res.precision_check is None
     assert "precision_check" not in res.to_dict()
     assert "No recommendation yet" in (tmp_path / "report.md").read_text()
@@ -250,7 +250,7 @@ def test_workload_options_reach_the_workload_through_tune(tmp_path: Path) -> Non
     res = tune("demo:digits-mlp", workload_options={"hidden": 4}, out_dir=tmp_path, find=False, noise=False,
                budget="steps:2", batch_sizes=[16, 32], precision_check=False, progress=only_ends)
     assert ends == ["lr_check", "step_time", "sweep", "report"]
-    assert res["num_train"] == 1437 and res.recommendation is not None
+    assert res.sweep.num_train == 1437 and res.recommendation is not None
     key = json.loads((tmp_path / "tune_state.json").read_text())["lr"]
     assert key["options"] == {"hidden": 4}
     assert key["fingerprint"]["model"]["parameters"] == 64 * 4 + 4 + 4 * 10 + 10
@@ -346,7 +346,8 @@ def test_racing_adds_seeds_only_where_they_can_change_the_choice(tmp_path: Path)
 
     fake = _FakeSweep()
     run = _Run(tmp_path, None, {}, "cpu", "fp32", 0)
-    final = tuning._race(fake(None), fake, {}, run, tolerance=0.01, cap=3)
+    final = tuning._race(fake(None), fake, lambda swept: TuneResult(sweep=swept).results(), run, tolerance=0.01,
+                         cap=3)
     seeds = tuning.seeds_per_batch(final)
     # 256 is far worse and slower to the target than the choice: never replicated; the finalist 32 gets 3 seeds,
     # 16 only while it is a finalist (the reference) or could still win (it is slower than 32: it cannot)

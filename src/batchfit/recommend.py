@@ -166,8 +166,9 @@ _NOT_CORE = frozenset(_EVIDENCE_KEYS) | {"extra"}
 
 def as_results(results: Any) -> dict[str, Any]:
     """A plain results dict from a ``SweepResult``, a ``TuneResult`` or a dict, with ``tune``'s stage results
-    (find, noise, LR check, precision check) at the top level whether they came inline or under ``"tune"``."""
-    data = results.to_dict() if hasattr(results, "to_dict") else dict(results)
+    (find, noise, LR check, precision check) at the top level whether they came inline or under ``"tune"``. The one
+    place a typed result becomes the dict: its ``to_dict()``, copied (a ``SweepResult`` keeps its own)."""
+    data = dict(results.to_dict()) if hasattr(results, "to_dict") else dict(results)
     nested = data.get("tune")
     if isinstance(nested, Mapping):
         for key, value in nested.items():

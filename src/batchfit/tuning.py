@@ -49,6 +49,7 @@ from batchfit.progress import ProgressEvent, ProgressFn, emit
 if TYPE_CHECKING:  # the CLI imports this module to build its parser: keep torch out of that path
     from batchfit.decide import PrecisionCheck, PrecisionRun
     from batchfit.recommend import Recommendation
+    from batchfit.study import SweepResult
     from batchfit.workload import Workload
 
 __all__ = [
@@ -147,9 +148,12 @@ class TuneResult:
     report: dict[str, Any] = field(default_factory=dict)
     seconds: float | None = None
     tolerance: float | None = None  # the non-inferiority margin the recommendation was made with
+    framework: str | None = None  # framework_of(workload): the recipe's snippets in the project's own form
+    batch_form: dict[str, Any] | None = None  # batch_form_of(workload): how the project feeds its model
 
     def results(self) -> dict[str, Any]:
-        """The measurements (the sweep's results and tune's stages) without the recommendation and report."""
+        """The measurements (the sweep's results and tune's stages) without the recommendation and report: the
+        one place tune's stages join the sweep's results (the interim reports and racing read it too)."""
         from batchfit.recommend import as_results
 
         data = as_results(self.sweep)
@@ -161,6 +165,10 @@ class TuneResult:
             data.pop("precision_check", None)
         if self.step_time is not None:
             data["step_time"] = self.step_time
+        if self.framework is not None:
+            data["framework"] = self.framework
+        if self.batch_form is not None:
+            data["batch_form"] = self.batch_form
         if self.seconds is not None:
             data["tune_seconds"] = self.seconds
         if self.batch_schedule_check is not None:
@@ -186,8 +194,9 @@ class TuneResult:
         from batchfit.recommend import Recommendation
 
         own = ("find", "noise", "lr_calibration", "precision_check", "step_time", "recommendation", "report",
-               "tune_seconds", "train_budget", "cost")
+               "tune_seconds", "train_budget", "cost", "framework", "batch_form")
         cal, rec, check = data.get("lr_calibration"), data.get("recommendation"), data.get("precision_check")
+        form = data.get("batch_form")
         return cls(
             sweep={k: v for k, v in data.items() if k not in own}, find=data.get("find"), noise=data.get("noise"),
             lr_check=LRCheck.from_dict(cal) if isinstance(cal, Mapping) else None,
@@ -196,18 +205,9 @@ class TuneResult:
             recommendation=Recommendation.from_dict(rec) if isinstance(rec, Mapping) else None,
             report=dict(data.get("report") or {}), seconds=data.get("tune_seconds"),
             train_budget=data.get("train_budget") if isinstance(data.get("train_budget"), Mapping) else None,
-            tolerance=data.get("tolerance"),
+            tolerance=data.get("tolerance"), framework=data.get("framework"),
+            batch_form=dict(form) if isinstance(form, Mapping) else None,
         )
-
-    # Read-only dict-style access (``res["trials"]``) for code written when tune returned a dict.
-    def __getitem__(self, key: str) -> Any:
-        return self.to_dict()[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.to_dict().get(key, default)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.to_dict()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -938,10 +938,11 @@ def _precision_check(workload: Workload, run: _Run, rec: Recommendation, *, step
 class _SweepProgress:
     """Forwards the sweep's events as tune's ``sweep`` stage (``update`` counts finished trials; a running trial's
     start and steps become ``record`` events), and rewrites results.json and the report (without plots, which are
-    slow) after every finished trial, so a partial study is always readable."""
+    slow) after every finished trial, so a partial study is always readable. ``results_of(swept)``: the sweep's
+    results with tune's stages (:meth:`TuneResult.results`)."""
 
-    def __init__(self, run: _Run, tolerance: float, stages: Mapping[str, Any]) -> None:
-        self.run, self.tolerance, self.stages = run, tolerance, stages
+    def __init__(self, run: _Run, tolerance: float, results_of: Callable[[Any], dict[str, Any]]) -> None:
+        self.run, self.tolerance, self.results_of = run, tolerance, results_of
         self.started = False
 
     def __call__(self, event: ProgressEvent) -> None:
@@ -950,7 +951,7 @@ class _SweepProgress:
         if name == "trial_end" and results is not None:
             from batchfit.report import write_report
 
-            write_report(_with_stages(results, self.stages), self.run.out, tolerance=self.tolerance, plots=False,
+            write_report(self.results_of(results), self.run.out, tolerance=self.tolerance, plots=False,
                          interim=True)
         kind = "record" if name in ("trial_start", "step") else event.kind
         # racing runs the sweep again for the added seeds: the stage starts once, and tune announces its end
@@ -961,14 +962,6 @@ class _SweepProgress:
         if self.run.progress is not None:
             data = {k: v for k, v in event.data.items() if k != "results"}
             self.run.progress(dataclasses.replace(event, stage="sweep", kind=kind, data=data))
-
-
-def _with_stages(results: Any, stages: Mapping[str, Any]) -> dict[str, Any]:
-    from batchfit.recommend import as_results
-
-    data = as_results(results)
-    data.update({k: v for k, v in stages.items() if v is not None})
-    return data
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1076,18 +1069,19 @@ def unfinished_replicates(results: Mapping[str, Any]) -> dict[int, int]:
     return {b: n for b, n in seeds_per_batch(results, finished=False).items() if n > 1 and n > done.get(b, 0)}
 
 
-def _race(swept: Any, run_sweep: Any, stages: Mapping[str, Any], run: _Run, *, tolerance: float, cap: int,
-          cost_cap: float | None = None, per_trial: int | None = None) -> Any:
+def _race(swept: Any, run_sweep: Any, results_of: Callable[[Any], dict[str, Any]], run: _Run, *, tolerance: float,
+          cap: int, cost_cap: float | None = None, per_trial: int | None = None) -> Any:
     """Add seeds where they can change the decision (:func:`race_round`) until nothing is left to decide, every
     candidate that could still win has ``cap`` seeds, the next seeds would pass the cost cap (``cost_cap``
     samples in all, ``per_trial`` samples a trial: then the finalists come first, then the faster undecided, as
     many as fit), or a round finished none of the seeds it asked for (they failed: asking again would loop).
-    Read from the trials alone, so an interrupted or resumed ``tune`` reaches the same verdict."""
+    Read from the trials alone, so an interrupted or resumed ``tune`` reaches the same verdict. ``results_of(swept)``:
+    the sweep's results with tune's stages (:meth:`TuneResult.results`)."""
     from batchfit.cost import cost_of
 
-    replicates = {b: n for b, n in seeds_per_batch(_with_stages(swept, stages), finished=False).items() if n > 1}
+    replicates = {b: n for b, n in seeds_per_batch(results_of(swept), finished=False).items() if n > 1}
     while True:
-        data = _with_stages(swept, stages)
+        data = results_of(swept)
         want, why = race_round(data, tolerance=tolerance, cap=cap)
         if want and cost_cap is not None and per_trial:
             room = int((cost_cap - cost_of(data).samples) // per_trial)
@@ -1103,7 +1097,7 @@ def _race(swept: Any, run_sweep: Any, stages: Mapping[str, Any], run: _Run, *, t
             replicates[b] = max(replicates.get(b, 1), n)
         before = seeds_per_batch(data)
         swept = run_sweep(dict(replicates))
-        after = seeds_per_batch(_with_stages(swept, stages))
+        after = seeds_per_batch(results_of(swept))
         if all(after.get(b, 0) <= before.get(b, 0) for b in want):  # every seed asked for failed: stop, recorded
             failed = ", ".join(map(str, sorted(want)))
             run.emit("sweep", "update", f"racing stops: the next seed of batch {failed} failed (the report's table of "
@@ -1681,7 +1675,7 @@ def _stage_attrs(p: _Prepared, stages: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _sweep_and_race(a: _TuneArgs, p: _Prepared, stages: Mapping[str, Any]) -> Any:
+def _sweep_and_race(a: _TuneArgs, p: _Prepared, stages: Mapping[str, Any]) -> SweepResult:
     """Stage 4: every candidate at its rule-scaled LR in the Optuna store, interrupted seeds re-run, then racing
     (more seeds only where they can change the decision) within the cap less the precision check's share."""
     from batchfit.cost import allowance
@@ -1691,31 +1685,43 @@ def _sweep_and_race(a: _TuneArgs, p: _Prepared, stages: Mapping[str, Any]) -> An
     attrs = _stage_attrs(p, stages)
     _write_stages(p.out, a.tolerance, attrs)  # before the first trial: a partial study is readable with its stages
     run_id = new_run_id()  # one for the whole tune: retry_failed retries each failed trial once, not per sweep call
+    measured = _tune_result(a, p, stages, None)
 
-    def run_sweep(replicates: Mapping[int, int] | None) -> Any:
+    def results_of(swept: Any) -> dict[str, Any]:  # the interim reports' and racing's results: tune's, so far
+        return dataclasses.replace(measured, sweep=swept).results()
+
+    def run_sweep(replicates: Mapping[int, int] | None) -> SweepResult:
         return sweep(  # tune's stage results go into the study's tune namespace, so the store alone has them
             p.wl, batch_sizes=p.sizes, budget=p.bud, lr_rule=a.lr_rule, lr_search=a.lr_search, warmup=a.warmup,
             target=a.target, storage=p.storage, study_name=a.study_name, micro_batch_limit=p.fits, device=a.device,
             precision=a.precision, seed=a.seed, measure_noise=True, sharpness=a.sharpness, eval_every=p.eval_every,
             retry_failed=a.retry_failed,
-            progress=_SweepProgress(p.run, a.tolerance, attrs), seeds=a.seeds or 1, replicates=replicates,
+            progress=_SweepProgress(p.run, a.tolerance, results_of), seeds=a.seeds or 1, replicates=replicates,
             weight_decay_rule=a.weight_decay_rule, run_id=run_id, parallel=a.parallel,
         )
 
     swept = run_sweep(None)
-    unfinished = unfinished_replicates(swept)
+    unfinished = unfinished_replicates(swept.to_dict())
     if unfinished:  # seeds an earlier run started (racing) and did not finish: re-run them before racing reads on
         swept = run_sweep(unfinished)
     if a.seeds is None:  # racing: more seeds only where they can change the decision
         reserved = allowance("precision", p.total, p.max_cost) if a.precision_check else 0
         cap_samples = p.plan.get("cap_samples")
-        swept = _race(swept, run_sweep, attrs, p.run, tolerance=a.tolerance, cap=a.max_seeds,
+        swept = _race(swept, run_sweep, results_of, p.run, tolerance=a.tolerance, cap=a.max_seeds,
                       cost_cap=None if cap_samples is None else cap_samples - (reserved or 0),
                       per_trial=p.plan["trial_cost_samples"])
-    counts = ", ".join(f"{v} {k}" for k, v in (swept.get("counts") or {}).items() if v)
-    p.run.emit("sweep", "end", f"{swept.get('status')}: {counts or 'no trials'}"
-               + f" (up to {max(seeds_per_batch(swept).values(), default=1)} seed(s) per batch size)")
+    counts = ", ".join(f"{v} {k}" for k, v in (swept.counts or {}).items() if v)
+    p.run.emit("sweep", "end", f"{swept.status}: {counts or 'no trials'}"
+               + f" (up to {max(seeds_per_batch(swept.to_dict()).values(), default=1)} seed(s) per batch size)")
     return swept
+
+
+def _tune_result(a: _TuneArgs, p: _Prepared, stages: Mapping[str, Any], swept: Any) -> TuneResult:
+    """The sweep's result ``swept`` with the stages measured before it, as a :class:`TuneResult` (whose
+    :meth:`~TuneResult.results` is the one place they are put together)."""
+    return TuneResult(sweep=swept, find=stages["find"], noise=stages["noise"], lr_check=stages["lr_check"],
+                      step_time=stages["step_time"], train_budget=p.plan, tolerance=a.tolerance,
+                      framework=framework_of(p.wl), batch_form=batch_form_of(p.wl))
 
 
 def _conclude(a: _TuneArgs, p: _Prepared, stages: Mapping[str, Any], swept: Any, t_start: float) -> TuneResult:
@@ -1725,8 +1731,7 @@ def _conclude(a: _TuneArgs, p: _Prepared, stages: Mapping[str, Any], swept: Any,
     from batchfit.recommend import recommend, with_precision_check
     from batchfit.report import write_report
 
-    result = TuneResult(sweep=swept, find=stages["find"], noise=stages["noise"], lr_check=stages["lr_check"],
-                        step_time=stages["step_time"], train_budget=p.plan, tolerance=a.tolerance)
+    result = _tune_result(a, p, stages, swept)
     try:
         result.recommendation = recommend(result.results(), tolerance=a.tolerance)
     except ConfigError:  # no trial finished: the report still shows what happened, without a recommendation

@@ -19,38 +19,47 @@ warm-up).
 
 from __future__ import annotations
 
-from batchfit.study.identity import WorkloadFingerprint, default_study_name, workload_fingerprint
-from batchfit.study.inputs import (
-    BUDGET_KINDS,
-    DEFAULT_BUDGET,
-    EVALS_PER_TRIAL,
-    FULL_BATCH_MAX_N,
-    MAX_ACCUMULATION,
-    MAX_LR_SEARCH,
-    SMALL_BATCH_MAX_N,
-    Budget,
-    GridPoint,
-    config_key,
-    default_batch_sizes,
-    lr_multipliers,
-    lr_multipliers_by_batch,
-    make_grid,
-    parse_batch_sizes,
-    parse_budget,
-    parse_target,
-)
-from batchfit.study.keys import TUNE_NAMESPACE
-from batchfit.study.results import SweepFailedError, SweepResult, TrialSummary, build_results, load_results
-from batchfit.study.runner import sweep
-from batchfit.study.store import (
-    default_storage,
-    mask_url,
-    open_storage,
-    open_study,
-    read_namespace,
-    write_namespace,
-)
-from batchfit.study.trial import SweepPlan
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# The names load on first use: the argument checks (``study.inputs``) must not pull in torch and Optuna through
+# ``study.runner`` (``batchfit sweep --budget weeks:3`` is refused in a tenth of a second).
+_EXPORTS = {
+    "WorkloadFingerprint": "batchfit.study.identity",
+    "default_study_name": "batchfit.study.identity",
+    "workload_fingerprint": "batchfit.study.identity",
+    "BUDGET_KINDS": "batchfit.study.inputs",
+    "DEFAULT_BUDGET": "batchfit.study.inputs",
+    "EVALS_PER_TRIAL": "batchfit.study.inputs",
+    "FULL_BATCH_MAX_N": "batchfit.study.inputs",
+    "MAX_ACCUMULATION": "batchfit.study.inputs",
+    "MAX_LR_SEARCH": "batchfit.study.inputs",
+    "SMALL_BATCH_MAX_N": "batchfit.study.inputs",
+    "Budget": "batchfit.study.inputs",
+    "GridPoint": "batchfit.study.inputs",
+    "config_key": "batchfit.study.inputs",
+    "default_batch_sizes": "batchfit.study.inputs",
+    "lr_multipliers": "batchfit.study.inputs",
+    "lr_multipliers_by_batch": "batchfit.study.inputs",
+    "make_grid": "batchfit.study.inputs",
+    "parse_batch_sizes": "batchfit.study.inputs",
+    "parse_budget": "batchfit.study.inputs",
+    "parse_target": "batchfit.study.inputs",
+    "TUNE_NAMESPACE": "batchfit.study.keys",
+    "SweepFailedError": "batchfit.study.results",
+    "SweepResult": "batchfit.study.results",
+    "TrialSummary": "batchfit.study.results",
+    "build_results": "batchfit.study.results",
+    "load_results": "batchfit.study.results",
+    "sweep": "batchfit.study.runner",
+    "default_storage": "batchfit.study.store",
+    "mask_url": "batchfit.study.store",
+    "open_storage": "batchfit.study.store",
+    "open_study": "batchfit.study.store",
+    "read_namespace": "batchfit.study.store",
+    "write_namespace": "batchfit.study.store",
+    "SweepPlan": "batchfit.study.trial",
+}
 
 __all__ = [
     "BUDGET_KINDS",
@@ -88,3 +97,50 @@ __all__ = [
     "workload_fingerprint",
     "write_namespace",
 ]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from batchfit.study.identity import WorkloadFingerprint, default_study_name, workload_fingerprint
+    from batchfit.study.inputs import (
+        BUDGET_KINDS,
+        DEFAULT_BUDGET,
+        EVALS_PER_TRIAL,
+        FULL_BATCH_MAX_N,
+        MAX_ACCUMULATION,
+        MAX_LR_SEARCH,
+        SMALL_BATCH_MAX_N,
+        Budget,
+        GridPoint,
+        config_key,
+        default_batch_sizes,
+        lr_multipliers,
+        lr_multipliers_by_batch,
+        make_grid,
+        parse_batch_sizes,
+        parse_budget,
+        parse_target,
+    )
+    from batchfit.study.keys import TUNE_NAMESPACE
+    from batchfit.study.results import SweepFailedError, SweepResult, TrialSummary, build_results, load_results
+    from batchfit.study.runner import sweep
+    from batchfit.study.store import (
+        default_storage,
+        mask_url,
+        open_storage,
+        open_study,
+        read_namespace,
+        write_namespace,
+    )
+    from batchfit.study.trial import SweepPlan
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'batchfit.study' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -20,7 +20,7 @@ import functools
 import json
 import math
 import statistics
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,13 +132,12 @@ class TrialSummary:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SweepResult(Mapping[str, Any]):
+class SweepResult:
     """A sweep's results: the settings, every trial, the best LR per batch size, the target, B_crit, B_simple,
     and the tune-level results stored in the study's namespace (``tune``: find, noise, LR check, precision).
 
-    Transitional: a ``SweepResult`` is also a read-only mapping over :meth:`to_dict` (``result["trials"]``,
-    ``result.get("find")``, ``dict(result)``), so code written for the results dict keeps working while it moves
-    to the attributes.
+    Read by attribute (``result.trials``, ``result.counts``, ``result.find``); :meth:`to_dict` is its results.json
+    form.
     """
 
     workload: str
@@ -269,16 +268,6 @@ class SweepResult(Mapping[str, Any]):
             tune={k: d[k] for k in tune_keys if d.get(k) is not None},
             extra={k: v for k, v in d.items() if k not in fields and k not in tune_keys and k not in derived},
         )
-
-    # -- transitional read-only mapping over to_dict() ---------------------------------------------------------
-    def __getitem__(self, key: str) -> Any:
-        return self._dict[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._dict)
-
-    def __len__(self) -> int:
-        return len(self._dict)
 
 
 # ---------------------------------------------------------------------------------------------------------------
