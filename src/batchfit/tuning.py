@@ -21,9 +21,9 @@ names, shapes and dtypes) and of the optimizer (class and defaults), the workloa
 device, precision and seed (:func:`batchfit.study.identity.workload_fingerprint`, the one the sweep's study
 name is made from), so a changed model never resumes another model's numbers.
 
-What ``tune`` measures beside the sweep is stored in the sweep's study under one namespace
-(``batchfit.tune.<stage>``, :func:`batchfit.study.store.write_namespace`), so ``load_results(store)`` returns
-everything the report needs and ``recommend(load_results(store))`` is what ``batchfit report STORE`` prints.
+The store holds the sweep's trials only; what ``tune`` measures beside the sweep, and the tolerance it decided
+with, go to ``out_dir/stages.json`` (:func:`_write_stages`), so ``load_results(out_dir)`` returns everything the
+report needs and ``recommend(load_results(out_dir))`` is what ``batchfit report out_dir`` prints.
 
 The capabilities underneath (finder, noise, sweep, recommend, report) do not know about this module.
 """
@@ -1691,7 +1691,7 @@ def _sweep_and_race(a: _TuneArgs, p: _Prepared, stages: Mapping[str, Any]) -> Sw
         return dataclasses.replace(measured, sweep=swept).results()
 
     def run_sweep(replicates: Mapping[int, int] | None) -> SweepResult:
-        return sweep(  # tune's stage results go into the study's tune namespace, so the store alone has them
+        return sweep(  # trials only: tune's stage results are in stages.json (_write_stages)
             p.wl, batch_sizes=p.sizes, budget=p.bud, lr_rule=a.lr_rule, lr_search=a.lr_search, warmup=a.warmup,
             target=a.target, storage=p.storage, study_name=a.study_name, micro_batch_limit=p.fits, device=a.device,
             precision=a.precision, seed=a.seed, measure_noise=True, sharpness=a.sharpness, eval_every=p.eval_every,
