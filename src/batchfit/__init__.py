@@ -5,9 +5,9 @@ The public API is re-exported here and loaded lazily, so ``import batchfit`` sta
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from batchfit._lazy import lazy_exports
 from batchfit._version import __version__
 
 _EXPORTS = {
@@ -53,14 +53,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from batchfit.workload import Workload
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'batchfit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), __all__)

@@ -18,9 +18,10 @@ __all__ = ["LAYERS", "layer_of", "render"]
 
 # layer -> (what it is, its modules)
 LAYERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "foundation": ("errors, argument checks, progress, metric, statistics, device and seeds, writing files",
-                   ("_layers", "_version", "errors", "checks", "progress", "metric", "critical", "stats", "_io",
-                    "cost", "runtime")),
+    "foundation": ("errors, argument checks, progress, metric, statistics, device and seeds, writing files, "
+                   "lazy re-exports",
+                   ("_layers", "_version", "_lazy", "errors", "checks", "progress", "metric", "critical", "stats",
+                    "_io", "cost", "runtime")),
     "resources": ("memory meters and the OOM guard, where batches come from, torchrun",
                   ("memory", "data", "distributed")),
     "workload": ("what a workload is, LR rules, batch-size schedules", ("workload", "scaling", "schedule")),

@@ -11,8 +11,9 @@ device from the table (:mod:`.devices`). docs/plan.md describes the model of eac
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from batchfit._lazy import lazy_exports
 
 # The names are loaded on first use: ``batchfit.planner.devices`` (the GPU table that ``batchfit plan --help`` and
 # its argument checks read) must not pull in torch through ``.core``.
@@ -38,14 +39,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from batchfit.planner.devices import CUDA_CONTEXT_BYTES, DEVICES, GpuSpec, gpu_names, lookup
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'batchfit.planner' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), __all__)

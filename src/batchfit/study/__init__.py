@@ -19,8 +19,9 @@ warm-up).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from batchfit._lazy import lazy_exports
 
 # The names load on first use: the argument checks (``study.inputs``) must not pull in torch and Optuna through
 # ``study.runner`` (``batchfit sweep --budget weeks:3`` is refused in a tenth of a second).
@@ -133,14 +134,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from batchfit.study.trial import SweepPlan
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'batchfit.study' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), __all__)
