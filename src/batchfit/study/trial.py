@@ -34,6 +34,7 @@ __all__ = [
     "SweepPlan",
     "classify_failure",
     "noise_layout",
+    "rank_share",
     "run_trial",
     "sweep_event",
     "train_everywhere",
@@ -296,16 +297,25 @@ def train_everywhere(workload: Workload, *, batch_size: int, micro_batch_size: i
     ``micro_batch_size`` one rank's micro-batch at most), or here in one process; rank 0's result."""
     from batchfit import distributed
 
+    return distributed.everywhere(train_job, workload, shared=shared_warmup,
+                                  **rank_share(batch_size, micro_batch_size, parallel), **train_kwargs)
+
+
+def rank_share(batch_size: int, micro_batch_size: int | None, parallel: str = "ddp") -> dict[str, Any]:
+    """:func:`batchfit.engine.train`'s batch arguments for the *global* batch ``batch_size``: under torchrun one
+    rank's share, its micro-batch (``micro_batch_size`` is one rank's, at most the share), the world size and
+    ``parallel``; in one process the batch and micro-batch (at most the batch) as they are."""
+    from batchfit import distributed
+
     world = distributed.world_size()
+    if batch_size % world:
+        raise ConfigError(f"batch size {batch_size} does not split evenly over {world} ranks")
+    per_rank = batch_size // world
+    share: dict[str, Any] = {"batch_size": per_rank,
+                             "micro_batch_size": None if micro_batch_size is None else min(micro_batch_size, per_rank)}
     if world > 1:
-        if batch_size % world:
-            raise ConfigError(f"batch size {batch_size} does not split evenly over {world} ranks")
-        per_rank = batch_size // world
-        micro = None if micro_batch_size is None else min(micro_batch_size, per_rank)
-        return distributed.everywhere(train_job, workload, shared=shared_warmup, batch_size=per_rank,
-                                      micro_batch_size=micro, world_size=world, parallel=parallel, **train_kwargs)
-    return train_job(workload, shared=shared_warmup, batch_size=batch_size, micro_batch_size=micro_batch_size,
-                     **train_kwargs)
+        share.update(world_size=world, parallel=parallel)
+    return share
 
 
 def _train_trial(study: Any, trial: Any, plan: SweepPlan, point: GridPoint, index: int) -> dict[str, Any]:
@@ -314,10 +324,9 @@ def _train_trial(study: Any, trial: Any, plan: SweepPlan, point: GridPoint, inde
 
     TrialState = optuna_module().trial.TrialState
     batch, mult = point.batch_size, point.lr_multiplier
-    world = distributed.world_size()
-    per_rank = batch // world
-    limit = plan.micro_batch_limit
-    micro = per_rank if limit is None else min(per_rank, limit)  # per rank: the finder's limit is one rank's
+    limit = plan.micro_batch_limit  # one rank's: the finder's limit
+    share = rank_share(batch, batch if limit is None else limit, plan.parallel)
+    per_rank, micro = share["batch_size"], share["micro_batch_size"]
     noise = noise_layout(plan.measure_noise, batch, micro)
     steps = plan.budget.steps_for(batch, plan.workload.num_train)
     eval_every = plan.eval_every or max(1, steps // EVALS_PER_TRIAL)
@@ -325,8 +334,7 @@ def _train_trial(study: Any, trial: Any, plan: SweepPlan, point: GridPoint, inde
     info = {"index": index, "total": plan.total, "trial_number": trial.number, "batch_size": batch, "seed": seed,
             "lr_multiplier": mult, "micro_batch_size": micro, "accumulation_steps": math.ceil(per_rank / micro),
             "steps": steps, "eval_every": eval_every, **noise, "warmup_steps": resolve_warmup(plan.warmup, steps)}
-    if world > 1:
-        info.update(world_size=world, parallel=plan.parallel)
+    info.update({k: share[k] for k in ("world_size", "parallel") if k in share})
     trial.set_user_attr(K.TRIAL_WORKER, worker_identity())
     if plan.run_id is not None:
         trial.set_user_attr(K.TRIAL_RUN, plan.run_id)
@@ -334,11 +342,8 @@ def _train_trial(study: Any, trial: Any, plan: SweepPlan, point: GridPoint, inde
     outcome: dict[str, Any] = dict(info)
     failure: BaseException | None = None
     kwargs: dict[str, Any] = dict(
-        batch_size=per_rank, micro_batch_size=micro, lr_rule=plan.lr_rule, warmup=plan.warmup, steps=steps,
-        precision=plan.precision, device=plan.device, seed=seed, eval_every=eval_every,
-        weight_decay_rule=plan.weight_decay_rule)
-    if world > 1:
-        kwargs.update(world_size=world, parallel=plan.parallel)
+        share, lr_rule=plan.lr_rule, warmup=plan.warmup, steps=steps, precision=plan.precision, device=plan.device,
+        seed=seed, eval_every=eval_every, weight_decay_rule=plan.weight_decay_rule)
     with Heartbeat(study._storage, trial._trial_id):
         try:
             result = distributed.everywhere(
