@@ -275,3 +275,22 @@ def test_a_lead_sends_the_workload_as_a_reference_with_its_picklable_changes(tin
     assert distributed.everywhere(lambda x: calls.append(x) or x * 2, 21) == 42 and calls == [21]
     with distributed.lead(tiny_workload) as leader:
         assert not distributed.leading() and leader.workload is tiny_workload
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"sharpness": True}, "sharpness does not run under torchrun"),
+    ({"batch_schedule_check": True}, "the batch-schedule check does not run under torchrun"),
+    ({"batch_sizes": [16, 33]}, r"batch size\(s\) 33 do not split evenly over 2 ranks"),
+    ({"parallel": "zero3"}, "parallel"),
+])
+def test_tune_under_torchrun_refuses_what_it_cannot_do_before_any_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kwargs: dict[str, Any], match: str) -> None:
+    """Rank 0's own checks under 2 ranks (the process group faked: nothing is sent): one ConfigError, nothing
+    measured."""
+    from batchfit.tuning import tune
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr("batchfit.finder.find_batch_size", lambda *a, **k: pytest.fail("work began"))
+    with pytest.raises(ConfigError, match=match):
+        tune(make_tiny_workload(), out_dir=tmp_path / "o", budget="steps:2", **kwargs)
+    assert not (tmp_path / "o").exists()
