@@ -321,16 +321,6 @@ def test_recommendation_round_trips_through_its_json_form() -> None:
         Recommendation.from_dict({k: v for k, v in data.items() if k != "lr"})
 
 
-class _Typed:
-    """Stands for a typed result (SweepResult / TuneResult): only ``to_dict()``."""
-
-    def __init__(self, data: dict) -> None:
-        self.data = data
-
-    def to_dict(self) -> dict:
-        return self.data
-
-
 def test_typed_results_and_tunes_namespace_give_the_same_recommendation() -> None:
     """recommend() reads the finder, LR-check and precision results whether they are inline or under "tune"."""
     res = _fixture64()
@@ -344,7 +334,10 @@ def test_typed_results_and_tunes_namespace_give_the_same_recommendation() -> Non
     assert inline.micro_batch_size == 16
     nested = {k: v for k, v in res.items() if k not in ("find", "precision_check", "lr_calibration")}
     nested["tune"] = {k: res[k] for k in ("find", "precision_check", "lr_calibration")}
-    assert recommend(_Typed(nested)) == inline
+    from batchfit.study import SweepResult
+
+    assert recommend(nested) == inline
+    assert recommend(SweepResult.from_dict(nested)) == inline  # the typed result: read by attribute
 
 
 def test_the_recipe_carries_every_optimizer_setting_and_snippets() -> None:
@@ -522,10 +515,11 @@ def test_the_recipe_speaks_the_projects_form_dict_batches_collate_and_trainer_ar
     """Issue 23.4: a dict-batch project with its own collate and a loss carried by the output gets that loop, and a
     Trainer project gets TrainingArguments with every optimizer setting."""
     from batchfit.recommend import recipe
+    from batchfit.study import TrialSummary
 
-    pick = {"batch_size": 64, "lr_rule": "adam-sqrt", "grad_clip": 1.0, "seed": 0, "lr_schedule": "LambdaLR",
-            "optimizer": {"class": "AdamW", "module": "torch.optim", "betas": [0.9, 0.98], "eps": 1e-8,
-                          "weight_decay": 0.01}}
+    pick = TrialSummary(batch_size=64, status="ok", lr_rule="adam-sqrt", grad_clip=1.0, seed=0, lr_schedule="LambdaLR",
+                        optimizer={"class": "AdamW", "module": "torch.optim", "betas": [0.9, 0.98], "eps": 1e-8,
+                                   "weight_decay": 0.01})
     form = {"collate_fn": "DataCollatorWithPadding", "mapping": True, "loss_from_output": True, "targets_key": None}
     r = recipe(pick, batch=64, micro=16, acc=4, lr=3e-4, warmup_steps=10, precision="bf16", framework="hf",
                batch_form=form)
@@ -560,12 +554,14 @@ def test_the_projects_own_warm_up_is_named_instead_of_warm_up_0() -> None:
     assert _schedule_warmup(wl) is None
     form = batch_form_of(wl)
     assert form["mapping"] is False and form["collate_fn"] is None and form["loss_from_output"] is False
-    from batchfit.recommend import _warmup_reason
+    from batchfit.recommend import Measurements, _warmup_reason
+    from batchfit.study import TrialSummary
 
-    pick = {"batch_size": 32, "steps": 100, "lr_schedule": "OneCycleLR", "warmup_steps": 0}
-    _, text = _warmup_reason({"batch_form": {"schedule_warmup": 0.3}, "trials": []}, pick, 0.1)
+    pick = TrialSummary(batch_size=32, status="ok", steps=100, lr_schedule="OneCycleLR", warmup_steps=0)
+    own = Measurements.of({"batch_form": {"schedule_warmup": 0.3}, "trials": []})
+    _, text = _warmup_reason(own, pick, 0.1)
     assert text.startswith("Warm-up: your lr_schedule (OneCycleLR) ramps the LR up over its first 30% of the run")
-    _, text = _warmup_reason({"trials": []}, pick, 0.1)
+    _, text = _warmup_reason(Measurements.of({"trials": []}), pick, 0.1)
     assert text.startswith("Warm-up 0 step(s)")
 
 

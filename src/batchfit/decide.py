@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -56,15 +56,18 @@ from batchfit.stats import (
     ratio_interval,
     select_non_inferior,
 )
+from batchfit.study.results import TrialSummary
 
 __all__ = [
     "BatchEvidence",
     "Decision",
+    "LRMove",
     "PrecisionAdvice",
     "PrecisionCheck",
     "PrecisionRun",
     "StepTimeFit",
     "advise_precision",
+    "as_trials",
     "critical_from_trials",
     "decide",
     "fit_step_time",
@@ -80,10 +83,50 @@ def _z(level: float) -> float:
     return {0.9: 1.6449, 0.95: 1.96, 0.99: 2.5758}.get(round(level, 2), 1.96)
 
 
-def quality_of_trial(trial: Mapping[str, Any], metric: Metric, smooth: int = SMOOTH) -> float | None:
+def as_trials(trials: Iterable[TrialSummary | Mapping[str, Any]]) -> list[TrialSummary]:
+    """The trials typed: a :class:`batchfit.study.TrialSummary` as it is; a trial dict (results.json's form, a
+    caller's own) read once with :meth:`TrialSummary.from_dict`, which names a malformed one."""
+    return [t if isinstance(t, TrialSummary) else TrialSummary.from_dict(t, f"trial {i}") for i, t in enumerate(trials)]
+
+
+@dataclass(frozen=True)
+class LRMove:
+    """What the decision and the recommendation read of tune's LR check: :class:`batchfit.tuning.LRCheck` (a layer
+    above this module, read by attribute) or its ``"lr_calibration"`` dict in results.json."""
+
+    best_multiplier: float | None = None
+    steps: int | None = None
+    base_lr: float | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    metric: str | None = None
+
+    @property
+    def moved(self) -> bool:
+        """Whether the check moved the base LR (its best multiplier is not 1)."""
+        return self.best_multiplier not in (None, 1, 1.0)
+
+    @classmethod
+    def of(cls, check: Any) -> LRMove | None:
+        """``check`` (an ``LRCheck``, its dict, an ``LRMove`` or ``None``) as an ``LRMove``."""
+        if check is None or isinstance(check, LRMove):
+            return check
+        if isinstance(check, Mapping):
+            return cls(**{f.name: check.get(f.name) for f in fields(cls)})
+        return cls(**{f.name: getattr(check, f.name, None) for f in fields(cls)})
+
+
+def _history(trial: TrialSummary | Mapping[str, Any]) -> Any:
+    """A trial's evaluation records: a summary's attribute, a dict's ``history`` (tune's LR-check runs, which are not
+    sweep trials)."""
+    return trial.history if isinstance(trial, TrialSummary) else trial.get("history")
+
+
+def quality_of_trial(trial: TrialSummary | Mapping[str, Any], metric: Metric, smooth: int = SMOOTH) -> float | None:
     """A trial's quality: the mean of its last ``smooth`` evaluations of ``metric``
-    (:func:`batchfit.metric.final_quality`; a summary without history: its recorded best)."""
-    q = final_quality(trial.get("history"), metric, smooth)
+    (:func:`batchfit.metric.final_quality`; a summary without history: its recorded best). ``trial``: a
+    :class:`batchfit.study.TrialSummary`, or a dict with its ``history`` (tune's LR-check runs)."""
+    q = final_quality(_history(trial), metric, smooth)
     return q if q is not None else metric.of_trial(trial)
 
 
@@ -152,16 +195,16 @@ def fit_step_time(points: Iterable[Sequence[float]], *, level: float = DEFAULT_L
     return StepTimeFit(full[0], full[1], boot, len(arr), level)
 
 
-def _seconds_per_step(trial: Mapping[str, Any]) -> float | None:
+def _seconds_per_step(trial: TrialSummary) -> float | None:
     """The trial's seconds per step: the median over its evaluation intervals' throughputs when it has at least 3
     (a burst of load on the machine slows one interval, not the median), else its mean throughput."""
-    segments = [v for r in trial.get("history") or [] if isinstance(r, Mapping)
+    segments = [v for r in trial.history or [] if isinstance(r, Mapping)
                 and (v := finite_or_none(r.get("samples_per_s"))) is not None and v > 0]
     if len(segments) >= 3:
-        return float(trial["batch_size"]) / float(np.median(segments))
-    sps = finite_or_none(trial.get("samples_per_s"))
+        return float(trial.batch_size) / float(np.median(segments))
+    sps = finite_or_none(trial.samples_per_s)
     if sps and sps > 0:
-        return float(trial["batch_size"]) / sps
+        return float(trial.batch_size) / sps
     return None
 
 
@@ -182,7 +225,7 @@ class BatchEvidence:
     seconds_per_step: Interval | None
     time_to_target: Interval | None
     seeds: int
-    trials: list[Mapping[str, Any]] = field(default_factory=list, repr=False)
+    trials: list[TrialSummary] = field(default_factory=list, repr=False)
     seeds_reached: int | None = None  # seeds that reached the target (a time to target needs all of them)
     difference: Interval | None = None
     verdict: str | None = None
@@ -241,24 +284,24 @@ class Decision:
                 "evidence": [self.evidence[b].to_dict() for b in sorted(self.evidence)]}
 
 
-def _seed_values(ts: Sequence[Mapping[str, Any]], metric: Metric) -> dict[Any, float]:
+def _seed_values(ts: Sequence[TrialSummary], metric: Metric) -> dict[Any, float]:
     """``{seed: quality}`` of one configuration's trials (a seed trained twice: the mean of its runs)."""
     acc: dict[Any, list[float]] = {}
     for t in ts:
         q = quality_of_trial(t, metric)
         if q is not None:
-            acc.setdefault(t.get("seed"), []).append(q)
+            acc.setdefault(t.seed, []).append(q)
     return {s: float(np.mean(v)) for s, v in acc.items()}
 
 
-def _evidence(trials: Sequence[Mapping[str, Any]], metric: Metric, step_fit: StepTimeFit | None,
+def _evidence(trials: Sequence[TrialSummary], metric: Metric, step_fit: StepTimeFit | None,
               level: float, step_time: Mapping[int, Interval] | None = None
               ) -> tuple[dict[int, BatchEvidence], dict[tuple[int, float], dict[Any, float]]]:
     """Per batch size its best LR's evidence, and every configuration's ``{seed: quality}``."""
-    by_config: dict[tuple[int, float], list[Mapping[str, Any]]] = {}
+    by_config: dict[tuple[int, float], list[TrialSummary]] = {}
     for t in trials:
-        if t.get("status") == "ok":
-            by_config.setdefault((int(t["batch_size"]), float(t.get("lr_multiplier") or 1.0)), []).append(t)
+        if t.status == "ok":
+            by_config.setdefault((int(t.batch_size), float(t.lr_multiplier or 1.0)), []).append(t)
     seeds = {k: _seed_values(ts, metric) for k, ts in by_config.items()}
     pooled = pooled_mean_intervals({k: list(v.values()) for k, v in seeds.items()}, level)
     out: dict[int, BatchEvidence] = {}
@@ -273,7 +316,7 @@ def _evidence(trials: Sequence[Mapping[str, Any]], metric: Metric, step_fit: Ste
         cur = out.get(batch)
         if cur is not None and not metric.better(q.estimate, cur.quality.estimate):
             continue
-        out[batch] = BatchEvidence(batch, mult, finite_or_none(ts[0].get("lr")), q, None, None, None, len(vals),
+        out[batch] = BatchEvidence(batch, mult, finite_or_none(ts[0].lr), q, None, None, None, len(vals),
                                    list(ts))
         _set_times(out[batch], step_fit, level, step_time)
     return out, seeds
@@ -283,7 +326,7 @@ def _set_times(e: BatchEvidence, step_fit: StepTimeFit | None, level: float,
                step_time: Mapping[int, Interval] | None = None) -> None:
     """A batch's steps, seconds per step and time to the target, from its trials' ``steps_to_target``."""
     ts = e.trials
-    steps = [float(s) for t in ts if (s := finite_or_none(t.get("steps_to_target"))) is not None]
+    steps = [float(s) for t in ts if (s := finite_or_none(t.steps_to_target)) is not None]
     # reaching the target is part of the result: a configuration that missed it in any seed has no time to it
     # (Shallue et al. 2019 count a run that misses the goal as never reaching it), so a batch size that reaches it
     # in 2 of 3 seeds does not win on the two lucky ones
@@ -296,15 +339,15 @@ def _set_times(e: BatchEvidence, step_fit: StepTimeFit | None, level: float,
         sec = mean_interval(own, level) if own else None
     ttt = _product(steps_iv, sec) if steps_iv is not None and sec is not None else None
     if ttt is None and steps_iv is not None:  # no throughput: the measured wall-clock seconds to the target
-        walls = [float(w) for t in ts if (w := finite_or_none(t.get("seconds_to_target"))) is not None]
+        walls = [float(w) for t in ts if (w := finite_or_none(t.seconds_to_target)) is not None]
         ttt = mean_interval(walls, level) if len(walls) == len(ts) else None
     e.steps_to_target, e.seconds_per_step, e.time_to_target, e.seeds_reached = steps_iv, sec, ttt, len(steps)
 
 
-def steps_to(trial: Mapping[str, Any], metric: Metric, value: float) -> float | None:
+def steps_to(trial: TrialSummary | Mapping[str, Any], metric: Metric, value: float) -> float | None:
     """Where the trial's raw evaluation curve first reaches ``value``, interpolated between evaluations
     (:func:`batchfit.metric.crossing`; ``None``: it never does)."""
-    return crossing(trial.get("history"), metric, value, "step")
+    return crossing(_history(trial), metric, value, "step")
 
 
 def decision_target(target: Mapping[str, Any] | None, best_quality: float, metric: Metric) -> float | None:
@@ -333,7 +376,7 @@ def _product(a: Interval, b: Interval) -> Interval:
     return Interval(est, est * max(0.0, 1 - r), est * (1 + r), a.level, "product", min(a.n, b.n))
 
 
-def critical_from_trials(trials: Sequence[Mapping[str, Any]], *, level: float = DEFAULT_LEVEL,
+def critical_from_trials(trials: Sequence[TrialSummary | Mapping[str, Any]], *, level: float = DEFAULT_LEVEL,
                          seed: int = 0) -> CriticalBatchInterval | None:
     """The pooled S(B) fit with its bootstrap (:func:`batchfit.stats.critical_batch_interval`) over every trial.
 
@@ -341,7 +384,7 @@ def critical_from_trials(trials: Sequence[Mapping[str, Any]], *, level: float = 
     (:func:`batchfit.critical.seed_points`; Shallue et al. 2019 retune the LR per batch size). The sweep's B_crit is
     the same estimator on the same steps, so the printed B_crit is the one the decision uses.
     """
-    points = seed_points(t for t in trials if isinstance(t, Mapping))
+    points = seed_points(t for t in trials if isinstance(t, (TrialSummary, Mapping)))
     if not points:
         return None
     return critical_batch_interval(points, level=level, seed=seed)
@@ -410,8 +453,8 @@ def _selection_reason(sel: Selection, metric: Metric) -> str:
     return "; ".join(parts)
 
 
-def decide(trials: Sequence[Mapping[str, Any]], metric: Metric, *, b_crit: CriticalBatchInterval | None = None,
-           lr_calibration: Mapping[str, Any] | None = None, level: float = DEFAULT_LEVEL,
+def decide(trials: Sequence[TrialSummary | Mapping[str, Any]], metric: Metric, *,
+           b_crit: CriticalBatchInterval | None = None, lr_calibration: Any = None, level: float = DEFAULT_LEVEL,
            margin: float = 0.0, step_time: Mapping[int, Interval] | None = None,
            target: Mapping[str, Any] | None = None, tolerance: float | None = None) -> Decision | None:
     """Choose the effective batch from every trial (all LRs and seeds); ``None`` when no trial finished.
@@ -425,13 +468,16 @@ def decide(trials: Sequence[Mapping[str, Any]], metric: Metric, *, b_crit: Criti
     reference itself is. Less data therefore never picks a larger batch.
 
     ``b_crit`` is ignored when a ``target`` spec is given (the decision fits S(B) at its own target, and
-    :attr:`Decision.critical` is that fit); ``lr_calibration`` the tune LR check's dict for the few-steps flag;
+    :attr:`Decision.critical` is that fit); ``lr_calibration`` the tune LR check (:class:`LRMove`, tune's
+    ``LRCheck`` or its dict) for the few-steps flag; ``trials``: :class:`batchfit.study.TrialSummary` (a dict is
+    read once with :meth:`TrialSummary.from_dict`);
     ``step_time`` (batch size -> seconds per step, :func:`batchfit.steptime.calibrate_step_time`) replaces the
     pooled fit of the trials' own timings; ``target`` (the sweep's ``target`` dict: ``kind``, ``fraction`` /
     ``value``) times every batch size to :func:`decision_target` on each trial's raw curve.
     """
     tol = float(tolerance) if tolerance is not None else 2.0 * float(margin)
-    step_fit = fit_step_time((t["batch_size"], _seconds_per_step(t)) for t in trials if t.get("status") == "ok")
+    trials = as_trials(trials)
+    step_fit = fit_step_time((t.batch_size, _seconds_per_step(t)) for t in trials if t.status == "ok")
     ev, seeds = _evidence(trials, metric, step_fit, level, step_time)
     if not ev:
         return None
@@ -442,7 +488,7 @@ def decide(trials: Sequence[Mapping[str, Any]], metric: Metric, *, b_crit: Criti
     best_mean = best_config_mean(trials, metric)
     goal = decision_target(target, best_mean, metric) if target is not None and best_mean is not None else None
     if goal is not None:  # every trial timed to the decision's own target, on its raw curve
-        retimed = {id(t): dict(t, steps_to_target=steps_to(t, metric, goal)) if t.get("history") else t
+        retimed = {id(t): replace(t, steps_to_target=steps_to(t, metric, goal)) if t.history else t
                    for t in trials}
         trials = [retimed[id(t)] for t in trials]
         for e in ev.values():  # the evidence holds the same trial objects
@@ -474,15 +520,14 @@ def decide(trials: Sequence[Mapping[str, Any]], metric: Metric, *, b_crit: Criti
     if use_cost is not None:
         choice = _fastest(choice, use_cost, sel)
     decision = Decision(int(choice.chosen), choice, ev, [], metric, goal, sel, crit, tol)
-    decision.flags = _flags(decision, trials, lr_calibration)
+    decision.flags = _flags(decision, trials, LRMove.of(lr_calibration))
     return decision
 
 
-def _flags(decision: Decision, trials: Sequence[Mapping[str, Any]],
-           lr_calibration: Mapping[str, Any] | None) -> list[str]:
+def _flags(decision: Decision, trials: Sequence[TrialSummary], lr_check: LRMove | None) -> list[str]:
     flags: list[str] = []
     chosen, crit, sel = decision.batch_size, decision.critical, decision.selection
-    tried = sorted({int(t["batch_size"]) for t in trials})
+    tried = sorted({int(t.batch_size) for t in trials})
     if len(tried) > 1 and chosen in (tried[0], tried[-1]):
         side = "smallest" if chosen == tried[0] else "largest"
         flags.append(f"edge of range: batch {chosen} is the {side} batch size tried; the best may lie beyond")
@@ -497,10 +542,10 @@ def _flags(decision: Decision, trials: Sequence[Mapping[str, Any]],
     if crit is not None and crit.extrapolated:
         flags.append(f"B_crit {crit.b_crit.estimate:.3g} is extrapolated beyond the largest batch that reached the "
                      f"target ({crit.support[1]}); read it as 'above {crit.support[1]}'")
-    if lr_calibration and lr_calibration.get("best_multiplier") not in (None, 1, 1.0):
-        steps = lr_calibration.get("steps")
+    if lr_check is not None and lr_check.moved:
+        steps = lr_check.steps
         if isinstance(steps, int) and steps < FEW_STEPS:
-            flags.append(f"the base LR was moved x{lr_calibration['best_multiplier']:.3g} on runs of only {steps} "
+            flags.append(f"the base LR was moved x{lr_check.best_multiplier:.3g} on runs of only {steps} "
                          "steps; confirm it on a longer run")
     return flags
 

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from batchfit.metric import Metric, crossing
 from batchfit.stats import DEFAULT_LEVEL, CriticalBatchInterval, Interval
+from batchfit.study.results import TrialSummary
 
 __all__ = ["HORIZONS", "LongHorizon", "long_horizon", "saturating_fit"]
 
@@ -45,9 +46,9 @@ HORIZONS = (0.125, 0.25, 0.5, 1.0)  # fractions of the measured horizon at which
 FAR = 8.0  # a train budget more than this many times the measured horizon is flagged as far
 
 
-def _curve(trial: Mapping[str, Any], metric: Metric) -> list[tuple[float, float]]:
+def _curve(trial: TrialSummary, metric: Metric) -> list[tuple[float, float]]:
     out = []
-    for r in trial.get("history") or []:
+    for r in trial.history or []:
         if not isinstance(r, Mapping):
             continue
         s, v = r.get("samples"), metric.of_record(r)
@@ -129,23 +130,23 @@ class LongHorizon:
                 "flags": list(self.flags), "far": self.far, "b_simple_check": self.b_simple}
 
 
-def _critical_at(trials: Sequence[Mapping[str, Any]], metric: Metric, level: float, *,
+def _critical_at(trials: Sequence[TrialSummary], metric: Metric, level: float, *,
                  seed: int) -> CriticalBatchInterval | None:
     from batchfit.decide import critical_from_trials
 
-    timed = [dict(t, steps_to_target=crossing(t.get("history"), metric, level, "step")) for t in trials
-             if t.get("status") == "ok"]
+    timed = [replace(t, steps_to_target=crossing(t.history, metric, level, "step")) for t in trials
+             if t.status == "ok"]
     return critical_from_trials(timed, seed=seed)
 
 
-def b_simple_check(ref: Sequence[Mapping[str, Any]], alpha: Interval, h: float, *, level: float = DEFAULT_LEVEL,
+def b_simple_check(ref: Sequence[TrialSummary], alpha: Interval, h: float, *, level: float = DEFAULT_LEVEL,
                    n_boot: int = 500, seed: int = 0) -> dict[str, Any] | None:
     """The extrapolation's growth against an independent measurement: the gradient noise scale B_simple the
     reference configuration's trials measured while training (McCandlish et al. 2018: B_crit ~ B_noise, and both
     grow as the loss falls). A pooled log-log fit of B_simple against the samples seen, over the second half of
     the measured horizon of every reference seed (earlier, the initial transient dominates), with a bootstrap over
     the points. ``agrees``: the two growth intervals overlap. ``None`` without 4 points spanning 1.5x in samples."""
-    pts = [(float(r["samples"]), float(r["b_simple"])) for t in ref for r in t.get("history") or []
+    pts = [(float(r["samples"]), float(r["b_simple"])) for t in ref for r in t.history or []
            if isinstance(r, Mapping) and isinstance(r.get("samples"), (int, float)) and r["samples"] >= h / 2
            and isinstance(r.get("b_simple"), (int, float)) and math.isfinite(r["b_simple"]) and r["b_simple"] > 0]
     if len(pts) < 4 or max(s for s, _ in pts) < 1.5 * min(s for s, _ in pts):
@@ -169,7 +170,7 @@ def b_simple_check(ref: Sequence[Mapping[str, Any]], alpha: Interval, h: float, 
     return {"growth": growth.to_dict(), "points": len(pts), "agrees": agrees, "text": text}
 
 
-def long_horizon(trials: Sequence[Mapping[str, Any]], metric: Metric, *, reference_batch: int,
+def long_horizon(trials: Sequence[TrialSummary | Mapping[str, Any]], metric: Metric, *, reference_batch: int,
                  reference_multiplier: float, train_samples: int, tolerance: float, candidates: Sequence[int],
                  level: float = DEFAULT_LEVEL) -> LongHorizon | None:
     """Extrapolate the trade-off from the measured horizon to ``train_samples`` (module docstring).
@@ -178,8 +179,11 @@ def long_horizon(trials: Sequence[Mapping[str, Any]], metric: Metric, *, referen
     levels and the gain); ``tolerance``: the decision's margin in the metric's units; ``candidates``: the batch
     sizes the answer may move to (those that trained). ``None`` when the reference has no curve.
     """
-    ref = [t for t in trials if t.get("status") == "ok" and int(t["batch_size"]) == int(reference_batch)
-           and float(t.get("lr_multiplier") or 1.0) == float(reference_multiplier)]
+    from batchfit.decide import as_trials
+
+    trials = as_trials(trials)  # a caller's trial dicts read once; the decision's evidence is typed already
+    ref = [t for t in trials if t.status == "ok" and int(t.batch_size) == int(reference_batch)
+           and float(t.lr_multiplier or 1.0) == float(reference_multiplier)]
     curves = [c for t in ref if (c := _curve(t, metric))]
     if not curves:
         return None

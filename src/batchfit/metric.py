@@ -73,14 +73,15 @@ class Metric:
             return finite_or_none(record.get(self.name))
         return finite_or_none((record.get("val_metrics") or {}).get(self.name))
 
-    def of_trial(self, trial: Mapping[str, Any]) -> float | None:
-        """A trial summary's best value (``best_val_metrics`` / ``best_val_loss`` / ``best_train_loss``)."""
+    def of_trial(self, trial: Any) -> float | None:
+        """A trial summary's best value (``best_val_metrics`` / ``best_val_loss`` / ``best_train_loss``): a
+        :class:`batchfit.study.TrialSummary`, read by attribute, or its dict form."""
         if self.name == "val_loss":
-            return finite_or_none(trial.get("best_val_loss"))
+            return finite_or_none(_field(trial, "best_val_loss"))
         if self.name == "train_loss":
-            v = finite_or_none(trial.get("best_train_loss"))
-            return v if v is not None else finite_or_none(trial.get("final_train_loss"))
-        return finite_or_none((trial.get("best_val_metrics") or {}).get(self.name))
+            v = finite_or_none(_field(trial, "best_train_loss"))
+            return v if v is not None else finite_or_none(_field(trial, "final_train_loss"))
+        return finite_or_none((_field(trial, "best_val_metrics") or {}).get(self.name))
 
     def better(self, a: float, b: float) -> bool:
         """True when ``a`` is strictly better than ``b``."""

@@ -461,16 +461,21 @@ class NoiseRecord:
     steps: int
 
 
-def noise_records(trials: Sequence[Mapping[str, Any]]) -> list[NoiseRecord]:
+def noise_records(trials: Sequence[Any]) -> list[NoiseRecord]:
     """Every ``(train_loss, |G|², tr(Σ))`` record of every trial's ``history``: the record's ``noise_window`` (the
     raw estimates' means over the steps since the previous evaluation). Trials written before the window was
-    recorded fall back to the EMA values of their ``b_simple_history`` at the record's step (weight 1 each)."""
+    recorded fall back to the EMA values of their ``b_simple_history`` at the record's step (weight 1 each).
+    ``trials``: :class:`batchfit.study.TrialSummary` (read by attribute) or their dict form."""
     out: list[NoiseRecord] = []
     for i, t in enumerate(trials):
-        if not isinstance(t, Mapping):
+        if isinstance(t, Mapping):
+            ema_history, history = t.get("b_simple_history"), t.get("history")
+        elif hasattr(t, "history"):
+            ema_history, history = getattr(t, "b_simple_history", None), t.history
+        else:
             continue
-        ema = {h.get("step"): h for h in t.get("b_simple_history") or [] if isinstance(h, Mapping)}
-        for r in t.get("history") or []:
+        ema = {h.get("step"): h for h in ema_history or [] if isinstance(h, Mapping)}
+        for r in history or []:
             if not isinstance(r, Mapping) or (loss := _finite(r.get("train_loss"))) is None:
                 continue
             w = r.get("noise_window")

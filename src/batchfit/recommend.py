@@ -37,6 +37,7 @@ from typing import Any
 from batchfit import checks
 from batchfit.decide import (
     Decision,
+    LRMove,
     PrecisionCheck,
     PrecisionRun,
     advise_precision,
@@ -48,13 +49,14 @@ from batchfit.errors import ConfigError
 from batchfit.metric import Metric, finite_or_none
 from batchfit.scaling import optimizer_settings  # re-exported: what a trial records, read by the recipe
 from batchfit.stats import CriticalBatchInterval, Interval
+from batchfit.study.results import SweepResult, TrialSummary
 
 __all__ = [
     "DECISION_RULE",
     "OUTSIDE_RANGE",
     "TUNE_KEYS",
+    "Measurements",
     "Recommendation",
-    "as_results",
     "critical_interval",
     "decide_results",
     "decision_trials",
@@ -164,21 +166,117 @@ _EVIDENCE_LISTS = ("intervals", "tied", "non_inferior", "flags")
 _NOT_CORE = frozenset(_EVIDENCE_KEYS) | {"extra"}
 
 
-def as_results(results: Any) -> dict[str, Any]:
-    """A plain results dict from a ``SweepResult``, a ``TuneResult`` or a dict, with ``tune``'s stage results
-    (find, noise, LR check, precision check) at the top level whether they came inline or under ``"tune"``. The one
-    place a typed result becomes the dict: its ``to_dict()``, copied (a ``SweepResult`` keeps its own)."""
-    data = dict(results.to_dict()) if hasattr(results, "to_dict") else dict(results)
-    nested = data.get("tune")
+def _flat(data: Mapping[str, Any]) -> dict[str, Any]:
+    """results.json's dict, copied, with ``tune``'s stage results at the top level whether they came inline or
+    under ``"tune"`` (an inline value wins)."""
+    out = dict(data)
+    nested = out.get("tune")
     if isinstance(nested, Mapping):
         for key, value in nested.items():
-            if data.get(key) is None:
-                data[key] = value
-    return data
+            if out.get(key) is None:
+                out[key] = value
+    return out
 
 
-def metric_of(results: Mapping[str, Any]) -> Metric:
-    """The metric the sweep ranked on (``train_loss`` when the workload has no validation data)."""
+def _sweep_of(data: Mapping[str, Any]) -> SweepResult:
+    """A results.json dict's :class:`SweepResult` (a dict without a workload name is read as workload ``None``)."""
+    return SweepResult.from_dict({**data, "workload": data.get("workload")})
+
+
+def _mapping(value: Any) -> dict[str, Any] | None:
+    return dict(value) if isinstance(value, Mapping) else None
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """What the recommendation and the report read, typed: the sweep's :class:`batchfit.study.SweepResult` (its
+    :class:`batchfit.study.TrialSummary` trials) and, beside it, what ``tune`` measured — the finder's result, the
+    noise probe's, the LR check (:class:`batchfit.decide.LRMove`), the precision check
+    (:class:`batchfit.decide.PrecisionCheck`), the step-time calibration and the train budget.
+
+    :meth:`of` is the one entry point: a ``SweepResult`` (``load_results``), ``tune``'s ``TuneResult`` or their
+    dict form (results.json) is read once, here. ``to_dict()`` is the results.json form it was read from, unchanged
+    (JSON output keeps every key it had)."""
+
+    sweep: SweepResult
+    metric: Metric
+    find: dict[str, Any] | None = None
+    noise: dict[str, Any] | None = None
+    lr_check: LRMove | None = None
+    precision_check: PrecisionCheck = field(default_factory=PrecisionCheck)
+    step_time: dict[str, Any] | None = None  # batchfit.steptime.StepTimeCalibration.to_dict()
+    train_budget: dict[str, Any] | None = None  # batchfit.cost's plan: samples, measurement_samples, max_cost, budget
+    framework: str | None = None
+    batch_form: dict[str, Any] | None = None
+    tolerance: float | None = None  # the margin stored with the results (tune's), None: not stored
+    world_size: int = 1
+    parallel: str | None = None
+    source: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def trials(self) -> tuple[TrialSummary, ...]:
+        return self.sweep.trials
+
+    def to_dict(self) -> dict[str, Any]:
+        """The results.json form (a copy of what :meth:`of` read)."""
+        return dict(self.source)
+
+    @classmethod
+    def of(cls, results: Any) -> Measurements:
+        """``results`` typed: a ``Measurements`` as it is, a ``SweepResult``, ``tune``'s ``TuneResult`` (read by
+        attribute: it lives a layer above) or their dict form (results.json; ``tune``'s stages inline or under
+        ``"tune"``)."""
+        if isinstance(results, Measurements):
+            return results
+        if isinstance(results, SweepResult):
+            return cls._read(results, _flat(results.to_dict()))
+        if hasattr(results, "sweep") and hasattr(results, "lr_check"):  # batchfit.tuning.TuneResult
+            return cls._of_tune(results)
+        if isinstance(results, Mapping):
+            data = _flat(results)
+            return cls._read(_sweep_of(data), data)
+        raise ConfigError(f"results must be a SweepResult, a TuneResult or their dict form (results.json), got "
+                          f"{type(results).__name__}")
+
+    @classmethod
+    def _read(cls, sweep: SweepResult, data: dict[str, Any]) -> Measurements:
+        name = data.get("primary_metric") or "val_loss"
+        check = data.get("precision_check")
+        if not isinstance(check, PrecisionCheck):
+            check = PrecisionCheck.from_dict(check if isinstance(check, Mapping) else {})
+        return cls(
+            sweep=sweep,
+            metric=Metric(str(name), bool(data.get("higher_is_better", name not in ("val_loss", "train_loss")))),
+            find=_mapping(data.get("find")), noise=_mapping(data.get("noise")),
+            lr_check=LRMove.of(_mapping(data.get("lr_calibration"))), precision_check=check,
+            step_time=_mapping(data.get("step_time")), train_budget=_mapping(data.get("train_budget")),
+            framework=data.get("framework"), batch_form=_mapping(data.get("batch_form")),
+            tolerance=_number(data.get("tolerance")), world_size=int(data.get("world_size") or 1),
+            parallel=data.get("parallel"), source=data)
+
+    @classmethod
+    def _of_tune(cls, tuned: Any) -> Measurements:
+        """A ``TuneResult``: its sweep and its typed stage results as they are; its ``to_dict()`` for the JSON."""
+        sweep = tuned.sweep if isinstance(tuned.sweep, SweepResult) else _sweep_of(_flat(tuned.sweep))
+        base = cls._read(sweep, _flat(tuned.to_dict()))
+        return replace(base, find=_mapping(tuned.find), noise=_mapping(tuned.noise), lr_check=LRMove.of(tuned.lr_check),
+                       precision_check=tuned.precision_check or PrecisionCheck(),
+                       step_time=_mapping(tuned.step_time), train_budget=_mapping(tuned.train_budget),
+                       framework=tuned.framework, batch_form=_mapping(tuned.batch_form),
+                       tolerance=_number(tuned.tolerance) if tuned.tolerance is not None else base.tolerance)
+
+
+def metric_of(results: Any) -> Metric:
+    """The metric the sweep ranked on (``train_loss`` when the workload has no validation data). ``results``:
+    :class:`Measurements`, a ``SweepResult`` or the results.json dict (only its two metric keys are read)."""
+    if isinstance(results, Measurements):
+        return results.metric
+    if isinstance(results, SweepResult):
+        return results.metric
     name = results.get("primary_metric") or "val_loss"
     return Metric(str(name), bool(results.get("higher_is_better", name not in ("val_loss", "train_loss"))))
 
@@ -195,9 +293,10 @@ def within_tolerance(value: float, best: float, tolerance: float, higher_is_bett
     return value >= best - slack if higher_is_better else value <= best + slack
 
 
-def _micro_batch(batch: int, trial: Mapping[str, Any], find: Mapping[str, Any] | None) -> tuple[int, int, str]:
+def _micro_batch(batch: int, trained: int | None, find: Mapping[str, Any] | None) -> tuple[int, int, str]:
+    """``trained``: the micro-batch the sweep trained ``batch`` with (used without a finder result)."""
     if not find or not find.get("recommended_batch_size"):
-        micro = int(trial.get("micro_batch_size") or batch)
+        micro = int(trained or batch)
         acc = math.ceil(batch / micro)
         return micro, acc, (
             f"Micro-batch {micro} x {acc} accumulation step(s): no finder result was available, so this is the "
@@ -231,19 +330,12 @@ def _loss_ok(base: PrecisionRun, low: PrecisionRun) -> bool:
             and loss_low <= loss_base * (1 + _PRECISION_LOSS_TOLERANCE) + 1e-12)
 
 
-def _precision_check_of(results: Mapping[str, Any]) -> PrecisionCheck:
-    check = results.get("precision_check")
-    if isinstance(check, PrecisionCheck):
-        return check
-    return PrecisionCheck.from_dict(check if isinstance(check, Mapping) else {})
-
-
-def _precision(results: Mapping[str, Any], batch: int, find: Mapping[str, Any] | None
+def _precision(measured_: Measurements, batch: int, find: Mapping[str, Any] | None
                ) -> tuple[str, str, dict[str, Any] | None]:
     """The precision and its reason: :func:`batchfit.decide.advise_precision` on the check's repeated, interleaved
     step timings (a speed-up must exclude 1) and on memory only where it binds."""
-    measured = results.get("precision", "fp32")
-    check = _precision_check_of(results)
+    measured = measured_.sweep.precision or "fp32"
+    check = measured_.precision_check
     low_name = "bf16"
     base, low = check.fp32, check.run(low_name)
     if base is None or low is None:
@@ -294,25 +386,19 @@ DECISION_RULE = (
 )
 
 
-def decision_trials(results: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Every finished trial (all LRs and seeds) the decision pools, each knowing the validation-set size."""
-    rows = [t for t in results.get("trials") or [] if isinstance(t, Mapping)]
-    if not any(t.get("status") == "ok" for t in rows):
-        rows = [t for t in results.get("best_per_batch") or [] if isinstance(t, Mapping)]
-    num_val = results.get("num_val")
-    out = []
-    for t in rows:
-        t = dict(t)
-        if t.get("val_samples") is None and isinstance(num_val, int) and num_val > 0:
-            t["val_samples"] = num_val
-        out.append(t)
-    return out
+def decision_trials(results: Any) -> list[TrialSummary]:
+    """Every trial (all LRs and seeds) the decision pools: the sweep's, else (none finished) its best per batch."""
+    measured = Measurements.of(results)
+    rows = list(measured.sweep.trials)
+    if not any(t.status == "ok" for t in rows):
+        rows = list(measured.sweep.best_per_batch)
+    return rows
 
 
-def critical_interval(results: Mapping[str, Any], *, seed: int = 0) -> CriticalBatchInterval | None:
+def critical_interval(results: Any, *, seed: int = 0) -> CriticalBatchInterval | None:
     """B_crit with its bootstrap interval (:func:`batchfit.decide.critical_from_trials`, the fit the decision
-    uses)."""
-    return critical_from_trials([t for t in results.get("trials") or [] if isinstance(t, Mapping)], seed=seed)
+    uses). ``results``: :class:`Measurements` or what :meth:`Measurements.of` reads."""
+    return critical_from_trials(list(Measurements.of(results).sweep.trials), seed=seed)
 
 
 def _span(sizes: Sequence[int], tried: Sequence[int]) -> str:
@@ -334,9 +420,10 @@ def _ratio(slow: Interval, fast: Interval) -> Interval:
     return Interval(est, est * math.exp(-r), est * math.exp(r), slow.level, "ratio", min(slow.n, fast.n))
 
 
-def step_time_intervals(results: Mapping[str, Any]) -> dict[int, Interval] | None:
-    """tune's step-time calibration (:mod:`batchfit.steptime`) as batch size -> seconds per step, if it ran."""
-    data = results.get("step_time")
+def step_time_intervals(results: Measurements | Mapping[str, Any]) -> dict[int, Interval] | None:
+    """tune's step-time calibration (:mod:`batchfit.steptime`) as batch size -> seconds per step, if it ran
+    (``results``: :class:`Measurements`, or a dict with its ``"step_time"``)."""
+    data = results.step_time if isinstance(results, Measurements) else results.get("step_time")
     if not isinstance(data, Mapping) or not data.get("seconds"):
         return None
     from batchfit.steptime import StepTimeCalibration
@@ -344,16 +431,17 @@ def step_time_intervals(results: Mapping[str, Any]) -> dict[int, Interval] | Non
     return StepTimeCalibration.from_dict(data).intervals() or None
 
 
-def decide_results(results: Mapping[str, Any], tolerance: float, metric: Metric | None = None, *,
+def decide_results(results: Any, tolerance: float, metric: Metric | None = None, *,
                    crit: CriticalBatchInterval | None = None) -> Decision | None:
-    """:func:`batchfit.decide.decide` on a results dict with everything it takes from it (trials, B_crit, the LR
+    """:func:`batchfit.decide.decide` on the results with everything it takes from them (trials, B_crit, the LR
     check, tune's step-time calibration, the target): the one call the recommendation and tune's racing share, so
-    racing stops on the decision the recommendation then makes. ``crit``: :func:`critical_interval` of
-    ``results`` when the caller already has it (``None``: :func:`batchfit.decide.decide` fits it, at its own target,
-    from the same trials)."""
-    return decide(decision_trials(results), metric or metric_of(results), b_crit=crit,
-                  lr_calibration=results.get("lr_calibration"), tolerance=tolerance,
-                  step_time=step_time_intervals(results), target=results.get("target"))
+    racing stops on the decision the recommendation then makes. ``results``: :class:`Measurements` or what
+    :meth:`Measurements.of` reads. ``crit``: :func:`critical_interval` of ``results`` when the caller already has it
+    (``None``: :func:`batchfit.decide.decide` fits it, at its own target, from the same trials)."""
+    measured = Measurements.of(results)
+    return decide(decision_trials(measured), metric or measured.metric, b_crit=crit,
+                  lr_calibration=measured.lr_check, tolerance=tolerance,
+                  step_time=step_time_intervals(measured), target=measured.sweep.target)
 
 
 def _budget_text(budget: Any) -> str | None:
@@ -363,13 +451,13 @@ def _budget_text(budget: Any) -> str | None:
     return str(budget) if isinstance(budget, str) and budget else None
 
 
-def holds_for(results: Mapping[str, Any], decision: Decision, metric: Metric) -> dict[str, Any]:
+def holds_for(results: Measurements, decision: Decision, metric: Metric) -> dict[str, Any]:
     """What the answer is for: the budget every candidate trained and the target its time was measured to. The
     critical batch grows with both (McCandlish et al. 2018: B_crit rises as the loss falls; Zhang et al. 2024: with
     the data seen), so a longer run or a stricter target can move the best batch up; the sentence says so."""
-    budget = _budget_text(results.get("budget"))
+    budget = _budget_text(results.sweep.budget)
     label = _metric_label(metric)
-    tgt = results.get("target") if isinstance(results.get("target"), Mapping) else {}
+    tgt = results.sweep.target if isinstance(results.sweep.target, Mapping) else {}
     target = decision.target if decision.target is not None else finite_or_none(tgt.get("value"))
     frac = tgt.get("fraction") if isinstance(tgt, Mapping) else None
     parts = []
@@ -405,10 +493,10 @@ def _long_horizon_move(decision: Decision, longer: Any) -> int | None:
     return best
 
 
-def long_horizon_of(results: Mapping[str, Any], decision: Decision, metric: Metric) -> Any:
+def long_horizon_of(results: Measurements, decision: Decision, metric: Metric) -> Any:
     """:func:`batchfit.horizon.long_horizon` when the trials were measured short of the train budget (``None``
     otherwise): the extrapolation of the trade-off to the whole run."""
-    plan = results.get("train_budget") if isinstance(results.get("train_budget"), Mapping) else {}
+    plan = results.train_budget or {}
     total, measured = plan.get("samples"), plan.get("measurement_samples")
     if not (isinstance(total, (int, float)) and isinstance(measured, (int, float)) and measured < 0.99 * total):
         return None
@@ -421,32 +509,32 @@ def long_horizon_of(results: Mapping[str, Any], decision: Decision, metric: Metr
                         train_samples=int(total), tolerance=delta, candidates=sorted(decision.evidence))
 
 
-def budget_flags(results: Mapping[str, Any], decision: Decision) -> list[str]:
+def budget_flags(results: Measurements, decision: Decision) -> list[str]:
     """What the budgets say about the answer (issue 18): measured short of the train budget, an equal-steps
     comparison, too short a budget to fit S(B), a cost past the cap."""
     flags: list[str] = []
-    plan = results.get("train_budget") if isinstance(results.get("train_budget"), Mapping) else {}
+    plan = results.train_budget or {}
     total, measured = plan.get("samples"), plan.get("measurement_samples")
     if isinstance(total, (int, float)) and isinstance(measured, (int, float)) and measured < 0.99 * total:
         flags.append(f"short horizon: each candidate was measured on {measured:,} samples, {measured / total:.0%} of "
                      f"the train budget {plan.get('budget')}; short measurements favour small batches (the critical "
                      "batch grows as training goes on), so the best batch for the whole run may be larger")
-    budget = results.get("budget")
-    trials = [t for t in results.get("trials") or [] if isinstance(t, Mapping) and t.get("status") == "ok"]
+    budget = results.sweep.budget
+    trials = [t for t in results.trials if t.status == "ok"]
     if isinstance(budget, Mapping) and budget.get("kind") == "steps" and trials:
-        lo, hi = min(int(t["batch_size"]) for t in trials), max(int(t["batch_size"]) for t in trials)
+        lo, hi = min(t.batch_size for t in trials), max(t.batch_size for t in trials)
         if hi > lo:
             flags.append(f"equal-steps budget: batch {hi} trained {hi // lo}x the samples of batch {lo}, so part of "
                          "any quality difference is a data difference; compare at equal samples (epochs:E or "
                          "samples:N)")
-    reached = {int(t["batch_size"]) for e in decision.evidence.values() for t in e.trials
-               if finite_or_none(t.get("steps_to_target")) is not None}
+    reached = {t.batch_size for e in decision.evidence.values() for t in e.trials
+               if finite_or_none(t.steps_to_target) is not None}
     if len(decision.evidence) >= 3 and len(reached) < 3 and isinstance(measured, (int, float)):
         flags.append(f"budget too short: only {len(reached)} batch size(s) reached the target, too few to fit "
                      f"S(B); a per-trial budget of about samples:{int(4 * measured)} would show the trade-off")
     from batchfit.cost import cost_of
 
-    cost = cost_of(results)
+    cost = cost_of(results.to_dict())  # batchfit.cost reads the results.json form
     if cost.within_cap is False:
         flags.append(f"over the cost cap: spent {cost.runs:.2f} runs of the train budget, cap {cost.max_cost:g}")
     return flags
@@ -455,11 +543,11 @@ def budget_flags(results: Mapping[str, Any], decision: Decision) -> list[str]:
 def micro_batch_for(batch: int, find: Mapping[str, Any] | None, limit: int | None = None) -> int:
     """The micro-batch the recommendation would give effective batch ``batch`` (the finder's knee or largest
     fitting micro-batch; without a finder result, ``min(batch, limit)``)."""
-    return _micro_batch(batch, {"micro_batch_size": min(batch, limit or batch)}, find)[0]
+    return _micro_batch(batch, min(batch, limit or batch), find)[0]
 
 
-def _pick_batch(results: Mapping[str, Any], metric: Metric, tolerance: float,
-                crit: CriticalBatchInterval | None) -> tuple[Decision, dict[str, Any], str]:
+def _pick_batch(results: Measurements, metric: Metric, tolerance: float,
+                crit: CriticalBatchInterval | None) -> tuple[Decision, TrialSummary, str]:
     """The batch, by :func:`batchfit.decide.decide`: ties on quality broken on fitted time to target."""
     decision = decide_results(results, tolerance, metric, crit=crit)
     if decision is None:
@@ -528,33 +616,33 @@ def _pick_batch(results: Mapping[str, Any], metric: Metric, tolerance: float,
 OUTSIDE_RANGE = "outside the rule's range: the betas are part of the recipe"
 
 
-def _rule_range(pick: Mapping[str, Any]) -> tuple[bool, list[str]]:
+def _rule_range(pick: TrialSummary) -> tuple[bool, list[str]]:
     """Whether the winning trial's LR rule was outside its range, and the notes saying which value and why.
 
     From the trial's recorded ``lr_scaling``; a trial recorded before it (adam-sqrt then clipped a negative beta1
     to 0) counts as outside when it trained adam-sqrt with beta1 0."""
-    scaling = pick.get("lr_scaling")
+    scaling = pick.lr_scaling
     if isinstance(scaling, Mapping):
         return bool(scaling.get("outside_range")), [str(n) for n in scaling.get("notes") or []]
-    opt = pick.get("optimizer")
+    opt = pick.optimizer
     betas = opt.get("betas") if isinstance(opt, Mapping) else None
-    if pick.get("lr_rule") == "adam-sqrt" and isinstance(betas, (list, tuple)) and betas and betas[0] == 0:
+    if pick.lr_rule == "adam-sqrt" and isinstance(betas, (list, tuple)) and betas and betas[0] == 0:
         return True, ["beta1 0: this trial was scaled before batchfit held beta1 inside the rule's range, so its "
                       "beta1 is the rule's negative value clipped to 0"]
     return False, []
 
 
-def _lr_reason(results: Mapping[str, Any], pick: Mapping[str, Any], metric: Metric) -> tuple[float, str]:
-    batch, lr = int(pick["batch_size"]), float(pick["lr"])
-    mult = pick.get("lr_multiplier")
-    n_lrs = len({t.get("lr") for t in results.get("trials") or [] if t.get("batch_size") == batch}) or 1
-    rule = pick.get("lr_rule") or results.get("lr_rule", "auto")
+def _lr_reason(results: Measurements, pick: TrialSummary, metric: Metric) -> tuple[float, str]:
+    batch, lr = pick.batch_size, float(pick.lr)  # type: ignore[arg-type]  # a finished trial has its LR
+    mult = pick.lr_multiplier
+    n_lrs = len({t.lr for t in results.trials if t.batch_size == batch}) or 1
+    rule = pick.lr_rule or results.sweep.lr_rule or "auto"
     mult_txt = "" if mult in (None, 1, 1.0) else f" x{mult:g}"
-    cal = results.get("lr_calibration") or {}
+    cal = results.lr_check
     cal_txt = ""
-    if cal.get("best_multiplier") not in (None, 1, 1.0):
-        cal_txt = (f"; the base LR was first moved from {cal['base_lr']:.3g} to {cal['lr']:.3g} at batch "
-                   f"{cal['batch_size']}, where it scored better on {cal.get('metric', metric.name)}")
+    if cal is not None and cal.moved:
+        cal_txt = (f"; the base LR was first moved from {cal.base_lr:.3g} to {cal.lr:.3g} at batch "
+                   f"{cal.batch_size}, where it scored better on {cal.metric or metric.name}")
     outside = f"; {OUTSIDE_RANGE}" if _rule_range(pick)[0] else ""
     return lr, (
         f"LR {lr:.4g}: the {rule}-rule LR for batch {batch}{mult_txt}"
@@ -563,32 +651,29 @@ def _lr_reason(results: Mapping[str, Any], pick: Mapping[str, Any], metric: Metr
     )
 
 
-def _warmup_reason(results: Mapping[str, Any], pick: Mapping[str, Any], lr: float) -> tuple[int, str]:
+def _warmup_reason(results: Measurements, pick: TrialSummary, lr: float) -> tuple[int, str]:
     warmup_steps = _warmup_steps(results, pick)
-    batch = pick["batch_size"]
-    diverged_higher = [
-        t for t in results.get("trials") or []
-        if t.get("batch_size") == batch and t.get("status") == "diverged" and float(t.get("lr") or 0) > lr
-    ]
-    own = ((results.get("batch_form") or {}) if isinstance(results.get("batch_form"), Mapping) else {}).get(
-        "schedule_warmup")
+    batch = pick.batch_size
+    diverged_higher = [t for t in results.trials
+                       if t.batch_size == batch and t.status == "diverged" and float(t.lr or 0) > lr]
+    own = (results.batch_form or {}).get("schedule_warmup")
     if isinstance(own, (int, float)) and own > 0 and not warmup_steps:  # the user's schedule ramps up itself
-        text = (f"Warm-up: your lr_schedule ({pick.get('lr_schedule') or 'its own'}) ramps the LR up over its first "
-                f"{own:.0%} of the run, and batchfit added none on top ({pick.get('steps')} steps in all, trained "
+        text = (f"Warm-up: your lr_schedule ({pick.lr_schedule or 'its own'}) ramps the LR up over its first "
+                f"{own:.0%} of the run, and batchfit added none on top ({pick.steps} steps in all, trained "
                 "stably)")
     else:
-        text = (f"Warm-up {warmup_steps} step(s): the winning trial trained stably with it ({pick.get('steps')} "
+        text = (f"Warm-up {warmup_steps} step(s): the winning trial trained stably with it ({pick.steps} "
                 "steps in all)")
     if diverged_higher:
         text += f"; {len(diverged_higher)} larger LR(s) at this batch diverged, so do not raise the LR"
     return warmup_steps, text + "."
 
 
-def _context_reason(results: Mapping[str, Any], batch: int, boot: CriticalBatchInterval | None,
+def _context_reason(results: Measurements, batch: int, boot: CriticalBatchInterval | None,
                     noise: Mapping[str, Any] | None = None) -> str | None:
     """B_crit, and where the batch lies against it (or, without B_crit, against B_simple at the decision's target
     loss, ``noise`` from :func:`noise_scale_summary`: never the probe's value at initialisation)."""
-    crit = results.get("critical_batch_size") or {}
+    crit = results.sweep.critical_batch_size or {}
     b_crit = finite_or_none(crit.get("b_crit"))
     at = (noise or {}).get("at_loss") or {}
     b_simple = finite_or_none((at.get("b_simple") or {}).get("estimate"))
@@ -622,11 +707,11 @@ def _center(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
-def _loss_at_step(trial: Mapping[str, Any], step: Any) -> float | None:
+def _loss_at_step(trial: TrialSummary, step: Any) -> float | None:
     """The trial's training loss at ``step`` (steps to target are interpolated between evaluations): linear between
     the evaluation records around it; the first record's at or before it."""
     s = finite_or_none(step)
-    pts = [(x, v) for r in trial.get("history") or [] if isinstance(r, Mapping)
+    pts = [(x, v) for r in trial.history or [] if isinstance(r, Mapping)
            if (x := finite_or_none(r.get("step"))) is not None
            and (v := finite_or_none(r.get("train_loss"))) is not None]
     if s is None or not pts:
@@ -641,11 +726,11 @@ def _loss_at_step(trial: Mapping[str, Any], step: Any) -> float | None:
     return None  # past the last record: not recorded
 
 
-def _final_train_loss(trial: Mapping[str, Any]) -> float | None:
-    v = finite_or_none(trial.get("final_train_loss"))
+def _final_train_loss(trial: TrialSummary) -> float | None:
+    v = finite_or_none(trial.final_train_loss)
     if v is not None:
         return v
-    hist = [r for r in trial.get("history") or [] if isinstance(r, Mapping)]
+    hist = [r for r in trial.history or [] if isinstance(r, Mapping)]
     return finite_or_none(hist[-1].get("train_loss")) if hist else None
 
 
@@ -661,7 +746,7 @@ def target_train_loss(decision: Decision) -> tuple[float | None, str, str]:
     e = decision.evidence[decision.batch_size]
     label = _metric_label(decision.metric)
     goal = "" if decision.target is None else f" of {label} {_fmt(decision.target)}"
-    at = [v for t in e.trials if (s := t.get("steps_to_target")) is not None
+    at = [v for t in e.trials if (s := t.steps_to_target) is not None
           and (v := _loss_at_step(t, s)) is not None]
     if at:
         seeds = f"{len(at)} of {len(e.trials)} seeds, geometric mean" if len(e.trials) > 1 else "one seed"
@@ -675,7 +760,7 @@ def target_train_loss(decision: Decision) -> tuple[float | None, str, str]:
     return None, "", ""
 
 
-def noise_scale_summary(results: Mapping[str, Any], decision: Decision) -> dict[str, Any]:
+def noise_scale_summary(results: Measurements, decision: Decision) -> dict[str, Any]:
     """B_simple against the training loss, pooled over every trial's evaluation records
     (:func:`batchfit.noise.b_simple_against_loss`), and at the decision's target loss
     (:func:`batchfit.noise.b_simple_at_loss`, :func:`target_train_loss`), with the chosen batch's ratio to it
@@ -683,12 +768,11 @@ def noise_scale_summary(results: Mapping[str, Any], decision: Decision) -> dict[
     from batchfit import noise as nz
     from batchfit.stats import quotient_interval
 
-    trials = [t for t in results.get("trials") or [] if isinstance(t, Mapping)]
-    records = nz.noise_records(trials)
+    records = nz.noise_records(results.trials)
     loss, source, words = target_train_loss(decision)
     at = nz.b_simple_at_loss(records, loss) if loss is not None else None
     ratio = quotient_interval(float(decision.batch_size), at.b_simple) if at is not None else None
-    probe = results.get("noise") if isinstance(results.get("noise"), Mapping) else {}
+    probe = results.noise or {}
     init = None
     if finite_or_none(probe.get("b_simple")) is not None:
         init = {"b_simple": float(probe["b_simple"]), "b_simple_ci": probe.get("b_simple_ci"),
@@ -916,24 +1000,24 @@ def _keras_snippet(r: Mapping[str, Any]) -> str:
     ])
 
 
-def recipe(pick: Mapping[str, Any], *, batch: int, micro: int, acc: int, lr: float, warmup_steps: int,
+def recipe(pick: TrialSummary, *, batch: int, micro: int, acc: int, lr: float, warmup_steps: int,
            precision: str, framework: str | None = None, batch_form: Mapping[str, Any] | None = None,
            world_size: int = 1, parallel: str | None = None) -> dict[str, Any]:
-    """Everything needed to reproduce the winning trial: batch, accumulation, LR, every optimizer setting it used
-    (read from its optimizer's param group), warm-up, schedule, clipping, precision; plus paste-ready snippets
-    (PyTorch always; Lightning or Keras when the workload came from them)."""
-    opt = pick.get("optimizer") if isinstance(pick.get("optimizer"), Mapping) else None
+    """Everything needed to reproduce the winning trial ``pick``: batch, accumulation, LR, every optimizer setting
+    it used (read from its optimizer's param group), warm-up, schedule, clipping, precision; plus paste-ready
+    snippets (PyTorch always; Lightning or Keras when the workload came from them)."""
+    opt = pick.optimizer if isinstance(pick.optimizer, Mapping) else None
     out: dict[str, Any] = {
         "batch_size": batch, "micro_batch_size": micro, "accumulation_steps": acc, "lr": lr,
-        "warmup_steps": warmup_steps, "precision": precision, "lr_rule": pick.get("lr_rule"),
-        "lr_schedule": pick.get("lr_schedule"), "grad_clip": pick.get("grad_clip"),
-        "optimizer": dict(opt) if opt else None, "seed": pick.get("seed"),
+        "warmup_steps": warmup_steps, "precision": precision, "lr_rule": pick.lr_rule,
+        "lr_schedule": pick.lr_schedule, "grad_clip": pick.grad_clip,
+        "optimizer": dict(opt) if opt else None, "seed": pick.seed,
     }
     if world_size > 1:  # micro_batch_size is one rank's
         out.update(world_size=world_size, parallel=parallel or "ddp")
     outside, notes = _rule_range(pick)
-    if isinstance(pick.get("lr_scaling"), Mapping):
-        out["lr_scaling"] = dict(pick["lr_scaling"])
+    if isinstance(pick.lr_scaling, Mapping):
+        out["lr_scaling"] = dict(pick.lr_scaling)
     if outside:
         out["outside_rule_range"] = True
         out["rule_notes"] = notes
@@ -964,16 +1048,17 @@ _PRECISION_REASON = 4  # reasons: batch, micro-batch, LR, warm-up, precision, th
 def with_precision_check(rec: Recommendation, results: Any) -> Recommendation:
     """``rec`` with its precision decided from the precision check in ``results`` (``tune`` measures it on the
     recommended configuration, so it comes after the batch is chosen): the precision, its reason, the advice and the
-    recipe's snippets change; the decision and everything else are ``rec``'s, not decided again."""
-    data = as_results(results)
-    precision, why, advice = _precision(data, rec.batch_size, data.get("find"))
+    recipe's snippets change; the decision and everything else are ``rec``'s, not decided again. ``results``:
+    :class:`Measurements` or what :meth:`Measurements.of` reads."""
+    measured = Measurements.of(results)
+    precision, why, advice = _precision(measured, rec.batch_size, measured.find)
     reasons = list(rec.reasons)
     if len(reasons) > _PRECISION_REASON:
         reasons[_PRECISION_REASON] = why
     recipe_ = None
     if rec.recipe is not None:
         recipe_ = {**rec.recipe, "precision": precision}
-        recipe_["snippets"] = _snippets(recipe_, data.get("framework"))
+        recipe_["snippets"] = _snippets(recipe_, measured.framework)
     return replace(rec, precision=precision, reasons=reasons, precision_advice=advice, recipe=recipe_)
 
 
@@ -1003,9 +1088,9 @@ def recommend(
     """Turn measured results into a training recommendation with reasons.
 
     Args:
-        results: ``load_results(store)`` (a ``SweepResult``), ``tune``'s ``TuneResult``, or their dict form
-            (results.json). The finder's result, the LR check and the precision check are read from it when ``tune``
-            stored them.
+        results: ``load_results(store)`` (a ``SweepResult``), ``tune``'s ``TuneResult``, :class:`Measurements`,
+            or their dict form (results.json), read typed once by :meth:`Measurements.of`. The finder's result, the
+            LR check and the precision check are read from it when ``tune`` stored them.
         find: the finder's dict (``FindResult.to_dict()``); default: the one in ``results``.
         tolerance: the non-inferiority margin, relative to the reference's quality: a batch size is non-inferior
             when its simultaneous 95 % lower bound on the difference from the reference lies above
@@ -1019,15 +1104,13 @@ def recommend(
     >>> rec = recommend(load_results("runs/x/batchfit.db"))  # doctest: +SKIP
     >>> rec.batch_size, rec.lr  # doctest: +SKIP
     """
-    data = as_results(results)
+    data = Measurements.of(results)
     if tolerance is None:
-        stored = data.get("tolerance")
-        number = isinstance(stored, (int, float)) and not isinstance(stored, bool)
-        tolerance = stored if number else DEFAULT_TOLERANCE
+        tolerance = data.tolerance if data.tolerance is not None else DEFAULT_TOLERANCE
     checks.fraction("tolerance", tolerance, low_open=False, hint="write e.g. 0.01 for 1 %")
     if find is None:
-        find = data.get("find")
-    metric = metric_of(data)
+        find = data.find
+    metric = data.metric
     decision, pick, why_batch = _pick_batch(data, metric, tolerance, None)
     crit = decision.critical  # the decision's S(B) fit: the flags, the context and the JSON read this one
     longer = long_horizon_of(data, decision, metric)
@@ -1043,9 +1126,9 @@ def recommend(
     if metric.name == "train_loss":
         why_batch += (" The workload has no validation data, so the batch sizes were ranked on the training loss: "
                       "it says how fast each one trains, not how well it generalizes.")
-    batch = int(pick["batch_size"])
-    world, parallel = int(data.get("world_size") or 1), data.get("parallel")
-    micro, acc, why_micro = _micro_batch(batch // world, pick, find)  # one rank's share (all of it in one process)
+    batch = pick.batch_size
+    world, parallel = data.world_size, data.parallel
+    micro, acc, why_micro = _micro_batch(batch // world, pick.micro_batch_size, find)  # one rank's share
     if world > 1:
         why_micro = (f"Under torchrun with {world} ranks ({parallel or 'ddp'}): effective batch {batch} = micro-batch "
                      f"{micro} per rank x {acc} accumulation step(s) x {world} ranks; a different world size keeps "
@@ -1065,7 +1148,7 @@ def recommend(
     if why_noise:
         reasons.append(why_noise)
     rec_recipe = recipe(pick, batch=batch, micro=micro, acc=acc, lr=lr, warmup_steps=warmup_steps,
-                        precision=precision, framework=data.get("framework"), batch_form=data.get("batch_form"),
+                        precision=precision, framework=data.framework, batch_form=data.batch_form,
                         world_size=world, parallel=parallel)
     reasons.append(_recipe_reason(rec_recipe))
     return Recommendation(
@@ -1090,12 +1173,12 @@ def recommend(
     )
 
 
-def _warmup_steps(results: Mapping[str, Any], trial: Mapping[str, Any]) -> int:
-    if isinstance(trial.get("warmup_steps"), int):
-        return int(trial["warmup_steps"])
-    warmup = results.get("warmup") or 0
+def _warmup_steps(results: Measurements, trial: TrialSummary) -> int:
+    if isinstance(trial.warmup_steps, int):
+        return int(trial.warmup_steps)
+    warmup = results.sweep.warmup or 0
     if not warmup:
         return 0
     from batchfit.engine import resolve_warmup
 
-    return resolve_warmup(warmup, int(trial.get("steps") or 1))
+    return resolve_warmup(warmup, int(trial.steps or 1))

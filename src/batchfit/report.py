@@ -41,7 +41,7 @@ from batchfit._io import write_text as _write_text
 from batchfit.decide import quality_of_trial
 from batchfit.errors import BatchfitError, ConfigError
 from batchfit.metric import Metric, finite_or_none
-from batchfit.recommend import Recommendation, as_results, metric_of, recommend
+from batchfit.recommend import Measurements, Recommendation, metric_of, recommend
 from batchfit.stats import Interval, mean_interval, positive_mean_interval, quotient_interval
 
 __all__ = ["PLOTS", "TRADEOFF_CELL_CHARS", "TRADEOFF_COLUMNS", "check_results", "interim_line", "is_interim",
@@ -1410,13 +1410,16 @@ def write_report(
     Returns ``{"results": path, "markdown": path, "html": path, "plots": {...},
     "recommendation": Recommendation | None, "interim": bool}``.
     """
-    results = as_results(results)
+    if isinstance(results, Mapping):
+        check_results(results)  # a hand-edited results.json: the malformed trial and key named before it is read
+    measured = Measurements.of(results)  # read typed once; the report's tables still read its results.json form
+    results = measured.to_dict()
     check_results(results)
     out = Path(out_dir)
     note = None
     if recommendation is None:
         try:
-            recommendation = recommend(results, tolerance=tolerance)
+            recommendation = recommend(measured, tolerance=tolerance)
         except BatchfitError as exc:
             note = str(exc)
     # the decision's B_crit interval when there is one: the bootstrap is not run a second time (after every trial)

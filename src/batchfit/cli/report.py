@@ -39,7 +39,6 @@ def load_any(store: str, study_name: str | None = None) -> dict[str, Any]:
     """A results dict from a results.json, a SQLite file path or an Optuna storage URL (with what ``tune`` stored
     in the study's namespace: the finder's, noise, LR-check and precision results)."""
     from batchfit.errors import ConfigError
-    from batchfit.recommend import as_results
     from batchfit.report import check_results
 
     if "://" not in store:
@@ -70,9 +69,10 @@ def load_any(store: str, study_name: str | None = None) -> dict[str, Any]:
             if f.read(16) != b"SQLite format 3\x00":
                 raise ConfigError(f"{store!r} is not a SQLite database; give the sweep's .db file or a storage URL")
         store = f"sqlite:///{path.resolve()}"
+    from batchfit.recommend import Measurements
     from batchfit.study import load_results
 
-    return as_results(load_results(store, study_name=study_name))
+    return Measurements.of(load_results(store, study_name=study_name)).to_dict()  # the typed result's JSON form
 
 
 def print_summary(args: argparse.Namespace, results: dict[str, Any], rec: Any) -> None:
