@@ -230,19 +230,84 @@ def test_a_capped_lr_check_far_shorter_than_the_run_moves_the_lr_at_most_x4(tmp_
     assert max(calls) > 8.0 and free.best_multiplier > 4.0 and "held at" not in free.decision
 
 
+def test_a_capped_lr_check_races_to_a_longer_horizon_and_carries_the_lr_to_the_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18.2: under the cap the LR check is a race -- every multiplier for a few steps, then the region's best
+    and its x1/2 and x2 neighbours for as long as the share allows; the peak there, scaled to the train budget by
+    horizon^-LR_HORIZON_EXPONENT, is the LR. On scores whose peak falls with the horizon (x16 at 8 steps, as
+    16 * (8 / steps)^0.3 after), the chosen LR is the peak at the second rung's horizon, carried to the run."""
+    import math
+
+    import batchfit.tuning as tuning
+    from batchfit.study import parse_budget
+
+    calls: list[tuple[float, int, int]] = []
+
+    def peak(steps: int) -> float:
+        return 16.0 * (8 / steps) ** 0.3
+
+    def lr_run(workload: object, run: object, metric: object, batch: int, steps: int, m: float,
+               seed: int | None = None) -> dict[str, object]:
+        calls.append((m, steps, seed or 0))
+        score = 0.9 - 0.05 * (math.log2(m) - math.log2(peak(steps))) ** 2
+        return {"multiplier": m, "lr": 0.1 * m, "score": score, "diverged": False, "seconds": 0.0,
+                "samples": steps * batch, "seed": seed}
+
+    monkeypatch.setattr(tuning, "_lr_run", lr_run)
+    wl = make_tiny_workload(n=512, n_val=1000, lr=0.01)  # base batch 16
+    s0, s1 = tuning._lr_check_steps(16, 10_000, 2_304 + 512, len(tuning.LR_CALIBRATION_MULTIPLIERS))
+    assert (s0, s1) == (tuning.LR_CHECK_MIN_STEPS, 32)
+    run = tuning._Run(tmp_path, None, {"workload": "tiny"}, "cpu", "fp32", 0)
+    check = tuning._calibrate_lr(wl, run, budget=parse_budget("epochs:20"),
+                                 multipliers=tuning.LR_CALIBRATION_MULTIPLIERS, tolerance=0.0, max_samples=2_816,
+                                 train_samples=5_120)
+    first = [c for c in calls if c[1] == s0]
+    second = [c for c in calls if c[1] == s1]
+    assert [c[0] for c in first] == list(tuning.LR_CALIBRATION_MULTIPLIERS)  # every multiplier, short
+    assert sorted(c[0] for c in second) == [4.0, 8.0, 16.0]  # the region's best (x8, the edge) and its neighbours
+    assert len(calls) == len(first) + len(second) and sum(s * 16 for _, s, _ in calls) <= 2_816  # within its share
+    factor = (s1 * 16 / 5_120) ** tuning.LR_HORIZON_EXPONENT
+    assert check.lr_at_check_horizon == pytest.approx(0.01 * peak(s1), rel=1e-6)  # the peak at 32 steps, not x16
+    assert check.horizon_factor == pytest.approx(factor) and check.lr == pytest.approx(0.01 * peak(s1) * factor)
+    assert check.lr_interval[0] <= check.lr <= check.lr_interval[1] and not check.kept_base
+    assert check.steps == s1 and [r["steps"] for r in check.rungs] == [s0, s1] and "Bjorck" in check.decision
+    assert tuning.LRCheck.from_dict(check.to_dict()) == check
+    calls.clear()  # a rerun reads the finished check back, with nothing trained
+    again = tuning._calibrate_lr(wl, run, budget=parse_budget("epochs:20"),
+                                 multipliers=tuning.LR_CALIBRATION_MULTIPLIERS, tolerance=0.0, max_samples=2_816,
+                                 train_samples=5_120)
+    assert calls == [] and again.lr == check.lr
+    top = 40.0  # the peak past the second rung's edge (x26 at 32 steps): one more x2 step that way, within the share
+    calls.clear()
+
+    def _shifted(workload: object, run: object, metric: object, batch: int, steps: int, m: float,
+                 seed: int | None = None) -> dict[str, object]:
+        calls.append((m, steps, seed or 0))
+        score = 0.9 - 0.05 * (math.log2(m) - math.log2(top * (8 / steps) ** 0.3)) ** 2
+        return {"multiplier": m, "lr": 0.1 * m, "score": score, "diverged": False, "seconds": 0.0,
+                "samples": steps * batch, "seed": seed}
+
+    monkeypatch.setattr(tuning, "_lr_run", _shifted)
+    past = tuning._calibrate_lr(wl, tuning._Run(tmp_path / "past", None, {"workload": "tiny"}, "cpu", "fp32", 0),
+                                budget=parse_budget("epochs:20"), multipliers=tuning.LR_CALIBRATION_MULTIPLIERS,
+                                tolerance=0.0, max_samples=2_816, train_samples=5_120)
+    assert sorted(c[0] for c in calls if c[1] == s1) == [4.0, 8.0, 16.0, 32.0]
+    assert sum(s * 16 for _, s, _ in calls) <= 2_816 and past.lr_at_check_horizon == pytest.approx(0.01 * 32.0)
+
+
 def test_the_plan_takes_back_a_size_the_longer_horizon_now_fits() -> None:
     """Leaving sizes out lengthens every other trial; a size dropped on the first pass that then has its 8 steps
     comes back (and is not named as left out)."""
     from batchfit.tuning import MIN_PLANNED_STEPS, _measurement_plan
 
     wl = make_tiny_workload(n=512)
-    train = cost.parse_train_budget("epochs:33")  # 16,896 samples
+    train = cost.parse_train_budget("epochs:45")  # 23,040 samples
     sizes = [8, 16, 32, 64, 128, 256, 512]
-    h_all = cost.plan_horizon(16_896, 1.0, len(sizes), overhead=1 / 8)[0]
+    h_all = cost.plan_horizon(23_040, 1.0, len(sizes), overhead=1 / 8)[0]
     assert h_all // 128 < MIN_PLANNED_STEPS  # all seven: 128 would get too few steps ...
     bud, kept, plan = _measurement_plan(wl, train, None, 1.0, sizes)
     h = plan["measurement_samples"]
     assert 128 in kept and h // 128 >= MIN_PLANNED_STEPS  # ... without 256 and 512 it has them
     assert plan["dropped"] == [b for b in sizes if b not in kept] and all(h // b < MIN_PLANNED_STEPS
                                                                          for b in plan["dropped"])
-    assert h == cost.plan_horizon(16_896, 1.0, len(kept), overhead=1 / 8)[0] and bud.kind == "samples"
+    assert h == cost.plan_horizon(23_040, 1.0, len(kept), overhead=1 / 8)[0] and bud.kind == "samples"

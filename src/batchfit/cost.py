@@ -182,7 +182,9 @@ DEFAULT_MAX_COST = 1.0  # tune's default cap, in runs of the train budget (when 
 
 # The share of the cap each stage after the finder may spend (the sweep and its racing get the rest). The finder's
 # memory probes are not sized (their count depends on the memory line); what they spend comes off the sweep's share.
-STAGE_SHARES: dict[str, float] = {"noise": 0.03, "lr_check": 0.12, "step_time": 0.08, "precision": 0.04}
+# The LR check's share pays for a second, longer rung (tuning._calibrate_lr): on demo:mnist1d an untuned base LR
+# cost 9-37 % of the final accuracy, more than any batch size among the near-best did (docs/benchmarks.md).
+STAGE_SHARES: dict[str, float] = {"noise": 0.03, "lr_check": 0.30, "step_time": 0.06, "precision": 0.04}
 
 
 def allowance(stage: str, train_samples: int, max_cost: float | None) -> int | None:

@@ -85,7 +85,12 @@ LR_CALIBRATION_EXTEND = 3  # extra x2 steps when the best LR is at an edge of th
 LR_CALIBRATION_BUDGET_DIVISOR = 4  # each check run gets 1/4 of a sweep trial's steps at the base batch
 LR_CHECK_SEEDS = 3  # seeds (in all) for the base and the best multiplier when their scores are close
 LR_CHECK_MIN_STEPS = 8  # a capped LR check runs at least this many steps (below, it would measure nothing)
-LR_SHORT_CHECK_MAX_MOVE = 4.0  # a capped LR check far shorter than the run moves the base LR at most this factor
+LR_SHORT_CHECK_MAX_MOVE = 4.0  # a capped one-rung LR check far shorter than the run moves the base LR at most this
+LR_RACE_ETA = 4  # the capped LR check's second rung runs at least this many times the first rung's steps
+LR_RACE_RUNG1_LRS = 4  # runs its second rung plans for: the first rung's best, its x1/2 and x2 neighbours, one more x2
+#                        step past the rung's edge when the best is there
+LR_HORIZON_EXPONENT = 0.3  # the best LR falls as horizon^-0.3 (Bjorck et al. 2025): from the check's horizon to the run
+LR_HORIZON_EXPONENT_RANGE = (0.2, 0.5)  # exponents measured or reported (docs/decisions.md): the LR interval spans them
 NOISE_MIN_STEPS = 10  # a capped noise probe with room for fewer steps is skipped
 NOISE_PROBE_BATCH = 16  # the probe's batch when the workload's base batch is too small to split (B = 1)
 STATE_FILE = "tune_state.json"
@@ -112,6 +117,13 @@ class LRCheck:
     kept_base: bool = True
     intervals: dict[str, Any] = field(default_factory=dict)  # multiplier -> its score's interval (Interval dict)
     decision: str = ""  # what was decided and whether it was beyond the noise
+    # the capped check's race: [{"steps", "multipliers"}] per rung; its last rung's share of the train budget; the
+    # LR best at that horizon and the factor that carries it to the train budget (LR_HORIZON_EXPONENT)
+    rungs: list[dict[str, Any]] = field(default_factory=list)
+    horizon_fraction: float | None = None
+    horizon_factor: float = 1.0
+    lr_at_check_horizon: float | None = None
+    lr_interval: list[float] | None = None  # [low, high]: the LRs tied with the best, at the chosen LR's horizon
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,9 +166,7 @@ class TuneResult:
     def results(self) -> dict[str, Any]:
         """The measurements (the sweep's results and tune's stages) without the recommendation and report: the
         one place tune's stages join the sweep's results (the interim reports and racing read it too)."""
-        from batchfit.recommend import as_results
-
-        data = as_results(self.sweep)
+        data = dict(self.sweep.to_dict()) if hasattr(self.sweep, "to_dict") else dict(self.sweep)  # a copy
         data.update(find=self.find, noise=self.noise,
                     lr_calibration=self.lr_check.to_dict() if self.lr_check is not None else None)
         if self.precision_check is not None:
@@ -703,90 +713,204 @@ def _next_multiplier(runs: Sequence[Mapping[str, Any]], metric: Any) -> float | 
     return best["multiplier"] * (2.0 if best["multiplier"] == tried[-1] else 0.5)
 
 
+def _lr_check_steps(batch: int, budget_steps: int, max_samples: int | None, multipliers: int,
+                    replicates: int = LR_CHECK_SEEDS) -> tuple[int, int | None]:
+    """``(steps of the first rung, steps of the second rung or None)`` for the LR check at ``batch``.
+
+    Uncapped: one rung, each run a quarter of a sweep trial's steps (``budget_steps``). Capped (``max_samples``, the
+    check's share of the cost cap): a race when the share affords it (:func:`_calibrate_lr`) -- every multiplier
+    for ``s0`` steps, then :data:`LR_RACE_RUNG1_LRS` of them for ``s1 >= LR_RACE_ETA * s0`` steps, ``s1`` as long as
+    the share allows; else one rung sized for every run it may make (extensions and seeds too)."""
+    steps = max(1, budget_steps // LR_CALIBRATION_BUDGET_DIVISOR)
+    if max_samples is None:
+        return steps, None
+    room = max_samples // batch  # steps the share buys at this batch
+    s0 = max(LR_CHECK_MIN_STEPS, int(room / (multipliers / LR_RACE_ETA + LR_RACE_RUNG1_LRS)) // LR_RACE_ETA)
+    s1 = (room - multipliers * s0) // LR_RACE_RUNG1_LRS
+    if s1 >= LR_RACE_ETA * s0:
+        return s0, s1
+    most_runs = multipliers + LR_CALIBRATION_EXTEND + 2 * (replicates - 1)
+    return max(LR_CHECK_MIN_STEPS, min(steps, max_samples // (most_runs * batch))), None
+
+
 def _calibrate_lr(workload: Workload, run: _Run, *, budget: Any, multipliers: Sequence[float],
                   tolerance: float, replicates: int = LR_CHECK_SEEDS, max_samples: int | None = None,
                   train_samples: int | None = None) -> LRCheck:
-    """Check the workload's base LR at its own base batch: short runs (a quarter of the sweep's budget) at
-    ``base_lr x m`` for each multiplier; move the base LR only when another multiplier is better beyond the noise.
+    """Check the workload's base LR at its own base batch; move it only when another LR is better beyond the noise.
 
     Every rule scales the LR *from* the base point, so an untuned base LR skews every batch size's result alike;
-    Shallue et al. (2019) show that comparisons between batch sizes are only fair with the LR tuned. A quarter of the
-    budget keeps this cheap; short runs favour larger LRs (Wu et al. 2018, short-horizon bias), which is why the base LR
-    is kept unless clearly beaten. Each score is an interval (:func:`_lr_intervals`); when the best multiplier's
-    overlaps the base's, both get more seeds (up to ``replicates`` in all; racing, Maron & Moore 1997) and the base
-    LR moves only if the best is then better beyond the noise — else it is kept and the check says so. Each finished
-    run is saved at once (``lr.json``, marked partial), so a rerun after an interruption does not redo it.
+    Shallue et al. (2019) show that comparisons between batch sizes are only fair with the LR tuned. Each score is
+    an interval (:func:`_lr_intervals`); when the best multiplier's overlaps the base's, both get more seeds (up to
+    ``replicates`` in all; racing, Maron & Moore 1997) and the base LR moves only if the best is then better beyond
+    the noise -- else it is kept and the check says so. Each finished run is saved at once (``lr.json``, marked
+    partial), so a rerun after an interruption does not redo it.
+
+    Uncapped, each run is a quarter of a sweep trial. Under the cost cap (``max_samples``, ``train_samples``) runs
+    are far shorter than the run the answer is for, and short runs favour large LRs (Wu et al. 2018): measured on
+    demo:mnist1d and demo:digits, the best LR at 6-20 % of the run is x1.4-x2 the best for the whole run, and at
+    ~1 % (8 steps) up to x16. So the capped check is a race (successive halving, Jamieson & Talwalkar 2016): every
+    multiplier for a few steps to find the region, then the best and its x1/2 and x2 neighbours for as long as the
+    check's share allows; the LR is the peak at that longer horizon, scaled to the train budget by the power law
+    the best LR follows in the horizon, ``(horizon / train budget) ** LR_HORIZON_EXPONENT`` (Bjorck et al. 2025).
+    A share too small for the second rung runs one rung whose move is held at :data:`LR_SHORT_CHECK_MAX_MOVE`.
     """
     from batchfit.metric import Metric
 
     batch = _per_world(min(workload.base_batch_size, workload.num_train))
-    steps = max(1, budget.steps_for(batch, workload.num_train) // LR_CALIBRATION_BUDGET_DIVISOR)
-    if max_samples is not None:  # the cost cap's share: every run it may make (the extensions and seeds too)
-        most_runs = len(multipliers) + LR_CALIBRATION_EXTEND + 2 * (replicates - 1)
-        steps = max(LR_CHECK_MIN_STEPS, min(steps, max_samples // (most_runs * batch)))
-    # a check far shorter than the run: short runs favour large LRs (Wu et al. 2018, short-horizon bias), so it is
-    # not extended past the range and moves the base LR at most LR_SHORT_CHECK_MAX_MOVE either way
-    short = bool(max_samples is not None and train_samples and 4 * steps * batch < train_samples)
-    key = run.key(batch=batch, steps=steps, multipliers=list(multipliers), tolerance=tolerance,
+    s0, s1 = _lr_check_steps(batch, budget.steps_for(batch, workload.num_train), max_samples, len(multipliers),
+                             replicates)
+    short = bool(max_samples is not None and train_samples and 4 * (s1 or s0) * batch < train_samples)
+    key = run.key(batch=batch, steps=s0, multipliers=list(multipliers), tolerance=tolerance,
                   replicates=replicates, score="smoothed-3",
-                  **({"short_clamp": LR_SHORT_CHECK_MAX_MOVE} if short else {}))
+                  **({"race": [s0, s1], "horizon_exponent": LR_HORIZON_EXPONENT, "train_samples": train_samples}
+                     if s1 else {}),
+                  **({"short_clamp": LR_SHORT_CHECK_MAX_MOVE} if short and not s1 else {}))
     cached = _cached(run.out, "lr", key)
     if cached is not None:
         check = LRCheck.from_dict(cached)
         run.emit("lr_check", "end", f"resumed: base LR x{check.best_multiplier:g} = {check.lr:.3g}", resumed=True)
         return check
-    metric = Metric.for_workload(workload)
-    num_val = workload.num_val
     partial = _cached(run.out, "lr", key, partial=True) or {}
-    done = {(r["multiplier"], r.get("seed", run.seed)): r for r in partial.get("runs") or []}
-    check = LRCheck(batch_size=batch, steps=steps, metric=metric.name, base_lr=workload.base_lr, runs=[])
+    race = _LRRace(workload, run, Metric.for_workload(workload), batch, tolerance, key, max_samples,
+                   {(r["multiplier"], r.get("seed", run.seed), r.get("steps", s0)): r
+                    for r in partial.get("runs") or []})
+    then = f", then the best 3 (one more past an edge) x {s1} steps" if s1 else ""
     run.emit("lr_check", "start", f"base LR {workload.base_lr:.3g} at batch {batch}: {len(multipliers)} LRs x "
-                                  f"{steps} steps", total=len(multipliers))
-
-    def one(m: float, seed: int, left: int) -> None:
-        if (m, seed) in done:
-            check.runs.append(done[(m, seed)])
-        else:
-            check.runs.append(_lr_run(workload, run, metric, batch, steps, m, seed=seed))
-            _store(run.out, "lr", key, check.to_dict(), partial=True)
-        score = check.runs[-1]["score"]
-        run.emit("lr_check", "update", (f"x{m:g} seed {seed}: {metric.name} {score:.4g}" if score is not None
-                                        else f"x{m:g} seed {seed}: diverged"),
-                 completed=len(check.runs), total=len(check.runs) + left)
-
-    todo: list[float] = list(multipliers)
-    extended = 0
-    while todo:
-        one(todo.pop(0), run.seed, len(todo))
-        nxt = _next_multiplier(check.runs, metric) if not todo and not short and extended < LR_CALIBRATION_EXTEND \
-            else None
-        if nxt is not None:
-            extended += 1
-            todo.append(nxt)
-            run.emit("lr_check", "update", f"best at the edge: trying x{nxt:g}", completed=len(check.runs),
-                     total=len(check.runs) + 1)
-    chosen, decided, ivs = _lr_decision(check.runs, metric, num_val, tolerance)
-    best = min(ivs, key=lambda m: (_order(metric, ivs[m].estimate), abs(math.log2(m)))) if ivs else None
-    if not decided and best is not None:  # close: more seeds for the base and the best, then decide again
-        for extra_seed in range(1, replicates):
-            for m in (1.0, best):
-                one(m, run.seed + extra_seed, 0)
-            chosen, decided, ivs = _lr_decision(check.runs, metric, num_val, tolerance)
-            if decided:
-                break
-    text = _lr_decision_text(workload.base_lr, chosen, best, decided, ivs, metric.name)
-    clamped = short and not (1 / LR_SHORT_CHECK_MAX_MOVE <= chosen <= LR_SHORT_CHECK_MAX_MOVE)
-    if clamped:
-        chosen = min(max(chosen, 1 / LR_SHORT_CHECK_MAX_MOVE), LR_SHORT_CHECK_MAX_MOVE)
-    check.best_multiplier = chosen
-    check.lr, check.kept_base = workload.base_lr * chosen, chosen == 1.0
-    check.intervals = {f"{m:g}": iv.to_dict() for m, iv in ivs.items()}
-    check.decision = text + (
-        f"; held at x{chosen:g}: runs of {steps} steps ({steps * batch / train_samples:.0%} of the train budget) "
-        f"move the base LR at most x{LR_SHORT_CHECK_MAX_MOVE:g} (short runs favour large LRs)" if clamped else "")
+                                  f"{s0} steps{then}",
+             total=len(multipliers) + (LR_RACE_RUNG1_LRS if s1 else 0))
+    if s1:
+        check = race.two_rungs(multipliers, s0, s1, replicates, train_samples)
+    else:
+        check = race.one_rung(multipliers, s0, replicates, extend=not short, clamp=short,
+                              train_samples=train_samples)
     _store(run.out, "lr", key, check.to_dict())
     run.emit("lr_check", "end", check.decision)
     return check
+
+
+class _LRRace:
+    """The LR check's runs (:func:`_calibrate_lr`): one rung, or two rungs of a race; every run saved at once."""
+
+    def __init__(self, workload: Workload, run: _Run, metric: Any, batch: int, tolerance: float, key: Any,
+                 max_samples: int | None, done: dict[tuple[float, int, int], dict[str, Any]]) -> None:
+        self.wl, self.run, self.metric, self.batch, self.tolerance, self.key = (workload, run, metric, batch,
+                                                                                tolerance, key)
+        self.max_samples, self.done = max_samples, done
+        self.check = LRCheck(batch_size=batch, steps=0, metric=metric.name, base_lr=workload.base_lr, runs=[])
+
+    def spent(self) -> int:
+        return sum(int(r.get("samples") or 0) for r in self.check.runs)
+
+    def affords(self, steps: int) -> bool:
+        return self.max_samples is None or self.spent() + steps * self.batch <= self.max_samples
+
+    def one(self, m: float, seed: int, steps: int, rung: int, left: int) -> None:
+        if (m, seed, steps) in self.done:
+            self.check.runs.append(self.done[(m, seed, steps)])
+        else:
+            r = _lr_run(self.wl, self.run, self.metric, self.batch, steps, m, seed=seed)
+            self.check.runs.append({**r, "steps": steps, "rung": rung})
+            _store(self.run.out, "lr", self.key, self.check.to_dict(), partial=True)
+        score = self.check.runs[-1]["score"]
+        self.run.emit("lr_check", "update", (f"x{m:g} {steps} steps seed {seed}: {self.metric.name} {score:.4g}"
+                                             if score is not None else f"x{m:g} seed {seed}: diverged"),
+                      completed=len(self.check.runs), total=len(self.check.runs) + left)
+
+    def rung(self, steps: int) -> list[dict[str, Any]]:
+        return [r for r in self.check.runs if r.get("steps", steps) == steps]
+
+    def decide(self, steps: int, rung: int,
+               replicates: int) -> tuple[float, float | None, bool, dict[float, Any]]:
+        """``(chosen, best, decided, intervals)`` on the runs of ``steps`` steps; when the best is inside the base's
+        noise, more seeds for both (while the share affords them)."""
+        num_val = self.wl.num_val
+        runs = self.rung(steps)
+        chosen, decided, ivs = _lr_decision(runs, self.metric, num_val, self.tolerance)
+        best = min(ivs, key=lambda m: (_order(self.metric, ivs[m].estimate), abs(math.log2(m)))) if ivs else None
+        for extra_seed in range(1, replicates):
+            if decided or best is None or not self.affords(2 * steps):
+                break
+            for m in (1.0, best):
+                self.one(m, self.run.seed + extra_seed, steps, rung, 0)
+            runs = self.rung(steps)
+            chosen, decided, ivs = _lr_decision(runs, self.metric, num_val, self.tolerance)
+        return chosen, best, decided, ivs
+
+    def one_rung(self, multipliers: Sequence[float], steps: int, replicates: int, *, extend: bool, clamp: bool,
+                 train_samples: int | None) -> LRCheck:
+        check, todo, extended = self.check, list(multipliers), 0
+        check.steps = steps
+        while todo:
+            self.one(todo.pop(0), self.run.seed, steps, 0, len(todo))
+            nxt = _next_multiplier(check.runs, self.metric) if not todo and extend and \
+                extended < LR_CALIBRATION_EXTEND else None
+            if nxt is not None:
+                extended += 1
+                todo.append(nxt)
+                self.run.emit("lr_check", "update", f"best at the edge: trying x{nxt:g}",
+                              completed=len(check.runs), total=len(check.runs) + 1)
+        chosen, best, decided, ivs = self.decide(steps, 0, replicates)
+        text = _lr_decision_text(self.wl.base_lr, chosen, best, decided, ivs, self.metric.name)
+        if clamp and not (1 / LR_SHORT_CHECK_MAX_MOVE <= chosen <= LR_SHORT_CHECK_MAX_MOVE):
+            chosen = min(max(chosen, 1 / LR_SHORT_CHECK_MAX_MOVE), LR_SHORT_CHECK_MAX_MOVE)
+            text += (f"; held at x{chosen:g}: runs of {steps} steps ({steps * self.batch / train_samples:.0%} of the "
+                     f"train budget) move the base LR at most x{LR_SHORT_CHECK_MAX_MOVE:g} (short runs favour large "
+                     "LRs)")
+        return self._finish(chosen, ivs, text, 1.0)
+
+    def two_rungs(self, multipliers: Sequence[float], s0: int, s1: int, replicates: int,
+                  train_samples: int | None) -> LRCheck:
+        check = self.check
+        check.steps = s1
+        todo = list(multipliers)
+        while todo:
+            self.one(todo.pop(0), self.run.seed, s0, 0, len(todo) + LR_RACE_RUNG1_LRS)
+        ivs0 = _lr_intervals(self.rung(s0), self.metric, self.wl.num_val, self.tolerance)
+        if not ivs0:
+            return self._finish(1.0, ivs0, _lr_decision_text(self.wl.base_lr, 1.0, None, True, ivs0,
+                                                             self.metric.name), 1.0)
+        c = min(ivs0, key=lambda m: (_order(self.metric, ivs0[m].estimate), abs(math.log2(m))))
+        for m in (c, c / 2, c * 2):  # the region the first rung found, for the longer horizon
+            if self.affords(s1):
+                self.one(m, self.run.seed, s1, 1, 0)
+        for _ in range(LR_CALIBRATION_EXTEND):  # the best at the second rung's edge: one more x2 that way
+            nxt = _next_multiplier(self.rung(s1), self.metric)
+            if nxt is None or not self.affords(s1):
+                break
+            self.one(nxt, self.run.seed, s1, 1, 0)
+        chosen, best, decided, ivs = self.decide(s1, 1, replicates)
+        text = _lr_decision_text(self.wl.base_lr, chosen, best, decided, ivs, self.metric.name)
+        fraction = min(1.0, s1 * self.batch / train_samples) if train_samples else 1.0
+        factor = fraction ** LR_HORIZON_EXPONENT if chosen != 1.0 else 1.0
+        check.rungs = [{"steps": s0, "multipliers": sorted(ivs0)}, {"steps": s1, "multipliers": sorted(ivs)}]
+        check.horizon_fraction = round(fraction, 6)
+        lo, hi = min(LR_HORIZON_EXPONENT_RANGE), max(LR_HORIZON_EXPONENT_RANGE)
+        if factor != 1.0:
+            text += (f"; x{chosen:.3g} is the best at {s1} steps ({fraction:.1%} of the train budget), and the best "
+                     f"LR falls with the horizon as horizon^-{LR_HORIZON_EXPONENT:g} (Bjorck et al. 2025): "
+                     f"x{factor:.3g} for the whole run -> x{chosen * factor:.3g} (x{chosen * fraction ** hi:.3g}-"
+                     f"x{chosen * fraction ** lo:.3g} with exponents {lo:g}-{hi:g}: the train budget is "
+                     f"{1 / fraction:.0f}x the check's horizon, an extrapolation)")
+        return self._finish(chosen, ivs, text, factor, fraction if factor != 1.0 else 1.0)
+
+    def _finish(self, chosen: float, ivs: Mapping[float, Any], text: str, factor: float,
+                fraction: float = 1.0) -> LRCheck:
+        """The check's result. ``lr_interval``: the LRs tied with the best at the check's horizon, carried to the
+        train budget with the steepest and the flattest exponent of :data:`LR_HORIZON_EXPONENT_RANGE` (the
+        carrying's own uncertainty), around the LR carried with :data:`LR_HORIZON_EXPONENT`."""
+        check = self.check
+        check.best_multiplier = chosen * factor
+        check.lr, check.kept_base = self.wl.base_lr * chosen * factor, chosen == 1.0
+        check.lr_at_check_horizon = self.wl.base_lr * chosen
+        check.horizon_factor = factor
+        check.intervals = {f"{m:g}": iv.to_dict() for m, iv in ivs.items()}
+        best = min(ivs, key=lambda m: (_order(self.metric, ivs[m].estimate), abs(math.log2(m)))) if ivs else None
+        tied = [m for m in ivs if best is not None and ivs[m].overlaps(ivs[best])] or [chosen]
+        steep, flat = (fraction ** e for e in (max(LR_HORIZON_EXPONENT_RANGE), min(LR_HORIZON_EXPONENT_RANGE)))
+        check.lr_interval = [self.wl.base_lr * min(min(tied), chosen) * min(steep, factor),
+                             self.wl.base_lr * max(max(tied), chosen) * max(flat, factor)]
+        check.decision = text
+        return check
 
 
 def _lr_decision_text(base_lr: float, chosen: float, best: float | None, decided: bool, ivs: Mapping[float, Any],
@@ -1299,12 +1423,10 @@ def _schedule_totals(wl: Workload, *, bud: Any, sizes: Sequence[int] | None, cap
     totals: dict[int, str] = {}
     if lr_check:  # as _calibrate_lr
         batch = min(wl.base_batch_size, wl.num_train)
-        steps = max(1, pbud.steps_for(batch, wl.num_train) // LR_CALIBRATION_BUDGET_DIVISOR)
-        most = allowance("lr_check", total, max_cost)
-        if most is not None:
-            runs = len(LR_CALIBRATION_MULTIPLIERS) + LR_CALIBRATION_EXTEND + 2 * (LR_CHECK_SEEDS - 1)
-            steps = max(LR_CHECK_MIN_STEPS, min(steps, most // (runs * batch)))
-        totals.setdefault(steps, f"the LR check's runs (batch {batch}) have {steps} steps")
+        for steps in _lr_check_steps(batch, pbud.steps_for(batch, wl.num_train), allowance("lr_check", total, max_cost),
+                                     len(LR_CALIBRATION_MULTIPLIERS)):
+            if steps:
+                totals.setdefault(steps, f"the LR check's runs (batch {batch}) have {steps} steps")
     for b in sorted(psizes):
         steps = pbud.steps_for(b, wl.num_train)
         totals.setdefault(steps, f"the sweep's trials at batch {b} have {steps} steps")
