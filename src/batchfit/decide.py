@@ -61,7 +61,7 @@ from batchfit.study.results import TrialSummary
 __all__ = [
     "BatchEvidence",
     "Decision",
-    "LRMove",
+    "LRCheck",
     "PrecisionAdvice",
     "PrecisionCheck",
     "PrecisionRun",
@@ -89,17 +89,42 @@ def as_trials(trials: Iterable[TrialSummary | Mapping[str, Any]]) -> list[TrialS
     return [t if isinstance(t, TrialSummary) else TrialSummary.from_dict(t, f"trial {i}") for i, t in enumerate(trials)]
 
 
-@dataclass(frozen=True)
-class LRMove:
-    """What the decision and the recommendation read of tune's LR check: :class:`batchfit.tuning.LRCheck` (a layer
-    above this module, read by attribute) or its ``"lr_calibration"`` dict in results.json."""
+@dataclass
+class LRCheck:
+    """The LR check: short runs at ``base_lr x multiplier`` at the base batch (``lr.json``, ``"lr_calibration"``).
 
-    best_multiplier: float | None = None
-    steps: int | None = None
-    base_lr: float | None = None
-    lr: float | None = None
-    batch_size: int | None = None
-    metric: str | None = None
+    ``tune`` runs it (:mod:`batchfit.tuning`, which re-exports it); it lives here, beside :class:`PrecisionCheck`,
+    because the decision and the recommendation read it too (a layer below ``tuning``)."""
+
+    batch_size: int
+    steps: int
+    metric: str
+    base_lr: float
+    runs: list[dict[str, Any]]
+    best_multiplier: float = 1.0
+    lr: float = 0.0
+    kept_base: bool = True
+    intervals: dict[str, Any] = field(default_factory=dict)  # multiplier -> its score's interval (Interval dict)
+    decision: str = ""  # what was decided and whether it was beyond the noise
+    # the capped check's race: [{"steps", "multipliers"}] per rung; its last rung's share of the train budget; the
+    # LR best at that horizon and the factor that carries it to the train budget (LR_HORIZON_EXPONENT)
+    rungs: list[dict[str, Any]] = field(default_factory=list)
+    horizon_fraction: float | None = None
+    horizon_factor: float = 1.0
+    lr_at_check_horizon: float | None = None
+    lr_interval: list[float] | None = None  # [low, high]: the LRs tied with the best, at the chosen LR's horizon
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out["runs"] = [dict(r) for r in self.runs]
+        return {**self.extra, **out}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LRCheck:
+        names = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in data.items() if k in names},
+                   extra={k: v for k, v in data.items() if k not in names})
 
     @property
     def moved(self) -> bool:
@@ -107,13 +132,16 @@ class LRMove:
         return self.best_multiplier not in (None, 1, 1.0)
 
     @classmethod
-    def of(cls, check: Any) -> LRMove | None:
-        """``check`` (an ``LRCheck``, its dict, an ``LRMove`` or ``None``) as an ``LRMove``."""
-        if check is None or isinstance(check, LRMove):
+    def of(cls, check: Any) -> LRCheck | None:
+        """``check`` (an ``LRCheck``, its ``"lr_calibration"`` dict or ``None``) as an ``LRCheck``: a dict read with
+        :meth:`from_dict`; a partial one (a caller's own, an older file) reads a missing ``batch_size``, ``steps``,
+        ``metric`` or ``base_lr`` as ``None`` and missing ``runs`` as ``[]``."""
+        if check is None or isinstance(check, LRCheck):
             return check
-        if isinstance(check, Mapping):
-            return cls(**{f.name: check.get(f.name) for f in fields(cls)})
-        return cls(**{f.name: getattr(check, f.name, None) for f in fields(cls)})
+        if not isinstance(check, Mapping):
+            check = {f.name: getattr(check, f.name) for f in fields(cls) if hasattr(check, f.name)}
+        return cls.from_dict({"batch_size": None, "steps": None, "metric": None, "base_lr": None, "runs": [],
+                              **check})
 
 
 def _history(trial: TrialSummary | Mapping[str, Any]) -> Any:
@@ -468,8 +496,8 @@ def decide(trials: Sequence[TrialSummary | Mapping[str, Any]], metric: Metric, *
     reference itself is. Less data therefore never picks a larger batch.
 
     ``b_crit`` is ignored when a ``target`` spec is given (the decision fits S(B) at its own target, and
-    :attr:`Decision.critical` is that fit); ``lr_calibration`` the tune LR check (:class:`LRMove`, tune's
-    ``LRCheck`` or its dict) for the few-steps flag; ``trials``: :class:`batchfit.study.TrialSummary` (a dict is
+    :attr:`Decision.critical` is that fit); ``lr_calibration`` the tune LR check (:class:`LRCheck`
+    or its dict) for the few-steps flag; ``trials``: :class:`batchfit.study.TrialSummary` (a dict is
     read once with :meth:`TrialSummary.from_dict`);
     ``step_time`` (batch size -> seconds per step, :func:`batchfit.steptime.calibrate_step_time`) replaces the
     pooled fit of the trials' own timings; ``target`` (the sweep's ``target`` dict: ``kind``, ``fraction`` /
@@ -520,11 +548,11 @@ def decide(trials: Sequence[TrialSummary | Mapping[str, Any]], metric: Metric, *
     if use_cost is not None:
         choice = _fastest(choice, use_cost, sel)
     decision = Decision(int(choice.chosen), choice, ev, [], metric, goal, sel, crit, tol)
-    decision.flags = _flags(decision, trials, LRMove.of(lr_calibration))
+    decision.flags = _flags(decision, trials, LRCheck.of(lr_calibration))
     return decision
 
 
-def _flags(decision: Decision, trials: Sequence[TrialSummary], lr_check: LRMove | None) -> list[str]:
+def _flags(decision: Decision, trials: Sequence[TrialSummary], lr_check: LRCheck | None) -> list[str]:
     flags: list[str] = []
     chosen, crit, sel = decision.batch_size, decision.critical, decision.selection
     tried = sorted({int(t.batch_size) for t in trials})

@@ -37,7 +37,7 @@ from typing import Any
 from batchfit import checks
 from batchfit.decide import (
     Decision,
-    LRMove,
+    LRCheck,
     PrecisionCheck,
     PrecisionRun,
     advise_precision,
@@ -195,7 +195,7 @@ def _number(value: Any) -> float | None:
 class Measurements:
     """What the recommendation and the report read, typed: the sweep's :class:`batchfit.study.SweepResult` (its
     :class:`batchfit.study.TrialSummary` trials) and, beside it, what ``tune`` measured — the finder's result, the
-    noise probe's, the LR check (:class:`batchfit.decide.LRMove`), the precision check
+    noise probe's, the LR check (:class:`batchfit.decide.LRCheck`), the precision check
     (:class:`batchfit.decide.PrecisionCheck`), the step-time calibration and the train budget.
 
     :meth:`of` is the one entry point: a ``SweepResult`` (``load_results``), ``tune``'s ``TuneResult`` or their
@@ -206,7 +206,7 @@ class Measurements:
     metric: Metric
     find: dict[str, Any] | None = None
     noise: dict[str, Any] | None = None
-    lr_check: LRMove | None = None
+    lr_check: LRCheck | None = None
     precision_check: PrecisionCheck = field(default_factory=PrecisionCheck)
     step_time: dict[str, Any] | None = None  # batchfit.steptime.StepTimeCalibration.to_dict()
     train_budget: dict[str, Any] | None = None  # batchfit.cost's plan: samples, measurement_samples, max_cost, budget
@@ -252,7 +252,7 @@ class Measurements:
             sweep=sweep,
             metric=Metric(str(name), bool(data.get("higher_is_better", name not in ("val_loss", "train_loss")))),
             find=_mapping(data.get("find")), noise=_mapping(data.get("noise")),
-            lr_check=LRMove.of(_mapping(data.get("lr_calibration"))), precision_check=check,
+            lr_check=LRCheck.of(_mapping(data.get("lr_calibration"))), precision_check=check,
             step_time=_mapping(data.get("step_time")), train_budget=_mapping(data.get("train_budget")),
             framework=data.get("framework"), batch_form=_mapping(data.get("batch_form")),
             tolerance=_number(data.get("tolerance")), world_size=int(data.get("world_size") or 1),
@@ -263,8 +263,8 @@ class Measurements:
         """A ``TuneResult``: its sweep and its typed stage results as they are; its ``to_dict()`` for the JSON."""
         sweep = tuned.sweep if isinstance(tuned.sweep, SweepResult) else _sweep_of(_flat(tuned.sweep))
         base = cls._read(sweep, _flat(tuned.to_dict()))
-        return replace(base, find=_mapping(tuned.find), noise=_mapping(tuned.noise), lr_check=LRMove.of(tuned.lr_check),
-                       precision_check=tuned.precision_check or PrecisionCheck(),
+        return replace(base, find=_mapping(tuned.find), noise=_mapping(tuned.noise),
+                       lr_check=LRCheck.of(tuned.lr_check), precision_check=tuned.precision_check or PrecisionCheck(),
                        step_time=_mapping(tuned.step_time), train_budget=_mapping(tuned.train_budget),
                        framework=tuned.framework, batch_form=_mapping(tuned.batch_form),
                        tolerance=_number(tuned.tolerance) if tuned.tolerance is not None else base.tolerance)

@@ -32,6 +32,7 @@ import html
 import math
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,9 @@ from batchfit._io import write_text as _write_text
 from batchfit.decide import quality_of_trial
 from batchfit.errors import BatchfitError, ConfigError
 from batchfit.metric import Metric, finite_or_none
-from batchfit.recommend import Measurements, Recommendation, metric_of, recommend
+from batchfit.recommend import Measurements, Recommendation, recommend
 from batchfit.stats import Interval, mean_interval, positive_mean_interval, quotient_interval
+from batchfit.study.results import TrialSummary
 
 __all__ = ["PLOTS", "TRADEOFF_CELL_CHARS", "TRADEOFF_COLUMNS", "check_results", "interim_line", "is_interim",
            "make_plots", "render_html", "render_markdown", "still_running", "summary_rows", "summary_table",
@@ -77,11 +79,21 @@ def _num(x: Any, fmt: str = ".4g") -> str:
 # The summary table
 
 
-def _rows_source(results: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+def _measured(results: Any) -> Measurements:
+    """``results`` read typed, once at each public entry point: :meth:`batchfit.recommend.Measurements.of` (a
+    ``Measurements`` as it is, a ``SweepResult``, ``tune``'s result or their dict form, results.json). A dict without
+    a ``trials`` list (a caller's own few keys) reads as a sweep without trials, its dict form left as it was."""
+    if isinstance(results, Mapping) and not isinstance(results.get("trials"), list):
+        measured = Measurements.of({**results, "trials": []})
+        return replace(measured, source={k: v for k, v in measured.source.items() if k != "trials"})
+    return Measurements.of(results)
+
+
+def _rows_source(measured: Measurements) -> list[TrialSummary]:
     """One trial per batch size: the best-LR trial, or, for batch sizes with none finished, the latest trial."""
-    best = {t["batch_size"]: t for t in results.get("best_per_batch") or []}
-    for t in results.get("trials") or []:
-        best.setdefault(t["batch_size"], t)
+    best = {t.batch_size: t for t in measured.sweep.best_per_batch}
+    for t in measured.trials:
+        best.setdefault(t.batch_size, t)
     return [best[b] for b in sorted(best)]
 
 
@@ -92,19 +104,24 @@ def metric_label(metric: Metric) -> str:
     return "val loss" if metric.name == "val_loss" else f"val {metric.name}"
 
 
-def _rec_dict(results: Mapping[str, Any], recommendation: Any = None) -> Mapping[str, Any]:
-    """The recommendation's dict form (the given one, else the one in ``results``; ``{}`` without one)."""
-    rec = recommendation if recommendation is not None else results.get("recommendation")
+def _rec_given(measured: Measurements, recommendation: Any = None) -> Any:
+    """The recommendation given, else the one stored with the results (results.json's ``"recommendation"``)."""
+    return recommendation if recommendation is not None else measured.source.get("recommendation")
+
+
+def _rec_dict(measured: Measurements, recommendation: Any = None) -> Mapping[str, Any]:
+    """The recommendation's dict form (the given one, else the one in the results; ``{}`` without one)."""
+    rec = _rec_given(measured, recommendation)
     if rec is None:
         return {}
     data = rec.to_dict() if hasattr(rec, "to_dict") else rec
     return data if isinstance(data, Mapping) else {}
 
 
-def _rec_of(results: Mapping[str, Any], recommendation: Any = None) -> Recommendation | None:
-    """The recommendation (the given one, else the one in ``results`` read back with
+def _rec_of(measured: Measurements, recommendation: Any = None) -> Recommendation | None:
+    """The recommendation (the given one, else the one in the results read back with
     :meth:`Recommendation.from_dict`); ``None`` without one or when it is not a recommendation."""
-    rec = recommendation if recommendation is not None else results.get("recommendation")
+    rec = _rec_given(measured, recommendation)
     if rec is None or isinstance(rec, Recommendation):
         return rec
     data = rec.to_dict() if hasattr(rec, "to_dict") else rec
@@ -114,24 +131,21 @@ def _rec_of(results: Mapping[str, Any], recommendation: Any = None) -> Recommend
         return None
 
 
-def _evidence_of(results: Mapping[str, Any], recommendation: Any = None) -> dict[int, Mapping[str, Any]]:
+def _evidence_of(rec: Recommendation | None) -> dict[int, Mapping[str, Any]]:
     """The decision's per-batch evidence (quality, steps / time to target, seconds per step, each an interval; the
     paired ``difference`` from the reference and its ``verdict``)."""
-    rec = _rec_of(results, recommendation)
     return {int(e["batch_size"]): e for e in (rec.intervals if rec else []) if isinstance(e, Mapping)}
 
 
-def _decision_of(results: Mapping[str, Any], recommendation: Any = None) -> tuple[int | None, set[int]]:
+def _decision_of(rec: Recommendation | None) -> tuple[int | None, set[int]]:
     """The chosen batch size and the non-inferior ones (the reference among them; ``tied`` in older JSON)."""
-    rec = _rec_of(results, recommendation)
     if rec is None:
         return None, set()
     return rec.batch_size, {int(b) for b in rec.non_inferior or rec.tied}
 
 
-def _reference_of(results: Mapping[str, Any], recommendation: Any = None) -> int | None:
+def _reference_of(rec: Recommendation | None) -> int | None:
     """The decision's reference: the batch size with the best fitted quality, every other one is compared with."""
-    rec = _rec_of(results, recommendation)
     ref = rec.reference_batch_size if rec is not None else None
     return int(ref) if isinstance(ref, int) and not isinstance(ref, bool) else None
 
@@ -139,32 +153,35 @@ def _reference_of(results: Mapping[str, Any], recommendation: Any = None) -> int
 _RUNNING = ("running", "waiting")
 
 
-def trial_progress(results: Mapping[str, Any]) -> tuple[int, int]:
+def trial_progress(results: Any) -> tuple[int, int]:
     """``(finished, planned)``: trials that ended (ok, diverged, failed, interrupted) and every trial of the study,
     the queued ones (``counts["waiting"]``) included."""
-    trials = [t for t in results.get("trials") or [] if isinstance(t, Mapping)]
-    waiting = (results.get("counts") or {}).get("waiting") if isinstance(results.get("counts"), Mapping) else 0
+    measured = _measured(results)
+    counts = measured.sweep.counts
+    waiting = counts.get("waiting") if isinstance(counts, Mapping) else 0
     waiting = waiting if isinstance(waiting, int) and not isinstance(waiting, bool) else 0
-    done = sum(1 for t in trials if t.get("status") not in _RUNNING)
-    return done, len(trials) + waiting
+    done = sum(1 for t in measured.trials if t.status not in _RUNNING)
+    return done, len(measured.trials) + waiting
 
 
-def still_running(results: Mapping[str, Any]) -> bool:
+def still_running(results: Any) -> bool:
     """True while the study is running: its ``status`` is ``running`` or ``empty``, or trials are queued or
     running (the report written after every finished trial)."""
-    if results.get("status") in ("running", "empty"):
+    measured = _measured(results)
+    if measured.source.get("status") in ("running", "empty"):  # as stored with the results (a caller's may have none)
         return True
-    done, planned = trial_progress(results)
+    done, planned = trial_progress(measured)
     return done < planned
 
 
-def is_interim(results: Mapping[str, Any], recommendation: Any = None) -> bool:
+def is_interim(results: Any, recommendation: Any = None) -> bool:
     """True when the report must claim no win: the study is still running (:func:`still_running`) or there is no
     recommendation. Such a report shows the evidence so far, never a chosen or recommended batch size."""
-    return not _rec_dict(results, recommendation) or still_running(results)
+    measured = _measured(results)
+    return not _rec_dict(measured, recommendation) or still_running(measured)
 
 
-def interim_line(results: Mapping[str, Any]) -> str:
+def interim_line(results: Any) -> str:
     """``Interim report: 1 of 8 trials finished; no recommendation yet (...)``."""
     done, planned = trial_progress(results)
     return (f"Interim report: {done} of {planned} trials finished; no recommendation yet. The numbers below are the "
@@ -198,28 +215,28 @@ def _over_seeds(values: list[Any]) -> dict[str, Any] | None:
     return mean_interval(vals).to_dict() if vals else None
 
 
-def _gap(t: Mapping[str, Any]) -> float | None:
+def _gap(t: TrialSummary) -> float | None:
     """A trial's ``generalization_gap`` when it is ``val_loss - train_eval_loss`` (the validation loss minus the
     eval-mode loss on the fixed training subset; its evaluation records carry ``train_eval_loss``). A trial recorded
     before that (val loss minus the running training loss, which grows with the steps a small batch takes) has
     none; a summary without records is taken as it is."""
-    hist = [h for h in t.get("history") or [] if isinstance(h, Mapping)]
+    hist = [h for h in t.history or [] if isinstance(h, Mapping)]
     if hist and not any("train_eval_loss" in h for h in hist):
         return None
-    return finite_or_none(t.get("generalization_gap"))
+    return finite_or_none(t.generalization_gap)
 
 
-def _quality_by_seed(trials: list[Mapping[str, Any]], metric: Metric) -> dict[Any, float]:
+def _quality_by_seed(trials: list[TrialSummary], metric: Metric) -> dict[Any, float]:
     """Each seed's quality (the decision's, :func:`batchfit.decide.quality_of_trial`); repeated trials of one seed:
     their mean."""
     per: dict[Any, list[float]] = {}
     for x in trials:
         if (q := finite_or_none(quality_of_trial(x, metric))) is not None:
-            per.setdefault(x.get("seed"), []).append(q)
+            per.setdefault(x.seed, []).append(q)
     return {seed: sum(v) / len(v) for seed, v in per.items()}
 
 
-def _paired_difference(trials: list[Mapping[str, Any]], reference: list[Mapping[str, Any]],
+def _paired_difference(trials: list[TrialSummary], reference: list[TrialSummary],
                        metric: Metric) -> dict[str, Any] | None:
     """The configuration's quality minus the reference's, per seed (trials paired by seed, so what a seed does to
     both cancels), with a Student-t interval over the paired differences (one pair: unknown)."""
@@ -242,16 +259,16 @@ def _oriented(iv: Mapping[str, Any] | None, metric: Metric) -> dict[str, Any] | 
     return {**iv, "estimate": neg(iv.get("estimate")), "low": neg(iv.get("high")), "high": neg(iv.get("low"))}
 
 
-def _reference_row(results: Mapping[str, Any], source: list[Mapping[str, Any]], reference: int | None,
-                   evidence: Mapping[int, Mapping[str, Any]], metric: Metric) -> Mapping[str, Any] | None:
+def _reference_row(measured: Measurements, source: list[TrialSummary], reference: int | None,
+                   evidence: Mapping[int, Mapping[str, Any]], metric: Metric) -> TrialSummary | None:
     """The row the paired differences are taken from: the decision's reference (the best fitted quality; an older
     recommendation without one: its chosen batch), else the best seed-mean quality."""
-    ref = next((t for t in source if t["batch_size"] == reference), None)
+    ref = next((t for t in source if t.batch_size == reference), None)
     if ref is not None or not source:
         return ref
 
-    def mean_quality(t: Mapping[str, Any]) -> float | None:
-        q = _quality_by_seed(_config_trials(results, t, evidence.get(t["batch_size"])), metric)
+    def mean_quality(t: TrialSummary) -> float | None:
+        q = _quality_by_seed(_config_trials(measured, t, evidence.get(t.batch_size)), metric)
         return sum(q.values()) / len(q) if q else None
 
     return min(source, key=lambda t: metric.sort_key(mean_quality(t)))
@@ -298,19 +315,18 @@ def _noise_ratio(batch: int, iv: Mapping[str, Any] | None) -> dict[str, Any] | N
     return q.to_dict() if q is not None else None
 
 
-def _noise_of(results: Mapping[str, Any], recommendation: Any = None, pool: bool = True) -> dict[str, Any]:
+def _noise_of(measured: Measurements, rec: Recommendation | None, pool: bool = True) -> dict[str, Any]:
     """B_simple against the training loss: the recommendation's ``noise_scale`` (with the value at its target's
     training loss), else (``pool``) pooled here from every trial's records
     (:func:`batchfit.noise.b_simple_against_loss`), without a value at a target."""
-    rec = _rec_of(results, recommendation)
     noise = rec.noise_scale if rec is not None else None
     if isinstance(noise, Mapping):
         return dict(noise)
     if not pool:
         return {}
-    trials = [t for t in results.get("trials") or [] if isinstance(t, Mapping)]
+    trials = list(measured.trials)
     if not any(isinstance(h, Mapping) and ("noise_window" in h or "b_simple" in h)
-               for t in trials for h in t.get("history") or []):
+               for t in trials for h in t.history or []):
         return {}
     from batchfit import noise as nz
 
@@ -331,34 +347,34 @@ def _samples_per_s(batch: int, evidence: Mapping[str, Any] | None) -> dict[str, 
     return _per(batch, (evidence or {}).get("seconds_per_step"))
 
 
-def _config_trials(results: Mapping[str, Any], t: Mapping[str, Any],
-                   evidence: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
+def _config_trials(measured: Measurements, t: TrialSummary,
+                   evidence: Mapping[str, Any] | None) -> list[TrialSummary]:
     """The finished trials, one per seed, of the configuration the row's intervals describe: the decision's best LR
     for this batch size (the evidence's ``lr_multiplier``; grouped as :mod:`batchfit.decide` groups them), else the
     row's own trial's; the row's trial alone when none finished."""
-    mult = float((evidence or {}).get("lr_multiplier") or t.get("lr_multiplier") or 1.0)
-    same = [x for x in results.get("trials") or [] if isinstance(x, Mapping) and x.get("status") == "ok"
-            and x.get("batch_size") == t["batch_size"] and float(x.get("lr_multiplier") or 1.0) == mult]
+    mult = float((evidence or {}).get("lr_multiplier") or t.lr_multiplier or 1.0)
+    same = [x for x in measured.trials if x.status == "ok" and x.batch_size == t.batch_size
+            and float(x.lr_multiplier or 1.0) == mult]
     return same or [t]
 
 
-def _epochs_per_step(results: Mapping[str, Any], trials: list[Mapping[str, Any]], batch: int) -> float | None:
+def _epochs_per_step(measured: Measurements, trials: list[TrialSummary], batch: int) -> float | None:
     """Epochs per optimizer step at this batch size, as the trials recorded them: the engine's evaluation records
     carry ``epoch`` (steps over steps per epoch, from which ``epochs_to_target`` is read) next to ``step``; the pair
     with the most steps rounds least. Without records, ``batch / num_train`` (the results' or a trial's)."""
-    pairs = [(s, e) for x in trials for h in (x.get("history") or []) if isinstance(h, Mapping)
+    pairs = [(s, e) for x in trials for h in (x.history or []) if isinstance(h, Mapping)
              if (s := finite_or_none(h.get("step"))) and s > 0 and (e := finite_or_none(h.get("epoch"))) and e > 0]
-    pairs = pairs or [(s, e) for x in trials if (s := finite_or_none(x.get("steps_to_target"))) and s > 0
-                      and (e := finite_or_none(x.get("epochs_to_target"))) and e > 0]
+    pairs = pairs or [(s, e) for x in trials if (s := finite_or_none(x.steps_to_target)) and s > 0
+                      and (e := finite_or_none(x.epochs_to_target)) and e > 0]
     if pairs:
         s, e = max(pairs)
         return e / s
-    n = finite_or_none(results.get("num_train")) or next(
-        (n for x in trials if (n := finite_or_none(x.get("num_train")))), None)
+    n = finite_or_none(measured.sweep.num_train) or next(
+        (n for x in trials if (n := finite_or_none(x.extra.get("num_train")))), None)
     return batch / n if n and n > 0 else None
 
 
-def summary_rows(results: Mapping[str, Any], recommendation: Any = None) -> list[dict[str, Any]]:
+def summary_rows(results: Any, recommendation: Any = None) -> list[dict[str, Any]]:
     """The guides' trade-off table, measured: one row per batch size (memory, speed, gradient noise,
     generalization gap, epochs to converge), with the raw values, and — from the recommendation's decision — each
     batch size's quality and time to target with their 95 % intervals, its seeds, and its verdict.
@@ -389,29 +405,31 @@ def summary_rows(results: Mapping[str, Any], recommendation: Any = None) -> list
     one-sided 95 % bounds; without a decision, ``paired_difference_interval`` oriented the same way; ``None`` for
     the reference); ``chosen`` whether it is the recommended batch size. ``decision`` is ``chosen`` for that one,
     else the verdict (before the non-inferiority rule: ``tied`` / ``apart``)."""
-    metric = metric_of(results)
-    global_bs = results.get("b_simple")
-    at_target = (_noise_of(results, recommendation, pool=False).get("at_loss") or {}).get("b_simple")
-    evidence = _evidence_of(results, recommendation)
-    chosen, _ = _decision_of(results, recommendation)
-    source = _rows_source(results)
-    ref_t = _reference_row(results, source, _reference_of(results, recommendation) or chosen, evidence, metric)
-    ref_batch = ref_t["batch_size"] if ref_t is not None else None
-    ref_seeds = _config_trials(results, ref_t, evidence.get(ref_batch)) if ref_t is not None else []
+    measured = _measured(results)
+    rec = _rec_of(measured, recommendation)
+    metric = measured.metric
+    global_bs = measured.sweep.b_simple
+    at_target = (_noise_of(measured, rec, pool=False).get("at_loss") or {}).get("b_simple")
+    evidence = _evidence_of(rec)
+    chosen, _ = _decision_of(rec)
+    source = _rows_source(measured)
+    ref_t = _reference_row(measured, source, _reference_of(rec) or chosen, evidence, metric)
+    ref_batch = ref_t.batch_size if ref_t is not None else None
+    ref_seeds = _config_trials(measured, ref_t, evidence.get(ref_batch)) if ref_t is not None else []
     rows = []
     for t in source:
-        b_simple, bs_source = t.get("b_simple"), "single trial"
+        b_simple, bs_source = t.b_simple, "single trial"
         if not isinstance(b_simple, (int, float)):
             b_simple = global_bs if isinstance(global_bs, (int, float)) else None
             bs_source = "median over the batch sizes"
-        batch = t["batch_size"]
+        batch = t.batch_size
         ev = evidence.get(batch) or {}
-        seeds = _config_trials(results, t, ev)
-        bs_iv = _positive_over_seeds([x.get("b_simple") for x in seeds]) or _bare(b_simple, bs_source)
-        steps_iv = (ev.get("steps_to_target") or _over_seeds([x.get("steps_to_target") for x in seeds])
-                    or _bare(t.get("steps_to_target")))
-        epochs_iv = (_scaled(ev.get("steps_to_target"), _epochs_per_step(results, seeds, batch))
-                     or _over_seeds([x.get("epochs_to_target") for x in seeds]) or _bare(t.get("epochs_to_target")))
+        seeds = _config_trials(measured, t, ev)
+        bs_iv = _positive_over_seeds([x.b_simple for x in seeds]) or _bare(b_simple, bs_source)
+        steps_iv = (ev.get("steps_to_target") or _over_seeds([x.steps_to_target for x in seeds])
+                    or _bare(t.steps_to_target))
+        epochs_iv = (_scaled(ev.get("steps_to_target"), _epochs_per_step(measured, seeds, batch))
+                     or _over_seeds([x.epochs_to_target for x in seeds]) or _bare(t.epochs_to_target))
         paired = None if batch == ref_batch else _paired_difference(seeds, ref_seeds, metric)
         verdict = str(ev.get("verdict") or "")
         if batch == ref_batch and evidence and not verdict:
@@ -421,28 +439,28 @@ def summary_rows(results: Mapping[str, Any], recommendation: Any = None) -> list
             difference = _oriented(paired, metric)
         rows.append({
             "batch_size": batch,
-            "micro_batch_size": t.get("micro_batch_size"),
-            "accumulation_steps": t.get("accumulation_steps"),
-            "lr": t.get("lr"),
-            "status": t.get("status"),
+            "micro_batch_size": t.micro_batch_size,
+            "accumulation_steps": t.accumulation_steps,
+            "lr": t.lr,
+            "status": t.status,
             "best_metric": metric.of_trial(t),
-            "peak_memory_bytes": t.get("peak_memory_bytes"),
-            "samples_per_s": t.get("samples_per_s"),
+            "peak_memory_bytes": t.peak_memory_bytes,
+            "samples_per_s": t.samples_per_s,
             "b_simple": b_simple,
             "noise_ratio": batch / b_simple if b_simple and b_simple > 0 else None,
             "generalization_gap": _gap(t),
-            "epochs_to_target": t.get("epochs_to_target"),
-            "steps_to_target": t.get("steps_to_target"),
-            "seconds_to_target": t.get("seconds_to_target"),
+            "epochs_to_target": t.epochs_to_target,
+            "steps_to_target": t.steps_to_target,
+            "seconds_to_target": t.seconds_to_target,
             "quality": ev.get("quality"),
             "time_to_target": ev.get("time_to_target"),
             "seeds": ev.get("seeds"),
-            "seed_count": len({x.get("seed") for x in seeds}),
+            "seed_count": len({x.seed for x in seeds}),
             "decision": "chosen" if batch == chosen else verdict,
             "verdict": verdict,
             "chosen": batch == chosen,
             "difference_interval": difference,
-            "samples_per_s_interval": _samples_per_s(batch, ev) or _bare(t.get("samples_per_s")),
+            "samples_per_s_interval": _samples_per_s(batch, ev) or _bare(t.samples_per_s),
             "b_simple_interval": bs_iv,
             # B over B_simple at the decision's target loss (the recommendation's), else over the row's own
             "noise_ratio_interval": _noise_ratio(batch, at_target or bs_iv),
@@ -455,7 +473,7 @@ def summary_rows(results: Mapping[str, Any], recommendation: Any = None) -> list
     return rows
 
 
-def summary_table(results: Mapping[str, Any], recommendation: Any = None, *,
+def summary_table(results: Any, recommendation: Any = None, *,
                   interim: bool = False) -> tuple[list[str], list[list[str]]]:
     """The details table, one row per batch size with every number and its interval (the report's first table
     before the trade-off table replaced it: :func:`tradeoff_table`): header and text cells. Columns fourteen to
@@ -469,9 +487,10 @@ def summary_table(results: Mapping[str, Any], recommendation: Any = None, *,
     seed). The thirteenth column is the row's one trial's measured wall clock to the target, not an estimate: the
     decision's time to target, with its interval, is the sixteenth. ``interim``: the decision column names no
     chosen batch size (the verdict instead)."""
-    label = metric_label(metric_of(results))
+    measured = _measured(results)
+    label = metric_label(measured.metric)
     iv = " (95 % interval)"
-    rows = summary_rows(results, recommendation)
+    rows = summary_rows(measured, _rec_of(measured, recommendation))
     ref = rows[0]["paired_reference_batch_size"] if rows else None
     header = ["batch", "micro x accum", "LR", "status", f"best {label}", "peak memory",
               f"samples/s{iv}",
@@ -587,7 +606,7 @@ def _verdict_text(row: Mapping[str, Any], interim: bool) -> str:
     return "-" if row.get("status") in (None, "ok") else str(row["status"])
 
 
-def tradeoff_table(results: Mapping[str, Any], recommendation: Any = None, *,
+def tradeoff_table(results: Any, recommendation: Any = None, *,
                    interim: bool | None = None) -> tuple[list[str], list[list[str]]]:
     """The report's first table: the guides' trade-off, one row per batch size (its decision configuration: the
     best LR's trials, seeds pooled), in :data:`TRADEOFF_COLUMNS` columns whose cells are at most
@@ -597,9 +616,10 @@ def tradeoff_table(results: Mapping[str, Any], recommendation: Any = None, *,
     ``inferior``, ``undecided``; the recommended one ``chosen (...)``, never in an interim report). Each number
     carries its 95 % interval as ``estimate [low, high]`` (:func:`summary_rows` says where each comes from); every
     trial and the longer forms are in the details (:func:`summary_table`, the table of every trial)."""
-    interim = is_interim(results, recommendation) if interim is None else interim
-    label = metric_label(metric_of(results))
-    rows = summary_rows(results, recommendation)
+    measured = _measured(results)
+    interim = is_interim(measured, recommendation) if interim is None else interim
+    label = metric_label(measured.metric)
+    rows = summary_rows(measured, _rec_of(measured, recommendation))
     ref = rows[0]["paired_reference_batch_size"] if rows else None
     header = ["batch", "peak memory (micro x accum)", "samples/s", "B / B_simple",
               f"{label} vs batch {ref}, paired (+ = better)", "steps to target", "time to target, s", "verdict"]
@@ -620,13 +640,14 @@ def tradeoff_table(results: Mapping[str, Any], recommendation: Any = None, *,
     return header, body
 
 
-def tradeoff_notes(results: Mapping[str, Any], recommendation: Any = None, *,
+def tradeoff_notes(results: Any, recommendation: Any = None, *,
                    interim: bool | None = None) -> list[str]:
     """What the trade-off table's cells are, in sentences (below the table)."""
-    interim = is_interim(results, recommendation) if interim is None else interim
-    metric = metric_of(results)
-    label = metric_label(metric)
-    rows = summary_rows(results, recommendation)
+    measured = _measured(results)
+    interim = is_interim(measured, recommendation) if interim is None else interim
+    rec = _rec_of(measured, recommendation)
+    label = metric_label(measured.metric)
+    rows = summary_rows(measured, rec)
     if not rows:
         return []
     ref = rows[0]["paired_reference_batch_size"]
@@ -634,7 +655,7 @@ def tradeoff_notes(results: Mapping[str, Any], recommendation: Any = None, *,
     lines = [f"One row per batch size: its best learning rate's trials, seeds pooled (seeds per batch size: {seeds}). "
              "Each number is the estimate with its 95 % interval [low, high]; \"(no interval)\" where the data give "
              "none (one seed). Peak memory is one measurement, at the micro-batch x accumulation steps shown."]
-    noise = _noise_of(results, None if interim else recommendation, pool=False)
+    noise = _noise_of(measured, rec, pool=False)  # read only outside an interim report
     if (noise.get("at_loss") or {}).get("b_simple") and not interim:
         lines.append(f"B / B_simple: the batch over the gradient noise scale B_simple at training loss "
                      f"{_num(noise.get('train_loss'), '.3g')}, the decision's target (pooled over every trial; see "
@@ -644,11 +665,10 @@ def tradeoff_notes(results: Mapping[str, Any], recommendation: Any = None, *,
         lines.append("B / B_simple: the batch over its own runs' B_simple (each run's median, seeds pooled on the log "
                      "scale; not at a stated training loss). Below 1 a step's gradient is mostly noise; well above 1 "
                      "extra samples per step buy little.")
-    rec = _rec_of(results, recommendation)
     sel = (rec.selection if rec is not None else None) or {}
     margin = finite_or_none(sel.get("tolerance")) if isinstance(sel, Mapping) else None
     margin_txt = f" (-{_compact(margin)} here)" if margin is not None else ""
-    if _evidence_of(results, recommendation):
+    if _evidence_of(rec):
         lines.append(f"{label} vs batch {ref}: the paired difference from the reference (the best {label} estimate) "
                      "on the seeds they share, positive = better, with the decision's simultaneous one-sided 95 % "
                      f"bounds. Non-inferior: the lower bound lies above -tolerance x |reference|{margin_txt}; "
@@ -663,26 +683,24 @@ def tradeoff_notes(results: Mapping[str, Any], recommendation: Any = None, *,
     return lines
 
 
-def _trials_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+def _trials_table(measured: Measurements) -> tuple[list[str], list[list[str]]]:
     """Every trial, one row each, with what it measured (no interval: one run)."""
-    metric = metric_of(results)
+    metric = measured.metric
     label = metric_label(metric)
     header = ["batch", "micro x accum", "LR", "LR x", "seed", "status", f"best {label}", f"final {label}",
               "final val loss", "peak memory", "samples/s", "B_simple", "val - train(eval) loss", "steps to target",
               "s to target", "steps", "seconds", "error"]
     body = []
-    for t in sorted(results.get("trials") or [], key=lambda t: (t["batch_size"], t.get("lr") or 0,
-                                                                 t.get("seed") or 0)):
-        micro = t.get("micro_batch_size")
+    for t in sorted(measured.trials, key=lambda t: (t.batch_size, t.lr or 0, t.seed or 0)):
+        micro = t.micro_batch_size
         body.append([
-            str(t["batch_size"]), f"{micro} x {t.get('accumulation_steps')}" if micro else "-",
-            _num(t.get("lr"), ".3g"), _num(t.get("lr_multiplier"), "g"),
-            "-" if t.get("seed") is None else str(t["seed"]),
-            str(t.get("status") or "-"), _num(metric.of_trial(t)),
-            _num(quality_of_trial(t, metric)) if t.get("status") == "ok" else "-", _num(t.get("final_val_loss")),
-            _bytes(t.get("peak_memory_bytes")), _num(t.get("samples_per_s"), ".0f"), _num(t.get("b_simple"), ".3g"),
-            _num(_gap(t), "+.3f"), _num(t.get("steps_to_target"), ".0f"), _num(t.get("seconds_to_target"), ".3g"),
-            _num(t.get("steps"), ".0f"), _num(t.get("seconds"), ".3g"), str(t.get("error") or ""),
+            str(t.batch_size), f"{micro} x {t.accumulation_steps}" if micro else "-",
+            _num(t.lr, ".3g"), _num(t.lr_multiplier, "g"), "-" if t.seed is None else str(t.seed),
+            str(t.status or "-"), _num(metric.of_trial(t)),
+            _num(quality_of_trial(t, metric)) if t.status == "ok" else "-", _num(t.final_val_loss),
+            _bytes(t.peak_memory_bytes), _num(t.samples_per_s, ".0f"), _num(t.b_simple, ".3g"),
+            _num(_gap(t), "+.3f"), _num(t.steps_to_target, ".0f"), _num(t.seconds_to_target, ".3g"),
+            _num(t.steps, ".0f"), _num(t.seconds, ".3g"), str(t.error or ""),
         ])
     return header, body
 
@@ -695,11 +713,11 @@ def _pos_text(iv: Mapping[str, Any] | None, fmt: str = ".3g") -> str:
     return _iv_text(pos.to_dict(), fmt)
 
 
-def _noise_lines(results: Mapping[str, Any], recommendation: Any = None) -> list[str]:
+def _noise_lines(measured: Measurements, rec: Recommendation | None) -> list[str]:
     """The gradient noise scale: the probe's value labelled as measured at initialisation (never compared with a
     batch), B_simple against the training loss pooled over every trial, and at the decision's target loss."""
     lines = []
-    probe = results.get("noise") or {}
+    probe = measured.noise or {}
     if isinstance(probe.get("b_simple"), (int, float)):
         ci = probe.get("b_simple_ci")
         has_ci = isinstance(ci, (list, tuple)) and len(ci) == 2
@@ -711,7 +729,7 @@ def _noise_lines(results: Mapping[str, Any], recommendation: Any = None) -> list
                 "batch" if not steps else "one point early in training, not at the target's loss")
         lines.append(f"gradient noise scale B_simple {when} (the noise probe{batch}): {_num(probe['b_simple'], '.4g')}"
                      f"{ci_txt}; {what}")
-    noise = _noise_of(results, recommendation)
+    noise = _noise_of(measured, rec)
     curve = noise.get("against_loss") or []
     if curve:
         lines.append(f"B_simple against the training loss, pooled over {noise.get('records')} evaluation records of "
@@ -722,30 +740,38 @@ def _noise_lines(results: Mapping[str, Any], recommendation: Any = None) -> list
     if at:
         lines.append(f"B_simple at training loss {_num(noise.get('train_loss'), '.4g')}, {noise.get('loss_words')}: "
                      f"{_pos_text(at['b_simple'])}; the B / B_simple column divides each batch by it")
-    elif isinstance(results.get("b_simple"), (int, float)):
+    elif isinstance(b_simple := measured.sweep.b_simple, (int, float)):
         lines.append(f"B_simple during training, the median over the batch sizes of each run's median: "
-                     f"{_num(results['b_simple'], '.4g')} (not at a stated training loss: B_simple grows as the loss "
+                     f"{_num(b_simple, '.4g')} (not at a stated training loss: B_simple grows as the loss "
                      "falls, and a short large-batch run stays near initialisation); the B / B_simple column divides "
                      "each batch by its own B_simple")
     return lines
 
 
-def _study_lines(results: Mapping[str, Any], recommendation: Any = None) -> list[str]:
-    budget = results.get("budget") or {}
-    target = results.get("target") or {}
+def _study_lines(results: Any, recommendation: Any = None) -> list[str]:
+    """The study's facts (the report's "Study" section); ``recommendation``: the given one, else the results'."""
+    measured = _measured(results)
+    return _study_facts(measured, _rec_of(measured, recommendation))
+
+
+def _study_facts(measured: Measurements, rec: Recommendation | None) -> list[str]:
+    """The study's facts, with the noise sentences of ``rec`` (``None``: an interim report's, without one)."""
+    sweep = measured.sweep
+    budget = sweep.budget or {}
+    target = sweep.target or {}
     lines = [
-        f"workload {results.get('workload')}, device {results.get('device')}, precision {results.get('precision')}",
-        f"budget {budget.get('kind')}:{budget.get('value')}, LR rule {results.get('lr_rule')}, primary metric "
-        f"{results.get('primary_metric')} ({'higher' if results.get('higher_is_better') else 'lower'} is better)",
+        f"workload {sweep.workload}, device {sweep.device}, precision {sweep.precision}",
+        f"budget {budget.get('kind')}:{budget.get('value')}, LR rule {sweep.lr_rule}, primary metric "
+        f"{sweep.primary_metric} ({'higher' if sweep.higher_is_better else 'lower'} is better)",
     ]
-    if results.get("primary_metric") == "train_loss":
+    if sweep.primary_metric == "train_loss":
         lines.append("ranked on the training loss: the workload has no validation data, so the table and the "
                      "recommendation say how fast each batch size trains, not how well it generalizes")
     if target.get("definition"):
         lines.append(f"target: {target['definition']}")
     elif target:
         lines.append("target: " + ", ".join(f"{k} {v}" for k, v in target.items()))
-    crit = results.get("critical_batch_size")
+    crit = sweep.critical_batch_size
     if crit and crit.get("b_crit") is not None:
         iv = crit.get("interval") or {}
         iv_txt = (f" (95 % interval {_num(iv.get('low'), '.3g')}-{_num(iv.get('high'), '.3g')}, stratified bootstrap "
@@ -760,22 +786,22 @@ def _study_lines(results: Mapping[str, Any], recommendation: Any = None) -> list
                      f"{_num(crit.get('s_min'), '.4g')} steps, fit R^2 {_num(crit.get('r2'), '.3f')} over "
                      f"{len(crit.get('points') or [])} batch sizes{sup_txt}{extra_txt}")
     else:
-        why = results.get("critical_batch_size_reason") or "too few batch sizes reached the target"
+        why = sweep.critical_batch_size_reason or "too few batch sizes reached the target"
         lines.append(f"critical batch: not fitted ({why})")
-    lines += _noise_lines(results, recommendation)
-    cal = results.get("lr_calibration") or {}
-    if cal.get("runs"):
-        scores = ", ".join(f"x{r['multiplier']:g} {_num(r['score'])}" for r in cal["runs"])
-        verdict = ("kept" if cal.get("kept_base") else f"moved to {_num(cal.get('lr'), '.3g')}")
-        lines.append(f"base LR {_num(cal.get('base_lr'), '.3g')} checked at batch {cal.get('batch_size')} for "
-                     f"{cal.get('steps')} steps ({cal.get('metric')}: {scores}): {verdict}")
-    find = results.get("find") or {}
+    lines += _noise_lines(measured, rec)
+    cal = measured.lr_check
+    if cal is not None and cal.runs:
+        scores = ", ".join(f"x{r['multiplier']:g} {_num(r['score'])}" for r in cal.runs)
+        verdict = ("kept" if cal.kept_base else f"moved to {_num(cal.lr, '.3g')}")
+        lines.append(f"base LR {_num(cal.base_lr, '.3g')} checked at batch {cal.batch_size} for "
+                     f"{cal.steps} steps ({cal.metric}: {scores}): {verdict}")
+    find = measured.find or {}
     if find:
         lines.append(f"finder: largest batch that fits with margin {find.get('recommended_batch_size')}, throughput "
                      f"knee {find.get('throughput_knee_batch_size')}, {find.get('real_trials')} real trials")
         if find.get("plan_vs_measured"):
             lines.append(f"plan vs measured: {find['plan_vs_measured']}")
-    lines.append(f"store {results.get('storage')}, study {results.get('study_name')}")
+    lines.append(f"store {sweep.storage}, study {sweep.study_name}")
     return lines
 
 
@@ -825,16 +851,16 @@ def _save(fig: Any, path: Path) -> Path:
     return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
-def _plot_val_curves(results: Mapping[str, Any], path: Path) -> Path | None:
-    metric = metric_of(results)
-    trials = [t for t in _rows_source(results) if t.get("history")]
+def _plot_val_curves(measured: Measurements, rec: Recommendation | None, path: Path) -> Path | None:
+    metric = measured.metric
+    trials = [t for t in _rows_source(measured) if t.history]
     if not trials:
         return None
     fig, (ax_m, ax_l) = _figure(2)
     for t in trials:
-        hist = t["history"]
+        hist = t.history
         ep = [h.get("epoch") for h in hist]
-        label = f"B={t['batch_size']}"
+        label = f"B={t.batch_size}"
         values = [metric.of_record(h) for h in hist]
         if any(m is not None for m in values):
             ax_m.plot(ep, [math.nan if m is None else m for m in values], marker=".", label=label)
@@ -866,14 +892,16 @@ def _errorbar(ax: Any, xs: list[float], ivs: list[Mapping[str, Any] | None], lab
     return bool(known)
 
 
-def _plot_metric_vs_batch(results: Mapping[str, Any], path: Path, interim: bool = False) -> Path | None:
+def _plot_metric_vs_batch(measured: Measurements, rec: Recommendation | None, path: Path,
+                          interim: bool = False) -> Path | None:
     """Left: each batch size's quality (its best LR's seed mean, 95 % error bars), the reference and the
     non-inferior batch sizes shaded, the chosen one starred (never in an interim report). Right: each batch size's
     paired difference from the reference with the decision's bounds, and the non-inferiority margin."""
-    metric = metric_of(results)
+    metric = measured.metric
     label = metric_label(metric)
-    rows = [t for t in _rows_source(results) if metric.of_trial(t) is not None]
-    evidence = _evidence_of(results)
+    rows = [t for t in _rows_source(measured) if metric.of_trial(t) is not None]
+    evidence = _evidence_of(rec)
+    ref = _reference_of(rec)
     if not rows and not evidence:
         return None
     diffs = {b: e["difference"] for b, e in evidence.items() if isinstance(e.get("difference"), Mapping)
@@ -883,8 +911,7 @@ def _plot_metric_vs_batch(results: Mapping[str, Any], path: Path, interim: bool 
     if evidence:
         bs = sorted(evidence)
         _errorbar(ax, bs, [evidence[b].get("quality") for b in bs], f"{label}: seed mean of the best LR")
-        chosen, kept = _decision_of(results)
-        ref = _reference_of(results)
+        chosen, kept = _decision_of(rec)
         for i, b in enumerate(sorted(kept)):  # one band per batch size: an inferior one between stays unshaded
             ax.axvspan(b / 2 ** 0.25, b * 2 ** 0.25, color="tab:green", alpha=0.08,
                        label=f"non-inferior to the reference {ref}" if i == 0 else None)
@@ -895,7 +922,7 @@ def _plot_metric_vs_batch(results: Mapping[str, Any], path: Path, interim: bool 
             ax.plot([chosen], [evidence[chosen]["quality"]["estimate"]], "*", ms=14, color="tab:green",
                     label=f"chosen: {chosen}")
     if rows:
-        bs_rows = [t["batch_size"] for t in rows]
+        bs_rows = [t.batch_size for t in rows]
         ax.plot(bs_rows, [metric.of_trial(t) for t in rows], marker=".", linestyle=":", alpha=0.6,
                 label=f"best single {label} (max over evaluations)")
     _batch_axis(ax)
@@ -912,50 +939,49 @@ def _plot_metric_vs_batch(results: Mapping[str, Any], path: Path, interim: bool 
                 ax_d.annotate(str(evidence[b].get("verdict") or ""), (b, est), textcoords="offset points",
                               xytext=(-6, 4) if last else (6, 4), ha="right" if last else "left", fontsize="small")
         ax_d.axhline(0.0, color="gray", linewidth=0.8)
-        sel = _rec_dict(results).get("selection") or {}
+        sel = (rec.selection if rec is not None else None) or {}
         margin = finite_or_none(sel.get("tolerance")) if isinstance(sel, Mapping) else None
         if margin is not None:
             ax_d.axhline(-margin, color="tab:red", linestyle="--", label=f"non-inferiority margin -{margin:.3g}")
         _batch_axis(ax_d)
         ax_d.set(xlabel="effective batch size", ylabel=f"{label} difference (+ = better)",
-                 title=f"paired difference from the reference {_reference_of(results)}")
+                 title=f"paired difference from the reference {ref}")
         ax_d.legend(fontsize="small")
     return _save(fig, path)
 
 
-def _plot_throughput_memory(results: Mapping[str, Any], path: Path) -> Path | None:
-    rows = [t for t in _rows_source(results) if t.get("samples_per_s") or t.get("peak_memory_bytes")]
-    evidence = _evidence_of(results)
+def _plot_throughput_memory(measured: Measurements, rec: Recommendation | None, path: Path) -> Path | None:
+    rows = [t for t in _rows_source(measured) if t.samples_per_s or t.peak_memory_bytes]
+    evidence = _evidence_of(rec)
     if not rows and not evidence:
         return None
     fig, (ax_t, ax_m) = _figure(2)
-    every = [t for t in results.get("trials") or [] if t.get("status") == "ok" and t.get("samples_per_s")]
+    every = [t for t in measured.trials if t.status == "ok" and t.samples_per_s]
     if every:
-        ax_t.plot([t["batch_size"] for t in every], [t["samples_per_s"] for t in every], ".", color="gray",
+        ax_t.plot([t.batch_size for t in every], [t.samples_per_s for t in every], ".", color="gray",
                   alpha=0.5, label="each trial")
     if evidence:  # samples/s = B / (fitted seconds per step), its interval from the fit's (as the table's)
         bs = sorted(evidence)
         _errorbar(ax_t, bs, [_samples_per_s(b, evidence[b]) for b in bs], "pooled fit")
     elif rows:
-        ax_t.plot([t["batch_size"] for t in rows], [t.get("samples_per_s") or math.nan for t in rows], marker="o")
+        ax_t.plot([t.batch_size for t in rows], [t.samples_per_s or math.nan for t in rows], marker="o")
     ax_t.set(xlabel="effective batch size", ylabel="samples/s", title="throughput")
     if ax_t.get_legend_handles_labels()[0]:
         ax_t.legend(fontsize="small")
-    mem = [(t.get("peak_memory_bytes") or math.nan) / 2**20 for t in rows]
-    ax_m.plot([t["batch_size"] for t in rows], mem, marker="o", color="tab:red")
+    mem = [(t.peak_memory_bytes or math.nan) / 2**20 for t in rows]
+    ax_m.plot([t.batch_size for t in rows], mem, marker="o", color="tab:red")
     ax_m.set(xlabel="effective batch size", ylabel="peak memory (MiB)", title="peak memory")
     for ax in (ax_t, ax_m):
         _batch_axis(ax)
     return _save(fig, path)
 
 
-def _plot_steps_to_target(results: Mapping[str, Any], path: Path) -> Path | None:
-    crit = results.get("critical_batch_size") or {}
+def _plot_steps_to_target(measured: Measurements, rec: Recommendation | None, path: Path) -> Path | None:
+    crit = measured.sweep.critical_batch_size or {}
     points = crit.get("points") or [
-        [t["batch_size"], t["steps_to_target"]] for t in _rows_source(results)
-        if isinstance(t.get("steps_to_target"), (int, float))
+        [t.batch_size, t.steps_to_target] for t in _rows_source(measured) if isinstance(t.steps_to_target, (int, float))
     ]
-    evidence = {b: e for b, e in _evidence_of(results).items() if e.get("steps_to_target")}
+    evidence = {b: e for b, e in _evidence_of(rec).items() if e.get("steps_to_target")}
     if not points and not evidence:
         return None
     fig, (ax, ax_t) = _figure(2)
@@ -994,22 +1020,22 @@ def _plot_steps_to_target(results: Mapping[str, Any], path: Path) -> Path | None
     return _save(fig, path)
 
 
-def _plot_b_simple(results: Mapping[str, Any], path: Path) -> Path | None:
+def _plot_b_simple(measured: Measurements, rec: Recommendation | None, path: Path) -> Path | None:
     """Left: each batch size's running B_simple over its run, and the probe's value at initialisation. Right:
     B_simple against the training loss, pooled over every trial (95 % bootstrap over trials), with the value at the
     decision's target loss."""
-    trials = [t for t in _rows_source(results) if t.get("b_simple_history")]
-    probe = results.get("noise") or {}
+    trials = [t for t in _rows_source(measured) if t.b_simple_history]
+    probe = measured.noise or {}
     global_bs = probe.get("b_simple")
-    noise = _noise_of(results)
+    noise = _noise_of(measured, rec)
     curve = [(p, iv) for p in noise.get("against_loss") or [] if (iv := _positive_interval(p.get("b_simple")))]
     if not trials and not isinstance(global_bs, (int, float)) and not curve:
         return None
     fig, (ax, ax_l) = _figure(2)
     for t in trials:  # the running ratio of two noisy estimates can dip to zero or below: only positive values show
-        hist = [h for h in t["b_simple_history"] if isinstance(h.get("b_simple"), (int, float)) and h["b_simple"] > 0]
+        hist = [h for h in t.b_simple_history if isinstance(h.get("b_simple"), (int, float)) and h["b_simple"] > 0]
         xs = [h["epoch"] if h.get("epoch") is not None else h.get("step") for h in hist]
-        ax.plot(xs, [h["b_simple"] for h in hist], marker=".", label=f"B={t['batch_size']}")
+        ax.plot(xs, [h["b_simple"] for h in hist], marker=".", label=f"B={t.batch_size}")
     if isinstance(global_bs, (int, float)):
         when = "at initialisation" if not probe.get("train_steps") else f"after {probe['train_steps']} steps"
         ax.axhline(global_bs, color="gray", linestyle="--", label=f"noise probe {when}: {global_bs:.3g}")
@@ -1043,7 +1069,7 @@ def _plot_b_simple(results: Mapping[str, Any], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-_PLOTTERS: dict[str, Callable[[Mapping[str, Any], Path], Path | None]] = {
+_PLOTTERS: dict[str, Callable[[Measurements, Recommendation | None, Path], Path | None]] = {
     "val_curves": _plot_val_curves,
     "metric_vs_batch": _plot_metric_vs_batch,
     "throughput_memory": _plot_throughput_memory,
@@ -1052,15 +1078,17 @@ _PLOTTERS: dict[str, Callable[[Mapping[str, Any], Path], Path | None]] = {
 }
 
 
-def make_plots(results: Mapping[str, Any], out_dir: str | Path, *, interim: bool = False) -> dict[str, Path]:
+def make_plots(results: Any, out_dir: str | Path, *, interim: bool = False) -> dict[str, Path]:
     """Write each plot that has data as ``out_dir/<name>.png``; return name -> path. ``interim``: no batch size is
-    marked chosen."""
+    marked chosen. The decision drawn is the recommendation stored with the results."""
+    measured = _measured(results)
+    rec = _rec_of(measured)
     out = Path(out_dir)
     written = {}
     for name in PLOTS:
         target = out / f"{name}.png"
-        path = (_plot_metric_vs_batch(results, target, interim=interim) if name == "metric_vs_batch"
-                else _PLOTTERS[name](results, target))
+        path = (_plot_metric_vs_batch(measured, rec, target, interim=interim) if name == "metric_vs_batch"
+                else _PLOTTERS[name](measured, rec, target))
         if path is not None:
             written[name] = path
     return written
@@ -1090,14 +1118,15 @@ def _answer(rec: Recommendation | None, interim: bool) -> tuple[str | None, list
     return rec.headline(), reasons, holds, [str(f) for f in rec.flags]
 
 
-def cost_text(results: Mapping[str, Any]) -> str:
+def cost_text(results: Any) -> str:
     """``cost 0.84 runs (24,120 samples, 31 s) of the train budget epochs:20, cap 1`` from ``results["cost"]``
     (issue 18: every output states what the answer cost), or ``""``."""
     from batchfit.cost import Cost, cost_of
 
-    data = results.get("cost")
+    measured = _measured(results)
+    data = measured.source.get("cost")
     if not isinstance(data, Mapping):  # a report rebuilt from the store: the same sum over the stored stages
-        data = cost_of(results).to_dict()
+        data = cost_of(measured.to_dict()).to_dict()
     if not data.get("samples"):
         return ""
     return Cost.from_dict(data).line()
@@ -1141,56 +1170,58 @@ def _snippets(rec: Recommendation | None) -> dict[str, str]:
     return dict(recipe.get("snippets") or {})
 
 
-def _interim_of(results: Mapping[str, Any], recommendation: Any, interim: bool | None) -> bool:
-    return is_interim(results, recommendation) if interim is None else bool(interim or recommendation is None)
+def _interim_of(measured: Measurements, recommendation: Any, interim: bool | None) -> bool:
+    return is_interim(measured, recommendation) if interim is None else bool(interim or recommendation is None)
 
 
-def _study_view(results: Mapping[str, Any], interim: bool) -> Mapping[str, Any]:
-    """The results the study facts are written from: an interim report's without the recommendation (whose noise
-    sentence names the chosen configuration)."""
-    return dict(results, recommendation=None) if interim else results
+def _schedule_check(measured: Measurements) -> Mapping[str, Any] | None:
+    """``tune(batch_schedule_check=True)``'s result stored with the results (issue 14.4, batchfit.schedule_check)."""
+    check = measured.source.get("batch_schedule_check")
+    return check if isinstance(check, Mapping) else None
 
 
-def render_markdown(results: Mapping[str, Any], recommendation: Recommendation | None,
+def render_markdown(results: Any, recommendation: Recommendation | None,
                     plots: Mapping[str, Path], note: str | None = None, *, interim: bool | None = None) -> str:
     """report.md: the recommendation first (or, in an interim report, how many trials finished and no win), the
     trade-off table, what the data can tell apart, the recipe, the study's facts, the plots, then the details (every
     number with its interval per batch size, and every trial)."""
-    interim = _interim_of(results, recommendation, interim)
+    measured = _measured(results)
+    rec = _rec_of(measured, recommendation)  # the tables' decision: the given one, else the results'
+    interim = _interim_of(measured, recommendation, interim)
     shown = None if interim else recommendation
-    parts = [f"# batchfit report: {results.get('workload')}", ""]
+    parts = [f"# batchfit report: {measured.sweep.workload}", ""]
     head, reasons, holds, flags = _answer(recommendation, interim)
-    spent = cost_text(results)
+    spent = cost_text(measured)
     if head:
         parts += ["## Recommendation", "", f"**{head}**", ""] + [f"- {r}" for r in reasons] + [""]
         parts += ([holds, ""] if holds else []) + ([f"- Flag: {f}" for f in flags] + [""] if flags else [])
         parts += [f"This answer's {spent}.", ""] if spent else []
-    elif still_running(results) or recommendation is not None:
-        parts += ["## Interim report", "", interim_line(results), ""]
+    elif still_running(measured) or recommendation is not None:
+        parts += ["## Interim report", "", interim_line(measured), ""]
     else:
         parts += ["## Recommendation", "", f"No recommendation yet: {note or 'no finished trial'}.", ""]
-    header, body = tradeoff_table(results, recommendation, interim=interim)
+    header, body = tradeoff_table(measured, rec, interim=interim)
     parts += ["## The trade-off, per batch size", "", _md_table(header, body), ""]
-    parts += [f"- {line}" for line in tradeoff_notes(results, recommendation, interim=interim)] + [""]
+    parts += [f"- {line}" for line in tradeoff_notes(measured, rec, interim=interim)] + [""]
     if shown is not None:
         parts += ["## What the data can and cannot tell apart", ""]
         parts += [f"- {line}" for line in tell_apart_lines(shown)] + [""]
         for name, code in _snippets(shown).items():
             parts += [f"### Recipe: {name}", "", "```python", code, "```", ""]
-    if isinstance(results.get("batch_schedule_check"), Mapping):  # issue 14.4 (batchfit.schedule_check)
+    if (schedule := _schedule_check(measured)) is not None:  # issue 14.4 (batchfit.schedule_check)
         from batchfit.schedule_check import report_lines, report_tables
 
-        parts += ["## The batch size over training", ""] + [f"- {x}" for x in report_lines(
-            results["batch_schedule_check"])] + [""]
-        for title, head_, rows in report_tables(results["batch_schedule_check"]):
+        parts += ["## The batch size over training", ""] + [f"- {x}" for x in report_lines(schedule)] + [""]
+        for title, head_, rows in report_tables(schedule):
             parts += [f"### {title}", "", _md_table(head_, rows), ""]
-    parts += ["## Study", ""] + [f"- {line}" for line in _study_lines(_study_view(results, interim), shown)] + [""]
+    # an interim report's facts without the recommendation (whose noise sentence names the chosen configuration)
+    parts += ["## Study", ""] + [f"- {line}" for line in _study_facts(measured, shown)] + [""]
     if plots:
         parts += ["## Plots", ""]
     for name, path in plots.items():
         parts += [f"### {_TITLES[name]}", "", f"![{_TITLES[name]}]({Path(path).name})", ""]
-    d_header, d_body = summary_table(results, recommendation, interim=interim)
-    t_header, t_body = _trials_table(results)
+    d_header, d_body = summary_table(measured, rec, interim=interim)
+    t_header, t_body = _trials_table(measured)
     parts += ["## Details", "", f"### {_DETAILS_BATCH}", "", _md_table(d_header, d_body), "",
               f"### {_DETAILS_TRIALS}", "", _md_table(t_header, t_body), ""]
     return "\n".join(parts)
@@ -1245,50 +1276,52 @@ def _html_table(header: list[str], body: list[list[str]], pick: int | None = Non
     return "\n".join(out)
 
 
-def render_html(results: Mapping[str, Any], recommendation: Recommendation | None,
+def render_html(results: Any, recommendation: Recommendation | None,
                 plots: Mapping[str, Path], note: str | None = None, *, interim: bool | None = None) -> str:
     """A self-contained page (the plots embedded as base64 PNG data URIs), in report.md's order; the details tables
     are folded (``<details>``)."""
     e = html.escape
-    interim = _interim_of(results, recommendation, interim)
+    measured = _measured(results)
+    rec = _rec_of(measured, recommendation)  # the tables' decision: the given one, else the results'
+    interim = _interim_of(measured, recommendation, interim)
     shown = None if interim else recommendation
+    workload = e(str(measured.sweep.workload))
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             f"<title>batchfit report: {e(str(results.get('workload')))}</title>", f"<style>{_CSS}</style>",
-             "</head><body>", f"<h1>batchfit report: {e(str(results.get('workload')))}</h1>"]
+             f"<title>batchfit report: {workload}</title>", f"<style>{_CSS}</style>",
+             "</head><body>", f"<h1>batchfit report: {workload}</h1>"]
     head, reasons, holds, flags = _answer(recommendation, interim)
     if head:
         parts += ["<h2>Recommendation</h2>", '<div class="rec">', f"<p><strong>{e(head)}</strong></p>", "<ul>"]
         parts += [f"<li>{e(r)}</li>" for r in reasons] + ["</ul>"]
         parts += [f'<p class="holds">{e(holds)}</p>'] if holds else []
         parts += ['<ul class="flags">'] + [f"<li>Flag: {e(f)}</li>" for f in flags] + ["</ul>"] if flags else []
-        spent = cost_text(results)
+        spent = cost_text(measured)
         parts += [f'<p class="holds">This answer\'s {e(spent)}.</p>'] if spent else []
         parts.append("</div>")
-    elif still_running(results) or recommendation is not None:
-        parts += ["<h2>Interim report</h2>", f'<div class="interim"><p>{e(interim_line(results))}</p></div>']
+    elif still_running(measured) or recommendation is not None:
+        parts += ["<h2>Interim report</h2>", f'<div class="interim"><p>{e(interim_line(measured))}</p></div>']
     else:
         parts += ["<h2>Recommendation</h2>", f"<p>No recommendation yet: {e(note or 'no finished trial')}.</p>"]
-    header, body = tradeoff_table(results, recommendation, interim=interim)
+    header, body = tradeoff_table(measured, rec, interim=interim)
     parts += ["<h2>The trade-off, per batch size</h2>",
               _html_table(header, body, shown.batch_size if shown is not None else None, cls="tradeoff",
                           two_line=True),
               '<ul class="notes">']
-    parts += [f"<li>{e(line)}</li>" for line in tradeoff_notes(results, recommendation, interim=interim)]
+    parts += [f"<li>{e(line)}</li>" for line in tradeoff_notes(measured, rec, interim=interim)]
     parts.append("</ul>")
     if shown is not None:
         parts += ["<h2>What the data can and cannot tell apart</h2>", '<ul class="apart">']
         parts += [f"<li>{e(line)}</li>" for line in tell_apart_lines(shown)] + ["</ul>"]
         for name, code in _snippets(shown).items():
             parts += [f"<h3>Recipe: {e(name)}</h3>", f'<pre class="recipe">{e(code)}</pre>']
-    if isinstance(results.get("batch_schedule_check"), Mapping):  # issue 14.4 (batchfit.schedule_check)
+    if (schedule := _schedule_check(measured)) is not None:  # issue 14.4 (batchfit.schedule_check)
         from batchfit.schedule_check import report_lines, report_tables
 
-        parts += ["<h2>The batch size over training</h2>", "<ul>"] + [f"<li>{e(x)}</li>" for x in report_lines(
-            results["batch_schedule_check"])] + ["</ul>"]
-        for title, head_, rows in report_tables(results["batch_schedule_check"]):
+        parts += ["<h2>The batch size over training</h2>", "<ul>"] + [f"<li>{e(x)}</li>"
+                                                                     for x in report_lines(schedule)] + ["</ul>"]
+        for title, head_, rows in report_tables(schedule):
             parts += [f"<h3>{e(title)}</h3>", _html_table(head_, rows)]
-    parts += ["<h2>Study</h2>", "<ul>"] + [f"<li>{e(line)}</li>"
-                                         for line in _study_lines(_study_view(results, interim), shown)]
+    parts += ["<h2>Study</h2>", "<ul>"] + [f"<li>{e(line)}</li>" for line in _study_facts(measured, shown)]
     parts.append("</ul>")
     if plots:
         parts.append("<h2>Plots</h2>")
@@ -1296,8 +1329,8 @@ def render_html(results: Mapping[str, Any], recommendation: Recommendation | Non
         data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
         parts += [f"<h3>{e(_TITLES[name])}</h3>",
                   f'<img alt="{e(_TITLES[name])}" src="data:image/png;base64,{data}">']
-    d_header, d_body = summary_table(results, recommendation, interim=interim)
-    t_header, t_body = _trials_table(results)
+    d_header, d_body = summary_table(measured, rec, interim=interim)
+    t_header, t_body = _trials_table(measured)
     parts += ["<h2>Details</h2>",
               f'<details class="per-batch"><summary>{e(_DETAILS_BATCH)}</summary><div class="scroll">',
               _html_table(d_header, d_body), "</div></details>",
@@ -1365,7 +1398,7 @@ def check_results(results: Mapping[str, Any], source: str = "the results") -> No
             raise ConfigError(f"{source}: {name} must be an object or null, got {type(v).__name__}")
 
 
-def with_intervals(results: Mapping[str, Any], critical: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def with_intervals(results: Any, critical: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``results`` with B_crit's bootstrap interval over seeds added to ``critical_batch_size`` (new keys:
     ``interval``, ``s_min_interval``, ``support``, ``extrapolated``; the fitted values are kept as they are).
 
@@ -1373,15 +1406,16 @@ def with_intervals(results: Mapping[str, Any], critical: Mapping[str, Any] | Non
     estimator on the same trials), used as it is; without it the bootstrap runs here."""
     from batchfit.recommend import critical_interval
 
-    data = dict(results)
-    crit = data.get("critical_batch_size")
+    measured = _measured(results)
+    data = dict(results) if isinstance(results, Mapping) else measured.to_dict()
+    crit = measured.sweep.critical_batch_size
     if not (isinstance(crit, Mapping) and crit.get("b_crit") is not None):
         return data
     if isinstance(critical, Mapping) and isinstance(critical.get("b_crit"), Mapping) and critical.get("support"):
         b_crit, s_min, support = critical["b_crit"], critical.get("s_min"), list(critical["support"])
         failed = critical.get("failed_resamples")
     else:
-        boot = critical_interval(data)
+        boot = critical_interval(measured)
         if boot is None:
             return data
         b_crit, s_min, support, failed = (boot.b_crit.to_dict(), boot.s_min.to_dict(), list(boot.support),
@@ -1412,9 +1446,8 @@ def write_report(
     """
     if isinstance(results, Mapping):
         check_results(results)  # a hand-edited results.json: the malformed trial and key named before it is read
-    measured = Measurements.of(results)  # read typed once; the report's tables still read its results.json form
-    results = measured.to_dict()
-    check_results(results)
+    measured = Measurements.of(results)  # read typed once
+    check_results(measured.to_dict())
     out = Path(out_dir)
     note = None
     if recommendation is None:
@@ -1423,22 +1456,22 @@ def write_report(
         except BatchfitError as exc:
             note = str(exc)
     # the decision's B_crit interval when there is one: the bootstrap is not run a second time (after every trial)
-    data = with_intervals(results, recommendation.critical_batch if recommendation is not None else None)
+    data = with_intervals(measured, recommendation.critical_batch if recommendation is not None else None)
     data["recommendation"] = recommendation.to_dict() if recommendation is not None else None
     if recommendation is not None:  # the margin it was made with, stored with the results
         data["tolerance"] = recommendation.tolerance
     paths: dict[str, Any] = {"results": write_json(out / "results.json", data)}
-    interim = _interim_of(data, recommendation, interim)
-    written = make_plots(data, out, interim=interim) if plots else {}
-    if plots and isinstance(data.get("batch_schedule_check"), Mapping):  # issue 14.4 (batchfit.schedule_check)
+    shown = Measurements.of(data)  # what the report shows: the results as written, typed
+    interim = _interim_of(shown, recommendation, interim)
+    written = make_plots(shown, out, interim=interim) if plots else {}
+    if plots and (schedule := _schedule_check(shown)) is not None:  # issue 14.4 (batchfit.schedule_check)
         from batchfit.schedule_check import plot as schedule_plot
 
-        written.update(schedule_plot(data["batch_schedule_check"], out))
-    results = data
+        written.update(schedule_plot(schedule, out))
     paths["plots"] = written
-    paths["markdown"] = _write_text(out / "report.md", render_markdown(results, recommendation, written, note,
+    paths["markdown"] = _write_text(out / "report.md", render_markdown(shown, recommendation, written, note,
                                                                        interim=interim))
-    paths["html"] = _write_text(out / "report.html", render_html(results, recommendation, written, note,
+    paths["html"] = _write_text(out / "report.html", render_html(shown, recommendation, written, note,
                                                                  interim=interim))
     paths["recommendation"] = recommendation
     paths["interim"] = interim

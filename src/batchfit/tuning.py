@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchfit.cost import measure
+from batchfit.decide import LRCheck
 from batchfit.errors import BatchfitError, ConfigError, NoisyEstimateWarning, WorkloadError
 from batchfit.progress import ProgressEvent, ProgressFn, emit
 
@@ -101,41 +102,6 @@ MAX_SEEDS = 64
 
 # ---------------------------------------------------------------------------------------------------------------
 # Typed results
-
-
-@dataclass
-class LRCheck:
-    """The LR check: short runs at ``base_lr x multiplier`` at the base batch (``lr.json``, ``"lr_calibration"``)."""
-
-    batch_size: int
-    steps: int
-    metric: str
-    base_lr: float
-    runs: list[dict[str, Any]]
-    best_multiplier: float = 1.0
-    lr: float = 0.0
-    kept_base: bool = True
-    intervals: dict[str, Any] = field(default_factory=dict)  # multiplier -> its score's interval (Interval dict)
-    decision: str = ""  # what was decided and whether it was beyond the noise
-    # the capped check's race: [{"steps", "multipliers"}] per rung; its last rung's share of the train budget; the
-    # LR best at that horizon and the factor that carries it to the train budget (LR_HORIZON_EXPONENT)
-    rungs: list[dict[str, Any]] = field(default_factory=list)
-    horizon_fraction: float | None = None
-    horizon_factor: float = 1.0
-    lr_at_check_horizon: float | None = None
-    lr_interval: list[float] | None = None  # [low, high]: the LRs tied with the best, at the chosen LR's horizon
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        out["runs"] = [dict(r) for r in self.runs]
-        return {**self.extra, **out}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LRCheck:
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in data.items() if k in names},
-                   extra={k: v for k, v in data.items() if k not in names})
 
 
 @dataclass

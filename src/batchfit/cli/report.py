@@ -75,36 +75,37 @@ def load_any(store: str, study_name: str | None = None) -> dict[str, Any]:
     return Measurements.of(load_results(store, study_name=study_name)).to_dict()  # the typed result's JSON form
 
 
-def print_summary(args: argparse.Namespace, results: dict[str, Any], rec: Any) -> None:
+def print_summary(args: argparse.Namespace, results: Any, rec: Any) -> None:
     """The trade-off table (one row per batch size, each number with its 95 % interval, and the verdict against
     the reference), then the recommendation with its reasons and flags; with ``-q`` only the one-line
     recommendation."""
     from rich import box
     from rich.table import Table
 
-    from batchfit.report import interim_line, still_running, tradeoff_table
+    from batchfit.recommend import Measurements
+    from batchfit.report import cost_text, interim_line, still_running, tradeoff_table
 
+    measured = Measurements.of(results)  # read typed once; the report's functions take it as it is
+    sweep = measured.sweep
     # a study still running (a store read mid-sweep) gets the interim report's words: no recommendation yet
-    interim = rec is None or still_running(results)
-    from batchfit.report import cost_text
-
-    cost = cost_text(results)
+    interim = rec is None or still_running(measured)
+    cost = cost_text(measured)
     if getattr(args, "quiet", False):
         line = (f"Recommendation: {rec.headline()}" if not interim else
-                interim_line(results).split(". ")[0] + "." if rec is not None else
+                interim_line(measured).split(". ")[0] + "." if rec is not None else
                 "No recommendation: no trial finished.")
         sys.stderr.write(line + (f" [{cost}]" if cost else "") + "\n")
         return
     con = c.console(args)
-    full_header, body = tradeoff_table(results, rec, interim=interim)
+    full_header, body = tradeoff_table(measured, rec, interim=interim)
     # the report's trade-off table (one row per batch size, each number with its 95 % interval), with short headers
     # so it fits a terminal; report.md has every number of every trial
     ref = next((row[0] for row in body if row[4] == "reference"), None)
-    quality = "train loss" if results.get("primary_metric") == "train_loss" else "val"
+    quality = "train loss" if sweep.primary_metric == "train_loss" else "val"
     header = ["batch", "memory (micro×acc)", "samples/s", "B/B_simple",
               f"{quality} vs {ref} (+ better)" if ref else full_header[4], "steps→tgt", "s→tgt", "verdict"]
-    table = Table(title=f"batchfit: {results.get('workload')} — the batch-size trade-off, measured "
-                        f"(ranked on {results.get('primary_metric')}; 95 % intervals in brackets)",
+    table = Table(title=f"batchfit: {sweep.workload} — the batch-size trade-off, measured "
+                        f"(ranked on {sweep.primary_metric}; 95 % intervals in brackets)",
                   title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     for h in header:
         table.add_column(h, justify="right", no_wrap=True)
@@ -113,7 +114,7 @@ def print_summary(args: argparse.Namespace, results: dict[str, Any], rec: Any) -
         table.add_row(*row, style=style)
     con.print(table)
     if rec is not None and interim:
-        con.print(f"[yellow]{interim_line(results)}[/]", highlight=False)
+        con.print(f"[yellow]{interim_line(measured)}[/]", highlight=False)
     elif rec is not None:
         con.print(f"[bold]Recommendation:[/] {rec.headline()}", highlight=False)
         if cost:
@@ -123,9 +124,9 @@ def print_summary(args: argparse.Namespace, results: dict[str, Any], rec: Any) -
         for f in rec.flags:
             con.print(f"  [yellow]Flag:[/] {f}", highlight=False)
     else:
-        what = "training-loss" if results.get("primary_metric") == "train_loss" else "validation"
+        what = "training-loss" if sweep.primary_metric == "train_loss" else "validation"
         con.print(f"[yellow]No recommendation: no trial has finished with a {what} result yet.[/]")
-    report = results.get("report") or {}
+    report = measured.source.get("report") or {}  # where the report was written, stored beside the results
     if report.get("html"):
         con.print(f"Report: {report['html']} (also {report.get('markdown')}, {report.get('results')})")
 
