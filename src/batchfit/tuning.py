@@ -43,15 +43,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchfit.cost import measure
-from batchfit.decide import LRCheck
 from batchfit.errors import BatchfitError, ConfigError, NoisyEstimateWarning, WorkloadError
 from batchfit.progress import ProgressEvent, ProgressFn, emit
 
 if TYPE_CHECKING:  # the CLI imports this module to build its parser: keep torch out of that path
-    from batchfit.decide import PrecisionCheck, PrecisionRun
+    from batchfit.decide import LRCheck, PrecisionCheck, PrecisionRun
     from batchfit.recommend import Recommendation
     from batchfit.study import SweepResult
     from batchfit.workload import Workload
+
+def _lr_check_type() -> type:
+    """:class:`batchfit.decide.LRCheck`, imported when first used (decide pulls in numpy and the study)."""
+    from batchfit.decide import LRCheck
+
+    return LRCheck
+
+
+def __getattr__(name: str) -> Any:  # ``batchfit.tuning.LRCheck``, where the class lived before decide.py
+    if name == "LRCheck":
+        return _lr_check_type()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_BUDGET",
@@ -175,7 +187,7 @@ class TuneResult:
         form = data.get("batch_form")
         return cls(
             sweep={k: v for k, v in data.items() if k not in own}, find=data.get("find"), noise=data.get("noise"),
-            lr_check=LRCheck.from_dict(cal) if isinstance(cal, Mapping) else None,
+            lr_check=_lr_check_type().from_dict(cal) if isinstance(cal, Mapping) else None,
             precision_check=PrecisionCheck.from_dict(check) if isinstance(check, Mapping) else None,
             step_time=data.get("step_time"),
             recommendation=Recommendation.from_dict(rec) if isinstance(rec, Mapping) else None,
@@ -733,7 +745,7 @@ def _calibrate_lr(workload: Workload, run: _Run, *, budget: Any, multipliers: Se
                   **({"short_clamp": LR_SHORT_CHECK_MAX_MOVE} if short and not s1 else {}))
     cached = _cached(run.out, "lr", key)
     if cached is not None:
-        check = LRCheck.from_dict(cached)
+        check = _lr_check_type().from_dict(cached)
         run.emit("lr_check", "end", f"resumed: base LR x{check.best_multiplier:g} = {check.lr:.3g}", resumed=True)
         return check
     partial = _cached(run.out, "lr", key, partial=True) or {}
@@ -762,7 +774,7 @@ class _LRRace:
         self.wl, self.run, self.metric, self.batch, self.tolerance, self.key = (workload, run, metric, batch,
                                                                                 tolerance, key)
         self.max_samples, self.done = max_samples, done
-        self.check = LRCheck(batch_size=batch, steps=0, metric=metric.name, base_lr=workload.base_lr, runs=[])
+        self.check = _lr_check_type()(batch_size=batch, steps=0, metric=metric.name, base_lr=workload.base_lr, runs=[])
 
     def spent(self) -> int:
         return sum(int(r.get("samples") or 0) for r in self.check.runs)
