@@ -97,6 +97,7 @@ def judge(grid: dict[str, Any], tol: float, higher: bool = True) -> dict[str, An
     return {"best": grid["best"], "non_inferior": ok,
             "best_lr_by_batch": {b: fitted_best_lr(grid, b, higher) for b in sorted(per)},
             "argmax_lr_by_batch": {b: per[b]["lr"] for b in sorted(per)},
+            "tied_lr_range_by_batch": {b: tied_lr_range(grid, b, tol, higher) for b in sorted(per)},
             "quality_by_batch": {b: per[b]["quality_mean"] for b in sorted(per)}}
 
 
@@ -109,6 +110,33 @@ def _lr_factors(t: dict[str, Any], verdict: dict[str, Any]) -> None:
                        ("lr_factor_from_reference_argmax", "argmax_lr_by_batch")):
         ref = verdict[table].get(b, verdict[table].get(str(b)))
         t[key] = None if ref is None else max(lr / ref, ref / lr)
+
+
+def tied_lr_range(grid: dict[str, Any], batch: int, tol: float, higher: bool = True) -> list[float] | None:
+    """``[low, high]``: the LRs at ``batch`` whose seed mean lies within ``tol`` (relative) of that batch's best
+    seed mean. Where the LR response is flat (demo:digits-mlp: x2 ... x16 of the rule within 1 %), "the best LR" is
+    any of them and a factor from one of them says little; this range is what the reference can tell apart."""
+    pts = [(c["lr"], c["quality_mean"]) for c in grid["configs"] if int(c["batch_size"]) == batch]
+    if not pts:
+        return None
+    best = max(q for _, q in pts) if higher else min(q for _, q in pts)
+    ok = [lr for lr, q in pts if (q >= best * (1 - tol) if higher else q <= best * (1 + tol))]
+    return [min(ok), max(ok)]
+
+
+def _rejudge(t: dict[str, Any], verdict: dict[str, Any], tol: float) -> None:
+    """A stored tune judged again against ``verdict`` (a widened reference moves its best): the gap, whether its
+    batch is non-inferior, and whether its LR lies in the reference's tied LR range at that batch."""
+    b, lr = t.get("batch_size"), t.get("lr")
+    q = (t.get("quality") or {}).get("quality_mean")
+    if not b or not lr or q is None:
+        return
+    best = verdict["best"]["quality"]
+    t["relative_gap_to_best"] = (best - q) / abs(best)
+    t["batch_non_inferior"] = b in verdict["non_inferior"]
+    rng = verdict["tied_lr_range_by_batch"].get(b, verdict["tied_lr_range_by_batch"].get(str(b)))
+    t["reference_tied_lr_range"] = rng
+    t["lr_in_tied_range"] = rng is not None and rng[0] <= lr <= rng[1]
 
 
 def one_tune(spec: str, options: dict[str, Any], budget: str, cap: float, seed: int, out: Path) -> dict[str, Any]:
@@ -200,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         if verdict is not None:  # every tune judged against this verdict (a rerun re-judges the stored tunes)
             for t in [*tunes, *([out["loaded"]] if "loaded" in out else [])]:
                 _lr_factors(t, verdict)
+                _rejudge(t, verdict, args.tolerance)
         by_cap: dict[str, Any] = {}
         for cap in sorted({t["cap"] for t in tunes}):
             ts = [t for t in tunes if t["cap"] == cap and t["batch_size"]]
@@ -215,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                 "worst_lr_factor": max((t.get("lr_factor_from_reference") or float("inf")) for t in ts),
                 "worst_lr_factor_argmax": max((t.get("lr_factor_from_reference_argmax") or float("inf"))
                                               for t in ts),
+                "all_lr_tied": all(t.get("lr_in_tied_range") for t in ts),
                 "batch_within_x2": all(med / 2 <= b <= med * 2 for b in bs)}
         out["summary"] = by_cap
         write_json(args.out, report)
