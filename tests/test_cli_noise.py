@@ -73,8 +73,10 @@ BAD = [
     (["noise", "-b", "16", "-m", "32"], ">= 2 micro-batches per batch"),
     (["noise", "-b", "1"], "at least 2 samples"),
     (["noise", "-b", "5000"], "larger than the training set"),
-    (["noise", "--rel-ci", "0"], "must be a positive number"),
-    (["noise", "--rel-ci", "1.5"], "not a fraction below 1"),
+    (["noise", "--rel-ci", "0"], "--rel-ci: must be a number in (0, 1), got 0.0; give e.g. 0.1 for ±10 %"),
+    (["noise", "--rel-ci", "1.5"], "--rel-ci: must be a number in (0, 1), got 1.5"),
+    (["noise", "--rel-ci", "nan"], "--rel-ci: must be a finite number"),
+    (["noise", "--rel-ci", "ten"], "--rel-ci: 'ten' is not a number; give a fraction below 1"),
     (["noise", "--steps", "0"], "must be a positive integer"),
     (["noise", "--train-steps", "-1"], "must be an integer >= 0"),
     (["noise", "--lr", "0.1"], "give --train-steps > 0"),  # the CLI names its flags

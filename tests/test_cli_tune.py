@@ -45,6 +45,10 @@ def _one_line_error(capsys: pytest.CaptureFixture[str], command: str) -> str:
         (["--memory-budget", "lots"], "memory"),
         (["--no-find", "--memory-budget", "1MiB"], "--no-find skips it"),
         (["--seeds", "0"], "seeds"),
+        (["--max-cost", "0"], "--max-cost: must be a positive number, got 0.0; give runs of the train budget"),
+        (["--max-cost", "inf"], "--max-cost: must be a finite number, got inf"),
+        (["--max-cost", "lots"], "--max-cost: 'lots' is not a number; give runs of the train budget (e.g. 1.0), "
+                                 "auto or none"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv: list[str], fragment: str, tmp_path: Path,
@@ -52,6 +56,13 @@ def test_bad_input_is_one_line_and_exit_2(argv: list[str], fragment: str, tmp_pa
     assert _rc(["tune", "--out", str(tmp_path / "out"), *argv]) == 2
     assert fragment in _one_line_error(capsys, "tune")
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_max_cost_is_auto_none_or_runs_of_the_train_budget() -> None:
+    from batchfit.cli.tune import max_cost_value
+
+    assert max_cost_value("auto") == "auto" and max_cost_value(" None ") is None
+    assert max_cost_value("0.5") == 0.5 and max_cost_value("2") == 2.0
 
 
 def test_out_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -200,18 +200,23 @@ _torchrun = ranks.torchrun
 @pytest.mark.slow
 def test_torchrun_cli_train_matches_single_process(tmp_path: Path) -> None:
     common = ["train", "-w", "demo:digits-mlp", "-b", "64", "-m", "16", "--epochs", "1"]
-    proc = _torchrun([*common, "--json", "ddp.json"], tmp_path)
+    # the two torchrun jobs and the single process are independent: started together (ranks.torchrun_start)
+    jobs = [ranks.torchrun_start([*common, "--json", "ddp.json"], tmp_path),
+            ranks.torchrun_start(["train", "-w", "demo:digits-mlp", "-b", "33", "--steps", "1", "-q"], tmp_path)]
+    try:
+        single_rc = main([*common, "-q", "--json", str(tmp_path / "one.json")])
+    finally:
+        proc, bad = ranks.finish_all(jobs)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.count("batchfit train: digits-mlp") == 1  # only rank 0 prints
     ddp = json.loads((tmp_path / "ddp.json").read_text())
     assert (ddp["world_size"], ddp["batch_size"], ddp["micro_batch_size"], ddp["accumulation_steps"]) == \
         (2, 64, 16, 2)
-    assert main([*common, "-q", "--json", str(tmp_path / "one.json")]) == 0
+    assert single_rc == 0
     one = json.loads((tmp_path / "one.json").read_text())
     assert one["world_size"] == 1 and one["accumulation_steps"] == 4 and ddp["lr"] == one["lr"]
     assert ddp["steps"] == one["steps"] and ddp["samples"] == one["samples"]
     assert ddp["history"][-1]["val_loss"] == pytest.approx(one["history"][-1]["val_loss"], rel=1e-5)
-    bad = _torchrun(["train", "-w", "demo:digits-mlp", "-b", "33", "--steps", "1", "-q"], tmp_path)
     assert bad.returncode != 0 and "does not split evenly over 2 ranks" in bad.stderr
 
 
@@ -220,16 +225,7 @@ def test_torchrun_cli_train_matches_single_process(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_torchrun_sweep_stops_on_a_rank_0_error_or_a_followers_failure_without_a_hang(tmp_path: Path) -> None:
-    # rank 0's own check fails before any work: it prints one line, the follower leaves silently with its code
-    t0 = time.monotonic()
-    bad = _torchrun(["sweep", "-w", "demo:digits-mlp", "-b", "33,64", "--budget", "steps:2", "--out", "o1", "-q"],
-                    tmp_path)
-    assert bad.returncode != 0 and time.monotonic() - t0 < 60
-    errors = [ln for ln in bad.stderr.splitlines() if ": error:" in ln]
-    assert errors == ["batchfit sweep (rank 0): error: batch size(s) 33 do not split evenly over 2 ranks; give "
-                      "multiples of 2"]
-    # a trial that fails on the follower only (mid-run) ends the job with that rank's one line, not a hang; the
-    # trials done before it are kept in the store
+    # two independent jobs, started together (ranks.torchrun_start), each timed from the start
     (tmp_path / "wl_late.py").write_text(
         "import os\n"
         "from batchfit.demos import digits_mlp\n"
@@ -246,9 +242,19 @@ def test_torchrun_sweep_stops_on_a_rank_0_error_or_a_followers_failure_without_a
         "    wl.forward = forward\n"
         "    return wl\n")
     t0 = time.monotonic()
-    late = _torchrun(["sweep", "-w", "wl_late.py:make", "-b", "32,64", "--budget", "steps:6", "--no-noise",
-                      "--micro-batch-size", "64", "--out", "o2", "-q"], tmp_path)  # rank 1 fails at batch 64 only
-    assert late.returncode != 0 and time.monotonic() - t0 < 90
+    bad, late = ranks.finish_all([
+        ranks.torchrun_start(["sweep", "-w", "demo:digits-mlp", "-b", "33,64", "--budget", "steps:2", "--out", "o1",
+                              "-q"], tmp_path),
+        ranks.torchrun_start(["sweep", "-w", "wl_late.py:make", "-b", "32,64", "--budget", "steps:6", "--no-noise",
+                              "--micro-batch-size", "64", "--out", "o2", "-q"], tmp_path)])  # rank 1 fails at 64 only
+    # rank 0's own check fails before any work: it prints one line, the follower leaves silently with its code
+    assert bad.returncode != 0 and bad.ended - t0 < 60
+    errors = [ln for ln in bad.stderr.splitlines() if ": error:" in ln]
+    assert errors == ["batchfit sweep (rank 0): error: batch size(s) 33 do not split evenly over 2 ranks; give "
+                      "multiples of 2"]
+    # a trial that fails on the follower only (mid-run) ends the job with that rank's one line, not a hang; the
+    # trials done before it are kept in the store
+    assert late.returncode != 0 and late.ended - t0 < 90
     lines = [ln for ln in late.stderr.splitlines() if "boom on rank 1" in ln]
     assert lines and lines[0].startswith("batchfit sweep (rank 1): error:") and "Traceback" not in lines[0]
     from batchfit.study import load_results

@@ -1,13 +1,21 @@
 """The four reference projects in examples/: each runs `batchfit find` (in-process) and a small-budget `batchfit tune`
 (the installed script, a fresh process) through the CLI, from a working directory that is not the example's folder
-(the workload file's folder must be importable)."""
+(the workload file's folder must be importable).
+
+The tunes are independent of the finds (--no-find) and start in the background when the first example test runs,
+two at a time, each in its own folder: while one test's find runs here, the tunes use the machine's other core
+(one after the other they took most of this file's minute on two cores).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -30,10 +38,35 @@ def _batchfit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def _tune(name: str, options: list[str], sizes: str, cwd: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    """tune runs noise -> sweep -> report -> recommendation on a small budget (the `batchfit` script, in ``cwd``)."""
+    opts = [x for o in options for x in ("-O", o)]
+    return _batchfit("tune", "-w", f"{EXAMPLES / name / 'workload.py'}:make", *opts, "-b", sizes, "--budget",
+                     "steps:4", "--seeds", "1", "--no-find", "--noise-steps", "2", "--no-precision-check",
+                     "--no-lr-calibration", "--eval-every", "2", "--out", "out", "--json", "tune.json", "-q",
+                     cwd=cwd), cwd
+
+
+@pytest.fixture(scope="module")
+def tunes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future]]:
+    """Every selected example's tune, started in the background (two at a time, in the order of the tests):
+    ``{name: future of its CompletedProcess and folder}``; an example whose framework is missing is not started."""
+    selected = {item.callspec.params["name"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_example_find_and_tune"}
+    pool = ThreadPoolExecutor(max_workers=2)
+    started = {}
+    for name, options, sizes, needs in CASES:
+        if name in selected and (needs is None or importlib.util.find_spec(needs) is not None):
+            cwd = tmp_path_factory.mktemp(f"tune-{name}")
+            started[name] = pool.submit(_tune, name, options, sizes, cwd)
+    yield started
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 @pytest.mark.parametrize(("name", "options", "sizes", "needs"), CASES, ids=[c[0] for c in CASES])
 def test_example_find_and_tune(name: str, options: list[str], sizes: str, needs: str | None,
                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+                               capsys: pytest.CaptureFixture[str], tunes: dict[str, Future]) -> None:
     from batchfit.cli import main
 
     if needs is not None:
@@ -44,7 +77,8 @@ def test_example_find_and_tune(name: str, options: list[str], sizes: str, needs:
     spec = f"{glue}:make"
     opts = [x for o in options for x in ("-O", o)]
 
-    # find runs in this process (one interpreter start less per example); tune below runs the `batchfit` script
+    # find runs in this process (one interpreter start less per example); tune runs the `batchfit` script, started
+    # by the fixture
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("BATCHFIT_EXAMPLE_DATA", str(tmp_path / "data"))
     monkeypatch.setattr(sys, "path", list(sys.path))  # the loader puts the example's folder first: undone after
@@ -54,14 +88,11 @@ def test_example_find_and_tune(name: str, options: list[str], sizes: str, needs:
     fit = json.loads((tmp_path / "find.json").read_text())
     assert 1 <= fit["recommended_batch_size"] <= fit["max_batch_size"] <= 64
 
-    # the finder ran just above: tune runs noise -> sweep -> report -> recommendation on a small budget
-    tuned = _batchfit("tune", "-w", spec, *opts, "-b", sizes, "--budget", "steps:4", "--seeds", "1", "--no-find",
-                      "--noise-steps", "2", "--no-precision-check", "--no-lr-calibration", "--eval-every", "2",
-                      "--out", "out", "--json", "tune.json", "-q", cwd=tmp_path)
+    tuned, folder = tunes[name].result()  # noise -> sweep -> report -> recommendation on a small budget
     assert tuned.returncode == 0, tuned.stderr[-2000:]
-    result = json.loads((tmp_path / "tune.json").read_text())
+    result = json.loads((folder / "tune.json").read_text())
     assert result["recommendation"], "tune ended without a recommendation"
-    assert (tmp_path / "out" / "report.html").is_file()
+    assert (folder / "out" / "report.html").is_file()
 
 
 def _sections(text: str) -> dict[str, str]:

@@ -173,7 +173,7 @@ def _fsdp_oom(rank: int) -> dict[str, Any]:
     budgeted = find_batch_size(_seq_workload(), memory_budget=300_000, parallel="fsdp", throughput=False,
                                batch_size_cap=8).to_dict()
     # the same, by hand: one guarded step at batch 32 fails on rank 1 mid-backward, every rank backs off, the model
-    # is put back in a legal state, and the same model and optimizer train 100 more steps
+    # is put back in a legal state, and the same model and optimizer train 40 more steps
     wl = _inject_workload()
     keeper = sharding.ShardedKeeper(wl, torch.device("cpu"), 0)
     model = keeper.get()
@@ -195,7 +195,7 @@ def _fsdp_oom(rank: int) -> dict[str, Any]:
     error = None if attempt.ok else str(attempt.oom)
     keeper.recover(model)
     lo, hi = rank * 4, rank * 4 + 4  # each rank its own 4 rows of every batch of 8
-    losses = [step(slice(lo + 8 * (i % 30), hi + 8 * (i % 30))) for i in range(100)]
+    losses = [step(slice(lo + 8 * (i % 30), hi + 8 * (i % 30))) for i in range(40)]
     guard.active = False
     full = [p.full_tensor().detach().clone() for p in model.parameters()]
     keeper.close()
@@ -223,10 +223,10 @@ def test_fsdp_finder_one_rank_oom_mid_backward_all_back_off(tmp_path: Path) -> N
         [{k: v for k, v in p.items() if k != "seconds"} for p in b1["probes"]]
     over = [p for p in b0["probes"] if not p["ok"]]
     assert over and all(p["error"].startswith("rank 1:") for p in over)
-    # the hand-made step: both ranks backed off (rank 0 because of rank 1), then trained 100 steps
+    # the hand-made step: both ranks backed off (rank 0 because of rank 1), then trained 40 steps
     assert "injected" in r1["error"] and "every rank backs off" in r0["error"]
     for r in (r0, r1):
-        assert len(r["losses"]) == 100 and all(torch.isfinite(torch.tensor(r["losses"])))
+        assert len(r["losses"]) == 40 and all(torch.isfinite(torch.tensor(r["losses"])))
         assert sum(r["losses"][-10:]) < sum(r["losses"][:10])
     for a, b in zip(r0["params"], r1["params"], strict=True):
         torch.testing.assert_close(a, b)
@@ -301,8 +301,12 @@ _LM_OPTS = ["-w", "demo:tiny-lm", "-O", "num_sequences=256", "-O", "seq_len=16",
 
 @pytest.mark.slow
 def test_torchrun_cli_find_and_train_fsdp(tmp_path: Path) -> None:
-    proc = _torchrun(["find", *_LM_OPTS, "--parallel", "fsdp", "--device", "cpu", "--memory-budget", "4MiB",
-                      "--no-throughput", "--json", "find.json"], tmp_path)
+    # find and train are independent jobs: started together (see ranks.torchrun_start)
+    proc, trained_proc = ranks.finish_all([
+        ranks.torchrun_start(["find", *_LM_OPTS, "--parallel", "fsdp", "--device", "cpu", "--memory-budget", "4MiB",
+                              "--no-throughput", "--json", "find.json"], tmp_path),
+        ranks.torchrun_start(["train", *_LM_OPTS, "--parallel", "fsdp", "-b", "16", "-m", "4", "--steps", "5", "-q",
+                              "--json", "train.json"], tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = json.loads((tmp_path / "find.json").read_text())
     assert found["status"] == "ok" and found["world_size"] == 2 and found["parallel"] == "fsdp"
@@ -311,8 +315,7 @@ def test_torchrun_cli_find_and_train_fsdp(tmp_path: Path) -> None:
     out = proc.stderr + proc.stdout
     assert out.count("batchfit find: tiny-lm on cpu") == 1  # only rank 0 prints
     assert "largest gathered unit" in out and "x world 2" in out
-    proc = _torchrun(["train", *_LM_OPTS, "--parallel", "fsdp", "-b", "16", "-m", "4", "--steps", "5", "-q",
-                      "--json", "train.json"], tmp_path)
+    proc = trained_proc
     assert proc.returncode == 0, proc.stderr[-3000:]
     trained = json.loads((tmp_path / "train.json").read_text())
     assert (trained["world_size"], trained["batch_size"], trained["accumulation_steps"], trained["parallel"]) == \
@@ -343,11 +346,14 @@ def test_torchrun_cli_find_and_train_fsdp(tmp_path: Path) -> None:
 # -- 4. sweep and tune under sharding: rank 0 decides, every rank trains ------------------------------------------
 
 
+SWEEP_STEPS = 8  # per trial, each evaluated: enough steps for the losses to part if sharding changed them
+
+
 def _fsdp_sweep(rank: int, out: str) -> dict[str, Any]:
     from batchfit.study import sweep
 
-    res = sweep(_lm(), batch_sizes=[16, 32], budget="steps:20", eval_every=1, micro_batch_limit=4, out_dir=out,
-                parallel="fsdp")
+    res = sweep(_lm(), batch_sizes=[16, 32], budget=f"steps:{SWEEP_STEPS}", eval_every=1, micro_batch_limit=4,
+                out_dir=out, parallel="fsdp")
     return res.to_dict()
 
 
@@ -359,14 +365,14 @@ def _histories(results: dict[str, Any]) -> dict[int, list[float]]:
 def test_fsdp_sweep_equals_single_process_and_every_rank_gets_rank_0s_result(tmp_path: Path) -> None:
     from batchfit.study import sweep
 
-    single = sweep(_lm(), batch_sizes=[16, 32], budget="steps:20", eval_every=1, micro_batch_limit=4,
+    single = sweep(_lm(), batch_sizes=[16, 32], budget=f"steps:{SWEEP_STEPS}", eval_every=1, micro_batch_limit=4,
                    out_dir=tmp_path / "one").to_dict()
     got = _spawn("_fsdp_sweep", tmp_path, str(tmp_path / "two"))
     assert got[0] == got[1]  # the follower returns what rank 0 decided, not a result of its own
     sharded = got[0]
     assert sharded["world_size"] == 2 and sharded["parallel"] == "fsdp" and sharded["status"] == "complete"
-    for batch, losses in _histories(single).items():  # 20 steps in float32, 2 sharded ranks vs one process
-        assert len(losses) == 20
+    for batch, losses in _histories(single).items():  # in float32, 2 sharded ranks vs one process
+        assert len(losses) == SWEEP_STEPS
         assert _histories(sharded)[batch] == pytest.approx(losses, abs=1e-4)
     for t in sharded["trials"]:  # one rank's micro-batch: batch 16 = 4 per rank x 2 x 2 ranks
         assert t["micro_batch_size"] == 4 and t["accumulation_steps"] == t["batch_size"] // 8

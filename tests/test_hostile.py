@@ -1029,15 +1029,41 @@ def _store_trials(db: Path) -> list[tuple[str, str | None, str | None]]:
             for tid, state in rows]
 
 
-def _bounded(argv: list[str], db: Path, timeout: float = 90, env: dict[str, str] | None = None) -> Any:
-    """``python -m batchfit ARGV``, which must end by itself within ``timeout`` s: a run that loops is killed and
-    fails the case with the number of trials it had queued (instead of hanging the suite)."""
-    try:
-        return subprocess.run([sys.executable, "-m", "batchfit", *argv], capture_output=True, text=True,
-                              timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
+class _Looped(BaseException):
+    """:func:`_bounded`'s alarm: not an Exception, so no handler in batchfit turns it into an exit code."""
+
+
+def _bounded(ctx: dict[str, Any], argv: list[str], db: Path, timeout: float = 90,
+             env: dict[str, str] | None = None) -> Any:
+    """``batchfit ARGV``, which must end by itself within ``timeout`` s: a run that loops is stopped and fails the
+    case with the number of trials it had queued (instead of hanging the suite). It runs in this process, stopped
+    by SIGALRM (an interpreter start, torch and the report's imports cost seconds a run), or as ``python -m
+    batchfit`` (killed) when it needs an environment of its own (``env``). Either way a CompletedProcess: exit
+    code, stdout, stderr."""
+    def fail() -> None:
         made = len(_store_trials(db)) if db.exists() else 0
         pytest.fail(f"batchfit {argv[0]} did not end within {timeout:g} s; it had made {made} trials (a loop)")
+
+    if env is not None:
+        try:
+            return subprocess.run([sys.executable, "-m", "batchfit", *argv], capture_output=True, text=True,
+                                  timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            fail()
+
+    def alarm(signum: int, frame: Any) -> None:
+        raise _Looped
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        rc, out, err = _cli(ctx, argv)
+    except _Looped:
+        fail()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    return subprocess.CompletedProcess(argv, rc, out, err)
 
 
 def _trial_guard(most: int) -> Callable[[Any], None]:
@@ -1064,7 +1090,7 @@ def proc_sweep_retry_failed_once(ctx: dict[str, Any]) -> None:
     rc, _, err = _cli(ctx, argv)
     _refused(rc, err)
     assert len(_store_trials(db)) == 2
-    p = _bounded([*argv, "--retry-failed"], db)
+    p = _bounded(ctx, [*argv, "--retry-failed"], db)
     _refused(p.returncode, p.stderr)
     assert "every trial of the sweep failed (2 of 2)" in p.stderr, p.stderr
     trials = _store_trials(db)
@@ -1080,7 +1106,7 @@ def proc_tune_retry_failed_once(ctx: dict[str, Any]) -> None:
     argv = ["tune", "-w", f"{ctx['wl']}:forward_always_raises", *SMALL_TUNE, "--no-find", "--out", str(out), "-q"]
     rc, _, err = _cli(ctx, argv)
     assert rc == 2 and len(_store_trials(db)) == 1, err
-    p = _bounded([*argv, "--retry-failed"], db)
+    p = _bounded(ctx, [*argv, "--retry-failed"], db)
     _refused(p.returncode, p.stderr)
     assert "every trial of the sweep failed" in p.stderr, p.stderr
     assert [(k, state) for state, k, _ in _store_trials(db)] == [("b16_m1", "FAIL"), ("b16_m1", "FAIL")]
@@ -1119,7 +1145,7 @@ def proc_tune_racing_seed_fails(ctx: dict[str, Any]) -> None:
     db = out / "batchfit.db"
     argv = ["tune", "-w", f"{ctx['wl']}:seed_one_raises", *SMALL_TUNE, "--no-find", "--out", str(out), "-q"]
     for retry, failures in (([], 1), (["--retry-failed"], 2)):
-        p = _bounded([*argv, *retry], db)
+        p = _bounded(ctx, [*argv, *retry], db)
         assert p.returncode == 0, p.stderr[-1500:]
         trials = _store_trials(db)
         assert [k for state, k, _ in trials if state == "COMPLETE"] == ["b16_m1"], trials
@@ -1139,7 +1165,7 @@ def proc_tune_racing_trial_killed(ctx: dict[str, Any]) -> None:
     db = out / "batchfit.db"
     argv = ["tune", "-w", f"{ctx['wl']}:seed_one_killed", "-b", "16", "--budget", "steps:4", "--no-find",
             "--no-noise", "--no-precision-check", "--no-lr-calibration", "--out", str(out), "-q"]
-    p = _bounded(argv, db, env={**os.environ, "HOSTILE_KILL": "1"})  # racing's seed 1 kills its own process
+    p = _bounded(ctx, argv, db, env={**os.environ, "HOSTILE_KILL": "1"})  # racing's seed 1 kills its own process
     assert p.returncode == -signal.SIGKILL, p.stderr[-1500:]
     assert [(k, state) for state, k, _ in _store_trials(db)] == [("b16_m1", "COMPLETE"), ("b16_m1_s1", "RUNNING")]
     with pytest.MonkeyPatch.context() as mp:

@@ -490,7 +490,9 @@ def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
     (["--gpu", "v100"], "unknown GPU"),
     (["--world", "2"], "--world N needs --parallel"),
     (["--parallel", "fsdp"], "needs --world N"),
-    (["-b", "0,4"], "not positive"),
+    (["-b", "0,4"], "--batch-sizes/-b: must be a positive integer, got 0; give sizes like 1,2,4,8"),
+    (["-b", "4,x"], "--batch-sizes/-b: 'x' is not a whole number; give sizes like 1,2,4,8"),
+    (["-b", ", ,"], "--batch-sizes/-b: must be a non-empty list of positive integers, got []"),
     (["--host-op-us", "2e6"], "give microseconds"),
 ])
 def test_cli_plan_bad_input_is_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "non_negative_number",
     "one_of",
     "positive_int",
+    "positive_ints",
     "positive_number",
     "seed",
     "seed_range",
@@ -85,6 +86,15 @@ def int_at_least(name: str, value: Any, minimum: int, *, allow_none: bool = Fals
                  hint: str | None = None) -> Any:
     """An integer >= ``minimum`` (a size that needs two samples, an image of at least 8 pixels)."""
     return _integer(name, value, minimum, f"an integer >= {minimum}", allow_none, maximum, hint)
+
+
+def positive_ints(name: str, values: Any, *, hint: str | None = None) -> list[int]:
+    """A non-empty list (any iterable but a string) of positive integers, e.g. batch sizes; returned sorted, without
+    repeats. An element that is not a positive integer is named as :func:`positive_int` names it."""
+    items = None if isinstance(values, (str, bytes)) or not isinstance(values, Iterable) else list(values)
+    if not items:
+        raise _error(name, "a non-empty list of positive integers", values, hint)
+    return sorted({positive_int(name, v, hint=hint) for v in items})
 
 
 def boolean(name: str, value: Any) -> bool:

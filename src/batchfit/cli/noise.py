@@ -12,10 +12,11 @@ __all__ = ["add_parser", "print_training_noise", "run"]
 
 
 def _rel_ci(text: str) -> float:
-    value = c.positive_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction below 1; give e.g. 0.1 for ±10 %")
-    return value
+    """A fraction in (0, 1), checked as the library checks ``rel_ci`` (:func:`batchfit.checks.fraction`)."""
+    from batchfit import checks
+
+    return c._checked(checks.fraction, c._number(text, "a fraction below 1, e.g. 0.1 for ±10 %"),
+                      hint="give e.g. 0.1 for ±10 %")
 
 
 def add_parser(sub: Any) -> None:

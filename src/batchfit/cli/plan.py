@@ -11,20 +11,13 @@ __all__ = ["add_parser", "run"]
 
 
 def _batch_sizes(text: str) -> list[int]:
-    sizes = []
-    for part in text.replace(" ", "").split(","):
-        if not part:
-            continue
-        try:
-            value = int(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r} is not a whole number; give sizes like 1,2,4,8") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{value} is not positive; give sizes like 1,2,4,8")
-        sizes.append(value)
-    if not sizes:
-        raise argparse.ArgumentTypeError("no batch size given; write e.g. 1,2,4,8")
-    return sorted(set(sizes))
+    """``1,2,4,8`` -> the sorted distinct sizes (empty items are skipped), checked by
+    :func:`batchfit.checks.positive_ints`."""
+    from batchfit import checks
+
+    parts = [part for part in text.replace(" ", "").split(",") if part]
+    return c._checked(checks.positive_ints, [c._whole(part, "sizes like 1,2,4,8") for part in parts],
+                      hint="give sizes like 1,2,4,8")
 
 
 def _gpu(text: str) -> str:

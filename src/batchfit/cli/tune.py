@@ -53,15 +53,15 @@ def train_budget_value(text: str) -> str:
 
 
 def max_cost_value(text: str) -> float | str | None:
-    if text.strip().lower() in ("auto", "none"):
-        return None if text.strip().lower() == "none" else "auto"
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of runs (e.g. 1.0), auto or none") from None
-    if not (value > 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of runs of the train budget, e.g. 1.0")
-    return value
+    """``auto``, ``none`` (uncapped) or runs of the train budget, checked as the library checks ``max_cost``
+    (:func:`batchfit.checks.positive_number`)."""
+    from batchfit import checks
+
+    word = text.strip().lower()
+    if word in ("auto", "none"):
+        return None if word == "none" else "auto"
+    expected = "runs of the train budget (e.g. 1.0), auto or none"
+    return c._checked(checks.positive_number, c._number(text, expected), hint=f"give {expected}")
 
 
 def target_value(text: str) -> str | float:
