@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from batchfit.loading import load_workload  # noqa: E402
 from batchfit.report import write_json  # noqa: E402
-from batchfit.stats import mean_interval  # noqa: E402
+from batchfit.stats import mean_interval, three_point_peak  # noqa: E402
 from batchfit.study import parse_budget  # noqa: E402
 from batchfit.tuning import _auto_eval_every, default_batch_sizes, tune  # noqa: E402
 from recommendation_stability import _base_lr, _grid, _score_config  # noqa: E402
@@ -80,13 +80,10 @@ def fitted_best_lr(grid: dict[str, Any], batch: int, higher: bool = True) -> flo
     i = max(range(len(pts)), key=lambda j: pts[j][1])
     if i == 0 or i == len(pts) - 1:
         return 2.0 ** pts[i][0]
-    (x0, y0), (x1, y1), (x2, y2) = pts[i - 1], pts[i], pts[i + 1]
-    denom = (x0 - x1) * (x0 - x2) * (x1 - x2)
-    a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / denom
-    b = (x2 * x2 * (y0 - y1) + x1 * x1 * (y2 - y0) + x0 * x0 * (y1 - y2)) / denom
-    if a >= 0:
-        return 2.0 ** x1
-    return 2.0 ** min(max(-b / (2 * a), x0), x2)
+    vertex = three_point_peak(pts[i - 1:i + 2])
+    if vertex is None:
+        return 2.0 ** pts[i][0]
+    return 2.0 ** min(max(vertex, pts[i - 1][0]), pts[i + 1][0])
 
 
 def judge(grid: dict[str, Any], tol: float, higher: bool = True) -> dict[str, Any]:

@@ -356,3 +356,13 @@ def test_the_pooled_curve_does_not_decide_on_one_degree_of_freedom() -> None:
     near = {**values, 128: {0: 0.7105}}
     sel = select_non_inferior(near, tolerance=0.01, positions={b: math.log2(b) for b in near})
     assert all(sel.comparisons[b].verdict == "undecided" for b in (32, 64, 128))
+
+
+def test_three_point_peak_is_the_parabola_vertex_and_none_where_nothing_peaks() -> None:
+    from batchfit.stats import three_point_peak
+
+    # y = -(x - 1.3)^2 + 2 through x = 0, 1, 2: the vertex is exactly 1.3
+    pts = [(x, -(x - 1.3) ** 2 + 2.0) for x in (0.0, 1.0, 2.0)]
+    assert three_point_peak(pts) == pytest.approx(1.3)
+    assert three_point_peak([(0.0, 1.0), (1.0, 1.0), (2.0, 1.0)]) is None  # flat
+    assert three_point_peak([(0.0, 1.0), (1.0, 0.0), (2.0, 1.0)]) is None  # convex: a valley, not a peak

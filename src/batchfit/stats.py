@@ -911,7 +911,18 @@ def quotient_interval(numerator: float, denominator: Interval) -> Interval | Non
                     denominator.n, spread)
 
 
-__all__ += ["positive_mean_interval", "quotient_interval"]
+__all__ += ["positive_mean_interval", "quotient_interval", "three_point_peak"]
+
+
+def three_point_peak(points: Sequence[tuple[float, float]]) -> float | None:
+    """The ``x`` of the vertex of the parabola through three ``(x, y)`` points (larger ``y`` is better): classic
+    three-point peak interpolation, e.g. of a score against log2(LR). ``None`` where the points do not bend down
+    (flat or convex: there is no peak to interpolate). Not clamped: callers keep it inside their own range."""
+    (x0, y0), (x1, y1), (x2, y2) = points
+    denom = (x0 - x1) * (x0 - x2) * (x1 - x2)
+    a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / denom
+    b = (x2 * x2 * (y0 - y1) + x1 * x1 * (y2 - y0) + x0 * x0 * (y1 - y2)) / denom
+    return None if a >= 0 else -b / (2 * a)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -642,7 +642,7 @@ def _lr_decision(runs: Sequence[Mapping[str, Any]], metric: Any, num_val: int | 
     ivs = _lr_intervals(runs, metric, num_val, tolerance)
     if not ivs:
         return 1.0, True, ivs
-    best = min(ivs, key=lambda m: (_order(metric, ivs[m].estimate), abs(math.log2(m))))
+    best = _best_multiplier(ivs, metric)
     if 1.0 not in ivs:  # the base LR diverged (or gave nothing): the best that trained
         return _lr_peak(ivs, metric, best), True, ivs
     if best == 1.0:
@@ -661,22 +661,24 @@ def _lr_peak(ivs: Mapping[float, Any], metric: Any, best: float) -> float:
     tied = [m for m in ms if ivs[m].overlaps(ivs[best])]
     if i == 0 or i == len(ms) - 1:
         return best
-    xs = [math.log2(ms[j]) for j in (i - 1, i, i + 1)]
-    ys = [-_order(metric, ivs[ms[j]].estimate) for j in (i - 1, i, i + 1)]  # larger is better
-    (x0, x1, x2), (y0, y1, y2) = xs, ys
-    denom = (x0 - x1) * (x0 - x2) * (x1 - x2)
-    a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / denom
-    b = (x2 * x2 * (y0 - y1) + x1 * x1 * (y2 - y0) + x0 * x0 * (y1 - y2)) / denom
-    if a >= 0:  # not peaked (flat or convex): nothing to interpolate
+    from batchfit.stats import three_point_peak
+
+    pts = [(math.log2(ms[j]), -_order(metric, ivs[ms[j]].estimate)) for j in (i - 1, i, i + 1)]  # larger is better
+    vertex = three_point_peak(pts)
+    if vertex is None:  # not peaked (flat or convex): nothing to interpolate
         return best
-    vertex = -b / (2 * a)
-    lo, hi = max(x0, math.log2(min(tied))), min(x2, math.log2(max(tied)))
+    lo, hi = max(pts[0][0], math.log2(min(tied))), min(pts[2][0], math.log2(max(tied)))
     return float(2 ** min(max(vertex, lo), hi))
 
 
 def _order(metric: Any, value: float) -> float:
     """Smaller is better."""
     return -value if metric.higher_is_better else value
+
+
+def _best_multiplier(ivs: Mapping[float, Any], metric: Any) -> float | None:
+    """The multiplier with the best score estimate, the one nearest x1 on a tie; ``None`` when nothing scored."""
+    return min(ivs, key=lambda m: (_order(metric, ivs[m].estimate), abs(math.log2(m)))) if ivs else None
 
 
 def _next_multiplier(runs: Sequence[Mapping[str, Any]], metric: Any) -> float | None:
@@ -804,7 +806,7 @@ class _LRRace:
         num_val = self.wl.num_val
         runs = self.rung(steps)
         chosen, decided, ivs = _lr_decision(runs, self.metric, num_val, self.tolerance)
-        best = min(ivs, key=lambda m: (_order(self.metric, ivs[m].estimate), abs(math.log2(m)))) if ivs else None
+        best = _best_multiplier(ivs, self.metric)
         for extra_seed in range(1, replicates):
             if decided or best is None or not self.affords(2 * steps):
                 break
@@ -847,7 +849,7 @@ class _LRRace:
         if not ivs0:
             return self._finish(1.0, ivs0, _lr_decision_text(self.wl.base_lr, 1.0, None, True, ivs0,
                                                              self.metric.name), 1.0)
-        c = min(ivs0, key=lambda m: (_order(self.metric, ivs0[m].estimate), abs(math.log2(m))))
+        c = _best_multiplier(ivs0, self.metric)
         for m in (c, c / 2, c * 2):  # the region the first rung found, for the longer horizon
             if self.affords(s1):
                 self.one(m, self.run.seed, s1, 1, 0)
@@ -882,7 +884,7 @@ class _LRRace:
         check.lr_at_check_horizon = self.wl.base_lr * chosen
         check.horizon_factor = factor
         check.intervals = {f"{m:g}": iv.to_dict() for m, iv in ivs.items()}
-        best = min(ivs, key=lambda m: (_order(self.metric, ivs[m].estimate), abs(math.log2(m)))) if ivs else None
+        best = _best_multiplier(ivs, self.metric)
         tied = [m for m in ivs if best is not None and ivs[m].overlaps(ivs[best])] or [chosen]
         steep, flat = (fraction ** e for e in (max(LR_HORIZON_EXPONENT_RANGE), min(LR_HORIZON_EXPONENT_RANGE)))
         check.lr_interval = [self.wl.base_lr * min(min(tied), chosen) * min(steep, factor),
