@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import random
-import time
 
 import numpy as np
 import pytest
@@ -528,20 +527,26 @@ def _timed(b: int, rates: list[float]) -> dict:
             "chunk_samples_per_s": rates}
 
 
-def test_warm_up_runs_until_a_step_is_steady() -> None:
+def test_warm_up_runs_until_a_step_is_steady(monkeypatch: pytest.MonkeyPatch) -> None:
     from batchfit import finder
 
+    now = [0.0]  # a fake clock that each step advances by its own time: no sleeps, so a busy machine cannot flip it
+    monkeypatch.setattr(finder.time, "perf_counter", lambda: now[0])
     times = iter([0.5, 0.2, 0.05, 0.011, 0.010, 0.010, 0.010])  # a cold loop: lazy init, then the allocator
     ran: list[int] = []
 
     def step(i: int) -> None:
         ran.append(i)
-        time.sleep(next(times))
+        now[0] += next(times)
 
     n = finder._warm_up(step, lambda: None)
     assert n == 5 and ran == [0, 1, 2, 3, 4]  # 0.011 -> 0.010 is within 25 %: steady (a fixed 2 would stop cold)
     slow = iter([0.01 * 1.5**i for i in range(40)])  # never steady (each step 1.5x the last): bounded
-    assert finder._warm_up(lambda i: time.sleep(next(slow) / 10), lambda: None) == finder.WARMUP_MAX_STEPS
+
+    def slower(i: int) -> None:
+        now[0] += next(slow)
+
+    assert finder._warm_up(slower, lambda: None) == finder.WARMUP_MAX_STEPS
 
 
 def test_timing_stops_only_on_a_flat_curve_and_the_knee_has_a_range() -> None:
