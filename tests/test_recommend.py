@@ -511,6 +511,70 @@ def test_a_finder_result_given_to_recommend_replaces_the_stored_one() -> None:
     assert any("throughput knee is 32" in r for r in knee.reasons), knee.reasons
 
 
+
+def test_measurements_read_tunes_stage_results_typed_and_keep_every_key() -> None:
+    """Issue 20.1: Measurements.of reads the finder's, the noise probe's, the step timing's and the plan's dicts
+    into their types once (unknown keys kept in ``extras``); tune's result holding them typed gives the same
+    recommendation as the dict form; an older file's missing keys read as None, as ``.get`` read them."""
+    from dataclasses import replace
+
+    from batchfit.cost import TrainBudgetPlan
+    from batchfit.finder import FindResult
+    from batchfit.noise import NoiseResult
+    from batchfit.recommend import Measurements
+    from batchfit.steptime import StepTimeCalibration
+    from batchfit.tuning import TuneResult
+
+    cost = {"samples": 10, "seconds": 0.5}
+    res = make_results()
+    found = FindResult(device="cpu", precision="fp32", memory_budget_bytes=None, max_batch_size=1437,
+                       recommended_batch_size=512, throughput_knee_batch_size=128, memory_model={}, probes=[],
+                       real_trials=3, seconds=1.0, eval_batch_size=512, batch_size_cap=2048)
+    res["find"] = {**found.to_dict(), "cost": cost, "plan_vs_measured": "peak 1.0 MiB planned, 1.1 MiB measured"}
+    probe = NoiseResult(workload="w", b_simple=45.4, b_simple_ci=(41.2, 50.0), grad_norm_sq=1.0, trace_cov=45.4,
+                        batch_size=32, micro_batch_size=32, steps=20, converged=True, rel_ci=0.2)
+    res["noise"] = {**probe.to_dict(), "cost": cost, "warning": "wide"}
+    sizes = (16, 32, 64, 128)
+    res["step_time"] = {**StepTimeCalibration("wall", {b: [1e-3 * (1 + b / 64) * (1 + r / 100) for r in range(5)]
+                                                       for b in sizes}, {b: b for b in sizes}, 5, 0.1).to_dict(),
+                        "cost": cost}
+    res["train_budget"] = {"budget": "epochs:20", "samples": 40_000, "max_cost": 1.0, "measurement": "samples:4000",
+                           "measurement_samples": 4_000, "trial_cost_samples": 4_500, "dropped": [], "note": "",
+                           "cap_samples": 40_000.0, "later": {"key": 1}}
+    res = json.loads(json.dumps(res))  # as results.json holds it
+    m = Measurements.of(res)
+    assert isinstance(m.find, FindResult) and isinstance(m.noise, NoiseResult)
+    assert isinstance(m.step_time, StepTimeCalibration) and isinstance(m.train_budget, TrainBudgetPlan)
+    assert (m.find.recommended_batch_size, m.find.extras["cost"]) == (512, cost)
+    assert (m.noise.b_simple, m.noise.extras["warning"], m.step_time.extras["cost"]) == (45.4, "wide", cost)
+    assert (m.train_budget.samples, m.train_budget.measurement_samples) == (40_000, 4_000)
+    for key in ("find", "noise", "step_time", "train_budget"):  # a round trip keeps every key
+        assert getattr(m, key).to_dict() == res[key], key
+    assert m.to_dict() == res
+
+    typed = replace(TuneResult.from_dict(res), find=m.find, noise=m.noise, step_time=m.step_time,
+                    train_budget=m.train_budget)
+    from_tune = Measurements.of(typed)
+    assert from_tune.find is m.find and from_tune.noise is m.noise and from_tune.train_budget is m.train_budget
+    rec = recommend(res)
+    assert recommend(typed) == rec
+    assert rec.noise_scale["at_initialisation"] == {"b_simple": 45.4, "b_simple_ci": [41.2, 50.0], "batch_size": 32,
+                                                    "train_steps": 0}
+    assert any(f.startswith("short horizon: each candidate was measured on 4,000 samples, 10% of the train budget "
+                            "epochs:20") for f in rec.flags), rec.flags
+
+    old = Measurements.of({**res, "find": {"recommended_batch_size": 24}, "noise": {"b_simple": 50.0},
+                           "step_time": {}, "train_budget": None})
+    assert (old.find.margin, old.find.max_batch_size, old.find.real_trials) == (None, None, None)
+    assert (old.noise.batch_size, old.noise.train_steps) == (None, None)
+    assert old.step_time is None and old.train_budget is None
+    was = recommend(old)
+    assert any(r.startswith("Micro-batch 22 x 3") and "with the safety margin" in r for r in was.reasons)
+    assert was.noise_scale["at_initialisation"] == {"b_simple": 50.0, "b_simple_ci": None, "batch_size": None,
+                                                    "train_steps": 0}
+    with pytest.raises(ConfigError, match="noise is not what batchfit writes"):
+        Measurements.of({**res, "noise": {"b_simple": "big"}})
+
 def test_the_recipe_speaks_the_projects_form_dict_batches_collate_and_trainer_arguments() -> None:
     """Issue 23.4: a dict-batch project with its own collate and a loss carried by the output gets that loop, and a
     Trainer project gets TrainingArguments with every optimizer setting."""

@@ -617,6 +617,25 @@ def test_the_report_divides_by_b_simple_at_the_target_loss_and_labels_the_initia
     assert "b_simple" in paths["plots"]
 
 
+def test_the_study_facts_read_the_finder_and_the_noise_probe_typed() -> None:
+    """Issue 20.1: the finder's row and the probe's line read the typed results (tune's extra keys kept); an older
+    file's missing keys still read as they did (None), an unbounded probe (JSON null) shows no value."""
+    from batchfit.report import _study_lines
+
+    res = make_results()
+    res["find"]["plan_vs_measured"] = "peak 1.0 MiB planned, 1.1 MiB measured"
+    res["noise"] = {"b_simple": 52.8, "b_simple_ci": [41.8, None], "batch_size": 32, "train_steps": 0,
+                    "cost": {"samples": 10, "seconds": 0.5}}
+    lines = _study_lines(res)
+    assert "finder: largest batch that fits with margin 512, throughput knee 128, 3 real trials" in lines
+    assert "plan vs measured: peak 1.0 MiB planned, 1.1 MiB measured" in lines
+    assert any(line.startswith("gradient noise scale B_simple at initialisation (the noise probe at batch 32): 52.8 "
+                               "(95% CI 41.8 - -); measured before the loss fell") for line in lines), lines
+    old = _study_lines({**make_results(), "find": {"recommended_batch_size": 24}, "noise": {"b_simple": None}})
+    assert "finder: largest batch that fits with margin 24, throughput knee None, None real trials" in old
+    assert not any("noise probe" in line for line in old)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Issue 19.8: the recommendation first, a narrow trade-off table, the details kept, interim reports claim no win
 

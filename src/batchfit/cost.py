@@ -15,16 +15,17 @@ within it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from batchfit.errors import ConfigError
 
-__all__ = ["DEFAULT_MAX_COST", "STAGE_SHARES", "Cost", "Meter", "TrainBudget", "add_samples", "allowance", "cost_of",
-           "measure", "parse_train_budget", "plan_horizon", "train_budget_samples"]
+__all__ = ["DEFAULT_MAX_COST", "STAGE_SHARES", "Cost", "Meter", "TrainBudget", "TrainBudgetPlan", "add_samples",
+           "allowance", "cost_of", "measure", "parse_train_budget", "plan_horizon", "train_budget_samples"]
 
 TRAIN_BUDGET_KINDS = ("samples", "steps", "epochs", "tokens")
 
@@ -73,6 +74,39 @@ class TrainBudget:
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "value": int(self.value) if float(self.value).is_integer() else self.value}
+
+
+@dataclass(frozen=True)
+class TrainBudgetPlan:
+    """tune's plan (results.json's ``"train_budget"``): the train budget ``budget`` (``epochs:20``) and its
+    ``samples`` (one run), the cap ``max_cost`` (runs; ``None``: uncapped) and ``cap_samples``, the per-trial
+    ``measurement`` budget and its ``measurement_samples``, what a trial costs with its B_simple passes
+    (``trial_cost_samples``), the candidates ``dropped`` to keep the cap, and the ``note`` that says so.
+
+    Every field defaults to ``None``: an older results.json that lacks a key reads it as no value. ``from_dict``
+    keeps values as they were written; other keys go to ``extras`` and come back from ``to_dict``."""
+
+    budget: str | None = None
+    samples: int | None = None
+    max_cost: float | None = None
+    measurement: str | None = None
+    measurement_samples: int | None = None
+    trial_cost_samples: int | None = None
+    dropped: list[int] | None = None
+    note: str | None = None
+    cap_samples: float | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "extras"}
+        d.update(copy.deepcopy(self.extras))
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainBudgetPlan:
+        names = {f.name for f in fields(cls)} - {"extras"}
+        return cls(**{k: copy.deepcopy(v) for k, v in data.items() if k in names},
+                   extras={k: copy.deepcopy(v) for k, v in data.items() if k not in names})
 
 
 def parse_train_budget(text: str | TrainBudget, *, name: str = "train_budget") -> TrainBudget:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchfit import checks
 from batchfit.decide import (
@@ -50,6 +50,12 @@ from batchfit.metric import Metric, finite_or_none
 from batchfit.scaling import optimizer_settings  # re-exported: what a trial records, read by the recipe
 from batchfit.stats import CriticalBatchInterval, Interval
 from batchfit.study.results import SweepResult, TrialSummary
+
+if TYPE_CHECKING:  # the stage results' types: imported where a dict is read (their modules load torch and the step)
+    from batchfit.cost import TrainBudgetPlan
+    from batchfit.finder import FindResult
+    from batchfit.noise import NoiseResult
+    from batchfit.steptime import StepTimeCalibration
 
 __all__ = [
     "DECISION_RULE",
@@ -191,6 +197,47 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+_STAGE_KEYS = ("find", "noise", "step_time", "train_budget")  # tune's stage results Measurements reads typed
+
+
+def _stage_type(key: str) -> tuple[type, bool]:
+    """The type of tune's stage result ``key`` and whether a key its dict lacks is read as ``None`` (the finder's
+    and the noise probe's ``from_dict`` need every field; the others read their own defaults)."""
+    if key == "find":
+        from batchfit.finder import FindResult
+
+        return FindResult, True
+    if key == "noise":
+        from batchfit.noise import NoiseResult
+
+        return NoiseResult, True
+    if key == "step_time":
+        from batchfit.steptime import StepTimeCalibration
+
+        return StepTimeCalibration, False
+    from batchfit.cost import TrainBudgetPlan
+
+    return TrainBudgetPlan, False
+
+
+def _stage(key: str, value: Any) -> Any:
+    """tune's stage result ``key`` (``find``, ``noise``, ``step_time`` or ``train_budget``) typed: as it is when it
+    is typed already; ``None`` for no result (``None``, an empty dict or not a dict, as the dict code read them);
+    else its type's ``from_dict``, every other key kept in its ``extras``. A key an older results.json lacks reads as
+    ``None``, as ``.get`` read it (not the type's default: a finder result without ``margin`` names no margin)."""
+    cls, absent_none = _stage_type(key)
+    if value is None or isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping) or not value:
+        return None
+    data = {**{f.name: None for f in fields(cls) if f.name != "extras"}, **value} if absent_none else dict(value)
+    try:
+        return cls.from_dict(data)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"results: {key} is not what batchfit writes there ({' '.join(str(exc).split())[:120]})"
+                          ) from exc
+
+
 @dataclass(frozen=True)
 class Measurements:
     """What the recommendation and the report read, typed: the sweep's :class:`batchfit.study.SweepResult` (its
@@ -204,12 +251,12 @@ class Measurements:
 
     sweep: SweepResult
     metric: Metric
-    find: dict[str, Any] | None = None
-    noise: dict[str, Any] | None = None
+    find: FindResult | None = None
+    noise: NoiseResult | None = None
     lr_check: LRCheck | None = None
     precision_check: PrecisionCheck = field(default_factory=PrecisionCheck)
-    step_time: dict[str, Any] | None = None  # batchfit.steptime.StepTimeCalibration.to_dict()
-    train_budget: dict[str, Any] | None = None  # batchfit.cost's plan: samples, measurement_samples, max_cost, budget
+    step_time: StepTimeCalibration | None = None
+    train_budget: TrainBudgetPlan | None = None  # tune's plan: the train budget's samples, the trials', the cap
     framework: str | None = None
     batch_form: dict[str, Any] | None = None
     tolerance: float | None = None  # the margin stored with the results (tune's), None: not stored
@@ -243,29 +290,31 @@ class Measurements:
                           f"{type(results).__name__}")
 
     @classmethod
-    def _read(cls, sweep: SweepResult, data: dict[str, Any]) -> Measurements:
+    def _read(cls, sweep: SweepResult, data: dict[str, Any], stages: Mapping[str, Any] | None = None
+              ) -> Measurements:
+        """``stages``: tune's stage results (``find``, ``noise``, ``step_time``, ``train_budget``) to read instead
+        of ``data``'s, typed or dicts; each is read here, once (:func:`_stage`)."""
         name = data.get("primary_metric") or "val_loss"
+        staged = {k: _stage(k, (data if stages is None else stages).get(k)) for k in _STAGE_KEYS}
         check = data.get("precision_check")
         if not isinstance(check, PrecisionCheck):
             check = PrecisionCheck.from_dict(check if isinstance(check, Mapping) else {})
         return cls(
             sweep=sweep,
             metric=Metric(str(name), bool(data.get("higher_is_better", name not in ("val_loss", "train_loss")))),
-            find=_mapping(data.get("find")), noise=_mapping(data.get("noise")),
-            lr_check=LRCheck.of(_mapping(data.get("lr_calibration"))), precision_check=check,
-            step_time=_mapping(data.get("step_time")), train_budget=_mapping(data.get("train_budget")),
+            lr_check=LRCheck.of(_mapping(data.get("lr_calibration"))), precision_check=check, **staged,
             framework=data.get("framework"), batch_form=_mapping(data.get("batch_form")),
             tolerance=_number(data.get("tolerance")), world_size=int(data.get("world_size") or 1),
             parallel=data.get("parallel"), source=data)
 
     @classmethod
     def _of_tune(cls, tuned: Any) -> Measurements:
-        """A ``TuneResult``: its sweep and its typed stage results as they are; its ``to_dict()`` for the JSON."""
+        """A ``TuneResult``: its sweep and its stage results (typed as they are, or dicts read once); its
+        ``to_dict()`` for the JSON."""
         sweep = tuned.sweep if isinstance(tuned.sweep, SweepResult) else _sweep_of(_flat(tuned.sweep))
-        base = cls._read(sweep, _flat(tuned.to_dict()))
-        return replace(base, find=_mapping(tuned.find), noise=_mapping(tuned.noise),
-                       lr_check=LRCheck.of(tuned.lr_check), precision_check=tuned.precision_check or PrecisionCheck(),
-                       step_time=_mapping(tuned.step_time), train_budget=_mapping(tuned.train_budget),
+        base = cls._read(sweep, _flat(tuned.to_dict()), {k: getattr(tuned, k) for k in _STAGE_KEYS})
+        return replace(base, lr_check=LRCheck.of(tuned.lr_check),
+                       precision_check=tuned.precision_check or PrecisionCheck(),
                        framework=tuned.framework, batch_form=_mapping(tuned.batch_form),
                        tolerance=_number(tuned.tolerance) if tuned.tolerance is not None else base.tolerance)
 
@@ -293,18 +342,18 @@ def within_tolerance(value: float, best: float, tolerance: float, higher_is_bett
     return value >= best - slack if higher_is_better else value <= best + slack
 
 
-def _micro_batch(batch: int, trained: int | None, find: Mapping[str, Any] | None) -> tuple[int, int, str]:
+def _micro_batch(batch: int, trained: int | None, find: FindResult | None) -> tuple[int, int, str]:
     """``trained``: the micro-batch the sweep trained ``batch`` with (used without a finder result)."""
-    if not find or not find.get("recommended_batch_size"):
+    if find is None or not find.recommended_batch_size:
         micro = int(trained or batch)
         acc = math.ceil(batch / micro)
         return micro, acc, (
             f"Micro-batch {micro} x {acc} accumulation step(s): no finder result was available, so this is the "
             f"micro-batch the sweep trained batch {batch} with."
         )
-    fits = int(find["recommended_batch_size"])
-    knee = find.get("throughput_knee_batch_size")
-    margin = find.get("margin")
+    fits = int(find.recommended_batch_size)
+    knee = find.throughput_knee_batch_size
+    margin = find.margin
     margin_txt = f" with {margin:.0%} headroom" if isinstance(margin, (int, float)) else " with the safety margin"
     if knee and int(knee) <= fits:
         cap = int(knee)
@@ -330,7 +379,7 @@ def _loss_ok(base: PrecisionRun, low: PrecisionRun) -> bool:
             and loss_low <= loss_base * (1 + _PRECISION_LOSS_TOLERANCE) + 1e-12)
 
 
-def _precision(measured_: Measurements, batch: int, find: Mapping[str, Any] | None
+def _precision(measured_: Measurements, batch: int, find: FindResult | None
                ) -> tuple[str, str, dict[str, Any] | None]:
     """The precision and its reason: :func:`batchfit.decide.advise_precision` on the check's repeated, interleaved
     step timings (a speed-up must exclude 1) and on memory only where it binds."""
@@ -355,10 +404,10 @@ def _precision(measured_: Measurements, batch: int, find: Mapping[str, Any] | No
         if sp_base and sp_low:
             times_base, times_low = [1.0 / sp_base], [1.0 / sp_low]
     mem_base, mem_low = finite_or_none(base.peak_memory_bytes), finite_or_none(low.peak_memory_bytes)
-    fits = (find or {}).get("recommended_batch_size") or (find or {}).get("max_batch_size")
+    fits = (find.recommended_batch_size or find.max_batch_size) if find is not None else None
     advice = advise_precision(
         times_base, times_low, low=low_name, fp32_max_micro_batch=int(fits) if fits else None, effective_batch=batch,
-        knee=(find or {}).get("throughput_knee_batch_size"),
+        knee=find.throughput_knee_batch_size if find is not None else None,
         memory_ratio=mem_low / mem_base if mem_base and mem_low else None, loss_ok=_loss_ok(base, low))
     n = min(len(times_base), len(times_low))
     timing = (f"{n} interleaved timing(s) per precision" if n > 1 else
@@ -422,13 +471,12 @@ def _ratio(slow: Interval, fast: Interval) -> Interval:
 
 def step_time_intervals(results: Measurements | Mapping[str, Any]) -> dict[int, Interval] | None:
     """tune's step-time calibration (:mod:`batchfit.steptime`) as batch size -> seconds per step, if it ran
-    (``results``: :class:`Measurements`, or a dict with its ``"step_time"``)."""
-    data = results.step_time if isinstance(results, Measurements) else results.get("step_time")
-    if not isinstance(data, Mapping) or not data.get("seconds"):
+    (``results``: :class:`Measurements`, or a dict with its ``"step_time"``, read as :meth:`Measurements.of` reads
+    it)."""
+    cal = results.step_time if isinstance(results, Measurements) else _stage("step_time", results.get("step_time"))
+    if cal is None or not cal.seconds:
         return None
-    from batchfit.steptime import StepTimeCalibration
-
-    return StepTimeCalibration.from_dict(data).intervals() or None
+    return cal.intervals() or None
 
 
 def decide_results(results: Any, tolerance: float, metric: Metric | None = None, *,
@@ -493,11 +541,17 @@ def _long_horizon_move(decision: Decision, longer: Any) -> int | None:
     return best
 
 
+def _plan_samples(results: Measurements) -> tuple[Any, Any]:
+    """``(samples of one run at the train budget, samples each trial measured)`` from tune's plan (``None`` each
+    without one; as stored: the callers check that they are numbers)."""
+    plan = results.train_budget
+    return (plan.samples, plan.measurement_samples) if plan is not None else (None, None)
+
+
 def long_horizon_of(results: Measurements, decision: Decision, metric: Metric) -> Any:
     """:func:`batchfit.horizon.long_horizon` when the trials were measured short of the train budget (``None``
     otherwise): the extrapolation of the trade-off to the whole run."""
-    plan = results.train_budget or {}
-    total, measured = plan.get("samples"), plan.get("measurement_samples")
+    total, measured = _plan_samples(results)
     if not (isinstance(total, (int, float)) and isinstance(measured, (int, float)) and measured < 0.99 * total):
         return None
     from batchfit.horizon import long_horizon
@@ -513,11 +567,11 @@ def budget_flags(results: Measurements, decision: Decision) -> list[str]:
     """What the budgets say about the answer (issue 18): measured short of the train budget, an equal-steps
     comparison, too short a budget to fit S(B), a cost past the cap."""
     flags: list[str] = []
-    plan = results.train_budget or {}
-    total, measured = plan.get("samples"), plan.get("measurement_samples")
+    total, measured = _plan_samples(results)
     if isinstance(total, (int, float)) and isinstance(measured, (int, float)) and measured < 0.99 * total:
+        train = results.train_budget.budget if results.train_budget is not None else None
         flags.append(f"short horizon: each candidate was measured on {measured:,} samples, {measured / total:.0%} of "
-                     f"the train budget {plan.get('budget')}; short measurements favour small batches (the critical "
+                     f"the train budget {train}; short measurements favour small batches (the critical "
                      "batch grows as training goes on), so the best batch for the whole run may be larger")
     budget = results.sweep.budget
     trials = [t for t in results.trials if t.status == "ok"]
@@ -540,10 +594,11 @@ def budget_flags(results: Measurements, decision: Decision) -> list[str]:
     return flags
 
 
-def micro_batch_for(batch: int, find: Mapping[str, Any] | None, limit: int | None = None) -> int:
+def micro_batch_for(batch: int, find: FindResult | Mapping[str, Any] | None, limit: int | None = None) -> int:
     """The micro-batch the recommendation would give effective batch ``batch`` (the finder's knee or largest
-    fitting micro-batch; without a finder result, ``min(batch, limit)``)."""
-    return _micro_batch(batch, min(batch, limit or batch), find)[0]
+    fitting micro-batch; without a finder result, ``min(batch, limit)``). ``find``: the finder's result or its dict
+    form."""
+    return _micro_batch(batch, min(batch, limit or batch), _stage("find", find))[0]
 
 
 def _pick_batch(results: Measurements, metric: Metric, tolerance: float,
@@ -772,11 +827,12 @@ def noise_scale_summary(results: Measurements, decision: Decision) -> dict[str, 
     loss, source, words = target_train_loss(decision)
     at = nz.b_simple_at_loss(records, loss) if loss is not None else None
     ratio = quotient_interval(float(decision.batch_size), at.b_simple) if at is not None else None
-    probe = results.noise or {}
+    probe = results.noise
     init = None
-    if finite_or_none(probe.get("b_simple")) is not None:
-        init = {"b_simple": float(probe["b_simple"]), "b_simple_ci": probe.get("b_simple_ci"),
-                "batch_size": probe.get("batch_size"), "train_steps": probe.get("train_steps") or 0}
+    if probe is not None and finite_or_none(probe.b_simple) is not None:
+        ci = [finite_or_none(x) for x in probe.b_simple_ci]  # its JSON form: an unbounded end is None
+        init = {"b_simple": float(probe.b_simple), "b_simple_ci": ci if ci != [None, None] else None,
+                "batch_size": probe.batch_size, "train_steps": probe.train_steps or 0}
     return {
         "train_loss": loss, "loss_source": source or None, "loss_words": words or None,
         "at_loss": at.to_dict() if at is not None else None,
@@ -1081,7 +1137,7 @@ def _recipe_reason(r: Mapping[str, Any]) -> str:
 
 def recommend(
     results: Any,
-    find: Mapping[str, Any] | None = None,
+    find: FindResult | Mapping[str, Any] | None = None,
     *,
     tolerance: float | None = None,
 ) -> Recommendation:
@@ -1091,7 +1147,8 @@ def recommend(
         results: ``load_results(store)`` (a ``SweepResult``), ``tune``'s ``TuneResult``, :class:`Measurements`,
             or their dict form (results.json), read typed once by :meth:`Measurements.of`. The finder's result, the
             LR check and the precision check are read from it when ``tune`` stored them.
-        find: the finder's dict (``FindResult.to_dict()``); default: the one in ``results``.
+        find: the finder's result (:class:`batchfit.finder.FindResult` or its dict form); default: the one in
+            ``results``.
         tolerance: the non-inferiority margin, relative to the reference's quality: a batch size is non-inferior
             when its simultaneous 95 % lower bound on the difference from the reference lies above
             ``-tolerance x |reference|`` (:data:`DECISION_RULE`). Default: the one stored with the results (``tune``
@@ -1108,8 +1165,7 @@ def recommend(
     if tolerance is None:
         tolerance = data.tolerance if data.tolerance is not None else DEFAULT_TOLERANCE
     checks.fraction("tolerance", tolerance, low_open=False, hint="write e.g. 0.01 for 1 %")
-    if find is None:
-        find = data.find
+    finder = data.find if find is None else _stage("find", find)  # an empty dict given: no finder result
     metric = data.metric
     decision, pick, why_batch = _pick_batch(data, metric, tolerance, None)
     crit = decision.critical  # the decision's S(B) fit: the flags, the context and the JSON read this one
@@ -1128,7 +1184,7 @@ def recommend(
                       "it says how fast each one trains, not how well it generalizes.")
     batch = pick.batch_size
     world, parallel = data.world_size, data.parallel
-    micro, acc, why_micro = _micro_batch(batch // world, pick.micro_batch_size, find)  # one rank's share
+    micro, acc, why_micro = _micro_batch(batch // world, pick.micro_batch_size, finder)  # one rank's share
     if world > 1:
         why_micro = (f"Under torchrun with {world} ranks ({parallel or 'ddp'}): effective batch {batch} = micro-batch "
                      f"{micro} per rank x {acc} accumulation step(s) x {world} ranks; a different world size keeps "
@@ -1136,7 +1192,7 @@ def recommend(
                      + why_micro.replace("effective batch", "each rank's share"))
     lr, why_lr = _lr_reason(data, pick, metric)
     warmup_steps, why_warmup = _warmup_reason(data, pick, lr)
-    precision, why_precision, advice = _precision(data, batch, find)
+    precision, why_precision, advice = _precision(data, batch, finder)
     holds = holds_for(data, decision, metric)
     why_batch += " " + holds["text"]
     reasons = [why_batch, why_micro, why_lr, why_warmup, why_precision]

@@ -717,17 +717,17 @@ def _noise_lines(measured: Measurements, rec: Recommendation | None) -> list[str
     """The gradient noise scale: the probe's value labelled as measured at initialisation (never compared with a
     batch), B_simple against the training loss pooled over every trial, and at the decision's target loss."""
     lines = []
-    probe = measured.noise or {}
-    if isinstance(probe.get("b_simple"), (int, float)):
-        ci = probe.get("b_simple_ci")
-        has_ci = isinstance(ci, (list, tuple)) and len(ci) == 2
-        ci_txt = f" (95% CI {_num(ci[0], '.3g')} - {_num(ci[1], '.3g')})" if has_ci else ""
-        steps = probe.get("train_steps") or 0
+    probe = measured.noise
+    if probe is not None and finite_or_none(probe.b_simple) is not None:  # unbounded (JSON null): no probe value
+        low, high = probe.b_simple_ci
+        has_ci = finite_or_none(low) is not None or finite_or_none(high) is not None  # (-inf, inf): none stored
+        ci_txt = f" (95% CI {_num(low, '.3g')} - {_num(high, '.3g')})" if has_ci else ""
+        steps = probe.train_steps or 0
         when = "at initialisation" if not steps else f"after {steps} training steps"
-        batch = f" at batch {probe['batch_size']}" if probe.get("batch_size") else ""
+        batch = f" at batch {probe.batch_size}" if probe.batch_size else ""
         what = ("measured before the loss fell, it is a floor of the noise scale later in training, not the critical "
                 "batch" if not steps else "one point early in training, not at the target's loss")
-        lines.append(f"gradient noise scale B_simple {when} (the noise probe{batch}): {_num(probe['b_simple'], '.4g')}"
+        lines.append(f"gradient noise scale B_simple {when} (the noise probe{batch}): {_num(probe.b_simple, '.4g')}"
                      f"{ci_txt}; {what}")
     noise = _noise_of(measured, rec)
     curve = noise.get("against_loss") or []
@@ -795,12 +795,12 @@ def _study_facts(measured: Measurements, rec: Recommendation | None) -> list[str
         verdict = ("kept" if cal.kept_base else f"moved to {_num(cal.lr, '.3g')}")
         lines.append(f"base LR {_num(cal.base_lr, '.3g')} checked at batch {cal.batch_size} for "
                      f"{cal.steps} steps ({cal.metric}: {scores}): {verdict}")
-    find = measured.find or {}
-    if find:
-        lines.append(f"finder: largest batch that fits with margin {find.get('recommended_batch_size')}, throughput "
-                     f"knee {find.get('throughput_knee_batch_size')}, {find.get('real_trials')} real trials")
-        if find.get("plan_vs_measured"):
-            lines.append(f"plan vs measured: {find['plan_vs_measured']}")
+    find = measured.find
+    if find is not None:
+        lines.append(f"finder: largest batch that fits with margin {find.recommended_batch_size}, throughput "
+                     f"knee {find.throughput_knee_batch_size}, {find.real_trials} real trials")
+        if plan_vs_measured := find.extras.get("plan_vs_measured"):  # tune's line beside the finder's result
+            lines.append(f"plan vs measured: {plan_vs_measured}")
     lines.append(f"store {sweep.storage}, study {sweep.study_name}")
     return lines
 
@@ -1025,19 +1025,19 @@ def _plot_b_simple(measured: Measurements, rec: Recommendation | None, path: Pat
     B_simple against the training loss, pooled over every trial (95 % bootstrap over trials), with the value at the
     decision's target loss."""
     trials = [t for t in _rows_source(measured) if t.b_simple_history]
-    probe = measured.noise or {}
-    global_bs = probe.get("b_simple")
+    probe = measured.noise
+    global_bs = finite_or_none(probe.b_simple) if probe is not None else None  # unbounded (JSON null): not drawn
     noise = _noise_of(measured, rec)
     curve = [(p, iv) for p in noise.get("against_loss") or [] if (iv := _positive_interval(p.get("b_simple")))]
-    if not trials and not isinstance(global_bs, (int, float)) and not curve:
+    if not trials and global_bs is None and not curve:
         return None
     fig, (ax, ax_l) = _figure(2)
     for t in trials:  # the running ratio of two noisy estimates can dip to zero or below: only positive values show
         hist = [h for h in t.b_simple_history if isinstance(h.get("b_simple"), (int, float)) and h["b_simple"] > 0]
         xs = [h["epoch"] if h.get("epoch") is not None else h.get("step") for h in hist]
         ax.plot(xs, [h["b_simple"] for h in hist], marker=".", label=f"B={t.batch_size}")
-    if isinstance(global_bs, (int, float)):
-        when = "at initialisation" if not probe.get("train_steps") else f"after {probe['train_steps']} steps"
+    if global_bs is not None and probe is not None:
+        when = "at initialisation" if not probe.train_steps else f"after {probe.train_steps} steps"
         ax.axhline(global_bs, color="gray", linestyle="--", label=f"noise probe {when}: {global_bs:.3g}")
     ax.set(xlabel="epoch", ylabel="B_simple (EMA)", title="each run's B_simple over training")
     if curve:

@@ -25,6 +25,7 @@ ranks them (docs/decisions.md says so).
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -59,6 +60,7 @@ class StepTimeCalibration:
     elapsed: float
     errors: dict[int, str] = field(default_factory=dict)  # batch sizes that could not be timed, and why
     level: float = DEFAULT_LEVEL
+    extras: dict[str, Any] = field(default_factory=dict)  # other keys of its dict form, kept (tune's ``cost``)
 
     def interval(self, batch_size: int) -> Interval | None:
         """The median seconds per step over the rounds, with its order-statistic interval (``None``: not timed)."""
@@ -77,16 +79,20 @@ class StepTimeCalibration:
                 "seconds": {str(b): list(v) for b, v in sorted(self.seconds.items())},
                 "micro_batch": {str(b): m for b, m in sorted(self.micro_batch.items())},
                 "errors": {str(b): e for b, e in sorted(self.errors.items())},
-                "seconds_per_step": {str(b): iv.to_dict() for b, iv in self.intervals().items()}}
+                "seconds_per_step": {str(b): iv.to_dict() for b, iv in self.intervals().items()}, **self.extras}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StepTimeCalibration:
+        """The inverse of :meth:`to_dict` (``seconds_per_step`` is derived; any other key, such as tune's ``cost``,
+        goes to ``extras``)."""
+        own = {"clock", "seconds", "micro_batch", "rounds", "elapsed", "errors", "level", "seconds_per_step"}
         return cls(clock=str(data.get("clock", "")),
                    seconds={int(b): [float(x) for x in v] for b, v in (data.get("seconds") or {}).items()},
                    micro_batch={int(b): int(m) for b, m in (data.get("micro_batch") or {}).items()},
                    rounds=int(data.get("rounds") or 0), elapsed=float(data.get("elapsed") or 0.0),
                    errors={int(b): str(e) for b, e in (data.get("errors") or {}).items()},
-                   level=float(data.get("level") or DEFAULT_LEVEL))
+                   level=float(data.get("level") or DEFAULT_LEVEL),
+                   extras={k: copy.deepcopy(v) for k, v in data.items() if k not in own})
 
 
 @dataclass
