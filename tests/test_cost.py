@@ -256,18 +256,20 @@ def test_a_capped_lr_check_races_to_a_longer_horizon_and_carries_the_lr_to_the_r
     monkeypatch.setattr(tuning, "_lr_run", lr_run)
     wl = make_tiny_workload(n=512, n_val=1000, lr=0.01)  # base batch 16
     s0, s1 = tuning._lr_check_steps(16, 10_000, 2_304 + 512, len(tuning.LR_CALIBRATION_MULTIPLIERS))
-    assert (s0, s1) == (tuning.LR_CHECK_MIN_STEPS, 32)
+    assert (s0, s1) == (tuning.LR_CHECK_MIN_STEPS, 34)  # 5 x 8 + 4 x 34 steps = the share's 176
     run = tuning._Run(tmp_path, None, {"workload": "tiny"}, "cpu", "fp32", 0)
     check = tuning._calibrate_lr(wl, run, budget=parse_budget("epochs:20"),
                                  multipliers=tuning.LR_CALIBRATION_MULTIPLIERS, tolerance=0.0, max_samples=2_816,
                                  train_samples=5_120)
     first = [c for c in calls if c[1] == s0]
     second = [c for c in calls if c[1] == s1]
-    assert [c[0] for c in first] == list(tuning.LR_CALIBRATION_MULTIPLIERS)  # every multiplier, short
-    assert sorted(c[0] for c in second) == [4.0, 8.0, 16.0]  # the region's best (x8, the edge) and its neighbours
+    assert [c[0] for c in first] == list(tuning.LR_RACE_MULTIPLIERS)  # x1/4 ... x64, x4 apart, short
+    # the region's best (x16) and its x2 neighbours; the peak at 34 steps (x10.3) puts x8 first, at the rung's lower
+    # edge: one more x2 step that way
+    assert sorted(c[0] for c in second) == [4.0, 8.0, 16.0, 32.0]
     assert len(calls) == len(first) + len(second) and sum(s * 16 for _, s, _ in calls) <= 2_816  # within its share
     factor = (s1 * 16 / 5_120) ** tuning.LR_HORIZON_EXPONENT
-    assert check.lr_at_check_horizon == pytest.approx(0.01 * peak(s1), rel=1e-6)  # the peak at 32 steps, not x16
+    assert check.lr_at_check_horizon == pytest.approx(0.01 * peak(s1), rel=1e-6)  # the peak at 34 steps, not x16
     assert check.horizon_factor == pytest.approx(factor) and check.lr == pytest.approx(0.01 * peak(s1) * factor)
     assert check.lr_interval[0] <= check.lr <= check.lr_interval[1] and not check.kept_base
     assert check.steps == s1 and [r["steps"] for r in check.rungs] == [s0, s1] and "Bjorck" in check.decision
@@ -277,7 +279,7 @@ def test_a_capped_lr_check_races_to_a_longer_horizon_and_carries_the_lr_to_the_r
                                  multipliers=tuning.LR_CALIBRATION_MULTIPLIERS, tolerance=0.0, max_samples=2_816,
                                  train_samples=5_120)
     assert calls == [] and again.lr == check.lr
-    top = 40.0  # the peak past the second rung's edge (x26 at 32 steps): one more x2 step that way, within the share
+    top = 40.0  # x64 first at 8 steps; the peak below the second rung's edge (x25.9 at 34): one more x2 step down
     calls.clear()
 
     def _shifted(workload: object, run: object, metric: object, batch: int, steps: int, m: float,
@@ -291,8 +293,9 @@ def test_a_capped_lr_check_races_to_a_longer_horizon_and_carries_the_lr_to_the_r
     past = tuning._calibrate_lr(wl, tuning._Run(tmp_path / "past", None, {"workload": "tiny"}, "cpu", "fp32", 0),
                                 budget=parse_budget("epochs:20"), multipliers=tuning.LR_CALIBRATION_MULTIPLIERS,
                                 tolerance=0.0, max_samples=2_816, train_samples=5_120)
-    assert sorted(c[0] for c in calls if c[1] == s1) == [4.0, 8.0, 16.0, 32.0]
-    assert sum(s * 16 for _, s, _ in calls) <= 2_816 and past.lr_at_check_horizon == pytest.approx(0.01 * 32.0)
+    assert sorted(c[0] for c in calls if c[1] == s1) == [16.0, 32.0, 64.0, 128.0]
+    assert sum(s * 16 for _, s, _ in calls) <= 2_816
+    assert past.lr_at_check_horizon == pytest.approx(0.01 * top * (8 / s1) ** 0.3, rel=1e-6)
 
 
 def test_the_plan_takes_back_a_size_the_longer_horizon_now_fits() -> None:

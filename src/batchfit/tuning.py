@@ -99,6 +99,7 @@ LR_CALIBRATION_BUDGET_DIVISOR = 4  # each check run gets 1/4 of a sweep trial's 
 LR_CHECK_SEEDS = 3  # seeds (in all) for the base and the best multiplier when their scores are close
 LR_CHECK_MIN_STEPS = 8  # a capped LR check runs at least this many steps (below, it would measure nothing)
 LR_SHORT_CHECK_MAX_MOVE = 4.0  # a capped one-rung LR check far shorter than the run moves the base LR at most this
+LR_RACE_MULTIPLIERS = (0.25, 1.0, 4.0, 16.0, 64.0)  # the race's first rung: x4 apart, x1/4 to x64 (docs/decisions.md)
 LR_RACE_ETA = 4  # the capped LR check's second rung runs at least this many times the first rung's steps
 LR_RACE_RUNG1_LRS = 4  # runs its second rung plans for: the first rung's best, its x1/2 and x2 neighbours, one more x2
 #                        step past the rung's edge when the best is there
@@ -694,19 +695,21 @@ def _next_multiplier(runs: Sequence[Mapping[str, Any]], metric: Any) -> float | 
 
 
 def _lr_check_steps(batch: int, budget_steps: int, max_samples: int | None, multipliers: int,
-                    replicates: int = LR_CHECK_SEEDS) -> tuple[int, int | None]:
+                    replicates: int = LR_CHECK_SEEDS,
+                    race_multipliers: int = len(LR_RACE_MULTIPLIERS)) -> tuple[int, int | None]:
     """``(steps of the first rung, steps of the second rung or None)`` for the LR check at ``batch``.
 
-    Uncapped: one rung, each run a quarter of a sweep trial's steps (``budget_steps``). Capped (``max_samples``, the
-    check's share of the cost cap): a race when the share affords it (:func:`_calibrate_lr`) -- every multiplier
-    for ``s0`` steps, then :data:`LR_RACE_RUNG1_LRS` of them for ``s1 >= LR_RACE_ETA * s0`` steps, ``s1`` as long as
-    the share allows; else one rung sized for every run it may make (extensions and seeds too)."""
+    Uncapped: one rung of ``multipliers`` LRs, each run a quarter of a sweep trial's steps (``budget_steps``).
+    Capped (``max_samples``, the check's share of the cost cap): a race when the share affords it
+    (:func:`_calibrate_lr`) -- the ``race_multipliers`` LRs of :data:`LR_RACE_MULTIPLIERS` for ``s0`` steps, then
+    :data:`LR_RACE_RUNG1_LRS` runs for ``s1 >= LR_RACE_ETA * s0`` steps, ``s1`` as long as the share allows; else one
+    rung of ``multipliers`` LRs sized for every run it may make (extensions and seeds too)."""
     steps = max(1, budget_steps // LR_CALIBRATION_BUDGET_DIVISOR)
     if max_samples is None:
         return steps, None
     room = max_samples // batch  # steps the share buys at this batch
-    s0 = max(LR_CHECK_MIN_STEPS, int(room / (multipliers / LR_RACE_ETA + LR_RACE_RUNG1_LRS)) // LR_RACE_ETA)
-    s1 = (room - multipliers * s0) // LR_RACE_RUNG1_LRS
+    s0 = max(LR_CHECK_MIN_STEPS, int(room / (race_multipliers / LR_RACE_ETA + LR_RACE_RUNG1_LRS)) // LR_RACE_ETA)
+    s1 = (room - race_multipliers * s0) // LR_RACE_RUNG1_LRS
     if s1 >= LR_RACE_ETA * s0:
         return s0, s1
     most_runs = multipliers + LR_CALIBRATION_EXTEND + 2 * (replicates - 1)
@@ -715,7 +718,8 @@ def _lr_check_steps(batch: int, budget_steps: int, max_samples: int | None, mult
 
 def _calibrate_lr(workload: Workload, run: _Run, *, budget: Any, multipliers: Sequence[float],
                   tolerance: float, replicates: int = LR_CHECK_SEEDS, max_samples: int | None = None,
-                  train_samples: int | None = None) -> LRCheck:
+                  train_samples: int | None = None,
+                  race_multipliers: Sequence[float] = LR_RACE_MULTIPLIERS) -> LRCheck:
     """Check the workload's base LR at its own base batch; move it only when another LR is better beyond the noise.
 
     Every rule scales the LR *from* the base point, so an untuned base LR skews every batch size's result alike;
@@ -728,22 +732,24 @@ def _calibrate_lr(workload: Workload, run: _Run, *, budget: Any, multipliers: Se
     Uncapped, each run is a quarter of a sweep trial. Under the cost cap (``max_samples``, ``train_samples``) runs
     are far shorter than the run the answer is for, and short runs favour large LRs (Wu et al. 2018): measured on
     demo:mnist1d and demo:digits, the best LR at 6-20 % of the run is x1.4-x2 the best for the whole run, and at
-    ~1 % (8 steps) up to x16. So the capped check is a race (successive halving, Jamieson & Talwalkar 2016): every
-    multiplier for a few steps to find the region, then the best and its x1/2 and x2 neighbours for as long as the
-    check's share allows; the LR is the peak at that longer horizon, scaled to the train budget by the power law
-    the best LR follows in the horizon, ``(horizon / train budget) ** LR_HORIZON_EXPONENT`` (Bjorck et al. 2025).
+    ~1 % (8 steps) up to x16. So the capped check is a race (successive halving, Jamieson & Talwalkar 2016): the
+    ``race_multipliers`` (x4 apart, x1/4 to x64: the best at 1-5 % of the run lay at x16-x64 of the base on both
+    demos, past the one-rung grid's x8) for a few steps to find the region, then the best and its x1/2 and x2
+    neighbours for as long as the check's share allows; the LR is the peak at that longer horizon, scaled to the
+    train budget by the power law the best LR follows in the horizon,
+    ``(horizon / train budget) ** LR_HORIZON_EXPONENT`` (Bjorck et al. 2025).
     A share too small for the second rung runs one rung whose move is held at :data:`LR_SHORT_CHECK_MAX_MOVE`.
     """
     from batchfit.metric import Metric
 
     batch = _per_world(min(workload.base_batch_size, workload.num_train))
     s0, s1 = _lr_check_steps(batch, budget.steps_for(batch, workload.num_train), max_samples, len(multipliers),
-                             replicates)
+                             replicates, len(race_multipliers))
     short = bool(max_samples is not None and train_samples and 4 * (s1 or s0) * batch < train_samples)
     key = run.key(batch=batch, steps=s0, multipliers=list(multipliers), tolerance=tolerance,
                   replicates=replicates, score="smoothed-3",
-                  **({"race": [s0, s1], "horizon_exponent": LR_HORIZON_EXPONENT, "train_samples": train_samples}
-                     if s1 else {}),
+                  **({"race": [s0, s1], "horizon_exponent": LR_HORIZON_EXPONENT, "train_samples": train_samples,
+                      "race_multipliers": list(race_multipliers)} if s1 else {}),
                   **({"short_clamp": LR_SHORT_CHECK_MAX_MOVE} if short and not s1 else {}))
     cached = _cached(run.out, "lr", key)
     if cached is not None:
@@ -755,11 +761,12 @@ def _calibrate_lr(workload: Workload, run: _Run, *, budget: Any, multipliers: Se
                    {(r["multiplier"], r.get("seed", run.seed), r.get("steps", s0)): r
                     for r in partial.get("runs") or []})
     then = f", then the best 3 (one more past an edge) x {s1} steps" if s1 else ""
-    run.emit("lr_check", "start", f"base LR {workload.base_lr:.3g} at batch {batch}: {len(multipliers)} LRs x "
+    first = race_multipliers if s1 else multipliers
+    run.emit("lr_check", "start", f"base LR {workload.base_lr:.3g} at batch {batch}: {len(first)} LRs x "
                                   f"{s0} steps{then}",
-             total=len(multipliers) + (LR_RACE_RUNG1_LRS if s1 else 0))
+             total=len(first) + (LR_RACE_RUNG1_LRS if s1 else 0))
     if s1:
-        check = race.two_rungs(multipliers, s0, s1, replicates, train_samples)
+        check = race.two_rungs(race_multipliers, s0, s1, replicates, train_samples)
     else:
         check = race.one_rung(multipliers, s0, replicates, extend=not short, clamp=short,
                               train_samples=train_samples)
