@@ -137,3 +137,22 @@ def test_b_simple_cross_checks_the_growth_of_the_critical_batch() -> None:
     assert flat.to_dict()["b_simple_check"]["agrees"] is False
     none = horizon.long_horizon(_trials(h), ACC, **kw)  # no B_simple measured: no cross-check, nothing claimed
     assert none is not None and none.b_simple is None
+
+
+def test_a_critical_batch_far_beyond_the_batches_tried_is_a_bound_and_does_not_enter_the_growth_fit() -> None:
+    """B_crit more than x2 the largest batch that reached the level is not measured (the curve barely bends there):
+    that horizon is recorded but left out of the power law; with fewer than two left, no move."""
+    h, train = 40_000.0, 320_000
+    res = horizon.long_horizon(_trials(h, batches=(16, 32, 64, 128)), ACC, reference_batch=16,
+                               reference_multiplier=1.0, train_samples=train, tolerance=0.005,
+                               candidates=[16, 32, 64, 128])
+    assert res is not None and res.alpha is not None
+    reach = [hz["in_reach"] for hz in res.horizons if hz["b_crit"] is not None]
+    assert reach == [True, True, False]  # B_crit 142, 196 and 267 with batch 128 the largest: the last is a bound
+    assert "142 at 5,000, 196 at 10,000 samples" in res.reason and "267" not in res.reason
+    assert res.alpha.low <= ALPHA <= res.alpha.high  # the two measured horizons still see the true growth
+    small = horizon.long_horizon(_trials(h, batches=(16, 32, 64)), ACC, reference_batch=16, reference_multiplier=1.0,
+                                 train_samples=train, tolerance=0.005, candidates=[16, 32, 64])
+    assert small is not None and small.alpha is None and small.batch is None and small.b_max is None
+    assert "more than x2 beyond the largest batch that reached the level" in small.reason
+    assert any(f.startswith("no long-horizon extrapolation") for f in small.flags)

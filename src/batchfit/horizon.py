@@ -44,6 +44,7 @@ __all__ = ["HORIZONS", "LongHorizon", "long_horizon", "saturating_fit"]
 
 HORIZONS = (0.125, 0.25, 0.5, 1.0)  # fractions of the measured horizon at which B_crit is fitted
 FAR = 8.0  # a train budget more than this many times the measured horizon is flagged as far
+REACH = 2.0  # a horizon's B_crit enters the growth fit only within this factor of the largest batch at the level
 
 
 def _curve(trial: TrialSummary, metric: Metric) -> list[tuple[float, float]]:
@@ -139,6 +140,15 @@ def _critical_at(trials: Sequence[TrialSummary], metric: Metric, level: float, *
     return critical_from_trials(timed, seed=seed)
 
 
+def _in_reach(crit: CriticalBatchInterval) -> bool:
+    """Whether B_crit was measured, not only bounded: within :data:`REACH` of the largest batch that reached the
+    level. Far beyond it every batch tried is in the linear regime of ``S(B) = S_min (1 + B_crit / B)``, the curve
+    bends too little to place B_crit, and the fit's value is a lower bound; a power law through it would
+    extrapolate an extrapolation (demo:mnist1d: B_crit 63, 67, then 1,160 with batch 128 the largest to reach the
+    level gave a growth exponent of 2.1 and moved the answer to a batch the whole run shows worse)."""
+    return crit.b_crit.estimate <= REACH * crit.support[1]
+
+
 def b_simple_check(ref: Sequence[TrialSummary], alpha: Interval, h: float, *, level: float = DEFAULT_LEVEL,
                    n_boot: int = 500, seed: int = 0) -> dict[str, Any] | None:
     """The extrapolation's growth against an independent measurement: the gradient noise scale B_simple the
@@ -201,15 +211,20 @@ def long_horizon(trials: Sequence[TrialSummary | Mapping[str, Any]], metric: Met
             continue
         crit = _critical_at(trials, metric, q_k, seed=int(frac * 1000))
         out.horizons.append({"samples": s_k, "level": q_k,
-                             "b_crit": None if crit is None else crit.b_crit.to_dict()})
-        if crit is not None and crit.b_crit.estimate > 0 and len(crit.replicates) >= 20:
+                             "b_crit": None if crit is None else crit.b_crit.to_dict(),
+                             "extrapolated": None if crit is None else crit.extrapolated,
+                             "in_reach": None if crit is None else _in_reach(crit)})
+        if crit is not None and crit.b_crit.estimate > 0 and len(crit.replicates) >= 20 and _in_reach(crit):
             fits.append((s_k, crit))
     sat = saturating_fit(mean_curve[len(mean_curve) // 4:] or mean_curve, metric.higher_is_better)
     if sat is not None:
         out.gain_at_train = _gain(sat, float(train_samples))  # for the report: quality per e-fold of data at T
     if len(fits) < 2:
+        beyond = [f"{hz['samples']:,.0f}" for hz in out.horizons if hz.get("in_reach") is False]
+        past = (f"; at {', '.join(beyond)} samples it lay more than x{REACH:g} beyond the largest batch that reached "
+                "the level, a lower bound only" if beyond else "")
         out.reason = (f"B_crit could be fitted at {len(fits)} of {len(HORIZONS)} horizons (at least 2 are needed to "
-                      "see it grow): the answer stays the short-horizon one")
+                      f"see it grow){past}: the answer stays the short-horizon one")
         out.flags.append("no long-horizon extrapolation: " + out.reason)
         return out
     logs = np.log([s for s, _ in fits])
