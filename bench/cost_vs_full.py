@@ -49,13 +49,13 @@ WORKLOADS: dict[str, tuple[str, dict[str, Any], str]] = {
 
 
 def reference(spec: str, options: dict[str, Any], budget: str, seeds: int, store: Path,
-              lrs: int = 5) -> dict[str, Any]:
+              lrs: int = 5, micro_limit: int | None = None) -> dict[str, Any]:
     wl = load_workload(spec, **options)
     sizes = default_batch_sizes(wl.num_train, None, wl.base_batch_size)
     kind = parse_budget(budget).kind
     eval_every = _auto_eval_every(wl.num_train, min(sizes), kind)
     t0 = time.perf_counter()
-    grid = _grid(spec, options, store, budget, lrs, seeds, eval_every, sizes)
+    grid = _grid(spec, options, store, budget, lrs, seeds, eval_every, sizes, micro_limit)
     grid["wall_seconds"] = round(time.perf_counter() - t0, 1)
     grid["eval_every"] = eval_every
     return grid
@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="LRs per batch size in the reference (5: the rule's x 1/4 ... 4; 9: x 1/16 ... 16, for a "
                          "workload whose best LR sits at the edge of the narrower grid)")
     ap.add_argument("--tolerance", type=float, default=0.01)
+    ap.add_argument("--micro-limit", type=int, default=None,
+                    help="the reference's largest micro-batch (larger batches accumulate; tiny-lm's full batch of "
+                         "32,768 sequences in one pass needs gigabytes)")
     ap.add_argument("--load", action="store_true",
                     help="also tune seed 0 at the first cap with two busy processes beside it")
     ap.add_argument("--no-reference", action="store_true",
@@ -176,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         root = args.work_dir / name
         root.mkdir(parents=True, exist_ok=True)
         if "reference" not in out and not args.no_reference:
-            out["reference"] = reference(spec, options, budget, args.ref_seeds, root / "grid.db", args.ref_lrs)
+            out["reference"] = reference(spec, options, budget, args.ref_seeds, root / "grid.db", args.ref_lrs,
+                                         args.micro_limit)
             write_json(args.out, report)
         verdict = judge(out["reference"], args.tolerance) if "reference" in out else None
         out["verdict_basis"] = verdict

@@ -95,11 +95,14 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 def _grid(spec: str, options: dict[str, Any], store: Path, budget: str, lrs: int, seeds: int,
-          eval_every: int | None, sizes: list[int]) -> dict[str, Any]:
+          eval_every: int | None, sizes: list[int], micro_limit: int | None = None) -> dict[str, Any]:
+    """Every size x LR x seed for the whole budget; ``micro_limit``: the largest micro-batch (a larger batch
+    accumulates: the same update, less memory), default the largest size."""
     wl = load_workload(spec, **options)
     metric = Metric.for_workload(wl)
     res = sweep(wl, batch_sizes=sizes, budget=budget, lr_search=lrs, seeds=seeds, storage=f"sqlite:///{store}",
-                measure_noise=False, eval_every=eval_every, micro_batch_limit=max(sizes), seed=0)
+                measure_noise=False, eval_every=eval_every,
+                micro_batch_limit=min(max(sizes), micro_limit or max(sizes)), seed=0)
     d = res.to_dict()
     configs: dict[tuple[int, float], list[float]] = {}
     for t in d["trials"]:
