@@ -156,3 +156,19 @@ def test_a_critical_batch_far_beyond_the_batches_tried_is_a_bound_and_does_not_e
     assert small is not None and small.alpha is None and small.batch is None and small.b_max is None
     assert "more than x2 beyond the largest batch that reached the level" in small.reason
     assert any(f.startswith("no long-horizon extrapolation") for f in small.flags)
+
+
+def test_no_move_when_the_data_cannot_show_the_critical_batch_growing() -> None:
+    """A critical batch that does not grow (alpha = 0 in the model) gives an alpha interval reaching zero: the
+    extrapolation moves nothing, and says why (examples/text_dict at 6 % of its run, every accuracy near chance:
+    alpha -1.3 (-7.3 to 4.6) had moved batch 32 to 64)."""
+    global ALPHA
+    old, ALPHA = ALPHA, 0.0
+    try:
+        res = horizon.long_horizon(_trials(40_000.0, noise=0.002), ACC, reference_batch=16, reference_multiplier=1.0,
+                                   train_samples=320_000, tolerance=0.005, candidates=[16, 32, 64, 128, 256, 512])
+    finally:
+        ALPHA = old
+    assert res is not None and res.alpha is not None and res.alpha.low <= 0.0
+    assert res.batch is None and res.b_max is None
+    assert "is not measured" in res.reason and any(f.startswith("no long-horizon") for f in res.flags)

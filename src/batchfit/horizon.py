@@ -24,7 +24,9 @@ bias, with its uncertainty:
 The recommendation moves up from the short-horizon choice only to a candidate below the **lower** end of
 ``B_max(T)``'s interval, so noise and a poor extrapolation never move it (less evidence never picks a larger
 batch), and a train budget far beyond the measured horizon widens the interval (``(T / h)^alpha`` with
-``alpha``'s spread) and is flagged.
+``alpha``'s spread) and is flagged. It moves nothing unless ``alpha``'s interval lies above zero (the growth the
+move rests on, measured), and B_crit is fitted only at horizons where it is measured, not bounded
+(:func:`_in_reach`).
 """
 
 from __future__ import annotations
@@ -241,6 +243,15 @@ def long_horizon(trials: Sequence[TrialSummary | Mapping[str, Any]], metric: Met
         out.flags.append("cross-check: " + out.b_simple["text"])
     last_s, last = fits[-1]
     ratio = float(train_samples) / last_s
+    if out.far:
+        out.flags.append(f"far horizon: the train budget is {ratio:.0f}x the last fitted horizon; the extrapolation's "
+                         "interval is wide and rests on B_crit's power law holding that far")
+    if a_lo <= 0.0:  # the move rests on B_crit growing; growth the data cannot show moves nothing
+        out.reason = (f"B_crit's growth with the data seen is not measured: alpha {alpha_hat:.2f} ({a_lo:.2f} to "
+                      f"{a_hi:.2f}) from " + ", ".join(f"{c.b_crit.estimate:.3g} at {s:,.0f}" for s, c in fits)
+                      + " samples reaches zero or below: the answer stays the short-horizon one")
+        out.flags.append("no long-horizon extrapolation: " + out.reason)
+        return out
     if sat is None or tolerance <= 0:
         out.reason = "the reference curve has no saturating fit, so the quality a batch gives up at T is unknown"
         out.flags.append("no long-horizon extrapolation: " + out.reason)
@@ -274,7 +285,4 @@ def long_horizon(trials: Sequence[TrialSummary | Mapping[str, Any]], metric: Met
                   + ", ".join(f"{c.b_crit.estimate:.3g} at {s:,.0f}" for s, c in fits)
                   + f" samples; at the train budget ({train_samples:,} samples) B_crit ~ {out.b_crit_at_train}, and "
                   f"a batch stays within {tolerance:.3g} of the small batch up to ~ {out.b_max}")
-    if out.far:
-        out.flags.append(f"far horizon: the train budget is {ratio:.0f}x the last fitted horizon; the extrapolation's "
-                         "interval is wide and rests on B_crit's power law holding that far")
     return out
