@@ -314,3 +314,18 @@ def test_the_plan_takes_back_a_size_the_longer_horizon_now_fits() -> None:
     assert plan["dropped"] == [b for b in sizes if b not in kept] and all(h // b < MIN_PLANNED_STEPS
                                                                          for b in plan["dropped"])
     assert h == cost.plan_horizon(23_040, 1.0, len(kept), overhead=1 / 8)[0] and bud.kind == "samples"
+
+
+def test_a_budget_in_which_nothing_trained_says_it_cannot_tell_batch_sizes_apart(tmp_path: Path) -> None:
+    """Issue 18.3: when no candidate's loss fell beyond 5 % of its first evaluation, the recommendation says the
+    budget is too short to tell batch sizes apart; a budget in which the model trains does not say it."""
+    from batchfit.tuning import tune
+
+    kw = dict(batch_sizes=[8, 32], budget="samples:512", noise=False, find=False, precision_check=False,
+              lr_calibration=False, seeds=2, seed=0)
+    still = tune(make_tiny_workload(n=256, lr=1e-7), out_dir=tmp_path / "still", **kw)
+    flags = still.to_dict()["recommendation"]["flags"]
+    assert any(f.startswith("budget too short to tell batch sizes apart: no candidate's loss fell more than 5%")
+               for f in flags), flags
+    trained = tune(make_tiny_workload(n=256, lr=0.05), out_dir=tmp_path / "trained", **kw)
+    assert not any("nothing trained" in f for f in trained.to_dict()["recommendation"]["flags"])

@@ -563,6 +563,32 @@ def long_horizon_of(results: Measurements, decision: Decision, metric: Metric) -
                         train_samples=int(total), tolerance=delta, candidates=sorted(decision.evidence))
 
 
+NOTHING_TRAINED_DROP = 0.05  # a loss that fell less than this (relative) from the first evaluation did not train
+
+
+def _nothing_trained(decision: Decision) -> str | None:
+    """``"budget too short to tell batch sizes apart: ..."`` when no candidate's loss (validation, else training;
+    seed mean) fell more than :data:`NOTHING_TRAINED_DROP` from its first evaluation to its last: nothing trained,
+    so every quality compared is the starting point's noise (examples/text_dict at 6 % of its run: losses
+    0.719 -> 0.693 = ln 2, accuracy 0.50-0.55, on a binary task)."""
+    drops: dict[int, float] = {}
+    for b, ev in decision.evidence.items():
+        per_seed = []
+        for t in ev.trials:
+            key = "val_loss" if any(finite_or_none(r.get("val_loss")) is not None for r in t.history) else "train_loss"
+            vals = [v for r in t.history if (v := finite_or_none(r.get(key))) is not None]
+            if len(vals) >= 2 and vals[0] > 0:
+                per_seed.append((vals[0] - vals[-1]) / vals[0])
+        if per_seed:
+            drops[b] = sum(per_seed) / len(per_seed)
+    if not drops or max(drops.values()) >= NOTHING_TRAINED_DROP:
+        return None
+    best = max(drops, key=lambda b: drops[b])
+    return (f"budget too short to tell batch sizes apart: no candidate's loss fell more than "
+            f"{NOTHING_TRAINED_DROP:.0%} from its first evaluation (the most: batch {best}, {drops[best]:.1%}), so "
+            "nothing trained and every difference is the starting point's noise")
+
+
 def budget_flags(results: Measurements, decision: Decision) -> list[str]:
     """What the budgets say about the answer (issue 18): measured short of the train budget, an equal-steps
     comparison, too short a budget to fit S(B), a cost past the cap."""
@@ -581,6 +607,10 @@ def budget_flags(results: Measurements, decision: Decision) -> list[str]:
             flags.append(f"equal-steps budget: batch {hi} trained {hi // lo}x the samples of batch {lo}, so part of "
                          "any quality difference is a data difference; compare at equal samples (epochs:E or "
                          "samples:N)")
+    untrained = _nothing_trained(decision)
+    if untrained is not None:
+        flags.append(untrained + (f"; give each candidate a longer horizon than {measured:,} samples (a larger "
+                                  "--max-cost, or --budget)" if isinstance(measured, (int, float)) else ""))
     reached = {t.batch_size for e in decision.evidence.values() for t in e.trials
                if finite_or_none(t.steps_to_target) is not None}
     if len(decision.evidence) >= 3 and len(reached) < 3 and isinstance(measured, (int, float)):
