@@ -1200,9 +1200,17 @@ def recommend(
     decision, pick, why_batch = _pick_batch(data, metric, tolerance, None)
     crit = decision.critical  # the decision's S(B) fit: the flags, the context and the JSON read this one
     longer = long_horizon_of(data, decision, metric)
+    untrained = _nothing_trained(decision)
+    if untrained is not None and decision.batch_size > min(decision.choice.tied, default=decision.batch_size):
+        # every tie is the starting point's noise: breaking it toward the faster batch would turn noise into a
+        # larger batch, so the smallest of the tied ones is kept (less evidence never picks a larger batch)
+        small = min(decision.choice.tied)
+        pick = max(decision.evidence[small].trials, key=lambda t: metric.sort_key(quality_of_trial(t, metric)))
+        why_batch += (f" Nothing trained in the measured horizon (no loss fell 5 %), so the tie is not broken toward "
+                      f"the faster batch {decision.batch_size}: the smallest tied batch, {small}, is kept.")
     if longer is not None:
         why_batch += " " + longer.reason.rstrip(".") + "."
-        moved = _long_horizon_move(decision, longer)
+        moved = _long_horizon_move(decision, longer) if untrained is None else None
         if moved is not None:  # behind at h is the bias being corrected, so its short-horizon verdict does not bar it
             ev = decision.evidence[moved]
             pick = max(ev.trials, key=lambda t: metric.sort_key(quality_of_trial(t, metric)))
