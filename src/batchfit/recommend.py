@@ -586,7 +586,7 @@ def _nothing_trained(decision: Decision) -> str | None:
     best = max(drops, key=lambda b: drops[b])
     return (f"budget too short to tell batch sizes apart: no candidate's loss fell more than "
             f"{NOTHING_TRAINED_DROP:.0%} from its first evaluation (the most: batch {best}, {drops[best]:.1%}), so "
-            "nothing trained and every difference is the starting point's noise")
+            "little or nothing trained and the differences may all be the starting point's noise")
 
 
 def budget_flags(results: Measurements, decision: Decision) -> list[str]:
@@ -1207,7 +1207,8 @@ def recommend(
         small = min(decision.choice.tied)
         pick = max(decision.evidence[small].trials, key=lambda t: metric.sort_key(quality_of_trial(t, metric)))
         why_batch += (f" Nothing trained in the measured horizon (no loss fell 5 %), so the tie is not broken toward "
-                      f"the faster batch {decision.batch_size}: the smallest tied batch, {small}, is kept.")
+                      f"the faster batch {decision.batch_size}: the smallest tied batch, {small}, is kept (a longer "
+                      "horizon can tell them apart).")
     if longer is not None:
         why_batch += " " + longer.reason.rstrip(".") + "."
         moved = _long_horizon_move(decision, longer) if untrained is None else None
