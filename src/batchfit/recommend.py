@@ -589,9 +589,10 @@ def _nothing_trained(decision: Decision) -> str | None:
             "little or nothing trained and the differences may all be the starting point's noise")
 
 
-def budget_flags(results: Measurements, decision: Decision) -> list[str]:
+def budget_flags(results: Measurements, decision: Decision, untrained: str | None = None) -> list[str]:
     """What the budgets say about the answer (issue 18): measured short of the train budget, an equal-steps
-    comparison, too short a budget to fit S(B), a cost past the cap."""
+    comparison, nothing trained (``untrained``: :func:`_nothing_trained`'s finding, computed once by the caller),
+    too short a budget to fit S(B), a cost past the cap."""
     flags: list[str] = []
     total, measured = _plan_samples(results)
     if isinstance(total, (int, float)) and isinstance(measured, (int, float)) and measured < 0.99 * total:
@@ -607,7 +608,6 @@ def budget_flags(results: Measurements, decision: Decision) -> list[str]:
             flags.append(f"equal-steps budget: batch {hi} trained {hi // lo}x the samples of batch {lo}, so part of "
                          "any quality difference is a data difference; compare at equal samples (epochs:E or "
                          "samples:N)")
-    untrained = _nothing_trained(decision)
     if untrained is not None:
         flags.append(untrained + (f"; give each candidate a longer horizon than {measured:,} samples (a larger "
                                   "--max-cost, or --budget)" if isinstance(measured, (int, float)) else ""))
@@ -631,6 +631,11 @@ def micro_batch_for(batch: int, find: FindResult | Mapping[str, Any] | None, lim
     return _micro_batch(batch, min(batch, limit or batch), _stage("find", find))[0]
 
 
+def _best_trial(trials: Sequence[TrialSummary], metric: Metric) -> TrialSummary:
+    """The trial (seed) of one batch size with the best quality: the one whose LR and settings are recommended."""
+    return max(trials, key=lambda t: metric.sort_key(quality_of_trial(t, metric)))
+
+
 def _pick_batch(results: Measurements, metric: Metric, tolerance: float,
                 crit: CriticalBatchInterval | None) -> tuple[Decision, TrialSummary, str]:
     """The batch, by :func:`batchfit.decide.decide`: ties on quality broken on fitted time to target."""
@@ -644,7 +649,7 @@ def _pick_batch(results: Measurements, metric: Metric, tolerance: float,
     label = _metric_label(metric)
     batch, ev = decision.batch_size, decision.evidence
     chosen = ev[batch]
-    pick = max(chosen.trials, key=lambda t: metric.sort_key(quality_of_trial(t, metric)))
+    pick = _best_trial(chosen.trials, metric)
     tried = sorted(ev)
     tied = sorted(decision.choice.tied)
     seeds = chosen.seeds
@@ -1205,16 +1210,16 @@ def recommend(
         # every tie is the starting point's noise: breaking it toward the faster batch would turn noise into a
         # larger batch, so the smallest of the tied ones is kept (less evidence never picks a larger batch)
         small = min(decision.choice.tied)
-        pick = max(decision.evidence[small].trials, key=lambda t: metric.sort_key(quality_of_trial(t, metric)))
-        why_batch += (f" Nothing trained in the measured horizon (no loss fell 5 %), so the tie is not broken toward "
-                      f"the faster batch {decision.batch_size}: the smallest tied batch, {small}, is kept (a longer "
-                      "horizon can tell them apart).")
+        pick = _best_trial(decision.evidence[small].trials, metric)
+        why_batch += (f" Nothing trained in the measured horizon (no loss fell {NOTHING_TRAINED_DROP:.0%}), so the "
+                      f"tie is not broken toward the faster batch {decision.batch_size}: the smallest tied batch, "
+                      f"{small}, is kept (a longer horizon can tell them apart).")
     if longer is not None:
         why_batch += " " + longer.reason.rstrip(".") + "."
         moved = _long_horizon_move(decision, longer) if untrained is None else None
         if moved is not None:  # behind at h is the bias being corrected, so its short-horizon verdict does not bar it
             ev = decision.evidence[moved]
-            pick = max(ev.trials, key=lambda t: metric.sort_key(quality_of_trial(t, metric)))
+            pick = _best_trial(ev.trials, metric)
             why_batch += (f" For the whole train budget the answer moves from the short-horizon choice "
                           f"{decision.batch_size} to {moved}: within the tolerance below the lower end of that range, "
                           "and faster per sample beyond the timing noise.")
@@ -1256,7 +1261,7 @@ def recommend(
         non_inferior=sorted(int(b) for b in decision.choice.tied),
         reference_batch_size=decision.reference,
         selection=decision.selection.to_dict() if decision.selection is not None else None,
-        flags=list(decision.flags) + budget_flags(data, decision) + (list(longer.flags) if longer else []),
+        flags=list(decision.flags) + budget_flags(data, decision, untrained) + (list(longer.flags) if longer else []),
         decision_rule=DECISION_RULE.format(metric=_metric_label(metric)),
         decision_target=decision.target,
         holds_for=holds,
