@@ -571,22 +571,23 @@ def _nothing_trained(decision: Decision) -> str | None:
     seed mean) fell more than :data:`NOTHING_TRAINED_DROP` from its first evaluation to its last: nothing trained,
     so every quality compared is the starting point's noise (examples/text_dict at 6 % of its run: losses
     0.719 -> 0.693 = ln 2, accuracy 0.50-0.55, on a binary task)."""
-    drops: dict[int, float] = {}
+    val, train = Metric("val_loss", False), Metric("train_loss", False)
+    drops: dict[int, list[float]] = {}  # per batch size: each seed's relative fall
     for b, ev in decision.evidence.items():
-        per_seed = []
         for t in ev.trials:
-            key = "val_loss" if any(finite_or_none(r.get("val_loss")) is not None for r in t.history) else "train_loss"
-            vals = [v for r in t.history if (v := finite_or_none(r.get(key))) is not None]
+            loss = val if any(val.of_record(r) is not None for r in t.history) else train
+            vals = [v for r in t.history if (v := loss.of_record(r)) is not None]
             if len(vals) >= 2 and vals[0] > 0:
-                per_seed.append((vals[0] - vals[-1]) / vals[0])
-        if per_seed:
-            drops[b] = sum(per_seed) / len(per_seed)
-    if not drops or max(drops.values()) >= NOTHING_TRAINED_DROP:
+                drops.setdefault(b, []).append((vals[0] - vals[-1]) / vals[0])
+    mean = {b: sum(d) / len(d) for b, d in drops.items()}
+    if not mean or max(mean.values()) >= NOTHING_TRAINED_DROP:
         return None
-    best = max(drops, key=lambda b: drops[b])
+    best = max(mean, key=lambda b: mean[b])
+    seeds = (f" over {len(drops[best])} seeds, {min(drops[best]):.1%} to {max(drops[best]):.1%}"
+             if len(drops[best]) > 1 else "")
     return (f"budget too short to tell batch sizes apart: no candidate's loss fell more than "
-            f"{NOTHING_TRAINED_DROP:.0%} from its first evaluation (the most: batch {best}, {drops[best]:.1%}), so "
-            "little or nothing trained and the differences may all be the starting point's noise")
+            f"{NOTHING_TRAINED_DROP:.0%} from its first evaluation (the most: batch {best}, {mean[best]:.1%}{seeds}), "
+            "so little or nothing trained and the differences may all be the starting point's noise")
 
 
 def budget_flags(results: Measurements, decision: Decision, untrained: str | None = None) -> list[str]:
