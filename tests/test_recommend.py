@@ -643,3 +643,40 @@ def test_a_hugging_face_workload_is_recognised_for_its_recipe() -> None:
     assert framework_of(wl) == "hf"
     form = batch_form_of(wl)
     assert form["mapping"] and form["loss_from_output"] and form["collate_fn"]
+
+
+def test_every_candidate_tied_at_a_short_horizon_says_so_with_the_budget_that_could_tell() -> None:
+    """Issue 18.3: every batch size within the tolerance of the best at a horizon short of the train budget: the
+    horizon cannot tell them apart (the choice is by speed alone), and the flag names the next budget to try, x4
+    the horizon per candidate at about x4 the cap; a clear winner, or the whole train budget measured, says
+    nothing of the kind."""
+    rng = np.random.default_rng(0)
+    plan = {"budget": "samples:40000", "samples": 40_000, "max_cost": 0.5, "measurement": "samples:4000",
+            "measurement_samples": 4_000}
+    tied = [_trial(b, 0.95 + 0.001 * rng.standard_normal(), seed=s, steps_to_target=STEPS[b] * rng.lognormal(0, .05))
+            for b in STEPS for s in range(3)]
+    rec = recommend(_results(tied, train_budget=plan))
+    assert rec.tied == sorted(STEPS)
+    flag = [f for f in rec.flags if f.startswith("every batch size tried (16-256) is within the tolerance")]
+    assert len(flag) == 1, rec.flags
+    assert "at 4,000 samples" in flag[0] and "by speed alone" in flag[0]
+    assert "measuring each candidate on 16,000 samples (x4 this horizon) needs about --max-cost 2" in flag[0]
+    whole = recommend(_results(tied, train_budget={**plan, "measurement_samples": 40_000}))
+    assert not any(f.startswith("every batch size tried") for f in whole.flags)
+    apart = [_trial(b, q + 0.001 * s, seed=s) for b, q in ((16, 0.80), (64, 0.95), (256, 0.85)) for s in range(3)]
+    clear = recommend(_results(apart, train_budget=plan))
+    assert clear.batch_size == 64 and not any(f.startswith("every batch size tried") for f in clear.flags)
+    # near the train budget the next horizon is the train budget itself
+    near = recommend(_results(tied, train_budget={**plan, "measurement_samples": 20_000}))
+    assert any("on 40,000 samples (x2 this horizon) needs about --max-cost 1" in f for f in near.flags), near.flags
+    # nothing trained: that flag, not this one, and it names the same next budget
+    flat = json.loads(json.dumps(tied))
+    for t in flat:
+        for r in t["history"]:
+            r["val_loss"] = r["train_loss"] = 0.693
+    still = recommend(_results(flat, train_budget=plan))
+    assert not any(f.startswith("every batch size tried") for f in still.flags)
+    assert any(f.startswith("budget too short to tell batch sizes apart") and f.endswith(
+        "measuring each candidate on 16,000 samples (x4 this horizon) needs about --max-cost 2 (cost grows with the "
+        "horizon per candidate)") for f in still.flags), still.flags
+    assert still.batch_size == 16

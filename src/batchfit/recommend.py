@@ -590,6 +590,29 @@ def _nothing_trained(decision: Decision) -> str | None:
             "so little or nothing trained and the differences may all be the starting point's noise")
 
 
+LONGER_HORIZON = 4.0  # the next horizon a budget that could not tell the candidates apart suggests, x the last
+
+
+def _longer_horizon_hint(cost: Any, measured: Any, total: Any) -> str:
+    """``"; measuring each candidate on N samples (xK) needs about --max-cost C"``: the budget to try next when the
+    measured horizon could not tell the candidates apart, :data:`LONGER_HORIZON` x it (at most the train budget).
+    tune sizes every stage's share in proportion to the cap, so the horizon per candidate grows with it: the cap
+    that gives K x the horizon is about K x this one (an estimate, stated as one). Without a cap (``--budget``
+    given), the per-trial budget itself."""
+    if not isinstance(measured, (int, float)) or measured <= 0:
+        return ""
+    target = int(LONGER_HORIZON * measured)
+    if isinstance(total, (int, float)) and total > 0:
+        target = min(target, int(total))
+    k = target / measured
+    if k <= 1.0:
+        return ""
+    if isinstance(cost.max_cost, (int, float)) and cost.max_cost > 0:
+        return (f"; measuring each candidate on {target:,} samples (x{k:.3g} this horizon) needs about --max-cost "
+                f"{cost.max_cost * k:.2g} (cost grows with the horizon per candidate)")
+    return f"; measure each candidate on a longer horizon, e.g. --budget samples:{target}"
+
+
 def budget_flags(results: Measurements, decision: Decision, untrained: str | None = None) -> list[str]:
     """What the budgets say about the answer (issue 18): measured short of the train budget, an equal-steps
     comparison, nothing trained (``untrained``: :func:`_nothing_trained`'s finding, computed once by the caller),
@@ -609,17 +632,22 @@ def budget_flags(results: Measurements, decision: Decision, untrained: str | Non
             flags.append(f"equal-steps budget: batch {hi} trained {hi // lo}x the samples of batch {lo}, so part of "
                          "any quality difference is a data difference; compare at equal samples (epochs:E or "
                          "samples:N)")
+    from batchfit.cost import cost_of
+
+    cost = cost_of(results.to_dict())  # batchfit.cost reads the results.json form
     if untrained is not None:
-        flags.append(untrained + (f"; give each candidate a longer horizon than {measured:,} samples (a larger "
-                                  "--max-cost, or --budget)" if isinstance(measured, (int, float)) else ""))
+        flags.append(untrained + _longer_horizon_hint(cost, measured, total))
+    tied, tried = set(decision.choice.tied), set(decision.evidence)
+    if untrained is None and len(tried) >= 3 and tied >= tried and isinstance(measured, (int, float)) \
+            and isinstance(total, (int, float)) and measured < 0.99 * total:
+        flags.append(f"every batch size tried ({min(tried)}-{max(tried)}) is within the tolerance of the best at "
+                     f"{measured:,} samples, so this horizon cannot tell them apart and the choice among them is "
+                     "by speed alone; they may separate later in the run" + _longer_horizon_hint(cost, measured, total))
     reached = {t.batch_size for e in decision.evidence.values() for t in e.trials
                if finite_or_none(t.steps_to_target) is not None}
     if len(decision.evidence) >= 3 and len(reached) < 3 and isinstance(measured, (int, float)):
         flags.append(f"budget too short: only {len(reached)} batch size(s) reached the target, too few to fit "
                      f"S(B); a per-trial budget of about samples:{int(4 * measured)} would show the trade-off")
-    from batchfit.cost import cost_of
-
-    cost = cost_of(results.to_dict())  # batchfit.cost reads the results.json form
     if cost.within_cap is False:
         flags.append(f"over the cost cap: spent {cost.runs:.2f} runs of the train budget, cap {cost.max_cost:g}")
     return flags

@@ -679,7 +679,9 @@ def tradeoff_notes(results: Any, recommendation: Any = None, *,
                      "decision.")
     lines.append("Steps to target: the S(B) = S_min (1 + B_crit / B) fit over every batch size and seed (or the seed "
                  "mean where the fit is poor); time to target: those steps x the measured seconds per step"
-                 + ("." if interim else "; the fastest of the reference and the non-inferior batch sizes is chosen."))
+                 + ("." if interim else "; the fastest of the reference and the non-inferior batch sizes is chosen, "
+                                       "the smallest of them when nothing trained in the measured horizon (see the "
+                                       "flags)."))
     return lines
 
 
