@@ -136,3 +136,27 @@ def test_cli_failure_releases_a_fifo_reader(tmp_path, capsys) -> None:
     rc = main(["train", "-w", "demo:nope", "--steps", "1", "-q", "--json", str(fifo)])
     t.join(10)
     assert rc == 2 and not t.is_alive() and box["text"] == ""  # the reader saw the end, not a hang
+
+
+def test_split_fields_keeps_every_unknown_key_and_copies_only_when_asked() -> None:
+    """Every typed result reads its JSON form through split_fields: fields apart, the rest kept (so a key a newer
+    batchfit writes survives a round trip), derived keys dropped, and ``deep`` values shared with nothing."""
+    from dataclasses import dataclass, field
+
+    from batchfit._io import split_fields
+
+    @dataclass
+    class R:
+        a: int
+        b: list[int]
+        extras: dict = field(default_factory=dict)
+
+    data = {"a": 1, "b": [2], "newer": {"x": [3]}, "mode": "derived", "extras": "not a field to fill"}
+    known, other = split_fields(R, data, derived=("mode",))
+    assert known == {"a": 1, "b": [2]} and other == {"newer": {"x": [3]}, "extras": "not a field to fill"}
+    assert known["b"] is data["b"] and other["newer"] is data["newer"]
+    deep, rest = split_fields(R, data, deep=True)
+    assert deep["b"] == [2] and deep["b"] is not data["b"] and rest["newer"] is not data["newer"]
+    assert "mode" in rest
+    known, other = split_fields(R, {"a": 1, "b": [], "extras": 5}, rest="b")
+    assert known == {"a": 1, "extras": 5} and other == {"b": []}

@@ -16,6 +16,7 @@ The same rules hold for every output batchfit writes: JSON (:func:`write_json`),
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["NAME_MAX", "PATH_MAX", "STDOUT", "atomic_write", "check_output_path", "is_stream", "resolve_output",
-           "to_jsonable", "write_json", "write_text", "write_torch"]
+           "split_fields", "to_jsonable", "write_json", "write_text", "write_torch"]
 
 STDOUT = "-"
 NAME_MAX = 255  # bytes in one path component on every common Linux/macOS file system
@@ -36,6 +37,21 @@ PATH_MAX = 4096
 # names that mean one of this process's own open descriptors: write to the descriptor, never reopen the file
 _FD_PATHS = {"/dev/stdout": 1, "/dev/stderr": 2, "/proc/self/fd/1": 1, "/proc/self/fd/2": 2,
              "/dev/fd/1": 1, "/dev/fd/2": 2}
+
+
+def split_fields(cls: type, data: Mapping[str, Any], *, rest: str = "extras", derived: tuple[str, ...] = (),
+                 deep: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A result's JSON form read back into its dataclass's pieces: ``(known, other)``, the keys that are fields of
+    ``cls`` (all but ``rest``, the field that keeps the others) and every other key except ``derived`` ones (values
+    the JSON form computes from the fields). ``deep``: copies of the values, so the result shares nothing with
+    ``data``. Every typed result reads its dict this one way, so a key a newer batchfit writes is kept, not lost."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(cls)} - {rest}
+    take = copy.deepcopy if deep else (lambda v: v)
+    known = {k: take(v) for k, v in data.items() if k in names}
+    other = {k: take(v) for k, v in data.items() if k not in names and k not in derived}
+    return known, other
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from batchfit._io import split_fields
 from batchfit.errors import ConfigError
 
 __all__ = ["DEFAULT_MAX_COST", "STAGE_SHARES", "Cost", "Meter", "TrainBudget", "TrainBudgetPlan", "add_samples",
@@ -104,9 +105,8 @@ class TrainBudgetPlan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainBudgetPlan:
-        names = {f.name for f in fields(cls)} - {"extras"}
-        return cls(**{k: copy.deepcopy(v) for k, v in data.items() if k in names},
-                   extras={k: copy.deepcopy(v) for k, v in data.items() if k not in names})
+        known, extras = split_fields(cls, data, deep=True)
+        return cls(**known, extras=extras)
 
 
 def parse_train_budget(text: str | TrainBudget, *, name: str = "train_budget") -> TrainBudget:

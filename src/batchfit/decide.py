@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from batchfit._io import split_fields
 from batchfit.critical import seed_points
 from batchfit.metric import Metric, best_config_mean, crossing, final_quality, finite_or_none
 from batchfit.stats import (
@@ -122,9 +123,8 @@ class LRCheck:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LRCheck:
-        names = {f.name for f in fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in data.items() if k in names},
-                   extra={k: v for k, v in data.items() if k not in names})
+        known, extra = split_fields(cls, data, rest="extra")
+        return cls(**known, extra=extra)
 
     @property
     def moved(self) -> bool:

@@ -32,7 +32,7 @@ from torch import nn
 
 from batchfit import checks, data, distributed, memory, sharding
 from batchfit import schedule as batch_schedules
-from batchfit._io import check_output_path, write_torch
+from batchfit._io import check_output_path, split_fields, write_torch
 from batchfit.branching import BranchingResult, local_critical_batch
 from batchfit.errors import ConfigError, DataError
 from batchfit.loading import load_workload
@@ -358,14 +358,13 @@ class TrainResult:
     def from_dict(cls, data: Mapping[str, Any]) -> TrainResult:
         """The inverse of :meth:`to_dict`: the fields from their keys, every other key (what a run adds, such as
         ``train_eval_samples``, or a newer batchfit writes) back in ``extras``."""
-        names = {f.name for f in fields(cls)} - {"extras"}
-        missing = [f.name for f in fields(cls) if f.name in names and f.name not in data
+        missing = [f.name for f in fields(cls) if f.name != "extras" and f.name not in data
                    and f.default is MISSING and f.default_factory is MISSING]
         if missing:
             raise ConfigError(f"a training result needs {', '.join(missing)}; it has {', '.join(sorted(data))}")
-        known = {k: v for k, v in data.items() if k in names}
+        known, extras = split_fields(cls, data)
         known["history"] = [dict(h) for h in known.get("history") or []]
-        return cls(**known, extras={k: v for k, v in data.items() if k not in names})
+        return cls(**known, extras=extras)
 
 
 # ---------------------------------------------------------------------------------------------------------------

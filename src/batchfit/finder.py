@@ -33,14 +33,13 @@ inside a peak meter); :func:`_time_throughput` and :func:`_size_evaluation`; :fu
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import random
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,6 +47,7 @@ import torch
 from torch import nn
 
 from batchfit import checks, data, distributed, memory, sharding
+from batchfit._io import split_fields
 from batchfit.errors import ConfigError
 from batchfit.loading import load_workload
 from batchfit.progress import ProgressFn, emit
@@ -142,9 +142,7 @@ class FindResult:
     def from_dict(cls, data: dict[str, Any]) -> FindResult:
         """The inverse of :meth:`to_dict`: known keys become fields, any other key (``status``, ``world_size``,
         ``accumulation_steps`` ...) goes back into ``extras``."""
-        names = {f.name for f in fields(cls)} - {"extras"}
-        known = {k: copy.deepcopy(v) for k, v in data.items() if k in names}
-        extras = {k: copy.deepcopy(v) for k, v in data.items() if k not in names}
+        known, extras = split_fields(cls, data, deep=True)
         return cls(**known, extras=extras)
 
 

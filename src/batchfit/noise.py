@@ -37,14 +37,13 @@ both importable from here too) or :class:`RunningNoiseScale`.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import random
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -52,6 +51,7 @@ import torch
 from torch import nn
 
 from batchfit import checks, data, distributed, sharding
+from batchfit._io import split_fields
 from batchfit.engine import train
 from batchfit.errors import ConfigError, DataError, NoisyEstimateWarning, WorkloadError
 from batchfit.loading import load_workload
@@ -999,9 +999,7 @@ class NoiseResult:
         """The inverse of :meth:`to_dict` (``mode`` and ``reading`` are derived; other unknown keys such as
         ``status`` or ``warning`` go to ``extras``). Written JSON has no infinities (they become ``null``): a null
         ``b_simple`` or upper bound reads back as ``inf``, a null lower bound as ``-inf``."""
-        names = {f.name for f in fields(cls)} - {"extras"}
-        known = {k: copy.deepcopy(v) for k, v in data.items() if k in names}
-        extras = {k: copy.deepcopy(v) for k, v in data.items() if k not in names | {"mode", "reading"}}
+        known, extras = split_fields(cls, data, derived=("mode", "reading"), deep=True)
         b = known.get("b_simple")
         known["b_simple"] = math.inf if b is None else float(b)
         low, high = known.get("b_simple_ci") or (None, None)

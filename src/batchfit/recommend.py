@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from batchfit import checks
+from batchfit._io import split_fields
 from batchfit.decide import (
     Decision,
     LRCheck,
@@ -149,19 +150,18 @@ class Recommendation:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Recommendation:
-        names = {f.name for f in fields(cls)} - {"extra"}
         missing = [n for n in ("batch_size", "micro_batch_size", "accumulation_steps", "lr", "precision")
                    if n not in data]
         if missing:
             raise ConfigError(f"a recommendation needs {', '.join(missing)}; it has {', '.join(sorted(data))}")
-        known = {k: v for k, v in data.items() if k in names}
+        known, extra = split_fields(cls, data, rest="extra")
         known.setdefault("warmup_steps", 0)
         known.setdefault("reasons", [])
         known.setdefault("candidates", [known["batch_size"]])
         known.setdefault("tolerance", 0.0)
         for name in _EVIDENCE_LISTS:  # an older file's missing (or null) list: empty
             known[name] = list(known.get(name) or [])
-        return cls(**known, extra={k: v for k, v in data.items() if k not in names})
+        return cls(**known, extra=extra)
 
 
 # the recommendation's evidence fields, in results.json's order; those that are lists
