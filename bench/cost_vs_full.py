@@ -33,6 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from batchfit.loading import load_workload  # noqa: E402
+from batchfit.metric import Metric  # noqa: E402
 from batchfit.report import write_json  # noqa: E402
 from batchfit.stats import mean_interval, three_point_peak  # noqa: E402
 from batchfit.study import parse_budget  # noqa: E402
@@ -57,6 +58,7 @@ def reference(spec: str, options: dict[str, Any], budget: str, seeds: int, store
     t0 = time.perf_counter()
     grid = _grid(spec, options, store, budget, lrs, seeds, eval_every, sizes, micro_limit)
     grid["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    grid["higher_is_better"] = Metric.for_workload(wl).higher_is_better
     grid["eval_every"] = eval_every
     return grid
 
@@ -86,12 +88,21 @@ def fitted_best_lr(grid: dict[str, Any], batch: int, higher: bool = True) -> flo
     return 2.0 ** min(max(vertex, pts[i - 1][0]), pts[i + 1][0])
 
 
-def judge(grid: dict[str, Any], tol: float, higher: bool = True) -> dict[str, Any]:
+def _gap(best: float, q: float, higher: bool) -> float:
+    """How far ``q`` lies behind ``best``, relative (positive = worse), for a score or a loss."""
+    return (best - q) / abs(best) if higher else (q - best) / abs(best)
+
+
+def judge(grid: dict[str, Any], tol: float, higher: bool | None = None) -> dict[str, Any]:
+    """The reference's verdict; ``higher``: whether the quality is a score (default: the grid's metric, a score
+    for a grid stored before it was recorded; demo:tiny-lm ranks on the validation loss)."""
+    if higher is None:
+        higher = bool(grid.get("higher_is_better", True))
     best = grid["best"]["quality"]
     per = _per_batch_best(grid, higher)
     bound = best * (1 - tol) if higher else best * (1 + tol)
     ok = sorted(b for b, c in per.items() if (c["quality_mean"] >= bound if higher else c["quality_mean"] <= bound))
-    return {"best": grid["best"], "non_inferior": ok,
+    return {"best": grid["best"], "non_inferior": ok, "higher_is_better": higher,
             "best_lr_by_batch": {b: fitted_best_lr(grid, b, higher) for b in sorted(per)},
             "argmax_lr_by_batch": {b: per[b]["lr"] for b in sorted(per)},
             "tied_lr_range_by_batch": {b: tied_lr_range(grid, b, tol, higher) for b in sorted(per)},
@@ -129,7 +140,7 @@ def _rejudge(t: dict[str, Any], verdict: dict[str, Any], tol: float) -> None:
     if not b or not lr or q is None:
         return
     best = verdict["best"]["quality"]
-    t["relative_gap_to_best"] = (best - q) / abs(best)
+    t["relative_gap_to_best"] = _gap(best, q, verdict.get("higher_is_better", True))
     t["batch_non_inferior"] = b in verdict["non_inferior"]
     rng = verdict["tied_lr_range_by_batch"].get(b, verdict["tied_lr_range_by_batch"].get(str(b)))
     t["reference_tied_lr_range"] = rng
@@ -201,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                     iv = mean_interval(qs) if len(qs) >= 2 else None
                     best = verdict["best"]["quality"]
                     t.update(quality=score, quality_interval=None if iv is None else iv.to_dict(),
-                             relative_gap_to_best=(best - score["quality_mean"]) / abs(best),
+                             relative_gap_to_best=_gap(best, score["quality_mean"],
+                                                       verdict.get("higher_is_better", True)),
                              batch_non_inferior=b in verdict["non_inferior"])
                     _lr_factors(t, verdict)
                 tunes.append(t)
