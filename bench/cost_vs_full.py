@@ -38,7 +38,7 @@ from batchfit.report import write_json  # noqa: E402
 from batchfit.stats import mean_interval, three_point_peak  # noqa: E402
 from batchfit.study import parse_budget  # noqa: E402
 from batchfit.tuning import _auto_eval_every, default_batch_sizes, tune  # noqa: E402
-from recommendation_stability import _base_lr, _grid, _score_config  # noqa: E402
+from recommendation_stability import _base_lr, _configs, _grid, _quality, _score_config  # noqa: E402
 
 # name -> (spec, workload options, train budget)
 WORKLOADS: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -56,7 +56,7 @@ def reference(spec: str, options: dict[str, Any], budget: str, seeds: int, store
     kind = parse_budget(budget).kind
     eval_every = _auto_eval_every(wl.num_train, min(sizes), kind)
     t0 = time.perf_counter()
-    grid = _grid(spec, options, store, budget, lrs, seeds, eval_every, sizes, micro_limit)
+    grid = _grid(spec, options, store, budget, lrs, seeds, eval_every, sizes, micro_limit, final=True)
     grid["wall_seconds"] = round(time.perf_counter() - t0, 1)
     grid["higher_is_better"] = Metric.for_workload(wl).higher_is_better
     grid["eval_every"] = eval_every
@@ -160,6 +160,28 @@ def one_tune(spec: str, options: dict[str, Any], budget: str, cap: float, seed: 
             "flags": (d.get("recommendation") or {}).get("flags"), "wall_seconds": round(wall, 1), "out": str(out)}
 
 
+def rescore(out: dict[str, Any], grid_store: Path, root: Path) -> None:
+    """A stored reference and every stored tune's score read again from their stores (no training) and scored at
+    the end of the budget (each trial's last evaluation, :func:`recommendation_stability._quality`): for results
+    written when the reference was scored on the mean of the last 3 evaluations, which an epochs budget biases."""
+    from batchfit.study import load_results
+
+    wl = load_workload(out["spec"], **out["options"])
+    metric = Metric.for_workload(wl)
+    ref = out["reference"]
+    trials = [t.to_dict() for t in load_results(f"sqlite:///{grid_store}").trials]
+    ref.update(_configs(trials, metric, int(ref["seeds"]), True), higher_is_better=metric.higher_is_better)
+    for t in out.get("tunes", []):
+        db = root / f"score_c{t['cap']:g}_s{t['seed']}.db"
+        if not t.get("quality") or not db.exists():
+            continue
+        qs = [q for s in load_results(f"sqlite:///{db}").trials if (q := _quality(s.to_dict(), metric, True))
+              is not None]
+        t["quality"].update(qualities=qs, quality_mean=statistics.mean(qs))
+        iv = mean_interval(qs) if len(qs) >= 2 else None
+        t["quality_interval"] = None if iv is None else iv.to_dict()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workloads", default="digits,mnist1d")
@@ -177,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also tune seed 0 at the first cap with two busy processes beside it")
     ap.add_argument("--no-reference", action="store_true",
                     help="only the capped tunes (cost, answer, wall time): no full-horizon grid, no re-scoring")
+    ap.add_argument("--rescore", type=Path, default=None, metavar="GRID_STORE",
+                    help="score the stored reference (this SQLite grid store) and the stored tunes' scores (in "
+                         "--work-dir) again at the end of the budget, without training; then judge as usual")
     ap.add_argument("--out", type=Path, default=Path("bench/results/cost_vs_full.json"))
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/cost_vs_full"))
     args = ap.parse_args(argv)
@@ -189,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         out = report["workloads"].setdefault(name, {"spec": spec, "options": options, "train_budget": budget})
         root = args.work_dir / name
         root.mkdir(parents=True, exist_ok=True)
+        if args.rescore is not None:
+            rescore(out, args.rescore, root)
+            write_json(args.out, report)
         if "reference" not in out and not args.no_reference:
             out["reference"] = reference(spec, options, budget, args.ref_seeds, root / "grid.db", args.ref_lrs,
                                          args.micro_limit)
@@ -207,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                     b, lr = t["batch_size"], t["lr"]
                     score = _score_config(spec, options, b, lr, budget, args.ref_seeds,
                                           out["reference"]["eval_every"], _base_lr(t),
-                                          root / f"score_c{cap:g}_s{seed}.db")
+                                          root / f"score_c{cap:g}_s{seed}.db", final=True)
                     qs = score["qualities"]
                     iv = mean_interval(qs) if len(qs) >= 2 else None
                     best = verdict["best"]["quality"]

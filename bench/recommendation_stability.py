@@ -37,7 +37,7 @@ from typing import Any
 
 from batchfit.decide import quality_of_trial
 from batchfit.loading import load_workload
-from batchfit.metric import Metric
+from batchfit.metric import Metric, final_quality
 from batchfit.report import write_json
 from batchfit.study import sweep
 from batchfit.tuning import DEFAULT_BUDGET, _auto_eval_every, default_batch_sizes, tune
@@ -94,28 +94,64 @@ def _stop(procs: list[subprocess.Popen]) -> None:
         p.wait()
 
 
+FINAL_WINDOW = 0.1  # the end of the budget: the evaluations in its last 10 % of samples
+
+
+def _quality(t: dict[str, Any], metric: Metric, final: bool) -> float | None:
+    """A trial's score: what tune ranks on (the mean of its last 3 evaluations), or with ``final`` the quality at
+    the end of the budget: the mean of its evaluations in the last :data:`FINAL_WINDOW` of its samples (the last
+    evaluation at least). A reference over an epochs budget evaluates every batch size at the same *step*
+    cadence, so the last 3 evaluations span x64 more of the run at batch 512 than at batch 8 (demo:tiny-lm's one
+    epoch: the last 3 of 4 at batch 8, the only one at batch 32 and up; demo:digits-mlp's 20: 0.75 epoch at batch
+    16, 3 epochs at 256): their mean is biased against whoever is evaluated least often. One window in samples
+    for every batch size is not, and averages what falls in it (9 evaluations at batch 16 on digits, 3 at 256)."""
+    if t["status"] != "ok":
+        return None
+    if not final:
+        return quality_of_trial(t, metric)
+    recs = [r for r in t.get("history") or [] if metric.of_record(r) is not None]
+    if not recs:
+        return None
+    end = recs[-1].get("samples")
+    if isinstance(end, (int, float)) and end > 0:
+        recs = [r for r in recs if isinstance(r.get("samples"), (int, float))
+                and r["samples"] >= (1 - FINAL_WINDOW) * end]
+    else:
+        recs = recs[-1:]
+    return final_quality(recs, metric, len(recs))
+
+
+def _configs(trials: list[dict[str, Any]], metric: Metric, seeds: int, final: bool) -> dict[str, Any]:
+    """The grid's configurations (seed means over complete seeds) and its best, from its trials."""
+    configs: dict[tuple[int, float], list[float]] = {}
+    for t in trials:
+        q = _quality(t, metric, final)
+        if q is not None:
+            configs.setdefault((t["batch_size"], float(t["lr"])), []).append(q)
+    means = {k: statistics.mean(v) for k, v in configs.items() if len(v) == seeds}
+    best = max(means, key=lambda k: means[k] if metric.higher_is_better else -means[k])
+    return {"best": {"batch_size": best[0], "lr": best[1], "quality": means[best]},
+            "configs": [{"batch_size": b, "lr": lr, "quality_mean": m, "seeds": len(configs[(b, lr)])}
+                        for (b, lr), m in sorted(means.items())],
+            "quality_at": (f"mean of the evaluations in the last {FINAL_WINDOW:.0%} of the budget's samples" if final
+                           else "mean of the last 3 evaluations")}
+
+
 def _grid(spec: str, options: dict[str, Any], store: Path, budget: str, lrs: int, seeds: int,
-          eval_every: int | None, sizes: list[int], micro_limit: int | None = None) -> dict[str, Any]:
+          eval_every: int | None, sizes: list[int], micro_limit: int | None = None,
+          final: bool = False) -> dict[str, Any]:
     """Every size x LR x seed for the whole budget; ``micro_limit``: the largest micro-batch (a larger batch
-    accumulates: the same update, less memory), default the largest size."""
+    accumulates: the same update, less memory), default the largest size; ``final``: scored on each trial's last
+    evaluation (:func:`_quality`)."""
     wl = load_workload(spec, **options)
     metric = Metric.for_workload(wl)
     res = sweep(wl, batch_sizes=sizes, budget=budget, lr_search=lrs, seeds=seeds, storage=f"sqlite:///{store}",
                 measure_noise=False, eval_every=eval_every,
                 micro_batch_limit=min(max(sizes), micro_limit or max(sizes)), seed=0)
     d = res.to_dict()
-    configs: dict[tuple[int, float], list[float]] = {}
-    for t in d["trials"]:
-        q = quality_of_trial(t, metric) if t["status"] == "ok" else None
-        if q is not None:
-            configs.setdefault((t["batch_size"], float(t["lr"])), []).append(q)
-    means = {k: statistics.mean(v) for k, v in configs.items() if len(v) == seeds}
-    best = max(means, key=lambda k: means[k] if metric.higher_is_better else -means[k])
     return {"batch_sizes": sizes, "lr_multipliers": d.get("lr_multipliers"), "seeds": seeds,
             "trials": len(d["trials"]), "samples": sum(int(t.get("samples") or 0) for t in d["trials"]),
-            "best": {"batch_size": best[0], "lr": best[1], "quality": means[best]},
-            "configs": [{"batch_size": b, "lr": lr, "quality_mean": m, "seeds": len(configs[(b, lr)])}
-                        for (b, lr), m in sorted(means.items())]}
+            **_configs(d["trials"], metric, seeds, final)}
 
 
 def _base_lr(run: dict[str, Any]) -> float | None:
@@ -129,7 +165,7 @@ def _base_lr(run: dict[str, Any]) -> float | None:
 
 
 def _score_config(spec: str, options: dict[str, Any], batch: int, lr: float, budget: str, seeds: int,
-                  eval_every: int | None, base_lr: float | None, store: Path) -> dict[str, Any]:
+                  eval_every: int | None, base_lr: float | None, store: Path, final: bool = False) -> dict[str, Any]:
     """The recommended configuration trained again on the grid's seeds exactly as tune's sweep trained it: a
     one-batch sweep from the run's (checked) base LR with the workload's LR rule, so the rule's other settings
     (adam-sqrt also moves betas and eps with the batch) are the recommended recipe's, and scored like the grid."""
@@ -139,7 +175,7 @@ def _score_config(spec: str, options: dict[str, Any], batch: int, lr: float, bud
     metric = Metric.for_workload(wl)
     res = sweep(wl, batch_sizes=[batch], budget=budget, seeds=seeds, storage=f"sqlite:///{store}",
                 measure_noise=False, eval_every=eval_every, micro_batch_limit=batch, seed=0).to_dict()
-    qs = [quality_of_trial(t, metric) for t in res["trials"] if t["status"] == "ok"]
+    qs = [q for t in res["trials"] if (q := _quality(t, metric, final)) is not None]
     lrs = sorted({float(t["lr"]) for t in res["trials"]})
     return {"batch_size": batch, "lr": lr, "trained_lr": lrs, "base_lr": base_lr, "qualities": qs,
             "quality_mean": statistics.mean(qs) if qs else None,
