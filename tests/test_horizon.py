@@ -119,6 +119,17 @@ def test_the_recommendation_is_for_the_train_budget_not_the_measured_horizon() -
     # measured at the whole train budget: no extrapolation, the short answer stands
     same = dict(results, train_budget={"budget": "samples:40000", "samples": 40_000, "measurement_samples": h})
     assert recommend(same, tolerance=0.005).long_horizon is None
+    # a train budget past FAR x the measured horizon: the extrapolation is reported and flagged, not acted on
+    # (the same curves, whose power law holds to any horizon here, but a real run's early growth does not)
+    far = dict(results, train_budget={"budget": "samples:640000", "samples": 640_000, "measurement_samples": h})
+    rec_far = recommend(far, tolerance=0.005)
+    assert rec_far.batch_size < 512 and rec_far.long_horizon["batch"] is None
+    assert "moves from the short-horizon choice" not in rec_far.reasons[0]
+    assert rec_far.long_horizon["b_max"]["low"] > 512  # the extrapolation still says 512 would do ...
+    assert "16x the measured horizon (beyond x8), so this extrapolation is reported, not acted on" in \
+        rec_far.reasons[0]  # ... and why it moves nothing
+    assert any(f.startswith("far horizon: the train budget is 16x the measured horizon (32x the last horizon")
+               for f in rec_far.flags), rec_far.flags
 
 
 def test_b_simple_cross_checks_the_growth_of_the_critical_batch() -> None:

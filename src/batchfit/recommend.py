@@ -524,7 +524,7 @@ def _long_horizon_move(decision: Decision, longer: Any) -> int | None:
     """The batch size to train the whole budget with when the extrapolation allows a faster one than the short
     choice: among the batch sizes tried below the lower end of ``B_max(T)``, the least time per sample, taken only
     when its interval lies below the short choice's (a timing difference inside its noise decides nothing)."""
-    if longer.b_max is None or not longer.b_max.known:
+    if longer.b_max is None or not longer.b_max.known or longer.far:  # far: reported, not acted on
         return None
 
     def per_sample(b: int) -> Interval | None:
