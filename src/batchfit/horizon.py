@@ -26,9 +26,9 @@ The recommendation moves up from the short-horizon choice only to a candidate be
 batch), and only when the train budget is within :data:`FAR` x the measured horizon: farther, the extrapolation is
 reported and flagged but moves nothing (B_crit grows fastest early in training, Merrill et al. 2025, so a power law
 fitted on the first few percent of a run overshoots: demo:tiny-lm's s^0.82 over 150-600 samples, carried x55 to
-its one epoch, moved batch 8 to 64, which the full-horizon reference puts 1.8 % behind the best). It moves nothing unless ``alpha``'s interval lies above zero (the growth the
-move rests on, measured), and B_crit is fitted only at horizons where it is measured, not bounded
-(:func:`_in_reach`).
+its one epoch, moved batch 8 to 64, which the full-horizon reference puts 1.8 % behind the best). It moves
+nothing unless ``alpha``'s interval lies above zero (the growth the move rests on, measured), and B_crit is fitted
+only at horizons where it is measured, not bounded (:func:`_in_reach`).
 """
 
 from __future__ import annotations
