@@ -33,6 +33,23 @@ def test_a_single_lucky_evaluation_does_not_make_the_quality() -> None:
     assert spiky["best_val_metrics"]["accuracy"] > steady["best_val_metrics"]["accuracy"]  # argmax would pick 16
 
 
+def test_a_trials_quality_is_read_over_one_window_in_samples_whatever_the_evaluation_cadence() -> None:
+    """Over an epochs budget every batch size is evaluated at one step cadence, so the last 3 evaluations reach back
+    over different shares of the run (demo:tiny-lm's one epoch, its full-horizon reference: half of it at batch 8,
+    only the last evaluation at batch 32). The quality reads the evaluations in the last 3/16 of the samples, so both
+    are read at the end of the run; a sweep trial's 16 evaluations at equal shares keep their last 3."""
+    loss = Metric("val_loss", False)
+    dense = [{"samples": s, "val_loss": v} for s, v in ((8192, 1.60), (16384, 1.06), (24576, 0.99), (32768, 0.940))]
+    sparse = [{"samples": 32768, "val_loss": 0.944}]
+    assert decide.quality_of_trial({"history": dense}, loss) == pytest.approx(0.940)  # was (1.06+0.99+0.94)/3
+    assert decide.quality_of_trial({"history": sparse}, loss) == pytest.approx(0.944)
+    assert decide.quality_of_trial({"history": dense}, loss) < decide.quality_of_trial({"history": sparse}, loss)
+    even = [{"samples": 100 * i, "val_loss": 2.0 - 0.1 * i} for i in range(1, 17)]
+    assert decide.quality_of_trial({"history": even}, loss) == pytest.approx((0.6 + 0.5 + 0.4) / 3)
+    steps_only = [{"step": i, "val_loss": v} for i, v in enumerate((1.6, 1.06, 0.99, 0.94))]  # no samples: last 3
+    assert decide.quality_of_trial({"history": steps_only}, loss) == pytest.approx((1.06 + 0.99 + 0.94) / 3)
+
+
 def test_clear_winner_on_quality_with_seed_replicates() -> None:
     trials = [_trial(b, a + 0.002 * s, seed=s) for b, a in ((16, 0.95), (64, 0.90), (256, 0.85)) for s in range(3)]
     d = decide.decide(trials, ACC)

@@ -14,11 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FINAL_EVALS", "LOSS_NAMES", "Metric", "accuracy", "best_config_mean", "crossing", "final_quality",
-           "finite_or_none"]
+__all__ = ["FINAL_EVALS", "FINAL_WINDOW", "LOSS_NAMES", "Metric", "accuracy", "best_config_mean", "crossing",
+           "final_quality", "finite_or_none"]
 
 LOSS_NAMES = ("val_loss", "train_loss")
 FINAL_EVALS = 3  # a trial's quality: the mean of its last evaluations
+FINAL_WINDOW = 3 / 16  # ... those in the last 3/16 of its samples: the last 3 of a sweep trial's 16 evaluations
 
 
 def accuracy(outputs: Any, targets: Any) -> Any:
@@ -116,16 +117,26 @@ def _field(obj: Any, name: str) -> Any:
 
 
 def final_quality(history: Any, metric: Metric, k: int = FINAL_EVALS) -> float | None:
-    """A run's quality: the mean of ``metric`` over its last ``k`` evaluations (fewer: all of them).
+    """A run's quality: the mean of ``metric`` over its last ``k`` evaluations (fewer: all of them), of those in
+    the last :data:`FINAL_WINDOW` of its samples (the last evaluation always; records without ``samples``: the last
+    ``k``).
 
     Not the best evaluation, nor the best of a moving average: a maximum over many noisy evaluations is biased up,
     and more so for the runs with more evaluations (the small batches), so it favours whoever was evaluated most.
-    The last evaluations are what the user keeps at the end of the run."""
-    values = [v for r in history or [] if isinstance(r, Mapping) and (v := metric.of_record(r)) is not None]
-    if not values:
+    The last evaluations are what the user keeps at the end of the run. And one window in samples for every run:
+    over an epochs budget the sweep evaluates every batch size at one *step* cadence, so without it the last ``k``
+    evaluations reach back over different shares of the run at different batch sizes (demo:tiny-lm's one epoch:
+    half of it at batch 8, the last evaluation only at batch 32), and their mean is biased against whichever is
+    evaluated over the wider window. A sweep trial's default 16 evaluations at equal shares keep all ``k``."""
+    recs = [(r, v) for r in history or [] if isinstance(r, Mapping) and (v := metric.of_record(r)) is not None]
+    if not recs:
         return None
-    tail = values[-k:]
-    return float(sum(tail) / len(tail))
+    tail = recs[-k:]
+    end = finite_or_none(tail[-1][0].get("samples"))
+    if end is not None and end > 0:
+        tail = [(r, v) for r, v in tail if (s := finite_or_none(r.get("samples"))) is not None
+                and s >= (1.0 - FINAL_WINDOW) * end] or tail[-1:]
+    return float(sum(v for _, v in tail) / len(tail))
 
 
 def crossing(history: Any, metric: Metric, value: float, field: str = "step") -> float | None:
