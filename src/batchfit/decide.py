@@ -7,9 +7,9 @@ all trials and seeds where a model exists:
 
 - **Quality** of a trial: the mean of its last 3 evaluations in the last 3/16 of its samples
   (:func:`batchfit.metric.final_quality`; a maximum over noisy evaluations is biased up; one window in samples for
-  every batch size, whatever its evaluation cadence); of a configuration (batch, LR): its seed mean, shown with a t interval whose
-  variance is pooled over every configuration's seeds (unknown with one seed everywhere: the validation set's
-  binomial noise mostly cancels between configurations and is not a seed spread).
+  every batch size, whatever its evaluation cadence); of a configuration (batch, LR): its seed mean, shown with a
+  t interval whose variance is pooled over every configuration's seeds (unknown with one seed everywhere: the
+  validation set's binomial noise mostly cancels between configurations and is not a seed spread).
 - **Time per step** at each batch size: from the step-time calibration (:mod:`batchfit.steptime`: every candidate
   timed in the same interleaved rounds, the median over rounds with its order-statistic interval; on the CPU in
   one-thread process CPU time, which other processes on the machine do not move) when tune ran it; otherwise
