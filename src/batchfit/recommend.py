@@ -609,7 +609,8 @@ def _longer_horizon_hint(cost: Any, measured: Any, total: Any) -> str:
         return ""
     if isinstance(cost.max_cost, (int, float)) and cost.max_cost > 0:
         return (f"; measuring each candidate on {target:,} samples (x{k:.3g} this horizon) needs about --max-cost "
-                f"{cost.max_cost * k:.2g} (cost grows with the horizon per candidate)")
+                f"{cost.max_cost * k:.2g} (cost grows with the horizon per candidate; whether the model trains by then "
+                "is not measured: on examples/text_dict it did not, at the rule's LR)")
     return f"; measure each candidate on a longer horizon, e.g. --budget samples:{target}"
 
 
