@@ -160,9 +160,14 @@ def one_tune(spec: str, options: dict[str, Any], budget: str, cap: float, seed: 
             "flags": (d.get("recommendation") or {}).get("flags"), "wall_seconds": round(wall, 1), "out": str(out)}
 
 
+def _seed_interval(qs: list[float]) -> dict[str, Any] | None:
+    """The seed mean's t interval of a re-trained answer (``None`` with fewer than 2 seeds)."""
+    return mean_interval(qs).to_dict() if len(qs) >= 2 else None
+
+
 def rescore(out: dict[str, Any], grid_store: Path, root: Path) -> None:
     """A stored reference and every stored tune's score read again from their stores (no training) and scored at
-    the end of the budget (each trial's last evaluation, :func:`recommendation_stability._quality`): for results
+    the end of the budget (:func:`recommendation_stability._quality`): for results
     written when the reference was scored on the mean of the last 3 evaluations, which an epochs budget biases."""
     from batchfit.study import load_results
 
@@ -178,8 +183,7 @@ def rescore(out: dict[str, Any], grid_store: Path, root: Path) -> None:
         qs = [q for s in load_results(f"sqlite:///{db}").trials if (q := _quality(s.to_dict(), metric, True))
               is not None]
         t["quality"].update(qualities=qs, quality_mean=statistics.mean(qs))
-        iv = mean_interval(qs) if len(qs) >= 2 else None
-        t["quality_interval"] = None if iv is None else iv.to_dict()
+        t["quality_interval"] = _seed_interval(qs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,10 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                     score = _score_config(spec, options, b, lr, budget, args.ref_seeds,
                                           out["reference"]["eval_every"], _base_lr(t),
                                           root / f"score_c{cap:g}_s{seed}.db", final=True)
-                    qs = score["qualities"]
-                    iv = mean_interval(qs) if len(qs) >= 2 else None
                     best = verdict["best"]["quality"]
-                    t.update(quality=score, quality_interval=None if iv is None else iv.to_dict(),
+                    t.update(quality=score, quality_interval=_seed_interval(score["qualities"]),
                              relative_gap_to_best=_gap(best, score["quality_mean"],
                                                        verdict.get("higher_is_better", True)),
                              batch_non_inferior=b in verdict["non_inferior"])

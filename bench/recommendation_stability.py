@@ -110,15 +110,9 @@ def _quality(t: dict[str, Any], metric: Metric, final: bool) -> float | None:
     if not final:
         return quality_of_trial(t, metric)
     recs = [r for r in t.get("history") or [] if metric.of_record(r) is not None]
-    if not recs:
-        return None
-    end = recs[-1].get("samples")
-    if isinstance(end, (int, float)) and end > 0:
-        recs = [r for r in recs if isinstance(r.get("samples"), (int, float))
-                and r["samples"] >= (1 - FINAL_WINDOW) * end]
-    else:
-        recs = recs[-1:]
-    return final_quality(recs, metric, len(recs))
+    end = recs[-1].get("samples") if recs else None
+    whole = isinstance(end, (int, float)) and end > 0  # every evaluation in the window; without samples the last
+    return final_quality(recs, metric, len(recs) if whole else 1, window=FINAL_WINDOW)
 
 
 def _configs(trials: list[dict[str, Any]], metric: Metric, seeds: int, final: bool) -> dict[str, Any]:
@@ -141,8 +135,8 @@ def _grid(spec: str, options: dict[str, Any], store: Path, budget: str, lrs: int
           eval_every: int | None, sizes: list[int], micro_limit: int | None = None,
           final: bool = False) -> dict[str, Any]:
     """Every size x LR x seed for the whole budget; ``micro_limit``: the largest micro-batch (a larger batch
-    accumulates: the same update, less memory), default the largest size; ``final``: scored on each trial's last
-    evaluation (:func:`_quality`)."""
+    accumulates: the same update, less memory), default the largest size; ``final``: scored at the end of the
+    budget (:func:`_quality`)."""
     wl = load_workload(spec, **options)
     metric = Metric.for_workload(wl)
     res = sweep(wl, batch_sizes=sizes, budget=budget, lr_search=lrs, seeds=seeds, storage=f"sqlite:///{store}",

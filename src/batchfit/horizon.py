@@ -244,11 +244,12 @@ def long_horizon(trials: Sequence[TrialSummary | Mapping[str, Any]], metric: Met
     if out.b_simple is not None and not out.b_simple["agrees"]:
         out.flags.append("cross-check: " + out.b_simple["text"])
     last_s, last = fits[-1]
-    ratio = float(train_samples) / last_s
+    beyond = float(train_samples) / h  # the train budget over the measured horizon (FAR's ratio)
     if out.far:
-        out.flags.append(f"far horizon: the train budget is {float(train_samples) / h:.0f}x the measured horizon "
-                         f"({ratio:.0f}x the last horizon B_crit was fitted at); the extrapolation rests on B_crit's "
-                         f"power law holding that far, so beyond x{FAR:g} it is reported and moves nothing")
+        out.flags.append(f"far horizon: the train budget is {beyond:.0f}x the measured horizon "
+                         f"({float(train_samples) / last_s:.0f}x the last horizon B_crit was fitted at); the "
+                         "extrapolation rests on B_crit's power law holding that far, so beyond "
+                         f"x{FAR:g} it is reported and moves nothing")
     if a_lo <= 0.0:  # the move rests on B_crit growing; growth the data cannot show moves nothing
         out.reason = (f"B_crit's growth with the data seen is not measured: alpha {alpha_hat:.2f} ({a_lo:.2f} to "
                       f"{a_hi:.2f}) from " + ", ".join(f"{c.b_crit.estimate:.3g} at {s:,.0f}" for s, c in fits)
@@ -290,7 +291,7 @@ def long_horizon(trials: Sequence[TrialSummary | Mapping[str, Any]], metric: Met
                   f"a batch stays within {tolerance:.3g} of the small batch up to ~ {out.b_max}")
     if out.far:  # reported, not acted on: B_crit's growth early in training does not hold that far
         out.batch = None
-        out.reason += (f"; the train budget is {float(train_samples) / h:.0f}x the measured horizon (beyond "
+        out.reason += (f"; the train budget is {beyond:.0f}x the measured horizon (beyond "
                        f"x{FAR:g}), so this extrapolation is reported, not acted on: the answer stays the "
                        "short-horizon one")
     return out

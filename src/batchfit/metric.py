@@ -116,10 +116,10 @@ def _field(obj: Any, name: str) -> Any:
     return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
 
 
-def final_quality(history: Any, metric: Metric, k: int = FINAL_EVALS) -> float | None:
+def final_quality(history: Any, metric: Metric, k: int = FINAL_EVALS, window: float = FINAL_WINDOW) -> float | None:
     """A run's quality: the mean of ``metric`` over its last ``k`` evaluations (fewer: all of them), of those in
-    the last :data:`FINAL_WINDOW` of its samples (the last evaluation always; records without ``samples``: the last
-    ``k``).
+    the last ``window`` (default :data:`FINAL_WINDOW`) of its samples (the last evaluation always; records without
+    ``samples``: the last ``k``).
 
     Not the best evaluation, nor the best of a moving average: a maximum over many noisy evaluations is biased up,
     and more so for the runs with more evaluations (the small batches), so it favours whoever was evaluated most.
@@ -135,7 +135,7 @@ def final_quality(history: Any, metric: Metric, k: int = FINAL_EVALS) -> float |
     end = finite_or_none(tail[-1][0].get("samples"))
     if end is not None and end > 0:
         tail = [(r, v) for r, v in tail if (s := finite_or_none(r.get("samples"))) is not None
-                and s >= (1.0 - FINAL_WINDOW) * end] or tail[-1:]
+                and s >= (1.0 - window) * end] or tail[-1:]
     return float(sum(v for _, v in tail) / len(tail))
 
 

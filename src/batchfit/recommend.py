@@ -523,8 +523,9 @@ def holds_for(results: Measurements, decision: Decision, metric: Metric) -> dict
 def _long_horizon_move(decision: Decision, longer: Any) -> int | None:
     """The batch size to train the whole budget with when the extrapolation allows a faster one than the short
     choice: among the batch sizes tried below the lower end of ``B_max(T)``, the least time per sample, taken only
-    when its interval lies below the short choice's (a timing difference inside its noise decides nothing)."""
-    if longer.b_max is None or not longer.b_max.known or longer.far:  # far: reported, not acted on
+    when its interval lies below the short choice's (a timing difference inside its noise decides nothing). None
+    when the extrapolation offers no batch (``longer.batch``: none fits, or it is not acted on, e.g. far)."""
+    if longer.batch is None:
         return None
 
     def per_sample(b: int) -> Interval | None:
@@ -620,7 +621,8 @@ def budget_flags(results: Measurements, decision: Decision, untrained: str | Non
     too short a budget to fit S(B), a cost past the cap."""
     flags: list[str] = []
     total, measured = _plan_samples(results)
-    if isinstance(total, (int, float)) and isinstance(measured, (int, float)) and measured < 0.99 * total:
+    short = isinstance(total, (int, float)) and isinstance(measured, (int, float)) and measured < 0.99 * total
+    if short:
         train = results.train_budget.budget if results.train_budget is not None else None
         flags.append(f"short horizon: each candidate was measured on {measured:,} samples, {measured / total:.0%} of "
                      f"the train budget {train}; short measurements favour small batches (the critical "
@@ -639,8 +641,7 @@ def budget_flags(results: Measurements, decision: Decision, untrained: str | Non
     if untrained is not None:
         flags.append(untrained + _longer_horizon_hint(cost, measured, total))
     tied, tried = set(decision.choice.tied), set(decision.evidence)
-    if untrained is None and len(tried) >= 3 and tied >= tried and isinstance(measured, (int, float)) \
-            and isinstance(total, (int, float)) and measured < 0.99 * total:
+    if untrained is None and short and len(tried) >= 3 and tied >= tried:
         flags.append(f"every batch size tried ({min(tried)}-{max(tried)}) is within the tolerance of the best at "
                      f"{measured:,} samples, so this horizon cannot tell them apart and the choice among them is "
                      "by speed alone; they may separate later in the run" + _longer_horizon_hint(cost, measured, total))
