@@ -38,7 +38,7 @@ from batchfit.report import write_json  # noqa: E402
 from batchfit.stats import mean_interval, three_point_peak  # noqa: E402
 from batchfit.study import parse_budget  # noqa: E402
 from batchfit.tuning import _auto_eval_every, default_batch_sizes, tune  # noqa: E402
-from recommendation_stability import _base_lr, _configs, _grid, _quality, _score_config  # noqa: E402
+from recommendation_stability import _base_lr, _configs, _grid, _score_config, score_of_answer  # noqa: E402
 
 # name -> (spec, workload options, train budget)
 WORKLOADS: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -180,10 +180,10 @@ def rescore(out: dict[str, Any], grid_store: Path, root: Path) -> None:
         db = root / f"score_c{t['cap']:g}_s{t['seed']}.db"
         if not t.get("quality") or not db.exists():
             continue
-        qs = [q for s in load_results(f"sqlite:///{db}").trials if (q := _quality(s.to_dict(), metric, True))
-              is not None]
-        t["quality"].update(qualities=qs, quality_mean=statistics.mean(qs))
-        t["quality_interval"] = _seed_interval(qs)
+        score = score_of_answer([s.to_dict() for s in load_results(f"sqlite:///{db}").trials], metric,
+                                t["batch_size"], t["lr"], base_lr=t["quality"].get("base_lr"), final=True)
+        t["quality"].update(score)
+        t["quality_interval"] = _seed_interval(score["qualities"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -169,11 +170,31 @@ def _score_config(spec: str, options: dict[str, Any], batch: int, lr: float, bud
     metric = Metric.for_workload(wl)
     res = sweep(wl, batch_sizes=[batch], budget=budget, seeds=seeds, storage=f"sqlite:///{store}",
                 measure_noise=False, eval_every=eval_every, micro_batch_limit=batch, seed=0).to_dict()
-    qs = [q for t in res["trials"] if (q := _quality(t, metric, final)) is not None]
-    lrs = sorted({float(t["lr"]) for t in res["trials"]})
+    return score_of_answer(res["trials"], metric, batch, lr, base_lr=base_lr, final=final)
+
+
+def answer_trials(trials: list[dict[str, Any]], batch: int, lr: float) -> list[dict[str, Any]]:
+    """The trials of one answer in a score store: its batch size at the trained LR nearest the recommended one.
+
+    A store can hold an earlier answer's trials too (a tune directory decided again by newer code, then scored
+    into the same store): its mean must not mix them in."""
+    at_batch = [t for t in trials if int(t.get("batch_size") or 0) == int(batch) and t.get("lr")]
+    if not at_batch:
+        return []
+    nearest = min({float(t["lr"]) for t in at_batch}, key=lambda x: abs(math.log(x / lr)))
+    return [t for t in at_batch if abs(float(t["lr"]) - nearest) <= 1e-9 * nearest]
+
+
+def score_of_answer(trials: list[dict[str, Any]], metric: Any, batch: int, lr: float, *,
+                    base_lr: float | None = None, final: bool = False) -> dict[str, Any]:
+    """The answer's seed qualities from its own trials (:func:`answer_trials`)."""
+    own = answer_trials(trials, batch, lr)
+    qs = [q for t in own if (q := _quality(t, metric, final)) is not None]
+    lrs = sorted({float(t["lr"]) for t in own})
     return {"batch_size": batch, "lr": lr, "trained_lr": lrs, "base_lr": base_lr, "qualities": qs,
             "quality_mean": statistics.mean(qs) if qs else None,
-            "same_lr_as_recommended": all(abs(x - lr) <= 1e-9 * lr for x in lrs)}
+            "same_lr_as_recommended": bool(lrs) and all(abs(x - lr) <= 1e-6 * lr for x in lrs),
+            "other_trials_in_store": len(trials) - len(own)}
 
 
 def run_workload(name: str, args: argparse.Namespace, root: Path, report: dict[str, Any], path: Path) -> None:
