@@ -619,7 +619,10 @@ def _lr_run(workload: Workload, run: _Run, metric: Any, batch: int, steps: int, 
 def _lr_intervals(runs: Sequence[Mapping[str, Any]], metric: Any, num_val: int | None,
                   tolerance: float) -> dict[float, Any]:
     """Each multiplier's score as an interval: a t interval over its seeds, with one seed the validation set's
-    sampling interval (binomial for an accuracy on ``num_val`` samples), widened to ``tolerance / 2``."""
+    sampling interval (binomial for an accuracy on ``num_val`` samples), widened to ``tolerance / 2``.
+
+    Centred on the seed-adjusted estimate (:func:`_seed_adjusted`): the extra seeds go to two multipliers only, so
+    a plain mean would compare their average seed with the other multipliers' first seed."""
     from batchfit.decide import sampling_interval
     from batchfit.stats import mean_interval
 
@@ -627,19 +630,73 @@ def _lr_intervals(runs: Sequence[Mapping[str, Any]], metric: Any, num_val: int |
     for r in runs:
         if r.get("score") is not None:
             by_m.setdefault(float(r["multiplier"]), []).append(float(r["score"]))
+    adjusted = _seed_adjusted(runs)
     out = {}
     for m, vals in sorted(by_m.items()):
         iv = mean_interval(vals) if len(vals) > 1 else sampling_interval({"val_samples": num_val}, vals[0], metric,
                                                                            0.95)
+        shift = adjusted.get(m, iv.estimate) - iv.estimate
+        if shift:
+            iv = dataclasses.replace(iv, estimate=iv.estimate + shift,
+                                     low=None if iv.low is None else iv.low + shift,
+                                     high=None if iv.high is None else iv.high + shift,
+                                     method=iv.method + "+seed-adjusted")
         out[m] = iv.with_margin(tolerance / 2)
     return out
+
+
+def _scores(runs: Sequence[Mapping[str, Any]]) -> dict[tuple[float, int], float]:
+    """``{(multiplier, seed): score}`` of the runs that scored (a repeated run: its last)."""
+    return {(float(r["multiplier"]), int(r.get("seed") or 0)): float(r["score"]) for r in runs
+            if r.get("score") is not None}
+
+
+def _seed_adjusted(runs: Sequence[Mapping[str, Any]]) -> dict[float, float]:
+    """Each multiplier's score with the seeds' effects taken out: least squares on ``score = a_m + b_seed``, read
+    at the seeds' average (``a_m + mean(b)``). Every LR-check run of a seed shares its initialization and data
+    order (common random numbers), and the check adds seeds to two multipliers only (the base and the best); a
+    plain mean would put theirs on their seeds' average and the others on the first seed's. Balanced data (every
+    multiplier on the same seeds) gives the plain means."""
+    import numpy as np
+
+    cells = _scores(runs)
+    ms = sorted({m for m, _ in cells})
+    seeds = sorted({s for _, s in cells}, key=lambda s: (-sum(1 for _, t in cells if t == s), s))
+    if len(seeds) < 2 or all((m, s) in cells for m in ms for s in seeds):
+        return {m: float(np.mean([v for (mm, _), v in cells.items() if mm == m])) for m in ms}
+    x = np.zeros((len(cells), len(ms) + len(seeds) - 1))
+    y = np.zeros(len(cells))
+    for i, ((m, s), v) in enumerate(cells.items()):
+        x[i, ms.index(m)] = 1.0
+        if seeds.index(s):
+            x[i, len(ms) + seeds.index(s) - 1] = 1.0
+        y[i] = v
+    coef = np.linalg.lstsq(x, y, rcond=None)[0]
+    seed_mean = float(np.sum(coef[len(ms):])) / len(seeds)  # the first seed's effect is 0
+    return {m: float(coef[i]) + seed_mean for i, m in enumerate(ms)}
+
+
+def _paired_gain(runs: Sequence[Mapping[str, Any]], metric: Any, m: float, base: float = 1.0) -> Any:
+    """``m``'s score minus ``base``'s on the seeds both ran (positive = ``m`` better), with a t interval over
+    those paired differences: what a seed does to both runs cancels. ``None`` with fewer than 2 shared seeds."""
+    from batchfit.stats import mean_interval
+
+    cells = _scores(runs)
+    sign = 1.0 if metric.higher_is_better else -1.0
+    diffs = [sign * (cells[(m, s)] - cells[(base, s)]) for (mm, s) in cells if mm == m and (base, s) in cells]
+    return mean_interval(diffs) if len(diffs) >= 2 else None
 
 
 def _lr_decision(runs: Sequence[Mapping[str, Any]], metric: Any, num_val: int | None,
                  tolerance: float) -> tuple[float, bool, dict[float, Any]]:
     """``(chosen multiplier, decided beyond the noise, intervals)``: the base LR (x1) is kept unless another
-    multiplier's interval lies entirely on the better side of the base's; then the chosen multiplier is the peak
-    of the LR-response curve (:func:`_lr_peak`), not the argmax of the noisy scores."""
+    multiplier is better beyond the noise; then the chosen multiplier is the peak of the LR-response curve
+    (:func:`_lr_peak`), not the argmax of the noisy scores.
+
+    "Beyond the noise": on one seed each, the best's interval lies entirely on the better side of the base's;
+    once both have run on two or more shared seeds, their paired difference (:func:`_paired_gain`) is above zero
+    at 95 % and its estimate above the margin two intervals widened by ``tolerance / 2`` would need -- a paired
+    test, as the batch-size decision's, since both runs of a seed share its initialization and data order."""
     ivs = _lr_intervals(runs, metric, num_val, tolerance)
     if not ivs:
         return 1.0, True, ivs
@@ -648,7 +705,13 @@ def _lr_decision(runs: Sequence[Mapping[str, Any]], metric: Any, num_val: int | 
         return _lr_peak(ivs, metric, best), True, ivs
     if best == 1.0:
         return 1.0, True, ivs
-    return (_lr_peak(ivs, metric, best), True, ivs) if not ivs[best].overlaps(ivs[1.0]) else (1.0, False, ivs)
+    gain = _paired_gain(runs, metric, best)
+    if gain is not None and gain.known:
+        margin = tolerance / 2 * (abs(ivs[best].estimate) + abs(ivs[1.0].estimate))  # as two widened intervals
+        better = gain.low > 0 and gain.estimate > margin  # type: ignore[operator]
+    else:
+        better = not ivs[best].overlaps(ivs[1.0])
+    return (_lr_peak(ivs, metric, best), True, ivs) if better else (1.0, False, ivs)
 
 
 def _lr_peak(ivs: Mapping[float, Any], metric: Any, best: float) -> float:
@@ -783,6 +846,7 @@ class _LRRace:
         self.wl, self.run, self.metric, self.batch, self.tolerance, self.key = (workload, run, metric, batch,
                                                                                 tolerance, key)
         self.max_samples, self.done = max_samples, done
+        self.gain: Any = None  # the best's paired difference from x1 when the decision was the paired test
         self.check = _lr_check_type()(batch_size=batch, steps=0, metric=metric.name, base_lr=workload.base_lr, runs=[])
 
     def spent(self) -> int:
@@ -821,6 +885,8 @@ class _LRRace:
                 self.one(m, self.run.seed + extra_seed, steps, rung, 0)
             runs = self.rung(steps)
             chosen, decided, ivs = _lr_decision(runs, self.metric, num_val, self.tolerance)
+            best = _best_multiplier(ivs, self.metric)
+        self.gain = _paired_gain(runs, self.metric, best) if best not in (None, 1.0) and 1.0 in ivs else None
         return chosen, best, decided, ivs
 
     def one_rung(self, multipliers: Sequence[float], steps: int, replicates: int, *, extend: bool, clamp: bool,
@@ -837,7 +903,8 @@ class _LRRace:
                 self.run.emit("lr_check", "update", f"best at the edge: trying x{nxt:g}",
                               completed=len(check.runs), total=len(check.runs) + 1)
         chosen, best, decided, ivs = self.decide(steps, 0, replicates)
-        text = _lr_decision_text(self.wl.base_lr, chosen, best, decided, ivs, self.metric.name)
+        text = _lr_decision_text(self.wl.base_lr, chosen, best, decided, ivs, self.metric.name,
+                                 self.gain)
         if clamp and not (1 / LR_SHORT_CHECK_MAX_MOVE <= chosen <= LR_SHORT_CHECK_MAX_MOVE):
             chosen = min(max(chosen, 1 / LR_SHORT_CHECK_MAX_MOVE), LR_SHORT_CHECK_MAX_MOVE)
             text += (f"; held at x{chosen:g}: runs of {steps} steps ({steps * self.batch / train_samples:.0%} of the "
@@ -866,7 +933,8 @@ class _LRRace:
                 break
             self.one(nxt, self.run.seed, s1, 1, 0)
         chosen, best, decided, ivs = self.decide(s1, 1, replicates)
-        text = _lr_decision_text(self.wl.base_lr, chosen, best, decided, ivs, self.metric.name)
+        text = _lr_decision_text(self.wl.base_lr, chosen, best, decided, ivs, self.metric.name,
+                                 self.gain)
         fraction = min(1.0, s1 * self.batch / train_samples) if train_samples else 1.0
         factor = fraction ** LR_HORIZON_EXPONENT if chosen != 1.0 else 1.0
         check.rungs = [{"steps": s0, "multipliers": sorted(ivs0)}, {"steps": s1, "multipliers": sorted(ivs)}]
@@ -901,11 +969,15 @@ class _LRRace:
 
 
 def _lr_decision_text(base_lr: float, chosen: float, best: float | None, decided: bool, ivs: Mapping[float, Any],
-                      name: str) -> str:
+                      name: str, gain: Any = None) -> str:
+    """The check's decision in words; ``gain``: the best's paired difference from x1 (:func:`_paired_gain`), when
+    the decision was the paired test."""
     if best is None:
         return f"kept the base LR {base_lr:.3g}: no LR-check run gave a score"
+    paired = (f" (paired over {gain.n} seeds: x{best:g} - x1 = {gain.estimate:+.3g} [{gain.low:+.3g}, "
+              f"{gain.high:+.3g}])") if gain is not None and gain.known and best != 1.0 else ""
     if chosen != 1.0:
-        base = f" vs x1 {ivs[1.0]}" if 1.0 in ivs else " (x1 gave no score)"
+        base = f" vs x1 {ivs[1.0]}{paired}" if 1.0 in ivs else " (x1 gave no score)"
         peak = "" if chosen == best else (f"; x{chosen:.3g} is the peak of the LR-response curve through x{best:g} "
                                           "and its neighbours")
         return (f"base LR {base_lr:.3g} -> {base_lr * chosen:.3g}: x{best:g} scored {name} {ivs[best]}{base}, "
@@ -913,8 +985,8 @@ def _lr_decision_text(base_lr: float, chosen: float, best: float | None, decided
     if best == 1.0:
         return f"kept the base LR {base_lr:.3g}: x1 scored the best {name} {ivs[1.0]}"
     seeds = ivs[best].n if ivs[best].known else 1
-    return (f"kept the base LR {base_lr:.3g}: x{best:g} scored {name} {ivs[best]} vs x1 {ivs[1.0]}, inside the "
-            f"noise over {seeds} seed(s), so the base LR stays")
+    return (f"kept the base LR {base_lr:.3g}: x{best:g} scored {name} {ivs[best]} vs x1 {ivs[1.0]}{paired}, inside "
+            f"the noise over {seeds} seed(s), so the base LR stays")
 
 
 def _step_time(workload: Workload, run: _Run, micro: Mapping[int, int],
