@@ -103,6 +103,7 @@ LR_RACE_MULTIPLIERS = (0.25, 1.0, 4.0, 16.0, 64.0)  # the race's first rung: x4 
 LR_RACE_ETA = 4  # the capped LR check's second rung runs at least this many times the first rung's steps
 LR_RACE_RUNG1_LRS = 4  # runs its second rung plans for: the first rung's best, its x1/2 and x2 neighbours, one more x2
 #                        step past the rung's edge when the best is there
+LR_CHECK_SMALLER_BATCH = (2, 4)  # a capped check whose share affords no race at the base batch tries base/2, base/4
 LR_HORIZON_EXPONENT = 0.3  # the best LR falls as horizon^-0.3 (Bjorck et al. 2025): from the check's horizon to the run
 LR_HORIZON_EXPONENT_RANGE = (0.2, 0.5)  # exponents measured or reported (docs/decisions.md): the LR interval spans them
 NOISE_MIN_STEPS = 10  # a capped noise probe with room for fewer steps is skipped
@@ -279,6 +280,7 @@ class _Run:
     precision: str
     seed: int
     parallel: str = "ddp"  # under torchrun: ddp | fsdp
+    lr_rule: str = "auto"  # the sweep's LR rule: an LR-check run below the base batch scales its LR by it
 
     def emit(self, stage: str, kind: str, message: str = "", **kw: Any) -> None:
         emit(self.progress, stage, kind, message, **kw)
@@ -602,14 +604,21 @@ def _noise(workload: Workload, run: _Run, *, steps: int, batch_size: int) -> dic
 def _lr_run(workload: Workload, run: _Run, metric: Any, batch: int, steps: int, m: float,
             seed: int | None = None) -> dict[str, Any]:
     """One LR-check run; its score is the mean of its last 3 evaluations (:func:`batchfit.decide.quality_of_trial`),
-    not the maximum over its evaluations, which is biased up by the noise."""
+    not the maximum over its evaluations, which is biased up by the noise. At the base batch the LR is ``m`` x the
+    base LR; below it, ``m`` x the sweep's LR rule's LR for ``batch`` (with everything else the rule moves), so
+    ``m`` always multiplies the base LR."""
     from batchfit.decide import quality_of_trial
     from batchfit.study.trial import train_everywhere
 
     seed = run.seed if seed is None else seed
-    lr = workload.base_lr * m
-    r = train_everywhere(workload, batch_size=batch, lr=lr, steps=steps, device=run.device, precision=run.precision,
-                         seed=seed, parallel=run.parallel)
+    common = dict(steps=steps, device=run.device, precision=run.precision, seed=seed, parallel=run.parallel)
+    if batch >= _base_check_batch(workload):
+        lr = workload.base_lr * m
+        r = train_everywhere(workload, batch_size=batch, lr=lr, **common)
+    else:  # below the base batch (a capped check's race, :func:`_check_batch`): the rule's LR there, x m
+        r = train_everywhere(dataclasses.replace(workload, base_lr=workload.base_lr * m), batch_size=batch,
+                             lr_rule=run.lr_rule, **common)
+        lr = r.lr
     values = [v for h in r.history if (v := metric.of_record(h)) is not None]
     score = None if r.diverged or not values else quality_of_trial({"history": r.history}, metric)
     return {"multiplier": m, "lr": lr, "score": score, "diverged": r.diverged, "seconds": r.seconds,
@@ -779,10 +788,37 @@ def _lr_check_steps(batch: int, budget_steps: int, max_samples: int | None, mult
     return max(LR_CHECK_MIN_STEPS, min(steps, max_samples // (most_runs * batch))), None
 
 
+def _base_check_batch(workload: Workload) -> int:
+    """The batch the LR check runs at unless its share is too small for a race there: the base batch."""
+    return _per_world(min(workload.base_batch_size, workload.num_train))
+
+
+def _check_batch(workload: Workload, budget: Any, max_samples: int | None, multipliers: int, replicates: int,
+                 race_multipliers: int, smallest: int | None) -> tuple[int, int, int | None]:
+    """``(batch, s0, s1)`` of the LR check (:func:`_lr_check_steps`): at the base batch; but when the check's
+    share of the cap cannot afford the race's second rung there, at the first of x1/2, x1/4 the base batch (not
+    below ``smallest``, the smallest candidate) where it can -- the same samples buy 2-4x the steps -- with the
+    LR rule carrying its LRs (:func:`_lr_run`); else at the base batch, one rung."""
+    base = _base_check_batch(workload)
+    s0, s1 = _lr_check_steps(base, budget.steps_for(base, workload.num_train), max_samples, multipliers,
+                             replicates, race_multipliers)
+    if max_samples is None or s1 is not None:
+        return base, s0, s1
+    for div in LR_CHECK_SMALLER_BATCH:
+        b = _per_world(base // div)
+        if base // div < 1 or b >= base or b < (smallest or 1):
+            break
+        t0, t1 = _lr_check_steps(b, budget.steps_for(b, workload.num_train), max_samples, multipliers,
+                                 replicates, race_multipliers)
+        if t1 is not None:
+            return b, t0, t1
+    return base, s0, s1
+
+
 def _calibrate_lr(workload: Workload, run: _Run, *, budget: Any, multipliers: Sequence[float],
                   tolerance: float, replicates: int = LR_CHECK_SEEDS, max_samples: int | None = None,
                   train_samples: int | None = None,
-                  race_multipliers: Sequence[float] = LR_RACE_MULTIPLIERS) -> LRCheck:
+                  race_multipliers: Sequence[float] = LR_RACE_MULTIPLIERS, smallest: int | None = None) -> LRCheck:
     """Check the workload's base LR at its own base batch; move it only when another LR is better beyond the noise.
 
     Every rule scales the LR *from* the base point, so an untuned base LR skews every batch size's result alike;
@@ -805,14 +841,14 @@ def _calibrate_lr(workload: Workload, run: _Run, *, budget: Any, multipliers: Se
     """
     from batchfit.metric import Metric
 
-    batch = _per_world(min(workload.base_batch_size, workload.num_train))
-    s0, s1 = _lr_check_steps(batch, budget.steps_for(batch, workload.num_train), max_samples, len(multipliers),
-                             replicates, len(race_multipliers))
+    batch, s0, s1 = _check_batch(workload, budget, max_samples, len(multipliers), replicates, len(race_multipliers),
+                                 smallest)
     short = bool(max_samples is not None and train_samples and 4 * (s1 or s0) * batch < train_samples)
     key = run.key(batch=batch, steps=s0, multipliers=list(multipliers), tolerance=tolerance,
                   replicates=replicates, score="smoothed-3",
                   **({"race": [s0, s1], "horizon_exponent": LR_HORIZON_EXPONENT, "train_samples": train_samples,
                       "race_multipliers": list(race_multipliers)} if s1 else {}),
+                  **({"lr_rule": run.lr_rule} if batch < _base_check_batch(workload) else {}),
                   **({"short_clamp": LR_SHORT_CHECK_MAX_MOVE} if short and not s1 else {}))
     cached = _cached(run.out, "lr", key)
     if cached is not None:
@@ -825,11 +861,16 @@ def _calibrate_lr(workload: Workload, run: _Run, *, budget: Any, multipliers: Se
                     for r in partial.get("runs") or []})
     then = f", then the best 3 (one more past an edge) x {s1} steps" if s1 else ""
     first = race_multipliers if s1 else multipliers
-    run.emit("lr_check", "start", f"base LR {workload.base_lr:.3g} at batch {batch}: {len(first)} LRs x "
-                                  f"{s0} steps{then}",
+    where = (f"at batch {batch}" if batch >= _base_check_batch(workload) else
+             f"(batch {workload.base_batch_size}) checked at batch {batch} through the LR rule")
+    run.emit("lr_check", "start", f"base LR {workload.base_lr:.3g} {where}: {len(first)} LRs x {s0} steps{then}",
              total=len(first) + (LR_RACE_RUNG1_LRS if s1 else 0))
     if s1:
         check = race.two_rungs(race_multipliers, s0, s1, replicates, train_samples)
+        if batch < _base_check_batch(workload):
+            check.decision += (f"; checked at batch {batch}, not the base batch {workload.base_batch_size}: the "
+                               f"check's share of the cap buys the race's {s1}-step second rung only there, and "
+                               f"each multiplier scales the LR rule's LR for batch {batch} (the base LR's)")
     else:
         check = race.one_rung(multipliers, s0, replicates, extend=not short, clamp=short,
                               train_samples=train_samples)
@@ -1784,7 +1825,8 @@ def _prepare(a: _TuneArgs) -> _Prepared:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir {str(out)!r} is a file; give a directory")
     run = _Run(out, a.progress, _identity(wl, options, device=a.device, precision=a.precision, seed=a.seed,
-                                          parallel=a.parallel), a.device, a.precision, a.seed, a.parallel)
+                                          parallel=a.parallel), a.device, a.precision, a.seed, a.parallel,
+               a.lr_rule)
     out.mkdir(parents=True, exist_ok=True)
     storage = a.storage or f"sqlite:///{(out / 'batchfit.db').resolve()}"
     return _Prepared(wl=wl, run=run, out=out, storage=storage, bud=bud, sizes=sizes, budget_bytes=budget_bytes,
@@ -1823,7 +1865,8 @@ def _measure(a: _TuneArgs, p: _Prepared) -> dict[str, Any]:
     lr_check = None
     if a.lr_calibration:
         lr_check = _calibrate_lr(wl, run, budget=p.bud, multipliers=LR_CALIBRATION_MULTIPLIERS, tolerance=a.tolerance,
-                                 max_samples=allowance("lr_check", p.total, p.max_cost), train_samples=p.total)
+                                 max_samples=allowance("lr_check", p.total, p.max_cost), train_samples=p.total,
+                                 smallest=min(p.sizes))
         if lr_check.best_multiplier != 1.0:
             p.wl = dataclasses.replace(wl, base_lr=lr_check.lr)
     # the time per step of every candidate, in interleaved rounds: what racing and the recommendation decide on
