@@ -796,18 +796,18 @@ def _base_check_batch(workload: Workload) -> int:
 def _check_batch(workload: Workload, budget: Any, max_samples: int | None, multipliers: int, replicates: int,
                  race_multipliers: int, smallest: int | None) -> tuple[int, int, int | None]:
     """``(batch, s0, s1)`` of the LR check (:func:`_lr_check_steps`): at the base batch; but when the check's
-    share of the cap cannot afford the race's second rung there, at the first of x1/2, x1/4 the base batch (not
-    below ``smallest``, the smallest candidate) where it can -- the same samples buy 2-4x the steps -- with the
-    LR rule carrying its LRs (:func:`_lr_run`); else at the base batch, one rung."""
+    share of the cap cannot afford the race's second rung there, at the smallest of x1/4, x1/2 the base batch
+    (not below ``smallest``, the smallest candidate) where it can -- the same samples buy 2-4x the steps -- with
+    the LR rule carrying its LRs (:func:`_lr_run`); else at the base batch, one rung."""
     base = _base_check_batch(workload)
     s0, s1 = _lr_check_steps(base, budget.steps_for(base, workload.num_train), max_samples, multipliers,
                              replicates, race_multipliers)
     if max_samples is None or s1 is not None:
         return base, s0, s1
-    for div in LR_CHECK_SMALLER_BATCH:
-        b = _per_world(base // div)
-        if base // div < 1 or b >= base or b < (smallest or 1):
-            break
+    for div in sorted(LR_CHECK_SMALLER_BATCH, reverse=True):  # the smallest allowed first: the most steps
+        b = _per_world(max(1, base // div))
+        if b >= base or b < (smallest or 1):
+            continue
         t0, t1 = _lr_check_steps(b, budget.steps_for(b, workload.num_train), max_samples, multipliers,
                                  replicates, race_multipliers)
         if t1 is not None:
