@@ -549,6 +549,38 @@ def test_lr_check_decides_on_paired_seeds_and_adjusts_for_them(tmp_path: Path,
     assert tuning._paired_gain(runs[:6], Metric("accuracy", True), 4.0) is None
 
 
+def test_a_capped_lr_check_races_below_the_base_batch_when_the_base_cannot_afford_it(tmp_path: Path) -> None:
+    """demo:mnist1d at cap 0.5: the check's share buys 93 steps at the base batch 64, too few for the race's
+    second rung (one rung of 8-step runs, its move held at x4: every answer 9-15 % behind the whole run's best).
+    At a quarter of the base batch the same samples buy 4x the steps and the race; each LR there is the LR rule's
+    for that batch x the multiplier, so the multiplier still moves the base LR."""
+    from batchfit.metric import Metric
+    from batchfit.study import parse_budget
+    from batchfit.tuning import _check_batch, _lr_check_steps, _lr_run
+
+    wl = make_tiny_workload(n=2048, n_val=64, base_batch_size=64, lr=0.1)  # SGD: the linear rule
+    bud = parse_budget("epochs:4")
+    share = 64 * 100  # 100 steps at the base batch
+    assert _lr_check_steps(64, bud.steps_for(64, 2048), share, 6)[1] is None  # no race at the base batch
+    batch, s0, s1 = _check_batch(wl, bud, share, 6, 3, 5, smallest=16)
+    assert (batch, s0, s1) == (16, 19, 76) and 5 * s0 + 4 * s1 <= share // 16
+    assert _check_batch(wl, bud, share, 6, 3, 5, smallest=32)[:1] == (32,)  # never below the smallest candidate
+    assert _check_batch(wl, bud, share, 6, 3, 5, smallest=64) == (64, 8, None)  # nowhere to go: one rung
+    assert _check_batch(wl, bud, None, 6, 3, 5, smallest=16)[0] == 64  # uncapped
+    assert _check_batch(wl, bud, 64 * 1000, 6, 3, 5, smallest=16)[0] == 64  # the race fits at the base batch
+    run = _Run(tmp_path, None, {"workload": "tiny"}, "cpu", "fp32", 0)
+    metric = Metric.for_workload(wl)
+    assert _lr_run(wl, run, metric, 16, 3, 2.0)["lr"] == pytest.approx(0.1 * 2.0 * 16 / 64)
+    assert _lr_run(wl, run, metric, 64, 3, 2.0)["lr"] == pytest.approx(0.1 * 2.0)
+    check = _calibrate_lr(wl, run, budget=bud, multipliers=LR_CALIBRATION_MULTIPLIERS, tolerance=0.01,
+                          max_samples=share, train_samples=4 * 2048, smallest=16)
+    assert check.batch_size == 16 and check.rungs[1]["steps"] == 76
+    assert "checked at batch 16, not the base batch 64" in check.decision
+    assert check.lr == pytest.approx(0.1 * check.best_multiplier)  # a multiplier of the base LR
+    assert all(r["lr"] == pytest.approx(0.1 * r["multiplier"] / 4) for r in check.runs)
+    assert sum(r["samples"] for r in check.runs) <= share
+
+
 def test_the_tolerance_is_stored_with_the_results_and_every_reader_decides_with_it(tmp_path: Path) -> None:
     """Issue 20.2: recommend(load_results(out)) equals what `batchfit report out` prints, at tune's own tolerance
     (stored, not the 0.01 default) and at any other one given to both."""
