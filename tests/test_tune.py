@@ -512,9 +512,10 @@ def test_lr_check_decides_on_paired_seeds_and_adjusts_for_them(tmp_path: Path,
     """A close call's extra seeds share each seed's initialization and data order with every multiplier: x4 beats
     x1 by about 0.03 on every seed while the seeds themselves move both by +-0.05 (demo:mnist1d's 8-step runs at
     cap 0.5: x1 0.16, 0.115, 0.086 and x2 0.184, 0.128, 0.104). Compared unpaired, their t intervals overlap and
-    the base LR stays; paired, two seeds (0.03, 0.025) are still inside the noise (t with 1 degree of freedom),
-    three (+0.03 [+0.018, +0.042]) are not: the base LR moves, and the estimates of x1 and x4 are read on the
-    seeds' average, like those of the multipliers that ran on the first seed only."""
+    the base LR stays; two seeds are too few for the paired test (two equal differences by chance would give a
+    zero-width interval), so the intervals still decide; three (+0.03 [+0.018, +0.042]) are not inside the noise:
+    the base LR moves, and the estimates of x1 and x4 are read on the seeds' average, like those of the
+    multipliers that ran on the first seed only."""
     import batchfit.tuning as tuning
     from batchfit.metric import Metric
     from batchfit.study import parse_budget
@@ -579,6 +580,45 @@ def test_a_capped_lr_check_races_below_the_base_batch_when_the_base_cannot_affor
     assert check.lr == pytest.approx(0.1 * check.best_multiplier)  # a multiplier of the base LR
     assert all(r["lr"] == pytest.approx(0.1 * r["multiplier"] / 4) for r in check.runs)
     assert sum(r["samples"] for r in check.runs) <= share
+
+
+def test_the_race_stays_around_the_base_lr_when_its_first_rung_is_noise(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """examples/text_dict at cap 1.0: every first-rung run at chance (0.49-0.51), x16 first by noise. The race then
+    searched x8-x32 at the second rung, also at chance, and moved the base LR x6.8 on nothing. Now the first rung's
+    best leads only beyond the noise (a close call gets paired seeds first); else the second rung stays around x1,
+    and the decision says so. A first rung that does tell (mnist1d: x16 0.20 vs x1 0.12) leads as before."""
+    import batchfit.tuning as tuning
+    from batchfit.study import parse_budget
+
+    def fake(first: dict[tuple[float, int], float], second: dict[float, float]) -> Any:
+        def lr_run(workload: Any, run: Any, metric: Any, batch: int, steps: int, m: float,
+                   seed: int | None = None) -> dict[str, Any]:
+            score = first.get((m, seed or 0), 0.495) if steps < 40 else second.get(m, 0.495)
+            return {"multiplier": m, "lr": 0.1 * m, "score": score, "diverged": False, "seconds": 0.0,
+                    "samples": batch * steps, "seed": seed}
+        return lr_run
+
+    wl = make_tiny_workload(n=2048, n_val=1000, base_batch_size=16, lr=0.1)
+    run = _Run(tmp_path, None, {"workload": "tiny"}, "cpu", "fp32", 0)
+    # x16 - x1 on three seeds: +0.007, -0.005, +0.004: inside the noise, paired or not
+    chance = {(0.25, 0): 0.497, (1.0, 0): 0.499, (4.0, 0): 0.496, (16.0, 0): 0.506, (64.0, 0): 0.498,
+              (1.0, 1): 0.503, (16.0, 1): 0.498, (1.0, 2): 0.500, (16.0, 2): 0.504}
+    monkeypatch.setattr(tuning, "_lr_run", fake(chance, {0.5: 0.497, 1.0: 0.501, 2.0: 0.499}))
+    check = _calibrate_lr(wl, run, budget=parse_budget("epochs:10"), multipliers=LR_CALIBRATION_MULTIPLIERS,
+                          tolerance=0.01, max_samples=16 * 400, train_samples=20000)
+    second = {r["multiplier"] for r in check.runs if r["steps"] == check.steps}
+    assert check.rungs[0]["steps"] == 19 and check.steps == 76
+    assert second == {0.5, 1.0, 2.0}, second
+    assert check.kept_base and "x16, was inside x1's noise at 19 steps" in check.decision, check.decision
+    # a first rung that tells leads the second
+    tells = {(0.25, 0): 0.10, (1.0, 0): 0.12, (4.0, 0): 0.15, (16.0, 0): 0.20, (64.0, 0): 0.16}
+    monkeypatch.setattr(tuning, "_lr_run", fake(tells, {8.0: 0.30, 16.0: 0.34, 32.0: 0.31}))
+    led = _calibrate_lr(wl, dataclasses.replace(run, out=tmp_path / "b"), budget=parse_budget("epochs:10"),
+                        multipliers=LR_CALIBRATION_MULTIPLIERS, tolerance=0.01, max_samples=16 * 400,
+                        train_samples=20000)
+    assert {r["multiplier"] for r in led.runs if r["steps"] == led.steps} == {8.0, 16.0, 32.0}
+    assert not led.kept_base and "x1 was left at the first rung, where x16 beat it beyond the noise" in led.decision
 
 
 def test_the_tolerance_is_stored_with_the_results_and_every_reader_decides_with_it(tmp_path: Path) -> None:

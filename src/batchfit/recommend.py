@@ -762,8 +762,8 @@ def _lr_reason(results: Measurements, pick: TrialSummary, metric: Metric) -> tup
     cal = results.lr_check
     cal_txt = ""
     if cal is not None and cal.moved:
-        cal_txt = (f"; the base LR was first moved from {cal.base_lr:.3g} to {cal.lr:.3g} at batch "
-                   f"{cal.batch_size}, where it scored better on {cal.metric or metric.name}")
+        cal_txt = (f"; the base LR was first moved from {cal.base_lr:.3g} to {cal.lr:.3g} by the LR check "
+                   f"(runs at batch {cal.batch_size}, where it scored better on {cal.metric or metric.name})")
     outside = f"; {OUTSIDE_RANGE}" if _rule_range(pick)[0] else ""
     return lr, (
         f"LR {lr:.4g}: the {rule}-rule LR for batch {batch}{mult_txt}"

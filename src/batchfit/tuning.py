@@ -97,6 +97,7 @@ LR_CALIBRATION_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 LR_CALIBRATION_EXTEND = 3  # extra x2 steps when the best LR is at an edge of the range
 LR_CALIBRATION_BUDGET_DIVISOR = 4  # each check run gets 1/4 of a sweep trial's steps at the base batch
 LR_CHECK_SEEDS = 3  # seeds (in all) for the base and the best multiplier when their scores are close
+PAIRED_MIN_SEEDS = 3  # the LR check's paired test needs this many shared seeds (else the unpaired intervals decide)
 LR_CHECK_MIN_STEPS = 8  # a capped LR check runs at least this many steps (below, it would measure nothing)
 LR_SHORT_CHECK_MAX_MOVE = 4.0  # a capped one-rung LR check far shorter than the run moves the base LR at most this
 LR_RACE_MULTIPLIERS = (0.25, 1.0, 4.0, 16.0, 64.0)  # the race's first rung: x4 apart, x1/4 to x64 (docs/decisions.md)
@@ -687,13 +688,15 @@ def _seed_adjusted(runs: Sequence[Mapping[str, Any]]) -> dict[float, float]:
 
 def _paired_gain(runs: Sequence[Mapping[str, Any]], metric: Any, m: float, base: float = 1.0) -> Any:
     """``m``'s score minus ``base``'s on the seeds both ran (positive = ``m`` better), with a t interval over
-    those paired differences: what a seed does to both runs cancels. ``None`` with fewer than 2 shared seeds."""
+    those paired differences: what a seed does to both runs cancels. ``None`` with fewer than
+    :data:`PAIRED_MIN_SEEDS` shared seeds (two differences give a standard deviation on one degree of freedom:
+    two equal ones by chance would give a zero-width interval)."""
     from batchfit.stats import mean_interval
 
     cells = _scores(runs)
     sign = 1.0 if metric.higher_is_better else -1.0
     diffs = [sign * (cells[(m, s)] - cells[(base, s)]) for (mm, s) in cells if mm == m and (base, s) in cells]
-    return mean_interval(diffs) if len(diffs) >= 2 else None
+    return mean_interval(diffs) if len(diffs) >= PAIRED_MIN_SEEDS else None
 
 
 def _lr_decision(runs: Sequence[Mapping[str, Any]], metric: Any, num_val: int | None,
@@ -703,9 +706,10 @@ def _lr_decision(runs: Sequence[Mapping[str, Any]], metric: Any, num_val: int | 
     (:func:`_lr_peak`), not the argmax of the noisy scores.
 
     "Beyond the noise": on one seed each, the best's interval lies entirely on the better side of the base's;
-    once both have run on two or more shared seeds, their paired difference (:func:`_paired_gain`) is above zero
-    at 95 % and its estimate above the margin two intervals widened by ``tolerance / 2`` would need -- a paired
-    test, as the batch-size decision's, since both runs of a seed share its initialization and data order."""
+    once both have run on :data:`PAIRED_MIN_SEEDS` or more shared seeds, their paired difference
+    (:func:`_paired_gain`) is above zero at 95 % and its estimate above the margin two intervals widened by
+    ``tolerance / 2`` would need -- a paired test, as the batch-size decision's, since both runs of a seed share
+    its initialization and data order."""
     ivs = _lr_intervals(runs, metric, num_val, tolerance)
     if not ivs:
         return 1.0, True, ivs
@@ -819,7 +823,8 @@ def _calibrate_lr(workload: Workload, run: _Run, *, budget: Any, multipliers: Se
                   tolerance: float, replicates: int = LR_CHECK_SEEDS, max_samples: int | None = None,
                   train_samples: int | None = None,
                   race_multipliers: Sequence[float] = LR_RACE_MULTIPLIERS, smallest: int | None = None) -> LRCheck:
-    """Check the workload's base LR at its own base batch; move it only when another LR is better beyond the noise.
+    """Check the workload's base LR (at its base batch, or below it under a small cap: :func:`_check_batch`); move it
+    only when another LR is better beyond the noise.
 
     Every rule scales the LR *from* the base point, so an untuned base LR skews every batch size's result alike;
     Shallue et al. (2019) show that comparisons between batch sizes are only fair with the LR tuned. Each score is
@@ -964,7 +969,10 @@ class _LRRace:
         if not ivs0:
             return self._finish(1.0, ivs0, _lr_decision_text(self.wl.base_lr, 1.0, None, True, ivs0,
                                                              self.metric.name), 1.0)
-        c = _best_multiplier(ivs0, self.metric)
+        # the first rung's best leads the race only beyond the noise (a close call gets paired seeds first): a rung
+        # in which every LR is at chance must not move the region on its noise
+        _, best0, decided0, ivs0 = self.decide(s0, 0, replicates)
+        c = best0 if decided0 and best0 is not None else 1.0
         for m in (c, c / 2, c * 2):  # the region the first rung found, for the longer horizon
             if self.affords(s1):
                 self.one(m, self.run.seed, s1, 1, 0)
@@ -974,8 +982,11 @@ class _LRRace:
                 break
             self.one(nxt, self.run.seed, s1, 1, 0)
         chosen, best, decided, ivs = self.decide(s1, 1, replicates)
-        text = _lr_decision_text(self.wl.base_lr, chosen, best, decided, ivs, self.metric.name,
-                                 self.gain)
+        text = _lr_decision_text(self.wl.base_lr, chosen, best, decided, ivs, self.metric.name, self.gain,
+                                 no_base=f"x1 was left at the first rung, where x{c:g} beat it beyond the noise")
+        if c == 1.0 and best0 not in (None, 1.0):
+            text += (f"; the first rung's best, x{best0:g}, was inside x1's noise at {s0} steps, so the second rung "
+                     "stayed around x1")
         fraction = min(1.0, s1 * self.batch / train_samples) if train_samples else 1.0
         factor = fraction ** LR_HORIZON_EXPONENT if chosen != 1.0 else 1.0
         check.rungs = [{"steps": s0, "multipliers": sorted(ivs0)}, {"steps": s1, "multipliers": sorted(ivs)}]
@@ -1010,15 +1021,15 @@ class _LRRace:
 
 
 def _lr_decision_text(base_lr: float, chosen: float, best: float | None, decided: bool, ivs: Mapping[float, Any],
-                      name: str, gain: Any = None) -> str:
+                      name: str, gain: Any = None, no_base: str = "x1 gave no score") -> str:
     """The check's decision in words; ``gain``: the best's paired difference from x1 (:func:`_paired_gain`), when
-    the decision was the paired test."""
+    the decision was the paired test; ``no_base``: why x1 has no score here."""
     if best is None:
         return f"kept the base LR {base_lr:.3g}: no LR-check run gave a score"
     paired = (f" (paired over {gain.n} seeds: x{best:g} - x1 = {gain.estimate:+.3g} [{gain.low:+.3g}, "
               f"{gain.high:+.3g}])") if gain is not None and gain.known and best != 1.0 else ""
     if chosen != 1.0:
-        base = f" vs x1 {ivs[1.0]}{paired}" if 1.0 in ivs else " (x1 gave no score)"
+        base = f" vs x1 {ivs[1.0]}{paired}" if 1.0 in ivs else f" ({no_base})"
         peak = "" if chosen == best else (f"; x{chosen:.3g} is the peak of the LR-response curve through x{best:g} "
                                           "and its neighbours")
         return (f"base LR {base_lr:.3g} -> {base_lr * chosen:.3g}: x{best:g} scored {name} {ivs[best]}{base}, "
