@@ -700,7 +700,7 @@ def _paired_gain(runs: Sequence[Mapping[str, Any]], metric: Any, m: float, base:
 
 
 def _lr_decision(runs: Sequence[Mapping[str, Any]], metric: Any, num_val: int | None,
-                 tolerance: float) -> tuple[float, bool, dict[float, Any]]:
+                 tolerance: float, contender: float | None = None) -> tuple[float, bool, dict[float, Any]]:
     """``(chosen multiplier, decided beyond the noise, intervals)``: the base LR (x1) is kept unless another
     multiplier is better beyond the noise; then the chosen multiplier is the peak of the LR-response curve
     (:func:`_lr_peak`), not the argmax of the noisy scores.
@@ -709,21 +709,23 @@ def _lr_decision(runs: Sequence[Mapping[str, Any]], metric: Any, num_val: int | 
     once both have run on :data:`PAIRED_MIN_SEEDS` or more shared seeds, their paired difference
     (:func:`_paired_gain`) is above zero at 95 % and its estimate above the margin two intervals widened by
     ``tolerance / 2`` would need -- a paired test, as the batch-size decision's, since both runs of a seed share
-    its initialization and data order."""
+    its initialization and data order. ``contender``: the multiplier tested against x1 (the one the extra seeds
+    went to; default the best estimate); the chosen multiplier is still the curve's peak around the best."""
     ivs = _lr_intervals(runs, metric, num_val, tolerance)
     if not ivs:
         return 1.0, True, ivs
     best = _best_multiplier(ivs, metric)
     if 1.0 not in ivs:  # the base LR diverged (or gave nothing): the best that trained
         return _lr_peak(ivs, metric, best), True, ivs
-    if best == 1.0:
+    test = contender if contender in ivs else best
+    if best == 1.0 or test == 1.0:
         return 1.0, True, ivs
-    gain = _paired_gain(runs, metric, best)
+    gain = _paired_gain(runs, metric, test)
     if gain is not None and gain.known:
-        margin = tolerance / 2 * (abs(ivs[best].estimate) + abs(ivs[1.0].estimate))  # as two widened intervals
+        margin = tolerance / 2 * (abs(ivs[test].estimate) + abs(ivs[1.0].estimate))  # as two widened intervals
         better = gain.low > 0 and gain.estimate > margin  # type: ignore[operator]
     else:
-        better = not ivs[best].overlaps(ivs[1.0])
+        better = not ivs[test].overlaps(ivs[1.0])
     return (_lr_peak(ivs, metric, best), True, ivs) if better else (1.0, False, ivs)
 
 
@@ -892,7 +894,7 @@ class _LRRace:
         self.wl, self.run, self.metric, self.batch, self.tolerance, self.key = (workload, run, metric, batch,
                                                                                 tolerance, key)
         self.max_samples, self.done = max_samples, done
-        self.gain: Any = None  # the best's paired difference from x1 when the decision was the paired test
+        self.gain: Any = None  # (multiplier, its paired difference from x1) when the decision was the paired test
         self.check = _lr_check_type()(batch_size=batch, steps=0, metric=metric.name, base_lr=workload.base_lr, runs=[])
 
     def spent(self) -> int:
@@ -923,17 +925,19 @@ class _LRRace:
         num_val = self.wl.num_val
         runs = self.rung(steps)
         chosen, decided, ivs = _lr_decision(runs, self.metric, num_val, self.tolerance)
-        best = _best_multiplier(ivs, self.metric)
+        contender = _best_multiplier(ivs, self.metric)  # the extra seeds go to it and x1, so that they pair
         for extra_seed in range(1, replicates):
-            if decided or best is None or not self.affords(2 * steps):
+            if decided or contender is None or not self.affords(2 * steps):
                 break
-            for m in (1.0, best):
+            for m in (1.0, contender):
                 self.one(m, self.run.seed + extra_seed, steps, rung, 0)
             runs = self.rung(steps)
-            chosen, decided, ivs = _lr_decision(runs, self.metric, num_val, self.tolerance)
-            best = _best_multiplier(ivs, self.metric)
-        self.gain = _paired_gain(runs, self.metric, best) if best not in (None, 1.0) and 1.0 in ivs else None
-        return chosen, best, decided, ivs
+            chosen, decided, ivs = _lr_decision(runs, self.metric, num_val, self.tolerance, contender=contender)
+        self.gain = None
+        if contender not in (None, 1.0) and 1.0 in ivs:
+            gain = _paired_gain(runs, self.metric, contender)
+            self.gain = None if gain is None else (contender, gain)
+        return chosen, _best_multiplier(ivs, self.metric), decided, ivs
 
     def one_rung(self, multipliers: Sequence[float], steps: int, replicates: int, *, extend: bool, clamp: bool,
                  train_samples: int | None) -> LRCheck:
@@ -969,11 +973,13 @@ class _LRRace:
         if not ivs0:
             return self._finish(1.0, ivs0, _lr_decision_text(self.wl.base_lr, 1.0, None, True, ivs0,
                                                              self.metric.name), 1.0)
-        # the first rung's best leads the race only beyond the noise (a close call gets paired seeds first): a rung
-        # in which every LR is at chance must not move the region on its noise
-        _, best0, decided0, ivs0 = self.decide(s0, 0, replicates)
-        c = best0 if decided0 and best0 is not None else 1.0
-        for m in (c, c / 2, c * 2):  # the region the first rung found, for the longer horizon
+        c = _best_multiplier(ivs0, self.metric)
+        # the first rung only locates the region; a best inside x1's noise there (every LR at chance, say) has not
+        # shown that the base LR should move at all, so x1 runs at the longer horizon too, and the decision there
+        # compares against it (it takes the place of the step past an edge)
+        with_base = c != 1.0 and 1.0 not in (c / 2, c * 2) and not _lr_decision(
+            self.rung(s0), self.metric, self.wl.num_val, self.tolerance)[1]
+        for m in (c, c / 2, c * 2, *((1.0,) if with_base else ())):  # the region the first rung found
             if self.affords(s1):
                 self.one(m, self.run.seed, s1, 1, 0)
         for _ in range(LR_CALIBRATION_EXTEND):  # the best at the second rung's edge: one more x2 that way
@@ -984,9 +990,9 @@ class _LRRace:
         chosen, best, decided, ivs = self.decide(s1, 1, replicates)
         text = _lr_decision_text(self.wl.base_lr, chosen, best, decided, ivs, self.metric.name, self.gain,
                                  no_base=f"x1 was left at the first rung, where x{c:g} beat it beyond the noise")
-        if c == 1.0 and best0 not in (None, 1.0):
-            text += (f"; the first rung's best, x{best0:g}, was inside x1's noise at {s0} steps, so the second rung "
-                     "stayed around x1")
+        if with_base:
+            text += (f"; the first rung's best, x{c:g}, was inside x1's noise at {s0} steps, so x1 ran at {s1} "
+                     "steps too")
         fraction = min(1.0, s1 * self.batch / train_samples) if train_samples else 1.0
         factor = fraction ** LR_HORIZON_EXPONENT if chosen != 1.0 else 1.0
         check.rungs = [{"steps": s0, "multipliers": sorted(ivs0)}, {"steps": s1, "multipliers": sorted(ivs)}]
@@ -1022,12 +1028,14 @@ class _LRRace:
 
 def _lr_decision_text(base_lr: float, chosen: float, best: float | None, decided: bool, ivs: Mapping[float, Any],
                       name: str, gain: Any = None, no_base: str = "x1 gave no score") -> str:
-    """The check's decision in words; ``gain``: the best's paired difference from x1 (:func:`_paired_gain`), when
-    the decision was the paired test; ``no_base``: why x1 has no score here."""
+    """The check's decision in words; ``gain``: ``(multiplier, its paired difference from x1)``
+    (:func:`_paired_gain`) when the decision was the paired test; ``no_base``: why x1 has no score here."""
     if best is None:
         return f"kept the base LR {base_lr:.3g}: no LR-check run gave a score"
-    paired = (f" (paired over {gain.n} seeds: x{best:g} - x1 = {gain.estimate:+.3g} [{gain.low:+.3g}, "
-              f"{gain.high:+.3g}])") if gain is not None and gain.known and best != 1.0 else ""
+    paired = ""
+    if gain is not None and gain[1].known:
+        m, g = gain
+        paired = f" (paired over {g.n} seeds: x{m:g} - x1 = {g.estimate:+.3g} [{g.low:+.3g}, {g.high:+.3g}])"
     if chosen != 1.0:
         base = f" vs x1 {ivs[1.0]}{paired}" if 1.0 in ivs else f" ({no_base})"
         peak = "" if chosen == best else (f"; x{chosen:.3g} is the peak of the LR-response curve through x{best:g} "
