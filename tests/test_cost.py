@@ -249,7 +249,7 @@ def test_a_capped_lr_check_races_to_a_longer_horizon_and_carries_the_lr_to_the_r
     def lr_run(workload: object, run: object, metric: object, batch: int, steps: int, m: float,
                seed: int | None = None) -> dict[str, object]:
         calls.append((m, steps, seed or 0))
-        score = 0.9 - 0.05 * (math.log2(m) - math.log2(peak(steps))) ** 2
+        score = max(0.05, 0.9 - 0.05 * (math.log2(m) - math.log2(peak(steps))) ** 2)  # an accuracy
         return {"multiplier": m, "lr": 0.1 * m, "score": score, "diverged": False, "seconds": 0.0,
                 "samples": steps * batch, "seed": seed}
 
@@ -285,7 +285,7 @@ def test_a_capped_lr_check_races_to_a_longer_horizon_and_carries_the_lr_to_the_r
     def _shifted(workload: object, run: object, metric: object, batch: int, steps: int, m: float,
                  seed: int | None = None) -> dict[str, object]:
         calls.append((m, steps, seed or 0))
-        score = 0.9 - 0.05 * (math.log2(m) - math.log2(top * (8 / steps) ** 0.3)) ** 2
+        score = max(0.05, 0.9 - 0.05 * (math.log2(m) - math.log2(top * (8 / steps) ** 0.3)) ** 2)  # an accuracy
         return {"multiplier": m, "lr": 0.1 * m, "score": score, "diverged": False, "seconds": 0.0,
                 "samples": steps * batch, "seed": seed}
 

@@ -803,16 +803,17 @@ def _check_batch(workload: Workload, budget: Any, max_samples: int | None, multi
                  race_multipliers: int, smallest: int | None) -> tuple[int, int, int | None]:
     """``(batch, s0, s1)`` of the LR check (:func:`_lr_check_steps`): at the base batch; but when the check's
     share of the cap cannot afford the race's second rung there, at the smallest of x1/4, x1/2 the base batch
-    (not below ``smallest``, the smallest candidate) where it can -- the same samples buy 2-4x the steps -- with
-    the LR rule carrying its LRs (:func:`_lr_run`); else at the base batch, one rung."""
+    (not below ``smallest``, the smallest candidate; ``None``: not below the base batch) where it can -- the same
+    samples buy 2-4x the steps -- with the LR rule carrying its LRs (:func:`_lr_run`); else at the base batch,
+    one rung."""
     base = _base_check_batch(workload)
     s0, s1 = _lr_check_steps(base, budget.steps_for(base, workload.num_train), max_samples, multipliers,
                              replicates, race_multipliers)
-    if max_samples is None or s1 is not None:
+    if max_samples is None or s1 is not None or smallest is None:
         return base, s0, s1
     for div in sorted(LR_CHECK_SMALLER_BATCH, reverse=True):  # the smallest allowed first: the most steps
         b = _per_world(max(1, base // div))
-        if b >= base or b < (smallest or 1):
+        if b >= base or b < smallest:
             continue
         t0, t1 = _lr_check_steps(b, budget.steps_for(b, workload.num_train), max_samples, multipliers,
                                  replicates, race_multipliers)
