@@ -92,8 +92,8 @@ def test_tune_then_report_from_the_store(tmp_path: Path, capsys: pytest.CaptureF
     assert err == [f"Recommendation: batch {rec['batch_size']} = micro-batch {rec['micro_batch_size']} x "
                    f"{rec['accumulation_steps']} accumulation step(s), LR {rec['lr']:.4g}, warm-up "
                    f"{rec['warmup_steps']} step(s), {rec['precision']} [cost {data['cost']['runs']:.2f} runs "
-                   f"({data['cost']['samples']:,} samples, {data['cost']['seconds']:.0f} s) of the train budget "
-                   "epochs:1]"]
+                   f"({data['cost']['samples']:,} samples, {data['cost']['seconds']:.0f} s training) of the train "
+                   "budget epochs:1]"]
 
     # the report rebuilt from the store alone gives the same recommendation, and -q prints it in one line too
     rep = tmp_path / "rep"

@@ -140,8 +140,10 @@ def train_budget_samples(budget: TrainBudget, *, num_train: int, base_batch_size
 
 @dataclass
 class Cost:
-    """What an answer cost: ``samples`` trained and ``seconds`` elapsed, by stage, against one run at the train
-    budget (``runs = samples / train_budget_samples``) and the cap ``max_cost`` (in runs; ``None``: uncapped)."""
+    """What an answer cost: ``samples`` trained and ``seconds`` elapsed in the stages' measuring runs (training and
+    their evaluations; tune's start-up, fits and report are ``tune_seconds`` beside it), by stage, against one run
+    at the train budget (``runs = samples / train_budget_samples``) and the cap ``max_cost`` (in runs; ``None``:
+    uncapped)."""
 
     samples: int
     seconds: float
@@ -171,11 +173,12 @@ class Cost:
                    data.get("train_budget"))
 
     def line(self) -> str:
-        """``cost 0.84 runs (24,120 samples, 31 s) of the train budget epochs:20`` for the ``-q`` line and report."""
+        """``cost 0.84 runs (24,120 samples, 31 s training) of the train budget epochs:20`` for the ``-q`` line and
+        report: ``seconds`` are the stages' measuring runs, not tune's wall time (start-up, fits, the report)."""
         runs = "" if self.runs is None else f"{self.runs:.2f} runs "
         cap = "" if self.max_cost is None else f", cap {self.max_cost:g}"
         of = f" of the train budget {self.train_budget}" if self.train_budget else ""
-        return f"cost {runs}({self.samples:,} samples, {self.seconds:.0f} s){of}{cap}"
+        return f"cost {runs}({self.samples:,} samples, {self.seconds:.0f} s training){of}{cap}"
 
 
 def _stage(data: Any) -> dict[str, Any] | None:
