@@ -88,8 +88,14 @@ def fitted_best_lr(grid: dict[str, Any], batch: int, higher: bool = True) -> flo
     return 2.0 ** min(max(vertex, pts[i - 1][0]), pts[i + 1][0])
 
 
-def _gap(best: float, q: float, higher: bool) -> float:
-    """How far ``q`` lies behind ``best``, relative (positive = worse), for a score or a loss."""
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def _gap(best: float, q: float | None, higher: bool) -> float | None:
+    """How far ``q`` lies behind ``best``, relative (positive = worse), for a score or a loss; ``None`` without."""
+    if q is None:
+        return None
     return (best - q) / abs(best) if higher else (q - best) / abs(best)
 
 
@@ -248,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                     _lr_factors(t, verdict)
                 tunes.append(t)
                 print(f"[{name}] cap {cap:g} seed {seed}: batch {t['batch_size']} LR {t['lr'] or float('nan'):.4g} "
-                      f"cost {t['runs']:.2f} runs, gap {t.get('relative_gap_to_best', float('nan')):.2%}, "
+                      f"cost {t['runs']:.2f} runs, gap {_or(t.get('relative_gap_to_best'), float('nan')):.2%}, "
                       f"non-inferior {t.get('batch_non_inferior')}, LR factor {t.get('lr_factor_from_reference')}",
                       flush=True)
                 write_json(args.out, report)
@@ -282,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             by_cap[f"{cap:g}"] = {
                 "runs": [round(t["runs"], 3) for t in ts], "batch": bs, "lr": [t["lr"] for t in ts],
                 "max_runs": max(t["runs"] for t in ts),
-                "worst_gap": max(t.get("relative_gap_to_best", float("inf")) for t in ts),
+                "worst_gap": max(_or(t.get("relative_gap_to_best"), float("inf")) for t in ts),
                 "all_non_inferior": all(t.get("batch_non_inferior") for t in ts),
                 "worst_lr_factor": max((t.get("lr_factor_from_reference") or float("inf")) for t in ts),
                 "worst_lr_factor_argmax": max((t.get("lr_factor_from_reference_argmax") or float("inf"))

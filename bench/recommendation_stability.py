@@ -173,8 +173,12 @@ def _score_config(spec: str, options: dict[str, Any], batch: int, lr: float, bud
     return score_of_answer(res["trials"], metric, batch, lr, base_lr=base_lr, final=final)
 
 
+LR_MATCH = 0.01  # a trained LR within 1 % (log) of the recommended one is the answer's (the rule's rounding)
+
+
 def answer_trials(trials: list[dict[str, Any]], batch: int, lr: float) -> list[dict[str, Any]]:
-    """The trials of one answer in a score store: its batch size at the trained LR nearest the recommended one.
+    """The trials of one answer in a score store: its batch size at the trained LR nearest the recommended one,
+    when that is within :data:`LR_MATCH` of it (else none).
 
     A store can hold an earlier answer's trials too (a tune directory decided again by newer code, then scored
     into the same store): its mean must not mix them in."""
@@ -182,6 +186,8 @@ def answer_trials(trials: list[dict[str, Any]], batch: int, lr: float) -> list[d
     if not at_batch:
         return []
     nearest = min({float(t["lr"]) for t in at_batch}, key=lambda x: abs(math.log(x / lr)))
+    if abs(math.log(nearest / lr)) > LR_MATCH:  # only another answer's trials: none of this one's
+        return []
     return [t for t in at_batch if abs(float(t["lr"]) - nearest) <= 1e-9 * nearest]
 
 

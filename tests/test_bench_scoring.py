@@ -38,10 +38,13 @@ def test_an_earlier_answer_in_the_same_store_is_not_mixed_in(rs):
     assert score["same_lr_as_recommended"] and score["other_trials_in_store"] == 4
 
 
-def test_the_nearest_trained_lr_stands_in_and_says_so(rs):
+def test_only_the_answers_own_lr_is_scored(rs):
+    """The trained LR may differ from the recommended one by the rule's rounding (within 1 %), not more: an
+    earlier answer's trials at the same batch are never scored as this one's."""
     metric = Metric("accuracy", higher_is_better=True)
-    trials = [_trial(32, 0.0100, 0.7), _trial(32, 0.0041, 0.6)]
+    trials = [_trial(32, 0.0100, 0.7), _trial(32, 0.00402, 0.6)]
     score = rs.score_of_answer(trials, metric, 32, 0.004, final=True)
-    assert score["trained_lr"] == [0.0041] and score["qualities"] == [0.6]
+    assert score["trained_lr"] == [0.00402] and score["qualities"] == [0.6]
     assert not score["same_lr_as_recommended"]
+    assert rs.score_of_answer(trials, metric, 32, 0.0041, final=True)["qualities"] == []  # 0.00402 is 2 % off
     assert rs.score_of_answer(trials, metric, 8, 0.004)["qualities"] == []

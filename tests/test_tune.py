@@ -535,7 +535,7 @@ def test_lr_check_decides_on_paired_seeds_and_adjusts_for_them(tmp_path: Path,
                           multipliers=LR_CALIBRATION_MULTIPLIERS, tolerance=0.01)
     assert {r["seed"] for r in check.runs if r["multiplier"] in (1.0, 4.0)} == {0, 1, 2}  # the close call got seeds
     assert not check.kept_base and 2.0 <= check.best_multiplier <= 4.0, check.decision
-    assert "paired over 3 seeds: x4 - x1 = +0.03 [+0.0176, +0.0424]" in check.decision, check.decision
+    assert "paired over 3 seeds, x4 better than x1 by +0.03 [+0.0176, +0.0424]" in check.decision, check.decision
     # the seeds' effects out: x1 and x2 at their scores + the seeds' mean effect (0), not shifted by seed 0's +0.05;
     # the multipliers run on seed 0 only are read at that seed's level minus its effect
     ests = {float(m): iv["estimate"] for m, iv in check.intervals.items()}
@@ -548,6 +548,15 @@ def test_lr_check_decides_on_paired_seeds_and_adjusts_for_them(tmp_path: Path,
     assert ivs[1.0].overlaps(ivs[4.0])
     # a paired difference inside the noise keeps the base (the other test); one seed each: the intervals decide
     assert tuning._paired_gain(runs[:6], Metric("accuracy", True), 4.0) is None
+    # three equal differences (an accuracy moves in steps of 1/n) say nothing of the spread: no paired test
+    equal = [{"multiplier": m, "seed": sd, "score": 0.5 + 0.02 * (m == 4.0) + 0.01 * sd}
+             for sd in range(3) for m in (1.0, 4.0)]
+    assert tuning._paired_gain(equal, Metric("accuracy", True), 4.0) is None
+    # a loss: lower is better, and "better by" is positive when x4's loss is lower
+    loss = [{"multiplier": m, "seed": sd, "score": 1.0 - 0.03 * (m == 4.0) + 0.1 * sd + 0.001 * sd * (m == 4.0)}
+            for sd in range(3) for m in (1.0, 4.0)]
+    gain = tuning._paired_gain(loss, Metric("val_loss", False), 4.0)
+    assert gain is not None and gain.estimate == pytest.approx(0.029) and gain.low > 0
 
 
 def test_a_capped_lr_check_races_below_the_base_batch_when_the_base_cannot_afford_it(tmp_path: Path) -> None:
@@ -619,6 +628,18 @@ def test_the_race_moves_the_base_lr_only_against_x1(tmp_path: Path, monkeypatch:
                         train_samples=20000)
     assert {r["multiplier"] for r in led.runs if r["steps"] == led.steps} == {8.0, 16.0, 32.0}
     assert not led.kept_base and "x1 was left at the first rung, where x16 beat it beyond the noise" in led.decision
+    # x1 sent to the second rung and diverging there: said as such, not as left behind
+
+    def diverging(workload: Any, run: Any, metric: Any, batch: int, steps: int, m: float,
+                  seed: int | None = None) -> dict[str, Any]:
+        r = fake(chance, {8.0: 0.498, 16.0: 0.503, 32.0: 0.501})(workload, run, metric, batch, steps, m, seed)
+        return {**r, "score": None, "diverged": True} if m == 1.0 and steps >= 40 else r
+
+    monkeypatch.setattr(tuning, "_lr_run", diverging)
+    lost = _calibrate_lr(wl, dataclasses.replace(run, out=tmp_path / "c"), budget=parse_budget("epochs:10"),
+                         multipliers=LR_CALIBRATION_MULTIPLIERS, tolerance=0.01, max_samples=16 * 400,
+                         train_samples=20000)
+    assert "x1 diverged at 76 steps" in lost.decision and "left at the first rung" not in lost.decision
 
 
 def test_the_tolerance_is_stored_with_the_results_and_every_reader_decides_with_it(tmp_path: Path) -> None:

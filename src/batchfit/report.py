@@ -1121,7 +1121,7 @@ def _answer(rec: Recommendation | None, interim: bool) -> tuple[str | None, list
 
 
 def cost_text(results: Any) -> str:
-    """``cost 0.84 runs (24,120 samples, 31 s) of the train budget epochs:20, cap 1`` from ``results["cost"]``
+    """``cost 0.84 runs (24,120 samples, 31 s training) of the train budget epochs:20, cap 1`` from ``results["cost"]``
     (issue 18: every output states what the answer cost), or ``""``."""
     from batchfit.cost import Cost, cost_of
 

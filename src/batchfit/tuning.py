@@ -281,7 +281,8 @@ class _Run:
     precision: str
     seed: int
     parallel: str = "ddp"  # under torchrun: ddp | fsdp
-    lr_rule: str = "auto"  # the sweep's LR rule: an LR-check run below the base batch scales its LR by it
+    lr_rule: str = "auto"  # the sweep's LR rule: an LR-check run below the base batch scales its LR by it ...
+    weight_decay_rule: str = "keep"  # ... and its weight decay by this, as the sweep's trials at that batch do
 
     def emit(self, stage: str, kind: str, message: str = "", **kw: Any) -> None:
         emit(self.progress, stage, kind, message, **kw)
@@ -618,7 +619,7 @@ def _lr_run(workload: Workload, run: _Run, metric: Any, batch: int, steps: int, 
         r = train_everywhere(workload, batch_size=batch, lr=lr, **common)
     else:  # below the base batch (a capped check's race, :func:`_check_batch`): the rule's LR there, x m
         r = train_everywhere(dataclasses.replace(workload, base_lr=workload.base_lr * m), batch_size=batch,
-                             lr_rule=run.lr_rule, **common)
+                             lr_rule=run.lr_rule, weight_decay_rule=run.weight_decay_rule, **common)
         lr = r.lr
     values = [v for h in r.history if (v := metric.of_record(h)) is not None]
     score = None if r.diverged or not values else quality_of_trial({"history": r.history}, metric)
@@ -690,13 +691,17 @@ def _paired_gain(runs: Sequence[Mapping[str, Any]], metric: Any, m: float, base:
     """``m``'s score minus ``base``'s on the seeds both ran (positive = ``m`` better), with a t interval over
     those paired differences: what a seed does to both runs cancels. ``None`` with fewer than
     :data:`PAIRED_MIN_SEEDS` shared seeds (two differences give a standard deviation on one degree of freedom:
-    two equal ones by chance would give a zero-width interval)."""
+    two equal ones by chance would give a zero-width interval), and when every difference is the same (an
+    accuracy on a small validation set moves in steps of 1/n: equal differences by chance say nothing of the
+    spread)."""
     from batchfit.stats import mean_interval
 
     cells = _scores(runs)
     sign = 1.0 if metric.higher_is_better else -1.0
     diffs = [sign * (cells[(m, s)] - cells[(base, s)]) for (mm, s) in cells if mm == m and (base, s) in cells]
-    return mean_interval(diffs) if len(diffs) >= PAIRED_MIN_SEEDS else None
+    if len(diffs) < PAIRED_MIN_SEEDS or max(diffs) - min(diffs) <= 1e-12 * max(1.0, abs(diffs[0])):
+        return None
+    return mean_interval(diffs)
 
 
 def _lr_decision(runs: Sequence[Mapping[str, Any]], metric: Any, num_val: int | None,
@@ -853,10 +858,11 @@ def _calibrate_lr(workload: Workload, run: _Run, *, budget: Any, multipliers: Se
                                  smallest)
     short = bool(max_samples is not None and train_samples and 4 * (s1 or s0) * batch < train_samples)
     key = run.key(batch=batch, steps=s0, multipliers=list(multipliers), tolerance=tolerance,
-                  replicates=replicates, score="smoothed-3",
+                  replicates=replicates, score="smoothed-3", decision="paired, x1 in the second rung",
                   **({"race": [s0, s1], "horizon_exponent": LR_HORIZON_EXPONENT, "train_samples": train_samples,
                       "race_multipliers": list(race_multipliers)} if s1 else {}),
-                  **({"lr_rule": run.lr_rule} if batch < _base_check_batch(workload) else {}),
+                  **({"lr_rule": run.lr_rule, "weight_decay_rule": run.weight_decay_rule}
+                     if batch < _base_check_batch(workload) else {}),
                   **({"short_clamp": LR_SHORT_CHECK_MAX_MOVE} if short and not s1 else {}))
     cached = _cached(run.out, "lr", key)
     if cached is not None:
@@ -895,7 +901,7 @@ class _LRRace:
         self.wl, self.run, self.metric, self.batch, self.tolerance, self.key = (workload, run, metric, batch,
                                                                                 tolerance, key)
         self.max_samples, self.done = max_samples, done
-        self.gain: Any = None  # (multiplier, its paired difference from x1) when the decision was the paired test
+        self.gain: Any = None  # (contender, its paired difference from x1 or None) when extra seeds went to it
         self.check = _lr_check_type()(batch_size=batch, steps=0, metric=metric.name, base_lr=workload.base_lr, runs=[])
 
     def spent(self) -> int:
@@ -935,9 +941,9 @@ class _LRRace:
             runs = self.rung(steps)
             chosen, decided, ivs = _lr_decision(runs, self.metric, num_val, self.tolerance, contender=contender)
         self.gain = None
-        if contender not in (None, 1.0) and 1.0 in ivs:
-            gain = _paired_gain(runs, self.metric, contender)
-            self.gain = None if gain is None else (contender, gain)
+        if contender not in (None, 1.0) and 1.0 in ivs and any(r.get("seed", self.run.seed) != self.run.seed
+                                                               for r in runs):
+            self.gain = (contender, _paired_gain(runs, self.metric, contender))
         return chosen, _best_multiplier(ivs, self.metric), decided, ivs
 
     def one_rung(self, multipliers: Sequence[float], steps: int, replicates: int, *, extend: bool, clamp: bool,
@@ -980,7 +986,7 @@ class _LRRace:
         # compares against it (it takes the place of the step past an edge)
         with_base = c != 1.0 and 1.0 not in (c / 2, c * 2) and not _lr_decision(
             self.rung(s0), self.metric, self.wl.num_val, self.tolerance)[1]
-        for m in (c, c / 2, c * 2, *((1.0,) if with_base else ())):  # the region the first rung found
+        for m in (*((1.0,) if with_base else ()), c, c / 2, c * 2):  # (x1 first: the decision needs it)
             if self.affords(s1):
                 self.one(m, self.run.seed, s1, 1, 0)
         for _ in range(LR_CALIBRATION_EXTEND):  # the best at the second rung's edge: one more x2 that way
@@ -989,8 +995,10 @@ class _LRRace:
                 break
             self.one(nxt, self.run.seed, s1, 1, 0)
         chosen, best, decided, ivs = self.decide(s1, 1, replicates)
+        x1_ran = any(float(r["multiplier"]) == 1.0 for r in self.rung(s1))
         text = _lr_decision_text(self.wl.base_lr, chosen, best, decided, ivs, self.metric.name, self.gain,
-                                 no_base=f"x1 was left at the first rung, where x{c:g} beat it beyond the noise")
+                                 no_base=(f"x1 diverged at {s1} steps" if x1_ran else
+                                          f"x1 was left at the first rung, where x{c:g} beat it beyond the noise"))
         if with_base:
             text += (f"; the first rung's best, x{c:g}, was inside x1's noise at {s0} steps, so x1 ran at {s1} "
                      "steps too")
@@ -1029,14 +1037,18 @@ class _LRRace:
 
 def _lr_decision_text(base_lr: float, chosen: float, best: float | None, decided: bool, ivs: Mapping[float, Any],
                       name: str, gain: Any = None, no_base: str = "x1 gave no score") -> str:
-    """The check's decision in words; ``gain``: ``(multiplier, its paired difference from x1)``
-    (:func:`_paired_gain`) when the decision was the paired test; ``no_base``: why x1 has no score here."""
+    """The check's decision in words; ``gain``: ``(contender, its paired difference from x1 or None)``
+    (:func:`_paired_gain`) when more seeds went to a contender; ``no_base``: why x1 has no score here."""
     if best is None:
         return f"kept the base LR {base_lr:.3g}: no LR-check run gave a score"
     paired = ""
-    if gain is not None and gain[1].known:
+    if gain is not None:
         m, g = gain
-        paired = f" (paired over {g.n} seeds: x{m:g} - x1 = {g.estimate:+.3g} [{g.low:+.3g}, {g.high:+.3g}])"
+        if g is not None and g.known:
+            paired = (f" (paired over {g.n} seeds, x{m:g} better than x1 by {g.estimate:+.3g} [{g.low:+.3g}, "
+                      f"{g.high:+.3g}])")
+        if chosen == 1.0 and m in ivs:
+            best = m  # a kept base: name the multiplier that was tested against it (the one with the seeds)
     if chosen != 1.0:
         base = f" vs x1 {ivs[1.0]}{paired}" if 1.0 in ivs else f" ({no_base})"
         peak = "" if chosen == best else (f"; x{chosen:.3g} is the peak of the LR-response curve through x{best:g} "
@@ -1846,7 +1858,7 @@ def _prepare(a: _TuneArgs) -> _Prepared:
         raise ConfigError(f"out_dir {str(out)!r} is a file; give a directory")
     run = _Run(out, a.progress, _identity(wl, options, device=a.device, precision=a.precision, seed=a.seed,
                                           parallel=a.parallel), a.device, a.precision, a.seed, a.parallel,
-               a.lr_rule)
+               a.lr_rule, a.weight_decay_rule)
     out.mkdir(parents=True, exist_ok=True)
     storage = a.storage or f"sqlite:///{(out / 'batchfit.db').resolve()}"
     return _Prepared(wl=wl, run=run, out=out, storage=storage, bud=bud, sizes=sizes, budget_bytes=budget_bytes,
