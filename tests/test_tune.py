@@ -685,3 +685,38 @@ def test_tune_decides_once_and_the_precision_check_only_sets_the_precision(tmp_p
     assert res.precision_check is not None and res.recommendation is not None
     assert res.recommendation == real(res.results())  # the same as deciding again on everything
     assert res.recommendation.precision_advice is not None
+
+
+def test_seed_adjusted_scores_recover_additive_effects_on_any_unbalanced_design() -> None:
+    """`_seed_adjusted` on scores that are exactly `a_m + b_seed`: every multiplier on the first seed, the extra
+    seeds on x1 and one contender (the LR check's design), runs that gave no score left out -- it returns
+    `a_m + mean(b)` whatever the effects; a balanced design gives the plain means."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from batchfit.tuning import _seed_adjusted
+
+    mults = (0.25, 1.0, 4.0, 16.0, 64.0)
+    effect = st.floats(-0.3, 0.3, allow_nan=False)
+
+    @settings(max_examples=60, deadline=None, derandomize=True)
+    @given(a=st.lists(effect, min_size=5, max_size=5), b=st.lists(effect, min_size=3, max_size=3),
+           contender=st.sampled_from([0.25, 4.0, 16.0, 64.0]), extra=st.integers(0, 2),
+           lost=st.sampled_from([None, 0.25, 16.0]))
+    def check(a: list[float], b: list[float], contender: float, extra: int, lost: float | None) -> None:
+        seeds = list(range(1 + extra))
+        runs = [{"multiplier": m, "seed": 0, "score": None if m == lost and m not in (1.0, contender) else
+                 a[i] + b[0]} for i, m in enumerate(mults)]
+        runs += [{"multiplier": m, "seed": s, "score": a[mults.index(m)] + b[s]} for s in seeds[1:]
+                 for m in (1.0, contender)]
+        got = _seed_adjusted(runs)
+        mean_b = sum(b[s] for s in seeds) / len(seeds)
+        for i, m in enumerate(mults):
+            if m == lost and m not in (1.0, contender):
+                assert m not in got
+            else:
+                assert got[m] == pytest.approx(a[i] + mean_b, abs=1e-9)
+
+    check()
+    balanced = [{"multiplier": m, "seed": s, "score": 0.1 * m + 0.01 * s} for m in (1.0, 2.0) for s in (0, 1)]
+    assert _seed_adjusted(balanced) == pytest.approx({1.0: 0.105, 2.0: 0.205})
