@@ -92,6 +92,11 @@ class Interval:
         spread = None if self.spread is None else self.spread * abs(factor)
         return Interval(self.estimate * factor, lo, hi, self.level, self.method, self.n, spread)
 
+    def shifted(self, delta: float) -> Interval:
+        """The interval of ``x + delta`` (the spread unchanged)."""
+        lo, hi = (None, None) if not self.known else (self.low + delta, self.high + delta)  # type: ignore[operator]
+        return Interval(self.estimate + delta, lo, hi, self.level, self.method, self.n, self.spread)
+
     def clipped(self, low: float, high: float) -> Interval:
         """The interval kept inside a quantity's range (an accuracy's ``[0, 1]``: a t interval over few seeds
         can pass 1); the estimate and an unknown interval are unchanged."""

@@ -648,10 +648,7 @@ def _lr_intervals(runs: Sequence[Mapping[str, Any]], metric: Any, num_val: int |
                                                                            0.95)
         shift = adjusted.get(m, iv.estimate) - iv.estimate
         if shift:
-            iv = dataclasses.replace(iv, estimate=iv.estimate + shift,
-                                     low=None if iv.low is None else iv.low + shift,
-                                     high=None if iv.high is None else iv.high + shift,
-                                     method=iv.method + "+seed-adjusted")
+            iv = dataclasses.replace(iv.shifted(shift), method=iv.method + "+seed-adjusted")
         out[m] = iv.with_margin(tolerance / 2)
     return out
 
@@ -856,13 +853,14 @@ def _calibrate_lr(workload: Workload, run: _Run, *, budget: Any, multipliers: Se
 
     batch, s0, s1 = _check_batch(workload, budget, max_samples, len(multipliers), replicates, len(race_multipliers),
                                  smallest)
+    below = batch < _base_check_batch(workload)  # the race below the base batch, through the LR rule
     short = bool(max_samples is not None and train_samples and 4 * (s1 or s0) * batch < train_samples)
     key = run.key(batch=batch, steps=s0, multipliers=list(multipliers), tolerance=tolerance,
                   replicates=replicates, score="smoothed-3", decision="paired, x1 in the second rung",
                   **({"race": [s0, s1], "horizon_exponent": LR_HORIZON_EXPONENT, "train_samples": train_samples,
                       "race_multipliers": list(race_multipliers)} if s1 else {}),
                   **({"lr_rule": run.lr_rule, "weight_decay_rule": run.weight_decay_rule}
-                     if batch < _base_check_batch(workload) else {}),
+                     if below else {}),
                   **({"short_clamp": LR_SHORT_CHECK_MAX_MOVE} if short and not s1 else {}))
     cached = _cached(run.out, "lr", key)
     if cached is not None:
@@ -875,13 +873,13 @@ def _calibrate_lr(workload: Workload, run: _Run, *, budget: Any, multipliers: Se
                     for r in partial.get("runs") or []})
     then = f", then the best 3 (one more past an edge) x {s1} steps" if s1 else ""
     first = race_multipliers if s1 else multipliers
-    where = (f"at batch {batch}" if batch >= _base_check_batch(workload) else
-             f"(batch {workload.base_batch_size}) checked at batch {batch} through the LR rule")
+    where = (f"(batch {workload.base_batch_size}) checked at batch {batch} through the LR rule" if below else
+             f"at batch {batch}")
     run.emit("lr_check", "start", f"base LR {workload.base_lr:.3g} {where}: {len(first)} LRs x {s0} steps{then}",
              total=len(first) + (LR_RACE_RUNG1_LRS if s1 else 0))
     if s1:
         check = race.two_rungs(race_multipliers, s0, s1, replicates, train_samples)
-        if batch < _base_check_batch(workload):
+        if below:
             check.decision += (f"; checked at batch {batch}, not the base batch {workload.base_batch_size}: the "
                                f"check's share of the cap buys the race's {s1}-step second rung only there, and "
                                f"each multiplier scales the LR rule's LR for batch {batch} (the base LR's)")
@@ -976,7 +974,7 @@ class _LRRace:
         todo = list(multipliers)
         while todo:
             self.one(todo.pop(0), self.run.seed, s0, 0, len(todo) + LR_RACE_RUNG1_LRS)
-        ivs0 = _lr_intervals(self.rung(s0), self.metric, self.wl.num_val, self.tolerance)
+        _, decided0, ivs0 = _lr_decision(self.rung(s0), self.metric, self.wl.num_val, self.tolerance)
         if not ivs0:
             return self._finish(1.0, ivs0, _lr_decision_text(self.wl.base_lr, 1.0, None, True, ivs0,
                                                              self.metric.name), 1.0)
@@ -984,8 +982,7 @@ class _LRRace:
         # the first rung only locates the region; a best inside x1's noise there (every LR at chance, say) has not
         # shown that the base LR should move at all, so x1 runs at the longer horizon too, and the decision there
         # compares against it (it takes the place of the step past an edge)
-        with_base = c != 1.0 and 1.0 not in (c / 2, c * 2) and not _lr_decision(
-            self.rung(s0), self.metric, self.wl.num_val, self.tolerance)[1]
+        with_base = c != 1.0 and 1.0 not in (c / 2, c * 2) and not decided0
         for m in (*((1.0,) if with_base else ()), c, c / 2, c * 2):  # (x1 first: the decision needs it)
             if self.affords(s1):
                 self.one(m, self.run.seed, s1, 1, 0)
