@@ -334,6 +334,19 @@ def test_search_max_on_a_synthetic_device() -> None:
     assert model is not None and model.peak(100) == 3000 and model.max_under(5000) == 400
 
 
+def test_memory_line_spans_sizes_far_enough_apart_that_counting_noise_does_not_flatten_it() -> None:
+    # 424 bytes a sample; 10's peak counted 500 bytes high and 11's 100 low (storages freed late by a collective,
+    # as in a CI run) flatten the line through the neighbours 10 and 11 to slope 0
+    points = {2: {"fb": 13_012}, 8: {"fb": 15_556}, 10: {"fb": 16_404 + 500}, 11: {"fb": 16_828 - 100}}
+    model = MemoryModel.fit(points)
+    assert model is not None
+    fixed, slope = model.parts["fb"]
+    assert slope == (16_728 - 15_556) / 3  # through 11 and 8 (the largest size at most 0.8 x 11), not 10
+    # with only neighbours to go by, the two largest still make the line
+    near = MemoryModel.fit({10: {"fb": 1000}, 11: {"fb": 1100}})
+    assert near is not None and near.parts["fb"][1] == 100
+
+
 # Allocated-bytes peaks an H100 measured for ResNet-50 (fp32, SGD, 224x224) in the finder's trials; the true
 # largest batch there was 960 (bisection), and the line through 492 and 912 predicted 970 against the free memory.
 H100_PEAKS = {2: 526_374_912, 32: 3_078_945_280, 492: 42_955_220_480, 912: 79_369_409_536, 950: 82_673_865_728}

@@ -287,6 +287,19 @@ def test_global_batch_kept_over_world_sizes() -> None:
     assert by_world["2"] == 100  # (2000 - 1000) / 10: the world it was measured on
     assert by_world["1"] == 60 and by_world["4"] == 120  # fixed 600 + 800 / W
     assert model["per_rank_recommended_by_world"]["2"] == 80
+    # every part is a line: the part that binds at the largest batch may not grow (the optimizer step), and the
+    # part that grows still bounds the batch at every world size
+    parts = {"optimizer": {"fixed_bytes": 1500, "per_sample_bytes": 0},
+             "forward_backward": {"fixed_bytes": 1000, "per_sample_bytes": 10}}
+    model = sharding.per_rank_model({"fixed_bytes": 1500, "per_sample_bytes": 0, "parts": parts}, static_bytes=400,
+                                    largest_unit_bytes=50, world_size=2, limit=2000, margin=0.1)
+    assert model["per_rank_max_by_world"]["2"] == 100 and model["per_rank_max_by_world"]["1"] == 60
+    # the optimizer's fixed 1500 - 400 + 800 / 1 = 1900 fits under 2000 but not under the margin's 1800
+    assert model["per_rank_recommended_by_world"]["1"] == 0 and model["per_rank_recommended_by_world"]["2"] == 80
+    flat = sharding.per_rank_model({"fixed_bytes": 1500, "per_sample_bytes": 0,
+                                    "parts": {"all": {"fixed_bytes": 1500, "per_sample_bytes": 0}}},
+                                   static_bytes=400, largest_unit_bytes=50, world_size=2, limit=2000, margin=0.1)
+    assert flat["per_rank_max_by_world"] == {} and "grew" in flat["note"]
 
 
 # -- 5. torchrun: the CLI as users run it ---------------------------------------------------------------------------

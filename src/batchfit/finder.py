@@ -7,8 +7,8 @@ Method (see docs/finder.md):
    peak is convex in B, so that line errs low and the probe lands below the limit). Peaks are measured separately
    for the forward/backward part and the optimizer part of a step, because at small batches the optimizer's
    temporaries, not the activations, can set the peak.
-2. Fit ``peak = fixed + per_sample * B`` for each part from the two largest sizes that fit, and predict the largest
-   B whose peak stays under the limit (the budget, or the memory available).
+2. Fit ``peak = fixed + per_sample * B`` for each part from the largest size that fit and one well below it, and
+   predict the largest B whose peak stays under the limit (the budget, or the memory available).
 3. Run the size predicted for the margin (the recommendation), refit through it, verify the predicted maximum with
    real steps and refit; only where a prediction fails, back off just below the failure and then bisect. Every
    size reported was run.
@@ -150,6 +150,9 @@ class FindResult:
 # The memory model: one line per part of a step, the peak is the highest line
 
 
+SPREAD = 0.8  # the memory line's smaller size is at most this fraction of its larger one, where one ran
+
+
 @dataclass
 class MemoryModel:
     """``peak(B) = max over parts of (fixed + per_sample * B)``, each part fitted through two measured sizes."""
@@ -158,10 +161,16 @@ class MemoryModel:
 
     @classmethod
     def fit(cls, points: dict[int, dict[str, int]]) -> MemoryModel | None:
-        """Fit from ``{batch: {part: peak}}`` using the two largest sizes (the line is local to where it is used)."""
+        """Fit from ``{batch: {part: peak}}`` through the largest size and the largest one at most ``SPREAD`` of it
+        (the second largest when none is): the line is local to where it is used, and its two sizes far enough apart
+        that a few hundred bytes of counting noise (storages freed when a collective's handle lets go of them) do not
+        swamp the slope, as they did between two neighbouring sizes such as 10 and 11."""
         if len(points) < 2:
             return None
-        (b1, p1), (b2, p2) = sorted(points.items())[-2:]
+        sizes = sorted(points)
+        b2 = sizes[-1]
+        b1 = max((b for b in sizes[:-1] if b <= SPREAD * b2), default=sizes[-2])
+        p1, p2 = points[b1], points[b2]
         parts = {}
         for part in p2:
             if part not in p1:

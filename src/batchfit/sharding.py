@@ -544,12 +544,24 @@ def per_rank_model(memory_model: dict[str, Any], *, static_bytes: int | None, la
     out: dict[str, Any] = {"parallel": "fsdp", "world_size": world_size, "sharded_state_bytes": static_bytes,
                            "largest_unit_bytes": int(largest_unit_bytes), "activation_bytes_per_sample": slope,
                            "fixed_bytes": fixed, "per_rank_max_by_world": {}, "per_rank_recommended_by_world": {}}
-    if fixed is None or not slope or static_bytes is None:
+    # every part of the step (forward/backward, optimizer step) is a line; the peak is the highest of them, so the
+    # largest batch at a world size is the tightest over the parts that grow (one part that does not grow only
+    # binds when its fixed bytes alone exceed the limit)
+    parts = [(p["fixed_bytes"], p["per_sample_bytes"]) for p in (memory_model.get("parts") or {}).values()] \
+        or ([(fixed, slope)] if fixed is not None and slope is not None else [])
+    if static_bytes is None or not any(s > 0 for _, s in parts):
+        if parts and static_bytes is not None:
+            out["note"] = "no part of the step grew with the batch over the measured sizes: memory bounds no batch"
         return out
     total_state = static_bytes * world_size
-    other = fixed - static_bytes
     for w in WORLD_SIZES:
-        fixed_w = other + total_state / w
         for key, lim in (("per_rank_max_by_world", limit), ("per_rank_recommended_by_world", (1 - margin) * limit)):
-            out[key][str(w)] = max(0, math.floor((lim - fixed_w) / slope))
+            best = math.inf
+            for f, s in parts:
+                fixed_w = f - static_bytes + total_state / w
+                if s > 0:
+                    best = min(best, math.floor((lim - fixed_w) / s))
+                elif fixed_w > lim:
+                    best = 0
+            out[key][str(w)] = max(0, int(best))
     return out
