@@ -272,6 +272,7 @@ def test_a_capped_lr_check_races_to_a_longer_horizon_and_carries_the_lr_to_the_r
     assert check.lr_at_check_horizon == pytest.approx(0.01 * peak(s1), rel=1e-6)  # the peak at 34 steps, not x16
     assert check.horizon_factor == pytest.approx(factor) and check.lr == pytest.approx(0.01 * peak(s1) * factor)
     assert check.lr_interval[0] <= check.lr <= check.lr_interval[1] and not check.kept_base
+    assert check.lr_interval_open == []  # the tied x8 and x16 lie inside x4 ... x32: the response was bracketed
     assert check.steps == s1 and [r["steps"] for r in check.rungs] == [s0, s1] and "Bjorck" in check.decision
     assert tuning.LRCheck.from_dict(check.to_dict()) == check
     calls.clear()  # a rerun reads the finished check back, with nothing trained
@@ -333,3 +334,65 @@ def test_a_budget_in_which_nothing_trained_says_it_cannot_tell_batch_sizes_apart
     assert rec["tied"] == [8, 32] and rec["batch_size"] == 8 and "Nothing trained" in rec["reasons"][0]
     trained = tune(make_tiny_workload(n=512, lr=0.05), out_dir=tmp_path / "trained", **kw)
     assert not any(f.startswith("budget too short to tell") for f in trained.to_dict()["recommendation"]["flags"])
+
+
+def test_an_lr_interval_reaches_past_an_unbracketed_edge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the LRs tied with the best reach the edge of those tried, nothing measured shows the response falling
+    beyond it: the LR interval reaches one x2 step further that way and says so (lr_interval_open)."""
+    import math
+
+    import batchfit.tuning as tuning
+    from batchfit.study import parse_budget
+
+    def lr_run(workload: object, run: object, metric: object, batch: int, steps: int, m: float,
+               seed: int | None = None) -> dict[str, object]:
+        score = min(0.95, 0.2 + 0.08 * math.log2(m))  # still rising at the largest LR tried
+        return {"multiplier": m, "lr": 0.01 * m, "score": score, "diverged": False, "seconds": 0.0,
+                "samples": steps * batch, "seed": seed}
+
+    monkeypatch.setattr(tuning, "_lr_run", lr_run)
+    wl = make_tiny_workload(n=512, n_val=1000, lr=0.01)
+    run = tuning._Run(tmp_path, None, {"workload": "tiny"}, "cpu", "fp32", 0)
+    check = tuning._calibrate_lr(wl, run, budget=parse_budget("epochs:20"),
+                                 multipliers=tuning.LR_CALIBRATION_MULTIPLIERS, tolerance=0.0, max_samples=2_816,
+                                 train_samples=5_120)
+    top = max(float(r["multiplier"]) for r in check.runs if r["steps"] == check.steps)
+    assert check.lr_at_check_horizon == pytest.approx(0.01 * top)  # the best is the largest LR tried
+    assert check.lr_interval_open == ["above"]
+    fraction = check.horizon_fraction
+    flat = fraction ** min(tuning.LR_HORIZON_EXPONENT_RANGE)
+    assert check.lr_interval[1] == pytest.approx(0.01 * top * tuning.LR_INTERVAL_EDGE_STEP * flat)
+    assert check.lr_interval[0] == pytest.approx(0.01 * top * fraction ** max(tuning.LR_HORIZON_EXPONENT_RANGE))
+    assert "reach the top of those tried" in check.decision and "one x2 step beyond" in check.decision
+    assert tuning.LRCheck.from_dict(check.to_dict()) == check
+
+
+def test_lr_interval_opens_only_where_the_tied_lrs_reach_an_edge_of_those_tried() -> None:
+    from batchfit.metric import Metric
+    from batchfit.stats import Interval
+    from batchfit.tuning import LR_HORIZON_EXPONENT_RANGE, lr_interval
+
+    acc = Metric("accuracy", True)
+
+    def iv(x: float) -> Interval:
+        return Interval(x, x - 0.02, x + 0.02)
+
+    fraction, factor = 0.05, 0.05 ** 0.3
+    steep, flat = fraction ** max(LR_HORIZON_EXPONENT_RANGE), fraction ** min(LR_HORIZON_EXPONENT_RANGE)
+    peaked = {4.0: iv(0.5), 8.0: iv(0.7), 16.0: iv(0.69), 32.0: iv(0.4)}  # tied 8 and 16, inside 4 ... 32
+    (low, high), sides = lr_interval(0.01, 8.0, peaked, acc, sorted(peaked), factor, fraction)
+    assert sides == [] and low == pytest.approx(0.01 * 8 * steep) and high == pytest.approx(0.01 * 16 * flat)
+    rising = {8.0: iv(0.5), 16.0: iv(0.6), 32.0: iv(0.7)}  # the best at the top
+    (low, high), sides = lr_interval(0.01, 32.0, rising, acc, sorted(rising), factor, fraction)
+    assert sides == ["above"] and high == pytest.approx(0.01 * 32 * 2 * flat)
+    assert low == pytest.approx(0.01 * 32 * steep)
+    # x64 was run too but diverged (no score): it bounds the top, so the interval stays closed there
+    (_, high), sides = lr_interval(0.01, 32.0, rising, acc, [8.0, 16.0, 32.0, 64.0], factor, fraction)
+    assert sides == [] and high == pytest.approx(0.01 * 32 * flat)
+    flat_response = {8.0: iv(0.6), 16.0: iv(0.61), 32.0: iv(0.6)}  # every LR tried is tied: open both ways
+    (low, high), sides = lr_interval(0.01, 16.0, flat_response, acc, sorted(flat_response), factor, fraction)
+    assert sides == ["below", "above"]
+    assert low == pytest.approx(0.01 * 4 * steep) and high == pytest.approx(0.01 * 64 * flat)
+    # one LR tried (the base kept with nothing else scored): no edge to speak of, and no carrying
+    (low, high), sides = lr_interval(0.01, 1.0, {1.0: iv(0.5)}, acc, [1.0], 1.0, 1.0)
+    assert sides == [] and low == high == pytest.approx(0.01)

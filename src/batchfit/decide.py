@@ -115,6 +115,9 @@ class LRCheck:
     horizon_factor: float = 1.0
     lr_at_check_horizon: float | None = None
     lr_interval: list[float] | None = None  # [low, high]: the LRs tied with the best, at the chosen LR's horizon
+    # the sides ("below", "above") where the tied LRs reach the edge of those tried: the response was not bracketed
+    # there, and the interval reaches one x2 step further
+    lr_interval_open: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

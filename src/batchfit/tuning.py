@@ -74,6 +74,7 @@ __all__ = [
     "TuneResult",
     "default_batch_sizes",
     "framework_of",
+    "lr_interval",
     "noise_probe_batch",
     "out_dir_lock",
     "race_round",
@@ -107,6 +108,7 @@ LR_RACE_RUNG1_LRS = 4  # runs its second rung plans for: the first rung's best, 
 LR_CHECK_SMALLER_BATCH = (2, 4)  # a capped check whose share affords no race at the base batch tries base/2, base/4
 LR_HORIZON_EXPONENT = 0.3  # the best LR falls as horizon^-0.3 (Bjorck et al. 2025): from the check's horizon to the run
 LR_HORIZON_EXPONENT_RANGE = (0.2, 0.5)  # exponents measured or reported (docs/decisions.md): the LR interval spans them
+LR_INTERVAL_EDGE_STEP = 2.0  # an LR interval whose tied LRs reach an edge of those tried reaches this much beyond
 NOISE_MIN_STEPS = 10  # a capped noise probe with room for fewer steps is skipped
 NOISE_PROBE_BATCH = 16  # the probe's batch when the workload's base batch is too small to split (B = 1)
 STATE_FILE = "tune_state.json"
@@ -731,6 +733,29 @@ def _lr_decision(runs: Sequence[Mapping[str, Any]], metric: Any, num_val: int | 
     return (_lr_peak(ivs, metric, best), True, ivs) if better else (1.0, False, ivs)
 
 
+def lr_interval(base_lr: float, chosen: float, ivs: Mapping[float, Any], metric: Any, tried: Sequence[float],
+                factor: float, fraction: float) -> tuple[list[float], list[str]]:
+    """The LR check's interval for the whole run and the sides where it is open.
+
+    The multipliers tied with the best at the check's horizon (score intervals overlapping the best's; ``chosen``
+    when none scored), carried to the train budget with the steepest and the flattest exponent of
+    :data:`LR_HORIZON_EXPONENT_RANGE` (``fraction``: the check's horizon as a share of the run; ``factor``: the
+    carrying actually applied). Where the tied multipliers reach an edge of ``tried`` (every multiplier run at the
+    deciding rung; a diverged one too, since it bounds its side) nothing measured shows the response falling beyond
+    it, so the interval reaches one :data:`LR_INTERVAL_EDGE_STEP` further that way, and that side is named
+    (``"below"``, ``"above"``)."""
+    best = _best_multiplier(ivs, metric)
+    tied = [m for m in ivs if best is not None and ivs[m].overlaps(ivs[best])] or [chosen]
+    steep, flat = (fraction ** e for e in (max(LR_HORIZON_EXPONENT_RANGE), min(LR_HORIZON_EXPONENT_RANGE)))
+    low, high = min(min(tied), chosen), max(max(tied), chosen)
+    edges = sorted({float(m) for m in tried})
+    sides = [side for side, reached in (("below", len(edges) > 1 and low <= edges[0]),
+                                         ("above", len(edges) > 1 and high >= edges[-1])) if reached]
+    low /= LR_INTERVAL_EDGE_STEP if "below" in sides else 1.0
+    high *= LR_INTERVAL_EDGE_STEP if "above" in sides else 1.0
+    return [base_lr * low * min(steep, factor), base_lr * high * max(flat, factor)], sides
+
+
 def _lr_peak(ivs: Mapping[float, Any], metric: Any, best: float) -> float:
     """The peak of the LR-response curve around the best-scoring multiplier: the vertex of the parabola through
     the best and its two neighbours in log2(LR) (classic three-point peak interpolation), kept inside the range of
@@ -965,7 +990,7 @@ class _LRRace:
             text += (f"; held at x{chosen:g}: runs of {steps} steps ({steps * self.batch / train_samples:.0%} of the "
                      f"train budget) move the base LR at most x{LR_SHORT_CHECK_MAX_MOVE:g} (short runs favour large "
                      "LRs)")
-        return self._finish(chosen, ivs, text, 1.0)
+        return self._finish(chosen, ivs, text, 1.0, tried=[r["multiplier"] for r in check.runs])
 
     def two_rungs(self, multipliers: Sequence[float], s0: int, s1: int, replicates: int,
                   train_samples: int | None) -> LRCheck:
@@ -1010,13 +1035,17 @@ class _LRRace:
                      f"x{factor:.3g} for the whole run -> x{chosen * factor:.3g} (x{chosen * fraction ** hi:.3g}-"
                      f"x{chosen * fraction ** lo:.3g} with exponents {lo:g}-{hi:g}: the train budget is "
                      f"{1 / fraction:.0f}x the check's horizon, an extrapolation)")
-        return self._finish(chosen, ivs, text, factor, fraction if factor != 1.0 else 1.0)
+        return self._finish(chosen, ivs, text, factor, fraction if factor != 1.0 else 1.0,
+                            tried=[r["multiplier"] for r in self.rung(s1)])
 
     def _finish(self, chosen: float, ivs: Mapping[float, Any], text: str, factor: float,
-                fraction: float = 1.0) -> LRCheck:
+                fraction: float = 1.0, tried: Sequence[float] = ()) -> LRCheck:
         """The check's result. ``lr_interval``: the LRs tied with the best at the check's horizon, carried to the
         train budget with the steepest and the flattest exponent of :data:`LR_HORIZON_EXPONENT_RANGE` (the
-        carrying's own uncertainty), around the LR carried with :data:`LR_HORIZON_EXPONENT`."""
+        carrying's own uncertainty), around the LR carried with :data:`LR_HORIZON_EXPONENT`. ``tried``: every
+        multiplier run at the deciding rung (a diverged one too: it bounds its side); where the tied LRs reach the
+        edge of those, nothing measured shows the response falling beyond, and the interval reaches one x2 step
+        (the rung's spacing) that way (``lr_interval_open``)."""
         check = self.check
         check.best_multiplier = chosen * factor
         check.lr, check.kept_base = self.wl.base_lr * chosen * factor, chosen == 1.0
@@ -1024,10 +1053,12 @@ class _LRRace:
         check.horizon_factor = factor
         check.intervals = {f"{m:g}": iv.to_dict() for m, iv in ivs.items()}
         best = _best_multiplier(ivs, self.metric)
-        tied = [m for m in ivs if best is not None and ivs[m].overlaps(ivs[best])] or [chosen]
-        steep, flat = (fraction ** e for e in (max(LR_HORIZON_EXPONENT_RANGE), min(LR_HORIZON_EXPONENT_RANGE)))
-        check.lr_interval = [self.wl.base_lr * min(min(tied), chosen) * min(steep, factor),
-                             self.wl.base_lr * max(max(tied), chosen) * max(flat, factor)]
+        check.lr_interval, check.lr_interval_open = lr_interval(self.wl.base_lr, chosen, ivs, self.metric, tried,
+                                                                factor, fraction)
+        if check.lr_interval_open and best is not None:
+            ends = " and the ".join({"below": "bottom", "above": "top"}[s] for s in check.lr_interval_open)
+            text += (f"; the LRs tied with the best reach the {ends} of those tried, so the LR interval reaches one "
+                     f"x{LR_INTERVAL_EDGE_STEP:g} step beyond")
         check.decision = text
         return check
 
