@@ -340,6 +340,20 @@ def test_typed_results_and_tunes_namespace_give_the_same_recommendation() -> Non
     assert recommend(SweepResult.from_dict(nested)) == inline  # the typed result: read by attribute
 
 
+def test_the_lr_reason_carries_the_checks_interval_moved_to_the_recommended_batch() -> None:
+    res = _fixture64()
+    res["lr_calibration"] = {"best_multiplier": 2.0, "base_lr": 0.001, "lr": 0.002, "batch_size": 32,
+                             "metric": "accuracy", "lr_interval": [0.001, 0.008], "lr_interval_open": ["above"]}
+    rec = recommend(res)
+    reason = rec.reasons[2]
+    scale = rec.lr / 0.002  # the rule's move from the check's LR to the recommended batch's
+    assert f"in [{0.001 * scale:.3g}, {0.008 * scale:.3g}], open at the top" in reason
+    res["lr_calibration"]["lr_interval_open"] = []
+    assert "open" not in recommend(res).reasons[2].split("best LR at this batch in")[1]
+    del res["lr_calibration"]["lr_interval"]  # a check stored before the interval: no interval to state
+    assert "best LR at this batch" not in recommend(res).reasons[2]
+
+
 def test_the_recipe_carries_every_optimizer_setting_and_snippets() -> None:
     import torch
 

@@ -764,6 +764,14 @@ def _lr_reason(results: Measurements, pick: TrialSummary, metric: Metric) -> tup
     if cal is not None and cal.moved:
         cal_txt = (f"; the base LR was first moved from {cal.base_lr:.3g} to {cal.lr:.3g} by the LR check "
                    f"(runs at batch {cal.batch_size}, where it scored better on {cal.metric or metric.name})")
+    if cal is not None and cal.lr_interval and cal.lr:
+        # the check's interval is in the base LR's terms; at this batch it moves with the rule, as the LR did
+        scale = lr / (cal.lr * float(mult or 1.0))
+        low, high = (x * scale for x in cal.lr_interval)
+        sides = " and ".join({"below": "at the bottom", "above": "at the top"}.get(s, s) for s in cal.lr_interval_open)
+        cal_txt += (f"; the LR check puts the whole run's best LR at this batch in [{low:.3g}, {high:.3g}]"
+                    + (f", open {sides} (the LRs tied with its best reached the edge of those it tried)"
+                       if sides else ""))
     outside = f"; {OUTSIDE_RANGE}" if _rule_range(pick)[0] else ""
     return lr, (
         f"LR {lr:.4g}: the {rule}-rule LR for batch {batch}{mult_txt}"
