@@ -71,6 +71,24 @@ def make_tiny_workload(n: int = 96, n_val: int = 32, features: int = 8, classes:
     )
 
 
+def capped_lr_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, score):  # noqa: ANN001, ANN201
+    """tune's capped LR check (a race, 2,816 samples of a 5,120-sample run at base batch 16, base LR 0.01) on
+    fake runs whose accuracy is ``score(multiplier, steps)``; returns the :class:`LRCheck`."""
+    import batchfit.tuning as tuning
+    from batchfit.study import parse_budget
+
+    def lr_run(workload, run, metric, batch, steps, m, seed=None):  # noqa: ANN001, ANN202
+        return {"multiplier": m, "lr": 0.01 * m, "score": score(m, steps), "diverged": False, "seconds": 0.0,
+                "samples": steps * batch, "seed": seed}
+
+    monkeypatch.setattr(tuning, "_lr_run", lr_run)
+    wl = make_tiny_workload(n=512, n_val=1000, lr=0.01)
+    run = tuning._Run(tmp_path, None, {"workload": "tiny"}, "cpu", "fp32", 0)
+    return tuning._calibrate_lr(wl, run, budget=parse_budget("epochs:20"),
+                                multipliers=tuning.LR_CALIBRATION_MULTIPLIERS, tolerance=0.0, max_samples=2_816,
+                                train_samples=5_120)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """The test models are tiny: one intra-op thread is faster for them and avoids thread contention on a

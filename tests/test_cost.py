@@ -342,20 +342,10 @@ def test_an_lr_interval_reaches_past_an_unbracketed_edge(tmp_path: Path, monkeyp
     import math
 
     import batchfit.tuning as tuning
-    from batchfit.study import parse_budget
+    from conftest import capped_lr_check
 
-    def lr_run(workload: object, run: object, metric: object, batch: int, steps: int, m: float,
-               seed: int | None = None) -> dict[str, object]:
-        score = min(0.95, 0.2 + 0.08 * math.log2(m))  # still rising at the largest LR tried
-        return {"multiplier": m, "lr": 0.01 * m, "score": score, "diverged": False, "seconds": 0.0,
-                "samples": steps * batch, "seed": seed}
-
-    monkeypatch.setattr(tuning, "_lr_run", lr_run)
-    wl = make_tiny_workload(n=512, n_val=1000, lr=0.01)
-    run = tuning._Run(tmp_path, None, {"workload": "tiny"}, "cpu", "fp32", 0)
-    check = tuning._calibrate_lr(wl, run, budget=parse_budget("epochs:20"),
-                                 multipliers=tuning.LR_CALIBRATION_MULTIPLIERS, tolerance=0.0, max_samples=2_816,
-                                 train_samples=5_120)
+    # still rising at the largest LR tried
+    check = capped_lr_check(tmp_path, monkeypatch, lambda m, steps: min(0.95, 0.2 + 0.08 * math.log2(m)))
     top = max(float(r["multiplier"]) for r in check.runs if r["steps"] == check.steps)
     assert check.lr_at_check_horizon == pytest.approx(0.01 * top)  # the best is the largest LR tried
     assert check.lr_interval_open == ["above"]
