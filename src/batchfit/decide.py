@@ -131,6 +131,11 @@ class LRCheck:
         return cls(**known, extra=extra)
 
     @property
+    def open_ends(self) -> list[str]:
+        """The ends of the LRs tried that the interval reaches past, in words: ``["bottom", "top"]``."""
+        return [{"below": "bottom", "above": "top"}.get(side, side) for side in self.lr_interval_open]
+
+    @property
     def moved(self) -> bool:
         """Whether the check moved the base LR (its best multiplier is not 1)."""
         return self.best_multiplier not in (None, 1, 1.0)

@@ -768,7 +768,7 @@ def _lr_reason(results: Measurements, pick: TrialSummary, metric: Metric) -> tup
         # the check's interval is in the base LR's terms; at this batch it moves with the rule, as the LR did
         scale = lr / (cal.lr * float(mult or 1.0))
         low, high = (x * scale for x in cal.lr_interval)
-        sides = " and ".join({"below": "at the bottom", "above": "at the top"}.get(s, s) for s in cal.lr_interval_open)
+        sides = " and ".join(f"at the {end}" for end in cal.open_ends)
         cal_txt += (f"; the LR check puts the whole run's best LR at this batch in [{low:.3g}, {high:.3g}]"
                     + (f", open {sides} (the LRs tied with its best reached the edge of those it tried)"
                        if sides else ""))

@@ -1040,25 +1040,19 @@ class _LRRace:
 
     def _finish(self, chosen: float, ivs: Mapping[float, Any], text: str, factor: float,
                 fraction: float = 1.0, tried: Sequence[float] = ()) -> LRCheck:
-        """The check's result. ``lr_interval``: the LRs tied with the best at the check's horizon, carried to the
-        train budget with the steepest and the flattest exponent of :data:`LR_HORIZON_EXPONENT_RANGE` (the
-        carrying's own uncertainty), around the LR carried with :data:`LR_HORIZON_EXPONENT`. ``tried``: every
-        multiplier run at the deciding rung (a diverged one too: it bounds its side); where the tied LRs reach the
-        edge of those, nothing measured shows the response falling beyond, and the interval reaches one x2 step
-        (the rung's spacing) that way (``lr_interval_open``)."""
+        """The check's result, its ``lr_interval`` and the sides it is open on from :func:`lr_interval` (``tried``:
+        every multiplier run at the deciding rung)."""
         check = self.check
         check.best_multiplier = chosen * factor
         check.lr, check.kept_base = self.wl.base_lr * chosen * factor, chosen == 1.0
         check.lr_at_check_horizon = self.wl.base_lr * chosen
         check.horizon_factor = factor
         check.intervals = {f"{m:g}": iv.to_dict() for m, iv in ivs.items()}
-        best = _best_multiplier(ivs, self.metric)
         check.lr_interval, check.lr_interval_open = lr_interval(self.wl.base_lr, chosen, ivs, self.metric, tried,
                                                                 factor, fraction)
-        if check.lr_interval_open and best is not None:
-            ends = " and the ".join({"below": "bottom", "above": "top"}[s] for s in check.lr_interval_open)
-            text += (f"; the LRs tied with the best reach the {ends} of those tried, so the LR interval reaches one "
-                     f"x{LR_INTERVAL_EDGE_STEP:g} step beyond")
+        if check.lr_interval_open and ivs:  # (nothing scored: the text already says so)
+            text += (f"; the LRs tied with the best reach the {' and the '.join(check.open_ends)} of those tried, so "
+                     f"the LR interval reaches one x{LR_INTERVAL_EDGE_STEP:g} step beyond")
         check.decision = text
         return check
 
