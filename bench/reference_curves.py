@@ -22,31 +22,34 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from batchfit.metric import Metric
+
 Curves = dict[tuple[int, float], dict[int, list[dict[str, Any]]]]
 
 
 def load_curves(store: Path) -> tuple[Curves, int]:
-    """``{(batch, multiplier): {seed: evaluations by samples}}`` of every trial in the store, and the budget's samples
-    (the most any trial trained)."""
-    import optuna
+    """``{(batch, multiplier): {seed: evaluations by samples}}`` of every trial in the store
+    (:func:`batchfit.study.load_results`), and the budget's samples (the most any trial trained)."""
+    from batchfit.study import load_results
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{store}")
     curves: Curves = {}
-    for summary in optuna.get_all_study_summaries(storage):
-        study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        for t in study.trials:
-            plan = t.user_attrs.get("plan")
-            if not plan:
-                continue
-            evals = sorted((v for k, v in t.user_attrs.items() if k.startswith("eval_")), key=lambda e: e["samples"])
-            curves.setdefault((int(plan["batch_size"]), float(plan["lr_multiplier"])), {})[int(plan["seed"])] = evals
-    total = max((e["samples"] for c in curves.values() for ev in c.values() for e in ev), default=0)
+    for t in load_results(f"sqlite:///{store}").trials:
+        if t.lr_multiplier is None or not t.history:
+            continue
+        evals = sorted(t.history, key=lambda e: e.get("samples") or 0)
+        curves.setdefault((int(t.batch_size), float(t.lr_multiplier)), {})[int(t.seed or 0)] = evals
+    total = max((e.get("samples") or 0 for c in curves.values() for ev in c.values() for e in ev), default=0)
     return curves, total
 
 
+def metric_of(key: str) -> Metric:
+    """``val_loss`` (lower is better) or a validation metric (higher is better), read by :meth:`Metric.of_record`."""
+    return Metric(key, key != "val_loss")
+
+
 def value(evaluation: dict[str, Any], key: str) -> float:
-    return float(evaluation["val_loss"] if key == "val_loss" else evaluation["val_metrics"][key])
+    v = metric_of(key).of_record(evaluation)
+    return math.nan if v is None else v
 
 
 def paired(curves: Curves, batch: int, a: float, b: float, key: str) -> list[dict[str, float]]:
@@ -69,7 +72,7 @@ def peaks(curves: Curves, batch: int, key: str) -> list[tuple[int, float]]:
     mults = sorted(m for (bb, m) in curves if bb == batch)
     points = min(len(ev) for m in mults for ev in curves[(batch, m)].values())
     first = next(iter(curves[(batch, mults[0])].values()))
-    sign = 1.0 if key == "val_loss" else -1.0
+    sign = -1.0 if metric_of(key).higher_is_better else 1.0
     out = []
     for i in range(points):
         means = {m: statistics.mean(value(ev[i], key) for ev in curves[(batch, m)].values()) for m in mults}
